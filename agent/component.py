@@ -1,0 +1,158 @@
+"""The component model: three small protocols, a factory, and the settings a component is created with.
+
+A component module holds, in order: its type name, a frozen ``<Name>Config`` dataclass whose fields
+carry one-line docstrings (the user docs), the implementation, and ``factory``. The agent creates
+components from the factory, starts exporters first and receivers last, and shuts them down in the
+reverse order. ``start`` binds sockets and starts owned tasks; ``shutdown`` is idempotent, safe before
+``start``, and cancels and awaits every task the component owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import enum
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from agent.model import MetricBatch
+from agent.telemetry import ComponentTelemetry
+
+
+class Signal(enum.Enum):
+    METRICS = "metrics"
+    TRACES = "traces"
+    LOGS = "logs"
+
+
+class ComponentKind(enum.Enum):
+    RECEIVER = "receiver"
+    PROCESSOR = "processor"
+    EXPORTER = "exporter"
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class Consumer(Protocol):
+    """Takes batches. ``consume`` may raise :class:`Backpressure` when the data cannot be taken now."""
+
+    async def consume(self, batch: MetricBatch) -> None: ...
+
+
+class Backpressure(Exception):
+    """Raised by ``consume`` when a consumer refuses a batch for now (queue full, memory limit).
+
+    Receivers answer it with 429/503 (HTTP/gRPC) or count the points as refused (UDP).
+    """
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class PermanentError(Exception):
+    """An exporter's send failed in a way retrying cannot fix (4xx other than 429): drop and count."""
+
+
+class RetryableError(Exception):
+    """An exporter's send failed but may succeed later; ``retry_after_s`` is the server's requested delay."""
+
+    def __init__(
+        self, message: str, *, reason: str = "retryable", retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        """A short, bounded label for self-metrics, e.g. ``http_503``."""
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class ComponentId:
+    type: str
+    name: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> ComponentId:
+        type_, _, name = text.partition("/")
+        return cls(type_, name)
+
+    def __str__(self) -> str:
+        return f"{self.type}/{self.name}" if self.name else self.type
+
+
+class Tasks:
+    """Owns background tasks: each is kept, logged if it dies, and cancelled and awaited on close."""
+
+    def __init__(self, owner: str, logger: logging.Logger) -> None:
+        self._owner = owner
+        self._logger = logger
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.died = 0
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self._owner}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.died += 1
+            self._logger.error("task %s died: %r", task.get_name(), exc, exc_info=exc)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the agent passes to a factory besides the user's Config."""
+
+    id: ComponentId
+    kind: ComponentKind
+    telemetry: ComponentTelemetry
+    logger: logging.Logger
+    ready: Callable[[], None] = lambda: None
+    """Receivers call this once every listener is bound (drives /readyz)."""
+    shutdown_timeout_s: float = 30.0
+    """How long an exporter may drain its queue on shutdown before giving up (and counting the rest)."""
+
+
+ConfigError = tuple[str, str]
+"""(path relative to the component, message): what a Config's ``validate`` returns for each problem."""
+
+
+@dataclass(frozen=True)
+class Factory:
+    """How the agent knows a component type."""
+
+    type: str
+    kind: ComponentKind
+    config_class: builtins.type[Any]
+    create: Callable[..., Any]
+    """(settings, config, next_consumer) for receivers and processors; (settings, config) for exporters."""
+    signals: frozenset[Signal] = frozenset({Signal.METRICS})
+    description: str = ""
+    stability: str = "alpha"
+
+
+def validate_config(config: Any) -> Iterable[ConfigError]:
+    """Call a Config's optional ``validate`` method; returns its (path, message) problems."""
+    validate = getattr(config, "validate", None)
+    return list(validate()) if validate is not None else []

@@ -1,0 +1,186 @@
+"""Prometheus pull endpoint: serves every live series in the text exposition format at /metrics.
+
+Scraped like statsd_exporter: counters are cumulative ``<name>_total``, gauges ``<name>``, StatsD sets a
+gauge of distinct members, timers a histogram ``<name>_seconds`` (``_bucket``, ``_sum``, ``_count``),
+``h``/``d`` a histogram ``<name>``. Series idle for ``metric_expiration`` disappear.
+
+The page is rendered by hand from per-series label strings cached at series creation: going through
+prometheus_client's Metric objects costs several µs per sample, and a scrape of 100k series must not
+stall the event loop. Rendering yields to the loop every few thousand series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+from aiohttp import web
+
+from agent.component import ComponentKind, Factory, Settings, Signal, Tasks
+from agent.confmodel import Duration, parse_host_port
+from agent.model import MetricBatch
+from agent.netcheck import bind_problem
+from exporters.prometheus_series import (
+    DEFAULT_BUCKETS,
+    HISTOGRAM,
+    Series,
+    SeriesStore,
+    format_value,
+)
+
+TYPE = "prometheus"
+
+_YIELD_EVERY = 5000
+"""Series rendered between yields to the event loop (~2 ms of work)."""
+
+
+@dataclass(frozen=True)
+class PrometheusConfig:
+    endpoint: str = "127.0.0.1:9102"
+    """host:port serving /metrics (statsd_exporter's port)."""
+    metric_expiration: Duration = Duration(300.0)
+    """Series not updated for this long are removed from the page."""
+    histogram_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
+    """Upper bounds (le) of the classic histogram buckets; timers are in seconds."""
+    max_series: int = 1_000_000
+    """Live series at most; points of new series beyond it are dropped (series_limit)."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        try:
+            parse_host_port(self.endpoint)
+        except ValueError as exc:
+            problems.append(("endpoint", str(exc)))
+        if not self.histogram_buckets:
+            problems.append(("histogram_buckets", "at least one bucket bound is required"))
+        elif list(self.histogram_buckets) != sorted(set(self.histogram_buckets)):
+            problems.append(("histogram_buckets", "bounds must be strictly increasing"))
+        if self.metric_expiration <= 0:
+            problems.append(("metric_expiration", "must be greater than 0"))
+        return problems
+
+    def environment_problems(self) -> list[tuple[str, str]]:
+        problem = bind_problem("tcp", self.endpoint)
+        return [("endpoint", problem)] if problem else []
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _label_text(labels: Sequence[tuple[str, str]]) -> str:
+    return ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+
+
+class PrometheusExporter:
+    def __init__(self, settings: Settings, config: PrometheusConfig) -> None:
+        self._settings = settings
+        self._config = config
+        self._store = SeriesStore(config.histogram_buckets, max_series=config.max_series)
+        self._bounds = [format_value(b) for b in self._store.bounds]
+        self._runner: web.AppRunner | None = None
+        self._tasks = Tasks(str(settings.id), settings.logger)
+        tel = settings.telemetry
+        self._sent = tel.sent()
+        self._refused_seen: dict[str, int] = {}
+        tel.gauge("exporter_series", "Live series held by the exporter.", lambda: self._store.size)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, port = parse_host_port(self._config.endpoint)
+        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        self._tasks.spawn(self._expire_loop(), "expire")
+        self._settings.logger.info("serving /metrics on %s", self._config.endpoint)
+
+    async def consume(self, batch: MetricBatch) -> None:
+        update = self._store.update
+        taken = 0
+        for point in batch.points:
+            if update(point) is not None:
+                taken += 1
+        self._sent.value += taken
+        self._count_refused()
+
+    def _count_refused(self) -> None:
+        for reason, n in self._store.refused.items():
+            seen = self._refused_seen.get(reason, 0)
+            if n != seen:
+                self._settings.telemetry.dropped(reason).value += n - seen
+                self._refused_seen[reason] = n
+
+    async def _expire_loop(self) -> None:
+        ttl = self._config.metric_expiration
+        while True:
+            await asyncio.sleep(min(max(ttl / 4, 0.05), 30.0))
+            self._store.expire(ttl)
+
+    async def render(self) -> str:
+        """The exposition text for every live series."""
+        parts: list[str] = []
+        done = 0
+        for name, family in list(self._store.families.items()):
+            kind = self._store.kinds.get(name, "untyped")
+            parts.append(f"# TYPE {name} {kind}\n")
+            for series in list(family.values()):
+                if kind == HISTOGRAM:
+                    self._render_histogram(series, parts)
+                else:
+                    if series.cache is None:
+                        series.cache = (
+                            f"{name}{{{_label_text(series.labels)}}} " if series.labels else f"{name} "
+                        )
+                    parts.append(f"{series.cache}{format_value(series.value)}\n")
+                done += 1
+                if done % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+        return "".join(parts)
+
+    def _render_histogram(self, series: Series, parts: list[str]) -> None:
+        name = series.name
+        if series.cache is None:
+            base = _label_text(series.labels)
+            sep = "," if base else ""
+            series.cache = (
+                [f'{name}_bucket{{{base}{sep}le="{b}"}} ' for b in [*self._bounds, "+Inf"]],
+                f"{name}_sum{{{base}}} " if base else f"{name}_sum ",
+                f"{name}_count{{{base}}} " if base else f"{name}_count ",
+            )
+        buckets, sum_prefix, count_prefix = cast(tuple[list[str], str, str], series.cache)
+        counts = series.bucket_counts
+        assert counts is not None
+        for prefix, value in zip(buckets, [*counts.tolist(), series.count], strict=True):
+            parts.append(f"{prefix}{format_value(value)}\n")
+        parts.append(f"{sum_prefix}{format_value(series.sum)}\n")
+        parts.append(f"{count_prefix}{format_value(series.count)}\n")
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await self.render()
+        return web.Response(
+            body=body.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
+
+    async def shutdown(self) -> None:
+        await self._tasks.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._settings.telemetry.telemetry.unregister_gauges(exporter=self._settings.telemetry.id)
+
+
+def _create(settings: Settings, config: PrometheusConfig) -> PrometheusExporter:
+    return PrometheusExporter(settings, config)
+
+
+factory = Factory(
+    type=TYPE,
+    kind=ComponentKind.EXPORTER,
+    config_class=PrometheusConfig,
+    create=_create,
+    signals=frozenset({Signal.METRICS}),
+    description="Serves metrics for Prometheus to scrape (text exposition format), like statsd_exporter.",
+)

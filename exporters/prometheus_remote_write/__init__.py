@@ -1,0 +1,348 @@
+"""Prometheus remote-write 1.0 exporter (Prometheus, Mimir, Cortex, Thanos, VictoriaMetrics).
+
+Each batch updates per-series cumulative state (StatsD deltas become running totals), is encoded by
+a hand encoder with per-series label bytes cached at series creation (``wire.py``; the generated
+classes in ``remote_pb2.py`` check it in tests), compressed with snappy's block format, and offered
+to the sending queue. One sender worker by default keeps per-series sample order across requests;
+every series' timestamps strictly increase. A series idle for ``series_expiration`` gets a stale
+marker and is forgotten. 5xx and 429 are retried with jittered backoff honouring Retry-After; other
+4xx are dropped and counted, their body logged as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import cast
+
+import aiohttp
+
+from agent.component import ComponentKind, Factory, PermanentError, RetryableError, Settings, Signal, Tasks
+from agent.confmodel import Duration
+from agent.model import MetricBatch
+from agent.sending import QueueConfig, Request, RetryConfig, Sender
+from agent.version import USER_AGENT
+from exporters.prometheus_remote_write import wire
+from exporters.prometheus_series import (
+    DEFAULT_BUCKETS,
+    HISTOGRAM,
+    Series,
+    SeriesStore,
+    format_value,
+    next_timestamp_ms,
+)
+
+TYPE = "prometheus_remote_write"
+
+RESERVED_HEADERS = frozenset(
+    {"content-encoding", "content-type", "x-prometheus-remote-write-version", "user-agent"}
+)
+
+
+@dataclass(frozen=True)
+class BasicAuthConfig:
+    username: str = ""
+    """User name for HTTP basic auth."""
+    password: str = ""
+    """Password; put it in the environment (${env:VAR}) or use password_file, never in the file itself."""
+    password_file: str = ""
+    """File holding the password (read at start)."""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    basic: BasicAuthConfig | None = None
+    """HTTP basic auth."""
+    bearer_token: str = ""
+    """Bearer token; from the environment (${env:VAR})."""
+    bearer_token_file: str = ""
+    """File holding a bearer token, re-read when it changes (Kubernetes service account tokens rotate)."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        given = [bool(self.basic), bool(self.bearer_token), bool(self.bearer_token_file)]
+        return [("", "set only one of basic, bearer_token, bearer_token_file")] if sum(given) > 1 else []
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    ca_file: str = ""
+    """CA bundle to verify the server with (default: the system's)."""
+    cert_file: str = ""
+    """Client certificate for mutual TLS."""
+    key_file: str = ""
+    """Client key for mutual TLS."""
+    insecure_skip_verify: bool = False
+    """Do not verify the server's certificate (testing only)."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        if bool(self.cert_file) != bool(self.key_file):
+            return [("", "cert_file and key_file go together")]
+        return []
+
+
+@dataclass(frozen=True)
+class PrometheusRemoteWriteConfig:
+    endpoint: str = "http://127.0.0.1:9090/api/v1/write"
+    """URL to POST to, exactly as given (Prometheus: /api/v1/write; Mimir: /api/v1/push)."""
+    timeout: Duration = Duration(10.0)
+    """Time limit of one request."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra request headers (e.g. X-Scope-OrgID); may not override the four remote-write headers."""
+    external_labels: dict[str, str] = field(default_factory=dict)
+    """Labels added to every series (a series' own label of the same name wins)."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """Basic or bearer authentication."""
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    """TLS settings for https endpoints."""
+    send_native_histograms: bool = False
+    """Send distributions as native histograms (Prometheus needs --enable-feature=native-histograms)."""
+    histogram_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
+    """Upper bounds of classic histogram buckets, when not sending native histograms."""
+    max_samples_per_request: int = 2000
+    """Samples per request at most (a classic histogram counts one sample per bucket)."""
+    series_expiration: Duration = Duration(300.0)
+    """A series not updated for this long gets a stale marker and is forgotten."""
+    max_series: int = 1_000_000
+    """Live series at most; points of new series beyond it are dropped (series_limit)."""
+    sending_queue: QueueConfig = field(default_factory=QueueConfig)
+    """The in-memory queue of encoded requests."""
+    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
+    """Retries of failed requests."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.endpoint.startswith(("http://", "https://")):
+            problems.append(("endpoint", f"{self.endpoint!r} is not an http:// or https:// URL"))
+        for name in self.headers:
+            if name.lower() in RESERVED_HEADERS:
+                problems.append(
+                    ("headers::" + name, "this header is set by the remote-write protocol itself")
+                )
+        if self.timeout <= 0:
+            problems.append(("timeout", "must be greater than 0"))
+        if self.max_samples_per_request < 1:
+            problems.append(("max_samples_per_request", "must be at least 1"))
+        if list(self.histogram_buckets) != sorted(set(self.histogram_buckets)) or not self.histogram_buckets:
+            problems.append(("histogram_buckets", "bounds must be strictly increasing (at least one)"))
+        if self.series_expiration <= 0:
+            problems.append(("series_expiration", "must be greater than 0"))
+        for section in ("auth", "tls", "sending_queue", "retry_on_failure"):
+            for path, message in getattr(self, section).validate():
+                problems.append((f"{section}::{path}" if path else section, message))
+        return problems
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds, from delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class PrometheusRemoteWriteExporter:
+    def __init__(self, settings: Settings, config: PrometheusRemoteWriteConfig) -> None:
+        self._settings = settings
+        self._config = config
+        self._log = settings.logger
+        self._store = SeriesStore(
+            config.histogram_buckets,
+            keep_native=config.send_native_histograms,
+            max_series=config.max_series,
+        )
+        self._bounds = [format_value(b) for b in self._store.bounds] + ["+Inf"]
+        self._external = tuple(sorted(config.external_labels.items()))
+        self._sender = Sender(
+            settings, self._post, config.sending_queue, config.retry_on_failure, config.timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks = Tasks(str(settings.id), settings.logger)
+        self._headers = {
+            **config.headers,
+            "Content-Encoding": "snappy",
+            "Content-Type": "application/x-protobuf",
+            "X-Prometheus-Remote-Write-Version": "0.1.0",
+            "User-Agent": USER_AGENT,
+        }
+        self._token_file_state: tuple[float, str] = (0.0, "")
+        self._refused_seen: dict[str, int] = {}
+        self._stale = settings.telemetry.counter(
+            "exporter_stale_markers_total", "Stale markers sent for series that expired."
+        )
+        settings.telemetry.gauge(
+            "exporter_series", "Live series held by the exporter.", lambda: self._store.size
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self._config
+        ssl_ctx: ssl.SSLContext | bool = True
+        if cfg.endpoint.startswith("https://"):
+            ctx = ssl.create_default_context(cafile=cfg.tls.ca_file or None)
+            if cfg.tls.cert_file:
+                ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+            if cfg.tls.insecure_skip_verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            ssl_ctx = ctx
+        auth = None
+        if cfg.auth.basic is not None:
+            password = cfg.auth.basic.password
+            if cfg.auth.basic.password_file:
+                with open(cfg.auth.basic.password_file, encoding="utf-8") as f:
+                    password = f.read().strip()
+            auth = aiohttp.BasicAuth(cfg.auth.basic.username, password)
+        if cfg.auth.bearer_token:
+            self._headers["Authorization"] = f"Bearer {cfg.auth.bearer_token}"
+        self._session = aiohttp.ClientSession(
+            auth=auth,
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=cfg.sending_queue.num_consumers),
+        )
+        self._sender.start()
+        self._tasks.spawn(self._expire_loop(), "expire")
+
+    async def shutdown(self) -> None:
+        await self._tasks.close()
+        await self._sender.shutdown(self._settings.shutdown_timeout_s)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- encoding ------------------------------------------------------------------------------------
+    def _label_bytes(self, series: Series, name: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+        labels = dict(self._external)
+        labels.update(series.labels)
+        labels.update(extra)
+        labels["__name__"] = name
+        return wire.encode_labels(sorted(labels.items()))
+
+    def _encode(self, series: Series, ts_ms: int, stale: bool = False) -> tuple[list[bytes], int]:
+        """Encoded TimeSeries entries for one series' current state, and their sample count."""
+        if series.cache is None:
+            if series.kind == HISTOGRAM and not self._config.send_native_histograms:
+                series.cache = (
+                    [self._label_bytes(series, series.name + "_bucket", (("le", b),)) for b in self._bounds],
+                    self._label_bytes(series, series.name + "_sum"),
+                    self._label_bytes(series, series.name + "_count"),
+                )
+            else:
+                series.cache = self._label_bytes(series, series.name)
+        if series.kind != HISTOGRAM:
+            value = wire.STALE_NAN if stale else series.value
+            return [wire.encode_series(series.cache, [(value, ts_ms)])], 1  # type: ignore[arg-type]
+        if self._config.send_native_histograms:
+            if stale:
+                return [wire.encode_series(series.cache, [(wire.STALE_NAN, ts_ms)])], 1  # type: ignore[arg-type]
+            assert series.native is not None
+            return [wire.encode_histogram_series(series.cache, series.native, ts_ms)], 1  # type: ignore[arg-type]
+        buckets, sum_labels, count_labels = cast(tuple[list[bytes], bytes, bytes], series.cache)
+        counts = series.bucket_counts
+        assert counts is not None
+        values = [*counts.tolist(), series.count, series.sum, series.count]  # buckets, +Inf, _sum, _count
+        out = [
+            wire.encode_series(labels, [(wire.STALE_NAN if stale else value, ts_ms)])
+            for labels, value in zip([*buckets, sum_labels, count_labels], values, strict=True)
+        ]
+        return out, len(out)
+
+    async def consume(self, batch: MetricBatch) -> None:
+        entries: list[bytes] = []
+        samples = points = 0
+        limit = self._config.max_samples_per_request
+        update = self._store.update
+        for point in batch.points:
+            series = update(point)
+            if series is None:
+                continue
+            encoded, n = self._encode(series, next_timestamp_ms(series, point.time_unix_nano))
+            entries += encoded
+            samples += n
+            points += 1
+            if samples >= limit:
+                self._offer(entries, points)
+                entries, samples, points = [], 0, 0
+        if entries:
+            self._offer(entries, points)
+        self._count_refused()
+
+    def _offer(self, entries: list[bytes], points: int) -> None:
+        body = wire.compress(wire.encode_write_request(entries))
+        self._sender.offer(Request(body, points))
+
+    def _count_refused(self) -> None:
+        for reason, n in self._store.refused.items():
+            seen = self._refused_seen.get(reason, 0)
+            if n != seen:
+                self._settings.telemetry.dropped(reason).value += n - seen
+                self._refused_seen[reason] = n
+
+    async def _expire_loop(self) -> None:
+        ttl = self._config.series_expiration
+        while True:
+            await asyncio.sleep(min(max(ttl / 4, 0.05), 30.0))
+            gone = self._store.expire(ttl)
+            if not gone:
+                continue
+            now_ns = time.time_ns()
+            entries: list[bytes] = []
+            for series in gone:
+                encoded, _ = self._encode(series, next_timestamp_ms(series, now_ns), stale=True)
+                entries += encoded
+                if len(entries) >= self._config.max_samples_per_request:
+                    self._offer(entries, 0)
+                    entries = []
+            if entries:
+                self._offer(entries, 0)
+            self._stale.value += len(gone)
+
+    # -- sending -------------------------------------------------------------------------------------
+    def _request_headers(self) -> dict[str, str]:
+        path = self._config.auth.bearer_token_file
+        if not path:
+            return self._headers
+        import os
+
+        mtime = os.stat(path).st_mtime
+        if mtime != self._token_file_state[0]:
+            with open(path, encoding="utf-8") as f:
+                self._token_file_state = (mtime, f.read().strip())
+        return {**self._headers, "Authorization": f"Bearer {self._token_file_state[1]}"}
+
+    async def _post(self, request: Request) -> None:
+        assert self._session is not None
+        async with self._session.post(
+            self._config.endpoint, data=request.payload, headers=self._request_headers()
+        ) as resp:
+            if 200 <= resp.status < 300:
+                return
+            body = (await resp.text(errors="replace"))[:512]
+            if resp.status == 429 or resp.status >= 500:
+                raise RetryableError(
+                    f"HTTP {resp.status}: {body}",
+                    reason=f"http_{resp.status}",
+                    retry_after_s=_retry_after_s(resp.headers.get("Retry-After")),
+                )
+            raise PermanentError(f"HTTP {resp.status} from {self._config.endpoint}: {body}")
+
+
+def _create(settings: Settings, config: PrometheusRemoteWriteConfig) -> PrometheusRemoteWriteExporter:
+    return PrometheusRemoteWriteExporter(settings, config)
+
+
+factory = Factory(
+    type=TYPE,
+    kind=ComponentKind.EXPORTER,
+    config_class=PrometheusRemoteWriteConfig,
+    create=_create,
+    signals=frozenset({Signal.METRICS}),
+    description="Pushes metrics with the Prometheus remote-write 1.0 protocol (snappy protobuf over HTTP).",
+)

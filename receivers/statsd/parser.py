@@ -1,0 +1,920 @@
+"""StatsD / DogStatsD: the dialect Headwater accepts and how it is aggregated.
+
+Packets and lines
+-----------------
+A packet (one datagram, or a chunk of whole lines from a stream) holds lines separated by ``\\n``.
+Empty lines are ignored and a trailing newline is harmless. Every line stands alone: a bad line is
+refused with a reason (below) and the rest of the packet still counts.
+
+Metric lines
+------------
+``name:value|type[|@rate][|#tags][|c:container][|T<unix seconds>]``; the fields after the type come in
+any order and unknown fields are ignored (DogStatsD forward compatibility). Types:
+
+``c`` counter
+    Summed per series per interval, each value multiplied by 1/rate. Negative increments are refused
+    (``negative_counter``): a Prometheus counter never decreases. Emitted as a delta monotonic sum.
+``g`` gauge
+    The last value wins. A leading ``+`` or ``-`` makes the value a delta applied to the previous value
+    (0 if none), so setting a negative gauge takes ``name:0|g`` first (etsy semantics). The previous
+    value outlives the interval, so deltas sent in later intervals apply to it; a gauge not updated for
+    ``gauge_idle_flushes`` flushes is forgotten (and at most ``max_series`` previous values are kept;
+    past that the longest idle go first). Only gauges updated in an interval are emitted. The sample
+    rate is checked but otherwise ignored.
+``ms`` timer, ``h`` histogram, ``d`` distribution
+    All values of the interval become one exponential histogram per series, each weighted by 1/rate
+    (exact count, sum, min and max). Timer values are converted from milliseconds to **seconds** and
+    carry the unit ``s``; ``h`` and ``d`` values are unit-less and the two types are one (``x:1|h``
+    and ``x:2|d`` feed one histogram). A series sent both as ``ms`` and as ``h``/``d`` is two series.
+    A value whose weight would overflow the sum (``1e308`` at ``@0.5``) is refused. More than 8,192
+    values of one series in one interval are folded into its histogram as they come, so memory stays
+    bounded.
+``s`` set
+    The number of distinct members per interval, emitted as a gauge with unit ``1``. The member is
+    everything between the first ``:`` and the first ``|`` (sets take no value packing). At most
+    ``max_set_members`` distinct members per set and interval; new ones beyond that are refused.
+
+Counters, gauges, sets, timers and histograms are separate series even with the same name and tags.
+
+Values are strict: ASCII, optional sign, digits, optional fraction and exponent. ``1_000``, `` 42 ``,
+``nan``, ``inf``, ``1e400`` (overflows) and non-ASCII digits are refused (``invalid_value``), as is a
+counter or gauge total that overflows. DogStatsD 1.1 value packing ``name:1:2:3|ms`` works for every
+type but sets; each value counts as one accepted value, and one bad value refuses the whole line.
+
+``@rate`` must be a strict number in (0, 1]; anything else refuses the line (``invalid_sample_rate``).
+
+Tags and series identity
+------------------------
+DogStatsD tags ``|#k:v,k2,k3:v:with:colons`` split on the first ``:``; a bare tag ``k`` becomes label
+``k`` with an empty value; empty entries between commas are skipped; on duplicate keys the last wins.
+``|c:<id>`` adds the label ``container.id`` (an empty id is refused). Tags named in the metric name are
+accepted in the statsd_exporter styles, one style per line:
+
+- Librato ``name#k=v,k2=v2:...``
+- InfluxDB ``name,k=v,k2=v2:...``
+- SignalFX ``name[k=v,k2=v2]rest:...`` (the metric name is ``namerest``)
+
+Each embedded tag needs a key, ``=`` and a value. Mixing two styles, or an embedded style with ``|#``
+tags, refuses the line (``mixed_tag_styles``). A series is its name plus its labels sorted by name: tag
+order does not make a new series, and ``foo,a=1`` and ``foo|#a:1`` are the same series. Names and tags
+must be valid UTF-8. At most ``max_series`` series exist per interval (all types together); lines for
+new series beyond that are refused (``series_limit``), lines for existing series still count.
+
+Timestamps
+----------
+``|T<unix seconds>`` (DogStatsD 1.3) on counters and gauges sets the point's time to T instead of the
+interval end, and the line goes to its own slot (one point per series per T). T must be an unsigned
+integer (else ``invalid_timestamp``) within [now - 1 h, now + 10 min] (else ``timestamp_out_of_range``).
+A timestamped counter's delta covers the interval length ending at T. On other types ``T`` is ignored.
+Gauge deltas apply, in arrival order, to the series' previous value whatever the timestamps.
+
+Events and service checks
+-------------------------
+``_e{<title bytes>,<text bytes>}:title|text[|d:ts][|h:host][|p:low|normal][|t:info|warning|error|success]
+[|k:key][|s:source][|#tags][|c:container]``: the byte lengths delimit title and text, so either may
+contain ``|``; ``\\n`` (backslash, n) in them becomes a newline. ``_sc|name|status[|d:ts][|h:host][|#tags]
+[|c:container][|m:message]``: status 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; ``m:`` comes last and takes
+the rest of the line (``|`` included, ``\\n`` unescaped). Timestamps ``d:`` are unsigned integer unix
+seconds. Unknown fields are ignored; bad known fields refuse the line (``invalid_event``,
+``invalid_service_check``). Valid ones wait in ``StatsdAggregator.events`` (at most 10,000; more are
+refused as ``event_limit``) until the receiver takes them; each counts as one accepted value.
+
+Refusal reasons
+---------------
+``malformed_line`` no ``name:value`` shape (also a ``|`` before the first ``:``);
+``invalid_type`` type missing or not one of c g ms h d s; ``invalid_value``; ``negative_counter``;
+``invalid_sample_rate``; ``empty_name``; ``invalid_utf8`` (name, tags, event or check text);
+``invalid_tag`` (an embedded tag without key, ``=`` or value, an empty DogStatsD tag key, unbalanced
+brackets); ``mixed_tag_styles``; ``invalid_container_id``; ``invalid_timestamp``;
+``timestamp_out_of_range``; ``invalid_event``; ``invalid_service_check``; ``event_limit``;
+``series_limit``; ``set_member_limit``.
+
+Implementation
+--------------
+``feed()`` is the hot path (0.4–0.8 µs, 5k–10k instructions, per typical line on CPython 3.11; see
+``bench/parser_cost.py``): two ``partition`` calls cut a line into name, value and tail, and (name, tail)
+finds a cached descriptor — canonical series key, type, 1/rate — so tags are neither parsed nor sorted
+again and nothing is decoded; the value goes into a dict keyed by bytes or an ``array('d')``. Anything
+unusual (packing, ``|T``, events, a first-seen spelling, any error) takes ``LineParser.parse``, the
+straightforward complete parser, which also names the refusal reason; the fast path only ever
+ever accepts lines that this parser accepts with the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from agent.model import Labels, Point
+from receivers.statsd.aggregator import (
+    FOLD_VALUES,
+    KV_SEP,
+    NAME_SEP,
+    PAIR_SEP,
+    Interval,
+    SeriesKey,
+    build_points,
+    expire_gauges,
+    fold,
+)
+
+_log = logging.getLogger(__name__)
+
+MALFORMED_LINE = "malformed_line"
+INVALID_TYPE = "invalid_type"
+INVALID_VALUE = "invalid_value"
+NEGATIVE_COUNTER = "negative_counter"
+INVALID_SAMPLE_RATE = "invalid_sample_rate"
+EMPTY_NAME = "empty_name"
+INVALID_UTF8 = "invalid_utf8"
+INVALID_TAG = "invalid_tag"
+MIXED_TAG_STYLES = "mixed_tag_styles"
+INVALID_CONTAINER_ID = "invalid_container_id"
+INVALID_TIMESTAMP = "invalid_timestamp"
+TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+INVALID_EVENT = "invalid_event"
+INVALID_SERVICE_CHECK = "invalid_service_check"
+EVENT_LIMIT = "event_limit"
+SERIES_LIMIT = "series_limit"
+SET_MEMBER_LIMIT = "set_member_limit"
+
+REFUSAL_REASONS = (
+    MALFORMED_LINE, INVALID_TYPE, INVALID_VALUE, NEGATIVE_COUNTER, INVALID_SAMPLE_RATE, EMPTY_NAME,
+    INVALID_UTF8, INVALID_TAG, MIXED_TAG_STYLES, INVALID_CONTAINER_ID, INVALID_TIMESTAMP,
+    TIMESTAMP_OUT_OF_RANGE, INVALID_EVENT, INVALID_SERVICE_CHECK, EVENT_LIMIT, SERIES_LIMIT,
+    SET_MEMBER_LIMIT,
+)
+"""Every reason ``StatsdAggregator.refused`` may hold, for self-metrics that start at zero."""
+
+MAX_EVENTS = 10_000
+"""Events and service checks waiting to be taken, at most."""
+TIMESTAMP_PAST_S = 3600
+TIMESTAMP_FUTURE_S = 600
+CONTAINER_LABEL = b"container.id"
+
+_NUMERIC = b"0123456789.+-eE"
+"""Bytes a value may contain; whatever ``translate`` leaves after deleting them makes the value bad."""
+_MAX_TS_S = 9_223_372_036
+"""Largest unix second whose nanoseconds fit an int64."""
+_CACHE_MIN = 4096
+_RATE_CACHE_MAX = 256
+
+COUNTER, TIMER, HISTOGRAM, GAUGE, SET = range(5)
+"""Type codes: ``c``, ``ms``, ``h`` and ``d``, ``g``, ``s`` (ordered so ``feed`` tests ranges)."""
+_TYPE_CODES = {b"c": COUNTER, b"g": GAUGE, b"ms": TIMER, b"h": HISTOGRAM, b"d": HISTOGRAM, b"s": SET}
+
+Descriptor = tuple[bytes, int, float]
+"""(canonical series key, type code, 1/rate) of a cached line spelling."""
+
+
+def strict_float(raw: bytes) -> float | None:
+    """The finite float ``raw`` spells in plain ASCII notation, or None."""
+    if raw.translate(None, _NUMERIC):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if value - value:  # inf - inf is nan, which is truthy; NaN cannot get past translate
+        return None
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class StatsdEvent:
+    """A DogStatsD event (``_e{...}``), to become a log record."""
+
+    title: str
+    text: str
+    timestamp_s: int | None
+    """``d:`` unix seconds; None when the client sent none (use the arrival time)."""
+    hostname: str
+    aggregation_key: str
+    priority: str
+    """``normal`` (default) or ``low``."""
+    alert_type: str
+    """``info`` (default), ``warning``, ``error`` or ``success``."""
+    source_type_name: str
+    labels: Labels
+
+
+@dataclass(frozen=True, slots=True)
+class StatsdServiceCheck:
+    """A DogStatsD service check (``_sc|...``), to become a log record."""
+
+    name: str
+    status: int
+    """0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
+    timestamp_s: int | None
+    hostname: str
+    message: str
+    labels: Labels
+
+
+class MetricLine(NamedTuple):
+    """One parsed metric line (slow path only)."""
+
+    canon: bytes
+    code: int
+    """COUNTER, GAUGE, TIMER, HISTOGRAM or SET."""
+    values: list[float]
+    """Counters: already multiplied by 1/rate. Timers: already in seconds."""
+    deltas: list[bool]
+    """Gauges: whether each value is a +/- delta."""
+    inv_rate: float
+    timestamp_s: int | None
+    member: bytes
+
+
+def _unescape(raw: bytes) -> str:
+    return raw.decode().replace("\\n", "\n")
+
+
+class LineParser:
+    """The complete, readable parser, and the caches the fast path shares with it.
+
+    ``descriptors`` maps what a metric line spells apart from its value — the raw name and everything
+    after the value's ``|`` (type, rate, tags, container) — to ``(canonical key, type code, 1/rate)``.
+    So names and tags are validated and tag order canonicalised once per spelling, not once per line.
+    ``_tags`` caches raw ``#`` fields → pairs, ``rates`` raw ``@`` fields → 1/rate. Every cache is
+    bounded: when one is full it is cleared and refills from traffic.
+    """
+
+    __slots__ = ("_cache_max", "_clock_s", "_tags", "descriptors", "rates")
+
+    def __init__(self, *, cache_max: int, clock_s: Callable[[], float]) -> None:
+        self.descriptors: dict[tuple[bytes, bytes], Descriptor] = {}
+        self.rates: dict[bytes, float] = {}
+        self._tags: dict[bytes, tuple[tuple[bytes, bytes], ...] | str] = {}
+        self._cache_max = cache_max
+        self._clock_s = clock_s
+
+    # -- fields ------------------------------------------------------------------------------------
+    def rate(self, field: bytes) -> float | None:
+        """1/rate for a raw ``@rate`` field, or None if the rate is not a number in (0, 1]."""
+        inv = self.rates.get(field)
+        if inv is not None:
+            return inv
+        rate = strict_float(field[1:])
+        if rate is None or not 0.0 < rate <= 1.0:
+            return None
+        inv = 1.0 / rate
+        if inv - inv:  # a subnormal rate: 1/rate overflows
+            return None
+        if len(self.rates) >= _RATE_CACHE_MAX:
+            self.rates.clear()
+        self.rates[field] = inv
+        return inv
+
+    def describe(self, name: bytes, tail: bytes) -> tuple[bytes, int, float, bytes | None] | str:
+        """For a metric line ``name:value|tail``: (canonical key, type code, 1/rate, ``T`` field or
+        None), or a refusal reason. Not cached; see ``descriptor``."""
+        fields = tail.split(b"|")
+        code = _TYPE_CODES.get(fields[0])
+        if code is None:
+            return INVALID_TYPE
+        inv = 1.0
+        tags: bytes | None = None
+        container: bytes | None = None
+        ts_field: bytes | None = None
+        for i in range(1, len(fields)):
+            field = fields[i]
+            if not field:
+                continue
+            first = field[0]
+            if first == 35:  # '#'
+                tags = field
+            elif first == 64:  # '@'
+                rate = self.rate(field)
+                if rate is None:
+                    return INVALID_SAMPLE_RATE
+                inv = rate
+            elif first == 99 and len(field) > 1 and field[1] == 58:  # 'c:'
+                container = field
+            elif first == 84:  # 'T'
+                ts_field = field
+        canon = self.series(name, tags, container)
+        if isinstance(canon, str):
+            return canon
+        return canon, code, inv, ts_field
+
+    def descriptor(self, key: tuple[bytes, bytes]) -> Descriptor | None:
+        """The cached descriptor for ``key`` = (name, tail), computing it on a miss; None when the
+        line needs the slow path (a refusal, or a ``T`` field, which is never cached)."""
+        found = self.descriptors.get(key)
+        if found is not None:
+            return found
+        described = self.describe(*key)
+        if isinstance(described, str) or described[3] is not None:
+            return None
+        if len(self.descriptors) >= self._cache_max:
+            self.descriptors.clear()
+        found = self.descriptors[key] = described[:3]
+        return found
+
+    def series(self, name: bytes, tags: bytes | None, container: bytes | None) -> bytes | str:
+        """The canonical series key of a raw name, ``#`` field and ``c:`` field, or a refusal reason."""
+        if not name:
+            return EMPTY_NAME
+        if b"|" in name or name.startswith(b"_e{"):
+            return MALFORMED_LINE
+        try:
+            name.decode()
+        except UnicodeDecodeError:
+            return INVALID_UTF8
+        labels: dict[bytes, bytes] = {}
+        embedded = b"[" in name or b"]" in name or b"#" in name or b"," in name
+        if embedded:
+            stripped = _embedded_tags(name, labels)
+            if isinstance(stripped, str):
+                return stripped
+            name = stripped
+            if not name:
+                return EMPTY_NAME
+        if tags is not None and len(tags) > 1:
+            if embedded:
+                return MIXED_TAG_STYLES
+            pairs = self._tag_pairs(tags)
+            if isinstance(pairs, str):
+                return pairs
+            labels.update(pairs)
+        if container is not None:
+            ident = container[2:]
+            if not ident:
+                return INVALID_CONTAINER_ID
+            try:
+                ident.decode()
+            except UnicodeDecodeError:
+                return INVALID_UTF8
+            labels[CONTAINER_LABEL] = ident
+        if not labels:
+            return name
+        return name + NAME_SEP + PAIR_SEP.join(k + KV_SEP + v for k, v in sorted(labels.items()))
+
+    def _tag_pairs(self, field: bytes) -> tuple[tuple[bytes, bytes], ...] | str:
+        """Key/value pairs of a ``#k:v,k2`` field (duplicates resolved, last wins), or a reason."""
+        cached = self._tags.get(field)
+        if cached is not None:
+            return cached
+        result: tuple[tuple[bytes, bytes], ...] | str
+        try:
+            field.decode()
+        except UnicodeDecodeError:
+            result = INVALID_UTF8
+        else:
+            result = _dogstatsd_tags(field[1:])
+        if len(self._tags) >= self._cache_max:
+            self._tags.clear()
+        self._tags[field] = result
+        return result
+
+    def timestamp(self, field: bytes) -> int | str:
+        """Seconds from a ``T<unix seconds>`` field, or a refusal reason."""
+        digits = field[1:]
+        if not digits.isdigit():  # bytes.isdigit is ASCII-only
+            return INVALID_TIMESTAMP
+        now = self._clock_s()
+        if len(digits) > 12:
+            return TIMESTAMP_OUT_OF_RANGE
+        ts = int(digits)
+        if not now - TIMESTAMP_PAST_S <= ts <= now + TIMESTAMP_FUTURE_S:
+            return TIMESTAMP_OUT_OF_RANGE
+        return ts
+
+    # -- lines -------------------------------------------------------------------------------------
+    def parse(self, line: bytes) -> MetricLine | StatsdEvent | StatsdServiceCheck | str:
+        """Parse one non-empty line completely; a str result is the refusal reason."""
+        if line.startswith(b"_e{"):
+            return self.parse_event(line)
+        if line.startswith(b"_sc|"):
+            return self.parse_service_check(line)
+        name, sep, rest = line.partition(b":")
+        if not sep or b"|" in name:
+            return MALFORMED_LINE
+        value, bar, tail = rest.partition(b"|")
+        if not bar:
+            return INVALID_TYPE
+        described = self.describe(name, tail)
+        if isinstance(described, str):
+            return described
+        canon, code, inv, ts_field = described
+        ts: int | None = None
+        if ts_field is not None and code in (COUNTER, GAUGE):
+            parsed = self.timestamp(ts_field)
+            if isinstance(parsed, str):
+                return parsed
+            ts = parsed
+        if code == SET:
+            if not value:
+                return INVALID_VALUE
+            return MetricLine(canon, code, [], [], inv, None, value)
+        values: list[float] = []
+        deltas: list[bool] = []
+        for raw in value.split(b":"):
+            parsed_value = strict_float(raw)
+            if parsed_value is None:
+                return INVALID_VALUE
+            if code == COUNTER:
+                if parsed_value < 0.0:
+                    return NEGATIVE_COUNTER
+                parsed_value *= inv
+                if parsed_value - parsed_value:
+                    return INVALID_VALUE
+            elif code == GAUGE:
+                deltas.append(raw[0] == 43 or raw[0] == 45)  # '+' or '-'
+            else:
+                if code == TIMER:
+                    parsed_value /= 1000.0
+                if parsed_value * inv - parsed_value * inv:  # the weighted value would overflow the sum
+                    return INVALID_VALUE
+            values.append(parsed_value)
+        return MetricLine(canon, code, values, deltas, inv, ts, b"")
+
+    def parse_event(self, line: bytes) -> StatsdEvent | str:
+        """``_e{<title bytes>,<text bytes>}:title|text|...``, or a refusal reason."""
+        close = line.find(b"}", 3)
+        if close < 0:
+            return INVALID_EVENT
+        title_len_raw, comma, text_len_raw = line[3:close].partition(b",")
+        if (
+            not comma
+            or not title_len_raw.isdigit()
+            or not text_len_raw.isdigit()
+            or len(title_len_raw) > 6
+            or len(text_len_raw) > 6
+        ):
+            return INVALID_EVENT
+        title_len, text_len = int(title_len_raw), int(text_len_raw)
+        pos = close + 1
+        if title_len == 0 or line[pos : pos + 1] != b":":
+            return INVALID_EVENT
+        pos += 1
+        title = line[pos : pos + title_len]
+        pos += title_len
+        if len(title) < title_len or line[pos : pos + 1] != b"|":
+            return INVALID_EVENT
+        pos += 1
+        text = line[pos : pos + text_len]
+        pos += text_len
+        if len(text) < text_len:
+            return INVALID_EVENT
+        rest = line[pos:]
+        if rest and rest[0] != 124:  # '|'
+            return INVALID_EVENT
+        timestamp: int | None = None
+        hostname = aggregation_key = source = b""
+        priority = b"normal"
+        alert_type = b"info"
+        tags: bytes | None = None
+        container: bytes | None = None
+        for field in rest[1:].split(b"|") if rest else ():
+            prefix = field[:2]
+            if prefix == b"d:":
+                timestamp = _unix_seconds(field[2:])
+                if timestamp is None:
+                    return INVALID_EVENT
+            elif prefix == b"h:":
+                hostname = field[2:]
+            elif prefix == b"p:":
+                priority = field[2:]
+                if priority != b"normal" and priority != b"low":
+                    return INVALID_EVENT
+            elif prefix == b"t:":
+                alert_type = field[2:]
+                if alert_type not in (b"info", b"warning", b"error", b"success"):
+                    return INVALID_EVENT
+            elif prefix == b"k:":
+                aggregation_key = field[2:]
+            elif prefix == b"s:":
+                source = field[2:]
+            elif prefix == b"c:":
+                container = field
+            elif field[:1] == b"#":
+                tags = field
+        labels = self._labels(tags, container)
+        if isinstance(labels, str):
+            return INVALID_EVENT if labels != INVALID_UTF8 else labels
+        try:
+            return StatsdEvent(
+                title=_unescape(title), text=_unescape(text), timestamp_s=timestamp,
+                hostname=hostname.decode(), aggregation_key=aggregation_key.decode(),
+                priority=priority.decode(), alert_type=alert_type.decode(),
+                source_type_name=source.decode(), labels=labels,
+            )
+        except UnicodeDecodeError:
+            return INVALID_UTF8
+
+    def parse_service_check(self, line: bytes) -> StatsdServiceCheck | str:
+        """``_sc|name|status|...|m:message``, or a refusal reason."""
+        parts = line.split(b"|")
+        if len(parts) < 3 or not parts[1] or parts[2] not in (b"0", b"1", b"2", b"3"):
+            return INVALID_SERVICE_CHECK
+        timestamp: int | None = None
+        hostname = message = b""
+        tags: bytes | None = None
+        container: bytes | None = None
+        for i in range(3, len(parts)):
+            field = parts[i]
+            prefix = field[:2]
+            if prefix == b"m:":
+                message = b"|".join(parts[i:])[2:]
+                break
+            if prefix == b"d:":
+                timestamp = _unix_seconds(field[2:])
+                if timestamp is None:
+                    return INVALID_SERVICE_CHECK
+            elif prefix == b"h:":
+                hostname = field[2:]
+            elif prefix == b"c:":
+                container = field
+            elif field[:1] == b"#":
+                tags = field
+        labels = self._labels(tags, container)
+        if isinstance(labels, str):
+            return INVALID_SERVICE_CHECK if labels != INVALID_UTF8 else labels
+        try:
+            return StatsdServiceCheck(
+                name=parts[1].decode(), status=parts[2][0] - 48, timestamp_s=timestamp,
+                hostname=hostname.decode(), message=_unescape(message), labels=labels,
+            )
+        except UnicodeDecodeError:
+            return INVALID_UTF8
+
+    def _labels(self, tags: bytes | None, container: bytes | None) -> Labels | str:
+        """Decoded, sorted labels of an event or service check."""
+        labels: dict[bytes, bytes] = {}
+        if tags is not None:
+            pairs = self._tag_pairs(tags)
+            if isinstance(pairs, str):
+                return pairs
+            labels.update(pairs)
+        if container is not None:
+            if len(container) < 3:
+                return INVALID_CONTAINER_ID
+            labels[CONTAINER_LABEL] = container[2:]
+        try:
+            return tuple((k.decode(), v.decode()) for k, v in sorted(labels.items()))
+        except UnicodeDecodeError:
+            return INVALID_UTF8
+
+
+def _dogstatsd_tags(raw: bytes) -> tuple[tuple[bytes, bytes], ...] | str:
+    pairs: dict[bytes, bytes] = {}
+    for tag in raw.split(b","):
+        if not tag:
+            continue
+        key, _, value = tag.partition(b":")
+        if not key:
+            return INVALID_TAG
+        pairs[key] = value
+    return tuple(pairs.items())
+
+
+def _unix_seconds(raw: bytes) -> int | None:
+    if not raw.isdigit() or len(raw) > 11:
+        return None
+    seconds = int(raw)
+    return seconds if seconds <= _MAX_TS_S else None
+
+
+def _embedded_tags(name: bytes, labels: dict[bytes, bytes]) -> bytes | str:
+    """Move Librato / InfluxDB / SignalFX tags out of ``name`` into ``labels``; the bare name, or a
+    refusal reason."""
+    open_at, close_at = name.find(b"["), name.find(b"]")
+    if open_at >= 0 or close_at >= 0:
+        if open_at < 0 or close_at < open_at:
+            return INVALID_TAG
+        inner = name[open_at + 1 : close_at]
+        bare = name[:open_at] + name[close_at + 1 :]
+        if b"[" in bare or b"]" in bare:
+            return INVALID_TAG
+        if b"#" in bare or b"," in bare:
+            return MIXED_TAG_STYLES
+    else:
+        hash_at, comma_at = name.find(b"#"), name.find(b",")
+        cut = hash_at if comma_at < 0 or 0 <= hash_at < comma_at else comma_at
+        inner = name[cut + 1 :]
+        bare = name[:cut]
+        if b"#" in inner:  # Librato's '#' after InfluxDB's ',' mixes styles; a second '#' is just bad
+            return INVALID_TAG if name[cut] == 35 else MIXED_TAG_STYLES
+    for item in inner.split(b","):
+        key, eq, value = item.partition(b"=")
+        if not eq or not key or not value:
+            return INVALID_TAG
+        labels[key] = value
+    return bare
+
+
+class StatsdAggregator:
+    """Parses StatsD/DogStatsD packets and aggregates them per flush interval.
+
+    Not thread-safe: one event loop calls ``feed``, ``swap``, ``build`` and ``take_events``. ``feed``
+    never raises on any input. Call ``build`` (and exhaust it) for every interval ``swap`` returns.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_buckets: int = 160,
+        max_series: int = 100_000,
+        gauge_idle_flushes: int = 360,
+        clock_s: Callable[[], float] = time.time,
+        max_set_members: int = 100_000,
+    ) -> None:
+        if max_series < 1 or gauge_idle_flushes < 1 or max_set_members < 1 or max_buckets < 2:
+            raise ValueError("max_series, gauge_idle_flushes, max_set_members must be >= 1; max_buckets >= 2")
+        self.accepted = 0
+        """Values accepted since creation (each packed value, set member, event or check counts one)."""
+        self.refused: dict[str, int] = {}
+        """Reason → lines refused since creation (see REFUSAL_REASONS)."""
+        self.events: list[StatsdEvent | StatsdServiceCheck] = []
+        """Parsed events and service checks not yet taken."""
+        self._max_buckets = max_buckets
+        self._max_series = max_series
+        self._idle_flushes = gauge_idle_flushes
+        self._max_set_members = max_set_members
+        self._cache_max = max(_CACHE_MIN, max_series + max_series // 4)
+        self._parser = LineParser(cache_max=self._cache_max, clock_s=clock_s)
+        self._iv = Interval(1)
+        self._gauge_last: dict[bytes, float] = {}
+        """Latest value per gauge series, across intervals: the base for +/- deltas."""
+        self._gauge_seen: dict[bytes, int] = {}
+        """Seq of the last interval that updated each gauge in _gauge_last (the idle clock)."""
+        self._names: dict[bytes, tuple[str, Labels]] = {}
+        self._fold_ok = True
+
+    @property
+    def series_count(self) -> int:
+        """Series in the current interval."""
+        return self._iv.n_series
+
+    def take_events(self) -> list[StatsdEvent | StatsdServiceCheck]:
+        """The parsed events and service checks, in arrival order; the list starts again empty."""
+        events, self.events = self.events, []
+        return events
+
+    def swap(self) -> Interval:
+        """Detach the current interval (O(1)); ``feed`` continues into a fresh one."""
+        done = self._iv
+        self._iv = Interval(done.seq + 1)
+        return done
+
+    def build(
+        self, interval: Interval, start_time_unix_nano: int, time_unix_nano: int, chunk_size: int = 2000
+    ) -> Iterator[list[Point]]:
+        """Points of a detached interval in lists of at most ``chunk_size``: counters, gauges, sets,
+        then histograms. Each list costs a few milliseconds at most, so the caller can yield to the
+        event loop between them. Also forgets gauges idle for ``gauge_idle_flushes`` flushes."""
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        expire_gauges(self._gauge_last, self._gauge_seen, interval.seq, self._idle_flushes,
+                      self._max_series, self._iv.seq)
+        if len(self._names) > self._cache_max:
+            self._names.clear()
+        return build_points(interval, start_time_unix_nano, time_unix_nano, chunk_size, self._names,
+                            self._max_buckets)
+
+    # -- ingest ------------------------------------------------------------------------------------
+    def feed(self, packet: bytes) -> None:
+        """Parse and aggregate every line of one datagram or one chunk of whole stream lines."""
+        if packet.__class__ is not bytes:
+            packet = bytes(packet)
+        # The hot path. Everything the loop touches is hoisted into locals (each attribute lookup
+        # saved is ~20 ns a line; the budget is ~1 µs). A line is cut into name, value and tail with
+        # two partitions; (name, tail) finds the cached descriptor — canonical series key, type, 1/rate
+        # — so tags are neither parsed nor sorted again. Anything unusual or wrong goes to _slow_line,
+        # which parses the line from scratch and states the refusal reason.
+        iv = self._iv
+        counters = iv.counters
+        gauges = iv.gauges
+        timers = iv.timers
+        timer_weights = iv.timer_weights
+        dists = iv.dists
+        dist_weights = iv.dist_weights
+        sets = iv.sets
+        gauge_last = self._gauge_last
+        descriptor_get = self._parser.descriptors.get
+        descriptor = self._parser.descriptor
+        slow = self._slow_line
+        numeric = _NUMERIC
+        fold_at = FOLD_VALUES
+        max_series = self._max_series
+        accepted = 0
+        for line in packet.split(b"\n"):
+            if not line:
+                continue
+            try:
+                name, _, rest = line.partition(b":")
+                value, _, tail = rest.partition(b"|")
+                key = (name, tail)
+                found = descriptor_get(key)
+                if found is None:
+                    found = descriptor(key)
+                    if found is None:
+                        accepted += slow(line)
+                        continue
+                canon, code, inv = found
+                if code == COUNTER:
+                    if not value.isdigit() and value.translate(None, numeric):  # isdigit: ASCII only
+                        accepted += slow(line)
+                        continue
+                    v = float(value) * inv
+                    if v < 0.0 or v - v:  # negative, or overflowed to inf
+                        accepted += slow(line)
+                        continue
+                    total = counters.get(canon)
+                    if total is None:
+                        if iv.n_series >= max_series:
+                            accepted += slow(line)
+                            continue
+                        iv.n_series += 1
+                        counters[canon] = v
+                    else:
+                        total += v
+                        if total - total:
+                            accepted += slow(line)
+                            continue
+                        counters[canon] = total
+                elif code <= HISTOGRAM:  # TIMER or HISTOGRAM
+                    if not value.isdigit() and value.translate(None, numeric):
+                        accepted += slow(line)
+                        continue
+                    v = float(value)
+                    if v - v:
+                        accepted += slow(line)
+                        continue
+                    if code == TIMER:
+                        v /= 1000.0
+                        table = timers
+                        weights_table = timer_weights
+                    else:
+                        table = dists
+                        weights_table = dist_weights
+                    if inv != 1.0 and v * inv - v * inv:  # the weighted value would overflow the sum
+                        accepted += slow(line)
+                        continue
+                    values = table.get(canon)
+                    if values is None:
+                        if iv.n_series >= max_series:
+                            accepted += slow(line)
+                            continue
+                        iv.n_series += 1
+                        values = table[canon] = array("d")
+                    if inv != 1.0:
+                        weights = weights_table.get(canon)
+                        if weights is None:
+                            weights = weights_table[canon] = array("d", [1.0]) * len(values)
+                        weights.append(inv)
+                    elif weights_table and canon in weights_table:
+                        weights_table[canon].append(1.0)
+                    values.append(v)
+                    if len(values) >= fold_at:
+                        self._fold(code == TIMER, canon)
+                elif code == GAUGE:
+                    if not value.isdigit() and value.translate(None, numeric):
+                        accepted += slow(line)
+                        continue
+                    v = float(value)
+                    if v - v:
+                        accepted += slow(line)
+                        continue
+                    first = value[0]
+                    if first == 43 or first == 45:  # '+' / '-': a delta on the previous value
+                        v += gauge_last.get(canon, 0.0)
+                        if v - v:
+                            accepted += slow(line)
+                            continue
+                    if canon not in gauges:
+                        if iv.n_series >= max_series:
+                            accepted += slow(line)
+                            continue
+                        iv.n_series += 1
+                        self._gauge_seen[canon] = iv.seq
+                    gauges[canon] = v
+                    gauge_last[canon] = v
+                else:  # SET
+                    members = sets.get(canon)
+                    if members is None:
+                        if not value or iv.n_series >= max_series:
+                            accepted += slow(line)
+                            continue
+                        iv.n_series += 1
+                        members = sets[canon] = set()
+                    elif not value or (len(members) >= self._max_set_members and value not in members):
+                        accepted += slow(line)
+                        continue
+                    members.add(value)
+                accepted += 1
+            except Exception:  # float() refusing what translate let through ('1.2.3', '+', 'e5')
+                accepted += slow(line)
+        self.accepted += accepted
+
+    def _slow_line(self, line: bytes) -> int:
+        """Parse and apply one line completely; returns the values accepted, counts a refusal."""
+        try:
+            parsed = self._parser.parse(line)
+            reason = parsed if isinstance(parsed, str) else self._apply(parsed)
+        except Exception:
+            _log.exception("statsd parser failed on a line; refused as malformed_line (this is a bug)")
+            reason = MALFORMED_LINE
+        if isinstance(reason, str):
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+            return 0
+        return reason
+
+    def _apply(self, parsed: MetricLine | StatsdEvent | StatsdServiceCheck) -> int | str:
+        """Aggregate one parsed line: values accepted, or a refusal reason (nothing applied then)."""
+        if not isinstance(parsed, MetricLine):
+            if len(self.events) >= MAX_EVENTS:
+                return EVENT_LIMIT
+            self.events.append(parsed)
+            return 1
+        iv = self._iv
+        canon, code, values = parsed.canon, parsed.code, parsed.values
+        ts = parsed.timestamp_s
+        key: SeriesKey = canon if ts is None else (canon, ts)
+        if code == COUNTER:
+            total = iv.counters.get(key)
+            new = total is None
+            for v in values:
+                total = v if total is None else total + v
+            if total is None or total - total:
+                return INVALID_VALUE
+            if new and not self._admit(iv):
+                return SERIES_LIMIT
+            iv.counters[key] = total
+            return len(values)
+        if code == GAUGE:
+            current = self._gauge_last.get(canon, 0.0)
+            for v, delta in zip(values, parsed.deltas, strict=True):
+                current = current + v if delta else v
+                if current - current:
+                    return INVALID_VALUE
+            new = key not in iv.gauges
+            if new and not self._admit(iv):
+                return SERIES_LIMIT
+            if new or ts is not None:
+                self._gauge_seen[canon] = iv.seq
+            iv.gauges[key] = current
+            self._gauge_last[canon] = current
+            return len(values)
+        if code == SET:
+            members = iv.sets.get(canon)
+            if members is None:
+                if not self._admit(iv):
+                    return SERIES_LIMIT
+                members = iv.sets[canon] = set()
+            elif len(members) >= self._max_set_members and parsed.member not in members:
+                return SET_MEMBER_LIMIT
+            members.add(parsed.member)
+            return 1
+        timer = code == TIMER
+        table = iv.timers if timer else iv.dists
+        weights_table = iv.timer_weights if timer else iv.dist_weights
+        stored = table.get(canon)
+        if stored is None:
+            if not self._admit(iv):
+                return SERIES_LIMIT
+            stored = table[canon] = array("d")
+        inv = parsed.inv_rate
+        weights = weights_table.get(canon)
+        if weights is None and inv != 1.0:
+            weights = weights_table[canon] = array("d", [1.0]) * len(stored)
+        stored.extend(values)
+        if weights is not None:
+            weights.extend([inv] * len(values))
+        if len(stored) >= FOLD_VALUES:
+            self._fold(timer, canon)
+        return len(values)
+
+    def _admit(self, iv: Interval) -> bool:
+        """Take one series slot of the interval, if the cap allows."""
+        if iv.n_series >= self._max_series:
+            return False
+        iv.n_series += 1
+        return True
+
+    def _fold(self, timer: bool, canon: bytes) -> None:
+        """Fold a histogram series' raw values into its ExpHistogram so memory stays bounded."""
+        if not self._fold_ok:
+            return
+        iv = self._iv
+        table = iv.timers if timer else iv.dists
+        weights_table = iv.timer_weights if timer else iv.dist_weights
+        folds = iv.timer_folds if timer else iv.dist_folds
+        weights = weights_table.get(canon)
+        try:
+            folds[canon] = fold(table[canon], weights, folds.get(canon), self._max_buckets)
+        except Exception:
+            # A bug in the histogram code: keep the raw values (build() still turns them into a
+            # histogram) and stop folding rather than fail every line.
+            _log.exception("folding statsd histogram values failed; folding disabled")
+            self._fold_ok = False
+            return
+        table[canon] = array("d")
+        if weights is not None:
+            weights_table[canon] = array("d")

@@ -1,0 +1,214 @@
+"""Native histograms from the hand encoder, written to a real Prometheus (2.42+) and read back.
+
+Starts `prometheus --enable-feature=native-histograms --web.enable-remote-write-receiver` on a free
+loopback port with a temporary TSDB, posts snappy-compressed WriteRequests built by wire.py, and
+queries them through the HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.exphist import ExpHistogram
+from exporters.prometheus_remote_write import wire
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus server binary"),
+]
+
+READY_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def prometheus() -> Iterator[Server]:
+    workdir = Path(tempfile.mkdtemp(prefix="headwater-prom-"))
+    config = workdir / "prometheus.yml"
+    config.write_text("global:\n  scrape_interval: 1h\n")
+    port = free_port()
+    log = (workdir / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--enable-feature=native-histograms",
+            "--web.enable-remote-write-receiver",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                log_text = (workdir / "prometheus.log").read_text()
+                pytest.fail(f"prometheus exited with {proc.returncode}: {log_text}")
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("prometheus did not become ready")
+                time.sleep(0.1)
+        yield Server(url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def post(server: Server, series: list[bytes]) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        f"{server.url}/api/v1/write",
+        data=wire.compress(wire.encode_write_request(series)),
+        method="POST",
+        headers={
+            "Content-Encoding": "snappy",
+            "Content-Type": "application/x-protobuf",
+            "X-Prometheus-Remote-Write-Version": "0.1.0",
+            "User-Agent": "headwater-tests/0",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def query(server: Server, promql: str, at_ms: int) -> list[dict[str, Any]]:
+    params = urllib.parse.urlencode({"query": promql, "time": f"{at_ms / 1000:.3f}"})
+    with urllib.request.urlopen(f"{server.url}/api/v1/query?{params}", timeout=10) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+def histogram(
+    scale: int,
+    positive: list[float],
+    positive_offset: int,
+    negative: list[float],
+    negative_offset: int,
+    zero_count: float,
+    sum_: float,
+) -> ExpHistogram:
+    return ExpHistogram(
+        scale=scale,
+        zero_count=zero_count,
+        positive_offset=positive_offset,
+        positive_counts=np.array(positive, dtype=np.float64),
+        negative_offset=negative_offset,
+        negative_counts=np.array(negative, dtype=np.float64),
+        count=float(sum(positive) + sum(negative) + zero_count),
+        sum=sum_,
+        min=-1.0,
+        max=10.0,
+    )
+
+
+def expected_buckets(h: ExpHistogram) -> list[tuple[float, float, float]]:
+    """(lower, upper, count) of every non-empty bucket as Prometheus reports them, in its order."""
+    base = 2.0 ** (2.0**-h.scale)
+    negative = [
+        (-(base ** (h.negative_offset + k + 1)), -(base ** (h.negative_offset + k)), c)
+        for k, c in enumerate(h.negative_counts.tolist())
+        if c
+    ]
+    positive = [
+        (base ** (h.positive_offset + k), base ** (h.positive_offset + k + 1), c)
+        for k, c in enumerate(h.positive_counts.tolist())
+        if c
+    ]
+    zero = [(0.0, 0.0, h.zero_count)] if h.zero_count else []
+    return sorted(negative, key=lambda b: b[0]) + zero + positive
+
+
+def reported_buckets(answer: dict[str, Any]) -> list[tuple[float, float, float]]:
+    return [(float(lo), float(hi), float(c)) for _rule, lo, hi, c in answer["histogram"][1]["buckets"]]
+
+
+Bucket = tuple[float, float, float]
+
+
+def assert_buckets_match(got: list[Bucket], want: list[Bucket]) -> None:
+    assert len(got) == len(want), (got, want)
+    for (glo, ghi, gc), (wlo, whi, wc) in zip(got, want, strict=True):
+        assert glo == pytest.approx(wlo, rel=1e-12, abs=0.0)
+        assert ghi == pytest.approx(whi, rel=1e-12, abs=0.0)
+        assert gc == wc
+
+
+@pytest.mark.parametrize(
+    ("name", "first", "second"),
+    [
+        pytest.param(
+            "headwater_int_histogram",
+            histogram(1, [1, 0, 3], -2, [2], 0, zero_count=1, sum_=4.5),
+            histogram(1, [2, 0, 5, 0, 0, 0, 4], -2, [3], 0, zero_count=2, sum_=30.25),
+            id="integer counts",
+        ),
+        pytest.param(
+            "headwater_float_histogram",
+            histogram(0, [0.5, 1.5], 0, [], 0, zero_count=0.25, sum_=1.0),
+            histogram(0, [1.5, 2.5, 0, 0, 0, 0.75], 0, [0.5], -1, zero_count=0.25, sum_=9.5),
+            id="float counts",
+        ),
+    ],
+)
+def test_prometheus_stores_native_histograms(
+    prometheus: Server, name: str, first: ExpHistogram, second: ExpHistogram
+) -> None:
+    labels = wire.encode_labels((("__name__", name), ("job", "headwater")))
+    now_ms = int(time.time() * 1000)
+    t1, t2 = now_ms - 30_000, now_ms
+    assert post(prometheus, [wire.encode_histogram_series(labels, first, t1)]) == (204, b"")
+    assert post(prometheus, [wire.encode_histogram_series(labels, second, t2)]) == (204, b"")
+
+    [stored] = query(prometheus, name, t2)
+    assert stored["metric"] == {"__name__": name, "job": "headwater"}
+    assert float(stored["histogram"][1]["count"]) == second.count
+    assert float(stored["histogram"][1]["sum"]) == second.sum
+    assert_buckets_match(reported_buckets(stored), expected_buckets(second))
+
+    [count] = query(prometheus, f"histogram_count({name})", t2)
+    assert float(count["value"][1]) == second.count
+    [rate] = query(prometheus, f"histogram_count(rate({name}[1m]))", t2)
+    rate_per_s = float(rate["value"][1])
+    assert math.isfinite(rate_per_s) and rate_per_s > 0

@@ -1,0 +1,790 @@
+"""StatsD / DogStatsD parsing and per-interval aggregation (receivers/statsd/parser.py, aggregator.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.model import Kind, Labels, Point, Temporality
+from receivers.statsd import aggregator as aggregator_module
+from receivers.statsd import parser as parser_module
+from receivers.statsd.parser import (
+    REFUSAL_REASONS,
+    LineParser,
+    StatsdAggregator,
+    StatsdEvent,
+    StatsdServiceCheck,
+)
+
+NOW_S = 1_700_000_000
+START_NS = (NOW_S - 10) * 1_000_000_000
+END_NS = NOW_S * 1_000_000_000
+
+
+def make(**kwargs: object) -> StatsdAggregator:
+    kwargs.setdefault("clock_s", lambda: float(NOW_S))
+    return StatsdAggregator(**kwargs)  # type: ignore[arg-type]
+
+
+def flush(agg: StatsdAggregator, chunk_size: int = 2000) -> list[Point]:
+    interval = agg.swap()
+    return [point for chunk in agg.build(interval, START_NS, END_NS, chunk_size) for point in chunk]
+
+
+def fed(packet: bytes | str, **kwargs: object) -> tuple[StatsdAggregator, list[Point]]:
+    agg = make(**kwargs)
+    agg.feed(packet.encode() if isinstance(packet, str) else packet)
+    return agg, flush(agg)
+
+
+def only(points: list[Point], name: str, labels: Labels = (), kind: Kind | None = None) -> Point:
+    found = [p for p in points if p.name == name and p.labels == labels and (kind is None or p.kind == kind)]
+    assert len(found) == 1, (name, labels, points)
+    return found[0]
+
+
+def refused_only(packet: bytes | str, reason: str, **kwargs: object) -> StatsdAggregator:
+    """Feed a packet of one bad line between two good ones: exactly one refusal, the others count."""
+    raw = packet.encode() if isinstance(packet, str) else packet
+    agg = make(**kwargs)
+    agg.feed(b"before:1|c\n" + raw + b"\nafter:1|c")
+    assert agg.refused == {reason: 1}, (raw, agg.refused)
+    assert agg.accepted == 2
+    return agg
+
+
+# -- packets --------------------------------------------------------------------------------------
+
+
+def test_lines_empty_lines_and_trailing_newline() -> None:
+    agg, points = fed("a:1|c\n\n\nb:2|c\n")
+    assert agg.accepted == 2
+    assert agg.refused == {}
+    assert only(points, "a").value == 1.0
+    assert only(points, "b").value == 2.0
+
+
+def test_empty_packet() -> None:
+    agg, points = fed(b"")
+    assert (agg.accepted, agg.refused, points) == (0, {}, [])
+
+
+def test_bad_lines_refused_rest_counted() -> None:
+    agg, points = fed("a:1|c\nnonsense\nb:x|c\n:1|c\nc:5|g")
+    assert agg.accepted == 2
+    assert agg.refused == {"malformed_line": 1, "invalid_value": 1, "empty_name": 1}
+    assert {p.name for p in points} == {"a", "c"}
+
+
+@pytest.mark.parametrize("wrap", [bytearray, memoryview])
+def test_feed_accepts_bytes_like(wrap: type) -> None:
+    agg = make()
+    agg.feed(wrap(b"a:1|c|#x:y"))
+    assert agg.accepted == 1
+    assert only(flush(agg), "a", (("x", "y"),)).value == 1.0
+
+
+def test_refusal_reasons_listed() -> None:
+    assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS) == 17
+
+
+# -- counters -------------------------------------------------------------------------------------
+
+
+def test_counter_sums_per_series_as_delta_sum() -> None:
+    agg, points = fed("hits:1|c\nhits:2|c\nhits:3.5|c\nother:1|c")
+    p = only(points, "hits")
+    assert p.kind == Kind.SUM
+    assert p.temporality == Temporality.DELTA
+    assert p.monotonic is True
+    assert p.value == 6.5
+    assert (p.start_time_unix_nano, p.time_unix_nano) == (START_NS, END_NS)
+    assert agg.accepted == 4
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("c:1|c|@0.5", 2.0), ("c:3|c|@0.1", 30.000000000000004), ("c:1|c|@1", 1.0), ("c:2|c|@1.0", 2.0),
+    ("c:1|c|@0.25|#a:b", 4.0),
+])
+def test_counter_scaled_by_inverse_rate(line: str, expected: float) -> None:
+    _, points = fed(line)
+    assert points[0].value == pytest.approx(expected)
+
+
+def test_counter_rates_mixed_in_one_series() -> None:
+    _, points = fed("c:1|c|@0.5\nc:1|c\nc:1|c|@0.5")
+    assert only(points, "c").value == 5.0
+
+
+def test_negative_counter_refused() -> None:
+    refused_only("c:-1|c", "negative_counter")
+    refused_only("c:1:-1|c", "negative_counter")
+
+
+def test_negative_zero_counter_accepted() -> None:
+    agg, points = fed("c:-0|c")
+    assert agg.accepted == 1
+    assert only(points, "c").value == 0.0
+
+
+def test_counter_overflowing_to_inf_refused() -> None:
+    agg = make()
+    agg.feed(b"c:1e308|c\nc:1e308|c\nc:1e308|c|@0.5")
+    assert agg.refused == {"invalid_value": 2}
+    assert only(flush(agg), "c").value == 1e308
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [
+    b"1_000", b" 42 ", b" 42", b"42 ", b"nan", b"NaN", b"inf", b"-inf", b"Infinity", b"1e400", b"-1e400",
+    "١٢٣".encode(), "４２".encode(), b"", b"+", b"-", b".", b"e5", b"1e", b"1.2.3", b"--1", b"0x10", b"1,5",
+    b"1\t", b"\xff",
+])
+@pytest.mark.parametrize("typ", [b"c", b"g", b"ms", b"h", b"d"])
+def test_strict_values_refused(value: bytes, typ: bytes) -> None:
+    refused_only(b"m:" + value + b"|" + typ, "invalid_value")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (b"42", 42.0), (b"1.5", 1.5), (b"+3", 3.0), (b"1e3", 1000.0), (b"1E2", 100.0), (b".5", 0.5),
+    (b"5.", 5.0), (b"2.5e-1", 0.25), (b"0", 0.0), (b"1e308", 1e308),
+])
+def test_strict_values_accepted(value: bytes, expected: float) -> None:
+    _, points = fed(b"m:" + value + b"|c")
+    assert only(points, "m").value == expected
+
+
+# -- gauges ---------------------------------------------------------------------------------------
+
+
+def test_gauge_last_value_wins() -> None:
+    _, points = fed("g:1|g\ng:7|g\ng:3.5|g")
+    p = only(points, "g")
+    assert p.kind == Kind.GAUGE
+    assert p.value == 3.5
+    assert p.time_unix_nano == END_NS
+
+
+def test_gauge_deltas_and_negative() -> None:
+    _, points = fed("g:10|g\ng:+5|g\ng:-3|g")
+    assert only(points, "g").value == 12.0
+    _, points = fed("g:-5|g")  # no previous value: a delta on 0
+    assert only(points, "g").value == -5.0
+    _, points = fed("g:7|g\ng:0|g\ng:-5|g")
+    assert only(points, "g").value == -5.0
+
+
+def test_gauge_rate_ignored() -> None:
+    _, points = fed("g:10|g|@0.5")
+    assert only(points, "g").value == 10.0
+    refused_only("g:10|g|@7", "invalid_sample_rate")
+
+
+def test_gauge_deltas_apply_across_intervals_and_only_updated_are_emitted() -> None:
+    agg = make()
+    agg.feed(b"g:10|g\nh:1|g")
+    assert {p.name: p.value for p in flush(agg)} == {"g": 10.0, "h": 1.0}
+    agg.feed(b"g:-3|g")
+    assert {p.name: p.value for p in flush(agg)} == {"g": 7.0}
+    assert flush(agg) == []
+    agg.feed(b"g:+1|g\nh:+1|g")
+    assert {p.name: p.value for p in flush(agg)} == {"g": 8.0, "h": 2.0}
+
+
+def test_gauge_idle_expiry() -> None:
+    agg = make(gauge_idle_flushes=2)
+    agg.feed(b"g:5|g")
+    assert only(flush(agg), "g").value == 5.0  # interval 1 updates g
+    assert flush(agg) == []  # interval 2: idle for 1 flush, still remembered
+    agg.feed(b"g:+1|g")
+    assert only(flush(agg), "g").value == 6.0  # interval 3 updates it again
+    flush(agg)
+    flush(agg)  # intervals 4 and 5: idle for 2 flushes, forgotten
+    agg.feed(b"g:+1|g")
+    assert only(flush(agg), "g").value == 1.0
+
+
+def test_gauge_updated_in_live_interval_survives_expiry_of_built_one() -> None:
+    agg = make(gauge_idle_flushes=1)
+    agg.feed(b"g:5|g")
+    first = agg.swap()
+    agg.feed(b"g:+1|g")  # the live interval updates g before the previous one is built
+    list(agg.build(first, START_NS, END_NS))
+    agg.feed(b"g:+1|g")
+    assert only(flush(agg), "g").value == 7.0
+
+
+def test_gauge_previous_values_bounded_by_max_series() -> None:
+    agg = make(max_series=3, gauge_idle_flushes=100)
+    for i in range(3):
+        agg.feed(f"g{i}:1|g\n".encode())
+        flush(agg)
+    agg.feed(b"g3:1|g")
+    flush(agg)
+    assert len(agg._gauge_last) == 3  # g0 (the longest idle) forgotten
+    agg.feed(b"g0:+1|g\ng3:+1|g")
+    assert {p.name: p.value for p in flush(agg)} == {"g0": 1.0, "g3": 2.0}
+
+
+# -- timers, histograms, distributions ------------------------------------------------------------
+
+
+def test_timer_in_seconds_with_exact_stats() -> None:
+    _, points = fed("t:100|ms\nt:300|ms\nt:200|ms")
+    p = only(points, "t")
+    assert p.kind == Kind.HISTOGRAM
+    assert p.temporality == Temporality.DELTA
+    assert p.unit == "s"
+    assert (p.start_time_unix_nano, p.time_unix_nano) == (START_NS, END_NS)
+    h = p.histogram
+    assert h is not None
+    assert h.count == 3
+    assert h.sum == pytest.approx(0.6)
+    assert h.min == pytest.approx(0.1)
+    assert h.max == pytest.approx(0.3)
+
+
+def test_timer_weighted_by_inverse_rate() -> None:
+    _, points = fed("t:100|ms|@0.5\nt:200|ms\nt:400|ms|@0.25")
+    h = only(points, "t").histogram
+    assert h is not None
+    assert h.count == pytest.approx(2 + 1 + 4)
+    assert h.sum == pytest.approx(0.1 * 2 + 0.2 + 0.4 * 4)
+    assert h.min == pytest.approx(0.1)
+    assert h.max == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("typ", ["h", "d"])
+def test_histogram_and_distribution_unitless(typ: str) -> None:
+    _, points = fed(f"x:1.5|{typ}\nx:2.5|{typ}|@0.5|#a:b")
+    plain = only(points, "x")
+    assert plain.unit == ""
+    assert plain.histogram is not None and plain.histogram.count == 1
+    tagged = only(points, "x", (("a", "b"),))
+    assert tagged.histogram is not None
+    assert tagged.histogram.count == pytest.approx(2)
+    assert tagged.histogram.sum == pytest.approx(5.0)
+
+
+def test_h_and_d_share_a_series_timer_does_not() -> None:
+    _, points = fed("x:1|h\nx:2|d\nx:3|ms")
+    hist = [p for p in points if p.unit == ""]
+    timer = [p for p in points if p.unit == "s"]
+    assert len(hist) == 1 and hist[0].histogram is not None and hist[0].histogram.count == 2
+    assert len(timer) == 1 and timer[0].histogram is not None
+    assert timer[0].histogram.sum == pytest.approx(0.003)
+
+
+def test_weighted_value_overflow_refused() -> None:
+    agg = refused_only("h:1e308|h|@0.5", "invalid_value")
+    assert agg._iv.dists == {} and agg.series_count == 2
+    refused_only("h:1:1e308|d|@0.5", "invalid_value")
+    agg, points = fed("t:1e308|ms|@0.5")  # 1e305 s weighs 2: fine
+    assert agg.accepted == 1 and len(points) == 1
+
+
+def test_weights_array_only_once_a_rate_appears() -> None:
+    agg = make()
+    agg.feed(b"t:1|ms\nt:2|ms\nu:1|ms")
+    assert agg._iv.timer_weights == {}
+    agg.feed(b"t:3|ms|@0.5\nt:4|ms")
+    (weights,) = agg._iv.timer_weights.values()
+    assert list(weights) == [1.0, 1.0, 2.0, 1.0]
+    assert len(agg._iv.timers[b"t"]) == 4
+
+
+def test_fold_keeps_memory_bounded_and_stats_exact() -> None:
+    agg = make()
+    n = aggregator_module.FOLD_VALUES + 1808
+    agg.feed("\n".join(f"t:{i}|ms" for i in range(1, n + 1)).encode())
+    iv = agg._iv
+    assert b"t" in iv.timer_folds
+    assert len(iv.timers[b"t"]) == n - aggregator_module.FOLD_VALUES
+    h = only(flush(agg), "t").histogram
+    assert h is not None
+    assert h.count == n
+    assert h.sum == pytest.approx(n * (n + 1) / 2 / 1000.0)
+    assert h.min == pytest.approx(0.001)
+    assert h.max == pytest.approx(n / 1000.0)
+
+
+def test_fold_with_weights_and_exact_multiple() -> None:
+    agg = make()
+    n = aggregator_module.FOLD_VALUES * 2
+    agg.feed("\n".join(f"d:{i % 7}|d|@0.5" for i in range(n)).encode())
+    assert len(agg._iv.dists[b"d"]) == 0  # everything folded: the point comes from the fold alone
+    h = only(flush(agg), "d").histogram
+    assert h is not None
+    assert h.count == pytest.approx(2 * n)
+    assert h.sum == pytest.approx(2 * sum(i % 7 for i in range(n)))
+
+
+# -- sets -----------------------------------------------------------------------------------------
+
+
+def test_set_counts_distinct_members() -> None:
+    agg, points = fed("u:alice|s\nu:bob|s\nu:alice|s\nu:a:b:c|s\nu:1.5|s|#env:prod")
+    p = only(points, "u")
+    assert p.kind == Kind.GAUGE
+    assert p.unit == "1"
+    assert p.value == 3.0  # alice, bob, "a:b:c": no value packing for sets
+    assert only(points, "u", (("env", "prod"),)).value == 1.0
+    assert agg.accepted == 5
+
+
+def test_set_empty_member_refused() -> None:
+    refused_only("u:|s", "invalid_value")
+
+
+def test_set_member_limit() -> None:
+    agg = make(max_set_members=2)
+    agg.feed(b"u:a|s\nu:b|s\nu:c|s\nu:a|s")
+    assert agg.refused == {"set_member_limit": 1}
+    assert agg.accepted == 3
+    assert only(flush(agg), "u").value == 2.0
+
+
+# -- value packing ---------------------------------------------------------------------------------
+
+
+def test_packing_counts_each_value() -> None:
+    agg, points = fed("c:1:2:3|c|@0.5\nt:100:200|ms\ng:5:+1:-2|g\nh:1:2:3:4|h")
+    assert agg.accepted == 3 + 2 + 3 + 4
+    assert only(points, "c").value == 12.0
+    assert only(points, "g").value == 4.0
+    t = only(points, "t").histogram
+    assert t is not None and t.count == 2 and t.sum == pytest.approx(0.3)
+    h = only(points, "h").histogram
+    assert h is not None and h.count == 4
+
+
+@pytest.mark.parametrize("line", ["c:1:x|c", "c:1::2|c", "c:1:|c", "t::1|ms", "g:1:nan|g"])
+def test_packing_one_bad_value_refuses_the_line(line: str) -> None:
+    agg = refused_only(line, "invalid_value")
+    assert [p.name for p in flush(agg)] == ["before", "after"]
+
+
+# -- sample rates ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [
+    "@0", "@0.0", "@-0.5", "@1.5", "@2", "@nan", "@inf", "@", "@abc", "@ 0.5", "@1e-320", "@0x1", "@1_0",
+])
+@pytest.mark.parametrize("typ", ["c", "g", "ms", "s"])
+def test_invalid_sample_rate(rate: str, typ: str) -> None:
+    refused_only(f"m:1|{typ}|{rate}", "invalid_sample_rate")
+
+
+def test_tiny_valid_rate() -> None:
+    _, points = fed("c:1|c|@1e-300")
+    assert only(points, "c").value == pytest.approx(1e300)
+
+
+# -- tags -----------------------------------------------------------------------------------------
+
+
+def test_dogstatsd_tags_canonical_and_sorted() -> None:
+    agg, points = fed("r:1|c|#route:/users,env:prod,host:web-1\nr:2|c|#host:web-1,env:prod,route:/users")
+    p = only(points, "r", (("env", "prod"), ("host", "web-1"), ("route", "/users")))
+    assert p.value == 3.0
+    assert agg.accepted == 2
+
+
+def test_dogstatsd_tag_forms() -> None:
+    _, points = fed("m:1|c|#bare,k:v:with:colons,,dup:1,dup:2,empty:")
+    only(points, "m", (("bare", ""), ("dup", "2"), ("empty", ""), ("k", "v:with:colons")))
+
+
+def test_empty_tag_field_means_no_tags() -> None:
+    _, points = fed("m:1|c|#\nm:1|c")
+    assert only(points, "m").value == 2.0
+
+
+@pytest.mark.parametrize("line", ["m:1|c|#:v", "m:1|c|#a:b,:c"])
+def test_dogstatsd_tag_without_key(line: str) -> None:
+    refused_only(line, "invalid_tag")
+
+
+def test_tag_fields_in_any_order_and_unknown_fields_ignored() -> None:
+    _, points = fed("m:1|c|#a:b|@0.5|x:future\nm:1|c|@0.5|e:what|#a:b")
+    assert only(points, "m", (("a", "b"),)).value == 4.0
+
+
+@pytest.mark.parametrize(("line", "name", "labels"), [
+    ("req#env=prod,host=a:1|c", "req", (("env", "prod"), ("host", "a"))),
+    ("req,env=prod,host=a:1|c", "req", (("env", "prod"), ("host", "a"))),
+    ("req[env=prod,host=a]:1|c", "req", (("env", "prod"), ("host", "a"))),
+    ("api.[env=prod]latency:1|c", "api.latency", (("env", "prod"),)),
+    ("req,url=a=b:1|c", "req", (("url", "a=b"),)),
+    ("req,k=1,k=2:1|c", "req", (("k", "2"),)),
+])
+def test_name_embedded_tags(line: str, name: str, labels: Labels) -> None:
+    agg, points = fed(line)
+    assert agg.refused == {}
+    assert only(points, name, labels).value == 1.0
+
+
+def test_embedded_and_dogstatsd_spellings_are_one_series() -> None:
+    _, points = fed("r,b=2,a=1:1|c\nr#a=1,b=2:1|c\nr[b=2,a=1]:1|c\nr:1|c|#a:1,b:2")
+    assert only(points, "r", (("a", "1"), ("b", "2"))).value == 4.0
+
+
+@pytest.mark.parametrize("line", [
+    "r,a=1:1|c|#b:2", "r#a=1:1|c|#b:2", "r[a=1]:1|c|#b:2", "r[a=1],b=2:1|c", "r,a=1#b=2:1|c",
+    "r[a=1]#b=2:1|c",
+])
+def test_mixed_tag_styles_refused(line: str) -> None:
+    refused_only(line, "mixed_tag_styles")
+
+
+@pytest.mark.parametrize("line", [
+    "r,a:1|c", "r,=1:1|c", "r,a=:1|c", "r,:1|c", "r#:1|c", "r,a=1,,b=2:1|c", "r[]:1|c", "r[a=1:1|c",
+    "r]a=1[:1|c", "ra=1]:1|c", "r[a=1][b=2]:1|c", "r#a=1#b=2:1|c",
+])
+def test_malformed_embedded_tags(line: str) -> None:
+    refused_only(line, "invalid_tag")
+
+
+def test_embedded_tags_on_empty_name() -> None:
+    refused_only(",a=1:1|c", "empty_name")
+    refused_only("[a=1]:1|c", "empty_name")
+
+
+def test_container_id_label() -> None:
+    _, points = fed("m:1|c|#env:prod|c:abc123\nm:1|c|c:abc123|#env:prod")
+    assert only(points, "m", (("container.id", "abc123"), ("env", "prod"))).value == 2.0
+
+
+def test_container_id_with_embedded_tags_and_override() -> None:
+    _, points = fed("m,env=prod:1|c|c:abc\nm:1|c|#container.id:x|c:abc")
+    only(points, "m", (("container.id", "abc"), ("env", "prod")))
+    only(points, "m", (("container.id", "abc"),))
+
+
+def test_empty_container_id_refused() -> None:
+    refused_only("m:1|c|c:", "invalid_container_id")
+
+
+def test_types_are_separate_series() -> None:
+    _, points = fed("x:1|c\nx:2|g\nx:a|s\nx:3|ms")
+    assert sorted((p.kind, p.unit) for p in points) == [
+        (Kind.SUM, ""), (Kind.GAUGE, ""), (Kind.GAUGE, "1"), (Kind.HISTOGRAM, "s")]
+
+
+# -- names, types, shapes, UTF-8 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ("nocolon", "malformed_line"), ("a|c", "malformed_line"), ("a|c|#b:c", "malformed_line"),
+    ("a:1", "invalid_type"), ("a:1|", "invalid_type"), ("a:1|x", "invalid_type"), ("a:1|C", "invalid_type"),
+    ("a:1|cc", "invalid_type"), ("a:1|c |#x", "invalid_type"), (":1|c", "empty_name"),
+    (":1|c|#a:b", "empty_name"),
+])
+def test_line_shape_refusals(line: str, reason: str) -> None:
+    refused_only(line, reason)
+
+
+@pytest.mark.parametrize("line", [
+    b"caf\xe9:1|c", b"m:1|c|#env:\xff", b"m:1|c|#\xc3:v", b"m:1|c|c:\xff\xfe", b"m\xfd,a=1:1|c",
+    b"\xed\xa0\x80:1|g",
+])
+def test_invalid_utf8_refused(line: bytes) -> None:
+    refused_only(line, "invalid_utf8")
+
+
+def test_utf8_names_and_tags_decoded() -> None:
+    _, points = fed("café.latency:1|c|#région:île-de-france")
+    only(points, "café.latency", (("région", "île-de-france"),))
+
+
+# -- timestamps -----------------------------------------------------------------------------------
+
+
+def test_counter_timestamp_separate_slot() -> None:
+    t = NOW_S - 30
+    _, points = fed(f"c:1|c\nc:2|c|T{t}\nc:3|c|T{t}\nc:4|c|#a:b|T{t}")
+    plain = [p for p in points if p.time_unix_nano == END_NS]
+    stamped = [p for p in points if p.time_unix_nano == t * 1_000_000_000]
+    assert [p.value for p in plain] == [1.0]
+    assert sorted((p.labels, p.value) for p in stamped) == [((), 5.0), ((("a", "b"),), 4.0)]
+    for p in stamped:
+        assert p.start_time_unix_nano == t * 1_000_000_000 - (END_NS - START_NS)
+
+
+def test_gauge_timestamp() -> None:
+    t = NOW_S + 600
+    _, points = fed(f"g:5|g|T{t}\ng:+1|g")
+    # the untimestamped slot gets the delta on the latest value, whatever its timestamp
+    assert sorted((p.time_unix_nano, p.value) for p in points) == [(END_NS, 6.0), (t * 1_000_000_000, 5.0)]
+
+
+@pytest.mark.parametrize("offset", [-3601, 601, -10**9])
+def test_timestamp_out_of_range(offset: int) -> None:
+    refused_only(f"c:1|c|T{NOW_S + offset}", "timestamp_out_of_range")
+    refused_only(f"g:1|g|T{NOW_S + offset}", "timestamp_out_of_range")
+
+
+def test_timestamp_edges_accepted_and_huge_refused() -> None:
+    agg, points = fed(f"c:1|c|T{NOW_S - 3600}\nc:1|c|T{NOW_S + 600}")
+    assert agg.accepted == 2 and len(points) == 2
+    refused_only("c:1|c|T" + "9" * 40, "timestamp_out_of_range")
+    refused_only("c:1|c|T0", "timestamp_out_of_range")
+
+
+@pytest.mark.parametrize("field", ["Tabc", "T-5", "T", "T1.5", "T+17", "T１７"])
+def test_invalid_timestamp(field: str) -> None:
+    refused_only(f"c:1|c|{field}", "invalid_timestamp")
+
+
+def test_timestamp_ignored_on_other_types() -> None:
+    agg, points = fed("t:1|ms|Tabc\nh:1|h|T0\nu:a|s|T-5")
+    assert agg.refused == {}
+    assert all(p.time_unix_nano == END_NS for p in points) and len(points) == 3
+
+
+# -- events and service checks --------------------------------------------------------------------
+
+
+def test_event_minimal() -> None:
+    agg = make()
+    agg.feed(b"_e{5,4}:title|text")
+    assert agg.accepted == 1
+    assert agg.take_events() == [StatsdEvent(
+        title="title", text="text", timestamp_s=None, hostname="", aggregation_key="", priority="normal",
+        alert_type="info", source_type_name="", labels=())]
+    assert agg.events == [] and agg.take_events() == []
+
+
+def test_event_all_fields_pipes_utf8_and_newlines() -> None:
+    title = "a|b é"
+    text = "line1\\nline2|x"
+    line = (f"_e{{{len(title.encode())},{len(text.encode())}}}:{title}|{text}|d:1700000000|h:web-1|p:low"
+            f"|t:warning|k:agg|s:deploy|#env:prod,team|c:cid|zz:unknown")
+    agg = make()
+    agg.feed(line.encode() + b"\nm:1|c")
+    assert agg.refused == {}
+    assert agg.accepted == 2
+    assert agg.events == [StatsdEvent(
+        title="a|b é", text="line1\nline2|x", timestamp_s=1_700_000_000, hostname="web-1",
+        aggregation_key="agg", priority="low", alert_type="warning", source_type_name="deploy",
+        labels=(("container.id", "cid"), ("env", "prod"), ("team", "")))]
+
+
+def test_event_empty_text() -> None:
+    agg = make()
+    agg.feed(b"_e{5,0}:title|\n_e{5,0}:title||t:error")
+    events = [e for e in agg.events if isinstance(e, StatsdEvent)]
+    assert [(e.text, e.alert_type) for e in events] == [("", "info"), ("", "error")]
+
+
+@pytest.mark.parametrize("line", [
+    "_e{5,4}title|text", "_e{5,4:title|text", "_e{5}:title|text", "_e{a,4}:title|text", "_e{-5,4}:title|text",
+    "_e{0,4}:|text", "_e{4,4}:title|text", "_e{5,5}:title|text", "_e{6,4}:title|text", "_e{5,3}:title|text",
+    "_e{5,4}:title|text|p:urgent", "_e{5,4}:title|text|t:fatal", "_e{5,4}:title|text|d:abc",
+    "_e{5,4}:title|text|d:-5", "_e{5,4}:title|text|d:99999999999", "_e{5,4}:title|text|#:v",
+    "_e{5,4}:title|text|c:", "_e{9999999,4}:title|text", "_e{,}:|",
+])
+def test_invalid_events(line: str) -> None:
+    agg = refused_only(line, "invalid_event")
+    assert agg.events == []
+
+
+def test_event_invalid_utf8() -> None:
+    refused_only(b"_e{2,4}:\xff\xfe|text", "invalid_utf8")
+
+
+def test_event_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parser_module, "MAX_EVENTS", 3)
+    agg = make()
+    agg.feed(b"\n".join([b"_e{1,1}:a|b"] * 2 + [b"_sc|x|0"] * 2))
+    assert agg.refused == {"event_limit": 1}
+    assert len(agg.take_events()) == 3
+    agg.feed(b"_e{1,1}:a|b")
+    assert len(agg.events) == 1
+
+
+def test_service_check_minimal_and_full() -> None:
+    agg = make()
+    agg.feed(b"_sc|db.up|0\n_sc|db.up|2|d:1700000000|h:db-1|#env:prod|c:cid|m:down | really\\nbad|#x:y")
+    assert agg.refused == {}
+    assert agg.take_events() == [
+        StatsdServiceCheck(name="db.up", status=0, timestamp_s=None, hostname="", message="", labels=()),
+        StatsdServiceCheck(
+            name="db.up", status=2, timestamp_s=1_700_000_000, hostname="db-1",
+            message="down | really\nbad|#x:y", labels=(("container.id", "cid"), ("env", "prod"))),
+    ]
+
+
+@pytest.mark.parametrize("line", [
+    "_sc|db.up", "_sc|db.up|4", "_sc|db.up|x", "_sc|db.up|", "_sc||0", "_sc|db.up|00", "_sc|db.up|0|d:abc",
+    "_sc|db.up|0|#:x", "_sc|db.up|-1",
+])
+def test_invalid_service_checks(line: str) -> None:
+    refused_only(line, "invalid_service_check")
+
+
+def test_service_check_invalid_utf8() -> None:
+    refused_only(b"_sc|db\xff|0", "invalid_utf8")
+
+
+# -- series cap -----------------------------------------------------------------------------------
+
+
+def test_series_limit() -> None:
+    agg = make(max_series=3)
+    agg.feed(b"a:1|c\nb:1|g\nc:1|ms\nd:1|c\ne:x|s\na:1|c\nb:2|g\nc:2|ms")
+    assert agg.refused == {"series_limit": 2}
+    assert agg.accepted == 6
+    assert agg.series_count == 3
+    points = flush(agg)
+    assert only(points, "a").value == 2.0
+    assert only(points, "b").value == 2.0
+    assert agg.series_count == 0
+    agg.feed(b"d:1|c")  # a fresh interval has room again
+    assert agg.refused == {"series_limit": 2}
+    assert only(flush(agg), "d").value == 1.0
+
+
+def test_series_limit_counts_timestamp_slots() -> None:
+    agg = make(max_series=2)
+    agg.feed(f"c:1|c\nc:1|c|T{NOW_S}\nc:1|c|T{NOW_S - 1}".encode())
+    assert agg.refused == {"series_limit": 1}
+
+
+# -- swap and build -------------------------------------------------------------------------------
+
+
+def test_swap_detaches_and_feed_continues() -> None:
+    agg = make()
+    agg.feed(b"a:1|c")
+    first = agg.swap()
+    agg.feed(b"a:5|c")
+    assert agg.series_count == 1
+    assert [p.value for chunk in agg.build(first, START_NS, END_NS) for p in chunk] == [1.0]
+    assert only(flush(agg), "a").value == 5.0
+
+
+def test_build_chunks() -> None:
+    agg = make()
+    agg.feed("\n".join(f"c{i}:1|c" for i in range(4500)).encode())
+    agg.feed("\n".join(f"g{i}:1|g" for i in range(100)).encode())
+    agg.feed("\n".join(f"t{i % 10}:{i}|ms" for i in range(100)).encode())
+    chunks = list(agg.build(agg.swap(), START_NS, END_NS, chunk_size=2000))
+    assert all(1 <= len(c) <= 2000 for c in chunks)
+    points = [p for c in chunks for p in c]
+    assert len(points) == 4500 + 100 + 10
+    assert len({(p.name, p.labels, p.kind) for p in points}) == len(points)
+    assert [len(c) for c in chunks] == [2000, 2000, 600, 10]
+
+
+def test_build_chunks_histograms_by_value_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aggregator_module, "HIST_VALUES_PER_CHUNK", 10)
+    agg = make()
+    agg.feed("\n".join(f"t{i % 6}:{i}|ms\nd{i % 3}:{i}|d|@0.5" for i in range(30)).encode())
+    chunks = list(agg.build(agg.swap(), START_NS, END_NS, chunk_size=4))
+    assert [len(c) for c in chunks] == [2, 2, 2, 1, 1, 1]
+    counts = {p.name: p.histogram.count for c in chunks for p in c if p.histogram is not None}
+    assert counts == {**{f"t{i}": 5 for i in range(6)}, **{f"d{i}": pytest.approx(20) for i in range(3)}}
+
+
+def test_build_rejects_bad_chunk_size() -> None:
+    agg = make()
+    with pytest.raises(ValueError):
+        agg.build(agg.swap(), START_NS, END_NS, chunk_size=0)
+
+
+def test_fast_points_match_constructor() -> None:
+    assert aggregator_module.FAST_POINTS  # Point changed shape: update _PointFields / _fast_point
+    args = ("a", Kind.SUM, (("k", "v"),), 5, 1.5, 2, True, None, "s")
+    fast = aggregator_module._fast_point(*args)
+    built = aggregator_module._constructed_point(*args)
+    assert type(fast) is Point
+    assert fast == built and hash(fast) == hash(built) and repr(fast) == repr(built)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.value = 2.0  # type: ignore[misc]
+
+
+def test_names_decoded_once_and_cached() -> None:
+    agg = make()
+    agg.feed(b"a:1|c|#x:y")
+    first = only(flush(agg), "a", (("x", "y"),))
+    agg.feed(b"a:1|c|#x:y")
+    second = only(flush(agg), "a", (("x", "y"),))
+    assert first.name is second.name and first.labels is second.labels
+
+
+def test_caches_are_bounded() -> None:
+    parser = LineParser(cache_max=3, clock_s=lambda: float(NOW_S))
+    for i in range(10):
+        assert parser.descriptor((f"m{i}".encode(), f"c|#a:{i}".encode())) is not None
+    assert len(parser.descriptors) <= 3
+    assert len(parser._tags) <= 3
+    for i in range(1000):
+        parser.rate(f"@0.{i + 1}".encode())
+    assert len(parser.rates) <= 256
+
+
+def test_constructor_validates() -> None:
+    with pytest.raises(ValueError):
+        StatsdAggregator(max_series=0)
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+_NAMES = [b"a", b"b.c", b"x,k=v", b"y#k=v", b"z[k=v]r", b"", b"\xff", b"a|b", b"_e{1,1}", b"n#", b"w,k=v,j=u"]
+_VALUES = [b"1", b"-1", b"+2", b"1.5", b"1e3", b"nan", b"", b"1:2", b"1:-2", b"1_0", b"1e400", b"x", b"-0",
+           b"0", b" 1", b"1e308", b"+1e308", b"-5:+3", b"1.7e308", b"-1e308", b"1e308:1e308"]
+_TYPES = [b"c", b"g", b"ms", b"h", b"d", b"s", b"x", b""]
+_FIELDS = [b"@0.5", b"@1", b"@0", b"@2", b"@0.25", b"#a:b", b"#b:c,a:d", b"#", b"#a", b"c:abc", b"c:",
+           b"T1700000000", b"T1699999990", b"Tx", b"T1", b"zz", b"", b"#:x", b"#\xff"]
+
+_lines = st.builds(
+    lambda n, v, t, f: n + b":" + v + b"|" + t + b"".join(b"|" + x for x in f),
+    st.sampled_from(_NAMES), st.sampled_from(_VALUES), st.sampled_from(_TYPES),
+    st.lists(st.sampled_from(_FIELDS), max_size=4),
+)
+_events = st.sampled_from([b"_e{1,1}:a|b", b"_e{1,1}:a|bc", b"_sc|x|0", b"_sc|x|9", b"_e{2,1}:a|b|c"])
+_packets = st.lists(st.one_of(_lines, _lines, _events, st.binary(max_size=30)), max_size=12).map(b"\n".join)
+
+
+def _state(agg: StatsdAggregator) -> tuple[object, ...]:
+    iv = agg._iv
+    return (
+        agg.accepted, agg.refused, iv.n_series, iv.counters, iv.gauges, agg._gauge_last,
+        {k: list(v) for k, v in iv.timers.items()}, {k: list(v) for k, v in iv.timer_weights.items()},
+        {k: list(v) for k, v in iv.dists.items()}, {k: list(v) for k, v in iv.dist_weights.items()},
+        iv.sets, agg.events, agg._gauge_seen,
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(packets=st.lists(_packets, min_size=1, max_size=3), max_series=st.sampled_from([2, 100]))
+def test_fast_path_agrees_with_complete_parser(packets: list[bytes], max_series: int) -> None:
+    fast = make(max_series=max_series, max_set_members=2)
+    slow = make(max_series=max_series, max_set_members=2)
+    for packet in packets + packets:  # twice: the second pass hits the caches
+        fast.feed(packet)
+        for line in packet.split(b"\n"):
+            if line:
+                slow.accepted += slow._slow_line(line)
+    assert _state(fast) == _state(slow)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=200), _packets), max_size=5))
+def test_feed_never_raises(packets: list[bytes]) -> None:
+    agg = make(max_series=5)
+    for packet in packets:
+        agg.feed(packet)
+    lines = sum(1 for p in packets for line in p.split(b"\n") if line)
+    assert sum(agg.refused.values()) <= lines
+    assert set(agg.refused) <= set(REFUSAL_REASONS)
+    for point in flush(agg):
+        assert point.kind != Kind.HISTOGRAM or point.histogram is not None
+        assert point.kind == Kind.HISTOGRAM or math.isfinite(point.value)
