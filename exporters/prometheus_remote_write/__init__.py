@@ -12,6 +12,7 @@ marker and is forgotten. 5xx and 429 are retried with jittered backoff honouring
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import ssl
 import time
@@ -194,17 +195,16 @@ class PrometheusRemoteWriteExporter:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             ssl_ctx = ctx
-        auth = None
         if cfg.auth.basic is not None:
             password = cfg.auth.basic.password
             if cfg.auth.basic.password_file:
                 with open(cfg.auth.basic.password_file, encoding="utf-8") as f:
                     password = f.read().strip()
-            auth = aiohttp.BasicAuth(cfg.auth.basic.username, password)
+            userpass = f"{cfg.auth.basic.username}:{password}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(userpass).decode("ascii")
         if cfg.auth.bearer_token:
             self._headers["Authorization"] = f"Bearer {cfg.auth.bearer_token}"
         self._session = aiohttp.ClientSession(
-            auth=auth,
             connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=cfg.sending_queue.num_consumers),
         )
         self._sender.start()
