@@ -25,5 +25,7 @@ unit:
 bench:
 	$(PYTHON) bench/run.py
 
-proto:
-	$(PYTHON) -m grpc_tools.protoc -Iexporters/prometheus_remote_write --python_out=exporters/prometheus_remote_write exporters/prometheus_remote_write/remote.proto
+proto:  # dev tool only: grpcio-tools pins an old protobuf, so it gets its own venv
+	$(PYTHON) -m venv .venv-proto && .venv-proto/bin/pip install -q grpcio-tools==1.63.2
+	.venv-proto/bin/python -m grpc_tools.protoc -I . --python_out=. exporters/prometheus_remote_write/remote.proto
+	sed -i '1i # Regenerate from the repo root with `make proto` (grpcio-tools==1.63.2, protoc 26.1).' exporters/prometheus_remote_write/remote_pb2.py

@@ -44,6 +44,8 @@ MIN_SCALE = -10
 """Coarsest scale: at -10 every finite double falls into one of three buckets."""
 _MIN_BUCKETS = 3
 """Smallest `max_buckets` that always fits: the finite doubles span three buckets at MIN_SCALE."""
+_CHUNK_BUCKETS = 8192
+"""from_segments shares bucket memory between histograms in chunks of about this many (64 KiB)."""
 
 Counts = npt.NDArray[np.float64]
 _Indices = npt.NDArray[np.int64]
@@ -237,7 +239,8 @@ def from_segments(
     indices (one scale for both sides). Values that are NaN or infinite, and weights that are not
     finite and positive, are dropped with their partner. A segment with nothing left is :data:`EMPTY`.
 
-    The returned histograms' bucket arrays are read-only views into one shared array.
+    The histograms' read-only bucket arrays are views into shared chunks of about 64 KiB, so keeping
+    one alive keeps at most that much of the call's memory.
 
     Raises ValueError on malformed arguments (offsets not non-decreasing within ``values``, weights of
     another length, ``max_buckets < 3``, `max_scale` outside ``[MIN_SCALE, MAX_SCALE]``).
@@ -333,45 +336,66 @@ def from_segments(
     pos_len = np.where(has_pos, (pos_high >> shift) - pos_low + 1, 0)
     neg_len = np.where(has_neg, (neg_high >> shift) - neg_low + 1, 0)
 
-    # All buckets of all segments live in one flat array: segment j's positive buckets, then its
-    # negative ones, then segment j + 1's. One weighted bincount fills it.
+    # All buckets of all segments are laid out in one index space: segment j's positive buckets, then
+    # its negative ones, then segment j + 1's. That space is cut at segment boundaries into chunks of
+    # about _CHUNK_BUCKETS, each filled by one weighted bincount, and every histogram's arrays are
+    # views into its chunk: one histogram kept for long then holds on to at most a chunk, not to the
+    # whole flush (the chunks' elements are contiguous because segments are in order).
     pos_start = np.cumsum(pos_len + neg_len) - (pos_len + neg_len)
     neg_start = pos_start + pos_len
     size = int(pos_start[-1] + pos_len[-1] + neg_len[-1])
     if all_positive:
         key = (index >> shift[segment]) + (pos_start - pos_low)[segment]
-        filled = np.bincount(key, weights=w, minlength=size)
+        key_weight, key_segment = w, segment
     else:
+        nonzero = v != 0
         key = (index >> shift[segment]) + np.where(
             positive, (pos_start - pos_low)[segment], (neg_start - neg_low)[segment]
         )
-        nonzero = v != 0
-        filled = np.bincount(key[nonzero], weights=w[nonzero], minlength=size)
-    # bincount answers int64 when it has no input at all.
-    flat = _frozen(filled.astype(np.float64, copy=False))
+        key, key_weight, key_segment = key[nonzero], w[nonzero], segment[nonzero]
+    chunk_of = pos_start // _CHUNK_BUCKETS
+    first = np.flatnonzero(np.diff(chunk_of, prepend=-1))  # first segment of each chunk
+    chunk_index = np.cumsum(np.diff(chunk_of, prepend=-1) != 0) - 1
+    chunk_from = pos_start[first]
+    chunk_to = np.append(chunk_from[1:], size)
+    element_from = np.searchsorted(key_segment, first)
+    element_to = np.append(element_from[1:], key.size)
+    chunks: list[Counts] = []
+    for lo_key, hi_key, lo_elem, hi_elem in zip(
+        chunk_from.tolist(), chunk_to.tolist(), element_from.tolist(), element_to.tolist(), strict=True
+    ):
+        if hi_key == lo_key:
+            chunks.append(_NO_COUNTS)
+            continue
+        chunk_keys = key[lo_elem:hi_elem] - lo_key
+        filled = np.bincount(chunk_keys, weights=key_weight[lo_elem:hi_elem], minlength=hi_key - lo_key)
+        chunks.append(_frozen(filled.astype(np.float64, copy=False)))
+    local_pos = pos_start - chunk_from[chunk_index]
+    local_neg = local_pos + pos_len
 
     out: list[ExpHistogram] = []
     append = out.append
     building, finished, empty, no_counts = _Building, ExpHistogram, EMPTY, _NO_COUNTS
     for (
-        n_kept, scale, zeros, p_off, p_start, p_len, n_off, n_start, n_len, c, s, lo, hi,
+        n_kept, scale, zeros, chunk, p_off, p_begin, p_end, n_off, n_end, c, s, lo, hi,
     ) in zip(
-        kept.tolist(), (max_scale - shift).tolist(), zero_count.tolist(),
-        pos_low.tolist(), pos_start.tolist(), pos_len.tolist(),
-        neg_low.tolist(), neg_start.tolist(), neg_len.tolist(),
+        kept.tolist(), (max_scale - shift).tolist(), zero_count.tolist(), chunk_index.tolist(),
+        pos_low.tolist(), local_pos.tolist(), local_neg.tolist(),
+        neg_low.tolist(), (local_neg + neg_len).tolist(),
         count.tolist(), total.tolist(), lowest.tolist(), highest.tolist(),
         strict=True,
     ):  # fmt: skip
         if not n_kept:
             append(empty)
             continue
+        buckets = chunks[chunk]
         h = building()
         h.scale = scale
         h.zero_count = zeros
         h.positive_offset = p_off
-        h.positive_counts = flat[p_start : p_start + p_len] if p_len else no_counts
+        h.positive_counts = buckets[p_begin:p_end] if p_end != p_begin else no_counts
         h.negative_offset = n_off
-        h.negative_counts = flat[n_start : n_start + n_len] if n_len else no_counts
+        h.negative_counts = buckets[p_end:n_end] if n_end != p_end else no_counts
         h.count = c
         h.sum = s
         h.min = lo

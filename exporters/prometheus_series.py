@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-from agent.exphist import ExpHistogram
 
 from agent import exphist
+from agent.exphist import ExpHistogram
 from agent.model import Kind, Labels, Point, Temporality
 
 DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -252,6 +252,7 @@ def next_timestamp_ms(series: Series, time_unix_nano: int) -> int:
 
 def format_value(v: float) -> str:
     """Exposition-format number: integral values without a fraction, +Inf/-Inf/NaN spelled out."""
+    v = float(v)
     if v != v:
         return "NaN"
     if v in (math.inf, -math.inf):

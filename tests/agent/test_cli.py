@@ -1,0 +1,119 @@
+"""The headwater command as a user runs it: exit codes, messages, the admin endpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from agent.cli import main
+from tests.integration.conftest import ROOT, free_port, http_get, wait_for
+
+CONFIG = """\
+receivers:
+  statsd:
+    udp: 127.0.0.1:{statsd}
+exporters:
+  debug:
+    path: {out}
+service:
+  telemetry:
+    endpoint: 127.0.0.1:{telemetry}
+  pipelines:
+    metrics:
+      receivers: [statsd]
+      exporters: [debug]
+"""
+
+
+def test_components_lists_every_type_with_fields(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["components", "--json"]) == 0
+    listed = {c["type"]: c for c in json.loads(capsys.readouterr().out)}
+    assert set(listed) == {"statsd", "prometheus", "prometheus_remote_write", "debug"}
+    assert all(c["default_config_valid"] for c in listed.values())
+    fields = {f["name"]: f for f in listed["statsd"]["fields"]}
+    assert fields["flush_interval"]["default"] == "10s"
+    assert fields["flush_interval"]["doc"].startswith("Aggregation interval")
+    rw = {f["name"]: f for f in listed["prometheus_remote_write"]["fields"]}
+    assert {f["name"] for f in rw["retry_on_failure"]["fields"]} >= {"initial_interval", "max_elapsed_time"}
+    assert all(f["doc"] for c in listed.values() for f in c["fields"]), "every field needs a doc line"
+    assert main(["components"]) == 0
+    assert "receiver statsd" in capsys.readouterr().out
+
+
+def test_validate_reports_config_errors_with_exit_code(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("receivers:\n  statsd:\n    udp: nowhere\nexporters: {}\nservice: {pipelines: {}}\n")
+    assert main(["validate", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration (3 problems)" in err
+    assert "receivers::statsd::udp (line 3)" in err
+    assert "service::pipelines (line 5): at least one pipeline is required" in err
+    assert "receivers::statsd (line 2): defined but not used in any pipeline" in err
+
+
+def test_validate_checks_ports(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(CONFIG.format(statsd=port, out=tmp_path / "o", telemetry=free_port()))
+        assert main(["validate", "-c", str(cfg)]) == 2
+        assert f"receivers::statsd::udp: cannot bind udp 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["validate", "-c", str(cfg)]) == 0
+
+
+def test_run_admin_endpoints_and_sigterm(tmp_path: Path) -> None:
+    ports = {"statsd": free_port(), "telemetry": free_port()}
+    out = tmp_path / "points.jsonl"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG.format(out=out, **ports))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "-c", str(cfg), "--set", "receivers.statsd.flush_interval=100ms"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{ports['telemetry']}"
+        wait_for("ready", lambda: http_get(base + "/readyz")[0] == 200)
+        assert http_get(base + "/healthz") == (200, "ok\n")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"cli.hits:4|c|#k:v", ("127.0.0.1", ports["statsd"]))
+        wait_for("debug output", lambda: out.exists() and "cli.hits" in out.read_text())
+        line = json.loads(out.read_text().splitlines()[0])
+        assert line["name"] == "cli.hits" and line["value"] == 4 and line["labels"] == {"k": "v"}
+        status = json.loads(http_get(base + "/status")[1])
+        assert status["ready"] is True
+        statsd_status = next(c for c in status["components"] if c["id"] == "statsd")
+        assert statsd_status["accepted"] == 1
+        with urllib.request.urlopen(base + "/metrics") as resp:
+            body = resp.read().decode()
+        assert 'headwater_receiver_accepted_points_total{receiver="statsd"} 1.0' in body
+        assert 'headwater_exporter_sent_points_total{exporter="debug"} 1.0' in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_run_fails_cleanly_when_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(CONFIG.format(statsd=free_port(), out=tmp_path / "o", telemetry=busy.getsockname()[1]))
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent", "run", "-c", str(cfg)], cwd=ROOT, capture_output=True, timeout=60
+        )
+    assert proc.returncode == 1
+    assert b"cannot start" in proc.stderr and b"address already in use" in proc.stderr.lower()
+    assert time.monotonic() - started < 60
