@@ -289,3 +289,99 @@ def test_reserved_headers_rejected() -> None:
     cfg = PrometheusRemoteWriteConfig(headers={"content-type": "text/plain", "User-Agent": "x"})
     paths = [p for p, _ in cfg.validate()]
     assert paths == ["headers::content-type", "headers::User-Agent"]
+
+
+def _make_certs(tmp_path) -> tuple[str, str, str]:  # type: ignore[no-untyped-def]
+    """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
+    import subprocess
+
+    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
+    key, csr, crt, ext = tmp_path / "s.key", tmp_path / "s.csr", tmp_path / "s.crt", tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        ca_key,
+        "-out",
+        ca_crt,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=headwater-test-ca",
+    )
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        ca_crt,
+        "-CAkey",
+        ca_key,
+        "-CAcreateserial",
+        "-out",
+        crt,
+        "-days",
+        "2",
+        "-extfile",
+        ext,
+    )
+    return str(ca_crt), str(crt), str(key)
+
+
+async def test_tls_endpoint_verified_with_ca_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import ssl
+
+    from exporters.prometheus_remote_write import TLSConfig
+
+    ca, crt, key = _make_certs(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(crt, key)
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/api/v1/write", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    tel = Telemetry()
+    settings = Settings(
+        id=ComponentId("prometheus_remote_write"),
+        kind=ComponentKind.EXPORTER,
+        telemetry=ComponentTelemetry(tel, "exporter", "prometheus_remote_write"),
+        logger=logging.getLogger("test.prw.tls"),
+    )
+    fast = RetryConfig(initial_interval=0.01, max_interval=0.02, max_elapsed_time=0.2)
+    good = PrometheusRemoteWriteExporter(
+        settings,
+        PrometheusRemoteWriteConfig(
+            endpoint=f"https://127.0.0.1:{port}/api/v1/write",
+            tls=TLSConfig(ca_file=ca),
+            retry_on_failure=fast,
+        ),
+    )
+    untrusted = PrometheusRemoteWriteExporter(
+        replace(settings, telemetry=ComponentTelemetry(tel, "exporter", "untrusted")),
+        PrometheusRemoteWriteConfig(endpoint=f"https://127.0.0.1:{port}/api/v1/write", retry_on_failure=fast),
+    )
+    try:
+        for exp in (good, untrusted):
+            await exp.start()
+            await exp.consume(MetricBatch((counter("tls.hits", 1),)))
+            await drain(exp)
+        assert list(rec.samples()) == ["__name__=tls_hits_total"]  # only the one that trusts the CA
+        assert tel.value("exporter_sent_points_total", exporter="prometheus_remote_write") == 1
+        assert (
+            tel.value("exporter_dropped_points_total", exporter="untrusted", reason="retries_exhausted") == 1
+        )
+    finally:
+        await good.shutdown()
+        await untrusted.shutdown()
+        await runner.cleanup()
