@@ -224,7 +224,11 @@ class StatsdReceiver:
         self._accepted = self.tel.accepted()
         self._refused_cells: dict[str, object] = {}
         self._packets = self.tel.counter("receiver_datagrams_total", "Datagrams read from the socket.")
-        self._events = self.tel.refused("event_not_forwarded")
+        self._events = self.tel.counter(
+            "receiver_dropped_points_total",
+            "Accepted items the receiver could not pass on, by reason.",
+            reason="no_logs_pipeline",
+        )
         self.tel.gauge(
             "receiver_series",
             "Series aggregated in the current flush interval.",
@@ -357,8 +361,8 @@ class StatsdReceiver:
             await asyncio.sleep(0)  # let the socket readers run between chunks
         events = self.agg.take_events()
         if events:
-            # Events and service checks are parsed and validated; they travel as log records once the
-            # logs pipeline exists. Until then they are counted here, never silently lost.
+            # Events and service checks are parsed, validated and accepted; they travel as log records
+            # once the logs pipeline exists. Until then their loss is counted here, never silent.
             self._events.value += len(events)
         self._sync_counts()
 

@@ -57,8 +57,9 @@ accepted in the statsd_exporter styles, one style per line:
 Each embedded tag needs a key, ``=`` and a value. Mixing two styles, or an embedded style with ``|#``
 tags, refuses the line (``mixed_tag_styles``). A series is its name plus its labels sorted by name: tag
 order does not make a new series, and ``foo,a=1`` and ``foo|#a:1`` are the same series. Names and tags
-must be valid UTF-8. At most ``max_series`` series exist per interval (all types together); lines for
-new series beyond that are refused (``series_limit``), lines for existing series still count.
+must be valid UTF-8. A series identity (name plus labels) longer than 4 KiB is refused
+(``series_key_too_long``). At most ``max_series`` series exist per interval (all types together); lines
+for new series beyond that are refused (``series_limit``), lines for existing series still count.
 
 Timestamps
 ----------
@@ -87,7 +88,7 @@ Refusal reasons
 ``invalid_tag`` (an embedded tag without key, ``=`` or value, an empty DogStatsD tag key, unbalanced
 brackets); ``mixed_tag_styles``; ``invalid_container_id``; ``invalid_timestamp``;
 ``timestamp_out_of_range``; ``invalid_event``; ``invalid_service_check``; ``event_limit``;
-``series_limit``; ``set_member_limit``.
+``series_limit``; ``set_member_limit``; ``series_key_too_long``.
 
 Implementation
 --------------
@@ -141,17 +142,22 @@ INVALID_SERVICE_CHECK = "invalid_service_check"
 EVENT_LIMIT = "event_limit"
 SERIES_LIMIT = "series_limit"
 SET_MEMBER_LIMIT = "set_member_limit"
+SERIES_KEY_TOO_LONG = "series_key_too_long"
 
 REFUSAL_REASONS = (
     MALFORMED_LINE, INVALID_TYPE, INVALID_VALUE, NEGATIVE_COUNTER, INVALID_SAMPLE_RATE, EMPTY_NAME,
     INVALID_UTF8, INVALID_TAG, MIXED_TAG_STYLES, INVALID_CONTAINER_ID, INVALID_TIMESTAMP,
     TIMESTAMP_OUT_OF_RANGE, INVALID_EVENT, INVALID_SERVICE_CHECK, EVENT_LIMIT, SERIES_LIMIT,
-    SET_MEMBER_LIMIT,
+    SET_MEMBER_LIMIT, SERIES_KEY_TOO_LONG,
 )
 """Every reason ``StatsdAggregator.refused`` may hold, for self-metrics that start at zero."""
 
 MAX_EVENTS = 10_000
 """Events and service checks waiting to be taken, at most."""
+MAX_SERIES_KEY_BYTES = 4096
+"""Longest series identity (name and labels, as UTF-8) accepted: with ``max_series`` it bounds memory."""
+_MAX_CACHED_SPELLING = 2 * MAX_SERIES_KEY_BYTES
+"""Longer raw spellings (e.g. a tag repeated 1,000 times) are parsed each time, never cached."""
 TIMESTAMP_PAST_S = 3600
 TIMESTAMP_FUTURE_S = 600
 CONTAINER_LABEL = b"container.id"
@@ -311,6 +317,8 @@ class LineParser:
         described = self.describe(*key)
         if isinstance(described, str) or described[3] is not None:
             return None
+        if len(key[0]) + len(key[1]) > _MAX_CACHED_SPELLING:
+            return described[:3]
         if len(self.descriptors) >= self._cache_max:
             self.descriptors.clear()
         found = self.descriptors[key] = described[:3]
@@ -351,9 +359,10 @@ class LineParser:
             except UnicodeDecodeError:
                 return INVALID_UTF8
             labels[CONTAINER_LABEL] = ident
-        if not labels:
-            return name
-        return name + NAME_SEP + PAIR_SEP.join(k + KV_SEP + v for k, v in sorted(labels.items()))
+        canon = name
+        if labels:
+            canon = name + NAME_SEP + PAIR_SEP.join(k + KV_SEP + v for k, v in sorted(labels.items()))
+        return canon if len(canon) <= MAX_SERIES_KEY_BYTES else SERIES_KEY_TOO_LONG
 
     def _tag_pairs(self, field: bytes) -> tuple[tuple[bytes, bytes], ...] | str:
         """Key/value pairs of a ``#k:v,k2`` field (duplicates resolved, last wins), or a reason."""
@@ -367,9 +376,10 @@ class LineParser:
             result = INVALID_UTF8
         else:
             result = _dogstatsd_tags(field[1:])
-        if len(self._tags) >= self._cache_max:
-            self._tags.clear()
-        self._tags[field] = result
+        if len(field) <= _MAX_CACHED_SPELLING:
+            if len(self._tags) >= self._cache_max:
+                self._tags.clear()
+            self._tags[field] = result
         return result
 
     def timestamp(self, field: bytes) -> int | str:

@@ -101,7 +101,7 @@ def test_neighbours_of_powers_of_two(scale: int) -> None:
         for v in values:
             mantissa, exponent = math.frexp(v)
             if mantissa == 0.5:
-                want.append((exponent - 1 << scale) - 1)
+                want.append(((exponent - 1) << scale) - 1)
             elif math.frexp(math.nextafter(v, 0.0))[0] == 0.5:
                 want.append((exponent - 1) << scale)
             else:
@@ -544,6 +544,13 @@ def test_cumulative_buckets_interpolates_inside_a_bucket() -> None:
     assert h.scale == 0  # bucket (1, 2] holds the four 1.5s
     got = exphist.cumulative_buckets(h, [1.0, math.sqrt(2.0), 2.0])
     assert got.tolist() == pytest.approx([1.0, 3.0, 5.0])  # half of the bucket in log space
+
+
+def test_cumulative_buckets_interpolates_negative_buckets_by_magnitude() -> None:
+    h = exphist.from_values(np.array([-1.5, -1.5, -1.5, -1.5, 0.0, 3.0]), max_scale=0)
+    assert h.scale == 0 and h.negative_offset == 0  # magnitudes in (1, 2]
+    got = exphist.cumulative_buckets(h, [-math.sqrt(2.0), -1.0, 0.0, 2.0])
+    assert got.tolist() == pytest.approx([2.0, 4.0, 5.0, 5.0])
 
 
 def test_cumulative_buckets_clamps_with_min_and_max() -> None:

@@ -224,3 +224,12 @@ def test_default_transport_is_udp_localhost() -> None:
 def test_config_validation(field: str, value: object, message: str) -> None:
     problems = StatsdConfig(**{field: value}).validate()  # type: ignore[arg-type]
     assert [p for p, _ in problems] == [field] and message in problems[0][1]
+
+
+async def test_events_and_service_checks_are_counted_as_dropped_until_logs_exist(make: Make) -> None:
+    r, sink, tel = make()
+    r.feed(b"_e{5,4}:title|text|#env:dev\n_sc|db.up|0|m:fine\nx:1|c")
+    await r.flush()
+    assert [p.name for p in sink.points] == ["x"]
+    assert tel.value("receiver_dropped_points_total", reason="no_logs_pipeline") == 2
+    assert tel.value("receiver_refused_points_total") == 0

@@ -90,7 +90,7 @@ def test_feed_accepts_bytes_like(wrap: type) -> None:
 
 
 def test_refusal_reasons_listed() -> None:
-    assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS) == 17
+    assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS) == 18
 
 
 # -- counters -------------------------------------------------------------------------------------
@@ -550,6 +550,25 @@ def test_container_id_with_embedded_tags_and_override() -> None:
 
 def test_empty_container_id_refused() -> None:
     refused_only("m:1|c|c:", "invalid_container_id")
+
+
+def test_series_key_length_limit() -> None:
+    limit = parser_module.MAX_SERIES_KEY_BYTES
+    ok = "m:1|c|#k:" + "v" * (limit - len(b"m\xffk\xfd"))
+    agg, points = fed(ok)
+    assert agg.accepted == 1 and len(points) == 1
+    refused_only(ok + "v", "series_key_too_long")
+    refused_only("m" * (limit + 1) + ":1|g", "series_key_too_long")
+    refused_only("m:1|c|c:" + "x" * limit, "series_key_too_long")
+
+
+def test_long_spellings_accepted_but_not_cached() -> None:
+    agg = make()
+    line = ("m:1|c|#" + ",".join(["a:b"] * 5000)).encode()  # 20 KB of one repeated tag
+    agg.feed(line + b"\n" + line)
+    assert agg.accepted == 2
+    assert agg._parser.descriptors == {} and agg._parser._tags == {}
+    assert only(flush(agg), "m", (("a", "b"),)).value == 2.0
 
 
 def test_types_are_separate_series() -> None:
