@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.exphist import ExpHistogram
 
@@ -78,3 +79,36 @@ class MetricBatch:
 
     def __len__(self) -> int:
         return len(self.points)
+
+
+@dataclass(frozen=True, slots=True)
+class SpanBatch:
+    """Traces pass through as OTLP ``ResourceSpans`` messages (opentelemetry-proto classes).
+
+    Processors that change spans build new messages; nobody mutates a message after handing it on.
+    """
+
+    resource_spans: tuple[Any, ...]
+    context: Mapping[str, str] = field(default_factory=dict)
+    span_count: int = 0
+    """Spans in the batch (for loss accounting), computed once by whoever builds the batch."""
+
+    def __len__(self) -> int:
+        return self.span_count
+
+
+@dataclass(frozen=True, slots=True)
+class LogBatch:
+    """Logs pass through as OTLP ``ResourceLogs`` messages; StatsD events join as log records."""
+
+    resource_logs: tuple[Any, ...]
+    context: Mapping[str, str] = field(default_factory=dict)
+    record_count: int = 0
+    """Log records in the batch (for loss accounting)."""
+
+    def __len__(self) -> int:
+        return self.record_count
+
+
+Batch = MetricBatch | SpanBatch | LogBatch
+"""What flows in a pipeline: a metrics pipeline carries MetricBatch only, and so on."""
