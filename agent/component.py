@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.model import MetricBatch
+from agent.model import Batch
 from agent.telemetry import ComponentTelemetry
 
 
@@ -40,9 +40,10 @@ class Component(Protocol):
 
 
 class Consumer(Protocol):
-    """Takes batches. ``consume`` may raise :class:`Backpressure` when the data cannot be taken now."""
+    """Takes batches of one signal (the pipeline's). ``consume`` may raise :class:`Backpressure` when
+    the data cannot be taken now. A consumer never mutates a batch it was given."""
 
-    async def consume(self, batch: MetricBatch) -> None: ...
+    async def consume(self, batch: Batch) -> None: ...
 
 
 class Backpressure(Exception):

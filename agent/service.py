@@ -25,7 +25,7 @@ from agent.component import (
     Tasks,
 )
 from agent.config import AgentConfig, ComponentSpec
-from agent.model import MetricBatch
+from agent.model import Batch
 from agent.telemetry import ComponentTelemetry, Telemetry
 
 log = logging.getLogger("headwater.service")
@@ -37,7 +37,7 @@ class Fanout:
     def __init__(self, consumers: Sequence[Consumer]) -> None:
         self._consumers = tuple(consumers)
 
-    async def consume(self, batch: MetricBatch) -> None:
+    async def consume(self, batch: Batch) -> None:
         if len(self._consumers) == 1:
             await self._consumers[0].consume(batch)
             return
