@@ -8,7 +8,13 @@ from agent.component import Factory
 def builtin_factories() -> dict[str, Factory]:
     """Every built-in component type by type name."""
     from exporters import debug, prometheus, prometheus_remote_write
-    from receivers import statsd
+    from receivers import http, statsd
 
-    factories = [statsd.factory, prometheus.factory, prometheus_remote_write.factory, debug.factory]
+    factories = [
+        statsd.factory,
+        http.factory,
+        prometheus.factory,
+        prometheus_remote_write.factory,
+        debug.factory,
+    ]
     return {f.type: f for f in factories}

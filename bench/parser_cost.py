@@ -118,8 +118,17 @@ def build_cost(template: str, series: int, values_per_series: int) -> tuple[floa
 
 def instructions(shape: str, lines: int, baseline: bool) -> int:
     cmd = [
-        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-        sys.executable, os.path.abspath(__file__), "--shape", shape, "--lines", str(lines), "--repeat", "1",
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        os.path.abspath(__file__),
+        "--shape",
+        shape,
+        "--lines",
+        str(lines),
+        "--repeat",
+        "1",
         "--quiet",
     ]
     if baseline:

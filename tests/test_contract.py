@@ -79,6 +79,18 @@ async def drive_statsd(component: Any, config: Any, sink: Collect) -> None:
     await wait_until(lambda: sum(len(b) for b in sink.batches) >= 2)
 
 
+async def drive_http(component: Any, config: Any, sink: Collect) -> None:
+    import aiohttp
+
+    url = f"http://{config.endpoint}/v1/metrics"
+    body = [{"name": "hits", "value": 1, "type": "counter"}, {"name": "bad"}]
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert answer["accepted"] == 1 and answer["rejected"] == 1
+    assert sum(len(b) for b in sink.batches) == 1
+
+
 async def drive_exporter(component: Any, config: Any, sink: Collect) -> None:
     await component.consume(sample_batch())
 
@@ -109,6 +121,11 @@ STIMULUS: dict[str, tuple[Callable[[Any, Any], Any], Callable[[Any, Any, Collect
     "statsd": (
         lambda cfg, _: replace(cfg, udp=f"127.0.0.1:{free_port()}", flush_interval=0.1),
         drive_statsd,
+        "headwater_receiver_accepted_points_total",
+    ),
+    "http": (
+        lambda cfg, _: replace(cfg, endpoint=f"127.0.0.1:{free_port()}"),
+        drive_http,
         "headwater_receiver_accepted_points_total",
     ),
     "prometheus": (

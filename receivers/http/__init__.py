@@ -1,0 +1,529 @@
+"""JSON ingest API over HTTP: ``POST /v1/metrics`` and ``GET /healthz`` (default 127.0.0.1:8080).
+
+Request: ``Content-Type: application/json`` (a ``charset`` parameter may only say utf-8), optionally
+``Content-Encoding: gzip``; ``Authorization: Bearer <token>`` when tokens are configured. The body is
+one metric object or a list of up to ``max_items`` of them; the field rules, the timestamp rule and the
+item reason codes are in ``receivers/http/items.py``. Every item stands alone: a bad item is refused
+with its index and a reason, and the others still go through. Configuration::
+
+    receivers:
+      http:
+        endpoint: 127.0.0.1:8080
+        auth:                                   # optional; any token makes it required
+          tokens:
+            - {token: "${env:TEAM_A_TOKEN}", tenant: team-a}
+          tokens_file: /etc/headwater/tokens.yaml   # {<token>: <tenant>, ...}, re-read on change
+        tls: {cert_file: /etc/tls/tls.crt, key_file: /etc/tls/tls.key}
+
+Tokens are a list of {token, tenant} rather than a token → tenant map because the config loader expands
+``${env:...}`` in values only, never in keys, and because an error path must never contain a token.
+
+The accepted points travel as one batch whose context holds the request headers (lower-case names,
+repeated headers joined with ``", "``) except ``authorization``, ``proxy-authorization``, ``cookie`` and
+any ``auth.*`` name (a client cannot forge one), plus ``auth.tenant`` when a bearer token matched.
+
+Responses
+---------
+When the items were examined: ``200`` if at least one was accepted (or the list was empty), ``400`` if
+none was, with ``{"accepted": n, "rejected": m, "errors": [{"index": i, "code": c, "reason": r}]}``.
+When the request as a whole is refused: ``{"code": c, "error": message}`` with
+
+- ``400`` ``invalid_json`` (not UTF-8, not JSON, nested too deeply, not an object or list),
+  ``invalid_compression`` (corrupt or truncated gzip);
+- ``401`` ``unauthorized`` with ``WWW-Authenticate: Bearer`` (missing or unknown token);
+- ``408`` ``read_timeout`` (the body did not arrive within ``read_timeout``);
+- ``413`` ``body_too_large`` (over ``max_request_body_size`` raw, by Content-Length or counted while
+  streaming, or after decompression: gzip is inflated as it arrives with a bounded ``max_length``, so a
+  bomb never inflates past the cap), ``too_many_items``;
+- ``415`` ``unsupported_media_type`` (not application/json), ``unsupported_encoding`` (anything but
+  gzip or identity, or more than one encoding);
+- ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch; retry it whole);
+- ``500`` ``pipeline_error`` (a bug downstream; logged).
+
+Self-metrics: ``receiver_accepted_points_total``; ``receiver_refused_points_total{reason}`` with the item
+codes, counted per item, and the request codes above, counted per item when the items were read and
+once per request otherwise; ``receiver_requests_total{status}``. All counted once per request.
+
+Bearer tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured
+token (no early exit, no length leak); they come from the environment or ``tokens_file`` and are never
+logged or echoed in errors. Bodies of 1 MiB or more are parsed in a worker thread so a large request
+does not hold the event loop for its whole parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import math
+import os
+import re
+import ssl
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
+from agent.confmodel import Duration, Size, format_duration, format_size, parse_host_port
+from agent.model import MetricBatch
+from agent.netcheck import bind_problem
+from receivers.http.items import ITEM_REASONS, ItemParser, Parsed, Refusal, decode_body, quote
+
+TYPE = "http"
+
+REQUEST_REASONS = (
+    "invalid_json",
+    "invalid_compression",
+    "unauthorized",
+    "read_timeout",
+    "body_too_large",
+    "too_many_items",
+    "unsupported_media_type",
+    "unsupported_encoding",
+    "backpressure",
+    "pipeline_error",
+)
+"""Codes of whole-request refusals (the item codes are ``items.ITEM_REASONS``)."""
+_THREAD_BODY_BYTES = 2**20
+"""Bodies at least this large are parsed in a worker thread (1 MiB takes 10-30 ms to parse and check)."""
+_READ_CHUNK = 2**16
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+"""RFC 6750 b64token: what may follow ``Bearer`` in an Authorization header."""
+
+
+@dataclass(frozen=True)
+class HttpTokenConfig:
+    token: str = field(repr=False)
+    """The bearer token: write ${env:VAR} (or use tokens_file), never the token itself."""
+    tenant: str
+    """Tenant name the token stands for (auth.tenant in the batch context)."""
+
+
+@dataclass(frozen=True)
+class HttpAuthConfig:
+    tokens: list[HttpTokenConfig] = field(default_factory=list)
+    """Accepted bearer tokens, each {token, tenant}; any token (or tokens_file) makes auth required."""
+    tokens_file: str = ""
+    """YAML or JSON file mapping token → tenant (a mounted Secret); re-read when it changes."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens or self.tokens_file)
+
+    def validate(self) -> list[tuple[str, str]]:
+        # Paths and messages never quote a token: they end up in logs.
+        problems = []
+        seen: set[str] = set()
+        for i, entry in enumerate(self.tokens):
+            problem = _token_problem(entry.token, entry.tenant)
+            if problem:
+                problems.append((f"tokens::{i}::{problem[0]}", problem[1]))
+            elif entry.token in seen:
+                problems.append((f"tokens::{i}::token", "the same token is listed twice"))
+            seen.add(entry.token)
+        return problems
+
+
+@dataclass(frozen=True)
+class HttpTLSConfig:
+    cert_file: str = ""
+    """Server certificate (PEM); with key_file, the endpoint serves HTTPS only."""
+    key_file: str = ""
+    """Private key of cert_file (PEM)."""
+    client_ca_file: str = ""
+    """CA bundle that client certificates must chain to (mutual TLS); empty: no client certificate asked."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        if bool(self.cert_file) != bool(self.key_file):
+            return [("", "cert_file and key_file go together")]
+        if self.client_ca_file and not self.cert_file:
+            return [("client_ca_file", "needs cert_file and key_file (mutual TLS runs over TLS)")]
+        return []
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    endpoint: str = "127.0.0.1:8080"
+    """host:port serving POST /v1/metrics and GET /healthz."""
+    max_items: int = 1000
+    """Metric objects per request at most; a longer list is refused whole (413 too_many_items)."""
+    max_request_body_size: Size = Size(20 * 2**20)
+    """Largest body, raw and after decompression (gzip bombs stop here): 413 body_too_large."""
+    read_timeout: Duration = Duration(30.0)
+    """Time allowed to receive a request body (slow senders get 408)."""
+    max_timestamp_age: Duration = Duration(86400.0)
+    """How far in the past an item's timestamp may lie (timestamp_out_of_range beyond)."""
+    max_timestamp_ahead: Duration = Duration(600.0)
+    """How far ahead of the agent's clock an item's timestamp may lie."""
+    max_buckets: int = 160
+    """Buckets per exponential histogram built from a histogram item's values."""
+    auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
+    """Bearer tokens, each naming a tenant (put in the batch context as auth.tenant)."""
+    tls: HttpTLSConfig = field(default_factory=HttpTLSConfig)
+    """Serve HTTPS (and optionally require client certificates)."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        try:
+            parse_host_port(self.endpoint)
+        except ValueError as exc:
+            problems.append(("endpoint", str(exc)))
+        if self.max_items < 1:
+            problems.append(("max_items", "must be at least 1"))
+        if self.max_request_body_size < 1024:
+            problems.append(("max_request_body_size", "must be at least 1KiB"))
+        for name in ("read_timeout", "max_timestamp_age", "max_timestamp_ahead"):
+            if getattr(self, name) <= 0:
+                problems.append((name, "must be greater than 0"))
+        if not 3 <= self.max_buckets <= 16384:
+            problems.append(("max_buckets", "must be between 3 and 16384"))
+        for section in ("auth", "tls"):
+            for path, message in getattr(self, section).validate():
+                problems.append((f"{section}::{path}" if path else section, message))
+        return problems
+
+    def environment_problems(self) -> list[tuple[str, str]]:
+        problems = []
+        problem = bind_problem("tcp", self.endpoint)
+        if problem:
+            problems.append(("endpoint", problem))
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self.tls, name)
+            if path and not os.access(path, os.R_OK):
+                problems.append((f"tls::{name}", f"{path} is not a readable file"))
+        if self.auth.tokens_file:
+            try:
+                load_tokens_file(self.auth.tokens_file)
+            except (OSError, ValueError) as exc:
+                problems.append(("auth::tokens_file", str(exc)))
+        return problems
+
+
+def _token_problem(token: Any, tenant: Any) -> tuple[str, str] | None:
+    """("token" | "tenant", message) when the pair is unusable, never quoting the token."""
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+        return (
+            "token",
+            "the token is empty or has characters a bearer token cannot carry (letters, digits, "
+            "- . _ ~ + / and trailing = only); is its environment variable set?",
+        )
+    if not isinstance(tenant, str) or not tenant:
+        return ("tenant", "a token needs a non-empty tenant name")
+    return None
+
+
+def load_tokens_file(path: str) -> dict[str, str]:
+    """The token → tenant map in ``path``; raises OSError or ValueError (never quoting a token)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError:
+            raise ValueError(f"{path} is not valid YAML or JSON") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path} must hold a non-empty mapping of token to tenant name")
+    for token, tenant in data.items():
+        problem = _token_problem(token, tenant)
+        if problem:
+            raise ValueError(f"{path}: {problem[1]}")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+class Inflater:
+    """Inflates gzip members as the body streams in, refusing past ``limit`` inflated bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> None:
+        while data:
+            # max_length one past the room left: the first byte over the cap is seen, never more.
+            out = self._d.decompress(data, self._limit - self._size + 1)
+            self._size += len(out)
+            if self._size > self._limit:
+                raise Refusal(
+                    413,
+                    "body_too_large",
+                    f"body inflates past max_request_body_size ({format_size(self._limit)})",
+                )
+            self._parts.append(out)
+            if self._d.eof:  # concatenated gzip members are one stream (RFC 1952)
+                data = self._d.unused_data
+                if data:
+                    self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            else:
+                data = self._d.unconsumed_tail
+
+    @property
+    def inflated(self) -> int:
+        """Bytes inflated so far (at most ``limit + 1``)."""
+        return self._size
+
+    def finish(self) -> bytes:
+        if not self._d.eof:
+            raise zlib.error("the gzip stream ends early")
+        return b"".join(self._parts)
+
+
+# -- the receiver -------------------------------------------------------------------------------------
+class HttpReceiver:
+    def __init__(self, settings: Settings, config: HttpConfig, consumers: Mapping[Signal, Consumer]) -> None:
+        self.settings = settings
+        self.config = config
+        self.tel = settings.telemetry
+        self._log = settings.logger
+        self._consumer = consumers[Signal.METRICS]
+        self._parser = ItemParser(
+            max_timestamp_age_s=config.max_timestamp_age,
+            max_timestamp_ahead_s=config.max_timestamp_ahead,
+            max_buckets=config.max_buckets,
+        )
+        self._runner: web.AppRunner | None = None
+        self._stopped = False
+        self.port: int | None = None
+        """The bound TCP port once started (useful with port 0)."""
+        self._accepted = self.tel.accepted()
+        # Every reason up front: the counters show at 0 before the first refusal, and counting is a
+        # dict lookup.
+        self._refused = {code: self.tel.refused(code) for code in ITEM_REASONS + REQUEST_REASONS}
+        self._static_tokens = [
+            (hashlib.sha256(t.token.encode()).digest(), t.tenant) for t in config.auth.tokens
+        ]
+        self._file_tokens: list[tuple[bytes, str]] = []
+        self._file_state: tuple[int, int] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.auth.tokens_file:
+            self._reload_tokens_file(initial=True)
+        ssl_ctx = None
+        if cfg.tls.cert_file:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+            if cfg.tls.client_ca_file:
+                ssl_ctx.load_verify_locations(cfg.tls.client_ca_file)
+                ssl_ctx.verify_mode = ssl.CERT_REQUIRED
+        app = web.Application()
+        app.router.add_post("/v1/metrics", self._handle_metrics)
+        app.router.add_get("/healthz", self._handle_healthz)
+        # auto_decompress off: aiohttp would inflate without our cap; we stream-inflate ourselves.
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, auto_decompress=False, shutdown_timeout=5.0
+        )
+        await runner.setup()
+        self._runner = runner
+        host, port = parse_host_port(cfg.endpoint)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True)
+        await site.start()
+        self.port = next(iter(runner.addresses))[1]
+        scheme = "https" if ssl_ctx else "http"
+        self._log.info("listening on %s://%s:%s (POST /v1/metrics)", scheme, host, self.port)
+        self.settings.ready()
+
+    async def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- auth ----------------------------------------------------------------------------------------
+    def _reload_tokens_file(self, initial: bool = False) -> None:
+        """(Re)read tokens_file when it changed; a broken or missing file keeps the tokens we had."""
+        path = self.config.auth.tokens_file
+        try:
+            st = os.stat(path)
+            state: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            if initial:
+                raise
+            state = None
+        if state == self._file_state and not initial:
+            return
+        self._file_state = state  # each change is read (and warned about) once
+        try:
+            if state is None:
+                raise OSError(f"{path} is missing")
+            tokens = load_tokens_file(path)
+        except (OSError, ValueError) as exc:
+            if initial:
+                raise
+            self._log.warning("%s; keeping the previous bearer tokens", exc)
+            return
+        self._file_tokens = [(hashlib.sha256(t.encode()).digest(), tenant) for t, tenant in tokens.items()]
+        if not initial:
+            self._log.info("reloaded %d bearer tokens from %s", len(tokens), path)
+
+    def _authenticate(self, request: web.Request) -> str | None:
+        """The tenant of the request's bearer token; None when auth is off. Raises 401 otherwise."""
+        if not self.config.auth.enabled:
+            return None
+        if self.config.auth.tokens_file:
+            self._reload_tokens_file()
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            exc = Refusal(401, "unauthorized", "send Authorization: Bearer <token>")
+            exc.headers["WWW-Authenticate"] = 'Bearer realm="headwater"'
+            raise exc
+        # Compare digests, all of them, in constant time: no early exit, no length leak.
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        tenant = None
+        for known, name in self._static_tokens + self._file_tokens:
+            if hmac.compare_digest(known, digest) and tenant is None:
+                tenant = name
+        if tenant is None:
+            exc = Refusal(401, "unauthorized", "the bearer token is not valid")
+            exc.headers["WWW-Authenticate"] = 'Bearer realm="headwater", error="invalid_token"'
+            raise exc
+        return tenant
+
+    # -- the body ------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_media_type(request: web.Request) -> bool:
+        """Whether the body is gzip (else identity); raises 415 for other types and encodings."""
+        ctype = request.headers.get("Content-Type", "")
+        mime, _, params = ctype.partition(";")
+        charset = ""
+        for param in params.split(";"):
+            key, _, val = param.partition("=")
+            if key.strip().lower() == "charset":
+                charset = val.strip().strip('"').lower()
+        if mime.strip().lower() != "application/json" or charset not in ("", "utf-8", "utf8"):
+            raise Refusal(
+                415,
+                "unsupported_media_type",
+                f"Content-Type must be application/json (charset utf-8), got {quote(ctype)}",
+            )
+        encodings = [
+            e.strip().lower() for h in request.headers.getall("Content-Encoding", []) for e in h.split(",")
+        ]
+        if len(encodings) > 1 or (encodings and encodings[0] not in ("gzip", "x-gzip", "identity", "")):
+            raise Refusal(
+                415,
+                "unsupported_encoding",
+                f"Content-Encoding {quote(', '.join(encodings))} is not supported: send gzip, or none",
+            )
+        return bool(encodings) and encodings[0] in ("gzip", "x-gzip")
+
+    async def _read_body(self, request: web.Request, gzip: bool) -> bytes:
+        cap = self.config.max_request_body_size
+        too_large = Refusal(
+            413, "body_too_large", f"body is larger than max_request_body_size ({format_size(cap)})"
+        )
+        if request.content_length is not None and request.content_length > cap:
+            raise too_large
+        inflater = Inflater(cap) if gzip else None
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.config.read_timeout):
+                while chunk := await request.content.read(_READ_CHUNK):
+                    size += len(chunk)
+                    if size > cap:  # raw bytes are capped too: empty gzip members inflate to nothing
+                        raise too_large
+                    if inflater is not None:
+                        inflater.feed(chunk)
+                    else:
+                        parts.append(chunk)
+            return b"".join(parts) if inflater is None else inflater.finish()
+        except TimeoutError:
+            raise Refusal(
+                408,
+                "read_timeout",
+                f"the body did not arrive within {format_duration(self.config.read_timeout)}",
+            ) from None
+        except zlib.error as exc:
+            raise Refusal(400, "invalid_compression", f"body is not valid gzip: {exc}") from None
+
+    def _parse(self, body: bytes, now_ns: int) -> Parsed:
+        return self._parser.parse(decode_body(body, self.config.max_items), now_ns)
+
+    # -- handlers ------------------------------------------------------------------------------------
+    def _context(self, request: web.Request, tenant: str | None) -> dict[str, str]:
+        context: dict[str, str] = {}
+        for name, value in request.headers.items():
+            key = name.lower()
+            if key in _SECRET_HEADERS or key.startswith("auth."):
+                continue
+            context[key] = f"{context[key]}, {value}" if key in context else value
+        if tenant is not None:
+            context["auth.tenant"] = tenant
+        return context
+
+    def _respond(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> web.Response:
+        self.tel.counter(
+            "receiver_requests_total", "HTTP requests answered, by status.", status=str(status)
+        ).value += 1
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _handle_metrics(self, request: web.Request) -> web.Response:
+        now_ns = time.time_ns()
+        try:
+            tenant = self._authenticate(request)
+            gzip = self._check_media_type(request)
+            body = await self._read_body(request, gzip)
+            if len(body) >= _THREAD_BODY_BYTES:
+                parsed = await asyncio.to_thread(self._parse, body, now_ns)
+            else:
+                parsed = self._parse(body, now_ns)
+        except Refusal as exc:
+            self._refused[exc.code].value += exc.items
+            return self._respond(exc.status, {"code": exc.code, "error": exc.message}, exc.headers)
+        for code, n in parsed.refused.items():
+            self._refused[code].value += n
+        points = parsed.points
+        if points:
+            try:
+                await self._consumer.consume(
+                    MetricBatch(tuple(points), context=self._context(request, tenant))
+                )
+            except Backpressure as exc:
+                self._refused["backpressure"].value += len(points)
+                retry_after = max(1, math.ceil(exc.retry_after_s or 1))
+                return self._respond(
+                    429,
+                    {"code": "backpressure", "error": f"the agent is overloaded ({exc.reason}); retry later"},
+                    {"Retry-After": str(retry_after)},
+                )
+            except Exception:
+                self._log.exception("the pipeline failed on a batch of %d points", len(points))
+                self._refused["pipeline_error"].value += len(points)
+                return self._respond(
+                    500, {"code": "pipeline_error", "error": "the agent failed to take the batch"}
+                )
+            self._accepted.value += len(points)
+        status = 400 if parsed.errors and not points else 200
+        return self._respond(
+            status, {"accepted": len(points), "rejected": len(parsed.errors), "errors": parsed.errors}
+        )
+
+    async def _handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+
+def _create(settings: Settings, config: HttpConfig, consumers: Mapping[Signal, Consumer]) -> HttpReceiver:
+    return HttpReceiver(settings, config, consumers)
+
+
+factory = Factory(
+    type=TYPE,
+    kind=ComponentKind.RECEIVER,
+    config_class=HttpConfig,
+    create=_create,
+    signals=frozenset({Signal.METRICS}),
+    description="JSON metrics over HTTP (POST /v1/metrics): per-item validation, gzip, bearer tokens, TLS.",
+)
