@@ -29,7 +29,10 @@ class Kind(enum.IntEnum):
     GAUGE = 2
     """A last value."""
     HISTOGRAM = 3
-    """A distribution: `histogram` holds an exponential histogram with exact count/sum/min/max."""
+    """A distribution: `histogram` holds an exponential histogram with exact count/sum/min/max, or
+    `explicit` holds fixed-bound buckets (as OTLP explicit-bucket histograms arrive); exactly one is set."""
+    SUMMARY = 4
+    """Precomputed quantiles (OTLP Summary, Prometheus summary): `summary` is set. Always cumulative."""
 
 
 class Temporality(enum.IntEnum):
@@ -60,6 +63,12 @@ class Point:
     """UCUM unit, e.g. `s` for StatsD timers (converted from ms at the receiver), `1` for sets."""
     description: str = ""
     resource: Resource | None = None
+    scope: Scope | None = None
+    """The instrumentation scope (OTLP) that produced the point; None for StatsD and the JSON API."""
+    explicit: ExplicitHistogram | None = None
+    """For HISTOGRAM points that arrived with fixed bucket bounds (OTLP explicit-bucket histograms)."""
+    summary: Summary | None = None
+    """For SUMMARY points."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,43 @@ class Resource:
     """Attributes of the entity that produced the points (OTLP resource); shared by reference."""
 
     attributes: Labels = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """OTLP instrumentation scope; shared by reference like :class:`Resource`."""
+
+    name: str = ""
+    version: str = ""
+    attributes: Labels = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExplicitHistogram:
+    """A histogram with fixed upper bounds, as OTLP ``HistogramDataPoint`` carries it.
+
+    ``counts[i]`` is the number of values in ``(bounds[i-1], bounds[i]]``; the last count is above the
+    last bound, so ``len(counts) == len(bounds) + 1``. Counts are per bucket, not cumulative.
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float = 0.0
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Count, sum and quantile values (quantile in [0, 1], value) over the series' lifetime."""
+
+    count: int
+    sum: float
+    quantiles: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

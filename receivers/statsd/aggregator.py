@@ -21,7 +21,7 @@ from operator import itemgetter
 import numpy as np
 
 from agent import exphist
-from agent.model import Kind, Labels, Point, Resource, Temporality
+from agent.model import ExplicitHistogram, Kind, Labels, Point, Resource, Scope, Summary, Temporality
 
 FOLD_VALUES = 8192
 """Values one histogram series keeps raw in an interval; at this many they are folded into an
@@ -99,11 +99,14 @@ class _PointFields:
     unit: str
     description: str
     resource: Resource | None
+    scope: Scope | None
+    explicit: ExplicitHistogram | None
+    summary: Summary | None
 
 
 _POINT_FIELDS = (
     "name", "kind", "labels", "time_unix_nano", "value", "start_time_unix_nano", "temporality", "monotonic",
-    "histogram", "unit", "description", "resource",
+    "histogram", "unit", "description", "resource", "scope", "explicit", "summary",
 )
 
 
@@ -124,6 +127,9 @@ def _fast_point(
     p.unit = unit
     p.description = ""
     p.resource = None
+    p.scope = None
+    p.explicit = None
+    p.summary = None
     p.__class__ = Point  # type: ignore[assignment]  # see _PointFields
     return p  # type: ignore[return-value]
 
