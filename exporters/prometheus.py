@@ -4,15 +4,16 @@ Scraped like statsd_exporter: counters are cumulative ``<name>_total``, gauges `
 gauge of distinct members, timers a histogram ``<name>_seconds`` (``_bucket``, ``_sum``, ``_count``),
 ``h``/``d`` a histogram ``<name>``. Series idle for ``metric_expiration`` disappear.
 
-The page is rendered by hand from per-series label strings cached at series creation: going through
-prometheus_client's Metric objects costs several µs per sample, and a scrape of 100k series must not
-stall the event loop. Rendering yields to the loop every few thousand series.
+The page is rendered by hand from one label string per series, cached at its first scrape: going
+through prometheus_client's Metric objects costs several µs per sample, and a scrape of 100k series
+must not stall the event loop. The page is streamed (chunked encoding) a few thousand series at a
+time, yielding to the loop between pieces, so it never exists whole in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -121,48 +122,53 @@ class PrometheusExporter:
 
     async def render(self) -> str:
         """The exposition text for every live series."""
+        return "".join([chunk async for chunk in self.render_chunks()])
+
+    async def render_chunks(self) -> AsyncIterator[str]:
+        """The exposition text in pieces of about ``_YIELD_EVERY`` series, so neither the loop nor
+        memory holds the whole page of 100k series (~30 MB) at once."""
         parts: list[str] = []
         done = 0
+        bounds = [*self._bounds, "+Inf"]
         for name, family in list(self._store.families.items()):
             kind = self._store.kinds.get(name, "untyped")
             parts.append(f"# TYPE {name} {kind}\n")
             for series in list(family.values()):
+                if series.cache is None:  # one string per series; bucket lines are built per scrape
+                    series.cache = _label_text(series.labels)
+                base = cast(str, series.cache)
                 if kind == HISTOGRAM:
-                    self._render_histogram(series, parts)
+                    self._render_histogram(series, base, bounds, parts)
+                elif base:
+                    parts.append(f"{name}{{{base}}} {format_value(series.value)}\n")
                 else:
-                    if series.cache is None:
-                        series.cache = (
-                            f"{name}{{{_label_text(series.labels)}}} " if series.labels else f"{name} "
-                        )
-                    parts.append(f"{series.cache}{format_value(series.value)}\n")
+                    parts.append(f"{name} {format_value(series.value)}\n")
                 done += 1
                 if done % _YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
-        return "".join(parts)
+                    yield "".join(parts)
+                    parts = []
+        if parts:
+            yield "".join(parts)
 
-    def _render_histogram(self, series: Series, parts: list[str]) -> None:
+    @staticmethod
+    def _render_histogram(series: Series, base: str, bounds: list[str], parts: list[str]) -> None:
         name = series.name
-        if series.cache is None:
-            base = _label_text(series.labels)
-            sep = "," if base else ""
-            series.cache = (
-                [f'{name}_bucket{{{base}{sep}le="{b}"}} ' for b in [*self._bounds, "+Inf"]],
-                f"{name}_sum{{{base}}} " if base else f"{name}_sum ",
-                f"{name}_count{{{base}}} " if base else f"{name}_count ",
-            )
-        buckets, sum_prefix, count_prefix = cast(tuple[list[str], str, str], series.cache)
         counts = series.bucket_counts
         assert counts is not None
-        for prefix, value in zip(buckets, [*counts.tolist(), series.count], strict=True):
-            parts.append(f"{prefix}{format_value(value)}\n")
-        parts.append(f"{sum_prefix}{format_value(series.sum)}\n")
-        parts.append(f"{count_prefix}{format_value(series.count)}\n")
+        sep = "," if base else ""
+        for le, value in zip(bounds, [*counts.tolist(), series.count], strict=True):
+            parts.append(f'{name}_bucket{{{base}{sep}le="{le}"}} {format_value(value)}\n')
+        labels = f"{{{base}}}" if base else ""
+        parts.append(f"{name}_sum{labels} {format_value(series.sum)}\n")
+        parts.append(f"{name}_count{labels} {format_value(series.count)}\n")
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await self.render()
-        return web.Response(
-            body=body.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-        )
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        await response.prepare(request)
+        async for chunk in self.render_chunks():
+            await response.write(chunk.encode())
+        await response.write_eof()
+        return response
 
     async def shutdown(self) -> None:
         await self._tasks.close()

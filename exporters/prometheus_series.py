@@ -33,6 +33,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 _INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]")
 _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]")
+_VALID_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _UNIT_SUFFIX = {"s": "_seconds", "ms": "_milliseconds", "By": "_bytes"}
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
@@ -86,6 +87,9 @@ def label_name(name: str) -> str:
 
 
 def prom_labels(labels: Labels) -> Labels:
+    """Labels as Prometheus takes them; the same tuple when nothing changes (it is kept per series)."""
+    if all(v != "" and _VALID_LABEL.fullmatch(k) and not k.startswith("__") for k, v in labels):
+        return labels  # the input is sorted with unique names, and valid names map to themselves
     merged: dict[str, str] = {}
     for k, v in labels:
         if v == "":

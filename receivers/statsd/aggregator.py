@@ -17,6 +17,7 @@ import dataclasses
 from array import array
 from collections.abc import Callable, Iterator
 from operator import itemgetter
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ FOLD_VALUES = 8192
 """Values one histogram series keeps raw in an interval; at this many they are folded into an
 exponential histogram and the array starts again, so memory per series stays bounded."""
 
-HIST_VALUES_PER_CHUNK = 131_072
+HIST_VALUES_PER_CHUNK = 32_768
 """Raw values turned into histograms per ``build()`` chunk (plus at most one series' worth): keeps each
 chunk's ``from_segments`` call in the low milliseconds however many samples the timers got."""
 
@@ -150,16 +151,29 @@ _point = _fast_point if FAST_POINTS else _constructed_point
 """Build a DELTA Point: (name, kind, labels, time, value, start time, monotonic, histogram, unit)."""
 
 
-def decode_series(canon: bytes) -> tuple[str, Labels]:
-    """The metric name and sorted labels behind a canonical key (see the module docstring)."""
-    name, sep, rest = canon.partition(NAME_SEP)
+def decode_series(canon: bytes, pieces: dict[bytes, Any] | None = None) -> tuple[str, Labels]:
+    """The metric name and sorted labels behind a canonical key (see the module docstring).
+
+    ``pieces`` shares decoded names and (key, value) pairs between series: with 100k series that
+    differ in one tag, every other pair is one object instead of 100k copies. The separators are
+    bytes UTF-8 never holds, so a name and a pair can never share a key there.
+    """
+    if pieces is None:
+        pieces = {}
+    name_b, sep, rest = canon.partition(NAME_SEP)
+    name = pieces.get(name_b)
+    if name is None:
+        name = pieces[name_b] = name_b.decode()
     if not sep:
-        return name.decode(), ()
+        return name, ()
     labels = []
-    for pair in rest.split(PAIR_SEP):
-        key, _, value = pair.partition(KV_SEP)
-        labels.append((key.decode(), value.decode()))
-    return name.decode(), tuple(labels)
+    for raw in rest.split(PAIR_SEP):
+        pair = pieces.get(raw)
+        if pair is None:
+            key, _, value = raw.partition(KV_SEP)
+            pair = pieces[raw] = (key.decode(), value.decode())
+        labels.append(pair)
+    return name, tuple(labels)
 
 
 def fold(
@@ -204,11 +218,13 @@ def build_points(
     chunk_size: int,
     names: dict[bytes, tuple[str, Labels]],
     max_buckets: int,
+    pieces: dict[bytes, Any] | None = None,
 ) -> Iterator[list[Point]]:
     """Points for one detached interval, in lists of at most ``chunk_size``.
 
     ``names`` caches canonical key → (name, labels) across flushes so names and labels are decoded once
-    per series, not once per flush; the caller bounds it.
+    per series, not once per flush, and ``pieces`` the decoded names and pairs they share (see
+    ``decode_series``); the caller bounds both.
     """
     out: list[Point] = []
     length_ns = time_unix_nano - start_time_unix_nano
@@ -217,7 +233,7 @@ def build_points(
     def labelled(canon: bytes) -> tuple[str, Labels]:
         found = names.get(canon)
         if found is None:
-            found = names[canon] = decode_series(canon)
+            found = names[canon] = decode_series(canon, pieces)
         return found
 
     for key, value in interval.counters.items():

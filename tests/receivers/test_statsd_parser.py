@@ -567,7 +567,7 @@ def test_long_spellings_accepted_but_not_cached() -> None:
     line = ("m:1|c|#" + ",".join(["a:b"] * 5000)).encode()  # 20 KB of one repeated tag
     agg.feed(line + b"\n" + line)
     assert agg.accepted == 2
-    assert agg._parser.descriptors == {} and agg._parser._tags == {}
+    assert agg._parser.descriptors == {} and agg._parser._suffixes == {}
     assert only(flush(agg), "m", (("a", "b"),)).value == 2.0
 
 
@@ -898,7 +898,7 @@ def test_caches_are_bounded() -> None:
     for i in range(10):
         assert parser.descriptor((f"m{i}".encode(), f"c|#a:{i}".encode())) is not None
     assert len(parser.descriptors) <= 3
-    assert len(parser._tags) <= 3
+    assert len(parser._suffixes) <= 3
     for i in range(1000):
         parser.rate(f"@0.{i + 1}".encode())
     assert len(parser.rates) <= 256
