@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from agent.cli import main
+from agent.registry import builtin_factories
 from tests.integration.conftest import ROOT, free_port, http_get, wait_for
 
 CONFIG = """\
@@ -34,7 +35,8 @@ service:
 def test_components_lists_every_type_with_fields(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["components", "--json"]) == 0
     listed = {c["type"]: c for c in json.loads(capsys.readouterr().out)}
-    assert set(listed) == {"statsd", "prometheus", "prometheus_remote_write", "debug"}
+    assert set(listed) == set(builtin_factories())
+    assert {"statsd", "http", "prometheus", "prometheus_remote_write", "debug"} <= set(listed)
     assert all(c["default_config_valid"] for c in listed.values())
     fields = {f["name"]: f for f in listed["statsd"]["fields"]}
     assert fields["flush_interval"]["default"] == "10s"
