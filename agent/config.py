@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from agent.component import ComponentId, ComponentKind, Factory, Signal, validate_config
-from agent.confmodel import Decoder, Duration
+from agent.confmodel import Decoder, Duration, EnvText
 
 Path = tuple[str, ...]
 
@@ -135,11 +135,7 @@ def expand_values(
         problems.extend((path, e) for e in errs)
         whole = _ENV_RE.fullmatch(node)
         if whole and whole.group(0) != "$$" and not errs:
-            try:
-                parsed = yaml.safe_load(value) if value else value
-            except yaml.YAMLError:
-                return value
-            return parsed if isinstance(parsed, (str, int, float, bool)) or parsed is None else value
+            return EnvText(value)  # typed by the setting it lands in (see EnvText)
         return value
 
     return walk(data, path), problems

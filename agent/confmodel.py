@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any, Literal, NewType, Union
 
+import yaml
+
 Duration = NewType("Duration", float)
 """Seconds, written with a unit in YAML: ``500ms``, ``10s``, ``5m``, ``1h``."""
 Size = NewType("Size", int)
@@ -221,6 +223,8 @@ class Decoder:
             self.error(path, "a value is required here")
             return _INVALID
         tp = inner
+        if isinstance(raw, EnvText):
+            raw = str(raw) if tp is str else raw.scalar()
         try:
             if tp is Duration:
                 if isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw == 0:
@@ -278,6 +282,24 @@ class Decoder:
 
 
 _INVALID: Any = object()
+
+
+class EnvText(str):
+    """A setting whose whole value came from ``${env:...}``. A string setting takes the text exactly
+    (a token ``0123`` or ``yes`` stays text); any other setting reads it as a YAML scalar, so
+    ``${env:PORT}`` fills a number and ``${env:DEBUG}`` a boolean."""
+
+    __slots__ = ()
+
+    def scalar(self) -> Any:
+        text = str(self)
+        if not text:
+            return text
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        return parsed if isinstance(parsed, (str, int, float, bool)) else text
 
 
 def _scalar_text(raw: Any) -> str:

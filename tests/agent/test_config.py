@@ -237,3 +237,21 @@ def test_reserved_remote_write_header_is_rejected(tmp_path: Path) -> None:
         "exporters::prometheus_remote_write::headers::Content-Type (line 6): this header is set by"
         in found[0]
     )
+
+
+def test_whole_value_reference_keeps_text_for_string_settings(tmp_path: Path) -> None:
+    # A secret like 0123 would become the number 83, and `yes` a boolean, if read as YAML.
+    text = GOOD.replace(
+        "    flush_interval: 2s\n",
+        "    flush_interval: ${env:FLUSH}\n"
+        "  http:\n"
+        "    endpoint: 127.0.0.1:18080\n"
+        "    auth:\n"
+        "      tokens: [{token: '${env:TOKEN}', tenant: '${env:TENANT}'}]\n",
+    ).replace("receivers: [statsd]", "receivers: [statsd, http]")
+    environ = {"FLUSH": "5s", "TOKEN": "0123", "TENANT": "yes"}
+    cfg = load_config(write(tmp_path, text), FACTORIES, environ=environ)
+    by_type = {cid.type: spec.config for cid, spec in cfg.receivers.items()}
+    (token,) = by_type["http"].auth.tokens
+    assert (token.token, token.tenant) == ("0123", "yes")
+    assert by_type["statsd"].flush_interval == 5.0
