@@ -216,7 +216,9 @@ class StatsdReceiver:
         self.config = config
         self.tel = settings.telemetry
         self._log = settings.logger
-        self._consumer = consumers[Signal.METRICS]
+        self._consumer = consumers.get(Signal.METRICS)
+        self._logs = consumers.get(Signal.LOGS)
+        """Events and service checks go here as log records when the receiver is in a logs pipeline."""
         self.agg = StatsdAggregator(
             max_buckets=config.max_buckets,
             max_series=config.max_series,
@@ -237,6 +239,11 @@ class StatsdReceiver:
             "receiver_dropped_points_total",
             "Accepted items the receiver could not pass on, by reason.",
             reason="no_logs_pipeline",
+        )
+        self._no_metrics = self.tel.counter(
+            "receiver_dropped_points_total",
+            "Accepted items the receiver could not pass on, by reason.",
+            reason="no_metrics_pipeline",
         )
         self.tel.gauge(
             "receiver_series",
@@ -367,16 +374,25 @@ class StatsdReceiver:
         interval = self.agg.swap()
         for chunk in self.agg.build(interval, start_ns, end_ns, chunk_size=FLUSH_CHUNK):
             if chunk:
+                if self._consumer is None:
+                    self._no_metrics.value += len(chunk)
+                    continue
                 try:
                     await self._consumer.consume(MetricBatch(tuple(chunk)))
                 except Backpressure as exc:
                     self.tel.refused(f"backpressure_{exc.reason}").value += len(chunk)
             await asyncio.sleep(0)  # let the socket readers run between chunks
         events = self.agg.take_events()
-        if events:
-            # Events and service checks are parsed, validated and accepted; they travel as log records
-            # once the logs pipeline exists. Until then their loss is counted here, never silent.
-            self._events.value += len(events)
+        logs = self._logs
+        if events and logs is None:
+            self._events.value += len(events)  # accepted, but no logs pipeline takes them: counted
+        elif events and logs is not None:
+            from receivers.statsd.events import to_log_batch  # the OTLP classes only when logs are wired
+
+            try:
+                await logs.consume(to_log_batch(events, end_ns))
+            except Backpressure as exc:
+                self.tel.refused(f"backpressure_{exc.reason}").value += len(events)
         self._sync_counts()
 
     async def shutdown(self) -> None:
@@ -417,6 +433,6 @@ factory = Factory(
     kind=ComponentKind.RECEIVER,
     config_class=StatsdConfig,
     create=_create,
-    signals=frozenset({Signal.METRICS}),
+    signals=frozenset({Signal.METRICS, Signal.LOGS}),
     description="StatsD and DogStatsD over UDP, TCP and Unix sockets, aggregated per flush interval.",
 )

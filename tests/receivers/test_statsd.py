@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.component import Backpressure, ComponentId, ComponentKind, Settings, Signal
-from agent.model import Kind, MetricBatch, Point
+from agent.model import Kind, LogBatch, MetricBatch, Point
 from agent.telemetry import ComponentTelemetry, Telemetry
 from receivers.statsd import StatsdConfig, StatsdReceiver
 
@@ -233,3 +233,76 @@ async def test_events_and_service_checks_are_counted_as_dropped_until_logs_exist
     assert [p.name for p in sink.points] == ["x"]
     assert tel.value("receiver_dropped_points_total", reason="no_logs_pipeline") == 2
     assert tel.value("receiver_refused_points_total") == 0
+
+
+class LogSink:
+    def __init__(self) -> None:
+        self.batches: list[LogBatch] = []
+
+    async def consume(self, batch: LogBatch) -> None:
+        self.batches.append(batch)
+
+
+def _attrs(record: object) -> dict[str, object]:
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in record.attributes}  # type: ignore[attr-defined]
+
+
+async def test_events_and_service_checks_become_log_records_in_a_logs_pipeline() -> None:
+    tel = Telemetry()
+    metrics, logs = Sink(), LogSink()
+    settings = Settings(
+        id=ComponentId("statsd"),
+        kind=ComponentKind.RECEIVER,
+        telemetry=ComponentTelemetry(tel, "receiver", "statsd"),
+        logger=logging.getLogger("test.statsd"),
+    )
+    r = StatsdReceiver(
+        settings, StatsdConfig(flush_interval=3600.0), {Signal.METRICS: metrics, Signal.LOGS: logs}
+    )
+    r.feed(
+        b"_e{6,9}:Deploy|v2 is out|d:1700000000|h:web-1|k:dep|p:low|t:error|s:ci|#env:dev\n"
+        b"_sc|db.up|2|h:db-1|#env:dev|m:replica lag\n"
+        b"x:1|c"
+    )
+    await r.flush()
+    assert [p.name for p in metrics.points] == ["x"]
+    (batch,) = logs.batches
+    assert len(batch) == 2
+    (rl,) = batch.resource_logs
+    assert rl.scope_logs[0].scope.name == "headwater.statsd"
+    event, check = rl.scope_logs[0].log_records
+    assert event.body.string_value == "v2 is out" and event.time_unix_nano == 1_700_000_000 * 10**9
+    assert (event.severity_number, event.severity_text) == (17, "ERROR")
+    assert _attrs(event) == {
+        "env": "dev",
+        "host.name": "web-1",
+        "event.name": "dogstatsd.event",
+        "dogstatsd.event.title": "Deploy",
+        "dogstatsd.event.aggregation_key": "dep",
+        "dogstatsd.event.priority": "low",
+        "dogstatsd.event.alert_type": "error",
+        "dogstatsd.event.source_type_name": "ci",
+    }
+    assert check.body.string_value == "replica lag" and check.time_unix_nano == 0
+    assert check.observed_time_unix_nano > 0 and check.severity_text == "ERROR"
+    assert _attrs(check)["dogstatsd.service_check.status"] == 2
+    assert _attrs(check)["dogstatsd.service_check.name"] == "db.up"
+    assert tel.value("receiver_dropped_points_total") == 0
+    await r.shutdown()
+
+
+async def test_only_in_a_logs_pipeline_metrics_are_counted_as_dropped() -> None:
+    tel = Telemetry()
+    logs = LogSink()
+    settings = Settings(
+        id=ComponentId("statsd"),
+        kind=ComponentKind.RECEIVER,
+        telemetry=ComponentTelemetry(tel, "receiver", "statsd"),
+        logger=logging.getLogger("test.statsd"),
+    )
+    r = StatsdReceiver(settings, StatsdConfig(flush_interval=3600.0), {Signal.LOGS: logs})
+    r.feed(b"x:1|c\ny:2|g\n_sc|db.up|0")
+    await r.flush()
+    assert tel.value("receiver_dropped_points_total", reason="no_metrics_pipeline") == 2
+    assert sum(len(b) for b in logs.batches) == 1
+    await r.shutdown()
