@@ -9,7 +9,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.component import ComponentKind, Factory, validate_config
@@ -148,7 +148,7 @@ async def _run(config: AgentConfig) -> int:
     return 0
 
 
-def _components(factories: dict[str, Factory], as_json: bool) -> int:
+def _components(factories: Mapping[tuple[ComponentKind, str], Factory], as_json: bool) -> int:
     order = {ComponentKind.RECEIVER: 0, ComponentKind.PROCESSOR: 1, ComponentKind.EXPORTER: 2}
     items = sorted(factories.values(), key=lambda f: (order[f.kind], f.type))
     described: list[dict[str, Any]] = []

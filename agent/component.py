@@ -61,6 +61,11 @@ class Backpressure(Exception):
 class PermanentError(Exception):
     """An exporter's send failed in a way retrying cannot fix (4xx other than 429): drop and count."""
 
+    def __init__(self, message: str, *, reason: str = "permanent_error") -> None:
+        super().__init__(message)
+        self.reason = reason
+        """A short, bounded label for the dropped counter, e.g. ``http_400``."""
+
 
 class RetryableError(Exception):
     """An exporter's send failed but may succeed later; ``retry_after_s`` is the server's requested delay."""

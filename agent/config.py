@@ -225,7 +225,7 @@ _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(?:/[A-Za-z0-9_.\-]+)?$")
 
 def build_config(
     data: Any,
-    factories: Mapping[str, Factory],
+    factories: Mapping[tuple[ComponentKind, str], Factory],
     lines: Mapping[Path, int] | None = None,
     source_text: str = "",
     earlier_problems: Sequence[tuple[Path, str]] = (),
@@ -262,9 +262,9 @@ def build_config(
                 problems.append((path, "a component id is `type` or `type/name` (lower-case type)"))
                 continue
             cid = ComponentId.parse(id_text)
-            factory = factories.get(cid.type)
-            if factory is None or factory.kind is not kind:
-                known = sorted(t for t, f in factories.items() if f.kind is kind)
+            factory = factories.get((kind, cid.type))
+            if factory is None:
+                known = sorted(t for k, t in factories if k is kind)
                 problems.append((path, f"unknown {kind.value} type {cid.type!r}; known: {', '.join(known)}"))
                 continue
             config = decoder.decode(factory.config_class, raw, path)
@@ -360,7 +360,7 @@ def _render(problems: list[tuple[Path, str]], line_of: Any) -> list[str]:
 
 def load_config(
     path: str,
-    factories: Mapping[str, Factory],
+    factories: Mapping[tuple[ComponentKind, str], Factory],
     sets: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:

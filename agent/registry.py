@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from agent.component import Factory
+from agent.component import ComponentKind, Factory
+
+Factories = dict[tuple[ComponentKind, str], Factory]
+"""Factories by (kind, type name): a receiver and an exporter may share a type name (``otlp``)."""
 
 
-def builtin_factories() -> dict[str, Factory]:
-    """Every built-in component type by type name."""
+def builtin_factories() -> Factories:
+    """Every built-in component type by kind and type name."""
     from exporters import debug, prometheus, prometheus_remote_write
-    from receivers import http, statsd
+    from exporters import otlp as otlp_exporters
+    from receivers import http, otlp, statsd
 
     factories = [
         statsd.factory,
         http.factory,
+        otlp.factory,
         prometheus.factory,
         prometheus_remote_write.factory,
+        otlp_exporters.grpc_factory,
+        otlp_exporters.http_factory,
         debug.factory,
     ]
-    return {f.type: f for f in factories}
+    return {(f.kind, f.type): f for f in factories}

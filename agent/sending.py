@@ -179,7 +179,7 @@ class Sender:
                 await asyncio.wait_for(self._send(request), self._timeout_s)
             except PermanentError as exc:
                 self._log.warning("dropping %d points: %s", request.points, exc)
-                tel.dropped("permanent_error").value += request.points
+                tel.dropped(exc.reason).value += request.points
                 return
             except asyncio.CancelledError:
                 raise

@@ -1,7 +1,8 @@
 """Debug exporter: writes what reaches it as JSON lines, to stdout or a file.
 
-``normal`` writes one JSON object per point; ``detailed`` adds histogram buckets; ``basic`` writes one
-object per batch with its size. Writes go to a thread so a slow terminal or disk never blocks the loop.
+``normal`` writes one JSON object per point, span or log record; ``detailed`` adds histogram buckets,
+span and log attributes; ``basic`` writes one object per batch with its size. Writes go to a thread
+so a slow terminal or disk never blocks the loop.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
 from agent.component import ComponentKind, Factory, Settings, Signal
-from agent.model import Kind, MetricBatch, Point
+from agent.model import Batch, Kind, LogBatch, MetricBatch, Point, SpanBatch
 from agent.netcheck import directory_problem
 
 TYPE = "debug"
@@ -62,10 +63,105 @@ def point_json(p: Point, detailed: bool) -> dict[str, Any]:
                 negative={"offset": h.negative_offset, "counts": h.negative_counts.tolist()},
             )
         out["histogram"] = hist
+    elif p.explicit is not None:
+        e = p.explicit
+        explicit: dict[str, Any] = {"count": e.count, "sum": _number(e.sum)}
+        if e.min is not None and e.max is not None:
+            explicit["min"], explicit["max"] = e.min, e.max
+        if detailed:
+            explicit.update(bounds=list(e.bounds), counts=list(e.counts))
+        out["histogram"] = explicit
+    elif p.summary is not None:
+        out["summary"] = {
+            "count": p.summary.count,
+            "sum": _number(p.summary.sum),
+            "quantiles": {str(q): _number(v) for q, v in p.summary.quantiles},
+        }
     else:
-        out["value"] = p.value if p.value == p.value else "NaN"
+        out["value"] = _number(p.value)
     if p.resource is not None and p.resource.attributes:
         out["resource"] = dict(p.resource.attributes)
+    if p.scope is not None and p.scope.name:
+        out["scope"] = p.scope.name
+    return out
+
+
+def _number(v: float) -> float | str:
+    """JSON has no NaN or infinities: those are written as strings."""
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return v
+
+
+def any_value(v: Any) -> Any:
+    """An OTLP ``AnyValue`` as plain JSON (bytes as hex)."""
+    which = v.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [any_value(x) for x in v.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in v.kvlist_value.values}
+    if which == "bytes_value":
+        return v.bytes_value.hex()
+    if which == "double_value":
+        return _number(v.double_value)
+    return getattr(v, which)
+
+
+def _attributes(kvs: Any) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in kvs}
+
+
+def span_lines(batch: SpanBatch, detailed: bool) -> list[dict[str, Any]]:
+    out = []
+    for rs in batch.resource_spans:
+        resource = _attributes(rs.resource.attributes)
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                line: dict[str, Any] = {
+                    "span": span.name,
+                    "trace_id": span.trace_id.hex(),
+                    "span_id": span.span_id.hex(),
+                    "start_time_unix_nano": span.start_time_unix_nano,
+                    "end_time_unix_nano": span.end_time_unix_nano,
+                    "kind": span.kind,
+                    "status": span.status.code,
+                    "service": resource.get("service.name", ""),
+                }
+                if span.parent_span_id:
+                    line["parent_span_id"] = span.parent_span_id.hex()
+                if ss.scope.name:
+                    line["scope"] = ss.scope.name
+                if detailed:
+                    line["attributes"] = _attributes(span.attributes)
+                    line["resource"] = resource
+                out.append(line)
+    return out
+
+
+def log_lines(batch: LogBatch, detailed: bool) -> list[dict[str, Any]]:
+    out = []
+    for rl in batch.resource_logs:
+        resource = _attributes(rl.resource.attributes)
+        for sl in rl.scope_logs:
+            for record in sl.log_records:
+                line: dict[str, Any] = {
+                    "log": any_value(record.body),
+                    "time_unix_nano": record.time_unix_nano or record.observed_time_unix_nano,
+                    "severity": record.severity_text or record.severity_number,
+                    "service": resource.get("service.name", ""),
+                }
+                if record.trace_id:
+                    line["trace_id"] = record.trace_id.hex()
+                if sl.scope.name:
+                    line["scope"] = sl.scope.name
+                if detailed:
+                    line["attributes"] = _attributes(record.attributes)
+                    line["resource"] = resource
+                out.append(line)
     return out
 
 
@@ -80,12 +176,19 @@ class DebugExporter:
         if self._config.path:
             self._file = open(self._config.path, "a", encoding="utf-8")  # noqa: SIM115 - owned until shutdown
 
-    async def consume(self, batch: MetricBatch) -> None:
+    async def consume(self, batch: Batch) -> None:
+        detailed = self._config.verbosity == "detailed"
+        lines: list[dict[str, Any]]
         if self._config.verbosity == "basic":
-            text = json.dumps({"points": len(batch)}) + "\n"
+            what = "points" if isinstance(batch, MetricBatch) else "spans"
+            lines = [{what if not isinstance(batch, LogBatch) else "log_records": len(batch)}]
+        elif isinstance(batch, MetricBatch):
+            lines = [point_json(p, detailed) for p in batch.points]
+        elif isinstance(batch, SpanBatch):
+            lines = span_lines(batch, detailed)
         else:
-            detailed = self._config.verbosity == "detailed"
-            text = "".join(json.dumps(point_json(p, detailed)) + "\n" for p in batch.points)
+            lines = log_lines(batch, detailed)
+        text = "".join(json.dumps(line) + "\n" for line in lines)
         out = self._file or sys.stdout
         try:
             await asyncio.to_thread(_write, out, text)
@@ -115,6 +218,6 @@ factory = Factory(
     kind=ComponentKind.EXPORTER,
     config_class=DebugConfig,
     create=_create,
-    signals=frozenset({Signal.METRICS}),
-    description="Writes every point as a JSON line to stdout or a file, for looking at what flows.",
+    signals=frozenset({Signal.METRICS, Signal.TRACES, Signal.LOGS}),
+    description="Writes every point, span and log record as a JSON line to stdout or a file.",
 )

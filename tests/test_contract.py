@@ -23,6 +23,7 @@ from agent.component import ComponentId, ComponentKind, Factory, Settings, Signa
 from agent.model import Kind, MetricBatch, Point
 from agent.registry import builtin_factories
 from agent.telemetry import ComponentTelemetry, Telemetry
+from tests.exporters.otlp_sink import Sink as OtlpSink
 
 FACTORIES = builtin_factories()
 
@@ -91,6 +92,27 @@ async def drive_http(component: Any, config: Any, sink: Collect) -> None:
     assert sum(len(b) for b in sink.batches) == 1
 
 
+async def drive_otlp(component: Any, config: Any, sink: Collect) -> None:
+    import aiohttp
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+
+    request = metrics_service_pb2.ExportMetricsServiceRequest()
+    metric = request.resource_metrics.add().scope_metrics.add().metrics.add(name="hits")
+    metric.gauge.data_points.add(as_double=1.5, time_unix_nano=time.time_ns())
+    bad = request.resource_metrics[0].scope_metrics[0].metrics.add(name="")  # refused: no name
+    bad.gauge.data_points.add(as_double=1.0)
+    url = f"http://{config.http}/v1/metrics"
+    headers = {"Content-Type": "application/x-protobuf"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=request.SerializeToString(), headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        answer = metrics_service_pb2.ExportMetricsServiceResponse.FromString(await resp.read())
+    assert answer.partial_success.rejected_data_points == 1
+    assert [p.name for b in sink.batches for p in b.points] == ["hits"]
+
+
 async def drive_exporter(component: Any, config: Any, sink: Collect) -> None:
     await component.consume(sample_batch())
 
@@ -117,51 +139,92 @@ class RemoteWriteSink:
         await self.runner.cleanup()
 
 
-STIMULUS: dict[str, tuple[Callable[[Any, Any], Any], Callable[[Any, Any, Collect], Awaitable[None]], str]] = {
-    "statsd": (
+class Peers:
+    """The servers exporters send to in this test: a remote-write sink and an OTLP sink (HTTP and gRPC)."""
+
+    def __init__(self) -> None:
+        self.rw = RemoteWriteSink()
+        self.otlp = OtlpSink()
+        self.otlp_http = self.otlp_grpc = ""
+
+    async def start(self) -> None:
+        await self.rw.start()
+        self.otlp_http = await self.otlp.start_http()
+        self.otlp_grpc = await self.otlp.start_grpc()
+
+    async def stop(self) -> None:
+        await self.rw.stop()
+        await self.otlp.stop()
+
+
+R, E = ComponentKind.RECEIVER.value, ComponentKind.EXPORTER.value
+STIMULUS: dict[
+    tuple[str, str], tuple[Callable[[Any, Peers], Any], Callable[[Any, Any, Collect], Awaitable[None]], str]
+] = {
+    (R, "statsd"): (
         lambda cfg, _: replace(cfg, udp=f"127.0.0.1:{free_port()}", flush_interval=0.1),
         drive_statsd,
         "headwater_receiver_accepted_points_total",
     ),
-    "http": (
+    (R, "http"): (
         lambda cfg, _: replace(cfg, endpoint=f"127.0.0.1:{free_port()}"),
         drive_http,
         "headwater_receiver_accepted_points_total",
     ),
-    "prometheus": (
+    (R, "otlp"): (
+        lambda cfg, _: replace(cfg, http=f"127.0.0.1:{free_port()}", grpc=None),
+        drive_otlp,
+        "headwater_receiver_accepted_points_total",
+    ),
+    (E, "prometheus"): (
         lambda cfg, _: replace(cfg, endpoint=f"127.0.0.1:{free_port()}"),
         drive_exporter,
         "headwater_exporter_sent_points_total",
     ),
-    "prometheus_remote_write": (
-        lambda cfg, sink: replace(cfg, endpoint=f"http://127.0.0.1:{sink.port}/api/v1/write"),
+    (E, "prometheus_remote_write"): (
+        lambda cfg, peers: replace(cfg, endpoint=f"http://127.0.0.1:{peers.rw.port}/api/v1/write"),
         drive_exporter,
         "headwater_exporter_sent_points_total",
     ),
-    "debug": (lambda cfg, _: cfg, drive_exporter, "headwater_exporter_sent_points_total"),
+    (E, "otlp"): (
+        lambda cfg, peers: replace(cfg, endpoint=peers.otlp_grpc, tls=replace(cfg.tls, insecure=True)),
+        drive_exporter,
+        "headwater_exporter_sent_points_total",
+    ),
+    (E, "otlp_http"): (
+        lambda cfg, peers: replace(cfg, endpoint=peers.otlp_http),
+        drive_exporter,
+        "headwater_exporter_sent_points_total",
+    ),
+    (E, "debug"): (lambda cfg, _: cfg, drive_exporter, "headwater_exporter_sent_points_total"),
 }
+KEYS = sorted((kind.value, type_) for kind, type_ in FACTORIES)
 
 
-@pytest.mark.parametrize("type_", sorted(FACTORIES))
-def test_default_config_validates(type_: str) -> None:
-    f = FACTORIES[type_]
-    assert validate_config(f.config_class()) == []
+def factory(key: tuple[str, str]) -> Factory:
+    return FACTORIES[(ComponentKind(key[0]), key[1])]
+
+
+@pytest.mark.parametrize("key", KEYS, ids=[f"{k}:{t}" for k, t in KEYS])
+def test_default_config_validates(key: tuple[str, str]) -> None:
+    assert validate_config(factory(key).config_class()) == []
 
 
 def test_every_component_has_a_stimulus() -> None:
-    missing = sorted(set(FACTORIES) - set(STIMULUS))
+    missing = sorted(set(KEYS) - set(STIMULUS))
     assert not missing, f"add a contract stimulus for: {missing}"
 
 
-@pytest.mark.parametrize("type_", sorted(FACTORIES))
-async def test_lifecycle_and_self_metrics(type_: str, capsys: pytest.CaptureFixture[str]) -> None:
-    f = FACTORIES[type_]
+@pytest.mark.parametrize("key", KEYS, ids=[f"{k}:{t}" for k, t in KEYS])
+async def test_lifecycle_and_self_metrics(key: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    f = factory(key)
+    type_ = key[1]
     tel = Telemetry()
-    make_config, drive, metric = STIMULUS[type_]
-    rw = RemoteWriteSink()
-    await rw.start()
+    make_config, drive, metric = STIMULUS[key]
+    peers = Peers()
+    await peers.start()
     try:
-        config = make_config(f.config_class(), rw)
+        config = make_config(f.config_class(), peers)
         assert validate_config(config) == []
         sink = Collect()
         settings = settings_for(f, tel)
@@ -185,6 +248,8 @@ async def test_lifecycle_and_self_metrics(type_: str, capsys: pytest.CaptureFixt
 
         assert metric.encode() in generate_latest(tel.registry)
         if type_ == "prometheus_remote_write":
-            assert rw.bodies, "nothing reached the remote-write sink"
+            assert peers.rw.bodies, "nothing reached the remote-write sink"
+        if type_.startswith("otlp") and f.kind is ComponentKind.EXPORTER:
+            assert len(peers.otlp.metrics()) == 3, "the sample batch did not reach the OTLP sink"
     finally:
-        await rw.stop()
+        await peers.stop()

@@ -54,7 +54,7 @@ def test_good_config_builds_graph(tmp_path: Path) -> None:
 def test_example_configs_are_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     for path in [root / "config.example.yaml", *sorted((root / "examples").glob("*.yaml"))]:
-        load_config(str(path), FACTORIES, environ={})
+        load_config(str(path), FACTORIES, environ={"SIGNOZ_INGESTION_KEY": "key"})
 
 
 def test_every_error_is_reported_with_path_and_line(tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ def test_signal_mismatch(tmp_path: Path) -> None:
           exporters: [debug]
     """
     joined = "\n".join(problems(tmp_path, text))
-    assert "'statsd' does not handle traces (it handles: metrics)" in joined
+    assert "'statsd' does not handle traces (it handles: logs, metrics)" in joined
 
 
 def test_env_expansion(tmp_path: Path) -> None:

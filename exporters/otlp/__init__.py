@@ -1,0 +1,729 @@
+"""OTLP exporters: ``otlp`` (gRPC) and ``otlp_http`` (HTTP/protobuf), for metrics, traces and logs.
+
+SignOz is the first-class target (self-hosted: its otel-collector on 4317/4318; Cloud:
+``ingest.<region>.signoz.cloud:443`` with a ``signoz-ingestion-key`` header); any OTLP receiver works.
+
+Metrics are converted to the configured temporality and histogram form and encoded by a hand encoder
+with per-series caches (``metrics.py``, ``wire.py``); traces and logs are forwarded as the
+opentelemetry-proto messages they arrived as, with the exporter's resource attributes added where a
+resource lacks them (``passthrough.py``). Resource attribute precedence is in ``resource.py``.
+Batches are split into requests of at most ``max_request_size`` bytes before compression.
+
+Sending is the shared machinery (``agent/sending.py``): queue → retry with jittered backoff → timeout.
+Retry rules (OTLP specification 1.11):
+
+- HTTP 429, 502, 503, 504 are retried, after ``Retry-After`` (seconds or an HTTP date) when given;
+  every other 4xx/5xx is dropped and counted as ``dropped{reason="http_<status>"}``.
+- gRPC CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, UNAVAILABLE and DATA_LOSS are retried;
+  RESOURCE_EXHAUSTED only when the server sent ``google.rpc.RetryInfo``; any ``retry_delay`` is
+  waited out. Other codes are dropped as ``dropped{reason="grpc_<code>"}``.
+- Connection failures and timeouts are retried.
+- A partial success is not retried: its rejected points are counted as
+  ``dropped{reason="partial_success"}`` (and not as sent) and its message logged, at most once a
+  minute.
+- A response body over 4 MiB is not parsed; the request is dropped as ``response_too_large``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import math
+import os
+import ssl
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+import cramjam
+import grpc
+import grpc.aio
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from agent.component import (
+    ComponentKind,
+    Factory,
+    PermanentError,
+    RetryableError,
+    Settings,
+    Signal,
+)
+from agent.confmodel import Duration, Size, parse_host_port
+from agent.model import Batch, LogBatch, MetricBatch, SpanBatch, Temporality
+from agent.sending import QueueConfig, Request, RetryConfig, Sender
+from agent.version import USER_AGENT, VERSION
+from exporters.otlp import passthrough, resource
+from exporters.otlp.metrics import EncoderOptions, MetricEncoder
+
+GRPC_TYPE = "otlp"
+HTTP_TYPE = "otlp_http"
+
+DEFAULT_EXPLICIT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
+)  # fmt: skip
+"""Seconds: the OpenTelemetry semantic-conventions advice for request durations (5 ms … 10 s), widened
+with 1 ms and 2.5 ms for cache and database calls and 30 s / 60 s for slow jobs. StatsD timers arrive
+in seconds (converted from ms by the receiver), so these fit them without configuration."""
+
+MAX_RESPONSE_BYTES = 4 << 20
+"""Responses bigger than this are not parsed (OTLP 1.11 size limits)."""
+MAX_REQUEST_BYTES = 64 << 20
+"""Largest max_request_size allowed: what OTLP receivers are asked to accept at least."""
+_ENCODE_SLICE = 4096
+"""Points encoded between yields to the event loop: a few ms at ~1 µs per point."""
+_THREAD_COMPRESS_BYTES = 128 << 10
+"""Bodies at least this big are compressed in a thread (gzip-6 runs ~1-3 ms per 128 KiB here)."""
+_PARTIAL_LOG_INTERVAL_S = 60.0
+
+_RESERVED_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "content-length",
+        "accept-encoding",
+        "user-agent",
+        "host",
+        "connection",
+        "transfer-encoding",
+        "te",
+    }
+)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    insecure: bool = False
+    """otlp (gRPC) only: plaintext, no TLS (an in-cluster collector). For otlp_http the URL scheme decides."""
+    ca_file: str = ""
+    """CA bundle to verify the server with (default: the system's, or gRPC's bundled roots)."""
+    cert_file: str = ""
+    """Client certificate for mutual TLS."""
+    key_file: str = ""
+    """Client key for mutual TLS."""
+    insecure_skip_verify: bool = False
+    """otlp_http only: do not verify the server's certificate (testing only). gRPC cannot skip it."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if bool(self.cert_file) != bool(self.key_file):
+            problems.append(("", "cert_file and key_file go together"))
+        if self.insecure and (self.ca_file or self.cert_file or self.insecure_skip_verify):
+            problems.append(("insecure", "insecure turns TLS off: the other tls settings would be ignored"))
+        return problems
+
+
+@dataclass(frozen=True)
+class OtlpConfig:
+    endpoint: str = "127.0.0.1:4317"
+    """host:port of the OTLP gRPC receiver. A leading https:// forces TLS, http:// plaintext."""
+    protocol: Literal["grpc"] = "grpc"
+    """Always grpc for this exporter; for http/protobuf use the otlp_http exporter."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra request metadata, e.g. signoz-ingestion-key: ${env:SIGNOZ_INGESTION_KEY}; names are
+    lower-cased; content-type, user-agent, te and grpc-* are set by gRPC itself and refused here."""
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    """TLS; set insecure: true for a plaintext in-cluster collector."""
+    compression: Literal["gzip", "none"] = "gzip"
+    """Message compression (gRPC's gzip, zlib level 6). zstd is not available in the Python gRPC client."""
+    timeout: Duration = Duration(10.0)
+    """Time limit of one export call."""
+    max_request_size: Size = Size(1 << 20)
+    """Largest request before compression; bigger batches are split. At most the server's limit (4 MiB
+    by default in gRPC servers); gRPC compresses on the event loop (~10 ms per MiB), hence 1 MiB."""
+    temporality: Literal["delta", "cumulative"] = "delta"
+    """Temporality of sums and histograms sent. delta (SignOz recommends it; StatsD data is delta) or
+    cumulative (per-series running totals with a fixed start time). Gauges and summaries are unchanged."""
+    histograms: Literal["exponential", "explicit"] = "exponential"
+    """How distributions are sent: exponential histograms, or explicit-bucket histograms with
+    explicit_buckets (SignOz Cloud ingests explicit only). Explicit histograms always stay explicit."""
+    explicit_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_EXPLICIT_BUCKETS))
+    """Upper bounds when histograms: explicit. Default: 1ms, 2.5ms, 5ms, 10ms, 25ms, 50ms, 75ms, 100ms,
+    250ms, 500ms, 750ms, 1s, 2.5s, 5s, 7.5s, 10s, 30s, 60s (in seconds, the unit of StatsD timers)."""
+    series_idle_timeout: Duration = Duration(300.0)
+    """A series not seen for this long is forgotten: its cumulative total (or delta baseline) restarts."""
+    max_series: int = 1_000_000
+    """Series kept at most; beyond it, points needing a temporality conversion are dropped (series_limit)."""
+    resource: dict[str, str] = field(default_factory=dict)
+    """Resource attributes added to all data (a resource's own attribute of the same key wins)."""
+    deployment_environment: str = ""
+    """Sets both deployment.environment and deployment.environment.name (overrides the environment's)."""
+    resource_from_environment: bool = True
+    """Read OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, HEADWATER_DEPLOYMENT_ENVIRONMENT and the K8S_*
+    downward-API variables. Turn off in DaemonSet mode if the pod's K8S_POD_* would mislabel other pods."""
+    sending_queue: QueueConfig = field(default_factory=QueueConfig)
+    """The in-memory queue of encoded requests."""
+    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
+    """Retries of failed requests."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = _common_problems(self)
+        endpoint = self.endpoint
+        scheme, sep, rest = endpoint.partition("://")
+        if sep:
+            if scheme not in ("http", "https"):
+                problems.append(("endpoint", f"scheme {scheme!r}: write host:port, or http:// / https://"))
+            endpoint = rest
+        if "/" in endpoint.rstrip("/"):
+            problems.append(("endpoint", f"{self.endpoint!r}: a gRPC endpoint is host:port, without a path"))
+        else:
+            try:
+                parse_host_port(endpoint.rstrip("/"))
+            except ValueError as exc:
+                problems.append(("endpoint", str(exc)))
+        if self.tls.insecure_skip_verify:
+            problems.append(
+                ("tls::insecure_skip_verify", "not supported by gRPC: give the server's CA in ca_file")
+            )
+        for name in self.headers:
+            if name.lower().startswith(("grpc-", ":")):
+                problems.append(("headers::" + name, "grpc- and : metadata are reserved by gRPC"))
+        return problems
+
+
+@dataclass(frozen=True)
+class OtlpHttpConfig:
+    endpoint: str = "http://127.0.0.1:4318"
+    """Base URL; /v1/metrics, /v1/traces and /v1/logs are appended (like OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    metrics_endpoint: str = ""
+    """Full URL for metrics, used as given (like OTEL_EXPORTER_OTLP_METRICS_ENDPOINT); overrides endpoint."""
+    traces_endpoint: str = ""
+    """Full URL for traces, used as given; overrides endpoint."""
+    logs_endpoint: str = ""
+    """Full URL for logs, used as given; overrides endpoint."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra request headers, e.g. signoz-ingestion-key: ${env:SIGNOZ_INGESTION_KEY}; may not override
+    content-type, content-encoding, user-agent or other headers the protocol sets."""
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    """TLS settings for https URLs (insecure is not used: the URL scheme decides)."""
+    compression: Literal["gzip", "zstd", "none"] = "gzip"
+    """Body compression (Content-Encoding). zstd is cheaper; check that the receiver accepts it."""
+    compression_level: int = 0
+    """0 = default (gzip 6, zstd 3). gzip accepts 1-8: 9 costs ~3x level 6 for ~1 % smaller bodies."""
+    timeout: Duration = Duration(10.0)
+    """Time limit of one request."""
+    max_request_size: Size = Size(4 << 20)
+    """Largest request body before compression; bigger batches are split into several requests."""
+    temporality: Literal["delta", "cumulative"] = "delta"
+    """Temporality of sums and histograms sent. delta (SignOz recommends it; StatsD data is delta) or
+    cumulative (per-series running totals with a fixed start time). Gauges and summaries are unchanged."""
+    histograms: Literal["exponential", "explicit"] = "exponential"
+    """How distributions are sent: exponential histograms, or explicit-bucket histograms with
+    explicit_buckets (SignOz Cloud ingests explicit only). Explicit histograms always stay explicit."""
+    explicit_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_EXPLICIT_BUCKETS))
+    """Upper bounds when histograms: explicit. Default: 1ms, 2.5ms, 5ms, 10ms, 25ms, 50ms, 75ms, 100ms,
+    250ms, 500ms, 750ms, 1s, 2.5s, 5s, 7.5s, 10s, 30s, 60s (in seconds, the unit of StatsD timers)."""
+    series_idle_timeout: Duration = Duration(300.0)
+    """A series not seen for this long is forgotten: its cumulative total (or delta baseline) restarts."""
+    max_series: int = 1_000_000
+    """Series kept at most; beyond it, points needing a temporality conversion are dropped (series_limit)."""
+    resource: dict[str, str] = field(default_factory=dict)
+    """Resource attributes added to all data (a resource's own attribute of the same key wins)."""
+    deployment_environment: str = ""
+    """Sets both deployment.environment and deployment.environment.name (overrides the environment's)."""
+    resource_from_environment: bool = True
+    """Read OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, HEADWATER_DEPLOYMENT_ENVIRONMENT and the K8S_*
+    downward-API variables. Turn off in DaemonSet mode if the pod's K8S_POD_* would mislabel other pods."""
+    sending_queue: QueueConfig = field(default_factory=QueueConfig)
+    """The in-memory queue of encoded requests."""
+    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
+    """Retries of failed requests."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = _common_problems(self)
+        for name in ("endpoint", "metrics_endpoint", "traces_endpoint", "logs_endpoint"):
+            url = getattr(self, name)
+            if (url or name == "endpoint") and not url.startswith(("http://", "https://")):
+                problems.append((name, f"{url!r} is not an http:// or https:// URL"))
+        if self.tls.insecure:
+            problems.append(("tls::insecure", "not used by otlp_http: write an http:// URL for plaintext"))
+        level = self.compression_level
+        if level and self.compression == "gzip" and not 1 <= level <= 8:
+            problems.append(("compression_level", "gzip levels are 1-8 (0 for the default, 6)"))
+        if level and self.compression == "zstd" and not 1 <= level <= 19:
+            problems.append(("compression_level", "zstd levels are 1-19 (0 for the default, 3)"))
+        if level < 0:
+            problems.append(("compression_level", "must be 0 (default) or a level"))
+        return problems
+
+
+AnyConfig = OtlpConfig | OtlpHttpConfig
+
+
+def _common_problems(cfg: AnyConfig) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name in cfg.headers:
+        if name.lower() in _RESERVED_HEADERS:
+            problems.append(("headers::" + name, "this header is set by the exporter itself"))
+    if cfg.timeout <= 0:
+        problems.append(("timeout", "must be greater than 0"))
+    if not 1024 <= cfg.max_request_size <= MAX_REQUEST_BYTES:
+        problems.append(("max_request_size", "must be between 1KiB and 64MiB"))
+    bounds = list(cfg.explicit_buckets)
+    if not bounds or not all(math.isfinite(b) for b in bounds) or bounds != sorted(set(bounds)):
+        problems.append(("explicit_buckets", "bounds must be finite and strictly increasing (at least one)"))
+    if cfg.series_idle_timeout <= 0:
+        problems.append(("series_idle_timeout", "must be greater than 0"))
+    if cfg.max_series < 1:
+        problems.append(("max_series", "must be at least 1"))
+    for key in cfg.resource:
+        if not key:
+            problems.append(("resource", "attribute keys must not be empty"))
+    for section in ("tls", "sending_queue", "retry_on_failure"):
+        for path, message in getattr(cfg, section).validate():
+            problems.append((f"{section}::{path}" if path else section, message))
+    return problems
+
+
+@dataclass
+class _SignalRequest(Request):
+    """A request and the signal it carries (one sending queue serves all three)."""
+
+    signal: Signal = Signal.METRICS
+
+
+@dataclass(frozen=True)
+class _SignalSpec:
+    path: str
+    grpc_method: str
+    response: Any
+    rejected_field: str
+
+
+_SIGNALS: dict[Signal, _SignalSpec] = {
+    Signal.METRICS: _SignalSpec(
+        "/v1/metrics",
+        "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        metrics_service_pb2.ExportMetricsServiceResponse,
+        "rejected_data_points",
+    ),
+    Signal.TRACES: _SignalSpec(
+        "/v1/traces",
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        trace_service_pb2.ExportTraceServiceResponse,
+        "rejected_spans",
+    ),
+    Signal.LOGS: _SignalSpec(
+        "/v1/logs",
+        "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        logs_service_pb2.ExportLogsServiceResponse,
+        "rejected_log_records",
+    ),
+}
+
+
+def retry_after_s(value: str | None, now_s: float | None = None) -> float | None:
+    """Retry-After in seconds, from delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now_s is None else now_s))
+
+
+_GRPC_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
+
+
+def grpc_retry_delay_s(trailing_metadata: Any) -> float | None:
+    """``RetryInfo.retry_delay`` from a ``grpc-status-details-bin`` trailer, None without one."""
+    for key, value in trailing_metadata or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # a malformed trailer is the server's bug, not a reason to crash the send
+            return None
+        for detail in status.details:
+            if detail.type_url == _RETRY_INFO_TYPE:
+                info = error_details_pb2.RetryInfo.FromString(detail.value)
+                return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
+
+
+class _OtlpExporter:
+    """What both transports share: encoding, resource attributes, the sender, partial success."""
+
+    def __init__(self, settings: Settings, config: AnyConfig) -> None:
+        self._settings = settings
+        self._config = config
+        self._log = settings.logger
+        env = os.environ if config.resource_from_environment else None
+        self._static = resource.static_attributes(config.resource, config.deployment_environment, env)
+        self._encoder = MetricEncoder(
+            EncoderOptions(
+                temporality=Temporality.DELTA if config.temporality == "delta" else Temporality.CUMULATIVE,
+                histograms=config.histograms,
+                explicit_buckets=tuple(config.explicit_buckets),
+                max_request_size=config.max_request_size,
+                series_idle_timeout_s=config.series_idle_timeout,
+                max_series=config.max_series,
+                static_resource=self._static,
+                scope_name="headwater",
+                scope_version=VERSION,
+                started_ns=time.time_ns(),
+            )
+        )
+        self._lock = asyncio.Lock()
+        self._sender = Sender(
+            settings, self._send, config.sending_queue, config.retry_on_failure, config.timeout
+        )
+        tel = settings.telemetry
+        self._partial = tel.counter(
+            "exporter_otlp_partial_success_total", "Responses that reported a partial success."
+        )
+        self._baseline = tel.counter(
+            "exporter_otlp_baseline_points_total",
+            "Cumulative points kept as a series' baseline for cumulative-to-delta, not sent.",
+        )
+        self._counted: dict[str, int] = {}
+        self._partial_logged_at = -math.inf
+        self._partial_suppressed = 0
+        tel.gauge("exporter_series", "Live series held by the exporter.", lambda: self._encoder.series)
+
+    @property
+    def static_resource(self) -> Mapping[str, str]:
+        """The attributes this exporter adds where a resource lacks them."""
+        return self._static
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._open()
+        self._sender.start()
+
+    async def shutdown(self) -> None:
+        await self._sender.shutdown(self._settings.shutdown_timeout_s)
+        await self._close()
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def _send(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def _compress(self, body: bytes) -> bytes:
+        """The body as queued: transports that compress themselves return it unchanged."""
+        return body
+
+    # -- consuming -----------------------------------------------------------------------------------
+    async def consume(self, batch: Batch) -> None:
+        if isinstance(batch, MetricBatch):
+            await self._consume_metrics(batch)
+        elif isinstance(batch, SpanBatch):
+            await self._consume_passthrough(Signal.TRACES, batch.resource_spans, "scope_spans", "spans")
+        elif isinstance(batch, LogBatch):
+            await self._consume_passthrough(Signal.LOGS, batch.resource_logs, "scope_logs", "log_records")
+
+    async def _consume_metrics(self, batch: MetricBatch) -> None:
+        points = batch.points
+        if not points:
+            return
+        # One batch at a time: the per-series state must see a series' points in order, and the
+        # encoder yields to the loop between slices.
+        async with self._lock:
+            encoder = self._encoder
+            encoder.begin(time.monotonic())
+            for i in range(0, len(points), _ENCODE_SLICE):
+                if i:
+                    await asyncio.sleep(0)
+                for body, n in encoder.add(points[i : i + _ENCODE_SLICE]):
+                    await self._offer(Signal.METRICS, body, n)
+            for body, n in encoder.finish():
+                await self._offer(Signal.METRICS, body, n)
+            self._report(encoder.counts)
+
+    async def _consume_passthrough(
+        self, signal: Signal, messages: tuple[Any, ...], scopes: str, items: str
+    ) -> None:
+        if not messages:
+            return
+        requests, too_large = passthrough.encode(
+            messages, scopes, items, self._static, self._config.max_request_size
+        )
+        for body, n in requests:
+            await self._offer(signal, body, n)
+        if too_large:
+            self._settings.telemetry.dropped("too_large").value += too_large
+
+    def _report(self, counts: dict[str, int]) -> None:
+        tel = self._settings.telemetry
+        for reason, n in counts.items():
+            new = n - self._counted.get(reason, 0)
+            if not new:
+                continue
+            self._counted[reason] = n
+            if reason == "baseline":
+                self._baseline.value += new
+            else:
+                tel.dropped(reason).value += new
+
+    async def _offer(self, signal: Signal, body: bytes, points: int) -> None:
+        if len(body) >= _THREAD_COMPRESS_BYTES:
+            payload = await asyncio.to_thread(self._compress, body)
+        else:
+            payload = self._compress(body)
+        self._sender.offer(_SignalRequest(payload, points, signal=signal))
+
+    # -- responses -----------------------------------------------------------------------------------
+    def _partial_success(self, request: Request, signal: Signal, body: bytes) -> None:
+        """Count and log a partial success in a 2xx response body; the request is then done."""
+        if not body:
+            return
+        spec = _SIGNALS[signal]
+        try:
+            response = spec.response.FromString(body)
+        except Exception:
+            self._log.debug("unreadable %s export response (%d bytes) ignored", signal.value, len(body))
+            return
+        if not response.HasField("partial_success"):
+            return
+        rejected = int(getattr(response.partial_success, spec.rejected_field))
+        message = response.partial_success.error_message
+        if not rejected and not message:
+            return
+        self._partial.value += 1
+        if rejected:
+            rejected = min(rejected, request.points)
+            self._settings.telemetry.dropped("partial_success").value += rejected
+            # The sender counts request.points as sent once this returns: only what was accepted.
+            request.points -= rejected
+        now = time.monotonic()
+        if now - self._partial_logged_at >= _PARTIAL_LOG_INTERVAL_S:
+            suppressed = (
+                f" ({self._partial_suppressed} more since the last one)" if self._partial_suppressed else ""
+            )
+            level = logging.WARNING
+            self._log.log(
+                level,
+                "partial success: the server rejected %d of the %s sent: %s%s",
+                rejected,
+                signal.value,
+                message or "(no message)",
+                suppressed,
+            )
+            self._partial_logged_at = now
+            self._partial_suppressed = 0
+        else:
+            self._partial_suppressed += 1
+
+
+class OtlpGrpcExporter(_OtlpExporter):
+    """``otlp``: unary Export calls over grpc.aio."""
+
+    def __init__(self, settings: Settings, config: OtlpConfig) -> None:
+        super().__init__(settings, config)
+        self._grpc_config = config
+        scheme, sep, rest = config.endpoint.partition("://")
+        self._target = (rest if sep else config.endpoint).rstrip("/")
+        self._plaintext = scheme == "http" if sep else config.tls.insecure
+        self._metadata = tuple((k.lower(), v) for k, v in config.headers.items())
+        self._channel: grpc.aio.Channel | None = None
+        self._calls: dict[Signal, Callable[..., Any]] = {}
+
+    async def _open(self) -> None:
+        cfg = self._grpc_config
+        options = [
+            ("grpc.primary_user_agent", USER_AGENT),
+            ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+            ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+            ("grpc.enable_retries", 0),  # the sender retries, by the OTLP rules
+        ]
+        compression = grpc.Compression.Gzip if cfg.compression == "gzip" else grpc.Compression.NoCompression
+        if self._plaintext:
+            channel = grpc.aio.insecure_channel(self._target, options=options, compression=compression)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(cfg.tls.ca_file),
+                private_key=_read(cfg.tls.key_file),
+                certificate_chain=_read(cfg.tls.cert_file),
+            )
+            channel = grpc.aio.secure_channel(
+                self._target, credentials, options=options, compression=compression
+            )
+        self._channel = channel
+        # No serializers: requests are already bytes, responses are parsed (size-capped) by us.
+        self._calls = {signal: channel.unary_unary(spec.grpc_method) for signal, spec in _SIGNALS.items()}
+
+    async def _close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def _send(self, request: Request) -> None:
+        signal = request.signal if isinstance(request, _SignalRequest) else Signal.METRICS
+        call = self._calls[signal]
+        try:
+            response = await call(request.payload, timeout=self._grpc_config.timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            reason = f"grpc_{code.name.lower()}"
+            delay = grpc_retry_delay_s(exc.trailing_metadata())
+            message = f"gRPC {code.name}: {exc.details()}"
+            if code in _GRPC_RETRYABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and delay is not None):
+                raise RetryableError(message, reason=reason, retry_after_s=delay) from None
+            raise PermanentError(message, reason=reason) from None
+        self._partial_success(request, signal, response)
+
+
+class OtlpHttpExporter(_OtlpExporter):
+    """``otlp_http``: POST application/x-protobuf over aiohttp."""
+
+    def __init__(self, settings: Settings, config: OtlpHttpConfig) -> None:
+        super().__init__(settings, config)
+        self._http_config = config
+        base = config.endpoint.rstrip("/")
+        given = {
+            Signal.METRICS: config.metrics_endpoint,
+            Signal.TRACES: config.traces_endpoint,
+            Signal.LOGS: config.logs_endpoint,
+        }
+        self.urls = {signal: given[signal] or base + spec.path for signal, spec in _SIGNALS.items()}
+        self._headers = {**config.headers, "Content-Type": "application/x-protobuf", "User-Agent": USER_AGENT}
+        level = config.compression_level
+        if config.compression == "gzip":
+            self._headers["Content-Encoding"] = "gzip"
+            gzip_level = level or 6
+            self._compressor: Callable[[bytes], bytes] | None = lambda body: zlib.compress(
+                body, gzip_level, wbits=31
+            )
+        elif config.compression == "zstd":
+            self._headers["Content-Encoding"] = "zstd"
+            zstd_level = level or 3
+            self._compressor = lambda body: bytes(cramjam.zstd.compress(body, level=zstd_level))
+        else:
+            self._compressor = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _compress(self, body: bytes) -> bytes:
+        return self._compressor(body) if self._compressor is not None else body
+
+    async def _open(self) -> None:
+        cfg = self._http_config
+        ssl_ctx: ssl.SSLContext | bool = True
+        if any(url.startswith("https://") for url in self.urls.values()):
+            ctx = ssl.create_default_context(cafile=cfg.tls.ca_file or None)
+            if cfg.tls.cert_file:
+                ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+            if cfg.tls.insecure_skip_verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            ssl_ctx = ctx
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=cfg.sending_queue.num_consumers),
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout),
+        )
+
+    async def _close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _send(self, request: Request) -> None:
+        assert self._session is not None
+        signal = request.signal if isinstance(request, _SignalRequest) else Signal.METRICS
+        url = self.urls[signal]
+        async with self._session.post(url, data=request.payload, headers=self._headers) as resp:
+            body = await _read_capped(resp)
+            status = resp.status
+            if 200 <= status < 300:
+                self._partial_success(request, signal, body)
+                return
+            detail = _error_text(body, resp.headers.get("Content-Type", ""))
+            if status in (429, 502, 503, 504):
+                raise RetryableError(
+                    f"HTTP {status}: {detail}",
+                    reason=f"http_{status}",
+                    retry_after_s=retry_after_s(resp.headers.get("Retry-After")),
+                )
+            raise PermanentError(f"HTTP {status} from {url}: {detail}", reason=f"http_{status}")
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The response body, or PermanentError when it is over MAX_RESPONSE_BYTES (not parsed)."""
+    too_large = PermanentError(
+        f"HTTP {resp.status} response over {MAX_RESPONSE_BYTES} bytes, not parsed",
+        reason="response_too_large",
+    )
+    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 << 10):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_text(body: bytes, content_type: str) -> str:
+    """A person-readable line from an error body: google.rpc.Status.message when it is protobuf."""
+    if "protobuf" in content_type:
+        try:
+            return status_pb2.Status.FromString(body).message[:512] or "(empty status)"
+        except Exception:
+            pass
+    return body[:512].decode("utf-8", errors="replace")
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _create_grpc(settings: Settings, config: OtlpConfig) -> OtlpGrpcExporter:
+    return OtlpGrpcExporter(settings, config)
+
+
+def _create_http(settings: Settings, config: OtlpHttpConfig) -> OtlpHttpExporter:
+    return OtlpHttpExporter(settings, config)
+
+
+_ALL_SIGNALS = frozenset({Signal.METRICS, Signal.TRACES, Signal.LOGS})
+
+grpc_factory = Factory(
+    type=GRPC_TYPE,
+    kind=ComponentKind.EXPORTER,
+    config_class=OtlpConfig,
+    create=_create_grpc,
+    signals=_ALL_SIGNALS,
+    description="Sends metrics, traces and logs with OTLP over gRPC (SignOz, OpenTelemetry Collector).",
+)
+
+http_factory = Factory(
+    type=HTTP_TYPE,
+    kind=ComponentKind.EXPORTER,
+    config_class=OtlpHttpConfig,
+    create=_create_http,
+    signals=_ALL_SIGNALS,
+    description="Sends metrics, traces and logs with OTLP over HTTP (application/x-protobuf).",
+)
+
+FACTORIES = (grpc_factory, http_factory)
+"""Both OTLP exporter types, for the registry."""

@@ -1,0 +1,173 @@
+"""OTLP request bodies and error bodies: decompression under a cap, OTLP/JSON, ``google.rpc.Status``.
+
+Decompression never produces more than the cap plus one byte, whatever the body claims:
+
+- gzip (and concatenated gzip members) is inflated as it streams in, with zlib's ``max_length`` set
+  to the room left, so a bomb stops at the first byte past the cap;
+- zstd is decompressed by ``cramjam.zstd.decompress_into`` into a buffer of cap + 1 bytes, which
+  stops writing (and fails) when the buffer is full: a 4 GiB zstd bomb is refused after ~1 ms, having
+  written at most cap + 1 bytes. The buffer is numpy-allocated (lazily zeroed pages), so a small body
+  touches only the pages it fills.
+
+OTLP/JSON is parsed with ``google.protobuf.json_format`` after one pass that rewrites the hex
+``traceId``/``spanId``/``parentSpanId`` strings (spans, links, log records, exemplars) into the base64
+that proto3 JSON expects. ``json_format`` already accepts what OTLP/JSON requires of a receiver:
+integer enums, 64-bit integers as strings or numbers, lowerCamelCase keys (and the proto names), and
+unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from typing import Any
+
+import cramjam
+import numpy as np
+from google.protobuf import any_pb2, duration_pb2, json_format
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from agent.confmodel import format_size
+
+_ID_KEYS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
+
+
+class RequestError(Exception):
+    """A request refused as a whole: its HTTP status, gRPC code, a bounded reason and a message."""
+
+    def __init__(
+        self,
+        http_status: int,
+        grpc_code: int,
+        reason: str,
+        message: str,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.grpc_code = grpc_code
+        """A ``google.rpc.Code`` number (the same numbers as ``grpc.StatusCode``)."""
+        self.reason = reason
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+def too_large(cap: int, inflated: bool) -> RequestError:
+    how = "inflates past" if inflated else "is larger than"
+    return RequestError(
+        413,
+        code_pb2.RESOURCE_EXHAUSTED,
+        "body_too_large",
+        f"the request body {how} max_request_body_size ({format_size(cap)})",
+    )
+
+
+def invalid_compression(encoding: str, detail: str) -> RequestError:
+    return RequestError(
+        400, code_pb2.INVALID_ARGUMENT, "invalid_compression", f"the body is not valid {encoding}: {detail}"
+    )
+
+
+class GzipInflater:
+    """Inflates gzip members as the body streams in, refusing past ``limit`` inflated bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> None:
+        try:
+            while data:
+                # One byte more than the room left: enough to see the cap crossed, never more.
+                out = self._d.decompress(data, self._limit - self._size + 1)
+                self._size += len(out)
+                if self._size > self._limit:
+                    raise too_large(self._limit, inflated=True)
+                self._parts.append(out)
+                if self._d.eof:  # concatenated members are one stream (RFC 1952)
+                    data = self._d.unused_data
+                    if data:
+                        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                else:
+                    data = self._d.unconsumed_tail
+        except zlib.error as exc:
+            raise invalid_compression("gzip", str(exc)) from None
+
+    def finish(self) -> bytes:
+        if not self._d.eof:
+            raise invalid_compression("gzip", "the stream ends early")
+        return b"".join(self._parts)
+
+
+def zstd_decompress(data: bytes, limit: int) -> bytes:
+    """``data`` (one or more zstd frames) decompressed, refusing past ``limit`` bytes."""
+    buffer = np.empty(limit + 1, dtype=np.uint8)
+    try:
+        size = int(cramjam.zstd.decompress_into(data, buffer.data))
+    except cramjam.DecompressionError as exc:
+        # cramjam reports a full output buffer with this message (pinned by a test).
+        if "whole buffer" in str(exc):
+            raise too_large(limit, inflated=True) from None
+        raise invalid_compression("zstd", str(exc)) from None
+    if size > limit:
+        raise too_large(limit, inflated=True)
+    return buffer[:size].tobytes()
+
+
+def _hex_ids_to_base64(node: Any) -> Any:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _ID_KEYS and isinstance(value, str):
+                node[key] = base64.b64encode(bytes.fromhex(value)).decode("ascii")
+            elif isinstance(value, (dict, list)):
+                _hex_ids_to_base64(value)
+    elif isinstance(node, list):
+        for item in node:
+            if isinstance(item, (dict, list)):
+                _hex_ids_to_base64(item)
+    return node
+
+
+def parse_json(body: bytes, message: Message) -> None:
+    """Fill ``message`` from an OTLP/JSON body; raises ValueError (any kind of bad input)."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the body must be a JSON object")
+    try:
+        _hex_ids_to_base64(data)
+    except ValueError:
+        raise ValueError("traceId, spanId and parentSpanId must be hex strings") from None
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    try:
+        json_format.ParseDict(data, message, ignore_unknown_fields=True)
+    except (json_format.ParseError, RecursionError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def to_json(message: Message) -> bytes:
+    """OTLP/JSON of a response message (lowerCamelCase, 64-bit integers as strings)."""
+    return json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()
+
+
+def status(error: RequestError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` for a refused request, with RetryInfo or BadRequest details."""
+    st = status_pb2.Status(code=error.grpc_code, message=error.message)
+    detail = any_pb2.Any()
+    if error.retry_after_s is not None:
+        seconds = max(error.retry_after_s, 0.0)
+        delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        st.details.append(detail)
+    elif error.grpc_code == code_pb2.INVALID_ARGUMENT:
+        violation = error_details_pb2.BadRequest.FieldViolation(field="body", description=error.message)
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        st.details.append(detail)
+    return st
