@@ -4,6 +4,7 @@
     python bench/run.py --quick      # smoke run (~3 min): short probes, short confirmation
     python bench/run.py --skip-peer  # Headwater only
     python bench/run.py --duration 120   # confirmation length in seconds (default 60; 8 with --quick)
+    python bench/run.py --otlp-only  # OTLP ingest and export encoding only (~2 min)
 
 Figures and method
 ------------------
@@ -22,6 +23,9 @@ Figures and method
 3. Parser cost per line: ``bench/parser_cost.py`` (µs per shape) and ``bench/feed_cost.py`` (µs on
    this benchmark's packets, and instructions per line under callgrind: a run minus its baseline).
 4. RSS with 100,000 active series (20 % timers) after a flush, from VmRSS in /proc/<pid>/status.
+5. OTLP (second table): OTLP/HTTP protobuf+gzip ingest, data points/s on one core and the
+   receive-to-response latency at half that rate (``bench/otlp_ingest.py``); export encoding + gzip-6,
+   µs per data point (``bench/otlp_encode.py``).
 
 The table goes to stdout, progress to stderr, everything as JSON to bench/results/latest.json, and
 each daemon's log to bench/results/logs/.
@@ -1146,8 +1150,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short probes and confirmation (~3 min)")
     ap.add_argument("--duration", type=float, help="confirmation run length in seconds (60; 8 with --quick)")
     ap.add_argument("--skip-peer", action="store_true", help="do not measure Etsy statsd")
+    ap.add_argument("--skip-otlp", action="store_true", help="StatsD figures only")
+    ap.add_argument("--otlp-only", action="store_true", help="OTLP figures only (ingest, encode)")
     args = ap.parse_args()
     mode = QUICK if args.quick else FULL
+    if args.otlp_only:
+        print(render_otlp(otlp_rows(args.quick)))
+        return 0
     confirm_s = args.duration or mode.confirm_s
     if os.cpu_count() is None or (os.cpu_count() or 0) < 2:
         log("warning: fewer than 2 cores; receiver and sender will share one")
@@ -1247,6 +1256,8 @@ def main() -> int:
     if "interrupted before the end" not in notes:
         results["parser"] = parser_cost(mode)
 
+    if not args.skip_otlp and "interrupted before the end" not in notes:
+        results["otlp"] = otlp_rows(args.quick)
     results["loadavg_end"] = loadavg()
     add_notes(results, payloads, ceilings, peer_version)
     results["elapsed_s"] = round(time.monotonic() - t_start, 1)
@@ -1257,7 +1268,32 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(to_jsonable(results), indent=2) + "\n")
     print(render(results))
+    if results.get("otlp"):
+        print()
+        print(render_otlp(results["otlp"]))
     return 0
+
+
+def otlp_rows(quick: bool) -> list[tuple[str, str, str]]:
+    """OTLP/HTTP ingest (bench/otlp_ingest.py) and OTLP export encoding (bench/otlp_encode.py)."""
+    import otlp_encode
+    import otlp_ingest
+
+    log("otlp: ingest through the receiver (server on core 0, client on core 1)")
+    rows = otlp_ingest.run(quick)
+    log("otlp: export encoding")
+    return rows + otlp_encode.run(quick)
+
+
+def render_otlp(rows: list[tuple[str, str, str]]) -> str:
+    head = ("OTLP figure", "headwater", "budget")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
 
 
 def add_notes(
