@@ -4,6 +4,11 @@ Scraped like statsd_exporter: counters are cumulative ``<name>_total``, gauges `
 gauge of distinct members, timers a histogram ``<name>_seconds`` (``_bucket``, ``_sum``, ``_count``),
 ``h``/``d`` a histogram ``<name>``. Series idle for ``metric_expiration`` disappear.
 
+From OTLP: explicit-bucket histograms keep their own bounds as ``le`` (``histogram_buckets`` applies to
+exponential histograms only), and summaries become a ``summary`` family: ``<name>{quantile="0.5"}`` per
+quantile plus ``<name>_sum`` and ``<name>_count``. State rules (deltas, bound changes, resets, NaN
+sums) are in ``exporters.prometheus_series``.
+
 The page is rendered by hand from one label string per series, cached at its first scrape: going
 through prometheus_client's Metric objects costs several µs per sample, and a scrape of 100k series
 must not stall the event loop. The page is streamed (chunked encoding) a few thousand series at a
@@ -26,6 +31,7 @@ from agent.netcheck import bind_problem
 from exporters.prometheus_series import (
     DEFAULT_BUCKETS,
     HISTOGRAM,
+    SUMMARY,
     Series,
     SeriesStore,
     format_value,
@@ -130,6 +136,11 @@ class PrometheusExporter:
         parts: list[str] = []
         done = 0
         bounds = [*self._bounds, "+Inf"]
+        # Series with their own bounds (or quantiles) share one interned tuple per metric, so the text
+        # of the last tuple seen is nearly always the one needed next.
+        shape: tuple[float, ...] | None = None
+        shape_text: list[str] = []
+        shape_le: list[str] = []
         for name, family in list(self._store.families.items()):
             kind = self._store.kinds.get(name, "untyped")
             parts.append(f"# TYPE {name} {kind}\n")
@@ -137,8 +148,18 @@ class PrometheusExporter:
                 if series.cache is None:  # one string per series; bucket lines are built per scrape
                     series.cache = _label_text(series.labels)
                 base = cast(str, series.cache)
-                if kind == HISTOGRAM:
-                    self._render_histogram(series, base, bounds, parts)
+                if kind in (HISTOGRAM, SUMMARY):
+                    own = series.bounds
+                    if own is not None and own is not shape:
+                        shape = own
+                        shape_text = [format_value(b) for b in own]
+                        shape_le = [*shape_text, "+Inf"]
+                    if kind == SUMMARY:
+                        self._render_summary(series, base, shape_text, parts)
+                    elif own is None:
+                        self._render_histogram(series, base, bounds, parts)
+                    else:
+                        self._render_histogram(series, base, shape_le, parts)
                 elif base:
                     parts.append(f"{name}{{{base}}} {format_value(series.value)}\n")
                 else:
@@ -158,6 +179,18 @@ class PrometheusExporter:
         sep = "," if base else ""
         for le, value in zip(bounds, [*counts.tolist(), series.count], strict=True):
             parts.append(f'{name}_bucket{{{base}{sep}le="{le}"}} {format_value(value)}\n')
+        labels = f"{{{base}}}" if base else ""
+        parts.append(f"{name}_sum{labels} {format_value(series.sum)}\n")
+        parts.append(f"{name}_count{labels} {format_value(series.count)}\n")
+
+    @staticmethod
+    def _render_summary(series: Series, base: str, quantiles: list[str], parts: list[str]) -> None:
+        name = series.name
+        values = series.bucket_counts
+        assert values is not None
+        sep = "," if base else ""
+        for q, value in zip(quantiles, values.tolist(), strict=True):
+            parts.append(f'{name}{{{base}{sep}quantile="{q}"}} {format_value(value)}\n')
         labels = f"{{{base}}}" if base else ""
         parts.append(f"{name}_sum{labels} {format_value(series.sum)}\n")
         parts.append(f"{name}_count{labels} {format_value(series.count)}\n")

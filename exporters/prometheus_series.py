@@ -5,17 +5,45 @@ Names: every character outside ``[a-zA-Z0-9_:]`` becomes ``_`` (so ``.``, ``-`` 
 digit gets a ``_`` prefix, unit ``s`` appends ``_seconds`` (StatsD timers), and monotonic sums append
 ``_total``. Labels: invalid characters become ``_``; a name starting with a digit or ``__`` gets a
 ``key_`` prefix; labels that collide after sanitising are joined with ``;`` in name order; empty
-values are dropped (remote-write forbids them); ``le`` on a histogram becomes ``exported_le``.
+values are dropped (remote-write forbids them); ``le`` on a histogram becomes ``exported_le`` and
+``quantile`` on a summary ``exported_quantile`` (joined with ``;`` to a label already named so, as other
+collisions are).
+
+Resources (OTLP): ``job`` = ``service.namespace/service.name`` (or ``service.name``) and ``instance`` =
+``service.instance.id`` are added as Prometheus's own OTLP translation does, so two services sending
+the same metric stay two series; a point's own ``job`` or ``instance`` label wins. Other resource
+attributes are not labels.
 
 State: Prometheus needs cumulative series, StatsD sends deltas. Each series keeps its running total
 (counters), last value (gauges) or cumulative bucket counts (histograms), with the time it started.
 Delta histograms add their own classic-bucket counts to the running counts, so ``_bucket`` series
 never decrease even when exponential scales change. Several input series that map to one Prometheus
 series (``a.b`` and ``a_b``) merge: counters add, gauges take the latest.
+
+Histogram shapes. An exponential histogram (StatsD, OTLP exponential) is cut at the store's bounds
+(``histogram_buckets``, ``Series.bounds`` is None). An explicit-bucket histogram (OTLP) keeps its own
+bounds, remembered in ``Series.bounds`` (one interned tuple shared by every series with those bounds):
+
+- Deltas add up while the bounds stay the same. When they change, the old counts cannot be re-cut, so
+  the series restarts from the new point (its start time moves to the point's start, or its time);
+  Prometheus sees a counter reset on every ``_bucket``/``_sum``/``_count``. Switching between an
+  exponential and an explicit histogram on one series restarts it the same way.
+- A cumulative point replaces the state. A count lower than the previous one is a reset: the start
+  time moves to the point's start time (or, without one, its time).
+- A NaN sum (OTLP histograms, explicit or exponential, may omit ``sum``) makes ``_sum`` NaN, because
+  the total is no longer known. A later delta with a known sum restarts ``_sum`` from that delta (a
+  reset for ``rate``), so one point without a sum does not turn ``_sum`` into NaN for the rest of the
+  series' life; ``_count`` and the buckets are unaffected. Cumulative points carry their own sum, so
+  NaN lasts only while it is sent. (Native histograms merge their sums in ``exphist.merge`` as is.)
+
+Summaries (OTLP Summary, always cumulative) replace their state per point: the quantiles are kept in
+``Series.bounds`` (interned like bounds) and their values in ``Series.bucket_counts``; ``count`` and
+``sum`` as for histograms. A lower count is a reset, as above.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -26,7 +54,7 @@ import numpy.typing as npt
 
 from agent import exphist
 from agent.exphist import ExpHistogram
-from agent.model import Kind, Labels, Point, Temporality
+from agent.model import Kind, Labels, Point, Resource, Temporality
 
 DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Prometheus client libraries' default buckets (seconds)."""
@@ -36,26 +64,56 @@ _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]")
 _VALID_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _UNIT_SUFFIX = {"s": "_seconds", "ms": "_milliseconds", "By": "_bytes"}
 
-COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+COUNTER, GAUGE, HISTOGRAM, SUMMARY = "counter", "gauge", "histogram", "summary"
 
 _CACHE_LIMIT = 500_000
 """Entries kept in each name/label translation cache before it is cleared (bounds memory on floods)."""
+_SHAPE_LIMIT = 10_000
+"""Distinct bound (or quantile) tuples interned before the table is cleared: clearing only stops new
+series from sharing the tuples already held, so it is safe, and a flood of odd bounds stays bounded."""
 
 
 class _Names:
     """Translation caches: the hot path is one dict lookup per point for the name and one for labels."""
 
     def __init__(self) -> None:
-        self.metric: dict[tuple[str, Kind, bool, str], str] = {}
+        self.metric: dict[tuple[str, Kind, bool, str], tuple[str, str, str | None]] = {}
         self.labels: dict[Labels, Labels] = {}
+        self.jobs: dict[Labels, Labels] = {}
+        self.with_job: dict[tuple[Labels, Labels], Labels] = {}
 
-    def metric_name(self, name: str, kind: Kind, monotonic: bool, unit: str) -> str:
+    def resource_labels(self, labels: Labels, resource: Resource) -> Labels:
+        """``labels`` plus ``job`` and ``instance`` from the resource (see :func:`job_labels`)."""
+        job = self.jobs.get(resource.attributes)
+        if job is None:
+            if len(self.jobs) >= _CACHE_LIMIT:
+                self.jobs.clear()
+            job = self.jobs[resource.attributes] = job_labels(resource)
+        if not job:
+            return labels
+        key = (labels, job)
+        out = self.with_job.get(key)
+        if out is None:
+            if len(self.with_job) >= _CACHE_LIMIT:
+                self.with_job.clear()
+            merged = dict(job)
+            merged.update(labels)  # the point's own job / instance labels win
+            out = self.with_job[key] = tuple(sorted(merged.items()))
+        return out
+
+    def translate(self, name: str, kind: Kind, monotonic: bool, unit: str) -> tuple[str, str, str | None]:
+        """(Prometheus name, Prometheus type, label name the type reserves or None), cached together so
+        that counters and gauges pay no per-point test for histogram or summary handling."""
         key = (name, kind, monotonic, unit)
         out = self.metric.get(key)
         if out is None:
             if len(self.metric) >= _CACHE_LIMIT:
                 self.metric.clear()
-            out = self.metric[key] = metric_name(name, kind, monotonic, unit)
+            out = self.metric[key] = (
+                metric_name(name, kind, monotonic, unit),
+                _prom_kind(kind, monotonic),
+                _RESERVED_LABEL.get(kind),
+            )
         return out
 
     def prom_labels(self, labels: Labels) -> Labels:
@@ -65,6 +123,22 @@ class _Names:
                 self.labels.clear()
             out = self.labels[labels] = prom_labels(labels)
         return out
+
+
+def job_labels(resource: Resource) -> Labels:
+    """``job`` and ``instance`` as Prometheus derives them from an OTLP resource: ``job`` is
+    ``service.namespace/service.name`` (or ``service.name``), ``instance`` is ``service.instance.id``.
+    Without them two services sending the same metric and labels would be one series."""
+    attrs = dict(resource.attributes)
+    out = []
+    name = attrs.get("service.name")
+    if name:
+        namespace = attrs.get("service.namespace")
+        out.append(("job", f"{namespace}/{name}" if namespace else name))
+    instance = attrs.get("service.instance.id")
+    if instance:
+        out.append(("instance", instance))
+    return tuple(sorted(out))
 
 
 def metric_name(name: str, kind: Kind, monotonic: bool, unit: str) -> str:
@@ -100,17 +174,40 @@ def prom_labels(labels: Labels) -> Labels:
 
 
 def prom_kind(point: Point) -> str:
-    if point.kind is Kind.HISTOGRAM:
+    return _prom_kind(point.kind, point.monotonic)
+
+
+def _prom_kind(kind: Kind, monotonic: bool) -> str:
+    if kind is Kind.HISTOGRAM:
         return HISTOGRAM
-    if point.kind is Kind.SUM and point.monotonic:
+    if kind is Kind.SUMMARY:
+        return SUMMARY
+    if kind is Kind.SUM and monotonic:
         return COUNTER
     return GAUGE
 
 
+_RESERVED_LABEL = {Kind.HISTOGRAM: "le", Kind.SUMMARY: "quantile"}
+"""The label a histogram or summary puts on its own sub-series; a point's label of that name is renamed
+``exported_<name>``."""
+
+
+def _rename_label(labels: Labels, old: str, new: str) -> Labels:
+    """``labels`` with ``old`` renamed ``new``; a clash with an existing ``new`` joins the values with
+    ``;`` in name order, like any other collision (``new`` sorts first for exported_le/exported_quantile)."""
+    merged: dict[str, str] = {}
+    for k, v in labels:
+        if k == old:
+            k = new
+        merged[k] = f"{merged[k]};{v}" if k in merged else v
+    return tuple(sorted(merged.items()))
+
+
 class Series:
-    """One Prometheus series (a histogram is one series here; exporters expand it)."""
+    """One Prometheus series (a histogram or summary is one series here; exporters expand it)."""
 
     __slots__ = (
+        "bounds",
         "bucket_counts",
         "cache",
         "count",
@@ -135,6 +232,10 @@ class Series:
         """Timestamp of the last sample sent; the next one is always later (remote-write order)."""
         self.last_update = 0.0
         self.bucket_counts: npt.NDArray[np.float64] | None = None
+        """Cumulative count per finite bound (histograms), or the value per quantile (summaries)."""
+        self.bounds: tuple[float, ...] | None = None
+        """An explicit histogram's own bounds, or a summary's quantiles; None for the store's bounds.
+        Interned by the store, so series with the same bounds share one tuple."""
         self.sum = 0.0
         self.count = 0.0
         self.native: ExpHistogram | None = None
@@ -161,16 +262,35 @@ class SeriesStore:
         self.kinds: dict[str, str] = {}
         self.size = 0
         self._names = _Names()
+        self._shapes: dict[tuple[float, ...], tuple[float, ...]] = {}
         self.refused: dict[str, int] = {}
 
     def _refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
+    def _intern(self, shape: tuple[float, ...]) -> tuple[float, ...]:
+        """One shared tuple per distinct bounds (or quantiles): 100k series of one metric hold one."""
+        out = self._shapes.get(shape)
+        if out is None:
+            if len(self._shapes) >= _SHAPE_LIMIT:
+                self._shapes.clear()
+            out = self._shapes[shape] = shape
+        return out
+
+    def _refuse_point(self, reason: str, series: Series, family: dict[Labels, Series]) -> None:
+        """Refuse a point; a series it had just created (no state yet) is forgotten again."""
+        self._refuse(reason)
+        if series.bucket_counts is None and family.get(series.labels) is series:
+            del family[series.labels]
+            self.size -= 1
+            if not family:
+                del self.families[series.name]
+                self.kinds.pop(series.name, None)
+
     def update(self, point: Point, now: float | None = None) -> Series | None:
         """Apply one point; return its series, or None when refused (counted in ``refused``)."""
         names = self._names
-        kind = prom_kind(point)
-        name = names.metric_name(point.name, point.kind, point.monotonic, point.unit)
+        name, kind, reserved = names.translate(point.name, point.kind, point.monotonic, point.unit)
         known = self.kinds.get(name)
         if known is None:
             self.kinds[name] = kind
@@ -178,8 +298,10 @@ class SeriesStore:
             self._refuse("type_conflict")  # one family name cannot be both a counter and a gauge
             return None
         labels = names.prom_labels(point.labels)
-        if kind == HISTOGRAM and any(k == "le" for k, _ in labels):
-            labels = tuple(sorted(("exported_le" if k == "le" else k, v) for k, v in labels))
+        if point.resource is not None:
+            labels = names.resource_labels(labels, point.resource)
+        if reserved is not None and any(k == reserved for k, _ in labels):
+            labels = _rename_label(labels, reserved, "exported_" + reserved)
         family = self.families.get(name)
         if family is None:
             family = self.families[name] = {}
@@ -193,13 +315,17 @@ class SeriesStore:
             self.size += 1
         series.last_update = time.monotonic() if now is None else now
         cumulative = point.temporality is Temporality.CUMULATIVE
-        if kind == HISTOGRAM:
+        if reserved is not None:  # histograms and summaries
+            if kind == SUMMARY:
+                return self._update_summary(point, series, family)
             h = point.histogram
             if h is None:
-                self._refuse("missing_histogram")
-                return series
+                return self._update_explicit(point, series, family, cumulative)
             delta_counts = exphist.cumulative_buckets(h, self.bounds)
-            if cumulative or series.bucket_counts is None:
+            if cumulative or series.bucket_counts is None or series.bounds is not None:
+                if series.bounds is not None:  # was an explicit histogram: a new shape restarts it
+                    series.bounds = None
+                    series.start_ms = (point.start_time_unix_nano or point.time_unix_nano) // 1_000_000
                 series.bucket_counts = np.array(delta_counts, dtype=np.float64)
                 series.sum, series.count = h.sum, h.count
                 series.native = h if self.keep_native else None
@@ -207,7 +333,9 @@ class SeriesStore:
                     series.start_ms = point.start_time_unix_nano // 1_000_000
             else:
                 series.bucket_counts += delta_counts
-                series.sum += h.sum
+                total = series.sum
+                # After a NaN sum, a known one restarts _sum (see the module notes) instead of NaN forever.
+                series.sum = h.sum if total != total else total + h.sum
                 series.count += h.count
                 if self.keep_native:
                     series.native = (
@@ -226,6 +354,73 @@ class SeriesStore:
                     series.value += value
             else:
                 series.value = value
+        return series
+
+    def _update_explicit(
+        self, point: Point, series: Series, family: dict[Labels, Series], cumulative: bool
+    ) -> Series | None:
+        """A HISTOGRAM point with fixed bounds (see the module notes)."""
+        e = point.explicit
+        if e is None:
+            self._refuse_point("missing_histogram", series, family)
+            return None
+        bounds = e.bounds
+        if len(e.counts) != len(bounds) + 1:  # the model's invariant; never let bad input crash a render
+            self._refuse_point("invalid_histogram", series, family)
+            return None
+        known = series.bounds
+        same = known is bounds or (known is not None and known == bounds)
+        # Keep the interned tuple: sharing saves memory, and remote-write rebuilds label bytes when
+        # the identity changes.
+        bounds = known if same and known is not None else self._intern(bounds)
+        counts = e.counts
+        total = sum(counts)
+        total_sum = e.sum
+        if total_sum != total_sum:
+            total_sum = math.nan  # an input NaN never carries the stale-marker bit pattern
+        fresh = series.bucket_counts is None
+        # Running counts per finite bound; the last input count (above the last bound) is only in +Inf.
+        running = np.fromiter(itertools.accumulate(counts[:-1]), dtype=np.float64, count=len(bounds))
+        if cumulative or fresh or not same:
+            if not fresh and (not same or total < series.count):
+                # New bounds, or a cumulative count that went down: a new series life starts here.
+                series.start_ms = (point.start_time_unix_nano or point.time_unix_nano) // 1_000_000
+            if cumulative and point.start_time_unix_nano:
+                series.start_ms = point.start_time_unix_nano // 1_000_000
+            series.bucket_counts = running
+            series.sum = total_sum
+            series.count = float(total)
+            series.bounds = bounds
+            series.native = None  # explicit buckets cannot become a native histogram exactly
+        else:
+            assert series.bucket_counts is not None
+            series.bucket_counts += running
+            known_sum = series.sum
+            series.sum = total_sum if known_sum != known_sum else known_sum + total_sum
+            series.count += total
+        return series
+
+    def _update_summary(self, point: Point, series: Series, family: dict[Labels, Series]) -> Series | None:
+        summary = point.summary
+        if summary is None:
+            self._refuse_point("missing_summary", series, family)
+            return None
+        # One value per quantile (the last one given): a repeated quantile would be a duplicate series,
+        # which a remote-write receiver answers with a 400 for the whole request.
+        pairs = sorted(dict(summary.quantiles).items())
+        quantiles = tuple(q for q, _ in pairs)
+        known = series.bounds
+        if known is None or known != quantiles:
+            series.bounds = self._intern(quantiles)
+        if series.bucket_counts is not None and summary.count < series.count:
+            series.start_ms = (point.start_time_unix_nano or point.time_unix_nano) // 1_000_000
+        if point.start_time_unix_nano:
+            series.start_ms = point.start_time_unix_nano // 1_000_000
+        # NaN values are normalised so no input payload can become the stale marker.
+        series.bucket_counts = np.array([v if v == v else math.nan for _, v in pairs], dtype=np.float64)
+        total_sum = summary.sum
+        series.sum = total_sum if total_sum == total_sum else math.nan
+        series.count = float(summary.count)
         return series
 
     def expire(self, idle_s: float, now: float | None = None) -> list[Series]:

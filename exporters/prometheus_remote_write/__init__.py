@@ -7,6 +7,15 @@ to the sending queue. One sender worker by default keeps per-series sample order
 every series' timestamps strictly increase. A series idle for ``series_expiration`` gets a stale
 marker and is forgotten. 5xx and 429 are retried with jittered backoff honouring Retry-After; other
 4xx are dropped and counted, their body logged as is.
+
+Distributions go as classic ``_bucket``/``_sum``/``_count`` series, or as native histograms with
+``send_native_histograms``. Explicit-bucket histograms (OTLP) always go classic, with their own bounds
+as ``le``, even with ``send_native_histograms``: their buckets cannot be converted to exponential ones
+exactly. Summaries (OTLP) go as one series per quantile (``quantile`` label) plus ``_sum`` and
+``_count``; remote-write 1.0 carries no metadata, so the type is only implied by those names. When a
+series' shape changes (new bounds or quantiles, or an exponential histogram becoming an explicit one),
+the sub-series that no longer exist get a stale marker at once, so queries do not mix the old buckets
+with the new ones during Prometheus' 5-minute lookback; on expiry every sub-series gets one.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from exporters.prometheus_remote_write import wire
 from exporters.prometheus_series import (
     DEFAULT_BUCKETS,
     HISTOGRAM,
+    SUMMARY,
     Series,
     SeriesStore,
     format_value,
@@ -37,6 +47,10 @@ from exporters.prometheus_series import (
 )
 
 TYPE = "prometheus_remote_write"
+
+_Classic = tuple[tuple[float, ...] | None, list[bytes], bytes, bytes]
+"""Cached label bytes of a classic histogram or summary: the shape they were built for (``Series.bounds``,
+None for the configured buckets), one entry per bucket or quantile, then ``_sum`` and ``_count``."""
 
 RESERVED_HEADERS = frozenset(
     {"content-encoding", "content-type", "x-prometheus-remote-write-version", "user-agent"}
@@ -99,7 +113,8 @@ class PrometheusRemoteWriteConfig:
     tls: TLSConfig = field(default_factory=TLSConfig)
     """TLS settings for https endpoints."""
     send_native_histograms: bool = False
-    """Send distributions as native histograms (Prometheus needs --enable-feature=native-histograms)."""
+    """Send distributions as native histograms (Prometheus needs --enable-feature=native-histograms);
+    explicit-bucket histograms from OTLP still go as classic series (they cannot be converted exactly)."""
     histogram_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
     """Upper bounds of classic histogram buckets, when not sending native histograms."""
     max_samples_per_request: int = 2000
@@ -225,34 +240,85 @@ class PrometheusRemoteWriteExporter:
         labels["__name__"] = name
         return wire.encode_labels(sorted(labels.items()))
 
+    def _classic_cache(self, series: Series) -> _Classic:
+        """Label bytes of every sub-series of a classic histogram or a summary, for its current shape."""
+        name, shape = series.name, series.bounds
+        if series.kind == SUMMARY:
+            assert shape is not None
+            per_value = [self._label_bytes(series, name, (("quantile", format_value(q)),)) for q in shape]
+        else:
+            les = self._bounds if shape is None else [*(format_value(b) for b in shape), "+Inf"]
+            per_value = [self._label_bytes(series, name + "_bucket", (("le", le),)) for le in les]
+        return (
+            shape,
+            per_value,
+            self._label_bytes(series, name + "_sum"),
+            self._label_bytes(series, name + "_count"),
+        )
+
     def _encode(self, series: Series, ts_ms: int, stale: bool = False) -> tuple[list[bytes], int]:
         """Encoded TimeSeries entries for one series' current state, and their sample count."""
-        if series.cache is None:
-            if series.kind == HISTOGRAM and not self._config.send_native_histograms:
-                series.cache = (
-                    [self._label_bytes(series, series.name + "_bucket", (("le", b),)) for b in self._bounds],
-                    self._label_bytes(series, series.name + "_sum"),
-                    self._label_bytes(series, series.name + "_count"),
-                )
-            else:
+        if series.kind != HISTOGRAM and series.bounds is None:  # counters and gauges (summaries have bounds)
+            if series.cache is None:
                 series.cache = self._label_bytes(series, series.name)
-        if series.kind != HISTOGRAM:
             value = wire.STALE_NAN if stale else series.value
             return [wire.encode_series(series.cache, [(value, ts_ms)])], 1  # type: ignore[arg-type]
-        if self._config.send_native_histograms:
+        if self._config.send_native_histograms and series.bounds is None and series.kind == HISTOGRAM:
+            out: list[bytes] = []
+            if type(series.cache) is not bytes:  # new, or was an explicit histogram (classic series)
+                out += self._retire(series.cache, (), ts_ms)
+                series.cache = self._label_bytes(series, series.name)
+            native = series.cache
             if stale:
-                return [wire.encode_series(series.cache, [(wire.STALE_NAN, ts_ms)])], 1  # type: ignore[arg-type]
-            assert series.native is not None
-            return [wire.encode_histogram_series(series.cache, series.native, ts_ms)], 1  # type: ignore[arg-type]
-        buckets, sum_labels, count_labels = cast(tuple[list[bytes], bytes, bytes], series.cache)
-        counts = series.bucket_counts
-        assert counts is not None
-        values = [*counts.tolist(), series.count, series.sum, series.count]  # buckets, +Inf, _sum, _count
-        out = [
-            wire.encode_series(labels, [(wire.STALE_NAN if stale else value, ts_ms)])
-            for labels, value in zip([*buckets, sum_labels, count_labels], values, strict=True)
+                out.append(wire.encode_series(native, [(wire.STALE_NAN, ts_ms)]))
+            else:
+                assert series.native is not None
+                out.append(wire.encode_histogram_series(native, series.native, ts_ms))
+            return out, len(out)
+        return self._encode_classic(series, ts_ms, stale)
+
+    def _encode_classic(self, series: Series, ts_ms: int, stale: bool) -> tuple[list[bytes], int]:
+        """A classic histogram (``_bucket`` per bound, ``_sum``, ``_count``) or a summary (one series
+        per quantile, ``_sum``, ``_count``), with stale markers for sub-series a shape change removed."""
+        out: list[bytes] = []
+        cache = series.cache
+        if type(cache) is not tuple or cache[0] is not series.bounds:
+            fresh = self._classic_cache(series)
+            out += self._retire(cache, (*fresh[1], fresh[2], fresh[3]), ts_ms)
+            cache = series.cache = fresh
+        _, per_value, sum_labels, count_labels = cast(_Classic, cache)
+        values = series.bucket_counts
+        assert values is not None
+        if stale:
+            out += [
+                wire.encode_series(labels, [(wire.STALE_NAN, ts_ms)])
+                for labels in (*per_value, sum_labels, count_labels)
+            ]
+            return out, len(out)
+        if series.kind == HISTOGRAM:  # buckets, +Inf, _sum, _count
+            samples = [*values.tolist(), series.count, series.sum, series.count]
+        else:  # quantiles, _sum, _count
+            samples = [*values.tolist(), series.sum, series.count]
+        out += [
+            wire.encode_series(labels, [(value, ts_ms)])
+            for labels, value in zip([*per_value, sum_labels, count_labels], samples, strict=True)
         ]
         return out, len(out)
+
+    @staticmethod
+    def _retire(old: object, kept: tuple[bytes, ...], ts_ms: int) -> list[bytes]:
+        """Stale markers for the sub-series of a previous shape (``old`` cache) that ``kept`` lacks."""
+        if old is None:
+            return []
+        if type(old) is bytes:
+            gone: list[bytes] = [old]
+        else:
+            _, per_value, sum_labels, count_labels = cast(_Classic, old)
+            gone = [*per_value, sum_labels, count_labels]
+        keep = set(kept)
+        return [
+            wire.encode_series(labels, [(wire.STALE_NAN, ts_ms)]) for labels in gone if labels not in keep
+        ]
 
     async def consume(self, batch: MetricBatch) -> None:
         entries: list[bytes] = []

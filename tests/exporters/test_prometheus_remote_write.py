@@ -16,7 +16,7 @@ from aiohttp import web
 
 from agent import exphist
 from agent.component import ComponentId, ComponentKind, Settings
-from agent.model import Kind, MetricBatch, Point, Temporality
+from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Summary, Temporality
 from agent.sending import RetryConfig
 from agent.telemetry import ComponentTelemetry, Telemetry
 from exporters.prometheus_remote_write import (
@@ -194,6 +194,158 @@ async def test_native_histogram_option(make: Make, receiver: Receiver) -> None:
     (ts,) = msg.timeseries
     assert not ts.samples and len(ts.histograms) == 1
     assert ts.histograms[0].count_int == 3 and ts.histograms[0].sum == 6.0
+
+
+def explicit(
+    name: str,
+    bounds: tuple[float, ...],
+    counts: tuple[int, ...],
+    total: float,
+    t: int,
+    labels: tuple[tuple[str, str], ...] = (),
+) -> Point:
+    return Point(name, Kind.HISTOGRAM, labels, t, explicit=ExplicitHistogram(bounds, counts, total))
+
+
+def summary(name: str, count: int, total: float, quantiles: tuple[tuple[float, float], ...], t: int) -> Point:
+    return Point(
+        name,
+        Kind.SUMMARY,
+        (),
+        t,
+        temporality=Temporality.CUMULATIVE,
+        summary=Summary(count, total, quantiles),
+    )
+
+
+def values(samples: dict[str, list[tuple[float, int]]], key: str) -> list[float]:
+    return [v for v, _ in samples[key]]
+
+
+def is_stale(v: float) -> bool:
+    return struct.unpack("<Q", struct.pack("<d", v))[0] == wire.STALE_NAN_BITS
+
+
+async def test_explicit_histogram_series_use_their_own_bounds(make: Make, receiver: Receiver) -> None:
+    exp, tel = make(histogram_buckets=[0.1, 0.5, 1.0])
+    await exp.start()
+    t = time.time_ns()
+    labels = (("le", "mine"), ("svc", "a"))
+    await exp.consume(MetricBatch((explicit("rpc.dur", (0.25, 2.5), (1, 2, 3), 9.0, t, labels),)))
+    await exp.consume(MetricBatch((explicit("rpc.dur", (0.25, 2.5), (1, 0, 1), 3.0, t + 10**9, labels),)))
+    await drain(exp)
+    s = receiver.samples()
+    base = "exported_le=mine"  # labels are sorted by name: le comes before svc
+    assert sorted(s) == sorted(
+        [
+            f"__name__=rpc_dur_bucket,{base},le=0.25,svc=a",
+            f"__name__=rpc_dur_bucket,{base},le=2.5,svc=a",
+            f"__name__=rpc_dur_bucket,{base},le=+Inf,svc=a",
+            f"__name__=rpc_dur_count,{base},svc=a",
+            f"__name__=rpc_dur_sum,{base},svc=a",
+        ]
+    )
+    assert values(s, f"__name__=rpc_dur_bucket,{base},le=0.25,svc=a") == [1, 2]
+    assert values(s, f"__name__=rpc_dur_bucket,{base},le=2.5,svc=a") == [3, 4]
+    assert values(s, f"__name__=rpc_dur_bucket,{base},le=+Inf,svc=a") == [6, 8]
+    assert values(s, f"__name__=rpc_dur_sum,{base},svc=a") == [9, 12]
+    assert values(s, f"__name__=rpc_dur_count,{base},svc=a") == [6, 8]
+    assert tel.value("exporter_sent_points_total") == 2
+
+
+async def test_summary_series(make: Make, receiver: Receiver) -> None:
+    exp, _ = make()
+    await exp.start()
+    t = time.time_ns()
+    await exp.consume(MetricBatch((summary("rpc.lat", 7, 3.5, ((0.5, 0.4), (0.99, 1.25)), t),)))
+    await drain(exp)
+    ((_, msg),) = receiver.requests
+    got = {
+        ",".join(f"{lb.name}={lb.value}" for lb in ts.labels): [smp.value for smp in ts.samples]
+        for ts in msg.timeseries
+    }
+    assert got == {
+        "__name__=rpc_lat,quantile=0.5": [0.4],
+        "__name__=rpc_lat,quantile=0.99": [1.25],
+        "__name__=rpc_lat_sum": [3.5],
+        "__name__=rpc_lat_count": [7],
+    }
+
+
+async def test_native_mode_keeps_explicit_histograms_classic(make: Make, receiver: Receiver) -> None:
+    exp, _ = make(send_native_histograms=True)
+    await exp.start()
+    t = time.time_ns()
+    h = exphist.from_values(np.array([1.0, 2.0, 3.0]))
+    await exp.consume(
+        MetricBatch(
+            (
+                Point("native", Kind.HISTOGRAM, (), t, histogram=h),
+                explicit("classic", (1.0,), (1, 2), 5.0, t),
+            )
+        )
+    )
+    await drain(exp)
+    ((_, msg),) = receiver.requests
+    by_name = {ts.labels[0].value: ts for ts in msg.timeseries}
+    assert sorted(by_name) == ["classic_bucket", "classic_count", "classic_sum", "native"]
+    assert len(by_name["native"].histograms) == 1 and not by_name["native"].samples
+    assert all(not by_name[n].histograms for n in ("classic_bucket", "classic_count", "classic_sum"))
+    buckets = [ts for ts in msg.timeseries if ts.labels[0].value == "classic_bucket"]
+    assert {ts.labels[1].value: ts.samples[0].value for ts in buckets} == {"1": 1, "+Inf": 3}
+
+
+async def test_changed_bounds_retire_the_buckets_that_vanished(make: Make, receiver: Receiver) -> None:
+    exp, _ = make()
+    await exp.start()
+    t = time.time_ns()
+    await exp.consume(MetricBatch((explicit("h", (0.5, 1.0), (1, 1, 1), 2.0, t),)))
+    await exp.consume(MetricBatch((explicit("h", (1.0, 2.0), (1, 0, 0), 0.5, t + 10**9),)))
+    await drain(exp)
+    s = receiver.samples()
+    # le=0.5 is gone: its last sample is the stale marker, so queries stop seeing it at once.
+    old = values(s, "__name__=h_bucket,le=0.5")
+    assert old[0] == 1 and len(old) == 2 and is_stale(old[1])
+    # Kept and new sub-series carry the restarted counts (a counter reset for Prometheus), never stale.
+    assert values(s, "__name__=h_bucket,le=1") == [2, 1]
+    assert values(s, "__name__=h_bucket,le=2") == [1]
+    assert values(s, "__name__=h_bucket,le=+Inf") == [3, 1]
+    assert values(s, "__name__=h_count") == [3, 1]
+
+
+async def test_stale_markers_for_every_sub_series_on_expiry(make: Make, receiver: Receiver) -> None:
+    exp, tel = make(series_expiration=0.2)
+    await exp.start()
+    t = time.time_ns()
+    await exp.consume(
+        MetricBatch(
+            (
+                explicit("eh", (1.0,), (1, 1), 2.0, t),
+                summary("sm", 3, 1.5, ((0.5, 0.5), (0.9, 0.9)), t),
+            )
+        )
+    )
+    deadline = time.monotonic() + 10
+    while tel.value("exporter_stale_markers_total") < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await drain(exp)
+    s = receiver.samples()
+    assert sorted(s) == sorted(
+        [
+            "__name__=eh_bucket,le=1",
+            "__name__=eh_bucket,le=+Inf",
+            "__name__=eh_sum",
+            "__name__=eh_count",
+            "__name__=sm,quantile=0.5",
+            "__name__=sm,quantile=0.9",
+            "__name__=sm_sum",
+            "__name__=sm_count",
+        ]
+    )
+    for key, got in s.items():
+        assert len(got) == 2, key
+        assert not is_stale(got[0][0]) and is_stale(got[1][0]), key
+        assert got[1][1] > got[0][1], key  # the marker comes after the sample
 
 
 async def test_5xx_and_429_retried_with_retry_after_4xx_dropped(make: Make, receiver: Receiver) -> None:

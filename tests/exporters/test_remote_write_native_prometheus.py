@@ -1,13 +1,15 @@
-"""Native histograms from the hand encoder, written to a real Prometheus (2.42+) and read back.
+"""Native histograms from the hand encoder, written to a real Prometheus (2.42+) and read back; and
+OTLP's explicit-bucket histograms and summaries sent by the exporter itself.
 
 Starts `prometheus --enable-feature=native-histograms --web.enable-remote-write-receiver` on a free
-loopback port with a temporary TSDB, posts snappy-compressed WriteRequests built by wire.py, and
-queries them through the HTTP API.
+loopback port with a temporary TSDB, posts snappy-compressed WriteRequests built by wire.py (or lets
+the exporter post them), and queries them through the HTTP API.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import socket
@@ -25,8 +27,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.component import ComponentId, ComponentKind, Settings
 from agent.exphist import ExpHistogram
-from exporters.prometheus_remote_write import wire
+from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Summary, Temporality
+from agent.sending import RetryConfig
+from agent.telemetry import ComponentTelemetry, Telemetry
+from exporters.prometheus_remote_write import (
+    PrometheusRemoteWriteConfig,
+    PrometheusRemoteWriteExporter,
+    wire,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -215,3 +225,83 @@ def test_prometheus_stores_native_histograms(
     # differ between versions, hence the tolerance.
     assert math.isfinite(rate_per_s)
     assert rate_per_s == pytest.approx((second.count - first.count) / 30, rel=0.5)
+
+
+async def test_prometheus_reads_explicit_histograms_and_summaries_from_the_exporter(
+    prometheus: Server,
+) -> None:
+    tel = Telemetry()
+    settings = Settings(
+        id=ComponentId("prometheus_remote_write"),
+        kind=ComponentKind.EXPORTER,
+        telemetry=ComponentTelemetry(tel, "exporter", "prometheus_remote_write"),
+        logger=logging.getLogger("test.prw.prometheus"),
+        shutdown_timeout_s=10.0,
+    )
+    # Native histograms on: explicit histograms must still arrive as classic series.
+    config = PrometheusRemoteWriteConfig(
+        endpoint=f"{prometheus.url}/api/v1/write",
+        send_native_histograms=True,
+        retry_on_failure=RetryConfig(initial_interval=0.05, max_interval=0.2),  # type: ignore[arg-type]
+    )
+    exporter = PrometheusRemoteWriteExporter(settings, config)
+    now_ns = time.time_ns()
+    t1, t2 = now_ns - 30 * 10**9, now_ns
+    labels = (("job", "headwater"),)
+    bounds = (0.1, 0.5, 1.0)
+
+    def delta(counts: tuple[int, ...], total: float, t: int) -> Point:
+        return Point(
+            "rpc.duration",
+            Kind.HISTOGRAM,
+            labels,
+            t,
+            unit="s",
+            explicit=ExplicitHistogram(bounds, counts, total),
+        )
+
+    quantiles = ((0.5, 0.2), (0.99, 0.8))
+    await exporter.start()
+    try:
+        await exporter.consume(MetricBatch((delta((2, 4, 2, 0), 2.5, t1),)))
+        await exporter.consume(
+            MetricBatch(
+                (
+                    delta((0, 2, 2, 0), 1.5, t2),
+                    Point(
+                        "rpc.latency",
+                        Kind.SUMMARY,
+                        labels,
+                        t2,
+                        unit="s",
+                        temporality=Temporality.CUMULATIVE,
+                        summary=Summary(40, 12.5, quantiles),
+                    ),
+                )
+            )
+        )
+        await exporter._sender.shutdown(10.0)  # delivers everything queued
+    finally:
+        await exporter.shutdown()
+    assert tel.value("exporter_sent_points_total") == 3
+    at_ms = t2 // 1_000_000
+
+    def scalar(promql: str) -> float:
+        [answer] = query(prometheus, promql, at_ms)
+        return float(answer["value"][1])
+
+    # Cumulative buckets now: le=0.1 → 2, 0.5 → 8, 1 → 12, +Inf → 12. The median (rank 6) lies in
+    # (0.1, 0.5]: 0.1 + (6 - 2) / (8 - 2) * 0.4.
+    assert scalar("histogram_quantile(0.5, rpc_duration_seconds_bucket)") == pytest.approx(0.1 + 4 / 6 * 0.4)
+    # Over the last minute only the second delta counts (0, 2, 4, 4): its median is at le=0.5.
+    assert scalar("histogram_quantile(0.5, rate(rpc_duration_seconds_bucket[1m]))") == pytest.approx(0.5)
+    assert scalar("rpc_duration_seconds_count") == 12
+    assert scalar("rpc_duration_seconds_sum") == 4.0
+    les = {r["metric"]["le"] for r in query(prometheus, "rpc_duration_seconds_bucket", at_ms)}
+    assert les == {"0.1", "0.5", "1", "+Inf"}
+    assert query(prometheus, "rpc_duration_seconds", at_ms) == []  # no native series
+
+    assert scalar('rpc_latency_seconds{quantile="0.5"}') == 0.2
+    assert scalar('rpc_latency_seconds{quantile="0.99"}') == 0.8
+    assert scalar("rpc_latency_seconds_sum") == 12.5
+    assert scalar("rpc_latency_seconds_count") == 40

@@ -124,6 +124,9 @@ def test_sdk_metrics_arrive_in_prometheus(agent: AgentProcess, prometheus: Prome
 
         cumulative.get_meter("shop").create_observable_gauge("room.temperature", [temperature])
         jobs = delta.get_meter("worker").create_counter("jobs")
+        duration = cumulative.get_meter("shop").create_histogram("checkout.duration", unit="s")
+        for seconds in (0.2, 0.4, 3.0):
+            duration.record(seconds)
 
         orders.add(5, {"shop": "eu"})
         inflight.add(4)
@@ -137,10 +140,15 @@ def test_sdk_metrics_arrive_in_prometheus(agent: AgentProcess, prometheus: Prome
         cumulative.shutdown()
         delta.shutdown()
 
-    assert prometheus.wait_value('orders_total{shop="eu"}', 7.0) == 7.0
+    assert prometheus.wait_value('orders_total{shop="eu",job="checkout"}', 7.0) == 7.0
     assert prometheus.wait_value('jobs_total{queue="mail"}', 5.0) == 5.0
     assert prometheus.wait_value("requests_inflight", 3.0) == 3.0
     assert prometheus.wait_value('room_temperature{room="lab"}', 21.5) == 21.5
+    # An explicit-bucket histogram (the SDK's default) keeps its own bounds (0, 5, 10, 25, ...).
+    assert prometheus.wait_value("checkout_duration_seconds_count", 3.0) == 3.0
+    assert prometheus.value("checkout_duration_seconds_sum") == pytest.approx(3.6)
+    assert prometheus.value('checkout_duration_seconds_bucket{le="0"}') == 0.0
+    assert prometheus.value('checkout_duration_seconds_bucket{le="5"}') == 3.0
     assert agent.self_metric("headwater_receiver_refused_points_total") == 0
 
 
