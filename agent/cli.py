@@ -58,14 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, factories, args.set)
     except ConfigError as exc:
-        print(f"headwater: invalid configuration ({len(exc.problems)} problems):", file=sys.stderr)
+        print(f"headwater: invalid configuration ({_count(len(exc.problems))}):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
     if args.verb == "validate":
         problems = environment_problems(config)
         if problems:
-            print(f"headwater: the environment is not ready ({len(problems)} problems):", file=sys.stderr)
+            print(f"headwater: the environment is not ready ({_count(len(problems))}):", file=sys.stderr)
             for problem in problems:
                 print(f"  {problem}", file=sys.stderr)
             return EXIT_CONFIG
@@ -175,6 +175,10 @@ def _components(factories: Mapping[tuple[ComponentKind, str], Factory], as_json:
         _print_fields(d["fields"], "    ")
         print()
     return 0
+
+
+def _count(n: int) -> str:
+    return "1 problem" if n == 1 else f"{n} problems"
 
 
 def _has_defaults(f: Factory) -> bool:
