@@ -1,4 +1,4 @@
-"""The ``headwater`` command: run (the default), validate, components."""
+"""The ``headwater`` command: run (the default), validate, components, queue."""
 
 from __future__ import annotations
 
@@ -43,15 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("validate", help="check the config and the environment (ports, directories)"))
     comp = sub.add_parser("components", help="list every built-in component type with its settings")
     comp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    queue = sub.add_parser("queue", help="disk-queue tooling: inspect, verify (exit 1 on damage), repair")
+    queue.add_argument("action", choices=["inspect", "verify", "repair"])
+    queue.add_argument("directory", help="the queue directory (sending_queue.directory) or one partition")
+    queue.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    verbs = {"run", "validate", "components"}
+    verbs = {"run", "validate", "components", "queue"}
     if not any(a in verbs for a in args_list) and not {"-h", "--help", "--version"} & set(args_list):
         args_list = ["run", *args_list]
     args = _parser().parse_args(args_list)
+    if args.verb == "queue":
+        from agent.diskqueue.tools import queue_command
+
+        return queue_command(args.action, args.directory, args.json)
     factories = builtin_factories()
     if args.verb == "components":
         return _components(factories, args.json)
