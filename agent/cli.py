@@ -114,6 +114,7 @@ def run(config: AgentConfig) -> int:
 
 async def _run(config: AgentConfig) -> int:
     from agent.admin import AdminServer
+    from agent.diskqueue import QueueError
     from agent.service import Agent
 
     loop = asyncio.get_running_loop()
@@ -139,7 +140,7 @@ async def _run(config: AgentConfig) -> int:
         if admin is not None:
             await admin.start()
         await agent.start()
-    except OSError as exc:
+    except (OSError, QueueError) as exc:  # a port taken, a queue directory locked or unreadable
         log.error("cannot start: %s", exc)
         if admin is not None:
             await admin.shutdown()

@@ -1,12 +1,28 @@
 """The sending machinery every network exporter composes: queue → retry → timeout → send.
 
-An exporter encodes a batch into one or more :class:`Request` s and offers them to its
-:class:`Sender`. Workers take requests in order (one worker keeps per-series order for remote-write),
-call the exporter's ``send`` under a timeout, and classify the outcome: success counts ``sent``; a
-:class:`PermanentError` drops and counts; anything else is retried with capped, jittered exponential
-backoff that honours the server's ``Retry-After`` until ``max_elapsed_time``. A full queue drops by the
-configured policy and counts it. On shutdown the queue drains until the deadline; what is left is
-counted as dropped with reason ``shutdown``.
+An exporter encodes a batch into one or more :class:`Request` s, offers them to its :class:`Sender`
+and then awaits :meth:`Sender.commit`. Workers take requests, call the exporter's ``send`` under a
+timeout, and classify the outcome: success counts ``sent``; a :class:`PermanentError` drops and counts;
+anything else is retried with capped, jittered exponential backoff that honours the server's
+``Retry-After``.
+
+The queue is in memory or on disk (``storage``):
+
+- memory: ``queue_size`` requests. Retries stop after ``max_elapsed_time`` (dropped, counted). On
+  shutdown the queue drains until the deadline; what is left is counted as dropped{shutdown}.
+- disk: a partition of :mod:`agent.diskqueue` per exporter, ``max_bytes`` on disk. A request is
+  appended on ``offer`` and made durable by ``commit`` (``fsync: batch``; ``interval`` syncs in the
+  background, ``never`` leaves it to the page cache); it leaves the disk only when the backend took it
+  or refused it for good (at-least-once). Retryable failures are retried without a time limit — giving
+  up after ``max_elapsed_time`` is how other queues lose the oldest hours of an outage. On shutdown
+  whatever is not delivered by the deadline stays on disk for the next run; nothing is counted lost.
+  Order: ``fifo`` senders (remote-write: Prometheus refuses older samples after newer ones) always
+  send the oldest record first; the others alternate oldest and newest, so live data keeps flowing
+  while a backlog drains.
+
+Full queue: ``block`` raises :class:`Backpressure` from ``offer`` (receivers answer 429 / UNAVAILABLE,
+StatsD counts the points refused); ``drop_oldest`` / ``drop_newest`` drop and count
+(dropped{queue_full}). A full disk (ENOSPC) is treated as a full queue (reason ``disk_full``).
 """
 
 from __future__ import annotations
@@ -21,8 +37,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.component import PermanentError, RetryableError, Settings, Tasks
-from agent.confmodel import Duration
+from agent.component import Backpressure, PermanentError, RetryableError, Settings, Tasks
+from agent.confmodel import Duration, Size
+from agent.diskqueue import (
+    DiskFull,
+    DiskQueue,
+    DiskQueueConfig,
+    Partition,
+    QueueFull,
+    RecordTooLarge,
+    queue_directory_problems,
+)
 
 
 @dataclass(frozen=True)
@@ -63,12 +88,24 @@ class RetryConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
+    storage: Literal["memory", "disk"] = "memory"
+    """memory: lost on restart; disk: survives restarts and crashes (at-least-once), see directory."""
     queue_size: int = 1000
-    """Requests held in memory while waiting to be sent."""
-    full_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
-    """When the queue is full: drop the oldest queued request, or the new one (both counted)."""
+    """memory: requests held while waiting to be sent."""
+    full_policy: Literal["block", "drop_oldest", "drop_newest"] = "drop_oldest"
+    """When full: block (refuse new data: receivers answer 429), or drop the oldest / newest request
+    (counted as dropped{queue_full}). Disk queues block or drop the oldest."""
     num_consumers: int = 1
     """Requests sent at once. Remote-write keeps per-series order only with 1."""
+    directory: str = "/var/lib/headwater/queue"
+    """disk: root directory; each exporter gets its own subdirectory (locked: one agent per directory)."""
+    max_bytes: Size = Size(1 << 30)
+    """disk: space the exporter's queue may use."""
+    fsync: Literal["batch", "interval", "never"] = "batch"
+    """disk: batch = durable before the receiver is answered; interval = every fsync_interval; never =
+    the page cache only (survives a crash of the agent, not of the machine)."""
+    fsync_interval: Duration = Duration(0.1)
+    """disk: period of background syncs (the fsync for interval; acks and freed segments for all)."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -76,16 +113,40 @@ class QueueConfig:
             problems.append(("queue_size", "must be at least 1"))
         if self.num_consumers < 1:
             problems.append(("num_consumers", "must be at least 1"))
+        if self.storage == "disk":
+            if self.full_policy == "drop_newest":
+                problems.append(("full_policy", "a disk queue blocks or drops the oldest records"))
+            problems.extend(self.disk().validate())
         return problems
+
+    def environment_problems(self) -> list[tuple[str, str]]:
+        if self.storage != "disk":
+            return []
+        return [("directory", p) for p in queue_directory_problems(self.directory)]
+
+    def disk(self) -> DiskQueueConfig:
+        return DiskQueueConfig(
+            directory=self.directory,
+            max_bytes=self.max_bytes,
+            full_policy="block" if self.full_policy == "block" else "drop_oldest",
+            fsync=self.fsync,
+            fsync_interval=self.fsync_interval,
+        )
 
 
 @dataclass
 class Request:
-    """One encoded request: ``points`` is what it carries, for loss accounting."""
+    """One encoded request: ``points`` is what it carries, for loss accounting. ``kind`` is a short
+    string the exporter routes by (OTLP: the signal); it is stored with the request on disk."""
 
     payload: bytes
     points: int
     headers: dict[str, str] = field(default_factory=dict)
+    kind: str = ""
+
+
+_KIND = "\x00kind"
+"""Where a request's ``kind`` is kept among its stored headers (no HTTP header can hold a NUL)."""
 
 
 class Sender:
@@ -99,6 +160,7 @@ class Sender:
         retry: RetryConfig,
         timeout_s: float,
         *,
+        fifo: bool = True,
         rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
@@ -106,6 +168,7 @@ class Sender:
         self._queue_cfg = queue
         self._retry = retry
         self._timeout_s = timeout_s
+        self._fifo = fifo
         self._rng = rng or random.Random()
         self._log: logging.Logger = settings.logger
         self._items: collections.deque[Request] = collections.deque()
@@ -116,39 +179,94 @@ class Sender:
         self._closing = False
         self._deadline = float("inf")
         self._tasks = Tasks(str(settings.id), settings.logger)
+        self._disk: DiskQueue | None = None
+        self._part: Partition | None = None
+        self._stop_syncer = asyncio.Event()
+        self._turn = 0
         tel = settings.telemetry
         self._sent = tel.sent()
         self._requests_sent = tel.counter("exporter_sent_requests_total", "Requests an exporter delivered.")
         self._retries = tel.counter("exporter_retries_total", "Send attempts that were retried.")
-        tel.gauge("exporter_queue_size", "Requests waiting in the sending queue.", lambda: len(self._items))
-        tel.gauge(
-            "exporter_queue_capacity", "Capacity of the sending queue in requests.", lambda: queue.queue_size
-        )
+        tel.gauge("exporter_queue_size", "Requests waiting in the sending queue.", lambda: self.queued)
+        if queue.storage == "memory":
+            tel.gauge(
+                "exporter_queue_capacity",
+                "Capacity of the sending queue in requests.",
+                lambda: queue.queue_size,
+            )
 
     @property
     def queued(self) -> int:
-        return len(self._items)
+        part = self._part
+        return part.records if part is not None else len(self._items)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Open the disk queue (recovering what a previous run left) and start the workers."""
+        if self._queue_cfg.storage == "disk" and self._part is None:
+            disk = DiskQueue(self._queue_cfg.disk(), str(self._settings.id), self._settings.telemetry)
+            self._part = await asyncio.to_thread(disk.partition)  # scans the segments: not on the loop
+            self._disk = disk
+            if self._part.records:
+                self._log.info(
+                    "disk queue %s: %d requests from a previous run will be sent first",
+                    self._queue_cfg.directory,
+                    self._part.records,
+                )
+                self._idle.clear()
+            self._tasks.spawn(disk.run_syncer(self._stop_syncer), "disk-syncer")
+        worker = self._disk_worker if self._part is not None else self._worker
         for i in range(self._queue_cfg.num_consumers):
-            self._tasks.spawn(self._worker(), f"sender-{i}")
+            self._tasks.spawn(worker(), f"sender-{i}")
 
     def offer(self, request: Request) -> None:
-        """Queue a request without waiting; when full, drop by policy and count."""
+        """Queue a request without waiting. When full: raise :class:`Backpressure` (``block``) or drop by
+        policy and count."""
+        tel = self._settings.telemetry
         if self._closing:
-            self._settings.telemetry.dropped("shutdown").value += request.points
+            tel.dropped("shutdown").value += request.points
             return
+        if self._part is not None:
+            self._offer_disk(self._part, request)
+            return
+        policy = self._queue_cfg.full_policy
         if len(self._items) >= self._queue_cfg.queue_size:
-            self._settings.telemetry.dropped("queue_full").value += (
-                self._items.popleft().points
-                if self._queue_cfg.full_policy == "drop_oldest"
-                else request.points
-            )
-            if self._queue_cfg.full_policy == "drop_newest":
+            if policy == "block":
+                raise Backpressure("queue_full")
+            if policy == "drop_newest":
+                tel.dropped("queue_full").value += request.points
                 return
+            tel.dropped("queue_full").value += self._items.popleft().points
         self._items.append(request)
         self._idle.clear()
         self._available.set()
+
+    def _offer_disk(self, part: Partition, request: Request) -> None:
+        headers = dict(request.headers)
+        if request.kind:
+            headers[_KIND] = request.kind
+        tel = self._settings.telemetry
+        try:
+            result = part.append(request.payload, items=request.points, headers=headers)
+        except DiskFull:
+            if self._queue_cfg.full_policy == "block":
+                raise Backpressure("disk_full") from None
+            tel.dropped("disk_full").value += request.points
+            return
+        except QueueFull:
+            raise Backpressure("queue_full") from None
+        except RecordTooLarge:
+            tel.dropped("too_large").value += request.points
+            return
+        if result.dropped_items:
+            tel.dropped("queue_full").value += result.dropped_items
+        self._idle.clear()
+        self._available.set()
+
+    async def commit(self) -> None:
+        """Make what was offered durable as the queue's fsync policy says (``batch``: now, off the loop).
+        Exporters await it once per batch, before the batch counts as taken."""
+        if self._part is not None and self._queue_cfg.fsync == "batch":
+            await self._part.sync_async()
 
     async def _worker(self) -> None:
         while True:
@@ -160,7 +278,7 @@ class Sender:
             request = self._items.popleft()
             self._in_flight += 1
             try:
-                await self._deliver(request)
+                await self._deliver(request, durable=False)
             except asyncio.CancelledError:
                 # Only shutdown cancels a worker; what it held is lost to this run and counted.
                 self._settings.telemetry.dropped("shutdown").value += request.points
@@ -170,7 +288,39 @@ class Sender:
                 if not self._items and self._in_flight == 0:
                     self._idle.set()
 
-    async def _deliver(self, request: Request) -> None:
+    async def _disk_worker(self) -> None:
+        part = self._part
+        assert part is not None
+        while True:
+            oldest = self._fifo or self._turn % 2 == 0
+            self._turn += 1
+            record = part.next(oldest=oldest)
+            if record is None:
+                self._available.clear()
+                if self._in_flight == 0 and part.pending == 0:
+                    self._idle.set()
+                await self._available.wait()
+                continue
+            headers = dict(record.headers)
+            kind = headers.pop(_KIND, "")
+            request = Request(record.payload, record.items, headers, kind)
+            self._in_flight += 1
+            try:
+                done = await self._deliver(request, durable=True)
+            except asyncio.CancelledError:
+                part.release(record.seq)  # stays on disk for the next run: not lost, not counted
+                raise
+            finally:
+                self._in_flight -= 1
+            if done:
+                part.ack(record.seq)
+            else:
+                part.release(record.seq)
+                return  # shutting down: leave the rest on disk
+
+    async def _deliver(self, request: Request, *, durable: bool) -> bool:
+        """Send with retries. True when the request is finished with (sent, or dropped and counted);
+        False when a durable request is kept for the next run because shutdown came first."""
         tel = self._settings.telemetry
         started = time.monotonic()
         attempt = 0
@@ -180,27 +330,30 @@ class Sender:
             except PermanentError as exc:
                 self._log.warning("dropping %d points: %s", request.points, exc)
                 tel.dropped(exc.reason).value += request.points
-                return
+                return True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 reason, retry_after = _classify(exc)
                 tel.failed(reason).value += request.points
                 waited = time.monotonic() - started
-                if not self._retry.enabled or (
-                    self._retry.max_elapsed_time and waited >= self._retry.max_elapsed_time
+                if not durable and (
+                    not self._retry.enabled
+                    or (self._retry.max_elapsed_time and waited >= self._retry.max_elapsed_time)
                 ):
                     self._log.warning(
                         "dropping %d points after %.1fs of retries: %s", request.points, waited, exc
                     )
                     tel.dropped("retries_exhausted").value += request.points
-                    return
+                    return True
                 delay = self._retry.backoff_s(attempt, self._rng)
                 if retry_after is not None:
                     delay = max(delay, min(retry_after, max(self._retry.max_interval, 300.0)))
                 if time.monotonic() + delay > self._deadline:
+                    if durable:
+                        return False
                     tel.dropped("shutdown").value += request.points
-                    return
+                    return True
                 if attempt == 0 or self._log.isEnabledFor(logging.DEBUG):
                     self._log.warning("send failed (%s), retrying in %.2fs: %s", reason, delay, exc)
                 attempt += 1
@@ -209,22 +362,32 @@ class Sender:
                 continue
             self._sent.value += request.points
             self._requests_sent.value += 1
-            return
+            return True
 
     async def shutdown(self, timeout_s: float) -> None:
-        """Stop taking requests, drain for up to ``timeout_s``, count the rest as dropped. Idempotent."""
+        """Stop taking requests, drain for up to ``timeout_s``; then count what is left as dropped
+        (memory) or leave it on disk for the next run (disk). Idempotent."""
         if self._closing:
             return
         self._closing = True
         self._deadline = time.monotonic() + timeout_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout_s)
+        self._stop_syncer.set()
         await self._tasks.close()
         left = sum(r.points for r in self._items)
         if left:
             self._log.warning("shutdown deadline reached: dropping %d queued points", left)
             self._settings.telemetry.dropped("shutdown").value += left
             self._items.clear()
+        if self._disk is not None and self._part is not None:
+            kept = self._part.records
+            await asyncio.to_thread(self._disk.close)  # final sync and unlock
+            if kept:
+                self._log.warning(
+                    "%d requests stay in the disk queue %s for the next run", kept, self._queue_cfg.directory
+                )
+            self._part = None
         self._settings.telemetry.telemetry.unregister_gauges(exporter=self._settings.telemetry.id)
 
 

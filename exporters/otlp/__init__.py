@@ -171,6 +171,9 @@ class OtlpConfig:
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
 
+    def environment_problems(self) -> list[tuple[str, str]]:
+        return [(f"sending_queue::{path}", msg) for path, msg in self.sending_queue.environment_problems()]
+
     def validate(self) -> list[tuple[str, str]]:
         problems = _common_problems(self)
         endpoint = self.endpoint
@@ -244,6 +247,9 @@ class OtlpHttpConfig:
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
 
+    def environment_problems(self) -> list[tuple[str, str]]:
+        return [(f"sending_queue::{path}", msg) for path, msg in self.sending_queue.environment_problems()]
+
     def validate(self) -> list[tuple[str, str]]:
         problems = _common_problems(self)
         for name in ("endpoint", "metrics_endpoint", "traces_endpoint", "logs_endpoint"):
@@ -288,13 +294,6 @@ def _common_problems(cfg: AnyConfig) -> list[tuple[str, str]]:
         for path, message in getattr(cfg, section).validate():
             problems.append((f"{section}::{path}" if path else section, message))
     return problems
-
-
-@dataclass
-class _SignalRequest(Request):
-    """A request and the signal it carries (one sending queue serves all three)."""
-
-    signal: Signal = Signal.METRICS
 
 
 @dataclass(frozen=True)
@@ -394,8 +393,9 @@ class _OtlpExporter:
             )
         )
         self._lock = asyncio.Lock()
+        # No ordering constraint in OTLP: a disk backlog drains interleaved with live data.
         self._sender = Sender(
-            settings, self._send, config.sending_queue, config.retry_on_failure, config.timeout
+            settings, self._send, config.sending_queue, config.retry_on_failure, config.timeout, fifo=False
         )
         tel = settings.telemetry
         self._partial = tel.counter(
@@ -418,7 +418,11 @@ class _OtlpExporter:
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         await self._open()
-        self._sender.start()
+        try:
+            await self._sender.start()  # takes the disk queue's lock, or fails
+        except BaseException:
+            await self._close()
+            raise
 
     async def shutdown(self) -> None:
         await self._sender.shutdown(self._settings.shutdown_timeout_s)
@@ -445,6 +449,7 @@ class _OtlpExporter:
             await self._consume_passthrough(Signal.TRACES, batch.resource_spans, "scope_spans", "spans")
         elif isinstance(batch, LogBatch):
             await self._consume_passthrough(Signal.LOGS, batch.resource_logs, "scope_logs", "log_records")
+        await self._sender.commit()
 
     async def _consume_metrics(self, batch: MetricBatch) -> None:
         points = batch.points
@@ -494,7 +499,7 @@ class _OtlpExporter:
             payload = await asyncio.to_thread(self._compress, body)
         else:
             payload = self._compress(body)
-        self._sender.offer(_SignalRequest(payload, points, signal=signal))
+        self._sender.offer(Request(payload, points, kind=signal.value))
 
     # -- responses -----------------------------------------------------------------------------------
     def _partial_success(self, request: Request, signal: Signal, body: bytes) -> None:
@@ -582,7 +587,7 @@ class OtlpGrpcExporter(_OtlpExporter):
             self._channel = None
 
     async def _send(self, request: Request) -> None:
-        signal = request.signal if isinstance(request, _SignalRequest) else Signal.METRICS
+        signal = Signal(request.kind or Signal.METRICS.value)
         call = self._calls[signal]
         try:
             response = await call(request.payload, timeout=self._grpc_config.timeout, metadata=self._metadata)
@@ -650,7 +655,7 @@ class OtlpHttpExporter(_OtlpExporter):
 
     async def _send(self, request: Request) -> None:
         assert self._session is not None
-        signal = request.signal if isinstance(request, _SignalRequest) else Signal.METRICS
+        signal = Signal(request.kind or Signal.METRICS.value)
         url = self.urls[signal]
         async with self._session.post(url, data=request.payload, headers=self._headers) as resp:
             body = await _read_capped(resp)

@@ -16,13 +16,23 @@ exactly. Summaries (OTLP) go as one series per quantile (``quantile`` label) plu
 series' shape changes (new bounds or quantiles, or an exponential histogram becoming an explicit one),
 the sub-series that no longer exist get a stale marker at once, so queries do not mix the old buckets
 with the new ones during Prometheus' 5-minute lookback; on expiry every sub-series gets one.
+
+With ``sending_queue: {storage: disk}`` the requests wait on disk while Prometheus is away (see
+``agent/sending.py``), drained oldest first so per-series order holds. The cumulative state is saved
+beside the queue (``<directory>/<exporter>.series``) at shutdown and loaded at start, so a restart
+neither resets counters nor makes Prometheus see a reset. The file is removed once loaded: after a
+crash (kill -9, power loss) there is none, counters start again from zero, and Prometheus counts
+that as one reset — rate() and increase() stay right, because a stale saved total would instead make
+the counter go down by an unknown amount.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -32,6 +42,7 @@ import aiohttp
 
 from agent.component import ComponentKind, Factory, PermanentError, RetryableError, Settings, Signal, Tasks
 from agent.confmodel import Duration
+from agent.diskqueue import StateFile, partition_name
 from agent.model import MetricBatch
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.version import USER_AGENT
@@ -128,6 +139,9 @@ class PrometheusRemoteWriteConfig:
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
 
+    def environment_problems(self) -> list[tuple[str, str]]:
+        return [(f"sending_queue::{path}", msg) for path, msg in self.sending_queue.environment_problems()]
+
     def validate(self) -> list[tuple[str, str]]:
         problems = []
         if not self.endpoint.startswith(("http://", "https://")):
@@ -222,15 +236,53 @@ class PrometheusRemoteWriteExporter:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=cfg.sending_queue.num_consumers),
         )
-        self._sender.start()
+        try:
+            await self._sender.start()  # takes the queue directory's lock, or fails
+        except BaseException:
+            await self._session.close()
+            self._session = None
+            raise
+        await self._load_state()  # only once the lock is ours: the state file belongs to the queue
         self._tasks.spawn(self._expire_loop(), "expire")
 
     async def shutdown(self) -> None:
         await self._tasks.close()
         await self._sender.shutdown(self._settings.shutdown_timeout_s)
+        await self._save_state()
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _state_file(self) -> StateFile | None:
+        q = self._config.sending_queue
+        if q.storage != "disk":
+            return None
+        return StateFile(os.path.join(q.directory, partition_name(str(self._settings.id)) + ".series"))
+
+    async def _load_state(self) -> None:
+        state_file = self._state_file()
+        if state_file is None:
+            return
+
+        def load() -> dict[str, object]:
+            state = state_file.load()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(state_file.path)  # a crash from here on must not restore this, now stale, state
+            return state
+
+        restored = self._store.restore(await asyncio.to_thread(load))
+        if restored:
+            self._settings.logger.info("restored the cumulative state of %d series", restored)
+
+    async def _save_state(self) -> None:
+        state_file = self._state_file()
+        if state_file is None or self._store.size == 0:
+            return
+        snapshot = self._store.snapshot()
+        try:
+            await asyncio.to_thread(state_file.save, snapshot)
+        except OSError as exc:
+            self._settings.logger.warning("could not save the cumulative state: %s", exc)
 
     # -- encoding ------------------------------------------------------------------------------------
     def _label_bytes(self, series: Series, name: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -339,6 +391,7 @@ class PrometheusRemoteWriteExporter:
         if entries:
             self._offer(entries, points)
         self._count_refused()
+        await self._sender.commit()
 
     def _offer(self, entries: list[bytes], points: int) -> None:
         body = wire.compress(wire.encode_write_request(entries))

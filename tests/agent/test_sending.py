@@ -3,8 +3,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from pathlib import Path
 
-from agent.component import ComponentId, ComponentKind, PermanentError, RetryableError, Settings
+import pytest
+
+from agent.component import Backpressure, ComponentId, ComponentKind, PermanentError, RetryableError, Settings
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.telemetry import ComponentTelemetry, Telemetry
 
@@ -33,7 +36,7 @@ async def test_retries_then_delivers_in_order() -> None:
         seen.append(req.payload)
 
     sender, tel = make(send)
-    sender.start()
+    await sender.start()
     for p in (b"a", b"b", b"c"):
         sender.offer(Request(p, 10))
     await sender.shutdown(5.0)
@@ -52,7 +55,7 @@ async def test_permanent_error_drops_and_counts_and_later_requests_flow() -> Non
         seen.append(req.payload)
 
     sender, tel = make(send)
-    sender.start()
+    await sender.start()
     sender.offer(Request(b"poison", 7))
     sender.offer(Request(b"ok", 3))
     await sender.shutdown(5.0)
@@ -71,7 +74,7 @@ async def test_retry_after_is_honoured() -> None:
             raise RetryableError("429", reason="http_429", retry_after_s=0.3)
 
     sender, _ = make(send)
-    sender.start()
+    await sender.start()
     sender.offer(Request(b"x", 1))
     await sender.shutdown(5.0)
     assert len(calls) == 2
@@ -84,7 +87,7 @@ async def test_gives_up_after_max_elapsed_time() -> None:
 
     retry = RetryConfig(initial_interval=0.001, max_interval=0.002, max_elapsed_time=0.05)
     sender, tel = make(send, retry=retry)
-    sender.start()
+    await sender.start()
     sender.offer(Request(b"x", 5))
     await sender.shutdown(5.0)
     assert tel.value("exporter_dropped_points_total", reason="retries_exhausted") == 5
@@ -100,7 +103,7 @@ async def test_full_queue_drops_oldest_and_counts() -> None:
         seen.append(req.payload)
 
     sender, tel = make(send, queue=QueueConfig(queue_size=2))
-    sender.start()
+    await sender.start()
     sender.offer(Request(b"1", 1))
     await asyncio.sleep(0.01)  # the worker takes 1 and waits on the gate
     for p in (b"2", b"3", b"4"):
@@ -120,7 +123,7 @@ async def test_full_queue_drop_newest() -> None:
         seen.append(req.payload)
 
     sender, tel = make(send, queue=QueueConfig(queue_size=1, full_policy="drop_newest"))
-    sender.start()
+    await sender.start()
     sender.offer(Request(b"1", 1))
     await asyncio.sleep(0.01)
     sender.offer(Request(b"2", 1))
@@ -137,7 +140,7 @@ async def test_shutdown_deadline_counts_what_is_left() -> None:
 
     retry = RetryConfig(initial_interval=0.01, max_interval=0.02, max_elapsed_time=0)
     sender, tel = make(send, retry=retry)
-    sender.start()
+    await sender.start()
     for _ in range(3):
         sender.offer(Request(b"x", 4))
     await sender.shutdown(0.1)
@@ -157,7 +160,7 @@ async def test_timeout_is_retryable() -> None:
             await asyncio.sleep(10)
 
     sender, tel = make(send, timeout_s=0.05)
-    sender.start()
+    await sender.start()
     sender.offer(Request(b"x", 1))
     await sender.shutdown(5.0)
     assert tel.value("exporter_failed_points_total", reason="timeout") == 1
@@ -171,3 +174,163 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert all(0.5 <= w <= 30.0 for w in waits)
     assert waits[-1] <= 30.0 and len(set(waits)) > 6
     assert 0.5 <= retry.backoff_s(0, rng) <= 1.5
+
+
+# -- disk storage ------------------------------------------------------------------------------------
+
+
+def disk(tmp_path: object, **kw: object) -> QueueConfig:
+    return QueueConfig(storage="disk", directory=str(tmp_path), **kw)  # type: ignore[arg-type]
+
+
+async def test_disk_queue_keeps_undelivered_requests_for_the_next_run(tmp_path: object) -> None:
+    async def down(req: Request) -> None:
+        raise RetryableError("503", reason="http_503")
+
+    sender, tel = make(down, disk(tmp_path))
+    await sender.start()
+    for i in range(5):
+        sender.offer(Request(b"r%d" % i, 10, {"x-tenant": "a"}, kind="metrics"))
+    await sender.commit()
+    await sender.shutdown(0.05)  # the backend is down past the deadline
+    assert tel.value("exporter_dropped_points_total") == 0  # kept, not lost
+    assert tel.value("exporter_sent_points_total") == 0
+
+    seen: list[Request] = []
+
+    async def up(req: Request) -> None:
+        seen.append(req)
+
+    again, tel2 = make(up, disk(tmp_path))
+    await again.start()
+    await again.shutdown(5.0)
+    assert [r.payload for r in seen] == [b"r%d" % i for i in range(5)]  # oldest first
+    assert all(r.points == 10 and r.kind == "metrics" and r.headers == {"x-tenant": "a"} for r in seen)
+    assert tel2.value("exporter_sent_points_total") == 50
+
+    third, _ = make(up, disk(tmp_path))  # delivered records are acked: never sent again
+    await third.start()
+    await third.shutdown(5.0)
+    assert len(seen) == 5
+
+
+async def test_disk_queue_retries_past_max_elapsed_time(tmp_path: object) -> None:
+    calls = 0
+
+    async def flaky(req: Request) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:
+            raise RetryableError("503", reason="http_503")
+
+    retry = RetryConfig(initial_interval=0.01, max_interval=0.02, max_elapsed_time=0.001)
+    sender, tel = make(flaky, disk(tmp_path), retry=retry)
+    await sender.start()
+    sender.offer(Request(b"x", 4))
+    await sender.commit()
+    await sender.shutdown(5.0)
+    assert tel.value("exporter_sent_points_total") == 4  # a memory queue would have given up
+    assert tel.value("exporter_dropped_points_total") == 0
+
+
+async def test_disk_queue_permanent_error_is_dropped_once(tmp_path: object) -> None:
+    async def refuse(req: Request) -> None:
+        raise PermanentError("HTTP 400", reason="http_400")
+
+    sender, tel = make(refuse, disk(tmp_path))
+    await sender.start()
+    sender.offer(Request(b"poison", 3))
+    await sender.commit()
+    await sender.shutdown(5.0)
+    assert tel.value("exporter_dropped_points_total", reason="http_400") == 3
+    seen: list[bytes] = []
+
+    async def up(req: Request) -> None:
+        seen.append(req.payload)
+
+    again, _ = make(up, disk(tmp_path))
+    await again.start()
+    await again.shutdown(5.0)
+    assert seen == []
+
+
+async def test_full_queues_block_with_backpressure(tmp_path: object) -> None:
+    gate = asyncio.Event()
+
+    async def stuck(req: Request) -> None:
+        await gate.wait()
+
+    memory, _ = make(stuck, QueueConfig(queue_size=2, full_policy="block"))
+    await memory.start()
+    memory.offer(Request(b"a", 1))
+    await asyncio.sleep(0)  # the worker takes "a"
+    memory.offer(Request(b"b", 1))
+    memory.offer(Request(b"c", 1))
+    with pytest.raises(Backpressure):
+        memory.offer(Request(b"d", 1))
+    gate.set()
+    await memory.shutdown(5.0)
+
+    ondisk, tel = make(stuck, disk(tmp_path, max_bytes=64 * 1024, full_policy="block"))
+    gate.clear()
+    await ondisk.start()
+    with pytest.raises(Backpressure):
+        for _ in range(100):
+            ondisk.offer(Request(b"z" * 4000, 1))
+    assert tel.value("exporter_disk_queue_refused_appends_total", reason="full") >= 1
+    gate.set()
+    await ondisk.shutdown(5.0)
+
+
+async def test_disk_queue_drop_oldest_counts_points(tmp_path: object) -> None:
+    async def down(req: Request) -> None:
+        raise RetryableError("503", reason="http_503")
+
+    sender, tel = make(down, disk(tmp_path, max_bytes=64 * 1024, full_policy="drop_oldest"))
+    await sender.start()
+    for _ in range(100):
+        sender.offer(Request(b"z" * 4000, 2))
+    await sender.commit()
+    await sender.shutdown(0.05)
+    dropped = tel.value("exporter_dropped_points_total", reason="queue_full")
+    assert dropped > 0 and dropped % 2 == 0
+    assert dropped + 2 * sender.queued <= 200
+
+
+async def test_interleaved_disk_drain_alternates_oldest_and_newest(tmp_path: object) -> None:
+    async def down(req: Request) -> None:
+        raise RetryableError("503", reason="http_503")
+
+    backlog, _ = make(down, disk(tmp_path))
+    await backlog.start()
+    for i in range(6):
+        backlog.offer(Request(b"%d" % i, 1))
+    await backlog.commit()
+    await backlog.shutdown(0.05)
+
+    seen: list[bytes] = []
+
+    async def up(req: Request) -> None:
+        seen.append(req.payload)
+
+    tel = Telemetry()
+    settings = Settings(
+        id=ComponentId("test"),
+        kind=ComponentKind.EXPORTER,
+        telemetry=ComponentTelemetry(tel, "exporter", "test"),
+        logger=logging.getLogger("test.sender"),
+    )
+    sender = Sender(settings, up, disk(tmp_path), FAST, 5.0, fifo=False, rng=random.Random(1))
+    await sender.start()
+    await sender.shutdown(5.0)
+    assert seen == [b"0", b"5", b"1", b"4", b"2", b"3"]
+
+
+def test_disk_queue_config_checks(tmp_path: object) -> None:
+    assert ("full_policy", "a disk queue blocks or drops the oldest records") in disk(
+        tmp_path, full_policy="drop_newest"
+    ).validate()
+    assert disk(tmp_path).environment_problems() == []
+    blocker = Path(str(tmp_path)) / "a-file"
+    blocker.write_text("")
+    assert QueueConfig(storage="disk", directory=str(blocker / "queue")).environment_problems()

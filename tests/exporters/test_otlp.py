@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -47,7 +46,6 @@ from exporters.otlp import (
     OtlpHttpConfig,
     OtlpHttpExporter,
     TLSConfig,
-    _SignalRequest,
     retry_after_s,
 )
 from tests.exporters.otlp_sink import Answer, Sink
@@ -477,7 +475,7 @@ async def test_retry_after_http_date_becomes_the_requested_delay(make: Any) -> N
     import email.utils
 
     sink.script = [Answer("http", 429, headers={"Retry-After": email.utils.formatdate(when, usegmt=True)})]
-    request = _SignalRequest(b"", 0, signal=Signal.METRICS)
+    request = Request(b"", 0, kind=Signal.METRICS.value)
     with pytest.raises(RetryableError) as raised:
         await exp._send(request)
     assert raised.value.reason == "http_429"
@@ -798,6 +796,3 @@ async def test_shutdown_is_safe_before_start_and_idempotent() -> None:
         await exp.shutdown()
 
 
-def test_request_signal_defaults_to_metrics() -> None:
-    assert _SignalRequest(b"x", 1).signal is Signal.METRICS and isinstance(_SignalRequest(b"", 0), Request)
-    assert math.isfinite(1.0)

@@ -1,0 +1,112 @@
+"""The remote-write disk queue with a real Prometheus: data accepted while the backend is away waits on
+disk across a restart of the agent, then arrives in order with counters continuous; two agents cannot
+share a queue directory."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ROOT, AgentProcess, PrometheusServer, free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """\
+receivers:
+  statsd:
+    udp: 127.0.0.1:{statsd}
+    flush_interval: 500ms
+exporters:
+  prometheus_remote_write:
+    endpoint: {write_url}
+    retry_on_failure: {{initial_interval: 100ms, max_interval: 500ms}}
+    sending_queue:
+      storage: disk
+      directory: {queue}
+      fsync: batch
+service:
+  shutdown_timeout: 2s
+  telemetry:
+    endpoint: 127.0.0.1:{telemetry}
+  pipelines:
+    metrics:
+      receivers: [statsd]
+      exporters: [prometheus_remote_write]
+"""
+
+
+def send(port: int, text: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(text.encode(), ("127.0.0.1", port))
+
+
+def config(queue: Path, write_url: str) -> tuple[str, dict[str, int]]:
+    ports = {"statsd": free_port(socket.SOCK_DGRAM), "telemetry": free_port()}
+    return CONFIG.format(queue=queue, write_url=write_url, **ports), ports
+
+
+def test_backlog_survives_a_restart_and_arrives_in_order(
+    tmp_path: Path, prometheus: PrometheusServer, start_agent: Callable[..., AgentProcess]
+) -> None:
+    queue = tmp_path / "queue"
+    nowhere = f"http://127.0.0.1:{free_port()}/api/v1/write"  # nothing listens: the backend is "down"
+    text, ports = config(queue, nowhere)
+    first = start_agent(text, ports)
+    send(ports["statsd"], "jobs.done:5|c|#queue:mail\nqueue.depth:40|g")
+    wait_for(
+        "a request waiting in the disk queue",
+        lambda: first.self_metric("headwater_exporter_disk_queue_records") >= 1 or None,
+    )
+    assert first.stop(signal.SIGTERM) == 0
+    assert "stay in the disk queue" in first.logs()
+
+    text, ports = config(queue, prometheus.write_url)
+    second = start_agent(text, ports)
+    assert "restored the cumulative state of 2 series" in wait_for(
+        "state restored", lambda: second.logs() if "restored" in second.logs() else None
+    )
+    send(ports["statsd"], "jobs.done:2|c|#queue:mail\nqueue.depth:7|g")
+    assert prometheus.wait_value('jobs_done_total{queue="mail"}', 7.0) == 7.0  # 5 + 2: continuous
+    # The sample taken while Prometheus was away arrived too, before the new one, with no reset.
+    assert prometheus.value('min_over_time(jobs_done_total{queue="mail"}[15m])') == 5.0
+    assert prometheus.value('resets(jobs_done_total{queue="mail"}[15m])') == 0.0
+    assert prometheus.value("max_over_time(queue_depth[15m])") == 40.0
+    wait_for(
+        "the disk queue drained",
+        lambda: second.self_metric("headwater_exporter_disk_queue_records") == 0 or None,
+    )
+    assert second.self_metric("headwater_exporter_dropped_points_total") == 0
+    assert second.stop(signal.SIGTERM) == 0
+
+
+def test_two_agents_cannot_share_a_queue_directory(
+    tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    queue = tmp_path / "queue"
+    nowhere = f"http://127.0.0.1:{free_port()}/api/v1/write"
+    text, ports = config(queue, nowhere)
+    first = start_agent(text, ports)
+    text2, _ = config(queue, nowhere)
+    path = tmp_path / "second.yaml"
+    path.write_text(text2)
+    validate = subprocess.run(
+        [sys.executable, "-m", "agent", "validate", "-c", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert validate.returncode != 0
+    assert b"locked by another process" in validate.stderr
+    second = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "-c", str(path)], cwd=ROOT, capture_output=True, timeout=60
+    )
+    assert second.returncode != 0
+    assert b"locked by another process" in second.stderr
+    assert first.proc.poll() is None  # the first agent is unaffected
+    assert first.stop(signal.SIGTERM) == 0
