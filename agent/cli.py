@@ -43,11 +43,84 @@ def _parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("validate", help="check the config and the environment (ports, directories)"))
     comp = sub.add_parser("components", help="list every built-in component type with its settings")
     comp.add_argument("--json", action="store_true", help="print JSON instead of text")
-    queue = sub.add_parser("queue", help="disk-queue tooling: inspect, verify (exit 1 on damage), repair")
-    queue.add_argument("action", choices=["inspect", "verify", "repair"])
+    queue = sub.add_parser(
+        "queue",
+        help="disk-queue tooling: inspect, verify (exit 1 on damage), repair, replay (send the backlog on)",
+    )
+    queue.add_argument("action", choices=["inspect", "verify", "repair", "replay"])
     queue.add_argument("directory", help="the queue directory (sending_queue.directory) or one partition")
     queue.add_argument("--json", action="store_true", help="print JSON instead of text")
+    rp = queue.add_argument_group(
+        "replay",
+        "replay DIR --to URL: send every unacked record to URL, in order (exit 0 all sent, 1 some rejected,"
+        " 2 nothing sent: usage or queue problem, 3 stopped: the endpoint kept failing)",
+    )
+    rp.add_argument(
+        "--to",
+        metavar="URL",
+        help="remote-write: the full write URL; OTLP: the base http(s):// URL (/v1/<signal> is added)"
+        " or a gRPC host:port (grpc://host:port for plaintext)",
+    )
+    rp.add_argument("--partition", metavar="NAME", help="replay only this partition (a subdirectory of DIR)")
+    once = rp.add_mutually_exclusive_group()
+    once.add_argument(
+        "--ack",
+        action="store_true",
+        help="ack what was replayed (takes the lock: not beside a running agent)",
+    )
+    once.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
+    rp.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="add a request header (gRPC: metadata), e.g. X-Scope-OrgID=acme (repeatable)",
+    )
+    rp.add_argument(
+        "--rate", type=float, metavar="REQUESTS_PER_S", help="send at most this many requests a second"
+    )
+    rp.add_argument(
+        "--retries", type=int, default=3, help="retries of a failing record before stopping (default 3)"
+    )
+    rp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per request (default 30)")
     return p
+
+
+_REPLAY_ONLY = ("to", "partition", "ack", "dry_run", "header", "rate")
+
+
+def _queue(args: argparse.Namespace) -> int:
+    if args.action != "replay":
+        given = [n for n in _REPLAY_ONLY if getattr(args, n) not in (None, False, [])]
+        if given:
+            print(f"headwater queue {args.action}: --{given[0].replace('_', '-')} is only for replay")
+            return EXIT_CONFIG
+        from agent.diskqueue.tools import queue_command
+
+        return queue_command(args.action, args.directory, args.json)
+    from agent.diskqueue.replay import ReplayOptions, replay_command
+
+    if not args.to:
+        print("headwater queue replay: --to URL is required")
+        return EXIT_CONFIG
+    headers: list[tuple[str, str]] = []
+    for item in args.header:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            print(f"headwater queue replay: --header {item!r}: expected K=V")
+            return EXIT_CONFIG
+        headers.append((key.strip(), value))
+    opts = ReplayOptions(
+        to=args.to,
+        partition=args.partition,
+        ack=args.ack,
+        dry_run=args.dry_run,
+        headers=tuple(headers),
+        rate=args.rate,
+        retries=args.retries,
+        timeout_s=args.timeout,
+    )
+    return replay_command(args.directory, opts, args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,9 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list = ["run", *args_list]
     args = _parser().parse_args(args_list)
     if args.verb == "queue":
-        from agent.diskqueue.tools import queue_command
-
-        return queue_command(args.action, args.directory, args.json)
+        return _queue(args)
     factories = builtin_factories()
     if args.verb == "components":
         return _components(factories, args.json)

@@ -183,11 +183,16 @@ class Sender:
         self._part: Partition | None = None
         self._stop_syncer = asyncio.Event()
         self._turn = 0
+        self._uncommitted = 0
         tel = settings.telemetry
         self._sent = tel.sent()
         self._requests_sent = tel.counter("exporter_sent_requests_total", "Requests an exporter delivered.")
         self._retries = tel.counter("exporter_retries_total", "Send attempts that were retried.")
         tel.gauge("exporter_queue_size", "Requests waiting in the sending queue.", lambda: self.queued)
+        self._durable = tel.counter(
+            "exporter_durable_points_total",
+            "Points in requests fsynced to the disk queue (fsync: batch): safe from a crash from then on.",
+        )
         if queue.storage == "memory":
             tel.gauge(
                 "exporter_queue_capacity",
@@ -259,6 +264,7 @@ class Sender:
             return
         if result.dropped_items:
             tel.dropped("queue_full").value += result.dropped_items
+        self._uncommitted += request.points
         self._idle.clear()
         self._available.set()
 
@@ -266,7 +272,9 @@ class Sender:
         """Make what was offered durable as the queue's fsync policy says (``batch``: now, off the loop).
         Exporters await it once per batch, before the batch counts as taken."""
         if self._part is not None and self._queue_cfg.fsync == "batch":
+            points, self._uncommitted = self._uncommitted, 0
             await self._part.sync_async()
+            self._durable.value += points
 
     async def _worker(self) -> None:
         while True:

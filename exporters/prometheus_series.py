@@ -424,59 +424,74 @@ class SeriesStore:
         series.count = float(summary.count)
         return series
 
+    @staticmethod
+    def row(s: Series) -> list[Any]:
+        """One series' cumulative state as plain data (see :meth:`snapshot`)."""
+        return [
+            [x for pair in s.labels for x in pair],
+            s.value,
+            s.start_ms,
+            s.ts_ms,
+            None if s.bucket_counts is None else s.bucket_counts.tolist(),
+            s.sum,
+            s.count,
+            None if s.bounds is None else list(s.bounds),
+        ]
+
     def snapshot(self) -> dict[str, Any]:
         """Every series' cumulative state as plain data (msgpack-able), to survive a restart.
 
         Native histogram state is not kept: a restored series' native histogram starts again (a reset
         for Prometheus); classic buckets, sums, counts, counters and gauges continue."""
-        families = []
-        for name, family in self.families.items():
-            rows = [
-                [
-                    [x for pair in s.labels for x in pair],
-                    s.value,
-                    s.start_ms,
-                    s.ts_ms,
-                    None if s.bucket_counts is None else s.bucket_counts.tolist(),
-                    s.sum,
-                    s.count,
-                    None if s.bounds is None else list(s.bounds),
-                ]
-                for s in family.values()
-            ]
-            families.append([name, self.kinds.get(name, ""), rows])
+        families = [
+            [name, self.kinds.get(name, ""), [self.row(s) for s in family.values()]]
+            for name, family in self.families.items()
+        ]
         return {"version": 1, "families": families}
 
     def restore(self, state: dict[str, Any], now: float | None = None) -> int:
-        """Load a :meth:`snapshot` (into an empty store); returns the series restored. Unknown versions
-        and malformed rows are skipped: a restart must never fail on old state."""
+        """Load a :meth:`snapshot`; returns the series restored. Unknown versions and malformed rows
+        are skipped: a restart must never fail on old state."""
         if state.get("version") != 1:
             return 0
-        now = time.monotonic() if now is None else now
         restored = 0
         for entry in state.get("families", ()):
             try:
                 name, kind, rows = entry
-                for flat, value, start_ms, ts_ms, buckets, total, count, bounds in rows:
-                    labels = tuple(zip(flat[::2], flat[1::2], strict=True))
-                    series = Series(name, kind, labels, int(start_ms))
-                    series.value, series.ts_ms, series.last_update = float(value), int(ts_ms), now
-                    if buckets is not None:
-                        series.bucket_counts = np.array(buckets, dtype=np.float64)
-                    series.sum, series.count = float(total), float(count)
-                    if bounds is not None:
-                        series.bounds = self._intern(tuple(float(b) for b in bounds))
-                    if self.size >= self.max_series:
-                        return restored
-                    family = self.families.setdefault(name, {})
-                    if labels not in family:
-                        self.size += 1
-                        restored += 1
-                    family[labels] = series
-                    self.kinds[name] = kind
             except (TypeError, ValueError):
                 continue
+            restored += self.restore_rows(name, kind, rows, now)
         return restored
+
+    def restore_rows(self, name: str, kind: str, rows: Any, now: float | None = None) -> int:
+        """Apply :meth:`row` s of family ``name``; a row replaces what is known of its series unless that
+        was sent later (``ts_ms`` is strictly increasing per series). Returns the series that were new."""
+        now = time.monotonic() if now is None else now
+        added = 0
+        try:
+            for flat, value, start_ms, ts_ms, buckets, total, count, bounds in rows:
+                labels = tuple(zip(flat[::2], flat[1::2], strict=True))
+                series = Series(name, kind, labels, int(start_ms))
+                series.value, series.ts_ms, series.last_update = float(value), int(ts_ms), now
+                if buckets is not None:
+                    series.bucket_counts = np.array(buckets, dtype=np.float64)
+                series.sum, series.count = float(total), float(count)
+                if bounds is not None:
+                    series.bounds = self._intern(tuple(float(b) for b in bounds))
+                family = self.families.setdefault(name, {})
+                known = family.get(labels)
+                if known is None:
+                    if self.size >= self.max_series:
+                        continue
+                    self.size += 1
+                    added += 1
+                elif known.ts_ms > series.ts_ms:
+                    continue  # an older row (a journal written while a snapshot was taken): keep the newer
+                family[labels] = series
+                self.kinds[name] = kind
+        except (TypeError, ValueError):
+            pass
+        return added
 
     def expire(self, idle_s: float, now: float | None = None) -> list[Series]:
         """Remove and return series not updated for ``idle_s`` seconds."""

@@ -18,19 +18,16 @@ the sub-series that no longer exist get a stale marker at once, so queries do no
 with the new ones during Prometheus' 5-minute lookback; on expiry every sub-series gets one.
 
 With ``sending_queue: {storage: disk}`` the requests wait on disk while Prometheus is away (see
-``agent/sending.py``), drained oldest first so per-series order holds. The cumulative state is saved
-beside the queue (``<directory>/<exporter>.series``) at shutdown and loaded at start, so a restart
-neither resets counters nor makes Prometheus see a reset. The file is removed once loaded: after a
-crash (kill -9, power loss) there is none, counters start again from zero, and Prometheus counts
-that as one reset — rate() and increase() stay right, because a stale saved total would instead make
-the counter go down by an unknown amount.
+``agent/sending.py``), drained oldest first so per-series order holds. The cumulative state is kept
+beside the queue (a snapshot and a journal, ``state.py``), written before each batch's requests and
+fsynced with them, so a restart — kill -9 included — neither resets counters nor makes one go down.
+(With ``fsync: interval`` or ``never`` that holds for a crash of the agent, not for power loss.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import email.utils
 import os
 import ssl
@@ -40,13 +37,23 @@ from typing import cast
 
 import aiohttp
 
-from agent.component import ComponentKind, Factory, PermanentError, RetryableError, Settings, Signal, Tasks
+from agent.component import (
+    Backpressure,
+    ComponentKind,
+    Factory,
+    PermanentError,
+    RetryableError,
+    Settings,
+    Signal,
+    Tasks,
+)
 from agent.confmodel import Duration
-from agent.diskqueue import StateFile, partition_name
+from agent.diskqueue import partition_name
 from agent.model import MetricBatch
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.version import USER_AGENT
 from exporters.prometheus_remote_write import wire
+from exporters.prometheus_remote_write.state import SeriesState
 from exporters.prometheus_series import (
     DEFAULT_BUCKETS,
     HISTOGRAM,
@@ -205,6 +212,7 @@ class PrometheusRemoteWriteExporter:
         }
         self._token_file_state: tuple[float, str] = (0.0, "")
         self._refused_seen: dict[str, int] = {}
+        self._state: SeriesState | None = None
         self._stale = settings.telemetry.counter(
             "exporter_stale_markers_total", "Stale markers sent for series that expired."
         )
@@ -248,41 +256,37 @@ class PrometheusRemoteWriteExporter:
     async def shutdown(self) -> None:
         await self._tasks.close()
         await self._sender.shutdown(self._settings.shutdown_timeout_s)
-        await self._save_state()
+        await self._close_state()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    def _state_file(self) -> StateFile | None:
+    def _make_state(self) -> SeriesState | None:
         q = self._config.sending_queue
         if q.storage != "disk":
             return None
-        return StateFile(os.path.join(q.directory, partition_name(str(self._settings.id)) + ".series"))
+        base = os.path.join(q.directory, partition_name(str(self._settings.id)))
+        return SeriesState(base, durable=q.fsync != "never")
 
     async def _load_state(self) -> None:
-        state_file = self._state_file()
-        if state_file is None:
+        state = self._make_state()
+        if state is None:
             return
-
-        def load() -> dict[str, object]:
-            state = state_file.load()
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(state_file.path)  # a crash from here on must not restore this, now stale, state
-            return state
-
-        restored = self._store.restore(await asyncio.to_thread(load))
+        restored = await asyncio.to_thread(state.load, self._store)
+        self._state = state
         if restored:
             self._settings.logger.info("restored the cumulative state of %d series", restored)
+        await state.maybe_compact(self._store, force=True)
 
-    async def _save_state(self) -> None:
-        state_file = self._state_file()
-        if state_file is None or self._store.size == 0:
+    async def _close_state(self) -> None:
+        state, self._state = self._state, None
+        if state is None:
             return
-        snapshot = self._store.snapshot()
         try:
-            await asyncio.to_thread(state_file.save, snapshot)
+            await state.maybe_compact(self._store, force=True)
         except OSError as exc:
             self._settings.logger.warning("could not save the cumulative state: %s", exc)
+        await asyncio.to_thread(state.close)
 
     # -- encoding ------------------------------------------------------------------------------------
     def _label_bytes(self, series: Series, name: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -377,6 +381,8 @@ class PrometheusRemoteWriteExporter:
         samples = points = 0
         limit = self._config.max_samples_per_request
         update = self._store.update
+        state = self._state
+        changed: dict[str, tuple[str, list[Series]]] = {}
         for point in batch.points:
             series = update(point)
             if series is None:
@@ -385,15 +391,26 @@ class PrometheusRemoteWriteExporter:
             entries += encoded
             samples += n
             points += 1
+            if state is not None:
+                changed.setdefault(series.name, (series.kind, []))[1].append(series)
             if samples >= limit:
-                self._offer(entries, points)
+                self._offer(entries, points, changed)
                 entries, samples, points = [], 0, 0
         if entries:
-            self._offer(entries, points)
+            self._offer(entries, points, changed)
         self._count_refused()
-        await self._sender.commit()
+        if state is not None:
+            if self._config.sending_queue.fsync == "batch":
+                await asyncio.to_thread(state.sync)  # the state is durable before the requests are
+            await self._sender.commit()
+            await state.maybe_compact(self._store)
+        else:
+            await self._sender.commit()
 
-    def _offer(self, entries: list[bytes], points: int) -> None:
+    def _offer(self, entries: list[bytes], points: int, changed: dict[str, tuple[str, list[Series]]]) -> None:
+        if self._state is not None and changed:
+            self._state.record(changed)  # before the request: the state is never older than the queue
+            changed.clear()
         body = wire.compress(wire.encode_write_request(entries))
         self._sender.offer(Request(body, points))
 
@@ -417,11 +434,20 @@ class PrometheusRemoteWriteExporter:
                 encoded, _ = self._encode(series, next_timestamp_ms(series, now_ns), stale=True)
                 entries += encoded
                 if len(entries) >= self._config.max_samples_per_request:
-                    self._offer(entries, 0)
+                    self._offer_stale(entries)
                     entries = []
             if entries:
-                self._offer(entries, 0)
+                self._offer_stale(entries)
             self._stale.value += len(gone)
+            await self._sender.commit()
+
+    def _offer_stale(self, entries: list[bytes]) -> None:
+        try:
+            self._offer(entries, 0, {})
+        except Backpressure:
+            # A full queue under `block`: stale markers only speed up what Prometheus' 5-minute
+            # lookback does anyway, so they are dropped (and counted) rather than retried.
+            self._settings.telemetry.dropped("queue_full_stale_markers").value += len(entries)
 
     # -- sending -------------------------------------------------------------------------------------
     def _request_headers(self) -> dict[str, str]:

@@ -101,6 +101,14 @@ class PrometheusServer:
         assert len(result) == 1, result
         return float(result[0]["value"][1])
 
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
     def wait_value(self, expr: str, expected: float, timeout_s: float = 60.0) -> float:
         def check() -> bool:
             v = self.value(expr)
@@ -113,17 +121,15 @@ class PrometheusServer:
         return expected
 
 
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
+def launch_prometheus(data: Path, port: int) -> PrometheusServer:
+    """Start Prometheus 2.42 on ``port``, its TSDB in ``data`` (kept across restarts); wait until ready."""
     exe = shutil.which("prometheus")
     if exe is None:
         pytest.fail("prometheus is not installed: run ./scripts/install-test-deps (make install)")
-    port = free_port()
-    data = tmp_path / "prometheus"
-    data.mkdir()
+    data.mkdir(exist_ok=True)
     (data / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\nscrape_configs: []\n")
     log_path = data / "prometheus.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [
                 exe,
@@ -140,14 +146,19 @@ def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
     server = PrometheusServer(port, proc, log_path)
     try:
         wait_for("prometheus ready", lambda: http_get(f"{server.url}/-/ready")[0] == 200)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
+    server = launch_prometheus(tmp_path / "prometheus", free_port())
+    try:
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 @dataclass

@@ -4,16 +4,25 @@ share a queue directory."""
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, AgentProcess, PrometheusServer, free_port, wait_for
+from tests.integration.conftest import (
+    ROOT,
+    AgentProcess,
+    PrometheusServer,
+    free_port,
+    launch_prometheus,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +119,73 @@ def test_two_agents_cannot_share_a_queue_directory(
     assert b"locked by another process" in second.stderr
     assert first.proc.poll() is None  # the first agent is unaffected
     assert first.stop(signal.SIGTERM) == 0
+
+
+KILL_CONFIG = """\
+receivers:
+  statsd:
+    udp: 127.0.0.1:{statsd}
+    flush_interval: 200ms
+exporters:
+  prometheus_remote_write:
+    endpoint: {write_url}
+    retry_on_failure: {{initial_interval: 50ms, max_interval: 300ms}}
+    sending_queue: {{storage: disk, directory: {queue}, fsync: batch}}
+service:
+  telemetry:
+    endpoint: 127.0.0.1:{telemetry}
+  pipelines:
+    metrics:
+      receivers: [statsd]
+      exporters: [prometheus_remote_write]
+"""
+ROUNDS = 20
+EARLY = 5
+
+
+def test_kill_9_in_a_loop_loses_nothing_fsynced_and_counters_stay_continuous(
+    tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    rng = random.Random(20261129)
+    queue = tmp_path / "queue"
+    prom_port = free_port()
+    prom = launch_prometheus(tmp_path / "prometheus", prom_port)
+    write_url = f"http://127.0.0.1:{prom_port}/api/v1/write"
+    try:
+        for r in range(ROUNDS):
+            if r % 5 == 1:
+                prom.stop()  # down for this round and the next: the backlog waits on disk
+            elif r % 5 == 3:
+                prom = launch_prometheus(tmp_path / "prometheus", prom_port)
+            ports = {"statsd": free_port(socket.SOCK_DGRAM), "telemetry": free_port()}
+            agent = start_agent(KILL_CONFIG.format(queue=queue, write_url=write_url, **ports), ports)
+            lines = "\n".join([f"crash.hits:1|c|#round:{r}", "crash.total:1|c"] * EARLY)
+            send(ports["statsd"], lines)
+            # Both series' points fsynced (fsync: batch) before the agent is answered: from here on,
+            # a kill must not lose them.
+            wait_for(
+                f"round {r}: points durable",
+                lambda a=agent: a.self_metric("headwater_exporter_durable_points_total") >= 2 or None,
+            )
+            for _ in range(rng.randrange(1, 4)):  # more load that the kill may or may not catch
+                send(ports["statsd"], f"crash.late:1|c|#round:{r}")
+                time.sleep(rng.uniform(0.0, 0.2))
+            agent.proc.send_signal(signal.SIGKILL)
+            agent.proc.wait(30)
+
+        # One last run with Prometheus up drains every backlog left by the kills.
+        ports = {"statsd": free_port(socket.SOCK_DGRAM), "telemetry": free_port()}
+        last = start_agent(KILL_CONFIG.format(queue=queue, write_url=write_url, **ports), ports)
+        wait_for(
+            "the disk queue drained",
+            lambda: last.self_metric("headwater_exporter_disk_queue_records") == 0 or None,
+        )
+        for r in range(ROUNDS):
+            assert prom.wait_value(f'crash_hits_total{{round="{r}"}}', EARLY) == EARLY
+        # One series through all 20 kills: its total is every fsynced increment, and it never reset.
+        assert prom.wait_value("crash_total", ROUNDS * EARLY) == ROUNDS * EARLY
+        assert prom.value("resets(crash_total[1h])") == 0.0
+        assert last.self_metric("headwater_exporter_dropped_points_total") == 0
+        assert last.stop(signal.SIGTERM) == 0
+    finally:
+        prom.stop()
