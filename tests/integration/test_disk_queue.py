@@ -4,6 +4,8 @@ share a queue directory."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import signal
 import socket
@@ -13,8 +15,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 
+from agent.component import ComponentId, ComponentKind, Settings
+from agent.model import Kind, MetricBatch, Point
+from agent.sending import QueueConfig, RetryConfig
+from agent.telemetry import ComponentTelemetry, Telemetry
+from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig as RemoteWriteConfig
+from exporters.prometheus_remote_write import PrometheusRemoteWriteExporter as RemoteWriteExporter
 from tests.integration.conftest import (
     ROOT,
     AgentProcess,
@@ -189,3 +199,79 @@ def test_kill_9_in_a_loop_loses_nothing_fsynced_and_counters_stay_continuous(
         assert last.stop(signal.SIGTERM) == 0
     finally:
         prom.stop()
+
+
+async def test_backend_503_for_a_while_then_back_loses_nothing_and_keeps_order(
+    tmp_path: Path, prometheus: PrometheusServer
+) -> None:
+    """A proxy in front of the real Prometheus answers 503 for a while (the outage), then forwards.
+    Samples keep coming meanwhile; afterwards every one is in Prometheus, in order (Prometheus refuses
+    a sample older than the newest of its series, so any reordering would show as a missing sample),
+    and the exporter's attempts during the outage stay bounded by its backoff."""
+    outage = {"on": True}
+    attempts: list[bool] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        attempts.append(outage["on"])
+        if outage["on"]:
+            return web.Response(status=503, text="down for maintenance")
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(prometheus.write_url, data=body, headers=headers) as resp,
+        ):
+            return web.Response(status=resp.status, body=await resp.read())
+
+    app = web.Application()
+    app.router.add_post("/api/v1/write", proxy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    tel = Telemetry()
+    settings = Settings(
+        id=ComponentId("prometheus_remote_write"),
+        kind=ComponentKind.EXPORTER,
+        telemetry=ComponentTelemetry(tel, "exporter", "prometheus_remote_write"),
+        logger=logging.getLogger("test.outage"),
+        shutdown_timeout_s=30.0,
+    )
+    retry = RetryConfig(initial_interval=0.05, max_interval=0.4, max_elapsed_time=1.0)
+    config = RemoteWriteConfig(
+        endpoint=f"http://127.0.0.1:{port}/api/v1/write",
+        retry_on_failure=retry,
+        sending_queue=QueueConfig(storage="disk", directory=str(tmp_path / "queue")),
+    )
+    exporter = RemoteWriteExporter(settings, config)
+    await exporter.start()
+    batches = 40
+    try:
+        start_ns = time.time_ns() - 60 * 10**9
+        for i in range(batches):
+            if i == batches // 2:
+                outage["on"] = False  # the backend is back halfway through
+                outage_attempts = len(attempts)
+            t = start_ns + i * 10**9
+            await exporter.consume(
+                MetricBatch(
+                    (Point("outage.hits", Kind.SUM, (), t, value=1.0, start_time_unix_nano=t - 10**9),)
+                )
+            )
+            await asyncio.sleep(0.1)
+        await wait_async(lambda: tel.value("exporter_sent_points_total") >= batches)
+    finally:
+        await exporter.shutdown()
+        await runner.cleanup()
+    assert prometheus.value("outage_hits_total") == batches
+    assert prometheus.value("count_over_time(outage_hits_total[1h])") == batches  # none lost, none refused
+    assert tel.value("exporter_dropped_points_total") == 0  # max_elapsed_time does not apply on disk
+    # ~2 s of outage with a backoff capped at 0.4 s (jitter ±50 %): a few dozen attempts, not thousands.
+    assert 2 <= outage_attempts <= 60
+
+
+async def wait_async(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
