@@ -334,3 +334,33 @@ def test_disk_queue_config_checks(tmp_path: object) -> None:
     blocker = Path(str(tmp_path)) / "a-file"
     blocker.write_text("")
     assert QueueConfig(storage="disk", directory=str(blocker / "queue")).environment_problems()
+
+
+async def test_a_full_disk_is_a_full_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.diskqueue import DiskFull, Partition
+
+    async def up(req: Request) -> None:
+        pass
+
+    def no_space(self: Partition, payload: bytes, items: int = 1, headers: object = None) -> object:
+        raise DiskFull("ENOSPC")
+
+    blocking, _ = make(up, disk(tmp_path / "a", full_policy="block"))
+    await blocking.start()
+    monkeypatch.setattr(Partition, "append", no_space)
+    with pytest.raises(Backpressure) as raised:
+        blocking.offer(Request(b"x", 3))
+    assert raised.value.reason == "disk_full"
+    monkeypatch.undo()
+    await blocking.shutdown(5.0)
+
+    dropping, tel = make(up, disk(tmp_path / "b", full_policy="drop_oldest"))
+    await dropping.start()
+    monkeypatch.setattr(Partition, "append", no_space)
+    dropping.offer(Request(b"x", 3))
+    monkeypatch.undo()
+    assert tel.value("exporter_dropped_points_total", reason="disk_full") == 3
+    dropping.offer(Request(b"y", 2))  # space is back
+    await dropping.commit()
+    await dropping.shutdown(5.0)
+    assert tel.value("exporter_sent_points_total") == 2
