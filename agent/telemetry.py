@@ -157,6 +157,15 @@ class ComponentTelemetry:
         )
 
     def dropped(self, reason: str) -> Cell:
+        """``<kind>_dropped_points_total{reason}``: exporters giving up, processors discarding on purpose."""
         return self.counter(
-            "exporter_dropped_points_total", "Points an exporter gave up on, by reason.", reason=reason
+            f"{self.kind}_dropped_points_total", f"Points a {self.kind} dropped, by reason.", reason=reason
+        )
+
+    def incoming(self) -> Cell:
+        return self.counter("processor_incoming_points_total", "Points (spans, log records) a processor took.")
+
+    def outgoing(self) -> Cell:
+        return self.counter(
+            "processor_outgoing_points_total", "Points (spans, log records) a processor passed on."
         )

@@ -117,6 +117,11 @@ async def drive_exporter(component: Any, config: Any, sink: Collect) -> None:
     await component.consume(sample_batch())
 
 
+async def drive_processor(component: Any, config: Any, sink: Collect) -> None:
+    """A processor takes the sample batch; what it passes on depends on the processor."""
+    await component.consume(sample_batch())
+
+
 class RemoteWriteSink:
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
@@ -228,16 +233,16 @@ async def test_lifecycle_and_self_metrics(key: tuple[str, str], capsys: pytest.C
         assert validate_config(config) == []
         sink = Collect()
         settings = settings_for(f, tel)
-        if f.kind is ComponentKind.RECEIVER:
-            component = f.create(settings, config, {Signal.METRICS: sink})
-        else:
-            component = f.create(settings, config)
+        def create() -> Any:
+            if f.kind is ComponentKind.RECEIVER:
+                return f.create(settings, config, {Signal.METRICS: sink})
+            if f.kind is ComponentKind.PROCESSOR:
+                return f.create(settings, config, sink)
+            return f.create(settings, config)
+
+        component = create()
         await component.shutdown()  # safe before start
-        component = (
-            f.create(settings, config, {Signal.METRICS: sink})
-            if f.kind is ComponentKind.RECEIVER
-            else f.create(settings, config)
-        )
+        component = create()
         await component.start()
         await drive(component, config, sink)
         await component.shutdown()
