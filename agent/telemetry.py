@@ -163,7 +163,9 @@ class ComponentTelemetry:
         )
 
     def incoming(self) -> Cell:
-        return self.counter("processor_incoming_points_total", "Points (spans, log records) a processor took.")
+        return self.counter(
+            "processor_incoming_points_total", "Points (spans, log records) a processor took."
+        )
 
     def outgoing(self) -> Cell:
         return self.counter(

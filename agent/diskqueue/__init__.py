@@ -8,6 +8,7 @@ byte layout is in :mod:`agent.diskqueue.format`; the engine and its threading ru
 
 from agent.diskqueue.format import FORMAT_VERSION
 from agent.diskqueue.partition import (
+    AppendManyResult,
     AppendResult,
     DiskFull,
     Partition,
@@ -32,6 +33,7 @@ from agent.diskqueue.statefile import StateFile
 
 __all__ = [
     "FORMAT_VERSION",
+    "AppendManyResult",
     "AppendResult",
     "DiskFull",
     "DiskQueue",

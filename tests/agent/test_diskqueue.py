@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -11,10 +12,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from agent.cli import main
 from agent.diskqueue import (
+    DiskFull,
     DiskQueue,
     DiskQueueConfig,
     Partition,
@@ -31,7 +34,10 @@ from agent.diskqueue.format import (
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     crc32c,
+    decode_record_at,
+    encode_body,
     encode_frame,
+    encode_record,
     scan_records,
 )
 from agent.diskqueue.partition import LEDGER_MAGIC, acquire_lock
@@ -239,18 +245,22 @@ def test_second_open_in_another_process_fails_fast(tmp_path: Path) -> None:
 # --- corruption ------------------------------------------------------------------------------------
 
 
-def _three(tmp_path: Path, size: int = 20) -> tuple[Path, list[int]]:
+def _three(tmp_path: Path, size: int = 20, batch: bool = False) -> tuple[Path, list[int]]:
     """A closed partition with three records; returns its directory and the records' offsets."""
     d = tmp_path / "orig"
     with Partition.open(str(d)) as p:
-        fill(p, 3, size=size)
+        if batch:  # the same records, written by one append_many
+            p.append_many([(n, i + 1, None) for i, n in enumerate(names(3, size=size))])
+        else:
+            fill(p, 3, size=size)
     seg = segs(d)[0]
     offsets = [ev.offset for ev in scan_records(seg.read_bytes(), SEGMENT_HEADER_SIZE)]  # type: ignore[union-attr]
     return d, offsets
 
 
-def test_torn_tail_at_every_byte_offset(tmp_path: Path) -> None:
-    orig, offsets = _three(tmp_path)
+@pytest.mark.parametrize("batch", [False, True])
+def test_torn_tail_at_every_byte_offset(tmp_path: Path, batch: bool) -> None:
+    orig, offsets = _three(tmp_path, batch=batch)
     size = segs(orig)[0].stat().st_size
     for cut in range(offsets[2], size):
         d = tmp_path / f"cut{cut}"
@@ -278,8 +288,11 @@ def test_torn_tail_at_every_byte_offset(tmp_path: Path) -> None:
         ("payload", RECORD_HEADER_SIZE + 5, True),
     ],
 )
-def test_bit_flip_in_middle_record(tmp_path: Path, field: str, at: int, items_known: bool) -> None:
-    d, offsets = _three(tmp_path)
+@pytest.mark.parametrize("batch", [False, True])
+def test_bit_flip_in_middle_record(
+    tmp_path: Path, field: str, at: int, items_known: bool, batch: bool
+) -> None:
+    d, offsets = _three(tmp_path, batch=batch)
     seg = segs(d)[0]
     data = bytearray(seg.read_bytes())
     data[offsets[1] + at] ^= 0x10
@@ -500,3 +513,185 @@ def test_cli_inspect_verify_repair(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["queue", "verify", str(root)]) == 0
     capsys.readouterr()
     assert main(["queue", "verify", str(tmp_path / "nothing")]) == 2
+
+
+# --- batch append, chunked replay, the hand-built body encoding ------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 70000])
+@pytest.mark.parametrize(
+    "headers", [None, {}, {"X-Scope-OrgID": "acme"}, {f"k{i}": "v" * i for i in range(20)}]
+)
+def test_body_encoding_is_msgpack_format_version_1(size: int, headers: dict[str, str] | None) -> None:
+    # The writer builds bodies by hand (no msgpack for empty headers, no copy of the payload); the
+    # bytes must stay exactly what msgpack.packb wrote before, so old queues and old agents agree.
+    payload = os.urandom(size)
+    body = encode_body(payload, headers)
+    assert body == msgpack.packb([dict(headers or {}), payload], use_bin_type=True)
+    record = encode_record(7, 3, 1234, body)
+    assert decode_record_at(record, 0, len(body), 7) == (dict(headers or {}), payload)
+    with pytest.raises(ValueError, match="index seq 8"):
+        decode_record_at(record, 0, len(body), 8)
+    damaged = bytearray(record)
+    damaged[-1 if size else RECORD_HEADER_SIZE] ^= 1
+    with pytest.raises(ValueError, match="body checksum"):
+        decode_record_at(bytes(damaged), 0, len(body), 7)
+
+
+def test_append_many_round_trip_and_restart(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    with Partition.open(d, SMALL) as p:
+        p.append(b"single", items=5)
+        batch = [(n, i + 1, {"t": str(i)} if i % 3 == 0 else None) for i, n in enumerate(names(40, size=300))]
+        res = p.append_many(batch)
+        assert res.seqs == range(1, 41) and res.count == 40 and res.dropped_records == 0
+        assert len(segs(tmp_path)) > 1  # 40 × ~340 bytes: the batch rolled over 8 KiB segments
+        assert p.append(b"after").seq == 41
+        assert p.append_many([]).count == 0
+        got = list(p.iter_unacked())
+        assert [r.payload for r in got] == [b"single", *names(40, size=300), b"after"]
+        assert [r.items for r in got[1:41]] == list(range(1, 41))
+        assert got[1].headers == {"t": "0"} and got[2].headers == {}
+        r = p.next()
+        assert r is not None and r.seq == 0
+        p.ack(r.seq)
+    with Partition.open(d, SMALL) as p:
+        assert not p.report.damaged
+        assert [r.payload for r in iter(lambda: p.next(), None)] == [*names(40, size=300), b"after"]
+
+
+def test_append_many_is_all_or_nothing_when_full(tmp_path: Path) -> None:
+    with Partition.open(str(tmp_path), SMALL) as p:
+        fill(p, 50, size=1000)
+        before = (p.records, p.disk_bytes, [f.stat().st_size for f in segs(tmp_path)])
+        with pytest.raises(QueueFull):
+            p.append_many([(b"x" * 1000, 1, None)] * 30)  # 30 KB more does not fit in 64 KiB
+        assert (p.records, p.disk_bytes, [f.stat().st_size for f in segs(tmp_path)]) == before
+        assert p.stats.refused_full == 1
+        with pytest.raises(RecordTooLarge):
+            p.append_many([(b"x" * 1000, 1, None)] * 70)  # more than max_bytes even when empty
+        with pytest.raises(ValueError, match="items"):
+            p.append_many([(b"x", -1, None)])
+        assert p.records == 50
+        p.append_many([(b"y" * 1000, 1, None)] * 5)
+        assert p.records == 55
+
+
+def test_append_many_drop_oldest_makes_room_for_the_batch(tmp_path: Path) -> None:
+    opts = PartitionOptions(max_bytes=64 * 1024, segment_bytes=8192, full_policy="drop_oldest")
+    with Partition.open(str(tmp_path), opts) as p:
+        fill(p, 50, size=1000)
+        res = p.append_many([(b"n" * 1000, 2, None)] * 20)
+        assert res.dropped_records > 0 and res.dropped_items == sum(range(1, res.dropped_records + 1))
+        assert p.used_bytes <= opts.max_bytes
+        kept = [r.seq for r in p.iter_unacked()]
+        assert kept == list(range(res.dropped_records, 70))  # oldest gone, the whole batch kept
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_append_many_disk_full_undoes_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    # A batch spanning two segments: writev 1 writes the new segment's header, 2 the records into the
+    # current segment, 3 those into the new one. The disk fills during one of them, after a partial
+    # write. Nothing of the batch may remain: no bytes, no new segment file, no record.
+    d = str(tmp_path)
+    p = Partition.open(d, SMALL)
+    fill(p, 3, size=1000)
+    sizes_before = {f.name: f.stat().st_size for f in segs(tmp_path)}
+    real_writev = os.writev
+    calls = {"n": 0}
+
+    def writev(fd: int, bufs: list[bytes]) -> int:
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            os.write(fd, b"".join(bufs)[:100])  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_writev(fd, bufs)
+
+    monkeypatch.setattr(os, "writev", writev)
+    with pytest.raises(DiskFull):
+        p.append_many([(b"z" * 1000, 1, None)] * 8)  # 3 + 8 records of ~1 KB: rolls past 8 KiB
+    monkeypatch.undo()
+    assert {f.name: f.stat().st_size for f in segs(tmp_path)} == sizes_before
+    assert p.records == 3 and p.stats.refused_disk_full == 1
+    p.append_many([(b"ok", 1, None)] * 2)
+    p.close()
+    with Partition.open(d, SMALL) as p:
+        assert not p.report.damaged
+        assert [r.payload for r in p.iter_unacked()] == [*names(3, size=1000), b"ok", b"ok"]
+
+
+@pytest.mark.parametrize("chunk", [1, 700, 5000, 1 << 22])
+def test_iter_unacked_chunks_skip_acked_and_match_next(tmp_path: Path, chunk: int) -> None:
+    with Partition.open(str(tmp_path), SMALL) as p:
+        fill(p, 60, size=300)
+        recs = [p.next() for _ in range(60)]
+        for r in recs:
+            assert r is not None
+            if r.seq % 4 == 1 or 20 <= r.seq < 35:  # scattered acks and a run that spans a segment
+                p.ack(r.seq)
+            else:
+                p.release(r.seq)
+        want = [s for s in range(60) if not (s % 4 == 1 or 20 <= s < 35)]
+        got = list(p.iter_unacked(chunk_bytes=chunk))
+        assert [r.seq for r in got] == want
+        assert [r.payload for r in got] == [names(60, size=300)[s] for s in want]
+        assert [r.items for r in got] == [s + 1 for s in want]
+        assert [r.seq for r in iter(lambda: p.next(), None)] == want  # the same records as next()
+
+
+def test_iter_unacked_counts_damage_found_after_open(tmp_path: Path) -> None:
+    with Partition.open(str(tmp_path), SMALL) as p:
+        fill(p, 12, size=300)
+        p.sync()
+        files = segs(tmp_path)
+        first = files[0]
+        offsets = [ev.offset for ev in scan_records(first.read_bytes(), SEGMENT_HEADER_SIZE)]  # type: ignore[union-attr]
+        data = bytearray(first.read_bytes())
+        data[offsets[1] + RECORD_HEADER_SIZE + 10] ^= 1  # record 1: body
+        data[offsets[3] + 8] ^= 1  # record 3: header (its seq)
+        first.write_bytes(bytes(data))
+        last = files[-1]
+        os.truncate(last, last.stat().st_size - 5)  # the newest record: torn after open
+        lost = {1, 3, 11}
+        got = [r.seq for r in p.iter_unacked(chunk_bytes=1000)]
+        assert got == [s for s in range(12) if s not in lost]
+        assert p.stats.corrupt_records == 3 and p.stats.corrupt_items == 2 + 4 + 12
+        assert p.records == 9 and p.pending == 9
+        assert [r.seq for r in p.iter_unacked()] == got  # counted once, then gone
+        assert p.verify_bodies() == 0
+
+
+def test_verify_bodies_reports_each_bad_record(tmp_path: Path) -> None:
+    with Partition.open(str(tmp_path)) as p:
+        fill(p, 5, size=50)
+        p.sync()
+        seg = segs(tmp_path)[0]
+        data = bytearray(seg.read_bytes())
+        data[-3] ^= 0x20  # the last record's payload
+        seg.write_bytes(bytes(data))
+        seen: list[str] = []
+        assert p.verify_bodies(seen.append) == 1
+        assert len(seen) == 1 and "record 4 does not decode" in seen[0]
+
+
+def test_iter_unacked_alongside_acks_and_segment_deletion(tmp_path: Path) -> None:
+    # The replay tool acks and syncs while it iterates: a sync then deletes fully acked segments
+    # under the iterator's feet. Every record is seen once, in order, and nothing fails.
+    with Partition.open(str(tmp_path), SMALL) as p:
+        fill(p, 80, size=400)
+        p.sync()
+        seen = []
+        for r in p.iter_unacked(chunk_bytes=2000):
+            seen.append(r.seq)
+            p.ack(r.seq)
+            if r.seq % 10 == 9:
+                p.sync(ledger=True)
+        assert seen == list(range(80)) and p.stats.segments_deleted > 0 and p.records == 0
+        fill(p, 2)
+        r0 = p.next()
+        assert r0 is not None
+        it = p.iter_unacked()
+        p.ack(r0.seq)  # acked before the iterator reaches it: skipped
+        assert [r.seq for r in it] == [81]

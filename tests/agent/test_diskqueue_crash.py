@@ -127,6 +127,17 @@ class PowerLoss(RuleBasedStateMachine):
         res = self.p.append(payload)
         self.unacked[res.seq] = payload
 
+    @rule(sizes=st.lists(st.integers(0, 1500), max_size=6))
+    def append_many(self, sizes: list[int]) -> None:
+        # Up to ~9 KB in one call: batches that roll over the 4 KiB segments are common.
+        payloads = []
+        for size in sizes:
+            self.counter += 1
+            payloads.append(b"%08d" % self.counter + b"x" * size)
+        res = self.p.append_many([(payload, 1, None) for payload in payloads])
+        assert res.count == len(payloads)
+        self.unacked.update(zip(res.seqs, payloads, strict=True))
+
     @rule(force=st.booleans())
     def sync(self, force: bool) -> None:
         self.p.sync(ledger=force)
