@@ -12,12 +12,15 @@ def builtin_factories() -> Factories:
     """Every built-in component type by kind and type name."""
     from exporters import debug, prometheus, prometheus_remote_write
     from exporters import otlp as otlp_exporters
+    from processors import sample, tenant
     from receivers import http, otlp, statsd
 
     factories = [
         statsd.factory,
         http.factory,
         otlp.factory,
+        tenant.factory,
+        sample.factory,
         prometheus.factory,
         prometheus_remote_write.factory,
         otlp_exporters.grpc_factory,

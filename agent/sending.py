@@ -48,6 +48,7 @@ from agent.diskqueue import (
     RecordTooLarge,
     queue_directory_problems,
 )
+from agent.telemetry import Cell
 
 
 @dataclass(frozen=True)
@@ -162,8 +163,14 @@ class Sender:
         *,
         fifo: bool = True,
         rng: random.Random | None = None,
+        tenant: str | None = None,
     ) -> None:
+        """``tenant``: this sender serves one tenant of a per-tenant routing exporter. Its disk queue is
+        the tenant's own partition (``DiskQueue.partition(tenant)``), its queue size is reported as
+        ``exporter_tenant_queue_size{tenant}`` and its sent and failed points also per tenant, so a
+        tenant whose backend fails is visible and never holds up another tenant's queue."""
         self._settings = settings
+        self._tenant = tenant
         self._send = send
         self._queue_cfg = queue
         self._retry = retry
@@ -188,12 +195,30 @@ class Sender:
         self._sent = tel.sent()
         self._requests_sent = tel.counter("exporter_sent_requests_total", "Requests an exporter delivered.")
         self._retries = tel.counter("exporter_retries_total", "Send attempts that were retried.")
-        tel.gauge("exporter_queue_size", "Requests waiting in the sending queue.", lambda: self.queued)
+        self._tenant_sent: Cell | None = None
+        self._tenant_failed: Cell | None = None
+        if tenant is None:
+            tel.gauge("exporter_queue_size", "Requests waiting in the sending queue.", lambda: self.queued)
+        else:
+            tel.gauge(
+                "exporter_tenant_queue_size",
+                "Requests waiting in one tenant's sending queue.",
+                lambda: self.queued,
+                tenant=tenant,
+            )
+            self._tenant_sent = tel.counter(
+                "exporter_tenant_sent_points_total", "Points an exporter delivered, by tenant.", tenant=tenant
+            )
+            self._tenant_failed = tel.counter(
+                "exporter_tenant_failed_points_total",
+                "Points whose send attempt failed (may be retried), by tenant.",
+                tenant=tenant,
+            )
         self._durable = tel.counter(
             "exporter_durable_points_total",
             "Points in requests fsynced to the disk queue (fsync: batch): safe from a crash from then on.",
         )
-        if queue.storage == "memory":
+        if queue.storage == "memory" and tenant is None:
             tel.gauge(
                 "exporter_queue_capacity",
                 "Capacity of the sending queue in requests.",
@@ -209,12 +234,14 @@ class Sender:
         """Open the disk queue (recovering what a previous run left) and start the workers."""
         if self._queue_cfg.storage == "disk" and self._part is None:
             disk = DiskQueue(self._queue_cfg.disk(), str(self._settings.id), self._settings.telemetry)
-            self._part = await asyncio.to_thread(disk.partition)  # scans the segments: not on the loop
+            # Scans the segments: not on the loop.
+            self._part = await asyncio.to_thread(disk.partition, self._tenant)
             self._disk = disk
             if self._part.records:
                 self._log.info(
-                    "disk queue %s: %d requests from a previous run will be sent first",
+                    "disk queue %s%s: %d requests from a previous run will be sent first",
                     self._queue_cfg.directory,
+                    "" if self._tenant is None else f" (tenant {self._tenant})",
                     self._part.records,
                 )
                 self._idle.clear()
@@ -344,6 +371,8 @@ class Sender:
             except Exception as exc:
                 reason, retry_after = _classify(exc)
                 tel.failed(reason).value += request.points
+                if self._tenant_failed is not None:
+                    self._tenant_failed.value += request.points
                 waited = time.monotonic() - started
                 if not durable and (
                     not self._retry.enabled
@@ -369,6 +398,8 @@ class Sender:
                 await asyncio.sleep(delay)
                 continue
             self._sent.value += request.points
+            if self._tenant_sent is not None:
+                self._tenant_sent.value += request.points
             self._requests_sent.value += 1
             return True
 
@@ -396,7 +427,11 @@ class Sender:
                     "%d requests stay in the disk queue %s for the next run", kept, self._queue_cfg.directory
                 )
             self._part = None
-        self._settings.telemetry.telemetry.unregister_gauges(exporter=self._settings.telemetry.id)
+        tel = self._settings.telemetry
+        if self._tenant is None:
+            tel.telemetry.unregister_gauges(exporter=tel.id)
+        else:  # only this tenant's: the exporter's other senders may still be draining
+            tel.telemetry.unregister_gauges(exporter=tel.id, tenant=self._tenant)
 
 
 def _classify(exc: BaseException) -> tuple[str, float | None]:

@@ -162,7 +162,8 @@ class Peers:
         await self.otlp.stop()
 
 
-R, E = ComponentKind.RECEIVER.value, ComponentKind.EXPORTER.value
+R, P, E = ComponentKind.RECEIVER.value, ComponentKind.PROCESSOR.value, ComponentKind.EXPORTER.value
+PROCESSED = "headwater_processor_incoming_points_total"
 STIMULUS: dict[
     tuple[str, str], tuple[Callable[[Any, Peers], Any], Callable[[Any, Any, Collect], Awaitable[None]], str]
 ] = {
@@ -181,6 +182,8 @@ STIMULUS: dict[
         drive_otlp,
         "headwater_receiver_accepted_points_total",
     ),
+    (P, "tenant"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "sample"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (E, "prometheus"): (
         lambda cfg, _: replace(cfg, endpoint=f"127.0.0.1:{free_port()}"),
         drive_exporter,

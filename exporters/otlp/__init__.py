@@ -27,13 +27,15 @@ Retry rules (OTLP specification 1.11):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
+import functools
 import logging
 import math
 import os
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,11 +58,13 @@ from agent.component import (
     Signal,
 )
 from agent.confmodel import Duration, Size, parse_host_port
-from agent.model import Batch, LogBatch, MetricBatch, SpanBatch, Temporality
+from agent.diskqueue import DiskQueue
+from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch, Temporality
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.version import USER_AGENT, VERSION
 from exporters.otlp import passthrough, resource
 from exporters.otlp.metrics import EncoderOptions, MetricEncoder
+from processors.tenant import tenant_problem
 
 GRPC_TYPE = "otlp"
 HTTP_TYPE = "otlp_http"
@@ -129,6 +133,34 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class TenantRoutingConfig:
+    header: str = ""
+    """Header (gRPC: metadata, lower-cased) naming each request's tenant, e.g. X-Scope-OrgID; when set,
+    every tenant also gets its own queue, so a failing tenant never delays another. Empty = none."""
+    resource_attribute: str = "tenant.id"
+    """Resource attribute naming the tenant: read from the data, and added to it where missing (with the
+    exporter's other resource attributes); empty = neither."""
+    label: str = "tenant_id"
+    """Metrics: point label naming the tenant, read before the resource attribute."""
+    default: str = ""
+    """Tenant of data naming none (after the label, the attribute and the batch context's tenant);
+    empty = sent without a tenant, through the exporter's own queue."""
+    max_tenants: int = 1000
+    """Tenants at most (each has its own series state, and queue with header); beyond, their data is
+    dropped (tenant_limit)."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.header.lower() in _RESERVED_HEADERS or self.header.lower().startswith(("grpc-", ":")):
+            problems.append(("header", "this header is set by the exporter or gRPC itself"))
+        if self.default and (problem := tenant_problem(self.default)):
+            problems.append(("default", f"{self.default!r} is not a valid tenant ({problem})"))
+        if self.max_tenants < 1:
+            problems.append(("max_tenants", "must be at least 1"))
+        return problems
+
+
+@dataclass(frozen=True)
 class OtlpConfig:
     endpoint: str = "127.0.0.1:4317"
     """host:port of the OTLP gRPC receiver. A leading https:// forces TLS, http:// plaintext."""
@@ -170,6 +202,9 @@ class OtlpConfig:
     """The in-memory queue of encoded requests."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
+    tenant: TenantRoutingConfig | None = None
+    """Per-tenant routing: the tenant as a resource attribute and/or a header, with a queue per tenant
+    when a header is used. Unset = off."""
 
     def environment_problems(self) -> list[tuple[str, str]]:
         return [(f"sending_queue::{path}", msg) for path, msg in self.sending_queue.environment_problems()]
@@ -246,6 +281,9 @@ class OtlpHttpConfig:
     """The in-memory queue of encoded requests."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
+    tenant: TenantRoutingConfig | None = None
+    """Per-tenant routing: the tenant as a resource attribute and/or a header, with a queue per tenant
+    when a header is used. Unset = off."""
 
     def environment_problems(self) -> list[tuple[str, str]]:
         return [(f"sending_queue::{path}", msg) for path, msg in self.sending_queue.environment_problems()]
@@ -293,6 +331,11 @@ def _common_problems(cfg: AnyConfig) -> list[tuple[str, str]]:
     for section in ("tls", "sending_queue", "retry_on_failure"):
         for path, message in getattr(cfg, section).validate():
             problems.append((f"{section}::{path}" if path else section, message))
+    if cfg.tenant is not None:
+        problems += [(f"tenant::{p}" if p else "tenant", m) for p, m in cfg.tenant.validate()]
+        clash = cfg.tenant.header.lower()
+        if clash and any(name.lower() == clash for name in cfg.headers):
+            problems.append(("tenant::header", "also set in headers: the tenant header is per request"))
     return problems
 
 
@@ -378,20 +421,26 @@ class _OtlpExporter:
         self._log = settings.logger
         env = os.environ if config.resource_from_environment else None
         self._static = resource.static_attributes(config.resource, config.deployment_environment, env)
-        self._encoder = MetricEncoder(
-            EncoderOptions(
-                temporality=Temporality.DELTA if config.temporality == "delta" else Temporality.CUMULATIVE,
-                histograms=config.histograms,
-                explicit_buckets=tuple(config.explicit_buckets),
-                max_request_size=config.max_request_size,
-                series_idle_timeout_s=config.series_idle_timeout,
-                max_series=config.max_series,
-                static_resource=self._static,
-                scope_name="headwater",
-                scope_version=VERSION,
-                started_ns=time.time_ns(),
-            )
+        self._options = EncoderOptions(
+            temporality=Temporality.DELTA if config.temporality == "delta" else Temporality.CUMULATIVE,
+            histograms=config.histograms,
+            explicit_buckets=tuple(config.explicit_buckets),
+            max_request_size=config.max_request_size,
+            series_idle_timeout_s=config.series_idle_timeout,
+            max_series=config.max_series,
+            static_resource=self._static,
+            scope_name="headwater",
+            scope_version=VERSION,
+            started_ns=time.time_ns(),
         )
+        self._encoder = MetricEncoder(self._options)
+        self._route = config.tenant
+        self._encoders: dict[str | None, MetricEncoder] = {None: self._encoder}
+        """Per-tenant encoders (routing): a tenant's series state is its own, whatever its labels."""
+        self._senders: dict[str, Sender] = {}
+        """Per-tenant senders (routing with a header), created on a tenant's first batch."""
+        self._senders_lock = asyncio.Lock()
+        self._closing = False
         self._lock = asyncio.Lock()
         # No ordering constraint in OTLP: a disk backlog drains interleaved with live data.
         self._sender = Sender(
@@ -405,10 +454,14 @@ class _OtlpExporter:
             "exporter_otlp_baseline_points_total",
             "Cumulative points kept as a series' baseline for cumulative-to-delta, not sent.",
         )
-        self._counted: dict[str, int] = {}
+        self._counted: dict[str | None, dict[str, int]] = {}
         self._partial_logged_at = -math.inf
         self._partial_suppressed = 0
-        tel.gauge("exporter_series", "Live series held by the exporter.", lambda: self._encoder.series)
+        tel.gauge(
+            "exporter_series",
+            "Live series held by the exporter.",
+            lambda: sum(e.series for e in self._encoders.values()),
+        )
 
     @property
     def static_resource(self) -> Mapping[str, str]:
@@ -423,9 +476,20 @@ class _OtlpExporter:
         except BaseException:
             await self._close()
             raise
+        route = self._route
+        if route is not None and route.header and self._config.sending_queue.storage == "disk":
+            # Tenants' backlogs from a previous run drain now, not only once the tenant sends again.
+            disk = DiskQueue(self._config.sending_queue.disk(), str(self._settings.id))
+            for tenant in await asyncio.to_thread(disk.existing_tenants):
+                if tenant is not None:
+                    await self._sender_for(tenant)
 
     async def shutdown(self) -> None:
-        await self._sender.shutdown(self._settings.shutdown_timeout_s)
+        self._closing = True
+        async with self._senders_lock:  # no tenant sender is half-started while we stop them
+            senders = [self._sender, *self._senders.values()]
+        # Concurrently: every tenant drains within the same deadline, a stuck one does not eat the others'.
+        await asyncio.gather(*(s.shutdown(self._settings.shutdown_timeout_s) for s in senders))
         await self._close()
 
     async def _open(self) -> None:
@@ -434,72 +498,216 @@ class _OtlpExporter:
     async def _close(self) -> None:
         raise NotImplementedError
 
-    async def _send(self, request: Request) -> None:
+    async def _send(self, request: Request, tenant: str | None = None) -> None:
         raise NotImplementedError
 
     def _compress(self, body: bytes) -> bytes:
         """The body as queued: transports that compress themselves return it unchanged."""
         return body
 
+    # -- tenants -------------------------------------------------------------------------------------
+    def _encoder_for(self, tenant: str | None) -> MetricEncoder | None:
+        """The tenant's metric encoder (its resource attribute among the static ones); None beyond
+        max_tenants."""
+        encoder = self._encoders.get(tenant)
+        if encoder is not None:
+            return encoder
+        route = self._route
+        assert route is not None and tenant is not None
+        if len(self._encoders) > route.max_tenants:
+            return None
+        static = dict(self._static)
+        if route.resource_attribute:
+            static[route.resource_attribute] = tenant
+        encoder = self._encoders[tenant] = MetricEncoder(
+            dataclasses.replace(self._options, static_resource=static)
+        )
+        return encoder
+
+    async def _sender_for(self, tenant: str | None) -> Sender | None:
+        """The tenant's sender when tenants have a header (created and started on first use), else the
+        exporter's; None beyond max_tenants, after shutdown began, or when its queue cannot open."""
+        route = self._route
+        if tenant is None or route is None or not route.header:
+            return self._sender
+        sender = self._senders.get(tenant)
+        if sender is not None:
+            return sender
+        async with self._senders_lock:
+            sender = self._senders.get(tenant)
+            if sender is not None or self._closing or len(self._senders) >= route.max_tenants:
+                return sender
+            cfg = self._config
+            sender = Sender(
+                self._settings,
+                functools.partial(self._send, tenant=tenant),
+                cfg.sending_queue,
+                cfg.retry_on_failure,
+                cfg.timeout,
+                fifo=False,
+                tenant=tenant,
+            )
+            try:
+                await sender.start()
+            except Exception as exc:
+                self._log.error("cannot open the queue of tenant %s: %s", tenant, exc)
+                await sender.shutdown(0)
+                return None
+            self._senders[tenant] = sender
+            return sender
+
+    def _static_for(self, tenant: str | None) -> Mapping[str, str]:
+        route = self._route
+        if tenant is None or route is None or not route.resource_attribute:
+            return self._static
+        return {**self._static, route.resource_attribute: tenant}
+
+    def _checked(self, tenant: str, refused: dict[str, int], n: int) -> str | None:
+        """``tenant`` if valid ("" → the default or None); an invalid one is refused and counted."""
+        route = self._route
+        assert route is not None
+        tenant = tenant or route.default
+        if not tenant:
+            return None
+        if tenant_problem(tenant) is not None:
+            refused["invalid_tenant"] = refused.get("invalid_tenant", 0) + n
+            return ""
+        return tenant
+
+    def _group_points(self, batch: MetricBatch) -> dict[str | None, list[Point]]:
+        route = self._route
+        assert route is not None
+        context_tenant = batch.context.get("tenant", "")
+        label, attribute = route.label, route.resource_attribute
+        groups: dict[str | None, list[Point]] = {}
+        refused: dict[str, int] = {}
+        for p in batch.points:
+            tenant = next((v for k, v in p.labels if k == label), "")
+            if not tenant and attribute and p.resource is not None:
+                tenant = next((v for k, v in p.resource.attributes if k == attribute), "")
+            checked = self._checked(tenant or context_tenant, refused, 1)
+            if checked != "":
+                groups.setdefault(checked, []).append(p)
+        self._count_dropped(refused)
+        return groups
+
+    def _group_messages(
+        self, messages: tuple[Any, ...], context: Mapping[str, str]
+    ) -> dict[str | None, list[Any]]:
+        route = self._route
+        assert route is not None
+        context_tenant = context.get("tenant", "")
+        groups: dict[str | None, list[Any]] = {}
+        refused: dict[str, int] = {}
+        for message in messages:
+            tenant = ""
+            if route.resource_attribute:
+                for kv in message.resource.attributes:
+                    if kv.key == route.resource_attribute:
+                        tenant = kv.value.string_value
+                        break
+            checked = self._checked(tenant or context_tenant, refused, 1)
+            if checked != "":
+                groups.setdefault(checked, []).append(message)
+        self._count_dropped(refused)
+        return groups
+
+    def _count_dropped(self, refused: dict[str, int]) -> None:
+        for reason, n in refused.items():
+            self._settings.telemetry.dropped(reason).value += n
+
     # -- consuming -----------------------------------------------------------------------------------
     async def consume(self, batch: Batch) -> None:
+        touched: dict[int, Sender] = {}
         if isinstance(batch, MetricBatch):
-            await self._consume_metrics(batch)
+            await self._consume_metrics(batch, touched)
         elif isinstance(batch, SpanBatch):
-            await self._consume_passthrough(Signal.TRACES, batch.resource_spans, "scope_spans", "spans")
+            await self._consume_passthrough(
+                Signal.TRACES, batch, batch.resource_spans, "scope_spans", "spans", touched
+            )
         elif isinstance(batch, LogBatch):
-            await self._consume_passthrough(Signal.LOGS, batch.resource_logs, "scope_logs", "log_records")
-        await self._sender.commit()
+            await self._consume_passthrough(
+                Signal.LOGS, batch, batch.resource_logs, "scope_logs", "log_records", touched
+            )
+        for sender in touched.values() or [self._sender]:
+            await sender.commit()
 
-    async def _consume_metrics(self, batch: MetricBatch) -> None:
-        points = batch.points
-        if not points:
+    async def _consume_metrics(self, batch: MetricBatch, touched: dict[int, Sender]) -> None:
+        if not batch.points:
             return
+        if self._route is None:
+            groups: Mapping[str | None, Sequence[Point]] = {None: batch.points}
+        else:
+            groups = self._group_points(batch)
         # One batch at a time: the per-series state must see a series' points in order, and the
         # encoder yields to the loop between slices.
         async with self._lock:
-            encoder = self._encoder
-            encoder.begin(time.monotonic())
-            for i in range(0, len(points), _ENCODE_SLICE):
-                if i:
-                    await asyncio.sleep(0)
-                for body, n in encoder.add(points[i : i + _ENCODE_SLICE]):
-                    await self._offer(Signal.METRICS, body, n)
-            for body, n in encoder.finish():
-                await self._offer(Signal.METRICS, body, n)
-            self._report(encoder.counts)
+            for tenant, points in groups.items():
+                encoder = self._encoder_for(tenant)
+                sender = await self._sender_for(tenant) if encoder is not None else None
+                if encoder is None or sender is None:
+                    self._count_dropped({"shutdown" if self._closing else "tenant_limit": len(points)})
+                    continue
+                touched[id(sender)] = sender
+                encoder.begin(time.monotonic())
+                for i in range(0, len(points), _ENCODE_SLICE):
+                    if i:
+                        await asyncio.sleep(0)
+                    for body, n in encoder.add(points[i : i + _ENCODE_SLICE]):
+                        await self._offer(Signal.METRICS, body, n, sender)
+                for body, n in encoder.finish():
+                    await self._offer(Signal.METRICS, body, n, sender)
+                self._report(tenant, encoder.counts)
 
     async def _consume_passthrough(
-        self, signal: Signal, messages: tuple[Any, ...], scopes: str, items: str
+        self,
+        signal: Signal,
+        batch: Batch,
+        messages: tuple[Any, ...],
+        scopes: str,
+        items: str,
+        touched: dict[int, Sender],
     ) -> None:
         if not messages:
             return
-        requests, too_large = passthrough.encode(
-            messages, scopes, items, self._static, self._config.max_request_size
-        )
-        for body, n in requests:
-            await self._offer(signal, body, n)
-        if too_large:
-            self._settings.telemetry.dropped("too_large").value += too_large
+        if self._route is None:
+            groups: Mapping[str | None, Sequence[Any]] = {None: messages}
+        else:
+            groups = self._group_messages(messages, batch.context)
+        for tenant, group in groups.items():
+            sender = await self._sender_for(tenant)
+            if sender is None or (tenant is not None and self._encoder_for(tenant) is None):
+                n = sum(len(getattr(s, items)) for m in group for s in getattr(m, scopes))
+                self._count_dropped({"shutdown" if self._closing else "tenant_limit": n})
+                continue
+            touched[id(sender)] = sender
+            requests, too_large = passthrough.encode(
+                group, scopes, items, self._static_for(tenant), self._config.max_request_size
+            )
+            for body, n in requests:
+                await self._offer(signal, body, n, sender)
+            if too_large:
+                self._settings.telemetry.dropped("too_large").value += too_large
 
-    def _report(self, counts: dict[str, int]) -> None:
+    def _report(self, tenant: str | None, counts: dict[str, int]) -> None:
         tel = self._settings.telemetry
+        counted = self._counted.setdefault(tenant, {})
         for reason, n in counts.items():
-            new = n - self._counted.get(reason, 0)
+            new = n - counted.get(reason, 0)
             if not new:
                 continue
-            self._counted[reason] = n
+            counted[reason] = n
             if reason == "baseline":
                 self._baseline.value += new
             else:
                 tel.dropped(reason).value += new
 
-    async def _offer(self, signal: Signal, body: bytes, points: int) -> None:
+    async def _offer(self, signal: Signal, body: bytes, points: int, sender: Sender | None = None) -> None:
         if len(body) >= _THREAD_COMPRESS_BYTES:
             payload = await asyncio.to_thread(self._compress, body)
         else:
             payload = self._compress(body)
-        self._sender.offer(Request(payload, points, kind=signal.value))
+        (sender or self._sender).offer(Request(payload, points, kind=signal.value))
 
     # -- responses -----------------------------------------------------------------------------------
     def _partial_success(self, request: Request, signal: Signal, body: bytes) -> None:
@@ -586,11 +794,14 @@ class OtlpGrpcExporter(_OtlpExporter):
             await self._channel.close()
             self._channel = None
 
-    async def _send(self, request: Request) -> None:
+    async def _send(self, request: Request, tenant: str | None = None) -> None:
         signal = Signal(request.kind or Signal.METRICS.value)
         call = self._calls[signal]
+        metadata = self._metadata
+        if tenant is not None and self._route is not None and self._route.header:
+            metadata = (*metadata, (self._route.header.lower(), tenant))
         try:
-            response = await call(request.payload, timeout=self._grpc_config.timeout, metadata=self._metadata)
+            response = await call(request.payload, timeout=self._grpc_config.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             reason = f"grpc_{code.name.lower()}"
@@ -653,11 +864,14 @@ class OtlpHttpExporter(_OtlpExporter):
             await self._session.close()
             self._session = None
 
-    async def _send(self, request: Request) -> None:
+    async def _send(self, request: Request, tenant: str | None = None) -> None:
         assert self._session is not None
         signal = Signal(request.kind or Signal.METRICS.value)
         url = self.urls[signal]
-        async with self._session.post(url, data=request.payload, headers=self._headers) as resp:
+        headers = self._headers
+        if tenant is not None and self._route is not None and self._route.header:
+            headers = {**headers, self._route.header: tenant}
+        async with self._session.post(url, data=request.payload, headers=headers) as resp:
             body = await _read_capped(resp)
             status = resp.status
             if 200 <= status < 300:

@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import email.utils
+import functools
 import os
+import re
 import ssl
 import time
-from dataclasses import dataclass, field
+import urllib.parse
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import aiohttp
@@ -48,8 +52,8 @@ from agent.component import (
     Tasks,
 )
 from agent.confmodel import Duration
-from agent.diskqueue import partition_name
-from agent.model import MetricBatch
+from agent.diskqueue import DiskQueue, partition_name
+from agent.model import MetricBatch, Point
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.version import USER_AGENT
 from exporters.prometheus_remote_write import wire
@@ -63,6 +67,7 @@ from exporters.prometheus_series import (
     format_value,
     next_timestamp_ms,
 )
+from processors.tenant import tenant_problem
 
 TYPE = "prometheus_remote_write"
 
@@ -116,6 +121,45 @@ class TLSConfig:
         return []
 
 
+_LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+
+
+@dataclass(frozen=True)
+class TenantRoutingConfig:
+    header: str = "X-Scope-OrgID"
+    """Request header naming each request's tenant: X-Scope-OrgID (Mimir, Cortex), THANOS-TENANT (Thanos
+    receive); empty = no header (url_template alone, or per-tenant queues only)."""
+    url_template: str = ""
+    """URL with {tenant} (URL-encoded) for each tenant's requests, e.g.
+    http://vminsert:8480/insert/{tenant}/prometheus/api/v1/write; empty = endpoint for every tenant."""
+    label: str = "tenant_id"
+    """Label naming a point's tenant (set by the tenant processor); without it the batch context's
+    tenant, then default. Series always carry it (added when missing): it keeps tenants' series apart."""
+    drop_label: bool = False
+    """Do not send the tenant label (the header or URL already says whose the series are)."""
+    default: str = ""
+    """Tenant of points that name none; empty = send them to endpoint without a tenant header."""
+    max_tenants: int = 1000
+    """Tenants with their own queue at most; points of further tenants are dropped (tenant_limit)."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.header.lower() in RESERVED_HEADERS:
+            problems.append(("header", "this header is set by the remote-write protocol itself"))
+        if self.url_template:
+            if "{tenant}" not in self.url_template:
+                problems.append(("url_template", "must contain {tenant}"))
+            if not self.url_template.startswith(("http://", "https://")):
+                problems.append(("url_template", "is not an http:// or https:// URL"))
+        if not _LABEL_NAME.fullmatch(self.label) or self.label.startswith("__"):
+            problems.append(("label", f"{self.label!r} is not a valid Prometheus label name"))
+        if self.default and (problem := tenant_problem(self.default)):
+            problems.append(("default", f"{self.default!r} is not a valid tenant ({problem})"))
+        if self.max_tenants < 1:
+            problems.append(("max_tenants", "must be at least 1"))
+        return problems
+
+
 @dataclass(frozen=True)
 class PrometheusRemoteWriteConfig:
     endpoint: str = "http://127.0.0.1:9090/api/v1/write"
@@ -145,12 +189,20 @@ class PrometheusRemoteWriteConfig:
     """The in-memory queue of encoded requests."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
+    tenant: TenantRoutingConfig | None = None
+    """Per-tenant routing: each tenant gets its own requests (tenant header and/or URL) and its own
+    queue (memory, or its own disk partition), so a failing tenant never delays another. Unset = off."""
 
     def environment_problems(self) -> list[tuple[str, str]]:
         return [(f"sending_queue::{path}", msg) for path, msg in self.sending_queue.environment_problems()]
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
+        if self.tenant is not None:
+            problems += [(f"tenant::{p}" if p else "tenant", m) for p, m in self.tenant.validate()]
+            clash = self.tenant.header.lower()
+            if clash and any(name.lower() == clash for name in self.headers):
+                problems.append(("tenant::header", "also set in headers: the tenant header is per request"))
         if not self.endpoint.startswith(("http://", "https://")):
             problems.append(("endpoint", f"{self.endpoint!r} is not an http:// or https:// URL"))
         for name in self.headers:
@@ -201,6 +253,13 @@ class PrometheusRemoteWriteExporter:
         self._sender = Sender(
             settings, self._post, config.sending_queue, config.retry_on_failure, config.timeout
         )
+        self._route = config.tenant
+        self._drop_label = config.tenant.label if config.tenant and config.tenant.drop_label else None
+        self._senders: dict[str, Sender] = {}
+        """Per-tenant senders (routing only), created on a tenant's first batch (or at start for a
+        tenant with a backlog on disk) and kept until shutdown."""
+        self._senders_lock = asyncio.Lock()
+        self._closing = False
         self._session: aiohttp.ClientSession | None = None
         self._tasks = Tasks(str(settings.id), settings.logger)
         self._headers = {
@@ -251,11 +310,21 @@ class PrometheusRemoteWriteExporter:
             self._session = None
             raise
         await self._load_state()  # only once the lock is ours: the state file belongs to the queue
+        if self._route is not None and cfg.sending_queue.storage == "disk":
+            # Tenants' backlogs from a previous run drain now, not only once the tenant sends again.
+            disk = DiskQueue(cfg.sending_queue.disk(), str(self._settings.id))
+            for tenant in await asyncio.to_thread(disk.existing_tenants):
+                if tenant is not None:
+                    await self._tenant_sender(tenant)
         self._tasks.spawn(self._expire_loop(), "expire")
 
     async def shutdown(self) -> None:
+        self._closing = True
         await self._tasks.close()
-        await self._sender.shutdown(self._settings.shutdown_timeout_s)
+        async with self._senders_lock:  # no tenant sender is half-started while we stop them
+            senders = [self._sender, *self._senders.values()]
+        # Concurrently: every tenant drains within the same deadline, a stuck one does not eat the others'.
+        await asyncio.gather(*(s.shutdown(self._settings.shutdown_timeout_s) for s in senders))
         await self._close_state()
         if self._session is not None:
             await self._session.close()
@@ -293,6 +362,8 @@ class PrometheusRemoteWriteExporter:
         labels = dict(self._external)
         labels.update(series.labels)
         labels.update(extra)
+        if self._drop_label is not None:
+            labels.pop(self._drop_label, None)
         labels["__name__"] = name
         return wire.encode_labels(sorted(labels.items()))
 
@@ -376,43 +447,165 @@ class PrometheusRemoteWriteExporter:
             wire.encode_series(labels, [(wire.STALE_NAN, ts_ms)]) for labels in gone if labels not in keep
         ]
 
+    # -- tenants -------------------------------------------------------------------------------------
+    async def _tenant_sender(self, tenant: str) -> Sender | None:
+        """The sender of ``tenant``, created and started on first use; None beyond max_tenants, after
+        shutdown began, or when its queue cannot be opened (logged; the next batch tries again)."""
+        sender = self._senders.get(tenant)
+        if sender is not None:
+            return sender
+        route = self._route
+        assert route is not None
+        async with self._senders_lock:
+            sender = self._senders.get(tenant)
+            if sender is not None or self._closing or len(self._senders) >= route.max_tenants:
+                return sender
+            cfg = self._config
+            sender = Sender(
+                self._settings,
+                functools.partial(self._post, tenant=tenant),
+                cfg.sending_queue,
+                cfg.retry_on_failure,
+                cfg.timeout,
+                tenant=tenant,
+            )
+            try:
+                await sender.start()
+            except Exception as exc:
+                self._log.error("cannot open the queue of tenant %s: %s", tenant, exc)
+                await sender.shutdown(0)
+                return None
+            self._senders[tenant] = sender
+            return sender
+
+    def _tenant_of(self, point: Point, context_tenant: str) -> tuple[Point, str | None, str]:
+        """(point with the tenant label, tenant or None for the default sender, refusal reason or "")."""
+        route = self._route
+        assert route is not None
+        label = route.label
+        tenant = next((v for k, v in point.labels if k == label), "") or context_tenant or route.default
+        if not tenant:
+            return point, None, ""
+        if tenant_problem(tenant) is not None:
+            return point, None, "invalid_tenant"
+        if not any(k == label for k, _ in point.labels):
+            # The label is the series' identity in the cumulative state: without it two tenants'
+            # same-named series would be added together.
+            labels = list(point.labels)
+            bisect.insort(labels, (label, tenant))
+            point = replace(point, labels=tuple(labels))
+        return point, tenant, ""
+
+    async def _route_points(
+        self, batch: MetricBatch
+    ) -> tuple[list[Point], list[str | None], dict[str | None, Sender]]:
+        """Each point's tenant (and sender), resolved before any series state changes, so that the
+        encoding loop never awaits and batches cannot interleave their samples of one series."""
+        context_tenant = batch.context.get("tenant", "")
+        points: list[Point] = []
+        tenants: list[str | None] = []
+        refused: dict[str, int] = {}
+        senders: dict[str | None, Sender] = {None: self._sender}
+        unavailable: set[str] = set()
+        for point in batch.points:
+            point, tenant, reason = self._tenant_of(point, context_tenant)
+            if tenant is not None and tenant not in senders and tenant not in unavailable:
+                sender = await self._tenant_sender(tenant)
+                if sender is None:
+                    unavailable.add(tenant)
+                else:
+                    senders[tenant] = sender
+            if tenant in unavailable:
+                reason = "tenant_limit" if not self._closing else "shutdown"
+            if reason:
+                refused[reason] = refused.get(reason, 0) + 1
+                continue
+            points.append(point)
+            tenants.append(tenant)
+        for reason, n in refused.items():
+            self._settings.telemetry.dropped(reason).value += n
+        return points, tenants, senders
+
+    # -- consuming -----------------------------------------------------------------------------------
     async def consume(self, batch: MetricBatch) -> None:
-        entries: list[bytes] = []
-        samples = points = 0
+        if self._route is None:
+            points: list[Point] | tuple[Point, ...] = batch.points
+            tenants: list[str | None] | None = None
+            senders: dict[str | None, Sender] = {None: self._sender}
+        else:
+            points, tenants, senders = await self._route_points(batch)
         limit = self._config.max_samples_per_request
         update = self._store.update
         state = self._state
         changed: dict[str, tuple[str, list[Series]]] = {}
-        for point in batch.points:
+        # Per tenant: entries, samples and points of the request being built.
+        pending: dict[str | None, tuple[list[bytes], list[int]]] = {}
+        blocked: list[Backpressure] = []
+        for i, point in enumerate(points):
+            tenant = tenants[i] if tenants is not None else None
             series = update(point)
             if series is None:
                 continue
             encoded, n = self._encode(series, next_timestamp_ms(series, point.time_unix_nano))
+            acc = pending.get(tenant)
+            if acc is None:
+                acc = pending[tenant] = ([], [0, 0])
+            entries, counts = acc
             entries += encoded
-            samples += n
-            points += 1
+            counts[0] += n
+            counts[1] += 1
             if state is not None:
                 changed.setdefault(series.name, (series.kind, []))[1].append(series)
-            if samples >= limit:
-                self._offer(entries, points, changed)
-                entries, samples, points = [], 0, 0
-        if entries:
-            self._offer(entries, points, changed)
+            if counts[0] >= limit:
+                self._offer_to(senders[tenant], entries, counts[1], changed, blocked)
+                pending[tenant] = ([], [0, 0])
+        for tenant, (entries, counts) in pending.items():
+            if entries:
+                self._offer_to(senders[tenant], entries, counts[1], changed, blocked)
         self._count_refused()
+        touched = [senders[t] for t in pending]
         if state is not None:
             if self._config.sending_queue.fsync == "batch":
                 await asyncio.to_thread(state.sync)  # the state is durable before the requests are
-            await self._sender.commit()
+            for sender in touched:
+                await sender.commit()
             await state.maybe_compact(self._store)
         else:
-            await self._sender.commit()
+            for sender in touched:
+                await sender.commit()
+        if blocked:
+            # A tenant's full queue (full_policy: block) refuses the batch — after the other tenants'
+            # requests were queued, so that one tenant's outage never stops the others.
+            raise blocked[0]
 
-    def _offer(self, entries: list[bytes], points: int, changed: dict[str, tuple[str, list[Series]]]) -> None:
+    def _offer_to(
+        self,
+        sender: Sender,
+        entries: list[bytes],
+        points: int,
+        changed: dict[str, tuple[str, list[Series]]],
+        blocked: list[Backpressure],
+    ) -> None:
+        if self._route is None:
+            self._offer(entries, points, changed, sender)  # one queue: backpressure stops the batch
+            return
+        try:
+            self._offer(entries, points, changed, sender)
+        except Backpressure as exc:
+            blocked.append(exc)
+
+    def _offer(
+        self,
+        entries: list[bytes],
+        points: int,
+        changed: dict[str, tuple[str, list[Series]]],
+        sender: Sender | None = None,
+    ) -> None:
         if self._state is not None and changed:
             self._state.record(changed)  # before the request: the state is never older than the queue
             changed.clear()
         body = wire.compress(wire.encode_write_request(entries))
-        self._sender.offer(Request(body, points))
+        (sender or self._sender).offer(Request(body, points))
 
     def _count_refused(self) -> None:
         for reason, n in self._store.refused.items():
@@ -429,21 +622,37 @@ class PrometheusRemoteWriteExporter:
             if not gone:
                 continue
             now_ns = time.time_ns()
-            entries: list[bytes] = []
+            by_sender: dict[int, tuple[Sender, list[bytes]]] = {}
             for series in gone:
+                sender = await self._series_sender(series)
+                if sender is None:
+                    continue  # a tenant over max_tenants never had series here; nothing to mark
                 encoded, _ = self._encode(series, next_timestamp_ms(series, now_ns), stale=True)
+                _, entries = by_sender.setdefault(id(sender), (sender, []))
                 entries += encoded
                 if len(entries) >= self._config.max_samples_per_request:
-                    self._offer_stale(entries)
-                    entries = []
-            if entries:
-                self._offer_stale(entries)
+                    self._offer_stale(entries, sender)
+                    entries.clear()
+            for sender, entries in by_sender.values():
+                if entries:
+                    self._offer_stale(entries, sender)
             self._stale.value += len(gone)
-            await self._sender.commit()
+            for sender, _ in by_sender.values():
+                await sender.commit()
 
-    def _offer_stale(self, entries: list[bytes]) -> None:
+    async def _series_sender(self, series: Series) -> Sender | None:
+        """The sender a series' samples went to (its tenant's, by the tenant label it carries)."""
+        if self._route is None:
+            return self._sender
+        label = self._route.label
+        tenant = next((v for k, v in series.labels if k == label), "")
+        if not tenant or tenant_problem(tenant) is not None:
+            return self._sender
+        return await self._tenant_sender(tenant)
+
+    def _offer_stale(self, entries: list[bytes], sender: Sender | None = None) -> None:
         try:
-            self._offer(entries, 0, {})
+            self._offer(entries, 0, {}, sender)
         except Backpressure:
             # A full queue under `block`: stale markers only speed up what Prometheus' 5-minute
             # lookback does anyway, so they are dropped (and counted) rather than retried.
@@ -462,11 +671,17 @@ class PrometheusRemoteWriteExporter:
                 self._token_file_state = (mtime, f.read().strip())
         return {**self._headers, "Authorization": f"Bearer {self._token_file_state[1]}"}
 
-    async def _post(self, request: Request) -> None:
+    async def _post(self, request: Request, tenant: str | None = None) -> None:
         assert self._session is not None
-        async with self._session.post(
-            self._config.endpoint, data=request.payload, headers=self._request_headers()
-        ) as resp:
+        url = self._config.endpoint
+        headers = self._request_headers()
+        route = self._route
+        if tenant is not None and route is not None:
+            if route.url_template:
+                url = route.url_template.replace("{tenant}", urllib.parse.quote(tenant, safe=""))
+            if route.header:
+                headers = {**headers, route.header: tenant}
+        async with self._session.post(url, data=request.payload, headers=headers) as resp:
             if 200 <= resp.status < 300:
                 return
             body = (await resp.text(errors="replace"))[:512]
@@ -476,7 +691,7 @@ class PrometheusRemoteWriteExporter:
                     reason=f"http_{resp.status}",
                     retry_after_s=_retry_after_s(resp.headers.get("Retry-After")),
                 )
-            raise PermanentError(f"HTTP {resp.status} from {self._config.endpoint}: {body}")
+            raise PermanentError(f"HTTP {resp.status} from {url}: {body}")
 
 
 def _create(settings: Settings, config: PrometheusRemoteWriteConfig) -> PrometheusRemoteWriteExporter:
