@@ -12,7 +12,7 @@ def builtin_factories() -> Factories:
     """Every built-in component type by kind and type name."""
     from exporters import debug, prometheus, prometheus_remote_write
     from exporters import otlp as otlp_exporters
-    from processors import sample, tenant
+    from processors import anomaly, percentiles, sample, tenant, threshold
     from receivers import http, otlp, statsd
 
     factories = [
@@ -21,6 +21,9 @@ def builtin_factories() -> Factories:
         otlp.factory,
         tenant.factory,
         sample.factory,
+        percentiles.factory,
+        anomaly.factory,
+        threshold.factory,
         prometheus.factory,
         prometheus_remote_write.factory,
         otlp_exporters.grpc_factory,

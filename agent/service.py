@@ -209,15 +209,22 @@ class Agent:
         components = []
         for r in self._receivers + self._processors + self._exporters:
             label = str(r.id) + (f"@{r.pipeline}" if r.pipeline else "")
-            components.append(
-                {
-                    "id": str(r.id),
-                    "kind": r.kind.value,
-                    "pipeline": r.pipeline or None,
-                    "state": r.state,
-                    **counts(r.kind, label),
-                }
-            )
+            entry: dict[str, Any] = {
+                "id": str(r.id),
+                "kind": r.kind.value,
+                "pipeline": r.pipeline or None,
+                "state": r.state,
+                **counts(r.kind, label),
+            }
+            # A component may offer `status() -> dict` (threshold: its active alerts); a failing one
+            # must not break the endpoint.
+            extra = getattr(r.instance, "status", None)
+            if callable(extra):
+                try:
+                    entry["status"] = extra()
+                except Exception as exc:
+                    entry["status"] = {"error": repr(exc)}
+            components.append(entry)
         return {
             "ready": self.ready,
             "uptime_s": round(time.time() - self.started_at, 3),

@@ -184,6 +184,9 @@ STIMULUS: dict[
     ),
     (P, "tenant"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (P, "sample"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "percentiles"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "anomaly"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "threshold"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (E, "prometheus"): (
         lambda cfg, _: replace(cfg, endpoint=f"127.0.0.1:{free_port()}"),
         drive_exporter,

@@ -1,0 +1,360 @@
+"""Anomaly processor: a rolling baseline per series and a z-score for every new value.
+
+    processors:
+      anomaly:
+        include: ["http.server.duration", "queue.depth"]
+        baseline_window: 10m
+        histogram_statistic: p99
+    # then alert on it:  threshold: rules: [{metric: "*_anomaly_score", above: 4}]
+
+What is scored, per series (name + labels + resource):
+
+- GAUGE points and non-monotonic SUMs (up-down counters): their value.
+- Monotonic SUMs (counters): their rate per second. A DELTA point's rate is its value over its own
+  interval (start to time), or over the time since the series' previous point when it has no start;
+  a CUMULATIVE point's rate is the increase since the previous point over the time between them (a
+  decrease is a reset: that point only becomes the new base).
+- HISTOGRAM points: one statistic of the distribution in the point (``histogram_statistic``): the
+  exact mean (sum / count), the exact max, or a quantile (p50/p90/p95/p99 from the exponential
+  histogram, within its relative error; explicit buckets are interpolated linearly). CUMULATIVE
+  histograms are differenced against the series' previous point first.
+- SUMMARY points are not scored (they are lifetime aggregates).
+
+The baseline is an exponentially weighted mean and variance. Each new value x is scored against the
+baseline *before* x joins it: ``score = (x - mean) / sd`` with ``sd = max(sqrt(variance),
+min_relative_stddev * |mean|, min_stddev)``; then x updates it with weight ``alpha = 1 -
+exp(-dt / baseline_window)`` (dt = time since the series' previous value, from the points'
+timestamps), or the fixed ``alpha`` if set. Until a series has ``min_samples`` values, no score is sent
+and the baseline is a plain running mean/variance (weight at least 1/n), so the first value does not
+dominate it. A lone spike thus scores high and raises the baseline's variance (and so lowers the
+next spikes' scores) for about one baseline window.
+
+Each score is a GAUGE ``<name><suffix>`` (default ``<name>_anomaly_score``) with the series' labels
+and resource, unit ``1``, added to the same batch right after the original points, which pass on
+unchanged. Series idle for ``series_idle_timeout`` are forgotten; beyond ``max_series`` new series are
+not scored and are counted (``headwater_anomaly_overflow_points_total``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agent import exphist
+from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
+from agent.confmodel import Duration
+from agent.exphist import ExpHistogram
+from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Temporality
+from agent.telemetry import Cell
+from processors.percentiles import convert
+
+TYPE = "anomaly"
+
+Statistic = Literal["mean", "max", "p50", "p90", "p95", "p99"]
+_QUANTILE = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99}
+_EXPIRY_CHECK_S = 10.0
+"""How often (processor clock) idle series are looked for: one pass over all series at most this often."""
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    include: list[str] = field(default_factory=lambda: ["*"])
+    """Metric name globs (``*`` crosses dots) of the series to score; default all."""
+    exclude: list[str] = field(default_factory=list)
+    """Metric name globs not to score, applied after include (scores are never scored again)."""
+    kinds: list[Literal["gauge", "counter", "histogram"]] = field(
+        default_factory=lambda: ["gauge", "counter", "histogram"]
+    )
+    """Which points to score: gauge (and up-down sums) by value, counter by rate, histogram by statistic."""
+    histogram_statistic: Statistic = "mean"
+    """The statistic of each histogram point that is scored: mean, max, p50, p90, p95 or p99."""
+    baseline_window: Duration = Duration(600.0)
+    """Time constant of the exponentially weighted baseline: older values weigh e times less per window."""
+    alpha: float | None = None
+    """A fixed weight (0 < alpha <= 1) per new value instead of the time-based one; unset: baseline_window."""
+    min_samples: int = 10
+    """Values a series needs before its scores are sent."""
+    min_relative_stddev: float = 0.001
+    """Floor of the standard deviation relative to |mean|, so a flat series does not score infinity."""
+    min_stddev: float = 1e-9
+    """Absolute floor of the standard deviation (for series whose mean is 0)."""
+    suffix: str = "_anomaly_score"
+    """Appended to the metric name to name the score."""
+    max_series: int = 10_000
+    """Series scored at most; values of further series pass unscored and are counted as overflow."""
+    series_idle_timeout: Duration = Duration(3600.0)
+    """Forget a series' baseline this long after its last value."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        for name, globs in (("include", self.include), ("exclude", self.exclude)):
+            for i, g in enumerate(globs):
+                if not g:
+                    problems.append((f"{name}::{i}", "give a non-empty metric name glob"))
+        if not self.kinds:
+            problems.append(("kinds", "give at least one of gauge, counter, histogram"))
+        if not self.baseline_window > 0:
+            problems.append(("baseline_window", "must be positive"))
+        if self.alpha is not None and not 0.0 < self.alpha <= 1.0:
+            problems.append(("alpha", "must be within (0, 1]"))
+        if self.min_samples < 2:
+            problems.append(("min_samples", "must be at least 2 (a variance needs two values)"))
+        if not (self.min_relative_stddev >= 0 and math.isfinite(self.min_relative_stddev)):
+            problems.append(("min_relative_stddev", "must be a finite number >= 0"))
+        if not (self.min_stddev > 0 and math.isfinite(self.min_stddev)):
+            problems.append(("min_stddev", "must be a finite number > 0"))
+        if not self.suffix:
+            problems.append(("suffix", "must not be empty (the score would take the metric's own name)"))
+        if self.max_series < 1:
+            problems.append(("max_series", "must be at least 1"))
+        if not self.series_idle_timeout > 0:
+            problems.append(("series_idle_timeout", "must be positive"))
+        return problems
+
+
+def _glob_regex(globs: list[str]) -> re.Pattern[str] | None:
+    parts = [fnmatch.translate(g) for g in globs]
+    return re.compile("|".join(parts)) if parts else None
+
+
+class _Series:
+    __slots__ = ("last_ns", "last_seen", "mean", "n", "previous", "variance")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.variance = 0.0
+        self.last_ns = 0
+        """Timestamp of the previous value (for dt and counter rates); 0 before the first."""
+        self.last_seen = 0.0
+        """Processor clock at the last point (for expiry)."""
+        self.previous: float | ExpHistogram | ExplicitHistogram | None = None
+        """The previous CUMULATIVE value or histogram, the base of the next difference."""
+
+
+SeriesKey = tuple[str, Labels, Labels | None]
+
+
+class AnomalyProcessor:
+    """See the module docstring. `clock` (unix seconds) is injectable for tests; it drives expiry and
+    stands in for points without a timestamp."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: AnomalyConfig,
+        next_consumer: Consumer,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._config = config
+        self._next = next_consumer
+        self._clock = clock
+        self._include = _glob_regex(config.include)
+        self._exclude = _glob_regex(config.exclude)
+        self._kinds = frozenset(config.kinds)
+        self._name_cache: dict[str, bool] = {}
+        self._series: dict[SeriesKey, _Series] = {}
+        self._tau_s = float(config.baseline_window)
+        self._next_expiry = clock() + _EXPIRY_CHECK_S
+        tel = settings.telemetry
+        self._incoming = tel.incoming()
+        self._outgoing = tel.outgoing()
+        self._overflow = tel.counter(
+            "anomaly_overflow_points_total", "Points of series beyond max_series, passed on unscored."
+        )
+        self._scored = tel.counter("anomaly_scores_total", "Anomaly scores sent.")
+        self._expired = tel.counter("anomaly_expired_series_total", "Series forgotten after being idle.")
+        tel.gauge("anomaly_series", "Series with a baseline now.", lambda: float(len(self._series)))
+
+    def _ignored(self, reason: str) -> Cell:
+        return self._settings.telemetry.counter(
+            "anomaly_ignored_points_total",
+            "Matching points that gave no value to score, by reason.",
+            reason=reason,
+        )
+
+    async def start(self) -> None:
+        """Nothing to start: scores are computed inline."""
+
+    async def shutdown(self) -> None:
+        """Nothing to flush (every score was sent with its point); idempotent, safe before start."""
+
+    def _matches(self, name: str) -> bool:
+        hit = self._name_cache.get(name)
+        if hit is None:
+            hit = bool(
+                not name.endswith(self._config.suffix)
+                and self._include is not None
+                and self._include.fullmatch(name)
+                and not (self._exclude is not None and self._exclude.fullmatch(name))
+            )
+            if len(self._name_cache) >= 100_000:  # bounds the cache under name churn
+                self._name_cache.clear()
+            self._name_cache[name] = hit
+        return hit
+
+    def _wanted(self, p: Point) -> bool:
+        if p.kind is Kind.GAUGE:
+            return "gauge" in self._kinds
+        if p.kind is Kind.SUM:
+            return ("counter" if p.monotonic else "gauge") in self._kinds
+        if p.kind is Kind.HISTOGRAM:
+            return "histogram" in self._kinds
+        return False
+
+    async def consume(self, batch: MetricBatch) -> None:
+        n = len(batch.points)
+        self._incoming.value += n
+        now = self._clock()
+        if now >= self._next_expiry:
+            self._expire(now)
+        scores: list[Point] = []
+        overflow = 0
+        for p in batch.points:
+            if not self._wanted(p) or not self._matches(p.name):
+                continue
+            key = (p.name, p.labels, p.resource.attributes if p.resource is not None else None)
+            s = self._series.get(key)
+            if s is None:
+                if len(self._series) >= self._config.max_series:
+                    overflow += 1
+                    continue
+                s = self._series[key] = _Series()
+            s.last_seen = now
+            time_ns = p.time_unix_nano or int(now * 1e9)
+            score = self._score(s, p, time_ns)
+            if score is not None:
+                scores.append(
+                    Point(
+                        p.name + self._config.suffix,
+                        Kind.GAUGE,
+                        p.labels,
+                        time_ns,
+                        value=score,
+                        unit="1",
+                        resource=p.resource,
+                        scope=p.scope,
+                    )
+                )
+        if overflow:
+            self._overflow.value += overflow
+        out = MetricBatch(batch.points + tuple(scores), batch.context) if scores else batch
+        await self._next.consume(out)  # Backpressure propagates to the caller
+        self._outgoing.value += len(out.points)
+        self._scored.value += len(scores)
+
+    def _score(self, s: _Series, p: Point, time_ns: int) -> float | None:
+        """Score `p`'s value against the baseline, then add it to the baseline; None when not scored."""
+        try:
+            x = self._value(s, p, time_ns)
+        except (ValueError, OverflowError, ZeroDivisionError):
+            self._ignored("invalid").value += 1
+            x = None
+        dt_s = (time_ns - s.last_ns) / 1e9 if s.last_ns else 0.0
+        s.last_ns = time_ns
+        if x is None:
+            return None
+        if not math.isfinite(x):
+            self._ignored("non_finite").value += 1
+            return None
+        c = self._config
+        score = None
+        if s.n >= c.min_samples:
+            sd = max(math.sqrt(s.variance), c.min_relative_stddev * abs(s.mean), c.min_stddev)
+            score = (x - s.mean) / sd
+        alpha = c.alpha if c.alpha is not None else -math.expm1(-max(dt_s, 0.0) / self._tau_s)
+        alpha = max(alpha, 1.0 / (s.n + 1))  # a running mean while young: the first value does not dominate
+        if s.n == 0:
+            s.mean, s.variance = x, 0.0
+        else:
+            diff = x - s.mean
+            step = alpha * diff
+            s.mean += step
+            s.variance = (1.0 - alpha) * (s.variance + diff * step)
+        s.n += 1
+        return score
+
+    def _value(self, s: _Series, p: Point, time_ns: int) -> float | None:
+        cumulative = p.temporality is Temporality.CUMULATIVE
+        if p.kind is Kind.GAUGE or (p.kind is Kind.SUM and not p.monotonic):
+            return p.value
+        if p.kind is Kind.SUM:
+            if cumulative:
+                previous, s.previous = s.previous, p.value
+                if not isinstance(previous, float) or not s.last_ns or time_ns <= s.last_ns:
+                    return None  # the first value, or no time between: only the base
+                if p.value < previous:
+                    self._ignored("counter_reset").value += 1
+                    return None
+                return (p.value - previous) / ((time_ns - s.last_ns) / 1e9)
+            if p.start_time_unix_nano and time_ns > p.start_time_unix_nano:
+                return p.value / ((time_ns - p.start_time_unix_nano) / 1e9)
+            if s.last_ns and time_ns > s.last_ns:
+                return p.value / ((time_ns - s.last_ns) / 1e9)
+            return None
+        return self._statistic(s, p, cumulative)
+
+    def _statistic(self, s: _Series, p: Point, cumulative: bool) -> float | None:
+        stat = self._config.histogram_statistic
+        h: ExpHistogram | None = None
+        if p.histogram is not None:
+            h = p.histogram
+            if cumulative:
+                previous, s.previous = s.previous, h
+                if not isinstance(previous, ExpHistogram):
+                    return None
+                h = convert.subtract(h, previous)
+        elif p.explicit is not None:
+            e: ExplicitHistogram | None = p.explicit
+            if cumulative:
+                previous_e, s.previous = s.previous, p.explicit
+                if not isinstance(previous_e, ExplicitHistogram):
+                    return None
+                e = convert.subtract_explicit(p.explicit, previous_e)
+            if e is None:
+                self._ignored("histogram_reset").value += 1
+                return None
+            if stat == "mean":
+                return e.sum / e.count if e.count > 0 else None
+            if stat == "max" and e.max is not None and not cumulative:
+                return e.max
+            h = convert.explicit_to_exponential(e, max_buckets=160)
+        if h is None:
+            self._ignored("histogram_reset" if cumulative else "no_histogram").value += 1
+            return None
+        if not h.count > 0:
+            return None  # an interval without values has no statistic
+        if stat == "mean":
+            return h.sum / h.count
+        if stat == "max":
+            return h.max
+        return exphist.quantile(h, _QUANTILE[stat])
+
+    def _expire(self, now: float) -> None:
+        self._next_expiry = now + _EXPIRY_CHECK_S
+        limit = now - float(self._config.series_idle_timeout)
+        idle = [k for k, s in self._series.items() if s.last_seen < limit]
+        for k in idle:
+            del self._series[k]
+        self._expired.value += len(idle)
+
+
+def create(settings: Settings, config: AnomalyConfig, next_consumer: Consumer) -> AnomalyProcessor:
+    return AnomalyProcessor(settings, config, next_consumer)
+
+
+factory = Factory(
+    type=TYPE,
+    kind=ComponentKind.PROCESSOR,
+    config_class=AnomalyConfig,
+    create=create,
+    signals=frozenset({Signal.METRICS}),
+    description="Per-series z-scores of gauges, counter rates and distribution statistics vs a baseline",
+)

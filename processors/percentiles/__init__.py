@@ -1,0 +1,595 @@
+"""Percentiles processor: rolling-window quantiles of distributions, from mergeable exponential histograms.
+
+    processors:
+      percentiles:
+        include: ["http.*", "db.query.duration"]
+        windows: [1m, 5m, 1h]
+        quantiles: [0.5, 0.9, 0.95, 0.99]
+        emit_interval: 10s
+        naming: labels          # <name>{quantile="0.99", window="5m"}; suffix: <name>_p99_5m
+
+Every HISTOGRAM point whose name matches goes into its series' rolling windows (series = name +
+labels + resource): StatsD timers, histograms and distributions (DELTA exponential histograms) as
+they are; OTLP exponential histograms likewise (CUMULATIVE ones as the difference from the series'
+previous point; the first cumulative point only sets that baseline); OTLP explicit-bucket
+histograms approximated by spreading each bucket's count evenly inside it. Every ``emit_interval``
+(at multiples of it on the clock) the processor sends one GAUGE per series, window and quantile with
+data in the window, and optionally the window's merged histogram. The original points pass on
+unchanged (unless ``drop_original``); SUMMARY points pass on untouched and are counted as ignored.
+
+Error, stated honestly:
+
+- Exponential input: each quantile is within ``(b - 1) / (b + 1)`` of the exact one (``b = 2 **
+  2 ** -scale``, the rank rule of numpy's ``inverted_cdf``): 0.54 % at scale 6, 1.08 % at 5, 2.2 % at
+  4. The scale is the finest at which the series' data fit ``max_buckets`` buckets and not finer than
+  its input (the StatsD receiver's own ``max_buckets`` caps that). 160 buckets hold scale 6 over a
+  range of 5.7× (max/min); wider data lower the scale. Each lowering is counted
+  (``headwater_percentiles_downscales_total``) and every window emitted with a bound above 1 % is
+  counted (``headwater_percentiles_coarse_windows_total``); ``headwater_percentiles_worst_error_ratio``
+  shows the worst bound of the last emit. Raise ``max_buckets`` (and the receiver's) for wide data.
+- Explicit-bucket input: a quantile is only known to lie within the source bucket that holds it
+  (as with Prometheus' histogram_quantile); the interpolation inside the bucket is linear.
+- Window edges: see ``processors/percentiles/store.py``. Base-slice windows (1m by default) are
+  exact when emitted on schedule; a coarser window spans W ± half its slice (5m ± 15 s, 1h ± 2.5 min
+  by default). Data is placed by its arrival time.
+
+Memory per tracked series is fixed: (rows of all tiers) × ``max_buckets`` × 4 bytes (+ 40 bytes per
+row of statistics, and as much again for negative values once any series has some); 31 rows by
+default, about 20 KB per series at 160 buckets (10,000 series: ~200 MB of arrays, ~240 MB of RSS
+measured by bench/percentiles_bench.py; ``max_slices_per_window: 6`` makes it 21 rows, at the cost of
+± 25 s / ± 5 min edges for 5m / 1h). Idle series expire; beyond ``max_series`` new series
+are not tracked (their points still pass) and are counted (``headwater_percentiles_overflow_points_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fnmatch
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent import exphist
+from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
+from agent.confmodel import Duration, format_duration
+from agent.exphist import ExpHistogram
+from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Resource, Temporality
+from processors.percentiles import convert
+from processors.percentiles.store import Store, histogram_of, plan_tiers, quantiles
+
+TYPE = "percentiles"
+
+_POINTS_PER_BATCH = 1000
+"""Gauges per batch handed on during an emit: series are read in ranges that make about this many."""
+_ONE_PERCENT_SCALE = 6
+"""The coarsest scale whose relative error bound (0.54 %) stays within 1 %."""
+
+
+@dataclass(frozen=True)
+class PercentilesConfig:
+    include: list[str] = field(default_factory=lambda: ["*"])
+    """Metric name globs (``*`` crosses dots) of the distributions to track; default all."""
+    exclude: list[str] = field(default_factory=list)
+    """Metric name globs not to track, applied after include."""
+    windows: list[Duration] = field(
+        default_factory=lambda: [Duration(60.0), Duration(300.0), Duration(3600.0)]
+    )
+    """Rolling windows; each must be a multiple of slice_interval."""
+    quantiles: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.95, 0.99])
+    """Quantiles to emit, within [0, 1] (0 gives the window's exact min, 1 its exact max)."""
+    emit_interval: Duration = Duration(10.0)
+    """How often the window quantiles are sent; a multiple of slice_interval (StatsD flushes every 10s)."""
+    slice_interval: Duration = Duration(10.0)
+    """The finest time slice; windows made of it are exact at each emit, coarser ones are ± half a slice."""
+    max_slices_per_window: int = 12
+    """A window uses the shortest slice cutting it into at most this many: more is sharper and costlier."""
+    naming: Literal["labels", "suffix"] = "labels"
+    """labels: ``<name>{quantile="0.99",window="5m"}``; suffix: ``<name>_p99_5m``."""
+    emit_histogram: bool = False
+    """Also send each window's merged histogram: ``<name>{window="5m"}`` (suffix naming: ``<name>_5m``)."""
+    drop_original: bool = False
+    """Drop the tracked distribution points instead of passing them on (untracked ones always pass)."""
+    max_buckets: int = 160
+    """Buckets per side per series; 160 keeps the error ≤ 1 % for data spanning up to 5.7× (max/min)."""
+    max_series: int = 10_000
+    """Series tracked at most; points of further series pass untracked and are counted as overflow."""
+    series_idle_timeout: Duration | None = None
+    """Forget a series this long after its last point; unset: twice the longest window."""
+
+    def idle_timeout_s(self) -> float:
+        if self.series_idle_timeout is not None:
+            return float(self.series_idle_timeout)
+        return 2.0 * max(self.windows, default=0.0)
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        for name, globs in (("include", self.include), ("exclude", self.exclude)):
+            for i, g in enumerate(globs):
+                if not isinstance(g, str) or not g:
+                    problems.append((f"{name}::{i}", "give a non-empty metric name glob"))
+        base = float(self.slice_interval)
+        if base < 1.0:
+            problems.append(("slice_interval", "must be at least 1s"))
+            base = 1.0
+        if not self.windows:
+            problems.append(("windows", "give at least one window, like 5m"))
+        for i, w in enumerate(self.windows):
+            if not w > 0 or not _is_multiple(w, base):
+                problems.append(
+                    (f"windows::{i}", f"must be a positive multiple of slice_interval ({base:g}s)")
+                )
+        if len(set(self.windows)) != len(self.windows):
+            problems.append(("windows", "windows must be distinct"))
+        if not self.quantiles:
+            problems.append(("quantiles", "give at least one quantile, like 0.99"))
+        for i, q in enumerate(self.quantiles):
+            if not 0.0 <= q <= 1.0:
+                problems.append((f"quantiles::{i}", f"{q} is not within [0, 1]"))
+        if len(set(self.quantiles)) != len(self.quantiles):
+            problems.append(("quantiles", "quantiles must be distinct"))
+        if not self.emit_interval > 0 or not _is_multiple(self.emit_interval, base):
+            problems.append(("emit_interval", f"must be a positive multiple of slice_interval ({base:g}s)"))
+        if self.max_slices_per_window < 1:
+            problems.append(("max_slices_per_window", "must be at least 1"))
+        if not 3 <= self.max_buckets <= 16384:
+            problems.append(("max_buckets", "must be between 3 and 16384"))
+        if self.max_series < 1:
+            problems.append(("max_series", "must be at least 1"))
+        if self.series_idle_timeout is not None and self.series_idle_timeout < max(self.windows, default=0):
+            problems.append(("series_idle_timeout", "must be at least the longest window"))
+        return problems
+
+
+def _is_multiple(value: float, base: float) -> bool:
+    ratio = value / base
+    return round(ratio) >= 1 and math.isclose(ratio, round(ratio), rel_tol=0, abs_tol=1e-9)
+
+
+def _glob_regex(globs: Iterable[str]) -> re.Pattern[str] | None:
+    parts = [fnmatch.translate(g) for g in globs]
+    return re.compile("|".join(parts)) if parts else None
+
+
+def quantile_label(q: float) -> str:
+    """``0.99`` → ``0.99`` (the quantile label's value, as Prometheus summaries write it)."""
+    return f"{q:g}"
+
+
+def quantile_suffix(q: float) -> str:
+    """``0.99`` → ``p99``, ``0.999`` → ``p99_9``, ``0.5`` → ``p50``."""
+    return "p" + f"{q * 100:.6g}".replace(".", "_")
+
+
+def _with_labels(labels: Labels, extra: Labels) -> Labels:
+    """`labels` plus `extra` (which win over labels of the same name), sorted by name."""
+    names = {k for k, _ in extra}
+    return tuple(sorted([p for p in labels if p[0] not in names] + list(extra)))
+
+
+# An emit builds windows × quantiles gauges per series (120k every 10 s for 10k series). The frozen
+# dataclass __init__ sets each of Point's 15 fields through object.__setattr__: ~3.8 µs a point here.
+# Filling a plain object with the same slots and then giving it the Point class costs a fraction of
+# that (receivers/statsd/aggregator.py does the same). CPython refuses the __class__ assignment if the
+# layouts differ, and if Point's fields change, _gauge falls back to the constructor.
+class _PointFields:
+    __slots__ = Point.__slots__
+    name: str
+    kind: Kind
+    labels: Labels
+    time_unix_nano: int
+    value: float
+    start_time_unix_nano: int
+    temporality: Temporality
+    monotonic: bool
+    histogram: ExpHistogram | None
+    unit: str
+    description: str
+    resource: Resource | None
+    scope: Any
+    explicit: ExplicitHistogram | None
+    summary: Any
+
+
+_FIELDS = (
+    "name", "kind", "labels", "time_unix_nano", "value", "start_time_unix_nano", "temporality", "monotonic",
+    "histogram", "unit", "description", "resource", "scope", "explicit", "summary",
+)  # fmt: skip
+_FAST_POINTS = tuple(f.name for f in dataclasses.fields(Point)) == _FIELDS == Point.__slots__
+
+
+def _gauge(
+    name: str, labels: Labels, time_ns: int, value: float, unit: str, resource: Resource | None
+) -> Point:
+    """``Point(name, Kind.GAUGE, labels, time_ns, value=value, unit=unit, resource=resource)``, faster."""
+    if not _FAST_POINTS:
+        return Point(name, Kind.GAUGE, labels, time_ns, value=value, unit=unit, resource=resource)
+    p = _PointFields()
+    p.name = name
+    p.kind = Kind.GAUGE
+    p.labels = labels
+    p.time_unix_nano = time_ns
+    p.value = value
+    p.start_time_unix_nano = 0
+    p.temporality = Temporality.DELTA
+    p.monotonic = True
+    p.histogram = None
+    p.unit = unit
+    p.description = ""
+    p.resource = resource
+    p.scope = None
+    p.explicit = None
+    p.summary = None
+    p.__class__ = Point  # type: ignore[assignment]  # see _PointFields
+    return p  # type: ignore[return-value]
+
+
+class _Series:
+    __slots__ = ("cumulative", "labels", "last_seen", "name", "out", "resource", "slot", "unit")
+
+    def __init__(self, name: str, labels: Labels, resource: Resource | None, unit: str, slot: int) -> None:
+        self.name = name
+        self.labels = labels
+        self.resource = resource
+        self.unit = unit
+        self.slot = slot
+        self.last_seen = 0.0
+        self.cumulative: ExpHistogram | ExplicitHistogram | None = None
+        """The previous CUMULATIVE point's histogram, the base for the next difference."""
+        self.out: list[tuple[str, Labels]] | None = None
+        """(name, labels) of each output point, per window then per quantile (then histogram), built at
+        the first emit: sorting labels for every gauge of every emit cost ~5 µs a point."""
+
+
+SeriesKey = tuple[str, Labels, Labels | None]
+
+
+class PercentilesProcessor:
+    """See the module docstring. `clock` (unix seconds) is injectable for tests; `run_timer=False`
+    leaves emitting to explicit :meth:`tick` calls."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: PercentilesConfig,
+        next_consumer: Consumer,
+        *,
+        clock: Callable[[], float] = time.time,
+        run_timer: bool = True,
+    ) -> None:
+        self._settings = settings
+        self._config = config
+        self._next = next_consumer
+        self._clock = clock
+        self._run_timer = run_timer
+        self._logger: logging.Logger = settings.logger
+        self._tasks = Tasks(str(settings.id), self._logger)
+        self._include = _glob_regex(config.include)
+        self._exclude = _glob_regex(config.exclude)
+        self._name_cache: dict[str, bool] = {}
+        self._quantiles = [float(q) for q in config.quantiles]
+        self._windows = [float(w) for w in config.windows]
+        base = float(config.slice_interval)
+        tier_slices, window_tier = plan_tiers(base, self._windows, config.max_slices_per_window)
+        self._window_plan = [
+            (w, tier, round(w / tier_slices[tier]), format_duration(w))
+            for w, tier in zip(self._windows, window_tier, strict=True)
+        ]
+        rows = [
+            1 + max((n for _, t, n, _ in self._window_plan if t == k), default=0)
+            for k in range(len(tier_slices))
+        ]
+        self._store = Store(base, tier_slices, rows, config.max_buckets, clock())
+        self._series: dict[SeriesKey, _Series] = {}
+        self._slots: list[_Series | None] = []
+        self._free: list[int] = []
+        self._emit_s = float(config.emit_interval)
+        self._next_emit = (math.floor(clock() / self._emit_s) + 1) * self._emit_s
+        self._idle_s = config.idle_timeout_s()
+        self._started = False
+        self._stopped = False
+
+        tel = settings.telemetry
+        self._incoming = tel.incoming()
+        self._outgoing = tel.outgoing()
+        self._overflow = tel.counter(
+            "percentiles_overflow_points_total", "Points of series beyond max_series, passed on untracked."
+        )
+        self._downscales = tel.counter(
+            "percentiles_downscales_total", "Times a series' scale was lowered to fit max_buckets."
+        )
+        self._coarse = tel.counter(
+            "percentiles_coarse_windows_total", "Window quantile sets emitted with an error bound above 1%."
+        )
+        self._expired = tel.counter("percentiles_expired_series_total", "Series forgotten after being idle.")
+        self._worst_error = 0.0
+        tel.gauge("percentiles_series", "Series tracked now.", lambda: float(len(self._series)))
+        tel.gauge(
+            "percentiles_worst_error_ratio",
+            "Largest relative error bound among the windows of the last emit (exponential input).",
+            lambda: self._worst_error,
+        )
+
+    def _ignored(self, reason: str) -> Any:
+        return self._settings.telemetry.counter(
+            "percentiles_ignored_points_total",
+            "Matching points passed on without entering a window, by reason.",
+            reason=reason,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started or self._stopped:
+            return
+        self._started = True
+        if self._run_timer:
+            self._tasks.spawn(self._timer(), "emit")
+
+    async def shutdown(self) -> None:
+        """Stop the timer, then send the windows as they are now (once); idempotent, safe before start."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._tasks.close()
+        if self._series:
+            now = self._clock()
+            self._store.rotate(now)
+            try:
+                await self._emit(now)
+            except Backpressure as exc:
+                self._logger.warning("percentiles: final emit refused downstream: %s", exc.reason)
+
+    async def _timer(self) -> None:
+        while True:
+            # Wake at the emit boundary on the processor's clock (time.time by default).
+            await asyncio.sleep(max(self._next_emit - self._clock(), 0.0) + 0.001)
+            try:
+                await self.tick()
+            except Backpressure as exc:
+                self._logger.warning("percentiles: emit refused downstream: %s", exc.reason)
+            except Exception:  # an emit bug must not stop all later emits
+                self._logger.exception("percentiles: emit failed")
+
+    async def tick(self) -> None:
+        """Advance the slices to the clock; emit if an emit boundary passed since the last emit."""
+        now = self._clock()
+        self._store.rotate(now)
+        if now < self._next_emit:
+            return
+        self._next_emit = (math.floor(now / self._emit_s) + 1) * self._emit_s
+        self._expire(now)
+        await self._emit(now)
+
+    # -- input ---------------------------------------------------------------------------------------
+
+    def _matches(self, name: str) -> bool:
+        hit = self._name_cache.get(name)
+        if hit is None:
+            hit = bool(
+                (self._include is not None and self._include.fullmatch(name))
+                and not (self._exclude is not None and self._exclude.fullmatch(name))
+            )
+            if len(self._name_cache) >= 100_000:  # bounds the cache under name churn
+                self._name_cache.clear()
+            self._name_cache[name] = hit
+        return hit
+
+    def _series_for(self, p: Point) -> _Series | None:
+        key = (p.name, p.labels, p.resource.attributes if p.resource is not None else None)
+        s = self._series.get(key)
+        if s is not None:
+            return s
+        if len(self._series) >= self._config.max_series:
+            return None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot = len(self._slots)
+            if slot >= self._store.capacity:
+                cap = self._store.capacity
+                grown = cap * 2 if cap < 1024 else cap + cap // 4
+                self._store.grow(min(self._config.max_series, max(64, grown)))
+            self._slots.append(None)
+        s = _Series(p.name, p.labels, p.resource, p.unit, slot)
+        self._slots[slot] = s
+        self._series[key] = s
+        return s
+
+    async def consume(self, batch: MetricBatch) -> None:
+        n = len(batch.points)
+        self._incoming.value += n
+        now = self._clock()
+        self._store.rotate(now)
+        tracked: list[tuple[_Series, Point]] = []
+        overflow = 0
+        for p in batch.points:
+            if p.kind is not Kind.HISTOGRAM or not self._matches(p.name):
+                if p.kind is Kind.SUMMARY and self._matches(p.name):
+                    self._ignored("summary").value += 1
+                continue
+            s = self._series_for(p)
+            if s is None:
+                overflow += 1
+                continue
+            s.last_seen = now
+            tracked.append((s, p))
+        if overflow:
+            self._overflow.value += overflow
+        out = batch
+        if self._config.drop_original and tracked:
+            dropped = {id(p) for _, p in tracked}
+            out = MetricBatch(tuple(p for p in batch.points if id(p) not in dropped), batch.context)
+        if out.points:
+            await self._next.consume(out)  # Backpressure propagates; the data then was not ingested
+            self._outgoing.value += len(out.points)
+        before = self._store.downscales
+        for s, p in tracked:
+            self._ingest(s, p)
+        self._downscales.value += self._store.downscales - before
+
+    def _ingest(self, s: _Series, p: Point) -> None:
+        """Put point `p`'s histogram (as a delta) into series `s`; odd input is counted, not raised."""
+        try:
+            h = self._delta(s, p)
+        except (ValueError, OverflowError):
+            h = None
+            self._ignored("invalid_histogram").value += 1
+        if h is None or not h.count > 0:
+            return
+        if not (math.isfinite(h.min) and math.isfinite(h.max)):
+            self._ignored("non_finite").value += 1
+            return
+        self._store.add(s.slot, h)
+
+    def _delta(self, s: _Series, p: Point) -> ExpHistogram | None:
+        cumulative = p.temporality is Temporality.CUMULATIVE
+        max_buckets = self._config.max_buckets
+        if p.histogram is not None:
+            h = p.histogram
+            if not cumulative:
+                return h
+            previous, s.cumulative = s.cumulative, h
+            if not isinstance(previous, ExpHistogram):
+                return None  # the first cumulative point (or a switch of kind) only sets the baseline
+            diff = convert.subtract(h, previous)
+            if diff is None:
+                self._ignored("cumulative_reset").value += 1
+            return diff
+        if p.explicit is not None:
+            e = p.explicit
+            if cumulative:
+                previous_e, s.cumulative = s.cumulative, e
+                if not isinstance(previous_e, ExplicitHistogram):
+                    return None
+                diff_e = convert.subtract_explicit(e, previous_e)
+                if diff_e is None:
+                    self._ignored("cumulative_reset").value += 1
+                    return None
+                e = diff_e
+            converted = convert.explicit_to_exponential(e, max_buckets=max_buckets)
+            if converted is None:
+                self._ignored("invalid_histogram").value += 1
+            return converted
+        self._ignored("no_histogram").value += 1
+        return None
+
+    # -- output --------------------------------------------------------------------------------------
+
+    def _expire(self, now: float) -> None:
+        idle = [s for s in self._series.values() if now - s.last_seen > self._idle_s]
+        for s in idle:
+            key = (s.name, s.labels, s.resource.attributes if s.resource is not None else None)
+            del self._series[key]
+            self._store.reset(s.slot)
+            self._slots[s.slot] = None
+            self._free.append(s.slot)
+        self._expired.value += len(idle)
+
+    async def _emit(self, now: float) -> None:
+        """Send every series' window quantiles (and histograms), in batches of about _POINTS_PER_BATCH."""
+        per_series = len(self._window_plan) * (len(self._quantiles) + self._config.emit_histogram)
+        step = max(1, _POINTS_PER_BATCH // max(per_series, 1))
+        time_ns = int(now * 1e9)
+        worst = 0.0
+        start = 0
+        while start < len(self._slots):
+            stop = min(start + step, len(self._slots))
+            points, chunk_worst = self._read(start, stop, now, time_ns)
+            worst = max(worst, chunk_worst)
+            start = stop
+            if points:
+                try:
+                    await self._next.consume(MetricBatch(tuple(points)))
+                except Backpressure:
+                    self._settings.telemetry.dropped("backpressure").value += len(points)
+                    raise
+                self._outgoing.value += len(points)
+            await asyncio.sleep(0)  # let receivers run between ranges of series
+        self._worst_error = worst
+
+    def _names(self, s: _Series) -> list[tuple[str, Labels]]:
+        """(name, labels) of series `s`'s outputs: per window, each quantile then the histogram."""
+        out = []
+        suffix = self._config.naming == "suffix"
+        for _, _, _, window_text in self._window_plan:
+            for q in self._quantiles:
+                if suffix:
+                    out.append((f"{s.name}_{quantile_suffix(q)}_{window_text}", s.labels))
+                else:
+                    extra = (("quantile", quantile_label(q)), ("window", window_text))
+                    out.append((s.name, _with_labels(s.labels, extra)))
+            if self._config.emit_histogram:
+                if suffix:
+                    out.append((f"{s.name}_{window_text}", s.labels))
+                else:
+                    out.append((s.name, _with_labels(s.labels, (("window", window_text),))))
+        return out
+
+    def _read(self, start: int, stop: int, now: float, time_ns: int) -> tuple[list[Point], float]:
+        """The points of series slots ``[start, stop)`` for every window; and the worst error bound."""
+        points: list[Point] = []
+        append = points.append
+        worst_scale = exphist.MAX_SCALE
+        coarse = 0
+        with_histogram = self._config.emit_histogram
+        per_window = len(self._quantiles) + with_histogram
+        for wi, (_, tier, slices, _) in enumerate(self._window_plan):
+            w = self._store.window(tier, slices, now, start, stop)
+            values = quantiles(w, self._quantiles).T.tolist()
+            has = (w.count > 0).tolist()
+            scales = w.scale.tolist()
+            start_ns = time_ns - int(w.span_s * 1e9)
+            for k in range(stop - start):
+                s = self._slots[start + k]
+                if s is None or not has[k]:
+                    continue
+                names = s.out
+                if names is None:
+                    names = s.out = self._names(s)
+                scale = scales[k]
+                worst_scale = min(worst_scale, scale)
+                coarse += scale < _ONE_PERCENT_SCALE
+                base = wi * per_window
+                unit, resource = s.unit, s.resource
+                for j, value in enumerate(values[k]):
+                    name, labels = names[base + j]
+                    append(_gauge(name, labels, time_ns, value, unit, resource))
+                if with_histogram:
+                    name, labels = names[base + per_window - 1]
+                    # A sliding window is not a delta of anything: sent as CUMULATIVE from the window's
+                    # start, so every emit is a fresh start (do not rate() it).
+                    append(
+                        Point(
+                            name,
+                            Kind.HISTOGRAM,
+                            labels,
+                            time_ns,
+                            start_time_unix_nano=start_ns,
+                            temporality=Temporality.CUMULATIVE,
+                            histogram=histogram_of(w, k),
+                            unit=unit,
+                            resource=resource,
+                        )
+                    )
+        self._coarse.value += coarse
+        worst = exphist.relative_error(worst_scale) if points else 0.0
+        return points, worst
+
+
+def create(settings: Settings, config: PercentilesConfig, next_consumer: Consumer) -> PercentilesProcessor:
+    return PercentilesProcessor(settings, config, next_consumer)
+
+
+factory = Factory(
+    type=TYPE,
+    kind=ComponentKind.PROCESSOR,
+    config_class=PercentilesConfig,
+    create=create,
+    signals=frozenset({Signal.METRICS}),
+    description="Rolling-window quantiles (1m/5m/1h by default) of distributions from exponential histograms",
+)

@@ -1,0 +1,180 @@
+"""Incoming distribution points as delta exponential histograms.
+
+StatsD timers, histograms and distributions arrive as DELTA exponential histograms and are used as
+they are. OTLP explicit-bucket histograms are approximated (:func:`explicit_to_exponential`), and
+CUMULATIVE points of either kind are turned into deltas against the previous point of the series
+(:func:`subtract`, :func:`subtract_explicit`). The anomaly processor uses the same helpers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from agent import exphist
+from agent.exphist import ExpHistogram
+from agent.model import ExplicitHistogram
+
+POINTS_PER_BUCKET = 32
+"""An explicit bucket's count is spread over this many evenly spaced values inside it (linear
+interpolation, as Prometheus' histogram_quantile does): the spread deviates from exact linear
+interpolation by at most 1/64 of the bucket's width."""
+
+
+def _bucket_edges(e: ExplicitHistogram) -> list[tuple[float, float]]:
+    """(low, high) value range assumed for each bucket, narrowed by the point's min/max when known.
+
+    The first bucket starts at min, else at 0 when its bound is positive (Prometheus' convention),
+    else at its bound. The overflow bucket above the last bound ends at max when known; without a
+    max its values are all placed at the last bound (the smallest value they can have).
+    """
+    bounds, lo_known, hi_known = e.bounds, e.min, e.max
+    edges: list[tuple[float, float]] = []
+    n = len(bounds)
+    for i in range(n + 1):
+        if i == 0:
+            if n == 0:
+                mean = e.sum / e.count if e.count else 0.0
+                low = lo_known if lo_known is not None else mean
+                high = hi_known if hi_known is not None else mean
+            else:
+                high = bounds[0]
+                low = lo_known if lo_known is not None else (0.0 if high > 0 else high)
+        elif i == n:
+            low = bounds[-1]
+            high = hi_known if hi_known is not None and hi_known > low else low
+        else:
+            low, high = bounds[i - 1], bounds[i]
+        if lo_known is not None and math.isfinite(lo_known):
+            low = max(low, lo_known)
+        if hi_known is not None and math.isfinite(hi_known):
+            high = min(high, hi_known)
+        if not high >= low:  # min/max inconsistent with the bounds: trust the bounds' upper edge
+            low = high
+        edges.append((low, high))
+    return edges
+
+
+def explicit_to_exponential(e: ExplicitHistogram, *, max_buckets: int) -> ExpHistogram | None:
+    """An exponential histogram approximating explicit-bucket histogram `e`; None if `e` is unusable.
+
+    Unusable: a count that is not a non-negative whole number per bucket, a bounds/counts length
+    mismatch, or non-finite or unordered bounds. Each bucket's count is spread evenly (linearly)
+    inside the bucket, so a quantile read from the result is only known to lie within the source
+    bucket holding it, plus the exponential histogram's own relative error: the error bound for
+    explicit input is the width of the source buckets, not the scale (the same bound as Prometheus'
+    histogram_quantile). count and sum are copied exactly, min and max when `e` has them.
+    """
+    bounds, counts = e.bounds, e.counts
+    if len(counts) != len(bounds) + 1:
+        return None
+    if any(not math.isfinite(b) for b in bounds) or any(b >= c for b, c in itertools.pairwise(bounds)):
+        return None
+    if any(c < 0 for c in counts):
+        return None
+    total = sum(counts)
+    if total <= 0:
+        return exphist.EMPTY
+    values: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    steps = (np.arange(POINTS_PER_BUCKET, dtype=np.float64) + 0.5) / POINTS_PER_BUCKET
+    for (low, high), c in zip(_bucket_edges(e), counts, strict=True):
+        if c <= 0:
+            continue
+        if high > low:
+            values.append(low + steps * (high - low))
+            weights.append(np.full(POINTS_PER_BUCKET, c / POINTS_PER_BUCKET))
+        else:
+            values.append(np.array([high]))
+            weights.append(np.array([float(c)]))
+    spread = exphist.from_values(np.concatenate(values), np.concatenate(weights), max_buckets=max_buckets)
+    if not spread.count > 0:
+        return None
+    low = e.min if e.min is not None and math.isfinite(e.min) else spread.min
+    high = e.max if e.max is not None and math.isfinite(e.max) else spread.max
+    return ExpHistogram(
+        scale=spread.scale,
+        zero_count=spread.zero_count,
+        positive_offset=spread.positive_offset,
+        positive_counts=spread.positive_counts,
+        negative_offset=spread.negative_offset,
+        negative_counts=spread.negative_counts,
+        count=float(total),
+        sum=e.sum if math.isfinite(e.sum) else spread.sum,
+        min=min(low, spread.min),
+        max=max(high, spread.max),
+    )
+
+
+def _aligned_difference(
+    offset_a: int, a: np.ndarray, offset_b: int, b: np.ndarray
+) -> tuple[int, np.ndarray] | None:
+    """a - b on one side at the same scale, trimmed of zero ends; None if any bucket went negative."""
+    if not b.size:
+        diff, low = a.copy(), offset_a
+    else:
+        low = min(offset_a, offset_b) if a.size else offset_b
+        high = max(offset_a + a.size, offset_b + b.size) if a.size else offset_b + b.size
+        diff = np.zeros(high - low, dtype=np.float64)
+        if a.size:
+            diff[offset_a - low : offset_a - low + a.size] += a
+        diff[offset_b - low : offset_b - low + b.size] -= b
+    # Fractional weights leave rounding residue; anything clearly negative means the series reset.
+    tolerance = 1e-9 * max(1.0, float(np.abs(diff).max(initial=0.0)))
+    if (diff < -tolerance).any():
+        return None
+    diff[diff < tolerance] = 0.0
+    nonzero = np.flatnonzero(diff)
+    if not nonzero.size:
+        return 0, np.zeros(0, dtype=np.float64)
+    return low + int(nonzero[0]), diff[nonzero[0] : nonzero[-1] + 1]
+
+
+def subtract(current: ExpHistogram, previous: ExpHistogram) -> ExpHistogram | None:
+    """The values `current` (cumulative) gained since `previous`; None when the series was reset.
+
+    Both are brought to the coarser of their scales. min and max of the difference are not known:
+    the lifetime min and max of `current` are kept (they still bound it, loosely).
+    """
+    if current.count < previous.count or current.zero_count < previous.zero_count - 1e-9:
+        return None
+    scale = min(current.scale, previous.scale)
+    a = exphist.downscale(current, current.scale - scale)
+    b = exphist.downscale(previous, previous.scale - scale)
+    pos = _aligned_difference(a.positive_offset, a.positive_counts, b.positive_offset, b.positive_counts)
+    neg = _aligned_difference(a.negative_offset, a.negative_counts, b.negative_offset, b.negative_counts)
+    if pos is None or neg is None:
+        return None
+    count = current.count - previous.count
+    if not count > 0:
+        return exphist.EMPTY
+    return ExpHistogram(
+        scale=scale,
+        zero_count=max(0.0, current.zero_count - previous.zero_count),
+        positive_offset=pos[0],
+        positive_counts=pos[1],
+        negative_offset=neg[0],
+        negative_counts=neg[1],
+        count=count,
+        sum=current.sum - previous.sum,
+        min=current.min,
+        max=current.max,
+    )
+
+
+def subtract_explicit(current: ExplicitHistogram, previous: ExplicitHistogram) -> ExplicitHistogram | None:
+    """Per-bucket difference of two cumulative explicit histograms; None on a reset or changed bounds."""
+    if current.bounds != previous.bounds or len(current.counts) != len(previous.counts):
+        return None
+    counts = tuple(c - p for c, p in zip(current.counts, previous.counts, strict=True))
+    if any(c < 0 for c in counts):
+        return None
+    return ExplicitHistogram(
+        bounds=current.bounds,
+        counts=counts,
+        sum=current.sum - previous.sum,
+        min=current.min,
+        max=current.max,
+    )
