@@ -174,6 +174,13 @@ def format_default(value: Any, tp: Any) -> str:
     return str(value)
 
 
+def yaml_key(f: dataclasses.Field[Any]) -> str:
+    """The key users write for a field: its name, or ``metadata={"key": ...}`` when the YAML word is a
+    Python keyword (``for``)."""
+    key = f.metadata.get("key") if f.metadata else None
+    return str(key) if key else f.name
+
+
 class Decoder:
     """Turns plain YAML data into a Config dataclass, collecting every problem with its path."""
 
@@ -191,7 +198,7 @@ class Decoder:
             self.error(path, f"expected a mapping of settings, got {_describe(data)}")
             return None
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        fields = {yaml_key(f): f for f in dataclasses.fields(cls) if f.init}
         values: dict[str, Any] = {}
         for key, raw in data.items():
             key = str(key)
@@ -199,14 +206,15 @@ class Decoder:
                 hint = _close_match(key, fields)
                 self.error(path + (key,), f"unknown setting{hint}; known: {', '.join(sorted(fields))}")
                 continue
-            values[key] = self.value(hints[key], raw, path + (key,))
-        for name, f in fields.items():
+            name = fields[key].name
+            values[name] = self.value(hints[name], raw, path + (key,))
+        for key, f in fields.items():
             if (
-                name not in values
+                f.name not in values
                 and f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING
             ):
-                self.error(path + (name,), "required setting is missing")
+                self.error(path + (key,), "required setting is missing")
         # Invalid fields fall back to their defaults so the rest still builds and validates.
         values = {k: v for k, v in values.items() if v is not _INVALID}
         try:
@@ -339,7 +347,7 @@ def describe_fields(cls: type) -> list[dict[str, Any]]:
         else:
             default = dataclasses.MISSING
         entry: dict[str, Any] = {
-            "name": f.name,
+            "name": yaml_key(f),
             "type": type_name(tp),
             "default": "required" if default is dataclasses.MISSING else format_default(default, tp),
             "doc": docs.get(f.name, ""),

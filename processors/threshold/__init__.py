@@ -6,9 +6,9 @@ computes a statistic per series — ``last`` value, ``rate`` per second, ``avg``
 
 State per series (the series' labels are its identity):
 
-- inactive → pending when a level's comparison holds; → firing once it held for ``for_duration``
+- inactive → pending when a level's comparison holds; → firing once it held for ``for``
   (``for`` in Prometheus: a Python keyword cannot be a config key here). The critical level needs its
-  own ``for_duration`` to escalate a firing warning; dropping back below critical while warning still
+  own ``for`` to escalate a firing warning; dropping back below critical while warning still
   holds downgrades at once.
 - firing → resolved when no level holds any more — or, with ``resolve`` set (hysteresis), only once
   the value passes the ``resolve`` level too (op ``>``: falls to or below it). In the band between the
@@ -17,7 +17,7 @@ State per series (the series' labels are its identity):
   resolves (if firing) and is forgotten.
 
 Time: the processor's clock (wall time, injectable for tests) says "now". Windows hold the points whose
-timestamps (capped at now; 0 = arrival time) lie within ``window`` of now; ``for_duration`` timers are
+timestamps (capped at now; 0 = arrival time) lie within ``window`` of now; ``for`` timers are
 measured on the same clock, at each batch and every ``evaluation_interval``.
 
 Statistics by point kind: counters and gauges use their values (``count`` = number of points); delta
@@ -44,7 +44,7 @@ webhook JSON), ``alertmanager`` (``POST {url}/api/v2/alerts``). HTTP delivery go
 ``sending_queue`` and ``retry_on_failure`` like an exporter's; with ``storage: disk`` undelivered
 notifications survive a restart. The alert state (pending/firing series, since-times, what was
 notified) is saved to ``state_directory`` — by default the disk queue's directory — after each
-evaluation that changed it, and restored at start, so ``for_duration`` timers and dedup survive a
+evaluation that changed it, and restored at start, so ``for`` timers and dedup survive a
 restart; without either, a restart starts from no alerts (firing ones notify again once they fire).
 
 Self-metrics: ``headwater_alert_state{processor, rule, severity}`` = number of series firing at that
@@ -67,7 +67,7 @@ Example::
             warning: 0.5
             critical: 1.0
             resolve: 0.4
-            for_duration: 2m
+            for: 2m
             group_by: [service]
             labels: {team: api}
             annotations: {runbook_url: "https://runbooks/api-latency"}
@@ -129,7 +129,7 @@ class RuleConfig:
     """Critical level."""
     resolve: float | None = None
     """Hysteresis: a firing alert resolves only once the comparison with this level fails too."""
-    for_duration: Duration = Duration(0.0)
+    for_duration: Duration = field(default=Duration(0.0), metadata={"key": "for"})
     """How long a level must hold before the alert fires (Prometheus' `for`)."""
     group_by: list[str] = field(default_factory=list)
     """Series labels whose values split the rule's notifications into groups."""
@@ -157,7 +157,7 @@ class RuleConfig:
         if self.window <= 0:
             problems.append(("window", "must be greater than 0"))
         if self.for_duration < 0:
-            problems.append(("for_duration", "must not be negative"))
+            problems.append(("for", "must not be negative"))
         above = self.op in (">", ">=")
         levels = [v for v in (self.warning, self.critical) if v is not None]
         if self.warning is not None and self.critical is not None:

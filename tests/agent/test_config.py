@@ -255,3 +255,22 @@ def test_whole_value_reference_keeps_text_for_string_settings(tmp_path: Path) ->
     (token,) = by_type["http"].auth.tokens
     assert (token.token, token.tenant) == ("0123", "yes")
     assert by_type["statsd"].flush_interval == 5.0
+
+
+def test_a_setting_named_after_a_python_keyword_is_written_as_such(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "service:\n",
+        "processors:\n"
+        "  threshold:\n"
+        "    rules:\n"
+        "      - {name: slow, metric: hits, statistic: last, warning: 1, for: 2m}\n"
+        "service:\n",
+    ).replace(
+        "      exporters: [prometheus, debug/file]",
+        "      processors: [threshold]\n      exporters: [prometheus, debug/file]",
+    )
+    cfg = load_config(write(tmp_path, text), FACTORIES)
+    (spec,) = cfg.processors.values()
+    assert spec.config.rules[0].for_duration == 120.0
+    bad = problems(tmp_path, text.replace("for: 2m", "for_duration: 2m"))
+    assert any("rules::0::for_duration" in p and "unknown setting" in p for p in bad)

@@ -755,7 +755,7 @@ async def test_yaml_config_and_status_endpoint_list_active_alerts() -> None:
             warning: 80
             critical: 95
             resolve: 70
-            for_duration: 0s
+            for: 0s
             group_by: [host]
     exporters:
       debug: {{}}
