@@ -12,7 +12,18 @@ def builtin_factories() -> Factories:
     """Every built-in component type by kind and type name."""
     from exporters import debug, prometheus, prometheus_remote_write
     from exporters import otlp as otlp_exporters
-    from processors import anomaly, percentiles, sample, tenant, threshold
+    from processors import (
+        anomaly,
+        attributes,
+        batch,
+        cardinality,
+        filter,
+        memory_limiter,
+        percentiles,
+        sample,
+        tenant,
+        threshold,
+    )
     from receivers import http, otlp, statsd
 
     factories = [
@@ -24,6 +35,11 @@ def builtin_factories() -> Factories:
         percentiles.factory,
         anomaly.factory,
         threshold.factory,
+        filter.factory,
+        attributes.factory,
+        batch.factory,
+        memory_limiter.factory,
+        cardinality.factory,
         prometheus.factory,
         prometheus_remote_write.factory,
         otlp_exporters.grpc_factory,

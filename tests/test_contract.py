@@ -187,6 +187,11 @@ STIMULUS: dict[
     (P, "percentiles"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (P, "anomaly"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (P, "threshold"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "filter"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "attributes"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "batch"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "memory_limiter"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "cardinality"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (E, "prometheus"): (
         lambda cfg, _: replace(cfg, endpoint=f"127.0.0.1:{free_port()}"),
         drive_exporter,
