@@ -159,6 +159,7 @@ def type_name(tp: Any) -> str:
 def format_default(value: Any, tp: Any) -> str:
     if value is None:
         return "unset"
+    _, tp = _is_optional(tp)
     if tp is Duration:
         return format_duration(value)
     if tp is Size:
@@ -168,7 +169,9 @@ def format_default(value: Any, tp: Any) -> str:
     if isinstance(value, str):
         return value if value else '""'
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(str(v) for v in value) + "]"
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else None
+        return "[" + ", ".join(format_default(v, item_tp) for v in value) + "]"
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
     return str(value)
