@@ -6,7 +6,7 @@
         windows: [1m, 5m, 1h]
         quantiles: [0.5, 0.9, 0.95, 0.99]
         emit_interval: 10s
-        naming: labels          # <name>{quantile="0.99", window="5m"}; suffix: <name>_p99_5m
+        naming: labels          # <name>.quantile{quantile="0.99", window="5m"}; suffix: <name>_p99_5m
 
 Every HISTOGRAM point whose name matches goes into its series' rolling windows (series = name +
 labels + resource): StatsD timers, histograms and distributions (DELTA exponential histograms) as
@@ -63,6 +63,10 @@ from processors.percentiles import convert
 from processors.percentiles.store import Store, histogram_of, plan_tiers, quantiles
 
 TYPE = "percentiles"
+QUANTILE_SUFFIX = ".quantile"
+"""Appended to a distribution's name for its quantile gauges (labels naming)."""
+ROLLING_SUFFIX = ".rolling"
+"""Appended to a distribution's name for its merged window histograms (labels naming)."""
 
 _POINTS_PER_BATCH = 1000
 """Gauges per batch handed on during an emit: series are read in ranges that make about this many."""
@@ -89,9 +93,9 @@ class PercentilesConfig:
     max_slices_per_window: int = 12
     """A window uses the shortest slice cutting it into at most this many: more is sharper and costlier."""
     naming: Literal["labels", "suffix"] = "labels"
-    """labels: ``<name>{quantile="0.99",window="5m"}``; suffix: ``<name>_p99_5m``."""
+    """labels: ``<name>.quantile{quantile="0.99",window="5m"}``; suffix: ``<name>_p99_5m``."""
     emit_histogram: bool = False
-    """Also send each window's merged histogram: ``<name>{window="5m"}`` (suffix naming: ``<name>_5m``)."""
+    """Also send each window's merged histogram: ``<name>.rolling{window="5m"}`` (suffix: ``<name>_5m``)."""
     drop_original: bool = False
     """Drop the tracked distribution points instead of passing them on (untracked ones always pass)."""
     max_buckets: int = 160
@@ -521,13 +525,15 @@ class PercentilesProcessor:
                 if suffix:
                     out.append((f"{s.name}_{quantile_suffix(q)}_{window_text}", s.labels))
                 else:
+                    # Not the distribution's own name: a Prometheus histogram and these gauges must
+                    # never share a family name (the exporters would refuse one as a type conflict).
                     extra = (("quantile", quantile_label(q)), ("window", window_text))
-                    out.append((s.name, _with_labels(s.labels, extra)))
+                    out.append((s.name + QUANTILE_SUFFIX, _with_labels(s.labels, extra)))
             if self._config.emit_histogram:
                 if suffix:
                     out.append((f"{s.name}_{window_text}", s.labels))
                 else:
-                    out.append((s.name, _with_labels(s.labels, (("window", window_text),))))
+                    out.append((s.name + ROLLING_SUFFIX, _with_labels(s.labels, (("window", window_text),))))
         return out
 
     def _read(self, start: int, stop: int, now: float, time_ns: int) -> tuple[list[Point], float]:

@@ -23,7 +23,13 @@ from agent import exphist
 from agent.component import Backpressure, ComponentId, ComponentKind, Settings
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Resource, Temporality
 from agent.telemetry import ComponentTelemetry, Telemetry
-from processors.percentiles import PercentilesConfig, PercentilesProcessor, factory, quantile_suffix
+from processors.percentiles import (
+    QUANTILE_SUFFIX,
+    PercentilesConfig,
+    PercentilesProcessor,
+    factory,
+    quantile_suffix,
+)
 from processors.percentiles.convert import explicit_to_exponential
 from processors.percentiles.store import plan_tiers
 
@@ -51,7 +57,8 @@ class Sink:
         for p in self.points():
             if p.kind is Kind.GAUGE:
                 labels = dict(p.labels)
-                out[(p.name, labels.get("quantile", ""), labels.get("window", ""))] = p.value
+                name = p.name.removesuffix(QUANTILE_SUFFIX)  # keyed by the distribution's name
+                out[(name, labels.get("quantile", ""), labels.get("window", ""))] = p.value
         return out
 
 
@@ -405,7 +412,7 @@ async def test_labels_naming_adds_quantile_and_window() -> None:
     proc, sink, _, clock = make(PercentilesConfig(windows=[60.0], quantiles=[0.5]))
     await feed(proc, clock, [np.array([1.0])])
     (p,) = sink.batches[-1].points
-    assert (p.name, p.kind, p.unit) == ("lat", Kind.GAUGE, "s")
+    assert (p.name, p.kind, p.unit) == ("lat.quantile", Kind.GAUGE, "s")
     assert p.labels == (("quantile", "0.5"), ("window", "1m"))
     assert p.time_unix_nano == int(clock.now * 1e9)
 
