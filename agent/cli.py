@@ -1,4 +1,4 @@
-"""The ``headwater`` command: run (the default), validate, components, queue."""
+"""The ``headwater`` command: run (the default), validate, components, queue, selftest."""
 
 from __future__ import annotations
 
@@ -83,7 +83,49 @@ def _parser() -> argparse.ArgumentParser:
         "--retries", type=int, default=3, help="retries of a failing record before stopping (default 3)"
     )
     rp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per request (default 30)")
+    st = sub.add_parser(
+        "selftest",
+        help="send StatsD and OTLP to a running agent and read them back from its pull endpoint"
+        " (what `helm test` runs); exit 0 passed, 1 failed",
+    )
+    st.add_argument("--target", required=True, metavar="HOST", help="the agent's host name or IP")
+    st.add_argument("--statsd-port", type=int, default=8125, help="StatsD UDP port (0 skips; default 8125)")
+    st.add_argument("--otlp-http-port", type=int, default=4318, help="OTLP/HTTP port (0 skips; default 4318)")
+    st.add_argument(
+        "--telemetry-port", type=int, default=8888, help="the agent's /readyz port (0 skips; default 8888)"
+    )
+    st.add_argument(
+        "--prometheus-port", type=int, default=9102, help="the prometheus exporter's port (default 9102)"
+    )
+    st.add_argument("--timeout", default="60s", metavar="DURATION", help="overall time limit (default 60s)")
     return p
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from agent.confmodel import parse_duration
+    from agent.selftest import SelftestOptions, selftest_command
+
+    try:
+        timeout_s = parse_duration(args.timeout)
+    except ValueError as exc:
+        print(f"headwater selftest: --timeout {args.timeout!r}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    ports = (args.statsd_port, args.otlp_http_port, args.telemetry_port, args.prometheus_port)
+    if any(not 0 <= p <= 65535 for p in ports) or not args.prometheus_port or timeout_s <= 0:
+        print(
+            "headwater selftest: ports must be 0-65535 (--prometheus-port not 0), --timeout > 0",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    opts = SelftestOptions(
+        target=args.target,
+        statsd_port=args.statsd_port,
+        otlp_http_port=args.otlp_http_port,
+        telemetry_port=args.telemetry_port,
+        prometheus_port=args.prometheus_port,
+        timeout_s=timeout_s,
+    )
+    return selftest_command(opts, sys.stdout)
 
 
 _REPLAY_ONLY = ("to", "partition", "ack", "dry_run", "header", "rate")
@@ -125,12 +167,14 @@ def _queue(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    verbs = {"run", "validate", "components", "queue"}
+    verbs = {"run", "validate", "components", "queue", "selftest"}
     if not any(a in verbs for a in args_list) and not {"-h", "--help", "--version"} & set(args_list):
         args_list = ["run", *args_list]
     args = _parser().parse_args(args_list)
     if args.verb == "queue":
         return _queue(args)
+    if args.verb == "selftest":
+        return _selftest(args)
     factories = builtin_factories()
     if args.verb == "components":
         return _components(factories, args.json)

@@ -1,0 +1,432 @@
+{{/*
+Named templates. Those an application chart includes in sidecar mode (pass `.Subcharts.headwater`):
+  headwater.sidecar.container       the agent container (a list item)
+  headwater.sidecar.volumes         its volumes (list items)
+  headwater.sidecar.checksum        the config checksum, for a pod annotation (pods roll on change)
+*/}}
+
+{{- define "headwater.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "headwater.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The mode, checked: every template starts from it, so a bad value fails the whole render. */}}
+{{- define "headwater.mode" -}}
+{{- $mode := toString (.Values.mode | default "") -}}
+{{- if not (has $mode (list "daemonset" "deployment" "sidecar")) -}}
+{{- fail (printf "\n\nheadwater: `mode` is required and must be daemonset (an agent on every node), deployment (a central gateway) or sidecar (templates for your app's pods); got %q.\nSet it with --set mode=daemonset or in your values file." $mode) -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
+
+{{- define "headwater.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "headwater.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "headwater.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "headwater.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: {{ include "headwater.mode" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "headwater.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "headwater.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "headwater.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A size such as 512Mi, 2Gi, 1G or 100M, in MiB (rounded down). */}}
+{{- define "headwater.sizeMiB" -}}
+{{- $s := toString . -}}
+{{- $m := regexFind "^[0-9]+" $s -}}
+{{- if not $m -}}{{- fail (printf "headwater: queue.sizeLimit %q is not a size like 2Gi or 512Mi" $s) -}}{{- end -}}
+{{- $n := int64 $m -}}
+{{- $unit := trimPrefix $m $s -}}
+{{- $units := dict "Ki" 0.0009765625 "Mi" 1.0 "Gi" 1024.0 "Ti" 1048576.0 "k" 0.00095367431640625 "M" 0.95367431640625 "G" 953.67431640625 "T" 953674.31640625 -}}
+{{- if not (hasKey $units $unit) -}}{{- fail (printf "headwater: queue.sizeLimit %q: use one of the units Ki, Mi, Gi, Ti, k, M, G, T" $s) -}}{{- end -}}
+{{- mulf $n (get $units $unit) | floor | int64 -}}
+{{- end -}}
+
+{{/* host:port → port, or "" when the port is not a literal number (e.g. ${env:PORT}). */}}
+{{- define "headwater.portOf" -}}
+{{- $s := toString . -}}
+{{- if regexMatch ":[0-9]+$" $s -}}{{- regexFind "[0-9]+$" $s -}}{{- end -}}
+{{- end -}}
+
+{{/*
+The agent's config, as a YAML document: what the mode and the presets generate, `config` deep-merged
+over it, then the pipelines (unless given) and the disk-queue sizes derived.
+*/}}
+{{- define "headwater.agentConfig" -}}
+{{- $mode := include "headwater.mode" . -}}
+{{- $bind := ternary "127.0.0.1" "0.0.0.0" (eq $mode "sidecar") -}}
+{{- $p := .Values.presets -}}
+{{- $receivers := dict -}}
+{{- $exporters := dict -}}
+{{- /* probes (kubelet) and Prometheus reach these from outside the pod: never 127.0.0.1 */ -}}
+{{- $telemetry := dict "endpoint" (printf "0.0.0.0:%d" (int .Values.telemetry.port)) "log_level" .Values.telemetry.logLevel -}}
+{{- $diskQueue := dict "storage" "disk" "directory" "/var/lib/headwater/queue" -}}
+{{- if $p.statsd.enabled -}}
+{{- $s := dict "flush_interval" $p.statsd.flushInterval -}}
+{{- if $p.statsd.udp }}{{ $_ := set $s "udp" (printf "%s:%d" $bind (int $p.statsd.port)) }}{{ end -}}
+{{- if $p.statsd.tcp }}{{ $_ := set $s "tcp" (printf "%s:%d" $bind (int $p.statsd.port)) }}{{ end -}}
+{{- if $p.statsd.unixgram }}{{ $_ := set $s "unixgram" "/var/run/headwater/dsd.socket" }}{{ end -}}
+{{- if not (or $p.statsd.udp $p.statsd.tcp $p.statsd.unixgram) -}}
+{{- fail "headwater: presets.statsd is enabled with no transport: enable udp, tcp or unixgram" -}}
+{{- end -}}
+{{- $_ := set $receivers "statsd" $s -}}
+{{- end -}}
+{{- if $p.otlp.enabled -}}
+{{- $o := dict -}}
+{{- $_ := set $o "grpc" (ternary (printf "%s:%d" $bind (int $p.otlp.grpcPort)) nil (eq (toString $p.otlp.grpc) "true")) -}}
+{{- $_ := set $o "http" (ternary (printf "%s:%d" $bind (int $p.otlp.httpPort)) nil (eq (toString $p.otlp.http) "true")) -}}
+{{- $_ := set $receivers "otlp" $o -}}
+{{- end -}}
+{{- if $p.prometheus.enabled -}}
+{{- $_ := set $exporters "prometheus" (dict "endpoint" (printf "0.0.0.0:%d" (int $p.prometheus.port)) "metric_expiration" $p.prometheus.metricExpiration) -}}
+{{- end -}}
+{{- if $p.signoz.enabled -}}
+{{- if not $p.signoz.endpoint -}}{{- fail "headwater: presets.signoz.endpoint is required (ingest.<region>.signoz.cloud:443 or your SignOz collector's host:port)" -}}{{- end -}}
+{{- $e := dict "endpoint" $p.signoz.endpoint "temporality" $p.signoz.temporality "histograms" $p.signoz.histograms "tls" (dict "insecure" $p.signoz.insecure) -}}
+{{- if $p.signoz.ingestionKey.existingSecret -}}
+{{- $_ := set $e "headers" (dict "signoz-ingestion-key" "${env:SIGNOZ_INGESTION_KEY}") -}}
+{{- end -}}
+{{- if $p.signoz.deploymentEnvironment }}{{ $_ := set $e "deployment_environment" $p.signoz.deploymentEnvironment }}{{ end -}}
+{{- if ne $mode "sidecar" -}}
+{{- /* The agent's own pod is not where the data comes from: no K8S_POD_*, only node and cluster. */ -}}
+{{- $res := dict -}}
+{{- if eq $mode "daemonset" }}{{ $_ := set $res "k8s.node.name" "${env:K8S_NODE_NAME}" }}{{ end -}}
+{{- if .Values.k8s.clusterName }}{{ $_ := set $res "k8s.cluster.name" .Values.k8s.clusterName }}{{ end -}}
+{{- $_ := set $e "resource_from_environment" false -}}
+{{- if $res }}{{ $_ := set $e "resource" $res }}{{ end -}}
+{{- end -}}
+{{- if .Values.queue.enabled }}{{ $_ := set $e "sending_queue" (deepCopy $diskQueue) }}{{ end -}}
+{{- $_ := set $exporters "otlp/signoz" $e -}}
+{{- end -}}
+{{- if $p.remoteWrite.enabled -}}
+{{- if not $p.remoteWrite.targets -}}{{- fail "headwater: presets.remoteWrite is enabled with no targets (each: name, url)" -}}{{- end -}}
+{{- range $t := $p.remoteWrite.targets -}}
+{{- if not (and $t.name $t.url) -}}{{- fail "headwater: every presets.remoteWrite.targets item needs a name and a url" -}}{{- end -}}
+{{- $e := dict "endpoint" $t.url -}}
+{{- if $t.headers }}{{ $_ := set $e "headers" $t.headers }}{{ end -}}
+{{- if $t.externalLabels }}{{ $_ := set $e "external_labels" $t.externalLabels }}{{ end -}}
+{{- if $t.tenant }}{{ $_ := set $e "tenant" $t.tenant }}{{ end -}}
+{{- if $t.sendNativeHistograms }}{{ $_ := set $e "send_native_histograms" true }}{{ end -}}
+{{- if and $t.bearerToken $t.bearerToken.existingSecret -}}
+{{- $_ := set $e "auth" (dict "bearer_token" (printf "${env:%s}" (include "headwater.tokenEnv" $t.name))) -}}
+{{- end -}}
+{{- if $.Values.queue.enabled }}{{ $_ := set $e "sending_queue" (deepCopy $diskQueue) }}{{ end -}}
+{{- $_ := set $exporters (printf "prometheus_remote_write/%s" $t.name) $e -}}
+{{- end -}}
+{{- end -}}
+{{- $cfg := dict "receivers" $receivers "exporters" $exporters "service" (dict "telemetry" $telemetry) -}}
+{{- if .Values.config -}}
+{{- $cfg = mustMergeOverwrite $cfg (deepCopy .Values.config) -}}
+{{- end -}}
+{{- if not $cfg.receivers }}{{ fail "headwater: the agent has no receiver: enable a preset (presets.statsd, presets.otlp) or add one under config.receivers" }}{{ end -}}
+{{- if not $cfg.exporters }}{{ fail "headwater: the agent has no exporter: enable a preset (prometheus, signoz, remoteWrite) or add one under config.exporters" }}{{ end -}}
+{{- if not (hasKey $cfg.service "pipelines") -}}
+{{- $mr := keys $cfg.receivers | sortAlpha -}}
+{{- $me := keys $cfg.exporters | sortAlpha -}}
+{{- $pipes := dict "metrics" (dict "receivers" $mr "exporters" $me) -}}
+{{- $tr := list -}}{{- $lr := list -}}{{- $oe := list -}}
+{{- range $id := $mr -}}
+{{- $type := first (splitList "/" $id) -}}
+{{- if eq $type "otlp" }}{{ $tr = append $tr $id }}{{ $lr = append $lr $id }}{{ end -}}
+{{- if eq $type "statsd" }}{{ $lr = append $lr $id }}{{ end -}}
+{{- end -}}
+{{- range $id := $me -}}
+{{- $type := first (splitList "/" $id) -}}
+{{- if has $type (list "otlp" "otlp_http" "debug") }}{{ $oe = append $oe $id }}{{ end -}}
+{{- end -}}
+{{- if and $tr $oe $p.signoz.traces }}{{ $_ := set $pipes "traces" (dict "receivers" $tr "exporters" $oe) }}{{ end -}}
+{{- if and $lr $oe $p.signoz.logs }}{{ $_ := set $pipes "logs" (dict "receivers" $lr "exporters" $oe) }}{{ end -}}
+{{- $_ := set $cfg.service "pipelines" $pipes -}}
+{{- end -}}
+{{- /* Disk queues share the queue volume: split its budget between them. */ -}}
+{{- $disk := list -}}
+{{- range $id, $e := $cfg.exporters -}}
+{{- if and (kindIs "map" $e) (kindIs "map" (get $e "sending_queue")) -}}
+{{- if eq (toString (get (get $e "sending_queue") "storage")) "disk" }}{{ $disk = append $disk $id }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- if $disk -}}
+{{- if not .Values.queue.enabled -}}{{- fail (printf "headwater: exporters %s use a disk queue but queue.enabled is false (no volume at /var/lib/headwater/queue)" (join ", " $disk)) -}}{{- end -}}
+{{- $limit := include "headwater.sizeMiB" .Values.queue.sizeLimit | int64 -}}
+{{- $each := div (mul $limit (int64 .Values.queue.maxBytesPercent)) (mul 100 (len $disk)) -}}
+{{- if lt $each 16 -}}{{- fail (printf "headwater: queue.sizeLimit %s leaves %d MiB per disk queue (%d queues); give at least 16 MiB each" .Values.queue.sizeLimit $each (len $disk)) -}}{{- end -}}
+{{- range $id := $disk -}}
+{{- $q := get (get $cfg.exporters $id) "sending_queue" -}}
+{{- if not (hasKey $q "directory") }}{{ $_ := set $q "directory" "/var/lib/headwater/queue" }}{{ end -}}
+{{- if not (hasKey $q "max_bytes") }}{{ $_ := set $q "max_bytes" (printf "%dMiB" $each) }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- /* Strings in `config` and the presets may hold templates ("{{ .Release.Namespace }}"). */ -}}
+{{- $out := tpl (toYaml $cfg) . -}}
+{{- if hasKey (fromYaml $out) "Error" }}{{ fail (printf "headwater: the agent config is not valid YAML after tpl: %s" (fromYaml $out).Error) }}{{ end -}}
+{{- $out -}}
+{{- end -}}
+
+{{- define "headwater.tokenEnv" -}}
+{{- printf "HEADWATER_RW_%s_TOKEN" (regexReplaceAll "[^A-Za-z0-9]" (upper .) "_") -}}
+{{- end -}}
+
+{{- define "headwater.configChecksum" -}}
+{{- include "headwater.agentConfig" . | sha256sum -}}
+{{- end -}}
+
+{{/*
+Ports as a YAML list of {name, containerPort, protocol, hostPort?, service}: derived from the agent's
+config, then `ports` applied (override, disable, or declare new ones).
+*/}}
+{{- define "headwater.ports" -}}
+{{- $mode := include "headwater.mode" . -}}
+{{- $cfg := include "headwater.agentConfig" . | fromYaml -}}
+{{- $derived := dict -}}
+{{- $r := $cfg.receivers | default dict -}}
+{{- $e := $cfg.exporters | default dict -}}
+{{- $add := list -}}
+{{- with $r.statsd -}}
+{{- $add = append $add (list "statsd-udp" (include "headwater.portOf" .udp) "UDP") -}}
+{{- $add = append $add (list "statsd-tcp" (include "headwater.portOf" .tcp) "TCP") -}}
+{{- end -}}
+{{- with $r.otlp -}}
+{{- $add = append $add (list "otlp-grpc" (include "headwater.portOf" .grpc) "TCP") -}}
+{{- $add = append $add (list "otlp-http" (include "headwater.portOf" .http) "TCP") -}}
+{{- end -}}
+{{- with $r.http -}}
+{{- $add = append $add (list "hw-http" (include "headwater.portOf" .endpoint) "TCP") -}}
+{{- end -}}
+{{- with $e.prometheus -}}
+{{- $add = append $add (list "hw-metrics" (include "headwater.portOf" .endpoint) "TCP") -}}
+{{- end -}}
+{{- $add = append $add (list "hw-telemetry" (include "headwater.portOf" $cfg.service.telemetry.endpoint) "TCP") -}}
+{{- range $a := $add -}}
+{{- if index $a 1 -}}
+{{- $_ := set $derived (index $a 0) (dict "containerPort" (int (index $a 1)) "protocol" (index $a 2)) -}}
+{{- end -}}
+{{- end -}}
+{{- $all := mustMergeOverwrite $derived (deepCopy (.Values.ports | default dict)) -}}
+{{- $out := list -}}
+{{- range $name := keys $all | sortAlpha -}}
+{{- $port := get $all $name -}}
+{{- if ne (toString (get $port "enabled")) "false" -}}
+{{- if not (get $port "containerPort") -}}{{- fail (printf "headwater: ports.%s needs a containerPort (the chart could not derive one from the config)" $name) -}}{{- end -}}
+{{- if and (get $port "hostPort") (ne $mode "daemonset") -}}{{- fail (printf "headwater: ports.%s.hostPort is only allowed in daemonset mode (this is %s mode)" $name $mode) -}}{{- end -}}
+{{- $item := dict "name" $name "containerPort" (int (get $port "containerPort")) "protocol" (get $port "protocol" | default "TCP") "service" (ne (toString (get $port "service")) "false") -}}
+{{- if get $port "hostPort" }}{{ $_ := set $item "hostPort" (int (get $port "hostPort")) }}{{ end -}}
+{{- $out = append $out $item -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "ports" $out) -}}
+{{- end -}}
+
+{{/* The Downward API and secret environment of the agent container. */}}
+{{- define "headwater.env" -}}
+- name: K8S_NODE_NAME
+  valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+- name: K8S_NODE_IP
+  valueFrom: {fieldRef: {fieldPath: status.hostIP}}
+- name: K8S_POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: K8S_NAMESPACE_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+- name: K8S_POD_IP
+  valueFrom: {fieldRef: {fieldPath: status.podIP}}
+- name: K8S_POD_UID
+  valueFrom: {fieldRef: {fieldPath: metadata.uid}}
+- name: K8S_CONTAINER_NAME
+  value: headwater
+{{- if .Values.k8s.clusterName }}
+- name: K8S_CLUSTER_NAME
+  value: {{ .Values.k8s.clusterName | quote }}
+{{- end }}
+{{- with .Values.presets.signoz }}
+{{- if and .enabled .ingestionKey.existingSecret }}
+- name: SIGNOZ_INGESTION_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ .ingestionKey.existingSecret | quote }}, key: {{ .ingestionKey.key | quote }}}
+{{- end }}
+{{- end }}
+{{- if .Values.presets.remoteWrite.enabled }}
+{{- range $t := .Values.presets.remoteWrite.targets }}
+{{- if and $t.bearerToken $t.bearerToken.existingSecret }}
+- name: {{ include "headwater.tokenEnv" $t.name }}
+  valueFrom:
+    secretKeyRef: {name: {{ $t.bearerToken.existingSecret | quote }}, key: {{ $t.bearerToken.key | default "token" | quote }}}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The agent container, as a list item; used by the DaemonSet, the Deployment and sidecar mode. */}}
+{{- define "headwater.container" -}}
+{{- $mode := include "headwater.mode" . -}}
+{{- $ports := (include "headwater.ports" . | fromYaml).ports -}}
+- name: headwater
+  image: {{ include "headwater.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args: ["run", "-c", "/etc/headwater/config.yaml"]
+  {{- if and (eq $mode "sidecar") .Values.sidecar.native }}
+  restartPolicy: Always
+  {{- end }}
+  ports:
+    {{- range $ports }}
+    - name: {{ .name }}
+      containerPort: {{ .containerPort }}
+      protocol: {{ .protocol }}
+      {{- if and .hostPort (eq $mode "daemonset") }}
+      hostPort: {{ .hostPort }}
+      {{- end }}
+    {{- end }}
+  env:
+    {{- include "headwater.env" . | nindent 4 }}
+  {{- with .Values.envFrom }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml .Values.resources | nindent 4 }}
+  startupProbe:
+    {{- toYaml .Values.startupProbe | nindent 4 }}
+  livenessProbe:
+    {{- toYaml .Values.livenessProbe | nindent 4 }}
+  readinessProbe:
+    {{- toYaml .Values.readinessProbe | nindent 4 }}
+  {{- if and (eq $mode "sidecar") (not .Values.sidecar.native) .Values.sidecar.preStopSleepSeconds }}
+  lifecycle:
+    preStop:
+      exec: {command: ["sleep", "{{ int .Values.sidecar.preStopSleepSeconds }}"]}
+  {{- end }}
+  volumeMounts:
+    - {name: headwater-config, mountPath: /etc/headwater, readOnly: true}
+    - {name: headwater-queue, mountPath: /var/lib/headwater/queue}
+    - {name: headwater-sockets, mountPath: /var/run/headwater}
+    - {name: headwater-tmp, mountPath: /tmp}
+{{- end -}}
+
+{{/* The pod's volumes, as list items. */}}
+{{- define "headwater.volumes" -}}
+{{- $mode := include "headwater.mode" . -}}
+- name: headwater-config
+  configMap:
+    name: {{ include "headwater.fullname" . }}
+- name: headwater-queue
+{{- if and (eq $mode "daemonset") .Values.queue.enabled (eq .Values.queue.daemonsetVolume "hostPath") }}
+  hostPath:
+    path: {{ printf "%s/%s/%s" (trimSuffix "/" .Values.queue.hostPathRoot) .Release.Namespace .Release.Name }}
+    type: DirectoryOrCreate
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.queue.sizeLimit }}
+{{- end }}
+- name: headwater-sockets
+  emptyDir: {medium: Memory, sizeLimit: 1Mi}
+- name: headwater-tmp
+  emptyDir: {sizeLimit: 64Mi}
+{{- end -}}
+
+{{/* Pod-level settings shared by the DaemonSet and the Deployment. */}}
+{{- define "headwater.podSpec" -}}
+{{- $mode := include "headwater.mode" . -}}
+serviceAccountName: {{ include "headwater.serviceAccountName" . }}
+automountServiceAccountToken: false
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- if and (eq $mode "daemonset") .Values.queue.enabled (eq .Values.queue.daemonsetVolume "hostPath") }}
+initContainers:
+  # hostPath directories are created root-owned; hand this release's queue directory to the agent.
+  - name: queue-permissions
+    image: {{ include "headwater.image" . | quote }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command: ["sh", "-c", "chmod 0750 /var/lib/headwater/queue && chown {{ int .Values.securityContext.runAsUser }}:{{ int .Values.securityContext.runAsGroup }} /var/lib/headwater/queue"]
+    securityContext:
+      runAsUser: 0
+      runAsGroup: 0
+      runAsNonRoot: false
+      readOnlyRootFilesystem: true
+      allowPrivilegeEscalation: false
+      privileged: false
+      capabilities: {drop: [ALL], add: [CHOWN]}
+      seccompProfile: {type: RuntimeDefault}
+    resources:
+      requests: {cpu: 10m, memory: 16Mi}
+      limits: {memory: 32Mi}
+    volumeMounts:
+      - {name: headwater-queue, mountPath: /var/lib/headwater/queue}
+{{- end }}
+containers:
+  {{- include "headwater.container" . | nindent 2 }}
+volumes:
+  {{- include "headwater.volumes" . | nindent 2 }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "headwater.podAnnotations" -}}
+checksum/config: {{ include "headwater.configChecksum" . }}
+{{- with .Values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* For application charts (sidecar mode): `include "headwater.sidecar.container" .Subcharts.headwater`. */}}
+{{- define "headwater.sidecar.container" -}}
+{{- include "headwater.container" . -}}
+{{- end -}}
+
+{{- define "headwater.sidecar.volumes" -}}
+{{- include "headwater.volumes" . -}}
+{{- end -}}
+
+{{- define "headwater.sidecar.checksum" -}}
+{{- include "headwater.configChecksum" . -}}
+{{- end -}}

@@ -1,0 +1,494 @@
+"""The container image definition and the Helm chart, checked offline (no Docker engine, no cluster).
+
+Tools come from ./scripts/install-chart-tools (part of `make test`): helm and hadolint in .tools/bin,
+kubernetes-validate in this Python. Every `helm/ci/*-values.yaml` (one per mode and preset) and the
+example application chart (`helm/examples/app-with-sidecar`, sidecar mode) are:
+
+- linted (`helm lint --strict`) and rendered (`helm template`);
+- validated against the Kubernetes JSON schemas with `kubernetes-validate --strict`, at the oldest
+  Kubernetes the chart supports and the newest the tool knows, asserting that objects were validated
+  (it passes empty input);
+- compared with their golden render in tests/helm/golden/ (after a deliberate chart change, rewrite
+  them with `HEADWATER_UPDATE_GOLDEN=1 python -m pytest tests/helm` and review the diff);
+- asserted on (hostPort only in daemonset mode, security contexts, checksum, volumes, …);
+- and their agent config (the ConfigMap's config.yaml) passes `headwater validate`, with the ports
+  moved to free ones and the queue directory to a temp one so the machine's checks can run here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.cli import main as headwater
+from tests.integration.conftest import ROOT, free_port
+
+CHART = ROOT / "helm"
+TOOLS = ROOT / ".tools" / "bin"
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE_GOLDEN = os.environ.get("HEADWATER_UPDATE_GOLDEN") == "1"
+RELEASE, NAMESPACE = "hw", "obs"
+CI_VALUES = sorted(CHART.glob("ci/*-values.yaml"))
+CASES = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
+EXAMPLE = "example-app-with-sidecar"
+OLDEST_K8S, NEWEST_K8S = "1.25.0", "1.37.0"
+NATIVE_SIDECAR_K8S = "1.29.0"  # initContainers[].restartPolicy appears in the schema here
+CRD_GROUP = "monitoring.coreos.com/"
+
+
+def _tool(name: str) -> str:
+    path = TOOLS / name
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing: run ./scripts/install-chart-tools (make install)")
+    return str(path)
+
+
+def _kubernetes_validate() -> list[str]:
+    exe = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.fail("kubernetes-validate is not installed: run ./scripts/install-chart-tools (make install)")
+    return [exe]
+
+
+@pytest.fixture(scope="module")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("helm-home")
+    return {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+
+
+def helm(
+    env: dict[str, str], *args: str, cwd: Path = CHART, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [_tool("helm"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def template(env: dict[str, str], *args: str) -> str:
+    return helm(env, "template", RELEASE, ".", "--namespace", NAMESPACE, *args).stdout
+
+
+def docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.fixture(scope="module")
+def renders(helm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Every CI values file rendered, plus the example application chart (its dependency built in a copy)."""
+    out = {case: template(helm_env, "-f", str(path)) for case, path in zip(CASES, CI_VALUES, strict=True)}
+    copy = tmp_path_factory.mktemp("chart") / "helm"
+    shutil.copytree(CHART, copy, ignore=shutil.ignore_patterns("charts", "Chart.lock"))
+    app = copy / "examples" / "app-with-sidecar"
+    helm(helm_env, "dependency", "build", ".", cwd=app)
+    out[EXAMPLE] = helm(helm_env, "template", "shop", ".", "--namespace", "shop", cwd=app).stdout
+    return out
+
+
+def objects(renders: dict[str, str], case: str) -> list[dict[str, Any]]:
+    return docs(renders[case])
+
+
+def by_kind(renders: dict[str, str], case: str, kind: str) -> list[dict[str, Any]]:
+    return [d for d in objects(renders, case) if d["kind"] == kind]
+
+
+def pod_specs(objs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in objs:
+        if d["kind"] in ("DaemonSet", "Deployment"):
+            yield d["kind"], d["spec"]["template"]["spec"]
+        elif d["kind"] == "Pod":
+            yield "Pod", d["spec"]
+
+
+def agent_container(spec: dict[str, Any]) -> dict[str, Any]:
+    found = [
+        c for c in spec.get("containers", []) + spec.get("initContainers", []) if c["name"] == "headwater"
+    ]
+    assert len(found) == 1, spec
+    return found[0]
+
+
+def agent_config(objs: list[dict[str, Any]]) -> str:
+    (cm,) = [d for d in objs if d["kind"] == "ConfigMap"]
+    return str(cm["data"]["config.yaml"])
+
+
+def mode_of(case: str) -> str:
+    if case == EXAMPLE:
+        return "sidecar"
+    return str(yaml.safe_load((CHART / "ci" / f"{case}-values.yaml").read_text())["mode"])
+
+
+# --- the image -----------------------------------------------------------------------------------
+
+
+def test_dockerfile_is_clean_under_hadolint() -> None:
+    done = subprocess.run(
+        [_tool("hadolint"), "--failure-threshold", "info", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == ""
+
+
+def test_dockerfile_shape() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [
+        line.split(None, 1) for line in text.splitlines() if line and not line.startswith((" ", "#"))
+    ]
+    keywords = [i[0] for i in instructions]
+    assert keywords.count("FROM") == 2 and "AS build" in text  # multi-stage
+    assert "COPY --from=build /opt/headwater /opt/headwater" in text  # only the installed app goes on
+    assert ("USER", "10001:10001") in [(i[0], i[1].strip()) for i in instructions]
+    assert keywords.index("USER") > len(keywords) - 1 - keywords[::-1].index("RUN")  # after the last RUN
+    entry = next(i[1] for i in instructions if i[0] == "ENTRYPOINT")
+    assert entry.startswith('["'), "exec form, so the agent is PID 1 and receives SIGTERM itself"
+    assert "HEALTHCHECK" not in keywords
+    assert "PYTHONDONTWRITEBYTECODE=1" in text  # read-only root filesystem
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignored and "!agent/" in ignored  # only what the image needs is sent to the builder
+
+
+# --- lint, schemas, golden files -----------------------------------------------------------------
+
+
+def test_helm_lint_strict_for_every_ci_values_file(helm_env: dict[str, str]) -> None:
+    assert CASES, "no helm/ci/*-values.yaml"
+    assert {mode_of(c) for c in CASES} == {"daemonset", "deployment", "sidecar"}
+    for path in CI_VALUES:
+        done = helm(helm_env, "lint", "--strict", ".", "-f", str(path), check=False)
+        assert done.returncode == 0 and "0 chart(s) failed" in done.stdout, f"{path.name}:\n{done.stdout}"
+
+
+@pytest.mark.parametrize("version", [OLDEST_K8S, NEWEST_K8S])
+def test_every_render_passes_kubernetes_validate_strict(
+    renders: dict[str, str], tmp_path: Path, version: str
+) -> None:
+    cases = [c for c in renders if c != EXAMPLE or version != OLDEST_K8S]
+    files = {}
+    for case in cases:
+        files[case] = tmp_path / f"{case}.yaml"
+        files[case].write_text(renders[case])
+    version_of = {case: version for case in cases}
+    if version == OLDEST_K8S:  # the native-sidecar example needs 1.29
+        files[EXAMPLE] = tmp_path / f"{EXAMPLE}.yaml"
+        files[EXAMPLE].write_text(renders[EXAMPLE])
+        version_of[EXAMPLE] = NATIVE_SIDECAR_K8S
+    for v in sorted(set(version_of.values())):
+        batch = [str(files[c]) for c in files if version_of[c] == v]
+        done = subprocess.run(
+            [*_kubernetes_validate(), "--strict", "-k", v, *batch],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        for case in (c for c in files if version_of[c] == v):
+            expected = [d for d in docs(renders[case]) if not d["apiVersion"].startswith(CRD_GROUP)]
+            passed = re.findall(rf"{re.escape(str(files[case]))} passed for resource", done.stdout)
+            assert expected, f"{case}: nothing rendered"
+            assert len(passed) == len(expected), f"{case} at {v}: {done.stdout}"
+
+
+def test_monitoring_resources_render_only_with_the_crd(helm_env: dict[str, str]) -> None:
+    values = str(CHART / "ci" / "deployment-values.yaml")
+    without = docs(template(helm_env, "-f", values, "--set", "podMonitor.enabled=true"))
+    assert not [d for d in without if d["apiVersion"].startswith(CRD_GROUP)]
+    crds = ["--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"]
+    crds += ["--api-versions", "monitoring.coreos.com/v1/PodMonitor"]
+    with_crd = docs(template(helm_env, "-f", values, "--set", "podMonitor.enabled=true", *crds))
+    (sm,) = [d for d in with_crd if d["kind"] == "ServiceMonitor"]
+    (pm,) = [d for d in with_crd if d["kind"] == "PodMonitor"]
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["hw-metrics", "hw-telemetry"]
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["hw-metrics", "hw-telemetry"]
+    (svc,) = [d for d in with_crd if d["kind"] == "Service"]
+    assert sm["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+
+
+def test_renders_match_the_golden_files(renders: dict[str, str]) -> None:
+    GOLDEN.mkdir(exist_ok=True)
+    stale = []
+    for case, text in renders.items():
+        path = GOLDEN / f"{case}.yaml"
+        if UPDATE_GOLDEN:
+            path.write_text(text)
+        elif not path.exists() or path.read_text() != text:
+            stale.append(case)
+    if stale:
+        import difflib
+
+        diffs = []
+        for case in stale:
+            path = GOLDEN / f"{case}.yaml"
+            old = path.read_text().splitlines() if path.exists() else []
+            diffs += difflib.unified_diff(old, renders[case].splitlines(), str(path), "render", lineterm="")
+        pytest.fail(
+            "renders differ from tests/helm/golden (HEADWATER_UPDATE_GOLDEN=1 rewrites them):\n"
+            + "\n".join(diffs[:200])
+        )
+    assert sorted(p.stem for p in GOLDEN.glob("*.yaml")) == sorted(renders)
+
+
+# --- assertions over the rendered objects --------------------------------------------------------
+
+
+def test_mode_is_required_and_checked(helm_env: dict[str, str]) -> None:
+    missing = helm(helm_env, "template", RELEASE, ".", check=False)
+    assert missing.returncode != 0 and "mode is required" in missing.stderr
+    bad = helm(helm_env, "template", RELEASE, ".", "--set", "mode=gateway", check=False)
+    assert bad.returncode != 0
+    assert 'mode must be one of the following: "daemonset", "deployment", "sidecar"' in bad.stderr
+    lint = helm(helm_env, "lint", "--strict", ".", "--set", "mode=gateway", check=False)
+    assert lint.returncode != 0
+
+
+def test_schema_rejects_unknown_keys_in_the_charts_objects(helm_env: dict[str, str]) -> None:
+    for key in ("presets.statsd.prot=1", "queue.sizelimit=1Gi", "sidecar.nativ=true", "extra=1"):
+        done = helm(helm_env, "template", RELEASE, ".", "--set", "mode=daemonset", "--set", key, check=False)
+        assert done.returncode != 0 and "Additional property" in done.stderr, (key, done.stderr)
+    # The agent's own config is free-form here (the agent checks it: see the validate test).
+    template(helm_env, "--set", "mode=daemonset", "--set", "config.receivers.statsd.max_series=5")
+
+
+def test_host_port_only_in_daemonset_mode(renders: dict[str, str], helm_env: dict[str, str]) -> None:
+    for case in renders:
+        for _, spec in pod_specs(objects(renders, case)):
+            for c in spec.get("containers", []) + spec.get("initContainers", []):
+                if any("hostPort" in p for p in c.get("ports", [])):
+                    assert mode_of(case) == "daemonset", case
+    (ds,) = by_kind(renders, "daemonset", "DaemonSet")
+    ports = agent_container(ds["spec"]["template"]["spec"])["ports"]
+    assert [p for p in ports if "hostPort" in p] == [
+        {"name": "statsd-udp", "containerPort": 8125, "protocol": "UDP", "hostPort": 8125}
+    ]
+    (ds,) = by_kind(renders, "daemonset-emptydir", "DaemonSet")  # not asked: none
+    assert not [p for p in agent_container(ds["spec"]["template"]["spec"])["ports"] if "hostPort" in p]
+    for mode in ("deployment", "sidecar"):
+        done = helm(
+            helm_env, "template", RELEASE, ".", "--set", f"mode={mode}",
+            "--set", "ports.statsd-udp.hostPort=8125", check=False,
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert f"hostPort is only allowed in daemonset mode (this is {mode} mode)" in done.stderr
+
+
+def test_security_context_on_every_container(renders: dict[str, str]) -> None:
+    seen = 0
+    for case in renders:
+        for kind, spec in pod_specs(objects(renders, case)):
+            pod = spec.get("securityContext", {})
+            for c in spec.get("containers", []) + spec.get("initContainers", []):
+                if case == EXAMPLE and c["name"] == "shop":
+                    continue  # the example's own application container
+                sc = c["securityContext"]
+                seen += 1
+                assert sc["readOnlyRootFilesystem"] is True, (case, c["name"])
+                assert sc["allowPrivilegeEscalation"] is False, (case, c["name"])
+                assert sc["capabilities"]["drop"] == ["ALL"], (case, c["name"])
+                assert (sc.get("seccompProfile") or pod["seccompProfile"])["type"] == "RuntimeDefault"
+                if c["name"] == "queue-permissions":  # hostPath ownership: root, CHOWN only
+                    assert kind == "DaemonSet" and sc["capabilities"]["add"] == ["CHOWN"]
+                else:
+                    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001, (case, c["name"])
+                    assert sc.get("privileged", False) is False
+    assert seen >= len(renders)
+
+
+def test_probes_env_and_mounts_of_the_agent(renders: dict[str, str]) -> None:
+    for case in renders:
+        for kind, spec in pod_specs(objects(renders, case)):
+            if kind == "Pod":
+                continue
+            c = agent_container(spec)
+            assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "hw-telemetry"}
+            assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "hw-telemetry"}
+            fields = {
+                e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in c["env"]
+            }
+            assert {k: fields[k] for k in fields if k.startswith("K8S_") and fields[k]} == {
+                "K8S_NODE_NAME": "spec.nodeName",
+                "K8S_NODE_IP": "status.hostIP",
+                "K8S_POD_NAME": "metadata.name",
+                "K8S_NAMESPACE_NAME": "metadata.namespace",
+                "K8S_POD_IP": "status.podIP",
+                "K8S_POD_UID": "metadata.uid",
+            }
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            assert mounts["/etc/headwater"]["readOnly"] is True
+            assert {"/var/lib/headwater/queue", "/var/run/headwater", "/tmp"} <= set(mounts)
+            assert c["args"] == ["run", "-c", "/etc/headwater/config.yaml"]
+
+
+def test_disk_queue_volume_per_mode_and_max_bytes_below_the_limit(renders: dict[str, str]) -> None:
+    def queue_volume(case: str) -> dict[str, Any]:
+        (_, spec) = next(pod_specs([d for d in objects(renders, case) if d["kind"] != "Pod"]))
+        return next(v for v in spec["volumes"] if v["name"] == "headwater-queue")
+
+    ds = queue_volume("daemonset")
+    assert ds["hostPath"] == {
+        "path": f"/var/lib/headwater/{NAMESPACE}/{RELEASE}",
+        "type": "DirectoryOrCreate",
+    }
+    (dset,) = by_kind(renders, "daemonset", "DaemonSet")
+    (init,) = dset["spec"]["template"]["spec"]["initContainers"]
+    assert init["name"] == "queue-permissions" and "chown 10001:10001" in init["command"][-1]
+    assert queue_volume("daemonset-emptydir") == {"name": "headwater-queue", "emptyDir": {"sizeLimit": "1Gi"}}
+    (dset,) = by_kind(renders, "daemonset-emptydir", "DaemonSet")
+    assert "initContainers" not in dset["spec"]["template"]["spec"]
+    assert queue_volume("deployment")["emptyDir"]["sizeLimit"] == "2Gi"
+    assert queue_volume("remotewrite")["emptyDir"]["sizeLimit"] == "4Gi"
+    (app,) = by_kind(renders, EXAMPLE, "Deployment")
+    vols = {v["name"]: v for v in app["spec"]["template"]["spec"]["volumes"]}
+    assert vols["headwater-queue"] == {"name": "headwater-queue", "emptyDir": {"sizeLimit": "2Gi"}}
+
+    mib = {"1Gi": 1024, "2Gi": 2048, "4Gi": 4096}
+    for case in renders:
+        cfg = yaml.safe_load(agent_config(objects(renders, case)))
+        disk = [
+            e["sending_queue"]
+            for e in cfg["exporters"].values()
+            if e.get("sending_queue", {}).get("storage") == "disk"
+        ]
+        if not disk:
+            continue
+        vol = queue_volume(EXAMPLE if case == "sidecar" else case)  # sidecar: the app's pod has it
+        limit = mib[vol["emptyDir"]["sizeLimit"]] if "emptyDir" in vol else 2048  # hostPath: 2Gi budget
+        total = sum(int(q["max_bytes"].removesuffix("MiB")) for q in disk)
+        assert all(q["directory"] == "/var/lib/headwater/queue" for q in disk)
+        assert 0.5 * limit <= total <= 0.8 * limit, (case, total, limit)
+
+
+def test_config_checksum_rolls_the_pods(helm_env: dict[str, str], renders: dict[str, str]) -> None:
+    values = str(CHART / "ci" / "deployment-values.yaml")
+
+    def checksum(*extra: str) -> str:
+        (dep,) = [d for d in docs(template(helm_env, "-f", values, *extra)) if d["kind"] == "Deployment"]
+        return str(dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
+
+    same = checksum()
+    (dep,) = by_kind(renders, "deployment", "Deployment")
+    assert same == dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert re.fullmatch(r"[0-9a-f]{64}", same)
+    assert checksum("--set", "config.receivers.statsd.flush_interval=20s") != same
+    assert checksum("--set", "presets.prometheus.port=9200") != same
+    assert checksum("--set", "replicaCount=5") == same  # not the config: no roll
+    (app,) = by_kind(renders, EXAMPLE, "Deployment")
+    assert re.fullmatch(
+        r"[0-9a-f]{64}", app["spec"]["template"]["metadata"]["annotations"]["checksum/headwater"]
+    )
+
+
+def test_services_pdb_and_test_hook_per_mode(renders: dict[str, str]) -> None:
+    (svc,) = by_kind(renders, "daemonset", "Service")
+    assert svc["spec"]["internalTrafficPolicy"] == "Local"
+    assert {"name": "statsd-udp", "port": 8125, "targetPort": "statsd-udp", "protocol": "UDP"} in svc["spec"][
+        "ports"
+    ]
+    (svc,) = by_kind(renders, "deployment", "Service")
+    assert "internalTrafficPolicy" not in svc["spec"]
+    assert {p["name"] for p in svc["spec"]["ports"]} >= {"statsd-udp", "otlp-grpc", "otlp-http", "hw-http"}
+    for case in renders:
+        mode = mode_of(case)
+        assert bool(by_kind(renders, case, "PodDisruptionBudget")) == (mode == "deployment"), case
+    kinds = sorted(d["kind"] for d in objects(renders, "sidecar"))
+    assert kinds == ["ConfigMap"]  # the app chart owns the pods
+    (hook,) = by_kind(renders, "deployment", "Pod")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    args = hook["spec"]["containers"][0]["args"]
+    assert args[:3] == ["selftest", "--target", f"{RELEASE}-headwater.{NAMESPACE}.svc"]
+    assert dict(zip(args[3::2], args[4::2], strict=True)) == {
+        "--statsd-port": "8125",
+        "--otlp-http-port": "4318",
+        "--telemetry-port": "8888",
+        "--prometheus-port": "9102",
+        "--timeout": "90s",
+    }
+    assert not by_kind(renders, "signoz", "Pod")  # no pull endpoint to read back from: no test
+
+
+def test_sidecar_example_uses_the_native_sidecar_and_binds_localhost(renders: dict[str, str]) -> None:
+    (app,) = by_kind(renders, EXAMPLE, "Deployment")
+    spec = app["spec"]["template"]["spec"]
+    (agent,) = spec["initContainers"]
+    assert agent["name"] == "headwater" and agent["restartPolicy"] == "Always"
+    assert [c["name"] for c in spec["containers"]] == ["shop"]
+    cfg = yaml.safe_load(agent_config(objects(renders, EXAMPLE)))
+    assert cfg["receivers"]["statsd"]["udp"] == "127.0.0.1:8125"
+    assert cfg["receivers"]["otlp"] == {"grpc": None, "http": "127.0.0.1:4318"}
+    assert cfg["exporters"]["otlp/signoz"]["tls"] == {"insecure": True}
+    for case in CASES:
+        cfg = yaml.safe_load(agent_config(objects(renders, case)))
+        statsd = cfg["receivers"].get("statsd", {})
+        host = "127.0.0.1" if mode_of(case) == "sidecar" else "0.0.0.0"
+        assert all(statsd[t].startswith(host + ":") for t in ("udp", "tcp") if t in statsd), case
+
+
+# --- the rendered agent configs pass `headwater validate` ----------------------------------------
+
+_BIND = re.compile(r"^(0\.0\.0\.0|127\.0\.0\.1):\d+$")
+
+
+def _overrides(cfg: dict[str, Any], tmp: Path) -> list[str]:
+    """--set arguments moving every bind address to a free port and every path into ``tmp``."""
+    sets = []
+    for section in ("receivers", "exporters"):
+        for cid, body in (cfg.get(section) or {}).items():
+            for key, value in (body or {}).items():
+                if isinstance(value, str) and _BIND.match(value):
+                    sets.append(f"{section}.{cid}.{key}={value.rsplit(':', 1)[0]}:{free_port()}")
+                elif key in ("unixgram", "unix") and value:
+                    sets.append(f"{section}.{cid}.{key}={tmp / 'sockets' / Path(value).name}")
+                elif key == "sending_queue" and value.get("storage") == "disk":
+                    sets.append(f"{section}.{cid}.sending_queue.directory={tmp / 'queue'}")
+    endpoint = cfg["service"]["telemetry"]["endpoint"]
+    sets.append(f"service.telemetry.endpoint={endpoint.rsplit(':', 1)[0]}:{free_port()}")
+    return sets
+
+
+@pytest.mark.parametrize("case", [*CASES, EXAMPLE])
+def test_rendered_agent_config_passes_headwater_validate(
+    renders: dict[str, str], case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    objs = objects(renders, case)
+    text = agent_config(objs)
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    (tmp_path / "sockets").mkdir()
+    # Every ${env:VAR} the config needs is set by the pod spec (downward API or a Secret). Sidecar mode
+    # renders no pod: its container comes from the named template, as in the example application.
+    pods = [d for d in objs if d["kind"] in ("DaemonSet", "Deployment")] or by_kind(
+        renders, EXAMPLE, "Deployment"
+    )
+    (_, spec) = next(pod_specs(pods))
+    declared = {e["name"] for e in agent_container(spec)["env"]}
+    needed = set(re.findall(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}", text))
+    assert needed <= declared, f"{case}: the config needs {needed - declared}, the pod does not set them"
+    for name in declared:
+        monkeypatch.setenv(name, "ci-value")
+    args = ["validate", "-c", str(path)]
+    for override in _overrides(yaml.safe_load(text), tmp_path):
+        args += ["--set", override]
+    code = headwater(args)
+    captured = capsys.readouterr()
+    assert code == 0, f"{case}:\n{text}\n{captured.err}"
+    assert "configuration is valid" in captured.out
