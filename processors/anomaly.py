@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from agent import exphist
-from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
+from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
 from agent.exphist import ExpHistogram
 from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Temporality
@@ -138,6 +138,8 @@ class _Series:
 
 
 SeriesKey = tuple[str, Labels, Labels | None]
+_Saved = tuple[int, float, float, int, float, float | ExpHistogram | ExplicitHistogram | None]
+"""A series' state (n, mean, variance, last_ns, last_seen, previous), to undo a refused batch."""
 
 
 class AnomalyProcessor:
@@ -217,6 +219,9 @@ class AnomalyProcessor:
             self._expire(now)
         scores: list[Point] = []
         overflow = 0
+        # Each touched series' state before this batch (None: new), restored if downstream refuses the
+        # batch: the receiver offers it again, and its values must not enter the baselines twice.
+        undo: dict[SeriesKey, _Saved | None] = {}
         for p in batch.points:
             if not self._wanted(p) or not self._matches(p.name):
                 continue
@@ -227,6 +232,9 @@ class AnomalyProcessor:
                     overflow += 1
                     continue
                 s = self._series[key] = _Series()
+                undo.setdefault(key, None)
+            elif key not in undo:
+                undo[key] = (s.n, s.mean, s.variance, s.last_ns, s.last_seen, s.previous)
             s.last_seen = now
             time_ns = p.time_unix_nano or int(now * 1e9)
             score = self._score(s, p, time_ns)
@@ -246,9 +254,22 @@ class AnomalyProcessor:
         if overflow:
             self._overflow.value += overflow
         out = MetricBatch(batch.points + tuple(scores), batch.context) if scores else batch
-        await self._next.consume(out)  # Backpressure propagates to the caller
+        try:
+            await self._next.consume(out)  # Backpressure propagates to the caller
+        except Backpressure:
+            self._undo(undo)
+            raise
         self._outgoing.value += len(out.points)
         self._scored.value += len(scores)
+
+    def _undo(self, undo: dict[SeriesKey, _Saved | None]) -> None:
+        for key, saved in undo.items():
+            if saved is None:
+                self._series.pop(key, None)
+                continue
+            s = self._series.get(key)
+            if s is not None:
+                s.n, s.mean, s.variance, s.last_ns, s.last_seen, s.previous = saved
 
     def _score(self, s: _Series, p: Point, time_ns: int) -> float | None:
         """Score `p`'s value against the baseline, then add it to the baseline; None when not scored."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -287,19 +288,29 @@ class BatchProcessor:
     # -- sending --
 
     async def _send_units(
-        self, kind: _Kind, units: list[Unit], context: Mapping[str, str], trigger: str
+        self,
+        kind: _Kind,
+        units: list[Unit],
+        context: Mapping[str, str],
+        trigger: str,
+        on_cancel: Callable[[list[Unit]], None] | None = None,
     ) -> tuple[list[Unit], Backpressure | None]:
         """Send ``units`` chunk by chunk, stopping at the first refusal: (units not sent, the refusal),
         or ([], None) when all went.
 
         Any other error from downstream drops that chunk (counted, logged) and sending goes on: a broken
-        consumer must not wedge the buffer or kill the timer."""
+        consumer must not wedge the buffer or kill the timer. If the sending task is cancelled,
+        ``on_cancel`` gets the units not yet delivered (the interrupted chunk included)."""
         chunks = kind.chunks(units)
         for i, (chunk, weight) in enumerate(chunks):
             try:
                 await self._next.consume(kind.build(chunk, context))
             except Backpressure as exc:
                 return [u for c, _ in chunks[i:] for u in c], exc
+            except asyncio.CancelledError:
+                if on_cancel is not None:
+                    on_cancel([u for c, _ in chunks[i:] for u in c])
+                raise
             except Exception as exc:
                 self.tel.dropped("downstream_error").value += weight
                 self._logger.warning("batch: downstream failed on %d items, dropped: %r", weight, exc)
@@ -345,7 +356,9 @@ class BatchProcessor:
                 buf = self._buffers.pop(key, None)
                 if buf is None:
                     continue
-                rest, refusal = await self._send_units(buf.kind, buf.units, buf.context, "timeout")
+                # Cancelled mid-send (shutdown): what did not go is put back, for shutdown to flush.
+                keep = functools.partial(self._hold, key, buf.kind, buf.context, deadline=now)
+                rest, refusal = await self._send_units(buf.kind, buf.units, buf.context, "timeout", keep)
                 if refusal is not None:
                     retry = self._clock() + (refusal.retry_after_s or self._config.timeout)
                     self._hold(key, buf.kind, buf.context, rest, retry)

@@ -109,7 +109,12 @@ def fold(points: list[Point]) -> tuple[Point | None, int]:
     e = first.explicit
     if e is None:
         return None, len(points)
-    same_bounds = [p.explicit for p in points if p.explicit is not None and p.explicit.bounds == e.bounds]
+    # Same bounds and as many counts (a malformed point must be dropped, not raise out of consume).
+    same_bounds = [
+        x
+        for x in (p.explicit for p in points)
+        if x is not None and x.bounds == e.bounds and len(x.counts) == len(e.counts)
+    ]
     counts = [sum(c) for c in zip(*(x.counts for x in same_bounds), strict=True)]
     mins = [x.min for x in same_bounds if x.min is not None]
     maxes = [x.max for x in same_bounds if x.max is not None]

@@ -24,8 +24,8 @@ different seeds, or the second one's decisions are not independent of the first'
 Traces are sampled per trace id with the OpenTelemetry ``TraceIdRatioBased`` rule: a span is kept when
 the lower 8 bytes of its trace id, as a big-endian integer, are below ``trace_rate × 2^64``. All spans
 of a trace are kept or dropped together, across agents and in agreement with SDKs that sampled by the
-same rule at a higher rate. Kept spans get a double attribute ``rate_label`` when the rate is below 1,
-so span-derived counts can be upscaled downstream.
+same rule at a higher rate. Kept spans get a double attribute ``rate_label`` when the rate is below 1
+(times an earlier sampler's, which it replaces), so span-derived counts can be upscaled downstream.
 
 Sampled-out points and spans are counted as ``dropped{reason="sampled"}``.
 """
@@ -217,11 +217,29 @@ class SampleProcessor:
                 scope.spans.extend(kept)  # copies: the batch's own spans are never touched
                 if label:
                     for span in scope.spans:
-                        span.attributes.add(key=label).value.double_value = rate
+                        _set_rate_attribute(span.attributes, label, rate)
                 kept_spans += len(kept)
             if new is not None:
                 out.append(new)
         return SpanBatch(tuple(out), context=batch.context, span_count=kept_spans)
+
+
+def _set_rate_attribute(attributes: Any, label: str, rate: float) -> None:
+    """Set the double attribute ``label`` to ``rate`` on our copy of a span; an earlier sampler's
+    rate (a number in (0, 1]) is multiplied in, as for points, so the key never appears twice."""
+    carried = rate
+    if any(kv.key == label for kv in attributes):
+        for kv in attributes:
+            if kv.key == label:
+                which = kv.value.WhichOneof("value")
+                prior = float(getattr(kv.value, which)) if which in ("double_value", "int_value") else 1.0
+                if 0 < prior <= 1:
+                    carried = rate * prior
+                break
+        kept = [kv for kv in attributes if kv.key != label]
+        del attributes[:]
+        attributes.extend(kept)
+    attributes.add(key=label).value.double_value = carried
 
 
 def _upscale(p: Point, rate: float, label: str) -> Point:

@@ -351,7 +351,8 @@ class PercentilesProcessor:
     async def _timer(self) -> None:
         while True:
             # Wake at the emit boundary on the processor's clock (time.time by default).
-            await asyncio.sleep(max(self._next_emit - self._clock(), 0.0) + 0.001)
+            # At most one interval: a wall clock stepped back must not put the timer to sleep for hours.
+            await asyncio.sleep(min(max(self._next_emit - self._clock(), 0.0), self._emit_s) + 0.001)
             try:
                 await self.tick()
             except Backpressure as exc:
@@ -363,6 +364,8 @@ class PercentilesProcessor:
         """Advance the slices to the clock; emit if an emit boundary passed since the last emit."""
         now = self._clock()
         self._store.rotate(now)
+        if self._next_emit - now > self._emit_s:  # the wall clock stepped back: emit on the new time
+            self._next_emit = (math.floor(now / self._emit_s) + 1) * self._emit_s
         if now < self._next_emit:
             return
         self._next_emit = (math.floor(now / self._emit_s) + 1) * self._emit_s
@@ -501,6 +504,7 @@ class PercentilesProcessor:
         time_ns = int(now * 1e9)
         worst = 0.0
         start = 0
+        refused: Backpressure | None = None
         while start < len(self._slots):
             stop = min(start + step, len(self._slots))
             points, chunk_worst = self._read(start, stop, now, time_ns)
@@ -509,12 +513,17 @@ class PercentilesProcessor:
             if points:
                 try:
                     await self._next.consume(MetricBatch(tuple(points)))
-                except Backpressure:
+                except Backpressure as exc:
+                    # Counted, and the other ranges are still offered: stopping here would lose
+                    # them without a trace. The first refusal is raised once the emit is done.
                     self._settings.telemetry.dropped("backpressure").value += len(points)
-                    raise
-                self._outgoing.value += len(points)
+                    refused = refused or exc
+                else:
+                    self._outgoing.value += len(points)
             await asyncio.sleep(0)  # let receivers run between ranges of series
         self._worst_error = worst
+        if refused is not None:
+            raise refused
 
     def _names(self, s: _Series) -> list[tuple[str, Labels]]:
         """(name, labels) of series `s`'s outputs: per window, each quantile then the histogram."""

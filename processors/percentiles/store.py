@@ -212,11 +212,12 @@ class Store:
         base = self.base
         target = math.floor(now / base.slice_s)
         behind = target - base.number
-        if behind <= 0:
+        if 0 >= behind >= -1:  # within the filling slice (or a small step back): nothing to complete
             return
-        # Past the longest ring everything is gone: clear instead of stepping slice by slice.
+        # Past the longest ring everything is gone: clear instead of stepping slice by slice. The same
+        # when the clock stepped back by more than a slice: the slices held are in its future.
         longest = max(round(t.slice_s / base.slice_s) * t.rows for t in self.tiers)
-        if behind > longest:
+        if behind > longest or behind < -1:
             for t in self.tiers:
                 for row in range(t.rows):
                     t.clear_row(row)

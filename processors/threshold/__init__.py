@@ -426,6 +426,10 @@ class ThresholdProcessor:
     async def consume(self, batch: MetricBatch) -> None:
         n = len(batch)
         self._incoming.value += n
+        # Pass on first: a batch refused downstream (Backpressure) is offered again by the receiver,
+        # and observing it both times would count its points twice in count, rate and avg windows.
+        await self._next.consume(batch)
+        self._outgoing.value += n
         if self.engine.rules and not self._stopped:
             try:
                 async with self._lock:
@@ -438,8 +442,6 @@ class ThresholdProcessor:
                 self._errors.value += 1
                 self._log.error("alert evaluation failed: %r", exc, exc_info=exc)
             self._count_ignored()
-        await self._next.consume(batch)
-        self._outgoing.value += n
 
     async def tick(self) -> None:
         """Evaluate every series now, send due notifications, save changed state. The evaluation task

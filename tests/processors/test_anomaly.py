@@ -196,3 +196,19 @@ async def test_backpressure_propagates_and_shutdown_is_idempotent() -> None:
     await proc.shutdown()
     await proc.shutdown()
     assert factory.type == "anomaly" and factory.kind is ComponentKind.PROCESSOR
+
+
+async def test_a_refused_batch_does_not_enter_the_baseline_twice() -> None:
+    config = AnomalyConfig(min_samples=2)
+    values = [1.0, 3.0, 2.0, 5.0, 4.0]
+    reference = await run_values(values, config)
+    proc, sink, _, _ = make(config)
+    for i, v in enumerate(values):
+        batch = MetricBatch((gauge(v, i),))
+        if i == 2:
+            sink.refuse = True
+            with pytest.raises(Backpressure):
+                await proc.consume(batch)  # refused: the receiver offers the same batch again
+            sink.refuse = False
+        await proc.consume(batch)
+    assert sink.scores() == reference

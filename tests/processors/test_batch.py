@@ -308,3 +308,27 @@ async def test_refused_span_batch_is_cut_out_of_split_messages() -> None:
     ]
     assert services == ["held", "later", "later"]
     await proc.shutdown()
+
+
+async def test_shutdown_while_the_timer_is_sending_keeps_that_buffer() -> None:
+    class StallOnce(Sink):
+        """The first send never completes (a slow exporter); later ones are collected."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = asyncio.Event()
+
+        async def consume(self, batch: Batch) -> None:
+            if not self.entered.is_set():
+                self.entered.set()
+                await asyncio.Event().wait()
+            await super().consume(batch)
+
+    sink = StallOnce()
+    proc, _, tel = make(BatchConfig(send_batch_size=100, timeout=0.01), sink)
+    await proc.start()
+    await proc.consume(points(1, 2))
+    await sink.entered.wait()  # the timer took the buffer out and is inside downstream's consume
+    await proc.shutdown()  # cancels the timer mid-send: the buffer must still be flushed
+    assert sink.values() == [1, 2]
+    assert tel.value("processor_outgoing_points_total") == 2

@@ -233,3 +233,20 @@ async def test_lifecycle_and_validation() -> None:
     assert len(sink.points()) == 1
     problems = CardinalityConfig(max_series_per_metric=0, window=0.0).validate()  # type: ignore[arg-type]
     assert [p for p, _ in problems] == ["max_series_per_metric", "window"]
+
+
+async def test_overflow_of_a_malformed_explicit_histogram_is_dropped_not_raised() -> None:
+    proc, sink, tel, _ = make(CardinalityConfig(max_series_per_metric=1, action="overflow"))
+
+    def hist(series: str, counts: tuple[int, ...]) -> Point:
+        e = ExplicitHistogram((1.0, 2.0), counts, sum=1.0)
+        return Point("h", Kind.HISTOGRAM, (("id", series),), 1, explicit=e)
+
+    # Same bounds, but the third point has one count too many (bad OTLP input).
+    await proc.consume(
+        batch(hist("a", (1, 0, 0)), hist("b", (1, 0, 0)), hist("c", (1, 0, 0)), hist("d", (1, 0, 0, 5)))
+    )
+    overflow = [p for p in sink.points() if p.labels == OVERFLOW_LABELS]
+    assert len(overflow) == 1 and overflow[0].explicit is not None
+    assert overflow[0].explicit.counts == (2, 0, 0)
+    assert tel.value("processor_dropped_points_total", reason="cardinality") == 1

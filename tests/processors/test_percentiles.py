@@ -445,3 +445,41 @@ def test_fast_gauges_equal_constructed_points() -> None:
     assert _gauge("n", (("a", "b"),), 5, 1.5, "s", r) == Point(
         "n", Kind.GAUGE, (("a", "b"),), 5, value=1.5, unit="s", resource=r
     )
+
+
+async def test_a_refused_emit_chunk_does_not_silently_lose_the_other_chunks() -> None:
+    class RefuseOnce(Sink):
+        async def consume(self, batch: MetricBatch) -> None:
+            if self.refuse:
+                self.refuse = False
+                raise Backpressure("full")
+            self.batches.append(batch)
+
+    proc, _, tel, clock = make(PercentilesConfig(windows=[60.0], quantiles=[0.5]))
+    sink = proc._next = RefuseOnce()
+    n = 1500  # more series than one emit batch holds (about 1000 gauges)
+    clock.now += 5.0
+    await proc.consume(
+        MetricBatch(tuple(hist_point("lat", np.array([1.0]), (("i", str(i)),)) for i in range(n)))
+    )
+    sink.batches.clear()
+    sink.refuse = True
+    clock.now += 5.0
+    with pytest.raises(Backpressure):
+        await proc.tick()
+    sent = len(sink.points())
+    dropped = tel.value("processor_dropped_points_total", reason="backpressure")
+    assert sent > 0 and dropped > 0
+    assert sent + dropped == n  # every gauge of the emit was either sent or counted as dropped
+    assert tel.value("processor_outgoing_points_total") == n + sent
+
+
+async def test_wall_clock_stepping_back_neither_stalls_emits_nor_keeps_old_data() -> None:
+    proc, sink, _, clock = make(PercentilesConfig(windows=[60.0], quantiles=[0.5]))
+    await feed(proc, clock, [np.full(1000, 1.0)])
+    assert sink.gauges() == {("lat", "0.5", "1m"): pytest.approx(1.0, rel=0.01)}
+    clock.now -= 3600.0  # NTP steps the clock back an hour
+    sink.batches.clear()
+    await feed(proc, clock, [np.array([100.0])] * 8)
+    # Emits go on at the new time, and the 1m window holds the last minute's data only.
+    assert sink.gauges() == {("lat", "0.5", "1m"): pytest.approx(100.0, rel=0.01)}

@@ -234,3 +234,20 @@ async def test_lifecycle_with_the_default_config() -> None:
     await proc.shutdown()
     await proc.shutdown()
     assert len(sink.batches) == 1
+
+
+async def test_a_span_sampled_again_carries_one_rate_attribute_with_the_product() -> None:
+    rs = ResourceSpans()
+    ss = rs.scope_spans.add()
+    span = ss.spans.add(name="op", trace_id=trace_id(0), span_id=b"\x01" * 8)
+    span.attributes.add(key="sample_rate").value.double_value = 0.5  # an earlier sampler's
+    span.attributes.add(key="http.method").value.string_value = "GET"
+    before = rs.SerializeToString()
+    proc, sink, _ = make(SampleConfig(trace_rate=0.5, seed=1))
+    await proc.consume(SpanBatch((rs,), span_count=1))
+    assert rs.SerializeToString() == before
+    (out,) = sink.batches
+    (kept,) = [s for r in out.resource_spans for sc in r.scope_spans for s in sc.spans]
+    attrs = [(a.key, a.value.WhichOneof("value")) for a in kept.attributes]
+    assert sorted(attrs) == [("http.method", "string_value"), ("sample_rate", "double_value")]
+    assert next(a.value.double_value for a in kept.attributes if a.key == "sample_rate") == 0.25

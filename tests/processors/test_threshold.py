@@ -25,8 +25,9 @@ from aiohttp import web
 
 from agent import exphist
 from agent.admin import AdminServer
-from agent.component import ComponentId, ComponentKind, Settings, validate_config
+from agent.component import Backpressure, ComponentId, ComponentKind, Settings, validate_config
 from agent.config import build_config
+from agent.confmodel import Duration
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Summary, Temporality
 from agent.registry import builtin_factories
 from agent.sending import QueueConfig, RetryConfig
@@ -786,3 +787,35 @@ async def test_yaml_config_and_status_endpoint_list_active_alerts() -> None:
     assert [(a["rule"], a["labels"], a["state"], a["severity"]) for a in entry["status"]["alerts"]] == [
         ("cpu_high", {"env": "prod", "host": "web-1"}, "firing", "critical")
     ]
+
+
+class Refusing(Collect):
+    """Refuses (Backpressure) the first ``refuse`` batches, then collects."""
+
+    def __init__(self, refuse: int) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    async def consume(self, batch: MetricBatch) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise Backpressure("queue_full")
+        await super().consume(batch)
+
+
+async def test_a_refused_batch_is_not_observed_so_its_retry_counts_once() -> None:
+    clock = Clock()
+    proc, _, tel = make(
+        ThresholdConfig(rules=[rule(statistic="count", window=Duration(60.0), warning=1.5)]), clock
+    )
+    sink = Refusing(refuse=1)
+    proc._next = sink
+    await proc.start()
+    b = batch(gauge(1, T0))
+    with pytest.raises(Backpressure):
+        await proc.consume(b)  # downstream refused: the receiver offers the same batch again
+    await proc.consume(b)
+    assert sink.batches == [b]
+    assert tel.value("alert_state", rule="high", severity="warning") == 0  # one point, not two
+    assert proc.status()["alerts"] == []
+    await proc.shutdown()
