@@ -374,7 +374,7 @@ def retry_after_s(value: str | None, now_s: float | None = None) -> float | None
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() is true too, and float() refuses it
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -854,8 +854,11 @@ class OtlpHttpExporter(_OtlpExporter):
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             ssl_ctx = ctx
+        # No pool limit: each sender (the exporter's, and one per tenant with a tenant header) already
+        # sends at most num_consumers requests at once; a shared limit would let a tenant whose requests
+        # hang hold the connections every other tenant waits for.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=cfg.sending_queue.num_consumers),
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=0),
             timeout=aiohttp.ClientTimeout(total=cfg.timeout),
         )
 

@@ -22,7 +22,8 @@ Contracts:
 - Times are fixed64 nanoseconds; a zero start time is left out (proto3 default).
 - Histogram counts are uint64 on the wire: fractional counts (StatsD sample rates) are rounded to the
   nearest integer per bucket and the point's count is the sum of the rounded buckets, so the OTLP
-  invariant count == zero_count + sum(bucket_counts) always holds. sum is written as given.
+  invariant count == zero_count + sum(bucket_counts) always holds. sum is written as given, except
+  that a histogram's unknown (NaN) sum leaves its optional ``sum`` field out.
   min and max are written only when both are finite and min <= max (unknown otherwise).
 """
 
@@ -198,6 +199,13 @@ def _times(start_ns: int, time_ns: int) -> bytes:
     return _TIME_ONLY.pack(_TAG_TIME, time_ns)
 
 
+def _count_sum(count: int, total: float) -> bytes:
+    """A histogram's count and its optional sum, left out when unknown (NaN)."""
+    if total == total:
+        return _COUNT_SUM.pack(_TAG_COUNT, count, _TAG_SUM, total)
+    return _TAGGED_FIXED64.pack(_TAG_COUNT, count)
+
+
 def _min_max(lowest: float | None, highest: float | None, min_tag: int, max_tag: int) -> bytes:
     if lowest is None or highest is None:
         return b""
@@ -276,7 +284,7 @@ def exponential_point(attrs: bytes, h: ExpHistogram, start_ns: int, time_ns: int
     body = (
         attrs
         + times
-        + _COUNT_SUM.pack(_TAG_COUNT, count, _TAG_SUM, h.sum)
+        + _count_sum(count, h.sum)
         + _TAG_SCALE
         + _SMALL_VARINTS[(scale << 1) ^ (scale >> 31)]
         + _TAGGED_FIXED64.pack(_TAG_ZERO_COUNT, zero)
@@ -307,7 +315,7 @@ def explicit_point(
     body = (
         attrs
         + _times(start_ns, time_ns)
-        + _COUNT_SUM.pack(_TAG_COUNT, int(counts.sum()), _TAG_SUM, total)
+        + _count_sum(int(counts.sum()), total)
         + field(_TAG_BUCKET_COUNTS, counts.astype("<u8").tobytes())
         + bounds_field
         + _min_max(lowest, highest, _TAG_HIST_MIN, _TAG_HIST_MAX)

@@ -796,3 +796,79 @@ async def test_shutdown_is_safe_before_start_and_idempotent() -> None:
         await exp.shutdown()
 
 
+# -- review fixes -------------------------------------------------------------------------------------
+async def test_a_stuck_tenant_does_not_hold_the_connection_of_another() -> None:
+    """Tenants with a header each have their own sender; they must not share one pooled connection
+    (num_consumers: 1), or a tenant whose request hangs blocks every other tenant's sends."""
+    from aiohttp import web
+
+    from agent.confmodel import Duration
+    from exporters.otlp import TenantRoutingConfig
+
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        tenant = request.headers.get("X-Scope-OrgID", "")
+        seen.append(tenant)
+        if tenant == "stuck":
+            await release.wait()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/metrics", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    config = OtlpHttpConfig(
+        endpoint=f"http://127.0.0.1:{port}",
+        compression="none",
+        timeout=Duration(60.0),
+        retry_on_failure=FAST,
+        tenant=TenantRoutingConfig(header="X-Scope-OrgID"),
+    )
+    assert config.validate() == []
+    exp = OtlpHttpExporter(settings(Telemetry()), config)
+    await exp.start()
+    try:
+        t = time.time_ns()
+        await exp.consume(MetricBatch((counter(1, t - S, t, labels=(("tenant_id", "stuck"),)),)))
+        async with asyncio.timeout(20):
+            while "stuck" not in seen:
+                await asyncio.sleep(0.01)
+        await exp.consume(MetricBatch((counter(1, t - S, t, labels=(("tenant_id", "healthy"),)),)))
+        try:
+            async with asyncio.timeout(20):
+                while "healthy" not in seen:
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            pytest.fail("the healthy tenant's request waited behind the stuck tenant's connection")
+    finally:
+        release.set()
+        await exp.shutdown()
+        await runner.cleanup()
+
+
+async def test_histogram_without_sum_is_sent_without_sum(make: Any) -> None:
+    """A histogram whose sum is unknown (NaN, e.g. an OTLP point without ``sum``) must leave the
+    optional ``sum`` field out, not send NaN as if it were the sum."""
+    exp, _, sink = await make("http")
+    t = time.time_ns()
+    unknown = float("nan")
+    explicit = ExplicitHistogram((1.0,), (1, 1), unknown, None, None)
+    exponential = replace(exphist.from_values(np.array([0.5, 2.0])), sum=unknown)
+    size = Point("size", Kind.HISTOGRAM, (), t, start_time_unix_nano=t - S, explicit=explicit)
+    lat = Point("lat", Kind.HISTOGRAM, (), t, start_time_unix_nano=t - S, histogram=exponential)
+    await exp.consume(MetricBatch((size, lat)))
+    await drain(exp)
+    got = {m.name: dp for _, _, m, dp in sink.metrics()}
+    assert got["size"].count == 2 and not got["size"].HasField("sum")
+    assert got["lat"].count == 2 and not got["lat"].HasField("sum")
+
+
+def test_retry_after_ignores_non_ascii_digits() -> None:
+    assert retry_after_s("\u00b2") is None  # "²".isdigit() is True, float("²") raises
+    assert retry_after_s(" 7 ") == 7.0
