@@ -121,3 +121,18 @@ def test_run_fails_cleanly_when_port_is_taken(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert b"cannot start" in proc.stderr and b"address already in use" in proc.stderr.lower()
     assert time.monotonic() - started < 60
+
+
+def test_a_reader_leaving_early_is_not_an_error() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        f"{sys.executable} -m agent components | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.strip()
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
