@@ -54,7 +54,8 @@ from agent.telemetry import Cell
 @dataclass(frozen=True)
 class RetryConfig:
     enabled: bool = True
-    """Retry failed sends (5xx, 429, timeouts, connection errors). 4xx other than 429 are never retried."""
+    """Retry failed sends the exporter calls retryable (remote-write: 5xx and 429; OTLP: 429, 502, 503,
+    504 and the retryable gRPC codes), timeouts and connection errors; the rest are dropped."""
     initial_interval: Duration = Duration(1.0)
     """Wait before the first retry."""
     max_interval: Duration = Duration(30.0)
@@ -189,6 +190,7 @@ class Sender:
         self._disk: DiskQueue | None = None
         self._part: Partition | None = None
         self._stop_syncer = asyncio.Event()
+        self._before_sync: Callable[[], None] | None = None
         self._turn = 0
         self._uncommitted = 0
         tel = settings.telemetry
@@ -236,6 +238,7 @@ class Sender:
             disk = DiskQueue(self._queue_cfg.disk(), str(self._settings.id), self._settings.telemetry)
             # Scans the segments: not on the loop.
             self._part = await asyncio.to_thread(disk.partition, self._tenant)
+            self._part.before_sync = self._before_sync
             self._disk = disk
             if self._part.records:
                 self._log.info(
@@ -249,6 +252,14 @@ class Sender:
         worker = self._disk_worker if self._part is not None else self._worker
         for i in range(self._queue_cfg.num_consumers):
             self._tasks.spawn(worker(), f"sender-{i}")
+
+    def sync_first(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` (blocking, in the syncing thread) before every sync of the disk queue, whether
+        ``commit``, the background syncer or the final one makes it: what it makes durable is then
+        durable before any request offered after it was written."""
+        self._before_sync = hook
+        if self._part is not None:
+            self._part.before_sync = hook
 
     def offer(self, request: Request) -> None:
         """Queue a request without waiting. When full: raise :class:`Backpressure` (``block``) or drop by

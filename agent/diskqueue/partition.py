@@ -464,6 +464,10 @@ class Partition:
         self._disk_bytes = 0
         self._reclaimable = 0
         self._closed = False
+        self.before_sync: Callable[[], None] | None = None
+        """Called (in the syncing thread) at the start of every :meth:`sync`, before the segments are
+        fsynced: side state that must be durable before the records it describes (remote-write's
+        journal) syncs here, so no sync of this partition, whoever calls it, gets ahead of it."""
         # Read on every append: plain attributes, not the options' property.
         self._max_bytes = options.max_bytes
         self._segment_target = options.segment_target
@@ -487,10 +491,12 @@ class Partition:
         try:
             p._recover()
         except FormatError as exc:
-            p.close()
+            # Never sync on the way out: a ledger built from a partial recovery would overwrite the
+            # good one (or a newer version's) and delete segments it does not know are needed.
+            p.close(sync=False)
             raise UnsupportedFormat(str(exc)) from None
         except BaseException:
-            p.close()
+            p.close(sync=False)
             raise
         return p
 
@@ -973,7 +979,11 @@ class Partition:
         # The fd stays open until sync() has fdatasync'ed what was written through it.
 
     def _drop_oldest(self, need: int) -> tuple[int, int]:
-        """Remove whole oldest records until ``need`` bytes fit; whole segments are what frees space."""
+        """Remove whole oldest records until ``need`` bytes fit; whole segments are what frees space.
+
+        Records in flight are left alone: a worker is sending them and will ack or release them (a
+        dropped one could be counted dropped and then delivered); their segment is freed by the ack.
+        """
         records = items = 0
         for seg in list(self._segments):
             if self.used_bytes + need <= self.options.max_bytes:
@@ -981,7 +991,7 @@ class Partition:
             if seg.all_done and seg.sealed:
                 continue
             for i in range(seg.count):
-                if seg.state[i] != _DONE:
+                if seg.state[i] == _PENDING:
                     records += 1
                     items += seg.items[i]
                     self._mark_done(seg, i)
@@ -1213,6 +1223,9 @@ class Partition:
         """
         durable = self.options.fsync != "never"
         with self._sync_lock:
+            hook = self.before_sync
+            if hook is not None and not self._closed and not self.readonly:
+                hook()  # before the snapshot below: it covers every record appended until now
             with self._lock:
                 if self._closed or self.readonly:
                     return
@@ -1221,18 +1234,31 @@ class Partition:
                 ]
                 dir_dirty, self._dir_dirty = self._dir_dirty, False
             if durable:
-                for _seg, fd, _size in targets:
-                    assert fd is not None
-                    os.fdatasync(fd)
-                    self.stats.fsyncs += 1
-                if dir_dirty:
-                    fsync_dir(self.directory)
-                    self.stats.fsyncs += 1
+                try:
+                    for _seg, fd, _size in targets:
+                        assert fd is not None
+                        os.fdatasync(fd)
+                        self.stats.fsyncs += 1
+                    if dir_dirty:
+                        fsync_dir(self.directory)
+                        self.stats.fsyncs += 1
+                except BaseException:
+                    if dir_dirty:
+                        with self._lock:
+                            self._dir_dirty = True  # a new segment's entry is not durable yet
+                    raise
             with self._lock:
                 for seg, _fd, size in targets:
                     seg.synced_size = max(seg.synced_size, size)
-                    if seg.sealed and seg.id not in self._read_fds and seg.size == seg.synced_size:
-                        assert seg.fd is not None
+                # A sealed segment's writer fd is closed once everything written through it is
+                # synced, whether that sync came before or after the seal.
+                for seg in self._segments:
+                    if (
+                        seg.fd is not None
+                        and seg.sealed
+                        and seg.id not in self._read_fds
+                        and seg.size == seg.synced_size
+                    ):
                         os.close(seg.fd)
                         seg.fd = None
                 due = (
@@ -1247,7 +1273,12 @@ class Partition:
                     return
                 snapshot, deletable = self._snapshot_ledger()
                 self._ledger_dirty = False
-            write_atomic(os.path.join(self.directory, LEDGER), snapshot.encode(), durable=durable)
+            try:
+                write_atomic(os.path.join(self.directory, LEDGER), snapshot.encode(), durable=durable)
+            except BaseException:
+                with self._lock:
+                    self._ledger_dirty = True  # the acks still wait for a ledger write
+                raise
             self._ledger = snapshot
             self._ledger_written = time.monotonic()
             self.stats.ledger_writes += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 import urllib.parse
@@ -17,6 +18,8 @@ from agent.diskqueue.format import parse_segment_name
 from agent.diskqueue.partition import LEDGER, LOCK, Partition, PartitionOptions, lock_holder
 from agent.netcheck import directory_problem
 from agent.telemetry import ComponentTelemetry
+
+log = logging.getLogger("headwater.diskqueue")
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,12 @@ class DiskQueue:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
             if any(p.needs_sync() for _, p in self):
-                await self.sync_async()
+                try:
+                    await self.sync_async()
+                except OSError as exc:
+                    # A full disk or an I/O error must not end the syncer: it would stop every later
+                    # fsync (interval), ack persistence and segment deletion for good. Try again.
+                    log.warning("disk queue %s: sync failed, retrying: %s", self.config.directory, exc)
 
     def close(self) -> None:
         """Final sync and unlock of every partition (blocking). Idempotent."""

@@ -301,7 +301,9 @@ class PrometheusRemoteWriteExporter:
         if cfg.auth.bearer_token:
             self._headers["Authorization"] = f"Bearer {cfg.auth.bearer_token}"
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=cfg.sending_queue.num_consumers),
+            # No pool cap: each (tenant) sender bounds its own requests in flight, and a shared cap
+            # would let one tenant's hanging request hold the connection another tenant needs.
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=0),
         )
         try:
             await self._sender.start()  # takes the queue directory's lock, or fails
@@ -343,6 +345,8 @@ class PrometheusRemoteWriteExporter:
             return
         restored = await asyncio.to_thread(state.load, self._store)
         self._state = state
+        # Journal fsync before queue fsync, for every sync of the queue (the background syncer's too).
+        self._sender.sync_first(state.sync)
         if restored:
             self._settings.logger.info("restored the cumulative state of %d series", restored)
         await state.maybe_compact(self._store, force=True)
@@ -469,6 +473,8 @@ class PrometheusRemoteWriteExporter:
                 cfg.timeout,
                 tenant=tenant,
             )
+            if self._state is not None:
+                sender.sync_first(self._state.sync)
             try:
                 await sender.start()
             except Exception as exc:
@@ -638,7 +644,12 @@ class PrometheusRemoteWriteExporter:
                     self._offer_stale(entries, sender)
             self._stale.value += len(gone)
             for sender, _ in by_sender.values():
-                await sender.commit()
+                try:
+                    await sender.commit()
+                except OSError as exc:
+                    # The markers stay queued (the syncer retries the sync); a failed fsync must not
+                    # end expiry for good, or idle series would pile up in memory.
+                    self._log.warning("could not sync stale markers to the disk queue: %s", exc)
 
     async def _series_sender(self, series: Series) -> Sender | None:
         """The sender a series' samples went to (its tenant's, by the tenant label it carries)."""

@@ -25,10 +25,12 @@ deleted. A crash anywhere in between loads the old snapshot and both journals.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import re
+import threading
 from typing import Any
 
 from agent.diskqueue import StateFile, UnsupportedFormat
@@ -39,6 +41,7 @@ from agent.diskqueue.format import (
     FormatError,
     decode_frame,
     encode_frame,
+    fsync_dir,
 )
 from exporters.prometheus_series import Series, SeriesStore
 
@@ -52,7 +55,8 @@ _SNAPSHOT_SLICE = 5000
 
 class SeriesState:
     """The snapshot and journals of one exporter. ``load``/``compact_files``/``sync`` block (thread);
-    ``record`` runs on the loop (one write of one frame)."""
+    ``record`` runs on the loop (one write of one frame). ``sync`` may run in several threads at once
+    (the queue partitions call it before each of their syncs: the journal is durable first)."""
 
     def __init__(self, base_path: str, *, durable: bool = True, compact_bytes: int = 64 << 20) -> None:
         self.base = base_path
@@ -64,6 +68,12 @@ class SeriesState:
         self.torn_frames = 0
         self._fd: int | None = None
         self._compacting = False
+        self._sync_lock = threading.Lock()
+        self._retired: collections.deque[int] = collections.deque()
+        """fds of journals a compaction replaced: fsynced, then closed, by :meth:`sync` only."""
+        self._written = 0  # frames written (on the loop)
+        self._synced = 0  # frames known durable (under _sync_lock)
+        self._dir_unsynced = False
 
     def _journal(self, generation: int) -> str:
         return f"{self.base}.journal.{generation}"
@@ -95,6 +105,7 @@ class SeriesState:
         self.generation = generation
         path = self._journal(generation)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._dir_unsynced = True  # the journal may be new: its directory entry must be durable too
         self.journal_bytes = os.fstat(self._fd).st_size
         return restored
 
@@ -128,13 +139,37 @@ class SeriesState:
             f.truncate(off)
 
     def sync(self) -> None:
-        if self._fd is not None and self.durable:
-            os.fdatasync(self._fd)
+        """Make every frame recorded before the call durable, in whichever journal it went to."""
+        with self._sync_lock:
+            # Read in this order: every frame counted in ``target`` is in ``fd`` or in a journal
+            # retired before ``fd`` was read (a compaction retires the old fd before switching).
+            target = self._written
+            fd = self._fd
+            if self.durable:
+                if fd is not None and target > self._synced:
+                    os.fdatasync(fd)
+                if self._dir_unsynced:
+                    self._dir_unsynced = False
+                    try:
+                        fsync_dir(os.path.dirname(os.path.abspath(self.base)))
+                    except BaseException:
+                        self._dir_unsynced = True
+                        raise
+            while self._retired:
+                old = self._retired[0]
+                if self.durable:
+                    os.fdatasync(old)
+                self._retired.popleft()
+                os.close(old)
+            self._synced = max(self._synced, target)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._sync_lock:
+            while self._retired:
+                os.close(self._retired.popleft())
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     # -- on the loop ---------------------------------------------------------------------------------
     def record(self, changed: dict[str, tuple[str, list[Series]]]) -> None:
@@ -148,6 +183,7 @@ class SeriesState:
         )
         os.write(self._fd, frame)
         self.journal_bytes += len(frame)
+        self._written += 1
 
     async def maybe_compact(self, store: SeriesStore, *, force: bool = False) -> None:
         """Fold the journals into a new snapshot when they have grown past ``compact_bytes``."""
@@ -157,9 +193,14 @@ class SeriesState:
         try:
             old_fd, new_gen = self._fd, self.generation + 1
             path = self._journal(new_gen)
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            new_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            # The old journal may hold frames of batches whose sync has not run yet: it is fsynced
+            # (then closed) by the next sync, never closed unsynced. Retired before the switch.
+            self._retired.append(old_fd)
+            self._dir_unsynced = True
+            self._fd = new_fd
             self.generation, self.journal_bytes = new_gen, 0
-            await asyncio.to_thread(self._close_fd, old_fd)
+            await asyncio.to_thread(self.sync)
             families: list[Any] = []
             done = 0
             for name, family in list(store.families.items()):
@@ -174,10 +215,6 @@ class SeriesState:
             await asyncio.to_thread(self._save_and_prune, snapshot, new_gen)
         finally:
             self._compacting = False
-
-    @staticmethod
-    def _close_fd(fd: int) -> None:
-        os.close(fd)
 
     def _save_and_prune(self, snapshot: dict[str, Any], generation: int) -> None:
         self.snapshot_file.save(snapshot)
