@@ -193,6 +193,9 @@ class Sender:
         self._before_sync: Callable[[], None] | None = None
         self._turn = 0
         self._uncommitted = 0
+        self._closed = asyncio.Event()
+        """Set when shutdown starts: durable requests stop waiting to be retried."""
+        self._kept_workers = 0
         tel = settings.telemetry
         self._sent = tel.sent()
         self._requests_sent = tel.counter("exporter_sent_requests_total", "Requests an exporter delivered.")
@@ -362,6 +365,9 @@ class Sender:
                 part.ack(record.seq)
             else:
                 part.release(record.seq)
+                self._kept_workers += 1
+                if self._kept_workers >= self._queue_cfg.num_consumers:
+                    self._idle.set()  # every worker has stopped: nothing more leaves before the next run
                 return  # shutting down: leave the rest on disk
 
     async def _deliver(self, request: Request, *, durable: bool) -> bool:
@@ -394,6 +400,8 @@ class Sender:
                     )
                     tel.dropped("retries_exhausted").value += request.points
                     return True
+                if durable and self._closing:
+                    return False  # safe on disk: no point retrying a failing backend during shutdown
                 delay = self._retry.backoff_s(attempt, self._rng)
                 if retry_after is not None:
                     delay = max(delay, min(retry_after, max(self._retry.max_interval, 300.0)))
@@ -406,7 +414,12 @@ class Sender:
                     self._log.warning("send failed (%s), retrying in %.2fs: %s", reason, delay, exc)
                 attempt += 1
                 self._retries.value += 1
-                await asyncio.sleep(delay)
+                if durable:
+                    # A shutdown ends the wait: the request stays on disk for the next run.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closed.wait(), delay)
+                else:
+                    await asyncio.sleep(delay)
                 continue
             self._sent.value += request.points
             if self._tenant_sent is not None:
@@ -420,6 +433,7 @@ class Sender:
         if self._closing:
             return
         self._closing = True
+        self._closed.set()
         self._deadline = time.monotonic() + timeout_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout_s)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -228,8 +229,8 @@ async def test_disk_queue_retries_past_max_elapsed_time(tmp_path: object) -> Non
     await sender.start()
     sender.offer(Request(b"x", 4))
     await sender.commit()
+    await wait_until(lambda: tel.value("exporter_sent_points_total") == 4)  # a memory queue gives up
     await sender.shutdown(5.0)
-    assert tel.value("exporter_sent_points_total") == 4  # a memory queue would have given up
     assert tel.value("exporter_dropped_points_total") == 0
 
 
@@ -364,3 +365,40 @@ async def test_a_full_disk_is_a_full_queue(tmp_path: Path, monkeypatch: pytest.M
     await dropping.commit()
     await dropping.shutdown(5.0)
     assert tel.value("exporter_sent_points_total") == 2
+
+
+async def test_shutdown_with_the_backend_down_keeps_the_disk_backlog_without_retrying(tmp_path: Path) -> None:
+    attempts: list[bool] = []  # True for attempts made after shutdown began
+    closing = False
+
+    async def down(req: Request) -> None:
+        attempts.append(closing)
+        raise RetryableError("503", reason="http_503")
+
+    retry = RetryConfig(initial_interval=30.0, max_interval=60.0)  # a long backoff shutdown must not wait out
+    sender, tel = make(down, disk(tmp_path), retry=retry)
+    await sender.start()
+    for i in range(3):
+        sender.offer(Request(b"r%d" % i, 1))
+    await sender.commit()
+    await wait_until(lambda: len(attempts) >= 1)
+    closing = True
+    await sender.shutdown(600.0)  # returns once the worker has kept its request, not after 600 s
+    assert attempts.count(True) <= 1  # at most the one attempt that was already due
+    assert tel.value("exporter_dropped_points_total") == 0
+    seen: list[bytes] = []
+
+    async def up(req: Request) -> None:
+        seen.append(req.payload)
+
+    again, _ = make(up, disk(tmp_path))
+    await again.start()
+    await again.shutdown(5.0)
+    assert seen == [b"r0", b"r1", b"r2"]
+
+
+async def wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
