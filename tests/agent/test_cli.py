@@ -136,3 +136,25 @@ def test_a_reader_leaving_early_is_not_an_error() -> None:
     )
     assert proc.stdout.strip()
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_a_statsd_only_agent_does_not_load_otlp_or_processors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from agent.config import load_config\n"
+        "from agent.registry import builtin_factories\n"
+        "load_config('config.example.yaml', builtin_factories())\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('grpc', 'receivers.otlp', 'processors'))))\n"
+    )
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_registry_row_names_its_factory() -> None:
+    factories = builtin_factories()
+    assert all((f.kind, f.type) == key for key, f in factories.items())
