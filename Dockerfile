@@ -18,6 +18,10 @@ COPY agent/ agent/
 COPY receivers/ receivers/
 COPY processors/ processors/
 COPY exporters/ exporters/
+COPY config.example.yaml ./
+# The image's default config is config.example.yaml listening on all interfaces: inside a container,
+# 127.0.0.1 is unreachable through published ports (`docker run -p`).
+RUN sed 's/127\.0\.0\.1:/0.0.0.0:/' config.example.yaml > config.yaml
 # Binary wheels only: every dependency ships manylinux wheels, so no compiler is needed.
 RUN python -m venv /opt/headwater \
     && /opt/headwater/bin/pip install --no-cache-dir --only-binary=:all: /src \
@@ -32,7 +36,7 @@ ENV PATH=/opt/headwater/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 COPY --from=build /opt/headwater /opt/headwater
-COPY config.example.yaml /etc/headwater/config.yaml
+COPY --from=build /src/config.yaml /etc/headwater/config.yaml
 # The queue and socket directories are volumes in Kubernetes (emptyDir or hostPath); these are the
 # mount points, owned by the agent's user for `docker run` without volumes.
 RUN mkdir -p /var/lib/headwater/queue /var/run/headwater \

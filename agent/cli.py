@@ -169,6 +169,8 @@ def _queue(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM before the agent was running: nothing to drain
+        return 0
     except BrokenPipeError:
         # `headwater components | head`: the reader left; stop quietly, as other Unix tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -176,7 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _stop_before_start(signum: int, frame: object) -> None:
+    # As PID 1 in a container a signal without a handler is ignored: until the event loop installs
+    # its own handlers, SIGTERM must still end a starting agent (nothing is running to drain yet).
+    raise KeyboardInterrupt
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop_before_start)
     args_list = list(sys.argv[1:] if argv is None else argv)
     verbs = {"run", "validate", "components", "queue", "selftest"}
     if not any(a in verbs for a in args_list) and not {"-h", "--help", "--version"} & set(args_list):

@@ -17,6 +17,7 @@ blocking sockets and urllib.
 
 from __future__ import annotations
 
+import http.client
 import secrets
 import socket
 import time
@@ -73,12 +74,16 @@ def _host(target: str) -> str:
 def _http(
     method: str, url: str, timeout_s: float, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, bytes]:
+    """One request; every failure to get an answer (connection, timeout, a malformed or cut-off
+    response, e.g. from an agent that is shutting down) is raised as OSError, so callers retry."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return int(resp.status), bytes(resp.read())
     except urllib.error.HTTPError as exc:
         return int(exc.code), bytes(exc.read())
+    except http.client.HTTPException as exc:  # BadStatusLine, IncompleteRead, …: not OSErrors
+        raise OSError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def otlp_gauge_request(name: str, value: float, time_unix_nano: int) -> bytes:

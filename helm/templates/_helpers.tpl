@@ -115,6 +115,8 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- $e := dict "endpoint" $p.signoz.endpoint "temporality" $p.signoz.temporality "histograms" $p.signoz.histograms "tls" (dict "insecure" $p.signoz.insecure) -}}
 {{- if $p.signoz.ingestionKey.existingSecret -}}
 {{- $_ := set $e "headers" (dict "signoz-ingestion-key" "${env:SIGNOZ_INGESTION_KEY}") -}}
+{{- else if contains "signoz.cloud" $p.signoz.endpoint -}}
+{{- fail "headwater: SignOz Cloud needs an ingestion key: create a Secret with it and set presets.signoz.ingestionKey.existingSecret (and .key)" -}}
 {{- end -}}
 {{- if $p.signoz.deploymentEnvironment }}{{ $_ := set $e "deployment_environment" $p.signoz.deploymentEnvironment }}{{ end -}}
 {{- if ne $mode "sidecar" -}}
@@ -192,6 +194,81 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- $out -}}
 {{- end -}}
 
+{{/* A duration of the agent's config (500ms, 30s, 1.5m, 1h, or a number of seconds), in seconds. */}}
+{{- define "headwater.durationSeconds" -}}
+{{- $s := toString . | trim -}}
+{{- $units := dict "ns" 0.000000001 "us" 0.000001 "µs" 0.000001 "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 "d" 86400.0 -}}
+{{- if regexMatch "^[0-9]+(\\.[0-9]+)?$" $s -}}
+{{- float64 $s -}}
+{{- else if regexMatch "^[0-9]+(\\.[0-9]+)?\\s*(ns|us|µs|ms|s|m|h|d)$" $s -}}
+{{- $n := regexFind "^[0-9]+(\\.[0-9]+)?" $s -}}
+{{- $unit := trim (trimPrefix $n $s) -}}
+{{- mulf (float64 $n) (get $units $unit) -}}
+{{- else -}}
+{{- fail (printf "headwater: %q is not a duration like 30s or 1m" $s) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Checks that need the whole picture, run by the ConfigMap (rendered in every mode): a failing one
+stops the render with what to change.
+*/}}
+{{- define "headwater.checks" -}}
+{{- $mode := include "headwater.mode" . -}}
+{{- $cfg := include "headwater.agentConfig" . | fromYaml -}}
+{{- $ports := (include "headwater.ports" . | fromYaml).ports -}}
+{{- $names := list -}}
+{{- $hostPorts := list -}}
+{{- range $ports }}{{ $names = append $names .name }}{{ if .hostPort }}{{ $hostPorts = append $hostPorts .name }}{{ end }}{{ end -}}
+{{- /* The kubelet probes the pod IP: the telemetry endpoint must listen there, on a known port. */ -}}
+{{- $probed := false -}}
+{{- range $probe := list .Values.livenessProbe .Values.readinessProbe .Values.startupProbe -}}
+{{- if and $probe $probe.httpGet (eq (toString $probe.httpGet.port) "hw-telemetry") }}{{ $probed = true }}{{ end -}}
+{{- end -}}
+{{- if $probed -}}
+{{- $endpoint := toString ((($cfg.service | default dict).telemetry | default dict).endpoint | default "") -}}
+{{- if not (has "hw-telemetry" $names) -}}
+{{- fail (printf "headwater: the probes use port hw-telemetry, but service.telemetry.endpoint %q has no literal port: set one (0.0.0.0:8888) or declare ports.hw-telemetry.containerPort" $endpoint) -}}
+{{- end -}}
+{{- if regexMatch "^(127\\.[0-9.]+|localhost|\\[::1\\]|::1):" $endpoint -}}
+{{- fail (printf "headwater: service.telemetry.endpoint %q listens on loopback only, where the kubelet's probes (and Prometheus) cannot reach it: bind 0.0.0.0" $endpoint) -}}
+{{- end -}}
+{{- end -}}
+{{- /* Every ${env:VAR} without a default must be set in the container, or the agent refuses to start. */ -}}
+{{- if not .Values.envFrom -}}
+{{- $declared := list -}}
+{{- range (include "headwater.env" . | fromYamlArray) }}{{ $declared = append $declared .name }}{{ end -}}
+{{- $missing := list -}}
+{{- range $ref := regexFindAll "\\$\\{env:[A-Za-z_][A-Za-z0-9_]*\\}" (include "headwater.agentConfig" .) -1 -}}
+{{- $name := trimSuffix "}" (trimPrefix "${env:" $ref) -}}
+{{- if not (or (has $name $declared) (has $name $missing)) }}{{ $missing = append $missing $name }}{{ end -}}
+{{- end -}}
+{{- if $missing -}}
+{{- fail (printf "headwater: the agent config uses ${env:%s} but the container does not set it: add it under `env` (or `envFrom`), or write ${env:NAME:-default}" (join "}, ${env:" $missing)) -}}
+{{- end -}}
+{{- end -}}
+{{- /* SIGTERM → receivers flush, exporters drain for up to service.shutdown_timeout → exit 0. */ -}}
+{{- $drain := include "headwater.durationSeconds" ((($cfg.service | default dict).shutdown_timeout) | default "30s") | float64 -}}
+{{- $preStop := 0 -}}
+{{- if and (eq $mode "sidecar") (not .Values.sidecar.native) }}{{ $preStop = int .Values.sidecar.preStopSleepSeconds }}{{ end -}}
+{{- $need := addf $drain $preStop 5 | ceil | int -}}
+{{- if lt (int .Values.terminationGracePeriodSeconds) $need -}}
+{{- fail (printf "headwater: terminationGracePeriodSeconds %d is too short: the agent drains for up to service.shutdown_timeout (%gs)%s, plus 5s to flush and exit; give at least %d" (int .Values.terminationGracePeriodSeconds) $drain (ternary (printf " after the %ds preStop sleep" $preStop) "" (gt $preStop 0)) $need) -}}
+{{- end -}}
+{{- /*
+DaemonSet: a surge pod would start beside the old one on the same node. A hostPath queue is locked
+by one agent at a time (the new agent cannot start while the old one runs: it would crash-loop, and
+the old pod is only removed once the new one is ready), and a hostPort cannot be bound twice.
+*/ -}}
+{{- if eq $mode "daemonset" -}}
+{{- $surge := toString ((.Values.updateStrategy.rollingUpdate | default dict).maxSurge | default 0) -}}
+{{- $hostPathQueue := and .Values.queue.enabled (eq .Values.queue.daemonsetVolume "hostPath") -}}
+{{- if and (not (has $surge (list "0" "0%"))) (or $hostPathQueue $hostPorts) -}}
+{{- fail (printf "headwater: updateStrategy.rollingUpdate.maxSurge %s would start a second agent on a node while the first still runs, but %s: use maxSurge 0 (replace, then start)" $surge (ternary "its hostPath disk queue can be locked by one agent only" (printf "hostPorts (%s) can be bound once per node" (join ", " $hostPorts)) $hostPathQueue)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "headwater.tokenEnv" -}}
 {{- printf "HEADWATER_RW_%s_TOKEN" (regexReplaceAll "[^A-Za-z0-9]" (upper .) "_") -}}
 {{- end -}}
@@ -260,8 +337,6 @@ config, then `ports` applied (override, disable, or declare new ones).
   valueFrom: {fieldRef: {fieldPath: status.podIP}}
 - name: K8S_POD_UID
   valueFrom: {fieldRef: {fieldPath: metadata.uid}}
-- name: K8S_CONTAINER_NAME
-  value: headwater
 {{- if .Values.k8s.clusterName }}
 - name: K8S_CLUSTER_NAME
   value: {{ .Values.k8s.clusterName | quote }}
@@ -377,7 +452,9 @@ initContainers:
   - name: queue-permissions
     image: {{ include "headwater.image" . | quote }}
     imagePullPolicy: {{ .Values.image.pullPolicy }}
-    command: ["sh", "-c", "chmod 0750 /var/lib/headwater/queue && chown {{ int .Values.securityContext.runAsUser }}:{{ int .Values.securityContext.runAsGroup }} /var/lib/headwater/queue"]
+    # chown only: CAP_CHOWN changes the owner of any file, but chmod of a file root does not own
+    # (the directory after the first start) would need CAP_FOWNER, and fail every later start.
+    command: ["chown", "{{ int .Values.securityContext.runAsUser }}:{{ int .Values.securityContext.runAsGroup }}", "/var/lib/headwater/queue"]
     securityContext:
       runAsUser: 0
       runAsGroup: 0

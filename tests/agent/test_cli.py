@@ -158,3 +158,4 @@ def test_a_statsd_only_agent_does_not_load_otlp_or_processors(tmp_path) -> None:
 def test_every_registry_row_names_its_factory() -> None:
     factories = builtin_factories()
     assert all((f.kind, f.type) == key for key, f in factories.items())
+

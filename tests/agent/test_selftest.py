@@ -142,3 +142,39 @@ def test_selftest_gives_up_at_the_deadline_with_a_fake_clock() -> None:
     assert not result.ok
     assert [c.name for c in result.checks] == ["readyz"]
     assert 5.0 <= now[0] <= 6.5  # stopped at the deadline, not before, not much after
+
+
+def test_selftest_survives_a_malformed_http_answer(capsys) -> None:  # type: ignore[no-untyped-def]
+    """An endpoint answering garbage (BadStatusLine, an http.client error that is not an OSError) is a
+    failed check, retried until the deadline, never a traceback."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def answer_garbage() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"not http at all\r\n\r\n")
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    try:
+        code = main(["selftest", "--target", "127.0.0.1", "--telemetry-port", str(port), "--timeout", "2s"])
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"FAIL readyz: http://127.0.0.1:{port}/readyz: BadStatusLine" in out

@@ -325,6 +325,9 @@ def test_probes_env_and_mounts_of_the_agent(renders: dict[str, str]) -> None:
             fields = {
                 e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in c["env"]
             }
+            # The agent's container name is not where the data comes from (in sidecar mode the app's
+            # data would be labelled k8s.container.name=headwater): not set.
+            assert "K8S_CONTAINER_NAME" not in fields, case
             assert {k: fields[k] for k in fields if k.startswith("K8S_") and fields[k]} == {
                 "K8S_NODE_NAME": "spec.nodeName",
                 "K8S_NODE_IP": "status.hostIP",
@@ -351,7 +354,8 @@ def test_disk_queue_volume_per_mode_and_max_bytes_below_the_limit(renders: dict[
     }
     (dset,) = by_kind(renders, "daemonset", "DaemonSet")
     (init,) = dset["spec"]["template"]["spec"]["initContainers"]
-    assert init["name"] == "queue-permissions" and "chown 10001:10001" in init["command"][-1]
+    assert init["name"] == "queue-permissions"
+    assert init["command"] == ["chown", "10001:10001", "/var/lib/headwater/queue"]
     assert queue_volume("daemonset-emptydir") == {"name": "headwater-queue", "emptyDir": {"sizeLimit": "1Gi"}}
     (dset,) = by_kind(renders, "daemonset-emptydir", "DaemonSet")
     assert "initContainers" not in dset["spec"]["template"]["spec"]
@@ -492,3 +496,249 @@ def test_rendered_agent_config_passes_headwater_validate(
     captured = capsys.readouterr()
     assert code == 0, f"{case}:\n{text}\n{captured.err}"
     assert "configuration is valid" in captured.out
+
+
+# --- what only a real cluster would show -------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A loader that refuses duplicate mapping keys (yaml.safe_load keeps the last one silently; the
+    API server's strict decoding does not)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {sorted(dup)}", node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def test_renders_have_no_duplicate_keys(renders: dict[str, str]) -> None:
+    for case, text in renders.items():
+        for doc in yaml.load_all(text, Loader=_StrictLoader):  # a SafeLoader subclass
+            assert doc is None or isinstance(doc, dict), case
+
+
+def test_the_test_pod_is_no_agent_and_runs_where_an_agent_runs(renders: dict[str, str]) -> None:
+    for case in CASES:
+        objs = objects(renders, case)
+        hooks = [d for d in objs if d["kind"] == "Pod"]
+        selectors = [
+            d["spec"]["selector"]["matchLabels"] for d in objs if d["kind"] in ("DaemonSet", "Deployment")
+        ]
+        selectors += [d["spec"]["selector"] for d in objs if d["kind"] == "Service"]
+        selectors += [
+            d["spec"]["selector"]["matchLabels"] for d in objs if d["kind"] == "PodDisruptionBudget"
+        ]
+        for hook in hooks:
+            labels = hook["metadata"]["labels"]
+            # A DaemonSet adopts an orphan pod its selector matches (and deletes a second pod on a
+            # node); a Service would route to it and a PDB count it.
+            for sel in selectors:
+                assert not all(labels.get(k) == v for k, v in sel.items()), (case, sel, labels)
+            assert labels["app.kubernetes.io/component"] == "selftest"
+    # daemonset mode: the Service is node-local, so the test pod goes where the DaemonSet's pods go.
+    (hook,) = by_kind(renders, "daemonset", "Pod")
+    (ds,) = by_kind(renders, "daemonset", "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    for key in ("nodeSelector", "affinity", "tolerations"):
+        assert hook["spec"].get(key) == pod.get(key), key
+    assert hook["spec"]["tolerations"] == [{"operator": "Exists"}]
+
+
+def test_the_test_pod_targets_the_ports_the_service_has(helm_env: dict[str, str]) -> None:
+    values = str(CHART / "ci" / "deployment-values.yaml")
+
+    def args(*extra: str) -> dict[str, str] | None:
+        pods = [d for d in docs(template(helm_env, "-f", values, *extra)) if d["kind"] == "Pod"]
+        if not pods:
+            return None
+        a = pods[0]["spec"]["containers"][0]["args"]
+        return dict(zip(a[3::2], a[4::2], strict=True))
+
+    moved = args("--set", "config.receivers.statsd.udp=0.0.0.0:9125", "--set", "presets.prometheus.port=9200")
+    assert moved is not None
+    assert (moved["--statsd-port"], moved["--prometheus-port"]) == ("9125", "9200")
+    assert args("--set", "ports.otlp-http.service=false")["--otlp-http-port"] == "0"  # type: ignore[index]
+    assert args("--set", "ports.hw-metrics.service=false") is None  # nothing to read back from
+    rw = ("--set", "presets.remoteWrite.enabled=true", "--set", "presets.remoteWrite.targets[0].name=rw")
+    rw += ("--set", "presets.remoteWrite.targets[0].url=http://rw.example/api/v1/write")
+    assert args(*rw, "--set", "presets.prometheus.enabled=false") is None
+
+
+def test_queue_permissions_init_container_works_again_on_the_next_start(
+    renders: dict[str, str], tmp_path: Path
+) -> None:
+    """hostPath: the first start finds the directory root-owned, every later one owned by the agent.
+    The init container runs as root with CAP_CHOWN only (no CAP_FOWNER: it may not chmod a file it
+    does not own), so its command must succeed in both cases."""
+    (ds,) = by_kind(renders, "daemonset", "DaemonSet")
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    sc = init["securityContext"]
+    assert sc["runAsUser"] == 0 and sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to run the command with CAP_CHOWN only")
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    command = [queue.as_posix() if a == "/var/lib/headwater/queue" else a for a in init["command"]]
+    assert command != init["command"], "the command names the queue mount"
+    caps = [setpriv, "--bounding-set=-all,+chown", "--inh-caps=-all,+chown"]
+    for start in ("first", "second"):  # the directory is root-owned, then already the agent's
+        done = subprocess.run([*caps, *command], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, (start, done.stderr)
+        st = queue.stat()
+        assert (st.st_uid, st.st_gid) == (10001, 10001), start
+
+
+def test_daemonset_never_surges_onto_a_node(renders: dict[str, str], helm_env: dict[str, str]) -> None:
+    """A surge pod starts beside the old one on the same node: its agent cannot lock the hostPath
+    queue (it exits, and the old pod is only removed once the new one is ready: forever) and cannot
+    bind a hostPort."""
+    for case in ("daemonset", "daemonset-emptydir", "signoz"):
+        (ds,) = by_kind(renders, case, "DaemonSet")
+        assert ds["spec"]["updateStrategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
+        }, case
+    surge = ("--set", "updateStrategy.rollingUpdate.maxSurge=1")
+    done = helm(helm_env, "template", RELEASE, ".", "-f", "ci/daemonset-values.yaml", *surge, check=False)
+    assert done.returncode != 0 and "hostPath disk queue can be locked by one agent only" in done.stderr
+    emptydir = ("-f", "ci/daemonset-emptydir-values.yaml")
+    hostport = ("--set", "ports.statsd-udp.hostPort=8125")
+    done = helm(helm_env, "template", RELEASE, ".", *emptydir, *surge, *hostport, check=False)
+    assert done.returncode != 0 and "hostPorts (statsd-udp) can be bound once per node" in done.stderr
+    # An emptyDir queue and no hostPort: surging is the user's choice.
+    (ds,) = [d for d in docs(template(helm_env, *emptydir, *surge)) if d["kind"] == "DaemonSet"]
+    assert ds["spec"]["updateStrategy"] == {"rollingUpdate": {"maxSurge": 1}}
+
+
+def test_grace_period_covers_the_drain(helm_env: dict[str, str]) -> None:
+    def render(*extra: str) -> subprocess.CompletedProcess[str]:
+        return helm(helm_env, "template", RELEASE, ".", *extra, check=False)
+
+    done = render("--set", "mode=daemonset", "--set", "terminationGracePeriodSeconds=30")
+    assert done.returncode != 0 and "give at least 35" in done.stderr
+    done = render("--set", "mode=deployment", "--set", "config.service.shutdown_timeout=1m")
+    assert done.returncode != 0 and "shutdown_timeout (60s)" in done.stderr and "at least 65" in done.stderr
+    ok = render("--set", "mode=deployment", "--set", "config.service.shutdown_timeout=1m",
+                "--set", "terminationGracePeriodSeconds=65")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    # A regular sidecar container sleeps in preStop first, within the same grace period.
+    done = render("--set", "mode=sidecar", "--set", "terminationGracePeriodSeconds=39")
+    assert done.returncode != 0 and "after the 5s preStop sleep" in done.stderr
+    assert render("--set", "mode=sidecar", "--set", "sidecar.native=true",
+                  "--set", "terminationGracePeriodSeconds=39").returncode == 0  # fmt: skip
+
+
+def test_probes_reach_the_telemetry_endpoint(helm_env: dict[str, str]) -> None:
+    for mode in ("daemonset", "sidecar"):
+        done = helm(
+            helm_env, "template", RELEASE, ".", "--set", f"mode={mode}",
+            "--set", "config.service.telemetry.endpoint=127.0.0.1:8888", check=False,
+        )  # fmt: skip
+        assert done.returncode != 0 and "listens on loopback only" in done.stderr, mode
+    done = helm(
+        helm_env, "template", RELEASE, ".", "--set", "mode=deployment",
+        "--set", "config.service.telemetry.endpoint=0.0.0.0:${env:TELEMETRY_PORT}", check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "has no literal port" in done.stderr
+
+
+def test_pdb_never_blocks_every_eviction(helm_env: dict[str, str]) -> None:
+    def pdbs(*extra: str) -> list[dict[str, Any]]:
+        out = template(helm_env, "--set", "mode=deployment", *extra)
+        return [d for d in docs(out) if d["kind"] == "PodDisruptionBudget"]
+
+    assert pdbs("--set", "replicaCount=1") == []  # minAvailable 1 of 1 would block node drains
+    (pdb,) = pdbs("--set", "replicaCount=2")
+    assert pdb["spec"]["minAvailable"] == 1
+    done = helm(
+        helm_env, "template", RELEASE, ".", "--set", "mode=deployment", "--set", "replicaCount=3",
+        "--set", "podDisruptionBudget.minAvailable=3", check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "allows no eviction" in done.stderr
+
+
+def _notes(env: dict[str, str], tmp_path: Path, *args: str) -> str:
+    """NOTES.txt as `helm install` prints it (helm template does not render it): in a copy of the
+    chart, its text becomes a named template that a ConfigMap includes."""
+    copy = tmp_path / "helm"
+    shutil.copytree(CHART, copy, ignore=shutil.ignore_patterns("charts", "Chart.lock", "examples"))
+    notes = copy / "templates" / "NOTES.txt"
+    (copy / "templates" / "_zz_notes.tpl").write_text(
+        '{{- define "zz.notes" -}}\n' + notes.read_text() + "\n{{- end -}}\n"
+    )
+    notes.unlink()
+    (copy / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: zz-notes}\ndata:\n"
+        '  notes: {{ include "zz.notes" . | toJson }}\n'
+    )
+    out = helm(env, "template", RELEASE, ".", "--namespace", NAMESPACE, *args,
+               "--show-only", "templates/zz-notes.yaml", cwd=copy).stdout  # fmt: skip
+    return str(docs(out)[0]["data"]["notes"])
+
+
+def test_notes_follow_the_rendered_ports(helm_env: dict[str, str], tmp_path: Path) -> None:
+    svc = f"{RELEASE}-headwater.{NAMESPACE}.svc"
+    text = _notes(helm_env, tmp_path / "a", "-f", str(CHART / "ci" / "daemonset-values.yaml"))
+    assert f"STATSD_HOST={svc}  STATSD_PORT=8125" in text
+    assert "hostPort: statsd-udp 8125/UDP" in text and f"helm test {RELEASE} -n {NAMESPACE}" in text
+    text = _notes(helm_env, tmp_path / "b", "-f", str(CHART / "ci" / "deployment-values.yaml"),
+                  "--set", "config.receivers.statsd.udp=0.0.0.0:9125")  # fmt: skip
+    assert f"StatsD:    {svc} (9125/UDP)" in text  # the config's port; no TCP (tcp: false)
+    assert "TCP)" not in text.split("StatsD:", 1)[1].splitlines()[0]
+    text = _notes(helm_env, tmp_path / "c", "--set", "mode=deployment", "--set", "service.enabled=false")
+    assert "helm test" not in text and "without a Service" in text
+    text = _notes(helm_env, tmp_path / "d", "-f", str(CHART / "ci" / "sidecar-values.yaml"))
+    assert "STATSD_HOST=127.0.0.1 STATSD_PORT=8125" in text
+    assert "DogStatsD socket: /var/run/headwater/dsd.socket" in text and "helm test" not in text
+
+
+def test_the_images_default_config_listens_on_all_interfaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """`docker run -p` reaches only what listens on the container's interfaces, not its 127.0.0.1."""
+    text = (ROOT / "Dockerfile").read_text()
+    m = re.search(r"^RUN sed '([^']+)' config\.example\.yaml > config\.yaml$", text, re.M)
+    assert m, "the Dockerfile derives the image's config from config.example.yaml"
+    assert "COPY --from=build /src/config.yaml /etc/headwater/config.yaml" in text
+    done = subprocess.run(
+        ["sed", m.group(1), str(ROOT / "config.example.yaml")], capture_output=True, text=True, check=True
+    )
+    cfg = yaml.safe_load(done.stdout)
+    binds = [v for section in ("receivers", "exporters") for body in cfg[section].values()
+             for k, v in (body or {}).items() if k in ("udp", "tcp", "endpoint")]  # fmt: skip
+    binds.append(cfg["service"]["telemetry"]["endpoint"])
+    assert binds and all(b.startswith("0.0.0.0:") for b in binds), binds
+    path = tmp_path / "config.yaml"
+    path.write_text(done.stdout)
+    args = ["validate", "-c", str(path)]
+    for override in _overrides(cfg, tmp_path):
+        args += ["--set", override]
+    assert headwater(args) == 0, capsys.readouterr().err
+
+
+def test_env_references_and_secrets_are_checked_at_render(helm_env: dict[str, str]) -> None:
+    def render(*extra: str) -> subprocess.CompletedProcess[str]:
+        return helm(helm_env, "template", RELEASE, ".", "--set", "mode=daemonset", *extra, check=False)
+
+    debug = ("--set", "config.exporters.debug.path=/tmp/${env:DEBUG_FILE}")
+    done = render(*debug)  # the agent would refuse to start: caught here
+    assert done.returncode != 0 and "uses ${env:DEBUG_FILE} but the container does not set it" in done.stderr
+    assert render(*debug, "--set", "env[0].name=DEBUG_FILE", "--set", "env[0].value=x").returncode == 0
+    assert render(*debug, "--set", "envFrom[0].secretRef.name=extra").returncode == 0  # can't know: allowed
+    assert render("--set", "config.exporters.debug.path=/tmp/${env:DEBUG_FILE:-points}").returncode == 0
+    cloud = (
+        "--set",
+        "presets.signoz.enabled=true",
+        "--set",
+        "presets.signoz.endpoint=ingest.eu.signoz.cloud:443",
+    )
+    done = render(*cloud)  # every request would be refused (401) without the key
+    assert done.returncode != 0 and "SignOz Cloud needs an ingestion key" in done.stderr
+    assert render(*cloud, "--set", "presets.signoz.ingestionKey.existingSecret=signoz").returncode == 0

@@ -97,3 +97,36 @@ def _accepted(telemetry: int) -> bool:
         line.startswith("headwater_receiver_accepted_points_total") and float(line.split()[-1]) >= 1
         for line in body.splitlines()
     )
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs unshare --pid (root or user namespaces)")
+def test_agent_as_pid_1_stops_on_sigterm_while_still_starting(tmp_path: Path) -> None:
+    """Before the event loop exists there is no loop signal handler; as PID 1 an unhandled SIGTERM
+    would be ignored and the pod would wait for SIGKILL. The config is a FIFO nobody writes, so the
+    agent is held inside config loading when the signal arrives."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    outer = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "agent", "run", "-c", str(fifo)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def blocked_on_the_fifo() -> str | None:
+            children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
+            if len(children) != 1:
+                return None
+            wchan = Path(f"/proc/{children[0]}/wchan").read_text()
+            return children[0] if wchan == "wait_for_partner" else None
+
+        agent_pid = wait_for("the agent blocked opening its config", blocked_on_the_fifo)
+        os.kill(int(agent_pid), signal.SIGTERM)
+        assert outer.wait(30) == 0
+        assert "Traceback" not in (outer.stderr.read() if outer.stderr else "")
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
