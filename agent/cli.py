@@ -214,7 +214,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return EXIT_CONFIG
         print(f"{args.config}: configuration is valid; ports and directories are available")
         return 0
-    return run(config)
+    return run(config, args.config, args.set)
 
 
 def environment_problems(config: AgentConfig) -> list[str]:
@@ -235,59 +235,107 @@ def environment_problems(config: AgentConfig) -> list[str]:
     return problems
 
 
-def run(config: AgentConfig) -> int:
+def run(config: AgentConfig, path: str | None = None, sets: Sequence[str] = ()) -> int:
     logging.basicConfig(
         level=config.service.telemetry.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        return asyncio.run(_run(config))
+        return asyncio.run(_run(config, path, sets))
     except KeyboardInterrupt:
         return 0
 
 
-async def _run(config: AgentConfig) -> int:
+async def _run(config: AgentConfig, path: str | None = None, sets: Sequence[str] = ()) -> int:
+    """Run until SIGTERM/SIGINT. SIGHUP re-reads ``path``: an invalid config is refused (logged, the
+    running one stays); a valid, changed one replaces the running pipelines — they stop and drain
+    like at shutdown (disk queues keep what is left), then the new ones start. If the new config cannot
+    start (a port taken), the previous one is started again."""
     from agent.admin import AdminServer
     from agent.diskqueue import QueueError
     from agent.service import Agent
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    agent = Agent(config)
-    admin = (
-        AdminServer(agent, config.service.telemetry.endpoint) if config.service.telemetry.endpoint else None
-    )
+    reload = asyncio.Event()
 
     def on_stop(signame: str) -> None:
         log.info("received %s: stopping", signame)
         stop.set()
 
     def on_hup() -> None:
-        log.warning(
-            "received SIGHUP: reloading the config is not supported yet; restart the agent to apply changes"
-        )
+        if path is None:
+            log.warning("received SIGHUP, but the config did not come from a file: nothing to reload")
+            return
+        log.info("received SIGHUP: reloading %s", path)
+        reload.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    try:
-        if admin is not None:
-            await admin.start()
-        await agent.start()
-    except (OSError, QueueError) as exc:  # a port taken, a queue directory locked or unreadable
-        log.error("cannot start: %s", exc)
+
+    async def start(cfg: AgentConfig) -> tuple[Agent, AdminServer | None] | None:
+        agent = Agent(cfg)
+        endpoint = cfg.service.telemetry.endpoint
+        admin = AdminServer(agent, endpoint) if endpoint else None
+        try:
+            if admin is not None:
+                await admin.start()
+            await agent.start()
+        except (OSError, QueueError) as exc:  # a port taken, a queue directory locked or unreadable
+            log.error("cannot start: %s", exc)
+            if admin is not None:
+                await admin.shutdown()
+            return None
+        # Long-lived state allocated at start is never garbage: keep the collector off it, and make
+        # young collections rarer (the flush allocates many short-lived points): ~35% shorter flushes.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
+        return agent, admin
+
+    async def halt(running: tuple[Agent, AdminServer | None]) -> None:
+        agent, admin = running
+        await agent.stop()
         if admin is not None:
             await admin.shutdown()
+
+    running = await start(config)
+    if running is None:
         return 1
-    # Long-lived state allocated at start is never garbage: keep the collector off it, and make young
-    # collections rarer (the flush allocates many short-lived points). Measured ~35% shorter flushes.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-    await stop.wait()
-    await agent.stop()
-    if admin is not None:
-        await admin.shutdown()
+    while True:
+        stopping = asyncio.ensure_future(stop.wait())
+        reloading = asyncio.ensure_future(reload.wait())
+        await asyncio.wait({stopping, reloading}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        reloading.cancel()
+        if stop.is_set():
+            break
+        reload.clear()
+        assert path is not None
+        try:
+            new = await asyncio.to_thread(load_config, path, builtin_factories(), sets)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays (%s):", _count(len(exc.problems)))
+            for problem in exc.problems:
+                log.error("  %s", problem)
+            continue
+        if new.source == config.source:
+            log.info("the config has not changed: nothing to reload")
+            continue
+        log.info("reloading: stopping the running pipelines")
+        await halt(running)
+        started = await start(new)
+        if started is None:
+            log.error("the new config cannot start; starting the previous one again")
+            started = await start(config)
+            if started is None:
+                return 1
+        else:
+            config = new
+            log.info("reloaded %s", path)
+        running = started
+    await halt(running)
     log.info("stopped")
     return 0
 

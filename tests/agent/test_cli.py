@@ -159,3 +159,41 @@ def test_every_registry_row_names_its_factory() -> None:
     factories = builtin_factories()
     assert all((f.kind, f.type) == key for key, f in factories.items())
 
+
+def test_sighup_refuses_a_bad_config_and_applies_a_good_one(tmp_path: Path) -> None:
+    telemetry = free_port()
+    first, second = free_port(), free_port()
+    out = tmp_path / "points.jsonl"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG.format(statsd=first, out=out, telemetry=telemetry))
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "-c", str(cfg), "--set", "receivers.statsd.flush_interval=100ms"],
+            cwd=ROOT,
+            stderr=err,
+        )
+    base = f"http://127.0.0.1:{telemetry}"
+    try:
+        wait_for("ready", lambda: http_get(base + "/readyz")[0] == 200)
+        cfg.write_text(CONFIG.format(statsd=second, out=out, telemetry=telemetry).replace("udp:", "udpp:"))
+        proc.send_signal(signal.SIGHUP)
+        wait_for("the bad config refused", lambda: "reload refused" in log.read_text())
+        assert "receivers::statsd::udpp" in log.read_text()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"before.reload:1|c", ("127.0.0.1", first))  # the old config still runs
+        wait_for("the old pipeline still flows", lambda: out.exists() and "before.reload" in out.read_text())
+
+        cfg.write_text(CONFIG.format(statsd=second, out=out, telemetry=telemetry))
+        proc.send_signal(signal.SIGHUP)
+        wait_for("reloaded", lambda: "reloaded" in log.read_text())
+        wait_for("ready again", lambda: http_get(base + "/readyz")[0] == 200)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"after.reload:1|c", ("127.0.0.1", second))  # the new statsd port
+        wait_for("the new pipeline flows", lambda: "after.reload" in out.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
