@@ -61,6 +61,7 @@ from agent.confmodel import Duration, Size, parse_host_port
 from agent.diskqueue import DiskQueue
 from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch, Temporality
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
+from agent.tls import client_context
 from agent.version import USER_AGENT, VERSION
 from exporters.otlp import passthrough, resource
 from exporters.otlp.metrics import EncoderOptions, MetricEncoder
@@ -847,13 +848,8 @@ class OtlpHttpExporter(_OtlpExporter):
         cfg = self._http_config
         ssl_ctx: ssl.SSLContext | bool = True
         if any(url.startswith("https://") for url in self.urls.values()):
-            ctx = ssl.create_default_context(cafile=cfg.tls.ca_file or None)
-            if cfg.tls.cert_file:
-                ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
-            if cfg.tls.insecure_skip_verify:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            ssl_ctx = ctx
+            tls = cfg.tls
+            ssl_ctx = client_context(tls.ca_file, tls.cert_file, tls.key_file, tls.insecure_skip_verify)
         # No pool limit: each sender (the exporter's, and one per tenant with a tenant header) already
         # sends at most num_consumers requests at once; a shared limit would let a tenant whose requests
         # hang hold the connections every other tenant waits for.

@@ -55,6 +55,7 @@ from agent.confmodel import Duration
 from agent.diskqueue import DiskQueue, partition_name
 from agent.model import MetricBatch, Point
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
+from agent.tls import client_context
 from agent.version import USER_AGENT
 from exporters.prometheus_remote_write import wire
 from exporters.prometheus_remote_write.state import SeriesState
@@ -284,13 +285,8 @@ class PrometheusRemoteWriteExporter:
         cfg = self._config
         ssl_ctx: ssl.SSLContext | bool = True
         if cfg.endpoint.startswith("https://"):
-            ctx = ssl.create_default_context(cafile=cfg.tls.ca_file or None)
-            if cfg.tls.cert_file:
-                ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
-            if cfg.tls.insecure_skip_verify:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            ssl_ctx = ctx
+            tls = cfg.tls
+            ssl_ctx = client_context(tls.ca_file, tls.cert_file, tls.key_file, tls.insecure_skip_verify)
         if cfg.auth.basic is not None:
             password = cfg.auth.basic.password
             if cfg.auth.basic.password_file:

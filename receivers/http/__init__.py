@@ -58,7 +58,6 @@ import hmac
 import math
 import os
 import re
-import ssl
 import time
 import zlib
 from collections.abc import Mapping
@@ -72,6 +71,7 @@ from agent.component import Backpressure, ComponentKind, Consumer, Factory, Sett
 from agent.confmodel import Duration, Size, format_duration, format_size, parse_host_port
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
+from agent.tls import ServerTLSConfig
 from receivers.http.items import ITEM_REASONS, ItemParser, Parsed, Refusal, decode_body, quote
 
 TYPE = "http"
@@ -130,21 +130,8 @@ class HttpAuthConfig:
         return problems
 
 
-@dataclass(frozen=True)
-class HttpTLSConfig:
-    cert_file: str = ""
-    """Server certificate (PEM); with key_file, the endpoint serves HTTPS only."""
-    key_file: str = ""
-    """Private key of cert_file (PEM)."""
-    client_ca_file: str = ""
-    """CA bundle that client certificates must chain to (mutual TLS); empty: no client certificate asked."""
-
-    def validate(self) -> list[tuple[str, str]]:
-        if bool(self.cert_file) != bool(self.key_file):
-            return [("", "cert_file and key_file go together")]
-        if self.client_ca_file and not self.cert_file:
-            return [("client_ca_file", "needs cert_file and key_file (mutual TLS runs over TLS)")]
-        return []
+HttpTLSConfig = ServerTLSConfig
+"""The receiver's TLS settings (shared with the other receivers: agent/tls.py)."""
 
 
 @dataclass(frozen=True)
@@ -193,10 +180,7 @@ class HttpConfig:
         problem = bind_problem("tcp", self.endpoint)
         if problem:
             problems.append(("endpoint", problem))
-        for name in ("cert_file", "key_file", "client_ca_file"):
-            path = getattr(self.tls, name)
-            if path and not os.access(path, os.R_OK):
-                problems.append((f"tls::{name}", f"{path} is not a readable file"))
+        problems += [(f"tls::{name}", message) for name, message in self.tls.file_problems()]
         if self.auth.tokens_file:
             try:
                 load_tokens_file(self.auth.tokens_file)
@@ -305,13 +289,7 @@ class HttpReceiver:
         cfg = self.config
         if cfg.auth.tokens_file:
             self._reload_tokens_file(initial=True)
-        ssl_ctx = None
-        if cfg.tls.cert_file:
-            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
-            if cfg.tls.client_ca_file:
-                ssl_ctx.load_verify_locations(cfg.tls.client_ca_file)
-                ssl_ctx.verify_mode = ssl.CERT_REQUIRED
+        ssl_ctx = cfg.tls.server_context()
         app = web.Application()
         app.router.add_post("/v1/metrics", self._handle_metrics)
         app.router.add_get("/healthz", self._handle_healthz)

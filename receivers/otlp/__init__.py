@@ -69,8 +69,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -88,6 +86,7 @@ from agent.component import Backpressure, ComponentKind, Consumer, Factory, Sett
 from agent.confmodel import Duration, Size, format_duration, parse_host_port
 from agent.model import Batch, LogBatch, MetricBatch, SpanBatch
 from agent.netcheck import bind_problem
+from agent.tls import ServerTLSConfig
 from receivers.otlp.convert import POINT_REASONS, MetricsConverter, ShadowMetricsRequest, to_shadow
 from receivers.otlp.wire import (
     GzipInflater,
@@ -119,21 +118,8 @@ _PROTOBUF_TYPES = frozenset({"application/x-protobuf", "application/protobuf"})
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-@dataclass(frozen=True)
-class OtlpTLSConfig:
-    cert_file: str = ""
-    """Server certificate (PEM); with key_file, both endpoints serve TLS only."""
-    key_file: str = ""
-    """Private key of cert_file (PEM)."""
-    client_ca_file: str = ""
-    """CA bundle that client certificates must chain to (mutual TLS); empty: no client certificate asked."""
-
-    def validate(self) -> list[tuple[str, str]]:
-        if bool(self.cert_file) != bool(self.key_file):
-            return [("", "cert_file and key_file go together")]
-        if self.client_ca_file and not self.cert_file:
-            return [("client_ca_file", "needs cert_file and key_file (mutual TLS runs over TLS)")]
-        return []
+OtlpTLSConfig = ServerTLSConfig
+"""The receiver's TLS settings (shared with the other receivers: agent/tls.py)."""
 
 
 @dataclass(frozen=True)
@@ -177,10 +163,7 @@ class OtlpConfig:
             problem = bind_problem("tcp", endpoint) if endpoint is not None else None
             if problem:
                 problems.append((name, problem))
-        for name in ("cert_file", "key_file", "client_ca_file"):
-            path = getattr(self.tls, name)
-            if path and not os.access(path, os.R_OK):
-                problems.append((f"tls::{name}", f"{path} is not a readable file"))
+        problems += [(f"tls::{name}", message) for name, message in self.tls.file_problems()]
         return problems
 
 
@@ -298,14 +281,7 @@ class OtlpReceiver:
         self.settings.ready()
 
     async def _start_http(self, endpoint: str) -> None:
-        tls = self.config.tls
-        ssl_ctx = None
-        if tls.cert_file:
-            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_ctx.load_cert_chain(tls.cert_file, tls.key_file)
-            if tls.client_ca_file:
-                ssl_ctx.load_verify_locations(tls.client_ca_file)
-                ssl_ctx.verify_mode = ssl.CERT_REQUIRED
+        ssl_ctx = self.config.tls.server_context()
         app = web.Application()
         for route in self._routes:
             app.router.add_post(route.path, self._http_handler(route))
