@@ -13,7 +13,6 @@ decodes back to ``(name, labels)`` without a side table. Counters and gauges car
 
 from __future__ import annotations
 
-import dataclasses
 from array import array
 from collections.abc import Callable, Iterator
 from operator import itemgetter
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from agent import exphist
-from agent.model import ExplicitHistogram, Kind, Labels, Point, Resource, Scope, Summary, Temporality
+from agent.model import Kind, Labels, Point, Temporality, new_point
 
 FOLD_VALUES = 8192
 """Values one histogram series keeps raw in an interval; at this many they are folded into an
@@ -81,74 +80,15 @@ class Interval:
         """Distinct members."""
 
 
-# A flush builds one Point per series: 100k per interval. The frozen dataclass __init__ sets each of
-# its 12 fields through object.__setattr__ (~2.7 µs a point here); filling a plain object with the
-# same slots and then giving it the Point class takes ~0.3 µs (agent/exphist.py does the same for
-# histograms). CPython refuses the __class__ assignment if the layouts ever differ, and if Point's
-# fields change, _point falls back to the constructor (test_fast_points_match_constructor notices).
-class _PointFields:
-    __slots__ = Point.__slots__
-    name: str
-    kind: Kind
-    labels: Labels
-    time_unix_nano: int
-    value: float
-    start_time_unix_nano: int
-    temporality: Temporality
-    monotonic: bool
-    histogram: exphist.ExpHistogram | None
-    unit: str
-    description: str
-    resource: Resource | None
-    scope: Scope | None
-    explicit: ExplicitHistogram | None
-    summary: Summary | None
-
-
-_POINT_FIELDS = (
-    "name", "kind", "labels", "time_unix_nano", "value", "start_time_unix_nano", "temporality", "monotonic",
-    "histogram", "unit", "description", "resource", "scope", "explicit", "summary",
-)
-
-
-def _fast_point(
+def _point(
     name: str, kind: Kind, labels: Labels, time_unix_nano: int, value: float, start_time_unix_nano: int,
     monotonic: bool, histogram: exphist.ExpHistogram | None, unit: str,
 ) -> Point:
-    p = _PointFields()
-    p.name = name
-    p.kind = kind
-    p.labels = labels
-    p.time_unix_nano = time_unix_nano
-    p.value = value
-    p.start_time_unix_nano = start_time_unix_nano
-    p.temporality = Temporality.DELTA
-    p.monotonic = monotonic
-    p.histogram = histogram
-    p.unit = unit
-    p.description = ""
-    p.resource = None
-    p.scope = None
-    p.explicit = None
-    p.summary = None
-    p.__class__ = Point  # type: ignore[assignment]  # see _PointFields
-    return p  # type: ignore[return-value]
-
-
-def _constructed_point(
-    name: str, kind: Kind, labels: Labels, time_unix_nano: int, value: float, start_time_unix_nano: int,
-    monotonic: bool, histogram: exphist.ExpHistogram | None, unit: str,
-) -> Point:
-    return Point(
-        name=name, kind=kind, labels=labels, time_unix_nano=time_unix_nano, value=value,
-        start_time_unix_nano=start_time_unix_nano, temporality=Temporality.DELTA, monotonic=monotonic,
-        histogram=histogram, unit=unit,
+    """A DELTA Point, built fast (a flush builds one per series: 100k per interval; see new_point)."""
+    return new_point(
+        name, kind, labels, time_unix_nano, value, start_time_unix_nano, Temporality.DELTA, monotonic,
+        histogram, unit, "", None, None, None, None,
     )
-
-
-FAST_POINTS = tuple(f.name for f in dataclasses.fields(Point)) == _POINT_FIELDS == Point.__slots__
-_point = _fast_point if FAST_POINTS else _constructed_point
-"""Build a DELTA Point: (name, kind, labels, time, value, start time, monotonic, histogram, unit)."""
 
 
 def decode_series(canon: bytes, pieces: dict[bytes, Any] | None = None) -> tuple[str, Labels]:

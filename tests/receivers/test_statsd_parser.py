@@ -874,10 +874,11 @@ def test_build_rejects_bad_chunk_size() -> None:
 
 
 def test_fast_points_match_constructor() -> None:
-    assert aggregator_module.FAST_POINTS  # Point changed shape: update _PointFields / _fast_point
     args = ("a", Kind.SUM, (("k", "v"),), 5, 1.5, 2, True, None, "s")
-    fast = aggregator_module._fast_point(*args)
-    built = aggregator_module._constructed_point(*args)
+    fast = aggregator_module._point(*args)
+    built = Point(
+        "a", Kind.SUM, (("k", "v"),), 5, value=1.5, start_time_unix_nano=2, monotonic=True, unit="s"
+    )
     assert type(fast) is Point
     assert fast == built and hash(fast) == hash(built) and repr(fast) == repr(built)
     with pytest.raises(dataclasses.FrozenInstanceError):
