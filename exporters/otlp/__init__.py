@@ -26,6 +26,7 @@ Retry rules (OTLP specification 1.11):
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import email.utils
@@ -413,7 +414,7 @@ def grpc_retry_delay_s(trailing_metadata: Any) -> float | None:
     return None
 
 
-class _OtlpExporter:
+class _OtlpExporter(abc.ABC):
     """What both transports share: encoding, resource attributes, the sender, partial success."""
 
     def __init__(self, settings: Settings, config: AnyConfig) -> None:
@@ -493,14 +494,17 @@ class _OtlpExporter:
         await asyncio.gather(*(s.shutdown(self._settings.shutdown_timeout_s) for s in senders))
         await self._close()
 
+    @abc.abstractmethod
     async def _open(self) -> None:
-        raise NotImplementedError
+        """The transport's part (gRPC or HTTP)."""
 
+    @abc.abstractmethod
     async def _close(self) -> None:
-        raise NotImplementedError
+        """The transport's part (gRPC or HTTP)."""
 
+    @abc.abstractmethod
     async def _send(self, request: Request, tenant: str | None = None) -> None:
-        raise NotImplementedError
+        """The transport's part (gRPC or HTTP)."""
 
     def _compress(self, body: bytes) -> bytes:
         """The body as queued: transports that compress themselves return it unchanged."""
