@@ -201,7 +201,7 @@ class OtlpConfig:
     """Read OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, HEADWATER_DEPLOYMENT_ENVIRONMENT and the K8S_*
     downward-API variables. Turn off in DaemonSet mode if the pod's K8S_POD_* would mislabel other pods."""
     sending_queue: QueueConfig = field(default_factory=QueueConfig)
-    """The in-memory queue of encoded requests."""
+    """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
     tenant: TenantRoutingConfig | None = None
@@ -280,7 +280,7 @@ class OtlpHttpConfig:
     """Read OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, HEADWATER_DEPLOYMENT_ENVIRONMENT and the K8S_*
     downward-API variables. Turn off in DaemonSet mode if the pod's K8S_POD_* would mislabel other pods."""
     sending_queue: QueueConfig = field(default_factory=QueueConfig)
-    """The in-memory queue of encoded requests."""
+    """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
     tenant: TenantRoutingConfig | None = None

@@ -187,7 +187,7 @@ class PrometheusRemoteWriteConfig:
     max_series: int = 1_000_000
     """Live series at most; points of new series beyond it are dropped (series_limit)."""
     sending_queue: QueueConfig = field(default_factory=QueueConfig)
-    """The in-memory queue of encoded requests."""
+    """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
     tenant: TenantRoutingConfig | None = None
