@@ -557,7 +557,10 @@ class PrometheusRemoteWriteExporter:
             counts[0] += n
             counts[1] += 1
             if state is not None:
-                changed.setdefault(series.name, (series.kind, []))[1].append(series)
+                family = changed.get(series.name)  # not setdefault: it would build a tuple per point
+                if family is None:
+                    family = changed[series.name] = (series.kind, [])
+                family[1].append(series)
             if counts[0] >= limit:
                 self._offer_to(senders[tenant], entries, counts[1], changed, blocked)
                 pending[tenant] = ([], [0, 0])
