@@ -98,17 +98,19 @@ class Telemetry:
         return total
 
     def collect(self) -> Iterator[Metric]:
-        for fam in self._families.values():
+        # Scraped from the admin thread while the agent's thread adds cells: iterate over snapshots
+        # (``list`` of a dict view is one C call under the GIL).
+        for fam in list(self._families.values()):
             metric: CounterMetricFamily | GaugeMetricFamily
             if fam.kind == "counter":
                 metric = CounterMetricFamily(
                     fam.name.removesuffix("_total"), fam.help, labels=fam.label_names
                 )
-                for key, cell in fam.cells.items():
+                for key, cell in list(fam.cells.items()):
                     metric.add_metric(list(key), cell.value)
             else:
                 metric = GaugeMetricFamily(fam.name, fam.help, labels=fam.label_names)
-            for key, read in fam.readers.items():
+            for key, read in list(fam.readers.items()):
                 try:
                     metric.add_metric(list(key), float(read()))
                 except Exception:  # a reader of a stopped component must not break the scrape
