@@ -21,6 +21,7 @@ of a line or a point) and call :meth:`SeriesLimits.check` only for what might be
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,6 +34,10 @@ LABEL_VALUE_TOO_LONG = "label_value_too_long"
 SERIES_TOO_LARGE = "series_too_large"
 REASONS = (NAME_TOO_LONG, TOO_MANY_LABELS, LABEL_NAME_TOO_LONG, LABEL_VALUE_TOO_LONG, SERIES_TOO_LARGE)
 """Every reason a point may be refused with for its size."""
+CONTROL_CHARACTER = "control_character"
+"""Reason for a metric or label name holding a C0 control character (U+0000-U+001F) or DEL (U+007F)."""
+find_control = re.compile("[\x00-\x1f\x7f]").search
+"""``find_control(s)`` matches the first control character of ``s`` (str only), or returns None."""
 
 
 @dataclass(frozen=True)
