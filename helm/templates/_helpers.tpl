@@ -147,6 +147,10 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- end -}}
 {{- end -}}
 {{- $cfg := dict "receivers" $receivers "exporters" $exporters "service" (dict "telemetry" $telemetry) -}}
+{{- $ml := $p.memoryLimiter -}}
+{{- if $ml.enabled -}}
+{{- $_ := set $cfg "processors" (dict "memory_limiter" (dict "limit_percentage" (int $ml.limitPercentage) "spike_limit_percentage" (int $ml.spikeLimitPercentage))) -}}
+{{- end -}}
 {{- if .Values.config -}}
 {{- $cfg = mustMergeOverwrite $cfg (deepCopy .Values.config) -}}
 {{- end -}}
@@ -169,6 +173,13 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- if and $tr $oe $p.signoz.traces }}{{ $_ := set $pipes "traces" (dict "receivers" $tr "exporters" $oe) }}{{ end -}}
 {{- if and $lr $oe $p.signoz.logs }}{{ $_ := set $pipes "logs" (dict "receivers" $lr "exporters" $oe) }}{{ end -}}
 {{- $_ := set $cfg.service "pipelines" $pipes -}}
+{{- end -}}
+{{- /* The memory limiter goes first in every pipeline, the generated ones and the user's. */ -}}
+{{- if $ml.enabled -}}
+{{- range $id, $pl := $cfg.service.pipelines -}}
+{{- $procs := get $pl "processors" | default list -}}
+{{- if not (has "memory_limiter" $procs) }}{{ $_ := set $pl "processors" (prepend $procs "memory_limiter") }}{{ end -}}
+{{- end -}}
 {{- end -}}
 {{- /* Disk queues share the queue volume: split its budget between them. */ -}}
 {{- $disk := list -}}

@@ -138,7 +138,7 @@ def test_a_reader_leaving_early_is_not_an_error() -> None:
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
 
 
-def test_a_statsd_only_agent_does_not_load_otlp_or_processors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_example_agent_loads_only_the_processor_it_uses(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import subprocess
     import sys
 
@@ -152,7 +152,8 @@ def test_a_statsd_only_agent_does_not_load_otlp_or_processors(tmp_path) -> None:
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    # No grpc, no OTLP receiver, and of the processors only its memory_limiter.
+    assert out.stdout.strip() == "['processors', 'processors.memory_limiter']"
 
 
 def test_every_registry_row_names_its_factory() -> None:

@@ -742,3 +742,28 @@ def test_env_references_and_secrets_are_checked_at_render(helm_env: dict[str, st
     done = render(*cloud)  # every request would be refused (401) without the key
     assert done.returncode != 0 and "SignOz Cloud needs an ingestion key" in done.stderr
     assert render(*cloud, "--set", "presets.signoz.ingestionKey.existingSecret=signoz").returncode == 0
+
+
+def test_memory_limiter_leads_every_pipeline_in_every_mode(
+    renders: dict[str, str], helm_env: dict[str, str]
+) -> None:
+    for case in renders:
+        cfg = yaml.safe_load(agent_config(objects(renders, case)))
+        assert cfg["processors"]["memory_limiter"] == {"limit_percentage": 80, "spike_limit_percentage": 20}
+        for pid, pipeline in cfg["service"]["pipelines"].items():
+            assert pipeline["processors"][0] == "memory_limiter", (case, pid)
+    # The user's own pipelines get it first too (once), keeping their processors after it.
+    own = template(
+        helm_env,
+        "--set",
+        "mode=deployment",
+        "--set-json",
+        'config={"processors": {"batch": {}}, "service": {"pipelines": {"metrics": '
+        '{"receivers": ["statsd"], "processors": ["batch"], "exporters": ["prometheus"]}}}}',
+    )
+    cfg = yaml.safe_load(agent_config(docs(own)))
+    assert cfg["service"]["pipelines"]["metrics"]["processors"] == ["memory_limiter", "batch"]
+    off = template(helm_env, "--set", "mode=deployment", "--set", "presets.memoryLimiter.enabled=false")
+    cfg = yaml.safe_load(agent_config(docs(off)))
+    assert "processors" not in cfg
+    assert "processors" not in cfg["service"]["pipelines"]["metrics"]
