@@ -36,15 +36,29 @@ attributes follow the same rules.
 Refusals
 --------
 A point that cannot be taken is refused with a reason (the ``reason`` label of
-``receiver_refused_points_total``) and a sentence naming the metric and the data point's index,
-which the receiver returns in ``partial_success``; the other points still go through:
+``receiver_refused_points_total``) and a sentence naming the metric, the data point's index and where
+it is (``resource r, scope s, metric m``: indices in the request), which the receiver returns in
+``partial_success``; the other points still go through:
 
 ``invalid_name`` (empty metric name), ``no_value`` (a number point with neither ``as_int`` nor
 ``as_double``), ``invalid_temporality`` (a sum or histogram whose aggregation temporality is
 unspecified or unknown), ``invalid_histogram`` (bucket counts that do not add up to ``count``, a bucket
 count that does not match the bounds, bounds not finite and strictly ascending, a scale outside
 [-10, 20], ``min > max``), ``invalid_summary`` (a quantile outside [0, 1] or a NaN quantile value, a
-NaN sum), ``invalid_attributes`` (an attribute that is not valid protobuf or UTF-8).
+NaN sum), ``invalid_attributes`` (an attribute that is not valid protobuf or UTF-8),
+``attributes_too_deep`` (an attribute value nested past the protobuf parser's limit of
+:data:`MAX_ATTRIBUTE_DEPTH` messages: 33 nested kvlists or 49 nested arrays), ``invalid_unit`` (more
+than 63 characters, or a control character), ``invalid_description`` (more than 4,096 characters).
+
+Size limits (``limits:``, :class:`agent.limits.SeriesLimits`) apply to the series each point would
+make: its metric name, and its labels counted together with the resource's and the scope's
+attributes (they end up on the series); the scope's name and version count as label values. Reasons
+``name_too_long``, ``too_many_labels``, ``label_name_too_long``, ``label_value_too_long``,
+``series_too_large``. A metric name or attribute key (point, scope or resource) holding a C0 control
+character (U+0000-U+001F) or DEL is refused as ``control_character``; attribute *values* may hold
+them (a tab or newline is legitimate data) and the exporters escape them. Each resource and scope is
+checked once, each metric once, each distinct attribute set once while cached: a resource or scope
+over a limit refuses all its points with one sentence.
 
 A point flagged ``NO_RECORDED_VALUE`` says "this series has no value now" (a staleness signal from a
 target that vanished). The internal model has no staleness marker (exporters expire idle series on
@@ -59,8 +73,11 @@ AnyValue wrapper each), more than everything else per point together. So request
 ``attributes`` field is ``repeated bytes`` (same wire encoding as a repeated message) and exemplars are
 left as unknown fields (never parsed). A point's attributes then arrive as a list of serialized
 KeyValues: the tuple of those bytes keys a bounded cache of rendered, sorted label tuples, and only a
-cache miss parses KeyValues. Points are built without the frozen dataclass ``__init__`` (see
-``PointSlots``), ~0.45 µs instead of ~1.8 µs.
+cache miss parses KeyValues and checks them against the limits; only attribute sets of at most half
+of ``max_labels`` and half of ``max_series_bytes`` are cached, so a metric whose name, resource and
+scope fit in the other half needs no per-point check on a cache hit (the common case), and one that
+does not takes the checking path for each point. Points are built without the frozen dataclass
+``__init__`` (see ``PointSlots``), ~0.45 µs instead of ~1.8 µs.
 """
 
 from __future__ import annotations
@@ -81,6 +98,15 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 
 from agent.exphist import MAX_SCALE, MIN_SCALE, ExpHistogram
+from agent.limits import (
+    CONTROL_CHARACTER,
+    NAME_TOO_LONG,
+    SERIES_TOO_LARGE,
+    TOO_MANY_LABELS,
+    SeriesLimits,
+    find_control,
+)
+from agent.limits import REASONS as LIMIT_REASONS
 from agent.model import (
     ExplicitHistogram,
     Kind,
@@ -93,8 +119,10 @@ from agent.model import (
     Temporality,
     new_point,
 )
+from receivers.otlp.wire import PROTOBUF_MAX_DEPTH, is_too_deep
 
 __all__ = [
+    "MAX_ATTRIBUTE_DEPTH",
     "POINT_REASONS",
     "Converted",
     "MetricsConverter",
@@ -110,9 +138,28 @@ POINT_REASONS = (
     "invalid_histogram",
     "invalid_summary",
     "invalid_attributes",
+    "attributes_too_deep",
+    "invalid_unit",
+    "invalid_description",
+    CONTROL_CHARACTER,
+    *LIMIT_REASONS,
     "no_recorded_value",
 )
 """Reasons a single data point is refused (see the module docs)."""
+MAX_ATTRIBUTE_DEPTH = PROTOBUF_MAX_DEPTH
+"""Deepest nesting of protobuf messages in one KeyValue: the parser's limit. Each kvlist level is 3
+messages (AnyValue, KeyValueList, KeyValue) and each array level 2 (AnyValue, ArrayValue)."""
+MAX_UNIT_CHARS = 63
+"""Longest metric unit (the OpenTelemetry API's limit for instrument units)."""
+MAX_DESCRIPTION_CHARS = 4096
+"""Longest metric description (the API must support 1,023 characters; we take four times that)."""
+_NO_HITS: Callable[[Any], None] = {}.get
+"""The cache lookup of a metric whose hits need checking: every point takes ``_point_labels``."""
+_WITH_RESOURCE = " counting the resource's and the scope's attributes"
+_TOO_DEEP = (
+    f"attributes are nested more than {MAX_ATTRIBUTE_DEPTH} protobuf messages deep (the parser's limit: "
+    "33 nested kvlists or 49 nested arrays)"
+)
 
 MAX_ERRORS_LISTED = 10
 """Refusal sentences quoted in ``partial_success.error_message``; the rest are summarised as a count."""
@@ -217,8 +264,12 @@ def labels_from_keyvalues(kvs: Iterable[common_pb2.KeyValue]) -> Labels:
     return tuple(sorted(out.items()))
 
 
-class _BadAttributes(Exception):
-    pass
+class _Refused(Exception):
+    """Attributes (of a point, scope or resource) that cannot be taken: a reason and what is wrong."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
 
 
 _parse_keyvalue: Callable[[bytes], common_pb2.KeyValue] = common_pb2.KeyValue.FromString
@@ -227,8 +278,37 @@ _parse_keyvalue: Callable[[bytes], common_pb2.KeyValue] = common_pb2.KeyValue.Fr
 def _labels_from_serialized(key: tuple[bytes, ...]) -> Labels:
     try:
         return labels_from_keyvalues([_parse_keyvalue(b) for b in key])
-    except DecodeError:
-        raise _BadAttributes from None
+    except DecodeError as exc:
+        if is_too_deep(exc):
+            raise _Refused("attributes_too_deep", _TOO_DEEP) from None
+        raise _Refused("invalid_attributes", "attributes are not valid KeyValues") from None
+
+
+def _utf8_len(s: str) -> int:
+    # isascii() is O(1) in CPython; protobuf strings are valid UTF-8, so encode() cannot fail.
+    return len(s) if s.isascii() else len(s.encode("utf-8"))
+
+
+class _Cache(dict[Any, Any]):
+    """A dict emptied when it reaches ``max_entries`` entries or about ``max_bytes`` bytes of keys and
+    values, so neither many small nor a few large attribute sets make it grow without bound. The byte
+    count is kept on the side and may drift under a race between threads (it only decides when to
+    empty the cache)."""
+
+    __slots__ = ("_bytes", "_max_bytes", "_max_entries")
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        super().__init__()
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        if len(self) >= self._max_entries or self._bytes + nbytes > self._max_bytes:
+            self.clear()
+            self._bytes = 0
+        self[key] = value
+        self._bytes += nbytes
 
 
 # -- building points ----------------------------------------------------------------------------------
@@ -279,14 +359,24 @@ class Converted:
     """Refused points by reason, including the skipped ``no_recorded_value`` ones (for self-metrics)."""
     errors: list[str] = field(default_factory=list)
     """The first :data:`MAX_ERRORS_LISTED` refusal sentences."""
+    location: tuple[int, int, int] = (0, 0, 0)
+    """Indices of the resource, scope and metric being converted (for refusal sentences)."""
+    listed: int = 0
+    """Refused points that the listed sentences stand for."""
 
-    def refuse(self, reason: str, n: int, sentence: str) -> None:
+    def refuse(self, reason: str, n: int, sentence: str, located: bool = True) -> None:
+        """Count ``n`` points refused for ``reason``; list ``sentence`` among the first ones, followed
+        by the indices in :attr:`location` unless ``located`` is false (the sentence says where)."""
         self.refused[reason] = self.refused.get(reason, 0) + n
         if reason == "no_recorded_value":
             return
         self.rejected += n
         if len(self.errors) < MAX_ERRORS_LISTED:
+            if located:
+                r, s, m = self.location
+                sentence = f"{sentence} (resource {r}, scope {s}, metric {m})"
             self.errors.append(sentence)
+            self.listed += n
 
     @property
     def error_message(self) -> str:
@@ -294,8 +384,8 @@ class Converted:
         if not self.rejected:
             return ""
         listed = "; ".join(self.errors)
-        more = self.rejected - len(self.errors)
-        tail = f"; and {more} more" if more > 0 else ""
+        more = self.rejected - self.listed
+        tail = f"; and {more} more data point(s)" if more > 0 else ""
         return f"{self.rejected} data point(s) rejected: {listed}{tail}"
 
 
@@ -324,84 +414,170 @@ class MetricsConverter:
     from a worker thread and the loop at once: the caches are plain dicts whose single operations the
     GIL makes atomic, and a lost race only costs a recomputation.
 
-    ``max_cached`` bounds each cache (distinct attribute sets, resources, scopes); a full cache is
-    emptied and refilled, which costs one miss per live attribute set.
+    ``max_cached`` bounds each cache (distinct attribute sets, resources, scopes) in entries and
+    ``max_cached_bytes`` in bytes; a full cache is emptied and refilled, which costs one miss per live
+    attribute set. ``limits`` are the size limits every point's series is held to.
     """
 
-    def __init__(self, max_cached: int = 16384) -> None:
-        self._max_cached = max_cached
-        self._labels: dict[tuple[bytes, ...], Labels] = {}
-        self._resources: dict[tuple[bytes, ...], Resource] = {}
-        self._scopes: dict[tuple[str, str, tuple[bytes, ...]], Scope] = {}
+    def __init__(
+        self,
+        max_cached: int = 16384,
+        limits: SeriesLimits | None = None,
+        max_cached_bytes: int = 16 * 2**20,
+    ) -> None:
+        self._limits = limits = limits if limits is not None else SeriesLimits()
+        self._labels = _Cache(max_cached, max_cached_bytes)
+        self._resources = _Cache(max_cached, max_cached_bytes)
+        self._scopes = _Cache(max_cached, max_cached_bytes)
+        # Point attribute sets are cached only up to half of each limit: a metric whose name, resource
+        # and scope fit in the other half takes cache hits without checking them (see the module docs).
+        self._cached_labels = limits.max_labels // 2
+        self._cached_bytes = limits.max_series_bytes // 2
 
-    def _labels_miss(self, key: tuple[bytes, ...]) -> Labels:
-        labels = _labels_from_serialized(key)
-        if len(self._labels) >= self._max_cached:
-            self._labels.clear()
-        self._labels[key] = labels
-        return labels
+    def _measure(self, labels: Labels) -> int:
+        """The UTF-8 bytes of ``labels``; raises _Refused when one label, or the set alone, is over a
+        limit or a label name holds a control character."""
+        limits = self._limits
+        reason = limits.check("", labels)
+        if reason is not None:
+            raise _Refused(reason, limits.describe(reason))
+        for key, _ in labels:
+            if find_control(key):
+                raise _Refused(
+                    CONTROL_CHARACTER,
+                    f"the attribute key {json.dumps(key[:100])} holds a control character",
+                )
+        return sum(_utf8_len(k) + _utf8_len(v) for k, v in labels)
 
-    def _resource(self, message: Any) -> Resource:
+    def _resource(self, message: Any) -> tuple[Resource, int, int]:
+        """(the resource, its label count, its bytes); raises _Refused."""
         key = tuple(message.attributes)
-        resource = self._resources.get(key)
-        if resource is None:
-            resource = Resource(_labels_from_serialized(key))
-            if len(self._resources) >= self._max_cached:
-                self._resources.clear()
-            self._resources[key] = resource
-        return resource
+        entry = self._resources.get(key)
+        if entry is None:
+            labels = _labels_from_serialized(key)
+            nbytes = self._measure(labels)
+            entry = (Resource(labels), len(labels), nbytes)
+            self._resources.put(key, entry, sum(map(len, key)) + nbytes)
+        return entry
 
-    def _scope(self, message: Any) -> Scope:
+    def _scope(self, message: Any) -> tuple[Scope, int, int]:
+        """(the scope, its label count, its bytes: name and version included); raises _Refused."""
         key = (message.name, message.version, tuple(message.attributes))
-        scope = self._scopes.get(key)
-        if scope is None:
-            scope = Scope(key[0], key[1], _labels_from_serialized(key[2]))
-            if len(self._scopes) >= self._max_cached:
-                self._scopes.clear()
-            self._scopes[key] = scope
-        return scope
+        entry = self._scopes.get(key)
+        if entry is None:
+            labels = _labels_from_serialized(key[2])
+            nbytes = self._measure(labels)
+            for what, text in (("name", key[0]), ("version", key[1])):
+                n = _utf8_len(text)
+                if n > self._limits.max_label_value_length:
+                    raise _Refused(
+                        "label_value_too_long",
+                        f"the scope {what} is {n} bytes long: "
+                        + self._limits.describe("label_value_too_long"),
+                    )
+                nbytes += n
+            entry = (Scope(key[0], key[1], labels), len(labels), nbytes)
+            self._scopes.put(key, entry, sum(map(len, key[2])) + 2 * nbytes)
+        return entry
 
     def convert(self, request: Any, now_ns: int) -> Converted:
         """The points of a :data:`ShadowMetricsRequest`; ``now_ns`` stands in for missing timestamps."""
         out = Converted()
-        for rm in request.resource_metrics:
+        limits = self._limits
+        max_labels, max_bytes = limits.max_labels, limits.max_series_bytes
+        for r, rm in enumerate(request.resource_metrics):
             try:
-                resource = self._resource(rm.resource)
-            except _BadAttributes:
+                resource, r_labels, r_bytes = self._resource(rm.resource)
+            except _Refused as exc:
                 n = _count_points(m for sm in rm.scope_metrics for m in sm.metrics)
-                out.refuse(
-                    "invalid_attributes", n, f"{n} data point(s) of a resource with invalid attributes"
-                )
+                out.refuse(exc.reason, n, f"resource {r}: {exc.detail} ({n} data point(s))", False)
                 continue
-            for sm in rm.scope_metrics:
+            for s, sm in enumerate(rm.scope_metrics):
                 try:
-                    scope = self._scope(sm.scope)
-                except _BadAttributes:
+                    scope, s_labels, s_bytes = self._scope(sm.scope)
+                    fixed_labels, fixed_bytes = r_labels + s_labels, r_bytes + s_bytes
+                    if fixed_labels > max_labels:
+                        raise _Refused(TOO_MANY_LABELS, limits.describe(TOO_MANY_LABELS) + _WITH_RESOURCE)
+                    if fixed_bytes > max_bytes:
+                        raise _Refused(SERIES_TOO_LARGE, limits.describe(SERIES_TOO_LARGE) + _WITH_RESOURCE)
+                except _Refused as exc:
                     n = _count_points(sm.metrics)
                     out.refuse(
-                        "invalid_attributes", n, f"{n} data point(s) of a scope with invalid attributes"
+                        exc.reason,
+                        n,
+                        f"resource {r}, scope {s}: {exc.detail} ({n} data point(s))",
+                        False,
                     )
                     continue
-                for metric in sm.metrics:
-                    self._metric(metric, resource, scope, now_ns, out)
+                # The longest metric name for which cache hits need no check (-1: none).
+                fast_name_bytes = (
+                    max_bytes - fixed_bytes - self._cached_bytes
+                    if fixed_labels + self._cached_labels <= max_labels
+                    else -1
+                )
+                for m, metric in enumerate(sm.metrics):
+                    out.location = (r, s, m)
+                    self._metric(
+                        metric, resource, scope, fixed_labels, fixed_bytes, fast_name_bytes, now_ns, out
+                    )
         return out
 
-    def _metric(self, metric: Any, resource: Resource, scope: Scope, now_ns: int, out: Converted) -> None:
+    def _metric(
+        self,
+        metric: Any,
+        resource: Resource,
+        scope: Scope,
+        fixed_labels: int,
+        fixed_bytes: int,
+        fast_name_bytes: int,
+        now_ns: int,
+        out: Converted,
+    ) -> None:
         which = metric.WhichOneof("data")
         if which is None:
             return  # no data, nothing to take or refuse
         data = getattr(metric, which)
         name = metric.name
-        if not name:
-            n = len(data.data_points)
-            if n:
-                out.refuse("invalid_name", n, f"a {which} metric without a name ({n} data point(s))")
-            return
+        name_bytes = len(name) if name.isascii() else len(name.encode("utf-8"))
+        check_hits = False
+        if (
+            name_bytes > fast_name_bytes
+            or not name
+            or not name.isprintable()
+            or len(metric.unit) > MAX_UNIT_CHARS
+            or len(metric.description) > MAX_DESCRIPTION_CHARS
+        ):
+            problem = self._metric_problem(metric, name_bytes, fixed_bytes)
+            if problem is not None:
+                n = len(data.data_points)
+                if n:
+                    reason, detail = problem
+                    out.refuse(
+                        reason,
+                        n,
+                        f"metric {json.dumps(name[:200], ensure_ascii=False)}: {detail} ({n} data point(s))",
+                    )
+                return
+            check_hits = name_bytes > fast_name_bytes
+        # The label count and bytes of everything but the point's own attributes.
+        fixed = (fixed_labels, fixed_bytes + name_bytes)
         if which == "gauge":
-            self._numbers(metric, data, Kind.GAUGE, Temporality.DELTA, False, resource, scope, now_ns, out)
+            self._numbers(
+                metric,
+                data,
+                Kind.GAUGE,
+                Temporality.DELTA,
+                False,
+                resource,
+                scope,
+                fixed,
+                check_hits,
+                now_ns,
+                out,
+            )
             return
         if which == "summary":
-            self._summaries(metric, data, resource, scope, now_ns, out)
+            self._summaries(metric, data, resource, scope, fixed, check_hits, now_ns, out)
             return
         temporality = _TEMPORALITIES.get(data.aggregation_temporality)
         if temporality is None:
@@ -416,24 +592,72 @@ class MetricsConverter:
             return
         if which == "sum":
             self._numbers(
-                metric, data, Kind.SUM, temporality, data.is_monotonic, resource, scope, now_ns, out
+                metric,
+                data,
+                Kind.SUM,
+                temporality,
+                data.is_monotonic,
+                resource,
+                scope,
+                fixed,
+                check_hits,
+                now_ns,
+                out,
             )
         elif which == "histogram":
-            self._explicit(metric, data, temporality, resource, scope, now_ns, out)
+            self._explicit(metric, data, temporality, resource, scope, fixed, check_hits, now_ns, out)
         else:
-            self._exponential(metric, data, temporality, resource, scope, now_ns, out)
+            self._exponential(metric, data, temporality, resource, scope, fixed, check_hits, now_ns, out)
 
-    def _point_labels(self, dp: Any, name: str, index: int, out: Converted) -> Labels | None:
+    def _metric_problem(self, metric: Any, name_bytes: int, fixed_bytes: int) -> tuple[str, str] | None:
+        """(reason, what is wrong) when the metric's own fields refuse all its points."""
+        name, unit, description = metric.name, metric.unit, metric.description
+        limits = self._limits
+        if not name:
+            return "invalid_name", f"a {metric.WhichOneof('data')} metric without a name"
+        if name_bytes > limits.max_name_length:
+            return NAME_TOO_LONG, f"the name is {name_bytes} bytes long: {limits.describe(NAME_TOO_LONG)}"
+        if find_control(name):
+            return CONTROL_CHARACTER, "the name holds a control character (U+0000-U+001F or U+007F)"
+        if len(unit) > MAX_UNIT_CHARS or find_control(unit):
+            return "invalid_unit", (
+                f"the unit {json.dumps(unit[:40])} is longer than {MAX_UNIT_CHARS} characters "
+                "or holds a control character"
+            )
+        if len(description) > MAX_DESCRIPTION_CHARS:
+            return "invalid_description", (
+                f"the description is {len(description)} characters long; the limit is {MAX_DESCRIPTION_CHARS}"
+            )
+        if fixed_bytes + name_bytes > limits.max_series_bytes:
+            return SERIES_TOO_LARGE, (limits.describe(SERIES_TOO_LARGE) + _WITH_RESOURCE)
+        return None
+
+    def _point_labels(
+        self, dp: Any, name: str, index: int, fixed: tuple[int, int], check_hits: bool, out: Converted
+    ) -> Labels | None:
+        """The labels of ``dp`` checked against the limits together with the ``fixed`` label count and
+        bytes of the metric's name, resource and scope (a cache hit only when ``check_hits``); None
+        when refused (counted in ``out``)."""
         key = tuple(dp.attributes[:])
-        labels = self._labels.get(key)
-        if labels is None:
-            try:
-                labels = self._labels_miss(key)
-            except _BadAttributes:
-                out.refuse(
-                    "invalid_attributes", 1, f"{_where(name, index)}: attributes are not valid KeyValues"
-                )
-                return None
+        labels: Labels | None = self._labels.get(key)
+        if labels is not None and not check_hits:
+            return labels
+        try:
+            if labels is None:
+                labels = _labels_from_serialized(key)
+                nbytes = self._measure(labels)
+                if len(labels) <= self._cached_labels and nbytes <= self._cached_bytes:
+                    self._labels.put(key, labels, sum(map(len, key)) + nbytes)
+            else:
+                nbytes = sum(_utf8_len(k) + _utf8_len(v) for k, v in labels)
+            limits = self._limits
+            if fixed[0] + len(labels) > limits.max_labels:
+                raise _Refused(TOO_MANY_LABELS, limits.describe(TOO_MANY_LABELS) + _WITH_RESOURCE)
+            if fixed[1] + nbytes > limits.max_series_bytes:
+                raise _Refused(SERIES_TOO_LARGE, limits.describe(SERIES_TOO_LARGE) + _WITH_RESOURCE)
+        except _Refused as exc:
+            out.refuse(exc.reason, 1, f"{_where(name, index)}: {exc.detail}")
+            return None
         return labels
 
     # The per-point loops below are the hot path: locals instead of attribute lookups, and one pass.
@@ -446,11 +670,13 @@ class MetricsConverter:
         monotonic: bool,
         resource: Resource,
         scope: Scope,
+        fixed: tuple[int, int],
+        check_hits: bool,
         now_ns: int,
         out: Converted,
     ) -> None:
         name, unit, description = metric.name, metric.unit, metric.description
-        cache_get = self._labels.get
+        cache_get = _NO_HITS if check_hits else self._labels.get
         append = out.points.append
         builder: Any = PointSlots  # Any: the builder becomes a Point mid-way, which mypy cannot follow
         point_class: Any = Point
@@ -472,7 +698,7 @@ class MetricsConverter:
                 continue
             labels = cache_get(tuple(dp.attributes[:]))
             if labels is None:
-                labels = self._point_labels(dp, name, index, out)
+                labels = self._point_labels(dp, name, index, fixed, check_hits, out)
                 if labels is None:
                     continue
             p = builder()
@@ -501,11 +727,13 @@ class MetricsConverter:
         temporality: Temporality,
         resource: Resource,
         scope: Scope,
+        fixed: tuple[int, int],
+        check_hits: bool,
         now_ns: int,
         out: Converted,
     ) -> None:
         name, unit, description = metric.name, metric.unit, metric.description
-        cache_get = self._labels.get
+        cache_get = _NO_HITS if check_hits else self._labels.get
         append = out.points.append
         builder: Any = PointSlots  # Any: the builders change class mid-way, which mypy cannot follow
         point_class: Any = Point
@@ -550,7 +778,7 @@ class MetricsConverter:
                 continue
             labels = cache_get(tuple(dp.attributes[:]))
             if labels is None:
-                labels = self._point_labels(dp, name, index, out)
+                labels = self._point_labels(dp, name, index, fixed, check_hits, out)
                 if labels is None:
                     continue
             total = dp.sum if dp.HasField("sum") else _NAN
@@ -587,6 +815,8 @@ class MetricsConverter:
         temporality: Temporality,
         resource: Resource,
         scope: Scope,
+        fixed: tuple[int, int],
+        check_hits: bool,
         now_ns: int,
         out: Converted,
     ) -> None:
@@ -599,7 +829,7 @@ class MetricsConverter:
             if histogram is None:
                 out.refuse("invalid_histogram", 1, f"{_where(name, index)}: {problem}")
                 continue
-            labels = self._point_labels(dp, name, index, out)
+            labels = self._point_labels(dp, name, index, fixed, check_hits, out)
             if labels is None:
                 continue
             out.points.append(
@@ -623,7 +853,15 @@ class MetricsConverter:
             )
 
     def _summaries(
-        self, metric: Any, data: Any, resource: Resource, scope: Scope, now_ns: int, out: Converted
+        self,
+        metric: Any,
+        data: Any,
+        resource: Resource,
+        scope: Scope,
+        fixed: tuple[int, int],
+        check_hits: bool,
+        now_ns: int,
+        out: Converted,
     ) -> None:
         name, unit, description = metric.name, metric.unit, metric.description
         for index, dp in enumerate(data.data_points):
@@ -644,7 +882,7 @@ class MetricsConverter:
             if problem is not None:
                 out.refuse("invalid_summary", 1, f"{_where(name, index)}: {problem}")
                 continue
-            labels = self._point_labels(dp, name, index, out)
+            labels = self._point_labels(dp, name, index, fixed, check_hits, out)
             if labels is None:
                 continue
             out.points.append(

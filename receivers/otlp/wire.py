@@ -14,23 +14,35 @@ OTLP/JSON is parsed with ``google.protobuf.json_format`` after one pass that rew
 that proto3 JSON expects. ``json_format`` already accepts what OTLP/JSON requires of a receiver:
 integer enums, 64-bit integers as strings or numbers, lowerCamelCase keys (and the proto names), and
 unknown fields are ignored.
+
+Depth: the protobuf parser (upb) refuses messages nested more than :data:`PROTOBUF_MAX_DEPTH` deep; an
+OTLP/JSON trace or log request is held to the same depth, a metrics request to twice that, so that an
+attribute nested past the protobuf limit is refused for its point only (``attributes_too_deep``, by the
+converter) as over protobuf. Deeper bodies are refused whole, with a message that says depth and names
+the limit.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import sys
 import zlib
 from typing import Any
 
 import cramjam
 import numpy as np
 from google.protobuf import any_pb2, duration_pb2, json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from agent.confmodel import format_size
 
+PROTOBUF_MAX_DEPTH = 100
+"""Deepest nesting of messages the protobuf parser (upb) takes: its default, pinned by a test."""
+JSON_METRICS_MAX_DEPTH = 2 * PROTOBUF_MAX_DEPTH
+"""Deepest nesting of messages in an OTLP/JSON metrics request (each level costs ~2 Python frames)."""
+_METRICS_REQUEST = "opentelemetry.proto.collector.metrics.v1.ExportMetricsServiceRequest"
 _ID_KEYS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
 
 
@@ -97,6 +109,11 @@ class GzipInflater:
         except zlib.error as exc:
             raise invalid_compression("gzip", str(exc)) from None
 
+    @property
+    def inflated(self) -> int:
+        """Bytes inflated so far (at most ``limit + 1``): what the request-bytes budget holds."""
+        return self._size
+
     def finish(self) -> bytes:
         if not self._d.eof:
             raise invalid_compression("gzip", "the stream ends early")
@@ -132,11 +149,31 @@ def _hex_ids_to_base64(node: Any) -> Any:
     return node
 
 
+def is_too_deep(exc: DecodeError) -> bool:
+    """Whether the protobuf parser refused a message for its nesting depth (upb says so in its text)."""
+    return "MaxDepth" in str(exc)
+
+
+def decode_problem(exc: Exception) -> str:
+    """What is wrong with a body that failed to parse, saying depth when depth was the problem."""
+    if isinstance(exc, DecodeError) and is_too_deep(exc):
+        return f"nested more than {PROTOBUF_MAX_DEPTH} messages deep (the protobuf parser's limit)"
+    return str(exc)
+
+
+def _json_too_deep() -> ValueError:
+    return ValueError(
+        f"the JSON is nested deeper than the decoder allows (about {sys.getrecursionlimit()} levels)"
+    )
+
+
 def parse_json(body: bytes, message: Message) -> None:
     """Fill ``message`` from an OTLP/JSON body; raises ValueError (any kind of bad input)."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except RecursionError:
+        raise _json_too_deep() from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError("the body must be a JSON object")
@@ -145,10 +182,18 @@ def parse_json(body: bytes, message: Message) -> None:
     except ValueError:
         raise ValueError("traceId, spanId and parentSpanId must be hex strings") from None
     except RecursionError:
-        raise ValueError("the JSON is nested too deeply") from None
+        raise _json_too_deep() from None
+    depth = JSON_METRICS_MAX_DEPTH if message.DESCRIPTOR.full_name == _METRICS_REQUEST else PROTOBUF_MAX_DEPTH
     try:
-        json_format.ParseDict(data, message, ignore_unknown_fields=True)
-    except (json_format.ParseError, RecursionError, TypeError) as exc:
+        json_format.ParseDict(data, message, ignore_unknown_fields=True, max_recursion_depth=depth)
+    except RecursionError:
+        raise _json_too_deep() from None
+    except (json_format.ParseError, TypeError) as exc:
+        # json_format names every enclosing field before "Message too deep": only the cause is kept.
+        if "Message too deep" in str(exc):
+            raise ValueError(
+                f"nested more than {depth} messages deep (the OTLP/JSON parser's limit for this signal)"
+            ) from None
         raise ValueError(str(exc)) from None
 
 

@@ -176,7 +176,7 @@ def test_error_message_lists_the_first_ten_and_counts_the_rest() -> None:
     out = convert(request(sum_metric("r", [number(None) for _ in range(13)], DELTA, True)))
     assert out.rejected == 13 and len(out.errors) == 10
     assert out.error_message.startswith("13 data point(s) rejected: ")
-    assert out.error_message.endswith("; and 3 more")
+    assert out.error_message.endswith("; and 3 more data point(s)")
 
 
 def test_metric_without_data_is_ignored() -> None:
@@ -467,4 +467,5 @@ def test_invalid_resource_attributes_refuse_its_points_only() -> None:
     out = MetricsConverter().convert(shadow, NOW)
     assert [p.name for p in out.points] == ["b"]
     assert out.refused == {"invalid_attributes": 2} and out.rejected == 2
-    assert "resource with invalid attributes" in out.error_message
+    assert "resource 0: attributes are not valid KeyValues (2 data point(s))" in out.error_message
+    assert "more" not in out.error_message  # the one sentence stands for both points
