@@ -84,6 +84,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration, Size, format_duration, parse_host_port
+from agent.limits import SeriesLimits
 from agent.model import Batch, LogBatch, MetricBatch, SpanBatch
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
@@ -91,6 +92,7 @@ from receivers.otlp.convert import POINT_REASONS, MetricsConverter, ShadowMetric
 from receivers.otlp.wire import (
     GzipInflater,
     RequestError,
+    decode_problem,
     parse_json,
     status,
     to_json,
@@ -134,6 +136,8 @@ class OtlpConfig:
     """Time allowed to receive an HTTP request body (slow senders get 408)."""
     tls: OtlpTLSConfig = field(default_factory=OtlpTLSConfig)
     """Serve TLS on both endpoints (and optionally require client certificates)."""
+    limits: SeriesLimits = field(default_factory=SeriesLimits)
+    """Size limits on each metric point's series (name, attributes with the resource's and scope's)."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -154,6 +158,7 @@ class OtlpConfig:
             problems.append(("read_timeout", "must be greater than 0"))
         for path, message in self.tls.validate():
             problems.append((f"tls::{path}" if path else "tls", message))
+        problems += [(f"limits::{path}", message) for path, message in self.limits.validate()]
         return problems
 
     def environment_problems(self) -> list[tuple[str, str]]:
@@ -259,7 +264,7 @@ class OtlpReceiver:
         self._routes = [r for r in _ROUTES if r.signal in consumers]
         self._consumers = dict(consumers)
         self._counters = {r.signal: _Counters(settings, r) for r in self._routes}
-        self._converter = MetricsConverter()
+        self._converter = MetricsConverter(limits=config.limits)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stopped = False
@@ -389,7 +394,7 @@ class OtlpReceiver:
                 400,
                 code_pb2.INVALID_ARGUMENT,
                 "invalid_request",
-                f"the body is not a valid {name} ({kind}): {exc}",
+                f"the body is not a valid {name} ({kind}): {decode_problem(exc)}",
             ) from None
         if route.signal is Signal.METRICS:
             converted = self._converter.convert(request, now_ns)
