@@ -10,14 +10,20 @@ quantile plus ``<name>_sum`` and ``<name>_count``. State rules (deltas, bound ch
 sums) are in ``exporters.prometheus_series``.
 
 The page is rendered by hand from one label string per series, cached at its first scrape: going
-through prometheus_client's Metric objects costs several µs per sample, and a scrape of 100k series
-must not stall the event loop. The page is streamed (chunked encoding) a few thousand series at a
-time, yielding to the loop between pieces, so it never exists whole in memory.
+through prometheus_client's Metric objects costs several µs per sample. The page is streamed (chunked
+encoding) in pieces of at most ``_SLICE_S`` of work and about ``_PIECE_BYTES`` of text, yielding to the
+event loop after each, so a scrape of any size neither stalls the loop nor exists whole in memory. A
+large batch is applied in slices the same way (batches are applied one at a time, in order).
+
+At most ``max_series`` series are held; points of further new series are dropped and counted as
+``headwater_exporter_dropped_points_total{reason="series_limit"}``, until idle series expire (expiry
+also works in slices) and free room.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -30,6 +36,7 @@ from agent.model import MetricBatch
 from agent.netcheck import bind_problem
 from exporters.prometheus_series import (
     DEFAULT_BUCKETS,
+    DEFAULT_MAX_SERIES,
     HISTOGRAM,
     SUMMARY,
     Series,
@@ -39,8 +46,14 @@ from exporters.prometheus_series import (
 
 TYPE = "prometheus"
 
-_YIELD_EVERY = 5000
-"""Series rendered between yields to the event loop (~2 ms of work)."""
+_SLICE_S = 0.005
+"""Work done on the event loop before yielding to it, while rendering a page or applying a batch."""
+_CHECK_EVERY = 256
+"""Series (or points) handled between looks at the clock: ~0.1-0.5 ms of work, so a slice overruns
+``_SLICE_S`` by little, and the clock is read rarely enough to cost nothing."""
+_PIECE_BYTES = 256 * 1024
+"""Text rendered before it is handed to the response: with 16 KiB label sets a piece is still ~1 MB,
+never a page."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +64,8 @@ class PrometheusConfig:
     """Series not updated for this long are removed from the page."""
     histogram_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
     """Upper bounds (le) of the classic histogram buckets; timers are in seconds."""
-    max_series: int = 1_000_000
-    """Live series at most; points of new series beyond it are dropped (series_limit)."""
+    max_series: int = DEFAULT_MAX_SERIES
+    """Live series at most (~750 B each); points of new series beyond it are dropped (series_limit)."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -66,6 +79,8 @@ class PrometheusConfig:
             problems.append(("histogram_buckets", "bounds must be strictly increasing"))
         if self.metric_expiration <= 0:
             problems.append(("metric_expiration", "must be greater than 0"))
+        if self.max_series < 1:
+            problems.append(("max_series", "must be at least 1"))
         return problems
 
     def environment_problems(self) -> list[tuple[str, str]]:
@@ -89,6 +104,8 @@ class PrometheusExporter:
         self._bounds = [format_value(b) for b in self._store.bounds]
         self._runner: web.AppRunner | None = None
         self._tasks = Tasks(str(settings.id), settings.logger)
+        self._applying = asyncio.Lock()
+        """Held while a batch is applied in slices: batches are applied whole and in arrival order."""
         tel = settings.telemetry
         self._sent = tel.sent()
         self._refused_seen: dict[str, int] = {}
@@ -105,13 +122,22 @@ class PrometheusExporter:
         self._settings.logger.info("serving /metrics on %s", self._config.endpoint)
 
     async def consume(self, batch: MetricBatch) -> None:
-        update = self._store.update
-        taken = 0
-        for point in batch.points:
-            if update(point) is not None:
-                taken += 1
-        self._sent.value += taken
-        self._count_refused()
+        """Apply ``batch``; one of 1M points takes seconds, so it is applied in slices of ``_SLICE_S``."""
+        points = batch.points
+        async with self._applying:
+            update = self._store.update
+            clock = time.perf_counter
+            taken = 0
+            start = clock()
+            for lo in range(0, len(points), _CHECK_EVERY):
+                for point in points[lo : lo + _CHECK_EVERY]:
+                    if update(point) is not None:
+                        taken += 1
+                if clock() - start >= _SLICE_S:
+                    await asyncio.sleep(0)
+                    start = clock()
+            self._sent.value += taken
+            self._count_refused()
 
     def _count_refused(self) -> None:
         for reason, n in self._store.refused.items():
@@ -124,18 +150,23 @@ class PrometheusExporter:
         ttl = self._config.metric_expiration
         while True:
             await asyncio.sleep(min(max(ttl / 4, 0.05), 30.0))
-            self._store.expire(ttl)
+            await self._store.expire_sliced(ttl)
 
     async def render(self) -> str:
         """The exposition text for every live series."""
         return "".join([chunk async for chunk in self.render_chunks()])
 
     async def render_chunks(self) -> AsyncIterator[str]:
-        """The exposition text in pieces of about ``_YIELD_EVERY`` series, so neither the loop nor
-        memory holds the whole page of 100k series (~30 MB) at once."""
+        """The exposition text in pieces of at most ~``_PIECE_BYTES``, yielding to the event loop
+        between pieces and after every ``_SLICE_S`` of work: neither the loop nor memory ever holds a
+        whole page (1M series make ~60 MB of text and ~1.5 s of work)."""
         parts: list[str] = []
+        size = 0
+        clock = time.perf_counter
+        start = clock()
         done = 0
         bounds = [*self._bounds, "+Inf"]
+        lines = len(bounds) + 2  # lines of a histogram with the store's bounds: bucket, _sum, _count
         # Series with their own bounds (or quantiles) share one interned tuple per metric, so the text
         # of the last tuple seen is nearly always the one needed next.
         shape: tuple[float, ...] | None = None
@@ -156,18 +187,25 @@ class PrometheusExporter:
                         shape_le = [*shape_text, "+Inf"]
                     if kind == SUMMARY:
                         self._render_summary(series, base, shape_text, parts)
+                        size += (len(base) + 40) * (len(shape_text) + 2)
                     elif own is None:
                         self._render_histogram(series, base, bounds, parts)
+                        size += (len(base) + 40) * lines
                     else:
                         self._render_histogram(series, base, shape_le, parts)
+                        size += (len(base) + 40) * (len(shape_le) + 2)
                 elif base:
                     parts.append(f"{name}{{{base}}} {format_value(series.value)}\n")
+                    size += len(base) + 40
                 else:
                     parts.append(f"{name} {format_value(series.value)}\n")
+                    size += 40
                 done += 1
-                if done % _YIELD_EVERY == 0:
+                if size >= _PIECE_BYTES or (done % _CHECK_EVERY == 0 and clock() - start >= _SLICE_S):
                     yield "".join(parts)
-                    parts = []
+                    parts, size = [], 0
+                    await asyncio.sleep(0)  # yielding a piece is not yielding to the loop
+                    start = clock()
         if parts:
             yield "".join(parts)
 

@@ -7,7 +7,10 @@ digit gets a ``_`` prefix, unit ``s`` appends ``_seconds`` (StatsD timers), and 
 ``key_`` prefix; labels that collide after sanitising are joined with ``;`` in name order; empty
 values are dropped (remote-write forbids them); ``le`` on a histogram becomes ``exported_le`` and
 ``quantile`` on a summary ``exported_quantile`` (joined with ``;`` to a label already named so, as other
-collisions are).
+collisions are). Control characters in values (C0 but tab and newline, DEL, C1) and unpaired
+surrogates are written as the text ``\\xNN`` / ``\\uNNNN``: no page or request carries a NUL or a
+terminal escape, and every value encodes as UTF-8. (Prometheus 2.42 itself stores NUL and ESC as
+they come, from a scrape or a remote write; the text format has no escape for them.)
 
 Resources (OTLP): ``job`` = ``service.namespace/service.name`` (or ``service.name``) and ``instance`` =
 ``service.instance.id`` are added as Prometheus's own OTLP translation does, so two services sending
@@ -43,11 +46,12 @@ Summaries (OTLP Summary, always cumulative) replace their state per point: the q
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,9 +67,19 @@ DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 _INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]")
 _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]")
 _VALID_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_UNSAFE_VALUE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+"""Characters a label value never carries as is: C0 controls but tab and newline (which the text format
+escapes), DEL, C1 controls, and unpaired surrogates (which cannot be encoded as UTF-8)."""
 _UNIT_SUFFIX = {"s": "_seconds", "ms": "_milliseconds", "By": "_bytes"}
 
 COUNTER, GAUGE, HISTOGRAM, SUMMARY = "counter", "gauge", "histogram", "summary"
+
+DEFAULT_MAX_SERIES = 200_000
+"""Default cap on the series a Prometheus exporter holds. Measured ~650 B per series held (three labels,
+one unique; ~750 B once its label text is cached for scrapes): ~150 MB at the cap. That is two StatsD
+flushes at the receiver's own default cap of 100,000 series per interval."""
+_EXPIRE_STEP = 5000
+"""Series examined between yields to the event loop while expiring (~2 ms of work)."""
 
 _CACHE_LIMIT = 500_000
 """Entries kept in each name/label translation cache before it is cleared (bounds memory on floods)."""
@@ -135,10 +149,10 @@ def job_labels(resource: Resource) -> Labels:
     name = attrs.get("service.name")
     if name:
         namespace = attrs.get("service.namespace")
-        out.append(("job", f"{namespace}/{name}" if namespace else name))
+        out.append(("job", safe_value(f"{namespace}/{name}" if namespace else name)))
     instance = attrs.get("service.instance.id")
     if instance:
-        out.append(("instance", instance))
+        out.append(("instance", safe_value(instance)))
     return tuple(sorted(out))
 
 
@@ -161,15 +175,33 @@ def label_name(name: str) -> str:
     return out
 
 
+def _escape_char(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_value(value: str) -> str:
+    """``value`` with control characters and unpaired surrogates written as ``\\xNN`` / ``\\uNNNN`` text
+    (see the module notes); the same string when there are none."""
+    if value.isascii() and value.isprintable():
+        return value
+    return _UNSAFE_VALUE.sub(_escape_char, value)
+
+
+def _plain(value: str) -> bool:
+    return (value.isascii() and value.isprintable()) or _UNSAFE_VALUE.search(value) is None
+
+
 def prom_labels(labels: Labels) -> Labels:
     """Labels as Prometheus takes them; the same tuple when nothing changes (it is kept per series)."""
-    if all(v != "" and _VALID_LABEL.fullmatch(k) and not k.startswith("__") for k, v in labels):
+    if all(v != "" and _VALID_LABEL.fullmatch(k) and not k.startswith("__") and _plain(v) for k, v in labels):
         return labels  # the input is sorted with unique names, and valid names map to themselves
     merged: dict[str, str] = {}
     for k, v in labels:
         if v == "":
             continue
         name = label_name(k)
+        v = safe_value(v)
         merged[name] = f"{merged[name]};{v}" if name in merged else v
     return tuple(sorted(merged.items()))
 
@@ -253,7 +285,7 @@ class SeriesStore:
         *,
         keep_native: bool = False,
         max_buckets: int = 160,
-        max_series: int = 1_000_000,
+        max_series: int = DEFAULT_MAX_SERIES,
     ) -> None:
         self.bounds = tuple(sorted(buckets))
         self.keep_native = keep_native
@@ -494,20 +526,50 @@ class SeriesStore:
         return added
 
     def expire(self, idle_s: float, now: float | None = None) -> list[Series]:
-        """Remove and return series not updated for ``idle_s`` seconds."""
+        """Remove and return series not updated for ``idle_s`` seconds, in one go (tests, small stores);
+        on the loop use :meth:`expire_sliced`."""
+        return [s for step in self.expire_steps(idle_s, now) for s in step]
+
+    async def expire_sliced(self, idle_s: float, now: float | None = None) -> list[Series]:
+        """:meth:`expire`, yielding to the event loop every ``_EXPIRE_STEP`` series examined."""
+        gone: list[Series] = []
+        for step in self.expire_steps(idle_s, now):
+            gone += step
+            await asyncio.sleep(0)
+        return gone
+
+    def expire_steps(self, idle_s: float, now: float | None = None) -> Iterator[list[Series]]:
+        """Expire in steps of about ``_EXPIRE_STEP`` series examined, yielding the series each step
+        removed. Between steps the store may change (points arrive, series are added): each step looks
+        series up again, and removes only those still idle. Series removed free room under
+        ``max_series`` at once."""
         now = time.monotonic() if now is None else now
         cutoff = now - idle_s
+        families, kinds = self.families, self.kinds
         gone: list[Series] = []
-        for name in list(self.families):
-            family = self.families[name]
-            stale = [labels for labels, s in family.items() if s.last_update < cutoff]
-            for labels in stale:
-                gone.append(family.pop(labels))
-            if not family:
-                del self.families[name]
-                self.kinds.pop(name, None)
+        examined = 0
+        for name in list(families):
+            family = families.get(name)
+            if family is None:
+                continue
+            keys = list(family)
+            for lo in range(0, len(keys), _EXPIRE_STEP):
+                part = keys[lo : lo + _EXPIRE_STEP]
+                for labels in part:
+                    s = family.get(labels)
+                    if s is not None and s.last_update < cutoff:
+                        del family[labels]
+                        gone.append(s)
+                examined += len(part)
+                if not family and families.get(name) is family:
+                    del families[name]
+                    kinds.pop(name, None)
+                if examined >= _EXPIRE_STEP:
+                    self.size -= len(gone)
+                    yield gone
+                    gone, examined = [], 0
         self.size -= len(gone)
-        return gone
+        yield gone
 
 
 def next_timestamp_ms(series: Series, time_unix_nano: int) -> int:
