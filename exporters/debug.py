@@ -2,7 +2,10 @@
 
 ``normal`` writes one JSON object per point, span or log record; ``detailed`` adds histogram buckets,
 span and log attributes; ``basic`` writes one object per batch with its size. Writes go to a thread
-so a slow terminal or disk never blocks the loop.
+so a slow terminal or disk never blocks the loop. A large batch is turned into text and written in
+slices of ``_SLICE`` points (~5 ms of work each), so a 1M-point batch neither stalls the loop nor
+exists as one string. JSON escapes control characters (``\\u0000``) and everything non-ASCII, so a
+line is always one line of valid ASCII.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from agent.model import Batch, Kind, LogBatch, MetricBatch, Point, SpanBatch
 from agent.netcheck import directory_problem
 
 TYPE = "debug"
+
+_SLICE = 1000
+"""Points (spans, log records) turned into JSON between yields to the event loop: ~5 ms of work."""
 
 
 @dataclass(frozen=True)
@@ -183,20 +189,39 @@ class DebugExporter:
             what = "points" if isinstance(batch, MetricBatch) else "spans"
             lines = [{what if not isinstance(batch, LogBatch) else "log_records": len(batch)}]
         elif isinstance(batch, MetricBatch):
-            lines = [point_json(p, detailed) for p in batch.points]
+            await self._write_points(batch, detailed)
+            return
         elif isinstance(batch, SpanBatch):
             lines = span_lines(batch, detailed)
         else:
             lines = log_lines(batch, detailed)
-        text = "".join(json.dumps(line) + "\n" for line in lines)
-        out = self._file or sys.stdout
-        try:
-            await asyncio.to_thread(_write, out, text)
-        except OSError as exc:
-            self._settings.telemetry.dropped("write_error").value += len(batch)
-            self._settings.logger.warning("cannot write: %s", exc)
-            return
+        per_item = len(lines) == len(batch)  # one line per span or record (not basic's one per batch)
+        for lo in range(0, len(lines), _SLICE):
+            if not await self._write("".join(json.dumps(line) + "\n" for line in lines[lo : lo + _SLICE])):
+                done = lo if per_item else 0
+                self._settings.telemetry.dropped("write_error").value += len(batch) - done
+                self._sent.value += done
+                return
         self._sent.value += len(batch)
+
+    async def _write_points(self, batch: MetricBatch, detailed: bool) -> None:
+        points = batch.points
+        for lo in range(0, len(points), _SLICE):
+            part = points[lo : lo + _SLICE]
+            if not await self._write("".join(json.dumps(point_json(p, detailed)) + "\n" for p in part)):
+                self._settings.telemetry.dropped("write_error").value += len(points) - lo
+                self._sent.value += lo
+                return
+        self._sent.value += len(points)
+
+    async def _write(self, text: str) -> bool:
+        """Write ``text`` in a thread (which also lets the loop run); False, logged, when it fails."""
+        try:
+            await asyncio.to_thread(_write, self._file or sys.stdout, text)
+        except OSError as exc:
+            self._settings.logger.warning("cannot write: %s", exc)
+            return False
+        return True
 
     async def shutdown(self) -> None:
         if self._file is not None:
