@@ -5,13 +5,16 @@
     processors:
       cardinality:
         max_series_per_metric: 10000
+        max_series: 200000           # over all metrics together
         window: 10m                  # a series not seen for this long stops counting
         action: overflow             # or drop (default)
 
 A series is a metric name plus its labels (and its OTLP resource, when it has one). It is active
 while a point of it arrived within the last ``window`` of processing time (the agent's clock, not
 the points' timestamps). A point of a series that is already active always passes. A point of a new
-series passes while its metric has fewer than ``max_series_per_metric`` active series; beyond that:
+series passes while its metric has fewer than ``max_series_per_metric`` active series and all metrics
+together fewer than ``max_series`` (which bounds the processor's own memory, ~200 B a series, against a
+flood of metric names); beyond either:
 
 - ``drop``: the point is dropped;
 - ``overflow``: the point is folded into the metric's overflow series, whose labels are replaced by
@@ -26,7 +29,10 @@ Dropped points are counted as ``processor_dropped_points_total{reason="cardinali
 into an overflow point (all but the one carrying the sum) as ``reason="cardinality_merged"`` — their
 values live on in it. Per metric, ``processor_cardinality_limited_points_total{metric, action}``
 counts points of new series beyond the cap (up to 1,000 metric names; the rest under ``metric="_other"``),
-and a warning is logged the first time a metric reaches its cap (for the first 100 such metrics).
+and a warning is logged the first time a metric reaches its cap (for the first 100 such metrics). Points
+of new series beyond ``max_series`` are counted as ``processor_cardinality_limited_points_total{metric=
+"_all"}`` and logged once. At ``max_series``, idle series of every metric are swept (at most once per
+tenth of the window), so expiry frees room.
 """
 
 from __future__ import annotations
@@ -51,12 +57,16 @@ _METRIC_LABEL_MAX = 1000
 """Distinct metric names given their own self-metric cell; more share ``_other`` (our own cardinality)."""
 _LOG_MAX = 100
 """Metrics whose reaching the cap is logged; later ones are only counted."""
+ALL_METRICS = "_all"
+"""The ``metric`` label of points limited by ``max_series`` (all metrics together)."""
 
 
 @dataclass(frozen=True)
 class CardinalityConfig:
     max_series_per_metric: int = 10_000
     """Active series allowed per metric name; points of further new series are dropped or folded."""
+    max_series: int = 200_000
+    """Active series allowed over all metrics together (~200 B each); beyond, as beyond the per-metric cap."""
     window: Duration = Duration(600.0)
     """A series not seen for this long is forgotten and no longer counts toward the cap."""
     action: Literal["drop", "overflow"] = "drop"
@@ -66,6 +76,8 @@ class CardinalityConfig:
         problems: list[tuple[str, str]] = []
         if self.max_series_per_metric < 1:
             problems.append(("max_series_per_metric", "must be at least 1"))
+        if self.max_series < 1:
+            problems.append(("max_series", "must be at least 1"))
         if self.window <= 0:
             problems.append(("window", "must be longer than 0s"))
         return problems
@@ -167,6 +179,10 @@ class CardinalityLimiter:
     ) -> None:
         self._next = next_consumer
         self._cap = config.max_series_per_metric
+        self._max_series = config.max_series
+        self._full_logged = False
+        self._all_cell: Cell | None = None
+        self._last_full_sweep = -math.inf
         self._window = float(config.window)
         self._overflow = config.action == "overflow"
         self._clock = clock
@@ -228,6 +244,25 @@ class CardinalityLimiter:
                 del self._metrics[name]
         self._next_sweep = now + self._window / 4
 
+    def _room(self, now: float) -> bool:
+        """Whether a new series may be tracked under ``max_series``; at the cap, idle series of every
+        metric are swept first (at most once per tenth of the window: a sweep visits every metric)."""
+        if self.active_series < self._max_series:
+            return True
+        if now - self._last_full_sweep >= self._window / 10:
+            self._last_full_sweep = now
+            self._sweep(now)
+        if self.active_series < self._max_series:
+            return True
+        if not self._full_logged:
+            self._full_logged = True
+            self._logger.warning(
+                "cardinality: %d active series over all metrics (max_series); points of new series are %s",
+                self._max_series,
+                "folded into overflow series" if self._overflow else "dropped",
+            )
+        return False
+
     async def consume(self, batch: Batch) -> None:
         if not isinstance(batch, MetricBatch):
             await self._next.consume(batch)
@@ -243,11 +278,14 @@ class CardinalityLimiter:
         out: list[Point] = []
         limited: list[Point] = []
         for p in batch.points:
+            key: Hashable = p.labels if p.resource is None else (p.labels, p.resource)
             m = metrics.get(p.name)
             if m is None:
+                if not self._room(now):
+                    limited.append(p)  # no _Metric either: a flood of names must not grow the dict
+                    continue
                 m = metrics[p.name] = _Metric()
             series = m.series
-            key: Hashable = p.labels if p.resource is None else (p.labels, p.resource)
             seen = series.get(key)
             if seen is not None:
                 if seen != now:
@@ -258,7 +296,8 @@ class CardinalityLimiter:
             if len(series) >= cap and m.expired_at != now:
                 self._expire(m, cutoff)
                 m.expired_at = now
-            if len(series) < cap:
+            if len(series) < cap and self._room(now):
+                metrics[p.name] = m  # a sweep in _room may have dropped this metric while it was empty
                 series[key] = now
                 self.active_series += 1
                 out.append(p)
@@ -269,13 +308,28 @@ class CardinalityLimiter:
         self._outgoing.value += len(out)
         if not out:
             return
-        await self._next.consume(batch if len(out) == n else MetricBatch(tuple(out), batch.context))
+        # Not len(out) == n: folded overflow points can make up the same count with other labels.
+        await self._next.consume(batch if not limited else MetricBatch(tuple(out), batch.context))
 
     def _limit(self, points: list[Point]) -> list[Point]:
         """Points of new series beyond the cap: counted, then dropped or folded into overflow points."""
         per_metric: dict[str, int] = {}
+        everywhere = 0
         for p in points:
-            per_metric[p.name] = per_metric.get(p.name, 0) + 1
+            m = self._metrics.get(p.name)
+            if m is None or len(m.series) < self._cap:
+                everywhere += 1  # limited by max_series, not by its metric's cap
+            else:
+                per_metric[p.name] = per_metric.get(p.name, 0) + 1
+        if everywhere:
+            if self._all_cell is None:
+                self._all_cell = self.tel.counter(
+                    "processor_cardinality_limited_points_total",
+                    "Points of new series beyond a metric's cap, by metric and action (drop / overflow).",
+                    metric=ALL_METRICS,
+                    action="overflow" if self._overflow else "drop",
+                )
+            self._all_cell.value += everywhere
         for name, count in per_metric.items():
             self._limited_cell(name).value += count
             m = self._metrics[name]
