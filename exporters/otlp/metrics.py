@@ -189,7 +189,11 @@ class MetricEncoder:
     def _sweep(self, cutoff: float) -> None:
         before = len(self._series)
         self._series = {k: s for k, s in self._series.items() if s.last_seen >= cutoff}
-        if len(self._series) == before:
+        groups = len(self._groups)
+        held = len(self._series) == before and groups <= before
+        if held and len(self._resources) <= groups and len(self._scopes) <= groups:
+            # Nothing expired, and no group, resource or scope is held without a series (points of
+            # series over max_series are sent uncached, but their groups are made here too).
             return
         live = {id(s.group) for s in self._series.values()}
         self._groups = {k: g for k, g in self._groups.items() if id(g) in live}
@@ -321,6 +325,11 @@ class MetricEncoder:
 
     # -- series ----------------------------------------------------------------------------------------
     def _new_series(self, key: tuple[object, ...], p: Point) -> _Series | None:
+        ttl = self._o.series_idle_timeout_s
+        if len(self._series) >= self._o.max_series and self._now - self._last_sweep >= ttl / 16:
+            # At the cap, idle series free room now rather than at the next periodic sweep.
+            self._last_sweep = self._now
+            self._sweep(self._now - ttl)
         if len(self._series) >= self._o.max_series:
             # Stateless points still go out (uncached); only a conversion needs the state we refuse.
             s = self._make_series(p)
