@@ -37,17 +37,29 @@ When the request as a whole is refused: ``{"code": c, "error": message}`` with
   bomb never inflates past the cap), ``too_many_items``;
 - ``415`` ``unsupported_media_type`` (not application/json), ``unsupported_encoding`` (anything but
   gzip or identity, or more than one encoding);
-- ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch; retry it whole);
+- ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch; retry it whole),
+  ``memory_budget`` with ``Retry-After`` (the request bytes in flight, this receiver's
+  ``max_request_bytes_in_flight`` or the agent's total, are spent; taken by Content-Length before the
+  body is read, and as it streams in and inflates);
 - ``500`` ``pipeline_error`` (a bug downstream; logged).
 
+Connections (agent/netguard.py): a client has ``header_timeout`` to send a request's headers (from
+connecting, or from the first byte of a later request on a kept-alive connection), else the connection
+is closed and counted as ``header_timeout``; idle kept-alive connections close after ``idle_timeout``.
+At ``max_connections`` (or the agent's file-descriptor budget) the oldest connection not inside a
+request is closed to make room, or the new one when all are busy: ``too_many_connections``.
+
 Self-metrics: ``receiver_accepted_points_total``; ``receiver_refused_points_total{reason}`` with the item
-codes, counted per item, and the request codes above, counted per item when the items were read and
-once per request otherwise; ``receiver_requests_total{status}``. All counted once per request.
+codes, counted per item; the request codes above once per request (``too_many_items`` too: a list
+refused whole is not counted item by item), except ``backpressure`` and ``pipeline_error``, which
+count the points refused; ``header_timeout`` and ``too_many_connections`` once per connection;
+``receiver_requests_total{status}``. All counted once per request.
 
 Bearer tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured
 token (no early exit, no length leak); they come from the environment or ``tokens_file`` and are never
-logged or echoed in errors. Bodies of 1 MiB or more are parsed in a worker thread so a large request
-does not hold the event loop for its whole parse.
+logged or echoed in errors. Bodies of 1 MiB or more are parsed in a worker thread, one at a time
+process-wide (``netguard.parse_slots``), so a large request does not hold the event loop for its whole
+parse.
 """
 
 from __future__ import annotations
@@ -67,6 +79,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from agent import netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration, Size, format_duration, format_size, parse_host_port
 from agent.model import MetricBatch
@@ -86,7 +99,10 @@ REQUEST_REASONS = (
     "unsupported_media_type",
     "unsupported_encoding",
     "backpressure",
+    "memory_budget",
     "pipeline_error",
+    "header_timeout",
+    "too_many_connections",
 )
 """Codes of whole-request refusals (the item codes are ``items.ITEM_REASONS``)."""
 _THREAD_BODY_BYTES = 2**20
@@ -144,6 +160,14 @@ class HttpConfig:
     """Largest body, raw and after decompression (gzip bombs stop here): 413 body_too_large."""
     read_timeout: Duration = Duration(30.0)
     """Time allowed to receive a request body (slow senders get 408)."""
+    header_timeout: Duration = Duration(10.0)
+    """Time allowed to send a request's headers; slower connections are closed (header_timeout)."""
+    idle_timeout: Duration = Duration(75.0)
+    """Close a kept-alive connection that sends no new request for this long."""
+    max_connections: int = 1024
+    """Open connections at most; past it the oldest idle one (or the new one) is closed."""
+    max_request_bytes_in_flight: Size = Size(64 * 2**20)
+    """Request bytes (raw and inflated) held at once; beyond, 429 memory_budget (agent total 64MiB too)."""
     max_timestamp_age: Duration = Duration(86400.0)
     """How far in the past an item's timestamp may lie (timestamp_out_of_range beyond)."""
     max_timestamp_ahead: Duration = Duration(600.0)
@@ -165,7 +189,22 @@ class HttpConfig:
             problems.append(("max_items", "must be at least 1"))
         if self.max_request_body_size < 1024:
             problems.append(("max_request_body_size", "must be at least 1KiB"))
-        for name in ("read_timeout", "max_timestamp_age", "max_timestamp_ahead"):
+        if self.max_connections < 1:
+            problems.append(("max_connections", "must be at least 1"))
+        if self.max_request_bytes_in_flight < self.max_request_body_size:
+            problems.append(
+                (
+                    "max_request_bytes_in_flight",
+                    "must be at least max_request_body_size, or a largest request could never be taken",
+                )
+            )
+        for name in (
+            "read_timeout",
+            "header_timeout",
+            "idle_timeout",
+            "max_timestamp_age",
+            "max_timestamp_ahead",
+        ):
             if getattr(self, name) <= 0:
                 problems.append((name, "must be greater than 0"))
         if not 3 <= self.max_buckets <= 16384:
@@ -283,6 +322,14 @@ class HttpReceiver:
         ]
         self._file_tokens: list[tuple[bytes, str]] = []
         self._file_state: tuple[int, int] | None = None
+        self._bytes = netguard.ByteBudget(config.max_request_bytes_in_flight, netguard.request_bytes())
+        self.tel.gauge(
+            "receiver_request_bytes_in_flight",
+            "Request bytes (raw and inflated) a receiver holds now.",
+            lambda: self._bytes.in_use,
+        )
+        self._gate = netguard.ConnectionGate(config.max_connections, self._refused["too_many_connections"])
+        self.tel.gauge("receiver_connections", "Open connections.", lambda: len(self._gate))
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -294,15 +341,24 @@ class HttpReceiver:
         app.router.add_post("/v1/metrics", self._handle_metrics)
         app.router.add_get("/healthz", self._handle_healthz)
         # auto_decompress off: aiohttp would inflate without our cap; we stream-inflate ourselves.
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, auto_decompress=False, shutdown_timeout=5.0
-        )
+        handler_kwargs = {"access_log": None, "auto_decompress": False}
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, **handler_kwargs)
         await runner.setup()
         self._runner = runner
         host, port = parse_host_port(cfg.endpoint)
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True)
+        site = netguard.GuardedSite(
+            runner,
+            host,
+            port,
+            gate=self._gate,
+            header_timeout_s=cfg.header_timeout,
+            idle_timeout_s=cfg.idle_timeout,
+            header_timeouts=self._refused["header_timeout"],
+            ssl_context=ssl_ctx,
+            handler_kwargs=handler_kwargs,
+        )
         await site.start()
-        self.port = next(iter(runner.addresses))[1]
+        self.port = site.port
         scheme = "https" if ssl_ctx else "http"
         self._log.info("listening on %s://%s:%s (POST /v1/metrics)", scheme, host, self.port)
         self.settings.ready()
@@ -395,13 +451,26 @@ class HttpReceiver:
             )
         return bool(encodings) and encodings[0] in ("gzip", "x-gzip")
 
-    async def _read_body(self, request: web.Request, gzip: bool) -> bytes:
+    def _over_budget(self) -> Refusal:
+        exc = Refusal(
+            429,
+            "memory_budget",
+            "the agent holds as many request bytes as it may (max_request_bytes_in_flight); retry later",
+        )
+        exc.headers["Retry-After"] = "1"
+        return exc
+
+    async def _read_body(self, request: web.Request, gzip: bool, lease: netguard.Lease) -> bytes:
+        """The body, its bytes (raw or inflated) held in ``lease`` before they are buffered."""
         cap = self.config.max_request_body_size
         too_large = Refusal(
             413, "body_too_large", f"body is larger than max_request_body_size ({format_size(cap)})"
         )
-        if request.content_length is not None and request.content_length > cap:
+        declared = request.content_length or 0
+        if declared > cap:
             raise too_large
+        if not lease.cover(declared):
+            raise self._over_budget()
         inflater = Inflater(cap) if gzip else None
         parts: list[bytes] = []
         size = 0
@@ -413,8 +482,12 @@ class HttpReceiver:
                         raise too_large
                     if inflater is not None:
                         inflater.feed(chunk)
+                        held = max(declared, inflater.inflated + len(chunk))
                     else:
                         parts.append(chunk)
+                        held = size
+                    if not lease.cover(held):  # chunked, or inflating past what was declared
+                        raise self._over_budget()
             return b"".join(parts) if inflater is None else inflater.finish()
         except TimeoutError:
             raise Refusal(
@@ -449,17 +522,23 @@ class HttpReceiver:
         return web.json_response(body, status=status, headers=headers)
 
     async def _handle_metrics(self, request: web.Request) -> web.Response:
+        with self._bytes.lease() as lease:
+            return await self._handle_metrics_held(request, lease)
+
+    async def _handle_metrics_held(self, request: web.Request, lease: netguard.Lease) -> web.Response:
         now_ns = time.time_ns()
         try:
             tenant = self._authenticate(request)
             gzip = self._check_media_type(request)
-            body = await self._read_body(request, gzip)
+            body = await self._read_body(request, gzip, lease)
             if len(body) >= _THREAD_BODY_BYTES:
-                parsed = await asyncio.to_thread(self._parse, body, now_ns)
+                async with netguard.parse_slots():
+                    parsed = await asyncio.to_thread(self._parse, body, now_ns)
             else:
                 parsed = self._parse(body, now_ns)
         except Refusal as exc:
-            self._refused[exc.code].value += exc.items
+            # Once per request, too_many_items included: the request is refused whole.
+            self._refused[exc.code].value += 1
             return self._respond(exc.status, {"code": exc.code, "error": exc.message}, exc.headers)
         for code, n in parsed.refused.items():
             self._refused[code].value += n

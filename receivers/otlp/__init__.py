@@ -35,8 +35,15 @@ HTTP
 - ``400`` ``invalid_request`` (not a valid protobuf / OTLP/JSON request), ``invalid_compression``;
 - ``408`` ``read_timeout``; ``413`` ``body_too_large`` (raw or after decompression; a bomb is never
   inflated past the cap); ``415`` ``unsupported_media_type``, ``unsupported_encoding``;
-- ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch; retry it whole);
+- ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch; retry it whole),
+  ``memory_budget`` with ``Retry-After`` (the request bytes in flight, ``max_request_bytes_in_flight``
+  or the agent's total, are spent; taken by Content-Length before the body is read, then as it
+  streams in and inflates; zstd output once inflated, bounded by ``max_request_body_size``);
 - ``500`` ``pipeline_error`` (a bug downstream; logged).
+
+Connections are guarded as in the http receiver (agent/netguard.py): ``header_timeout`` to send the
+request headers (``header_timeout``), ``idle_timeout`` for kept-alive connections, ``max_connections``
+with the oldest idle connection closed to make room (``too_many_connections``).
 
 Error answers carry a ``google.rpc.Status`` (protobuf, or JSON for JSON requests and for 415), with
 ``RetryInfo`` for 429 and ``BadRequest`` for 400.
@@ -46,9 +53,16 @@ gRPC
 ``opentelemetry.proto.collector.{metrics,trace,logs}.v1.*Service/Export`` on grpc.aio. Messages over
 ``max_request_body_size`` (after gRPC decompression) are refused by gRPC itself with
 RESOURCE_EXHAUSTED before they reach the receiver, so they are not in its counters. Backpressure
-answers UNAVAILABLE with a ``google.rpc.Status`` holding ``RetryInfo`` in the
+and ``memory_budget`` answer UNAVAILABLE with a ``google.rpc.Status`` holding ``RetryInfo`` in the
 ``grpc-status-details-bin`` trailer; an undecodable request INVALID_ARGUMENT; a pipeline failure
-INTERNAL. Partial success as over HTTP.
+INTERNAL. Partial success as over HTTP. gRPC reads a whole message before the receiver sees it, so
+the request-bytes budget is kept by bounding the calls served at once:
+``max_request_bytes_in_flight // max_request_body_size`` (3 with the defaults; more calls wait in
+gRPC, or get RESOURCE_EXHAUSTED from it); the bytes of a call being served count in the budget the
+HTTP requests share. gRPC's own limits: ``max_connections`` (``grpc.max_allowed_incoming_connections``),
+``header_timeout`` (the HTTP/2 handshake) and ``idle_timeout`` (``grpc.max_connection_idle_ms``). A
+call the client cancels (or whose deadline passes) while the receiver holds it is counted as
+``cancelled`` (and ``receiver_grpc_requests_total{code="CANCELLED"}``).
 
 Self-metrics
 ------------
@@ -56,13 +70,15 @@ Metrics: ``receiver_accepted_points_total`` and ``receiver_refused_points_total{
 points. Traces: ``receiver_accepted_spans_total`` / ``receiver_refused_spans_total{reason}`` in spans.
 Logs: ``receiver_accepted_log_records_total`` / ``receiver_refused_log_records_total{reason}`` in log
 records. Refusals of a decoded request (backpressure, pipeline errors, per-point reasons) count its
-items; refusals before decoding (size, type, encoding, bad body) count 1 per request. Requests:
+items; refusals before decoding (size, type, encoding, bad body, memory_budget, cancelled) count 1 per
+request; ``header_timeout`` and ``too_many_connections`` (in the points counter) 1 per connection. Requests:
 ``receiver_requests_total{status}`` (HTTP status) and ``receiver_grpc_requests_total{code}``.
 
 Decoding bodies of 1 MiB or more (after decompression, ~6k points, ~25 ms of work) runs in a worker
 thread. It costs no throughput (the work holds the GIL either way) but the interpreter hands the GIL
 back every 5 ms: measured on a 9 MiB body of 60k points, the longest event-loop stall fell from
 ~230 ms inline to 20-45 ms, so small requests keep being answered while a large one is parsed.
+Such decodes run one at a time process-wide (``netguard.parse_slots``).
 """
 
 from __future__ import annotations
@@ -70,7 +86,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +98,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+from agent import netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration, Size, format_duration, parse_host_port
 from agent.limits import SeriesLimits
@@ -110,7 +127,9 @@ REQUEST_REASONS = (
     "unsupported_media_type",
     "unsupported_encoding",
     "backpressure",
+    "memory_budget",
     "pipeline_error",
+    "cancelled",
 )
 """Reasons a whole request is refused (the per-point ones are ``convert.POINT_REASONS``)."""
 _THREAD_BODY_BYTES = 2**20
@@ -134,6 +153,14 @@ class OtlpConfig:
     """Largest request, raw and after decompression (HTTP 413 / gRPC RESOURCE_EXHAUSTED beyond)."""
     read_timeout: Duration = Duration(30.0)
     """Time allowed to receive an HTTP request body (slow senders get 408)."""
+    header_timeout: Duration = Duration(10.0)
+    """Time allowed to send HTTP request headers (gRPC: the HTTP/2 handshake); slower ones are closed."""
+    idle_timeout: Duration = Duration(75.0)
+    """Close a connection (HTTP kept-alive or gRPC) that sends no new request for this long."""
+    max_connections: int = 1024
+    """Open connections at most, per endpoint; past it the oldest idle one (or the new one) is closed."""
+    max_request_bytes_in_flight: Size = Size(64 * 2**20)
+    """Request bytes (raw and inflated) held at once; beyond, 429 / UNAVAILABLE memory_budget."""
     tls: OtlpTLSConfig = field(default_factory=OtlpTLSConfig)
     """Serve TLS on both endpoints (and optionally require client certificates)."""
     limits: SeriesLimits = field(default_factory=SeriesLimits)
@@ -154,8 +181,18 @@ class OtlpConfig:
             problems.append(("max_request_body_size", "must be at least 1KiB"))
         if self.max_request_body_size > 2**31 - 1:
             problems.append(("max_request_body_size", "must be below 2GiB (gRPC's message limit)"))
-        if self.read_timeout <= 0:
-            problems.append(("read_timeout", "must be greater than 0"))
+        for name in ("read_timeout", "header_timeout", "idle_timeout"):
+            if getattr(self, name) <= 0:
+                problems.append((name, "must be greater than 0"))
+        if self.max_connections < 1:
+            problems.append(("max_connections", "must be at least 1"))
+        if self.max_request_bytes_in_flight < self.max_request_body_size:
+            problems.append(
+                (
+                    "max_request_bytes_in_flight",
+                    "must be at least max_request_body_size, or a largest request could never be taken",
+                )
+            )
         for path, message in self.tls.validate():
             problems.append((f"tls::{path}" if path else "tls", message))
         problems += [(f"limits::{path}", message) for path, message in self.limits.validate()]
@@ -272,6 +309,19 @@ class OtlpReceiver:
         """The bound HTTP port once started (useful with port 0)."""
         self.grpc_port: int | None = None
         """The bound gRPC port once started."""
+        self._bytes = netguard.ByteBudget(config.max_request_bytes_in_flight, netguard.request_bytes())
+        self.tel.gauge(
+            "receiver_request_bytes_in_flight",
+            "Request bytes (raw and inflated) a receiver holds now.",
+            lambda: self._bytes.in_use,
+        )
+        self._gate = netguard.ConnectionGate(config.max_connections, self.tel.refused("too_many_connections"))
+        self.tel.gauge("receiver_connections", "Open connections.", lambda: len(self._gate))
+        self._grpc_reads = asyncio.Semaphore(
+            max(1, config.max_request_bytes_in_flight // config.max_request_body_size)
+        )
+        """gRPC messages being read at once: their size is unknown until read, so each may be the
+        largest; once read, the call holds its real size in the byte budget instead."""
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -291,14 +341,25 @@ class OtlpReceiver:
         for route in self._routes:
             app.router.add_post(route.path, self._http_handler(route))
         # auto_decompress off: aiohttp would inflate without our cap; we inflate under it ourselves.
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, auto_decompress=False, shutdown_timeout=5.0
-        )
+        handler_kwargs = {"access_log": None, "auto_decompress": False}
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, **handler_kwargs)
         await runner.setup()
         self._runner = runner
         host, port = parse_host_port(endpoint)
-        await web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True).start()
-        self.http_port = next(iter(runner.addresses))[1]
+        cfg = self.config
+        site = netguard.GuardedSite(
+            runner,
+            host,
+            port,
+            gate=self._gate,
+            header_timeout_s=cfg.header_timeout,
+            idle_timeout_s=cfg.idle_timeout,
+            header_timeouts=self.tel.refused("header_timeout"),
+            ssl_context=ssl_ctx,
+            handler_kwargs=handler_kwargs,
+        )
+        await site.start()
+        self.http_port = site.port
         paths = ", ".join(r.path for r in self._routes) or "no signal"
         self._log.info(
             "OTLP/HTTP on %s://%s:%s (%s)", "https" if ssl_ctx else "http", host, self.http_port, paths
@@ -306,11 +367,15 @@ class OtlpReceiver:
 
     async def _start_grpc(self, endpoint: str) -> None:
         host, port = parse_host_port(endpoint)
+        cfg = self.config
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", self.config.max_request_body_size),
+                ("grpc.max_receive_message_length", cfg.max_request_body_size),
                 # grpc sets SO_REUSEPORT by default: a second agent would share the port silently.
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_allowed_incoming_connections", cfg.max_connections),
+                ("grpc.server_handshake_timeout_ms", int(cfg.header_timeout * 1000)),
+                ("grpc.max_connection_idle_ms", int(cfg.idle_timeout * 1000)),
             ]
         )
         handlers = [
@@ -318,8 +383,9 @@ class OtlpReceiver:
                 route.service,
                 {
                     # No deserializer: the handler gets the bytes, so decoding is ours to time,
-                    # thread and refuse with a reason.
-                    "Export": grpc.unary_unary_rpc_method_handler(
+                    # thread and refuse with a reason. Served as stream-unary (the wire is the
+                    # same) so that the message is read only once the budget lets it in.
+                    "Export": grpc.stream_unary_rpc_method_handler(
                         self._grpc_handler(route), response_serializer=route.response_class.SerializeToString
                     )
                 },
@@ -421,7 +487,8 @@ class OtlpReceiver:
         now_ns = time.time_ns()
         try:
             if len(body) >= _THREAD_BODY_BYTES:
-                decoded = await asyncio.to_thread(self._decode, route, body, is_json, context, now_ns)
+                async with netguard.parse_slots():
+                    decoded = await asyncio.to_thread(self._decode, route, body, is_json, context, now_ns)
             else:
                 decoded = self._decode(route, body, is_json, context, now_ns)
         except RequestError as err:
@@ -496,10 +563,14 @@ class OtlpReceiver:
         encoding = encodings[0] if encodings else ""
         return mime == "application/json", "gzip" if encoding == "x-gzip" else encoding
 
-    async def _read_body(self, request: web.Request, encoding: str) -> bytes:
+    async def _read_body(self, request: web.Request, encoding: str, lease: netguard.Lease) -> bytes:
+        """The body, decompressed; its bytes held in ``lease`` before they are buffered."""
         cap = self.config.max_request_body_size
-        if request.content_length is not None and request.content_length > cap:
+        declared = request.content_length or 0
+        if declared > cap:
             raise too_large(cap, inflated=False)
+        if not lease.cover(declared):
+            raise _over_budget()
         inflater = GzipInflater(cap) if encoding == "gzip" else None
         parts: list[bytes] = []
         size = 0
@@ -511,8 +582,12 @@ class OtlpReceiver:
                         raise too_large(cap, inflated=False)
                     if inflater is not None:
                         inflater.feed(chunk)
+                        held = max(declared, inflater.inflated + len(chunk))
                     else:
                         parts.append(chunk)
+                        held = size
+                    if not lease.cover(held):  # chunked, or inflating past what was declared
+                        raise _over_budget()
         except TimeoutError:
             raise RequestError(
                 408,
@@ -525,8 +600,12 @@ class OtlpReceiver:
         raw = b"".join(parts)
         if encoding == "zstd":
             if len(raw) >= _THREAD_BODY_BYTES // 8:
-                return await asyncio.to_thread(zstd_decompress, raw, cap)
-            return zstd_decompress(raw, cap)
+                out = await asyncio.to_thread(zstd_decompress, raw, cap)
+            else:
+                out = zstd_decompress(raw, cap)
+            if not lease.cover(len(raw) + len(out)):
+                raise _over_budget()
+            return out
         return raw
 
     def _http_response(
@@ -540,16 +619,17 @@ class OtlpReceiver:
 
     async def _handle_http(self, route: _Route, request: web.Request) -> web.Response:
         is_json = True  # answers before the type is known are JSON
-        try:
-            is_json, encoding = self._media(request)
-            body = await self._read_body(request, encoding)
-        except RequestError as err:
-            self._counters[route.signal].refused[err.reason].value += 1
-            return self._http_error(err, is_json)
-        try:
-            response = await self._export(route, body, is_json, _context(request.headers.items()))
-        except RequestError as err:  # counted by _export
-            return self._http_error(err, is_json)
+        with self._bytes.lease() as lease:
+            try:
+                is_json, encoding = self._media(request)
+                body = await self._read_body(request, encoding, lease)
+            except RequestError as err:
+                self._counters[route.signal].refused[err.reason].value += 1
+                return self._http_error(err, is_json)
+            try:
+                response = await self._export(route, body, is_json, _context(request.headers.items()))
+            except RequestError as err:  # counted by _export
+                return self._http_error(err, is_json)
         payload = to_json(response) if is_json else response.SerializeToString()
         return self._http_response(200, payload, is_json, {})
 
@@ -562,9 +642,13 @@ class OtlpReceiver:
         return self._http_response(err.http_status, payload, is_json, headers)
 
     # -- gRPC ----------------------------------------------------------------------------------------
-    def _grpc_handler(self, route: _Route) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Any]:
-        async def handle(body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
-            return await self._handle_grpc(route, body, context)
+    def _grpc_handler(
+        self, route: _Route
+    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext[Any, Any]], Any]:
+        async def handle(
+            messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Message:
+            return await self._handle_grpc(route, messages, context)
 
         return handle
 
@@ -573,20 +657,68 @@ class OtlpReceiver:
             "receiver_grpc_requests_total", "gRPC requests answered, by status code.", code=code.name
         ).value += 1
 
+    async def _receive_grpc(self, messages: AsyncIterator[bytes], lease: netguard.Lease) -> bytes:
+        """The call's one message, read once a read slot is free (within ``read_timeout``) and held in
+        ``lease``; RequestError (not counted) when the budget stays spent or the call is not unary."""
+        try:
+            async with asyncio.timeout(self.config.read_timeout):
+                await self._grpc_reads.acquire()
+        except TimeoutError:
+            raise _over_budget() from None
+        try:
+            body: bytes | None = None
+            async for message in messages:
+                if body is not None:
+                    raise RequestError(
+                        400, code_pb2.INVALID_ARGUMENT, "invalid_request", "Export takes one message"
+                    )
+                body = message
+        finally:
+            self._grpc_reads.release()
+        if body is None:
+            raise RequestError(400, code_pb2.INVALID_ARGUMENT, "invalid_request", "no request message")
+        if not lease.cover(len(body)):
+            raise _over_budget()
+        return body
+
     async def _handle_grpc(
-        self, route: _Route, body: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self, route: _Route, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Message:
         metadata = context.invocation_metadata() or ()
-        try:
-            response = await self._export(route, body, False, _context((m[0], m[1]) for m in metadata))
-        except RequestError as err:
-            code = _GRPC_CODES.get(err.grpc_code, grpc.StatusCode.UNKNOWN)
-            self._count_grpc(code)
-            details = status(err).SerializeToString()
-            await context.abort(code, err.message, trailing_metadata=(("grpc-status-details-bin", details),))
-            raise AssertionError("abort returns only by raising") from None
+        with self._bytes.lease() as lease:
+            try:
+                try:
+                    body = await self._receive_grpc(messages, lease)
+                except RequestError as err:
+                    self._counters[route.signal].refused[err.reason].value += 1
+                    raise
+                response = await self._export(route, body, False, _context((m[0], m[1]) for m in metadata))
+            except RequestError as err:
+                code = _GRPC_CODES.get(err.grpc_code, grpc.StatusCode.UNKNOWN)
+                self._count_grpc(code)
+                details = status(err).SerializeToString()
+                await context.abort(
+                    code, err.message, trailing_metadata=(("grpc-status-details-bin", details),)
+                )
+                raise AssertionError("abort returns only by raising") from None
+            except asyncio.CancelledError:
+                # The client cancelled or its deadline passed while we held the call; whatever
+                # _export had not yet passed on is lost to it and would otherwise go uncounted.
+                self._counters[route.signal].refused["cancelled"].value += 1
+                self._count_grpc(grpc.StatusCode.CANCELLED)
+                raise
         self._count_grpc(grpc.StatusCode.OK)
         return response
+
+
+def _over_budget() -> RequestError:
+    return RequestError(
+        429,
+        code_pb2.UNAVAILABLE,
+        "memory_budget",
+        "the agent holds as many request bytes as it may (max_request_bytes_in_flight); retry later",
+        retry_after_s=1.0,
+    )
 
 
 def _create(settings: Settings, config: OtlpConfig, consumers: Mapping[Signal, Consumer]) -> OtlpReceiver:
