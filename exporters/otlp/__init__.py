@@ -191,8 +191,9 @@ class OtlpConfig:
     250ms, 500ms, 750ms, 1s, 2.5s, 5s, 7.5s, 10s, 30s, 60s (in seconds, the unit of StatsD timers)."""
     series_idle_timeout: Duration = Duration(300.0)
     """A series not seen for this long is forgotten: its cumulative total (or delta baseline) restarts."""
-    max_series: int = 1_000_000
-    """Series kept at most; beyond it, points needing a temporality conversion are dropped (series_limit)."""
+    max_series: int = 100_000
+    """Series kept at most (~1.1 KB each); beyond, points needing a temporality conversion are dropped
+    (series_limit), the others are sent uncached."""
     resource: dict[str, str] = field(default_factory=dict)
     """Resource attributes added to all data (a resource's own attribute of the same key wins)."""
     deployment_environment: str = ""
@@ -270,8 +271,9 @@ class OtlpHttpConfig:
     250ms, 500ms, 750ms, 1s, 2.5s, 5s, 7.5s, 10s, 30s, 60s (in seconds, the unit of StatsD timers)."""
     series_idle_timeout: Duration = Duration(300.0)
     """A series not seen for this long is forgotten: its cumulative total (or delta baseline) restarts."""
-    max_series: int = 1_000_000
-    """Series kept at most; beyond it, points needing a temporality conversion are dropped (series_limit)."""
+    max_series: int = 100_000
+    """Series kept at most (~1.1 KB each); beyond, points needing a temporality conversion are dropped
+    (series_limit), the others are sent uncached."""
     resource: dict[str, str] = field(default_factory=dict)
     """Resource attributes added to all data (a resource's own attribute of the same key wins)."""
     deployment_environment: str = ""

@@ -184,8 +184,8 @@ class PrometheusRemoteWriteConfig:
     """Samples per request at most (a classic histogram counts one sample per bucket)."""
     series_expiration: Duration = Duration(300.0)
     """A series not updated for this long gets a stale marker and is forgotten."""
-    max_series: int = 1_000_000
-    """Live series at most; points of new series beyond it are dropped (series_limit)."""
+    max_series: int = 200_000
+    """Live series at most (~750 B each); points of new series beyond it are dropped (series_limit)."""
     sending_queue: QueueConfig = field(default_factory=QueueConfig)
     """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
@@ -623,7 +623,7 @@ class PrometheusRemoteWriteExporter:
         ttl = self._config.series_expiration
         while True:
             await asyncio.sleep(min(max(ttl / 4, 0.05), 30.0))
-            gone = self._store.expire(ttl)
+            gone = await self._store.expire_sliced(ttl)  # in slices: never stalls the loop
             if not gone:
                 continue
             now_ns = time.time_ns()
