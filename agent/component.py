@@ -117,13 +117,33 @@ class Tasks:
             self.died += 1
             self._logger.error("task %s died: %r", task.get_name(), exc, exc_info=exc)
 
-    async def close(self) -> None:
+    async def wait(self, timeout_s: float | None = None) -> None:
+        """Wait (without cancelling) until every task has ended, or ``timeout_s`` has passed."""
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+    async def close(self, timeout_s: float | None = None) -> list[str]:
+        """Cancel every task and wait for them to end. With ``timeout_s``, wait at most that long: a task
+        still running then (it swallowed its cancellation, or its cleanup hangs) is logged with where it
+        is, abandoned, and its name returned — so that it cannot hold its owner's shutdown forever."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        stuck: list[str] = []
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                where = "".join(f"{f.f_code.co_filename}:{f.f_lineno} " for f in task.get_stack(limit=1))
+                self._logger.error(
+                    "task %s did not stop within %.1fs of being cancelled (at %s): abandoned",
+                    task.get_name(),
+                    timeout_s,
+                    where.strip() or "?",
+                )
+                stuck.append(task.get_name())
         self._tasks.clear()
+        return stuck
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ from agent.diskqueue import (
 )
 from agent.telemetry import Cell
 
+STOP_GRACE_S = 1.0
+"""How long stopping waits for cancelled workers to end (a send being torn down, a record released)
+before it gives up on them, logs them and counts what they held."""
+
 
 @dataclass(frozen=True)
 class RetryConfig:
@@ -185,6 +189,9 @@ class Sender:
         self._idle.set()
         self._in_flight = 0
         self._closing = False
+        self._handing_over = False
+        self._queued_points = 0
+        """Memory queue: points in the queued requests and in the ones being sent."""
         self._deadline = float("inf")
         self._tasks = Tasks(str(settings.id), settings.logger)
         self._disk: DiskQueue | None = None
@@ -228,6 +235,11 @@ class Sender:
                 "exporter_queue_capacity",
                 "Capacity of the sending queue in requests.",
                 lambda: queue.queue_size,
+            )
+            tel.gauge(
+                "exporter_queue_points",
+                "Points in the memory sending queue's requests, those being sent included.",
+                lambda: self._queued_points,
             )
 
     @property
@@ -281,8 +293,11 @@ class Sender:
             if policy == "drop_newest":
                 tel.dropped("queue_full").value += request.points
                 return
-            tel.dropped("queue_full").value += self._items.popleft().points
+            oldest = self._items.popleft()
+            self._queued_points -= oldest.points
+            tel.dropped("queue_full").value += oldest.points
         self._items.append(request)
+        self._queued_points += request.points
         self._idle.clear()
         self._available.set()
 
@@ -323,17 +338,27 @@ class Sender:
                 self._available.clear()
                 if self._in_flight == 0:
                     self._idle.set()
+                if self._closing:
+                    return  # nothing more can come: end without waiting to be cancelled
                 await self._available.wait()
             request = self._items.popleft()
             self._in_flight += 1
+            requeued = False
             try:
                 await self._deliver(request, durable=False)
             except asyncio.CancelledError:
-                # Only shutdown cancels a worker; what it held is lost to this run and counted.
-                self._settings.telemetry.dropped("shutdown").value += request.points
+                if self._handing_over:
+                    # The successor sends it (again, if this send had reached the backend: at least once).
+                    self._items.appendleft(request)
+                    requeued = True
+                else:
+                    # Only shutdown cancels a worker; what it held is lost to this run and counted.
+                    self._settings.telemetry.dropped("shutdown").value += request.points
                 raise
             finally:
                 self._in_flight -= 1
+                if not requeued:
+                    self._queued_points -= request.points
                 if not self._items and self._in_flight == 0:
                     self._idle.set()
 
@@ -348,6 +373,8 @@ class Sender:
                 self._available.clear()
                 if self._in_flight == 0 and part.pending == 0:
                     self._idle.set()
+                if self._closing:
+                    return  # what is left stays on disk
                 await self._available.wait()
                 continue
             headers = dict(record.headers)
@@ -378,7 +405,11 @@ class Sender:
         attempt = 0
         while True:
             try:
-                await asyncio.wait_for(self._send(request), self._timeout_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the send's outcome when
+                # the worker is cancelled just as the send finishes, swallowing the cancellation — the
+                # worker then went back to waiting for work and shutdown waited for it forever.
+                async with asyncio.timeout(self._timeout_s):
+                    await self._send(request)
             except PermanentError as exc:
                 self._log.warning("dropping %d points: %s", request.points, exc)
                 tel.dropped(exc.reason).value += request.points
@@ -417,7 +448,8 @@ class Sender:
                 if durable:
                     # A shutdown ends the wait: the request stays on disk for the next run.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._closed.wait(), delay)
+                        async with asyncio.timeout(delay):
+                            await self._closed.wait()
                 else:
                     await asyncio.sleep(delay)
                 continue
@@ -429,27 +461,84 @@ class Sender:
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop taking requests, drain for up to ``timeout_s``; then count what is left as dropped
-        (memory) or leave it on disk for the next run (disk). Idempotent."""
+        (memory) or leave it on disk for the next run (disk). Returns within ``timeout_s`` plus
+        :data:`STOP_GRACE_S`, whatever the backend does. Idempotent."""
         if self._closing:
             return
         self._closing = True
         self._closed.set()
+        self._available.set()  # idle workers end at once
         self._deadline = time.monotonic() + timeout_s
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        await self._stop(hand_over=False)
+
+    async def hand_over(self) -> list[Request]:
+        """Stop at once, without draining, for a successor that takes the queue over (a reload changed
+        the exporter's config). Memory: the queued requests are returned oldest first — a request being
+        sent is abandoned and returned too (the successor sends it again: at least once) — and nothing is
+        counted as dropped. Disk: the records stay in the partition, which is synced, closed and unlocked
+        for the successor to reopen; nothing is returned. Afterwards this sender is shut down (``offer``
+        counts dropped{shutdown}). Returns [] when shutdown had begun."""
+        if self._closing:
+            return []
+        self._closing = True
+        self._handing_over = True
+        self._closed.set()
+        self._available.set()
+        return await self._stop(hand_over=True)
+
+    async def adopt(self, requests: list[Request]) -> None:
+        """Queue a predecessor's requests (from :meth:`hand_over`) ahead of everything offered here: they
+        are older. A memory queue takes them all, past queue_size if need be (they were accepted already;
+        new offers meet the full queue until it drains); a disk queue appends and syncs them."""
+        if not requests:
+            return
+        if self._closing:
+            self._settings.telemetry.dropped("shutdown").value += sum(r.points for r in requests)
+            return
+        part = self._part
+        if part is None:
+            self._items.extendleft(reversed(requests))
+            self._queued_points += sum(r.points for r in requests)
+            self._idle.clear()
+            self._available.set()
+            return
+        for request in requests:
+            try:
+                self._offer_disk(part, request)
+            except Backpressure as exc:
+                self._settings.telemetry.dropped(exc.reason).value += request.points
+        await self.commit()
+
+    async def _stop(self, *, hand_over: bool) -> list[Request]:
         self._stop_syncer.set()
-        await self._tasks.close()
-        left = sum(r.points for r in self._items)
-        if left:
-            self._log.warning("shutdown deadline reached: dropping %d queued points", left)
-            self._settings.telemetry.dropped("shutdown").value += left
-            self._items.clear()
+        stuck = await self._tasks.close(STOP_GRACE_S)
+        taken = list(self._items) if hand_over else []
+        # What the queue and the workers still held; a worker that would not stop (``stuck``) took its
+        # request with it: counted too.
+        lost = self._queued_points - sum(r.points for r in taken)
+        if lost > 0:
+            self._log.warning(
+                "shutdown deadline reached: dropping %d queued points%s",
+                lost,
+                f" ({len(stuck)} sender workers did not stop)" if stuck else "",
+            )
+            self._settings.telemetry.dropped("shutdown").value += lost
+        self._items.clear()
+        self._queued_points = 0
+        if taken:
+            self._log.info("handing %d queued requests to the reloaded exporter", len(taken))
         if self._disk is not None and self._part is not None:
             kept = self._part.records
             await asyncio.to_thread(self._disk.close)  # final sync and unlock
             if kept:
                 self._log.warning(
-                    "%d requests stay in the disk queue %s for the next run", kept, self._queue_cfg.directory
+                    "%d requests stay in the disk queue %s for the %s",
+                    kept,
+                    self._queue_cfg.directory,
+                    "reloaded exporter" if hand_over else "next run",
                 )
             self._part = None
         tel = self._settings.telemetry
@@ -457,6 +546,7 @@ class Sender:
             tel.telemetry.unregister_gauges(exporter=tel.id)
         else:  # only this tenant's: the exporter's other senders may still be draining
             tel.telemetry.unregister_gauges(exporter=tel.id, tenant=self._tenant)
+        return taken
 
 
 def _classify(exc: BaseException) -> tuple[str, float | None]:
