@@ -82,7 +82,10 @@ _EXPIRE_STEP = 5000
 """Series examined between yields to the event loop while expiring (~2 ms of work)."""
 
 _CACHE_LIMIT = 500_000
-"""Entries kept in each name/label translation cache before it is cleared (bounds memory on floods)."""
+"""Entries kept in each name/label translation cache before it is cleared (bounds memory on floods);
+a store keeps at most ``max_series`` (at least ``_CACHE_MIN``): entries of series refused at the cap
+must not hold what the cap saves."""
+_CACHE_MIN = 1024
 _SHAPE_LIMIT = 10_000
 """Distinct bound (or quantile) tuples interned before the table is cleared: clearing only stops new
 series from sharing the tuples already held, so it is safe, and a flood of odd bounds stays bounded."""
@@ -91,7 +94,8 @@ series from sharing the tuples already held, so it is safe, and a flood of odd b
 class _Names:
     """Translation caches: the hot path is one dict lookup per point for the name and one for labels."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = _CACHE_LIMIT) -> None:
+        self.limit = limit
         self.metric: dict[tuple[str, Kind, bool, str], tuple[str, str, str | None]] = {}
         self.labels: dict[Labels, Labels] = {}
         self.jobs: dict[Labels, Labels] = {}
@@ -101,7 +105,7 @@ class _Names:
         """``labels`` plus ``job`` and ``instance`` from the resource (see :func:`job_labels`)."""
         job = self.jobs.get(resource.attributes)
         if job is None:
-            if len(self.jobs) >= _CACHE_LIMIT:
+            if len(self.jobs) >= self.limit:
                 self.jobs.clear()
             job = self.jobs[resource.attributes] = job_labels(resource)
         if not job:
@@ -109,7 +113,7 @@ class _Names:
         key = (labels, job)
         out = self.with_job.get(key)
         if out is None:
-            if len(self.with_job) >= _CACHE_LIMIT:
+            if len(self.with_job) >= self.limit:
                 self.with_job.clear()
             merged = dict(job)
             merged.update(labels)  # the point's own job / instance labels win
@@ -122,7 +126,7 @@ class _Names:
         key = (name, kind, monotonic, unit)
         out = self.metric.get(key)
         if out is None:
-            if len(self.metric) >= _CACHE_LIMIT:
+            if len(self.metric) >= self.limit:
                 self.metric.clear()
             out = self.metric[key] = (
                 metric_name(name, kind, monotonic, unit),
@@ -134,7 +138,7 @@ class _Names:
     def prom_labels(self, labels: Labels) -> Labels:
         out = self.labels.get(labels)
         if out is None:
-            if len(self.labels) >= _CACHE_LIMIT:
+            if len(self.labels) >= self.limit:
                 self.labels.clear()
             out = self.labels[labels] = prom_labels(labels)
         return out
@@ -294,7 +298,7 @@ class SeriesStore:
         self.families: dict[str, dict[Labels, Series]] = {}
         self.kinds: dict[str, str] = {}
         self.size = 0
-        self._names = _Names()
+        self._names = _Names(min(_CACHE_LIMIT, max(_CACHE_MIN, max_series)))
         self._shapes: dict[tuple[float, ...], tuple[float, ...]] = {}
         self.refused: dict[str, int] = {}
 
