@@ -82,6 +82,7 @@ from aiohttp import web
 from agent import netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration, Size, format_duration, format_size, parse_host_port
+from agent.limits import SeriesLimits
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
@@ -178,6 +179,8 @@ class HttpConfig:
     """Bearer tokens, each naming a tenant (put in the batch context as auth.tenant)."""
     tls: HttpTLSConfig = field(default_factory=HttpTLSConfig)
     """Serve HTTPS (and optionally require client certificates)."""
+    limits: SeriesLimits = field(default_factory=SeriesLimits)
+    """Size limits on each item's series (name, label count, label name and value lengths, bytes)."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -209,7 +212,7 @@ class HttpConfig:
                 problems.append((name, "must be greater than 0"))
         if not 3 <= self.max_buckets <= 16384:
             problems.append(("max_buckets", "must be between 3 and 16384"))
-        for section in ("auth", "tls"):
+        for section in ("auth", "tls", "limits"):
             for path, message in getattr(self, section).validate():
                 problems.append((f"{section}::{path}" if path else section, message))
         return problems
@@ -308,6 +311,7 @@ class HttpReceiver:
             max_timestamp_age_s=config.max_timestamp_age,
             max_timestamp_ahead_s=config.max_timestamp_ahead,
             max_buckets=config.max_buckets,
+            limits=config.limits,
         )
         self._runner: web.AppRunner | None = None
         self._stopped = False

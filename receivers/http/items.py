@@ -7,7 +7,8 @@ The body is one metric object or a list of them::
 
 Fields
 ------
-``name`` (or ``metric_name``, not both): a non-empty string of at most 1,024 UTF-8 bytes.
+``name`` (or ``metric_name``, not both): a non-empty string of at most ``limits.max_name_length``
+(1,024) UTF-8 bytes, without control characters (U+0000-U+001F, U+007F).
 
 ``value``: a finite JSON number; for ``histogram`` also a non-empty list of them (the observations).
 ``true``/``false``, strings (even ``"1.5"``), ``null``, the literals ``NaN``/``Infinity``/``-Infinity``
@@ -19,8 +20,12 @@ a double (``1e400``) are refused.
 because a Prometheus counter never decreases — send a gauge for values that go down. ``histogram``:
 the observations become one exponential histogram (exact count, sum, min and max) per item.
 
-``tags`` (or ``labels``, not both): an object of at most 128 string → string pairs; label names are
-non-empty and at most 1,024 bytes, values at most 4,096 bytes.
+``tags`` (or ``labels``, not both): an object of string → string pairs, at most ``limits.max_labels``
+(128); label names are non-empty, at most ``limits.max_label_name_length`` (1,024) bytes and without
+control characters; values at most ``limits.max_label_value_length`` (4,096) bytes (a value may hold a
+tab or a newline: the exporters escape it); the name and every label name and value together at most
+``limits.max_series_bytes`` (16 KiB). The limits are the receiver's ``limits:`` block
+(:class:`agent.limits.SeriesLimits`).
 
 ``timestamp``: an RFC 3339 string with a UTC offset (``2024-05-01T12:00:00Z``,
 ``2024-05-01 14:00:00.123456789+02:00``; ``T`` or a space, up to nanosecond fractions), or a number:
@@ -36,12 +41,14 @@ valid UTF-8: a ``\\ud800`` escape without its pair is refused.
 Item reason codes (the ``code`` of each error, and the ``reason`` label of the refusal counter):
 ``invalid_item`` (not an object), ``unknown_field``, ``invalid_name``, ``invalid_value``,
 ``negative_counter``, ``invalid_type``, ``invalid_labels``, ``invalid_timestamp``,
-``timestamp_out_of_range``, ``invalid_unit``, ``invalid_description``. The error's ``reason`` text
-says what to change.
+``timestamp_out_of_range``, ``invalid_unit``, ``invalid_description``; for the size limits the shared
+reasons ``name_too_long``, ``too_many_labels``, ``label_name_too_long``, ``label_value_too_long``,
+``series_too_large``; ``control_character``. The error's ``reason`` text says what to change and
+names the limit.
 
 Deep nesting (``[[[[...``) needs no pre-scan of the body: the C JSON decoder stops at the
-interpreter's recursion limit (~1,000 levels) with RecursionError, refused as ``invalid_json``, and
-the rules above take nothing nested deeper than three levels.
+interpreter's recursion limit (~1,000 levels) with RecursionError, refused as ``invalid_json`` with a
+message that says so, and the rules above take nothing nested deeper than three levels.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import difflib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -58,12 +66,19 @@ from typing import Any
 import numpy as np
 
 from agent import exphist
+from agent.limits import (
+    CONTROL_CHARACTER,
+    LABEL_NAME_TOO_LONG,
+    LABEL_VALUE_TOO_LONG,
+    NAME_TOO_LONG,
+    SERIES_TOO_LARGE,
+    TOO_MANY_LABELS,
+    SeriesLimits,
+    find_control,
+)
+from agent.limits import REASONS as LIMIT_REASONS
 from agent.model import Kind, Labels, Point, Temporality
 
-MAX_NAME_BYTES = 1024
-MAX_LABELS = 128
-MAX_LABEL_NAME_BYTES = 1024
-MAX_LABEL_VALUE_BYTES = 4096
 MAX_UNIT_CHARS = 63
 MAX_DESCRIPTION_CHARS = 1023
 EPOCH_MS_FROM = 10**11
@@ -80,6 +95,8 @@ ITEM_REASONS = (
     "timestamp_out_of_range",
     "invalid_unit",
     "invalid_description",
+    *LIMIT_REASONS,
+    CONTROL_CHARACTER,
 )
 """Every code an item may be refused with."""
 _FIELDS = ("name", "metric_name", "value", "timestamp", "type", "tags", "labels", "unit", "description")
@@ -160,24 +177,38 @@ def _number(v: Any, what: str) -> float:
     raise _Refused("invalid_value", f"{what}: must be a finite number, got {_describe(v)}")
 
 
-def _string(v: Any, what: str, code: str, max_bytes: int) -> str:
+def _string(
+    v: Any, what: str, code: str, max_bytes: int, too_long: str | None = None, limit: str = ""
+) -> tuple[str, int]:
+    """(``v``, its UTF-8 length); refused with ``code`` when it is not a valid string, and with
+    ``too_long`` (default ``code``) when it is longer than ``max_bytes``, naming ``limit``."""
     if type(v) is not str:
         raise _Refused(code, f"{what}: must be a string, got {_describe(v)}")
     n = _utf8_len(v)
     if n < 0:
         raise _Refused(code, f"{what}: holds an unpaired UTF-16 surrogate escape; send valid UTF-8")
     if n > max_bytes:
-        raise _Refused(code, f"{what}: is {n} bytes long; the limit is {max_bytes}")
-    return v
+        named = f" (limits::{limit})" if limit else ""
+        raise _Refused(too_long or code, f"{what}: is {n} bytes long; the limit is {max_bytes}{named}")
+    return v, n
 
 
-def _labels(raw: Any, key: str) -> Labels:
+_CONTROL = "holds a control character (U+0000-U+001F or U+007F); names may not"
+
+
+def _labels(raw: Any, key: str, limits: SeriesLimits, budget: int) -> Labels:
+    """The sorted labels of ``raw``; ``budget`` is the bytes left of ``limits.max_series_bytes``."""
     if not isinstance(raw, dict):
         raise _Refused(
             "invalid_labels", f"{key}: must be an object of string to string, got {_describe(raw)}"
         )
-    if len(raw) > MAX_LABELS:
-        raise _Refused("invalid_labels", f"{key}: has {len(raw)} labels; the limit is {MAX_LABELS}")
+    if len(raw) > limits.max_labels:
+        raise _Refused(
+            TOO_MANY_LABELS,
+            f"{key}: has {len(raw)} labels; the limit is {limits.max_labels} (limits::max_labels)",
+        )
+    max_name, max_value = limits.max_label_name_length, limits.max_label_value_length
+    total = 0
     for name, value in raw.items():
         # Checked without building a message; the slow path below names the problem.
         if (
@@ -185,14 +216,39 @@ def _labels(raw: Any, key: str) -> Labels:
             and type(value) is str
             and name.isascii()
             and value.isascii()
-            and len(name) <= MAX_LABEL_NAME_BYTES
-            and len(value) <= MAX_LABEL_VALUE_BYTES
+            and len(name) <= max_name
+            and len(value) <= max_value
+            and name.isprintable()
         ):
+            total += len(name) + len(value)
             continue
         if not name:
             raise _Refused("invalid_labels", f"{key}: a label name must not be empty")
-        _string(name, f"{key}: label name {quote(name)}", "invalid_labels", MAX_LABEL_NAME_BYTES)
-        _string(value, f"{key}.{name[:40]}", "invalid_labels", MAX_LABEL_VALUE_BYTES)
+        _, n = _string(
+            name,
+            f"{key}: label name {quote(name)}",
+            "invalid_labels",
+            max_name,
+            LABEL_NAME_TOO_LONG,
+            "max_label_name_length",
+        )
+        if find_control(name):
+            raise _Refused(CONTROL_CHARACTER, f"{key}: label name {quote(name)} {_CONTROL}")
+        _, v = _string(
+            value,
+            f"{key}.{name[:40]}",
+            "invalid_labels",
+            max_value,
+            LABEL_VALUE_TOO_LONG,
+            "max_label_value_length",
+        )
+        total += n + v
+    if total > budget:
+        raise _Refused(
+            SERIES_TOO_LARGE,
+            f"{key}: the name and labels come to more than {limits.max_series_bytes} bytes "
+            "(limits::max_series_bytes)",
+        )
     return tuple(sorted(raw.items()))
 
 
@@ -258,10 +314,18 @@ unit, description."""
 class ItemParser:
     """Turns decoded JSON items into points; one refusal per bad item, the rest kept in order."""
 
-    def __init__(self, *, max_timestamp_age_s: float, max_timestamp_ahead_s: float, max_buckets: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_timestamp_age_s: float,
+        max_timestamp_ahead_s: float,
+        max_buckets: int,
+        limits: SeriesLimits | None = None,
+    ) -> None:
         self._age_s = max_timestamp_age_s
         self._ahead_s = max_timestamp_ahead_s
         self._max_buckets = max_buckets
+        self._limits = limits if limits is not None else SeriesLimits()
 
     def parse(self, items: list[Any], now_ns: int) -> Parsed:
         low = now_ns - int(self._age_s * 1e9)
@@ -329,9 +393,14 @@ class ItemParser:
         name_key = "metric_name" if "metric_name" in item else "name"
         if name_key not in item:
             raise _Refused("invalid_name", "name: required (a non-empty string)")
-        name = _string(item[name_key], name_key, "invalid_name", MAX_NAME_BYTES)
+        limits = self._limits
+        name, name_bytes = _string(
+            item[name_key], name_key, "invalid_name", limits.max_name_length, NAME_TOO_LONG, "max_name_length"
+        )
         if not name:
             raise _Refused("invalid_name", f"{name_key}: must not be empty")
+        if not name.isprintable() and find_control(name):
+            raise _Refused(CONTROL_CHARACTER, f"{name_key}: {quote(name)} {_CONTROL}")
 
         type_ = item.get("type")
         if type_ is None:
@@ -366,7 +435,16 @@ class ItemParser:
             raise _Refused("invalid_labels", "give either tags or labels, not both")
         labels_key = "labels" if "labels" in item else "tags"
         raw_labels = item.get(labels_key)
-        labels = _labels(raw_labels, labels_key) if raw_labels is not None else ()
+        budget = limits.max_series_bytes - name_bytes
+        if raw_labels is not None:
+            labels = _labels(raw_labels, labels_key, limits, budget)
+        elif budget < 0:
+            raise _Refused(
+                SERIES_TOO_LARGE,
+                f"{name_key}: more than {limits.max_series_bytes} bytes (limits::max_series_bytes)",
+            )
+        else:
+            labels = ()
 
         t_ns = now_ns
         raw_ts = item.get("timestamp")
@@ -419,7 +497,13 @@ def decode_body(body: bytes, max_items: int) -> list[Any]:
     except UnicodeDecodeError as exc:
         raise Refusal(400, "invalid_json", f"body is not valid UTF-8 (byte {exc.start})") from None
     except RecursionError:
-        raise Refusal(400, "invalid_json", "body is not valid JSON: nested too deeply") from None
+        raise Refusal(
+            400,
+            "invalid_json",
+            "body is not valid JSON: nested deeper than the JSON decoder allows (about "
+            f"{sys.getrecursionlimit()} levels, the interpreter's recursion limit); an item nests at "
+            "most 3 levels",
+        ) from None
     except ValueError as exc:
         raise Refusal(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     items = doc if isinstance(doc, list) else [doc] if isinstance(doc, dict) else None

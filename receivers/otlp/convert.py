@@ -47,8 +47,8 @@ count that does not match the bounds, bounds not finite and strictly ascending, 
 [-10, 20], ``min > max``), ``invalid_summary`` (a quantile outside [0, 1] or a NaN quantile value, a
 NaN sum), ``invalid_attributes`` (an attribute that is not valid protobuf or UTF-8),
 ``attributes_too_deep`` (an attribute value nested past the protobuf parser's limit of
-:data:`MAX_ATTRIBUTE_DEPTH` messages: 33 nested kvlists or 49 nested arrays), ``invalid_unit`` (more
-than 63 characters, or a control character), ``invalid_description`` (more than 4,096 characters).
+:data:`MAX_ATTRIBUTE_DEPTH` messages: at most 33 nested kvlists or 49 nested arrays), ``invalid_unit``
+(more than 63 characters), ``invalid_description`` (more than 4,096 characters).
 
 Size limits (``limits:``, :class:`agent.limits.SeriesLimits`) apply to the series each point would
 make: its metric name, and its labels counted together with the resource's and the scope's
@@ -158,7 +158,7 @@ _NO_HITS: Callable[[Any], None] = {}.get
 _WITH_RESOURCE = " counting the resource's and the scope's attributes"
 _TOO_DEEP = (
     f"attributes are nested more than {MAX_ATTRIBUTE_DEPTH} protobuf messages deep (the parser's limit: "
-    "33 nested kvlists or 49 nested arrays)"
+    "at most 33 nested kvlists or 49 nested arrays)"
 )
 
 MAX_ERRORS_LISTED = 10
@@ -509,9 +509,10 @@ class MetricsConverter:
                         False,
                     )
                     continue
-                # The longest metric name for which cache hits need no check (-1: none).
+                # The longest metric name that needs no check, and for which cache hits need none
+                # (-1: every name is checked, every hit too).
                 fast_name_bytes = (
-                    max_bytes - fixed_bytes - self._cached_bytes
+                    min(limits.max_name_length, max_bytes - fixed_bytes - self._cached_bytes)
                     if fixed_labels + self._cached_labels <= max_labels
                     else -1
                 )
@@ -619,11 +620,8 @@ class MetricsConverter:
             return NAME_TOO_LONG, f"the name is {name_bytes} bytes long: {limits.describe(NAME_TOO_LONG)}"
         if find_control(name):
             return CONTROL_CHARACTER, "the name holds a control character (U+0000-U+001F or U+007F)"
-        if len(unit) > MAX_UNIT_CHARS or find_control(unit):
-            return "invalid_unit", (
-                f"the unit {json.dumps(unit[:40])} is longer than {MAX_UNIT_CHARS} characters "
-                "or holds a control character"
-            )
+        if len(unit) > MAX_UNIT_CHARS:
+            return "invalid_unit", f"the unit is longer than {MAX_UNIT_CHARS} characters"
         if len(description) > MAX_DESCRIPTION_CHARS:
             return "invalid_description", (
                 f"the description is {len(description)} characters long; the limit is {MAX_DESCRIPTION_CHARS}"

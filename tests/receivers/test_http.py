@@ -9,6 +9,7 @@ import logging
 import math
 import ssl
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -243,8 +244,8 @@ LONG = "x" * 1025
         ({"name": "a", "metric_name": "b", "value": 1}, "invalid_name", "either name or metric_name"),
         ({"name": "", "value": 1}, "invalid_name", "name: must not be empty"),
         ({"name": 5, "value": 1}, "invalid_name", "name: must be a string, got the number 5"),
-        ({"name": LONG, "value": 1}, "invalid_name", "name: is 1025 bytes long; the limit is 1024"),
-        ({"name": "é" * 513, "value": 1}, "invalid_name", "1026 bytes"),  # UTF-8 bytes, not characters
+        ({"name": LONG, "value": 1}, "name_too_long", "name: is 1025 bytes long; the limit is 1024"),
+        ({"name": "é" * 513, "value": 1}, "name_too_long", "1026 bytes"),  # UTF-8 bytes, not characters
         ({"name": "a\ud800", "value": 1}, "invalid_name", "unpaired UTF-16 surrogate"),
         ({"name": "a"}, "invalid_value", "value: required"),
         ({"name": "a", "value": None}, "invalid_value", "got null"),
@@ -275,11 +276,11 @@ LONG = "x" * 1025
         ({"name": "a", "value": 1, "tags": {}, "labels": {}}, "invalid_labels", "either tags or labels"),
         (
             {"name": "a", "value": 1, "tags": {f"k{i}": "v" for i in range(129)}},
-            "invalid_labels",
+            "too_many_labels",
             "has 129 labels; the limit is 128",
         ),
-        ({"name": "a", "value": 1, "tags": {"k": "v" * 4097}}, "invalid_labels", "4097 bytes long"),
-        ({"name": "a", "value": 1, "tags": {LONG: "v"}}, "invalid_labels", "label name"),
+        ({"name": "a", "value": 1, "tags": {"k": "v" * 4097}}, "label_value_too_long", "4097 bytes long"),
+        ({"name": "a", "value": 1, "tags": {LONG: "v"}}, "label_name_too_long", "label name"),
         ({"name": "a", "value": 1, "tags": {"k": "\udc00"}}, "invalid_labels", "surrogate"),
         ({"name": "a", "value": 1, "unit": "µs"}, "invalid_unit", "ASCII string of at most 63"),
         ({"name": "a", "value": 1, "unit": 5}, "invalid_unit", "got the number 5"),
@@ -404,7 +405,9 @@ async def test_deep_json_is_refused_not_crashed(make: Make) -> None:
         status, body, _ = await h.post(data=raw)
         assert status == 400 and body == {
             "code": "invalid_json",
-            "error": "body is not valid JSON: nested too deeply",
+            "error": "body is not valid JSON: nested deeper than the JSON decoder allows (about "
+            f"{sys.getrecursionlimit()} levels, the interpreter's recursion limit); an item nests at "
+            "most 3 levels",
         }
     # Nesting the decoder takes is refused by the item rules, which never recurse into it.
     status, body, _ = await h.post(data=b"[" * 500 + b"]" * 500)

@@ -9,11 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as mpb
 
 from agent import exphist
+from agent.limits import SeriesLimits
 from agent.model import ExplicitHistogram, Kind, Point, Resource, Scope, Summary, Temporality
 from receivers.otlp.convert import (
     Converted,
@@ -469,3 +472,154 @@ def test_invalid_resource_attributes_refuse_its_points_only() -> None:
     assert out.refused == {"invalid_attributes": 2} and out.rejected == 2
     assert "resource 0: attributes are not valid KeyValues (2 data point(s))" in out.error_message
     assert "more" not in out.error_message  # the one sentence stands for both points
+
+
+# -- size limits: the cached fast path against a plain reference ------------------------------------------
+SMALL_LIMITS = SeriesLimits(
+    max_name_length=12, max_labels=5, max_label_name_length=6, max_label_value_length=10, max_series_bytes=40
+)
+# Few distinct keys, values and names, so that attribute sets repeat under other resources and names
+# (cache hits), and sizes on both sides of every limit.
+_key = st.sampled_from(["a", "bb", "ccc", "dddddd", "eeeeeee", "x\x1b"])
+_value = st.sampled_from(["", "v", "vvvvv", "vvvvvvvvvv", "é" * 5, "é" * 6, "vvvvvvvvvvv", "\t\n"])
+_POOL = [
+    {},
+    {"a": "v"},
+    {"a": "vvvvvvvvvv"},
+    {"a": "vvvvvvvvvv", "bb": "vvvvv"},
+    {"a": "v", "bb": "v"},
+    {"ccc": "é" * 5, "dddddd": "vvvvvvvvvv"},
+    {"a": "", "bb": "", "ccc": ""},
+]
+"""Attribute sets that recur (cache hits), small enough to be cached and large enough to push a point
+over a limit under a larger resource, scope or name."""
+_attrs = st.one_of(st.sampled_from(_POOL), st.dictionaries(_key, _value, max_size=4))
+_outer = st.one_of(st.sampled_from([{}, {"a": "v", "bb": "v"}, {"ccc": "vvvvvvvvvv"}]), _attrs)
+"""Resource and scope attributes: often small, often enough two labels each (4 of the 5 allowed)."""
+_name = st.sampled_from(["m", "mmmmmm", "m" * 12, "m" * 13, "n\x1b"])
+
+
+def _reference(name: str, resource: dict[str, str], scope: dict[str, str], attrs: dict[str, str]) -> bool:
+    """Whether a point is within SMALL_LIMITS, computed the plain way (scope name "lib", version "1.0")."""
+    labels = [*resource.items(), *scope.items(), *attrs.items()]
+    if SMALL_LIMITS.check(name, labels) not in (None, "series_too_large"):
+        return False
+    if any(ctl in k for k, _ in labels for ctl in "\x1b") or "\x1b" in name:
+        return False
+    total = sum(len(x.encode()) for pair in labels for x in pair) + len(name.encode()) + len("lib1.0")
+    return total <= SMALL_LIMITS.max_series_bytes
+
+
+_CONVERTER = MetricsConverter(limits=SMALL_LIMITS, max_cached=8)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            _outer,  # resource
+            _outer,  # scope
+            st.lists(st.tuples(_name, st.lists(_attrs, max_size=3)), max_size=4),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_limits_take_exactly_the_points_within_them(resources: list[Any]) -> None:
+    """One converter (with a small cache) across examples: cached attribute sets under other resources
+    and metric names are held to the limits as a fresh parse would be."""
+    req = ExportMetricsServiceRequest()
+    expected = []
+    for resource, scope, metrics in resources:
+        rm = req.resource_metrics.add()
+        rm.resource.attributes.extend(kv(k, v) for k, v in resource.items())
+        sm = rm.scope_metrics.add()
+        sm.scope.name, sm.scope.version = "lib", "1.0"
+        sm.scope.attributes.extend(kv(k, v) for k, v in scope.items())
+        for name, points in metrics:
+            m = sm.metrics.add(name=name)
+            for i, attrs in enumerate(points):
+                m.gauge.data_points.add(as_double=i, attributes=[kv(k, v) for k, v in attrs.items()])
+                if _reference(name, resource, scope, attrs):
+                    expected.append((name, tuple(sorted(attrs.items()))))
+    out = _CONVERTER.convert(ShadowMetricsRequest.FromString(req.SerializeToString()), NOW)
+    assert [(p.name, p.labels) for p in out.points] == expected
+    assert out.rejected == sum(out.refused.values())
+
+
+def test_the_caches_are_bounded_in_bytes() -> None:
+    converter = MetricsConverter(max_cached_bytes=64 * 1024)
+    for i in range(50):
+        m = mpb.Metric(name="g")
+        m.gauge.data_points.append(number(1.0, {"big": f"{i:04d}" + "v" * 4000}))
+        assert convert(request(m, resource={"r": f"{i:04d}" + "w" * 4000}), converter).points
+        # keys (serialized) and values (rendered) of ~4 KB each
+        assert len(converter._labels) <= 8 and len(converter._resources) <= 8
+    assert len(converter._labels) >= 1
+
+
+def test_attribute_sets_over_half_the_limits_are_not_cached_and_still_right() -> None:
+    converter = MetricsConverter(limits=SeriesLimits(max_labels=6))  # attribute sets of 3 at most cached
+    four = {"a": "1", "b": "2", "c": "3", "d": "4"}  # with service.name and scope.attr: 6
+    m = sum_metric("c", [number(1, four), number(2, {"a": "1"})], DELTA, True)
+    for _ in range(2):
+        out = convert(request(m), converter)
+        assert [p.labels for p in out.points] == [tuple(four.items()), (("a", "1"),)]
+    assert list(converter._labels.values()) == [(("a", "1"),)]
+
+
+def test_upb_names_its_depth_limit() -> None:
+    """The converter and the receiver tell depth from malformed input by upb's message."""
+    from google.protobuf.message import DecodeError
+
+    from receivers.otlp.wire import is_too_deep
+
+    value = AnyValue(string_value="x").SerializeToString()
+    for _ in range(40):  # AnyValue.kvlist_value.values[0].value
+        entry = b"\x0a\x01k" + b"\x12" + _varint(len(value)) + value
+        kvlist = b"\x0a" + _varint(len(entry)) + entry
+        value = b"\x32" + _varint(len(kvlist)) + kvlist
+    with pytest.raises(DecodeError) as info:
+        AnyValue.FromString(value)
+    assert is_too_deep(info.value)
+    with pytest.raises(DecodeError) as info:
+        KeyValue.FromString(b"\x0a\x02\xff\xfe")
+    assert not is_too_deep(info.value)
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n >= 0x80:
+        out += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+@pytest.mark.parametrize(
+    ("resource", "scope", "refused"),
+    [
+        ({"a": "v", "bb": "v"}, {"ccc": "v", "x": "v"}, "too_many_labels"),  # 4 + 2 > 5
+        ({"dddddd": "vvvvvvvvvv"}, {"ccc": "vvvvvvvvvv"}, "series_too_large"),  # 16+13+6 + 1 + 11 > 40
+    ],
+)
+def test_a_cached_attribute_set_is_checked_again_under_a_larger_resource(
+    resource: dict[str, str], scope: dict[str, str], refused: str
+) -> None:
+    converter = MetricsConverter(limits=SMALL_LIMITS)
+    attrs = {"a": "vvvvvvvvvv"} if refused == "series_too_large" else {"a": "v", "bb": "v"}
+
+    def once(resource: dict[str, str], scope: dict[str, str]) -> Converted:
+        req = ExportMetricsServiceRequest()
+        rm = req.resource_metrics.add()
+        rm.resource.attributes.extend(kv(k, v) for k, v in resource.items())
+        sm = rm.scope_metrics.add()
+        sm.scope.name, sm.scope.version = "lib", "1.0"
+        sm.scope.attributes.extend(kv(k, v) for k, v in scope.items())
+        # A short name: the name alone does not take the metric off the unchecked path.
+        m = sm.metrics.add(name="m")
+        m.gauge.data_points.add(as_double=1.0, attributes=[kv(k, v) for k, v in attrs.items()])
+        return converter.convert(ShadowMetricsRequest.FromString(req.SerializeToString()), NOW)
+
+    assert len(once({}, {}).points) == 1  # now cached
+    out = once(resource, scope)
+    assert out.points == [] and out.refused == {refused: 1}
