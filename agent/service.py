@@ -1,18 +1,62 @@
-"""The running agent: builds the pipeline graph from config and owns the components' lifecycle.
+"""The running agent: builds the pipeline graph from config, owns the components' lifecycle, and applies
+a changed config to the running graph.
 
 Graph: each receiver is one instance, feeding a fan-out over the pipelines that list it; each pipeline
 has its own processor instances, chained in order; each exporter is one instance shared by every
-pipeline that lists it. Start: exporters, then processors, then receivers (so nothing is received
-before it can be sent), then the admin endpoint. Stop: receivers first (they flush what they
-aggregated), then processors, then exporters, which drain their queues until the shutdown deadline.
+pipeline that lists it. Every edge goes through a service-owned :class:`Link`: a receiver feeds one
+Link per signal, a processor feeds one Link, and an exporter is reached through its entry Link (one per
+exporter id, for the agent's lifetime). A Link's target is swapped between batches — one assignment on
+the loop: a batch already inside the old target finishes there, the next one goes to the new — so the
+graph can change under running components without stopping them.
+
+Start: exporters, then processors, then receivers (nothing is received before it can be sent), then the
+loop watchdog. Stop: receivers first (they flush what they aggregated), then processors, then exporters,
+which drain their queues until the shutdown deadline; a component still stopping is named by
+:meth:`Agent.stopping_components` (the caller enforces the overall deadline).
+
+Reload (:meth:`Agent.reload`), the contract:
+
+- Unchanged components keep running, with their sockets, state and queues: an exporter or a receiver
+  with the same id and an equal Config (a receiver also feeding the same signals), a processor with the
+  same id and Config at the same position of the same pipeline. Only the Links downstream of them are
+  re-pointed. Intake on an unchanged receiver never pauses.
+- Before anything changes, the machine is checked for what the new config adds (a port or a directory
+  problem the running config does not already have): any problem refuses the reload, nothing changed.
+- Components with new ids are created and started next; if one cannot start, they are stopped again and
+  the reload is refused: the running graph was never touched.
+- A changed exporter is replaced in place. Its entry Link pauses (consume calls wait; none is refused),
+  the calls already inside it finish, the old instance hands its queue over (``hand_over``: memory —
+  the queued requests, one being sent included, so at least once; disk — the partition is synced,
+  closed and unlocked with its records), the successor is created, started, takes the queue
+  (``adopt``) and the Link resumes onto it. The pause lasts as long as closing the one and starting the
+  other: milliseconds, plus a disk queue's recovery scan. An exporter without ``hand_over`` (the pull
+  endpoint, debug) is shut down first — the pull endpoint's port is closed for that time.
+- A changed receiver is restarted on the same Links. Its successor is started first, beside it (no gap
+  when the addresses differ); if that fails (the old one holds the address), the old one is stopped —
+  sockets closed, its aggregate flushed — and the successor started: intake on that receiver pauses
+  for that time (measured ~1-5 ms on loopback; the kernel keeps UDP datagrams meanwhile; TCP clients of
+  the old socket are disconnected and reconnect).
+- Removed components retire in the background, without holding up the new pipelines: removed receivers
+  stop first (before new receivers bind: one may take over the address), then the processors no longer
+  used (upstream first: they flush into what follows), then removed exporters drain within
+  shutdown_timeout as at shutdown. They show in ``status()`` as ``retiring`` until done.
+- If a replacement cannot start although the checks passed, every step is undone — replaced components
+  get back a fresh instance of their previous Config (queues handed back), new ones stop, Links point
+  back — and the reload reports failure. That undo is the only case with a gap.
+
+Components of every generation share the agent's :class:`Telemetry` (counters continue across reloads);
+each instance sees it through a scope whose ``unregister_gauges`` drops only its own gauges, so a
+predecessor stopping never drops its successor's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.component import (
@@ -29,6 +73,9 @@ from agent.model import Batch
 from agent.telemetry import ComponentTelemetry, Telemetry
 
 log = logging.getLogger("headwater.service")
+
+PAUSE_LIMIT_S = 10.0
+"""How long a replacement waits for the consume calls already inside the old exporter to finish."""
 
 
 class Fanout:
@@ -51,39 +98,228 @@ class Fanout:
             raise refused
 
 
+class Link:
+    """A service-owned edge of the graph: passes each batch to ``target``, which a reload swaps between
+    batches. ``pause`` makes new calls wait (not refused) until ``resume``; ``quiesce`` waits until no
+    call is inside the target. One attribute read and a counter per batch: never per point."""
+
+    __slots__ = ("_active", "_gate", "_quiet", "target")
+
+    def __init__(self, target: Consumer) -> None:
+        self.target = target
+        self._gate: asyncio.Event | None = None
+        self._active = 0
+        self._quiet: asyncio.Event | None = None
+
+    async def consume(self, batch: Batch) -> None:
+        while self._gate is not None:
+            await self._gate.wait()
+        self._active += 1
+        try:
+            await self.target.consume(batch)
+        finally:
+            self._active -= 1
+            if self._active == 0 and self._quiet is not None:
+                self._quiet.set()
+
+    def pause(self) -> None:
+        if self._gate is None:
+            self._gate = asyncio.Event()
+
+    def resume(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    async def quiesce(self, timeout_s: float) -> bool:
+        """Wait until no call is inside the target; False if some still are after ``timeout_s``."""
+        if self._active == 0:
+            return True
+        self._quiet = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._quiet.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._quiet = None
+
+
+class _ComponentScope(Telemetry):
+    """The agent's :class:`Telemetry` as one component instance sees it: the same cells and families,
+    but ``unregister_gauges`` drops only the gauges this instance registered and still owns."""
+
+    def __init__(self, root: Telemetry) -> None:
+        # No super().__init__(): a scope has no registry of its own, everything goes to ``root``.
+        self._root = root
+        self.registry = root.registry
+        self.started_monotonic = root.started_monotonic
+        self._readers: list[tuple[str, Callable[[], float], dict[str, str]]] = []
+
+    def counter(self, name: str, help: str, **labels: str) -> Any:
+        return self._root.counter(name, help, **labels)
+
+    def gauge(self, name: str, help: str, read: Callable[[], float], **labels: str) -> None:
+        self._root.gauge(name, help, read, **labels)
+        self._readers.append((name, read, labels))
+
+    def counter_reader(self, name: str, help: str, read: Callable[[], float], **labels: str) -> None:
+        self._root.counter_reader(name, help, read, **labels)
+        self._readers.append((name, read, labels))
+
+    def unregister_gauges(self, **labels: str) -> None:
+        kept = []
+        for name, read, own in self._readers:
+            if all(own.get(k) == v for k, v in labels.items()):
+                self._root.unregister_reader(name, read, **own)
+            else:
+                kept.append((name, read, own))
+        self._readers = kept
+
+    def value(self, name: str, **labels: str) -> float:
+        return self._root.value(name, **labels)
+
+    def collect(self) -> Any:
+        return self._root.collect()
+
+
 class _Running:
-    def __init__(self, id: ComponentId, kind: ComponentKind, instance: Any, pipeline: str = "") -> None:
-        self.id = id
-        self.kind = kind
+    """One component instance in the graph and where it sits."""
+
+    def __init__(
+        self,
+        spec: ComponentSpec,
+        instance: Any,
+        pipeline: str = "",
+        position: int = 0,
+        *,
+        link: Link | None = None,
+        links: dict[Signal, Link] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.kind = spec.kind
         self.instance = instance
         self.pipeline = pipeline
+        self.position = position
+        self.link = link
+        """A processor's downstream Link."""
+        self.links: dict[Signal, Link] = links or {}
+        """A receiver's Link per signal."""
         self.state = "created"
+
+    @property
+    def label(self) -> str:
+        return str(self.id) + (f"@{self.pipeline}" if self.pipeline else "")
+
+
+def _same(a: ComponentSpec, b: ComponentSpec) -> bool:
+    return a.factory is b.factory and a.config == b.config
+
+
+@dataclass
+class _Plan:
+    """What applying a config to the running graph takes (everything new is created, nothing started)."""
+
+    config: AgentConfig
+    exporters: dict[ComponentId, _Running] = field(default_factory=dict)
+    """The new graph's exporters, changed ones still as their running predecessor."""
+    exporters_new: list[_Running] = field(default_factory=list)
+    exporters_changed: list[tuple[_Running, ComponentSpec]] = field(default_factory=list)
+    exporters_removed: list[_Running] = field(default_factory=list)
+    entries_new: dict[ComponentId, Link] = field(default_factory=dict)
+    processors: list[_Running] = field(default_factory=list)
+    processors_new: list[_Running] = field(default_factory=list)
+    processors_retired: list[_Running] = field(default_factory=list)
+    receivers: dict[ComponentId, _Running] = field(default_factory=dict)
+    """The new graph's receivers, changed ones still as their running predecessor."""
+    receivers_new: list[_Running] = field(default_factory=list)
+    receivers_changed: list[tuple[_Running, ComponentSpec, dict[Signal, Link]]] = field(default_factory=list)
+    receivers_removed: list[_Running] = field(default_factory=list)
+    swaps: list[tuple[Link, Consumer]] = field(default_factory=list)
+
+
+class _Undo:
+    """Steps that undo a reload in progress, run newest first."""
+
+    def __init__(self) -> None:
+        self._steps: list[Callable[[], Awaitable[object]]] = []
+
+    def add(self, step: Callable[[], Awaitable[object]]) -> None:
+        self._steps.append(step)
+
+    async def run(self) -> None:
+        for step in reversed(self._steps):
+            try:
+                await step()
+            except Exception as exc:  # keep undoing: each step restores a separate component
+                log.error("undoing the reload: %r", exc, exc_info=exc)
+        self._steps.clear()
+
+
+def added_environment_problems(old: AgentConfig | None, new: AgentConfig) -> list[str]:
+    """What ``new`` needs of the machine that is not there (ports free, directories writable), leaving
+    out what the running config ``old`` already holds: the same problem text (which names the address
+    or directory) among old's is the running agent's own socket or queue. Blocking (tries binds)."""
+    problems: list[str] = []
+    for section in ("receivers", "exporters"):
+        new_specs: dict[ComponentId, ComponentSpec] = getattr(new, section)
+        old_specs: dict[ComponentId, ComponentSpec] = getattr(old, section) if old is not None else {}
+        held: set[str] | None = None
+        for cid, spec in new_specs.items():
+            check = getattr(spec.config, "environment_problems", None)
+            if check is None or (cid in old_specs and _same(old_specs[cid], spec)):
+                continue
+            found = check()
+            if found and held is None:
+                held = {
+                    msg
+                    for o in old_specs.values()
+                    for _, msg in (getattr(o.config, "environment_problems", lambda: [])())
+                }
+            problems += [f"{section}::{cid}::{path}: {msg}" for path, msg in found if msg not in (held or ())]
+    return problems
+
+
+async def _point(link: Link, target: Consumer) -> None:
+    link.target = target
 
 
 class Agent:
-    """One configured agent. ``start`` then ``stop``; ``stop`` is idempotent and safe before ``start``."""
+    """One agent for the life of the process: ``start``, any number of ``reload``, then ``stop``.
+    ``stop`` is idempotent and safe before ``start``."""
 
     def __init__(self, config: AgentConfig, telemetry: Telemetry | None = None) -> None:
         self.config = config
         self.telemetry = telemetry or Telemetry()
         self.started_at = time.time()
-        self._exporters: list[_Running] = []
+        self._entries: dict[ComponentId, Link] = {}
+        self._exporters: dict[ComponentId, _Running] = {}
         self._processors: list[_Running] = []
-        self._receivers: list[_Running] = []
+        """In creation order — each pipeline from its end — so reversed() is upstream first."""
+        self._receivers: dict[ComponentId, _Running] = {}
+        self._retiring: list[_Running] = []
         self._not_ready: set[str] = set()
         self.stopping = False
         self._stopped = False
         self._tasks = Tasks("agent", log)
+        self._retirements = Tasks("agent-retire", log)
+        self._reloading = asyncio.Lock()
         self.loop_lag_max_s = 0.0
         self.telemetry.gauge(
             "event_loop_lag_max_seconds",
             "Longest the event loop was late to wake a 20ms timer since start (a stall blocks every socket).",
             lambda: self.loop_lag_max_s,
         )
-        self._build()
+        plan = self._plan(config)
+        self._entries.update(plan.entries_new)
+        self._exporters = plan.exporters
+        self._processors = plan.processors
+        self._receivers = plan.receivers
 
     # -- graph -------------------------------------------------------------------------------------
-    def _settings(self, spec: ComponentSpec, suffix: str = "") -> Settings:
+    def _settings(self, config: AgentConfig, spec: ComponentSpec, suffix: str = "") -> Settings:
         kind = spec.kind.value
         label = str(spec.id) + suffix
         ready_key = f"{kind}:{label}"
@@ -96,43 +332,85 @@ class Agent:
         return Settings(
             id=spec.id,
             kind=spec.kind,
-            telemetry=ComponentTelemetry(self.telemetry, kind, label),
+            telemetry=ComponentTelemetry(_ComponentScope(self.telemetry), kind, label),
             logger=logging.getLogger(f"headwater.{kind}.{label}"),
             ready=ready,
-            shutdown_timeout_s=self.config.service.shutdown_timeout,
+            shutdown_timeout_s=config.service.shutdown_timeout,
         )
 
-    def _build(self) -> None:
-        cfg = self.config
-        exporters: dict[ComponentId, Any] = {}
-        for cid, spec in cfg.exporters.items():
-            inst = spec.factory.create(self._settings(spec), spec.config)
-            exporters[cid] = inst
-            self._exporters.append(_Running(cid, spec.kind, inst))
+    def _exporter(self, config: AgentConfig, spec: ComponentSpec) -> _Running:
+        return _Running(spec, spec.factory.create(self._settings(config, spec), spec.config))
+
+    def _receiver(self, config: AgentConfig, spec: ComponentSpec, links: dict[Signal, Link]) -> _Running:
+        consumers: dict[Signal, Consumer] = dict(links)
+        instance = spec.factory.create(self._settings(config, spec), spec.config, consumers)
+        return _Running(spec, instance, links=links)
+
+    def _plan(self, config: AgentConfig) -> _Plan:
+        """Match ``config`` against the running graph (empty before start) and create what is new."""
+        plan = _Plan(config)
+        for cid, spec in config.exporters.items():
+            old = self._exporters.get(cid)
+            if old is None:
+                running = self._exporter(config, spec)
+                plan.exporters_new.append(running)
+                plan.entries_new[cid] = Link(running.instance)
+                plan.exporters[cid] = running
+                continue
+            if not _same(old.spec, spec):
+                plan.exporters_changed.append((old, spec))
+            plan.exporters[cid] = old
+        plan.exporters_removed = [r for cid, r in self._exporters.items() if cid not in config.exporters]
+        entries = {**self._entries, **plan.entries_new}
+
+        by_place = {(p.pipeline, p.position): p for p in self._processors}
         heads: dict[ComponentId, dict[Signal, list[Consumer]]] = {}
-        for pipeline in cfg.pipelines:
-            nxt: Consumer = Fanout([exporters[e] for e in pipeline.exporters])
-            for pid in reversed(pipeline.processors):
-                spec = cfg.processors[pid]
-                inst = spec.factory.create(self._settings(spec, f"@{pipeline.id}"), spec.config, nxt)
-                self._processors.append(_Running(pid, spec.kind, inst, pipeline.id))
-                nxt = inst
+        for pipeline in config.pipelines:
+            nxt: Consumer = Fanout([entries[e] for e in pipeline.exporters])
+            for position in reversed(range(len(pipeline.processors))):
+                spec = config.processors[pipeline.processors[position]]
+                old = by_place.get((pipeline.id, position))
+                if old is not None and _same(old.spec, spec):
+                    assert old.link is not None
+                    plan.swaps.append((old.link, nxt))
+                    plan.processors.append(old)
+                else:
+                    link = Link(nxt)
+                    settings = self._settings(config, spec, f"@{pipeline.id}")
+                    instance = spec.factory.create(settings, spec.config, link)
+                    running = _Running(spec, instance, pipeline.id, position, link=link)
+                    plan.processors.append(running)
+                    plan.processors_new.append(running)
+                nxt = plan.processors[-1].instance
             for rid in pipeline.receivers:
                 heads.setdefault(rid, {}).setdefault(pipeline.signal, []).append(nxt)
+        kept = {id(p) for p in plan.processors}
+        plan.processors_retired = [p for p in self._processors if id(p) not in kept]
+
         for rid, by_signal in heads.items():
-            spec = cfg.receivers[rid]
-            consumers = {signal: Fanout(cs) for signal, cs in by_signal.items()}
-            inst = spec.factory.create(self._settings(spec), spec.config, consumers)
-            self._receivers.append(_Running(rid, spec.kind, inst))
-        # Processors were appended from the end of each pipeline; start order is exporter-side first.
+            spec = config.receivers[rid]
+            targets: dict[Signal, Consumer] = {signal: Fanout(cs) for signal, cs in by_signal.items()}
+            old = self._receivers.get(rid)
+            if old is None:
+                running = self._receiver(config, spec, {s: Link(t) for s, t in targets.items()})
+                plan.receivers_new.append(running)
+                plan.receivers[rid] = running
+                continue
+            plan.swaps += [(old.links[s], t) for s, t in targets.items() if s in old.links]
+            if not (set(old.links) == set(targets) and _same(old.spec, spec)):
+                links = {s: old.links[s] if s in old.links else Link(t) for s, t in targets.items()}
+                plan.receivers_changed.append((old, spec, links))
+            plan.receivers[rid] = old
+        plan.receivers_removed = [r for rid, r in self._receivers.items() if rid not in heads]
+        return plan
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Start exporters, processors, then receivers. On failure, stop what started and re-raise."""
         try:
-            for group in (self._exporters, self._processors, self._receivers):
+            for group in self._groups(start=True):
                 for running in group:
-                    log.debug("starting %s %s", running.kind.value, running.id)
+                    log.debug("starting %s %s", running.kind.value, running.label)
                     await running.instance.start()
                     running.state = "running"
         except BaseException:
@@ -147,20 +425,70 @@ class Agent:
             ", ".join(p.id for p in self.config.pipelines),
         )
 
+    def _groups(self, *, start: bool) -> list[list[_Running]]:
+        exporters, receivers = list(self._exporters.values()), list(self._receivers.values())
+        if start:
+            return [exporters, self._processors, receivers]
+        return [receivers, list(reversed(self._processors)), exporters]
+
     async def stop(self) -> None:
-        """Stop receivers (they flush), processors, then exporters (they drain until the deadline)."""
+        """Stop receivers (they flush), processors, then exporters (they drain until the deadline), and
+        wait for components retiring after a reload. The caller bounds the whole (see
+        :meth:`stopping_components`)."""
         if self._stopped:
             return
         self._stopped = True
         self.stopping = True
         await self._tasks.close()
-        for group in (self._receivers, list(reversed(self._processors)), self._exporters):
-            results = await asyncio.gather(
-                *(self._stop_one(r) for r in group if r.state == "running"), return_exceptions=True
-            )
-            for r in results:
-                if isinstance(r, BaseException):
-                    log.error("error during shutdown: %r", r)
+        async with self._reloading:  # a reload in progress finishes first (it is bounded)
+            retiring = asyncio.ensure_future(self._retirements.wait())
+            for group in self._groups(start=False):
+                await self._stop_group(group)
+            await retiring
+
+    async def _stop_group(self, group: Sequence[_Running]) -> None:
+        results = await asyncio.gather(
+            *(self._stop_one(r) for r in group if r.state == "running"), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                log.error("error during shutdown: %r", r)
+
+    async def _stop_one(self, running: _Running) -> None:
+        running.state = "stopping"
+        try:
+            await running.instance.shutdown()
+        finally:
+            running.state = "stopped"
+
+    async def _start_one(self, running: _Running) -> bool:
+        """Start one component; on failure log it, stop what it started, and return False."""
+        try:
+            await running.instance.start()
+        except Exception as exc:
+            log.error("cannot start %s %s: %s", running.kind.value, running.label, exc)
+            try:
+                await running.instance.shutdown()
+            except Exception as stop_exc:
+                log.error(
+                    "stopping %s %s after a failed start: %r", running.kind.value, running.label, stop_exc
+                )
+            running.state = "stopped"
+            if running.kind is ComponentKind.RECEIVER:
+                self._not_ready.discard(f"receiver:{running.label}")
+            return False
+        running.state = "running"
+        return True
+
+    def stopping_components(self) -> list[str]:
+        """The components still stopping (or retiring after a reload), as ``kind id``."""
+        everything = [
+            *self._receivers.values(),
+            *self._processors,
+            *self._exporters.values(),
+            *self._retiring,
+        ]
+        return [f"{r.kind.value} {r.label}" for r in everything if r.state == "stopping"]
 
     async def _watch_loop(self, period_s: float = 0.02) -> None:
         loop = asyncio.get_running_loop()
@@ -173,11 +501,189 @@ class Agent:
                 if lag > 0.1:
                     log.warning("event loop stalled for %.0f ms", lag * 1000)
 
-    async def _stop_one(self, running: _Running) -> None:
+    # -- reload ------------------------------------------------------------------------------------
+    async def reload(self, config: AgentConfig) -> bool:
+        """Apply ``config`` to the running graph (see the module doc). True when it runs now; False when
+        it was refused (logged) and the previous config keeps running."""
+        async with self._reloading:
+            if self.stopping:
+                return False
+            problems = await asyncio.to_thread(added_environment_problems, self.config, config)
+            if problems:
+                log.error(
+                    "reload refused, the running config stays: the machine is not ready (%d):", len(problems)
+                )
+                for problem in problems:
+                    log.error("  %s", problem)
+                return False
+            plan = self._plan(config)
+            undo = _Undo()
+            try:
+                applied = await self._apply(plan, undo)
+            except BaseException:
+                await undo.run()
+                await self._discard(plan)
+                raise
+            if not applied:
+                await undo.run()
+                await self._discard(plan)
+                return False
+            self._install(plan)
+            return True
+
+    async def _apply(self, plan: _Plan, undo: _Undo) -> bool:
+        config = plan.config
+        # 1. What is new starts beside the running graph: a failure here leaves it untouched.
+        for running in [*plan.exporters_new, *plan.processors_new]:
+            if not await self._start_one(running):
+                return False
+            undo.add(functools.partial(self._stop_one, running))
+        # 2. The new graph takes over the Links of what is kept.
+        for link, target in plan.swaps:
+            undo.add(functools.partial(_point, link, link.target))
+            link.target = target
+        # 3. Changed exporters hand their queues to their successors.
+        for old, spec in plan.exporters_changed:
+            new = await self._replace_exporter(config, old, spec)
+            if new is None:
+                return False
+            plan.exporters[old.id] = new
+            undo.add(functools.partial(self._replace_exporter, self.config, new, old.spec))
+        # 4. Receivers: removed ones stop (a new one may take over their address), changed ones restart.
+        for old in plan.receivers_removed:
+            await self._stop_one(old)
+            self._not_ready.discard(f"receiver:{old.label}")
+            undo.add(functools.partial(self._restore_receiver, old))
+        for old, spec, links in plan.receivers_changed:
+            new = await self._replace_receiver(config, old, spec, links)
+            if new is None:
+                return False
+            plan.receivers[old.id] = new
+            undo.add(functools.partial(self._replace_receiver, self.config, new, old.spec, old.links))
+        for running in plan.receivers_new:
+            if not await self._start_one(running):
+                return False
+            undo.add(functools.partial(self._stop_receiver, running))
+        return True
+
+    def _install(self, plan: _Plan) -> None:
+        self.config = plan.config
+        self._entries.update(plan.entries_new)
+        removed = plan.exporters_removed
+        removed_entries = [self._entries.pop(r.id) for r in removed]
+        self._exporters = plan.exporters
+        self._processors = plan.processors
+        self._receivers = plan.receivers
+        if plan.processors_retired or removed:
+            self._retiring += [*plan.processors_retired, *removed]
+            self._retirements.spawn(self._retire(plan.processors_retired, removed, removed_entries), "retire")
+
+    async def _discard(self, plan: _Plan) -> None:
+        """Release what a refused plan created and never started (gauges, readiness keys)."""
+        created = [*plan.exporters_new, *plan.processors_new, *plan.receivers_new]
+        for running in created:
+            if running.state == "created":
+                running.state = "stopped"
+                try:
+                    await running.instance.shutdown()
+                except Exception as exc:
+                    log.error("releasing %s %s: %r", running.kind.value, running.label, exc)
+        for running in plan.receivers_new:
+            self._not_ready.discard(f"receiver:{running.label}")
+
+    async def _retire(
+        self, processors: Sequence[_Running], exporters: Sequence[_Running], entries: Sequence[Link]
+    ) -> None:
+        """Stop what a reload left out, in the background: processors upstream first (each flushes
+        into what follows), then removed exporters once nothing is inside them, draining as at shutdown."""
         try:
-            await running.instance.shutdown()
+            for running in reversed(processors):
+                if running.state == "running":
+                    try:
+                        await self._stop_one(running)
+                    except Exception as exc:
+                        log.error("stopping %s %s: %r", running.kind.value, running.label, exc)
+            for link in entries:
+                await link.quiesce(PAUSE_LIMIT_S)
+            await self._stop_group(exporters)
+            if exporters or processors:
+                log.info(
+                    "retired after the reload: %s",
+                    ", ".join(f"{r.kind.value} {r.label}" for r in [*processors, *exporters]),
+                )
         finally:
-            running.state = "stopped"
+            done = {id(r) for r in [*processors, *exporters]}
+            self._retiring = [r for r in self._retiring if id(r) not in done]
+
+    async def _replace_exporter(
+        self, config: AgentConfig, old: _Running, spec: ComponentSpec
+    ) -> _Running | None:
+        """Replace ``old`` by a new instance of ``spec`` behind its entry Link, handing its queue over;
+        None when the new one cannot start (``old``'s config is then restored, its queue handed back)."""
+        entry = self._entries[old.id]
+        entry.pause()
+        try:
+            if not await entry.quiesce(PAUSE_LIMIT_S):
+                log.warning(
+                    "exporter %s: batches still inside after %.0fs; replacing it anyway",
+                    old.label,
+                    PAUSE_LIMIT_S,
+                )
+            old.state = "stopping"
+            hand_over = getattr(old.instance, "hand_over", None)
+            handed: Any = None
+            try:
+                if hand_over is not None:
+                    handed = await hand_over()
+                else:
+                    await old.instance.shutdown()
+            finally:
+                old.state = "stopped"
+            new = await self._start_exporter(config, spec, handed)
+            if new is None:
+                log.error("exporter %s: the new config cannot start; restoring the previous one", old.label)
+                restored = await self._start_exporter(self.config, old.spec, handed)
+                if restored is not None:
+                    entry.target = restored.instance
+                    self._exporters[old.id] = restored
+                return None
+            entry.target = new.instance
+            self._exporters[old.id] = new
+            return new
+        finally:
+            entry.resume()
+
+    async def _start_exporter(self, config: AgentConfig, spec: ComponentSpec, handed: Any) -> _Running | None:
+        running = self._exporter(config, spec)
+        if not await self._start_one(running):
+            return None
+        if handed is not None:
+            await running.instance.adopt(handed)
+        return running
+
+    async def _replace_receiver(
+        self, config: AgentConfig, old: _Running, spec: ComponentSpec, links: dict[Signal, Link]
+    ) -> _Running | None:
+        """Restart a receiver with ``spec`` on ``links``: stop ``old`` (it flushes), start the new one;
+        None when it cannot start (``old``'s config is then started again)."""
+        if old.state == "running":
+            await self._stop_one(old)
+        new = self._receiver(config, spec, links)
+        if await self._start_one(new):
+            self._receivers[old.id] = new
+            return new
+        log.error("receiver %s: the new config cannot start; restoring the previous one", old.label)
+        await self._restore_receiver(old)
+        return None
+
+    async def _restore_receiver(self, old: _Running) -> None:
+        restored = self._receiver(self.config, old.spec, old.links)
+        if await self._start_one(restored):
+            self._receivers[old.id] = restored
+
+    async def _stop_receiver(self, running: _Running) -> None:
+        await self._stop_one(running)
+        self._not_ready.discard(f"receiver:{running.label}")
 
     # -- status ------------------------------------------------------------------------------------
     @property
@@ -185,8 +691,14 @@ class Agent:
         return (
             not self._not_ready
             and not self.stopping
-            and all(r.state == "running" for r in self._receivers + self._exporters)
+            and all(r.state == "running" for r in [*self._receivers.values(), *self._exporters.values()])
         )
+
+    def _components(self) -> Iterator[_Running]:
+        yield from self._receivers.values()
+        yield from self._processors
+        yield from self._exporters.values()
+        yield from self._retiring
 
     def status(self) -> dict[str, Any]:
         t = self.telemetry
@@ -207,14 +719,14 @@ class Agent:
             return {}
 
         components = []
-        for r in self._receivers + self._processors + self._exporters:
-            label = str(r.id) + (f"@{r.pipeline}" if r.pipeline else "")
+        retiring = {id(r) for r in self._retiring}
+        for r in self._components():
             entry: dict[str, Any] = {
                 "id": str(r.id),
                 "kind": r.kind.value,
                 "pipeline": r.pipeline or None,
-                "state": r.state,
-                **counts(r.kind, label),
+                "state": "retiring" if id(r) in retiring and r.state != "stopped" else r.state,
+                **counts(r.kind, r.label),
             }
             # A component may offer `status() -> dict` (threshold: its active alerts); a failing one
             # must not break the endpoint.

@@ -82,6 +82,16 @@ class Telemetry:
             for key in [k for k in fam.readers if all(k[i] == v for i, v in idx)]:
                 del fam.readers[key]
 
+    def unregister_reader(self, name: str, read: Callable[[], float], **labels: str) -> None:
+        """Drop the gauge (or counter reader) ``name`` with exactly ``labels`` if it is still read by
+        ``read``: a component replaced on reload must not drop the one its successor registered."""
+        fam = self._families.get(PREFIX + name)
+        if fam is None or set(labels) != set(fam.label_names):
+            return
+        key = tuple(labels[k] for k in fam.label_names)
+        if fam.readers.get(key) is read:
+            del fam.readers[key]
+
     def value(self, name: str, **labels: str) -> float:
         """Sum of the cells of ``name`` (no prefix) whose labels include ``labels``; for tests and /status."""
         fam = self._families.get(PREFIX + name)

@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import email.utils
 import functools
+import gzip
 import logging
 import math
 import os
@@ -496,6 +497,52 @@ class _OtlpExporter(abc.ABC):
         await asyncio.gather(*(s.shutdown(self._settings.shutdown_timeout_s) for s in senders))
         await self._close()
 
+    async def hand_over(self) -> tuple[str, dict[str | None, list[Request]]]:
+        """A reload replaces this exporter (its config changed): stop without draining and return how
+        the queued bodies are encoded (Content-Encoding, "" for none) and the queued requests by tenant
+        (None: the default queue), for :meth:`adopt` of the successor. A disk queue keeps its records in
+        the directory the successor reopens once this returns (the lock is released)."""
+        self._closing = True
+        async with self._senders_lock:
+            senders: dict[str | None, Sender] = {None: self._sender, **self._senders}
+        taken = await asyncio.gather(*(s.hand_over() for s in senders.values()))
+        await self._close()
+        queued = {tenant: requests for tenant, requests in zip(senders, taken, strict=True) if requests}
+        return self._content_encoding, queued
+
+    async def adopt(self, handed: tuple[str, dict[str | None, list[Request]]]) -> None:
+        """Queue a predecessor's requests (:meth:`hand_over`) ahead of new data, each tenant's in that
+        tenant's queue, re-compressed when the compression setting changed. Requests of a tenant this
+        exporter cannot route (over max_tenants) are dropped and counted (tenant_routing_changed)."""
+        encoding, queued = handed
+        for tenant, requests in queued.items():
+            sender = await self._sender_for(tenant)
+            if sender is None:
+                points = sum(r.points for r in requests)
+                self._log.warning("dropping %d queued points of tenant %s: cannot route them", points, tenant)
+                self._settings.telemetry.dropped("tenant_routing_changed").value += points
+                continue
+            if encoding != self._content_encoding:
+                requests = await asyncio.to_thread(self._recompress, requests, encoding)
+            await sender.adopt(requests)
+
+    @property
+    def _content_encoding(self) -> str:
+        """How queued bodies are compressed: transports that compress themselves queue them raw."""
+        return ""
+
+    def _recompress(self, requests: list[Request], encoding: str) -> list[Request]:
+        out = []
+        for r in requests:
+            if encoding == "gzip":
+                body = gzip.decompress(r.payload)
+            elif encoding == "zstd":
+                body = bytes(cramjam.zstd.decompress(r.payload))
+            else:
+                body = r.payload
+            out.append(dataclasses.replace(r, payload=self._compress(body)))
+        return out
+
     @abc.abstractmethod
     async def _open(self) -> None:
         """The transport's part (gRPC or HTTP)."""
@@ -849,6 +896,10 @@ class OtlpHttpExporter(_OtlpExporter):
 
     def _compress(self, body: bytes) -> bytes:
         return self._compressor(body) if self._compressor is not None else body
+
+    @property
+    def _content_encoding(self) -> str:
+        return self._headers.get("Content-Encoding", "")
 
     async def _open(self) -> None:
         cfg = self._http_config

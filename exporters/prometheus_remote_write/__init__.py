@@ -328,6 +328,41 @@ class PrometheusRemoteWriteExporter:
             await self._session.close()
             self._session = None
 
+    async def hand_over(self) -> dict[str | None, list[Request]]:
+        """A reload replaces this exporter (its config changed): stop without draining and return the
+        queued requests by tenant (None: the default queue) for :meth:`adopt` of the successor. A disk
+        queue keeps its records, and the cumulative state its snapshot, in the directory the successor
+        reopens once this returns (the lock is released)."""
+        self._closing = True
+        await self._tasks.close()
+        async with self._senders_lock:
+            senders: dict[str | None, Sender] = {None: self._sender, **self._senders}
+        taken = await asyncio.gather(*(s.hand_over() for s in senders.values()))
+        await self._close_state()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        return {tenant: requests for tenant, requests in zip(senders, taken, strict=True) if requests}
+
+    async def adopt(self, queued: dict[str | None, list[Request]]) -> None:
+        """Queue a predecessor's requests (:meth:`hand_over`) ahead of new data, each tenant's in that
+        tenant's queue. Requests of a tenant this exporter cannot route (routing now off, or over
+        max_tenants) are dropped and counted (tenant_routing_changed): sent to the default endpoint
+        they would land in the wrong tenant."""
+        for tenant, requests in queued.items():
+            if tenant is None:
+                sender: Sender | None = self._sender
+            elif self._route is None:
+                sender = None
+            else:
+                sender = await self._tenant_sender(tenant)
+            if sender is None:
+                points = sum(r.points for r in requests)
+                self._log.warning("dropping %d queued points of tenant %s: cannot route them", points, tenant)
+                self._settings.telemetry.dropped("tenant_routing_changed").value += points
+                continue
+            await sender.adopt(requests)
+
     def _make_state(self) -> SeriesState | None:
         q = self._config.sending_queue
         if q.storage != "disk":

@@ -1,0 +1,272 @@
+"""Reloading the running agent (agent.service.Agent.reload, agent.cli._reload): bad files are refused
+with the running config kept; unchanged components keep running with their sockets; a changed exporter
+hands its queue to its successor; a config that cannot start leaves the running graph as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import statsd
+
+from agent import cli as agent_cli
+from agent.component import ComponentId
+from agent.config import AgentConfig, load_config
+from agent.registry import builtin_factories
+from agent.service import Agent
+from tests.integration.conftest import free_port
+
+CONFIG = """\
+receivers:
+  statsd:
+    udp: 127.0.0.1:{statsd}
+    tcp: 127.0.0.1:{statsd}
+    flush_interval: 50ms
+processors:
+  batch:
+    timeout: {batch_timeout}
+exporters:
+  debug:
+    path: {out}
+  prometheus_remote_write:
+    endpoint: http://127.0.0.1:{backend}/api/v1/write
+    timeout: 60s
+    sending_queue: {{queue_size: 10000}}
+service:
+  shutdown_timeout: 1s
+  telemetry: {{endpoint: ""}}
+  pipelines:
+    metrics:
+      receivers: [statsd]
+      processors: [batch]
+      exporters: [debug, prometheus_remote_write]
+"""
+
+RW = ComponentId("prometheus_remote_write")
+STATSD = ComponentId("statsd")
+DEBUG = ComponentId("debug")
+
+
+async def until(what: str, check: Callable[[], Any], limit_s: float = 30.0) -> Any:
+    """Poll ``check`` on the loop until it is truthy (bounded: fails after ``limit_s``)."""
+    try:
+        async with asyncio.timeout(limit_s):
+            while not (result := check()):
+                await asyncio.sleep(0.02)
+            return result
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@pytest.fixture
+async def hung_backend() -> AsyncIterator[Callable[[], int]]:
+    """Backends that accept connections and never answer: each call starts one and returns its port."""
+    servers: list[asyncio.Server] = []
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    async def start() -> int:
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    ports = [await start() for _ in range(3)]
+    yield ports.pop
+    for writer in held:
+        writer.close()
+    for server in servers:
+        server.close()
+
+
+class Setup:
+    def __init__(self, tmp_path: Path, backend: int) -> None:
+        self.path = tmp_path / "agent.yaml"
+        self.out = tmp_path / "points.jsonl"
+        self.values = {"statsd": free_port(), "out": self.out, "backend": backend, "batch_timeout": "50ms"}
+
+    def write(self, **changes: Any) -> AgentConfig:
+        self.values.update(changes)
+        self.path.write_text(CONFIG.format(**self.values))
+        return load_config(str(self.path), builtin_factories(), [])
+
+    def points(self) -> list[dict[str, Any]]:
+        """What the debug exporter wrote: one JSON object per point."""
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line]
+
+    def total(self, name: str) -> float:
+        return sum(p["value"] for p in self.points() if p.get("name") == name)
+
+
+def instance(agent: Agent, cid: ComponentId) -> Any:
+    status = {c["id"]: c for c in agent.status()["components"]}
+    assert status[str(cid)]["state"] == "running"
+    running = {**agent._receivers, **agent._exporters}
+    return running[cid].instance
+
+
+async def test_a_changed_exporter_hands_its_queue_over_and_the_rest_keeps_running(
+    tmp_path: Path, hung_backend: Callable[[], int]
+) -> None:
+    setup = Setup(tmp_path, hung_backend())
+    agent = Agent(setup.write())
+    await agent.start()
+    try:
+        client = statsd.StatsClient("127.0.0.1", setup.values["statsd"])
+        for i in range(200):
+            client.incr(f"before.m{i % 20}")
+        tel = agent.telemetry
+        await until(
+            "the debug file has them", lambda: sum(setup.total(f"before.m{i}") for i in range(20)) == 200
+        )
+        queued = tel.value("exporter_queue_points", exporter=str(RW))
+        assert queued == len(setup.points())  # the backend never answers: all still queued
+        receiver, debug, old_rw = instance(agent, STATSD), instance(agent, DEBUG), instance(agent, RW)
+        batch = agent._processors[0].instance
+
+        assert await agent.reload(setup.write(backend=hung_backend()))
+
+        assert instance(agent, STATSD) is receiver  # its sockets never closed
+        assert instance(agent, DEBUG) is debug
+        assert agent._processors[0].instance is batch
+        assert instance(agent, RW) is not old_rw
+        assert tel.value("exporter_queue_points", exporter=str(RW)) == queued  # handed over, none dropped
+        assert tel.value("exporter_dropped_points_total") == 0
+        for i in range(200):
+            client.incr(f"after.m{i % 20}")
+        await until(
+            "the kept pipeline still flows", lambda: sum(setup.total(f"after.m{i}") for i in range(20)) == 200
+        )
+        # Every point went to both exporters: the successor holds the old queue and the new points.
+        await until(
+            "the successor queues the new points behind the old",
+            lambda: tel.value("exporter_queue_points", exporter=str(RW)) == len(setup.points()),
+        )
+    finally:
+        await agent.stop()
+    assert tel.value("exporter_dropped_points_total", exporter=str(RW), reason="shutdown") == len(
+        setup.points()
+    )
+
+
+async def test_a_changed_receiver_restarts_on_its_new_address(
+    tmp_path: Path, hung_backend: Callable[[], int]
+) -> None:
+    setup = Setup(tmp_path, hung_backend())
+    agent = Agent(setup.write())
+    await agent.start()
+    try:
+        old_port = setup.values["statsd"]
+        debug = instance(agent, DEBUG)
+        assert await agent.reload(setup.write(statsd=free_port()))
+        assert instance(agent, DEBUG) is debug
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the old socket is closed
+            assert s.connect_ex(("127.0.0.1", old_port)) != 0
+        statsd.TCPStatsClient("127.0.0.1", setup.values["statsd"]).incr("moved", 3)
+        await until("the new address flows", lambda: setup.total("moved") == 3)
+        assert agent.ready
+    finally:
+        await agent.stop()
+
+
+async def test_a_config_that_cannot_start_leaves_the_running_graph_untouched(
+    tmp_path: Path, hung_backend: Callable[[], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    setup = Setup(tmp_path, hung_backend())
+    running_config = setup.write()
+    agent = Agent(running_config)
+    await agent.start()
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    try:
+        receiver, rw = instance(agent, STATSD), instance(agent, RW)
+        port = setup.values["statsd"]
+        bad = setup.write(statsd=taken.getsockname()[1], backend=hung_backend())
+        assert not await agent.reload(bad)
+        assert "the machine is not ready" in caplog.text and "cannot bind udp" in caplog.text
+        assert agent.config is running_config
+        assert instance(agent, STATSD) is receiver and instance(agent, RW) is rw
+        statsd.StatsClient("127.0.0.1", port).incr("still", 2)
+        await until("the running pipeline still flows", lambda: setup.total("still") == 2)
+        assert agent.ready
+    finally:
+        taken.close()
+        await agent.stop()
+
+
+async def test_a_removed_exporter_drains_in_the_background(
+    tmp_path: Path, hung_backend: Callable[[], int]
+) -> None:
+    setup = Setup(tmp_path, hung_backend())
+    agent = Agent(setup.write())
+    await agent.start()
+    try:
+        statsd.StatsClient("127.0.0.1", setup.values["statsd"]).incr("gone", 5)
+        tel = agent.telemetry
+        await until("queued", lambda: tel.value("exporter_queue_points", exporter=str(RW)) == 1)
+        await until("written", lambda: setup.total("gone") == 5)
+        text = setup.path.read_text().replace(", prometheus_remote_write]", "]")
+        cut = text.index("  prometheus_remote_write:")
+        setup.path.write_text(text[:cut] + text[text.index("service:") :])
+        assert await agent.reload(load_config(str(setup.path), builtin_factories(), []))
+        assert RW not in agent._exporters
+        assert any(c["state"] == "retiring" for c in agent.status()["components"])
+        await until(
+            "the removed exporter's drain ended at its deadline",
+            lambda: tel.value("exporter_dropped_points_total", exporter=str(RW), reason="shutdown") == 1,
+        )
+        await until("it is gone from status", lambda: len(agent.status()["components"]) == 3)
+    finally:
+        await agent.stop()
+
+
+BAD_FILES = {
+    "not YAML": "receivers: [unclosed\n",
+    "an unknown key": "receivers:\n  statsd:\n    udpp: 127.0.0.1:1\n",
+    "not UTF-8": b"\xff\xfe\x00receivers".decode("latin-1"),
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("kind", [*BAD_FILES, "missing", "a loader that raises ValueError"])
+async def test_a_bad_file_is_refused_and_the_running_config_stays(
+    kind: str,
+    tmp_path: Path,
+    hung_backend: Callable[[], int],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    setup = Setup(tmp_path, hung_backend())
+    running_config = setup.write()
+    agent = Agent(running_config)
+    await agent.start()
+    try:
+        receiver = instance(agent, STATSD)
+        if kind == "missing":
+            setup.path.unlink()
+        elif kind in BAD_FILES:
+            setup.path.write_bytes(BAD_FILES[kind].encode("latin-1"))
+        else:
+
+            def digits(*args: object) -> AgentConfig:
+                raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+
+            monkeypatch.setattr(agent_cli, "load_config", digits)
+        with caplog.at_level(logging.ERROR, logger="headwater"):
+            await agent_cli._reload(agent, str(setup.path), [])
+        assert "reload refused, the running config stays" in caplog.text
+        assert agent.config is running_config
+        assert instance(agent, STATSD) is receiver
+        statsd.StatsClient("127.0.0.1", setup.values["statsd"]).incr("kept", 4)
+        await until("the running pipeline still flows", lambda: setup.total("kept") == 4)
+    finally:
+        await agent.stop()
