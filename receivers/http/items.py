@@ -110,13 +110,11 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 class Refusal(Exception):
     """The whole request is refused: HTTP ``status``, a bounded ``code`` and a message for the sender."""
 
-    def __init__(self, status: int, code: str, message: str, items: int = 1) -> None:
+    def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
-        self.items = items
-        """Points this refusal stands for in self-metrics (1 when the items were never read)."""
         self.headers: dict[str, str] = {}
 
 
@@ -516,6 +514,5 @@ def decode_body(body: bytes, max_items: int) -> list[Any]:
             413,
             "too_many_items",
             f"{len(items)} items in one request; the limit is {max_items} (max_items): split the list",
-            items=len(items),
         )
     return items

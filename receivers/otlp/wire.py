@@ -20,6 +20,10 @@ OTLP/JSON trace or log request is held to the same depth, a metrics request to t
 attribute nested past the protobuf limit is refused for its point only (``attributes_too_deep``, by the
 converter) as over protobuf. Deeper bodies are refused whole, with a message that says depth and names
 the limit.
+
+Traces and logs make no series, so the series limits (``limits:``) do not apply to them; what bounds
+them is the body (``max_request_body_size``, raw and inflated), the request bytes in flight and this
+depth limit. They pass through as decoded, to exporters whose queues are bounded.
 """
 
 from __future__ import annotations
