@@ -1,7 +1,8 @@
 """Loading and validating the agent's YAML config (OpenTelemetry Collector shape).
 
-Order: read the file → parse YAML keeping each node's line → expand ``${env:VAR}``,
-``${env:VAR:-default}`` and ``$$`` in every string value → apply ``--set path=value`` overrides →
+Order: read the file (at most MAX_CONFIG_BYTES) → parse YAML within the limits on values, aliases
+and depth, keeping each node's line → expand ``${env:VAR}``, ``${env:VAR:-default}`` and ``$$`` in
+every string value → apply ``--set path=value`` overrides →
 decode every component's Config → validate each Config → validate the pipeline graph. Every problem
 is collected with its path (``exporters::otlp/signoz::endpoint``) and line, and all are reported
 together. Nothing is bound here.
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from agent.component import ComponentId, ComponentKind, Factory, Signal, validate_config
-from agent.confmodel import Decoder, Duration, EnvText
+from agent.confmodel import Decoder, Duration, EnvText, SafeConfigLoader, short_repr
 
 Path = tuple[str, ...]
 
@@ -42,6 +43,8 @@ class TelemetryConfig:
     """Address of the agent's own endpoint: /metrics, /healthz, /readyz, /status. Empty disables it."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the agent's own logs (written to stderr)."""
+    health_stall_timeout: Duration = Duration(10.0)
+    """/healthz answers 503 once the agent's event loop has not run for this long (it is stuck)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,10 @@ def expand_env(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
         )
         return ""
 
-    return _ENV_RE.sub(repl, text), problems
+    # A "${" with no "}" after it would make the regex scan to the end from every "$" (quadratic in a
+    # megabyte value); past the last "}" only "$$" can match.
+    cut = text.rfind("}") + 1
+    return _ENV_RE.sub(repl, text[:cut]) + text[cut:].replace("$$", "$"), problems
 
 
 def expand_values(
@@ -141,46 +147,251 @@ def expand_values(
     return walk(data, path), problems
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that records the line of every mapping key and value."""
+# Limits on what a config file may make the loader do. A Helm-rendered config is a few KB with a few
+# hundred values nested 6 deep; the limits are far past any honest config and bound the worst case
+# (measured: `validate` of 100,000 values takes about 1 s and 110 MB RSS; of a 4 MiB scalar 0.6 s).
+MAX_CONFIG_BYTES = 4 * 2**20
+"""Largest config file read (4 MiB): 1,000x a real one, and scanned in well under a second."""
+MAX_YAML_VALUES = 100_000
+"""Most values (scalars, lists and mappings) in the document once aliases are expanded."""
+MAX_YAML_ALIASES = 1_000
+"""Most alias uses (``*name``) in the document."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of lists and mappings, aliases expanded."""
+MAX_REPORTED_PROBLEMS = 100
+"""Problems listed in one ConfigError; the rest are counted."""
+
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# Characters YAML does not allow in a document (it allows tab, LF, CR, NEL and printable text).
+_NOT_YAML_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]")
+# libyaml's event parser when PyYAML was built with it (3x faster than the pure-Python one here).
+_PARSER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _LimitError(ConfigError):
+    """The YAML is valid but asks the loader for more than its limits allow."""
+
+
+def _at(source: str, mark: Any) -> str:
+    return f"{source}: line {mark.line + 1}: " if mark is not None else f"{source}: "
+
+
+def _compose(text: str, source: str) -> yaml.Node | None:
+    """Build the YAML node graph from the parser's events, as PyYAML's composer does, but iteratively
+    and within the limits: alias uses, values with aliases expanded and nesting depth are counted as
+    the events arrive, so a "billion laughs" document is refused at the alias that crosses a limit,
+    before anything is expanded. Raises ConfigError."""
+    resolve: Any = yaml.resolver.Resolver().resolve  # implicit tags (int, bool, ...) as PyYAML's composer
+    event: Any
+    anchors: dict[str, tuple[yaml.Node, int, int]] = {}  # name → (node, values, height) once closed
+    # One entry per open collection: node, anchor, values counted before it, depth, deepest reached,
+    # and (mappings) the key waiting for its value.
+    stack: list[list[Any]] = []
+    root: yaml.Node | None = None
+    values = aliases = documents = 0
+
+    def add(node: yaml.Node, reach: int) -> None:
+        nonlocal root
+        if not stack:
+            root = node
+            return
+        top = stack[-1]
+        top[4] = max(top[4], reach)
+        if isinstance(top[0], yaml.SequenceNode):
+            top[0].value.append(node)
+        elif top[6] is None:
+            top[6] = node
+        else:
+            top[0].value.append((top[6], node))
+            top[6] = None
+
+    def count(n: int, mark: Any, what: str) -> None:
+        nonlocal values
+        values += n
+        if values > MAX_YAML_VALUES:
+            raise _LimitError(
+                [
+                    f"{_at(source, mark)}{what}: a config may hold at most {MAX_YAML_VALUES:,} values "
+                    "(scalars, lists and mappings, aliases expanded)"
+                ]
+            )
+
+    try:
+        for event in yaml.parse(text, Loader=_PARSER):
+            mark = event.start_mark
+            if isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    raise ConfigError([f"{_at(source, mark)}a config is one YAML document; found another"])
+                continue
+            if isinstance(event, yaml.CollectionEndEvent):
+                node, anchor, before, depth, deepest, _, _ = stack.pop()
+                node.end_mark = event.end_mark
+                if anchor is not None:
+                    anchors[anchor] = (node, values - before, deepest - depth + 1)
+                add(node, deepest)
+                continue
+            if not isinstance(event, yaml.NodeEvent):
+                continue  # stream start and end, document end
+            depth = len(stack) + 1
+            if isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > MAX_YAML_ALIASES:
+                    raise _LimitError(
+                        [
+                            f"{_at(source, mark)}more than {MAX_YAML_ALIASES:,} aliases (*name): "
+                            f"a config may use at most {MAX_YAML_ALIASES:,}"
+                        ]
+                    )
+                if event.anchor not in anchors:
+                    opened = any(entry[1] == event.anchor for entry in stack)
+                    why = "is used inside its own anchor" if opened else "has no anchor (&name) before it"
+                    raise ConfigError([f"{_at(source, mark)}invalid YAML: the alias *{event.anchor} {why}"])
+                node, size, height = anchors[event.anchor]
+                count(
+                    size,
+                    mark,
+                    f"the alias *{event.anchor} expands to {size:,} values, too many",
+                )
+                if depth + height - 1 > MAX_YAML_DEPTH:
+                    raise _LimitError(
+                        [
+                            f"{_at(source, mark)}the alias *{event.anchor} nests values more than "
+                            f"{MAX_YAML_DEPTH} levels deep: a config may nest at most {MAX_YAML_DEPTH}"
+                        ]
+                    )
+                add(node, depth + height - 1)
+                continue
+            if depth > MAX_YAML_DEPTH:
+                raise _LimitError(
+                    [
+                        f"{_at(source, mark)}lists and mappings nested more than {MAX_YAML_DEPTH} "
+                        f"levels deep: a config may nest at most {MAX_YAML_DEPTH}"
+                    ]
+                )
+            count(1, mark, f"more than {MAX_YAML_VALUES:,} values")
+            start: Any = event  # a scalar or a collection start (typed loosely: C and Python marks)
+            tag = start.tag
+            if isinstance(event, yaml.ScalarEvent):
+                if tag is None or tag == "!":
+                    tag = resolve(yaml.ScalarNode, start.value, start.implicit)
+                node = yaml.ScalarNode(tag, start.value, mark, start.end_mark, style=start.style)
+                if start.anchor is not None:
+                    anchors[start.anchor] = (node, 1, 1)
+                add(node, depth)
+                continue
+            kind = yaml.SequenceNode if isinstance(event, yaml.SequenceStartEvent) else yaml.MappingNode
+            if tag is None or tag == "!":
+                tag = resolve(kind, None, start.implicit)
+            node = kind(tag, [], mark, None, flow_style=start.flow_style)
+            stack.append([node, event.anchor, values - 1, depth, depth, None, None])
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError([f"{_at(source, exc.problem_mark)}invalid YAML: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
+    return root
+
+
+def _to_data(root: yaml.Node, source: str) -> tuple[Any, dict[Path, int], list[tuple[Path, str]]]:
+    """Plain data (dicts, lists, scalars) from a node graph within the limits, with the line of every
+    path and the (path, problem) of every value that cannot be read. Merge keys (``<<: *defaults``)
+    are applied; explicit keys win over merged ones, and earlier merged mappings over later ones."""
+    lines: dict[Path, int] = {}
+    problems: list[tuple[Path, str]] = []
+    constructor = SafeConfigLoader("")
+
+    def scalar(n: yaml.ScalarNode, path: Path) -> Any:
+        try:
+            return constructor.construct_object(n)
+        except Exception as exc:  # any constructor failure (bad date, !!int 'x', unknown tag) is the value's
+            reason = getattr(exc, "problem", None) or str(exc)
+            problems.append((path, f"cannot read {short_repr(n.value)}: {reason}"))
+            return None
+
+    def key_of(k: yaml.Node, path: Path) -> str:
+        if not isinstance(k, yaml.ScalarNode):
+            what = "mapping" if isinstance(k, yaml.MappingNode) else "list"
+            raise ConfigError(
+                [
+                    f"{_at(source, k.start_mark)}{_fmt(path) or 'top level'}: "
+                    f"a key must be text or a number, not a {what}"
+                ]
+            )
+        try:
+            return str(constructor.construct_object(k))
+        except Exception:  # a key is a name: one that does not read as its YAML type is taken as written
+            return str(k.value)
+
+    def walk(n: yaml.Node, path: Path, lines: dict[Path, int]) -> Any:
+        lines.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, yaml.ScalarNode):
+            return scalar(n, path)
+        expected = _MAP_TAG if isinstance(n, yaml.MappingNode) else _SEQ_TAG
+        if n.tag != expected:
+            problems.append((path, f"the tag {short_repr(n.tag)} is not supported in a config"))
+            return None
+        if isinstance(n, yaml.SequenceNode):
+            return [walk(v, (*path, str(i)), lines) for i, v in enumerate(n.value)]
+        out: dict[str, Any] = {}
+        merges: list[yaml.Node] = []
+        for k, v in n.value:
+            if k.tag == _MERGE_TAG:
+                sources = v.value if isinstance(v, yaml.SequenceNode) else [v]
+                if not all(isinstance(m, yaml.MappingNode) for m in sources):
+                    lines[(*path, "<<")] = k.start_mark.line + 1
+                    problems.append(
+                        ((*path, "<<"), "<< merges a mapping or a list of mappings (<<: *defaults)")
+                    )
+                    continue
+                merges += sources
+                continue
+            key = key_of(k, path)
+            if key in out:
+                raise ConfigError([f"{_at(source, k.start_mark)}{_fmt((*path, key))}: duplicate key"])
+            lines[(*path, key)] = k.start_mark.line + 1
+            out[key] = walk(v, (*path, key), lines)
+        for m in merges:
+            merged_lines: dict[Path, int] = {}
+            merged = walk(m, path, merged_lines)
+            taken = {key for key in merged or {} if key not in out}
+            for key in taken:
+                out[key] = merged[key]
+            for p, line in merged_lines.items():
+                if len(p) > len(path) and p[len(path)] in taken:
+                    lines.setdefault(p, line)
+        return out
+
+    return walk(root, (), lines), lines, problems
+
+
+def parse_yaml(text: str, source: str = "config") -> tuple[Any, dict[Path, int], list[tuple[Path, str]]]:
+    """Parse YAML within the limits; return the data, a map from path to 1-based line, and the
+    (path, problem) of each value that could not be read. Raises ConfigError for a document that
+    cannot be parsed or asks for more than the limits."""
+    bad = _NOT_YAML_RE.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise ConfigError(
+            [
+                f"{source}: line {line}: invalid YAML: the character U+{ord(bad.group()):04X} is not allowed "
+                "(control characters are not)"
+            ]
+        )
+    node = _compose(text, source)
+    if node is None:
+        return {}, {}, []
+    return _to_data(node, source)
 
 
 def load_yaml(text: str, source: str = "config") -> tuple[Any, dict[Path, int]]:
-    """Parse YAML; return the data and a map from path to 1-based line."""
-    lines: dict[Path, int] = {}
-    try:
-        node = yaml.compose(text, Loader=_LineLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError([f"{source}: {where}invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
-    if node is None:
-        return {}, lines
-    loader = _LineLoader("")
-
-    def walk(n: yaml.Node, path: Path) -> Any:
-        lines.setdefault(path, n.start_mark.line + 1)
-        if isinstance(n, yaml.MappingNode):
-            out: dict[str, Any] = {}
-            for k, v in n.value:
-                key = str(loader.construct_object(k, deep=True))
-                if key in out:
-                    raise ConfigError(
-                        [f"{source}: line {k.start_mark.line + 1}: {_fmt(path + (key,))}: duplicate key"]
-                    )
-                lines[path + (key,)] = k.start_mark.line + 1
-                out[key] = walk(v, path + (key,))
-            return out
-        if isinstance(n, yaml.SequenceNode):
-            return [walk(v, path + (str(i),)) for i, v in enumerate(n.value)]
-        return loader.construct_object(n, deep=True)
-
-    try:
-        return walk(node, ()), lines
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
-    finally:
-        loader.dispose()
+    """Parse YAML within the limits; return the data and a map from path to 1-based line. Raises
+    ConfigError for any problem."""
+    data, lines, problems = parse_yaml(text, source)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in _render(problems, lambda path: lines.get(path))])
+    return data, lines
 
 
 def apply_sets(data: Any, sets: Iterable[str]) -> list[str]:
@@ -189,20 +400,32 @@ def apply_sets(data: Any, sets: Iterable[str]) -> list[str]:
     for item in sets:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            problems.append(f"--set {item!r}: write --set path.to.key=value")
+            problems.append(f"--set {short_repr(item)}: write --set path.to.key=value")
             continue
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+        value: Any = raw
+        if raw:
+            try:
+                value, _, errs = parse_yaml(raw, f"--set {short_repr(key)}")
+            except _LimitError as exc:
+                problems += exc.problems
+                continue
+            except ConfigError:
+                value = raw  # not YAML: the text as written
+            else:
+                if errs:
+                    problems += [f"--set {short_repr(item)}: {m}" for _, m in errs]
+                    continue
         parts = key.split(".")
         node = data
+        if not isinstance(node, dict):
+            problems.append(f"--set {short_repr(item)}: the config is not a mapping")
+            continue
         for part in parts[:-1]:
-            child = node.get(part) if isinstance(node, dict) else None
+            child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                problems.append(f"--set {item!r}: {part!r} is not a mapping")
+                problems.append(f"--set {short_repr(item)}: {short_repr(part)} is not a mapping")
                 break
             node = child
         else:
@@ -211,7 +434,8 @@ def apply_sets(data: Any, sets: Iterable[str]) -> list[str]:
 
 
 def _fmt(path: Path) -> str:
-    return "::".join(path)
+    # A key can be megabytes long; a message shows its start.
+    return "::".join(p if len(p) <= 80 else p[:79] + "…" for p in path)
 
 
 _KINDS: tuple[tuple[str, ComponentKind], ...] = (
@@ -270,7 +494,11 @@ def build_config(
             config = decoder.decode(factory.config_class, raw, path)
             if config is None:
                 continue
-            for sub, message in validate_config(config):
+            try:
+                found = list(validate_config(config))
+            except Exception as exc:  # a component's validate() must not take the loader down
+                found = [("", f"cannot be validated: {type(exc).__name__}: {str(exc)[:200]}")]
+            for sub, message in found:
                 problems.append((path + tuple(p for p in sub.split("::") if p), message))
             specs[kind][cid] = ComponentSpec(cid, kind, factory, config)
 
@@ -278,8 +506,7 @@ def build_config(
     pipelines: list[Pipeline] = []
     used: set[tuple[ComponentKind, ComponentId]] = set()
     declared = {
-        kind: {str(cid) for cid in specs[kind]}
-        | {str(k) for k in (data.get(sec) or {}) if isinstance(data.get(sec), dict)}
+        kind: {str(cid) for cid in specs[kind]} | {str(k) for k in _mapping_or_empty(data.get(sec))}
         for sec, kind in _KINDS
     }
     if not service.pipelines:
@@ -349,6 +576,10 @@ def build_config(
     )
 
 
+def _mapping_or_empty(value: Any) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _render(problems: list[tuple[Path, str]], line_of: Any) -> list[str]:
     out = []
     for path, message in problems:
@@ -358,26 +589,63 @@ def _render(problems: list[tuple[Path, str]], line_of: Any) -> list[str]:
     return out
 
 
+def read_config_text(path: str) -> str:
+    """The config file's text: at most MAX_CONFIG_BYTES (checked before reading it all), UTF-8.
+    Raises ConfigError."""
+    limit = f"the limit is {MAX_CONFIG_BYTES // 2**20} MiB"
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError([f"{path}: the config is {size:,} bytes; {limit}"])
+            # Bounded even when the size was not known (a pipe, /proc) or the file grew meanwhile.
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: the config is more than {MAX_CONFIG_BYTES:,} bytes; {limit}"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}: line {line}: the config is not UTF-8 text: {exc.reason}"]) from None
+
+
 def load_config(
     path: str,
     factories: Mapping[tuple[ComponentKind, str], Factory],
     sets: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
-    """Read, expand, parse, override and validate a config file. Raises ConfigError with every problem."""
+    """Read, expand, parse, override and validate a config file. Raises ConfigError with every
+    problem, and nothing else: a reload or ``validate`` never sees a traceback, whatever the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the config: {exc.strerror}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: the config is not UTF-8 text: {exc.reason}"]) from None
-    data, lines = load_yaml(text, path)
+        return _load_config(path, factories, sets, environ)
+    except ConfigError as exc:
+        problems = exc.problems
+        if len(problems) > MAX_REPORTED_PROBLEMS:
+            more = len(problems) - MAX_REPORTED_PROBLEMS
+            problems = [*problems[:MAX_REPORTED_PROBLEMS], f"{path}: … and {more:,} more problems"]
+        raise ConfigError(problems) from None
+    except Exception as exc:  # last resort: whatever was not foreseen is still a refused config
+        raise ConfigError(
+            [f"{path}: the config could not be loaded: {type(exc).__name__}: {str(exc)[:200]}"]
+        ) from None
+
+
+def _load_config(
+    path: str,
+    factories: Mapping[tuple[ComponentKind, str], Factory],
+    sets: Sequence[str],
+    environ: Mapping[str, str] | None,
+) -> AgentConfig:
+    text = read_config_text(path)
+    data, lines, yaml_problems = parse_yaml(text, path)
     data, env_problems = expand_values(data, os.environ if environ is None else environ)
     set_problems = apply_sets(data, sets)
     if set_problems:
         raise ConfigError(set_problems)
     try:
-        return build_config(data, factories, lines, text, env_problems)
+        return build_config(data, factories, lines, text, yaml_problems + env_problems)
     except ConfigError as exc:
         raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None

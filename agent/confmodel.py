@@ -20,6 +20,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from functools import cache
 from typing import Any, Literal, NewType, Union
 
@@ -41,6 +42,19 @@ _DURATION_UNITS = {
     "h": 3600.0,
     "d": 86400.0,
 }
+# Range of every whole-number setting: what fits a signed 64-bit integer, so no conversion downstream
+# (numpy, protobuf, C) can overflow.
+INT_MIN = -(2**63)
+INT_MAX = 2**63 - 1
+MAX_SIZE_BYTES = 2**50
+"""The largest size a setting takes (1 PiB): far past any real buffer, queue or disk."""
+MAX_DURATION_S = 3650 * 86400.0
+"""The longest duration a setting takes (3650d): below the OS timeout limits (threading's is 292 years)."""
+# An integer literal longer than this is out of range whatever its notation (a 64-bit integer has at
+# most 64 binary digits). It is not converted: Python refuses int() past 4,300 digits and base-60
+# literals (``1:30``) are computed by repeated multiplication.
+_MAX_INT_LITERAL_CHARS = 1000
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
 _SIZE_UNITS = {
     "B": 1,
@@ -58,17 +72,26 @@ _SIZE_UNITS = {
 def parse_duration(text: str) -> float:
     m = _DURATION_RE.match(text)
     if not m:
-        raise ValueError(f"{text!r} is not a duration: write a number and a unit, like 500ms, 10s, 5m or 1h")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        raise ValueError(
+            f"{short_repr(text)} is not a duration: write a number and a unit, like 500ms, 10s, 5m or 1h"
+        )
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]  # a huge number of digits gives inf
+    if not seconds <= MAX_DURATION_S:
+        raise ValueError(f"{short_repr(text)} is out of range: {DURATION_RANGE}")
+    return seconds
 
 
 def parse_size(text: str) -> int:
     m = _SIZE_RE.match(text)
     if not m:
         raise ValueError(
-            f"{text!r} is not a size: write a number and a unit, like 512B, 64KiB, 16MiB or 1GiB"
+            f"{short_repr(text)} is not a size: write a number and a unit, like 512B, 64KiB, 16MiB or 1GiB"
         )
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    # Decimal: exact for any number of digits, where float() would round or give inf.
+    n = Decimal(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    if n > MAX_SIZE_BYTES:
+        raise ValueError(f"{short_repr(text)} is out of range: {SIZE_RANGE}")
+    return int(n)
 
 
 def format_duration(seconds: float) -> str:
@@ -88,18 +111,19 @@ def format_size(n: int) -> str:
 def parse_host_port(text: str) -> tuple[str, int]:
     """``127.0.0.1:8125``, ``[::1]:8125``, ``localhost:8125`` → (host, port). Raises ValueError."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"{text!r} is not host:port (for example 127.0.0.1:8125 or [::1]:8125)")
+    if not sep or not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        raise ValueError(f"{short_repr(text)} is not host:port (for example 127.0.0.1:8125 or [::1]:8125)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         ipaddress.IPv6Address(host)
     if not host:
         raise ValueError(
-            f"{text!r} has no host: write 127.0.0.1:{port_text}, or 0.0.0.0:{port_text} for all interfaces"
+            f"{short_repr(text)} has no host: write 127.0.0.1:{port_text}, "
+            f"or 0.0.0.0:{port_text} for all interfaces"
         )
     port = int(port_text)
     if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} in {text!r} is outside 0-65535")
+        raise ValueError(f"port {port} in {short_repr(text)} is outside 0-65535")
     return host, port
 
 
@@ -222,7 +246,7 @@ class Decoder:
         values = {k: v for k, v in values.items() if v is not _INVALID}
         try:
             return cls(**values)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             self.error(path, str(exc))
             return None
 
@@ -237,23 +261,33 @@ class Decoder:
         if isinstance(raw, EnvText):
             raw = str(raw) if tp is str else raw.scalar()
         try:
+            if isinstance(raw, OutOfRangeInt) and tp in (int, float, Size, Duration):
+                raise ValueError(
+                    f"the {len(raw):,}-character number {raw[:12]}… is out of range: {_RANGES[tp]}"
+                )
             if tp is Duration:
                 if isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw == 0:
                     return 0.0
                 if not isinstance(raw, str):
-                    raise ValueError(f"{raw!r} is not a duration: write it with a unit, like 10s or 500ms")
+                    raise ValueError(
+                        f"{short_repr(raw)} is not a duration: write it with a unit, like 10s or 500ms"
+                    )
                 return parse_duration(raw)
             if tp is Size:
                 if isinstance(raw, int) and not isinstance(raw, bool):
+                    if not 0 <= raw <= MAX_SIZE_BYTES:
+                        raise ValueError(f"{raw} is out of range: {SIZE_RANGE}")
                     return raw
                 if not isinstance(raw, str):
-                    raise ValueError(f"{raw!r} is not a size: write it with a unit, like 64KiB or 1GiB")
+                    raise ValueError(
+                        f"{short_repr(raw)} is not a size: write it with a unit, like 64KiB or 1GiB"
+                    )
                 return parse_size(raw)
             origin = typing.get_origin(tp)
             if origin is Literal:
                 choices = typing.get_args(tp)
                 if raw not in choices:
-                    raise ValueError(f"{raw!r} is not one of: {', '.join(map(str, choices))}")
+                    raise ValueError(f"{short_repr(raw)} is not one of: {', '.join(map(str, choices))}")
                 return raw
             if origin in (list, tuple):
                 if not isinstance(raw, list):
@@ -277,10 +311,16 @@ class Decoder:
             if tp is int:
                 if isinstance(raw, bool) or not isinstance(raw, int):
                     raise ValueError(f"expected a whole number, got {_describe(raw)}")
+                if not INT_MIN <= raw <= INT_MAX:
+                    raise ValueError(f"{short_repr(raw)} is out of range: {INT_RANGE}")
                 return raw
             if tp is float:
                 if isinstance(raw, bool) or not isinstance(raw, (int, float)):
                     raise ValueError(f"expected a number, got {_describe(raw)}")
+                # Checked as an int first: float() of a huge int raises OverflowError.
+                in_range = INT_MIN <= raw <= INT_MAX if isinstance(raw, int) else math.isfinite(raw)
+                if not in_range:
+                    raise ValueError(f"{short_repr(raw)} is out of range: {FLOAT_RANGE}")
                 return float(raw)
             if tp is str:
                 if isinstance(raw, (dict, list)):
@@ -293,6 +333,34 @@ class Decoder:
 
 
 _INVALID: Any = object()
+
+INT_RANGE = f"a whole number here must be between {INT_MIN} and {INT_MAX}"
+FLOAT_RANGE = f"a number here must be finite, between {INT_MIN} and {INT_MAX}"
+SIZE_RANGE = f"a size must be between 0B and {format_size(MAX_SIZE_BYTES)}"
+DURATION_RANGE = f"a duration must be between 0s and {MAX_DURATION_S / 86400:.0f}d"
+_RANGES = {int: INT_RANGE, float: FLOAT_RANGE, Size: SIZE_RANGE, Duration: DURATION_RANGE}
+
+
+class OutOfRangeInt(str):
+    """An integer literal too long to be any setting's value, kept as its text: a text setting takes it
+    as written; a number, size or duration setting reports it out of range."""
+
+    __slots__ = ()
+
+
+class SafeConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that an integer literal too long for any setting becomes an
+    :class:`OutOfRangeInt` instead of being converted (which raises past 4,300 digits, or takes
+    quadratic time for base-60 literals)."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        text = self.construct_scalar(node)
+        if isinstance(text, str) and len(text) > _MAX_INT_LITERAL_CHARS:
+            return OutOfRangeInt(text)
+        return super().construct_yaml_int(node)
+
+
+SafeConfigLoader.add_constructor("tag:yaml.org,2002:int", SafeConfigLoader.construct_yaml_int)
 
 
 class EnvText(str):
@@ -307,10 +375,16 @@ class EnvText(str):
         if not text:
             return text
         try:
-            parsed = yaml.safe_load(text)
-        except yaml.YAMLError:
+            parsed = yaml.load(text, Loader=SafeConfigLoader)
+        except Exception:  # any text YAML cannot read as one value (even nested too deep) stays text
             return text
         return parsed if isinstance(parsed, (str, int, float, bool)) else text
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message must not repeat a megabyte of input."""
+    text = repr(value[: limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _scalar_text(raw: Any) -> str:
@@ -326,7 +400,7 @@ def _describe(raw: Any) -> str:
         return "a list"
     if isinstance(raw, bool):
         return f"the boolean {str(raw).lower()}"
-    return f"{type(raw).__name__} {raw!r}"
+    return f"{type(raw).__name__} {short_repr(raw)}"
 
 
 def _close_match(key: str, known: Mapping[str, Any]) -> str:

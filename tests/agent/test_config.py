@@ -274,3 +274,14 @@ def test_a_setting_named_after_a_python_keyword_is_written_as_such(tmp_path: Pat
     assert spec.config.rules[0].for_duration == 120.0
     bad = problems(tmp_path, text.replace("for: 2m", "for_duration: 2m"))
     assert any("rules::0::for_duration" in p and "unknown setting" in p for p in bad)
+
+
+@pytest.mark.parametrize("value", ["1", "[statsd]", "text"])
+def test_a_section_that_is_not_a_mapping_is_a_problem(tmp_path: Path, value: str) -> None:
+    found = problems(
+        tmp_path, GOOD.replace("exporters:\n  prometheus:", f"processors: {value}\nexporters:\n  prometheus:")
+    )
+    assert (
+        f"{tmp_path}/config.yaml: processors (line 5): expected a mapping of component ids to settings"
+        in found
+    )
