@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from time import perf_counter
 
+from agent import netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, Size, parse_host_port
 from agent.model import MetricBatch
@@ -149,7 +150,8 @@ class _StreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         r = self._r
-        if len(r.connections) >= r.config.tcp_max_connections:
+        # The process-wide descriptor budget (agent/netguard.py) as well as our own cap.
+        if len(r.connections) >= r.config.tcp_max_connections or not netguard.fd_budget().acquire():
             r.tel.refused("connection_limit").value += 1
             transport.abort()
             return
@@ -198,6 +200,8 @@ class _StreamProtocol(asyncio.Protocol):
         if self._buf:
             self._r.feed(self._buf)
             self._buf = b""
+        if self in self._r.connections:
+            netguard.fd_budget().release()
         self._r.connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
