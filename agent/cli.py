@@ -398,13 +398,21 @@ async def _stop(agent: Agent, admin: AdminServer | None, applying: asyncio.Task[
                 await admin.shutdown()
         except TimeoutError:
             log.error("the telemetry endpoint did not stop in time")
-    dropped = {
-        str(cid): agent.telemetry.value("exporter_dropped_points_total", exporter=str(cid), reason="shutdown")
-        for cid in agent.config.exporters
-    }
-    lost = ", ".join(f"{cid}={n:.0f}" for cid, n in dropped.items() if n)
-    log.info("stopped (points dropped at shutdown: %s)", lost or "none")
+    log.info("stopped (points dropped by exporters over the run: %s)", _drops(agent) or "none")
     return 0
+
+
+def _drops(agent: Agent) -> str:
+    """``exporter{reason=n,...}`` for every exporter that dropped points: the final account of loss."""
+    by_exporter: dict[str, list[str]] = {}
+    for family in agent.telemetry.collect():
+        if family.name != "headwater_exporter_dropped_points":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.value:
+                exporter, reason = sample.labels["exporter"], sample.labels["reason"]
+                by_exporter.setdefault(exporter, []).append(f"{reason}={sample.value:.0f}")
+    return ", ".join(f"{cid}{{{','.join(sorted(r))}}}" for cid, r in sorted(by_exporter.items()))
 
 
 def _freeze_startup_state() -> None:
