@@ -34,12 +34,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.component import Tasks
 from agent.confmodel import parse_host_port
+from agent.netguard import ConnectionGate, FdBudget, GuardedSite
 from agent.service import Agent
+from agent.telemetry import Cell
 from agent.version import VERSION
 
 log = logging.getLogger("headwater.admin")
 
 HEARTBEAT_PERIOD_S = 0.1
+MAX_CONNECTIONS = 64
+"""The kubelet's probes and a scraper or two are the audience; beyond this idle connections are closed."""
+HEADER_TIMEOUT_S = 5.0
+IDLE_TIMEOUT_S = 30.0
 
 
 class AdminServer:
@@ -59,6 +65,9 @@ class AdminServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self.port = self._port
+        self.refused_connections = Cell()
+        """Connections closed at MAX_CONNECTIONS (read from this thread and the admin thread: a float)."""
+        self.header_timeouts = Cell()
         """The bound port (the configured one, or the one the kernel chose for port 0)."""
 
     def attach(self, agent: Agent) -> None:
@@ -118,15 +127,22 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=15.0)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+            # Its own small connection cap out of the descriptors the receivers leave in reserve
+            # (agent.netguard): a flood of connections to this port evicts idle ones, not the probes.
+            site = GuardedSite(
+                runner,
+                self._host,
+                self._port,
+                gate=ConnectionGate(MAX_CONNECTIONS, self.refused_connections, FdBudget(MAX_CONNECTIONS)),
+                header_timeout_s=HEADER_TIMEOUT_S,
+                idle_timeout_s=IDLE_TIMEOUT_S,
+                header_timeouts=self.header_timeouts,
+            )
             await site.start()
-            # The asyncio Server's socket tells the port the kernel chose for port 0.
-            sockets = getattr(site._server, "sockets", None)
-            if sockets:
-                self.port = sockets[0].getsockname()[1]
+            self.port = site.port
             bound.set_result(None)
             await self._stop.wait()
         finally:
