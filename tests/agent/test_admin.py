@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 import yaml
 
-from agent.admin import AdminServer
+from agent.admin import MAX_CONNECTIONS, AdminServer
 from agent.config import build_config
 from agent.registry import builtin_factories
 from agent.service import Agent
@@ -142,3 +142,24 @@ async def test_attach_switches_the_agent_reported_on_without_closing_the_listene
     finally:
         await admin.shutdown()
         await second.stop()
+
+
+async def test_a_flood_of_idle_connections_to_the_endpoint_does_not_shut_out_the_probes() -> None:
+    agent = _agent()
+    admin = AdminServer(agent, "127.0.0.1:0")
+    await agent.start()
+    await admin.start()
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(4 * MAX_CONNECTIONS):
+            s = socket.create_connection(("127.0.0.1", admin.port))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # half a request head, never finished
+            flood.append(s)
+        status, body = await asyncio.to_thread(_get, admin.port, "/healthz")
+        assert (status, body) == (200, "ok\n")
+        assert admin.refused_connections.value >= 3 * MAX_CONNECTIONS
+    finally:
+        for s in flood:
+            s.close()
+        await admin.shutdown()
+        await agent.stop()
