@@ -503,6 +503,13 @@ def build_config(
             specs[kind][cid] = ComponentSpec(cid, kind, factory, config)
 
     service = decoder.decode(ServiceConfig, data.get("service"), ("service",)) or ServiceConfig()
+    if service.telemetry.health_stall_timeout < 0.5:
+        problems.append(
+            (
+                ("service", "telemetry", "health_stall_timeout"),
+                "must be at least 500ms (a shorter stall is normal work, not a stuck agent)",
+            )
+        )
     pipelines: list[Pipeline] = []
     used: set[tuple[ComponentKind, ComponentId]] = set()
     declared = {

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from agent.admin import MAX_CONNECTIONS, AdminServer
-from agent.config import build_config
+from agent.config import ConfigError, build_config
 from agent.registry import builtin_factories
 from agent.service import Agent
 
@@ -163,3 +163,19 @@ async def test_a_flood_of_idle_connections_to_the_endpoint_does_not_shut_out_the
             s.close()
         await admin.shutdown()
         await agent.stop()
+
+
+def test_health_stall_timeout_comes_from_the_config_and_is_checked() -> None:
+    cfg = yaml.safe_load(
+        """
+        receivers: {http: {endpoint: "127.0.0.1:0"}}
+        exporters: {debug: {}}
+        service:
+          telemetry: {health_stall_timeout: 100ms}
+          pipelines: {metrics: {receivers: [http], exporters: [debug]}}
+        """
+    )
+    with pytest.raises(ConfigError, match=r"service::telemetry::health_stall_timeout.*at least 500ms"):
+        build_config(cfg, builtin_factories())
+    cfg["service"]["telemetry"]["health_stall_timeout"] = "3s"
+    assert build_config(cfg, builtin_factories()).service.telemetry.health_stall_timeout == 3.0
