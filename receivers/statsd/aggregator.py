@@ -49,6 +49,7 @@ class Interval:
         "dist_weights",
         "dists",
         "gauges",
+        "n_members",
         "n_series",
         "seq",
         "sets",
@@ -62,6 +63,8 @@ class Interval:
         """Position of the interval since the aggregator was created (1, 2, ...): the gauge idle clock."""
         self.n_series = 0
         """Series slots in use (all types; a ``|T`` slot counts as one); compared with ``max_series``."""
+        self.n_members = 0
+        """Set members held, over all sets; compared with ``max_set_members_total``."""
         self.counters: dict[SeriesKey, float] = {}
         """Sum of value / sample rate."""
         self.gauges: dict[SeriesKey, float] = {}
@@ -76,8 +79,9 @@ class Interval:
         """``h`` and ``d`` values (unit-less), as ``timers``."""
         self.dist_weights: dict[bytes, array[float]] = {}
         self.dist_folds: dict[bytes, exphist.ExpHistogram] = {}
-        self.sets: dict[bytes, set[bytes]] = {}
-        """Distinct members."""
+        self.sets: dict[bytes, set[int]] = {}
+        """Distinct members, each kept as its 64-bit ``hash()``: a member's memory does not grow with its
+        length (a 60 KB member costs what a 6-byte one does); two members collide with odds ~2^-64."""
 
 
 def _point(
@@ -134,21 +138,25 @@ def fold(
 def expire_gauges(
     last_value: dict[bytes, float], last_seen: dict[bytes, int], built_seq: int, idle_flushes: int,
     max_remembered: int, live_seq: int,
-) -> None:
+) -> int:
     """Forget gauges not updated in the last ``idle_flushes`` intervals up to ``built_seq``; then, if
     more than ``max_remembered`` remain, forget the longest idle (never one updated in the live
-    interval ``live_seq``). ``last_seen`` holds, per gauge, the seq of the last interval updating it."""
+    interval ``live_seq``). ``last_seen`` holds, per gauge, the seq of the last interval updating it.
+    Returns how many were forgotten early, over ``max_remembered`` (the idle ones are not counted)."""
     cutoff = built_seq - idle_flushes
     dead = [key for key, seq in last_seen.items() if seq <= cutoff]
     excess = len(last_seen) - len(dead) - max_remembered
+    early = 0
     if excess > 0:
         by_age = sorted(
             ((key, seq) for key, seq in last_seen.items() if cutoff < seq < live_seq), key=itemgetter(1)
         )
-        dead.extend(key for key, _ in by_age[:excess])
+        early = min(excess, len(by_age))
+        dead.extend(key for key, _ in by_age[:early])
     for key in dead:
         del last_seen[key]
         last_value.pop(key, None)
+    return early
 
 
 def build_points(

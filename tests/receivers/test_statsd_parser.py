@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.confmodel import Size
+from agent.limits import SeriesLimits
 from agent.model import Kind, Labels, Point, Temporality
 from receivers.statsd import aggregator as aggregator_module
 from receivers.statsd import parser as parser_module
@@ -90,7 +93,7 @@ def test_feed_accepts_bytes_like(wrap: type) -> None:
 
 
 def test_refusal_reasons_listed() -> None:
-    assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS) == 18
+    assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS) == 23
 
 
 # -- counters -------------------------------------------------------------------------------------
@@ -393,6 +396,27 @@ def test_set_member_limit() -> None:
     assert only(flush(agg), "u").value == 2.0
 
 
+def test_set_members_over_all_sets_are_capped_per_interval() -> None:
+    agg = make(max_set_members_total=3)
+    agg.feed(b"a:1|s\nb:1|s\na:2|s\nb:2|s\nc:1|s\na:1|s\nb:1|s")
+    # a:{1,2} b:{1} fill the 3 slots; b:2 and the new set c are refused; members seen still count
+    assert agg.refused == {"set_member_limit": 2}
+    assert agg.accepted == 5
+    points = flush(agg)
+    assert (only(points, "a").value, only(points, "b").value) == (2.0, 1.0)
+    agg.feed(b"c:1|s")  # a new interval starts with every slot free
+    assert only(flush(agg), "c").value == 1.0
+
+
+def test_set_members_are_kept_as_hashes_whatever_their_length() -> None:
+    agg = make()
+    long_member = b"m" * 60_000
+    agg.feed(b"u:" + long_member + b"|s\nu:" + long_member + b"|s\nu:short|s")
+    (members,) = agg._iv.sets.values()
+    assert all(type(m) is int for m in members) and len(members) == 2
+    assert only(flush(agg), "u").value == 2.0
+
+
 # -- value packing ---------------------------------------------------------------------------------
 
 
@@ -552,14 +576,93 @@ def test_empty_container_id_refused() -> None:
     refused_only("m:1|c|c:", "invalid_container_id")
 
 
-def test_series_key_length_limit() -> None:
-    limit = parser_module.MAX_SERIES_KEY_BYTES
-    ok = "m:1|c|#k:" + "v" * (limit - len(b"m\xffk\xfd"))
-    agg, points = fed(ok)
+SMALL = SeriesLimits(
+    max_name_length=6,
+    max_labels=2,
+    max_label_name_length=3,
+    max_label_value_length=6,
+    max_series_bytes=Size(20),
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("abcdefg:1|c", "name_too_long"),
+        ("abcdefg,k=v:1|c", "name_too_long"),  # the name left after the embedded tags
+        ("ab[k=v]cdefg:1|g", "name_too_long"),
+        ("m:1|c|#a:1,b:2,c:3", "too_many_labels"),
+        ("m,a=1,b=2:1|c|c:x", "too_many_labels"),  # container.id is a label too
+        ("m:1|c|#abcd:v", "label_name_too_long"),
+        ("m:1|c|c:abcdefg", "label_name_too_long"),  # the label name "container.id" is 12 bytes
+        ("m:1|ms|#k:abcdefg", "label_value_too_long"),
+        ("m#k=abcdefg:1|c", "label_value_too_long"),
+        ("abcdef:1|c|#ab:vvvvvv,cd:vvvvv", "series_too_large"),  # 6 + 8 + 7 = 21 bytes
+        ("_e{1,1}:a|b|#abcd:v", "label_name_too_long"),
+        ("_sc|x|0|#a:1,b:2,c:3", "too_many_labels"),
+    ],
+)
+def test_series_limits(line: str, reason: str) -> None:
+    refused_only(line, reason, limits=SMALL)
+
+
+def test_series_limits_at_the_boundary_accepted() -> None:
+    agg, points = fed("abcdef:1|c|#ab:vvvvvv,cd:vvvv\nm,a=1:2|g\nn:3|c|#k:vvvvvv", limits=SMALL)
+    assert agg.refused == {} and agg.accepted == 3
+    assert only(points, "abcdef", (("ab", "vvvvvv"), ("cd", "vvvv"))).value == 1.0  # 20 bytes
+
+
+def test_series_limits_by_default() -> None:
+    limits = SeriesLimits()
+    refused_only("m" * (limits.max_name_length + 1) + ":1|c", "name_too_long")
+    refused_only("m:1|c|#" + ",".join(f"k{i}:v" for i in range(limits.max_labels + 1)), "too_many_labels")
+    refused_only("m:1|c|#k:" + "v" * (limits.max_label_value_length + 1), "label_value_too_long")
+    tags = ",".join(f"k{i}:" + "v" * 4000 for i in range(5))  # 5 labels of ~4 KB: over 16 KiB
+    refused_only("m:1|c|#" + tags, "series_too_large")
+    agg, points = fed("m:1|c|#k:" + "v" * limits.max_label_value_length)
     assert agg.accepted == 1 and len(points) == 1
-    refused_only(ok + "v", "series_key_too_long")
-    refused_only("m" * (limit + 1) + ":1|g", "series_key_too_long")
-    refused_only("m:1|c|c:" + "x" * limit, "series_key_too_long")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"esc\x1bx:1|c",
+        b"nul\x00:1|g",
+        b"m:1|c|#k\x00:v",
+        b"m:1|c|#ok:v,k\x7f:v",
+        b"m,k\x07=v:1|c",
+        b"m:1|c|#k:v|c:x\x00",  # the container id is a value: kept; the key is not refused
+        b"_e{1,1}:a|b|#k\x1b:v",
+        b"_sc|x|0|#\x01:v",
+    ],
+)
+def test_control_characters_in_names_and_tag_keys_refused(line: bytes) -> None:
+    agg = make()
+    agg.feed(b"before:1|c\n" + line + b"\nafter:1|c")
+    if b"c:x\x00" in line:
+        assert agg.refused == {} and agg.accepted == 3
+        return
+    assert agg.refused == {"control_character": 1}, agg.refused
+    assert agg.accepted == 2
+
+
+def test_control_characters_in_tag_values_kept_for_the_edge_to_escape() -> None:
+    agg, points = fed(b"m:1|c|#k:a\x00b\x1b[31m\nn:2|g|c:\x07")
+    assert agg.refused == {}
+    only(points, "m", (("k", "a\x00b\x1b[31m"),))
+    only(points, "n", (("container.id", "\x07"),))
+
+
+def test_pending_events_bounded_in_bytes() -> None:
+    agg = make()
+    text = b"t" * 60_000
+    line = b"_e{1,60000}:a|" + text
+    agg.feed(b"\n".join([line] * 200))
+    taken = parser_module.MAX_EVENT_BYTES // len(line)
+    assert len(agg.events) == taken and agg.refused == {"event_limit": 200 - taken}
+    agg.take_events()
+    agg.feed(line)
+    assert len(agg.events) == 1  # taking them frees the budget
 
 
 def test_long_spellings_accepted_but_not_cached() -> None:
@@ -905,6 +1008,19 @@ def test_caches_are_bounded() -> None:
     assert len(parser.rates) <= 256
 
 
+def test_gauges_kept_across_intervals_are_capped_and_counted() -> None:
+    agg = make(max_series=3)
+    agg.feed(b"a:1|g\nb:1|g\nc:1|g")
+    flush(agg)
+    agg.feed(b"d:1|g\ne:1|g")
+    flush(agg)  # five bases kept, three allowed: the two idle longest (a, b) go, counted
+    assert agg.gauges_forgotten == 2
+    assert set(agg._gauge_last) == {b"c", b"d", b"e"}
+    agg.feed(b"a:+5|g\nc:+5|g")
+    points = flush(agg)
+    assert (only(points, "a").value, only(points, "c").value) == (5.0, 6.0)
+
+
 def test_constructor_validates() -> None:
     with pytest.raises(ValueError):
         StatsdAggregator(max_series=0)
@@ -912,7 +1028,10 @@ def test_constructor_validates() -> None:
 
 # -- properties -----------------------------------------------------------------------------------
 
-_NAMES = [b"a", b"b.c", b"x,k=v", b"y#k=v", b"z[k=v]r", b"", b"\xff", b"a|b", b"_e{1,1}", b"n#", b"w,k=v,j=u"]
+_NAMES = [
+    b"a", b"b.c", b"x,k=v", b"y#k=v", b"z[k=v]r", b"", b"\xff", b"a|b", b"_e{1,1}", b"n#", b"w,k=v,j=u",
+    b"ctl\x1b", b"longname", b"v,k=long", b"k,\x00=v", b"seven77",
+]
 _VALUES = [
     b"1",
     b"-1",
@@ -935,6 +1054,13 @@ _VALUES = [
     b"1.7e308",
     b"-1e308",
     b"1e308:1e308",
+    b"1:1e400",
+    b"2:1.5:-0",
+    b"1::2",
+    b"-0:-0",
+    b"3:+1e308:-1e308",
+    b"1e-5:2E3:.5",
+    b"1:2:x",
 ]
 _TYPES = [b"c", b"g", b"ms", b"h", b"d", b"s", b"x", b""]
 _FIELDS = [
@@ -957,6 +1083,13 @@ _FIELDS = [
     b"",
     b"#:x",
     b"#\xff",
+    b"#k\x00:v",
+    b"#k:v\x00",
+    b"#a:1,b:2,c:3",
+    b"#abcd:v",
+    b"#abc:vvvv",
+    b"#k:longvalue",
+    b"c:\x1b",
 ]
 
 _lines = st.builds(
@@ -1012,13 +1145,55 @@ def test_fast_path_agrees_with_complete_parser_exhaustively(max_series: int) -> 
     lines = [n + b":" + v + b"|" + t + x for n in _NAMES for v in _VALUES for t in _TYPES for x in tails]
     random.Random(1).shuffle(lines)
     packets = [b"\n".join(lines[i : i + 20]) for i in range(0, len(lines), 20)]
-    _agree(packets, max_series=max_series, max_set_members=2)
+    _agree(packets, max_series=max_series, max_set_members=2, max_set_members_total=5, limits=_LIMITS)
+
+
+_LIMITS = SeriesLimits(
+    max_name_length=7,
+    max_labels=2,
+    max_label_name_length=3,
+    max_label_value_length=4,
+    max_series_bytes=Size(12),
+)
+"""Small enough that the test lines meet every limit."""
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(packets=st.lists(_packets, min_size=1, max_size=3), max_series=st.sampled_from([2, 100]))
-def test_fast_path_agrees_with_complete_parser(packets: list[bytes], max_series: int) -> None:
-    _agree(packets, max_series=max_series, max_set_members=2)
+@given(
+    packets=st.lists(_packets, min_size=1, max_size=3),
+    max_series=st.sampled_from([2, 100]),
+    limits=st.sampled_from([_LIMITS, SeriesLimits()]),
+)
+def test_fast_path_agrees_with_complete_parser(
+    packets: list[bytes], max_series: int, limits: SeriesLimits
+) -> None:
+    _agree(packets, max_series=max_series, max_set_members=2, max_set_members_total=5, limits=limits)
+
+
+_value_atoms = st.one_of(
+    st.sampled_from(
+        [b"1", b"-1", b"+2", b"0", b"-0", b"1e308", b"-1e308", b"1e400", b"1.5", b"", b"x", b"."]
+    ),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: repr(f).encode()),
+    st.integers(-(10**20), 10**20).map(lambda i: str(i).encode()),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    values=st.lists(_value_atoms, min_size=2, max_size=8),
+    kind=st.sampled_from([b"c", b"g", b"ms", b"h", b"d"]),
+    rate=st.sampled_from([b"", b"|@0.5", b"|@0.001", b"|@1"]),
+)
+def test_packed_values_convert_as_one_by_one(values: list[bytes], kind: bytes, rate: bytes) -> None:
+    """The C-level conversion of a packed line gives what the value-by-value loop gives, bit for bit,
+    and the same refusal."""
+    line = b"p:" + b":".join(values) + b"|" + kind + rate
+    parser = LineParser(cache_max=100, clock_s=lambda: float(NOW_S))
+    fast = parser.parse(line)
+    with mock.patch.object(parser_module, "_packed_values", lambda *_: None):
+        loop = parser.parse(line)
+    assert repr(fast) == repr(loop)
 
 
 @settings(max_examples=300, deadline=None)
