@@ -623,3 +623,14 @@ def test_a_cached_attribute_set_is_checked_again_under_a_larger_resource(
     assert len(once({}, {}).points) == 1  # now cached
     out = once(resource, scope)
     assert out.points == [] and out.refused == {refused: 1}
+
+
+def test_a_scope_name_over_the_label_value_limit_refuses_the_scope_once() -> None:
+    req = request(sum_metric("c", [number(1), number(2)], DELTA, True))
+    req.resource_metrics[0].scope_metrics[0].scope.name = "s" * 4097
+    out = convert(req)
+    assert out.points == [] and out.refused == {"label_value_too_long": 2}
+    assert out.errors == [
+        "resource 0, scope 0: the scope name is 4097 bytes long: a label value is over the limit of 4096 "
+        "bytes (limits::max_label_value_length) (2 data point(s))"
+    ]
