@@ -34,7 +34,8 @@ When the request as a whole is refused: ``{"code": c, "error": message}`` with
 - ``408`` ``read_timeout`` (the body did not arrive within ``read_timeout``);
 - ``413`` ``body_too_large`` (over ``max_request_body_size`` raw, by Content-Length or counted while
   streaming, or after decompression: gzip is inflated as it arrives with a bounded ``max_length``, so a
-  bomb never inflates past the cap), ``too_many_items``;
+  bomb never inflates past the cap), ``too_many_items``, ``too_many_values`` (more than ``max_values``
+  JSON values, counted by their separators before the body is parsed);
 - ``415`` ``unsupported_media_type`` (not application/json), ``unsupported_encoding`` (anything but
   gzip or identity, or more than one encoding);
 - ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch; retry it whole),
@@ -97,6 +98,7 @@ REQUEST_REASONS = (
     "read_timeout",
     "body_too_large",
     "too_many_items",
+    "too_many_values",
     "unsupported_media_type",
     "unsupported_encoding",
     "backpressure",
@@ -157,6 +159,8 @@ class HttpConfig:
     """host:port serving POST /v1/metrics and GET /healthz."""
     max_items: int = 1000
     """Metric objects per request at most; a longer list is refused whole (413 too_many_items)."""
+    max_values: int = 1_000_000
+    """JSON values (numbers, strings, …) per request at most, counted before parsing: 413 too_many_values."""
     max_request_body_size: Size = Size(20 * 2**20)
     """Largest body, raw and after decompression (gzip bombs stop here): 413 body_too_large."""
     read_timeout: Duration = Duration(30.0)
@@ -190,6 +194,8 @@ class HttpConfig:
             problems.append(("endpoint", str(exc)))
         if self.max_items < 1:
             problems.append(("max_items", "must be at least 1"))
+        if self.max_values < self.max_items:
+            problems.append(("max_values", "must be at least max_items"))
         if self.max_request_body_size < 1024:
             problems.append(("max_request_body_size", "must be at least 1KiB"))
         if self.max_connections < 1:
@@ -503,7 +509,7 @@ class HttpReceiver:
             raise Refusal(400, "invalid_compression", f"body is not valid gzip: {exc}") from None
 
     def _parse(self, body: bytes, now_ns: int) -> Parsed:
-        return self._parser.parse(decode_body(body, self.config.max_items), now_ns)
+        return self._parser.parse(decode_body(body, self.config.max_items, self.config.max_values), now_ns)
 
     # -- handlers ------------------------------------------------------------------------------------
     def _context(self, request: web.Request, tenant: str | None) -> dict[str, str]:

@@ -433,6 +433,20 @@ async def test_malformed_bodies(make: Make, raw: bytes, message: str) -> None:
     assert h.refused("invalid_json") == 1
 
 
+async def test_a_body_of_too_many_values_is_refused_before_it_is_parsed(make: Make) -> None:
+    h = await make(max_items=10, max_values=100)
+    # A top-level list of 10 million numbers (~20 MB) would take ~0.5 GB and seconds of GIL to parse.
+    status, body, _ = await h.post(data=b"[" + b"1," * 200 + b"1]")
+    assert status == 413 and body["code"] == "too_many_values"
+    assert "up to 201 JSON values" in body["error"] and "the limit is 100 (max_values)" in body["error"]
+    assert h.sink.batches == [] and h.refused("too_many_values") == 1
+    # Histogram samples count as values too; an honest request under the limit goes through.
+    status, body, _ = await h.post({"name": "lat", "type": "histogram", "value": [0.1] * 150})
+    assert status == 413 and body["code"] == "too_many_values"
+    status, body, _ = await h.post({"name": "lat", "type": "histogram", "value": [0.1] * 50})
+    assert status == 200 and body["accepted"] == 1
+
+
 async def test_too_many_items_is_refused_whole(make: Make) -> None:
     h = await make(max_items=3)
     status, body, _ = await h.post([{"name": "a", "value": 1}] * 4)
