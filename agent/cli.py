@@ -287,11 +287,15 @@ async def _run(config: AgentConfig, path: str | None = None, sets: Sequence[str]
     queues, changed exporters hand their queues to their successors, removed ones retire in the
     background; if it cannot start, the running config stays. The telemetry endpoint is kept for the
     life of the process (a changed address is logged: it takes effect at restart)."""
+    from agent import netguard
     from agent.admin import AdminServer
     from agent.diskqueue import QueueError
     from agent.service import Agent
 
     loop = asyncio.get_running_loop()
+    # Before any socket: the soft open-file limit raised to the hard one, and accept errors (out of
+    # descriptors) logged once per interval instead of a traceback per attempt.
+    accept_errors = netguard.install_loop_guards(loop, log)
     stop = asyncio.Event()
     reload = asyncio.Event()
 
@@ -311,8 +315,13 @@ async def _run(config: AgentConfig, path: str | None = None, sets: Sequence[str]
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
     agent = Agent(config)
+    agent.telemetry.counter_reader(
+        "accept_errors_total",
+        "Connections the kernel could not hand over (out of file descriptors or memory).",
+        lambda: accept_errors.count,
+    )
     endpoint = config.service.telemetry.endpoint
-    admin = AdminServer(agent, endpoint) if endpoint else None
+    admin = AdminServer(agent, endpoint, config.service.telemetry.health_stall_timeout) if endpoint else None
     try:
         if admin is not None:
             await admin.start()

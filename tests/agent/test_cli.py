@@ -198,3 +198,37 @@ def test_sighup_refuses_a_bad_config_and_applies_a_good_one(tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_run_raises_the_open_file_limit_and_reports_accept_errors(tmp_path: Path) -> None:
+    import resource
+
+    telemetry, statsd = free_port(), free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG.format(statsd=statsd, out=tmp_path / "points.jsonl", telemetry=telemetry))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    soft = min(1024, hard)
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "-c", str(cfg)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=low_soft_limit,
+    )
+    base = f"http://127.0.0.1:{telemetry}"
+    try:
+        wait_for("ready", lambda: http_get(base + "/readyz")[0] == 200)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        (line,) = [x for x in limits.splitlines() if x.startswith("Max open files")]
+        assert line.split()[3] == str(hard)  # the soft limit, raised to the hard one
+        status, page = http_get(base + "/metrics")
+        assert status == 200 and "headwater_accept_errors_total 0.0" in page
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
