@@ -11,9 +11,10 @@ sums) are in ``exporters.prometheus_series``.
 
 The page is rendered by hand from one label string per series, cached at its first scrape: going
 through prometheus_client's Metric objects costs several µs per sample. The page is streamed (chunked
-encoding) in pieces of at most ``_SLICE_S`` of work and about ``_PIECE_BYTES`` of text, yielding to the
-event loop after each, so a scrape of any size neither stalls the loop nor exists whole in memory. A
-large batch is applied in slices the same way (batches are applied one at a time, in order).
+encoding) in pieces of at most ``agent.slicing.SLICE_S`` of work and about ``_PIECE_BYTES`` of text,
+yielding to the event loop after each, so a scrape of any size neither stalls the loop nor exists whole
+in memory. A large batch is applied in slices the same way (``agent.slicing.slices``; batches are applied
+one at a time, in order).
 
 At most ``max_series`` series are held; points of further new series are dropped and counted as
 ``headwater_exporter_dropped_points_total{reason="series_limit"}``, until idle series expire (expiry
@@ -23,7 +24,6 @@ also works in slices) and free room.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -34,6 +34,7 @@ from agent.component import ComponentKind, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, parse_host_port
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
+from agent.slicing import CHECK_EVERY, Slicer, slices
 from exporters.prometheus_series import (
     DEFAULT_BUCKETS,
     DEFAULT_MAX_SERIES,
@@ -46,11 +47,6 @@ from exporters.prometheus_series import (
 
 TYPE = "prometheus"
 
-_SLICE_S = 0.005
-"""Work done on the event loop before yielding to it, while rendering a page or applying a batch."""
-_CHECK_EVERY = 256
-"""Series (or points) handled between looks at the clock: ~0.1-0.5 ms of work, so a slice overruns
-``_SLICE_S`` by little, and the clock is read rarely enough to cost nothing."""
 _PIECE_BYTES = 256 * 1024
 """Text rendered before it is handed to the response: with 16 KiB label sets a piece is still ~1 MB,
 never a page."""
@@ -122,20 +118,14 @@ class PrometheusExporter:
         self._settings.logger.info("serving /metrics on %s", self._config.endpoint)
 
     async def consume(self, batch: MetricBatch) -> None:
-        """Apply ``batch``; one of 1M points takes seconds, so it is applied in slices of ``_SLICE_S``."""
-        points = batch.points
+        """Apply ``batch``; one of 1M points takes seconds, so it is applied in slices that yield."""
         async with self._applying:
             update = self._store.update
-            clock = time.perf_counter
             taken = 0
-            start = clock()
-            for lo in range(0, len(points), _CHECK_EVERY):
-                for point in points[lo : lo + _CHECK_EVERY]:
+            async for chunk in slices(batch.points):
+                for point in chunk:
                     if update(point) is not None:
                         taken += 1
-                if clock() - start >= _SLICE_S:
-                    await asyncio.sleep(0)
-                    start = clock()
             self._sent.value += taken
             self._count_refused()
 
@@ -158,12 +148,11 @@ class PrometheusExporter:
 
     async def render_chunks(self) -> AsyncIterator[str]:
         """The exposition text in pieces of at most ~``_PIECE_BYTES``, yielding to the event loop
-        between pieces and after every ``_SLICE_S`` of work: neither the loop nor memory ever holds a
+        between pieces and after every ``SLICE_S`` of work: neither the loop nor memory ever holds a
         whole page (1M series make ~60 MB of text and ~1.5 s of work)."""
         parts: list[str] = []
         size = 0
-        clock = time.perf_counter
-        start = clock()
+        slicer = Slicer()
         done = 0
         bounds = [*self._bounds, "+Inf"]
         lines = len(bounds) + 2  # lines of a histogram with the store's bounds: bucket, _sum, _count
@@ -201,11 +190,10 @@ class PrometheusExporter:
                     parts.append(f"{name} {format_value(series.value)}\n")
                     size += 40
                 done += 1
-                if size >= _PIECE_BYTES or (done % _CHECK_EVERY == 0 and clock() - start >= _SLICE_S):
+                if size >= _PIECE_BYTES or (done % CHECK_EVERY == 0 and slicer.due()):
                     yield "".join(parts)
                     parts, size = [], 0
-                    await asyncio.sleep(0)  # yielding a piece is not yielding to the loop
-                    start = clock()
+                    await slicer.pause()  # yielding a piece is not yielding to the loop
         if parts:
             yield "".join(parts)
 

@@ -43,14 +43,13 @@ from agent.diskqueue.format import (
     encode_frame,
     fsync_dir,
 )
+from agent.slicing import CHECK_EVERY, Slicer
 from exporters.prometheus_series import Series, SeriesStore
 
 log = logging.getLogger("headwater.exporter.prometheus_remote_write")
 
 JOURNAL_MAGIC = b"HQSJ"
 JOURNAL_VERSION = 1
-_SNAPSHOT_SLICE = 5000
-"""Series per slice while building a snapshot on the loop (~5 ms)."""
 
 
 class SeriesState:
@@ -203,13 +202,14 @@ class SeriesState:
             await asyncio.to_thread(self.sync)
             families: list[Any] = []
             done = 0
+            slicer = Slicer()  # the rows are built on the loop, in slices that yield to it
             for name, family in list(store.families.items()):
                 rows = []
                 for s in list(family.values()):
                     rows.append(SeriesStore.row(s))
                     done += 1
-                    if done % _SNAPSHOT_SLICE == 0:
-                        await asyncio.sleep(0)
+                    if done % CHECK_EVERY == 0:
+                        await slicer.tick()
                 families.append([name, store.kinds.get(name, ""), rows])
             snapshot = {"version": 1, "generation": new_gen, "families": families}
             await asyncio.to_thread(self._save_and_prune, snapshot, new_gen)

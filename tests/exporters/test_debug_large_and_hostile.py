@@ -11,9 +11,9 @@ import pytest
 
 from agent.model import Kind, MetricBatch, Point
 from exporters import debug
+from tests.exporters.conftest import Ticker
 from tests.exporters.test_debug import make
 from tests.exporters.test_prometheus import now
-from tests.exporters.test_prometheus_bounded import Ticker
 
 
 async def test_a_large_batch_is_written_in_slices_that_let_the_loop_run(tmp_path: Path) -> None:

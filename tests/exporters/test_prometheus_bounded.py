@@ -10,8 +10,10 @@ import urllib.request
 import pytest
 
 from agent.model import Kind, MetricBatch, Point
+from agent.slicing import CHECK_EVERY
 from exporters import prometheus
 from exporters.prometheus_series import SeriesStore
+from tests.exporters.conftest import Ticker
 from tests.exporters.test_prometheus import make, now, samples
 
 
@@ -20,31 +22,6 @@ def gauges(n: int, name: str = "g", value: float = 1.0, start: int = 0) -> Metri
     return MetricBatch(
         tuple(Point(name, Kind.GAUGE, (("i", str(start + i)),), t, value=value) for i in range(n))
     )
-
-
-class Ticker:
-    """Counts the turns the event loop gives to another task while something else runs."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            self.ticks += 1
-            await asyncio.sleep(0)
-
-    async def stop(self) -> int:
-        self._stop.set()
-        await self._task
-        return self.ticks
-
-
-@pytest.fixture
-def slice_every_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Slices end at every clock check, so how often the loop gets a turn does not depend on speed."""
-    monkeypatch.setattr(prometheus, "_SLICE_S", 0.0)
 
 
 async def test_new_series_over_the_cap_are_dropped_and_counted_until_expiry_frees_room() -> None:
@@ -107,7 +84,7 @@ async def test_a_large_batch_is_applied_in_slices_and_batches_stay_in_order() ->
     await exp.consume(MetricBatch((Point("x", Kind.GAUGE, (), now(), value=2),)))
     await first
     ticks = await ticker.stop()
-    assert ticks >= 20_000 // prometheus._CHECK_EVERY - 1, "the loop got no turns while a batch was applied"
+    assert ticks >= 20_000 // CHECK_EVERY - 1, "the loop got no turns while a batch was applied"
     got = samples(await exp.render())
     assert got[("x", frozenset())] == 2
     assert tel.value("exporter_sent_points_total") == 20_002
@@ -124,7 +101,7 @@ async def test_a_scrape_lets_the_loop_run_and_equals_the_rendered_page() -> None
         body = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://{cfg.endpoint}/metrics").read().decode()
         )
-        assert await ticker.stop() >= 5_000 // prometheus._CHECK_EVERY
+        assert await ticker.stop() >= 5_000 // CHECK_EVERY
         assert body == await exp.render()
         assert len(samples(body)) == 5_000
     finally:

@@ -1,0 +1,46 @@
+"""Fixtures shared by the exporter tests: watching the event loop while an exporter works."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from agent import slicing
+
+
+class Ticker:
+    """Counts the turns the event loop gives to another task while something else runs; with ``probe``,
+    records what the probe returns at each turn (e.g. how far a batch has been applied)."""
+
+    def __init__(self, probe: Callable[[], object] | None = None) -> None:
+        self.ticks = 0
+        self.seen: list[object] = []
+        self._probe = probe
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            self.ticks += 1
+            if self._probe is not None:
+                self.seen.append(self._probe())
+            await asyncio.sleep(0)
+
+    async def stop(self) -> int:
+        self._stop.set()
+        await self._task
+        return self.ticks
+
+
+@pytest.fixture
+def slice_every_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices end at every clock check, so how often the loop gets a turn does not depend on speed."""
+    monkeypatch.setattr(slicing, "SLICE_S", 0.0)
+
+
+@pytest.fixture
+def unsliced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices never end: work runs in one go, as before slicing (the reference for equality tests)."""
+    monkeypatch.setattr(slicing, "SLICE_S", float("inf"))
