@@ -349,8 +349,12 @@ class BatchProcessor:
             due = [k for k, b in self._buffers.items() if b.deadline <= now]
             if not due:
                 delay = min(b.deadline for b in self._buffers.values()) - now
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+                # comes as the wait ends (a new buffer woke the timer as shutdown cancelled it), and
+                # this loop then kept shutdown waiting for it forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 continue
             for key in due:
                 buf = self._buffers.pop(key, None)

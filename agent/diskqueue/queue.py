@@ -185,8 +185,11 @@ class DiskQueue:
         """
         interval = float(self.config.fsync_interval)
         while not stop.is_set():
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes
+            # as the wait ends (the owner sets ``stop`` and cancels at once), and one more sync ran.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await stop.wait()
             if any(p.needs_sync() for _, p in self):
                 try:
                     await self.sync_async()

@@ -332,3 +332,20 @@ async def test_shutdown_while_the_timer_is_sending_keeps_that_buffer() -> None:
     await proc.shutdown()  # cancels the timer mid-send: the buffer must still be flushed
     assert sink.values() == [1, 2]
     assert tel.value("processor_outgoing_points_total") == 2
+
+
+async def test_shutdown_ends_when_a_new_buffer_wakes_the_timer_as_it_is_cancelled() -> None:
+    # A consume that opens a buffer wakes the timer, and shutdown cancels the timer in the same loop
+    # turn: its timed wait ends just as the cancellation comes. On Python 3.11 asyncio.wait_for then
+    # returned the wait's result and swallowed the cancellation; the timer went back to waiting and
+    # shutdown waited for it forever.
+    for round_ in range(20):
+        proc, sink, tel = make(BatchConfig(send_batch_size=100, timeout=LONG))
+        await proc.start()
+        await proc.consume(points(1, ctx={"tenant": "a"}))
+        await wait_until(lambda p=proc: not p._wake.is_set())  # the timer took the wake-up, waits again
+        await proc.consume(points(2, ctx={"tenant": "b"}))  # a new buffer: wakes the timer
+        async with asyncio.timeout(10.0):  # reached only by a hang
+            await proc.shutdown()
+        assert sorted(sink.values()) == [1, 2], f"round {round_}"
+        assert tel.value("processor_outgoing_points_total") == 2
