@@ -21,6 +21,7 @@ from aiohttp import web
 from agent import exphist, slicing
 from agent.component import ComponentId, ComponentKind, Settings
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Summary, Temporality
+from agent.sending import Request
 from agent.telemetry import ComponentTelemetry, Telemetry
 from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter
 from exporters.prometheus_remote_write import (
@@ -209,3 +210,53 @@ async def test_otlp_converts_and_encodes_a_huge_batch_in_slices_and_sends_what_o
     assert len(sliced) == len(reference) > 1
     for i, (g, w) in enumerate(zip(sliced, reference, strict=True)):
         assert g.message == w.message, f"request {i} differs"
+
+
+async def stale_markers_run(url: str, batch: MetricBatch) -> tuple[list[object], int]:
+    """Expire every series of ``batch`` at once: (requests offered, seen at the loop's turns during
+    expiry; requests offered in all)."""
+    cfg = PrometheusRemoteWriteConfig(url, series_expiration=3600.0)
+    exp = PrometheusRemoteWriteExporter(settings("prometheus_remote_write"), cfg)
+    await exp.start()
+    try:
+        await exp.consume(batch)
+        offered = 0
+        offer = exp._sender.offer
+
+        def counting(request: Request) -> None:
+            nonlocal offered
+            offered += 1
+            offer(request)
+
+        exp._sender.offer = counting  # type: ignore[method-assign]
+        ticker = Ticker(lambda: offered)
+        async with asyncio.timeout(BOUND_S), exp._applying:
+            await exp._expire(0.0)  # everything is idle: every series gets its stale markers
+        await ticker.stop()
+        assert exp._store.size == 0
+    finally:
+        await exp.shutdown()
+    return ticker.seen, offered
+
+
+@pytest.mark.usefixtures("slice_every_check")
+async def test_stale_markers_of_many_expired_series_are_encoded_in_slices(
+    write_sink: WriteSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Far-future samples: each stale marker is stamped just after its series' last sample, not with the
+    # wall clock, so both runs send the same bytes.
+    t = 4_000_000_000 * 10**9
+    batch = MetricBatch(
+        tuple(Point("gone", Kind.GAUGE, (("i", str(i)),), t, float(i)) for i in range(SERIES))
+    )
+    seen, offered = await stale_markers_run(write_sink.url, batch)
+    markers = [remote_pb2.WriteRequest.FromString(b) for b in write_sink.bodies][-offered:]
+    assert any(isinstance(n, int) and 0 < n < offered for n in seen), "no turn came while half encoded"
+    write_sink.bodies = []
+
+    monkeypatch.setattr(slicing, "SLICE_S", math.inf)
+    _, offered_once = await stale_markers_run(write_sink.url, batch)
+    reference = [remote_pb2.WriteRequest.FromString(b) for b in write_sink.bodies][-offered_once:]
+    assert sum(len(r.timeseries) for r in reference) == SERIES
+    assert all(wire.is_stale_nan(ts.samples[0].value) for r in reference for ts in r.timeseries)
+    assert markers == reference
