@@ -1,11 +1,14 @@
 """Size limits on one series, shared by every receiver (the ``limits:`` block of statsd, http, otlp).
 
-A series is a metric name and its labels (StatsD tags, JSON labels, OTLP attributes — resource and
-scope attributes included, because they end up on the series at the Prometheus edge). Each limit
-bounds what one point can make the agent hold; the series caps (``max_series``) bound how many.
-A point over a limit is refused with the reason named below and counted in
-``headwater_receiver_refused_points_total{reason}``; the other points of the packet or request
-still go through.
+A series is a metric name and its labels (StatsD tags, JSON labels, an OTLP data point's own
+attributes). An OTLP resource and scope are not labels (the Prometheus exporters take only ``job`` and
+``instance`` from ``service.*``; the OTLP exporters pass them on as such) and are often large (the
+OpenTelemetry Java agent's ``process.command_line`` runs to tens of KB), so the per-label limits do not
+apply to them: every point holds them, and ``max_resource_bytes`` bounds them together; their
+attribute keys are held to ``max_label_name_length``. Each limit bounds what one point can make the
+agent hold; the series caps (``max_series``) bound how many. A point over a limit is refused with the
+reason named below and counted in ``headwater_receiver_refused_points_total{reason}``; the other
+points of the packet or request still go through.
 
 | limit | default | refusal reason |
 |---|---|---|
@@ -14,6 +17,7 @@ still go through.
 | ``max_label_name_length`` | 1024 bytes | ``label_name_too_long`` |
 | ``max_label_value_length`` | 4096 bytes | ``label_value_too_long`` |
 | ``max_series_bytes`` | 16 KiB | ``series_too_large`` |
+| ``max_resource_bytes`` (OTLP only) | 64 KiB | ``resource_too_large`` |
 
 Lengths are UTF-8 bytes. Receivers with a fast path check cheap conditions first (the total length
 of a line or a point) and call :meth:`SeriesLimits.check` only for what might be over.
@@ -33,7 +37,10 @@ LABEL_NAME_TOO_LONG = "label_name_too_long"
 LABEL_VALUE_TOO_LONG = "label_value_too_long"
 SERIES_TOO_LARGE = "series_too_large"
 REASONS = (NAME_TOO_LONG, TOO_MANY_LABELS, LABEL_NAME_TOO_LONG, LABEL_VALUE_TOO_LONG, SERIES_TOO_LARGE)
-"""Every reason a point may be refused with for its size."""
+"""Every reason a point may be refused with for the size of its series (every receiver)."""
+RESOURCE_TOO_LARGE = "resource_too_large"
+"""Reason for points whose OTLP resource plus scope is over ``max_resource_bytes``: only the OTLP
+receiver has resources, so it is not in :data:`REASONS` (which every receiver exports at zero)."""
 CONTROL_CHARACTER = "control_character"
 """Reason for a metric or label name holding a C0 control character (U+0000-U+001F) or DEL (U+007F)."""
 find_control = re.compile("[\x00-\x1f\x7f]").search
@@ -45,13 +52,16 @@ class SeriesLimits:
     max_name_length: int = 1024
     """Longest metric name, in UTF-8 bytes; longer → refused{name_too_long}."""
     max_labels: int = 128
-    """Most labels on one point (tags, attributes: resource and scope too) → refused{too_many_labels}."""
+    """Most labels on one point (tags, the point's own attributes) → refused{too_many_labels}."""
     max_label_name_length: int = 1024
-    """Longest label name (tag key, attribute key), in bytes → refused{label_name_too_long}."""
+    """Longest label name or attribute key (resource, scope too), in bytes → refused{label_name_too_long}."""
     max_label_value_length: int = 4096
     """Longest label value in bytes (an OTLP array or map: its text) → refused{label_value_too_long}."""
     max_series_bytes: Size = Size(16 * 1024)
     """Name plus every label name and value, in bytes → refused{series_too_large}."""
+    max_resource_bytes: Size = Size(64 * 1024)
+    """Resource plus scope of OTLP data (attributes, scope name and version), in bytes; they are held
+    with every point but are not series labels → refused{resource_too_large}."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -61,6 +71,8 @@ class SeriesLimits:
                 problems.append((name, f"must be between 1 and {1 << 24}"))
         if not 1 <= self.max_series_bytes <= 1 << 26:
             problems.append(("max_series_bytes", "must be between 1B and 64MiB"))
+        if not 1 <= self.max_resource_bytes <= 1 << 26:
+            problems.append(("max_resource_bytes", "must be between 1B and 64MiB"))
         return problems
 
     def check(self, name: str | bytes, labels: Iterable[tuple[str | bytes, str | bytes]]) -> str | None:
@@ -106,6 +118,12 @@ class SeriesLimits:
                 "the series (name + labels)",
                 self.max_series_bytes,
                 "max_series_bytes",
+                "bytes",
+            ),
+            RESOURCE_TOO_LARGE: (
+                "the resource plus scope (attributes, scope name and version)",
+                self.max_resource_bytes,
+                "max_resource_bytes",
                 "bytes",
             ),
         }[reason]

@@ -164,7 +164,7 @@ class OtlpConfig:
     tls: OtlpTLSConfig = field(default_factory=OtlpTLSConfig)
     """Serve TLS on both endpoints (and optionally require client certificates)."""
     limits: SeriesLimits = field(default_factory=SeriesLimits)
-    """Size limits on each metric point's series (name, attributes with the resource's and scope's)."""
+    """Size limits on each metric point's series (name, own attributes) and on its resource + scope."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []

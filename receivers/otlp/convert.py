@@ -51,14 +51,18 @@ NaN sum), ``invalid_attributes`` (an attribute that is not valid protobuf or UTF
 (more than 63 characters), ``invalid_description`` (more than 4,096 characters).
 
 Size limits (``limits:``, :class:`agent.limits.SeriesLimits`) apply to the series each point would
-make: its metric name, and its labels counted together with the resource's and the scope's
-attributes (they end up on the series); the scope's name and version count as label values. Reasons
-``name_too_long``, ``too_many_labels``, ``label_name_too_long``, ``label_value_too_long``,
-``series_too_large``. A metric name or attribute key (point, scope or resource) holding a C0 control
-character (U+0000-U+001F) or DEL is refused as ``control_character``; attribute *values* may hold
-them (a tab or newline is legitimate data) and the exporters escape them. Each resource and scope is
-checked once, each metric once, each distinct attribute set once while cached: a resource or scope
-over a limit refuses all its points with one sentence.
+make: its metric name and its own attributes (``name_too_long``, ``too_many_labels``,
+``label_name_too_long``, ``label_value_too_long``, ``series_too_large``). The resource and the scope
+are not labels of the series (the Prometheus exporters take only ``job``/``instance`` from them, the
+OTLP exporters pass them on as they are) and real ones are large (the OpenTelemetry Java agent's
+``process.command_line`` and ``process.command_args`` run to tens of KB), so they are bounded on their
+own: their attributes, the scope's name and version together within ``max_resource_bytes``
+(``resource_too_large``), whatever the count and length of each value; their attribute keys within
+``max_label_name_length``. A metric name or attribute key (point, scope or resource) holding a C0
+control character (U+0000-U+001F) or DEL is refused as ``control_character``; attribute *values* may
+hold them (a tab or newline is legitimate data) and the exporters escape them. Each resource and
+scope is checked once, each metric once, each distinct attribute set once while cached: a resource
+or scope over a limit refuses all its points with one sentence.
 
 A point flagged ``NO_RECORDED_VALUE`` says "this series has no value now" (a staleness signal from a
 target that vanished). The internal model has no staleness marker (exporters expire idle series on
@@ -73,11 +77,12 @@ AnyValue wrapper each), more than everything else per point together. So request
 ``attributes`` field is ``repeated bytes`` (same wire encoding as a repeated message) and exemplars are
 left as unknown fields (never parsed). A point's attributes then arrive as a list of serialized
 KeyValues: the tuple of those bytes keys a bounded cache of rendered, sorted label tuples, and only a
-cache miss parses KeyValues and checks them against the limits; only attribute sets of at most half
-of ``max_labels`` and half of ``max_series_bytes`` are cached, so a metric whose name, resource and
-scope fit in the other half needs no per-point check on a cache hit (the common case), and one that
-does not takes the checking path for each point. Points are built without the frozen dataclass
-``__init__`` (see ``PointSlots``), ~0.45 µs instead of ~1.8 µs.
+cache miss parses KeyValues and checks them against the limits. An attribute set within the limits
+is cached when it leaves room in ``max_series_bytes`` for a name of ``max_name_length`` (or, if that
+leaves less than half, when it takes at most half): a metric whose name fits in the rest (with the
+defaults, every metric) needs no per-point check on a cache hit, and one that does not takes the
+checking path for each point. Points are built without the frozen dataclass ``__init__`` (see
+``PointSlots``), ~0.45 µs instead of ~1.8 µs.
 """
 
 from __future__ import annotations
@@ -100,9 +105,10 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from agent.exphist import MAX_SCALE, MIN_SCALE, ExpHistogram
 from agent.limits import (
     CONTROL_CHARACTER,
+    LABEL_NAME_TOO_LONG,
     NAME_TOO_LONG,
+    RESOURCE_TOO_LARGE,
     SERIES_TOO_LARGE,
-    TOO_MANY_LABELS,
     SeriesLimits,
     find_control,
 )
@@ -143,6 +149,7 @@ POINT_REASONS = (
     "invalid_description",
     CONTROL_CHARACTER,
     *LIMIT_REASONS,
+    RESOURCE_TOO_LARGE,
     "no_recorded_value",
 )
 """Reasons a single data point is refused (see the module docs)."""
@@ -155,7 +162,6 @@ MAX_DESCRIPTION_CHARS = 4096
 """Longest metric description (the API must support 1,023 characters; we take four times that)."""
 _NO_HITS: Callable[[Any], None] = {}.get
 """The cache lookup of a metric whose hits need checking: every point takes ``_point_labels``."""
-_WITH_RESOURCE = " counting the resource's and the scope's attributes"
 _TOO_DEEP = (
     f"attributes are nested more than {MAX_ATTRIBUTE_DEPTH} protobuf messages deep (the parser's limit: "
     "at most 33 nested kvlists or 49 nested arrays)"
@@ -432,10 +438,12 @@ class MetricsConverter:
         self._labels = _Cache(max_cached, max_cached_bytes)
         self._resources = _Cache(max_cached, max_cached_bytes)
         self._scopes = _Cache(max_cached, max_cached_bytes)
-        # Point attribute sets are cached only up to half of each limit: a metric whose name, resource
-        # and scope fit in the other half takes cache hits without checking them (see the module docs).
-        self._cached_labels = limits.max_labels // 2
-        self._cached_bytes = limits.max_series_bytes // 2
+        # Point attribute sets are cached up to the bytes a longest name leaves of max_series_bytes (at
+        # least half of them), so a metric whose name fits in the rest takes cache hits without
+        # checking them: with the defaults, every metric (see the module docs).
+        series_bytes = limits.max_series_bytes
+        self._cached_bytes = max(series_bytes - limits.max_name_length, series_bytes // 2)
+        self._fast_name_bytes = min(limits.max_name_length, series_bytes - self._cached_bytes)
 
     def _measure(self, labels: Labels) -> int:
         """The UTF-8 bytes of ``labels``; raises _Refused when one label, or the set alone, is over a
@@ -452,57 +460,75 @@ class MetricsConverter:
                 )
         return sum(_utf8_len(k) + _utf8_len(v) for k, v in labels)
 
-    def _resource(self, message: Any) -> tuple[Resource, int, int]:
-        """(the resource, its label count, its bytes); raises _Refused."""
+    def _measure_outer(self, labels: Labels) -> int:
+        """The UTF-8 bytes of resource or scope attributes; raises _Refused when a key is over
+        ``max_label_name_length`` or holds a control character. Their values and their count are
+        bounded by ``max_resource_bytes`` alone: they are not series labels."""
+        max_key = self._limits.max_label_name_length
+        total = 0
+        for key, value in labels:
+            n = _utf8_len(key)
+            if n > max_key:
+                raise _Refused(
+                    LABEL_NAME_TOO_LONG,
+                    f"the attribute key {json.dumps(key[:100])}{'...' if len(key) > 100 else ''} is {n} "
+                    "bytes long: " + self._limits.describe(LABEL_NAME_TOO_LONG),
+                )
+            if find_control(key):
+                raise _Refused(
+                    CONTROL_CHARACTER,
+                    f"the attribute key {json.dumps(key[:100])} holds a control character",
+                )
+            total += n + _utf8_len(value)
+        return total
+
+    def _too_large(self, what: str, nbytes: int) -> _Refused:
+        return _Refused(
+            RESOURCE_TOO_LARGE, f"{what} {nbytes} bytes: {self._limits.describe(RESOURCE_TOO_LARGE)}"
+        )
+
+    def _resource(self, message: Any) -> tuple[Resource, int]:
+        """(the resource, its bytes); raises _Refused."""
         key = tuple(message.attributes)
         entry = self._resources.get(key)
         if entry is None:
             labels = _labels_from_serialized(key)
-            nbytes = self._measure(labels)
-            entry = (Resource(labels), len(labels), nbytes)
+            nbytes = self._measure_outer(labels)
+            if nbytes > self._limits.max_resource_bytes:
+                raise self._too_large("the resource is", nbytes)
+            entry = (Resource(labels), nbytes)
             self._resources.put(key, entry, sum(map(len, key)) + nbytes)
         return entry
 
-    def _scope(self, message: Any) -> tuple[Scope, int, int]:
-        """(the scope, its label count, its bytes: name and version included); raises _Refused."""
+    def _scope(self, message: Any) -> tuple[Scope, int]:
+        """(the scope, its bytes: name and version included); raises _Refused."""
         key = (message.name, message.version, tuple(message.attributes))
         entry = self._scopes.get(key)
         if entry is None:
             labels = _labels_from_serialized(key[2])
-            nbytes = self._measure(labels)
-            for what, text in (("name", key[0]), ("version", key[1])):
-                n = _utf8_len(text)
-                if n > self._limits.max_label_value_length:
-                    raise _Refused(
-                        "label_value_too_long",
-                        f"the scope {what} is {n} bytes long: "
-                        + self._limits.describe("label_value_too_long"),
-                    )
-                nbytes += n
-            entry = (Scope(key[0], key[1], labels), len(labels), nbytes)
+            nbytes = self._measure_outer(labels) + _utf8_len(key[0]) + _utf8_len(key[1])
+            if nbytes > self._limits.max_resource_bytes:
+                raise self._too_large("the scope is", nbytes)
+            entry = (Scope(key[0], key[1], labels), nbytes)
             self._scopes.put(key, entry, sum(map(len, key[2])) + 2 * nbytes)
         return entry
 
     def convert(self, request: Any, now_ns: int) -> Converted:
         """The points of a :data:`ShadowMetricsRequest`; ``now_ns`` stands in for missing timestamps."""
         out = Converted()
-        limits = self._limits
-        max_labels, max_bytes = limits.max_labels, limits.max_series_bytes
+        max_resource_bytes = self._limits.max_resource_bytes
         for r, rm in enumerate(request.resource_metrics):
             try:
-                resource, r_labels, r_bytes = self._resource(rm.resource)
+                resource, r_bytes = self._resource(rm.resource)
             except _Refused as exc:
                 n = _count_points(m for sm in rm.scope_metrics for m in sm.metrics)
                 out.refuse(exc.reason, n, f"resource {r}: {exc.detail} ({n} data point(s))", False)
                 continue
             for s, sm in enumerate(rm.scope_metrics):
                 try:
-                    scope, s_labels, s_bytes = self._scope(sm.scope)
-                    fixed_labels, fixed_bytes = r_labels + s_labels, r_bytes + s_bytes
-                    if fixed_labels > max_labels:
-                        raise _Refused(TOO_MANY_LABELS, limits.describe(TOO_MANY_LABELS) + _WITH_RESOURCE)
-                    if fixed_bytes > max_bytes:
-                        raise _Refused(SERIES_TOO_LARGE, limits.describe(SERIES_TOO_LARGE) + _WITH_RESOURCE)
+                    scope, s_bytes = self._scope(sm.scope)
+                    if r_bytes + s_bytes > max_resource_bytes:
+                        raise self._too_large("the resource and this scope are", r_bytes + s_bytes)
                 except _Refused as exc:
                     n = _count_points(sm.metrics)
                     out.refuse(
@@ -512,18 +538,10 @@ class MetricsConverter:
                         False,
                     )
                     continue
-                # The longest metric name that needs no check, and for which cache hits need none
-                # (-1: every name is checked, every hit too).
-                fast_name_bytes = (
-                    min(limits.max_name_length, max_bytes - fixed_bytes - self._cached_bytes)
-                    if fixed_labels + self._cached_labels <= max_labels
-                    else -1
-                )
                 out.location = (r, s)
-                fixed = (fixed_labels, fixed_bytes)
                 for m, metric in enumerate(sm.metrics):
                     out.metric_index = m
-                    self._metric(metric, resource, scope, fixed, fast_name_bytes, now_ns, out)
+                    self._metric(metric, resource, scope, now_ns, out)
         return out
 
     def _metric(
@@ -531,13 +549,9 @@ class MetricsConverter:
         metric: Any,
         resource: Resource,
         scope: Scope,
-        fixed: tuple[int, int],
-        fast_name_bytes: int,
         now_ns: int,
         out: Converted,
     ) -> None:
-        """``fixed``: the label count and bytes of the resource and scope; ``fast_name_bytes``: the
-        longest name that needs no check and whose metric's cache hits need none."""
         which = metric.WhichOneof("data")
         if which is None:
             return  # no data, nothing to take or refuse
@@ -546,14 +560,15 @@ class MetricsConverter:
         name, unit, description = metric.name, metric.unit, metric.description
         name_bytes = len(name) if name.isascii() else len(name.encode("utf-8"))
         check_hits = False
+        # A name over _fast_name_bytes is checked, and so are its metric's cache hits.
         if (
-            name_bytes > fast_name_bytes
+            name_bytes > self._fast_name_bytes
             or not name
             or not name.isprintable()
             or len(unit) > MAX_UNIT_CHARS
             or len(description) > MAX_DESCRIPTION_CHARS
         ):
-            problem = self._metric_problem(metric, name_bytes, fixed[1])
+            problem = self._metric_problem(metric, name_bytes)
             if problem is not None:
                 n = len(data.data_points)
                 if n:
@@ -564,7 +579,7 @@ class MetricsConverter:
                         f"metric {json.dumps(name[:200], ensure_ascii=False)}: {detail} ({n} data point(s))",
                     )
                 return
-            check_hits = name_bytes > fast_name_bytes
+            check_hits = name_bytes > self._fast_name_bytes
         if which == "gauge":
             self._numbers(
                 name,
@@ -576,14 +591,13 @@ class MetricsConverter:
                 False,
                 resource,
                 scope,
-                fixed,
                 check_hits,
                 now_ns,
                 out,
             )
             return
         if which == "summary":
-            self._summaries(name, unit, description, data, resource, scope, fixed, check_hits, now_ns, out)
+            self._summaries(name, unit, description, data, resource, scope, check_hits, now_ns, out)
             return
         temporality = _TEMPORALITIES.get(data.aggregation_temporality)
         if temporality is None:
@@ -607,21 +621,20 @@ class MetricsConverter:
                 data.is_monotonic,
                 resource,
                 scope,
-                fixed,
                 check_hits,
                 now_ns,
                 out,
             )
         elif which == "histogram":
             self._explicit(
-                name, unit, description, data, temporality, resource, scope, fixed, check_hits, now_ns, out
+                name, unit, description, data, temporality, resource, scope, check_hits, now_ns, out
             )
         else:
             self._exponential(
-                name, unit, description, data, temporality, resource, scope, fixed, check_hits, now_ns, out
+                name, unit, description, data, temporality, resource, scope, check_hits, now_ns, out
             )
 
-    def _metric_problem(self, metric: Any, name_bytes: int, fixed_bytes: int) -> tuple[str, str] | None:
+    def _metric_problem(self, metric: Any, name_bytes: int) -> tuple[str, str] | None:
         """(reason, what is wrong) when the metric's own fields refuse all its points."""
         name, unit, description = metric.name, metric.unit, metric.description
         limits = self._limits
@@ -637,16 +650,18 @@ class MetricsConverter:
             return "invalid_description", (
                 f"the description is {len(description)} characters long; the limit is {MAX_DESCRIPTION_CHARS}"
             )
-        if fixed_bytes + name_bytes > limits.max_series_bytes:
-            return SERIES_TOO_LARGE, (limits.describe(SERIES_TOO_LARGE) + _WITH_RESOURCE)
+        if name_bytes > limits.max_series_bytes:
+            return (
+                SERIES_TOO_LARGE,
+                f"the name is {name_bytes} bytes long: {limits.describe(SERIES_TOO_LARGE)}",
+            )
         return None
 
     def _point_labels(
-        self, dp: Any, name: str, index: int, fixed: tuple[int, int], check_hits: bool, out: Converted
+        self, dp: Any, name: str, index: int, check_hits: bool, out: Converted
     ) -> Labels | None:
-        """The labels of ``dp`` checked against the limits together with the metric's name and the
-        ``fixed`` label count and bytes of the resource and scope (a cache hit only when
-        ``check_hits``); None when refused (counted in ``out``)."""
+        """The labels of ``dp`` checked against the limits together with the metric's name (a cache
+        hit only when ``check_hits``); None when refused (counted in ``out``)."""
         key = tuple(dp.attributes[:])
         labels: Labels | None = self._labels.get(key)
         if labels is not None and not check_hits:
@@ -655,15 +670,13 @@ class MetricsConverter:
             if labels is None:
                 labels = _labels_from_serialized(key)
                 nbytes = self._measure(labels)
-                if len(labels) <= self._cached_labels and nbytes <= self._cached_bytes:
+                if nbytes <= self._cached_bytes:
                     self._labels.put(key, labels, sum(map(len, key)) + nbytes)
             else:
                 nbytes = sum(_utf8_len(k) + _utf8_len(v) for k, v in labels)
             limits = self._limits
-            if fixed[0] + len(labels) > limits.max_labels:
-                raise _Refused(TOO_MANY_LABELS, limits.describe(TOO_MANY_LABELS) + _WITH_RESOURCE)
-            if fixed[1] + _utf8_len(name) + nbytes > limits.max_series_bytes:
-                raise _Refused(SERIES_TOO_LARGE, limits.describe(SERIES_TOO_LARGE) + _WITH_RESOURCE)
+            if _utf8_len(name) + nbytes > limits.max_series_bytes:
+                raise _Refused(SERIES_TOO_LARGE, limits.describe(SERIES_TOO_LARGE))
         except _Refused as exc:
             out.refuse(exc.reason, 1, f"{_where(name, index)}: {exc.detail}")
             return None
@@ -681,7 +694,6 @@ class MetricsConverter:
         monotonic: bool,
         resource: Resource,
         scope: Scope,
-        fixed: tuple[int, int],
         check_hits: bool,
         now_ns: int,
         out: Converted,
@@ -708,7 +720,7 @@ class MetricsConverter:
                 continue
             labels = cache_get(tuple(dp.attributes[:]))
             if labels is None:
-                labels = self._point_labels(dp, name, index, fixed, check_hits, out)
+                labels = self._point_labels(dp, name, index, check_hits, out)
                 if labels is None:
                     continue
             p = builder()
@@ -739,7 +751,6 @@ class MetricsConverter:
         temporality: Temporality,
         resource: Resource,
         scope: Scope,
-        fixed: tuple[int, int],
         check_hits: bool,
         now_ns: int,
         out: Converted,
@@ -789,7 +800,7 @@ class MetricsConverter:
                 continue
             labels = cache_get(tuple(dp.attributes[:]))
             if labels is None:
-                labels = self._point_labels(dp, name, index, fixed, check_hits, out)
+                labels = self._point_labels(dp, name, index, check_hits, out)
                 if labels is None:
                     continue
             total = dp.sum if dp.HasField("sum") else _NAN
@@ -828,7 +839,6 @@ class MetricsConverter:
         temporality: Temporality,
         resource: Resource,
         scope: Scope,
-        fixed: tuple[int, int],
         check_hits: bool,
         now_ns: int,
         out: Converted,
@@ -841,7 +851,7 @@ class MetricsConverter:
             if histogram is None:
                 out.refuse("invalid_histogram", 1, f"{_where(name, index)}: {problem}")
                 continue
-            labels = self._point_labels(dp, name, index, fixed, check_hits, out)
+            labels = self._point_labels(dp, name, index, check_hits, out)
             if labels is None:
                 continue
             out.points.append(
@@ -872,7 +882,6 @@ class MetricsConverter:
         data: Any,
         resource: Resource,
         scope: Scope,
-        fixed: tuple[int, int],
         check_hits: bool,
         now_ns: int,
         out: Converted,
@@ -895,7 +904,7 @@ class MetricsConverter:
             if problem is not None:
                 out.refuse("invalid_summary", 1, f"{_where(name, index)}: {problem}")
                 continue
-            labels = self._point_labels(dp, name, index, fixed, check_hits, out)
+            labels = self._point_labels(dp, name, index, check_hits, out)
             if labels is None:
                 continue
             out.points.append(

@@ -16,6 +16,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as mpb
 
 from agent import exphist
+from agent.confmodel import Size
 from agent.limits import SeriesLimits
 from agent.model import ExplicitHistogram, Kind, Point, Resource, Scope, Summary, Temporality
 from receivers.otlp.convert import (
@@ -476,8 +477,16 @@ def test_invalid_resource_attributes_refuse_its_points_only() -> None:
 
 # -- size limits: the cached fast path against a plain reference ------------------------------------------
 SMALL_LIMITS = SeriesLimits(
-    max_name_length=12, max_labels=5, max_label_name_length=6, max_label_value_length=10, max_series_bytes=40
+    max_name_length=12,
+    max_labels=5,
+    max_label_name_length=6,
+    max_label_value_length=10,
+    max_series_bytes=Size(40),
+    max_resource_bytes=Size(45),
 )
+LONG_NAMES = dataclasses.replace(SMALL_LIMITS, max_name_length=30)
+"""Names of up to 30 bytes in a 40-byte series: attribute sets of at most 20 bytes are cached, and
+metrics whose names are over 20 bytes check each cache hit."""
 # Few distinct keys, values and names, so that attribute sets repeat under other resources and names
 # (cache hits), and sizes on both sides of every limit.
 _key = st.sampled_from(["a", "bb", "ccc", "dddddd", "eeeeeee", "x\x1b"])
@@ -492,25 +501,40 @@ _POOL = [
     {"a": "", "bb": "", "ccc": ""},
 ]
 """Attribute sets that recur (cache hits), small enough to be cached and large enough to push a point
-over a limit under a larger resource, scope or name."""
+over the series limit with a longer name."""
 _attrs = st.one_of(st.sampled_from(_POOL), st.dictionaries(_key, _value, max_size=4))
-_outer = st.one_of(st.sampled_from([{}, {"a": "v", "bb": "v"}, {"ccc": "vvvvvvvvvv"}]), _attrs)
-"""Resource and scope attributes: often small, often enough two labels each (4 of the 5 allowed)."""
-_name = st.sampled_from(["m", "mmmmmm", "m" * 12, "m" * 13, "n\x1b"])
+_outer = st.one_of(
+    st.sampled_from([{}, {"a": "v", "bb": "v"}, {"ccc": "vvvvvvvvvv"}, {f"k{i}": "" for i in range(8)}]),
+    st.dictionaries(_key, st.sampled_from(["", "v", "v" * 11, "v" * 30]), max_size=3),
+)
+"""Resource and scope attributes: values over max_label_value_length and more than max_labels of them
+(fine: they are not series labels), keys too long or holding ESC, and sizes on both sides of
+max_resource_bytes alone and together."""
+_name = st.sampled_from(["m", "mmmmmm", "m" * 12, "m" * 13, "m" * 25, "m" * 31, "n\x1b"])
 
 
-def _reference(name: str, resource: dict[str, str], scope: dict[str, str], attrs: dict[str, str]) -> bool:
-    """Whether a point is within SMALL_LIMITS, computed the plain way (scope name "lib", version "1.0")."""
-    labels = [*resource.items(), *scope.items(), *attrs.items()]
-    if SMALL_LIMITS.check(name, labels) not in (None, "series_too_large"):
+def _size(attrs: dict[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in attrs.items())
+
+
+def _reference(
+    limits: SeriesLimits, name: str, resource: dict[str, str], scope: dict[str, str], attrs: dict[str, str]
+) -> bool:
+    """Whether a point is within ``limits``, computed the plain way (scope name "lib", version "1.0"):
+    the name and the point's attributes as a series, the resource and scope on their own."""
+    if limits.check(name, attrs.items()) is not None or "\x1b" in name:
         return False
-    if any(ctl in k for k, _ in labels for ctl in "\x1b") or "\x1b" in name:
+    keys = [*resource, *scope, *attrs]
+    if any("\x1b" in k for k in keys):
         return False
-    total = sum(len(x.encode()) for pair in labels for x in pair) + len(name.encode()) + len("lib1.0")
-    return total <= SMALL_LIMITS.max_series_bytes
+    if any(len(k.encode()) > limits.max_label_name_length for k in [*resource, *scope]):
+        return False
+    return _size(resource) + _size(scope) + len("lib1.0") <= limits.max_resource_bytes
 
 
-_CONVERTER = MetricsConverter(limits=SMALL_LIMITS, max_cached=8)
+_CONVERTERS = [
+    (limits, MetricsConverter(limits=limits, max_cached=8)) for limits in (SMALL_LIMITS, LONG_NAMES)
+]
 
 
 @settings(max_examples=500, deadline=None)
@@ -526,10 +550,9 @@ _CONVERTER = MetricsConverter(limits=SMALL_LIMITS, max_cached=8)
     )
 )
 def test_limits_take_exactly_the_points_within_them(resources: list[Any]) -> None:
-    """One converter (with a small cache) across examples: cached attribute sets under other resources
-    and metric names are held to the limits as a fresh parse would be."""
+    """One converter per limits (with a small cache) across examples: cached attribute sets under
+    other resources and metric names are held to the limits as a fresh parse would be."""
     req = ExportMetricsServiceRequest()
-    expected = []
     for resource, scope, metrics in resources:
         rm = req.resource_metrics.add()
         rm.resource.attributes.extend(kv(k, v) for k, v in resource.items())
@@ -540,11 +563,18 @@ def test_limits_take_exactly_the_points_within_them(resources: list[Any]) -> Non
             m = sm.metrics.add(name=name)
             for i, attrs in enumerate(points):
                 m.gauge.data_points.add(as_double=i, attributes=[kv(k, v) for k, v in attrs.items()])
-                if _reference(name, resource, scope, attrs):
-                    expected.append((name, tuple(sorted(attrs.items()))))
-    out = _CONVERTER.convert(ShadowMetricsRequest.FromString(req.SerializeToString()), NOW)
-    assert [(p.name, p.labels) for p in out.points] == expected
-    assert out.rejected == sum(out.refused.values())
+    body = req.SerializeToString()
+    for limits, converter in _CONVERTERS:
+        expected = [
+            (name, tuple(sorted(attrs.items())))
+            for resource, scope, metrics in resources
+            for name, points in metrics
+            for attrs in points
+            if _reference(limits, name, resource, scope, attrs)
+        ]
+        out = converter.convert(ShadowMetricsRequest.FromString(body), NOW)
+        assert [(p.name, p.labels) for p in out.points] == expected
+        assert out.rejected == sum(out.refused.values())
 
 
 def test_the_caches_are_bounded_in_bytes() -> None:
@@ -558,14 +588,23 @@ def test_the_caches_are_bounded_in_bytes() -> None:
     assert len(converter._labels) >= 1
 
 
-def test_attribute_sets_over_half_the_limits_are_not_cached_and_still_right() -> None:
-    converter = MetricsConverter(limits=SeriesLimits(max_labels=6))  # attribute sets of 3 at most cached
-    four = {"a": "1", "b": "2", "c": "3", "d": "4"}  # with service.name and scope.attr: 6
-    m = sum_metric("c", [number(1, four), number(2, {"a": "1"})], DELTA, True)
+def test_attribute_sets_too_large_to_cache_are_still_right() -> None:
+    # A name may take 60 of the 100 bytes: attribute sets of at most 50 bytes are cached.
+    converter = MetricsConverter(limits=SeriesLimits(max_name_length=60, max_series_bytes=Size(100)))
+    large = {"a": "v" * 25, "b": "v" * 25}  # 52 bytes
+    m = sum_metric("c", [number(1, large), number(2, {"a": "1"})], DELTA, True)
     for _ in range(2):
         out = convert(request(m), converter)
-        assert [p.labels for p in out.points] == [tuple(four.items()), (("a", "1"),)]
+        assert [p.labels for p in out.points] == [tuple(large.items()), (("a", "1"),)]
     assert list(converter._labels.values()) == [(("a", "1"),)]
+    # With the default limits every attribute set within them is cached, whatever the resource.
+    converter = MetricsConverter()
+    big = {f"k{i:03d}": "v" * 100 for i in range(120)}  # 12.6 KB
+    resource = {"service.name": "svc", "process.command_line": "java " + "x" * 30_000}
+    assert convert(
+        request(sum_metric("c", [number(1, big)], DELTA, True), resource=resource), converter
+    ).points
+    assert list(converter._labels.values()) == [tuple(big.items())]
 
 
 def test_upb_names_its_depth_limit() -> None:
@@ -595,42 +634,114 @@ def _varint(n: int) -> bytes:
     return out + bytes([n])
 
 
-@pytest.mark.parametrize(
-    ("resource", "scope", "refused"),
-    [
-        ({"a": "v", "bb": "v"}, {"ccc": "v", "x": "v"}, "too_many_labels"),  # 4 + 2 > 5
-        ({"dddddd": "vvvvvvvvvv"}, {"ccc": "vvvvvvvvvv"}, "series_too_large"),  # 16+13+6 + 1 + 11 > 40
-    ],
-)
-def test_a_cached_attribute_set_is_checked_again_under_a_larger_resource(
-    resource: dict[str, str], scope: dict[str, str], refused: str
-) -> None:
-    converter = MetricsConverter(limits=SMALL_LIMITS)
-    attrs = {"a": "vvvvvvvvvv"} if refused == "series_too_large" else {"a": "v", "bb": "v"}
+def test_a_cached_attribute_set_is_checked_again_under_a_longer_name() -> None:
+    converter = MetricsConverter(limits=LONG_NAMES)
 
-    def once(resource: dict[str, str], scope: dict[str, str]) -> Converted:
+    def once(name: str) -> Converted:
         req = ExportMetricsServiceRequest()
-        rm = req.resource_metrics.add()
-        rm.resource.attributes.extend(kv(k, v) for k, v in resource.items())
-        sm = rm.scope_metrics.add()
-        sm.scope.name, sm.scope.version = "lib", "1.0"
-        sm.scope.attributes.extend(kv(k, v) for k, v in scope.items())
-        # A short name: the name alone does not take the metric off the unchecked path.
-        m = sm.metrics.add(name="m")
-        m.gauge.data_points.add(as_double=1.0, attributes=[kv(k, v) for k, v in attrs.items()])
-        return converter.convert(ShadowMetricsRequest.FromString(req.SerializeToString()), NOW)
+        m = req.resource_metrics.add().scope_metrics.add().metrics.add(name=name)
+        m.gauge.data_points.add(as_double=1.0, attributes=[kv("a", "vvvvvvvvvv")])  # 11 bytes
+        return convert(req, converter)
 
-    assert len(once({}, {}).points) == 1  # now cached
-    out = once(resource, scope)
-    assert out.points == [] and out.refused == {refused: 1}
+    assert len(once("m").points) == 1  # now cached
+    assert len(once("m" * 29).points) == 1  # a hit checked: 29 + 11 = 40
+    out = once("m" * 30)
+    assert out.points == [] and out.refused == {"series_too_large": 1}
+    assert list(converter._labels.values()) == [(("a", "vvvvvvvvvv"),)]
 
 
-def test_a_scope_name_over_the_label_value_limit_refuses_the_scope_once() -> None:
-    req = request(sum_metric("c", [number(1), number(2)], DELTA, True))
-    req.resource_metrics[0].scope_metrics[0].scope.name = "s" * 4097
+# -- resources and scopes: not series labels, bounded by max_resource_bytes ----------------------------------
+def with_resource(req: ExportMetricsServiceRequest, index: int, attributes: dict[str, Any]) -> None:
+    rm = req.resource_metrics[index]
+    rm.resource.ClearField("attributes")
+    rm.resource.attributes.extend(kv(k, v) for k, v in attributes.items())
+
+
+def two_resources() -> ExportMetricsServiceRequest:
+    """Resource 0 with two points, resource 1 with one; the same scope ("lib" 1.0, scope.attr=x) each."""
+    req = request(sum_metric("a", [number(1), number(2)], DELTA, True))
+    req.resource_metrics.extend(request(sum_metric("b", [number(3)], DELTA, True)).resource_metrics)
+    return req
+
+
+@pytest.mark.parametrize(
+    ("attributes", "reason", "sentence"),
+    [
+        (
+            {"blob": "x" * 100_000},
+            "resource_too_large",
+            "the resource is 100004 bytes: the resource plus scope (attributes, scope name and version) "
+            "is over the limit of 65536 bytes (limits::max_resource_bytes)",
+        ),
+        (
+            {"k" * 1025: "v"},
+            "label_name_too_long",
+            f'the attribute key "{"k" * 100}"... is 1025 bytes long: a label name is over the limit of '
+            "1024 bytes (limits::max_label_name_length)",
+        ),
+        ({"esc\x1b": "v"}, "control_character", 'the attribute key "esc\\u001b" holds a control character'),
+    ],
+    ids=["resource_too_large", "label_name_too_long", "control_character"],
+)
+def test_a_resource_over_its_limits_refuses_its_points_with_one_sentence(
+    attributes: dict[str, str], reason: str, sentence: str
+) -> None:
+    req = two_resources()
+    with_resource(req, 0, attributes)
     out = convert(req)
-    assert out.points == [] and out.refused == {"label_value_too_long": 2}
+    assert [p.name for p in out.points] == ["b"]
+    assert out.refused == {reason: 2} and out.rejected == 2
+    assert out.errors == [f"resource 0: {sentence} (2 data point(s))"]
+
+
+def test_resource_values_and_count_are_bounded_by_bytes_only() -> None:
+    req = two_resources()
+    many = {f"attr.{i:03d}": "v" * 100 for i in range(500)}  # 500 labels (> 128), 54 KB
+    with_resource(req, 0, many)
+    with_resource(req, 1, {"service.name": "s", "process.command_line": "x" * 65_000})  # > 4096
+    out = convert(req)
+    assert out.refused == {} and [p.name for p in out.points] == ["a", "a", "b"]
+    assert out.points[0].resource == Resource(tuple(many.items()))
+
+
+def test_the_scope_counts_with_its_resource() -> None:
+    limit = SeriesLimits().max_resource_bytes
+    req = two_resources()
+    # Resource 0 and its scope each fit, but not together; resource 1's smaller one fits with it.
+    with_resource(req, 0, {"r": "x" * (limit - 100)})
+    with_resource(req, 1, {"r": "x" * (limit - 300)})
+    for rm in req.resource_metrics:
+        rm.scope_metrics[0].scope.attributes.append(kv("s", "y" * 200))
+    out = convert(req)
+    assert [p.name for p in out.points] == ["b"] and out.refused == {"resource_too_large": 2}
+    total = 1 + limit - 100 + len("lib1.0scope.attrx") + 1 + 200
     assert out.errors == [
-        "resource 0, scope 0: the scope name is 4097 bytes long: a label value is over the limit of 4096 "
-        "bytes (limits::max_label_value_length) (2 data point(s))"
+        f"resource 0, scope 0: the resource and this scope are {total} bytes: the resource plus scope "
+        "(attributes, scope name and version) is over the limit of 65536 bytes (limits::max_resource_bytes) "
+        "(2 data point(s))"
     ]
+
+
+def test_a_scope_name_counts_in_the_resource_bytes() -> None:
+    req = two_resources()
+    req.resource_metrics[0].scope_metrics[0].scope.name = "s" * 100_000
+    req.resource_metrics[1].scope_metrics[0].scope.name = "s" * 5000  # over the label value limit: fine
+    out = convert(req)
+    assert [p.name for p in out.points] == ["b"] and out.refused == {"resource_too_large": 2}
+    assert out.points[0].scope is not None and out.points[0].scope.name == "s" * 5000
+    assert out.errors == [
+        "resource 0, scope 0: the scope is 100014 bytes: the resource plus scope (attributes, scope name "
+        "and version) is over the limit of 65536 bytes (limits::max_resource_bytes) (2 data point(s))"
+    ]
+
+
+def test_ten_mib_attributes_are_refused_on_a_resource_and_on_a_point() -> None:
+    filler = "x" * (10 * 2**20)
+    req = two_resources()
+    with_resource(req, 0, {"service.name": "big", "v": filler})
+    req.resource_metrics[1].scope_metrics[0].metrics.append(
+        sum_metric("c", [number(4, {"v": filler}), number(5, {"v": "small"})], DELTA, True)
+    )
+    out = convert(req)
+    assert out.refused == {"resource_too_large": 2, "label_value_too_long": 1}
+    assert [(p.name, p.value) for p in out.points] == [("b", 3.0), ("c", 5.0)]

@@ -6,6 +6,7 @@ SDK cannot produce. The conversion rules themselves are in test_otlp_convert.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -26,31 +27,45 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as mpb
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.component import ComponentId, ComponentKind, Settings, Signal
 from agent.config import load_yaml
-from agent.confmodel import Decoder
+from agent.confmodel import Decoder, Duration, Size
 from agent.limits import REASONS, SeriesLimits
 from agent.model import Batch, MetricBatch, Point
+from agent.sending import RetryConfig
 from agent.telemetry import ComponentTelemetry, Telemetry
+from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter
+from exporters.prometheus import PrometheusConfig, PrometheusExporter
 from receivers.http import HttpConfig
 from receivers.http import factory as http_factory
 from receivers.otlp import OtlpConfig
 from receivers.otlp import factory as otlp_factory
-from receivers.otlp.convert import ShadowMetricsRequest
+from receivers.otlp.convert import POINT_REASONS, ShadowMetricsRequest
+from tests.exporters.otlp_sink import Sink as OtlpSink
+from tests.receivers.conftest import free_port, until
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
 METRICS_EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 T = 1_700_000_000_000_000_000
+FAST_RETRY = RetryConfig(
+    initial_interval=Duration(0.01), max_interval=Duration(0.05), max_elapsed_time=Duration(10.0)
+)
 
 
 class Sink:
-    def __init__(self) -> None:
+    """Keeps every batch, then hands it to ``downstream`` consumers (exporters) in order."""
+
+    def __init__(self, *downstream: Any) -> None:
         self.batches: list[Batch] = []
+        self.downstream = downstream
 
     async def consume(self, batch: Batch) -> None:
         self.batches.append(batch)
+        for consumer in self.downstream:
+            await consumer.consume(batch)
 
     @property
     def points(self) -> list[Point]:
@@ -91,11 +106,21 @@ class Harness:
 Make = Callable[..., Awaitable[Harness]]
 
 
+def exporter_settings(tel: Telemetry, name: str) -> Settings:
+    return Settings(
+        id=ComponentId(name),
+        kind=ComponentKind.EXPORTER,
+        telemetry=ComponentTelemetry(tel, "exporter", name),
+        logger=logging.getLogger(f"test.{name}"),
+        shutdown_timeout_s=10.0,
+    )
+
+
 @pytest.fixture
 async def make() -> AsyncIterator[Make]:
     made: list[Harness] = []
 
-    async def build(kind: str = "otlp", **cfg: Any) -> Harness:
+    async def build(kind: str = "otlp", downstream: tuple[Any, ...] = (), **cfg: Any) -> Harness:
         config: Any
         if kind == "otlp":
             config = OtlpConfig(**{"grpc": "127.0.0.1:0", "http": "127.0.0.1:0", **cfg})
@@ -105,7 +130,7 @@ async def make() -> AsyncIterator[Make]:
             factory, signals = http_factory, (Signal.METRICS,)
         assert config.validate() == []
         tel = Telemetry()
-        sink = Sink()
+        sink = Sink(*downstream)
         settings = Settings(
             id=ComponentId(kind),
             kind=ComponentKind.RECEIVER,
@@ -254,10 +279,10 @@ LIMITS = SeriesLimits(
     ("metric", "reason"),
     [
         (gauge("n" * 21), "name_too_long"),
-        (gauge("m", {"a": "1", "b": "2", "c": "3", "d": "4"}), "too_many_labels"),  # + service.name
+        (gauge("m", {"a": "1", "b": "2", "c": "3", "d": "4", "e": "5"}), "too_many_labels"),
         (gauge("m", {"k" * 13: "1"}), "label_name_too_long"),
         (gauge("m", {"a": "v" * 17}), "label_value_too_long"),
-        (gauge("m" * 10, {"a": "v" * 16, "b": "v" * 16}), "series_too_large"),  # + service.name, lib
+        (gauge("m" * 20, {"a": "v" * 16, "b": "v" * 16, "c": "v" * 6}), "series_too_large"),  # 61 bytes
         (gauge("esc\x1b[2J"), "control_character"),
         (gauge("m", {"nul\x00": "1"}), "control_character"),
         (gauge("m", unit="u" * 64), "invalid_unit"),
@@ -273,36 +298,193 @@ async def test_each_limit_refuses_its_point_only(make: Make, metric: mpb.Metric,
     assert "(resource 0, scope 0, metric 1)" in response.partial_success.error_message
 
 
-async def test_resource_and_scope_attributes_count_towards_the_series(make: Make) -> None:
-    h = await make(limits=LIMITS)
-    req = request(gauge("a", {"x": "1"}), resource={"service.name": "s", "k1": "1", "k2": "2"})
-    request(gauge("b", {"x": "1"}, {}), resource={"service.name": "s"}, scope={"s1": "1", "s2": "2"}, req=req)
-    request(gauge("c", {"x": "1"}), resource={"service.name": "s" * 17}, req=req)
-    request(gauge("d", {}, {}, {}), resource={f"r{i}": "1" for i in range(5)}, req=req)
+async def test_resource_and_scope_are_not_series_labels_but_bounded_in_bytes(make: Make) -> None:
+    h = await make(limits=dataclasses.replace(LIMITS, max_resource_bytes=Size(200)))
+    # Four point attributes (the limit) under a resource and scope of many labels, long values.
+    resource = {"service.name": "s", "cmd.line": "java " + "x" * 100, "r1": "1", "r2": "2"}  # 5 labels
+    req = request(gauge("a", {"w": "1", "x": "2", "y": "3", "z": "4"}), resource=resource, scope={"s1": "1"})
+    request(gauge("b", {"x": "1"}), resource={"service.name": "s", "blob": "x" * 200}, req=req)
+    request(
+        gauge("c", {}, {}), resource={"service.name": "s", "blob": "x" * 150}, scope={"s": "y" * 50}, req=req
+    )
+    request(gauge("d"), resource={"service.name": "s", "k" * 13: "1"}, req=req)
     response = await h.export(req)
-    # a: 3 resource + 1 point attributes = 4, fine. b: 1 + 2 scope + 1 = 4 fine, and without point
-    # attributes also fine. c: the resource's value is too long. d: 5 resource attributes.
-    assert h.sink.names() == ["a", "b", "b"]
-    assert h.refused("label_value_too_long") == 1 and h.refused("too_many_labels") == 3
-    message = response.partial_success.error_message
+    assert h.sink.names() == ["a"]
+    assert h.refused("resource_too_large") == 3 and h.refused("label_name_too_long") == 1
     assert response.partial_success.rejected_data_points == 4
-    assert "resource 2: a label value is over the limit of 16 bytes" in message
-    assert "resource 3: the label count is over the limit of 4 labels (limits::max_labels) (3 data" in message
+    assert response.partial_success.error_message == (
+        "4 data point(s) rejected: resource 1: the resource is 217 bytes: the resource plus scope "
+        "(attributes, scope name and version) is over the limit of 200 bytes (limits::max_resource_bytes) "
+        "(1 data point(s)); resource 2, scope 0: the resource and this scope are 221 bytes: the resource "
+        "plus scope (attributes, scope name and version) is over the limit of 200 bytes "
+        "(limits::max_resource_bytes) (2 data point(s)); resource 3: the attribute key "
+        f'"{"k" * 13}" is 13 bytes long: a label name is over the limit of 12 bytes '
+        "(limits::max_label_name_length) (1 data point(s))"
+    )
+    point = h.sink.points[0]
+    assert point.resource is not None and dict(point.resource.attributes) == resource
 
 
-async def test_a_point_over_the_label_count_only_with_the_resource_is_refused(make: Make) -> None:
-    h = await make(limits=LIMITS)
-    resource = {"service.name": "s", "r": "1", "q": "2"}
-    req = request(gauge("m", {"a": "1", "b": "2"}, {"a": "1"}), resource=resource)
-    response = await h.export(req)
-    assert [p.labels for p in h.sink.points] == [(("a", "1"),)]
-    assert "counting the resource's and the scope's attributes" in response.partial_success.error_message
-    # The same attributes under a smaller resource are fine: the first answer was not cached...
-    await h.export(request(gauge("m", {"a": "1", "b": "2"}), resource={"service.name": "s"}))
-    assert [p.labels for p in h.sink.points][-1] == (("a", "1"), ("b", "2"))
-    # ...and, now that they are cached, a hit under the larger resource is still checked.
-    response = await h.export(req)
-    assert response.partial_success.rejected_data_points == 1 and len(h.sink.points) == 3
+# -- resources: an app under the OpenTelemetry Java agent -------------------------------------------------
+def java_agent_resource() -> dict[str, Any]:
+    """Resource attributes like the OpenTelemetry Java agent's for a Spring Boot app: the whole command
+    line (a long classpath: over 20 KB) and its 300 arguments, with service.name and instance id."""
+    classpath = ":".join(f"/app/BOOT-INF/lib/dependency-{i:03d}-2.7.18.jar" for i in range(300))
+    options = [f"-Dapp.setting.{i:03d}=value-{i:03d}" for i in range(295)]
+    java, agent = "/usr/lib/jvm/java-17-openjdk/bin/java", "-javaagent:/otel/opentelemetry-javaagent.jar"
+    args = (java, agent, *options, "-cp", classpath, "com.example.shop.Application")
+    return {
+        "service.name": "checkout",
+        "service.instance.id": "checkout-7d9f-1",
+        "process.command_line": " ".join(args),
+        "process.command_args": args,
+    }
+
+
+def _sdk_export_java_app(transport: str, target: str, resource: dict[str, Any]) -> None:
+    """Export a few instruments with the SDK's own exporter, ``resource`` set on the MeterProvider."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    exporter: Any
+    if transport == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+        exporter = GrpcExporter(endpoint=target, insecure=True, timeout=10)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+        exporter = HttpExporter(endpoint=target, timeout=10)
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=math.inf)
+    provider = MeterProvider(resource=Resource.create(resource), metric_readers=[reader])
+    meter = provider.get_meter("io.opentelemetry.spring-webmvc-6.0", "2.10.0")
+    orders = meter.create_counter("orders")
+    orders.add(3, {"region": "eu"})
+    orders.add(2, {"region": "us"})
+    meter.create_histogram("http.server.request.duration", unit="s").record(0.25, {"http.route": "/cart"})
+    meter.create_up_down_counter("jobs.queued").add(7)
+    assert provider.force_flush(10_000)
+    provider.shutdown()
+
+
+def _any_value(v: AnyValue) -> Any:
+    """An AnyValue as Python: arrays as lists; a JSON-rendered array (a string) as the list it holds."""
+    which = v.WhichOneof("value")
+    if which == "array_value":
+        return [_any_value(x) for x in v.array_value.values]
+    if which == "string_value" and v.string_value.startswith("["):
+        return json.loads(v.string_value)
+    return getattr(v, which) if which else None
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+async def test_a_java_agent_resource_is_taken_and_exported_whole(make: Make, transport: str) -> None:
+    """Resource attributes are not series labels: a 20 KB command line is over max_label_value_length
+    and max_series_bytes, yet every point is taken; the Prometheus page gets job/instance only, the
+    OTLP backend the whole resource."""
+    resource = java_agent_resource()
+    assert len(resource["process.command_line"]) > 20_000 and len(resource["process.command_args"]) == 300
+    tel = Telemetry()
+    backend = OtlpSink()
+    prometheus_config = PrometheusConfig(endpoint=f"127.0.0.1:{free_port()}")
+    prometheus = PrometheusExporter(exporter_settings(tel, "prometheus"), prometheus_config)
+    otlp = OtlpHttpExporter(
+        exporter_settings(tel, "otlp_http"),
+        OtlpHttpConfig(endpoint=await backend.start_http(), retry_on_failure=FAST_RETRY),
+    )
+    await prometheus.start()
+    await otlp.start()
+    try:
+        h = await make(downstream=(prometheus, otlp))
+        target = f"127.0.0.1:{h.receiver.grpc_port}" if transport == "grpc" else h.url()
+        await asyncio.to_thread(_sdk_export_java_app, transport, target, resource)
+
+        assert h.accepted() == 4
+        assert {r: h.refused(r) for r in POINT_REASONS if h.refused(r)} == {}
+        assert sorted(h.sink.names()) == ["http.server.request.duration", "jobs.queued", "orders", "orders"]
+        for point in h.sink.points:
+            assert point.resource is not None
+            got = dict(point.resource.attributes)
+            assert got["process.command_line"] == resource["process.command_line"]
+
+        async with h.session.get(f"http://{prometheus_config.endpoint}/metrics") as answer:
+            page = await answer.text()
+        samples = {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(page)
+            for s in family.samples
+        }
+        who = {("job", "checkout"), ("instance", "checkout-7d9f-1")}
+        assert samples[("orders_total", frozenset({*who, ("region", "eu")}))] == 3
+        assert samples[("orders_total", frozenset({*who, ("region", "us")}))] == 2
+        assert samples[("jobs_queued", frozenset(who))] == 7
+        assert "process" not in page and len(page) < 10_000  # no resource attribute became a label
+
+        def exported() -> list[Any]:
+            return [
+                rm for r in backend.received if r.signal == "metrics" for rm in r.message.resource_metrics
+            ]
+
+        def points(rms: list[Any]) -> int:
+            return sum(
+                len(getattr(m, m.WhichOneof("data")).data_points)
+                for rm in rms
+                for sm in rm.scope_metrics
+                for m in sm.metrics
+            )
+
+        await until(lambda: points(exported()) == 4)
+        for rm in exported():
+            sent = {kv.key: kv.value for kv in rm.resource.attributes}
+            assert sent["process.command_line"].string_value == resource["process.command_line"]
+            assert _any_value(sent["process.command_args"]) == list(resource["process.command_args"])
+    finally:
+        await otlp.shutdown()
+        await prometheus.shutdown()
+        await backend.stop()
+
+
+async def test_a_resource_over_max_resource_bytes_refuses_its_points_only(make: Make) -> None:
+    h = await make()
+    req = request(gauge("kept.before", {"a": "1"}), resource={"service.name": "a"})
+    request(
+        gauge("dropped", {"a": "1"}, {"a": "2"}),
+        resource={"service.name": "b", "blob": "x" * 100_000},
+        req=req,
+    )
+    request(gauge("kept.after"), resource={"service.name": "c", "blob": "x" * 60_000}, req=req)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{h.receiver.grpc_port}") as channel:
+        call = channel.unary_unary(
+            METRICS_EXPORT,
+            request_serializer=ExportMetricsServiceRequest.SerializeToString,
+            response_deserializer=ExportMetricsServiceResponse.FromString,
+        )
+        response = await call(req, timeout=10)
+    assert response.partial_success.rejected_data_points == 2
+    assert response.partial_success.error_message == (
+        "2 data point(s) rejected: resource 1: the resource is 100017 bytes: the resource plus scope "
+        "(attributes, scope name and version) is over the limit of 65536 bytes (limits::max_resource_bytes) "
+        "(2 data point(s))"
+    )
+    assert h.sink.names() == ["kept.before", "kept.after"]
+    assert h.refused("resource_too_large") == 2 and h.accepted() == 2
+
+
+async def test_ten_mib_attributes_are_refused_on_resources_scopes_and_points(make: Make) -> None:
+    """The hostile case of issue 10 (60 requests of 10 MiB labels took 941 MB): each is refused."""
+    h = await make()
+    filler = "x" * (10 * 2**20)
+    for where in ("resource", "scope", "point"):
+        req = request(gauge("fine"), resource={"service.name": "ok"})
+        if where == "point":
+            request(gauge("big", {"v": filler}), req=req)
+        else:
+            request(gauge("big"), req=req, **{where: {"service.name": "big", "v": filler}})
+        response = await h.export(req)
+        assert response.partial_success.rejected_data_points == 1, where
+    assert h.refused("resource_too_large") == 2 and h.refused("label_value_too_long") == 1
+    assert h.sink.names() == ["fine"] * 3
 
 
 async def test_control_characters_in_values_are_kept(make: Make) -> None:
@@ -313,11 +495,13 @@ async def test_control_characters_in_values_are_kept(make: Make) -> None:
 
 
 async def test_limits_block_is_read_from_yaml_and_validated() -> None:
-    data, _ = load_yaml("limits: {max_labels: 3, max_series_bytes: 1KiB}\n")
+    data, _ = load_yaml("limits: {max_labels: 3, max_series_bytes: 1KiB, max_resource_bytes: 1MiB}\n")
     decoder = Decoder(lambda _: None)
     config = decoder.decode(OtlpConfig, data, ("receivers", "otlp"))
     assert decoder.errors == []
-    assert config.limits == SeriesLimits(max_labels=3, max_series_bytes=1024)  # type: ignore[arg-type]
+    assert config.limits == SeriesLimits(
+        max_labels=3, max_series_bytes=Size(1024), max_resource_bytes=Size(2**20)
+    )
     decoder.decode(HttpConfig, load_yaml("limits: {max_label_count: 3}\n")[0], ("receivers", "http"))
     assert [path for path, _ in decoder.errors] == [("receivers", "http", "limits", "max_label_count")]
     assert OtlpConfig(limits=SeriesLimits(max_labels=0)).validate() == [
@@ -325,6 +509,9 @@ async def test_limits_block_is_read_from_yaml_and_validated() -> None:
     ]
     assert HttpConfig(limits=SeriesLimits(max_name_length=0)).validate() == [
         ("limits::max_name_length", "must be between 1 and 16777216")
+    ]
+    assert OtlpConfig(limits=SeriesLimits(max_resource_bytes=Size(2**26 + 1))).validate() == [
+        ("limits::max_resource_bytes", "must be between 1B and 64MiB")
     ]
 
 
@@ -338,6 +525,7 @@ async def test_every_limit_reason_is_exported_at_zero_before_it_happens(make: Ma
             for s in m.samples
         }
         assert set(REASONS) | {"control_character"} <= names, kind
+        assert ("resource_too_large" in names) == (kind == "otlp")
 
 
 # -- depth -------------------------------------------------------------------------------------------------
