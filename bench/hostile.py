@@ -53,6 +53,7 @@ def row(r: Result) -> str:
     alive = "" if r.alive else f" (died {r.exit_detail})"
     refused = "yes" if not r.problems else "no: " + "; ".join(p.splitlines()[0][:110] for p in r.problems)
     legit = "n/a" if r.legit_ok is None else ("yes" if r.legit_ok else f"no ({r.legit_detail})")
+    refused, legit = refused.replace("|", "\\|"), legit.replace("|", "\\|")  # inside a Markdown cell
     return (
         f"| {r.case}{alive} | {rss} | {r.health.max_ms:.0f} | {r.health.failures}/"
         f"{r.health.answers + r.health.failures} | {refused} | {legit} |"
@@ -114,7 +115,15 @@ def _describe(src: Path) -> str:
     out = subprocess.run(
         ["git", "-C", str(src), "log", "-1", "--format=%h %s"], capture_output=True, text=True, check=False
     )
-    return out.stdout.strip() or "not a git checkout"
+    dirty = subprocess.run(
+        ["git", "-C", str(src), "status", "--short", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.count("\n")
+    return (out.stdout.strip() or "not a git checkout") + (
+        f", {dirty} files modified" if dirty else ", clean"
+    )
 
 
 if __name__ == "__main__":

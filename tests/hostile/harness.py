@@ -207,9 +207,10 @@ class Run:
             (s.name, s.labels, s.value) for fam in text_string_to_metric_families(body) for s in fam.samples
         ]
 
-    def refusals(self, reason: str) -> float:
+    def refusals(self, reason: str, receivers: tuple[str, ...] = ()) -> float:
         """Everything counted as refused, dropped or closed with a reason matching ``reason`` (a regex):
-        points, requests, connections, calls — whichever unit the receiver counts in."""
+        points, requests, connections, calls — whichever unit the component counts in; only those of
+        ``receivers`` when given."""
         rx = re.compile(reason)
         return sum(
             value
@@ -217,6 +218,7 @@ class Run:
             if name.endswith("_total")
             and re.search(r"refused|dropped|closed|rejected|cancel|truncat", name)
             and any(rx.fullmatch(v) for k, v in labels.items() if k in ("reason", "code", "status"))
+            and (not receivers or labels.get("receiver") in receivers)
         )
 
     def pull_page(self, timeout_s: float = 120) -> bytes:
