@@ -903,7 +903,8 @@ def drive_grpc_cancelled(run: Run) -> Problems:
 
 
 def drive_deep_kvlist(run: Run) -> Problems:
-    """An attribute nested 50 kvlists deep: refused, and the message says depth."""
+    """An attribute nested 50 kvlists deep: refused, and the message says it is too deep (not merely
+    "not valid KeyValues")."""
     from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
@@ -920,7 +921,7 @@ def drive_deep_kvlist(run: Run) -> Problems:
         message = ExportMetricsServiceResponse.FromString(body).partial_success.error_message
     run.facts.update(status=status, message=message[:160])
     problems = counted(run, ".*", before, what="a 50-deep kvlist")
-    if "depth" not in message.lower():
+    if not re.search(r"depth|deep|nested", message, re.I):
         problems.append(f"the refusal does not say depth: {message[:160]!r}")
     return problems
 
