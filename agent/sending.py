@@ -202,7 +202,8 @@ class Sender:
         self._uncommitted = 0
         self._closed = asyncio.Event()
         """Set when shutdown starts: durable requests stop waiting to be retried."""
-        self._kept_workers = 0
+        self._ended_workers = 0
+        """Disk workers that ended at shutdown (nothing left to hand out, or the backend failing)."""
         tel = settings.telemetry
         self._sent = tel.sent()
         self._requests_sent = tel.counter("exporter_sent_requests_total", "Requests an exporter delivered.")
@@ -374,7 +375,8 @@ class Sender:
                 if self._in_flight == 0 and part.pending == 0:
                     self._idle.set()
                 if self._closing:
-                    return  # what is left stays on disk
+                    self._worker_ended()  # what is left stays on disk
+                    return
                 await self._available.wait()
                 continue
             headers = dict(record.headers)
@@ -392,10 +394,16 @@ class Sender:
                 part.ack(record.seq)
             else:
                 part.release(record.seq)
-                self._kept_workers += 1
-                if self._kept_workers >= self._queue_cfg.num_consumers:
-                    self._idle.set()  # every worker has stopped: nothing more leaves before the next run
+                self._worker_ended()
                 return  # shutting down: leave the rest on disk
+
+    def _worker_ended(self) -> None:
+        # However each ended — one kept its record, another found nothing to hand out while the first
+        # was still sending — once every worker has ended nothing more leaves before the next run:
+        # shutdown must not wait out its deadline for them.
+        self._ended_workers += 1
+        if self._ended_workers >= self._queue_cfg.num_consumers:
+            self._idle.set()
 
     async def _deliver(self, request: Request, *, durable: bool) -> bool:
         """Send with retries. True when the request is finished with (sent, or dropped and counted);

@@ -162,3 +162,40 @@ async def test_hand_over_leaves_a_disk_backlog_for_the_successor(tmp_path: Path)
     await new.shutdown(1.0)
     assert seen == [b"r0", b"r1", b"r2"]
     assert tel.value("exporter_dropped_points_total") == 0
+
+
+async def test_a_disk_queue_shutdown_ends_once_every_worker_has_stopped(tmp_path: Path) -> None:
+    # Two workers, one record, the backend down: one worker found nothing to send and ended at shutdown,
+    # then the other's send failed and it kept the record for the next run. Shutdown then has nothing
+    # left to wait for; it used to wait its whole deadline, counting only the workers that kept a record.
+    sending = asyncio.Event()
+    fail = asyncio.Event()
+
+    async def refuse_later(req: Request) -> None:
+        sending.set()
+        await fail.wait()
+        raise ConnectionRefusedError("refused")
+
+    queue = QueueConfig(storage="disk", directory=str(tmp_path), num_consumers=2)
+    sender, tel = make(refuse_later, queue)
+    await sender.start()
+    sender.offer(Request(b"r0", 1))
+    await sender.commit()
+    await sending.wait()
+    stopping = asyncio.ensure_future(sender.shutdown(3600.0))
+    async with asyncio.timeout(HANG_LIMIT_S):
+        while len(sender._tasks._tasks) > 1:  # the idle worker has ended
+            await asyncio.sleep(0.01)
+        fail.set()
+        await stopping
+    assert tel.value("exporter_dropped_points_total") == 0
+
+    kept: list[bytes] = []
+
+    async def record(req: Request) -> None:
+        kept.append(req.payload)
+
+    again, _ = make(record, queue, tel)
+    await again.start()
+    await again.shutdown(HANG_LIMIT_S)
+    assert kept == [b"r0"]  # left on disk for the next run
