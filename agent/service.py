@@ -146,13 +146,59 @@ class Link:
             self._quiet = None
 
 
-class _ComponentScope(Telemetry):
-    """The agent's :class:`Telemetry` as one component instance sees it: the same cells and families,
-    but ``unregister_gauges`` drops only the gauges this instance registered and still owns."""
+_ReaderKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class _Readers:
+    """Every gauge and counter reader the component instances of one agent registered, per metric and
+    label set, oldest first. Instances of two generations share labels (a changed processor is created
+    beside the running one before a reload is applied; a re-added exporter beside the one retiring):
+    the agent's registry reads the newest one still registered, and when that one goes, the one before
+    it is read again — a refused reload must not take a running component's gauge with it."""
 
     def __init__(self, root: Telemetry) -> None:
-        # No super().__init__(): a scope has no registry of its own, everything goes to ``root``.
-        self._root = root
+        self.root = root
+        self._stacks: dict[_ReaderKey, list[tuple[_ComponentScope, Callable[[], float], bool, str]]] = {}
+
+    def add(
+        self,
+        scope: _ComponentScope,
+        name: str,
+        help: str,
+        read: Callable[[], float],
+        counter: bool,
+        labels: dict[str, str],
+    ) -> None:
+        (self.root.counter_reader if counter else self.root.gauge)(name, help, read, **labels)
+        self._stacks.setdefault((name, tuple(sorted(labels.items()))), []).append(
+            (scope, read, counter, help)
+        )
+
+    def remove(
+        self, scope: _ComponentScope, name: str, read: Callable[[], float], labels: dict[str, str]
+    ) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        stack = self._stacks.get(key, [])
+        for i in reversed(range(len(stack))):
+            if stack[i][0] is scope and stack[i][1] is read:
+                del stack[i]
+                break
+        if stack:
+            _, top, counter, help = stack[-1]
+            (self.root.counter_reader if counter else self.root.gauge)(name, help, top, **labels)
+        else:
+            self._stacks.pop(key, None)
+            self.root.unregister_reader(name, read, **labels)
+
+
+class _ComponentScope(Telemetry):
+    """The agent's :class:`Telemetry` as one component instance sees it: the same cells and families,
+    but ``unregister_gauges`` drops only the gauges this instance registered (see :class:`_Readers`)."""
+
+    def __init__(self, readers: _Readers) -> None:
+        # No super().__init__(): a scope has no registry of its own, everything goes to the root.
+        self._all = readers
+        self._root = root = readers.root
         self.registry = root.registry
         self.started_monotonic = root.started_monotonic
         self._readers: list[tuple[str, Callable[[], float], dict[str, str]]] = []
@@ -161,21 +207,27 @@ class _ComponentScope(Telemetry):
         return self._root.counter(name, help, **labels)
 
     def gauge(self, name: str, help: str, read: Callable[[], float], **labels: str) -> None:
-        self._root.gauge(name, help, read, **labels)
+        self._all.add(self, name, help, read, False, labels)
         self._readers.append((name, read, labels))
 
     def counter_reader(self, name: str, help: str, read: Callable[[], float], **labels: str) -> None:
-        self._root.counter_reader(name, help, read, **labels)
+        self._all.add(self, name, help, read, True, labels)
         self._readers.append((name, read, labels))
 
     def unregister_gauges(self, **labels: str) -> None:
+        """Drop this instance's readers whose labels include ``labels`` (all of them without any)."""
         kept = []
         for name, read, own in self._readers:
             if all(own.get(k) == v for k, v in labels.items()):
-                self._root.unregister_reader(name, read, **own)
+                self._all.remove(self, name, read, own)
             else:
                 kept.append((name, read, own))
         self._readers = kept
+
+    def unregister_reader(self, name: str, read: Callable[[], float], **labels: str) -> None:
+        if (name, read, labels) in self._readers:
+            self._readers.remove((name, read, labels))
+            self._all.remove(self, name, read, labels)
 
     def value(self, name: str, **labels: str) -> float:
         return self._root.value(name, **labels)
@@ -196,6 +248,7 @@ class _Running:
         *,
         link: Link | None = None,
         links: dict[Signal, Link] | None = None,
+        scope: _ComponentScope | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.id
@@ -207,7 +260,15 @@ class _Running:
         """A processor's downstream Link."""
         self.links: dict[Signal, Link] = links or {}
         """A receiver's Link per signal."""
+        self.scope = scope
+        """What the instance registered in the agent's telemetry."""
         self.state = "created"
+
+    def release_gauges(self) -> None:
+        """Drop the gauges and readers of an instance that has stopped (whether it dropped them or not):
+        /metrics must not read a retired component, nor keep it alive."""
+        if self.scope is not None:
+            self.scope.unregister_gauges()
 
     @property
     def label(self) -> str:
@@ -282,6 +343,12 @@ def added_environment_problems(old: AgentConfig | None, new: AgentConfig) -> lis
     return problems
 
 
+def _scope(settings: Settings) -> _ComponentScope:
+    scope = settings.telemetry.telemetry
+    assert isinstance(scope, _ComponentScope)
+    return scope
+
+
 async def _point(link: Link, target: Consumer) -> None:
     link.target = target
 
@@ -305,6 +372,7 @@ class Agent:
         self._stopped = False
         self._tasks = Tasks("agent", log)
         self._retirements = Tasks("agent-retire", log)
+        self._readers = _Readers(self.telemetry)
         self._reloading = asyncio.Lock()
         self.loop_lag_max_s = 0.0
         self.telemetry.gauge(
@@ -332,19 +400,22 @@ class Agent:
         return Settings(
             id=spec.id,
             kind=spec.kind,
-            telemetry=ComponentTelemetry(_ComponentScope(self.telemetry), kind, label),
+            telemetry=ComponentTelemetry(_ComponentScope(self._readers), kind, label),
             logger=logging.getLogger(f"headwater.{kind}.{label}"),
             ready=ready,
             shutdown_timeout_s=config.service.shutdown_timeout,
         )
 
     def _exporter(self, config: AgentConfig, spec: ComponentSpec) -> _Running:
-        return _Running(spec, spec.factory.create(self._settings(config, spec), spec.config))
+        settings = self._settings(config, spec)
+        instance = spec.factory.create(settings, spec.config)
+        return _Running(spec, instance, scope=_scope(settings))
 
     def _receiver(self, config: AgentConfig, spec: ComponentSpec, links: dict[Signal, Link]) -> _Running:
         consumers: dict[Signal, Consumer] = dict(links)
-        instance = spec.factory.create(self._settings(config, spec), spec.config, consumers)
-        return _Running(spec, instance, links=links)
+        settings = self._settings(config, spec)
+        instance = spec.factory.create(settings, spec.config, consumers)
+        return _Running(spec, instance, links=links, scope=_scope(settings))
 
     def _plan(self, config: AgentConfig) -> _Plan:
         """Match ``config`` against the running graph (empty before start) and create what is new."""
@@ -378,7 +449,9 @@ class Agent:
                     link = Link(nxt)
                     settings = self._settings(config, spec, f"@{pipeline.id}")
                     instance = spec.factory.create(settings, spec.config, link)
-                    running = _Running(spec, instance, pipeline.id, position, link=link)
+                    running = _Running(
+                        spec, instance, pipeline.id, position, link=link, scope=_scope(settings)
+                    )
                     plan.processors.append(running)
                     plan.processors_new.append(running)
                 nxt = plan.processors[-1].instance
@@ -460,6 +533,7 @@ class Agent:
             await running.instance.shutdown()
         finally:
             running.state = "stopped"
+            running.release_gauges()
 
     async def _start_one(self, running: _Running) -> bool:
         """Start one component; on failure log it, stop what it started, and return False."""
@@ -474,6 +548,7 @@ class Agent:
                     "stopping %s %s after a failed start: %r", running.kind.value, running.label, stop_exc
                 )
             running.state = "stopped"
+            running.release_gauges()
             if running.kind is ComponentKind.RECEIVER:
                 self._not_ready.discard(f"receiver:{running.label}")
             return False
@@ -588,6 +663,7 @@ class Agent:
                     await running.instance.shutdown()
                 except Exception as exc:
                     log.error("releasing %s %s: %r", running.kind.value, running.label, exc)
+                running.release_gauges()
         for running in plan.receivers_new:
             self._not_ready.discard(f"receiver:{running.label}")
 
@@ -639,6 +715,7 @@ class Agent:
                     await old.instance.shutdown()
             finally:
                 old.state = "stopped"
+                old.release_gauges()
             new = await self._start_exporter(config, spec, handed)
             if new is None:
                 log.error("exporter %s: the new config cannot start; restoring the previous one", old.label)

@@ -273,3 +273,80 @@ async def test_a_bad_file_is_refused_and_the_running_config_stays(
         await until("the running pipeline still flows", lambda: setup.total("kept") == 4)
     finally:
         await agent.stop()
+
+
+def gauges(agent: Agent, name: str) -> list[dict[str, str]]:
+    """The label sets of the samples of ``name`` that /metrics would show now."""
+    return [s.labels for f in agent.telemetry.collect() for s in f.samples if s.name == name]
+
+
+async def test_a_refused_reload_keeps_the_running_components_gauges(
+    tmp_path: Path, hung_backend: Callable[[], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The reload changes the batch processor (a new instance is created beside the running one, under
+    # the same label) and adds an exporter that cannot start: the reload is refused, the new processor
+    # released — and with it went the gauge of the processor that keeps running.
+    setup = Setup(tmp_path, hung_backend())
+    agent = Agent(setup.write())
+    await agent.start()
+    try:
+        batch = agent._processors[0].instance
+        buffered = "headwater_processor_batch_buffered_points"
+        assert gauges(agent, buffered) == [{"processor": "batch@metrics"}]
+        setup.write(batch_timeout="70ms")
+        text = setup.path.read_text()
+        extra = (
+            "  prometheus_remote_write/second:\n"
+            f"    endpoint: http://127.0.0.1:{hung_backend()}/api/v1/write\n"
+            "    auth: {basic: {username: u, password_file: " + str(tmp_path / "missing") + "}}\n"
+        )
+        text = text.replace("service:", extra + "service:").replace(
+            "exporters: [debug, prometheus_remote_write]",
+            "exporters: [debug, prometheus_remote_write, prometheus_remote_write/second]",
+        )
+        setup.path.write_text(text)
+        assert not await agent.reload(load_config(str(setup.path), builtin_factories(), []))
+        assert "cannot start exporter prometheus_remote_write/second" in caplog.text
+        assert agent._processors[0].instance is batch
+        assert gauges(agent, buffered) == [{"processor": "batch@metrics"}]
+        assert {"exporter": "prometheus_remote_write/second"} not in gauges(
+            agent, "headwater_exporter_queue_size"
+        )
+        # Applied this time: the old processor retires, the new one's gauge stays.
+        assert await agent.reload(setup.write(batch_timeout="70ms"))
+        await until("the old batch processor retired", lambda: not agent._retiring)
+        assert agent._processors[0].instance is not batch
+        assert gauges(agent, buffered) == [{"processor": "batch@metrics"}]
+    finally:
+        await agent.stop()
+
+
+async def test_a_retired_component_leaves_no_gauge_behind(
+    tmp_path: Path, hung_backend: Callable[[], int]
+) -> None:
+    # The http receiver and the percentiles processor do not drop their gauges when they stop: once a
+    # reload has removed them, /metrics must not keep reading them.
+    setup = Setup(tmp_path, hung_backend())
+    setup.write()
+    text = setup.path.read_text()
+    with_http = text.replace(
+        "processors:\n",
+        f"  http:\n    endpoint: 127.0.0.1:{free_port()}\nprocessors:\n  percentiles: {{}}\n",
+    ).replace(
+        "      receivers: [statsd]\n      processors: [batch]",
+        "      receivers: [statsd, http]\n      processors: [percentiles, batch]",
+    )
+    setup.path.write_text(with_http)
+    agent = Agent(load_config(str(setup.path), builtin_factories(), []))
+    await agent.start()
+    try:
+        assert gauges(agent, "headwater_receiver_connections") == [{"receiver": "http"}]
+        assert gauges(agent, "headwater_percentiles_series") == [{"processor": "percentiles@metrics"}]
+        setup.path.write_text(text)
+        assert await agent.reload(load_config(str(setup.path), builtin_factories(), []))
+        await until("the percentiles processor retired", lambda: not agent._retiring)
+        assert gauges(agent, "headwater_receiver_connections") == []
+        assert gauges(agent, "headwater_percentiles_series") == []
+        assert gauges(agent, "headwater_processor_batch_buffered_points") == [{"processor": "batch@metrics"}]
+    finally:
+        await agent.stop()
