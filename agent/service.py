@@ -706,16 +706,7 @@ class Agent:
                     PAUSE_LIMIT_S,
                 )
             old.state = "stopping"
-            hand_over = getattr(old.instance, "hand_over", None)
-            handed: Any = None
-            try:
-                if hand_over is not None:
-                    handed = await hand_over()
-                else:
-                    await old.instance.shutdown()
-            finally:
-                old.state = "stopped"
-                old.release_gauges()
+            handed = await self._hand_over(old)
             new = await self._start_exporter(config, spec, handed)
             if new is None:
                 log.error("exporter %s: the new config cannot start; restoring the previous one", old.label)
@@ -723,6 +714,12 @@ class Agent:
                 if restored is not None:
                     entry.target = restored.instance
                     self._exporters[old.id] = restored
+                else:
+                    log.error(
+                        "exporter %s: the previous config cannot start again either: the exporter is down"
+                        " (what reaches it is counted as dropped{shutdown}) and the queue it held is lost",
+                        old.label,
+                    )
                 return None
             entry.target = new.instance
             self._exporters[old.id] = new
@@ -730,12 +727,52 @@ class Agent:
         finally:
             entry.resume()
 
+    async def _hand_over(self, old: _Running) -> Any:
+        """Stop ``old`` for a successor: what its ``hand_over`` returns (None without one). Never raises
+        (but for cancellation): a hand-over that fails is logged and ``old`` shut down, so that whatever
+        happens the Link moves on to a running successor."""
+        hand_over = getattr(old.instance, "hand_over", None)
+        try:
+            if hand_over is not None:
+                return await hand_over()
+            await old.instance.shutdown()
+        except Exception as exc:
+            log.error(
+                "exporter %s: handing its queue over failed, what it held may be lost: %r",
+                old.label,
+                exc,
+                exc_info=exc,
+            )
+            if hand_over is not None:
+                try:
+                    await old.instance.shutdown()  # whatever it still holds (a socket, a queue's lock)
+                except Exception as stop_exc:
+                    log.error("exporter %s: stopping it: %r", old.label, stop_exc)
+        finally:
+            old.state = "stopped"
+            old.release_gauges()
+        return None
+
     async def _start_exporter(self, config: AgentConfig, spec: ComponentSpec, handed: Any) -> _Running | None:
-        running = self._exporter(config, spec)
+        """Create and start an exporter and give it ``handed``; None when it cannot be created or
+        started (logged). A successor that started but could not take the whole queue keeps running."""
+        try:
+            running = self._exporter(config, spec)
+        except Exception as exc:
+            log.error("cannot create exporter %s: %r", spec.id, exc, exc_info=exc)
+            return None
         if not await self._start_one(running):
             return None
         if handed is not None:
-            await running.instance.adopt(handed)
+            try:
+                await running.instance.adopt(handed)
+            except Exception as exc:
+                log.error(
+                    "exporter %s: taking over its predecessor's queue failed, part of it may be lost: %r",
+                    running.label,
+                    exc,
+                    exc_info=exc,
+                )
         return running
 
     async def _replace_receiver(

@@ -350,3 +350,49 @@ async def test_a_retired_component_leaves_no_gauge_behind(
         assert gauges(agent, "headwater_processor_batch_buffered_points") == [{"processor": "batch@metrics"}]
     finally:
         await agent.stop()
+
+
+@pytest.mark.parametrize("failing", ["hand_over", "adopt"])
+async def test_a_hand_over_that_raises_leaves_a_working_graph(
+    failing: str,
+    tmp_path: Path,
+    hung_backend: Callable[[], int],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A queue that cannot be handed over (an I/O error while the old exporter stops, or while the new
+    # one takes the requests) must not leave the exporter's entry pointing at the stopped instance with
+    # the successor running outside the graph: the new config runs, the failure is logged.
+    from exporters.prometheus_remote_write import PrometheusRemoteWriteExporter
+
+    setup = Setup(tmp_path, hung_backend())
+    agent = Agent(setup.write())
+    await agent.start()
+    try:
+        old_rw = instance(agent, RW)
+        started: list[Any] = []
+        real_start = PrometheusRemoteWriteExporter.start
+
+        async def start(self: PrometheusRemoteWriteExporter) -> None:
+            started.append(self)
+            await real_start(self)
+
+        async def broken(self: PrometheusRemoteWriteExporter, *args: Any) -> Any:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(PrometheusRemoteWriteExporter, "start", start)
+        monkeypatch.setattr(PrometheusRemoteWriteExporter, failing, broken)
+        with caplog.at_level(logging.ERROR, logger="headwater"):
+            assert await agent.reload(setup.write(backend=hung_backend()))
+        assert "Input/output error" in caplog.text
+        new_rw = instance(agent, RW)
+        assert new_rw is not old_rw and started == [new_rw]  # no instance running outside the graph
+        tel = agent.telemetry
+        statsd.StatsClient("127.0.0.1", setup.values["statsd"]).incr("after", 3)
+        await until("written", lambda: setup.total("after") == 3)
+        await until(
+            "queued in the new exporter", lambda: tel.value("exporter_queue_points", exporter=str(RW))
+        )
+        assert tel.value("exporter_dropped_points_total", exporter=str(RW), reason="shutdown") == 0
+    finally:
+        await agent.stop()
