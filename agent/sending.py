@@ -44,6 +44,7 @@ from agent.diskqueue import (
     DiskQueue,
     DiskQueueConfig,
     Partition,
+    QueueError,
     QueueFull,
     RecordTooLarge,
     queue_directory_problems,
@@ -500,7 +501,8 @@ class Sender:
     async def adopt(self, requests: list[Request]) -> None:
         """Queue a predecessor's requests (from :meth:`hand_over`) ahead of everything offered here: they
         are older. A memory queue takes them all, past queue_size if need be (they were accepted already;
-        new offers meet the full queue until it drains); a disk queue appends and syncs them."""
+        new offers meet the full queue until it drains); a disk queue appends and syncs them, counting
+        what it cannot write as dropped{write_error}. Never raises (there is no caller to refuse to)."""
         if not requests:
             return
         if self._closing:
@@ -513,12 +515,19 @@ class Sender:
             self._idle.clear()
             self._available.set()
             return
+        tel = self._settings.telemetry
         for request in requests:
             try:
                 self._offer_disk(part, request)
             except Backpressure as exc:
-                self._settings.telemetry.dropped(exc.reason).value += request.points
-        await self.commit()
+                tel.dropped(exc.reason).value += request.points
+            except (OSError, QueueError) as exc:  # no caller to refuse to: count it, keep the rest
+                self._log.error("cannot queue a handed-over request of %d points: %s", request.points, exc)
+                tel.dropped("write_error").value += request.points
+        try:
+            await self.commit()
+        except OSError as exc:  # queued all the same: not durable yet, sent like the rest
+            self._log.error("cannot sync the handed-over requests to disk: %s", exc)
 
     async def _stop(self, *, hand_over: bool) -> list[Request]:
         self._stop_syncer.set()

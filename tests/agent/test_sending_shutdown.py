@@ -199,3 +199,36 @@ async def test_a_disk_queue_shutdown_ends_once_every_worker_has_stopped(tmp_path
     await again.start()
     await again.shutdown(HANG_LIMIT_S)
     assert kept == [b"r0"]  # left on disk for the next run
+
+
+async def test_adopt_counts_what_the_disk_queue_cannot_take(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reload moved a memory queue to disk and the disk fails: the requests it could not write are
+    # counted as dropped{write_error}, the rest are queued and sent; the failure does not escape adopt
+    # (the reload would have left the successor half set up).
+    from agent.diskqueue.partition import Partition
+
+    seen: list[bytes] = []
+    sent = asyncio.Event()
+
+    async def record(req: Request) -> None:
+        seen.append(req.payload)
+        if len(seen) == 2:
+            sent.set()
+
+    new, tel = make(record, QueueConfig(storage="disk", directory=str(tmp_path)))
+    await new.start()
+    real_append = Partition.append
+
+    def append(self: Partition, payload: bytes, *args: object, **kwargs: object) -> object:
+        if payload == b"r1":
+            raise OSError(5, "Input/output error")
+        return real_append(self, payload, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Partition, "append", append)
+    await new.adopt([Request(b"r0", 1), Request(b"r1", 2), Request(b"r2", 4)])
+    await sent.wait()
+    await new.shutdown(HANG_LIMIT_S)
+    assert seen == [b"r0", b"r2"]
+    assert tel.value("exporter_dropped_points_total", reason="write_error") == 2
