@@ -512,10 +512,14 @@ class _OtlpExporter(abc.ABC):
     async def adopt(self, handed: tuple[str, dict[str | None, list[Request]]]) -> None:
         """Queue a predecessor's requests (:meth:`hand_over`) ahead of new data, each tenant's in that
         tenant's queue, re-compressed when the compression setting changed. Requests of a tenant this
-        exporter cannot route (over max_tenants) are dropped and counted (tenant_routing_changed)."""
+        exporter cannot route (no tenant header now, or over max_tenants) are dropped and counted
+        (tenant_routing_changed): their tenant is only in the header, and sent through this exporter's
+        own queue without it they would land in the wrong tenant."""
         encoding, queued = handed
+        route = self._route
         for tenant, requests in queued.items():
-            sender = await self._sender_for(tenant)
+            headerless = tenant is not None and (route is None or not route.header)
+            sender = None if headerless else await self._sender_for(tenant)
             if sender is None:
                 points = sum(r.points for r in requests)
                 self._log.warning("dropping %d queued points of tenant %s: cannot route them", points, tenant)

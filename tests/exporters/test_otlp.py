@@ -872,3 +872,55 @@ async def test_histogram_without_sum_is_sent_without_sum(make: Any) -> None:
 def test_retry_after_ignores_non_ascii_digits() -> None:
     assert retry_after_s("\u00b2") is None  # "²".isdigit() is True, float("²") raises
     assert retry_after_s(" 7 ") == 7.0
+
+
+async def test_a_reload_that_ends_tenant_headers_does_not_send_a_tenants_queue_as_nobodys(
+    make: Any,
+) -> None:
+    """A tenant's queued requests carry their tenant only in the header their sender adds. Adopted by
+    a successor without tenant headers they would go out through its own queue with no tenant — into
+    the wrong tenant: they are dropped and counted (tenant_routing_changed), as remote-write does."""
+    from aiohttp import web
+
+    from agent.confmodel import Duration
+    from exporters.otlp import TenantRoutingConfig
+
+    sending = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        sending.set()
+        await release.wait()
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_post("/v1/metrics", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    config = OtlpHttpConfig(
+        endpoint=f"http://127.0.0.1:{port}",
+        timeout=Duration(60.0),
+        retry_on_failure=FAST,
+        tenant=TenantRoutingConfig(header="X-Scope-OrgID"),
+    )
+    old = OtlpHttpExporter(settings(Telemetry()), config)
+    await old.start()
+    try:
+        t = time.time_ns()
+        await old.consume(MetricBatch((counter(1, t - S, t, labels=(("tenant_id", "acme"),)),)))
+        await sending.wait()
+        handed = await old.hand_over()
+        assert set(handed[1]) == {"acme"}
+    finally:
+        await old.shutdown()
+        release.set()
+        await runner.cleanup()
+
+    new, tel, sink = await make("http")  # no tenant routing
+    await new.adopt(handed)
+    await drain(new)
+    assert sink.received == []
+    assert tel.value("exporter_dropped_points_total", reason="tenant_routing_changed") == 1
