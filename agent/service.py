@@ -31,11 +31,11 @@ Reload (:meth:`Agent.reload`), the contract:
   (``adopt``) and the Link resumes onto it. The pause lasts as long as closing the one and starting the
   other: milliseconds, plus a disk queue's recovery scan. An exporter without ``hand_over`` (the pull
   endpoint, debug) is shut down first — the pull endpoint's port is closed for that time.
-- A changed receiver is restarted on the same Links. Its successor is started first, beside it (no gap
-  when the addresses differ); if that fails (the old one holds the address), the old one is stopped —
-  sockets closed, its aggregate flushed — and the successor started: intake on that receiver pauses
-  for that time (measured ~1-5 ms on loopback; the kernel keeps UDP datagrams meanwhile; TCP clients of
-  the old socket are disconnected and reconnect).
+- A changed receiver is restarted on the same Links: the old one is stopped — sockets closed, its
+  aggregate flushed — and the successor started, so intake on that receiver pauses for that time
+  (measured ~1-5 ms on loopback; TCP clients of the old socket are disconnected and reconnect). Not
+  beside it first: the successor would take over a Unix socket path (the stale-socket cleanup unlinks
+  the running one's file) and the old one's shutdown would then unlink the successor's.
 - Removed components retire in the background, without holding up the new pipelines: removed receivers
   stop first (before new receivers bind: one may take over the address), then the processors no longer
   used (upstream first: they flush into what follows), then removed exporters drain within
