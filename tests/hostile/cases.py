@@ -784,8 +784,11 @@ def drive_concurrent_grpc_calls(run: Run) -> Problems:
     outcomes = asyncio.run(_grpc_calls(run, count, request, timeout_s=60))
     run.facts["outcomes"] = dict(outcomes)
     problems: Problems = []
-    if outcomes.get("CANCELLED") or outcomes.get("DEADLINE_EXCEEDED"):
-        problems += counted(run, CANCELLED, before, what="calls answered CANCELLED")
+    ended = outcomes.get("CANCELLED", 0) + outcomes.get("DEADLINE_EXCEEDED", 0)
+    if ended:
+        # Each one, not just some: the agent counts even the calls gRPC cancels in its own queue.
+        problems += counted(run, CANCELLED, before, at_least=ended, what=f"{ended} calls answered CANCELLED")
+    run.facts["cancelled_counted"] = run.refusals(CANCELLED) - before
     unexpected = {
         k: v for k, v in outcomes.items() if k not in ("OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED")
     }
