@@ -52,7 +52,9 @@ gRPC
 ----
 ``opentelemetry.proto.collector.{metrics,trace,logs}.v1.*Service/Export`` on grpc.aio. Messages over
 ``max_request_body_size`` (after gRPC decompression) are refused by gRPC itself with
-RESOURCE_EXHAUSTED before they reach the receiver, so they are not in its counters. Backpressure
+RESOURCE_EXHAUSTED while it reads them; grpc.aio then hands the receiver a cancelled call without a
+message, which it cannot tell from a client cancelling before its message arrived: both count as
+``cancelled`` (code ``CANCELLED``). Backpressure
 and ``memory_budget`` answer UNAVAILABLE with a ``google.rpc.Status`` holding ``RetryInfo`` in the
 ``grpc-status-details-bin`` trailer; an undecodable request INVALID_ARGUMENT; a pipeline failure
 INTERNAL. Partial success as over HTTP. gRPC reads a whole message before the receiver sees it, so
