@@ -90,7 +90,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,7 @@ __all__ = [
     "Converted",
     "MetricsConverter",
     "ShadowMetricsRequest",
+    "count_points",
     "labels_from_keyvalues",
     "render_value",
 ]
@@ -387,6 +388,15 @@ class Converted:
             self.errors.append(sentence)
             self.listed += n
 
+    def refuse_rest(self, reason: str, n: int, sentence: str) -> None:
+        """Count the ``n`` points left over when a request stops part way (see the receiver) as
+        refused for ``reason``; ``sentence`` (which says where) leads the message whatever was
+        listed before it."""
+        self.refused[reason] = self.refused.get(reason, 0) + n
+        self.rejected += n
+        self.errors.insert(0, sentence)
+        self.listed += n
+
     @property
     def error_message(self) -> str:
         """The English ``partial_success.error_message``: empty when nothing was rejected."""
@@ -396,6 +406,26 @@ class Converted:
         more = self.rejected - self.listed
         tail = f"; and {more} more data point(s)" if more > 0 else ""
         return f"{self.rejected} data point(s) rejected: {listed}{tail}"
+
+
+class _Rest:
+    """The points of one metric still to convert, taken in slices (a metric larger than a chunk)."""
+
+    __slots__ = ("_args", "_data_points", "_first", "_loop")
+
+    def __init__(self, loop: Callable[..., None], args: tuple[Any, ...], data_points: Any) -> None:
+        self._loop = loop
+        self._args = args
+        self._data_points = data_points
+        self._first = 0
+
+    def convert(self, room: int) -> _Rest | None:
+        """Convert the next ``room`` data points (at least one); self while some remain, else None."""
+        first = self._first
+        last = min(first + max(room, 1), len(self._data_points))
+        self._loop(self._data_points[first:last], first, *self._args)
+        self._first = last
+        return self if last < len(self._data_points) else None
 
 
 def _where(metric: str, index: int) -> str:
@@ -516,6 +546,32 @@ class MetricsConverter:
     def convert(self, request: Any, now_ns: int) -> Converted:
         """The points of a :data:`ShadowMetricsRequest`; ``now_ns`` stands in for missing timestamps."""
         out = Converted()
+        for _ in self._walk(request, now_ns, out, 0):
+            pass  # never suspends: max_points 0 takes the whole request in one pass
+        return out
+
+    def chunks(
+        self, request: Any, now_ns: int, max_points: int, out: Converted
+    ) -> Generator[list[Point], None, None]:
+        """The points of ``request`` in lists of at most ``max_points`` (at least 1), in request order,
+        each converted only when the previous one has been taken: a huge request costs one list of
+        points at a time, not all of them. Refusals accumulate in ``out`` (counts, ``rejected``,
+        sentences with the data points' indices in the request) exactly as :meth:`convert` would have
+        them once the iterator is exhausted; ``out.points`` stays empty. A request within
+        ``max_points`` is converted by the same single pass as :meth:`convert`. Closing the iterator
+        early leaves the rest unconverted (and ``out`` without their refusals)."""
+        if max_points < 1:
+            raise ValueError("max_points must be at least 1")
+        for _ in self._walk(request, now_ns, out, max_points):
+            chunk, out.points = out.points, []
+            yield chunk
+        if out.points:
+            chunk, out.points = out.points, []
+            yield chunk
+
+    def _walk(self, request: Any, now_ns: int, out: Converted, max_points: int) -> Iterator[None]:
+        """Convert ``request`` into ``out``, suspending (with ``out.points`` holding ``max_points``
+        points) whenever the next point might not fit; never suspends when ``max_points`` is 0."""
         max_resource_bytes = self._limits.max_resource_bytes
         for r, rm in enumerate(request.resource_metrics):
             try:
@@ -541,8 +597,16 @@ class MetricsConverter:
                 out.location = (r, s)
                 for m, metric in enumerate(sm.metrics):
                     out.metric_index = m
-                    self._metric(metric, resource, scope, now_ns, out)
-        return out
+                    if not max_points:
+                        self._metric(metric, resource, scope, now_ns, out, 0)
+                        continue
+                    if len(out.points) >= max_points:
+                        yield
+                    rest = self._metric(metric, resource, scope, now_ns, out, max_points - len(out.points))
+                    while rest is not None:  # a metric with more points than the chunk has room for
+                        if len(out.points) >= max_points:
+                            yield
+                        rest = rest.convert(max_points - len(out.points))
 
     def _metric(
         self,
@@ -551,10 +615,14 @@ class MetricsConverter:
         scope: Scope,
         now_ns: int,
         out: Converted,
-    ) -> None:
+        room: int,
+    ) -> _Rest | None:
+        """Convert the points of ``metric`` into ``out``; when ``room`` is set and the metric has more
+        points than that, convert none of them and return a :class:`_Rest` that converts them in
+        slices (the metric's own checks are done once, here)."""
         which = metric.WhichOneof("data")
         if which is None:
-            return  # no data, nothing to take or refuse
+            return None  # no data, nothing to take or refuse
         data = getattr(metric, which)
         # Read once here and passed on: each read of a protobuf string field builds a new str (~35 ns).
         name, unit, description = metric.name, metric.unit, metric.description
@@ -578,61 +646,55 @@ class MetricsConverter:
                         n,
                         f"metric {json.dumps(name[:200], ensure_ascii=False)}: {detail} ({n} data point(s))",
                     )
-                return
+                return None
             check_hits = name_bytes > self._fast_name_bytes
+        # Every point loop takes the same arguments (some ignore a few), so the usual case is one
+        # direct call and a metric larger than the room left keeps them for its slices.
+        loop: Callable[..., None]
+        monotonic = True
         if which == "gauge":
-            self._numbers(
-                name,
-                unit,
-                description,
-                data,
-                Kind.GAUGE,
-                Temporality.DELTA,
-                False,
-                resource,
-                scope,
-                check_hits,
-                now_ns,
-                out,
-            )
-            return
-        if which == "summary":
-            self._summaries(name, unit, description, data, resource, scope, check_hits, now_ns, out)
-            return
-        temporality = _TEMPORALITIES.get(data.aggregation_temporality)
-        if temporality is None:
-            n = len(data.data_points)
-            if n:
-                out.refuse(
-                    "invalid_temporality",
-                    n,
-                    f"metric {json.dumps(name[:200], ensure_ascii=False)}: aggregation_temporality "
-                    f"{data.aggregation_temporality} is not DELTA (1) or CUMULATIVE (2) ({n} data point(s))",
-                )
-            return
-        if which == "sum":
-            self._numbers(
-                name,
-                unit,
-                description,
-                data,
-                Kind.SUM,
-                temporality,
-                data.is_monotonic,
-                resource,
-                scope,
-                check_hits,
-                now_ns,
-                out,
-            )
-        elif which == "histogram":
-            self._explicit(
-                name, unit, description, data, temporality, resource, scope, check_hits, now_ns, out
-            )
+            loop, kind, temporality, monotonic = self._numbers, Kind.GAUGE, Temporality.DELTA, False
+        elif which == "summary":
+            loop, kind, temporality = self._summaries, Kind.SUMMARY, Temporality.CUMULATIVE
         else:
-            self._exponential(
-                name, unit, description, data, temporality, resource, scope, check_hits, now_ns, out
-            )
+            found = _TEMPORALITIES.get(data.aggregation_temporality)
+            if found is None:
+                n = len(data.data_points)
+                if n:
+                    shown = json.dumps(name[:200], ensure_ascii=False)
+                    out.refuse(
+                        "invalid_temporality",
+                        n,
+                        f"metric {shown}: aggregation_temporality {data.aggregation_temporality} is not "
+                        f"DELTA (1) or CUMULATIVE (2) ({n} data point(s))",
+                    )
+                return None
+            temporality = found
+            if which == "sum":
+                loop, kind, monotonic = self._numbers, Kind.SUM, data.is_monotonic
+            else:
+                loop = self._explicit if which == "histogram" else self._exponential
+                kind = Kind.HISTOGRAM
+        data_points = data.data_points
+        if room and len(data_points) > room:
+            args = (name, unit, description, kind, temporality, monotonic, resource, scope)
+            return _Rest(loop, (*args, check_hits, now_ns, out), data_points)
+        loop(
+            data_points,
+            0,
+            name,
+            unit,
+            description,
+            kind,
+            temporality,
+            monotonic,
+            resource,
+            scope,
+            check_hits,
+            now_ns,
+            out,
+        )
+        return None
 
     def _metric_problem(self, metric: Any, name_bytes: int) -> tuple[str, str] | None:
         """(reason, what is wrong) when the metric's own fields refuse all its points."""
@@ -685,10 +747,11 @@ class MetricsConverter:
     # The per-point loops below are the hot path: locals instead of attribute lookups, and one pass.
     def _numbers(
         self,
+        data_points: Any,
+        first: int,
         name: str,
         unit: str,
         description: str,
-        data: Any,
         kind: Kind,
         temporality: Temporality,
         monotonic: bool,
@@ -702,8 +765,8 @@ class MetricsConverter:
         append = out.points.append
         builder: Any = PointSlots  # Any: the builder becomes a Point mid-way, which mypy cannot follow
         point_class: Any = Point
-        index = -1
-        for dp in data.data_points:
+        index = first - 1
+        for dp in data_points:
             index += 1
             if dp.flags & _NO_RECORDED_VALUE:
                 out.refuse("no_recorded_value", 1, "")
@@ -744,11 +807,14 @@ class MetricsConverter:
 
     def _explicit(
         self,
+        data_points: Any,
+        first: int,
         name: str,
         unit: str,
         description: str,
-        data: Any,
+        kind: Kind,
         temporality: Temporality,
+        monotonic: bool,
         resource: Resource,
         scope: Scope,
         check_hits: bool,
@@ -766,8 +832,8 @@ class MetricsConverter:
         last_list: list[float] | None = None
         bounds: tuple[float, ...] = ()
         bounds_problem: str | None = None
-        index = -1
-        for dp in data.data_points:
+        index = first - 1
+        for dp in data_points:
             index += 1
             if dp.flags & _NO_RECORDED_VALUE:
                 out.refuse("no_recorded_value", 1, "")
@@ -832,18 +898,21 @@ class MetricsConverter:
 
     def _exponential(
         self,
+        data_points: Any,
+        first: int,
         name: str,
         unit: str,
         description: str,
-        data: Any,
+        kind: Kind,
         temporality: Temporality,
+        monotonic: bool,
         resource: Resource,
         scope: Scope,
         check_hits: bool,
         now_ns: int,
         out: Converted,
     ) -> None:
-        for index, dp in enumerate(data.data_points):
+        for index, dp in enumerate(data_points, first):
             if dp.flags & _NO_RECORDED_VALUE:
                 out.refuse("no_recorded_value", 1, "")
                 continue
@@ -876,17 +945,21 @@ class MetricsConverter:
 
     def _summaries(
         self,
+        data_points: Any,
+        first: int,
         name: str,
         unit: str,
         description: str,
-        data: Any,
+        kind: Kind,
+        temporality: Temporality,
+        monotonic: bool,
         resource: Resource,
         scope: Scope,
         check_hits: bool,
         now_ns: int,
         out: Converted,
     ) -> None:
-        for index, dp in enumerate(data.data_points):
+        for index, dp in enumerate(data_points, first):
             if dp.flags & _NO_RECORDED_VALUE:
                 out.refuse("no_recorded_value", 1, "")
                 continue
@@ -926,6 +999,11 @@ class MetricsConverter:
                     Summary(dp.count, dp.sum, tuple(sorted(quantiles))),
                 )
             )
+
+
+def count_points(request: Any) -> int:
+    """Data points in a :data:`ShadowMetricsRequest`, valid or not (one pass over its metrics)."""
+    return _count_points(m for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics)
 
 
 def _count_points(metrics: Iterable[Any]) -> int:
