@@ -46,6 +46,10 @@ MAX_CONNECTIONS = 64
 """The kubelet's probes and a scraper or two are the audience; beyond this idle connections are closed."""
 HEADER_TIMEOUT_S = 5.0
 IDLE_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 0.5
+"""Stopping, how long a request still in progress may take (aiohttp waits this twice: to end, then once
+cancelled). Every answer here takes milliseconds: one still going is a client not reading its page,
+and aiohttp's default (60 s) would hold the agent's exit for two minutes."""
 
 
 class AdminServer:
@@ -127,7 +131,7 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=STOP_TIMEOUT_S)
         await runner.setup()
         try:
             # Its own small connection cap out of the descriptors the receivers leave in reserve

@@ -179,3 +179,29 @@ def test_health_stall_timeout_comes_from_the_config_and_is_checked() -> None:
         build_config(cfg, builtin_factories())
     cfg["service"]["telemetry"]["health_stall_timeout"] = "3s"
     assert build_config(cfg, builtin_factories()).service.telemetry.health_stall_timeout == 3.0
+
+
+async def test_a_client_that_does_not_read_its_metrics_cannot_hold_the_endpoints_stop() -> None:
+    # A local client asks for /metrics and never reads the page: the handler waits on a full socket.
+    # Stopping the endpoint used to wait for that handler up to aiohttp's shutdown_timeout twice over
+    # (2 x 60 s) — and the process's exit waited for the admin thread with it.
+    agent = _agent()
+    for i in range(100_000):  # a page of ~9 MB: more than the kernel buffers of a connection (<= 4 MB)
+        agent.telemetry.gauge("filler", "Pads the page.", lambda: 1.0, tenant=f"tenant-{i:06d}-{'x' * 50}")
+    admin = AdminServer(agent, "127.0.0.1:0", health_stall_timeout_s=3600)
+    await agent.start()
+    await admin.start()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(SAFETY_CAP_S)
+    try:
+        client.connect(("127.0.0.1", admin.port))
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert await asyncio.to_thread(client.recv, 1, socket.MSG_PEEK)  # the page is being written
+        async with asyncio.timeout(SAFETY_CAP_S):
+            await admin.shutdown()
+        assert not [t for t in threading.enumerate() if t.name == "headwater-admin"]
+    finally:
+        client.close()
+        await admin.shutdown()
+        await agent.stop()
