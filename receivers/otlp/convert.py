@@ -69,6 +69,13 @@ target that vanished). The internal model has no staleness marker (exporters exp
 their own), so the point is skipped and counted as refused with reason ``no_recorded_value``; it is
 *not* reported in ``partial_success``, because the sender did nothing wrong.
 
+Chunks
+------
+:meth:`MetricsConverter.chunks` converts a request in lists of at most ``max_points`` points (the
+receiver takes huge requests this way), resuming inside a metric when one is larger than a chunk: the
+metric's own checks run once, its points in slices. Points, counts and sentences (indices in the
+request) are the same as :meth:`MetricsConverter.convert`'s, which is the same walk in one pass.
+
 Why it looks the way it does
 ----------------------------
 Reading attributes through the generated classes costs ~0.6 µs per attribute (a KeyValue and an
