@@ -13,6 +13,7 @@ import asyncio
 import builtins
 import enum
 import logging
+import math
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -158,6 +159,9 @@ class Settings:
     """Receivers call this once every listener is bound (drives /readyz)."""
     shutdown_timeout_s: float = 30.0
     """How long an exporter may drain its queue on shutdown before giving up (and counting the rest)."""
+    stop_remaining_s: Callable[[], float] = lambda: math.inf
+    """Seconds left until the agent's stop deadline (infinite until the agent stops): a drain that
+    starts late (upstream components took a while to stop) still ends by then."""
 
 
 ConfigError = tuple[str, str]

@@ -471,9 +471,11 @@ class Sender:
     async def shutdown(self, timeout_s: float) -> None:
         """Stop taking requests, drain for up to ``timeout_s``; then count what is left as dropped
         (memory) or leave it on disk for the next run (disk). Returns within ``timeout_s`` plus
-        :data:`STOP_GRACE_S`, whatever the backend does. Idempotent."""
+        :data:`STOP_GRACE_S`, whatever the backend does — and by the agent's stop deadline
+        (``Settings.stop_remaining_s``) when that comes first. Idempotent."""
         if self._closing:
             return
+        timeout_s = max(0.0, min(timeout_s, self._settings.stop_remaining_s()))
         self._closing = True
         self._closed.set()
         self._available.set()  # idle workers end at once

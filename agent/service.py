@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -370,6 +371,7 @@ class Agent:
         self._not_ready: set[str] = set()
         self.stopping = False
         self._stopped = False
+        self._stop_deadline: float | None = None
         self._tasks = Tasks("agent", log)
         self._retirements = Tasks("agent-retire", log)
         self._readers = _Readers(self.telemetry)
@@ -404,6 +406,7 @@ class Agent:
             logger=logging.getLogger(f"headwater.{kind}.{label}"),
             ready=ready,
             shutdown_timeout_s=config.service.shutdown_timeout,
+            stop_remaining_s=self._stop_remaining,
         )
 
     def _exporter(self, config: AgentConfig, spec: ComponentSpec) -> _Running:
@@ -505,19 +508,40 @@ class Agent:
         return [receivers, list(reversed(self._processors)), exporters]
 
     async def stop(self) -> None:
-        """Stop receivers (they flush), processors, then exporters (they drain until the deadline), and
-        wait for components retiring after a reload. The caller bounds the whole (see
-        :meth:`stopping_components`)."""
+        """Stop receivers (they flush), processors, then exporters (they drain), and wait for components
+        retiring after a reload. ``service.shutdown_timeout`` from now is one deadline for all of it:
+        exporters drain until then at most, and are stopped then (memory queues counted as dropped,
+        disk queues closed) even if a receiver or processor is still stopping. The caller bounds the
+        whole (see :meth:`stopping_components`)."""
         if self._stopped:
             return
         self._stopped = True
         self.stopping = True
+        self._stop_deadline = time.monotonic() + self.config.service.shutdown_timeout
         await self._tasks.close()
         async with self._reloading:  # a reload in progress finishes first (it is bounded)
             retiring = asyncio.ensure_future(self._retirements.wait())
-            for group in self._groups(start=False):
-                await self._stop_group(group)
+            receivers, processors, exporters = self._groups(start=False)
+            upstream = asyncio.ensure_future(self._stop_upstream(receivers, processors))
+            await asyncio.wait({upstream}, timeout=max(0.0, self._stop_remaining()))
+            if not upstream.done():
+                log.error(
+                    "shutdown_timeout reached while %s still stopping: stopping the exporters now",
+                    ", ".join(self.stopping_components()) or "receivers and processors",
+                )
+            await self._stop_group(exporters)
+            await upstream
             await retiring
+
+    async def _stop_upstream(self, receivers: Sequence[_Running], processors: Sequence[_Running]) -> None:
+        await self._stop_group(receivers)
+        await self._stop_group(processors)
+
+    def _stop_remaining(self) -> float:
+        """Seconds until the stop deadline; infinite until :meth:`stop` (a retiring exporter drains for
+        its own shutdown_timeout), and what ``Settings.stop_remaining_s`` reads."""
+        deadline = self._stop_deadline
+        return math.inf if deadline is None else deadline - time.monotonic()
 
     async def _stop_group(self, group: Sequence[_Running]) -> None:
         results = await asyncio.gather(

@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,28 +62,6 @@ async def until(what: str, check: Callable[[], Any], limit_s: float = 30.0) -> A
             return result
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
-
-
-@pytest.fixture
-async def hung_backend() -> AsyncIterator[Callable[[], int]]:
-    """Backends that accept connections and never answer: each call starts one and returns its port."""
-    servers: list[asyncio.Server] = []
-    held: list[asyncio.StreamWriter] = []
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    async def start() -> int:
-        server = await asyncio.start_server(accept, "127.0.0.1", 0)
-        servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
-
-    ports = [await start() for _ in range(3)]
-    yield ports.pop
-    for writer in held:
-        writer.close()
-    for server in servers:
-        server.close()
 
 
 class Setup:
