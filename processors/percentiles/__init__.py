@@ -3,6 +3,7 @@
     processors:
       percentiles:
         include: ["http.*", "db.query.duration"]
+        gauges: ["api.*.latency"]   # optional: every value of these gauges is one observation
         windows: [1m, 5m, 1h]
         quantiles: [0.5, 0.9, 0.95, 0.99]
         emit_interval: 10s
@@ -16,6 +17,18 @@ histograms approximated by spreading each bucket's count evenly inside it. Every
 (at multiples of it on the clock) the processor sends one GAUGE per series, window and quantile with
 data in the window, and optionally the window's merged histogram. The original points pass on
 unchanged (unless ``drop_original``); SUMMARY points pass on untouched and are counted as ignored.
+
+Gauges as observations (opt-in): a GAUGE point whose name matches a ``gauges`` glob (and no
+``exclude`` glob; ``include`` names distributions only) is one observation of its series' distribution,
+for clients that send a latency as one gauge value per request. Its value goes into the same windows,
+and its quantiles are named as a distribution's (``<name>.quantile{quantile,window}``); the gauge itself
+always passes on unchanged (``drop_original`` drops distributions only). The values a batch holds for
+one series become one exponential histogram at the finest scale that fits ``max_buckets``, so the error
+bound below holds for them too. Every point is an observation: the JSON ``http`` receiver sends each
+item as its own point, but the StatsD receiver aggregates a gauge per flush interval (the last value
+wins), so only that last value is seen — send StatsD timers (``ms``) or distributions for per-request
+values. Non-finite gauge values are counted
+(``headwater_percentiles_ignored_points_total{reason="non_finite"}``).
 
 Error, stated honestly:
 
@@ -53,6 +66,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from agent import exphist
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, format_duration
@@ -78,7 +93,9 @@ class PercentilesConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     """Metric name globs (``*`` crosses dots) of the distributions to track; default all."""
     exclude: list[str] = field(default_factory=list)
-    """Metric name globs not to track, applied after include."""
+    """Metric name globs not to track, applied after include (and to gauges)."""
+    gauges: list[str] = field(default_factory=list)
+    """Gauge name globs whose every point is one observation (StatsD: only each flush's last value)."""
     windows: list[Duration] = field(
         default_factory=lambda: [Duration(60.0), Duration(300.0), Duration(3600.0)]
     )
@@ -111,7 +128,7 @@ class PercentilesConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
-        for name, globs in (("include", self.include), ("exclude", self.exclude)):
+        for name, globs in (("include", self.include), ("exclude", self.exclude), ("gauges", self.gauges)):
             for i, g in enumerate(globs):
                 if not isinstance(g, str) or not g:
                     problems.append((f"{name}::{i}", "give a non-empty metric name glob"))
@@ -228,6 +245,8 @@ class PercentilesProcessor:
         self._include = _glob_regex(config.include)
         self._exclude = _glob_regex(config.exclude)
         self._name_cache: dict[str, bool] = {}
+        self._gauges = _glob_regex(config.gauges)
+        self._gauge_cache: dict[str, bool] = {}
         self._quantiles = [float(q) for q in config.quantiles]
         self._windows = [float(w) for w in config.windows]
         base = float(config.slice_interval)
@@ -339,6 +358,19 @@ class PercentilesProcessor:
             self._name_cache[name] = hit
         return hit
 
+    def _gauge_matches(self, name: str) -> bool:
+        """Whether gauge `name` is observed (a ``gauges`` glob, no ``exclude`` glob); only with globs."""
+        hit = self._gauge_cache.get(name)
+        if hit is None:
+            hit = bool(
+                (self._gauges is not None and self._gauges.fullmatch(name))
+                and not (self._exclude is not None and self._exclude.fullmatch(name))
+            )
+            if len(self._gauge_cache) >= 100_000:  # bounds the cache under name churn
+                self._gauge_cache.clear()
+            self._gauge_cache[name] = hit
+        return hit
+
     def _series_for(self, p: Point) -> _Series | None:
         key = (p.name, p.labels, p.resource.attributes if p.resource is not None else None)
         s = self._series.get(key)
@@ -366,10 +398,25 @@ class PercentilesProcessor:
         now = self._clock()
         self._store.rotate(now)
         tracked: list[tuple[_Series, Point]] = []
+        # Gauge values by series slot: one histogram per series and batch, not one per value.
+        observed: dict[int, tuple[_Series, list[float]]] = {}
         overflow = 0
+        observe_gauges = self._gauges is not None
         for p in batch.points:
             if p.kind is not Kind.HISTOGRAM or not self._matches(p.name):
-                if p.kind is Kind.SUMMARY and self._matches(p.name):
+                if p.kind is Kind.GAUGE:
+                    if observe_gauges and self._gauge_matches(p.name):
+                        s = self._series_for(p)
+                        if s is None:
+                            overflow += 1
+                            continue
+                        s.last_seen = now
+                        entry = observed.get(s.slot)
+                        if entry is None:
+                            observed[s.slot] = (s, [p.value])
+                        else:
+                            entry[1].append(p.value)
+                elif p.kind is Kind.SUMMARY and self._matches(p.name):
                     self._ignored("summary").value += 1
                 continue
             s = self._series_for(p)
@@ -390,7 +437,21 @@ class PercentilesProcessor:
         before = self._store.downscales
         for s, p in tracked:
             self._ingest(s, p)
+        if observed:
+            self._observe(observed.values())
         self._downscales.value += self._store.downscales - before
+
+    def _observe(self, observed: Iterable[tuple[_Series, list[float]]]) -> None:
+        """Put each series' gauge values into its window as one histogram; non-finite ones are counted."""
+        max_buckets = self._config.max_buckets
+        non_finite = 0
+        for s, values in observed:
+            h = exphist.from_values(np.asarray(values, dtype=np.float64), max_buckets=max_buckets)
+            non_finite += len(values) - round(h.count)  # from_values drops NaN and infinities
+            if h.count > 0:
+                self._store.add(s.slot, h)
+        if non_finite:
+            self._ignored("non_finite").value += non_finite
 
     def _ingest(self, s: _Series, p: Point) -> None:
         """Put point `p`'s histogram (as a delta) into series `s`; odd input is counted, not raised."""
