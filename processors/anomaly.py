@@ -5,7 +5,8 @@
         include: ["http.server.duration", "queue.depth"]
         baseline_window: 10m
         histogram_statistic: p99
-    # then alert on it:  threshold: rules: [{metric: "*_anomaly_score", above: 4}]
+      threshold/anomaly:          # then alert on the scores (after anomaly in the pipeline)
+        rules: [{name: anomalous, metric: "*_anomaly_score", op: ">", critical: 4}]
 
 What is scored, per series (name + labels + resource):
 
