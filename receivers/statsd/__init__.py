@@ -45,7 +45,7 @@ from agent.confmodel import Duration, Size, parse_host_port
 from agent.limits import SeriesLimits
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
-from receivers.statsd.parser import StatsdAggregator
+from receivers.statsd.parser import TAG_ERROR_REASONS, StatsdAggregator
 
 TYPE = "statsd"
 
@@ -441,6 +441,14 @@ class StatsdReceiver:
             for reason in (DATAGRAM_TRUNCATED, LINE_TOO_LONG, CONNECTION_RESET, CONNECTION_CLOSED)
         }
         """Refusals counted by the transports (the parser's are synced from ``agg.refused``)."""
+        self._tag_errors = {
+            reason: self.tel.counter(
+                "receiver_tag_errors_total",
+                "Tags dropped from StatsD lines that were kept (malformed_tag, unbalanced_brackets).",
+                reason=reason,
+            )
+            for reason in TAG_ERROR_REASONS
+        }
         self.packets = self.tel.counter("receiver_datagrams_total", "Datagrams read from the socket.")
         self._gauges_forgotten = self.tel.counter(
             "receiver_forgotten_gauges_total",
@@ -467,6 +475,9 @@ class StatsdReceiver:
         agg = self.agg
         self._accepted.value = agg.accepted
         self._gauges_forgotten.value = agg.gauges_forgotten
+        if agg.tag_errors:
+            for reason, n in agg.tag_errors.items():
+                self._tag_errors[reason].value = n
         if agg.refused:
             for reason, n in agg.refused.items():
                 cell = self._refused_cells.get(reason)

@@ -9,7 +9,10 @@ refused with a reason (below) and the rest of the packet still counts.
 Metric lines
 ------------
 ``name:value|type[|@rate][|#tags][|c:container][|T<unix seconds>]``; the fields after the type come in
-any order and unknown fields are ignored (DogStatsD forward compatibility). Types:
+any order and unknown fields are ignored (DogStatsD forward compatibility). An empty field
+(``foo:1|c|``, ``foo:1|c||#a:b``) refuses the line (``empty_field``), and so does a bare ``c``
+(``foo:1|c|#a:b|c``: a container id without its ``:``, ``invalid_container_id``), as in
+statsd_exporter and the Datadog agent. Types:
 
 ``c`` counter
     Summed per series per interval, each value multiplied by 1/rate. Negative increments are refused
@@ -57,16 +60,23 @@ accepted in the statsd_exporter styles, one style per line:
 - InfluxDB ``name,k=v,k2=v2:...``
 - SignalFX ``name[k=v,k2=v2]rest:...`` (the metric name is ``namerest``)
 
-Each embedded tag needs a key, ``=`` and a value. Mixing two styles, or an embedded style with ``|#``
-tags, refuses the line (``mixed_tag_styles``). A series is its name plus its labels sorted by name: tag
-order does not make a new series, and ``foo,a=1`` and ``foo|#a:1`` are the same series. Names and tags
-must be valid UTF-8, and names and tag keys hold no control character (U+0000-U+001F, U+007F:
-``control_character``; tag values may, the Prometheus exporter writes them escaped). The size limits
-of ``agent/limits.py`` (the receiver's ``limits:`` block) apply to the name left after embedded tags are
-taken out, to the labels (tags, embedded tags and ``container.id``) and to their total:
-``name_too_long``, ``too_many_labels``, ``label_name_too_long``, ``label_value_too_long``,
-``series_too_large``. At most ``max_series`` series exist per interval (all types together); lines
-for new series beyond that are refused (``series_limit``), lines for existing series still count.
+Embedded tags are lenient, as in statsd_exporter: the line is kept and each tag error is counted in
+``StatsdAggregator.tag_errors`` by reason (``TAG_ERROR_REASONS``). A tag without a key, ``=`` or value
+(``foo.[tag1,tag2]test``, ``r,a=1,,b=2``) is dropped (``malformed_tag``, one per tag); no tags at all
+(``foo.[]test``, ``name#``, ``name,``) is fine and counts nothing. With one SignalFX bracket missing
+(``[tag1=bar,tag2=bazfoo.test``, ``tag1=bar,tag2=baz]foo.test``) no tags are taken and the name is kept as
+written, ``,`` and ``=`` included (``unbalanced_brackets``, one per line; the Prometheus edge sanitises
+the name like any other). ``]`` before ``[``, or a second pair of brackets, still refuses the line
+(``invalid_tag``). Mixing two styles, or an embedded style with ``|#`` tags, refuses the line
+(``mixed_tag_styles``); a name kept whole for a missing bracket takes ``|#`` tags. A series is its name
+plus its labels sorted by name: tag order does not make a new series, and ``foo,a=1`` and ``foo|#a:1`` are
+the same series. Names and tags must be valid UTF-8, and names and tag keys hold no control character
+(U+0000-U+001F, U+007F: ``control_character``; tag values may, the Prometheus exporter writes them
+escaped). The size limits of ``agent/limits.py`` (the receiver's ``limits:`` block) apply to the name left
+after embedded tags are taken out, to the labels (tags, embedded tags and ``container.id``) and to their
+total: ``name_too_long``, ``too_many_labels``, ``label_name_too_long``, ``label_value_too_long``,
+``series_too_large``. At most ``max_series`` series exist per interval (all types together); lines for new
+series beyond that are refused (``series_limit``), lines for existing series still count.
 
 Timestamps
 ----------
@@ -91,11 +101,11 @@ until the receiver takes them; each counts as one accepted value.
 
 Refusal reasons
 ---------------
-``malformed_line`` no ``name:value`` shape (also a ``|`` before the first ``:``);
-``invalid_type`` type missing or not one of c g ms h d s; ``invalid_value``; ``negative_counter``;
-``invalid_sample_rate``; ``empty_name``; ``invalid_utf8`` (name, tags, event or check text);
-``invalid_tag`` (an embedded tag without key, ``=`` or value, an empty DogStatsD tag key, unbalanced
-brackets); ``mixed_tag_styles``; ``invalid_container_id``; ``invalid_timestamp``;
+``malformed_line`` no ``name:value`` shape (also a ``|`` before the first ``:``); ``invalid_type`` type
+missing or not one of c g ms h d s; ``invalid_value``; ``negative_counter``; ``invalid_sample_rate``;
+``empty_name``; ``invalid_utf8`` (name, tags, event or check text); ``invalid_tag`` (an empty DogStatsD
+tag key, ``]`` before ``[``, two bracket pairs, a second Librato ``#``); ``mixed_tag_styles``;
+``invalid_container_id`` (empty, or a bare ``c``); ``empty_field``; ``invalid_timestamp``;
 ``timestamp_out_of_range``; ``invalid_event``; ``invalid_service_check``; ``event_limit``;
 ``series_limit``; ``set_member_limit``; ``control_character``; and the size limits ``name_too_long``,
 ``too_many_labels``, ``label_name_too_long``, ``label_value_too_long``, ``series_too_large``.
@@ -106,13 +116,13 @@ Implementation
 ``bench/parser_cost.py``): two ``partition`` calls cut a line into name, value and tail, and (name, tail)
 finds a cached descriptor — canonical series key, type, 1/rate — so tags are neither parsed nor sorted
 again and nothing is decoded; the value goes into a dict keyed by bytes or an ``array('d')``. Anything
-unusual (packing, ``|T``, events, a first-seen spelling, any error) takes ``LineParser.parse``, the
-straightforward complete parser, which also names the refusal reason; the fast path only ever
-accepts lines that this parser accepts with the same result. Names and tags are checked (UTF-8,
-control characters, size limits) when a spelling is first described, so those checks cost the fast
+unusual (packing, ``|T``, events, a first-seen spelling, a tag error, any error) takes
+``LineParser.parse``, the straightforward complete parser, which also names the refusal reason; the fast
+path only ever accepts lines that this parser accepts with the same result. Names and tags are checked
+(UTF-8, control characters, size limits) when a spelling is first described, so those checks cost the fast
 path nothing. Packed values are converted with one ``map(float, ...)`` after one ``translate`` of the
-whole value (~0.1 µs a value: 30,000 values in a 60 KB line ~3 ms), value by value only when one is
-bad, to name the reason.
+whole value (~0.1 µs a value: 30,000 values in a 60 KB line ~3 ms), value by value only when one is bad,
+to name the reason.
 """
 
 from __future__ import annotations
@@ -159,12 +169,18 @@ INVALID_SERVICE_CHECK = "invalid_service_check"
 EVENT_LIMIT = "event_limit"
 SERIES_LIMIT = "series_limit"
 SET_MEMBER_LIMIT = "set_member_limit"
+EMPTY_FIELD = "empty_field"
+
+MALFORMED_TAG = "malformed_tag"
+UNBALANCED_BRACKETS = "unbalanced_brackets"
+TAG_ERROR_REASONS = (MALFORMED_TAG, UNBALANCED_BRACKETS)
+"""Every reason ``StatsdAggregator.tag_errors`` may hold: a tag dropped from a line that was kept."""
 
 REFUSAL_REASONS = (
     MALFORMED_LINE, INVALID_TYPE, INVALID_VALUE, NEGATIVE_COUNTER, INVALID_SAMPLE_RATE, EMPTY_NAME,
     INVALID_UTF8, INVALID_TAG, MIXED_TAG_STYLES, INVALID_CONTAINER_ID, INVALID_TIMESTAMP,
     TIMESTAMP_OUT_OF_RANGE, INVALID_EVENT, INVALID_SERVICE_CHECK, EVENT_LIMIT, SERIES_LIMIT,
-    SET_MEMBER_LIMIT, CONTROL_CHARACTER, *LIMIT_REASONS,
+    SET_MEMBER_LIMIT, EMPTY_FIELD, CONTROL_CHARACTER, *LIMIT_REASONS,
 )
 """Every reason ``StatsdAggregator.refused`` may hold, for self-metrics that start at zero."""
 
@@ -258,6 +274,8 @@ class MetricLine(NamedTuple):
     inv_rate: float
     timestamp_s: int | None
     member: bytes
+    tag_errors: tuple[str, ...] = ()
+    """A TAG_ERROR_REASONS entry per embedded tag dropped (the line itself is kept)."""
 
 
 def _packed_values(
@@ -343,9 +361,11 @@ class LineParser:
         self.rates[field] = inv
         return inv
 
-    def describe(self, name: bytes, tail: bytes) -> tuple[bytes, int, float, bytes | None] | str:
+    def describe(
+        self, name: bytes, tail: bytes
+    ) -> tuple[bytes, int, float, bytes | None, tuple[str, ...]] | str:
         """For a metric line ``name:value|tail``: (canonical key, type code, 1/rate, ``T`` field or
-        None), or a refusal reason. Not cached; see ``descriptor``."""
+        None, tag errors), or a refusal reason. Not cached; see ``descriptor``."""
         fields = tail.split(b"|")
         code = _TYPE_CODES.get(fields[0])
         if code is None:
@@ -357,7 +377,7 @@ class LineParser:
         for i in range(1, len(fields)):
             field = fields[i]
             if not field:
-                continue
+                return EMPTY_FIELD
             first = field[0]
             if first == 35:  # '#'
                 tags = field
@@ -366,23 +386,28 @@ class LineParser:
                 if rate is None:
                     return INVALID_SAMPLE_RATE
                 inv = rate
-            elif first == 99 and len(field) > 1 and field[1] == 58:  # 'c:'
-                container = field
+            elif first == 99:  # 'c'
+                if len(field) == 1:  # a bare 'c': a container id without its ':'
+                    return INVALID_CONTAINER_ID
+                if field[1] == 58:  # 'c:'
+                    container = field
             elif first == 84:  # 'T'
                 ts_field = field
-        canon = self.series(name, tags, container)
+        tag_errors: list[str] = []
+        canon = self.series(name, tags, container, tag_errors)
         if isinstance(canon, str):
             return canon
-        return canon, code, inv, ts_field
+        return canon, code, inv, ts_field, tuple(tag_errors)
 
     def descriptor(self, key: tuple[bytes, bytes]) -> Descriptor | None:
         """The cached descriptor for ``key`` = (name, tail), computing it on a miss; None when the
-        line needs the slow path (a refusal, or a ``T`` field, which is never cached)."""
+        line needs the slow path (a refusal, a ``T`` field or a tag error: never cached, so each line
+        is counted)."""
         found = self.descriptors.get(key)
         if found is not None:
             return found
         described = self.describe(*key)
-        if isinstance(described, str) or described[3] is not None:
+        if isinstance(described, str) or described[3] is not None or described[4]:
             return None
         if len(key[0]) + len(key[1]) > _MAX_CACHED_SPELLING:
             return described[:3]
@@ -391,8 +416,11 @@ class LineParser:
         found = self.descriptors[key] = described[:3]
         return found
 
-    def series(self, name: bytes, tags: bytes | None, container: bytes | None) -> bytes | str:
-        """The canonical series key of a raw name, ``#`` field and ``c:`` field, or a refusal reason."""
+    def series(
+        self, name: bytes, tags: bytes | None, container: bytes | None, tag_errors: list[str]
+    ) -> bytes | str:
+        """The canonical series key of a raw name, ``#`` field and ``c:`` field, or a refusal reason;
+        appends to ``tag_errors`` a reason per embedded tag dropped."""
         if not name:
             return EMPTY_NAME
         if b"|" in name or name.startswith(b"_e{"):
@@ -404,9 +432,10 @@ class LineParser:
         labels: dict[bytes, bytes] = {}
         embedded = b"[" in name or b"]" in name or b"#" in name or b"," in name
         if embedded:
-            stripped = _embedded_tags(name, labels)
+            stripped = _embedded_tags(name, labels, tag_errors)
             if isinstance(stripped, str):
                 return stripped
+            embedded = len(stripped) < len(name)  # one bracket alone: the name stays as written
             name = stripped
             if not name:
                 return EMPTY_NAME
@@ -506,7 +535,7 @@ class LineParser:
         described = self.describe(name, tail)
         if isinstance(described, str):
             return described
-        canon, code, inv, ts_field = described
+        canon, code, inv, ts_field, tag_errors = described
         ts: int | None = None
         if ts_field is not None and code in (COUNTER, GAUGE):
             parsed = self.timestamp(ts_field)
@@ -516,12 +545,12 @@ class LineParser:
         if code == SET:
             if not value:
                 return INVALID_VALUE
-            return MetricLine(canon, code, [], [], inv, None, value)
+            return MetricLine(canon, code, [], [], inv, None, value, tag_errors)
         raws = value.split(b":")
         if len(raws) > 1:
             packed = _packed_values(value, raws, code, inv)
             if packed is not None:
-                return MetricLine(canon, code, packed[0], packed[1], inv, ts, b"")
+                return MetricLine(canon, code, packed[0], packed[1], inv, ts, b"", tag_errors)
         values: list[float] = []
         deltas: list[bool] = []
         for raw in raws:  # one value, or a packed line with a bad value: this names the reason
@@ -542,7 +571,7 @@ class LineParser:
                 if parsed_value * inv - parsed_value * inv:  # the weighted value would overflow the sum
                     return INVALID_VALUE
             values.append(parsed_value)
-        return MetricLine(canon, code, values, deltas, inv, ts, b"")
+        return MetricLine(canon, code, values, deltas, inv, ts, b"", tag_errors)
 
     def parse_event(self, line: bytes) -> StatsdEvent | str:
         """``_e{<title bytes>,<text bytes>}:title|text|...``, or a refusal reason."""
@@ -703,12 +732,16 @@ def _unix_seconds(raw: bytes) -> int | None:
     return seconds if seconds <= _MAX_TS_S else None
 
 
-def _embedded_tags(name: bytes, labels: dict[bytes, bytes]) -> bytes | str:
-    """Move Librato / InfluxDB / SignalFX tags out of ``name`` into ``labels``; the bare name, or a
-    refusal reason."""
+def _embedded_tags(name: bytes, labels: dict[bytes, bytes], tag_errors: list[str]) -> bytes | str:
+    """Move Librato / InfluxDB / SignalFX tags out of ``name`` into ``labels``; the bare name (``name``
+    itself when one SignalFX bracket is missing), or a refusal reason. A tag without key, ``=`` or
+    value is dropped with a reason appended to ``tag_errors``, as statsd_exporter does."""
     open_at, close_at = name.find(b"["), name.find(b"]")
     if open_at >= 0 or close_at >= 0:
-        if open_at < 0 or close_at < open_at:
+        if (open_at < 0) != (close_at < 0):  # statsd_exporter keeps the name unparsed
+            tag_errors.append(UNBALANCED_BRACKETS)
+            return name
+        if close_at < open_at:
             return INVALID_TAG
         inner = name[open_at + 1 : close_at]
         bare = name[:open_at] + name[close_at + 1 :]
@@ -723,10 +756,13 @@ def _embedded_tags(name: bytes, labels: dict[bytes, bytes]) -> bytes | str:
         bare = name[:cut]
         if b"#" in inner:  # Librato's '#' after InfluxDB's ',' mixes styles; a second '#' is just bad
             return INVALID_TAG if name[cut] == 35 else MIXED_TAG_STYLES
+    if not inner:  # ``name[]rest``, ``name#``, ``name,``: no tags
+        return bare
     for item in inner.split(b","):
         key, eq, value = item.partition(b"=")
         if not eq or not key or not value:
-            return INVALID_TAG
+            tag_errors.append(MALFORMED_TAG)
+            continue
         labels[key] = value
     return bare
 
@@ -760,6 +796,9 @@ class StatsdAggregator:
         """Values accepted since creation (each packed value, set member, event or check counts one)."""
         self.refused: dict[str, int] = {}
         """Reason → lines refused since creation (see REFUSAL_REASONS)."""
+        self.tag_errors: dict[str, int] = {}
+        """Reason → embedded tags dropped from lines that were kept, since creation (see
+        TAG_ERROR_REASONS; a missing bracket counts one)."""
         self.events: list[StatsdEvent | StatsdServiceCheck] = []
         """Parsed events and service checks not yet taken."""
         self.gauges_forgotten = 0
@@ -971,6 +1010,10 @@ class StatsdAggregator:
         if isinstance(reason, str):
             self.refused[reason] = self.refused.get(reason, 0) + 1
             return 0
+        if isinstance(parsed, MetricLine) and parsed.tag_errors:
+            tag_errors = self.tag_errors
+            for error in parsed.tag_errors:
+                tag_errors[error] = tag_errors.get(error, 0) + 1
         return reason
 
     def _apply(self, parsed: MetricLine | StatsdEvent | StatsdServiceCheck, size: int) -> int | str:

@@ -18,6 +18,7 @@ from receivers.statsd import aggregator as aggregator_module
 from receivers.statsd import parser as parser_module
 from receivers.statsd.parser import (
     REFUSAL_REASONS,
+    TAG_ERROR_REASONS,
     LineParser,
     StatsdAggregator,
     StatsdEvent,
@@ -93,7 +94,10 @@ def test_feed_accepts_bytes_like(wrap: type) -> None:
 
 
 def test_refusal_reasons_listed() -> None:
-    assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS) == 23
+    assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS) == 24
+    assert "empty_field" in REFUSAL_REASONS
+    assert set(TAG_ERROR_REASONS) == {"malformed_tag", "unbalanced_brackets"}
+    assert not set(TAG_ERROR_REASONS) & set(REFUSAL_REASONS)
 
 
 # -- counters -------------------------------------------------------------------------------------
@@ -538,22 +542,63 @@ def test_mixed_tag_styles_refused(line: str) -> None:
 @pytest.mark.parametrize(
     "line",
     [
-        "r,a:1|c",
-        "r,=1:1|c",
-        "r,a=:1|c",
-        "r,:1|c",
-        "r#:1|c",
-        "r,a=1,,b=2:1|c",
-        "r[]:1|c",
-        "r[a=1:1|c",
         "r]a=1[:1|c",
-        "ra=1]:1|c",
         "r[a=1][b=2]:1|c",
         "r#a=1#b=2:1|c",
     ],
 )
 def test_malformed_embedded_tags(line: str) -> None:
     refused_only(line, "invalid_tag")
+
+
+@pytest.mark.parametrize(
+    ("line", "name", "labels", "tag_errors"),
+    [
+        # The SignalFX cases, handled as statsd_exporter handles them.
+        ("foo.[]test:100|c", "foo.test", (), {}),
+        ("foo.[tag1,tag2]test:100|c", "foo.test", (), {"malformed_tag": 2}),
+        ("[tag1=bar,tag2=bazfoo.test:100|c", "[tag1=bar,tag2=bazfoo.test", (), {"unbalanced_brackets": 1}),
+        ("tag1=bar,tag2=baz]foo.test:100|c", "tag1=bar,tag2=baz]foo.test", (), {"unbalanced_brackets": 1}),
+        ("foo.[a=1,b,=2,c=]test:100|c", "foo.test", (("a", "1"),), {"malformed_tag": 3}),
+        # The same tag rules in the Librato and InfluxDB styles.
+        ("r,a:100|c", "r", (), {"malformed_tag": 1}),
+        ("r,=1:100|c", "r", (), {"malformed_tag": 1}),
+        ("r#a=:100|c", "r", (), {"malformed_tag": 1}),
+        ("r,a=1,,b=2:100|c", "r", (("a", "1"), ("b", "2")), {"malformed_tag": 1}),
+        ("r,:100|c", "r", (), {}),
+        ("r#:100|c", "r", (), {}),
+        # A name kept whole for a missing bracket takes DogStatsD tags.
+        ("r[a=1:100|c|#k:v", "r[a=1", (("k", "v"),), {"unbalanced_brackets": 1}),
+    ],
+)
+def test_embedded_tag_errors_keep_the_line_and_are_counted(
+    line: str, name: str, labels: Labels, tag_errors: dict[str, int]
+) -> None:
+    agg, points = fed(line)
+    assert agg.refused == {}
+    assert agg.accepted == 1
+    assert agg.tag_errors == tag_errors
+    assert only(points, name, labels).value == 100.0
+
+
+def test_tag_errors_counted_for_every_line_also_on_the_fast_path() -> None:
+    agg = make()
+    for _ in range(3):  # the second and third packets would hit the descriptor cache
+        agg.feed(b"foo.[tag1,tag2]test:1|c\nb[x=1:2|g\nfoo.[t=1]test:1|c")
+    assert agg.tag_errors == {"malformed_tag": 6, "unbalanced_brackets": 3}
+    assert agg.accepted == 9
+    points = flush(agg)
+    assert only(points, "foo.test").value == 3.0
+    assert only(points, "foo.test", (("t", "1"),)).value == 3.0
+    assert only(points, "b[x=1").value == 2.0
+
+
+def test_tag_errors_not_counted_on_refused_lines() -> None:
+    agg = make()
+    agg.feed(b"foo.[tag1]test:x|c\nfoo.[tag1]test:-1|c\n[a=1:1|c|")
+    assert agg.refused == {"invalid_value": 1, "negative_counter": 1, "empty_field": 1}
+    assert agg.tag_errors == {}
+    assert agg.accepted == 0
 
 
 def test_embedded_tags_on_empty_name() -> None:
@@ -699,6 +744,13 @@ def test_types_are_separate_series() -> None:
         ("a:1|C", "invalid_type"),
         ("a:1|cc", "invalid_type"),
         ("a:1|c |#x", "invalid_type"),
+        ("foo:1|c|", "empty_field"),
+        ("foo:1|c||#a:b", "empty_field"),
+        ("foo:1|c|#a:b|", "empty_field"),
+        ("foo:1:2|ms|@0.5|", "empty_field"),
+        ("foo:x|s|", "empty_field"),
+        ("foo:100|c|#tag1:value|c", "invalid_container_id"),
+        ("foo:100|g|c", "invalid_container_id"),
         (":1|c", "empty_name"),
         (":1|c|#a:b", "empty_name"),
     ],
@@ -1030,7 +1082,8 @@ def test_constructor_validates() -> None:
 
 _NAMES = [
     b"a", b"b.c", b"x,k=v", b"y#k=v", b"z[k=v]r", b"", b"\xff", b"a|b", b"_e{1,1}", b"n#", b"w,k=v,j=u",
-    b"ctl\x1b", b"longname", b"v,k=long", b"k,\x00=v", b"seven77",
+    b"ctl\x1b", b"longname", b"v,k=long", b"k,\x00=v", b"seven77", b"f.[]t", b"f.[a,b=1]t", b"[a=b,c=dx",
+    b"a=b]x",
 ]
 _VALUES = [
     b"1",
@@ -1090,6 +1143,7 @@ _FIELDS = [
     b"#abc:vvvv",
     b"#k:longvalue",
     b"c:\x1b",
+    b"c",
 ]
 
 _lines = st.builds(
@@ -1119,6 +1173,7 @@ def _state(agg: StatsdAggregator) -> tuple[object, ...]:
         iv.sets,
         agg.events,
         agg._gauge_seen,
+        agg.tag_errors,
     )
 
 
