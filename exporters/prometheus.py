@@ -32,6 +32,7 @@ from aiohttp import web
 
 from agent.component import ComponentKind, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, parse_host_port
+from agent.exphist import whole, whole_count
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
 from agent.slicing import CHECK_EVERY, Slicer, slices
@@ -203,11 +204,15 @@ class PrometheusExporter:
         counts = series.bucket_counts
         assert counts is not None
         sep = "," if base else ""
-        for le, value in zip(bounds, [*counts.tolist(), series.count], strict=True):
+        # State keeps weighted float totals; the page shows them whole (exphist.whole): integers,
+        # non-decreasing, +Inf == _count.
+        count = format_value(whole_count(series.count))
+        for le, value in zip(bounds, [*whole(counts).tolist()], strict=False):
             parts.append(f'{name}_bucket{{{base}{sep}le="{le}"}} {format_value(value)}\n')
+        parts.append(f'{name}_bucket{{{base}{sep}le="+Inf"}} {count}\n')
         labels = f"{{{base}}}" if base else ""
         parts.append(f"{name}_sum{labels} {format_value(series.sum)}\n")
-        parts.append(f"{name}_count{labels} {format_value(series.count)}\n")
+        parts.append(f"{name}_count{labels} {count}\n")
 
     @staticmethod
     def _render_summary(series: Series, base: str, quantiles: list[str], parts: list[str]) -> None:

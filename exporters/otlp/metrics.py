@@ -29,8 +29,9 @@ Temporality (``temporality`` is what the exporter sends; points say what they ca
   cumulative histograms has no known min/max, so they are left out.
 
 Histograms (``histograms``): ``exponential`` sends exponential histograms as they are; ``explicit``
-converts them to fixed-bound buckets (``explicit_buckets``) with ``agent.exphist.cumulative_buckets``
-(an exponential bucket straddling a bound is split log-linearly). Explicit histograms arriving from
+converts them to fixed-bound buckets (``explicit_buckets``) with ``agent.exphist.classic_buckets``
+(each exponential bucket goes whole to the bucket holding its log-midpoint) and sends whole counts
+(``agent.exphist.whole`` of the running totals). Explicit histograms arriving from
 OTLP stay explicit with their own bounds in both modes.
 
 Splitting: points are packed into requests of at most ``max_request_size`` bytes (uncompressed,
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from agent.exphist import ExpHistogram, cumulative_buckets, downscale, merge
+from agent.exphist import ExpHistogram, classic_buckets, downscale, merge, whole
 from agent.model import Kind, Labels, Point, Resource, Scope, Temporality
 from exporters.otlp import resource as resource_attrs
 from exporters.otlp import wire
@@ -419,7 +420,7 @@ class MetricEncoder:
             h = p.histogram
             if not self._explicit:
                 return h
-            below = cumulative_buckets(h, self._bounds_array)
+            below = classic_buckets(h, self._bounds_array)
             counts = np.diff(below, prepend=0.0, append=h.count)
             lowest = h.min if h.count > 0 else None
             highest = h.max if h.count > 0 else None
@@ -438,7 +439,7 @@ class MetricEncoder:
                 self._bounds_fields[m.bounds] = bounds_field
         # Rounding the running (cumulative) counts, not each bucket separately, keeps the cumulative
         # form non-decreasing, so the per-bucket integers are never negative.
-        running = np.rint(np.cumsum(np.maximum(m.counts, 0.0)))
+        running = whole(np.cumsum(np.maximum(m.counts, 0.0)))
         counts = np.diff(running, prepend=0.0).astype(np.uint64)
         return wire.explicit_point(s.attrs, bounds_field, counts, m.sum, m.min, m.max, start_ns, time_ns)
 

@@ -53,6 +53,7 @@ from agent.component import (
 )
 from agent.confmodel import Duration
 from agent.diskqueue import DiskQueue, partition_name
+from agent.exphist import whole, whole_count
 from agent.model import MetricBatch, Point
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.slicing import slices
@@ -461,7 +462,9 @@ class PrometheusRemoteWriteExporter:
             ]
             return out, len(out)
         if series.kind == HISTOGRAM:  # buckets, +Inf, _sum, _count
-            samples = [*values.tolist(), series.count, series.sum, series.count]
+            # Whole counts (exphist.whole): integers, non-decreasing, +Inf == _count.
+            count = whole_count(series.count)
+            samples = [*whole(values).tolist(), count, series.sum, count]
         else:  # quantiles, _sum, _count
             samples = [*values.tolist(), series.sum, series.count]
         out += [
