@@ -4,7 +4,10 @@ Scraped like statsd_exporter: counters are cumulative ``<name>_total``, gauges `
 gauge of distinct members, timers a histogram ``<name>_seconds`` (``_bucket``, ``_sum``, ``_count``),
 ``h``/``d`` a histogram ``<name>``. Series idle for ``metric_expiration`` disappear.
 
-From OTLP: explicit-bucket histograms keep their own bounds as ``le`` (``histogram_buckets`` applies to
+Exponential histograms (StatsD, OTLP exponential) are cut at ``histogram_buckets``, or at the bounds of
+the first ``bucket_layouts`` glob matching the Prometheus name, with whole counts (integers, never
+decreasing, ``+Inf`` == ``_count``; the rule and its error bound: ``agent.exphist.classic_buckets``).
+From OTLP: explicit-bucket histograms keep their own bounds as ``le`` (the above applies to
 exponential histograms only), and summaries become a ``summary`` family: ``<name>{quantile="0.5"}`` per
 quantile plus ``<name>_sum`` and ``<name>_count``. State rules (deltas, bound changes, resets, NaN
 sums) are in ``exporters.prometheus_series``.
@@ -30,6 +33,7 @@ from typing import cast
 
 from aiohttp import web
 
+from agent.bucket_layouts import BucketLayout, bounds_problem, validate_layouts
 from agent.component import ComponentKind, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, parse_host_port
 from agent.exphist import whole, whole_count
@@ -61,6 +65,8 @@ class PrometheusConfig:
     """Series not updated for this long are removed from the page."""
     histogram_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
     """Upper bounds (le) of the classic histogram buckets; timers are in seconds."""
+    bucket_layouts: list[BucketLayout] = field(default_factory=list)
+    """Bounds per metric: [{match: glob on the Prometheus name, bounds: [...]}]; first match wins."""
     max_series: int = DEFAULT_MAX_SERIES
     """Live series at most (~750 B each); points of new series beyond it are dropped (series_limit)."""
 
@@ -70,10 +76,10 @@ class PrometheusConfig:
             parse_host_port(self.endpoint)
         except ValueError as exc:
             problems.append(("endpoint", str(exc)))
-        if not self.histogram_buckets:
-            problems.append(("histogram_buckets", "at least one bucket bound is required"))
-        elif list(self.histogram_buckets) != sorted(set(self.histogram_buckets)):
-            problems.append(("histogram_buckets", "bounds must be strictly increasing"))
+        bounds = bounds_problem(self.histogram_buckets)
+        if bounds is not None:
+            problems.append(("histogram_buckets", bounds))
+        problems += validate_layouts(self.bucket_layouts)
         if self.metric_expiration <= 0:
             problems.append(("metric_expiration", "must be greater than 0"))
         if self.max_series < 1:
@@ -97,8 +103,9 @@ class PrometheusExporter:
     def __init__(self, settings: Settings, config: PrometheusConfig) -> None:
         self._settings = settings
         self._config = config
-        self._store = SeriesStore(config.histogram_buckets, max_series=config.max_series)
-        self._bounds = [format_value(b) for b in self._store.bounds]
+        self._store = SeriesStore(
+            config.histogram_buckets, layouts=config.bucket_layouts, max_series=config.max_series
+        )
         self._runner: web.AppRunner | None = None
         self._tasks = Tasks(str(settings.id), settings.logger)
         self._applying = asyncio.Lock()
@@ -155,8 +162,10 @@ class PrometheusExporter:
         size = 0
         slicer = Slicer()
         done = 0
-        bounds = [*self._bounds, "+Inf"]
-        lines = len(bounds) + 2  # lines of a histogram with the store's bounds: bucket, _sum, _count
+        # A family's bounds (its layout, else the default) are one of a few shared tuples.
+        les: dict[tuple[float, ...], list[str]] = {}
+        bounds: list[str] = []
+        lines = 0
         # Series with their own bounds (or quantiles) share one interned tuple per metric, so the text
         # of the last tuple seen is nearly always the one needed next.
         shape: tuple[float, ...] | None = None
@@ -165,6 +174,13 @@ class PrometheusExporter:
         for name, family in list(self._store.families.items()):
             kind = self._store.kinds.get(name, "untyped")
             parts.append(f"# TYPE {name} {kind}\n")
+            if kind == HISTOGRAM:
+                layout = self._store.bounds_of(name)
+                known = les.get(layout)
+                if known is None:
+                    known = les[layout] = [*(format_value(b) for b in layout), "+Inf"]
+                bounds = known
+                lines = len(bounds) + 2  # lines of a histogram with the family's bounds: bucket, _sum, _count
             for series in list(family.values()):
                 if series.cache is None:  # one string per series; bucket lines are built per scrape
                     series.cache = _label_text(series.labels)

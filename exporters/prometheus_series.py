@@ -23,8 +23,12 @@ Delta histograms add their own classic-bucket counts to the running counts, so `
 never decrease even when exponential scales change. Several input series that map to one Prometheus
 series (``a.b`` and ``a_b``) merge: counters add, gauges take the latest.
 
-Histogram shapes. An exponential histogram (StatsD, OTLP exponential) is cut at the store's bounds
-(``histogram_buckets``, ``Series.bounds`` is None). An explicit-bucket histogram (OTLP) keeps its own
+Histogram shapes. An exponential histogram (StatsD, OTLP exponential) is cut at its family's bounds
+(the first ``bucket_layouts`` glob matching the Prometheus name, else ``histogram_buckets``;
+``SeriesStore.bounds_of``; ``Series.bounds`` is None) by ``agent.exphist.classic_buckets``: each
+exponential bucket goes whole to one ``le`` bucket. State keeps weighted float totals; renderers show
+``agent.exphist.whole`` of them, so ``_bucket`` and ``_count`` are integers, never decrease, and
+``+Inf`` equals ``_count``. An explicit-bucket histogram (OTLP) keeps its own
 bounds, remembered in ``Series.bounds`` (one interned tuple shared by every series with those bounds):
 
 - Deltas add up while the bounds stay the same. When they change, the old counts cannot be re-cut, so
@@ -58,6 +62,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent import exphist
+from agent.bucket_layouts import BucketLayout, BucketLayouts
 from agent.exphist import ExpHistogram
 from agent.model import Kind, Labels, Point, Resource, Temporality
 
@@ -287,11 +292,14 @@ class SeriesStore:
         self,
         buckets: Sequence[float] = DEFAULT_BUCKETS,
         *,
+        layouts: Sequence[BucketLayout] = (),
         keep_native: bool = False,
         max_buckets: int = 160,
         max_series: int = DEFAULT_MAX_SERIES,
     ) -> None:
         self.bounds = tuple(sorted(buckets))
+        self.layouts = BucketLayouts(self.bounds, layouts)
+        """The classic bounds of each family cut from exponential histograms (``bounds_of``)."""
         self.keep_native = keep_native
         self.max_buckets = max_buckets
         self.max_series = max_series
@@ -301,6 +309,11 @@ class SeriesStore:
         self._names = _Names(min(_CACHE_LIMIT, max(_CACHE_MIN, max_series)))
         self._shapes: dict[tuple[float, ...], tuple[float, ...]] = {}
         self.refused: dict[str, int] = {}
+
+    def bounds_of(self, name: str) -> tuple[float, ...]:
+        """The bounds family ``name`` cuts exponential histograms at (its layout, else the default);
+        a few shared tuples, so renderers may cache their text by identity."""
+        return self.layouts.bounds_for(name)
 
     def _refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -358,7 +371,7 @@ class SeriesStore:
             h = point.histogram
             if h is None:
                 return self._update_explicit(point, series, family, cumulative)
-            delta_counts = exphist.cumulative_buckets(h, self.bounds)
+            delta_counts = exphist.classic_buckets(h, self.layouts.bounds_for(name))
             if cumulative or series.bucket_counts is None or series.bounds is not None:
                 if series.bounds is not None:  # was an explicit histogram: a new shape restarts it
                     series.bounds = None
@@ -511,6 +524,8 @@ class SeriesStore:
                 series.value, series.ts_ms, series.last_update = float(value), int(ts_ms), now
                 if buckets is not None:
                     series.bucket_counts = np.array(buckets, dtype=np.float64)
+                    if bounds is None and kind == HISTOGRAM and len(buckets) != len(self.bounds_of(name)):
+                        continue  # the layout changed across the restart: the series starts again
                 series.sum, series.count = float(total), float(count)
                 if bounds is not None:
                     series.bounds = self._intern(tuple(float(b) for b in bounds))

@@ -51,6 +51,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from zlib_ng import zlib_ng
 
+from agent.bucket_layouts import BucketLayout, bounds_problem, validate_layouts
 from agent.component import (
     ComponentKind,
     Factory,
@@ -189,6 +190,8 @@ class OtlpConfig:
     explicit_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_EXPLICIT_BUCKETS))
     """Upper bounds when histograms: explicit. Default: 1ms, 2.5ms, 5ms, 10ms, 25ms, 50ms, 75ms, 100ms,
     250ms, 500ms, 750ms, 1s, 2.5s, 5s, 7.5s, 10s, 30s, 60s (in seconds, the unit of StatsD timers)."""
+    explicit_bucket_layouts: list[BucketLayout] = field(default_factory=list)
+    """Bounds per metric when histograms: explicit: [{match: name glob, bounds: [...]}]; first match wins."""
     series_idle_timeout: Duration = Duration(300.0)
     """A series not seen for this long is forgotten: its cumulative total (or delta baseline) restarts."""
     max_series: int = 100_000
@@ -269,6 +272,8 @@ class OtlpHttpConfig:
     explicit_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_EXPLICIT_BUCKETS))
     """Upper bounds when histograms: explicit. Default: 1ms, 2.5ms, 5ms, 10ms, 25ms, 50ms, 75ms, 100ms,
     250ms, 500ms, 750ms, 1s, 2.5s, 5s, 7.5s, 10s, 30s, 60s (in seconds, the unit of StatsD timers)."""
+    explicit_bucket_layouts: list[BucketLayout] = field(default_factory=list)
+    """Bounds per metric when histograms: explicit: [{match: name glob, bounds: [...]}]; first match wins."""
     series_idle_timeout: Duration = Duration(300.0)
     """A series not seen for this long is forgotten: its cumulative total (or delta baseline) restarts."""
     max_series: int = 100_000
@@ -322,9 +327,10 @@ def _common_problems(cfg: AnyConfig) -> list[tuple[str, str]]:
         problems.append(("timeout", "must be greater than 0"))
     if not 1024 <= cfg.max_request_size <= MAX_REQUEST_BYTES:
         problems.append(("max_request_size", "must be between 1KiB and 64MiB"))
-    bounds = list(cfg.explicit_buckets)
-    if not bounds or not all(math.isfinite(b) for b in bounds) or bounds != sorted(set(bounds)):
-        problems.append(("explicit_buckets", "bounds must be finite and strictly increasing (at least one)"))
+    bounds = bounds_problem(cfg.explicit_buckets)
+    if bounds is not None:
+        problems.append(("explicit_buckets", bounds))
+    problems += validate_layouts(cfg.explicit_bucket_layouts, "explicit_bucket_layouts")
     if cfg.series_idle_timeout <= 0:
         problems.append(("series_idle_timeout", "must be greater than 0"))
     if cfg.max_series < 1:
@@ -429,6 +435,7 @@ class _OtlpExporter(abc.ABC):
             temporality=Temporality.DELTA if config.temporality == "delta" else Temporality.CUMULATIVE,
             histograms=config.histograms,
             explicit_buckets=tuple(config.explicit_buckets),
+            explicit_layouts=tuple(config.explicit_bucket_layouts),
             max_request_size=config.max_request_size,
             series_idle_timeout_s=config.series_idle_timeout,
             max_series=config.max_series,

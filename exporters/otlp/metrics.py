@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from agent.bucket_layouts import BucketLayout, BucketLayouts
 from agent.exphist import ExpHistogram, classic_buckets, downscale, merge, whole
 from agent.model import Kind, Labels, Point, Resource, Scope, Temporality
 from exporters.otlp import resource as resource_attrs
@@ -141,6 +142,8 @@ class EncoderOptions:
     scope_version: str
     started_ns: int
     """Wall-clock start of the exporter: the first-point rule of cumulative → delta."""
+    explicit_layouts: tuple[BucketLayout, ...] = ()
+    """Per-metric bounds when histograms: explicit (first matching glob on the metric name wins)."""
 
 
 class MetricEncoder:
@@ -155,9 +158,8 @@ class MetricEncoder:
         self._o = options
         self._out_temporality = options.temporality
         self._explicit = options.histograms == "explicit"
-        self._bounds = tuple(options.explicit_buckets)
-        self._bounds_array = np.asarray(self._bounds, dtype=np.float64)
-        self._bounds_fields: dict[tuple[float, ...], bytes] = {self._bounds: wire.packed_bounds(self._bounds)}
+        self._layouts = BucketLayouts(options.explicit_buckets, options.explicit_layouts)
+        self._bounds_fields: dict[tuple[float, ...], bytes] = {}
         self._series: dict[tuple[object, ...], _Series] = {}
         self._groups: dict[tuple[object, ...], _Group] = {}
         self._resources: dict[Resource | None, _Entry] = {}
@@ -420,11 +422,12 @@ class MetricEncoder:
             h = p.histogram
             if not self._explicit:
                 return h
-            below = classic_buckets(h, self._bounds_array)
+            bounds = self._layouts.bounds_for(p.name)
+            below = classic_buckets(h, bounds)
             counts = np.diff(below, prepend=0.0, append=h.count)
             lowest = h.min if h.count > 0 else None
             highest = h.max if h.count > 0 else None
-            return _Explicit(self._bounds, counts, h.sum, lowest, highest)
+            return _Explicit(bounds, counts, h.sum, lowest, highest)
         e = p.explicit
         assert e is not None
         return _Explicit(e.bounds, np.asarray(e.counts, dtype=np.float64), e.sum, e.min, e.max)

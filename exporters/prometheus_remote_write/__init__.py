@@ -41,6 +41,7 @@ from typing import cast
 
 import aiohttp
 
+from agent.bucket_layouts import BucketLayout, bounds_problem, validate_layouts
 from agent.component import (
     Backpressure,
     ComponentKind,
@@ -182,6 +183,8 @@ class PrometheusRemoteWriteConfig:
     explicit-bucket histograms from OTLP still go as classic series (they cannot be converted exactly)."""
     histogram_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
     """Upper bounds of classic histogram buckets, when not sending native histograms."""
+    bucket_layouts: list[BucketLayout] = field(default_factory=list)
+    """Bounds per metric: [{match: glob on the Prometheus name, bounds: [...]}]; first match wins."""
     max_samples_per_request: int = 2000
     """Samples per request at most (a classic histogram counts one sample per bucket)."""
     series_expiration: Duration = Duration(300.0)
@@ -217,8 +220,10 @@ class PrometheusRemoteWriteConfig:
             problems.append(("timeout", "must be greater than 0"))
         if self.max_samples_per_request < 1:
             problems.append(("max_samples_per_request", "must be at least 1"))
-        if list(self.histogram_buckets) != sorted(set(self.histogram_buckets)) or not self.histogram_buckets:
-            problems.append(("histogram_buckets", "bounds must be strictly increasing (at least one)"))
+        bounds = bounds_problem(self.histogram_buckets)
+        if bounds is not None:
+            problems.append(("histogram_buckets", bounds))
+        problems += validate_layouts(self.bucket_layouts)
         if self.series_expiration <= 0:
             problems.append(("series_expiration", "must be greater than 0"))
         for section in ("auth", "tls", "sending_queue", "retry_on_failure"):
@@ -248,10 +253,12 @@ class PrometheusRemoteWriteExporter:
         self._log = settings.logger
         self._store = SeriesStore(
             config.histogram_buckets,
+            layouts=config.bucket_layouts,
             keep_native=config.send_native_histograms,
             max_series=config.max_series,
         )
-        self._bounds = [format_value(b) for b in self._store.bounds] + ["+Inf"]
+        self._les: dict[tuple[float, ...], list[str]] = {}
+        """``le`` texts per family bounds (a few shared tuples: the default and one per layout)."""
         self._external = tuple(sorted(config.external_labels.items()))
         self._sender = Sender(
             settings, self._post, config.sending_queue, config.retry_on_failure, config.timeout
@@ -413,7 +420,13 @@ class PrometheusRemoteWriteExporter:
             assert shape is not None
             per_value = [self._label_bytes(series, name, (("quantile", format_value(q)),)) for q in shape]
         else:
-            les = self._bounds if shape is None else [*(format_value(b) for b in shape), "+Inf"]
+            if shape is None:
+                layout = self._store.bounds_of(name)
+                les = self._les.get(layout) or self._les.setdefault(
+                    layout, [*(format_value(b) for b in layout), "+Inf"]
+                )
+            else:
+                les = [*(format_value(b) for b in shape), "+Inf"]
             per_value = [self._label_bytes(series, name + "_bucket", (("le", le),)) for le in les]
         return (
             shape,
