@@ -38,6 +38,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def receiver_settings(tel: Telemetry, name: str) -> Settings:
+    """Settings of a receiver under test named ``name``, reporting into ``tel``."""
+    return Settings(
+        id=ComponentId(name),
+        kind=ComponentKind.RECEIVER,
+        telemetry=ComponentTelemetry(tel, "receiver", name),
+        logger=logging.getLogger(f"test.{name}"),
+    )
+
+
 async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
     """Wait (polling) until ``check()`` holds; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -59,13 +69,7 @@ async def make() -> AsyncIterator[Make]:
         assert config.validate() == []
         tel = Telemetry()
         sink = Sink()
-        settings = Settings(
-            id=ComponentId("statsd"),
-            kind=ComponentKind.RECEIVER,
-            telemetry=ComponentTelemetry(tel, "receiver", "statsd"),
-            logger=logging.getLogger("test.statsd"),
-        )
-        r = StatsdReceiver(settings, config, {Signal.METRICS: sink})
+        r = StatsdReceiver(receiver_settings(tel, "statsd"), config, {Signal.METRICS: sink})
         made.append(r)
         return r, sink, tel
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,11 +14,12 @@ import aiohttp
 import pytest
 
 from agent import netguard
-from agent.component import ComponentId, ComponentKind, Settings, Signal
+from agent.component import Signal
 from agent.model import Batch
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from receivers.http import HttpConfig, HttpReceiver
 from receivers.otlp import OtlpConfig, OtlpReceiver
+from tests.receivers.conftest import receiver_settings
 
 JSON = {"Content-Type": "application/json"}
 HALF_HEAD = b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: appl"
@@ -33,15 +33,6 @@ class Sink:
 
     async def consume(self, batch: Batch) -> None:
         self.batches.append(batch)
-
-
-def settings(tel: Telemetry, name: str) -> Settings:
-    return Settings(
-        id=ComponentId(name),
-        kind=ComponentKind.RECEIVER,
-        telemetry=ComponentTelemetry(tel, "receiver", name),
-        logger=logging.getLogger(f"test.{name}"),
-    )
 
 
 Build = Callable[..., Awaitable[HttpReceiver]]
@@ -59,7 +50,7 @@ async def http(tel: Telemetry) -> AsyncIterator[Build]:
     async def build(name: str = "http", **cfg: Any) -> HttpReceiver:
         config = HttpConfig(**{"endpoint": "127.0.0.1:0", **cfg})
         assert config.validate() == []
-        receiver = HttpReceiver(settings(tel, name), config, {Signal.METRICS: Sink()})
+        receiver = HttpReceiver(receiver_settings(tel, name), config, {Signal.METRICS: Sink()})
         made.append(receiver)
         await receiver.start()
         return receiver
@@ -299,7 +290,7 @@ async def test_the_request_byte_budget_is_process_wide_across_http_and_otlp(
     monkeypatch.setattr(netguard.request_bytes(), "limit", 64_000)
     r = await http(max_request_body_size=40_000)
     otlp = OtlpReceiver(
-        settings(tel, "otlp"),
+        receiver_settings(tel, "otlp"),
         OtlpConfig(grpc=None, http="127.0.0.1:0", max_request_body_size=40_000),
         {Signal.METRICS: Sink()},
     )

@@ -4,7 +4,6 @@ read slots, cancelled calls counted, and the OTLP/HTTP header timeout."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,10 +17,11 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from agent import netguard
-from agent.component import ComponentId, ComponentKind, Settings, Signal
+from agent.component import Signal
 from agent.model import Batch
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from receivers.otlp import OtlpConfig, OtlpReceiver
+from tests.receivers.conftest import receiver_settings
 
 EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 BOUND_S = 30.0
@@ -66,12 +66,7 @@ async def otlp() -> AsyncIterator[Build]:
         tel, sink = Telemetry(), GatedSink()
         config = OtlpConfig(**{"grpc": "127.0.0.1:0", "http": "127.0.0.1:0", **cfg})
         assert config.validate() == []
-        settings = Settings(
-            id=ComponentId("otlp"),
-            kind=ComponentKind.RECEIVER,
-            telemetry=ComponentTelemetry(tel, "receiver", "otlp"),
-            logger=logging.getLogger("test.otlp"),
-        )
+        settings = receiver_settings(tel, "otlp")
         receiver = OtlpReceiver(settings, config, {Signal.METRICS: sink})
         made.append(receiver)
         await receiver.start()

@@ -5,7 +5,6 @@ receiver takes them (``cancelled_in_queue``), or in the receiver while it waits 
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -15,10 +14,11 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from agent.component import ComponentId, ComponentKind, Settings, Signal
+from agent.component import Signal
 from agent.model import Batch
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from receivers.otlp import OtlpConfig, OtlpReceiver, _channelz_calls_started
+from tests.receivers.conftest import receiver_settings
 
 EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 BOUND_S = 60.0
@@ -53,12 +53,7 @@ async def otlp() -> AsyncIterator[Build]:
         tel, sink = Telemetry(), Sink()
         config = OtlpConfig(**{"grpc": "127.0.0.1:0", "http": None, **cfg})
         assert config.validate() == []
-        settings = Settings(
-            id=ComponentId("otlp"),
-            kind=ComponentKind.RECEIVER,
-            telemetry=ComponentTelemetry(tel, "receiver", "otlp"),
-            logger=logging.getLogger("test.otlp"),
-        )
+        settings = receiver_settings(tel, "otlp")
         receiver = OtlpReceiver(settings, config, {Signal.METRICS: sink})
         made.append(receiver)
         await receiver.start()

@@ -44,7 +44,7 @@ from receivers.otlp import OtlpConfig
 from receivers.otlp import factory as otlp_factory
 from receivers.otlp.convert import POINT_REASONS, ShadowMetricsRequest
 from tests.exporters.otlp_sink import Sink as OtlpSink
-from tests.receivers.conftest import free_port, until
+from tests.receivers.conftest import free_port, receiver_settings, until
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
@@ -131,12 +131,7 @@ async def make() -> AsyncIterator[Make]:
         assert config.validate() == []
         tel = Telemetry()
         sink = Sink(*downstream)
-        settings = Settings(
-            id=ComponentId(kind),
-            kind=ComponentKind.RECEIVER,
-            telemetry=ComponentTelemetry(tel, "receiver", kind),
-            logger=logging.getLogger(f"test.{kind}"),
-        )
+        settings = receiver_settings(tel, kind)
         receiver = factory.create(settings, config, {s: sink for s in signals})
         harness = Harness(receiver, sink, tel, aiohttp.ClientSession())
         made.append(harness)
