@@ -31,7 +31,6 @@ __all__ = [
     "ExpHistogram",
     "classic_buckets",
     "classic_error",
-    "cumulative_buckets",
     "downscale",
     "from_segments",
     "from_values",
@@ -582,65 +581,6 @@ def quantile(h: ExpHistogram, q: float) -> float:
     else:
         estimate = _lower_boundary(h.positive_offset + j - neg.size - 1, h.scale) * midpoint
     return float(min(max(estimate, h.min), h.max))
-
-
-def cumulative_buckets(h: ExpHistogram, bounds: Sequence[float] | npt.NDArray[np.float64]) -> Counts:
-    """Weighted count of values <= each of the ascending `bounds` (Prometheus classic buckets).
-
-    `bounds` excludes +Inf (its count is ``h.count``). A bucket entirely at or below a bound counts
-    fully; one that straddles it counts the log-linear fraction below it. Where a bound is a bucket
-    boundary the count is exact: bounds that are powers of two are exact at every scale >= 0 for
-    positive values (a negative bucket's mass is treated as continuous, so a value exactly at
-    ``-2**k`` does not count toward the bound ``-2**k``). The zero bucket counts toward bounds >= 0.
-    Bounds >= max give ``count``, bounds < min give 0, and the result never decreases. Raises
-    ValueError unless the bounds are finite and strictly ascending.
-    """
-    # Called per series per flush with a dozen bounds: a plain loop over the bounds against the
-    # buckets' running sums costs a fraction of the ~40 small numpy calls a vectorised form needs.
-    given = np.asarray(bounds, dtype=np.float64).reshape(-1).tolist()
-    previous = -math.inf
-    for bound in given:
-        if not (previous < bound < math.inf):
-            raise ValueError("bounds must be finite and strictly ascending")
-        previous = bound
-    out = np.zeros(len(given), dtype=np.float64)
-    if not h.count > 0:
-        return out
-    per_octave = 2.0**h.scale
-    pos_list, neg_list = h.positive_counts.tolist(), h.negative_counts.tolist()
-    n_pos, n_neg = len(pos_list), len(neg_list)
-    pos_below = [0.0, *itertools.accumulate(pos_list)]  # [k] = sum(pos[:k])
-    neg_from = [*itertools.accumulate(reversed(neg_list))][::-1] + [0.0]  # [k] = sum(neg[k:])
-    lowest, highest, count, zero = h.min, h.max, h.count, h.zero_count
-    running = 0.0
-    for j, bound in enumerate(given):
-        if bound >= highest:
-            out[j:] = count
-            break
-        if bound < lowest:
-            continue
-        if bound < 0:
-            # Values <= bound are those of magnitude >= |bound|. In index space (bucket i spans
-            # (i, i + 1] of log2(|value|) * 2**scale) bucket i counts clip(i + 1 - position, 0, 1).
-            position = math.log2(-bound) * per_octave
-            at = math.floor(position)
-            local = at - h.negative_offset
-            below = neg_from[min(max(local + 1, 0), n_neg)]
-            if 0 <= local < n_neg:
-                below += neg_list[local] * (at + 1 - position)
-        else:
-            below = neg_from[0] + zero
-            if bound > 0 and n_pos:
-                # Bucket i counts clip(position - i, 0, 1).
-                position = math.log2(bound) * per_octave
-                at = math.floor(position)
-                local = at - h.positive_offset
-                below += pos_below[min(max(local, 0), n_pos)]
-                if 0 <= local < n_pos:
-                    below += pos_list[local] * (position - at)
-        running = max(running, min(below, count))
-        out[j] = running
-    return out
 
 
 def classic_error(scale: int) -> float:

@@ -522,10 +522,10 @@ def test_quantile_edges() -> None:
             exphist.quantile(h, bad)
 
 
-# --- cumulative_buckets --------------------------------------------------------------------------------
+# --- classic_buckets (properties) ------------------------------------------------------------------
 
 
-def test_cumulative_buckets_exact_at_powers_of_two() -> None:
+def test_classic_buckets_exact_at_powers_of_two() -> None:
     rng = np.random.default_rng(5)
     values = rng.lognormal(0.0, 2.0, 3000) * rng.choice([-1.0, 1.0, 1.0], 3000)
     values[::100] = 0.0
@@ -534,35 +534,9 @@ def test_cumulative_buckets_exact_at_powers_of_two() -> None:
     for max_buckets in (160, 400):
         h = exphist.from_values(values, weights, max_buckets=max_buckets)
         assert h.scale >= 0
-        got = exphist.cumulative_buckets(h, bounds.tolist())
+        got = exphist.classic_buckets(h, bounds.tolist())
         want = [weights[values <= b].sum() for b in bounds]
         assert got.tolist() == want
-
-
-def test_cumulative_buckets_interpolates_inside_a_bucket() -> None:
-    h = exphist.from_values(np.array([0.1, 1.5, 1.5, 1.5, 1.5, 100.0]), max_scale=0)
-    assert h.scale == 0  # bucket (1, 2] holds the four 1.5s
-    got = exphist.cumulative_buckets(h, [1.0, math.sqrt(2.0), 2.0])
-    assert got.tolist() == pytest.approx([1.0, 3.0, 5.0])  # half of the bucket in log space
-
-
-def test_cumulative_buckets_interpolates_negative_buckets_by_magnitude() -> None:
-    h = exphist.from_values(np.array([-1.5, -1.5, -1.5, -1.5, 0.0, 3.0]), max_scale=0)
-    assert h.scale == 0 and h.negative_offset == 0  # magnitudes in (1, 2]
-    got = exphist.cumulative_buckets(h, [-math.sqrt(2.0), -1.0, 0.0, 2.0])
-    assert got.tolist() == pytest.approx([2.0, 4.0, 5.0, 5.0])
-
-
-def test_cumulative_buckets_clamps_with_min_and_max() -> None:
-    h = exphist.from_values(np.array([1.1, 1.2, 1.3]), max_scale=0)
-    got = exphist.cumulative_buckets(h, [1.05, 1.3, 1.9, 5.0])
-    assert got.tolist() == [0.0, 3.0, 3.0, 3.0]
-    assert exphist.cumulative_buckets(EMPTY, [1.0, 2.0]).tolist() == [0.0, 0.0]
-    assert exphist.cumulative_buckets(h, []).tolist() == []
-    with pytest.raises(ValueError):
-        exphist.cumulative_buckets(h, [2.0, 1.0])
-    with pytest.raises(ValueError):
-        exphist.cumulative_buckets(h, [1.0, math.inf])
 
 
 @settings(max_examples=300, deadline=None, database=None)
@@ -571,14 +545,14 @@ def test_cumulative_buckets_clamps_with_min_and_max() -> None:
     st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=20, unique=True),
     st.sampled_from([3, 8, 160]),
 )
-def test_cumulative_buckets_monotone_and_bounded(
+def test_classic_buckets_monotone_and_bounded(
     pairs: list[tuple[float, float]], bounds: list[float], max_buckets: int
 ) -> None:
     values = np.array([v for v, _ in pairs], dtype=np.float64)
     weights = np.array([w for _, w in pairs], dtype=np.float64)
     h = exphist.from_values(values, weights, max_buckets=max_buckets)
     b = sorted(bounds)
-    got = exphist.cumulative_buckets(h, b)
+    got = exphist.classic_buckets(h, b)
     assert got.shape == (len(b),)
     assert np.all(np.diff(got) >= 0)
     assert np.all((got >= 0) & (got <= h.count))
@@ -587,5 +561,5 @@ def test_cumulative_buckets_monotone_and_bounded(
             assert c == h.count
         if bound < h.min:
             assert c == 0.0
-    last = exphist.cumulative_buckets(h, [*b, max(b[-1], h.max) + 1.0])
+    last = exphist.classic_buckets(h, [*b, max(b[-1], h.max) + 1.0])
     assert last[-1] == h.count
