@@ -322,6 +322,43 @@ class GuardedSite(web.BaseSite):
         return int(self._listener.sockets[0].getsockname()[1])
 
 
+class ServerSettings(Protocol):
+    """The connection and body settings every HTTP-serving receiver has (http, otlp)."""
+
+    @property
+    def max_request_body_size(self) -> int: ...
+    @property
+    def max_request_bytes_in_flight(self) -> int: ...
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def read_timeout(self) -> float: ...
+    @property
+    def header_timeout(self) -> float: ...
+    @property
+    def idle_timeout(self) -> float: ...
+
+
+def server_problems(config: ServerSettings) -> list[tuple[str, str]]:
+    """The checks of :class:`ServerSettings` shared by the receivers' ``validate``."""
+    problems: list[tuple[str, str]] = []
+    if config.max_request_body_size < 1024:
+        problems.append(("max_request_body_size", "must be at least 1KiB"))
+    for name in ("read_timeout", "header_timeout", "idle_timeout"):
+        if getattr(config, name) <= 0:
+            problems.append((name, "must be greater than 0"))
+    if config.max_connections < 1:
+        problems.append(("max_connections", "must be at least 1"))
+    if config.max_request_bytes_in_flight < config.max_request_body_size:
+        problems.append(
+            (
+                "max_request_bytes_in_flight",
+                "must be at least max_request_body_size, or a largest request could never be taken",
+            )
+        )
+    return problems
+
+
 # -- request bytes ------------------------------------------------------------------------------------
 class ByteBudget:
     """Request bytes held at once, optionally inside a ``parent`` budget (the process-wide one).

@@ -196,24 +196,8 @@ class HttpConfig:
             problems.append(("max_items", "must be at least 1"))
         if self.max_values < self.max_items:
             problems.append(("max_values", "must be at least max_items"))
-        if self.max_request_body_size < 1024:
-            problems.append(("max_request_body_size", "must be at least 1KiB"))
-        if self.max_connections < 1:
-            problems.append(("max_connections", "must be at least 1"))
-        if self.max_request_bytes_in_flight < self.max_request_body_size:
-            problems.append(
-                (
-                    "max_request_bytes_in_flight",
-                    "must be at least max_request_body_size, or a largest request could never be taken",
-                )
-            )
-        for name in (
-            "read_timeout",
-            "header_timeout",
-            "idle_timeout",
-            "max_timestamp_age",
-            "max_timestamp_ahead",
-        ):
+        problems += netguard.server_problems(self)
+        for name in ("max_timestamp_age", "max_timestamp_ahead"):
             if getattr(self, name) <= 0:
                 problems.append((name, "must be greater than 0"))
         if not 3 <= self.max_buckets <= 16384:

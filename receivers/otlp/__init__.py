@@ -237,22 +237,9 @@ class OtlpConfig:
                     parse_host_port(endpoint)
                 except ValueError as exc:
                     problems.append((name, str(exc)))
-        if self.max_request_body_size < 1024:
-            problems.append(("max_request_body_size", "must be at least 1KiB"))
+        problems += netguard.server_problems(self)
         if self.max_request_body_size > 2**31 - 1:
             problems.append(("max_request_body_size", "must be below 2GiB (gRPC's message limit)"))
-        for name in ("read_timeout", "header_timeout", "idle_timeout"):
-            if getattr(self, name) <= 0:
-                problems.append((name, "must be greater than 0"))
-        if self.max_connections < 1:
-            problems.append(("max_connections", "must be at least 1"))
-        if self.max_request_bytes_in_flight < self.max_request_body_size:
-            problems.append(
-                (
-                    "max_request_bytes_in_flight",
-                    "must be at least max_request_body_size, or a largest request could never be taken",
-                )
-            )
         for path, message in self.tls.validate():
             problems.append((f"tls::{path}" if path else "tls", message))
         problems += [(f"limits::{path}", message) for path, message in self.limits.validate()]
