@@ -581,3 +581,12 @@ def _classify(exc: BaseException) -> tuple[str, float | None]:
     if isinstance(exc, aiohttp.ClientError):
         return "connection_error", None
     return "error", None
+
+
+def drop_unroutable(settings: Settings, tenant: str | None, requests: list[Request]) -> None:
+    """A reloaded exporter cannot route a handed-over tenant's requests (routing now off, or over its
+    tenant limit): sent anywhere else they would land in the wrong tenant, so they are dropped and
+    counted as dropped{tenant_routing_changed}."""
+    points = sum(r.points for r in requests)
+    settings.logger.warning("dropping %d queued points of tenant %s: cannot route them", points, tenant)
+    settings.telemetry.dropped("tenant_routing_changed").value += points

@@ -63,7 +63,7 @@ from agent.component import (
 from agent.confmodel import Duration, Size, parse_host_port
 from agent.diskqueue import DiskQueue
 from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch, Temporality
-from agent.sending import QueueConfig, Request, RetryConfig, Sender
+from agent.sending import QueueConfig, Request, RetryConfig, Sender, drop_unroutable
 from agent.slicing import slices
 from agent.tls import client_context
 from agent.version import USER_AGENT, VERSION
@@ -528,9 +528,7 @@ class _OtlpExporter(abc.ABC):
             headerless = tenant is not None and (route is None or not route.header)
             sender = None if headerless else await self._sender_for(tenant)
             if sender is None:
-                points = sum(r.points for r in requests)
-                self._log.warning("dropping %d queued points of tenant %s: cannot route them", points, tenant)
-                self._settings.telemetry.dropped("tenant_routing_changed").value += points
+                drop_unroutable(self._settings, tenant, requests)
                 continue
             if encoding != self._content_encoding:
                 requests = await asyncio.to_thread(self._recompress, requests, encoding)

@@ -56,7 +56,7 @@ from agent.confmodel import Duration
 from agent.diskqueue import DiskQueue, partition_name
 from agent.exphist import whole, whole_count
 from agent.model import MetricBatch, Point
-from agent.sending import QueueConfig, Request, RetryConfig, Sender
+from agent.sending import QueueConfig, Request, RetryConfig, Sender, drop_unroutable
 from agent.slicing import slices
 from agent.tls import client_context
 from agent.version import USER_AGENT
@@ -368,9 +368,7 @@ class PrometheusRemoteWriteExporter:
             else:
                 sender = await self._tenant_sender(tenant)
             if sender is None:
-                points = sum(r.points for r in requests)
-                self._log.warning("dropping %d queued points of tenant %s: cannot route them", points, tenant)
-                self._settings.telemetry.dropped("tenant_routing_changed").value += points
+                drop_unroutable(self._settings, tenant, requests)
                 continue
             await sender.adopt(requests)
 
