@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from percentiles_bench import _Clock, _Null, _rss_kib  # noqa: E402
+from percentiles_bench import _array_bytes, _Clock, _Null, _rss_kib  # noqa: E402
 
 from agent import exphist  # noqa: E402
 from agent.component import ComponentId, ComponentKind, Settings  # noqa: E402
@@ -262,13 +262,7 @@ async def _rss_child(series: int, budget: int) -> dict[str, Any]:
         await proc.tick()
     gc.collect()
     after = _rss_kib()
-    store = proc._store  # the bench reports the arrays' share of the RSS
-    arrays = sum(
-        a.nbytes
-        for t in store.tiers
-        for a in (t.pos, t.neg, t.zero, t.count, t.sum, t.min, t.max)
-        if a is not None
-    )
+    arrays = _array_bytes(proc)
     return {"grown_kib": after - before, "arrays_bytes": arrays}
 
 

@@ -114,6 +114,16 @@ def _rss_kib() -> int:
     raise RuntimeError("no VmRSS")
 
 
+def _array_bytes(proc: Any) -> int:
+    """Bytes of the percentiles store's slice arrays (the bench reports their share of the RSS)."""
+    return sum(
+        a.nbytes
+        for t in proc._store.tiers
+        for a in (t.pos, t.neg, t.zero, t.count, t.sum, t.min, t.max)
+        if a is not None
+    )
+
+
 async def _rss_child(series: int) -> dict[str, Any]:
     rng = np.random.default_rng(2)
     data = [_flush(series, 20, rng) for _ in range(2)]
@@ -129,13 +139,7 @@ async def _rss_child(series: int) -> dict[str, Any]:
         await proc.tick()
     gc.collect()
     after = _rss_kib()
-    store = proc._store  # the bench reports the arrays' share of the RSS
-    arrays = sum(
-        a.nbytes
-        for t in store.tiers
-        for a in (t.pos, t.neg, t.zero, t.count, t.sum, t.min, t.max)
-        if a is not None
-    )
+    arrays = _array_bytes(proc)
     return {"before_kib": before, "after_kib": after, "arrays_bytes": arrays, "points_out": sink.points}
 
 
