@@ -926,11 +926,18 @@ class OtlpReceiver:
                 # The client cancelled or its deadline passed while we held the call; whatever
                 # _export had not yet passed on is lost to it and would otherwise go uncounted.
                 self._counters[route.signal].refused["cancelled"].value += 1
-                expired = context.time_remaining() == 0  # None without a deadline
+                remaining = context.time_remaining()  # None without a deadline
+                expired = remaining is not None and remaining <= _DEADLINE_SLACK_S
                 self._count_grpc(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
                 raise
         self._count_grpc(grpc.StatusCode.OK)
         return response
+
+
+_DEADLINE_SLACK_S = 0.1
+"""A call cancelled this close to its deadline counts as DEADLINE_EXCEEDED: the server's deadline is
+taken when the call arrives, a little after the client's, so a client whose deadline fired cancels
+the call while the server still sees a few milliseconds left."""
 
 
 class _CallTally:
