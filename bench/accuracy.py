@@ -48,14 +48,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from percentiles_bench import _array_bytes, _Clock, _Null, _rss_kib  # noqa: E402
+from percentiles_bench import _Clock, _Null, _rss_kib  # noqa: E402
 
 from agent import exphist  # noqa: E402
 from agent.component import ComponentId, ComponentKind, Settings  # noqa: E402
-from agent.confmodel import Duration  # noqa: E402
+from agent.confmodel import Duration, Size  # noqa: E402
 from agent.model import Kind, MetricBatch, Point  # noqa: E402
 from agent.telemetry import ComponentTelemetry, Telemetry  # noqa: E402
 from processors.percentiles import PercentilesConfig, PercentilesProcessor  # noqa: E402
+from receivers.statsd import StatsdConfig  # noqa: E402
 from receivers.statsd.parser import StatsdAggregator  # noqa: E402
 
 F64 = npt.NDArray[np.float64]
@@ -126,11 +127,14 @@ def _settings() -> Settings:
 
 
 async def processor_estimates(
-    lines: list[bytes], budget: int, window_s: float, config: PercentilesConfig | None = None
+    lines: list[bytes], budget: int | None, window_s: float, config: PercentilesConfig | None = None
 ) -> tuple[F64, int]:
     """(b): p50..p99.9 in ms of window `window_s` after `lines` were sent over exactly that window,
-    and the series' scale in the store."""
-    config = config or PercentilesConfig(quantiles=list(QUANTILES), max_buckets=budget)
+    and the series' scale in the store; `budget` None: the receiver's and processor's defaults."""
+    if config is None:
+        config = PercentilesConfig(quantiles=list(QUANTILES))
+        if budget is not None:
+            config = PercentilesConfig(quantiles=list(QUANTILES), max_buckets=budget)
     flushes = round(window_s / FLUSH_S)
     start = END - window_s
     clock = _Clock()
@@ -143,7 +147,11 @@ async def processor_estimates(
 
     sink = _Keep()
     proc = PercentilesProcessor(_settings(), config, sink, clock=clock, run_timer=False)
-    agg = StatsdAggregator(max_buckets=budget, clock_s=clock)
+    agg = (
+        StatsdAggregator(clock_s=clock)
+        if budget is None
+        else StatsdAggregator(max_buckets=budget, clock_s=clock)
+    )
     cuts = np.linspace(0, len(lines), flushes + 1).round().astype(int)
     for k in range(flushes):
         clock.now = start + FLUSH_S * k + FLUSH_S / 2
@@ -204,71 +212,99 @@ def measure_accuracy(budgets: list[int], sizes: list[int]) -> list[dict[str, Any
     return rows
 
 
-def layout_bytes(budget: int) -> tuple[int, dict[str, int]]:
-    """(slice-array bytes per series, bytes per series per window's tier) in the default layout at
-    `budget`, read from a real processor's store (positive side; negatives add rows × B × 4)."""
-    proc = PercentilesProcessor(
-        _settings(), PercentilesConfig(max_buckets=budget), _Null(), clock=lambda: END, run_timer=False
-    )
-    store = proc._store  # the bench reports the store's layout
-    per_row = budget * 4 + 5 * 8
-    tiers = [t.rows * per_row for t in store.tiers]
-    total = sum(tiers)
-    per_window = {}
-    for t_index, t in enumerate(store.tiers):
-        for w in WINDOWS_S:
-            slices = round(w / t.slice_s)
-            if slices == t.rows - 1:
-                per_window[WINDOW_TEXT[w]] = tiers[t_index]
-    return total, per_window
+MEMORIES_MIB = [64, 128, 256, 512, 1024]
+"""max_memory values of the fleet runs (256 MiB is the default)."""
+FLEET_VALUES = 100
+"""Values per series per 10 s flush in the fleet runs (10 per second; 600 per series over the minute)."""
+FLEET_SAMPLE = 100
+"""Series of the fleet whose quantiles are checked against the exact ones."""
 
 
-async def _rss_child(series: int, budget: int) -> dict[str, Any]:
-    """percentiles_bench's RSS measure at `budget`: 10,000 series, 6 flushes, an emit after each."""
-    rng = np.random.default_rng(2)
-    data = []
-    for _ in range(2):
-        values = rng.lognormal(-3.0, 0.8, series * 20)
-        offsets = np.arange(series + 1, dtype=np.int64) * 20
-        hists = exphist.from_segments(values, None, offsets, max_buckets=budget)
+async def _fleet_child(dist: str, max_memory_mib: int, series: int) -> dict[str, Any]:
+    """10,000 series of `dist` at max_memory: 6 flushes of FLEET_VALUES values each as the StatsD
+    receiver builds them (default max_buckets and max_scale), a tick after each; RSS growth, memory
+    held, scales and the worst error of FLEET_SAMPLE series over p50..p99.9 of every window."""
+    seed, draw = DISTRIBUTIONS[dist]
+    rng = np.random.default_rng(seed)
+    sample = set(range(0, series, series // FLEET_SAMPLE))
+    kept: dict[int, list[F64]] = {i: [] for i in sample}
+    receiver = StatsdConfig()
+    flushes = []
+    for _ in range(6):
+        values = draw(rng, series * FLEET_VALUES) / 1000.0
+        offsets = np.arange(series + 1, dtype=np.int64) * FLEET_VALUES
+        for i in sample:
+            kept[i].append(values[i * FLEET_VALUES : (i + 1) * FLEET_VALUES])
+        hists = exphist.from_segments(
+            values, None, offsets, max_buckets=receiver.max_buckets, max_scale=receiver.max_scale
+        )
         points = [
-            Point(
-                f"app.request.duration.{i % 50}",
-                Kind.HISTOGRAM,
-                (("route", f"/r{i}"),),
-                0,
-                histogram=h,
-                unit="s",
-            )
+            Point("lat", Kind.HISTOGRAM, (("series", str(i)),), 0, histogram=h, unit="s")
             for i, h in enumerate(hists)
         ]
-        data.append([MetricBatch(tuple(points[i : i + 500])) for i in range(0, len(points), 500)])
+        flushes.append([MetricBatch(tuple(points[i : i + 500])) for i in range(0, len(points), 500)])
+        del values, hists, points
     gc.collect()
     before = _rss_kib()
     clock = _Clock()
     clock.now = END
-    proc = PercentilesProcessor(
-        _settings(),
-        PercentilesConfig(max_buckets=budget, max_series=series),
-        _Null(),
-        clock=clock,
-        run_timer=False,
+    last: dict[tuple[int, str, float], float] = {}
+
+    class _Keep(_Null):
+        async def consume(self, batch: MetricBatch) -> None:
+            for p in batch.points:
+                labels = dict(p.labels)
+                i = int(labels["series"])
+                if i in sample and p.name == "lat.quantile":
+                    last[(i, labels["window"], float(labels["quantile"]))] = p.value
+
+    config = PercentilesConfig(
+        quantiles=list(QUANTILES), max_series=series, max_memory=Size(max_memory_mib * 2**20)
     )
-    for k in range(6):
+    tel = Telemetry()
+    settings = Settings(
+        id=ComponentId("percentiles"),
+        kind=ComponentKind.PROCESSOR,
+        telemetry=ComponentTelemetry(tel, "processor", "percentiles"),
+        logger=logging.getLogger("bench.accuracy"),
+    )
+    proc = PercentilesProcessor(settings, config, _Keep(), clock=clock, run_timer=False)
+    started = time.perf_counter()
+    for k, batches in enumerate(flushes):
         clock.now = END + FLUSH_S * k + 5.0
-        for b in data[k % 2]:
+        for b in batches:
             await proc.consume(b)
         clock.now = END + FLUSH_S * (k + 1)
         await proc.tick()
+    took = time.perf_counter() - started
     gc.collect()
     after = _rss_kib()
-    arrays = _array_bytes(proc)
-    return {"grown_kib": after - before, "arrays_bytes": arrays}
+    scales = proc._store.scale[:series]  # the bench reports the scales the series ended at
+    worst = 0.0
+    for i, parts in kept.items():
+        truth = exact(np.concatenate(parts))
+        for text in WINDOW_TEXT.values():
+            est = np.array([last[(i, text, q)] for q in QUANTILES])
+            worst = max(worst, float(rel_error(est, truth).max()))
+    return {
+        "grown_kib": after - before,
+        "held_bytes": proc._store.memory_bytes(),
+        "scale_min": int(scales.min()),
+        "scale_median": float(np.median(scales)),
+        "at_scale_6": float(np.mean(scales >= 6)),
+        "squeezes": tel.value("percentiles_downscales_total", reason="memory"),
+        "worst": worst,
+        "bound": tel.value("percentiles_worst_error_ratio"),
+        "seconds": took,
+    }
 
 
-def measure_rss(budget: int) -> dict[str, Any]:
+def measure_fleet(dist: str, max_memory_mib: int) -> dict[str, Any]:
     child = subprocess.run(
-        [sys.executable, __file__, "--rss-child", str(budget)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--fleet-child", f"{dist}|{max_memory_mib}"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     result: dict[str, Any] = json.loads(child.stdout)
     return result
@@ -279,7 +315,7 @@ async def issue_figure() -> tuple[float, float, float, float]:
     r = random.Random(7)
     values = np.array([r.lognormvariate(3.0, 1.0) for _ in range(4000)])
     config = PercentilesConfig(windows=[Duration(60.0)], quantiles=[0.5, 0.99])
-    est, _ = await processor_estimates(timer_lines(values), 160, 60.0, config)
+    est, _ = await processor_estimates(timer_lines(values), None, 60.0, config)
     truth = np.quantile(values, [0.5, 0.99], method="inverted_cdf")
     return float(est[0]), float(truth[0]), float(est[1]), float(truth[1])
 
@@ -311,9 +347,27 @@ def span_report(sizes: list[int]) -> None:
     print()
 
 
-def report(
-    rows: list[dict[str, Any]], budgets: list[int], rss: dict[int, dict[str, Any]], detail: bool
-) -> None:
+def fleet_report(fleet: dict[tuple[str, int], dict[str, Any]]) -> None:
+    print(
+        f"{SERIES:,} series × 1m/5m/1h, {FLEET_VALUES} values per series per 10 s flush for a minute, "
+        "defaults but max_memory;"
+    )
+    print(f"worst error over {FLEET_SAMPLE} series × p50/p90/p99/p99.9 × every window, against exact")
+    print(
+        f"  {'input':<20} {'max_memory':>10} {'held MB':>8} {'RSS growth MB':>13} {'scale min/med':>13} "
+        f"{'at 6':>5} {'bound %':>7} {'worst %':>7} {'within 1 %':>10} {'s':>4}"
+    )
+    for (dist, mib), r in fleet.items():
+        print(
+            f"  {dist:<20} {str(mib) + ' MiB':>10} {r['held_bytes'] / 2**20:>8.0f} "
+            f"{r['grown_kib'] / 1024:>13.0f} {r['scale_min']:>6}/{r['scale_median']:<6g} "
+            f"{100 * r['at_scale_6']:>4.0f}% {_pct(r['bound']):>7} "
+            f"{_pct(r['worst']):>7} {'yes' if r['worst'] <= 0.01 else 'NO':>10} {r['seconds']:>4.0f}"
+        )
+    print()
+
+
+def report(rows: list[dict[str, Any]], budgets: list[int], detail: bool) -> None:
     names = list(DISTRIBUTIONS)
     if detail:
         print("Relative error (%) at p50 / p90 / p99 / p99.9, and the scale reached")
@@ -343,24 +397,6 @@ def report(
             print(f"  {b:>6}  " + "  ".join(f"{_pct(worst(n, b, receiver)):>{width}}" for n in names))
         print()
 
-    print("Memory for 10,000 series × 1m/5m/1h (positive side; negative values add the bucket part again);")
-    print("bytes per series per window's tier: 1m is the base tier, which every window's data passes through")
-    print(
-        f"  {'budget':>6}  {'B/series':>9}  {'1m':>8}  {'5m':>8}  {'1h':>8}  {'arrays MB':>9}  "
-        f"{'RSS growth MB':>13}  within {MEMORY_BUDGET_MB:.0f} MB"
-    )
-    for b in budgets:
-        total, per_window = layout_bytes(b)
-        arrays_mb = total * SERIES / 2**20
-        measured = rss.get(b)
-        grown = f"{measured['grown_kib'] / 1024:.0f}" if measured else "-"
-        basis = measured["grown_kib"] / 1024 if measured else arrays_mb
-        print(
-            f"  {b:>6}  {total:>9,}  {per_window['1m']:>8,}  {per_window['5m']:>8,}  {per_window['1h']:>8,}  "
-            f"{arrays_mb:>9.0f}  {grown:>13}  {'yes' if basis <= MEMORY_BUDGET_MB else 'NO'}"
-        )
-    print()
-
     print("Smallest budget with every quantile within 1 % on both paths")
     for n in names:
         ok = [b for b in budgets if worst(n, b, True) <= 0.01 and worst(n, b, False) <= 0.01]
@@ -371,13 +407,14 @@ def report(
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4,000 values only, no RSS subprocesses")
-    parser.add_argument("--budgets", default="160,320,640,1280,2048", help="bucket budgets to sweep")
+    parser.add_argument("--budgets", default="160,640,2048", help="max_buckets to sweep (2048: the default)")
     parser.add_argument("--detail", action="store_true", help="print every run's error at each quantile")
-    parser.add_argument("--no-rss", action="store_true", help="skip the RSS subprocesses")
-    parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-fleet", action="store_true", help="skip the 10,000-series subprocesses")
+    parser.add_argument("--fleet-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rss_child:
-        print(json.dumps(asyncio.run(_rss_child(SERIES, args.rss_child))))
+    if args.fleet_child:
+        dist, mib = args.fleet_child.split("|")
+        print(json.dumps(asyncio.run(_fleet_child(dist, int(mib), SERIES))))
         return
     budgets = [int(b) for b in args.budgets.split(",")]
     started = time.perf_counter()
@@ -395,8 +432,12 @@ def main() -> None:
     sizes = [4000] if args.quick else [4000, 100_000]
     span_report(sizes)
     rows = measure_accuracy(budgets, sizes)
-    rss = {} if args.quick or args.no_rss else {b: measure_rss(b) for b in budgets}
-    report(rows, budgets, rss, args.detail)
+    report(rows, budgets, args.detail)
+    if not args.no_fleet:
+        runs = (
+            [("lognormal σ=1", 256)] if args.quick else [(d, m) for d in DISTRIBUTIONS for m in MEMORIES_MIB]
+        )
+        fleet_report({(d, m): measure_fleet(d, m) for d, m in runs})
     print(f"({time.perf_counter() - started:.0f} s)")
 
 

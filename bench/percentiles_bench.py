@@ -115,13 +115,11 @@ def _rss_kib() -> int:
 
 
 def _array_bytes(proc: Any) -> int:
-    """Bytes of the percentiles store's slice arrays (the bench reports their share of the RSS)."""
-    return sum(
-        a.nbytes
-        for t in proc._store.tiers
-        for a in (t.pos, t.neg, t.zero, t.count, t.sum, t.min, t.max)
-        if a is not None
-    )
+    """Bytes of the percentiles store's arrays in use: the pages series hold, and per-slice statistics
+    (the bench reports their share of the RSS)."""
+    store = proc._store
+    stats = sum(a.nbytes for t in store.tiers for a in (t.zero, t.count, t.sum, t.min, t.max))
+    return int(store.memory_bytes()) + stats
 
 
 async def _rss_child(series: int) -> dict[str, Any]:

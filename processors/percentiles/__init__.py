@@ -70,11 +70,18 @@ import numpy as np
 
 from agent import exphist
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
-from agent.confmodel import Duration, format_duration
+from agent.confmodel import Duration, Size, format_duration
 from agent.exphist import ExpHistogram
 from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Resource, Temporality, new_point
 from processors.percentiles import convert
-from processors.percentiles.store import Store, histogram_of, plan_tiers, quantiles
+from processors.percentiles.store import (
+    MAX_STORE_SCALE,
+    Store,
+    histogram_of,
+    page_bytes,
+    plan_tiers,
+    quantiles,
+)
 
 TYPE = "percentiles"
 QUANTILE_SUFFIX = ".quantile"
@@ -114,8 +121,10 @@ class PercentilesConfig:
     """Also send each window's merged histogram: ``<name>.rolling{window="5m"}`` (suffix: ``<name>_5m``)."""
     drop_original: bool = False
     """Drop the tracked distribution points instead of passing them on (untracked ones always pass)."""
-    max_buckets: int = 160
-    """Buckets per side per series; 160 keeps the error ≤ 1 % for data spanning up to 5.7× (max/min)."""
+    max_buckets: int = 2048
+    """Buckets per side per series at most: 2048 hold scale 6 (≤ 0.54 % error) over 32 octaves (max/min)."""
+    max_memory: Size = Size(256 * 2**20)
+    """Memory for the bucket counts of all series; when full, the widest series goes one scale coarser."""
     max_series: int = 10_000
     """Series tracked at most; points of further series pass untracked and are counted as overflow."""
     series_idle_timeout: Duration | None = None
@@ -125,6 +134,19 @@ class PercentilesConfig:
         if self.series_idle_timeout is not None:
             return float(self.series_idle_timeout)
         return 2.0 * max(self.windows, default=0.0)
+
+    def tier_rows(self) -> tuple[list[float], list[int], list[tuple[float, int, int]]]:
+        """(slice length of each tier, rows of each tier, (window, tier, slices) of each window)."""
+        base = float(self.slice_interval)
+        windows = [float(w) for w in self.windows]
+        tier_slices, window_tier = plan_tiers(base, windows, self.max_slices_per_window)
+        plan = [(w, t, round(w / tier_slices[t])) for w, t in zip(windows, window_tier, strict=True)]
+        rows = [1 + max((n for _, t, n in plan if t == k), default=0) for k in range(len(tier_slices))]
+        return tier_slices, rows, plan
+
+    def page_bytes(self) -> int:
+        """Bytes of one page of buckets (see processors/percentiles/store.py) with these windows."""
+        return page_bytes(self.tier_rows()[1])
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -160,6 +182,18 @@ class PercentilesConfig:
             problems.append(("max_buckets", "must be between 3 and 16384"))
         if self.max_series < 1:
             problems.append(("max_series", "must be at least 1"))
+        elif not problems:
+            page = self.page_bytes()
+            needed = 2 * self.max_series * page
+            if self.max_memory < needed:
+                problems.append(
+                    (
+                        "max_memory",
+                        f"holds {int(self.max_memory) // page} pages of {page} B; max_series "
+                        f"{self.max_series} needs 2 per series: raise it to {-(-needed // 2**20)}MiB "
+                        "or lower max_series",
+                    )
+                )
         if self.series_idle_timeout is not None and self.series_idle_timeout < max(self.windows, default=0):
             problems.append(("series_idle_timeout", "must be at least the longest window"))
         return problems
@@ -197,8 +231,21 @@ def _gauge(
     """``Point(name, Kind.GAUGE, labels, time_ns, value=value, unit=unit, resource=resource)``, built fast
     (an emit makes windows × quantiles gauges per series: 120k every 10 s for 10k series)."""
     return new_point(
-        name, Kind.GAUGE, labels, time_ns, value, 0, Temporality.DELTA, True, None, unit, "", resource,
-        None, None, None,
+        name,
+        Kind.GAUGE,
+        labels,
+        time_ns,
+        value,
+        0,
+        Temporality.DELTA,
+        True,
+        None,
+        unit,
+        "",
+        resource,
+        None,
+        None,
+        None,
     )
 
 
@@ -250,16 +297,9 @@ class PercentilesProcessor:
         self._quantiles = [float(q) for q in config.quantiles]
         self._windows = [float(w) for w in config.windows]
         base = float(config.slice_interval)
-        tier_slices, window_tier = plan_tiers(base, self._windows, config.max_slices_per_window)
-        self._window_plan = [
-            (w, tier, round(w / tier_slices[tier]), format_duration(w))
-            for w, tier in zip(self._windows, window_tier, strict=True)
-        ]
-        rows = [
-            1 + max((n for _, t, n, _ in self._window_plan if t == k), default=0)
-            for k in range(len(tier_slices))
-        ]
-        self._store = Store(base, tier_slices, rows, config.max_buckets, clock())
+        tier_slices, rows, plan = config.tier_rows()
+        self._window_plan = [(w, tier, n, format_duration(w)) for w, tier, n in plan]
+        self._store = Store(base, tier_slices, rows, config.max_buckets, clock(), int(config.max_memory))
         self._series: dict[SeriesKey, _Series] = {}
         self._slots: list[_Series | None] = []
         self._free: list[int] = []
@@ -275,15 +315,23 @@ class PercentilesProcessor:
         self._overflow = tel.counter(
             "percentiles_overflow_points_total", "Points of series beyond max_series, passed on untracked."
         )
-        self._downscales = tel.counter(
-            "percentiles_downscales_total", "Times a series' scale was lowered to fit max_buckets."
+        downscaled = (
+            "Times a series' scale was lowered: its data spanned more than max_buckets (span)"
+            " or max_memory was full (memory)."
         )
+        self._downscales = tel.counter("percentiles_downscales_total", downscaled, reason="span")
+        self._squeezes = tel.counter("percentiles_downscales_total", downscaled, reason="memory")
         self._coarse = tel.counter(
             "percentiles_coarse_windows_total", "Window quantile sets emitted with an error bound above 1%."
         )
         self._expired = tel.counter("percentiles_expired_series_total", "Series forgotten after being idle.")
         self._worst_error = 0.0
         tel.gauge("percentiles_series", "Series tracked now.", lambda: float(len(self._series)))
+        tel.gauge(
+            "percentiles_memory_bytes",
+            "Bytes of bucket counts the tracked series hold now (at most max_memory).",
+            lambda: float(self._store.memory_bytes()),
+        )
         tel.gauge(
             "percentiles_worst_error_ratio",
             "Largest relative error bound among the windows of the last emit (exponential input).",
@@ -434,19 +482,22 @@ class PercentilesProcessor:
         if out.points:
             await self._next.consume(out)  # Backpressure propagates; the data then was not ingested
             self._outgoing.value += len(out.points)
-        before = self._store.downscales
+        before, squeezed = self._store.downscales, self._store.squeezes
         for s, p in tracked:
             self._ingest(s, p)
         if observed:
             self._observe(observed.values())
         self._downscales.value += self._store.downscales - before
+        self._squeezes.value += self._store.squeezes - squeezed
 
     def _observe(self, observed: Iterable[tuple[_Series, list[float]]]) -> None:
         """Put each series' gauge values into its window as one histogram; non-finite ones are counted."""
         max_buckets = self._config.max_buckets
         non_finite = 0
         for s, values in observed:
-            h = exphist.from_values(np.asarray(values, dtype=np.float64), max_buckets=max_buckets)
+            h = exphist.from_values(
+                np.asarray(values, dtype=np.float64), max_buckets=max_buckets, max_scale=MAX_STORE_SCALE
+            )
             non_finite += len(values) - round(h.count)  # from_values drops NaN and infinities
             if h.count > 0:
                 self._store.add(s.slot, h)

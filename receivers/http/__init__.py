@@ -80,7 +80,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from agent import netguard
+from agent import exphist, netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration, Size, format_duration, format_size, parse_host_port
 from agent.limits import SeriesLimits
@@ -177,8 +177,10 @@ class HttpConfig:
     """How far in the past an item's timestamp may lie (timestamp_out_of_range beyond)."""
     max_timestamp_ahead: Duration = Duration(600.0)
     """How far ahead of the agent's clock an item's timestamp may lie."""
-    max_buckets: int = 160
-    """Buckets per exponential histogram built from a histogram item's values."""
+    max_buckets: int = 2048
+    """Buckets per exponential histogram built from a histogram item's values: scale 6 over 32 octaves."""
+    max_scale: int = 8
+    """Finest scale of those histograms (8: 0.14 % wide buckets, Prometheus' finest native schema)."""
     auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
     """Bearer tokens, each naming a tenant (put in the batch context as auth.tenant)."""
     tls: HttpTLSConfig = field(default_factory=HttpTLSConfig)
@@ -202,6 +204,8 @@ class HttpConfig:
                 problems.append((name, "must be greater than 0"))
         if not 3 <= self.max_buckets <= 16384:
             problems.append(("max_buckets", "must be between 3 and 16384"))
+        if not exphist.MIN_SCALE <= self.max_scale <= exphist.MAX_SCALE:
+            problems.append(("max_scale", f"must be between {exphist.MIN_SCALE} and {exphist.MAX_SCALE}"))
         for section in ("auth", "tls", "limits"):
             for path, message in getattr(self, section).validate():
                 problems.append((f"{section}::{path}" if path else section, message))
@@ -301,6 +305,7 @@ class HttpReceiver:
             max_timestamp_age_s=config.max_timestamp_age,
             max_timestamp_ahead_s=config.max_timestamp_ahead,
             max_buckets=config.max_buckets,
+            max_scale=config.max_scale,
             limits=config.limits,
         )
         self._runner: web.AppRunner | None = None

@@ -318,11 +318,13 @@ class ItemParser:
         max_timestamp_age_s: float,
         max_timestamp_ahead_s: float,
         max_buckets: int,
+        max_scale: int = exphist.MAX_SCALE,
         limits: SeriesLimits | None = None,
     ) -> None:
         self._age_s = max_timestamp_age_s
         self._ahead_s = max_timestamp_ahead_s
         self._max_buckets = max_buckets
+        self._max_scale = max_scale
         self._limits = limits if limits is not None else SeriesLimits()
 
     def parse(self, items: list[Any], now_ns: int) -> Parsed:
@@ -350,6 +352,7 @@ class ItemParser:
                 None,
                 np.array(offsets, dtype=np.int64),
                 max_buckets=self._max_buckets,
+                max_scale=self._max_scale,
             )
             if hist_values
             else ()

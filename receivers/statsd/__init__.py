@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
 
-from agent import netguard
+from agent import exphist, netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, Size, parse_host_port
 from agent.limits import SeriesLimits
@@ -80,8 +80,10 @@ class StatsdConfig:
     """SO_RCVBUF asked of the kernel for datagram sockets; clamped by net.core.rmem_max (logged)."""
     max_datagram_size: Size = Size(65535)
     """Largest datagram taken; a longer one is refused whole (datagram_truncated), one count per datagram."""
-    max_buckets: int = 160
-    """Buckets per exponential histogram (timers, histograms, distributions); more buckets, finer scale."""
+    max_buckets: int = 2048
+    """Buckets per exponential histogram (timers, histograms, distributions): scale 6 over 32 octaves."""
+    max_scale: int = 8
+    """Finest scale of those histograms (8: 0.14 % wide buckets, Prometheus' finest native schema)."""
     max_series: int = 100_000
     """Distinct series per flush interval; lines for new series beyond it are refused (series_limit)."""
     max_set_members: int = 100_000
@@ -128,6 +130,8 @@ class StatsdConfig:
             problems.append(("flush_interval", "must be at least 50ms"))
         if self.max_buckets < 2 or self.max_buckets > 16384:
             problems.append(("max_buckets", "must be between 2 and 16384"))
+        if not exphist.MIN_SCALE <= self.max_scale <= exphist.MAX_SCALE:
+            problems.append(("max_scale", f"must be between {exphist.MIN_SCALE} and {exphist.MAX_SCALE}"))
         for name in ("max_series", "max_set_members", "max_set_members_total"):
             if getattr(self, name) < 1:
                 problems.append((name, "must be at least 1"))
@@ -418,6 +422,7 @@ class StatsdReceiver:
         """Events and service checks go here as log records when the receiver is in a logs pipeline."""
         self.agg = StatsdAggregator(
             max_buckets=config.max_buckets,
+            max_scale=config.max_scale,
             max_series=config.max_series,
             gauge_idle_flushes=max(1, round(config.gauge_expiration / config.flush_interval)),
             max_set_members=config.max_set_members,

@@ -125,12 +125,14 @@ def fold(
     weights: array[float] | None,
     previous: exphist.ExpHistogram | None,
     max_buckets: int,
+    max_scale: int = exphist.MAX_SCALE,
 ) -> exphist.ExpHistogram:
     """Values (and weights) as one exponential histogram, merged into ``previous`` if there is one."""
     hist = exphist.from_values(
         np.array(values, dtype=np.float64),
         None if weights is None else np.array(weights, dtype=np.float64),
         max_buckets=max_buckets,
+        max_scale=max_scale,
     )
     return hist if previous is None else exphist.merge(previous, hist, max_buckets=max_buckets)
 
@@ -167,6 +169,7 @@ def build_points(
     names: dict[bytes, tuple[str, Labels]],
     max_buckets: int,
     pieces: dict[bytes, Any] | None = None,
+    max_scale: int = exphist.MAX_SCALE,
 ) -> Iterator[list[Point]]:
     """Points for one detached interval, in lists of at most ``chunk_size``.
 
@@ -234,11 +237,12 @@ def build_points(
             ))
             n_values += len(values)
             if len(batch) >= chunk_size or n_values >= HIST_VALUES_PER_CHUNK:
-                yield _histogram_points(batch, start_time_unix_nano, time_unix_nano, labelled, max_buckets)
+                yield _histogram_points(batch, start_time_unix_nano, time_unix_nano, labelled, max_buckets,
+                                        max_scale)
                 batch = []
                 n_values = 0
     if batch:
-        yield _histogram_points(batch, start_time_unix_nano, time_unix_nano, labelled, max_buckets)
+        yield _histogram_points(batch, start_time_unix_nano, time_unix_nano, labelled, max_buckets, max_scale)
 
 
 def _histogram_points(
@@ -247,6 +251,7 @@ def _histogram_points(
     time_unix_nano: int,
     labelled: Callable[[bytes], tuple[str, Labels]],
     max_buckets: int,
+    max_scale: int,
 ) -> list[Point]:
     lengths = [len(entry[2]) for entry in batch]
     offsets = np.zeros(len(batch) + 1, dtype=np.int64)
@@ -261,7 +266,7 @@ def _histogram_points(
         )
     # A series whose values were all folded away has an empty segment (from_segments gives EMPTY for
     # it) and its fold holds everything.
-    hists = exphist.from_segments(values, weights, offsets, max_buckets=max_buckets)
+    hists = exphist.from_segments(values, weights, offsets, max_buckets=max_buckets, max_scale=max_scale)
     points = []
     point = _point
     histogram_kind = Kind.HISTOGRAM

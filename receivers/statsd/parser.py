@@ -777,7 +777,8 @@ class StatsdAggregator:
     def __init__(
         self,
         *,
-        max_buckets: int = 160,
+        max_buckets: int = 2048,
+        max_scale: int = 8,
         max_series: int = 100_000,
         gauge_idle_flushes: int = 360,
         clock_s: Callable[[], float] = time.time,
@@ -806,6 +807,7 @@ class StatsdAggregator:
         ``max_series`` were kept; a delta sent later for one of them applies to 0."""
         self._event_bytes = 0
         self._max_buckets = max_buckets
+        self._max_scale = max_scale
         self._max_series = max_series
         self._idle_flushes = gauge_idle_flushes
         self._max_set_members = max_set_members
@@ -854,7 +856,7 @@ class StatsdAggregator:
             self._names.clear()
             self._pieces.clear()
         return build_points(interval, start_time_unix_nano, time_unix_nano, chunk_size, self._names,
-                            self._max_buckets, self._pieces)
+                            self._max_buckets, self._pieces, self._max_scale)
 
     # -- ingest ------------------------------------------------------------------------------------
     def feed(self, packet: bytes) -> None:
@@ -1108,7 +1110,7 @@ class StatsdAggregator:
         folds = iv.timer_folds if timer else iv.dist_folds
         weights = weights_table.get(canon)
         try:
-            folds[canon] = fold(table[canon], weights, folds.get(canon), self._max_buckets)
+            folds[canon] = fold(table[canon], weights, folds.get(canon), self._max_buckets, self._max_scale)
         except Exception:
             # A bug in the histogram code: keep the raw values (build() still turns them into a
             # histogram) and stop folding rather than fail every line.

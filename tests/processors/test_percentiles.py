@@ -214,20 +214,81 @@ async def test_negative_and_zero_values() -> None:
     assert float(np.percentile(data, 5, method="inverted_cdf")) < 0  # the negative side was exercised
 
 
-async def test_default_buckets_report_a_coarser_bound_honestly() -> None:
-    # Lognormal(sigma=1) spans ~12 octaves: 160 buckets cannot hold scale 6 (~2.5 octaves).
+async def test_defaults_hold_scale_6_for_wide_latency_data() -> None:
+    # Lognormal(sigma=1) over 6,000 values spans ~12 octaves: the default 2048 buckets hold scale 6.
     rng = np.random.default_rng(11)
     proc, sink, tel, clock = make()
+    slices = [rng.lognormal(-3.0, 1.0, 1000) for _ in range(6)]
+    await feed(proc, clock, slices)
+    assert tel.value("percentiles_worst_error_ratio") == pytest.approx(exphist.relative_error(6))
+    assert tel.value("percentiles_coarse_windows_total") == 0
+    assert tel.value("percentiles_downscales_total") == 0
+    data = np.concatenate(slices)
+    for q in QS:
+        want = float(np.percentile(data, q * 100, method="inverted_cdf"))
+        assert abs(sink.gauges()[("lat", f"{q:g}", "1m")] - want) <= want * exphist.relative_error(6)
+
+
+async def test_few_buckets_report_a_coarser_bound_honestly() -> None:
+    # 160 buckets cannot hold 12 octaves at scale 6 (~2.5 octaves): the scale is lowered and said.
+    rng = np.random.default_rng(11)
+    proc, sink, tel, clock = make(PercentilesConfig(max_buckets=160))
     slices = [rng.lognormal(-3.0, 1.0, 1000) for _ in range(6)]
     await feed(proc, clock, slices)
     bound = tel.value("percentiles_worst_error_ratio")
     assert bound > 0.01
     assert tel.value("percentiles_coarse_windows_total") == 6 * 3  # every emit, every window
-    assert tel.value("percentiles_downscales_total") >= 1
+    assert tel.value("percentiles_downscales_total", reason="span") >= 1
+    assert tel.value("percentiles_downscales_total", reason="memory") == 0
     data = np.concatenate(slices)
     for q in QS:  # the stated (coarser) bound still holds
         want = float(np.percentile(data, q * 100, method="inverted_cdf"))
         assert abs(sink.gauges()[("lat", f"{q:g}", "1m")] - want) <= want * bound + 1e-12
+
+
+async def test_memory_stays_within_max_memory_and_the_widest_series_gives_way() -> None:
+    # Room for about 40 pages: one narrow series and three wide ones (each wanting ~24 pages at scale 6).
+    config = PercentilesConfig(windows=[60.0], max_series=4)
+    page = config.page_bytes()
+    config = replace(config, max_memory=40 * page)
+    assert config.validate() == []
+    rng = np.random.default_rng(21)
+    proc, sink, tel, clock = make(config)
+    narrow = [rng.uniform(0.100, 0.101, 200) for _ in range(6)]
+    wide = {f"wide{k}": [rng.lognormal(-3.0, 1.0, 1000) for _ in range(6)] for k in range(3)}
+    for k in range(6):
+        start = clock.now
+        clock.now = start + 5.0
+        points = [hist_point("narrow", narrow[k])] + [hist_point(n, v[k]) for n, v in wide.items()]
+        await proc.consume(MetricBatch(tuple(points)))
+        assert tel.value("percentiles_memory_bytes") <= config.max_memory
+        clock.now = start + 10.0
+        await proc.tick()
+    assert tel.value("percentiles_downscales_total", reason="memory") >= 1
+    got = sink.gauges()
+    data = np.concatenate(narrow)
+    for q in QS:  # the narrow series kept its precision: the wide ones gave way
+        want = float(np.percentile(data, q * 100, method="inverted_cdf"))
+        assert abs(got[("narrow", f"{q:g}", "1m")] - want) <= want * exphist.relative_error(6)
+    bound = tel.value("percentiles_worst_error_ratio")
+    assert bound > exphist.relative_error(6)
+    for name, slices in wide.items():  # each within the worst bound stated
+        data = np.concatenate(slices)
+        for q in QS:
+            want = float(np.percentile(data, q * 100, method="inverted_cdf"))
+            assert abs(got[(name, f"{q:g}", "1m")] - want) <= want * bound + 1e-12, (name, q)
+    # An expired series gives its pages back.
+    held = tel.value("percentiles_memory_bytes")
+    clock.now += config.idle_timeout_s() + 10.0
+    await proc.consume(MetricBatch((hist_point("narrow", narrow[0]),)))
+    await proc.tick()
+    assert tel.value("percentiles_memory_bytes") < held
+
+
+def test_max_memory_must_hold_two_pages_per_series() -> None:
+    config = PercentilesConfig(max_memory=2**20)
+    problems = dict(config.validate())
+    assert "max_series 10000 needs 2 per series" in problems["max_memory"]
 
 
 async def test_explicit_histograms_land_in_the_right_bucket() -> None:

@@ -208,7 +208,11 @@ async def test_histogram_from_a_list_and_from_one_number(make: Make) -> None:
     assert status == 200
     lat, g, one = h.sink.points
     assert lat.kind is Kind.HISTOGRAM and lat.histogram is not None and lat.unit == "s"
-    assert lat.histogram == exphist.from_values(np.array([0.1, 0.2, 0.4, -1, 0]))
+    # Built at the receiver's defaults: up to 2048 buckets, no finer than scale 8.
+    assert lat.histogram == exphist.from_values(
+        np.array([0.1, 0.2, 0.4, -1, 0]), max_buckets=2048, max_scale=8
+    )
+    assert lat.histogram.scale == 8
     assert (lat.histogram.count, lat.histogram.min, lat.histogram.max) == (5, -1, 0.4)
     assert math.isclose(lat.histogram.sum, -0.3)
     assert g.kind is Kind.GAUGE and g.value == 7
