@@ -34,24 +34,32 @@ Error, stated honestly:
 
 - Exponential input: each quantile is within ``(b - 1) / (b + 1)`` of the exact one (``b = 2 **
   2 ** -scale``, the rank rule of numpy's ``inverted_cdf``): 0.54 % at scale 6, 1.08 % at 5, 2.2 % at
-  4. The scale is the finest at which the series' data fit ``max_buckets`` buckets and not finer than
-  its input (the StatsD receiver's own ``max_buckets`` caps that). 160 buckets hold scale 6 over a
-  range of 5.7× (max/min); wider data lower the scale. Each lowering is counted
-  (``headwater_percentiles_downscales_total``) and every window emitted with a bound above 1 % is
-  counted (``headwater_percentiles_coarse_windows_total``); ``headwater_percentiles_worst_error_ratio``
-  shows the worst bound of the last emit. Raise ``max_buckets`` (and the receiver's) for wide data.
+  4. Every series starts at scale 6 (no finer: that already keeps the 1 % promise) and keeps it while
+  its data span at most ``max_buckets`` buckets (2048: 32 octaves, 0.1 ms to 400 s) and the memory
+  pool has room; the StatsD and http receivers build their histograms at scale 8 or coarser with up
+  to 2048 buckets, so they arrive fine enough. A series whose data span more is lowered (counted:
+  ``headwater_percentiles_downscales_total{reason="span"}``); every window emitted with a bound above
+  1 % is counted (``headwater_percentiles_coarse_windows_total``) and
+  ``headwater_percentiles_worst_error_ratio`` shows the worst bound of the last emit. OTLP clients
+  choose their own scale: the SDKs' exponential aggregation defaults to 160 buckets, too few for
+  wide latency data; give it ``max_size`` 2048.
 - Explicit-bucket input: a quantile is only known to lie within the source bucket that holds it
   (as with Prometheus' histogram_quantile); the interpolation inside the bucket is linear.
 - Window edges: see ``processors/percentiles/store.py``. Base-slice windows (1m by default) are
   exact when emitted on schedule; a coarser window spans W ± half its slice (5m ± 15 s, 1h ± 2.5 min
   by default). Data is placed by its arrival time.
 
-Memory per tracked series is fixed: (rows of all tiers) × ``max_buckets`` × 4 bytes (+ 40 bytes per
-row of statistics, and as much again for negative values once any series has some); 31 rows by
-default, about 20 KB per series at 160 buckets (10,000 series: ~200 MB of arrays, ~240 MB of RSS
-measured by bench/percentiles_bench.py; ``max_slices_per_window: 6`` makes it 21 rows, at the cost of
-± 25 s / ± 5 min edges for 5m / 1h). Idle series expire; beyond ``max_series`` new series
-are not tracked (their points still pass) and are counted (``headwater_percentiles_overflow_points_total``).
+Memory follows the data and is bounded: a series holds *pages* of 32 buckets for the span of its
+values, each page in every row of every tier (31 rows by default: 32 × 31 × 4 B = 3,968 B a page;
+``max_slices_per_window: 6`` makes it 21 rows, at the cost of ± 25 s / ± 5 min edges for 5m / 1h). All
+series share a pool of at most ``max_memory`` (256 MiB); when it is full, the series holding the most
+pages goes one scale coarser (halving its pages), counted as
+``headwater_percentiles_downscales_total{reason="memory"}``; ``headwater_percentiles_memory_bytes``
+shows what is held. So a few wide series keep scale 6 however wide, and many wide ones share the pool
+at a coarser, reported bound (10,000 series of ~1,000× data fit at scale 4 in 256 MiB; measured by
+``bench/accuracy.py``). Idle series expire and give their pages back; beyond ``max_series`` new series
+are not tracked (their points still pass) and are counted
+(``headwater_percentiles_overflow_points_total``).
 """
 
 from __future__ import annotations

@@ -246,6 +246,9 @@ class Store:
         extra = capacity - self.capacity
         if extra <= 0:
             return
+        if 2 * capacity > self.budget:
+            # Two pages a series (one per side) are always to be had: that is what ends every squeeze.
+            raise ValueError(f"a pool of {self.budget} pages cannot hold {capacity} series (2 pages each)")
         for t in self.tiers:
             t.grow(capacity)
         self.pos.grow(extra)
@@ -387,8 +390,8 @@ class Store:
                 for s, (lo, hi) in zip(sides, spans, strict=True)
             ]
             planned = sum(pages for _, pages in layouts)
-            need = sum(max(0, pages - int(s.pages[i])) for s, (_, pages) in zip(sides, layouts, strict=True))
-            if need <= self._free_pages():
+            # Net: a side that shrinks gives its pages back before the other takes new ones.
+            if planned - int(self.pos.pages[i] + self.neg.pages[i]) <= self._free_pages():
                 if new_scale < scale and extra:
                     self.downscales += 1
                 self._relayout(i, new_scale, layouts)
@@ -422,7 +425,10 @@ class Store:
     def _relayout(self, i: int, new_scale: int, layouts: list[tuple[int, int]]) -> None:
         """Move series `i`'s rows to `new_scale` (<= its scale) and the given (offset, pages) per side."""
         d = int(self.scale[i]) - new_scale
-        for side, (new_offset, new_pages) in zip((self.pos, self.neg), layouts, strict=True):
+        moves = sorted(  # the side giving pages back goes first, so the other can take them
+            zip((self.pos, self.neg), layouts, strict=True), key=lambda m: m[1][1] - int(m[0].pages[i])
+        )
+        for side, (new_offset, new_pages) in moves:
             old_pages = int(side.pages[i])
             ids = side.table[i, :old_pages].astype(np.int64)
             if new_pages <= old_pages:
