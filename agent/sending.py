@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import email.utils
 import logging
 import random
 import time
@@ -50,6 +51,10 @@ from agent.diskqueue import (
     queue_directory_problems,
 )
 from agent.telemetry import Cell
+
+RETRY_AFTER_MAX_S = 3600.0
+"""The longest Retry-After taken from a server: an hour; a longer one (or a date years ahead) is a
+server's mistake, and the sender caps the wait further (``RetryConfig.max_interval``, 300 s at least)."""
 
 STOP_GRACE_S = 1.0
 """How long stopping waits for cancelled workers to end (a send being torn down, a record released)
@@ -590,3 +595,20 @@ def drop_unroutable(settings: Settings, tenant: str | None, requests: list[Reque
     points = sum(r.points for r in requests)
     settings.logger.warning("dropping %d queued points of tenant %s: cannot route them", points, tenant)
     settings.telemetry.dropped("tenant_routing_changed").value += points
+
+
+def retry_after_s(value: str | None, now_s: float | None = None) -> float | None:
+    """The delay a ``Retry-After`` header asks for, in seconds (RFC 9110 10.2.3): delta-seconds (ASCII
+    digits only) or an HTTP date (0 once past), at most :data:`RETRY_AFTER_MAX_S`. None when absent
+    or unreadable (negative, fractional, other digits): the caller's own backoff applies. Never raises."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():  # "²".isdigit() is true too, and float() refuses it
+        return min(float(value), RETRY_AFTER_MAX_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    delay = when.timestamp() - (time.time() if now_s is None else now_s)
+    return min(max(0.0, delay), RETRY_AFTER_MAX_S)

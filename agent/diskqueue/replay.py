@@ -50,6 +50,7 @@ import aiohttp
 
 from agent.diskqueue.partition import Partition, QueueError, Record
 from agent.diskqueue.queue import partition_dirs
+from agent.sending import retry_after_s
 from agent.version import USER_AGENT
 
 EXIT_OK = 0
@@ -292,7 +293,7 @@ class HttpTransport:
                     return Outcome("replayed", partially_rejected=_partial(info, record, text)), url
                 detail = f"HTTP {status}: {_error_text(text)}"
                 if status == 429 or status >= 500:
-                    return Outcome("retry", detail, _retry_after_s(resp.headers.get("Retry-After"))), url
+                    return Outcome("retry", detail, retry_after_s(resp.headers.get("Retry-After"))), url
                 return Outcome("rejected", detail), url
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return Outcome("retry", f"{type(exc).__name__}: {exc}".rstrip(": ")), url
@@ -335,21 +336,6 @@ def _error_text(body: bytes) -> str:
     except Exception:
         pass
     return body[:300].decode("utf-8", errors="replace").strip() or "(empty body)"
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        import email.utils
-
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when.timestamp() - time.time())
 
 
 class GrpcTransport:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-import email.utils
 import functools
 import gzip
 import logging
@@ -63,7 +62,14 @@ from agent.component import (
 from agent.confmodel import Duration, Size, parse_host_port
 from agent.diskqueue import DiskQueue
 from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch, Temporality
-from agent.sending import QueueConfig, Request, RetryConfig, Sender, drop_unroutable
+from agent.sending import (
+    QueueConfig,
+    Request,
+    RetryConfig,
+    Sender,
+    drop_unroutable,
+    retry_after_s,
+)
 from agent.slicing import slices
 from agent.tls import client_context
 from agent.version import USER_AGENT, VERSION
@@ -377,20 +383,6 @@ _SIGNALS: dict[Signal, _SignalSpec] = {
         "rejected_log_records",
     ),
 }
-
-
-def retry_after_s(value: str | None, now_s: float | None = None) -> float | None:
-    """Retry-After in seconds, from delta-seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # "²".isdigit() is true too, and float() refuses it
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now_s is None else now_s))
 
 
 _GRPC_RETRYABLE = frozenset(

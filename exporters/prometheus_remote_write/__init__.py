@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
-import email.utils
 import functools
 import os
 import re
@@ -56,7 +55,14 @@ from agent.confmodel import Duration
 from agent.diskqueue import DiskQueue, partition_name
 from agent.exphist import whole, whole_count
 from agent.model import MetricBatch, Point
-from agent.sending import QueueConfig, Request, RetryConfig, Sender, drop_unroutable
+from agent.sending import (
+    QueueConfig,
+    Request,
+    RetryConfig,
+    Sender,
+    drop_unroutable,
+    retry_after_s,
+)
 from agent.slicing import slices
 from agent.tls import client_context
 from agent.version import USER_AGENT
@@ -230,20 +236,6 @@ class PrometheusRemoteWriteConfig:
             for path, message in getattr(self, section).validate():
                 problems.append((f"{section}::{path}" if path else section, message))
         return problems
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """Retry-After in seconds, from delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 class PrometheusRemoteWriteExporter:
@@ -776,7 +768,7 @@ class PrometheusRemoteWriteExporter:
                 raise RetryableError(
                     f"HTTP {resp.status}: {body}",
                     reason=f"http_{resp.status}",
-                    retry_after_s=_retry_after_s(resp.headers.get("Retry-After")),
+                    retry_after_s=retry_after_s(resp.headers.get("Retry-After")),
                 )
             raise PermanentError(f"HTTP {resp.status} from {url}: {body}")
 
