@@ -1,4 +1,4 @@
-"""Fixtures shared by the agent's lifecycle tests (reload, stop)."""
+"""Fixtures shared by the agent tests; they run under the loop-block guard (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+
+from tests.conftest import LOOP_BLOCK_LIMIT_S
+
+
+@pytest.fixture
+def loop_block_limit_s() -> float | None:
+    """Every agent test fails if one event-loop callback runs longer than LOOP_BLOCK_LIMIT_S."""
+    return LOOP_BLOCK_LIMIT_S
 
 
 @pytest.fixture

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
 from agent import exphist
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings
+from agent.component import Backpressure, ComponentKind
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Resource, Temporality
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from processors.anomaly import AnomalyConfig, AnomalyProcessor, factory
+from tests.conftest import Sink, component_settings
 
 T0_NS = 1_700_000_000 * 10**9
 STEP_NS = 10 * 10**9
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[MetricBatch] = []
-        self.refuse = False
-
-    async def consume(self, batch: MetricBatch) -> None:
-        if self.refuse:
-            raise Backpressure("full")
-        self.batches.append(batch)
-
-    def scores(self, name: str = "x_anomaly_score") -> list[float]:
-        return [p.value for b in self.batches for p in b.points if p.name == name]
 
 
 class Clock:
@@ -41,12 +26,7 @@ class Clock:
 
 def make(config: AnomalyConfig | None = None) -> tuple[AnomalyProcessor, Sink, Telemetry, Clock]:
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("anomaly"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "anomaly"),
-        logger=logging.getLogger("test.anomaly"),
-    )
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "anomaly")
     sink, clock = Sink(), Clock()
     return AnomalyProcessor(settings, config or AnomalyConfig(), sink, clock=clock), sink, tel, clock
 
@@ -59,7 +39,7 @@ async def run_values(values: list[float], config: AnomalyConfig | None = None) -
     proc, sink, _, _ = make(config)
     for i, v in enumerate(values):
         await proc.consume(MetricBatch((gauge(v, i),)))
-    return sink.scores()
+    return sink.values("x_anomaly_score")
 
 
 def test_config_validation() -> None:
@@ -109,7 +89,7 @@ async def test_counters_are_scored_as_rates() -> None:
         total += 1000 + rng.normal(0, 20) if i < 39 else 5000  # a burst in the last interval
         p = Point("x", Kind.SUM, (), T0_NS + i * STEP_NS, value=total, temporality=Temporality.CUMULATIVE)
         await proc.consume(MetricBatch((p,)))
-    scores = sink.scores()
+    scores = sink.values("x_anomaly_score")
     assert len(scores) == 40 - 1 - 5  # the first cumulative value is only the base
     assert max(abs(s) for s in scores[:-1]) < 5 and scores[-1] > 50
     # A reset is counted and not scored.
@@ -124,7 +104,7 @@ async def test_counters_are_scored_as_rates() -> None:
         await proc.consume(
             MetricBatch((Point("x", Kind.SUM, (), t, value=v, start_time_unix_nano=t - STEP_NS),))
         )
-    assert sink.scores()[:2] == [0.0, 0.0] and sink.scores()[-1] > 100
+    assert sink.values("x_anomaly_score")[:2] == [0.0, 0.0] and sink.values("x_anomaly_score")[-1] > 100
 
 
 @pytest.mark.parametrize("statistic", ["mean", "p99", "max"])
@@ -135,7 +115,7 @@ async def test_histograms_are_scored_by_a_statistic(statistic: str) -> None:
         values = rng.lognormal(-3.0, 0.4, 500) * (4.0 if i == 59 else 1.0)  # the last interval is 4x slower
         p = Point("x", Kind.HISTOGRAM, (), T0_NS + i * STEP_NS, histogram=exphist.from_values(values))
         await proc.consume(MetricBatch((p,)))
-    scores = sink.scores()
+    scores = sink.values("x_anomaly_score")
     assert len(scores) == 50
     assert max(abs(s) for s in scores[20:-1]) < 6
     assert scores[-1] > 10
@@ -146,7 +126,7 @@ async def test_explicit_histograms_mean() -> None:
     for i, total in enumerate([10.0, 11.0, 9.0, 10.0, 30.0]):
         e = ExplicitHistogram((1.0, 5.0), (2, 6, 2), total)
         await proc.consume(MetricBatch((Point("x", Kind.HISTOGRAM, (), T0_NS + i * STEP_NS, explicit=e),)))
-    assert sink.scores()[-1] > 10
+    assert sink.values("x_anomaly_score")[-1] > 10
 
 
 async def test_originals_pass_unchanged_and_scores_follow() -> None:
@@ -211,4 +191,4 @@ async def test_a_refused_batch_does_not_enter_the_baseline_twice() -> None:
                 await proc.consume(batch)  # refused: the receiver offers the same batch again
             sink.refuse = False
         await proc.consume(batch)
-    assert sink.scores() == reference
+    assert sink.values("x_anomaly_score") == reference

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import logging
 from typing import Any
 
 import numpy as np
@@ -14,10 +13,9 @@ from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agent import exphist
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings
+from agent.component import Backpressure, ComponentKind
 from agent.confmodel import Decoder
 from agent.model import (
-    Batch,
     ExplicitHistogram,
     Kind,
     LogBatch,
@@ -29,30 +27,15 @@ from agent.model import (
     Summary,
     Temporality,
 )
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from processors.attributes import ActionConfig, AttributesConfig, AttributesProcessor, with_labels
-
-
-class Sink:
-    def __init__(self, refuse: bool = False) -> None:
-        self.batches: list[Batch] = []
-        self.refuse = refuse
-
-    async def consume(self, batch: Batch) -> None:
-        if self.refuse:
-            raise Backpressure("queue_full")
-        self.batches.append(batch)
+from tests.conftest import Sink, component_settings
 
 
 def make(config: AttributesConfig, sink: Sink | None = None) -> tuple[AttributesProcessor, Sink, Telemetry]:
     tel = Telemetry()
     sink = sink or Sink()
-    settings = Settings(
-        id=ComponentId("attributes"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "attributes"),
-        logger=logging.getLogger("test.attributes"),
-    )
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "attributes")
     return AttributesProcessor(settings, config, sink), sink, tel
 
 

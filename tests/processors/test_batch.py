@@ -3,64 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from collections.abc import Callable
 
 import pytest
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings
+from agent.component import Backpressure, ComponentKind
 from agent.model import Batch, Kind, LogBatch, MetricBatch, Point, SpanBatch
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from processors.batch import BatchConfig, BatchProcessor, factory
-
-
-class Sink:
-    """Collects batches; refuses (Backpressure) while ``refuse`` > 0, counting down per refusal."""
-
-    def __init__(self, refuse: int = 0, fail: bool = False) -> None:
-        self.batches: list[Batch] = []
-        self.refuse = refuse
-        self.fail = fail
-        self.calls = 0
-
-    async def consume(self, batch: Batch) -> None:
-        self.calls += 1
-        if self.fail:
-            raise RuntimeError("broken exporter")
-        if self.refuse:
-            self.refuse -= 1
-            raise Backpressure("queue_full", 0.01)
-        self.batches.append(batch)
-
-    def values(self) -> list[float]:
-        return [p.value for b in self.batches if isinstance(b, MetricBatch) for p in b.points]
+from tests.conftest import Sink, component_settings, wait_until
 
 
 def make(config: BatchConfig, sink: Sink | None = None) -> tuple[BatchProcessor, Sink, Telemetry]:
     assert config.validate() == []
     tel = Telemetry()
     sink = sink or Sink()
-    settings = Settings(
-        id=ComponentId("batch"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "batch"),
-        logger=logging.getLogger("test.batch"),
-    )
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "batch")
     return BatchProcessor(settings, config, sink), sink, tel
 
 
 def points(*values: float, ctx: dict[str, str] | None = None) -> MetricBatch:
     return MetricBatch(tuple(Point("m", Kind.SUM, (), 1, value=v) for v in values), ctx or {})
-
-
-async def wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.005)
 
 
 LONG = 3600.0  # a timeout that never fires during a test
@@ -128,7 +92,7 @@ async def test_shutdown_flushes_and_is_idempotent() -> None:
 
 
 async def test_refusal_on_size_trigger_refuses_the_callers_batch_and_keeps_held_data() -> None:
-    sink = Sink(refuse=1)
+    sink = Sink(retry_after_s=0.01, refuse_times=1)
     proc, _, tel = make(BatchConfig(send_batch_size=3, timeout=LONG), sink)
     await proc.start()
     await proc.consume(points(1, 2))
@@ -162,7 +126,7 @@ async def test_partial_delivery_keeps_the_rest_without_duplicates() -> None:
 
 
 async def test_refusal_on_timeout_is_retried() -> None:
-    sink = Sink(refuse=2)
+    sink = Sink(retry_after_s=0.01, refuse_times=2)
     proc, _, tel = make(BatchConfig(send_batch_size=100, timeout=0.01), sink)
     await proc.start()
     await proc.consume(points(1, 2))
@@ -173,7 +137,7 @@ async def test_refusal_on_timeout_is_retried() -> None:
 
 
 async def test_refusal_on_shutdown_is_counted() -> None:
-    sink = Sink(refuse=1)
+    sink = Sink(retry_after_s=0.01, refuse_times=1)
     proc, _, tel = make(BatchConfig(send_batch_size=100, timeout=LONG), sink)
     await proc.start()
     await proc.consume(points(1, 2))
@@ -195,7 +159,7 @@ async def test_timeout_zero_passes_through_split() -> None:
     await proc.start()
     await proc.consume(points(1, 2, 3))
     assert [len(b) for b in sink.batches] == [2, 1]
-    refusing = Sink(refuse=1)
+    refusing = Sink(retry_after_s=0.01, refuse_times=1)
     proc2, _, _ = make(BatchConfig(timeout=0), refusing)
     with pytest.raises(Backpressure):
         await proc2.consume(points(1))
@@ -288,7 +252,7 @@ def test_validation() -> None:
 
 
 async def test_refused_span_batch_is_cut_out_of_split_messages() -> None:
-    sink = Sink(refuse=1)
+    sink = Sink(retry_after_s=0.01, refuse_times=1)
     proc, _, tel = make(BatchConfig(send_batch_size=3, send_batch_max_size=3, timeout=LONG), sink)
     await proc.start()
     await proc.consume(span_batch(1, "held"))

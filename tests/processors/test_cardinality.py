@@ -10,9 +10,8 @@ import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agent import exphist
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings
+from agent.component import Backpressure, ComponentKind
 from agent.model import (
-    Batch,
     ExplicitHistogram,
     Kind,
     MetricBatch,
@@ -22,22 +21,9 @@ from agent.model import (
     Summary,
     Temporality,
 )
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from processors.cardinality import OVERFLOW_LABELS, CardinalityConfig, CardinalityLimiter
-
-
-class Sink:
-    def __init__(self, refuse: bool = False) -> None:
-        self.batches: list[Batch] = []
-        self.refuse = refuse
-
-    async def consume(self, batch: Batch) -> None:
-        if self.refuse:
-            raise Backpressure("queue_full")
-        self.batches.append(batch)
-
-    def points(self) -> list[Point]:
-        return [p for b in self.batches if isinstance(b, MetricBatch) for p in b.points]
+from tests.conftest import Sink, component_settings
 
 
 class Clock:
@@ -55,12 +41,7 @@ def make(
     tel = Telemetry()
     sink = sink or Sink()
     clock = Clock()
-    settings = Settings(
-        id=ComponentId("cardinality"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "cardinality"),
-        logger=logging.getLogger("test.cardinality"),
-    )
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "cardinality")
     return CardinalityLimiter(settings, config, sink, clock=clock), sink, tel, clock
 
 

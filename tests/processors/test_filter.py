@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 import pytest
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings
+from agent.component import Backpressure, ComponentKind
 from agent.confmodel import Decoder
-from agent.model import Batch, Kind, LogBatch, MetricBatch, Point, Resource, SpanBatch
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.model import Kind, LogBatch, MetricBatch, Point, Resource, SpanBatch
+from agent.telemetry import Telemetry
 from processors.filter import (
     AttributeMatcherConfig,
     FilterConfig,
@@ -26,28 +25,13 @@ from processors.filter import (
     SpanMatchConfig,
     factory,
 )
-
-
-class Sink:
-    def __init__(self, refuse: bool = False) -> None:
-        self.batches: list[Batch] = []
-        self.refuse = refuse
-
-    async def consume(self, batch: Batch) -> None:
-        if self.refuse:
-            raise Backpressure("queue_full", 1.5)
-        self.batches.append(batch)
+from tests.conftest import Sink, component_settings
 
 
 def make(config: FilterConfig, sink: Sink | None = None) -> tuple[FilterProcessor, Sink, Telemetry]:
     tel = Telemetry()
     sink = sink or Sink()
-    settings = Settings(
-        id=ComponentId("filter"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "filter"),
-        logger=logging.getLogger("test.filter"),
-    )
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "filter")
     return FilterProcessor(settings, config, sink), sink, tel
 
 
@@ -158,7 +142,9 @@ async def test_everything_filtered_passes_nothing_on() -> None:
 
 
 async def test_backpressure_from_downstream_propagates() -> None:
-    proc, _, _ = make(decode({"metrics": {"exclude": {"metric_names": ["cpu"]}}}), Sink(refuse=True))
+    proc, _, _ = make(
+        decode({"metrics": {"exclude": {"metric_names": ["cpu"]}}}), Sink(refuse=True, retry_after_s=1.5)
+    )
     with pytest.raises(Backpressure) as info:
         await proc.consume(BATCH)
     assert info.value.reason == "queue_full" and info.value.retry_after_s == 1.5

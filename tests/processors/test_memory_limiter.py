@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from pathlib import Path
 
 import pytest
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings
-from agent.model import Batch, Kind, LogBatch, MetricBatch, Point, SpanBatch
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.component import Backpressure, ComponentKind
+from agent.model import Kind, LogBatch, MetricBatch, Point, SpanBatch
+from agent.telemetry import Telemetry
 from processors.memory_limiter import (
     MemoryLimiter,
     MemoryLimiterConfig,
@@ -21,20 +19,10 @@ from processors.memory_limiter import (
     read_rss_bytes,
     total_memory_bytes,
 )
+from tests.conftest import Sink, component_settings, wait_until
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-class Sink:
-    def __init__(self, refuse: bool = False) -> None:
-        self.batches: list[Batch] = []
-        self.refuse = refuse
-
-    async def consume(self, batch: Batch) -> None:
-        if self.refuse:
-            raise Backpressure("queue_full", 2.0)
-        self.batches.append(batch)
 
 
 class Memory:
@@ -68,12 +56,7 @@ def make(
     assert config.validate() == []
     tel = Telemetry()
     sink = sink or Sink()
-    settings = Settings(
-        id=ComponentId("memory_limiter"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "memory_limiter"),
-        logger=logging.getLogger("test.memory_limiter"),
-    )
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "memory_limiter")
     limiter = MemoryLimiter(
         settings,
         config,
@@ -188,10 +171,7 @@ async def test_background_check_and_lifecycle() -> None:
     await limiter.start()
     assert tel.value("memory_limiter_rss_bytes") == 100 * MiB  # checked at start, not one interval later
     memory.rss = 2000 * MiB
-    deadline = time.monotonic() + 10
-    while not limiter.refusing:
-        assert time.monotonic() < deadline, "the background check never ran"
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: limiter.refusing, "the background check")
     assert tel.value("memory_limiter_hard_limit_bytes") == 1000 * MiB
     await limiter.shutdown()
     await limiter.shutdown()
@@ -211,7 +191,7 @@ async def test_unreadable_rss_turns_the_limits_off() -> None:
 
 
 async def test_downstream_backpressure_propagates() -> None:
-    limiter, _, _ = make(FIXED, Memory(0), sink=Sink(refuse=True))
+    limiter, _, _ = make(FIXED, Memory(0), sink=Sink(refuse=True, retry_after_s=2.0))
     with pytest.raises(Backpressure) as info:
         await limiter.consume(BATCH)
     assert info.value.reason == "queue_full"

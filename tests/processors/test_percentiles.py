@@ -9,8 +9,6 @@ slice is the filling slice plus the last n completed ones if p <= s/2, else the 
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,9 +18,9 @@ import numpy as np
 import pytest
 
 from agent import exphist
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings
+from agent.component import Backpressure, ComponentKind
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Resource, Temporality
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from processors.percentiles import (
     QUANTILE_SUFFIX,
     PercentilesConfig,
@@ -32,25 +30,14 @@ from processors.percentiles import (
 )
 from processors.percentiles.convert import explicit_to_exponential
 from processors.percentiles.store import plan_tiers
+from tests.conftest import Sink, component_settings, wait_until
 
 T0 = 1_700_000_000.0  # a multiple of 300 s and of 10 s, so every tier starts on a boundary
 QS = [0.5, 0.9, 0.95, 0.99]
 WIDE = 2048  # buckets enough for scale >= 6 over these samples' ranges (about 13 octaves)
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[MetricBatch] = []
-        self.refuse = False
-
-    async def consume(self, batch: MetricBatch) -> None:
-        if self.refuse:
-            raise Backpressure("full")
-        self.batches.append(batch)
-
-    def points(self) -> list[Point]:
-        return [p for b in self.batches for p in b.points]
-
+class GaugeSink(Sink):
     def gauges(self) -> dict[tuple[str, str, str], float]:
         """(name, quantile, window) -> value of the gauges sent since the last clear."""
         out = {}
@@ -72,15 +59,10 @@ class Clock:
 
 def make(
     config: PercentilesConfig | None = None, clock: Callable[[], float] | None = None, run_timer: bool = False
-) -> tuple[PercentilesProcessor, Sink, Telemetry, Clock]:
+) -> tuple[PercentilesProcessor, GaugeSink, Telemetry, Clock]:
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("percentiles"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "percentiles"),
-        logger=logging.getLogger("test.percentiles"),
-    )
-    sink = Sink()
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "percentiles")
+    sink = GaugeSink()
     c = Clock()
     proc = PercentilesProcessor(
         settings, config or PercentilesConfig(), sink, clock=clock or c, run_timer=run_timer
@@ -485,10 +467,7 @@ async def test_timer_emits_on_the_clock() -> None:
     clock.now += 3.0
     await proc.consume(MetricBatch((hist_point("lat", np.array([1.0])),)))
     clock.now += 10.0  # past the emit boundary: the timer wakes at once
-    for _ in range(200):
-        if sink.gauges():
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(sink.gauges, "the timer's emit")
     assert ("lat", "0.5", "1m") in sink.gauges()
     await proc.shutdown()
 
@@ -508,22 +487,14 @@ def test_fast_gauges_equal_constructed_points() -> None:
 
 
 async def test_a_refused_emit_chunk_does_not_silently_lose_the_other_chunks() -> None:
-    class RefuseOnce(Sink):
-        async def consume(self, batch: MetricBatch) -> None:
-            if self.refuse:
-                self.refuse = False
-                raise Backpressure("full")
-            self.batches.append(batch)
-
-    proc, _, tel, clock = make(PercentilesConfig(windows=[60.0], quantiles=[0.5]))
-    sink = proc._next = RefuseOnce()
+    proc, sink, tel, clock = make(PercentilesConfig(windows=[60.0], quantiles=[0.5]))
     n = 1500  # more series than one emit batch holds (about 1000 gauges)
     clock.now += 5.0
     await proc.consume(
         MetricBatch(tuple(hist_point("lat", np.array([1.0]), (("i", str(i)),)) for i in range(n)))
     )
     sink.batches.clear()
-    sink.refuse = True
+    sink.refuse_times = 1  # the first emit chunk only
     clock.now += 5.0
     with pytest.raises(Backpressure):
         await proc.tick()

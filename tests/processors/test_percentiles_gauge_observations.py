@@ -9,7 +9,6 @@ estimates), within the error bound the processor states (``percentiles_worst_err
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,28 +18,19 @@ import numpy as np
 import pytest
 
 from agent import exphist
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings, Signal
+from agent.component import Backpressure, ComponentKind, Signal
 from agent.confmodel import Decoder, Duration
-from agent.model import Batch, Kind, MetricBatch, Point
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.model import Kind, MetricBatch, Point
+from agent.telemetry import Telemetry
 from processors.percentiles import QUANTILE_SUFFIX, PercentilesConfig, PercentilesProcessor
 from receivers.http import HttpConfig, HttpReceiver
+from tests.conftest import Sink, component_settings
 
 T0 = 1_700_000_000.0  # a multiple of 10 s: the first emit boundary is T0 + 10
 QS = [0.5, 0.9, 0.95, 0.99]
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.points: list[Point] = []
-        self.refuse = False
-
-    async def consume(self, batch: Batch) -> None:
-        assert isinstance(batch, MetricBatch)
-        if self.refuse:
-            raise Backpressure("full")
-        self.points.extend(batch.points)
-
+class ObservedSink(Sink):
     def quantiles(self) -> dict[tuple[str, str, str], float]:
         """(observed name, quantile, window) -> value of the quantile gauges received."""
         return {
@@ -49,12 +39,12 @@ class Sink:
                 dict(p.labels)["quantile"],
                 dict(p.labels)["window"],
             ): p.value
-            for p in self.points
+            for p in self.points()
             if p.name.endswith(QUANTILE_SUFFIX)
         }
 
-    def values(self, name: str) -> list[float]:
-        return [p.value for p in self.points if p.name == name and p.kind is Kind.GAUGE]
+    def gauge_values(self, name: str) -> list[float]:
+        return [p.value for p in self.points() if p.name == name and p.kind is Kind.GAUGE]
 
 
 class Clock:
@@ -69,7 +59,7 @@ class Clock:
 class Pipeline:
     receiver: HttpReceiver
     proc: PercentilesProcessor
-    sink: Sink
+    sink: ObservedSink
     tel: Telemetry
     clock: Clock
     session: aiohttp.ClientSession
@@ -89,15 +79,6 @@ class Pipeline:
         await self.proc.tick()
 
 
-def settings(tel: Telemetry, kind: ComponentKind, name: str) -> Settings:
-    return Settings(
-        id=ComponentId(name),
-        kind=kind,
-        telemetry=ComponentTelemetry(tel, kind.value, name),
-        logger=logging.getLogger(f"test.{name}"),
-    )
-
-
 @pytest.fixture
 async def pipeline() -> AsyncIterator[Any]:
     made: list[Pipeline] = []
@@ -105,13 +86,17 @@ async def pipeline() -> AsyncIterator[Any]:
     async def build(config: PercentilesConfig) -> Pipeline:
         assert config.validate() == []
         tel = Telemetry()
-        sink = Sink()
+        sink = ObservedSink()
         clock = Clock()
         proc = PercentilesProcessor(
-            settings(tel, ComponentKind.PROCESSOR, "percentiles"), config, sink, clock=clock, run_timer=False
+            component_settings(tel, ComponentKind.PROCESSOR, "percentiles"),
+            config,
+            sink,
+            clock=clock,
+            run_timer=False,
         )
         receiver = HttpReceiver(
-            settings(tel, ComponentKind.RECEIVER, "http"),
+            component_settings(tel, ComponentKind.RECEIVER, "http"),
             HttpConfig(endpoint="127.0.0.1:0"),
             {Signal.METRICS: proc},
         )
@@ -160,11 +145,11 @@ async def test_posted_gauges_get_quantiles_within_the_stated_error(pipeline: Any
             value = got[("api.latency", f"{q:g}", window)]
             assert abs(value - want) / want <= bound + 1e-12, (q, window, value, want)
     # The quantile gauges keep the gauge's labels and add quantile and window.
-    quantile_points = [pt for pt in p.sink.points if pt.name == "api.latency" + QUANTILE_SUFFIX]
+    quantile_points = [pt for pt in p.sink.points() if pt.name == "api.latency" + QUANTILE_SUFFIX]
     assert all(dict(pt.labels)["route"] == "/a" for pt in quantile_points)
     # Every gauge passed on unchanged, matched or not.
-    assert sorted(p.sink.values("api.latency")) == sorted(float(v) for v in data)
-    assert sorted(p.sink.values("queue.depth")) == sorted(float(v) for v in other)
+    assert sorted(p.sink.gauge_values("api.latency")) == sorted(float(v) for v in data)
+    assert sorted(p.sink.gauge_values("queue.depth")) == sorted(float(v) for v in other)
     assert p.tel.value("percentiles_series") == 1
 
 
@@ -174,8 +159,8 @@ async def test_without_globs_gauges_are_passed_on_and_nothing_else(pipeline: Any
     await post_gauges(p, "api.latency", data)
     await p.emit()
     assert p.sink.quantiles() == {}
-    assert [pt.kind for pt in p.sink.points] == [Kind.GAUGE] * len(data)
-    assert sorted(p.sink.values("api.latency")) == sorted(float(v) for v in data)
+    assert [pt.kind for pt in p.sink.points()] == [Kind.GAUGE] * len(data)
+    assert sorted(p.sink.gauge_values("api.latency")) == sorted(float(v) for v in data)
     assert p.tel.value("percentiles_series") == 0
 
 
@@ -190,12 +175,16 @@ async def test_exclude_applies_to_gauges_and_include_does_not_select_them(pipeli
     assert {name for name, _, _ in p.sink.quantiles()} == {"api.latency"}
 
 
-def direct(config: PercentilesConfig) -> tuple[PercentilesProcessor, Sink, Telemetry, Clock]:
+def direct(config: PercentilesConfig) -> tuple[PercentilesProcessor, ObservedSink, Telemetry, Clock]:
     tel = Telemetry()
-    sink = Sink()
+    sink = ObservedSink()
     clock = Clock()
     proc = PercentilesProcessor(
-        settings(tel, ComponentKind.PROCESSOR, "percentiles"), config, sink, clock=clock, run_timer=False
+        component_settings(tel, ComponentKind.PROCESSOR, "percentiles"),
+        config,
+        sink,
+        clock=clock,
+        run_timer=False,
     )
     return proc, sink, tel, clock
 
@@ -229,7 +218,7 @@ async def test_non_finite_gauge_values_are_counted_and_the_rest_observed() -> No
     clock.now += 10.0
     await proc.tick()
     assert sink.quantiles() == {("lat", "1", "1m"): 2.0}
-    assert len([pt for pt in sink.points if pt.name == "lat"]) == 3  # all passed on
+    assert len([pt for pt in sink.points() if pt.name == "lat"]) == 3  # all passed on
 
 
 async def test_refused_batch_observes_nothing_and_overflow_is_counted() -> None:

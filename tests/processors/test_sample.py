@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import Any
 
 import numpy as np
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
 from agent import exphist
-from agent.component import ComponentId, ComponentKind, Settings, validate_config
-from agent.model import Batch, ExplicitHistogram, Kind, MetricBatch, Point, Resource, SpanBatch, Summary
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.component import ComponentKind, validate_config
+from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Resource, SpanBatch, Summary
+from agent.telemetry import Telemetry
 from processors.sample import (
     SampleConfig,
     SampleProcessor,
@@ -23,25 +21,13 @@ from processors.sample import (
     series_key,
     trace_id_keeps,
 )
+from tests.conftest import Sink, component_settings
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.batches: list[Any] = []
-
-    async def consume(self, batch: Batch) -> None:
-        self.batches.append(batch)
-
-
-def make(config: SampleConfig) -> tuple[SampleProcessor, Collect, Telemetry]:
+def make(config: SampleConfig) -> tuple[SampleProcessor, Sink, Telemetry]:
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("sample"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "sample"),
-        logger=logging.getLogger("test.sample"),
-    )
-    sink = Collect()
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "sample")
+    sink = Sink()
     return SampleProcessor(settings, config, sink), sink, tel
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from typing import Any
 
@@ -10,18 +9,11 @@ import pytest
 from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings, validate_config
+from agent.component import Backpressure, ComponentKind, validate_config
 from agent.model import Batch, Kind, LogBatch, MetricBatch, Point, Resource, SpanBatch
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from processors.tenant import QuotaConfig, TenantConfig, TenantProcessor, factory, tenant_problem
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.batches: list[Any] = []
-
-    async def consume(self, batch: Batch) -> None:
-        self.batches.append(batch)
+from tests.conftest import Sink, component_settings
 
 
 class Clock:
@@ -34,15 +26,10 @@ class Clock:
 
 def make(
     config: TenantConfig | None = None, clock: Clock | None = None
-) -> tuple[TenantProcessor, Collect, Telemetry]:
+) -> tuple[TenantProcessor, Sink, Telemetry]:
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("tenant"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "tenant"),
-        logger=logging.getLogger("test.tenant"),
-    )
-    sink = Collect()
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "tenant")
+    sink = Sink()
     proc = TenantProcessor(
         settings, config or TenantConfig(), sink, clock=clock or Clock(), wall_clock_ns=lambda: 42
     )
@@ -55,7 +42,7 @@ def point(
     return Point(name, Kind.SUM, labels, 1, value=1.0, resource=resource)
 
 
-def tenants_of(sink: Collect) -> list[str]:
+def tenants_of(sink: Sink) -> list[str]:
     return [dict(p.labels)["tenant_id"] for b in sink.batches for p in b.points]
 
 

@@ -4,15 +4,13 @@ survives a restart."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import shutil
-import socket
 import subprocess
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +23,14 @@ from aiohttp import web
 
 from agent import exphist
 from agent.admin import AdminServer
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings, validate_config
+from agent.component import Backpressure, ComponentKind, validate_config
 from agent.config import build_config
 from agent.confmodel import Duration
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Summary, Temporality
 from agent.registry import builtin_factories
 from agent.sending import QueueConfig, RetryConfig
 from agent.service import Agent
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from processors.threshold import (
     AlertmanagerConfig,
     RuleConfig,
@@ -43,6 +41,7 @@ from processors.threshold import (
 )
 from processors.threshold.engine import Engine, Notification, Timing
 from processors.threshold.selector import Selector, SelectorError, name_matcher
+from tests.conftest import Sink, component_settings, free_port, wait_until
 
 T0 = 1_700_000_000.0
 FAST = RetryConfig(initial_interval=0.01, max_interval=0.05, max_elapsed_time=30.0)
@@ -357,26 +356,19 @@ def test_odd_input_never_raises() -> None:
 # -- the processor ------------------------------------------------------------------------------------
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.batches: list[MetricBatch] = []
-
-    async def consume(self, batch: MetricBatch) -> None:
-        self.batches.append(batch)
-
-
 def make(
     config: ThresholdConfig, clock: Clock, tel: Telemetry | None = None, shutdown_timeout_s: float = 5.0
-) -> tuple[ThresholdProcessor, Collect, Telemetry]:
+) -> tuple[ThresholdProcessor, Sink, Telemetry]:
     tel = tel or Telemetry()
-    settings = Settings(
-        id=ComponentId("threshold", "test"),
-        kind=ComponentKind.PROCESSOR,
-        telemetry=ComponentTelemetry(tel, "processor", "threshold/test@metrics"),
-        logger=logging.getLogger("test.threshold"),
+    settings = component_settings(
+        tel,
+        ComponentKind.PROCESSOR,
+        "threshold/test",
+        telemetry_id="threshold/test@metrics",
+        logger="test.threshold",
         shutdown_timeout_s=shutdown_timeout_s,
     )
-    sink = Collect()
+    sink = Sink()
     return ThresholdProcessor(settings, config, sink, clock=clock), sink, tel
 
 
@@ -446,12 +438,6 @@ async def test_alert_state_survives_a_restart(tmp_path: Path) -> None:
 # -- webhook ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Hook:
     """A local webhook receiver; answers with ``statuses`` in turn (then 200)."""
 
@@ -492,13 +478,6 @@ async def hook() -> AsyncIterator[Hook]:
     await h.start()
     yield h
     await h.stop()
-
-
-async def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_webhook_firing_repeat_resolved(hook: Hook) -> None:
@@ -631,19 +610,17 @@ async def alertmanager(tmp_path: Path) -> AsyncIterator[str]:
     try:
 
         async def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    "alertmanager did not start:\n" + (data / "alertmanager.log").read_text()
+                )
             try:
                 async with aiohttp.ClientSession() as s, s.get(f"{url}/-/ready") as r:
                     return r.status == 200
             except aiohttp.ClientError:
                 return False
 
-        deadline = time.monotonic() + 60
-        while not await ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    "alertmanager did not start:\n" + (data / "alertmanager.log").read_text()
-                )
-            await asyncio.sleep(0.1)
+        await wait_until(ready, "alertmanager to start", timeout_s=60.0)
         yield url
     finally:
         proc.terminate()
@@ -674,17 +651,11 @@ async def test_alertmanager_receives_firing_then_resolved(alertmanager: str) -> 
     await proc.start()
     try:
         await proc.consume(batch(gauge(99, clock.t, host="web-1", **{"dc.name": "eu-1"})))
-        found: list[dict[str, Any]] = []
 
-        async def fetch() -> None:
-            found[:] = [a for a in await am_alerts(alertmanager) if a["labels"].get("alertname") == "high"]
+        async def fetch() -> list[dict[str, Any]]:
+            return [a for a in await am_alerts(alertmanager) if a["labels"].get("alertname") == "high"]
 
-        deadline = time.monotonic() + 30
-        while not found:
-            assert time.monotonic() < deadline, "the alert never reached Alertmanager"
-            await asyncio.sleep(0.05)
-            await fetch()
-        (alert,) = found
+        (alert,) = await wait_until(fetch, "the alert to reach Alertmanager")
         assert alert["labels"] == {
             "alertname": "high",
             "severity": "critical",
@@ -698,12 +669,12 @@ async def test_alertmanager_receives_firing_then_resolved(alertmanager: str) -> 
 
         clock.t = time.time()
         await proc.consume(batch(gauge(10, clock.t, host="web-1", **{"dc.name": "eu-1"})))
+
         # Alertmanager lists only unresolved alerts: the resolved one (endsAt now) leaves the list.
-        deadline = time.monotonic() + 30
-        while found:
-            assert time.monotonic() < deadline, f"the alert never resolved in Alertmanager: {found}"
-            await asyncio.sleep(0.05)
-            await fetch()
+        async def resolved() -> bool:
+            return not await fetch()
+
+        await wait_until(resolved, "the alert to resolve in Alertmanager")
         assert tel.value("alert_notifications_sent_total", receiver="alertmanager") == 2
     finally:
         await proc.shutdown()
@@ -789,26 +760,12 @@ async def test_yaml_config_and_status_endpoint_list_active_alerts() -> None:
     ]
 
 
-class Refusing(Collect):
-    """Refuses (Backpressure) the first ``refuse`` batches, then collects."""
-
-    def __init__(self, refuse: int) -> None:
-        super().__init__()
-        self.refuse = refuse
-
-    async def consume(self, batch: MetricBatch) -> None:
-        if self.refuse:
-            self.refuse -= 1
-            raise Backpressure("queue_full")
-        await super().consume(batch)
-
-
 async def test_a_refused_batch_is_not_observed_so_its_retry_counts_once() -> None:
     clock = Clock()
     proc, _, tel = make(
         ThresholdConfig(rules=[rule(statistic="count", window=Duration(60.0), warning=1.5)]), clock
     )
-    sink = Refusing(refuse=1)
+    sink = Sink(refuse_times=1)
     proc._next = sink
     await proc.start()
     b = batch(gauge(1, T0))
