@@ -71,7 +71,7 @@ from agent.sending import (
     retry_after_s,
 )
 from agent.slicing import slices
-from agent.tls import client_context
+from agent.tls import ClientTLSConfig
 from agent.version import USER_AGENT, VERSION
 from exporters.otlp import passthrough, resource
 from exporters.otlp.metrics import EncoderOptions, MetricEncoder
@@ -120,28 +120,6 @@ _RESERVED_HEADERS = frozenset(
 
 
 @dataclass(frozen=True)
-class TLSConfig:
-    insecure: bool = False
-    """otlp (gRPC) only: plaintext, no TLS (an in-cluster collector). For otlp_http the URL scheme decides."""
-    ca_file: str = ""
-    """CA bundle to verify the server with (default: the system's, or gRPC's bundled roots)."""
-    cert_file: str = ""
-    """Client certificate for mutual TLS."""
-    key_file: str = ""
-    """Client key for mutual TLS."""
-    insecure_skip_verify: bool = False
-    """otlp_http only: do not verify the server's certificate (testing only). gRPC cannot skip it."""
-
-    def validate(self) -> list[tuple[str, str]]:
-        problems = []
-        if bool(self.cert_file) != bool(self.key_file):
-            problems.append(("", "cert_file and key_file go together"))
-        if self.insecure and (self.ca_file or self.cert_file or self.insecure_skip_verify):
-            problems.append(("insecure", "insecure turns TLS off: the other tls settings would be ignored"))
-        return problems
-
-
-@dataclass(frozen=True)
 class TenantRoutingConfig:
     header: str = ""
     """Header (gRPC: metadata, lower-cased) naming each request's tenant, e.g. X-Scope-OrgID; when set,
@@ -178,7 +156,7 @@ class OtlpConfig:
     headers: dict[str, str] = field(default_factory=dict)
     """Extra request metadata, e.g. signoz-ingestion-key: ${env:SIGNOZ_INGESTION_KEY}; names are
     lower-cased; content-type, user-agent, te and grpc-* are set by gRPC itself and refused here."""
-    tls: TLSConfig = field(default_factory=TLSConfig)
+    tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
     """TLS; set insecure: true for a plaintext in-cluster collector."""
     compression: Literal["gzip", "none"] = "gzip"
     """Message compression (gRPC's gzip, zlib level 6). zstd is not available in the Python gRPC client."""
@@ -236,10 +214,7 @@ class OtlpConfig:
                 parse_host_port(endpoint.rstrip("/"))
             except ValueError as exc:
                 problems.append(("endpoint", str(exc)))
-        if self.tls.insecure_skip_verify:
-            problems.append(
-                ("tls::insecure_skip_verify", "not supported by gRPC: give the server's CA in ca_file")
-            )
+        problems += [(f"tls::{path}", msg) for path, msg in self.tls.grpc_problems()]
         for name in self.headers:
             if name.lower().startswith(("grpc-", ":")):
                 problems.append(("headers::" + name, "grpc- and : metadata are reserved by gRPC"))
@@ -259,7 +234,7 @@ class OtlpHttpConfig:
     headers: dict[str, str] = field(default_factory=dict)
     """Extra request headers, e.g. signoz-ingestion-key: ${env:SIGNOZ_INGESTION_KEY}; may not override
     content-type, content-encoding, user-agent or other headers the protocol sets."""
-    tls: TLSConfig = field(default_factory=TLSConfig)
+    tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
     """TLS settings for https URLs (insecure is not used: the URL scheme decides)."""
     compression: Literal["gzip", "zstd", "none"] = "gzip"
     """Body compression (Content-Encoding). zstd is cheaper; check that the receiver accepts it."""
@@ -309,8 +284,7 @@ class OtlpHttpConfig:
             url = getattr(self, name)
             if (url or name == "endpoint") and not url.startswith(("http://", "https://")):
                 problems.append((name, f"{url!r} is not an http:// or https:// URL"))
-        if self.tls.insecure:
-            problems.append(("tls::insecure", "not used by otlp_http: write an http:// URL for plaintext"))
+        problems += [(f"tls::{path}", msg) for path, msg in self.tls.http_problems(HTTP_TYPE)]
         level = self.compression_level
         if level and self.compression == "gzip" and not 1 <= level <= 8:
             problems.append(("compression_level", "gzip levels are 1-8 (0 for the default, 6)"))
@@ -832,10 +806,9 @@ class OtlpGrpcExporter(_OtlpExporter):
         if self._plaintext:
             channel = grpc.aio.insecure_channel(self._target, options=options, compression=compression)
         else:
+            ca, key, cert = cfg.tls.pem_files()
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(cfg.tls.ca_file),
-                private_key=_read(cfg.tls.key_file),
-                certificate_chain=_read(cfg.tls.cert_file),
+                root_certificates=ca, private_key=key, certificate_chain=cert
             )
             channel = grpc.aio.secure_channel(
                 self._target, credentials, options=options, compression=compression
@@ -906,8 +879,7 @@ class OtlpHttpExporter(_OtlpExporter):
         cfg = self._http_config
         ssl_ctx: ssl.SSLContext | bool = True
         if any(url.startswith("https://") for url in self.urls.values()):
-            tls = cfg.tls
-            ssl_ctx = client_context(tls.ca_file, tls.cert_file, tls.key_file, tls.insecure_skip_verify)
+            ssl_ctx = cfg.tls.ssl_context()
         # No pool limit: each sender (the exporter's, and one per tenant with a tenant header) already
         # sends at most num_consumers requests at once; a shared limit would let a tenant whose requests
         # hang hold the connections every other tenant waits for.
@@ -970,13 +942,6 @@ def _error_text(body: bytes, content_type: str) -> str:
         except Exception:
             pass
     return body[:512].decode("utf-8", errors="replace")
-
-
-def _read(path: str) -> bytes | None:
-    if not path:
-        return None
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _create_grpc(settings: Settings, config: OtlpConfig) -> OtlpGrpcExporter:

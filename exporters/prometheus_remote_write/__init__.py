@@ -64,7 +64,7 @@ from agent.sending import (
     retry_after_s,
 )
 from agent.slicing import slices
-from agent.tls import client_context
+from agent.tls import ClientTLSConfig
 from agent.version import USER_AGENT
 from exporters.prometheus_remote_write import wire
 from exporters.prometheus_remote_write.state import SeriesState
@@ -112,23 +112,6 @@ class AuthConfig:
     def validate(self) -> list[tuple[str, str]]:
         given = [bool(self.basic), bool(self.bearer_token), bool(self.bearer_token_file)]
         return [("", "set only one of basic, bearer_token, bearer_token_file")] if sum(given) > 1 else []
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    ca_file: str = ""
-    """CA bundle to verify the server with (default: the system's)."""
-    cert_file: str = ""
-    """Client certificate for mutual TLS."""
-    key_file: str = ""
-    """Client key for mutual TLS."""
-    insecure_skip_verify: bool = False
-    """Do not verify the server's certificate (testing only)."""
-
-    def validate(self) -> list[tuple[str, str]]:
-        if bool(self.cert_file) != bool(self.key_file):
-            return [("", "cert_file and key_file go together")]
-        return []
 
 
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
@@ -182,8 +165,8 @@ class PrometheusRemoteWriteConfig:
     """Labels added to every series (a series' own label of the same name wins)."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """Basic or bearer authentication."""
-    tls: TLSConfig = field(default_factory=TLSConfig)
-    """TLS settings for https endpoints."""
+    tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
+    """TLS settings for https endpoints (insecure is not used: the URL scheme decides)."""
     send_native_histograms: bool = False
     """Send distributions as native histograms (Prometheus needs --enable-feature=native-histograms);
     explicit-bucket histograms from OTLP still go as classic series (they cannot be converted exactly)."""
@@ -235,6 +218,7 @@ class PrometheusRemoteWriteConfig:
         for section in ("auth", "tls", "sending_queue", "retry_on_failure"):
             for path, message in getattr(self, section).validate():
                 problems.append((f"{section}::{path}" if path else section, message))
+        problems += [(f"tls::{path}", msg) for path, msg in self.tls.http_problems(TYPE)]
         return problems
 
 
@@ -288,8 +272,7 @@ class PrometheusRemoteWriteExporter:
         cfg = self._config
         ssl_ctx: ssl.SSLContext | bool = True
         if cfg.endpoint.startswith("https://"):
-            tls = cfg.tls
-            ssl_ctx = client_context(tls.ca_file, tls.cert_file, tls.key_file, tls.insecure_skip_verify)
+            ssl_ctx = cfg.tls.ssl_context()
         if cfg.auth.basic is not None:
             password = cfg.auth.basic.password
             if cfg.auth.basic.password_file:

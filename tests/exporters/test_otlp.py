@@ -39,13 +39,13 @@ from agent.model import (
 )
 from agent.sending import Request, RetryConfig
 from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.tls import ClientTLSConfig
 from exporters.otlp import (
     FACTORIES,
     OtlpConfig,
     OtlpGrpcExporter,
     OtlpHttpConfig,
     OtlpHttpExporter,
-    TLSConfig,
 )
 from tests.exporters.otlp_sink import Answer, Sink
 
@@ -97,7 +97,7 @@ async def make() -> AsyncIterator[Any]:
         exp: Exporter
         if transport == "grpc":
             target = await sink.start_grpc()
-            cfg: Any = OtlpConfig(endpoint=target, tls=TLSConfig(insecure=True), retry_on_failure=FAST)
+            cfg: Any = OtlpConfig(endpoint=target, tls=ClientTLSConfig(insecure=True), retry_on_failure=FAST)
             cfg = replace(cfg, **overrides)
             assert cfg.validate() == []
             exp = OtlpGrpcExporter(settings(tel), cfg)
@@ -574,7 +574,7 @@ async def test_unreachable_backend_is_retried(transport: str) -> None:
     if transport == "grpc":
         exp = OtlpGrpcExporter(
             settings(tel),
-            OtlpConfig(endpoint="127.0.0.1:9", tls=TLSConfig(insecure=True), retry_on_failure=fast),
+            OtlpConfig(endpoint="127.0.0.1:9", tls=ClientTLSConfig(insecure=True), retry_on_failure=fast),
         )
     else:
         exp = OtlpHttpExporter(
@@ -652,7 +652,9 @@ async def test_tls_with_test_ca(transport: str, tmp_path: Any) -> None:
         with open(key, "rb") as k, open(crt, "rb") as c:
             creds = grpc.ssl_server_credentials([(k.read(), c.read())])
         target = await sink.start_grpc(creds)
-        good = OtlpGrpcExporter(settings(tel, "good"), OtlpConfig(endpoint=target, tls=TLSConfig(ca_file=ca)))
+        good = OtlpGrpcExporter(
+            settings(tel, "good"), OtlpConfig(endpoint=target, tls=ClientTLSConfig(ca_file=ca))
+        )
         untrusted = OtlpGrpcExporter(
             settings(tel, "untrusted"), OtlpConfig(endpoint=target, retry_on_failure=fast)
         )
@@ -661,7 +663,7 @@ async def test_tls_with_test_ca(transport: str, tmp_path: Any) -> None:
         ctx.load_cert_chain(crt, key)
         base = await sink.start_http(ctx)
         good = OtlpHttpExporter(
-            settings(tel, "good"), OtlpHttpConfig(endpoint=base, tls=TLSConfig(ca_file=ca))
+            settings(tel, "good"), OtlpHttpConfig(endpoint=base, tls=ClientTLSConfig(ca_file=ca))
         )
         untrusted = OtlpHttpExporter(
             settings(tel, "untrusted"), OtlpHttpConfig(endpoint=base, retry_on_failure=fast)
@@ -771,7 +773,9 @@ def test_config_validation() -> None:
         "headers::Content-Type",
     ]
     grpc_bad = OtlpConfig(
-        endpoint="collector:4317/v1", tls=TLSConfig(insecure_skip_verify=True), headers={"grpc-timeout": "1"}
+        endpoint="collector:4317/v1",
+        tls=ClientTLSConfig(insecure_skip_verify=True),
+        headers={"grpc-timeout": "1"},
     )
     assert sorted(p for p, _ in grpc_bad.validate()) == [
         "endpoint",

@@ -490,7 +490,7 @@ def _make_certs(tmp_path) -> tuple[str, str, str]:  # type: ignore[no-untyped-de
 async def test_tls_endpoint_verified_with_ca_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import ssl
 
-    from exporters.prometheus_remote_write import TLSConfig
+    from agent.tls import ClientTLSConfig
 
     ca, crt, key = _make_certs(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -515,7 +515,7 @@ async def test_tls_endpoint_verified_with_ca_file(tmp_path) -> None:  # type: ig
         settings,
         PrometheusRemoteWriteConfig(
             endpoint=f"https://127.0.0.1:{port}/api/v1/write",
-            tls=TLSConfig(ca_file=ca),
+            tls=ClientTLSConfig(ca_file=ca),
             retry_on_failure=fast,
         ),
     )

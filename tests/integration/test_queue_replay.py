@@ -25,7 +25,8 @@ from agent.diskqueue.replay import content_encoding, otlp_url, parse_partition_n
 from agent.model import Kind, LogBatch, MetricBatch, Point, SpanBatch, Temporality
 from agent.sending import QueueConfig, RetryConfig
 from agent.telemetry import ComponentTelemetry, Telemetry
-from exporters.otlp import OtlpConfig, OtlpGrpcExporter, OtlpHttpConfig, OtlpHttpExporter, TLSConfig
+from agent.tls import ClientTLSConfig
+from exporters.otlp import OtlpConfig, OtlpGrpcExporter, OtlpHttpConfig, OtlpHttpExporter
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig, PrometheusRemoteWriteExporter
 from tests.exporters.otlp_sink import Answer, Sink
 from tests.integration.conftest import ROOT, PrometheusServer, free_port
@@ -247,7 +248,7 @@ async def test_otlp_grpc_backlog_goes_over_grpc_or_http(tmp_path: Path, sink: Si
     queue = tmp_path / "queue"
     cfg = OtlpConfig(
         endpoint=f"127.0.0.1:{free_port()}",
-        tls=TLSConfig(insecure=True),
+        tls=ClientTLSConfig(insecure=True),
         sending_queue=disk(queue),
         retry_on_failure=FAST,
         resource_from_environment=False,
