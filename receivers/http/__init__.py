@@ -1,10 +1,10 @@
 """JSON ingest API over HTTP: ``POST /v1/metrics`` and ``GET /healthz`` (default 127.0.0.1:8080).
 
 Request: ``Content-Type: application/json`` (a ``charset`` parameter may only say utf-8), optionally
-``Content-Encoding: gzip``; ``Authorization: Bearer <token>`` when tokens are configured. The body is
-one metric object or a list of up to ``max_items`` of them; the field rules, the timestamp rule and the
-item reason codes are in ``receivers/http/items.py``. Every item stands alone: a bad item is refused
-with its index and a reason, and the others still go through. Configuration::
+``Content-Encoding: gzip`` or ``zstd``; ``Authorization: Bearer <token>`` when tokens are configured.
+The body is one metric object or a list of up to ``max_items`` of them; the field rules, the
+timestamp rule and the item reason codes are in ``receivers/http/items.py``. Every item stands alone:
+a bad item is refused with its index and a reason, and the others still go through. Configuration::
 
     receivers:
       http:
@@ -29,15 +29,16 @@ none was, with ``{"accepted": n, "rejected": m, "errors": [{"index": i, "code": 
 When the request as a whole is refused: ``{"code": c, "error": message}`` with
 
 - ``400`` ``invalid_json`` (not UTF-8, not JSON, nested too deeply, not an object or list),
-  ``invalid_compression`` (corrupt or truncated gzip);
+  ``invalid_compression`` (corrupt or truncated gzip or zstd);
 - ``401`` ``unauthorized`` with ``WWW-Authenticate: Bearer`` (missing or unknown token);
 - ``408`` ``read_timeout`` (the body did not arrive within ``read_timeout``);
 - ``413`` ``body_too_large`` (over ``max_request_body_size`` raw, by Content-Length or counted while
-  streaming, or after decompression: gzip is inflated as it arrives with a bounded ``max_length``, so a
-  bomb never inflates past the cap), ``too_many_items``, ``too_many_values`` (more than ``max_values``
-  JSON values, counted by their separators before the body is parsed);
+  streaming, or after decompression: a gzip or zstd bomb never inflates past the cap; the body
+  reader is ``agent/bodies.py``, shared with the otlp receiver), ``too_many_items``,
+  ``too_many_values`` (more than ``max_values`` JSON values, counted by their separators before the
+  body is parsed);
 - ``415`` ``unsupported_media_type`` (not application/json), ``unsupported_encoding`` (anything but
-  gzip or identity, or more than one encoding);
+  gzip, zstd or identity, or more than one encoding);
 - ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch; retry it whole),
   ``memory_budget`` with ``Retry-After`` (the request bytes in flight, this receiver's
   ``max_request_bytes_in_flight`` or the agent's total, are spent; taken by Content-Length before the
@@ -72,7 +73,6 @@ import math
 import os
 import re
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,9 +80,9 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from agent import exphist, netguard
+from agent import bodies, exphist, netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
-from agent.confmodel import Duration, Size, format_duration, format_size, parse_host_port
+from agent.confmodel import Duration, Size, parse_host_port
 from agent.limits import SeriesLimits
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
@@ -110,7 +110,6 @@ REQUEST_REASONS = (
 """Codes of whole-request refusals (the item codes are ``items.ITEM_REASONS``)."""
 _THREAD_BODY_BYTES = 2**20
 """Bodies at least this large are parsed in a worker thread (1 MiB takes 10-30 ms to parse and check)."""
-_READ_CHUNK = 2**16
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 """RFC 6750 b64token: what may follow ``Bearer`` in an Authorization header."""
@@ -162,7 +161,7 @@ class HttpConfig:
     max_values: int = 1_000_000
     """JSON values (numbers, strings, …) per request at most, counted before parsing: 413 too_many_values."""
     max_request_body_size: Size = Size(20 * 2**20)
-    """Largest body, raw and after decompression (gzip bombs stop here): 413 body_too_large."""
+    """Largest body, raw and after decompression (gzip and zstd bombs stop here): 413 body_too_large."""
     read_timeout: Duration = Duration(30.0)
     """Time allowed to receive a request body (slow senders get 408)."""
     header_timeout: Duration = Duration(10.0)
@@ -252,45 +251,6 @@ def load_tokens_file(path: str) -> dict[str, str]:
         if problem:
             raise ValueError(f"{path}: {problem[1]}")
     return {str(k): str(v) for k, v in data.items()}
-
-
-class Inflater:
-    """Inflates gzip members as the body streams in, refusing past ``limit`` inflated bytes."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def feed(self, data: bytes) -> None:
-        while data:
-            # max_length one past the room left: the first byte over the cap is seen, never more.
-            out = self._d.decompress(data, self._limit - self._size + 1)
-            self._size += len(out)
-            if self._size > self._limit:
-                raise Refusal(
-                    413,
-                    "body_too_large",
-                    f"body inflates past max_request_body_size ({format_size(self._limit)})",
-                )
-            self._parts.append(out)
-            if self._d.eof:  # concatenated gzip members are one stream (RFC 1952)
-                data = self._d.unused_data
-                if data:
-                    self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            else:
-                data = self._d.unconsumed_tail
-
-    @property
-    def inflated(self) -> int:
-        """Bytes inflated so far (at most ``limit + 1``)."""
-        return self._size
-
-    def finish(self) -> bytes:
-        if not self._d.eof:
-            raise zlib.error("the gzip stream ends early")
-        return b"".join(self._parts)
 
 
 # -- the receiver -------------------------------------------------------------------------------------
@@ -424,8 +384,8 @@ class HttpReceiver:
 
     # -- the body ------------------------------------------------------------------------------------
     @staticmethod
-    def _check_media_type(request: web.Request) -> bool:
-        """Whether the body is gzip (else identity); raises 415 for other types and encodings."""
+    def _check_media_type(request: web.Request) -> None:
+        """Raises 415 unsupported_media_type unless the body is JSON in UTF-8."""
         ctype = request.headers.get("Content-Type", "")
         mime, _, params = ctype.partition(";")
         charset = ""
@@ -439,63 +399,18 @@ class HttpReceiver:
                 "unsupported_media_type",
                 f"Content-Type must be application/json (charset utf-8), got {quote(ctype)}",
             )
-        encodings = [
-            e.strip().lower() for h in request.headers.getall("Content-Encoding", []) for e in h.split(",")
-        ]
-        if len(encodings) > 1 or (encodings and encodings[0] not in ("gzip", "x-gzip", "identity", "")):
-            raise Refusal(
-                415,
-                "unsupported_encoding",
-                f"Content-Encoding {quote(', '.join(encodings))} is not supported: send gzip, or none",
-            )
-        return bool(encodings) and encodings[0] in ("gzip", "x-gzip")
 
-    def _over_budget(self) -> Refusal:
-        exc = Refusal(
-            429,
-            "memory_budget",
-            "the agent holds as many request bytes as it may (max_request_bytes_in_flight); retry later",
-        )
-        exc.headers["Retry-After"] = "1"
-        return exc
-
-    async def _read_body(self, request: web.Request, gzip: bool, lease: netguard.Lease) -> bytes:
-        """The body, its bytes (raw or inflated) held in ``lease`` before they are buffered."""
-        cap = self.config.max_request_body_size
-        too_large = Refusal(
-            413, "body_too_large", f"body is larger than max_request_body_size ({format_size(cap)})"
-        )
-        declared = request.content_length or 0
-        if declared > cap:
-            raise too_large
-        if not lease.cover(declared):
-            raise self._over_budget()
-        inflater = Inflater(cap) if gzip else None
-        parts: list[bytes] = []
-        size = 0
+    async def _read_body(self, request: web.Request, lease: netguard.Lease) -> bytes:
+        """The body, inflated, under the body cap, the read timeout and ``lease`` (agent/bodies.py)."""
+        cfg = self.config
         try:
-            async with asyncio.timeout(self.config.read_timeout):
-                while chunk := await request.content.read(_READ_CHUNK):
-                    size += len(chunk)
-                    if size > cap:  # raw bytes are capped too: empty gzip members inflate to nothing
-                        raise too_large
-                    if inflater is not None:
-                        inflater.feed(chunk)
-                        held = max(declared, inflater.inflated + len(chunk))
-                    else:
-                        parts.append(chunk)
-                        held = size
-                    if not lease.cover(held):  # chunked, or inflating past what was declared
-                        raise self._over_budget()
-            return b"".join(parts) if inflater is None else inflater.finish()
-        except TimeoutError:
-            raise Refusal(
-                408,
-                "read_timeout",
-                f"the body did not arrive within {format_duration(self.config.read_timeout)}",
-            ) from None
-        except zlib.error as exc:
-            raise Refusal(400, "invalid_compression", f"body is not valid gzip: {exc}") from None
+            return await bodies.read_body(
+                request, lease, max_bytes=cfg.max_request_body_size, timeout_s=cfg.read_timeout
+            )
+        except bodies.BodyRefused as exc:
+            refusal = Refusal(exc.status, exc.reason, exc.message)
+            refusal.headers.update(exc.retry_after_header)
+            raise refusal from None
 
     def _parse(self, body: bytes, now_ns: int) -> Parsed:
         return self._parser.parse(decode_body(body, self.config.max_items, self.config.max_values), now_ns)
@@ -528,8 +443,8 @@ class HttpReceiver:
         now_ns = time.time_ns()
         try:
             tenant = self._authenticate(request)
-            gzip = self._check_media_type(request)
-            body = await self._read_body(request, gzip, lease)
+            self._check_media_type(request)
+            body = await self._read_body(request, lease)
             if len(body) >= _THREAD_BODY_BYTES:
                 async with netguard.parse_slots():
                     parsed = await asyncio.to_thread(self._parse, body, now_ns)
@@ -581,5 +496,7 @@ factory = Factory(
     config_class=HttpConfig,
     create=_create,
     signals=frozenset({Signal.METRICS}),
-    description="JSON metrics over HTTP (POST /v1/metrics): per-item validation, gzip, bearer tokens, TLS.",
+    description=(
+        "JSON metrics over HTTP (POST /v1/metrics): per-item validation, gzip/zstd, bearer tokens, TLS."
+    ),
 )

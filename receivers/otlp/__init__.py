@@ -28,13 +28,15 @@ HTTP
 ----
 ``POST /v1/metrics``, ``/v1/traces``, ``/v1/logs`` with ``Content-Type: application/x-protobuf`` (or
 ``application/protobuf``) or ``application/json`` (OTLP/JSON); the answer uses the request's type.
-``Content-Encoding``: none, ``gzip`` or ``zstd``. Answers:
+``Content-Encoding``: none, ``gzip`` or ``zstd``; bodies are read, capped and inflated by
+``agent/bodies.py``, the reader the http receiver uses too. Answers:
 
 - ``200`` with ``Export*ServiceResponse``; for metrics, ``partial_success`` holds the number of refused
   points and an English message naming each reason, metric and data point index (first 10);
 - ``400`` ``invalid_request`` (not a valid protobuf / OTLP/JSON request), ``invalid_compression``;
 - ``408`` ``read_timeout``; ``413`` ``body_too_large`` (raw or after decompression; a bomb is never
-  inflated past the cap); ``415`` ``unsupported_media_type``, ``unsupported_encoding``;
+  inflated past the cap); ``415`` ``unsupported_media_type``, ``unsupported_encoding`` (anything but
+  gzip, zstd or identity, or more than one coding);
 - ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch, or the first chunk
   of a large metrics request: nothing was taken; retry it whole),
   ``memory_budget`` with ``Retry-After`` (the request bytes in flight, ``max_request_bytes_in_flight``
@@ -139,9 +141,9 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from agent import netguard
+from agent import bodies, netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
-from agent.confmodel import Duration, Size, format_duration, parse_host_port
+from agent.confmodel import Duration, Size, parse_host_port
 from agent.limits import SeriesLimits
 from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch
 from agent.netcheck import bind_problem
@@ -154,16 +156,7 @@ from receivers.otlp.convert import (
     count_points,
     to_shadow,
 )
-from receivers.otlp.wire import (
-    GzipInflater,
-    RequestError,
-    decode_problem,
-    parse_json,
-    status,
-    to_json,
-    too_large,
-    zstd_decompress,
-)
+from receivers.otlp.wire import RequestError, decode_problem, parse_json, status, to_json
 
 TYPE = "otlp"
 
@@ -193,7 +186,6 @@ Chunk by chunk it costs one chunk (~12 MiB) plus its parsed message."""
 LATER_CHUNK_RETRY_S = 5.0
 """How long, in all, a request waits for downstream to take a chunk after the first one was taken."""
 _THREAD_BODY_BYTES = 2**20
-_READ_CHUNK = 2**16
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 _PROTOBUF_TYPES = frozenset({"application/x-protobuf", "application/protobuf"})
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -709,8 +701,8 @@ class OtlpReceiver:
         return handle
 
     @staticmethod
-    def _media(request: web.Request) -> tuple[bool, str]:
-        """(is JSON, content encoding); raises RequestError 415 for other types and encodings."""
+    def _media(request: web.Request) -> bool:
+        """Whether the body is OTLP/JSON (else protobuf); raises BodyRefused 415 for other types."""
         ctype = request.headers.get("Content-Type", "")
         mime, _, params = ctype.partition(";")
         mime = mime.strip().lower()
@@ -725,70 +717,12 @@ class OtlpReceiver:
             "utf8",
         ):
             shown = ctype[:60] or "(none)"
-            raise RequestError(
+            raise bodies.BodyRefused(
                 415,
-                code_pb2.INVALID_ARGUMENT,
                 "unsupported_media_type",
                 f"Content-Type must be application/x-protobuf or application/json, got {shown}",
             )
-        encodings = [
-            e.strip().lower() for h in request.headers.getall("Content-Encoding", []) for e in h.split(",")
-        ]
-        encodings = [e for e in encodings if e not in ("", "identity")]
-        if len(encodings) > 1 or (encodings and encodings[0] not in ("gzip", "x-gzip", "zstd")):
-            raise RequestError(
-                415,
-                code_pb2.INVALID_ARGUMENT,
-                "unsupported_encoding",
-                f"Content-Encoding {', '.join(encodings)[:60]} is not supported: send gzip, zstd or none",
-            )
-        encoding = encodings[0] if encodings else ""
-        return mime == "application/json", "gzip" if encoding == "x-gzip" else encoding
-
-    async def _read_body(self, request: web.Request, encoding: str, lease: netguard.Lease) -> bytes:
-        """The body, decompressed; its bytes held in ``lease`` before they are buffered."""
-        cap = self.config.max_request_body_size
-        declared = request.content_length or 0
-        if declared > cap:
-            raise too_large(cap, inflated=False)
-        if not lease.cover(declared):
-            raise _over_budget()
-        inflater = GzipInflater(cap) if encoding == "gzip" else None
-        parts: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self.config.read_timeout):
-                while chunk := await request.content.read(_READ_CHUNK):
-                    size += len(chunk)
-                    if size > cap:  # raw bytes are capped too: empty gzip members inflate to nothing
-                        raise too_large(cap, inflated=False)
-                    if inflater is not None:
-                        inflater.feed(chunk)
-                        held = max(declared, inflater.inflated + len(chunk))
-                    else:
-                        parts.append(chunk)
-                        held = size
-                    if not lease.cover(held):  # chunked, or inflating past what was declared
-                        raise _over_budget()
-        except TimeoutError:
-            raise RequestError(
-                408,
-                code_pb2.DEADLINE_EXCEEDED,
-                "read_timeout",
-                f"the body did not arrive within {format_duration(self.config.read_timeout)}",
-            ) from None
-        if inflater is not None:
-            return inflater.finish()
-        raw = b"".join(parts)
-        if encoding == "zstd":
-            if len(raw) >= _THREAD_BODY_BYTES // 8:
-                out = await asyncio.to_thread(zstd_decompress, raw, cap)
-            else:
-                out = zstd_decompress(raw, cap)
-            if not lease.cover(len(raw) + len(out)):
-                raise _over_budget()
-            return out
-        return raw
+        return mime == "application/json"
 
     def _http_response(
         self, status_code: int, body: bytes, is_json: bool, headers: dict[str, str]
@@ -801,13 +735,18 @@ class OtlpReceiver:
 
     async def _handle_http(self, route: _Route, request: web.Request) -> web.Response:
         is_json = True  # answers before the type is known are JSON
+        cfg = self.config
         with self._bytes.lease() as lease:
             try:
-                is_json, encoding = self._media(request)
-                body = await self._read_body(request, encoding, lease)
-            except RequestError as err:
+                is_json = self._media(request)
+                body = await bodies.read_body(
+                    request, lease, max_bytes=cfg.max_request_body_size, timeout_s=cfg.read_timeout
+                )
+            except bodies.BodyRefused as exc:
+                err = _request_error(exc)
                 self._counters[route.signal].refused[err.reason].value += 1
-                return self._http_error(err, is_json)
+                # Every 415 answers in JSON (module docs), unsupported_encoding of a protobuf body too.
+                return self._http_error(err, is_json or err.http_status == 415)
             try:
                 response = await self._export(route, body, is_json, _context(request.headers.items()))
             except RequestError as err:  # counted by _export
@@ -992,14 +931,24 @@ async def _cancelled(context: grpc.aio.ServicerContext[Any, Any], timeout_s: flo
     return bool(context.cancelled())
 
 
-def _over_budget() -> RequestError:
+_GRPC_CODE_OF_STATUS = {
+    400: code_pb2.INVALID_ARGUMENT,
+    408: code_pb2.DEADLINE_EXCEEDED,
+    413: code_pb2.RESOURCE_EXHAUSTED,
+    415: code_pb2.INVALID_ARGUMENT,
+    429: code_pb2.UNAVAILABLE,
+}
+"""The gRPC code (in the ``google.rpc.Status`` of an HTTP answer) of each status a body refusal has."""
+
+
+def _request_error(exc: bodies.BodyRefused) -> RequestError:
     return RequestError(
-        429,
-        code_pb2.UNAVAILABLE,
-        "memory_budget",
-        "the agent holds as many request bytes as it may (max_request_bytes_in_flight); retry later",
-        retry_after_s=1.0,
+        exc.status, _GRPC_CODE_OF_STATUS[exc.status], exc.reason, exc.message, exc.retry_after_s
     )
+
+
+def _over_budget() -> RequestError:
+    return _request_error(bodies.over_budget())
 
 
 def _create(settings: Settings, config: OtlpConfig, consumers: Mapping[Signal, Consumer]) -> OtlpReceiver:

@@ -1,13 +1,6 @@
-"""OTLP request bodies and error bodies: decompression under a cap, OTLP/JSON, ``google.rpc.Status``.
+"""OTLP request and error bodies: OTLP/JSON, ``google.rpc.Status``, depth limits.
 
-Decompression never produces more than the cap plus one byte, whatever the body claims:
-
-- gzip (and concatenated gzip members) is inflated as it streams in, with zlib's ``max_length`` set
-  to the room left, so a bomb stops at the first byte past the cap;
-- zstd is decompressed by ``cramjam.zstd.decompress_into`` into a buffer of cap + 1 bytes, which
-  stops writing (and fails) when the buffer is full: a 4 GiB zstd bomb is refused after ~1 ms, having
-  written at most cap + 1 bytes. The buffer is numpy-allocated (lazily zeroed pages), so a small body
-  touches only the pages it fills.
+Bodies are read, capped and decompressed by ``agent/bodies.py`` (shared with the http receiver).
 
 OTLP/JSON is parsed with ``google.protobuf.json_format`` after one pass that rewrites the hex
 ``traceId``/``spanId``/``parentSpanId`` strings (spans, links, log records, exemplars) into the base64
@@ -31,16 +24,11 @@ from __future__ import annotations
 import base64
 import json
 import sys
-import zlib
 from typing import Any
 
-import cramjam
-import numpy as np
 from google.protobuf import any_pb2, duration_pb2, json_format
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-
-from agent.confmodel import format_size
 
 PROTOBUF_MAX_DEPTH = 100
 """Deepest nesting of messages the protobuf parser (upb) takes: its default, pinned by a test."""
@@ -68,75 +56,6 @@ class RequestError(Exception):
         self.reason = reason
         self.message = message
         self.retry_after_s = retry_after_s
-
-
-def too_large(cap: int, inflated: bool) -> RequestError:
-    how = "inflates past" if inflated else "is larger than"
-    return RequestError(
-        413,
-        code_pb2.RESOURCE_EXHAUSTED,
-        "body_too_large",
-        f"the request body {how} max_request_body_size ({format_size(cap)})",
-    )
-
-
-def invalid_compression(encoding: str, detail: str) -> RequestError:
-    return RequestError(
-        400, code_pb2.INVALID_ARGUMENT, "invalid_compression", f"the body is not valid {encoding}: {detail}"
-    )
-
-
-class GzipInflater:
-    """Inflates gzip members as the body streams in, refusing past ``limit`` inflated bytes."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def feed(self, data: bytes) -> None:
-        try:
-            while data:
-                # One byte more than the room left: enough to see the cap crossed, never more.
-                out = self._d.decompress(data, self._limit - self._size + 1)
-                self._size += len(out)
-                if self._size > self._limit:
-                    raise too_large(self._limit, inflated=True)
-                self._parts.append(out)
-                if self._d.eof:  # concatenated members are one stream (RFC 1952)
-                    data = self._d.unused_data
-                    if data:
-                        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                else:
-                    data = self._d.unconsumed_tail
-        except zlib.error as exc:
-            raise invalid_compression("gzip", str(exc)) from None
-
-    @property
-    def inflated(self) -> int:
-        """Bytes inflated so far (at most ``limit + 1``): what the request-bytes budget holds."""
-        return self._size
-
-    def finish(self) -> bytes:
-        if not self._d.eof:
-            raise invalid_compression("gzip", "the stream ends early")
-        return b"".join(self._parts)
-
-
-def zstd_decompress(data: bytes, limit: int) -> bytes:
-    """``data`` (one or more zstd frames) decompressed, refusing past ``limit`` bytes."""
-    buffer = np.empty(limit + 1, dtype=np.uint8)
-    try:
-        size = int(cramjam.zstd.decompress_into(data, buffer.data))
-    except cramjam.DecompressionError as exc:
-        # cramjam reports a full output buffer with this message (pinned by a test).
-        if "whole buffer" in str(exc):
-            raise too_large(limit, inflated=True) from None
-        raise invalid_compression("zstd", str(exc)) from None
-    if size > limit:
-        raise too_large(limit, inflated=True)
-    return buffer[:size].tobytes()
 
 
 def _hex_ids_to_base64(node: Any) -> Any:
