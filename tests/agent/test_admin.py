@@ -23,6 +23,7 @@ from agent.admin import MAX_CONNECTIONS, AdminServer
 from agent.config import ConfigError, build_config
 from agent.registry import builtin_factories
 from agent.service import Agent
+from tests.conftest import wait_until
 
 SAFETY_CAP_S = 30.0
 
@@ -76,6 +77,7 @@ async def _answers_while_blocked(admin: AdminServer, path: str, want_status: int
     return seen[0]
 
 
+@pytest.mark.loop_block_limit(None)  # blocks the agent's loop on purpose: that is the case under test
 async def test_probes_and_metrics_answer_while_the_agents_loop_is_busy() -> None:
     agent = _agent()
     admin = AdminServer(agent, "127.0.0.1:0", health_stall_timeout_s=3600)
@@ -93,21 +95,22 @@ async def test_probes_and_metrics_answer_while_the_agents_loop_is_busy() -> None
         await agent.stop()
 
 
+@pytest.mark.loop_block_limit(None)  # blocks the agent's loop on purpose: that is the case under test
 async def test_healthz_fails_once_the_agents_loop_is_stuck_and_recovers_after() -> None:
     agent = _agent()
     admin = AdminServer(agent, "127.0.0.1:0", health_stall_timeout_s=0.2)
     await agent.start()
     await admin.start()
     try:
-        status, body = await _answers_while_blocked(admin, "/healthz", 503)
+        _, body = await _answers_while_blocked(admin, "/healthz", 503)
         assert "event loop has not run for" in body and "health_stall_timeout" in body
+
         # Once the loop runs again, the heartbeat is fresh and /healthz is ok.
-        for _ in range(100):
-            await asyncio.sleep(0.05)
+        async def healthy() -> bool:
             status, _ = await asyncio.to_thread(_get, admin.port, "/healthz")
-            if status == 200:
-                break
-        assert status == 200
+            return status == 200
+
+        await wait_until(healthy, "/healthz to answer 200 once the loop runs again")
     finally:
         await admin.shutdown()
         await agent.stop()

@@ -14,6 +14,7 @@ from agent.diskqueue import DiskQueue, DiskQueueConfig, Partition, PartitionOpti
 from agent.diskqueue import partition as partition_mod
 from agent.diskqueue.format import crc32c, encode_frame
 from agent.diskqueue.partition import LEDGER_MAGIC
+from tests.conftest import wait_until
 
 SMALL = PartitionOptions(max_bytes=64 * 1024, segment_bytes=8192)
 
@@ -132,10 +133,7 @@ async def test_the_syncer_survives_a_failed_sync(tmp_path: Path, monkeypatch: py
     stop = asyncio.Event()
     task = asyncio.create_task(q.run_syncer(stop))
     part.append(b"a")
-    for _ in range(1000):
-        if not part.needs_sync() or task.done():
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: not part.needs_sync() or task.done(), "the syncer to sync (or die)")
     assert not task.done(), task.exception()
     assert not part.needs_sync()  # synced once the disk came back
     stop.set()

@@ -4,7 +4,6 @@ hands its queue to its successor; a config that cannot start leaves the running 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import socket
@@ -20,6 +19,7 @@ from agent.component import ComponentId
 from agent.config import AgentConfig, load_config
 from agent.registry import builtin_factories
 from agent.service import Agent
+from tests.conftest import wait_until
 from tests.integration.conftest import free_port
 
 CONFIG = """\
@@ -51,17 +51,6 @@ service:
 RW = ComponentId("prometheus_remote_write")
 STATSD = ComponentId("statsd")
 DEBUG = ComponentId("debug")
-
-
-async def until(what: str, check: Callable[[], Any], limit_s: float = 30.0) -> Any:
-    """Poll ``check`` on the loop until it is truthy (bounded: fails after ``limit_s``)."""
-    try:
-        async with asyncio.timeout(limit_s):
-            while not (result := check()):
-                await asyncio.sleep(0.02)
-            return result
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 class Setup:
@@ -103,13 +92,13 @@ async def test_a_changed_exporter_hands_its_queue_over_and_the_rest_keeps_runnin
         for i in range(200):
             client.incr(f"before.m{i % 20}")
         tel = agent.telemetry
-        await until(
-            "the debug file has them", lambda: sum(setup.total(f"before.m{i}") for i in range(20)) == 200
+        await wait_until(
+            lambda: sum(setup.total(f"before.m{i}") for i in range(20)) == 200, "the debug file has them"
         )
         # The backend never answers: every point written by the debug exporter is still queued.
-        queued = await until(
-            "the same points queued for the hung backend",
+        queued = await wait_until(
             lambda: (n := tel.value("exporter_queue_points", exporter=str(RW))) == len(setup.points()) and n,
+            "the same points queued for the hung backend",
         )
         receiver, debug, old_rw = instance(agent, STATSD), instance(agent, DEBUG), instance(agent, RW)
         batch = agent._processors[0].instance
@@ -124,13 +113,13 @@ async def test_a_changed_exporter_hands_its_queue_over_and_the_rest_keeps_runnin
         assert tel.value("exporter_dropped_points_total") == 0
         for i in range(200):
             client.incr(f"after.m{i % 20}")
-        await until(
-            "the kept pipeline still flows", lambda: sum(setup.total(f"after.m{i}") for i in range(20)) == 200
+        await wait_until(
+            lambda: sum(setup.total(f"after.m{i}") for i in range(20)) == 200, "the kept pipeline still flows"
         )
         # Every point went to both exporters: the successor holds the old queue and the new points.
-        await until(
-            "the successor queues the new points behind the old",
+        await wait_until(
             lambda: tel.value("exporter_queue_points", exporter=str(RW)) == len(setup.points()),
+            "the successor queues the new points behind the old",
         )
     finally:
         await agent.stop()
@@ -153,7 +142,7 @@ async def test_a_changed_receiver_restarts_on_its_new_address(
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the old socket is closed
             assert s.connect_ex(("127.0.0.1", old_port)) != 0
         statsd.TCPStatsClient("127.0.0.1", setup.values["statsd"]).incr("moved", 3)
-        await until("the new address flows", lambda: setup.total("moved") == 3)
+        await wait_until(lambda: setup.total("moved") == 3, "the new address flows")
         assert agent.ready
     finally:
         await agent.stop()
@@ -177,7 +166,7 @@ async def test_a_config_that_cannot_start_leaves_the_running_graph_untouched(
         assert agent.config is running_config
         assert instance(agent, STATSD) is receiver and instance(agent, RW) is rw
         statsd.StatsClient("127.0.0.1", port).incr("still", 2)
-        await until("the running pipeline still flows", lambda: setup.total("still") == 2)
+        await wait_until(lambda: setup.total("still") == 2, "the running pipeline still flows")
         assert agent.ready
     finally:
         taken.close()
@@ -193,19 +182,19 @@ async def test_a_removed_exporter_drains_in_the_background(
     try:
         statsd.StatsClient("127.0.0.1", setup.values["statsd"]).incr("gone", 5)
         tel = agent.telemetry
-        await until("queued", lambda: tel.value("exporter_queue_points", exporter=str(RW)) == 1)
-        await until("written", lambda: setup.total("gone") == 5)
+        await wait_until(lambda: tel.value("exporter_queue_points", exporter=str(RW)) == 1, "queued")
+        await wait_until(lambda: setup.total("gone") == 5, "written")
         text = setup.path.read_text().replace(", prometheus_remote_write]", "]")
         cut = text.index("  prometheus_remote_write:")
         setup.path.write_text(text[:cut] + text[text.index("service:") :])
         assert await agent.reload(load_config(str(setup.path), builtin_factories(), []))
         assert RW not in agent._exporters
         assert any(c["state"] == "retiring" for c in agent.status()["components"])
-        await until(
-            "the removed exporter's drain ended at its deadline",
+        await wait_until(
             lambda: tel.value("exporter_dropped_points_total", exporter=str(RW), reason="shutdown") == 1,
+            "the removed exporter's drain ended at its deadline",
         )
-        await until("it is gone from status", lambda: len(agent.status()["components"]) == 3)
+        await wait_until(lambda: len(agent.status()["components"]) == 3, "it is gone from status")
     finally:
         await agent.stop()
 
@@ -248,7 +237,7 @@ async def test_a_bad_file_is_refused_and_the_running_config_stays(
         assert agent.config is running_config
         assert instance(agent, STATSD) is receiver
         statsd.StatsClient("127.0.0.1", setup.values["statsd"]).incr("kept", 4)
-        await until("the running pipeline still flows", lambda: setup.total("kept") == 4)
+        await wait_until(lambda: setup.total("kept") == 4, "the running pipeline still flows")
     finally:
         await agent.stop()
 
@@ -292,7 +281,7 @@ async def test_a_refused_reload_keeps_the_running_components_gauges(
         )
         # Applied this time: the old processor retires, the new one's gauge stays.
         assert await agent.reload(setup.write(batch_timeout="70ms"))
-        await until("the old batch processor retired", lambda: not agent._retiring)
+        await wait_until(lambda: not agent._retiring, "the old batch processor retired")
         assert agent._processors[0].instance is not batch
         assert gauges(agent, buffered) == [{"processor": "batch@metrics"}]
     finally:
@@ -322,7 +311,7 @@ async def test_a_retired_component_leaves_no_gauge_behind(
         assert gauges(agent, "headwater_percentiles_series") == [{"processor": "percentiles@metrics"}]
         setup.path.write_text(text)
         assert await agent.reload(load_config(str(setup.path), builtin_factories(), []))
-        await until("the percentiles processor retired", lambda: not agent._retiring)
+        await wait_until(lambda: not agent._retiring, "the percentiles processor retired")
         assert gauges(agent, "headwater_receiver_connections") == []
         assert gauges(agent, "headwater_percentiles_series") == []
         assert gauges(agent, "headwater_processor_batch_buffered_points") == [{"processor": "batch@metrics"}]
@@ -367,9 +356,9 @@ async def test_a_hand_over_that_raises_leaves_a_working_graph(
         assert new_rw is not old_rw and started == [new_rw]  # no instance running outside the graph
         tel = agent.telemetry
         statsd.StatsClient("127.0.0.1", setup.values["statsd"]).incr("after", 3)
-        await until("written", lambda: setup.total("after") == 3)
-        await until(
-            "queued in the new exporter", lambda: tel.value("exporter_queue_points", exporter=str(RW))
+        await wait_until(lambda: setup.total("after") == 3, "written")
+        await wait_until(
+            lambda: tel.value("exporter_queue_points", exporter=str(RW)), "queued in the new exporter"
         )
         assert tel.value("exporter_dropped_points_total", exporter=str(RW), reason="shutdown") == 0
     finally:

@@ -1,28 +1,22 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from agent.component import Backpressure, ComponentId, ComponentKind, PermanentError, RetryableError, Settings
+from agent.component import Backpressure, ComponentKind, PermanentError, RetryableError
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
+from tests.conftest import component_settings, wait_until
 
 FAST = RetryConfig(initial_interval=0.001, max_interval=0.01, max_elapsed_time=5.0)
 
 
 def make(send, queue: QueueConfig | None = None, retry: RetryConfig = FAST, timeout_s: float = 5.0):
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("test"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "test"),
-        logger=logging.getLogger("test.sender"),
-    )
+    settings = component_settings(tel, ComponentKind.EXPORTER, "test", logger="test.sender")
     return Sender(settings, send, queue or QueueConfig(), retry, timeout_s, rng=random.Random(1)), tel
 
 
@@ -97,16 +91,18 @@ async def test_gives_up_after_max_elapsed_time() -> None:
 
 async def test_full_queue_drops_oldest_and_counts() -> None:
     gate = asyncio.Event()
+    taken: list[bytes] = []
     seen: list[bytes] = []
 
     async def send(req: Request) -> None:
+        taken.append(req.payload)
         await gate.wait()
         seen.append(req.payload)
 
     sender, tel = make(send, queue=QueueConfig(queue_size=2))
     await sender.start()
     sender.offer(Request(b"1", 1))
-    await asyncio.sleep(0.01)  # the worker takes 1 and waits on the gate
+    await wait_until(lambda: taken == [b"1"], "the worker to take 1 and wait on the gate")
     for p in (b"2", b"3", b"4"):
         sender.offer(Request(p, 1))
     assert tel.value("exporter_dropped_points_total", reason="queue_full") == 1
@@ -117,16 +113,18 @@ async def test_full_queue_drops_oldest_and_counts() -> None:
 
 async def test_full_queue_drop_newest() -> None:
     gate = asyncio.Event()
+    taken: list[bytes] = []
     seen: list[bytes] = []
 
     async def send(req: Request) -> None:
+        taken.append(req.payload)
         await gate.wait()
         seen.append(req.payload)
 
     sender, tel = make(send, queue=QueueConfig(queue_size=1, full_policy="drop_newest"))
     await sender.start()
     sender.offer(Request(b"1", 1))
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: taken == [b"1"], "the worker to take 1 and wait on the gate")
     sender.offer(Request(b"2", 1))
     sender.offer(Request(b"3", 1))
     gate.set()
@@ -158,7 +156,7 @@ async def test_timeout_is_retryable() -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
-            await asyncio.sleep(10)
+            await asyncio.Event().wait()  # never answers: the 0.05 s timeout ends the call
 
     sender, tel = make(send, timeout_s=0.05)
     await sender.start()
@@ -257,14 +255,16 @@ async def test_disk_queue_permanent_error_is_dropped_once(tmp_path: object) -> N
 
 async def test_full_queues_block_with_backpressure(tmp_path: object) -> None:
     gate = asyncio.Event()
+    taken: list[bytes] = []
 
     async def stuck(req: Request) -> None:
+        taken.append(req.payload)
         await gate.wait()
 
     memory, _ = make(stuck, QueueConfig(queue_size=2, full_policy="block"))
     await memory.start()
     memory.offer(Request(b"a", 1))
-    await asyncio.sleep(0)  # the worker takes "a"
+    await wait_until(lambda: taken == [b"a"], 'the worker to take "a"')
     memory.offer(Request(b"b", 1))
     memory.offer(Request(b"c", 1))
     with pytest.raises(Backpressure):
@@ -315,12 +315,7 @@ async def test_interleaved_disk_drain_alternates_oldest_and_newest(tmp_path: obj
         seen.append(req.payload)
 
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("test"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "test"),
-        logger=logging.getLogger("test.sender"),
-    )
+    settings = component_settings(tel, ComponentKind.EXPORTER, "test", logger="test.sender")
     sender = Sender(settings, up, disk(tmp_path), FAST, 5.0, fifo=False, rng=random.Random(1))
     await sender.start()
     await sender.shutdown(5.0)
@@ -395,10 +390,3 @@ async def test_shutdown_with_the_backend_down_keeps_the_disk_backlog_without_ret
     await again.start()
     await again.shutdown(5.0)
     assert seen == [b"r0", b"r1", b"r2"]
-
-
-async def wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.01)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.component import ComponentId, ComponentKind, Settings, Tasks
+from agent.component import ComponentKind, Tasks
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
+from tests.conftest import component_settings, wait_until
 
 HANG_LIMIT_S = 60.0
 """Only a hang reaches this: every shutdown here has a deadline well under a second."""
@@ -20,12 +21,7 @@ HANG_LIMIT_S = 60.0
 
 def make(send, queue: QueueConfig, tel: Telemetry | None = None, retry: RetryConfig | None = None):
     tel = tel or Telemetry()
-    settings = Settings(
-        id=ComponentId("test"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "test"),
-        logger=logging.getLogger("test.sender"),
-    )
+    settings = component_settings(tel, ComponentKind.EXPORTER, "test", logger="test.sender")
     retry = retry or RetryConfig(initial_interval=1.0, max_interval=1.0)
     return Sender(settings, send, queue, retry, 5.0, rng=random.Random(1)), tel
 
@@ -64,8 +60,10 @@ async def test_shutdown_ends_while_workers_are_cancelled_as_sends_fail(
 async def test_a_worker_that_swallows_its_cancellation_cannot_hold_shutdown() -> None:
     tasks = Tasks("test", logging.getLogger("test.tasks"))
     release = asyncio.Event()
+    running = asyncio.Event()
 
     async def stubborn() -> None:
+        running.set()
         while not release.is_set():
             try:
                 await release.wait()
@@ -73,7 +71,7 @@ async def test_a_worker_that_swallows_its_cancellation_cannot_hold_shutdown() ->
                 continue  # the bug this guards against: a cancellation eaten in a loop
 
     task = tasks.spawn(stubborn(), "stubborn")
-    await asyncio.sleep(0)
+    await running.wait()
     async with asyncio.timeout(HANG_LIMIT_S):
         assert await tasks.close(0.05) == ["test:stubborn"]
     release.set()
@@ -106,10 +104,10 @@ async def test_hand_over_gives_the_memory_queue_to_the_successor_in_order() -> N
 
     old, tel = make(hang, QueueConfig(queue_size=3))
     await old.start()
-    for i in range(5):  # r0 is being sent, r1 is dropped for r4 (drop_oldest, counted), r2-r4 wait
-        old.offer(Request(f"r{i}".encode(), 1))
-        await asyncio.sleep(0)
+    old.offer(Request(b"r0", 1))
     await started.wait()
+    for i in range(1, 5):  # r0 is being sent, r1 is dropped for r4 (drop_oldest, counted), r2-r4 wait
+        old.offer(Request(f"r{i}".encode(), 1))
     handed = await old.hand_over()
     assert [r.payload for r in handed] == [b"r0", b"r2", b"r3", b"r4"]
     assert tel.value("exporter_dropped_points_total", reason="shutdown") == 0
@@ -184,8 +182,7 @@ async def test_a_disk_queue_shutdown_ends_once_every_worker_has_stopped(tmp_path
     await sending.wait()
     stopping = asyncio.ensure_future(sender.shutdown(3600.0))
     async with asyncio.timeout(HANG_LIMIT_S):
-        while len(sender._tasks._tasks) > 1:  # the idle worker has ended
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: len(sender._tasks._tasks) <= 1, "the idle worker to end")
         fail.set()
         await stopping
     assert tel.value("exporter_dropped_points_total") == 0

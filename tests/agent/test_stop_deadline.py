@@ -5,7 +5,6 @@ receiver is still stopping, and an exporter that starts stopping late drains onl
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -13,14 +12,13 @@ from pathlib import Path
 import pytest
 import statsd
 
-from agent.component import ComponentId, ComponentKind, Settings
+from agent.component import ComponentKind
 from agent.config import load_config
 from agent.registry import builtin_factories
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.service import Agent
-from agent.telemetry import ComponentTelemetry, Telemetry
-from tests.agent.test_reload import until
-from tests.integration.conftest import free_port
+from agent.telemetry import Telemetry
+from tests.conftest import component_settings, free_port, wait_until
 
 HANG_LIMIT_S = 60.0
 """Only a hang reaches this: the deadlines here are a second."""
@@ -62,9 +60,9 @@ async def test_exporters_stop_at_the_deadline_while_a_receiver_is_still_stopping
     real_shutdown = StatsdReceiver.shutdown
 
     async def slow_shutdown(self: StatsdReceiver) -> None:
-        await until(
-            "the exporter's queue counted at the deadline",
+        await wait_until(
             lambda: tel.value("exporter_dropped_points_total", exporter=rw, reason="shutdown") == queued,
+            "the exporter's queue counted at the deadline",
             HANG_LIMIT_S,
         )
         await real_shutdown(self)
@@ -72,7 +70,7 @@ async def test_exporters_stop_at_the_deadline_while_a_receiver_is_still_stopping
     await agent.start()
     try:
         statsd.StatsClient("127.0.0.1", port).incr("queued", 1)
-        queued = await until("queued", lambda: tel.value("exporter_queue_points", exporter=rw))
+        queued = await wait_until(lambda: tel.value("exporter_queue_points", exporter=rw), "queued")
         monkeypatch.setattr(StatsdReceiver, "shutdown", slow_shutdown)
         async with asyncio.timeout(HANG_LIMIT_S):
             await agent.stop()
@@ -86,11 +84,11 @@ async def test_a_sender_drains_only_until_the_agents_stop_deadline() -> None:
         await asyncio.Event().wait()
 
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("test"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "test"),
-        logger=logging.getLogger("test.sender"),
+    settings = component_settings(
+        tel,
+        ComponentKind.EXPORTER,
+        "test",
+        logger="test.sender",
         stop_remaining_s=lambda: 0.0,  # the agent's deadline has passed
     )
     sender = Sender(settings, hang, QueueConfig(), RetryConfig(), 60.0, rng=random.Random(1))
