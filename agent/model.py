@@ -18,7 +18,39 @@ from typing import Any
 from agent.exphist import ExpHistogram
 
 Labels = tuple[tuple[str, str], ...]
-"""Label pairs sorted by name, names unique. The identity of a series is (name, labels)."""
+"""Label pairs sorted by name, names unique. The identity of a series is (name, labels). A value may be
+a :class:`TypedValue` (an OTLP attribute that was not a string), which is its text everywhere but in
+the OTLP exporters."""
+
+
+class TypedValue(str):
+    """A label or attribute value that arrived as a non-string OTLP ``AnyValue`` (int, double, bool,
+    bytes, array, kvlist or empty): the text it renders as (``receivers/otlp/convert.py``), carrying the
+    serialized ``AnyValue`` in ``any_value``.
+
+    It *is* that text for everything string-based (processors, the Prometheus exporters, StatsD and
+    JSON output) and for series identity: it compares and hashes as its text, so int ``200`` and the
+    string ``"200"`` are one label value, and where both meet in one series the first one seen
+    wins. The OTLP exporters send ``any_value`` instead of the text, so the type survives OTLP → OTLP.
+    A stage that changes a value makes a new plain ``str`` (sent as a string); one that passes it on
+    or renames its key keeps the type. A str subclass cannot have ``__slots__``: the ``__dict__`` is
+    paid only by typed values, and those are built once per distinct attribute set (the receiver
+    caches label tuples), never per point.
+    """
+
+    any_value: bytes
+    """The serialized ``AnyValue`` as it arrived."""
+
+    def __new__(cls, text: str, any_value: bytes) -> TypedValue:
+        self = super().__new__(cls, text)
+        self.any_value = any_value
+        return self
+
+    def __reduce__(self) -> tuple[type[TypedValue], tuple[str, bytes]]:
+        return TypedValue, (str(self), self.any_value)
+
+    def __repr__(self) -> str:
+        return f"TypedValue({str.__repr__(self)}, {self.any_value!r})"
 
 
 class Kind(enum.IntEnum):

@@ -18,7 +18,9 @@ Contracts:
 - A data point is returned as a complete ``data_points`` entry (tag, length, body); a metric's data
   is the concatenation of its entries (:func:`metric`), a request is built by :func:`request`.
 - Attribute bytes (:func:`attributes`) depend only on the pairs and the field they go in: the caller
-  caches them per series. Every attribute value is an ``AnyValue.string_value`` (empty ones too).
+  caches them per series. A value is written as the ``AnyValue`` it arrived as when it is an
+  ``agent.model.TypedValue`` (an OTLP attribute that was not a string, unchanged since), otherwise as
+  an ``AnyValue.string_value`` (empty ones too).
 - Times are fixed64 nanoseconds; a zero start time is left out (proto3 default).
 - Histogram counts are uint64 on the wire: fractional counts (StatsD sample rates) are rounded to the
   nearest integer per bucket and the point's count is the sum of the rounded buckets, so the OTLP
@@ -37,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.exphist import ExpHistogram
+from agent.model import TypedValue
 
 # Field tags: (field number << 3) | wire type (0 varint, 1 fixed64, 2 length-delimited).
 TAG_RESOURCE_METRICS = b"\x0a"  # ExportMetricsServiceRequest.resource_metrics = 1
@@ -123,10 +126,12 @@ def _string(tag: bytes, text: str) -> bytes:
 
 
 def attributes(tag: bytes, pairs: Iterable[tuple[str, str]]) -> bytes:
-    """Repeated ``KeyValue`` fields (``tag`` names the field they fill) with string values."""
+    """Repeated ``KeyValue`` fields (``tag`` names the field they fill): a :class:`TypedValue` as the
+    ``AnyValue`` it arrived as, any other value as a string."""
     parts = []
     for key, value in pairs:
-        any_value = field(b"\x0a", value.encode())  # AnyValue.string_value = 1, kept even when empty
+        # A TypedValue goes out as it arrived; text as AnyValue.string_value = 1, kept even when empty.
+        any_value = value.any_value if isinstance(value, TypedValue) else field(b"\x0a", value.encode())
         parts.append(field(tag, field(b"\x0a", key.encode()) + field(b"\x12", any_value)))
     return b"".join(parts)
 

@@ -31,7 +31,9 @@ series keep their identity whichever agent forwards them: bool → ``true``/``fa
 double → shortest positional decimal (``1``, ``0.25``, ``100000000000000000000``; ``NaN``, ``+Inf``,
 ``-Inf``); bytes → standard base64; array and kvlist → compact JSON (keys sorted, bytes as base64
 strings, non-finite doubles as the strings above); an empty value → ``""``. Resource and scope
-attributes follow the same rules.
+attributes follow the same rules. A value that is not a string is an :class:`agent.model.TypedValue`:
+that text, carrying the serialized ``AnyValue`` it arrived as, which the OTLP exporters send as it was
+(types survive OTLP → OTLP; string values cost nothing extra).
 
 Refusals
 --------
@@ -130,6 +132,7 @@ from agent.model import (
     Scope,
     Summary,
     Temporality,
+    TypedValue,
     new_point,
 )
 from receivers.otlp.wire import PROTOBUF_MAX_DEPTH, is_too_deep
@@ -271,10 +274,15 @@ def render_value(v: common_pb2.AnyValue) -> str:
 
 
 def labels_from_keyvalues(kvs: Iterable[common_pb2.KeyValue]) -> Labels:
-    """Sorted (key, rendered value) pairs; the last of duplicated keys wins."""
+    """Sorted (key, rendered value) pairs; the last of duplicated keys wins. A value that is not a
+    ``string_value`` is a :class:`TypedValue` keeping its serialized ``AnyValue``."""
     out: dict[str, str] = {}
     for kv in kvs:
-        out[kv.key] = render_value(kv.value)
+        v = kv.value
+        if v.WhichOneof("value") == "string_value":
+            out[kv.key] = v.string_value
+        else:
+            out[kv.key] = TypedValue(render_value(v), v.SerializeToString())
     return tuple(sorted(out.items()))
 
 
