@@ -19,7 +19,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import pytest
 
@@ -101,9 +101,13 @@ def _failed_wait(what: str, timeout_s: float) -> AssertionError:
     return AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
+@overload
+async def wait_until(condition: Callable[[], Awaitable[T]], what: str = ..., timeout_s: float = ...) -> T: ...
+@overload
+async def wait_until(condition: Callable[[], T], what: str = ..., timeout_s: float = ...) -> T: ...
 async def wait_until(
-    condition: Callable[[], T | Awaitable[T]], what: str = "the condition", timeout_s: float = 30.0
-) -> T:
+    condition: Callable[[], Any], what: str = "the condition", timeout_s: float = 30.0
+) -> Any:
     """Poll ``condition`` on the loop every 10 ms until it returns something truthy, and return that.
 
     ``condition`` may be a coroutine function (awaited each time). Fails with an AssertionError naming
@@ -115,7 +119,7 @@ async def wait_until(
         if inspect.isawaitable(result):
             result = await result
         if result:
-            return result  # type: ignore[return-value]
+            return result
         if time.monotonic() >= deadline:
             raise _failed_wait(what, timeout_s)
         await asyncio.sleep(0.01)
@@ -187,7 +191,7 @@ def _describe(handle: asyncio.Handle) -> str:
 
 
 _active: list[LoopWatch] = []
-_handle_run = asyncio.Handle._run  # type: ignore[attr-defined]
+_handle_run = asyncio.Handle._run
 
 
 def _timed_run(handle: asyncio.Handle) -> None:
@@ -219,13 +223,13 @@ def _loop_block_guard(request: pytest.FixtureRequest, loop_block_limit_s: float 
     watch = LoopWatch(limit_s)
     request.node.stash[_WATCH] = watch
     _active.append(watch)
-    asyncio.Handle._run = _timed_run  # type: ignore[attr-defined]
+    asyncio.Handle._run = _timed_run  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
         _active.remove(watch)
         if not _active:
-            asyncio.Handle._run = _handle_run  # type: ignore[attr-defined]
+            asyncio.Handle._run = _handle_run  # type: ignore[method-assign]
     watch.check("teardown")
 
 
