@@ -129,12 +129,16 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each field of a dataclass (its one-line doc), read from the source."""
+    """The string literal under each field of a dataclass (its one-line doc), read from the source;
+    a field declared in a base dataclass has the doc written there unless the class redeclares it."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
+        return docs
     body = ast.parse(source).body[0]
     assert isinstance(body, ast.ClassDef)
     stmts = body.body

@@ -48,30 +48,15 @@ from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
 from agent.model import Batch, Kind, Labels, LogBatch, MetricBatch, Point, Resource, SpanBatch
 from agent.telemetry import Cell
+from agent.tenancy import tenant_problem
 
 TYPE = "tenant"
 
-MAX_TENANT_LENGTH = 150
-_TENANT_CHARS = re.compile(r"[A-Za-z0-9!\-_.*'()]+", re.ASCII)
-_RESERVED_TENANTS = frozenset({".", "..", "__mimir_cluster"})
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 OTHER_TENANT = "__other__"
 """The ``tenant`` label of overflow counted beyond ``max_tenants``."""
 _CACHE_LIMIT = 10_000
 _LOG_INTERVAL_S = 60.0
-
-
-def tenant_problem(name: str) -> str | None:
-    """Why ``name`` is not a valid tenant by Mimir's rules (a short reason label), or None when it is."""
-    if not name:
-        return "empty"
-    if len(name) > MAX_TENANT_LENGTH:
-        return "too_long"
-    if not _TENANT_CHARS.fullmatch(name):
-        return "bad_character"
-    if name in _RESERVED_TENANTS:
-        return "reserved"
-    return None
 
 
 @dataclass(frozen=True)

@@ -71,11 +71,11 @@ from agent.sending import (
     retry_after_s,
 )
 from agent.slicing import slices
+from agent.tenancy import TenantRoutingConfig
 from agent.tls import ClientTLSConfig
 from agent.version import USER_AGENT, VERSION
 from exporters.otlp import passthrough, resource
 from exporters.otlp.metrics import EncoderOptions, MetricEncoder
-from processors.tenant import tenant_problem
 
 GRPC_TYPE = "otlp"
 HTTP_TYPE = "otlp_http"
@@ -120,31 +120,15 @@ _RESERVED_HEADERS = frozenset(
 
 
 @dataclass(frozen=True)
-class TenantRoutingConfig:
-    header: str = ""
-    """Header (gRPC: metadata, lower-cased) naming each request's tenant, e.g. X-Scope-OrgID; when set,
-    every tenant also gets its own queue, so a failing tenant never delays another. Empty = none."""
+class OtlpTenantRoutingConfig(TenantRoutingConfig):
     resource_attribute: str = "tenant.id"
-    """Resource attribute naming the tenant: read from the data, and added to it where missing (with the
-    exporter's other resource attributes); empty = neither."""
-    label: str = "tenant_id"
-    """Metrics: point label naming the tenant, read before the resource attribute."""
-    default: str = ""
-    """Tenant of data naming none (after the label, the attribute and the batch context's tenant);
-    empty = sent without a tenant, through the exporter's own queue."""
-    max_tenants: int = 1000
-    """Tenants at most (each has its own series state, and queue with header); beyond, their data is
-    dropped (tenant_limit)."""
+    """Resource attribute naming the tenant: read from the data (after label), and added to it where
+    missing (with the exporter's other resource attributes); empty = neither."""
 
-    def validate(self) -> list[tuple[str, str]]:
-        problems = []
+    def header_problem(self) -> str | None:
         if self.header.lower() in _RESERVED_HEADERS or self.header.lower().startswith(("grpc-", ":")):
-            problems.append(("header", "this header is set by the exporter or gRPC itself"))
-        if self.default and (problem := tenant_problem(self.default)):
-            problems.append(("default", f"{self.default!r} is not a valid tenant ({problem})"))
-        if self.max_tenants < 1:
-            problems.append(("max_tenants", "must be at least 1"))
-        return problems
+            return "this header is set by the exporter or gRPC itself"
+        return None
 
 
 @dataclass(frozen=True)
@@ -192,7 +176,7 @@ class OtlpConfig:
     """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
-    tenant: TenantRoutingConfig | None = None
+    tenant: OtlpTenantRoutingConfig | None = None
     """Per-tenant routing: the tenant as a resource attribute and/or a header, with a queue per tenant
     when a header is used. Unset = off."""
 
@@ -271,7 +255,7 @@ class OtlpHttpConfig:
     """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
-    tenant: TenantRoutingConfig | None = None
+    tenant: OtlpTenantRoutingConfig | None = None
     """Per-tenant routing: the tenant as a resource attribute and/or a header, with a queue per tenant
     when a header is used. Unset = off."""
 
@@ -323,9 +307,7 @@ def _common_problems(cfg: AnyConfig) -> list[tuple[str, str]]:
             problems.append((f"{section}::{path}" if path else section, message))
     if cfg.tenant is not None:
         problems += [(f"tenant::{p}" if p else "tenant", m) for p, m in cfg.tenant.validate()]
-        clash = cfg.tenant.header.lower()
-        if clash and any(name.lower() == clash for name in cfg.headers):
-            problems.append(("tenant::header", "also set in headers: the tenant header is per request"))
+        problems += cfg.tenant.header_clash(cfg.headers)
     return problems
 
 
@@ -594,13 +576,11 @@ class _OtlpExporter(abc.ABC):
         """``tenant`` if valid ("" → the default or None); an invalid one is refused and counted."""
         route = self._route
         assert route is not None
-        tenant = tenant or route.default
-        if not tenant:
-            return None
-        if tenant_problem(tenant) is not None:
-            refused["invalid_tenant"] = refused.get("invalid_tenant", 0) + n
+        resolved, refusal = route.resolve(tenant)
+        if refusal:
+            refused[refusal] = refused.get(refusal, 0) + n
             return ""
-        return tenant
+        return resolved
 
     async def _group_points(self, batch: MetricBatch) -> dict[str | None, list[Point]]:
         """The batch's points by tenant, in slices that yield to the loop (~1 µs a point)."""

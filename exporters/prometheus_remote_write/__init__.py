@@ -64,6 +64,7 @@ from agent.sending import (
     retry_after_s,
 )
 from agent.slicing import slices
+from agent.tenancy import TenantRoutingConfig, tenant_problem
 from agent.tls import ClientTLSConfig
 from agent.version import USER_AGENT
 from exporters.prometheus_remote_write import wire
@@ -77,7 +78,6 @@ from exporters.prometheus_series import (
     format_value,
     next_timestamp_ms,
 )
-from processors.tenant import tenant_problem
 
 TYPE = "prometheus_remote_write"
 
@@ -118,27 +118,24 @@ _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 
 @dataclass(frozen=True)
-class TenantRoutingConfig:
+class RemoteWriteTenantRoutingConfig(TenantRoutingConfig):
     header: str = "X-Scope-OrgID"
     """Request header naming each request's tenant: X-Scope-OrgID (Mimir, Cortex), THANOS-TENANT (Thanos
     receive); empty = no header (url_template alone, or per-tenant queues only)."""
     url_template: str = ""
     """URL with {tenant} (URL-encoded) for each tenant's requests, e.g.
     http://vminsert:8480/insert/{tenant}/prometheus/api/v1/write; empty = endpoint for every tenant."""
-    label: str = "tenant_id"
-    """Label naming a point's tenant (set by the tenant processor); without it the batch context's
-    tenant, then default. Series always carry it (added when missing): it keeps tenants' series apart."""
     drop_label: bool = False
-    """Do not send the tenant label (the header or URL already says whose the series are)."""
-    default: str = ""
-    """Tenant of points that name none; empty = send them to endpoint without a tenant header."""
-    max_tenants: int = 1000
-    """Tenants with their own queue at most; points of further tenants are dropped (tenant_limit)."""
+    """Do not send the tenant label (the header or URL already says whose the series are). Series carry
+    it otherwise (added when missing): it keeps tenants' series apart."""
+
+    def header_problem(self) -> str | None:
+        if self.header.lower() in RESERVED_HEADERS:
+            return "this header is set by the remote-write protocol itself"
+        return None
 
     def validate(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.header.lower() in RESERVED_HEADERS:
-            problems.append(("header", "this header is set by the remote-write protocol itself"))
+        problems = super().validate()
         if self.url_template:
             if "{tenant}" not in self.url_template:
                 problems.append(("url_template", "must contain {tenant}"))
@@ -146,10 +143,6 @@ class TenantRoutingConfig:
                 problems.append(("url_template", "is not an http:// or https:// URL"))
         if not _LABEL_NAME.fullmatch(self.label) or self.label.startswith("__"):
             problems.append(("label", f"{self.label!r} is not a valid Prometheus label name"))
-        if self.default and (problem := tenant_problem(self.default)):
-            problems.append(("default", f"{self.default!r} is not a valid tenant ({problem})"))
-        if self.max_tenants < 1:
-            problems.append(("max_tenants", "must be at least 1"))
         return problems
 
 
@@ -184,7 +177,7 @@ class PrometheusRemoteWriteConfig:
     """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
     retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
     """Retries of failed requests."""
-    tenant: TenantRoutingConfig | None = None
+    tenant: RemoteWriteTenantRoutingConfig | None = None
     """Per-tenant routing: each tenant gets its own requests (tenant header and/or URL) and its own
     queue (memory, or its own disk partition), so a failing tenant never delays another. Unset = off."""
 
@@ -195,9 +188,7 @@ class PrometheusRemoteWriteConfig:
         problems = []
         if self.tenant is not None:
             problems += [(f"tenant::{p}" if p else "tenant", m) for p, m in self.tenant.validate()]
-            clash = self.tenant.header.lower()
-            if clash and any(name.lower() == clash for name in self.headers):
-                problems.append(("tenant::header", "also set in headers: the tenant header is per request"))
+            problems += self.tenant.header_clash(self.headers)
         if not self.endpoint.startswith(("http://", "https://")):
             problems.append(("endpoint", f"{self.endpoint!r} is not an http:// or https:// URL"))
         for name in self.headers:
@@ -512,11 +503,11 @@ class PrometheusRemoteWriteExporter:
         route = self._route
         assert route is not None
         label = route.label
-        tenant = next((v for k, v in point.labels if k == label), "") or context_tenant or route.default
-        if not tenant:
-            return point, None, ""
-        if tenant_problem(tenant) is not None:
-            return point, None, "invalid_tenant"
+        tenant, refusal = route.resolve(
+            next((v for k, v in point.labels if k == label), "") or context_tenant
+        )
+        if tenant is None:
+            return point, None, refusal
         if not any(k == label for k, _ in point.labels):
             # The label is the series' identity in the cumulative state: without it two tenants'
             # same-named series would be added together.

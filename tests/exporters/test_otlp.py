@@ -803,7 +803,7 @@ async def test_a_stuck_tenant_does_not_hold_the_connection_of_another() -> None:
     from aiohttp import web
 
     from agent.confmodel import Duration
-    from exporters.otlp import TenantRoutingConfig
+    from exporters.otlp import OtlpTenantRoutingConfig
 
     release = asyncio.Event()
     seen: list[str] = []
@@ -828,7 +828,7 @@ async def test_a_stuck_tenant_does_not_hold_the_connection_of_another() -> None:
         compression="none",
         timeout=Duration(60.0),
         retry_on_failure=FAST,
-        tenant=TenantRoutingConfig(header="X-Scope-OrgID"),
+        tenant=OtlpTenantRoutingConfig(header="X-Scope-OrgID"),
     )
     assert config.validate() == []
     exp = OtlpHttpExporter(settings(Telemetry()), config)
@@ -878,7 +878,7 @@ async def test_a_reload_that_ends_tenant_headers_does_not_send_a_tenants_queue_a
     from aiohttp import web
 
     from agent.confmodel import Duration
-    from exporters.otlp import TenantRoutingConfig
+    from exporters.otlp import OtlpTenantRoutingConfig
 
     sending = asyncio.Event()
     release = asyncio.Event()
@@ -899,7 +899,7 @@ async def test_a_reload_that_ends_tenant_headers_does_not_send_a_tenants_queue_a
         endpoint=f"http://127.0.0.1:{port}",
         timeout=Duration(60.0),
         retry_on_failure=FAST,
-        tenant=TenantRoutingConfig(header="X-Scope-OrgID"),
+        tenant=OtlpTenantRoutingConfig(header="X-Scope-OrgID"),
     )
     old = OtlpHttpExporter(settings(Telemetry()), config)
     await old.start()

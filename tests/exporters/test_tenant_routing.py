@@ -18,12 +18,11 @@ from agent.component import ComponentId, ComponentKind, Settings, validate_confi
 from agent.model import Kind, MetricBatch, Point, SpanBatch
 from agent.sending import QueueConfig, RetryConfig
 from agent.telemetry import ComponentTelemetry, Telemetry
-from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter
-from exporters.otlp import TenantRoutingConfig as OtlpTenantRouting
+from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter, OtlpTenantRoutingConfig
 from exporters.prometheus_remote_write import (
     PrometheusRemoteWriteConfig,
     PrometheusRemoteWriteExporter,
-    TenantRoutingConfig,
+    RemoteWriteTenantRoutingConfig,
     remote_pb2,
     wire,
 )
@@ -87,7 +86,7 @@ def settings(tel: Telemetry, kind: ComponentKind, type_: str) -> Settings:
 
 
 def remote_write(
-    receiver: Receiver, tel: Telemetry, routing: TenantRoutingConfig | None, **kw: Any
+    receiver: Receiver, tel: Telemetry, routing: RemoteWriteTenantRoutingConfig | None, **kw: Any
 ) -> PrometheusRemoteWriteExporter:
     config = PrometheusRemoteWriteConfig(
         endpoint=f"http://127.0.0.1:{receiver.port}/api/v1/push", tenant=routing, retry_on_failure=FAST, **kw
@@ -116,7 +115,7 @@ async def test_a_failing_tenant_does_not_delay_a_healthy_one(receiver: Receiver)
     backend answers 503 for tenant "down" only."""
     receiver.failing.add("down")
     tel = Telemetry()
-    exporter = remote_write(receiver, tel, TenantRoutingConfig(header="X-Scope-OrgID"))
+    exporter = remote_write(receiver, tel, RemoteWriteTenantRoutingConfig(header="X-Scope-OrgID"))
     processor = TenantProcessor(settings(tel, ComponentKind.PROCESSOR, "tenant"), TenantConfig(), exporter)
     await exporter.start()
     try:
@@ -145,7 +144,7 @@ async def test_a_failing_tenant_does_not_delay_a_healthy_one(receiver: Receiver)
 
 async def test_url_template_drop_label_context_and_default(receiver: Receiver) -> None:
     tel = Telemetry()
-    routing = TenantRoutingConfig(
+    routing = RemoteWriteTenantRoutingConfig(
         header="",
         url_template=f"http://127.0.0.1:{receiver.port}/t/{{tenant}}/api/v1/push",
         drop_label=True,
@@ -175,7 +174,7 @@ async def test_url_template_drop_label_context_and_default(receiver: Receiver) -
 
 async def test_same_series_of_two_tenants_keep_separate_cumulative_totals(receiver: Receiver) -> None:
     tel = Telemetry()
-    exporter = remote_write(receiver, tel, TenantRoutingConfig(drop_label=True))
+    exporter = remote_write(receiver, tel, RemoteWriteTenantRoutingConfig(drop_label=True))
     await exporter.start()
     try:
         for _ in range(3):
@@ -193,7 +192,7 @@ async def test_same_series_of_two_tenants_keep_separate_cumulative_totals(receiv
 
 async def test_invalid_and_excess_tenants_are_dropped_and_counted(receiver: Receiver) -> None:
     tel = Telemetry()
-    exporter = remote_write(receiver, tel, TenantRoutingConfig(max_tenants=1))
+    exporter = remote_write(receiver, tel, RemoteWriteTenantRoutingConfig(max_tenants=1))
     await exporter.start()
     try:
         await exporter.consume(MetricBatch((counter("a", "ok"), counter("b", "bad\r\nX-Evil: 1"))))
@@ -213,7 +212,7 @@ async def test_disk_queue_partitions_per_tenant_and_backlogs_reopen(
     receiver.failing.add("b")
     queue = QueueConfig(storage="disk", directory=str(tmp_path), max_bytes=1 << 20)
     tel = Telemetry()
-    exporter = remote_write(receiver, tel, TenantRoutingConfig(), sending_queue=queue)
+    exporter = remote_write(receiver, tel, RemoteWriteTenantRoutingConfig(), sending_queue=queue)
     await exporter.start()
     try:
         await exporter.consume(MetricBatch((counter("x", "a"),)))
@@ -228,7 +227,7 @@ async def test_disk_queue_partitions_per_tenant_and_backlogs_reopen(
     ]
     # The next run sends b's backlog at start, before b sends anything new.
     receiver.failing.clear()
-    exporter = remote_write(receiver, Telemetry(), TenantRoutingConfig(), sending_queue=queue)
+    exporter = remote_write(receiver, Telemetry(), RemoteWriteTenantRoutingConfig(), sending_queue=queue)
     await exporter.start()
     try:
         await wait_until(lambda: "b" in receiver.series_by_tenant())
@@ -239,7 +238,9 @@ async def test_disk_queue_partitions_per_tenant_and_backlogs_reopen(
 def test_routing_config_validation() -> None:
     bad = PrometheusRemoteWriteConfig(
         headers={"x-scope-orgid": "fixed"},
-        tenant=TenantRoutingConfig(url_template="http://mimir/api/v1/push", label="tenant.id", default=".."),
+        tenant=RemoteWriteTenantRoutingConfig(
+            url_template="http://mimir/api/v1/push", label="tenant.id", default=".."
+        ),
     )
     paths = {p for p, _ in validate_config(bad)}
     assert paths == {"tenant::url_template", "tenant::label", "tenant::default", "tenant::header"}
@@ -254,7 +255,7 @@ async def test_otlp_http_header_and_resource_attribute_per_tenant() -> None:
         compression="none",
         resource_from_environment=False,
         retry_on_failure=FAST,
-        tenant=OtlpTenantRouting(header="X-Scope-OrgID"),
+        tenant=OtlpTenantRoutingConfig(header="X-Scope-OrgID"),
     )
     assert validate_config(config) == []
     exporter = OtlpHttpExporter(settings(tel, ComponentKind.EXPORTER, "otlp_http"), config)
