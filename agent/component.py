@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextvars
 import enum
 import logging
 import math
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.model import Batch
@@ -42,7 +43,8 @@ class Component(Protocol):
 
 class Consumer(Protocol):
     """Takes batches of one signal (the pipeline's). ``consume`` may raise :class:`Backpressure` when
-    the data cannot be taken now. A consumer never mutates a batch it was given."""
+    the data cannot be taken now — but not inside :func:`admitted` hand-overs (see :class:`Admission`).
+    A consumer never mutates a batch it was given."""
 
     async def consume(self, batch: Batch) -> None: ...
 
@@ -57,6 +59,65 @@ class Backpressure(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
+
+
+_ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("headwater_admitted", default=False)
+
+
+def admitted() -> bool:
+    """True while the current task hands on a batch that every admission check downstream accepted
+    (:class:`Admission`): a bounded queue (``full_policy: block``) then takes the whole batch, past its
+    limit if need be, instead of refusing part of it. The overshoot is at most the batches admitted
+    while the queue still had room — the high-watermark of aiohttp's and aiokafka's flow control."""
+    return _ADMITTED.get()
+
+
+def admit() -> contextvars.Token[bool]:
+    """Mark the current task's hand-over as admitted; pass the token to :func:`end_admission`."""
+    return _ADMITTED.set(True)
+
+
+def end_admission(token: contextvars.Token[bool]) -> None:
+    _ADMITTED.reset(token)
+
+
+AdmissionCheck = Callable[[Batch], Backpressure | None]
+"""Answers, synchronously and without taking anything, whether a batch would be refused now."""
+
+
+class Admission:
+    """The admission checks of one component: what the service's fan-outs ask before handing a batch
+    to any consumer, so that a batch refused with :class:`Backpressure` was taken by none of them and
+    one accepted is taken by all (refuse before you take).
+
+    Whatever can refuse a batch part-way registers a check here (a :class:`agent.sending.Sender` with
+    ``full_policy: block`` registers itself through its exporter's ``Settings.admission``): it returns
+    the refusal it would raise now, or None. A check never blocks, never awaits and takes nothing; it
+    is asked with no await between it and the hand-over, so on the one event loop the answer still
+    holds when the batch arrives. A component that admitted a batch then takes it whole
+    (:func:`admitted` is true while it arrives). The service keeps one Admission per exporter id for
+    the agent's lifetime, so a reloaded exporter's new instance answers through the same one."""
+
+    __slots__ = ("_checks",)
+
+    def __init__(self) -> None:
+        self._checks: list[AdmissionCheck] = []
+
+    def add(self, check: AdmissionCheck) -> None:
+        self._checks.append(check)
+
+    def remove(self, check: AdmissionCheck) -> None:
+        """Drop ``check`` (a stopped sender's); nothing when it is not there. Idempotent."""
+        if check in self._checks:
+            self._checks.remove(check)
+
+    def refusal(self, batch: Batch) -> Backpressure | None:
+        """The first refusal among the checks, or None when every one admits ``batch``."""
+        for check in self._checks:
+            refused = check(batch)
+            if refused is not None:
+                return refused
+        return None
 
 
 class PermanentError(Exception):
@@ -104,7 +165,13 @@ class Tasks:
         self.died = 0
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self._owner}:{name}")
+        context = None
+        if _ADMITTED.get():
+            # A task started while a batch is being handed on (a sender opened for a new tenant) would
+            # otherwise inherit the admission and take every later batch past its queue's limit.
+            context = contextvars.copy_context()
+            context.run(_ADMITTED.set, False)
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self._owner}:{name}", context=context)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
@@ -162,6 +229,9 @@ class Settings:
     stop_remaining_s: Callable[[], float] = lambda: math.inf
     """Seconds left until the agent's stop deadline (infinite until the agent stops): a drain that
     starts late (upstream components took a while to stop) still ends by then."""
+    admission: Admission = field(default_factory=Admission)
+    """Where the component (its senders) registers the checks the fan-outs ask before handing it a
+    batch (:class:`Admission`)."""
 
 
 ConfigError = tuple[str, str]

@@ -21,7 +21,10 @@ The queue is in memory or on disk (``storage``):
   while a backlog drains.
 
 Full queue: ``block`` raises :class:`Backpressure` from ``offer`` (receivers answer 429 / UNAVAILABLE,
-StatsD counts the points refused); ``drop_oldest`` / ``drop_newest`` drop and count
+StatsD counts the points refused) — before any consumer took part of the batch: the sender registers
+:meth:`Sender.refusal` in its exporter's ``Settings.admission``, which the service's fan-outs ask first,
+and a memory queue takes a batch they admitted whole, past ``queue_size`` if need be (a tenant's queue
+and a disk queue can still refuse part-way). ``drop_oldest`` / ``drop_newest`` drop and count
 (dropped{queue_full}). A full disk (ENOSPC) is treated as a full queue (reason ``disk_full``).
 """
 
@@ -38,7 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.component import Backpressure, PermanentError, RetryableError, Settings, Tasks
+from agent.component import Backpressure, PermanentError, RetryableError, Settings, Tasks, admitted
 from agent.confmodel import Duration, Size
 from agent.diskqueue import (
     DiskFull,
@@ -210,6 +213,12 @@ class Sender:
         """Set when shutdown starts: durable requests stop waiting to be retried."""
         self._ended_workers = 0
         """Disk workers that ended at shutdown (nothing left to hand out, or the backend failing)."""
+        self._largest = 0
+        """Disk: the largest request offered so far, the room a batch needs to be admitted."""
+        if tenant is None and queue.full_policy == "block":
+            # A tenant's queue stays out: one tenant's full queue must not refuse the other tenants'
+            # data, so it still refuses its own part of a batch when it comes to it.
+            settings.admission.add(self.refusal)
         tel = settings.telemetry
         self._sent = tel.sent()
         self._requests_sent = tel.counter("exporter_sent_requests_total", "Requests an exporter delivered.")
@@ -283,9 +292,22 @@ class Sender:
         if self._part is not None:
             self._part.before_sync = hook
 
+    def refusal(self, batch: object = None) -> Backpressure | None:
+        """The refusal a batch meets now (``block`` and the queue full), or None: an admission check
+        (:class:`agent.component.Admission`); takes nothing."""
+        if self._closing or self._queue_cfg.full_policy != "block":
+            return None
+        part = self._part
+        if part is not None:
+            if part.used_bytes + self._largest > self._queue_cfg.max_bytes:
+                return Backpressure("queue_full")
+            return None
+        return Backpressure("queue_full") if len(self._items) >= self._queue_cfg.queue_size else None
+
     def offer(self, request: Request) -> None:
         """Queue a request without waiting. When full: raise :class:`Backpressure` (``block``) or drop by
-        policy and count."""
+        policy and count. A memory queue takes the requests of an admitted batch
+        (:func:`agent.component.admitted`) past its size rather than refuse the batch part-way."""
         tel = self._settings.telemetry
         if self._closing:
             tel.dropped("shutdown").value += request.points
@@ -294,7 +316,9 @@ class Sender:
             self._offer_disk(self._part, request)
             return
         policy = self._queue_cfg.full_policy
-        if len(self._items) >= self._queue_cfg.queue_size:
+        if len(self._items) >= self._queue_cfg.queue_size and not (
+            policy == "block" and self._tenant is None and admitted()
+        ):
             if policy == "block":
                 raise Backpressure("queue_full")
             if policy == "drop_newest":
@@ -313,6 +337,7 @@ class Sender:
         if request.kind:
             headers[_KIND] = request.kind
         tel = self._settings.telemetry
+        self._largest = max(self._largest, len(request.payload))
         try:
             result = part.append(request.payload, items=request.points, headers=headers)
         except DiskFull:
@@ -537,6 +562,7 @@ class Sender:
             self._log.error("cannot sync the handed-over requests to disk: %s", exc)
 
     async def _stop(self, *, hand_over: bool) -> list[Request]:
+        self._settings.admission.remove(self.refusal)
         self._stop_syncer.set()
         stuck = await self._tasks.close(STOP_GRACE_S)
         taken = list(self._items) if hand_over else []

@@ -9,6 +9,11 @@ exporter id, for the agent's lifetime). A Link's target is swapped between batch
 the loop: a batch already inside the old target finishes there, the next one goes to the new — so the
 graph can change under running components without stopping them.
 
+Refusal is all or nothing: a receiver's fan-out asks the :class:`Admission` of every processor and
+exporter of the pipelines it feeds before the batch enters any of them, and a pipeline's fan-out asks
+its exporters' when a batch reaches it otherwise (a batch processor's timer): a batch refused with
+Backpressure was taken by none, one accepted is taken whole by all (:class:`Fanout`).
+
 Start: exporters, then processors, then receivers (nothing is received before it can be sent), then the
 loop watchdog. Stop: receivers first (they flush what they aggregated), then processors, then exporters,
 which drain their queues until the shutdown deadline; a component still stopping is named by
@@ -61,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.component import (
+    Admission,
     Backpressure,
     ComponentId,
     ComponentKind,
@@ -68,6 +74,9 @@ from agent.component import (
     Settings,
     Signal,
     Tasks,
+    admit,
+    admitted,
+    end_admission,
 )
 from agent.config import AgentConfig, ComponentSpec
 from agent.model import Batch
@@ -80,23 +89,52 @@ PAUSE_LIMIT_S = 10.0
 
 
 class Fanout:
-    """Hands one batch to several consumers; one consumer's backpressure does not starve the others."""
+    """Hands one batch to every consumer, or to none: a batch refused with :class:`Backpressure` was
+    taken by no consumer, one accepted is taken by all — so a client retrying after a 429 never
+    duplicates data in the consumers that had taken it.
 
-    def __init__(self, consumers: Sequence[Consumer]) -> None:
+    Before any consumer gets the batch, every gate (the :class:`Admission` of each exporter — and
+    processor — downstream, through any processors and pipelines in between) is asked, synchronously:
+    the first refusal is raised and nothing was taken. The batch is then handed on :func:`admitted`, so
+    a bounded queue downstream takes all of it even if another batch filled it meanwhile, and the
+    fan-outs further down (a pipeline's over its exporters) do not ask again. Outside an admitted
+    hand-over (a batch processor's timer flush) a fan-out asks its own gates.
+
+    What no check foresees (a filesystem that fills up, a per-tenant queue, a consumer that registers
+    no check) can still refuse inside: the others still get the batch (one consumer's backpressure does
+    not starve them) and the first refusal is raised afterwards, as before."""
+
+    __slots__ = ("_consumers", "_gates")
+
+    def __init__(self, consumers: Sequence[Consumer], gates: Sequence[Admission] = ()) -> None:
         self._consumers = tuple(consumers)
+        self._gates = tuple(gates)
 
     async def consume(self, batch: Batch) -> None:
-        if len(self._consumers) == 1:
-            await self._consumers[0].consume(batch)
-            return
-        refused: Backpressure | None = None
-        for consumer in self._consumers:
-            try:
-                await consumer.consume(batch)
-            except Backpressure as exc:
-                refused = refused or exc
-        if refused is not None:
-            raise refused
+        token = None
+        if not admitted():
+            for gate in self._gates:
+                refused = gate.refusal(batch)
+                if refused is not None:
+                    raise refused
+            # No await between the checks above and the hand-over below: on the one loop the
+            # answers still hold.
+            token = admit()
+        try:
+            if len(self._consumers) == 1:
+                await self._consumers[0].consume(batch)
+                return
+            refused = None
+            for consumer in self._consumers:
+                try:
+                    await consumer.consume(batch)
+                except Backpressure as exc:
+                    refused = refused or exc
+            if refused is not None:
+                raise refused
+        finally:
+            if token is not None:
+                end_admission(token)
 
 
 class Link:
@@ -250,6 +288,7 @@ class _Running:
         link: Link | None = None,
         links: dict[Signal, Link] | None = None,
         scope: _ComponentScope | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.id
@@ -263,6 +302,8 @@ class _Running:
         """A receiver's Link per signal."""
         self.scope = scope
         """What the instance registered in the agent's telemetry."""
+        self.admission = admission or Admission()
+        """The checks the fan-outs upstream ask before handing it a batch."""
         self.state = "created"
 
     def release_gauges(self) -> None:
@@ -363,6 +404,9 @@ class Agent:
         self.telemetry = telemetry or Telemetry()
         self.started_at = time.time()
         self._entries: dict[ComponentId, Link] = {}
+        self._admissions: dict[ComponentId, Admission] = {}
+        """Per exporter id, for the agent's lifetime (as its entry Link): every instance of a reloaded
+        exporter answers through the same one, so the fan-outs built earlier keep asking the right one."""
         self._exporters: dict[ComponentId, _Running] = {}
         self._processors: list[_Running] = []
         """In creation order — each pipeline from its end — so reversed() is upstream first."""
@@ -407,12 +451,17 @@ class Agent:
             ready=ready,
             shutdown_timeout_s=config.service.shutdown_timeout,
             stop_remaining_s=self._stop_remaining,
+            admission=(
+                self._admissions.setdefault(spec.id, Admission())
+                if spec.kind is ComponentKind.EXPORTER
+                else Admission()
+            ),
         )
 
     def _exporter(self, config: AgentConfig, spec: ComponentSpec) -> _Running:
         settings = self._settings(config, spec)
         instance = spec.factory.create(settings, spec.config)
-        return _Running(spec, instance, scope=_scope(settings))
+        return _Running(spec, instance, scope=_scope(settings), admission=settings.admission)
 
     def _receiver(self, config: AgentConfig, spec: ComponentSpec, links: dict[Signal, Link]) -> _Running:
         consumers: dict[Signal, Consumer] = dict(links)
@@ -439,8 +488,13 @@ class Agent:
 
         by_place = {(p.pipeline, p.position): p for p in self._processors}
         heads: dict[ComponentId, dict[Signal, list[Consumer]]] = {}
+        # What a receiver's fan-out asks before a batch enters any of its pipelines: every processor
+        # and exporter in each of them.
+        gates: dict[ComponentId, dict[Signal, dict[int, Admission]]] = {}
         for pipeline in config.pipelines:
-            nxt: Consumer = Fanout([entries[e] for e in pipeline.exporters])
+            exporter_gates = [plan.exporters[e].admission for e in pipeline.exporters]
+            nxt: Consumer = Fanout([entries[e] for e in pipeline.exporters], exporter_gates)
+            first = len(plan.processors)
             for position in reversed(range(len(pipeline.processors))):
                 spec = config.processors[pipeline.processors[position]]
                 old = by_place.get((pipeline.id, position))
@@ -453,19 +507,30 @@ class Agent:
                     settings = self._settings(config, spec, f"@{pipeline.id}")
                     instance = spec.factory.create(settings, spec.config, link)
                     running = _Running(
-                        spec, instance, pipeline.id, position, link=link, scope=_scope(settings)
+                        spec,
+                        instance,
+                        pipeline.id,
+                        position,
+                        link=link,
+                        scope=_scope(settings),
+                        admission=settings.admission,
                     )
                     plan.processors.append(running)
                     plan.processors_new.append(running)
                 nxt = plan.processors[-1].instance
+            pipeline_gates = [p.admission for p in reversed(plan.processors[first:])] + exporter_gates
             for rid in pipeline.receivers:
                 heads.setdefault(rid, {}).setdefault(pipeline.signal, []).append(nxt)
+                known = gates.setdefault(rid, {}).setdefault(pipeline.signal, {})
+                known.update((id(g), g) for g in pipeline_gates)
         kept = {id(p) for p in plan.processors}
         plan.processors_retired = [p for p in self._processors if id(p) not in kept]
 
         for rid, by_signal in heads.items():
             spec = config.receivers[rid]
-            targets: dict[Signal, Consumer] = {signal: Fanout(cs) for signal, cs in by_signal.items()}
+            targets: dict[Signal, Consumer] = {
+                signal: Fanout(cs, list(gates[rid][signal].values())) for signal, cs in by_signal.items()
+            }
             old = self._receivers.get(rid)
             if old is None:
                 running = self._receiver(config, spec, {s: Link(t) for s, t in targets.items()})
