@@ -24,33 +24,68 @@ the OTLP exporters."""
 
 
 class TypedValue(str):
-    """A label or attribute value that arrived as a non-string OTLP ``AnyValue`` (int, double, bool,
-    bytes, array, kvlist or empty): the text it renders as (``receivers/otlp/convert.py``), carrying the
-    serialized ``AnyValue`` in ``any_value``.
+    """A label or attribute value that arrived as a non-string OTLP ``AnyValue``: the text it renders as
+    (``receivers/otlp/convert.py``), and its type in its class (:class:`IntValue`, :class:`DoubleValue`,
+    :class:`BoolValue`, :class:`BytesValue`, :class:`EncodedValue`).
 
     It *is* that text for everything string-based (processors, the Prometheus exporters, StatsD and
     JSON output) and for series identity: it compares and hashes as its text, so int ``200`` and the
     string ``"200"`` are one label value, and where both meet in one series the first one seen
-    wins. The OTLP exporters send ``any_value`` instead of the text, so the type survives OTLP → OTLP.
-    A stage that changes a value makes a new plain ``str`` (sent as a string); one that passes it on
-    or renames its key keeps the type. A str subclass cannot have ``__slots__``: the ``__dict__`` is
-    paid only by typed values, and those are built once per distinct attribute set (the receiver
-    caches label tuples), never per point.
+    wins. The OTLP exporters send it as the ``AnyValue`` it arrived as, so the type survives OTLP →
+    OTLP. A stage that changes a value makes a new plain ``str`` (sent as a string); one that passes it
+    on or renames its key keeps the type. Scalars are read back from their text, which is exact (ints
+    in decimal, doubles in their shortest round-trip form, bytes in base64), so they cost no memory
+    beyond the string's (``__slots__ = ()``); only arrays and kvlists keep their serialized bytes.
     """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str.__repr__(self)})"
+
+
+class IntValue(TypedValue):
+    """An ``int_value``, as decimal text."""
+
+    __slots__ = ()
+
+
+class DoubleValue(TypedValue):
+    """A ``double_value``, as its shortest round-trip text (``NaN``, ``+Inf``, ``-Inf``)."""
+
+    __slots__ = ()
+
+
+class BoolValue(TypedValue):
+    """A ``bool_value``: ``true`` or ``false``."""
+
+    __slots__ = ()
+
+
+class BytesValue(TypedValue):
+    """A ``bytes_value``, as standard base64."""
+
+    __slots__ = ()
+
+
+class EncodedValue(TypedValue):
+    """An array, a kvlist or an empty ``AnyValue`` (compact JSON, or ``""``), keeping the serialized
+    ``AnyValue`` in ``any_value``: its JSON text loses types (bytes, non-finite doubles). A str subclass
+    cannot have non-empty ``__slots__``, so this one pays a ``__dict__``."""
 
     any_value: bytes
     """The serialized ``AnyValue`` as it arrived."""
 
-    def __new__(cls, text: str, any_value: bytes) -> TypedValue:
+    def __new__(cls, text: str, any_value: bytes) -> EncodedValue:
         self = super().__new__(cls, text)
         self.any_value = any_value
         return self
 
-    def __reduce__(self) -> tuple[type[TypedValue], tuple[str, bytes]]:
-        return TypedValue, (str(self), self.any_value)
+    def __reduce__(self) -> tuple[type[EncodedValue], tuple[str, bytes]]:
+        return EncodedValue, (str(self), self.any_value)
 
     def __repr__(self) -> str:
-        return f"TypedValue({str.__repr__(self)}, {self.any_value!r})"
+        return f"EncodedValue({str.__repr__(self)}, {self.any_value!r})"
 
 
 class Kind(enum.IntEnum):

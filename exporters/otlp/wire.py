@@ -20,7 +20,7 @@ Contracts:
 - Attribute bytes (:func:`attributes`) depend only on the pairs and the field they go in: the caller
   caches them per series. A value is written as the ``AnyValue`` it arrived as when it is an
   ``agent.model.TypedValue`` (an OTLP attribute that was not a string, unchanged since), otherwise as
-  an ``AnyValue.string_value`` (empty ones too).
+  an ``AnyValue.string_value`` (empty ones too). A NaN double goes out as the canonical quiet NaN.
 - Times are fixed64 nanoseconds; a zero start time is left out (proto3 default).
 - Histogram counts are uint64 on the wire: fractional counts (StatsD sample rates) are rounded to the
   nearest integer per bucket and the point's count is the sum of the rounded buckets, so the OTLP
@@ -31,6 +31,7 @@ Contracts:
 
 from __future__ import annotations
 
+import base64
 import math
 import struct
 from collections.abc import Iterable, Sequence
@@ -39,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.exphist import ExpHistogram
-from agent.model import TypedValue
+from agent.model import BoolValue, BytesValue, DoubleValue, EncodedValue, IntValue
 
 # Field tags: (field number << 3) | wire type (0 varint, 1 fixed64, 2 length-delimited).
 TAG_RESOURCE_METRICS = b"\x0a"  # ExportMetricsServiceRequest.resource_metrics = 1
@@ -126,14 +127,34 @@ def _string(tag: bytes, text: str) -> bytes:
 
 
 def attributes(tag: bytes, pairs: Iterable[tuple[str, str]]) -> bytes:
-    """Repeated ``KeyValue`` fields (``tag`` names the field they fill): a :class:`TypedValue` as the
-    ``AnyValue`` it arrived as, any other value as a string."""
+    """Repeated ``KeyValue`` fields (``tag`` names the field they fill): an ``agent.model.TypedValue``
+    as the ``AnyValue`` it arrived as, any other value as a string."""
     parts = []
     for key, value in pairs:
-        # A TypedValue goes out as it arrived; text as AnyValue.string_value = 1, kept even when empty.
-        any_value = value.any_value if isinstance(value, TypedValue) else field(b"\x0a", value.encode())
+        # Text (the usual case) as AnyValue.string_value = 1, kept even when empty.
+        any_value = field(b"\x0a", value.encode()) if value.__class__ is str else any_value_of(value)
         parts.append(field(tag, field(b"\x0a", key.encode()) + field(b"\x12", any_value)))
     return b"".join(parts)
+
+
+_UINT64 = (1 << 64) - 1
+
+
+def any_value_of(value: str) -> bytes:
+    """The ``AnyValue`` body of a label value: as it arrived when it is an ``agent.model.TypedValue``,
+    else ``string_value``. Scalars are read back from their text, which is exact."""
+    cls = value.__class__
+    if cls is IntValue:
+        return b"\x18" + uvarint(int(value) & _UINT64)  # int_value = 3 (int64: negatives as 2**64 + v)
+    if cls is DoubleValue:
+        return _TAGGED_DOUBLE.pack(0x21, float(value))  # double_value = 4 (NaN, +Inf, -Inf parse too)
+    if cls is BoolValue:
+        return b"\x10\x01" if value == "true" else b"\x10\x00"  # bool_value = 2 (a oneof: false is kept)
+    if cls is BytesValue:
+        return field(b"\x3a", base64.b64decode(value))  # bytes_value = 7
+    if isinstance(value, EncodedValue):
+        return value.any_value  # an array, kvlist or empty value, as it arrived
+    return field(b"\x0a", value.encode())
 
 
 def resource(pairs: Iterable[tuple[str, str]]) -> bytes:

@@ -31,9 +31,10 @@ series keep their identity whichever agent forwards them: bool → ``true``/``fa
 double → shortest positional decimal (``1``, ``0.25``, ``100000000000000000000``; ``NaN``, ``+Inf``,
 ``-Inf``); bytes → standard base64; array and kvlist → compact JSON (keys sorted, bytes as base64
 strings, non-finite doubles as the strings above); an empty value → ``""``. Resource and scope
-attributes follow the same rules. A value that is not a string is an :class:`agent.model.TypedValue`:
-that text, carrying the serialized ``AnyValue`` it arrived as, which the OTLP exporters send as it was
-(types survive OTLP → OTLP; string values cost nothing extra).
+attributes follow the same rules. A value that is not a string is an :class:`agent.model.TypedValue`
+(``IntValue``, ``DoubleValue``, ``BoolValue``, ``BytesValue``; arrays, kvlists and empty values an
+``EncodedValue`` keeping the serialized ``AnyValue``): that text, of a class that tells the OTLP
+exporters the type it arrived as (types survive OTLP → OTLP; string values cost nothing extra).
 
 Refusals
 --------
@@ -123,7 +124,12 @@ from agent.limits import (
 )
 from agent.limits import REASONS as LIMIT_REASONS
 from agent.model import (
+    BoolValue,
+    BytesValue,
+    DoubleValue,
+    EncodedValue,
     ExplicitHistogram,
+    IntValue,
     Kind,
     Labels,
     Point,
@@ -132,7 +138,6 @@ from agent.model import (
     Scope,
     Summary,
     Temporality,
-    TypedValue,
     new_point,
 )
 from receivers.otlp.wire import PROTOBUF_MAX_DEPTH, is_too_deep
@@ -273,16 +278,28 @@ def render_value(v: common_pb2.AnyValue) -> str:
     return ""
 
 
+_SCALARS: dict[str | None, Callable[[str], str]] = {
+    "int_value": IntValue,
+    "double_value": DoubleValue,
+    "bool_value": BoolValue,
+    "bytes_value": BytesValue,
+}
+"""Scalar kinds whose text reads back exactly: typed by their class alone (agent.model.TypedValue)."""
+
+
 def labels_from_keyvalues(kvs: Iterable[common_pb2.KeyValue]) -> Labels:
     """Sorted (key, rendered value) pairs; the last of duplicated keys wins. A value that is not a
-    ``string_value`` is a :class:`TypedValue` keeping its serialized ``AnyValue``."""
+    ``string_value`` is an :class:`agent.model.TypedValue` of its kind."""
     out: dict[str, str] = {}
     for kv in kvs:
         v = kv.value
-        if v.WhichOneof("value") == "string_value":
+        which = v.WhichOneof("value")
+        if which == "string_value":
             out[kv.key] = v.string_value
         else:
-            out[kv.key] = TypedValue(render_value(v), v.SerializeToString())
+            scalar = _SCALARS.get(which)
+            text = render_value(v)
+            out[kv.key] = scalar(text) if scalar is not None else EncodedValue(text, v.SerializeToString())
     return tuple(sorted(out.items()))
 
 

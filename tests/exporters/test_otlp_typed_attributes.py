@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 import pickle
+import random
+import struct
 import time
 from typing import Any
 
+import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import (
     AnyValue,
@@ -20,7 +23,7 @@ from opentelemetry.proto.common.v1.common_pb2 import (
 )
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
-from agent.model import Kind, Point, TypedValue
+from agent.model import BoolValue, BytesValue, DoubleValue, EncodedValue, IntValue, Kind, Point, TypedValue
 from exporters.otlp import wire
 from receivers.otlp.convert import MetricsConverter, labels_from_keyvalues, render_value, to_shadow
 from tests.exporters.test_otlp_wire import data_points, encode, encoder
@@ -101,13 +104,23 @@ def test_point_resource_and_scope_attributes_leave_as_they_arrived() -> None:
 
 def test_typed_values_are_their_text_and_string_values_stay_plain_str() -> None:
     labels = labels_from_keyvalues(keyvalues(VALUES))
+    classes = {
+        "int_value": IntValue,
+        "double_value": DoubleValue,
+        "bool_value": BoolValue,
+        "bytes_value": BytesValue,
+        "array_value": EncodedValue,
+        "kvlist_value": EncodedValue,
+        None: EncodedValue,
+    }
     for key, value in labels:
         assert value == render_value(VALUES[key])
-        if VALUES[key].WhichOneof("value") == "string_value":
+        which = VALUES[key].WhichOneof("value")
+        if which == "string_value":
             assert type(value) is str, key  # string-only attributes cost nothing extra
         else:
-            assert isinstance(value, TypedValue), key
-            assert same(AnyValue.FromString(value.any_value), VALUES[key])
+            assert type(value) is classes[which], key
+            assert same(AnyValue.FromString(wire.any_value_of(value)), VALUES[key]), key
     assert dict(labels)["int"] == "200" and hash(dict(labels)["int"]) == hash("200")
     assert dict(labels)["kvlist"] == '{"a":[true],"z":1}'
 
@@ -129,7 +142,7 @@ def test_a_changed_value_leaves_as_a_string_a_renamed_one_keeps_its_type() -> No
 
 def test_int_and_string_of_the_same_text_are_one_series_and_the_first_wins() -> None:
     t = time.time_ns()
-    as_int = (("code", TypedValue("200", AnyValue(int_value=200).SerializeToString())),)
+    as_int = (("code", IntValue("200")),)
     as_str = (("code", "200"),)
     enc = encoder()
     first = data_points(
@@ -149,14 +162,36 @@ def test_int_and_string_of_the_same_text_are_one_series_and_the_first_wins() -> 
 
 def test_typed_values_survive_pickling_and_encode_like_the_generated_classes() -> None:
     for key, value in VALUES.items():
-        text = render_value(value)
-        typed = TypedValue(text, value.SerializeToString())
-        back = pickle.loads(pickle.dumps(typed))
-        assert type(back) is TypedValue and back == text and back.any_value == typed.any_value
-        encoded = wire.attributes(b"\x0a", [(key, typed)])
+        (typed,) = labels_from_keyvalues([KeyValue(key=key, value=value)])
+        back = pickle.loads(pickle.dumps(typed[1]))
+        assert type(back) is type(typed[1]) and back == typed[1]
+        assert wire.any_value_of(back) == wire.any_value_of(typed[1])
+        encoded = wire.attributes(b"\x0a", [typed])
         reference = PbResource(attributes=[KeyValue(key=key, value=value)]).SerializeToString()
-        assert encoded == reference, key
+        if key == "double_nan":  # the canonical quiet NaN: compare the decoded value
+            assert math.isnan(PbResource.FromString(encoded).attributes[0].value.double_value)
+        else:
+            assert encoded == reference, key
     assert (
         wire.attributes(b"\x0a", [("k", "v")])
         == PbResource(attributes=[KeyValue(key="k", value=AnyValue(string_value="v"))]).SerializeToString()
     )
+    assert isinstance(IntValue("1"), TypedValue) and repr(IntValue("1")) == "IntValue('1')"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scalars_read_back_exactly_from_their_text(seed: int) -> None:
+    # Random bit patterns: every double (subnormals, extremes, -0.0) and every int64 must come back
+    # as the very value that arrived, since only the text is kept.
+    rng = random.Random(seed)
+    values = [AnyValue(double_value=x) for x in (0.0, -0.0, 5e-324, 1.7976931348623157e308, 0.1, 1e21)]
+    for _ in range(2000):
+        (x,) = struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))
+        if not math.isnan(x):
+            values.append(AnyValue(double_value=x))
+        values.append(AnyValue(int_value=rng.getrandbits(64) - 2**63))
+        values.append(AnyValue(bytes_value=rng.randbytes(rng.randrange(20))))
+    values += [AnyValue(int_value=-(2**63)), AnyValue(int_value=2**63 - 1), AnyValue(bool_value=True)]
+    for value in values:
+        ((_, typed),) = labels_from_keyvalues([KeyValue(key="k", value=value)])
+        assert wire.any_value_of(typed) == value.SerializeToString(), value
