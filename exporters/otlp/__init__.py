@@ -29,7 +29,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-import functools
 import gzip
 import logging
 import math
@@ -60,14 +59,13 @@ from agent.component import (
     Signal,
 )
 from agent.confmodel import Duration, Size, parse_host_port
-from agent.diskqueue import DiskQueue
 from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch, Temporality
+from agent.partitioned import PartitionedSender
 from agent.sending import (
     QueueConfig,
     Request,
     RetryConfig,
     Sender,
-    drop_unroutable,
     retry_after_s,
 )
 from agent.slicing import slices
@@ -396,15 +394,20 @@ class _OtlpExporter(abc.ABC):
         self._route = config.tenant
         self._encoders: dict[str | None, MetricEncoder] = {None: self._encoder}
         """Per-tenant encoders (routing): a tenant's series state is its own, whatever its labels."""
-        self._senders: dict[str, Sender] = {}
-        """Per-tenant senders (routing with a header), created on a tenant's first batch."""
-        self._senders_lock = asyncio.Lock()
-        self._closing = False
         self._lock = asyncio.Lock()
         # No ordering constraint in OTLP: a disk backlog drains interleaved with live data.
-        self._sender = Sender(
-            settings, self._send, config.sending_queue, config.retry_on_failure, config.timeout, fifo=False
+        self._partitions = PartitionedSender(
+            settings,
+            self._send,
+            config.sending_queue,
+            config.retry_on_failure,
+            config.timeout,
+            max_partitions=config.tenant.max_tenants if config.tenant and config.tenant.header else 0,
+            fifo=False,
         )
+        """The default sender and, with a tenant header, one per tenant (on its first batch, or at
+        start for a tenant with a backlog on disk)."""
+        self._sender = self._partitions.default
         tel = settings.telemetry
         self._partial = tel.counter(
             "exporter_otlp_partial_success_total", "Responses that reported a partial success."
@@ -431,24 +434,15 @@ class _OtlpExporter(abc.ABC):
     async def start(self) -> None:
         await self._open()
         try:
-            await self._sender.start()  # takes the disk queue's lock, or fails
+            await self._partitions.start()  # takes the disk queue's lock, or fails
         except BaseException:
             await self._close()
             raise
-        route = self._route
-        if route is not None and route.header and self._config.sending_queue.storage == "disk":
-            # Tenants' backlogs from a previous run drain now, not only once the tenant sends again.
-            disk = DiskQueue(self._config.sending_queue.disk(), str(self._settings.id))
-            for tenant in await asyncio.to_thread(disk.existing_tenants):
-                if tenant is not None:
-                    await self._sender_for(tenant)
+        if self._route is not None and self._route.header:
+            await self._partitions.open_backlogs()
 
     async def shutdown(self) -> None:
-        self._closing = True
-        async with self._senders_lock:  # no tenant sender is half-started while we stop them
-            senders = [self._sender, *self._senders.values()]
-        # Concurrently: every tenant drains within the same deadline, a stuck one does not eat the others'.
-        await asyncio.gather(*(s.shutdown(self._settings.shutdown_timeout_s) for s in senders))
+        await self._partitions.shutdown(self._settings.shutdown_timeout_s)
         await self._close()
 
     async def hand_over(self) -> tuple[str, dict[str | None, list[Request]]]:
@@ -456,12 +450,8 @@ class _OtlpExporter(abc.ABC):
         the queued bodies are encoded (Content-Encoding, "" for none) and the queued requests by tenant
         (None: the default queue), for :meth:`adopt` of the successor. A disk queue keeps its records in
         the directory the successor reopens once this returns (the lock is released)."""
-        self._closing = True
-        async with self._senders_lock:
-            senders: dict[str | None, Sender] = {None: self._sender, **self._senders}
-        taken = await asyncio.gather(*(s.hand_over() for s in senders.values()))
+        queued = await self._partitions.hand_over()
         await self._close()
-        queued = {tenant: requests for tenant, requests in zip(senders, taken, strict=True) if requests}
         return self._content_encoding, queued
 
     async def adopt(self, handed: tuple[str, dict[str | None, list[Request]]]) -> None:
@@ -471,16 +461,15 @@ class _OtlpExporter(abc.ABC):
         (tenant_routing_changed): their tenant is only in the header, and sent through this exporter's
         own queue without it they would land in the wrong tenant."""
         encoding, queued = handed
-        route = self._route
-        for tenant, requests in queued.items():
-            headerless = tenant is not None and (route is None or not route.header)
-            sender = None if headerless else await self._sender_for(tenant)
-            if sender is None:
-                drop_unroutable(self._settings, tenant, requests)
-                continue
-            if encoding != self._content_encoding:
-                requests = await asyncio.to_thread(self._recompress, requests, encoding)
-            await sender.adopt(requests)
+
+        async def recompress(requests: list[Request]) -> list[Request]:
+            return await asyncio.to_thread(self._recompress, requests, encoding)
+
+        await self._partitions.adopt(
+            queued,
+            partitioned=self._route is not None and bool(self._route.header),
+            convert=recompress if encoding != self._content_encoding else None,
+        )
 
     @property
     def _content_encoding(self) -> str:
@@ -535,36 +524,12 @@ class _OtlpExporter(abc.ABC):
         return encoder
 
     async def _sender_for(self, tenant: str | None) -> Sender | None:
-        """The tenant's sender when tenants have a header (created and started on first use), else the
-        exporter's; None beyond max_tenants, after shutdown began, or when its queue cannot open."""
+        """The tenant's sender when tenants have a header, else the exporter's; None beyond
+        max_tenants, after shutdown began, or when its queue cannot open."""
         route = self._route
         if tenant is None or route is None or not route.header:
             return self._sender
-        sender = self._senders.get(tenant)
-        if sender is not None:
-            return sender
-        async with self._senders_lock:
-            sender = self._senders.get(tenant)
-            if sender is not None or self._closing or len(self._senders) >= route.max_tenants:
-                return sender
-            cfg = self._config
-            sender = Sender(
-                self._settings,
-                functools.partial(self._send, tenant=tenant),
-                cfg.sending_queue,
-                cfg.retry_on_failure,
-                cfg.timeout,
-                fifo=False,
-                tenant=tenant,
-            )
-            try:
-                await sender.start()
-            except Exception as exc:
-                self._log.error("cannot open the queue of tenant %s: %s", tenant, exc)
-                await sender.shutdown(0)
-                return None
-            self._senders[tenant] = sender
-            return sender
+        return await self._partitions.get(tenant)
 
     def _static_for(self, tenant: str | None) -> Mapping[str, str]:
         route = self._route
@@ -657,7 +622,9 @@ class _OtlpExporter(abc.ABC):
                 encoder = self._encoder_for(tenant)
                 sender = await self._sender_for(tenant) if encoder is not None else None
                 if encoder is None or sender is None:
-                    self._count_dropped({"shutdown" if self._closing else "tenant_limit": len(points)})
+                    self._count_dropped(
+                        {"shutdown" if self._partitions.closing else "tenant_limit": len(points)}
+                    )
                     continue
                 touched[id(sender)] = sender
                 encoder.begin(time.monotonic())
@@ -687,7 +654,7 @@ class _OtlpExporter(abc.ABC):
             sender = await self._sender_for(tenant)
             if sender is None or (tenant is not None and self._encoder_for(tenant) is None):
                 n = sum(len(getattr(s, items)) for m in group for s in getattr(m, scopes))
-                self._count_dropped({"shutdown" if self._closing else "tenant_limit": n})
+                self._count_dropped({"shutdown" if self._partitions.closing else "tenant_limit": n})
                 continue
             touched[id(sender)] = sender
             requests, too_large = passthrough.encode(

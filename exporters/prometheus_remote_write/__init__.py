@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
-import functools
 import os
 import re
 import ssl
@@ -52,15 +51,15 @@ from agent.component import (
     Tasks,
 )
 from agent.confmodel import Duration
-from agent.diskqueue import DiskQueue, partition_name
+from agent.diskqueue import partition_name
 from agent.exphist import whole, whole_count
 from agent.model import MetricBatch, Point
+from agent.partitioned import PartitionedSender
 from agent.sending import (
     QueueConfig,
     Request,
     RetryConfig,
     Sender,
-    drop_unroutable,
     retry_after_s,
 )
 from agent.slicing import slices
@@ -227,18 +226,21 @@ class PrometheusRemoteWriteExporter:
         self._les: dict[tuple[float, ...], list[str]] = {}
         """``le`` texts per family bounds (a few shared tuples: the default and one per layout)."""
         self._external = tuple(sorted(config.external_labels.items()))
-        self._sender = Sender(
-            settings, self._post, config.sending_queue, config.retry_on_failure, config.timeout
-        )
         self._route = config.tenant
         self._drop_label = config.tenant.label if config.tenant and config.tenant.drop_label else None
-        self._senders: dict[str, Sender] = {}
-        """Per-tenant senders (routing only), created on a tenant's first batch (or at start for a
-        tenant with a backlog on disk) and kept until shutdown."""
-        self._senders_lock = asyncio.Lock()
+        self._partitions = PartitionedSender(
+            settings,
+            self._post,
+            config.sending_queue,
+            config.retry_on_failure,
+            config.timeout,
+            max_partitions=config.tenant.max_tenants if config.tenant else 0,
+        )
+        """The default sender and, with routing, one per tenant (on its first batch, or at start for a
+        tenant with a backlog on disk), kept until shutdown."""
+        self._sender = self._partitions.default
         self._applying = asyncio.Lock()
         """Held while a batch (or expiry) changes series state and queues requests, in slices."""
-        self._closing = False
         self._session: aiohttp.ClientSession | None = None
         self._tasks = Tasks(str(settings.id), settings.logger)
         self._headers = {
@@ -279,27 +281,20 @@ class PrometheusRemoteWriteExporter:
             connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=0),
         )
         try:
-            await self._sender.start()  # takes the queue directory's lock, or fails
+            await self._partitions.start()  # takes the queue directory's lock, or fails
         except BaseException:
             await self._session.close()
             self._session = None
             raise
         await self._load_state()  # only once the lock is ours: the state file belongs to the queue
-        if self._route is not None and cfg.sending_queue.storage == "disk":
-            # Tenants' backlogs from a previous run drain now, not only once the tenant sends again.
-            disk = DiskQueue(cfg.sending_queue.disk(), str(self._settings.id))
-            for tenant in await asyncio.to_thread(disk.existing_tenants):
-                if tenant is not None:
-                    await self._tenant_sender(tenant)
+        if self._route is not None:
+            await self._partitions.open_backlogs()
         self._tasks.spawn(self._expire_loop(), "expire")
 
     async def shutdown(self) -> None:
-        self._closing = True
+        self._partitions.stop_opening()
         await self._tasks.close()
-        async with self._senders_lock:  # no tenant sender is half-started while we stop them
-            senders = [self._sender, *self._senders.values()]
-        # Concurrently: every tenant drains within the same deadline, a stuck one does not eat the others'.
-        await asyncio.gather(*(s.shutdown(self._settings.shutdown_timeout_s) for s in senders))
+        await self._partitions.shutdown(self._settings.shutdown_timeout_s)
         await self._close_state()
         if self._session is not None:
             await self._session.close()
@@ -310,33 +305,21 @@ class PrometheusRemoteWriteExporter:
         queued requests by tenant (None: the default queue) for :meth:`adopt` of the successor. A disk
         queue keeps its records, and the cumulative state its snapshot, in the directory the successor
         reopens once this returns (the lock is released)."""
-        self._closing = True
+        self._partitions.stop_opening()
         await self._tasks.close()
-        async with self._senders_lock:
-            senders: dict[str | None, Sender] = {None: self._sender, **self._senders}
-        taken = await asyncio.gather(*(s.hand_over() for s in senders.values()))
+        queued = await self._partitions.hand_over()
         await self._close_state()
         if self._session is not None:
             await self._session.close()
             self._session = None
-        return {tenant: requests for tenant, requests in zip(senders, taken, strict=True) if requests}
+        return queued
 
     async def adopt(self, queued: dict[str | None, list[Request]]) -> None:
         """Queue a predecessor's requests (:meth:`hand_over`) ahead of new data, each tenant's in that
         tenant's queue. Requests of a tenant this exporter cannot route (routing now off, or over
         max_tenants) are dropped and counted (tenant_routing_changed): sent to the default endpoint
         they would land in the wrong tenant."""
-        for tenant, requests in queued.items():
-            if tenant is None:
-                sender: Sender | None = self._sender
-            elif self._route is None:
-                sender = None
-            else:
-                sender = await self._tenant_sender(tenant)
-            if sender is None:
-                drop_unroutable(self._settings, tenant, requests)
-                continue
-            await sender.adopt(requests)
+        await self._partitions.adopt(queued, partitioned=self._route is not None)
 
     def _make_state(self) -> SeriesState | None:
         q = self._config.sending_queue
@@ -352,7 +335,7 @@ class PrometheusRemoteWriteExporter:
         restored = await asyncio.to_thread(state.load, self._store)
         self._state = state
         # Journal fsync before queue fsync, for every sync of the queue (the background syncer's too).
-        self._sender.sync_first(state.sync)
+        self._partitions.sync_first(state.sync)
         if restored:
             self._settings.logger.info("restored the cumulative state of %d series", restored)
         await state.maybe_compact(self._store, force=True)
@@ -466,38 +449,6 @@ class PrometheusRemoteWriteExporter:
         ]
 
     # -- tenants -------------------------------------------------------------------------------------
-    async def _tenant_sender(self, tenant: str) -> Sender | None:
-        """The sender of ``tenant``, created and started on first use; None beyond max_tenants, after
-        shutdown began, or when its queue cannot be opened (logged; the next batch tries again)."""
-        sender = self._senders.get(tenant)
-        if sender is not None:
-            return sender
-        route = self._route
-        assert route is not None
-        async with self._senders_lock:
-            sender = self._senders.get(tenant)
-            if sender is not None or self._closing or len(self._senders) >= route.max_tenants:
-                return sender
-            cfg = self._config
-            sender = Sender(
-                self._settings,
-                functools.partial(self._post, tenant=tenant),
-                cfg.sending_queue,
-                cfg.retry_on_failure,
-                cfg.timeout,
-                tenant=tenant,
-            )
-            if self._state is not None:
-                sender.sync_first(self._state.sync)
-            try:
-                await sender.start()
-            except Exception as exc:
-                self._log.error("cannot open the queue of tenant %s: %s", tenant, exc)
-                await sender.shutdown(0)
-                return None
-            self._senders[tenant] = sender
-            return sender
-
     def _tenant_of(self, point: Point, context_tenant: str) -> tuple[Point, str | None, str]:
         """(point with the tenant label, tenant or None for the default sender, refusal reason or "")."""
         route = self._route
@@ -531,13 +482,13 @@ class PrometheusRemoteWriteExporter:
             for point in chunk:
                 point, tenant, reason = self._tenant_of(point, context_tenant)
                 if tenant is not None and tenant not in senders and tenant not in unavailable:
-                    sender = await self._tenant_sender(tenant)
+                    sender = await self._partitions.get(tenant)
                     if sender is None:
                         unavailable.add(tenant)
                     else:
                         senders[tenant] = sender
                 if tenant in unavailable:
-                    reason = "tenant_limit" if not self._closing else "shutdown"
+                    reason = "tenant_limit" if not self._partitions.closing else "shutdown"
                 if reason:
                     refused[reason] = refused.get(reason, 0) + 1
                     continue
@@ -701,7 +652,7 @@ class PrometheusRemoteWriteExporter:
         tenant = next((v for k, v in series.labels if k == label), "")
         if not tenant or tenant_problem(tenant) is not None:
             return self._sender
-        return await self._tenant_sender(tenant)
+        return await self._partitions.get(tenant)
 
     def _offer_stale(self, entries: list[bytes], sender: Sender | None = None) -> None:
         try:
