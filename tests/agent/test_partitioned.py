@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
-from agent.component import ComponentId, ComponentKind, RetryableError, Settings
+from agent.component import ComponentKind, RetryableError, Settings
 from agent.partitioned import PartitionedSender
 from agent.sending import QueueConfig, Request, RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
+from tests.conftest import component_settings
 
 FAST = RetryConfig(initial_interval=0.001, max_interval=0.01, max_elapsed_time=5.0)
 
@@ -28,13 +28,7 @@ class Backend:
 
 
 def _settings(tel: Telemetry) -> Settings:
-    return Settings(
-        id=ComponentId("prometheus_remote_write"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "prometheus_remote_write"),
-        logger=logging.getLogger("test.partitioned"),
-        shutdown_timeout_s=5.0,
-    )
+    return component_settings(tel, ComponentKind.EXPORTER, "prometheus_remote_write", shutdown_timeout_s=5.0)
 
 
 def _make(

@@ -3,7 +3,6 @@ with the delay ignored or clamped, never a crash of the send (reason ``error``).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,12 +10,13 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from agent.component import ComponentId, ComponentKind, RetryableError, Settings, Signal
+from agent.component import ComponentKind, RetryableError, Settings, Signal
 from agent.model import Kind, MetricBatch, Point
 from agent.sending import RETRY_AFTER_MAX_S, Request, RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig, PrometheusRemoteWriteExporter
+from tests.conftest import component_settings
 
 FAST = RetryConfig(initial_interval=0.01, max_interval=0.05)
 
@@ -70,13 +70,7 @@ async def backend() -> AsyncIterator[Backend]:
 
 
 def _settings(tel: Telemetry, name: str) -> Settings:
-    return Settings(
-        id=ComponentId(name),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", name),
-        logger=logging.getLogger(f"test.retry_after.{name}"),
-        shutdown_timeout_s=5.0,
-    )
+    return component_settings(tel, ComponentKind.EXPORTER, name, shutdown_timeout_s=5.0)
 
 
 def _remote_write(backend: Backend, tel: Telemetry) -> PrometheusRemoteWriteExporter:
