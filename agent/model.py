@@ -35,7 +35,8 @@ class TypedValue(str):
     OTLP. A stage that changes a value makes a new plain ``str`` (sent as a string); one that passes it
     on or renames its key keeps the type. Scalars are read back from their text, which is exact (ints
     in decimal, doubles in their shortest round-trip form, bytes in base64), so they cost no memory
-    beyond the string's (``__slots__ = ()``); only arrays and kvlists keep their serialized bytes.
+    beyond the string's (``__slots__ = ()``); only arrays, kvlists and empty values keep their
+    serialized bytes.
     """
 
     __slots__ = ()
