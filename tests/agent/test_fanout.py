@@ -38,7 +38,8 @@ from agent.model import Kind, MetricBatch, Point
 from agent.registry import builtin_factories
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.service import Agent, Fanout
-from tests.conftest import Sink, wait_until
+from agent.telemetry import Telemetry
+from tests.conftest import Sink, component_settings, wait_until
 
 
 class Backend:
@@ -210,7 +211,7 @@ async def resend_until_taken(agent: Agent, b: MetricBatch, rid: str = "feed") ->
             )
 
 
-ONE_PIPELINE = {
+ONE_PIPELINE: dict[str, Any] = {
     "receivers": {"feed": {}},
     "exporters": {"queued/fast": {"queue_size": 1000}, "queued/full": {"queue_size": 1}},
     "service": {
@@ -396,9 +397,6 @@ async def test_tasks_started_during_an_admitted_hand_over_are_not_admitted() -> 
 
 
 async def test_a_stopped_sender_leaves_the_admission() -> None:
-    from agent.telemetry import Telemetry
-    from tests.conftest import component_settings
-
     settings = component_settings(Telemetry(), ComponentKind.EXPORTER, "test")
     backend = Backend()
     backend.open.clear()

@@ -146,7 +146,7 @@ class Clients:
     def __init__(self, agent: AgentProcess, session: aiohttp.ClientSession, channel: grpc.aio.Channel):
         self.agent = agent
         self.session = session
-        self.grpc = ms_grpc.MetricsServiceStub(channel)
+        self.grpc = ms_grpc.MetricsServiceStub(channel)  # type: ignore[no-untyped-call]
         self.refused: collections.Counter[str] = collections.Counter()
 
     async def send_json(self, batch: int) -> bool:
