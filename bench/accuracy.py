@@ -57,7 +57,7 @@ from agent.model import Kind, MetricBatch, Point  # noqa: E402
 from agent.telemetry import ComponentTelemetry, Telemetry  # noqa: E402
 from processors.percentiles import PercentilesConfig, PercentilesProcessor  # noqa: E402
 from receivers.statsd import StatsdConfig  # noqa: E402
-from receivers.statsd.parser import StatsdAggregator  # noqa: E402
+from receivers.statsd.aggregator import StatsdAggregator  # noqa: E402
 
 F64 = npt.NDArray[np.float64]
 

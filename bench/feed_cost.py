@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from payloads import throughput_payload
 
-from receivers.statsd.parser import StatsdAggregator
+from receivers.statsd.aggregator import StatsdAggregator
 
 
 def feed_lines(lines: int, baseline: bool) -> float:

@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from receivers.statsd.parser import StatsdAggregator
+from receivers.statsd.aggregator import StatsdAggregator
 
 PACKET_LINES = 20
 SWAP_EVERY_LINES = 100_000

@@ -45,7 +45,8 @@ from agent.confmodel import Duration, Size, parse_host_port
 from agent.limits import SeriesLimits
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
-from receivers.statsd.parser import TAG_ERROR_REASONS, StatsdAggregator
+from receivers.statsd.aggregator import StatsdAggregator
+from receivers.statsd.parser import TAG_ERROR_REASONS
 
 TYPE = "statsd"
 

@@ -112,7 +112,8 @@ tag key, ``]`` before ``[``, two bracket pairs, a second Librato ``#``); ``mixed
 
 Implementation
 --------------
-``feed()`` is the hot path (0.4–0.8 µs, 5k–10k instructions, per typical line on CPython 3.11; see
+This module parses; ``aggregator.py`` aggregates. ``StatsdAggregator.feed()`` (in ``aggregator.py``) is
+the hot path (0.4–0.8 µs, 5k–10k instructions, per typical line on CPython 3.11; see
 ``bench/parser_cost.py``): two ``partition`` calls cut a line into name, value and tail, and (name, tail)
 finds a cached descriptor — canonical series key, type, 1/rate — so tags are neither parsed nor sorted
 again and nothing is decoded; the value goes into a dict keyed by bytes or an ``array('d')``. Anything
@@ -129,26 +130,13 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from agent.limits import CONTROL_CHARACTER, SERIES_TOO_LARGE, SeriesLimits
 from agent.limits import REASONS as LIMIT_REASONS
-from agent.model import Labels, Point
-from receivers.statsd.aggregator import (
-    FOLD_VALUES,
-    KV_SEP,
-    NAME_SEP,
-    PAIR_SEP,
-    Interval,
-    SeriesKey,
-    build_points,
-    expire_gauges,
-    fold,
-)
+from agent.model import Labels
 
 _log = logging.getLogger(__name__)
 
@@ -185,10 +173,6 @@ REFUSAL_REASONS = (
 """Every reason ``StatsdAggregator.refused`` may hold, for self-metrics that start at zero."""
 
 DEFAULT_LIMITS = SeriesLimits()
-MAX_EVENTS = 10_000
-"""Events and service checks waiting to be taken, at most."""
-MAX_EVENT_BYTES = 8 * 2**20
-"""...and their lines' bytes at most: 10,000 events of 64 KB would otherwise hold 640 MB."""
 _MAX_CACHED_SPELLING = 8192
 """Longer raw spellings (e.g. a tag repeated 1,000 times) are parsed each time, never cached: the
 caches hold at most ``cache_max`` spellings of this size."""
@@ -200,13 +184,17 @@ TIMESTAMP_PAST_S = 3600
 TIMESTAMP_FUTURE_S = 600
 CONTAINER_LABEL = b"container.id"
 
-_NUMERIC = b"0123456789.+-eE"
+NAME_SEP = b"\xff"
+PAIR_SEP = b"\xfe"
+KV_SEP = b"\xfd"
+"""The separators of a canonical series key (see ``aggregator.py``): never in valid UTF-8."""
+
+NUMERIC = b"0123456789.+-eE"
 """Bytes a value may contain; whatever ``translate`` leaves after deleting them makes the value bad."""
-_PACKED = _NUMERIC + b":"
+_PACKED = NUMERIC + b":"
 """...and a packed value (``1:2:3``)."""
 _MAX_TS_S = 9_223_372_036
 """Largest unix second whose nanoseconds fit an int64."""
-_CACHE_MIN = 4096
 _RATE_CACHE_MAX = 256
 
 COUNTER, TIMER, HISTOGRAM, GAUGE, SET = range(5)
@@ -219,7 +207,7 @@ Descriptor = tuple[bytes, int, float]
 
 def strict_float(raw: bytes) -> float | None:
     """The finite float ``raw`` spells in plain ASCII notation, or None."""
-    if raw.translate(None, _NUMERIC):
+    if raw.translate(None, NUMERIC):
         return None
     try:
         value = float(raw)
@@ -765,358 +753,3 @@ def _embedded_tags(name: bytes, labels: dict[bytes, bytes], tag_errors: list[str
             continue
         labels[key] = value
     return bare
-
-
-class StatsdAggregator:
-    """Parses StatsD/DogStatsD packets and aggregates them per flush interval.
-
-    Not thread-safe: one event loop calls ``feed``, ``swap``, ``build`` and ``take_events``. ``feed``
-    never raises on any input. Call ``build`` (and exhaust it) for every interval ``swap`` returns.
-    """
-
-    def __init__(
-        self,
-        *,
-        max_buckets: int = 2048,
-        max_scale: int = 8,
-        max_series: int = 100_000,
-        gauge_idle_flushes: int = 360,
-        clock_s: Callable[[], float] = time.time,
-        max_set_members: int = 100_000,
-        max_set_members_total: int = 1_000_000,
-        limits: SeriesLimits = DEFAULT_LIMITS,
-    ) -> None:
-        if (
-            min(max_series, gauge_idle_flushes, max_set_members, max_set_members_total) < 1
-            or max_buckets < 2
-        ):
-            raise ValueError(
-                "max_series, gauge_idle_flushes, max_set_members(_total) must be >= 1; max_buckets >= 2"
-            )
-        self.accepted = 0
-        """Values accepted since creation (each packed value, set member, event or check counts one)."""
-        self.refused: dict[str, int] = {}
-        """Reason → lines refused since creation (see REFUSAL_REASONS)."""
-        self.tag_errors: dict[str, int] = {}
-        """Reason → embedded tags dropped from lines that were kept, since creation (see
-        TAG_ERROR_REASONS; a missing bracket counts one)."""
-        self.events: list[StatsdEvent | StatsdServiceCheck] = []
-        """Parsed events and service checks not yet taken."""
-        self.gauges_forgotten = 0
-        """Gauge bases (last values kept for +/- deltas) forgotten before their expiry because more than
-        ``max_series`` were kept; a delta sent later for one of them applies to 0."""
-        self._event_bytes = 0
-        self._max_buckets = max_buckets
-        self._max_scale = max_scale
-        self._max_series = max_series
-        self._idle_flushes = gauge_idle_flushes
-        self._max_set_members = max_set_members
-        self._max_set_members_total = max_set_members_total
-        self._cache_max = max(_CACHE_MIN, max_series + max_series // 4)
-        self._parser = LineParser(cache_max=self._cache_max, clock_s=clock_s, limits=limits)
-        self._iv = Interval(1)
-        self._gauge_last: dict[bytes, float] = {}
-        """Latest value per gauge series, across intervals: the base for +/- deltas."""
-        self._gauge_seen: dict[bytes, int] = {}
-        """Seq of the last interval that updated each gauge in _gauge_last (the idle clock)."""
-        self._names: dict[bytes, tuple[str, Labels]] = {}
-        self._pieces: dict[bytes, Any] = {}
-        self._fold_ok = True
-
-    @property
-    def series_count(self) -> int:
-        """Series in the current interval."""
-        return self._iv.n_series
-
-    def take_events(self) -> list[StatsdEvent | StatsdServiceCheck]:
-        """The parsed events and service checks, in arrival order; the list starts again empty."""
-        events, self.events = self.events, []
-        self._event_bytes = 0
-        return events
-
-    def swap(self) -> Interval:
-        """Detach the current interval (O(1)); ``feed`` continues into a fresh one."""
-        done = self._iv
-        self._iv = Interval(done.seq + 1)
-        return done
-
-    def build(
-        self, interval: Interval, start_time_unix_nano: int, time_unix_nano: int, chunk_size: int = 2000
-    ) -> Iterator[list[Point]]:
-        """Points of a detached interval in lists of at most ``chunk_size``: counters, gauges, sets,
-        then histograms. Each list costs a few milliseconds at most, so the caller can yield to the
-        event loop between them. Also forgets gauges idle for ``gauge_idle_flushes`` flushes."""
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be >= 1")
-        self.gauges_forgotten += expire_gauges(
-            self._gauge_last, self._gauge_seen, interval.seq, self._idle_flushes, self._max_series,
-            self._iv.seq,
-        )
-        if len(self._names) > self._cache_max or len(self._pieces) > 4 * self._cache_max:
-            self._names.clear()
-            self._pieces.clear()
-        return build_points(interval, start_time_unix_nano, time_unix_nano, chunk_size, self._names,
-                            self._max_buckets, self._pieces, self._max_scale)
-
-    # -- ingest ------------------------------------------------------------------------------------
-    def feed(self, packet: bytes) -> None:
-        """Parse and aggregate every line of one datagram or one chunk of whole stream lines."""
-        if packet.__class__ is not bytes:
-            packet = bytes(packet)
-        # The hot path. Everything the loop touches is hoisted into locals (each attribute lookup
-        # saved is ~20 ns a line; the budget is ~1 µs). A line is cut into name, value and tail with
-        # two partitions; (name, tail) finds the cached descriptor — canonical series key, type, 1/rate
-        # — so tags are neither parsed nor sorted again. Anything unusual or wrong goes to _slow_line,
-        # which parses the line from scratch and states the refusal reason.
-        iv = self._iv
-        counters = iv.counters
-        gauges = iv.gauges
-        timers = iv.timers
-        timer_weights = iv.timer_weights
-        dists = iv.dists
-        dist_weights = iv.dist_weights
-        sets = iv.sets
-        gauge_last = self._gauge_last
-        descriptor_get = self._parser.descriptors.get
-        descriptor = self._parser.descriptor
-        slow = self._slow_line
-        numeric = _NUMERIC
-        fold_at = FOLD_VALUES
-        max_series = self._max_series
-        max_members = self._max_set_members
-        max_members_total = self._max_set_members_total
-        accepted = 0
-        for line in packet.split(b"\n"):
-            if not line:
-                continue
-            try:
-                name, _, rest = line.partition(b":")
-                value, _, tail = rest.partition(b"|")
-                key = (name, tail)
-                found = descriptor_get(key)
-                if found is None:
-                    found = descriptor(key)
-                    if found is None:
-                        accepted += slow(line)
-                        continue
-                canon, code, inv = found
-                if code == COUNTER:
-                    if not value.isdigit() and value.translate(None, numeric):  # isdigit: ASCII only
-                        accepted += slow(line)
-                        continue
-                    v = float(value) * inv
-                    if v < 0.0 or v - v:  # negative, or overflowed to inf
-                        accepted += slow(line)
-                        continue
-                    total = counters.get(canon)
-                    if total is None:
-                        if iv.n_series >= max_series:
-                            accepted += slow(line)
-                            continue
-                        iv.n_series += 1
-                        counters[canon] = v
-                    else:
-                        total += v
-                        if total - total:
-                            accepted += slow(line)
-                            continue
-                        counters[canon] = total
-                elif code <= HISTOGRAM:  # TIMER or HISTOGRAM
-                    if not value.isdigit() and value.translate(None, numeric):
-                        accepted += slow(line)
-                        continue
-                    v = float(value)
-                    if v - v:
-                        accepted += slow(line)
-                        continue
-                    if code == TIMER:
-                        v /= 1000.0
-                        table = timers
-                        weights_table = timer_weights
-                    else:
-                        table = dists
-                        weights_table = dist_weights
-                    if inv != 1.0 and v * inv - v * inv:  # the weighted value would overflow the sum
-                        accepted += slow(line)
-                        continue
-                    values = table.get(canon)
-                    if values is None:
-                        if iv.n_series >= max_series:
-                            accepted += slow(line)
-                            continue
-                        iv.n_series += 1
-                        values = table[canon] = array("d")
-                    if inv != 1.0:
-                        weights = weights_table.get(canon)
-                        if weights is None:
-                            weights = weights_table[canon] = array("d", [1.0]) * len(values)
-                        weights.append(inv)
-                    elif weights_table and canon in weights_table:
-                        weights_table[canon].append(1.0)
-                    values.append(v)
-                    if len(values) >= fold_at:
-                        self._fold(code == TIMER, canon)
-                elif code == GAUGE:
-                    if not value.isdigit() and value.translate(None, numeric):
-                        accepted += slow(line)
-                        continue
-                    v = float(value)
-                    if v - v:
-                        accepted += slow(line)
-                        continue
-                    first = value[0]
-                    if first == 43 or first == 45:  # '+' / '-': a delta on the previous value
-                        v += gauge_last.get(canon, 0.0)
-                        if v - v:
-                            accepted += slow(line)
-                            continue
-                    if canon not in gauges:
-                        if iv.n_series >= max_series:
-                            accepted += slow(line)
-                            continue
-                        iv.n_series += 1
-                        self._gauge_seen[canon] = iv.seq
-                    gauges[canon] = v
-                    gauge_last[canon] = v
-                else:  # SET
-                    members = sets.get(canon)
-                    held = iv.n_members
-                    if members is None:
-                        if not value or iv.n_series >= max_series or held >= max_members_total:
-                            accepted += slow(line)
-                            continue
-                        iv.n_series += 1
-                        sets[canon] = {hash(value)}
-                        iv.n_members = held + 1
-                    else:
-                        # At a cap the slow path decides: a member already seen still counts.
-                        size = len(members)
-                        if not value or size >= max_members or held >= max_members_total:
-                            accepted += slow(line)
-                            continue
-                        members.add(hash(value))
-                        iv.n_members = held + len(members) - size
-                accepted += 1
-            except Exception:  # float() refusing what translate let through ('1.2.3', '+', 'e5')
-                accepted += slow(line)
-        self.accepted += accepted
-
-    def _slow_line(self, line: bytes) -> int:
-        """Parse and apply one line completely; returns the values accepted, counts a refusal."""
-        try:
-            parsed = self._parser.parse(line)
-            reason = parsed if isinstance(parsed, str) else self._apply(parsed, len(line))
-        except Exception:
-            _log.exception("statsd parser failed on a line; refused as malformed_line (this is a bug)")
-            reason = MALFORMED_LINE
-        if isinstance(reason, str):
-            self.refused[reason] = self.refused.get(reason, 0) + 1
-            return 0
-        if isinstance(parsed, MetricLine) and parsed.tag_errors:
-            tag_errors = self.tag_errors
-            for error in parsed.tag_errors:
-                tag_errors[error] = tag_errors.get(error, 0) + 1
-        return reason
-
-    def _apply(self, parsed: MetricLine | StatsdEvent | StatsdServiceCheck, size: int) -> int | str:
-        """Aggregate one parsed line of ``size`` bytes: values accepted, or a refusal reason (nothing
-        applied then)."""
-        if not isinstance(parsed, MetricLine):
-            if len(self.events) >= MAX_EVENTS or self._event_bytes + size > MAX_EVENT_BYTES:
-                return EVENT_LIMIT
-            self.events.append(parsed)
-            self._event_bytes += size
-            return 1
-        iv = self._iv
-        canon, code, values = parsed.canon, parsed.code, parsed.values
-        ts = parsed.timestamp_s
-        key: SeriesKey = canon if ts is None else (canon, ts)
-        if code == COUNTER:
-            total = iv.counters.get(key)
-            new = total is None
-            # In order, as one line after another would add them (on 3.11 sum() adds floats plainly;
-            # -0.0 is the identity that keeps a lone -0 as it is).
-            total = sum(values, -0.0 if total is None else total)
-            if total - total:
-                return INVALID_VALUE
-            if new and not self._admit(iv):
-                return SERIES_LIMIT
-            iv.counters[key] = total
-            return len(values)
-        if code == GAUGE:
-            current = self._gauge_last.get(canon, 0.0)
-            for v, delta in zip(values, parsed.deltas, strict=True):
-                current = current + v if delta else v
-                if current - current:
-                    return INVALID_VALUE
-            new = key not in iv.gauges
-            if new and not self._admit(iv):
-                return SERIES_LIMIT
-            if new or ts is not None:
-                self._gauge_seen[canon] = iv.seq
-            iv.gauges[key] = current
-            self._gauge_last[canon] = current
-            return len(values)
-        if code == SET:
-            member = hash(parsed.member)
-            members = iv.sets.get(canon)
-            if members is None:
-                if iv.n_series >= self._max_series:
-                    return SERIES_LIMIT
-                if iv.n_members >= self._max_set_members_total:
-                    return SET_MEMBER_LIMIT
-                self._admit(iv)
-                members = iv.sets[canon] = set()
-            elif member in members:
-                return 1
-            elif len(members) >= self._max_set_members or iv.n_members >= self._max_set_members_total:
-                return SET_MEMBER_LIMIT
-            members.add(member)
-            iv.n_members += 1
-            return 1
-        timer = code == TIMER
-        table = iv.timers if timer else iv.dists
-        weights_table = iv.timer_weights if timer else iv.dist_weights
-        stored = table.get(canon)
-        if stored is None:
-            if not self._admit(iv):
-                return SERIES_LIMIT
-            stored = table[canon] = array("d")
-        inv = parsed.inv_rate
-        weights = weights_table.get(canon)
-        if weights is None and inv != 1.0:
-            weights = weights_table[canon] = array("d", [1.0]) * len(stored)
-        stored.extend(values)
-        if weights is not None:
-            weights.extend([inv] * len(values))
-        if len(stored) >= FOLD_VALUES:
-            self._fold(timer, canon)
-        return len(values)
-
-    def _admit(self, iv: Interval) -> bool:
-        """Take one series slot of the interval, if the cap allows."""
-        if iv.n_series >= self._max_series:
-            return False
-        iv.n_series += 1
-        return True
-
-    def _fold(self, timer: bool, canon: bytes) -> None:
-        """Fold a histogram series' raw values into its ExpHistogram so memory stays bounded."""
-        if not self._fold_ok:
-            return
-        iv = self._iv
-        table = iv.timers if timer else iv.dists
-        weights_table = iv.timer_weights if timer else iv.dist_weights
-        folds = iv.timer_folds if timer else iv.dist_folds
-        weights = weights_table.get(canon)
-        try:
-            folds[canon] = fold(table[canon], weights, folds.get(canon), self._max_buckets, self._max_scale)
-        except Exception:
-            # A bug in the histogram code: keep the raw values (build() still turns them into a
-            # histogram) and stop folding rather than fail every line.
-            _log.exception("folding statsd histogram values failed; folding disabled")
-            self._fold_ok = False
-            return
-        table[canon] = array("d")
-        if weights is not None:
-            weights_table[canon] = array("d")

@@ -16,11 +16,11 @@ from agent.limits import SeriesLimits
 from agent.model import Kind, Labels, Point, Temporality
 from receivers.statsd import aggregator as aggregator_module
 from receivers.statsd import parser as parser_module
+from receivers.statsd.aggregator import StatsdAggregator
 from receivers.statsd.parser import (
     REFUSAL_REASONS,
     TAG_ERROR_REASONS,
     LineParser,
-    StatsdAggregator,
     StatsdEvent,
     StatsdServiceCheck,
 )
@@ -703,7 +703,7 @@ def test_pending_events_bounded_in_bytes() -> None:
     text = b"t" * 60_000
     line = b"_e{1,60000}:a|" + text
     agg.feed(b"\n".join([line] * 200))
-    taken = parser_module.MAX_EVENT_BYTES // len(line)
+    taken = aggregator_module.MAX_EVENT_BYTES // len(line)
     assert len(agg.events) == taken and agg.refused == {"event_limit": 200 - taken}
     agg.take_events()
     agg.feed(line)
@@ -914,7 +914,7 @@ def test_event_invalid_utf8() -> None:
 
 
 def test_event_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(parser_module, "MAX_EVENTS", 3)
+    monkeypatch.setattr(aggregator_module, "MAX_EVENTS", 3)
     agg = make()
     agg.feed(b"\n".join([b"_e{1,1}:a|b"] * 2 + [b"_sc|x|0"] * 2))
     assert agg.refused == {"event_limit": 1}
