@@ -49,6 +49,7 @@ from typing import Literal
 from agent import exphist
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
+from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
 from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Temporality
 from agent.telemetry import Cell
@@ -167,8 +168,7 @@ class AnomalyProcessor:
         self._tau_s = float(config.baseline_window)
         self._next_expiry = clock() + _EXPIRY_CHECK_S
         tel = settings.telemetry
-        self._incoming = tel.incoming()
-        self._outgoing = tel.outgoing()
+        self._counts = PointCounts(tel)
         self._overflow = tel.counter(
             "anomaly_overflow_points_total", "Points of series beyond max_series, passed on unscored."
         )
@@ -214,7 +214,7 @@ class AnomalyProcessor:
 
     async def consume(self, batch: MetricBatch) -> None:
         n = len(batch.points)
-        self._incoming.value += n
+        self._counts.incoming(n)
         now = self._clock()
         if now >= self._next_expiry:
             self._expire(now)
@@ -260,7 +260,7 @@ class AnomalyProcessor:
         except Backpressure:
             self._undo(undo)
             raise
-        self._outgoing.value += len(out.points)
+        self._counts.outgoing(len(out.points))
         self._scored.value += len(scores)
 
     def _undo(self, undo: dict[SeriesKey, _Saved | None]) -> None:

@@ -50,6 +50,7 @@ from typing import Any, Literal
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
+from agent.counting import PointCounts
 from agent.model import Batch, Labels, LogBatch, MetricBatch, Point, Resource, SpanBatch
 
 TYPE = "attributes"
@@ -302,8 +303,7 @@ class AttributesProcessor:
     def __init__(self, settings: Settings, config: AttributesConfig, next_consumer: Consumer) -> None:
         self._next = next_consumer
         self.tel = settings.telemetry
-        self._incoming = self.tel.incoming()
-        self._outgoing = self.tel.outgoing()
+        self._counts = PointCounts(self.tel)
         salt = config.hash_salt.encode()
         self._digest = _sha256(salt)
         self._point_actions = _compile(tuple(a for a in config.actions if a.scope == "point"))
@@ -325,7 +325,7 @@ class AttributesProcessor:
 
     async def consume(self, batch: Batch) -> None:
         n = len(batch)
-        self._incoming.value += n
+        self._counts.incoming(n)
         if not self._point_actions and not self._resource_actions:
             out: Batch = batch
         elif isinstance(batch, MetricBatch):
@@ -344,7 +344,7 @@ class AttributesProcessor:
             )
         else:
             out = batch
-        self._outgoing.value += n
+        self._counts.outgoing(n)
         await self._next.consume(out)
 
     # -- metrics --

@@ -37,6 +37,7 @@ from typing import Any
 
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration
+from agent.counting import PointCounts
 from agent.model import Batch, LogBatch, MetricBatch, SpanBatch
 
 TYPE = "batch"
@@ -198,8 +199,7 @@ class BatchProcessor:
         self._clock = clock
         self._logger = settings.logger
         self.tel = settings.telemetry
-        self._incoming = self.tel.incoming()
-        self._outgoing = self.tel.outgoing()
+        self._counts = PointCounts(self.tel)
         self._sends = {
             t: self.tel.counter(
                 "processor_batch_sends_total", "Batches sent, by what triggered them.", trigger=t
@@ -236,7 +236,7 @@ class BatchProcessor:
             rest, refusal = await self._send_units(buf.kind, buf.units, buf.context, "shutdown")
             if refusal is not None:
                 lost = buf.kind.total(rest)
-                self.tel.dropped("shutdown").value += lost
+                self._counts.dropped("shutdown", lost)
                 self._logger.warning("batch: %d items refused downstream on shutdown: %s", lost, refusal)
         self.tel.telemetry.unregister_gauges(**{self.tel.kind: self.tel.id})
 
@@ -246,7 +246,7 @@ class BatchProcessor:
             await self._next.consume(batch)
             return
         n = len(batch)
-        self._incoming.value += n
+        self._counts.incoming(n)
         new = kind.units(batch)
         if not new:
             return
@@ -312,10 +312,10 @@ class BatchProcessor:
                     on_cancel([u for c, _ in chunks[i:] for u in c])
                 raise
             except Exception as exc:
-                self.tel.dropped("downstream_error").value += weight
+                self._counts.dropped("downstream_error", weight)
                 self._logger.warning("batch: downstream failed on %d items, dropped: %r", weight, exc)
             else:
-                self._outgoing.value += weight
+                self._counts.outgoing(weight)
                 self._sends[trigger].value += 1
         return [], None
 

@@ -47,6 +47,7 @@ from typing import Literal
 from agent import exphist
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
+from agent.counting import PointCounts
 from agent.model import Batch, ExplicitHistogram, Kind, Labels, MetricBatch, Point
 from agent.telemetry import Cell
 
@@ -188,10 +189,7 @@ class CardinalityLimiter:
         self._clock = clock
         self._logger = settings.logger
         self.tel = settings.telemetry
-        self._incoming = self.tel.incoming()
-        self._outgoing = self.tel.outgoing()
-        self._dropped = self.tel.dropped("cardinality")
-        self._merged = self.tel.dropped("cardinality_merged")
+        self._counts = PointCounts(self.tel, "cardinality", "cardinality_merged")
         self._limited: dict[str, Cell] = {}
         self._metrics: dict[str, _Metric] = {}
         self.active_series = 0
@@ -268,7 +266,7 @@ class CardinalityLimiter:
             await self._next.consume(batch)
             return
         n = len(batch)
-        self._incoming.value += n
+        self._counts.incoming(n)
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -305,7 +303,7 @@ class CardinalityLimiter:
             limited.append(p)
         if limited:
             out.extend(self._limit(limited))
-        self._outgoing.value += len(out)
+        self._counts.outgoing(len(out))
         if not out:
             return
         # Not len(out) == n: folded overflow points can make up the same count with other labels.
@@ -347,7 +345,7 @@ class CardinalityLimiter:
                         "; further capped metrics are not logged" if self._capped_metrics == _LOG_MAX else "",
                     )
         if not self._overflow:
-            self._dropped.value += len(points)
+            self._counts.dropped("cardinality", len(points))
             return []
         groups: dict[tuple[str, Kind], list[Point]] = {}
         for p in points:
@@ -355,11 +353,11 @@ class CardinalityLimiter:
         out: list[Point] = []
         for group in groups.values():
             point, unfolded = fold(group)
-            self._dropped.value += unfolded
+            self._counts.dropped("cardinality", unfolded)
             if point is not None:
                 out.append(point)
                 # all but the one overflow point: their values live on in it
-                self._merged.value += len(group) - unfolded - 1
+                self._counts.dropped("cardinality_merged", len(group) - unfolded - 1)
         return out
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
+from agent.counting import PointCounts
 from agent.model import Batch, Labels, LogBatch, MetricBatch, Point, Resource, SpanBatch
 
 TYPE = "filter"
@@ -325,9 +326,7 @@ class FilterProcessor:
     def __init__(self, settings: Settings, config: FilterConfig, next_consumer: Consumer) -> None:
         self._next = next_consumer
         self.tel = settings.telemetry
-        self._incoming = self.tel.incoming()
-        self._outgoing = self.tel.outgoing()
-        self._dropped = self.tel.dropped("filtered")
+        self._counts = PointCounts(self.tel, "filtered")
         m = config.metrics or MetricFilterConfig()
         self._m_include = _MetricRule(m.include) if m.include else None
         self._m_exclude = _MetricRule(m.exclude) if m.exclude else None
@@ -370,7 +369,7 @@ class FilterProcessor:
 
     async def consume(self, batch: Batch) -> None:
         n = len(batch)
-        self._incoming.value += n
+        self._counts.incoming(n)
         if isinstance(batch, MetricBatch):
             out: Batch | None = self._metrics(batch)
         elif isinstance(batch, SpanBatch):
@@ -381,10 +380,10 @@ class FilterProcessor:
             out = batch
         kept = 0 if out is None else len(out)
         if kept < n:
-            self._dropped.value += n - kept
+            self._counts.dropped("filtered", n - kept)
         if out is None or kept == 0:
             return
-        self._outgoing.value += kept
+        self._counts.outgoing(kept)
         await self._next.consume(out)
 
     # -- metrics --

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, Size
+from agent.counting import PointCounts
 from agent.model import Batch
 
 TYPE = "memory_limiter"
@@ -163,8 +164,7 @@ class MemoryLimiter:
         self._read_rss = read_rss
         self._collect = collect if collect is not None else self._default_collect
         self._trim = _malloc_trim() if collect is None else None
-        self._incoming = self.tel.incoming()
-        self._outgoing = self.tel.outgoing()
+        self._counts = PointCounts(self.tel)
         self._refused = self.tel.counter(
             "processor_refused_points_total",
             "Points (spans, log records) a processor refused with backpressure, by reason.",
@@ -264,8 +264,8 @@ class MemoryLimiter:
         if self.refusing:
             self._refused.value += n
             raise Backpressure("memory_limit", retry_after_s=self._config.check_interval)
-        self._incoming.value += n
-        self._outgoing.value += n
+        self._counts.incoming(n)
+        self._counts.outgoing(n)
         await self._next.consume(batch)
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 from agent import exphist
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
+from agent.counting import PointCounts
 from agent.model import Batch, ExplicitHistogram, Kind, Labels, MetricBatch, Point, SpanBatch, Summary
 
 TYPE = "sample"
@@ -127,9 +128,7 @@ class SampleProcessor:
         self._config = config
         self._next = next_consumer
         tel = settings.telemetry
-        self._incoming = tel.incoming()
-        self._outgoing = tel.outgoing()
-        self._sampled = tel.dropped("sampled")
+        self._counts = PointCounts(tel, "sampled")
         self._rates: dict[str, float] = {}
         self._hashes: dict[tuple[str, Labels, Labels], int] = {}
         self._trace_rate = config.rate if config.trace_rate is None else config.trace_rate
@@ -165,15 +164,15 @@ class SampleProcessor:
         return h
 
     async def consume(self, batch: Batch) -> None:
-        self._incoming.value += len(batch)
+        self._counts.incoming(len(batch))
         if isinstance(batch, MetricBatch):
             new: Batch = self._metrics(batch)
         elif isinstance(batch, SpanBatch):
             new = self._spans(batch)
         else:
             new = batch  # logs are not sampled (the factory does not offer the signal)
-        self._sampled.value += len(batch) - len(new)
-        self._outgoing.value += len(new)
+        self._counts.dropped("sampled", len(batch) - len(new))
+        self._counts.outgoing(len(new))
         await self._next.consume(new)
 
     # -- metrics ------------------------------------------------------------------------------------------

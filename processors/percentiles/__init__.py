@@ -79,6 +79,7 @@ import numpy as np
 from agent import exphist
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, Size, format_duration
+from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
 from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Resource, Temporality, new_point
 from processors.percentiles import convert
@@ -318,8 +319,7 @@ class PercentilesProcessor:
         self._stopped = False
 
         tel = settings.telemetry
-        self._incoming = tel.incoming()
-        self._outgoing = tel.outgoing()
+        self._counts = PointCounts(tel)
         self._overflow = tel.counter(
             "percentiles_overflow_points_total", "Points of series beyond max_series, passed on untracked."
         )
@@ -450,7 +450,7 @@ class PercentilesProcessor:
 
     async def consume(self, batch: MetricBatch) -> None:
         n = len(batch.points)
-        self._incoming.value += n
+        self._counts.incoming(n)
         now = self._clock()
         self._store.rotate(now)
         tracked: list[tuple[_Series, Point]] = []
@@ -489,7 +489,7 @@ class PercentilesProcessor:
             out = MetricBatch(tuple(p for p in batch.points if id(p) not in dropped), batch.context)
         if out.points:
             await self._next.consume(out)  # Backpressure propagates; the data then was not ingested
-            self._outgoing.value += len(out.points)
+            self._counts.outgoing(len(out.points))
         before, squeezed = self._store.downscales, self._store.squeezes
         for s, p in tracked:
             self._ingest(s, p)
@@ -589,10 +589,10 @@ class PercentilesProcessor:
                 except Backpressure as exc:
                     # Counted, and the other ranges are still offered: stopping here would lose
                     # them without a trace. The first refusal is raised once the emit is done.
-                    self._settings.telemetry.dropped("backpressure").value += len(points)
+                    self._counts.dropped("backpressure", len(points))
                     refused = refused or exc
                 else:
-                    self._outgoing.value += len(points)
+                    self._counts.outgoing(len(points))
             await asyncio.sleep(0)  # let receivers run between ranges of series
         self._worst_error = worst
         if refused is not None:

@@ -89,6 +89,7 @@ from typing import Any, Literal
 
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration
+from agent.counting import PointCounts
 from agent.diskqueue import StateFile, partition_name
 from agent.model import MetricBatch
 from agent.netcheck import directory_problem
@@ -315,8 +316,7 @@ class ThresholdProcessor:
             ),
         )
         tel = settings.telemetry
-        self._incoming = tel.incoming()
-        self._outgoing = tel.outgoing()
+        self._counts = PointCounts(tel)
         self._errors = tel.counter(
             "alert_evaluation_errors_total",
             "Evaluations that failed unexpectedly (logged; data still flows).",
@@ -425,11 +425,11 @@ class ThresholdProcessor:
     # -- data --------------------------------------------------------------------------------------
     async def consume(self, batch: MetricBatch) -> None:
         n = len(batch)
-        self._incoming.value += n
+        self._counts.incoming(n)
         # Pass on first: a batch refused downstream (Backpressure) is offered again by the receiver,
         # and observing it both times would count its points twice in count, rate and avg windows.
         await self._next.consume(batch)
-        self._outgoing.value += n
+        self._counts.outgoing(n)
         if self.engine.rules and not self._stopped:
             try:
                 async with self._lock:
