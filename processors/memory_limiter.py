@@ -18,7 +18,9 @@ RSS is read every ``check_interval`` (``/proc/self/statm``). At or above the sof
 refused with ``Backpressure("memory_limit", retry_after_s=check_interval)`` — receivers answer
 429 / UNAVAILABLE or count the points as refused — and each check runs ``gc.collect()`` and returns
 freed heap to the OS (glibc ``malloc_trim``) so that RSS can fall again. At or above the hard limit a
-warning is logged as well (once per crossing). Below the soft limit data flows again. Put it first in
+warning is logged as well (once per crossing). Below the soft limit data flows again. The refusal is
+answered before any pipeline takes the batch (the limiter is an admission check of the fan-outs
+upstream), so a batch it refuses enters no other pipeline of its receiver either. Put it first in
 a pipeline: it holds no data itself, so refusing never grows memory. Refused batches are counted as
 ``processor_refused_points_total{reason="memory_limit"}``; gauges show RSS, both limits and whether
 data is being refused.
@@ -34,7 +36,16 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
+from agent.component import (
+    Backpressure,
+    ComponentKind,
+    Consumer,
+    Factory,
+    Settings,
+    Signal,
+    Tasks,
+    admitted,
+)
 from agent.confmodel import Duration, Size
 from agent.counting import PointCounts
 from agent.model import Batch
@@ -177,6 +188,8 @@ class MemoryLimiter:
         self._above_hard = False
         self._reader_failed = False
         self._tasks = Tasks(f"processor/{settings.id}", settings.logger)
+        self._admission = settings.admission
+        self._admission.add(self.refusal)
         self._started = False
         self._stopped = False
         for name, help, read in (
@@ -215,6 +228,7 @@ class MemoryLimiter:
         if self._stopped:
             return
         self._stopped = True
+        self._admission.remove(self.refusal)
         await self._tasks.close()
         self.tel.telemetry.unregister_gauges(**{self.tel.kind: self.tel.id})
 
@@ -259,11 +273,23 @@ class MemoryLimiter:
             self._logger.error("memory_limiter: cannot read RSS (%r); limits are off", exc)
             return None
 
+    def refusal(self, batch: Batch) -> Backpressure | None:
+        """The refusal ``batch`` meets now (above the soft limit), counted as refused; else None. The
+        admission check the fan-outs upstream ask before any pipeline takes the batch
+        (:class:`agent.component.Admission`), so a refused batch enters no other pipeline either."""
+        if not self.refusing:
+            return None
+        self._refused.value += len(batch)
+        return Backpressure("memory_limit", retry_after_s=self._config.check_interval)
+
     async def consume(self, batch: Batch) -> None:
         n = len(batch)
-        if self.refusing:
-            self._refused.value += n
-            raise Backpressure("memory_limit", retry_after_s=self._config.check_interval)
+        if not admitted():
+            # A batch the fan-outs admitted was asked already (``refusal``) and may have been taken by
+            # another pipeline: it is taken whole. Others (a batch processor's flush) are asked here.
+            refused = self.refusal(batch)
+            if refused is not None:
+                raise refused
         self._counts.incoming(n)
         self._counts.outgoing(n)
         await self._next.consume(batch)
