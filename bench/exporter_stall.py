@@ -138,11 +138,15 @@ def make_exporter(kind: str, port: int, series: int) -> Any:
             PrometheusRemoteWriteConfig(endpoint=f"http://127.0.0.1:{port}/api/v1/write", max_series=series),
         )
     if kind == "otlp_http":
-        from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter
+        # Through the factory in the package entry, which every checkout has (before and after
+        # exporters/otlp was split into modules), so that --src can name an older tree.
+        from exporters.otlp import http_factory
 
-        return OtlpHttpExporter(
+        return http_factory.create(
             settings,
-            OtlpHttpConfig(endpoint=f"http://127.0.0.1:{port}", max_series=series, temporality="cumulative"),
+            http_factory.config_class(
+                endpoint=f"http://127.0.0.1:{port}", max_series=series, temporality="cumulative"
+            ),
         )
     if kind == "prometheus":
         from exporters.prometheus import PrometheusConfig, PrometheusExporter

@@ -35,7 +35,7 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 
 from agent import exphist
 from agent.model import Kind, Point, Temporality
-from exporters.otlp import gzip_compress
+from exporters.otlp.http import gzip_compress
 from exporters.otlp.metrics import EncoderOptions, MetricEncoder
 
 BUDGET_US = 2.0

@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from agent.tls import ClientTLSConfig
-from exporters.otlp import OtlpConfig, OtlpHttpConfig
+from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from agent.confmodel import describe_fields
 from agent.tenancy import INVALID_TENANT, TenantRoutingConfig, tenant_problem
-from exporters.otlp import OtlpConfig, OtlpHttpConfig, OtlpTenantRoutingConfig
+from exporters.otlp.config import OtlpConfig, OtlpHttpConfig, OtlpTenantRoutingConfig
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig, RemoteWriteTenantRoutingConfig
 from processors import tenant as tenant_processor
 

@@ -23,7 +23,8 @@ from agent.component import ComponentId, ComponentKind, Settings
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Summary, Temporality
 from agent.sending import Request
 from agent.telemetry import ComponentTelemetry, Telemetry
-from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter
+from exporters.otlp.config import OtlpHttpConfig
+from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import (
     PrometheusRemoteWriteConfig,
     PrometheusRemoteWriteExporter,

@@ -40,13 +40,10 @@ from agent.model import (
 from agent.sending import Request, RetryConfig
 from agent.telemetry import ComponentTelemetry, Telemetry
 from agent.tls import ClientTLSConfig
-from exporters.otlp import (
-    FACTORIES,
-    OtlpConfig,
-    OtlpGrpcExporter,
-    OtlpHttpConfig,
-    OtlpHttpExporter,
-)
+from exporters.otlp import FACTORIES
+from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
+from exporters.otlp.grpc import OtlpGrpcExporter
+from exporters.otlp.http import OtlpHttpExporter
 from tests.exporters.otlp_sink import Answer, Sink
 
 DELTA = metrics_pb2.AGGREGATION_TEMPORALITY_DELTA
@@ -324,7 +321,7 @@ async def test_exponential_histogram_sent_as_explicit(make: Any, transport: str)
     await drain(exp)
     ((_, _, metric, dp),) = sink.metrics()
     assert metric.WhichOneof("data") == "histogram"
-    from exporters.otlp import DEFAULT_EXPLICIT_BUCKETS
+    from exporters.otlp.config import DEFAULT_EXPLICIT_BUCKETS
 
     assert list(dp.explicit_bounds) == list(DEFAULT_EXPLICIT_BUCKETS)
     expected = np.histogram(VALUES, bins=[-np.inf, *DEFAULT_EXPLICIT_BUCKETS, np.inf])[0].tolist()
@@ -803,7 +800,7 @@ async def test_a_stuck_tenant_does_not_hold_the_connection_of_another() -> None:
     from aiohttp import web
 
     from agent.confmodel import Duration
-    from exporters.otlp import OtlpTenantRoutingConfig
+    from exporters.otlp.config import OtlpTenantRoutingConfig
 
     release = asyncio.Event()
     seen: list[str] = []
@@ -878,7 +875,7 @@ async def test_a_reload_that_ends_tenant_headers_does_not_send_a_tenants_queue_a
     from aiohttp import web
 
     from agent.confmodel import Duration
-    from exporters.otlp import OtlpTenantRoutingConfig
+    from exporters.otlp.config import OtlpTenantRoutingConfig
 
     sending = asyncio.Event()
     release = asyncio.Event()

@@ -14,7 +14,8 @@ from agent.component import ComponentKind, RetryableError, Settings, Signal
 from agent.model import Kind, MetricBatch, Point
 from agent.sending import RETRY_AFTER_MAX_S, Request, RetryConfig
 from agent.telemetry import Telemetry
-from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter
+from exporters.otlp.config import OtlpHttpConfig
+from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig, PrometheusRemoteWriteExporter
 from tests.conftest import component_settings
 

@@ -18,7 +18,8 @@ from agent.component import ComponentId, ComponentKind, Settings, validate_confi
 from agent.model import Kind, MetricBatch, Point, SpanBatch
 from agent.sending import QueueConfig, RetryConfig
 from agent.telemetry import ComponentTelemetry, Telemetry
-from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter, OtlpTenantRoutingConfig
+from exporters.otlp.config import OtlpHttpConfig, OtlpTenantRoutingConfig
+from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import (
     PrometheusRemoteWriteConfig,
     PrometheusRemoteWriteExporter,

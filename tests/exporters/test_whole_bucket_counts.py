@@ -14,7 +14,7 @@ import pytest
 from agent import exphist
 from agent.bucket_layouts import BucketLayout, BucketLayouts
 from agent.model import Kind, Point, Temporality
-from exporters.otlp import OtlpConfig, OtlpHttpConfig
+from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
 from exporters.prometheus import PrometheusConfig
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig
 from exporters.prometheus_series import DEFAULT_BUCKETS, SeriesStore

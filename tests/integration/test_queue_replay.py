@@ -26,7 +26,9 @@ from agent.model import Kind, LogBatch, MetricBatch, Point, SpanBatch, Temporali
 from agent.sending import QueueConfig, RetryConfig
 from agent.telemetry import ComponentTelemetry, Telemetry
 from agent.tls import ClientTLSConfig
-from exporters.otlp import OtlpConfig, OtlpGrpcExporter, OtlpHttpConfig, OtlpHttpExporter
+from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
+from exporters.otlp.grpc import OtlpGrpcExporter
+from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig, PrometheusRemoteWriteExporter
 from tests.exporters.otlp_sink import Answer, Sink
 from tests.integration.conftest import ROOT, PrometheusServer, free_port
