@@ -36,7 +36,8 @@ from agent.limits import REASONS, SeriesLimits
 from agent.model import Batch, MetricBatch, Point
 from agent.sending import RetryConfig
 from agent.telemetry import ComponentTelemetry, Telemetry
-from exporters.otlp import OtlpHttpConfig, OtlpHttpExporter
+from exporters.otlp.config import OtlpHttpConfig
+from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus import PrometheusConfig, PrometheusExporter
 from receivers.http import HttpConfig
 from receivers.http import factory as http_factory
