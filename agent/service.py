@@ -554,7 +554,8 @@ class Agent:
                     log.debug("starting %s %s", running.kind.value, running.label)
                     await running.instance.start()
                     running.state = "running"
-        except BaseException:
+        except BaseException as exc:
+            log.error("cannot start %s %s: %s", running.kind.value, running.label, exc)
             await self.stop()
             raise
         self._tasks.spawn(self._watch_loop(), "loop-lag")
@@ -600,7 +601,8 @@ class Agent:
 
     async def _stop_upstream(self, receivers: Sequence[_Running], processors: Sequence[_Running]) -> None:
         await self._stop_group(receivers)
-        await self._stop_group(processors)
+        for running in processors:  # one at a time, upstream first: each flushes into the next
+            await self._stop_group([running])
 
     def _stop_remaining(self) -> float:
         """Seconds until the stop deadline; infinite until :meth:`stop` (a retiring exporter drains for
