@@ -6,7 +6,9 @@ classes in ``remote_pb2.py`` check it in tests), compressed with snappy's block 
 to the sending queue. One sender worker by default keeps per-series sample order across requests;
 every series' timestamps strictly increase. A series idle for ``series_expiration`` gets a stale
 marker and is forgotten. 5xx and 429 are retried with jittered backoff honouring Retry-After; other
-4xx are dropped and counted, their body logged as is.
+4xx are dropped and counted, their body logged as is. A batch refused because a queue is full
+(``full_policy: block``) changed no series: each queue is asked before the series of its requests
+change, so a client resending it counts its increments once.
 
 Distributions go as classic ``_bucket``/``_sum``/``_count`` series, or as native histograms with
 ``send_native_histograms``. Explicit-bucket histograms (OTLP) always go classic, with their own bounds
@@ -49,6 +51,9 @@ from agent.component import (
     Settings,
     Signal,
     Tasks,
+    admit,
+    admitted,
+    end_admission,
 )
 from agent.confmodel import Duration
 from agent.diskqueue import partition_name
@@ -506,7 +511,20 @@ class PrometheusRemoteWriteExporter:
         queued in order; the batch's commit (fsync) runs after the lock is released, so the next batch
         is encoded while this one's fsync runs, as it was before slicing."""
         async with self._applying:
-            touched, blocked = await self._apply(batch)
+            token = None
+            if not admitted():
+                # Not asked by a fan-out (or the queue filled while this batch waited for the lock):
+                # ask here, before any series changes — a refused batch must leave the counters as
+                # they were, or the client's resend would count it twice — and then take it whole.
+                refused = self._sender.refusal(batch)
+                if refused is not None:
+                    raise refused
+                token = admit()
+            try:
+                touched, blocked = await self._apply(batch)
+            finally:
+                if token is not None:
+                    end_admission(token)
         state = self._state
         if state is not None:
             if self._config.sending_queue.fsync == "batch":
@@ -524,7 +542,14 @@ class PrometheusRemoteWriteExporter:
 
     async def _apply(self, batch: MetricBatch) -> tuple[list[Sender], list[Backpressure]]:
         """Update the series, record them in the journal and offer the batch's requests: (the senders
-        offered to, the refusals of tenants' full queues)."""
+        offered to, the refusals of tenants' full queues).
+
+        Before the first point of each request, its sender is asked whether it would refuse it
+        (``Sender.refusal``): the points of a request it refuses then change no series — a tenant's
+        are left out of this batch, the default sender's refuse it — so the client's resend counts
+        them once. The default memory queue is not asked here: it takes an admitted batch whole. What
+        no check foresees (a disk queue's request larger than any before, a full disk) can still be
+        refused at the offer, after that request's series changed."""
         if self._route is None:
             points: list[Point] | tuple[Point, ...] = batch.points
             tenants: list[str | None] | None = None
@@ -539,15 +564,30 @@ class PrometheusRemoteWriteExporter:
         # Per tenant: entries, samples and points of the request being built.
         pending: dict[str | None, tuple[list[bytes], list[int]]] = {}
         blocked: list[Backpressure] = []
+        refusing: set[str | None] = set()
+        """Tenants whose sender refused a request of this batch: their later points are left out."""
+        disk = self._config.sending_queue.storage == "disk"
         async for span in slices(range(len(points))):
             for i in span:
                 point = points[i]
                 tenant = tenants[i] if tenants is not None else None
+                acc = pending.get(tenant)
+                if acc is None or not acc[0]:
+                    # The first point of a request: ask its sender before any series changes.
+                    if tenant in refusing:
+                        continue
+                    if tenant is not None or disk:
+                        refused = senders[tenant].refusal(batch)
+                        if refused is not None:
+                            if self._route is None:
+                                raise refused  # one queue: backpressure stops the batch
+                            blocked.append(refused)
+                            refusing.add(tenant)
+                            continue
                 series = update(point)
                 if series is None:
                     continue
                 encoded, n = encode(series, next_timestamp_ms(series, point.time_unix_nano))
-                acc = pending.get(tenant)
                 if acc is None:
                     acc = pending[tenant] = ([], [0, 0])
                 entries, counts = acc
