@@ -1,4 +1,5 @@
-"""Regression tests for Sender durability bugs found in review."""
+"""A Sender on a disk queue loses nothing it holds: ``drop_oldest`` never drops the request being sent,
+and a request still unsent at shutdown stays on disk for the next run."""
 
 from __future__ import annotations
 

@@ -1,72 +1,19 @@
-"""Regression tests for durability bugs found in review: failed opens, fd leaks, sync failures."""
+"""A failed sync loses no durability: a ledger write or an fdatasync that fails leaves what it was to make
+durable marked dirty, so the next sync does it, and the background syncer survives the failure."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import os
-import struct
 from pathlib import Path
 
 import pytest
 
-from agent.diskqueue import DiskQueue, DiskQueueConfig, Partition, PartitionOptions, UnsupportedFormat
+from agent.diskqueue import DiskQueue, DiskQueueConfig, Partition, PartitionOptions
 from agent.diskqueue import partition as partition_mod
-from agent.diskqueue.format import crc32c, encode_frame
-from agent.diskqueue.partition import LEDGER_MAGIC
 from tests.conftest import wait_until
 
 SMALL = PartitionOptions(max_bytes=64 * 1024, segment_bytes=8192)
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def test_refusing_a_newer_ledger_leaves_it_untouched(tmp_path: Path) -> None:
-    with Partition.open(str(tmp_path)) as p:
-        p.append(b"a")
-    newer = encode_frame(LEDGER_MAGIC, 2, {"anything": 1})
-    (tmp_path / "ledger").write_bytes(newer)
-    with pytest.raises(UnsupportedFormat):
-        Partition.open(str(tmp_path))
-    # The newer agent's ledger must survive an older agent's refusal to read it.
-    assert (tmp_path / "ledger").read_bytes() == newer
-
-
-def test_refusing_a_newer_segment_keeps_the_ledger(tmp_path: Path) -> None:
-    with Partition.open(str(tmp_path), SMALL) as p:
-        for _ in range(40):
-            p.append(b"x" * 500)
-        for _ in range(20):
-            r = p.next()
-            assert r is not None
-            p.ack(r.seq)
-        p.sync(ledger=True)
-    before = (tmp_path / "ledger").read_bytes()
-    seg = sorted(tmp_path.glob("*.seg"))[-1]
-    data = bytearray(seg.read_bytes())
-    data[4:6] = struct.pack("<H", 7)
-    data[16:20] = struct.pack("<I", crc32c(bytes(data[:16])))
-    seg.write_bytes(bytes(data))
-    segments = sorted(p.name for p in tmp_path.glob("*.seg"))
-    with pytest.raises(UnsupportedFormat):
-        Partition.open(str(tmp_path), SMALL)
-    assert (tmp_path / "ledger").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.glob("*.seg")) == segments
-
-
-def test_sealed_segments_do_not_keep_their_writer_fd(tmp_path: Path) -> None:
-    # fsync: batch syncs after every batch, so a segment is usually fully synced when it is sealed.
-    with Partition.open(str(tmp_path), PartitionOptions(max_bytes=64 << 20, segment_bytes=4096)) as p:
-        p.append(b"x" * 100)
-        p.sync()
-        base = open_fds()
-        for _ in range(200):
-            p.append(b"x" * 3000)  # every append rolls to a new segment
-            p.sync()
-        assert len(list(tmp_path.glob("*.seg"))) > 150
-        assert open_fds() - base < 10
 
 
 def test_a_failed_ledger_write_keeps_the_acks_dirty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
