@@ -1,59 +1,22 @@
-"""Fixtures shared by the receiver tests: a StatsD receiver on real sockets and a sink that keeps points."""
+"""The receiver tests run under the loop-block guard (tests/conftest.py); ``make`` builds StatsD
+receivers on real sockets, each with a shared :class:`tests.conftest.Sink`."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import socket
-import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings, Signal
-from agent.model import MetricBatch, Point
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.component import ComponentKind, Signal
+from agent.telemetry import Telemetry
 from receivers.statsd import StatsdConfig, StatsdReceiver
+from tests.conftest import LOOP_BLOCK_LIMIT_S, Sink, component_settings
 
 
-class Sink:
-    """A metrics consumer that keeps every point (or refuses with backpressure when ``refuse``)."""
-
-    def __init__(self) -> None:
-        self.points: list[Point] = []
-        self.refuse = False
-
-    async def consume(self, batch: MetricBatch) -> None:
-        if self.refuse:
-            raise Backpressure("queue_full")
-        self.points.extend(batch.points)
-
-    def total(self, name: str) -> float:
-        return sum(p.value for p in self.points if p.name == name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def receiver_settings(tel: Telemetry, name: str) -> Settings:
-    """Settings of a receiver under test named ``name``, reporting into ``tel``."""
-    return Settings(
-        id=ComponentId(name),
-        kind=ComponentKind.RECEIVER,
-        telemetry=ComponentTelemetry(tel, "receiver", name),
-        logger=logging.getLogger(f"test.{name}"),
-    )
-
-
-async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait (polling) until ``check()`` holds; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.01)
+@pytest.fixture
+def loop_block_limit_s() -> float | None:
+    """Every receiver test fails if one event-loop callback runs longer than LOOP_BLOCK_LIMIT_S."""
+    return LOOP_BLOCK_LIMIT_S
 
 
 Make = Callable[..., tuple[StatsdReceiver, Sink, Telemetry]]
@@ -69,7 +32,8 @@ async def make() -> AsyncIterator[Make]:
         assert config.validate() == []
         tel = Telemetry()
         sink = Sink()
-        r = StatsdReceiver(receiver_settings(tel, "statsd"), config, {Signal.METRICS: sink})
+        settings = component_settings(tel, ComponentKind.RECEIVER, "statsd")
+        r = StatsdReceiver(settings, config, {Signal.METRICS: sink})
         made.append(r)
         return r, sink, tel
 

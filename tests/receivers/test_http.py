@@ -25,11 +25,11 @@ from multidict import CIMultiDict
 from prometheus_client import generate_latest
 
 from agent import exphist
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings, Signal
+from agent.component import ComponentKind, Signal
 from agent.config import expand_values, load_yaml
 from agent.confmodel import Decoder
-from agent.model import Batch, Kind, MetricBatch, Point, Temporality
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.model import Kind, Temporality
+from agent.telemetry import Telemetry
 from receivers.http import (
     REQUEST_REASONS,
     HttpAuthConfig,
@@ -40,24 +40,9 @@ from receivers.http import (
     factory,
 )
 from receivers.http.items import ITEM_REASONS
+from tests.conftest import Sink, component_settings
 
 JSON = {"Content-Type": "application/json"}
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[MetricBatch] = []
-        self.refuse: Exception | None = None
-
-    async def consume(self, batch: Batch) -> None:
-        if self.refuse is not None:
-            raise self.refuse
-        assert isinstance(batch, MetricBatch)
-        self.batches.append(batch)
-
-    @property
-    def points(self) -> list[Point]:
-        return [p for b in self.batches for p in b.points]
 
 
 @dataclass
@@ -96,12 +81,8 @@ async def make() -> AsyncIterator[Make]:
         tel = Telemetry()
         sink = Sink()
         ready_calls: list[int] = []
-        settings = Settings(
-            id=ComponentId("http"),
-            kind=ComponentKind.RECEIVER,
-            telemetry=ComponentTelemetry(tel, "receiver", "http"),
-            logger=logging.getLogger("test.http"),
-            ready=lambda: ready_calls.append(1),
+        settings = component_settings(
+            tel, ComponentKind.RECEIVER, "http", ready=lambda: ready_calls.append(1)
         )
         receiver = HttpReceiver(settings, config, {Signal.METRICS: sink})
         harness = Harness(receiver, sink, tel, aiohttp.ClientSession(), ready_calls)
@@ -140,7 +121,7 @@ async def test_mixed_batch_keeps_valid_items_and_lists_index_and_reason(make: Ma
         },
         {"index": 3, "code": "invalid_name", "reason": "name: required (a non-empty string)"},
     ]
-    assert [(p.name, p.value, p.labels) for p in h.sink.points] == [
+    assert [(p.name, p.value, p.labels) for p in h.sink.points()] == [
         ("a", 1.0, ()),
         ("c", 3.0, (("env", "dev"),)),
     ]
@@ -160,7 +141,7 @@ async def test_single_object_gauge_defaults_and_aliases(make: Make) -> None:
         }
     )
     assert status == 200 and body == {"accepted": 1, "rejected": 0, "errors": []}
-    (p,) = h.sink.points
+    (p,) = h.sink.points()
     assert p.kind is Kind.GAUGE and p.name == "temp" and p.value == 21.5
     assert p.labels == (("a", "1"), ("b", "2"))  # sorted by name
     assert p.unit == "Cel" and p.description == "T"
@@ -172,7 +153,7 @@ async def test_optional_fields_may_be_null(make: Make) -> None:
     item = {"name": "x", "value": 1, "type": None, "tags": None, "timestamp": None, "unit": None}
     status, body, _ = await h.post(item)
     assert status == 200 and body["accepted"] == 1
-    assert h.sink.points[0].kind is Kind.GAUGE
+    assert h.sink.points()[0].kind is Kind.GAUGE
 
 
 async def test_empty_list_is_accepted_as_nothing(make: Make) -> None:
@@ -188,7 +169,7 @@ async def test_counter_is_a_delta_monotonic_sum_and_negative_is_refused(make: Ma
         [{"name": "hits", "value": 3, "type": "counter"}, {"name": "hits", "value": -1, "type": "counter"}]
     )
     assert status == 200
-    (p,) = h.sink.points
+    (p,) = h.sink.points()
     assert p.kind is Kind.SUM and p.temporality is Temporality.DELTA and p.monotonic and p.value == 3
     assert body["errors"][0]["code"] == "negative_counter"
     assert "a counter takes increments" in body["errors"][0]["reason"]
@@ -205,7 +186,7 @@ async def test_histogram_from_a_list_and_from_one_number(make: Make) -> None:
         ]
     )
     assert status == 200
-    lat, g, one = h.sink.points
+    lat, g, one = h.sink.points()
     assert lat.kind is Kind.HISTOGRAM and lat.histogram is not None and lat.unit == "s"
     # Built at the receiver's defaults: up to 2048 buckets, no finer than scale 8.
     assert lat.histogram == exphist.from_values(
@@ -228,7 +209,7 @@ async def test_a_refused_histogram_does_not_shift_its_neighbours_values(make: Ma
         ]
     )
     assert status == 200 and body["errors"][0]["index"] == 1
-    a, b = h.sink.points
+    a, b = h.sink.points()
     assert a.histogram is not None and b.histogram is not None
     assert (a.histogram.sum, b.histogram.sum) == (3, 3)
 
@@ -311,7 +292,7 @@ async def test_item_rules(make: Make, item: Any, code: str, reason: str) -> None
     (error,) = body["errors"]
     assert error["index"] == 0 and error["code"] == code
     assert reason in error["reason"], error["reason"]
-    assert [p.name for p in h.sink.points] == ["ok"]
+    assert [p.name for p in h.sink.points()] == ["ok"]
     assert h.refused(code) == 1
 
 
@@ -340,7 +321,7 @@ async def test_nan_and_infinity_literals_and_overflow_refuse_only_their_item(mak
     assert "too large for a double" in reasons[3] and "too large for a double" in reasons[4]
     assert "value[1]" in reasons[6] and "literal NaN" in reasons[6]
     assert body["errors"][-1]["code"] == "invalid_labels"
-    assert [(p.name, p.value) for p in h.sink.points] == [("f", 1.5)]
+    assert [(p.name, p.value) for p in h.sink.points()] == [("f", 1.5)]
     assert h.refused("invalid_value") == 6
 
 
@@ -363,7 +344,7 @@ async def test_timestamps_rfc3339_epoch_seconds_and_milliseconds(make: Make) -> 
     ]
     status, body, _ = await h.post(items)
     assert status == 200 and body["accepted"] == len(items), body
-    got = {p.name: p.time_unix_nano for p in h.sink.points}
+    got = {p.name: p.time_unix_nano for p in h.sink.points()}
     assert got["z"] == base_ns
     assert got["off"] == base_ns + 123_456_789
     assert got["local"] == base_ns
@@ -385,7 +366,7 @@ async def test_timestamps_outside_the_window_are_refused_with_how_far(make: Make
         {"name": "soon", "value": 1, "timestamp": int(now + 5 * 60)},
     ]
     status, body, _ = await h.post(items)
-    assert status == 200 and [p.name for p in h.sink.points] == ["edge", "soon"]
+    assert status == 200 and [p.name for p in h.sink.points()] == ["edge", "soon"]
     reasons = {e["index"]: e for e in body["errors"]}
     assert {e["code"] for e in reasons.values()} == {"timestamp_out_of_range"}
     assert "1.0 days in the past" in reasons[0]["reason"]
@@ -470,7 +451,7 @@ async def test_gzip_body(make: Make) -> None:
     # Two gzip members are one stream (RFC 1952), even when a chunk boundary falls between them.
     two = gzip.compress(b'[{"name": "x", ') + gzip.compress(b'"value": 2}]')
     status, body, _ = await h.post(data=two, headers={"Content-Encoding": "GZIP"})
-    assert status == 200 and h.sink.points[-1].value == 2
+    assert status == 200 and h.sink.points()[-1].value == 2
 
 
 async def test_gzip_bomb_answers_413(make: Make) -> None:
@@ -549,7 +530,7 @@ async def test_charset_utf8_and_identity_encoding_are_accepted(make: Make) -> No
     headers = {"Content-Type": "application/json; charset=UTF-8", "Content-Encoding": "identity"}
     status, body, _ = await h.post({"name": "é", "value": 1, "tags": {"city": "Zürich"}}, headers=headers)
     assert status == 200 and body["accepted"] == 1
-    assert h.sink.points[0].name == "é" and h.sink.points[0].labels == (("city", "Zürich"),)
+    assert h.sink.points()[0].name == "é" and h.sink.points()[0].labels == (("city", "Zürich"),)
 
 
 async def test_large_body_is_parsed_off_the_loop(make: Make) -> None:
@@ -557,7 +538,7 @@ async def test_large_body_is_parsed_off_the_loop(make: Make) -> None:
     values = [round(0.001 * i, 3) for i in range(300_000)]  # ~2 MiB of JSON
     status, body, _ = await h.post({"name": "big", "value": values, "type": "histogram"})
     assert status == 200 and body["accepted"] == 1
-    hist = h.sink.points[0].histogram
+    hist = h.sink.points()[0].histogram
     assert hist is not None and hist.count == 300_000 and hist.max == values[-1]
 
 
@@ -646,12 +627,12 @@ async def test_start_fails_on_a_bad_tokens_file(make: Make, tmp_path: Path) -> N
 # -- overload, errors, health, lifecycle ----------------------------------------------------------------
 async def test_backpressure_answers_429_with_retry_after(make: Make) -> None:
     h = await make()
-    h.sink.refuse = Backpressure("queue_full", retry_after_s=2.5)
+    h.sink.refuse, h.sink.reason, h.sink.retry_after_s = True, "queue_full", 2.5
     status, body, resp = await h.post([{"name": "a", "value": 1}, {"name": "b", "value": 2}, {"value": 3}])
     assert status == 429 and body["code"] == "backpressure" and "queue_full" in body["error"]
     assert resp.headers["Retry-After"] == "3"
     assert h.refused("backpressure") == 2 and h.refused("invalid_name") == 1
-    h.sink.refuse = Backpressure("memory_limit")
+    h.sink.reason, h.sink.retry_after_s = "memory_limit", None
     status, _, resp = await h.post({"name": "a", "value": 1})
     assert status == 429 and resp.headers["Retry-After"] == "1"
     assert h.tel.value("receiver_accepted_points_total") == 0
@@ -659,11 +640,11 @@ async def test_backpressure_answers_429_with_retry_after(make: Make) -> None:
 
 async def test_a_failing_pipeline_answers_500_and_is_counted(make: Make) -> None:
     h = await make()
-    h.sink.refuse = RuntimeError("bug downstream")
+    h.sink.fail = True
     status, body, _ = await h.post({"name": "a", "value": 1})
     assert status == 500 and body["code"] == "pipeline_error"
     assert h.refused("pipeline_error") == 1
-    h.sink.refuse = None
+    h.sink.fail = False
     status, _, _ = await h.post({"name": "a", "value": 1})
     assert status == 200
 
@@ -702,12 +683,7 @@ async def test_ready_once_and_shutdown_idempotent_and_safe_before_start(make: Ma
     await h.receiver.shutdown()
     with pytest.raises(aiohttp.ClientConnectionError):
         await h.post({"name": "a", "value": 1})
-    settings = Settings(
-        id=ComponentId("http"),
-        kind=ComponentKind.RECEIVER,
-        telemetry=ComponentTelemetry(Telemetry(), "receiver", "http"),
-        logger=logging.getLogger("test.http"),
-    )
+    settings = component_settings(Telemetry(), ComponentKind.RECEIVER, "http")
     never_started = factory.create(settings, HttpConfig(), {Signal.METRICS: Sink()})
     await never_started.shutdown()
 
@@ -749,7 +725,7 @@ async def test_tls(make: Make, tmp_path: Path) -> None:
         with pytest.raises(aiohttp.ClientError):
             async with plain.post(url.replace("https", "http"), json=[]) as resp:
                 await resp.read()
-    assert len(h.sink.points) == 1
+    assert len(h.sink.points()) == 1
 
 
 # -- config ---------------------------------------------------------------------------------------------

@@ -14,25 +14,16 @@ import aiohttp
 import pytest
 
 from agent import netguard
-from agent.component import Signal
-from agent.model import Batch
+from agent.component import ComponentKind, Signal
 from agent.telemetry import Telemetry
 from receivers.http import HttpConfig, HttpReceiver
 from receivers.otlp import OtlpConfig, OtlpReceiver
-from tests.receivers.conftest import receiver_settings
+from tests.conftest import Sink, component_settings, wait_until
 
 JSON = {"Content-Type": "application/json"}
 HALF_HEAD = b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: appl"
 BOUND_S = 30.0
 """Safety bound on waits for the server to act: never reached unless the behaviour is broken."""
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[Batch] = []
-
-    async def consume(self, batch: Batch) -> None:
-        self.batches.append(batch)
 
 
 Build = Callable[..., Awaitable[HttpReceiver]]
@@ -50,7 +41,9 @@ async def http(tel: Telemetry) -> AsyncIterator[Build]:
     async def build(name: str = "http", **cfg: Any) -> HttpReceiver:
         config = HttpConfig(**{"endpoint": "127.0.0.1:0", **cfg})
         assert config.validate() == []
-        receiver = HttpReceiver(receiver_settings(tel, name), config, {Signal.METRICS: Sink()})
+        receiver = HttpReceiver(
+            component_settings(tel, ComponentKind.RECEIVER, name), config, {Signal.METRICS: Sink()}
+        )
         made.append(receiver)
         await receiver.start()
         return receiver
@@ -96,23 +89,19 @@ async def closed_by_server(reader: asyncio.StreamReader) -> bool:
     return True
 
 
-async def wait_for(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(BOUND_S):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 # -- header-read and idle timeouts ----------------------------------------------------------------------
 async def test_half_sent_headers_are_closed_and_counted_while_legit_requests_are_answered(
     http: Build, tel: Telemetry, session: aiohttp.ClientSession
 ) -> None:
     r = await http(header_timeout=0.3)
     slow = [await half_open(r.port) for _ in range(50)]
-    await wait_for(lambda: len(r._gate) == 50)
+    await wait_until(lambda: len(r._gate) == 50, "len(r._gate) == 50", BOUND_S)
     # Liveness during the abuse: a real client's request is answered.
     assert (await post(session, r.port))[0] == 200
     assert all(await asyncio.gather(*(closed_by_server(reader) for reader, _ in slow)))
-    await wait_for(lambda: refused(tel, "header_timeout") == 50)
+    await wait_until(
+        lambda: refused(tel, "header_timeout") == 50, "refused(tel, 'header_timeout') == 50", BOUND_S
+    )
     assert len(r._gate) <= 1  # the aiohttp client may keep its connection
     for _, writer in slow:
         writer.close()
@@ -180,7 +169,7 @@ async def test_at_max_connections_the_oldest_idle_connection_makes_room(
 ) -> None:
     r = await http(max_connections=5, header_timeout=60)
     slow = [await half_open(r.port) for _ in range(5)]
-    await wait_for(lambda: len(r._gate) == 5)
+    await wait_until(lambda: len(r._gate) == 5, "len(r._gate) == 5", BOUND_S)
     assert (await post(session, r.port))[0] == 200  # answered: the oldest half-open one was closed
     assert await closed_by_server(slow[0][0])
     assert refused(tel, "too_many_connections") == 1
@@ -198,7 +187,7 @@ async def test_when_every_connection_is_inside_a_request_the_new_one_is_refused(
         b"Content-Length: 1000\r\n\r\n["
     )
     busy = [await half_open(r.port, busy_head) for _ in range(3)]
-    await wait_for(lambda: r._bytes.in_use == 3000)  # all three are reading their bodies
+    await wait_until(lambda: r._bytes.in_use == 3000, "all three reading their bodies", BOUND_S)
     reader, writer = await half_open(r.port, b"")
     assert await closed_by_server(reader)
     assert refused(tel, "too_many_connections") == 1
@@ -220,7 +209,7 @@ async def test_the_process_fd_budget_spans_receivers(
         b"Content-Length: 10\r\n\r\n["
     )
     busy = [await half_open(one.port, busy_head) for _ in range(3)]
-    await wait_for(lambda: one._bytes.in_use == 30)
+    await wait_until(lambda: one._bytes.in_use == 30, "one._bytes.in_use == 30", BOUND_S)
     reader, writer = await half_open(two.port, b"")
     assert await closed_by_server(reader)
     assert refused(tel, "too_many_connections", "http/two") == 1
@@ -240,7 +229,7 @@ async def test_bodies_over_the_budget_get_429_before_they_are_read(
         b"Content-Length: 40000\r\n\r\n["
     )
     _reader, writer = await half_open(r.port, holder_head)
-    await wait_for(lambda: r._bytes.in_use == 40_000)
+    await wait_until(lambda: r._bytes.in_use == 40_000, "r._bytes.in_use == 40_000", BOUND_S)
     big = [{"name": "m", "value": 1, "tags": {"pad": "x" * 3000}}] * 10  # ~33 kB
     url = f"http://127.0.0.1:{r.port}/v1/metrics"
     async with session.post(url, data=json.dumps(big).encode(), headers=JSON) as resp:
@@ -249,7 +238,7 @@ async def test_bodies_over_the_budget_get_429_before_they_are_read(
     assert refused(tel, "memory_budget") == 1
     assert (await post(session, r.port))[0] == 200  # a small one still fits
     writer.close()
-    await wait_for(lambda: r._bytes.in_use == 0)
+    await wait_until(lambda: r._bytes.in_use == 0, "r._bytes.in_use == 0", BOUND_S)
     status, answer = await post(session, r.port, big)
     assert status == 200 and answer["accepted"] == 10
 
@@ -263,7 +252,7 @@ async def test_chunked_and_inflating_bodies_are_held_as_they_arrive(
         b"Content-Length: 150000\r\n\r\n["
     )
     _reader, writer = await half_open(r.port, holder_head)
-    await wait_for(lambda: r._bytes.in_use == 150_000)
+    await wait_until(lambda: r._bytes.in_use == 150_000, "r._bytes.in_use == 150_000", BOUND_S)
     payload = json.dumps([{"name": "m", "value": 1, "tags": {"pad": "x" * 3000}}] * 30).encode()
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -279,7 +268,7 @@ async def test_chunked_and_inflating_bodies_are_held_as_they_arrive(
         assert resp.status == 429 and (await resp.json())["code"] == "memory_budget"
     assert refused(tel, "memory_budget") == 2
     writer.close()
-    await wait_for(lambda: r._bytes.in_use == 0)
+    await wait_until(lambda: r._bytes.in_use == 0, "r._bytes.in_use == 0", BOUND_S)
     async with session.post(url, data=packed, headers={**JSON, "Content-Encoding": "gzip"}) as resp:
         assert resp.status == 200
 
@@ -290,7 +279,7 @@ async def test_the_request_byte_budget_is_process_wide_across_http_and_otlp(
     monkeypatch.setattr(netguard.request_bytes(), "limit", 64_000)
     r = await http(max_request_body_size=40_000)
     otlp = OtlpReceiver(
-        receiver_settings(tel, "otlp"),
+        component_settings(tel, ComponentKind.RECEIVER, "otlp"),
         OtlpConfig(grpc=None, http="127.0.0.1:0", max_request_body_size=40_000),
         {Signal.METRICS: Sink()},
     )
@@ -301,13 +290,19 @@ async def test_the_request_byte_budget_is_process_wide_across_http_and_otlp(
             b"Content-Length: 40000\r\n\r\n["
         )
         _reader, writer = await half_open(r.port, holder_head)
-        await wait_for(lambda: netguard.request_bytes().in_use == 40_000)
+        await wait_until(
+            lambda: netguard.request_bytes().in_use == 40_000,
+            "netguard.request_bytes().in_use == 40_000",
+            BOUND_S,
+        )
         url = f"http://127.0.0.1:{otlp.http_port}/v1/metrics"
         async with session.post(url, data=b"{" + b" " * 30_000 + b"}", headers=JSON) as resp:
             assert resp.status == 429 and resp.headers["Retry-After"] == "1"
         assert refused(tel, "memory_budget", "otlp") == 1
         writer.close()
-        await wait_for(lambda: netguard.request_bytes().in_use == 0)
+        await wait_until(
+            lambda: netguard.request_bytes().in_use == 0, "netguard.request_bytes().in_use == 0", BOUND_S
+        )
         async with session.post(url, data=b"{" + b" " * 30_000 + b"}", headers=JSON) as resp:
             assert resp.status == 200
     finally:

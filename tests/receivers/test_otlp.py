@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import logging
 import math
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import cramjam
@@ -32,35 +31,19 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as mpb
 from prometheus_client import generate_latest
 
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings, Signal
+from agent.component import ComponentKind, Signal
 from agent.confmodel import Decoder
-from agent.model import Batch, Kind, LogBatch, MetricBatch, Point, SpanBatch, Temporality
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.model import Kind, LogBatch, SpanBatch, Temporality
+from agent.telemetry import Telemetry
 from receivers.otlp import FACTORY, OtlpConfig, OtlpReceiver, OtlpTLSConfig, factory
+from tests.conftest import Sink, component_settings
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
 METRICS_EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 TRACES_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 ALL = (Signal.METRICS, Signal.TRACES, Signal.LOGS)
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[Batch] = []
-        self.refuse: Exception | None = None
-
-    async def consume(self, batch: Batch) -> None:
-        if self.refuse is not None:
-            raise self.refuse
-        self.batches.append(batch)
-
-    @property
-    def points(self) -> list[Point]:
-        return [p for b in self.batches if isinstance(b, MetricBatch) for p in b.points]
-
-    def of(self, kind: type) -> list[Any]:
-        return [b for b in self.batches if isinstance(b, kind)]
+T = TypeVar("T")
 
 
 @dataclass
@@ -99,12 +82,7 @@ async def make() -> AsyncIterator[Make]:
         assert config.validate() == []
         tel = Telemetry()
         sink = Sink()
-        settings = Settings(
-            id=ComponentId("otlp"),
-            kind=ComponentKind.RECEIVER,
-            telemetry=ComponentTelemetry(tel, "receiver", "otlp"),
-            logger=logging.getLogger("test.otlp"),
-        )
+        settings = component_settings(tel, ComponentKind.RECEIVER, "otlp")
         receiver = factory.create(settings, config, {s: sink for s in signals})
         harness = Harness(receiver, sink, tel, aiohttp.ClientSession())
         made.append(harness)
@@ -115,6 +93,11 @@ async def make() -> AsyncIterator[Make]:
     for h in made:
         await h.session.close()
         await h.receiver.shutdown()
+
+
+def of(sink: Sink, kind: type[T]) -> list[T]:
+    """The batches of type ``kind`` that ``sink`` took, in order."""
+    return [b for b in sink.batches if isinstance(b, kind)]
 
 
 def kv(key: str, value: str) -> KeyValue:
@@ -211,7 +194,7 @@ async def test_sdk_metrics_arrive_intact(make: Make, transport: str, temporality
     h = await make()
     target = h.grpc_target if transport == "grpc" else h.url("metrics")
     await asyncio.to_thread(_sdk_metrics, transport, target, temporality)
-    points = {(p.name, p.labels): p for p in h.sink.points}  # the last point of each series
+    points = {(p.name, p.labels): p for p in h.sink.points()}  # the last point of each series
     expected = Temporality.DELTA if temporality == "delta" else Temporality.CUMULATIVE
 
     eu = points["orders", (("region", "eu"),)]
@@ -244,8 +227,8 @@ async def test_sdk_metrics_arrive_intact(make: Make, transport: str, temporality
     assert attrs["service.name"] == "checkout" and attrs["deployment.environment"] == "test"
     assert "telemetry.sdk.language" in attrs
     assert eu.scope is not None and (eu.scope.name, eu.scope.version) == ("test.meter", "1.2")
-    assert all(p.resource is resource for p in h.sink.points)
-    assert h.value("receiver_accepted_points_total") == len(h.sink.points)
+    assert all(p.resource is resource for p in h.sink.points())
+    assert h.value("receiver_accepted_points_total") == len(h.sink.points())
 
 
 def _sdk_traces_and_logs(transport: str, traces_target: str, logs_target: str) -> None:
@@ -297,13 +280,13 @@ async def test_sdk_traces_and_logs_pass_through(make: Make, transport: str) -> N
     grpc_targets = (h.grpc_target, h.grpc_target)
     targets = grpc_targets if transport == "grpc" else (h.url("traces"), h.url("logs"))
     await asyncio.to_thread(_sdk_traces_and_logs, transport, *targets)
-    span_batches: list[SpanBatch] = h.sink.of(SpanBatch)
+    span_batches: list[SpanBatch] = of(h.sink, SpanBatch)
     spans = [s for b in span_batches for rs in b.resource_spans for ss in rs.scope_spans for s in ss.spans]
     assert sorted(s.name for s in spans) == ["child-1", "child-2", "parent"]
     assert sum(b.span_count for b in span_batches) == 3
     assert len({s.trace_id for s in spans}) == 1 and all(len(s.span_id) == 8 for s in spans)
     assert span_batches[0].resource_spans[0].scope_spans[0].scope.name == "test.tracer"
-    log_batches: list[LogBatch] = h.sink.of(LogBatch)
+    log_batches: list[LogBatch] = of(h.sink, LogBatch)
     records = [
         r for b in log_batches for rl in b.resource_logs for sl in rl.scope_logs for r in sl.log_records
     ]
@@ -372,7 +355,7 @@ async def test_otlp_json_metrics(make: Make) -> None:
     status, body, headers = await h.post(json.dumps(json_metrics_request()).encode(), JSON)
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     assert json.loads(body) == {}
-    items, mem = h.sink.points
+    items, mem = h.sink.points()
     assert items.name == "cart.items" and items.labels == (("ok", "true"), ("shard", "3"))
     assert items.value == float(9007199254740993) and items.temporality is Temporality.CUMULATIVE
     assert (items.start_time_unix_nano, items.time_unix_nano) == (1700000000000000000, 1700000060000000000)
@@ -412,7 +395,7 @@ async def test_otlp_json_traces_hex_ids(make: Make) -> None:
     }
     status, body, _ = await h.post(json.dumps(payload).encode(), JSON, signal="traces")
     assert status == 200 and json.loads(body) == {}
-    (batch,) = h.sink.of(SpanBatch)
+    (batch,) = of(h.sink, SpanBatch)
     span = batch.resource_spans[0].scope_spans[0].spans[0]
     assert span.trace_id == bytes.fromhex("5b8efff798038103d269b633813fc60c")
     assert span.span_id == bytes.fromhex("eee19b7ec3c1b174") and span.parent_span_id == b""
@@ -441,7 +424,7 @@ async def test_otlp_json_logs(make: Make) -> None:
     }
     status, _, _ = await h.post(json.dumps(payload).encode(), JSON, signal="logs")
     assert status == 200
-    (batch,) = h.sink.of(LogBatch)
+    (batch,) = of(h.sink, LogBatch)
     record = batch.resource_logs[0].scope_logs[0].log_records[0]
     assert (record.body.string_value, record.severity_number, batch.record_count) == ("hi", 9, 1)
     assert record.span_id == bytes(range(1, 9))
@@ -455,7 +438,7 @@ async def test_compressed_protobuf(make: Make, encoding: str) -> None:
     status, body, headers = await h.post(data, {**PROTO, "Content-Encoding": encoding})
     assert status == 200 and headers["Content-Type"] == "application/x-protobuf"
     assert not ExportMetricsServiceResponse.FromString(body).HasField("partial_success")
-    assert [p.value for p in h.sink.points] == [1.0, 2.0]
+    assert [p.value for p in h.sink.points()] == [1.0, 2.0]
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "zstd"])
@@ -525,7 +508,7 @@ async def test_garbage_is_400_with_a_status_body(make: Make) -> None:
 
 async def test_backpressure_is_429_with_retry_after(make: Make) -> None:
     h = await make()
-    h.sink.refuse = Backpressure("queue full", retry_after_s=2.5)
+    h.sink.refuse, h.sink.reason, h.sink.retry_after_s = True, "queue full", 2.5
     status, body, headers = await h.post(metrics_request(1.0, 2.0).SerializeToString())
     assert status == 429 and headers["Retry-After"] == "3"
     st = parse_status(body)
@@ -534,14 +517,14 @@ async def test_backpressure_is_429_with_retry_after(make: Make) -> None:
     assert st.details[0].Unpack(retry) and retry.retry_delay.seconds == 3
     assert h.value("receiver_refused_points_total", reason="backpressure") == 2
     assert h.value("receiver_accepted_points_total") == 0
-    h.sink.refuse = Backpressure("memory limit")  # no delay asked: 1 s
+    h.sink.reason, h.sink.retry_after_s = "memory limit", None  # no delay asked: 1 s
     status, _, headers = await h.post(json.dumps(json_metrics_request()).encode(), JSON)
     assert status == 429 and headers["Retry-After"] == "1"
 
 
 async def test_pipeline_error_is_500(make: Make) -> None:
     h = await make()
-    h.sink.refuse = RuntimeError("bug")
+    h.sink.fail = True
     status, body, _ = await h.post(metrics_request(1.0).SerializeToString())
     assert status == 500 and parse_status(body).code == code_pb2.INTERNAL
     assert h.value("receiver_refused_points_total", reason="pipeline_error") == 1
@@ -554,7 +537,7 @@ async def test_partial_success_over_http(make: Make) -> None:
     partial = ExportMetricsServiceResponse.FromString(body).partial_success
     assert partial.rejected_data_points == 1
     assert 'metric "jobs" data point 1' in partial.error_message and "as_double" in partial.error_message
-    assert [p.value for p in h.sink.points] == [1.0, 3.0]
+    assert [p.value for p in h.sink.points()] == [1.0, 3.0]
     assert h.value("receiver_refused_points_total", reason="no_value") == 1
     assert h.value("receiver_accepted_points_total") == 2
     # The same over JSON: the partial success is OTLP/JSON with the count as a string.
@@ -630,7 +613,7 @@ async def grpc_export(
 
 async def test_grpc_backpressure_is_unavailable_with_retry_info(make: Make) -> None:
     h = await make()
-    h.sink.refuse = Backpressure("queue full", retry_after_s=4)
+    h.sink.refuse, h.sink.reason, h.sink.retry_after_s = True, "queue full", 4
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await grpc_export(h.grpc_target, metrics_request(1.0, 2.0))
     err = info.value
@@ -651,7 +634,7 @@ async def test_grpc_over_size_is_resource_exhausted(make: Make) -> None:
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert h.sink.batches == []
     response = await grpc_export(h.grpc_target, metrics_request(1.0))  # a small one still goes through
-    assert not response.HasField("partial_success") and len(h.sink.points) == 1
+    assert not response.HasField("partial_success") and len(h.sink.points()) == 1
 
 
 async def test_grpc_partial_success_and_context(make: Make) -> None:
@@ -731,7 +714,7 @@ async def test_tls_on_both_endpoints(make: Make, tmp_path: Path) -> None:
         await export(metrics_request(2.0), timeout=10)
     with pytest.raises(grpc.aio.AioRpcError):
         await grpc_export(h.grpc_target, metrics_request(3.0))  # plaintext to the TLS port
-    assert [p.value for p in h.sink.points] == [1.0, 2.0]
+    assert [p.value for p in h.sink.points()] == [1.0, 2.0]
 
 
 async def test_one_endpoint_can_be_disabled(make: Make) -> None:
@@ -742,7 +725,7 @@ async def test_one_endpoint_can_be_disabled(make: Make) -> None:
     g = await make(http=None)
     assert g.receiver.http_port is None
     await grpc_export(g.grpc_target, metrics_request(1.0))
-    assert len(g.sink.points) == 1
+    assert len(g.sink.points()) == 1
 
 
 async def test_shutdown_is_idempotent_and_safe_before_start(make: Make) -> None:
@@ -752,12 +735,7 @@ async def test_shutdown_is_idempotent_and_safe_before_start(make: Make) -> None:
     await h.receiver.shutdown()
     with pytest.raises(aiohttp.ClientConnectionError):
         await h.post(b"")
-    settings = Settings(
-        id=ComponentId("otlp"),
-        kind=ComponentKind.RECEIVER,
-        telemetry=ComponentTelemetry(Telemetry(), "receiver", "otlp"),
-        logger=logging.getLogger("test.otlp"),
-    )
+    settings = component_settings(Telemetry(), ComponentKind.RECEIVER, "otlp")
     never_started = FACTORY.create(settings, OtlpConfig(), {Signal.METRICS: Sink()})
     await never_started.shutdown()
     assert port
@@ -845,5 +823,5 @@ async def test_large_bodies_are_decoded_off_the_loop(make: Make, monkeypatch: py
     status, _, _ = await h.post(
         gzip.compress(big.SerializeToString(), 1), {**PROTO, "Content-Encoding": "gzip"}
     )
-    assert status == 200 and len(h.sink.points) == 40_001
+    assert status == 200 and len(h.sink.points()) == 40_001
     assert threads[0] == "MainThread" and threads[1] != "MainThread"

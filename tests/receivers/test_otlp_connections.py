@@ -17,23 +17,23 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from agent import netguard
-from agent.component import Signal
+from agent.component import ComponentKind, Signal
 from agent.model import Batch
 from agent.telemetry import Telemetry
 from receivers.otlp import OtlpConfig, OtlpReceiver
-from tests.receivers.conftest import receiver_settings
+from tests.conftest import Sink, component_settings, wait_until
 
 EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 BOUND_S = 30.0
 
 
-class GatedSink:
+class GatedSink(Sink):
     """Holds every batch until ``open`` is set, so calls stay inside the receiver."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.open = asyncio.Event()
         self.waiting = 0
-        self.batches: list[Batch] = []
 
     async def consume(self, batch: Batch) -> None:
         self.waiting += 1
@@ -41,7 +41,7 @@ class GatedSink:
             await self.open.wait()
         finally:
             self.waiting -= 1
-        self.batches.append(batch)
+        await super().consume(batch)
 
 
 def request(n: int = 1, pad: int = 0) -> bytes:
@@ -66,7 +66,7 @@ async def otlp() -> AsyncIterator[Build]:
         tel, sink = Telemetry(), GatedSink()
         config = OtlpConfig(**{"grpc": "127.0.0.1:0", "http": "127.0.0.1:0", **cfg})
         assert config.validate() == []
-        settings = receiver_settings(tel, "otlp")
+        settings = component_settings(tel, ComponentKind.RECEIVER, "otlp")
         receiver = OtlpReceiver(settings, config, {Signal.METRICS: sink})
         made.append(receiver)
         await receiver.start()
@@ -77,19 +77,13 @@ async def otlp() -> AsyncIterator[Build]:
         await r.shutdown()
 
 
-async def wait_for(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(BOUND_S):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 async def test_many_concurrent_calls_share_few_read_slots_and_all_arrive(otlp: Build) -> None:
     # Budget for 2 largest messages: 2 read slots, yet 40 concurrent small calls all get in.
     r, sink, tel = await otlp(max_request_body_size=2**20, max_request_bytes_in_flight=2 * 2**20)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{r.grpc_port}") as channel:
         export = channel.unary_unary(EXPORT)
         calls = [asyncio.ensure_future(export(request(), timeout=BOUND_S)) for _ in range(40)]
-        await wait_for(lambda: sink.waiting == 40)  # every call read and inside the pipeline
+        await wait_until(lambda: sink.waiting == 40, "every call read and inside the pipeline", BOUND_S)
         assert r._bytes.in_use == 40 * len(request())
         sink.open.set()
         answers = await asyncio.gather(*calls)
@@ -106,7 +100,7 @@ async def test_a_call_over_the_byte_budget_is_unavailable_with_retry_info(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{r.grpc_port}") as channel:
         export = channel.unary_unary(EXPORT)
         holder = asyncio.ensure_future(export(request(700, pad=100), timeout=BOUND_S))
-        await wait_for(lambda: sink.waiting == 1)
+        await wait_until(lambda: sink.waiting == 1, "sink.waiting == 1", BOUND_S)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await export(request(500, pad=100), timeout=BOUND_S)
         err = refused.value
@@ -119,7 +113,7 @@ async def test_a_call_over_the_byte_budget_is_unavailable_with_retry_info(
         assert tel.value("receiver_refused_points_total", reason="memory_budget") == 1
         # A small call still fits beside the held one.
         small = asyncio.ensure_future(export(request(), timeout=BOUND_S))
-        await wait_for(lambda: sink.waiting == 2)
+        await wait_until(lambda: sink.waiting == 2, "sink.waiting == 2", BOUND_S)
         sink.open.set()
         await holder
         await small
@@ -130,9 +124,13 @@ async def test_cancelled_calls_are_counted(otlp: Build) -> None:
     r, sink, tel = await otlp()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{r.grpc_port}") as channel:
         call = channel.unary_unary(EXPORT)(request(), timeout=BOUND_S)
-        await wait_for(lambda: sink.waiting == 1)
+        await wait_until(lambda: sink.waiting == 1, "sink.waiting == 1", BOUND_S)
         call.cancel()
-        await wait_for(lambda: tel.value("receiver_refused_points_total", reason="cancelled") == 1)
+        await wait_until(
+            lambda: tel.value("receiver_refused_points_total", reason="cancelled") == 1,
+            "tel.value('receiver_refused_points_total', reason='cancelled') == 1",
+            BOUND_S,
+        )
     assert tel.value("receiver_grpc_requests_total", code="CANCELLED") == 1
     assert sink.batches == [] and r._bytes.in_use == 0
 

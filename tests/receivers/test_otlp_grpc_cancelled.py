@@ -14,25 +14,16 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from agent.component import Signal
-from agent.model import Batch
+from agent.component import ComponentKind, Signal
 from agent.telemetry import Telemetry
 from receivers.otlp import OtlpConfig, OtlpReceiver, _channelz_calls_started
-from tests.receivers.conftest import receiver_settings
+from tests.conftest import Sink, component_settings, wait_until, wait_until_sync
 
 EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 BOUND_S = 60.0
 GRPC_QUEUE_HARD_LIMIT = 3000
 """gRPC core's default ``grpc.server.max_pending_requests_hard_limit``: calls queued past it are all
 cancelled before the receiver sees them."""
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[Batch] = []
-
-    async def consume(self, batch: Batch) -> None:
-        self.batches.append(batch)
 
 
 def request() -> bytes:
@@ -53,7 +44,7 @@ async def otlp() -> AsyncIterator[Build]:
         tel, sink = Telemetry(), Sink()
         config = OtlpConfig(**{"grpc": "127.0.0.1:0", "http": None, **cfg})
         assert config.validate() == []
-        settings = receiver_settings(tel, "otlp")
+        settings = component_settings(tel, ComponentKind.RECEIVER, "otlp")
         receiver = OtlpReceiver(settings, config, {Signal.METRICS: sink})
         made.append(receiver)
         await receiver.start()
@@ -64,24 +55,8 @@ async def otlp() -> AsyncIterator[Build]:
         await r.shutdown()
 
 
-async def wait_for(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(BOUND_S):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 def answered(tel: Telemetry) -> float:
     return tel.value("receiver_grpc_requests_total")
-
-
-def poll(condition: Callable[[], bool], what: str) -> None:
-    """Wait (polling, bounded) for ``condition`` from a thread that is not the event loop's."""
-    done = threading.Event()
-    for _ in range(int(BOUND_S / 0.01)):
-        if condition():
-            return
-        done.wait(0.01)
-    raise AssertionError(f"{what} never happened")
 
 
 async def test_calls_grpc_cancels_in_its_queue_are_counted_exactly(otlp: Build) -> None:
@@ -104,7 +79,9 @@ async def test_calls_grpc_cancels_in_its_queue_are_counted_exactly(otlp: Build) 
         firing = threading.Thread(target=fire)
         firing.start()
         # Held on purpose: grpc.aio takes no call from gRPC's queue until every call has started.
-        poll(lambda: (_channelz_calls_started(server_id) or 0) >= count, "all calls started")
+        wait_until_sync(
+            lambda: (_channelz_calls_started(server_id) or 0) >= count, "all calls started", BOUND_S
+        )
         firing.join()
 
         def outcomes() -> Counter[str]:
@@ -119,7 +96,7 @@ async def test_calls_grpc_cancels_in_its_queue_are_counted_exactly(otlp: Build) 
         channel.close()
     assert seen["CANCELLED"] >= count - GRPC_QUEUE_HARD_LIMIT - 1, seen
     assert set(seen) == {"OK", "CANCELLED"}, seen
-    await wait_for(lambda: answered(tel) >= count)
+    await wait_until(lambda: answered(tel) >= count, "answered(tel) >= count", timeout_s=BOUND_S)
     assert tel.value("receiver_refused_points_total", reason="cancelled_in_queue") == seen["CANCELLED"]
     assert tel.value("receiver_grpc_requests_total", code="CANCELLED") == seen["CANCELLED"]
     assert tel.value("receiver_grpc_requests_total", code="OK") == seen["OK"] == len(sink.batches)
@@ -152,13 +129,13 @@ async def test_a_call_cancelled_while_its_message_is_awaited_counts_as_cancelled
     r, _, tel = await otlp(max_request_body_size=2**20, max_request_bytes_in_flight=2**20)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{r.grpc_port}") as channel:
         call = channel.stream_unary(EXPORT)(_never(), timeout=BOUND_S)
-        await wait_for(r._grpc_reads.locked)
+        await wait_until(r._grpc_reads.locked, "r._grpc_reads.locked", timeout_s=BOUND_S)
         call.cancel()
-        await wait_for(lambda: answered(tel) == 1)
+        await wait_until(lambda: answered(tel) == 1, "answered(tel) == 1", timeout_s=BOUND_S)
     assert tel.value("receiver_refused_points_total", reason="cancelled") == 1
     assert tel.value("receiver_refused_points_total", reason="invalid_request") == 0
     assert tel.value("receiver_grpc_requests_total", code="CANCELLED") == 1
-    await wait_for(lambda: not r._grpc_reads.locked())
+    await wait_until(lambda: not r._grpc_reads.locked(), "not r._grpc_reads.locked()", timeout_s=BOUND_S)
 
 
 async def test_a_call_whose_deadline_passes_before_its_message_counts_as_deadline_exceeded(
@@ -167,11 +144,11 @@ async def test_a_call_whose_deadline_passes_before_its_message_counts_as_deadlin
     r, _, tel = await otlp(max_request_body_size=2**20, max_request_bytes_in_flight=2**20)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{r.grpc_port}") as channel:
         call = channel.stream_unary(EXPORT)(_never(), timeout=2.0)
-        await wait_for(r._grpc_reads.locked)
+        await wait_until(r._grpc_reads.locked, "r._grpc_reads.locked", timeout_s=BOUND_S)
         with pytest.raises(grpc.aio.AioRpcError) as expired:
             await call
         assert expired.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        await wait_for(lambda: answered(tel) == 1)
+        await wait_until(lambda: answered(tel) == 1, "answered(tel) == 1", timeout_s=BOUND_S)
     assert tel.value("receiver_refused_points_total", reason="cancelled") == 1
     assert tel.value("receiver_grpc_requests_total", code="DEADLINE_EXCEEDED") == 1
 

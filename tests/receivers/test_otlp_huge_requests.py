@@ -25,12 +25,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as mpb
 
-from agent.component import Backpressure, Signal
+from agent.component import Backpressure, ComponentKind, Signal
 from agent.model import Batch, MetricBatch, Point
 from agent.telemetry import Telemetry
 from receivers.otlp import CHUNK_POINTS, LATER_CHUNK_RETRY_S, OtlpConfig, OtlpReceiver, factory
 from receivers.otlp.convert import Converted, MetricsConverter, ShadowMetricsRequest
-from tests.receivers.conftest import receiver_settings
+from tests.conftest import component_settings
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 METRICS_EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
@@ -104,7 +104,7 @@ class Harness:
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
     tel = Telemetry()
-    settings = receiver_settings(tel, "otlp")
+    settings = component_settings(tel, ComponentKind.RECEIVER, "otlp")
     sink = Recorder()
     receiver = factory.create(
         settings, OtlpConfig(grpc="127.0.0.1:0", http="127.0.0.1:0"), {Signal.METRICS: sink}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,13 +28,13 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2 as mpb
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.component import ComponentId, ComponentKind, Settings, Signal
+from agent.component import ComponentKind, Settings, Signal
 from agent.config import load_yaml
 from agent.confmodel import Decoder, Duration, Size
 from agent.limits import REASONS, SeriesLimits
-from agent.model import Batch, MetricBatch, Point
+from agent.model import Batch
 from agent.sending import RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.otlp.config import OtlpHttpConfig
 from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus import PrometheusConfig, PrometheusExporter
@@ -44,8 +43,8 @@ from receivers.http import factory as http_factory
 from receivers.otlp import OtlpConfig
 from receivers.otlp import factory as otlp_factory
 from receivers.otlp.convert import POINT_REASONS, ShadowMetricsRequest
+from tests.conftest import Sink, component_settings, free_port, wait_until
 from tests.exporters.otlp_sink import Sink as OtlpSink
-from tests.receivers.conftest import free_port, receiver_settings, until
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
@@ -56,30 +55,26 @@ FAST_RETRY = RetryConfig(
 )
 
 
-class Sink:
+class ForwardingSink(Sink):
     """Keeps every batch, then hands it to ``downstream`` consumers (exporters) in order."""
 
     def __init__(self, *downstream: Any) -> None:
-        self.batches: list[Batch] = []
+        super().__init__()
         self.downstream = downstream
 
     async def consume(self, batch: Batch) -> None:
-        self.batches.append(batch)
+        await super().consume(batch)
         for consumer in self.downstream:
             await consumer.consume(batch)
 
-    @property
-    def points(self) -> list[Point]:
-        return [p for b in self.batches if isinstance(b, MetricBatch) for p in b.points]
-
     def names(self) -> list[str]:
-        return [p.name for p in self.points]
+        return [p.name for p in self.points()]
 
 
 @dataclass
 class Harness:
     receiver: Any
-    sink: Sink
+    sink: ForwardingSink
     tel: Telemetry
     session: aiohttp.ClientSession
 
@@ -108,13 +103,7 @@ Make = Callable[..., Awaitable[Harness]]
 
 
 def exporter_settings(tel: Telemetry, name: str) -> Settings:
-    return Settings(
-        id=ComponentId(name),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", name),
-        logger=logging.getLogger(f"test.{name}"),
-        shutdown_timeout_s=10.0,
-    )
+    return component_settings(tel, ComponentKind.EXPORTER, name, shutdown_timeout_s=10.0)
 
 
 @pytest.fixture
@@ -131,8 +120,8 @@ async def make() -> AsyncIterator[Make]:
             factory, signals = http_factory, (Signal.METRICS,)
         assert config.validate() == []
         tel = Telemetry()
-        sink = Sink(*downstream)
-        settings = receiver_settings(tel, kind)
+        sink = ForwardingSink(*downstream)
+        settings = component_settings(tel, ComponentKind.RECEIVER, kind)
         receiver = factory.create(settings, config, {s: sink for s in signals})
         harness = Harness(receiver, sink, tel, aiohttp.ClientSession())
         made.append(harness)
@@ -262,7 +251,7 @@ async def test_partial_success_over_grpc_names_the_limit_and_where(make: Make) -
         '1 data point(s) rejected: metric "bad" data point 1: a label value is over the limit of 4096 '
         "bytes (limits::max_label_value_length) (resource 0, scope 0, metric 1)"
     )
-    assert [(p.name, p.value) for p in h.sink.points] == [("ok", 0.0), ("bad", 0.0)]
+    assert [(p.name, p.value) for p in h.sink.points()] == [("ok", 0.0), ("bad", 0.0)]
 
 
 # -- each limit, from the limits: block -------------------------------------------------------------------
@@ -317,7 +306,7 @@ async def test_resource_and_scope_are_not_series_labels_but_bounded_in_bytes(mak
         f'"{"k" * 13}" is 13 bytes long: a label name is over the limit of 12 bytes '
         "(limits::max_label_name_length) (1 data point(s))"
     )
-    point = h.sink.points[0]
+    point = h.sink.points()[0]
     assert point.resource is not None and dict(point.resource.attributes) == resource
 
 
@@ -399,7 +388,7 @@ async def test_a_java_agent_resource_is_taken_and_exported_whole(make: Make, tra
         assert h.accepted() == 4
         assert {r: h.refused(r) for r in POINT_REASONS if h.refused(r)} == {}
         assert sorted(h.sink.names()) == ["http.server.request.duration", "jobs.queued", "orders", "orders"]
-        for point in h.sink.points:
+        for point in h.sink.points():
             assert point.resource is not None
             got = dict(point.resource.attributes)
             assert got["process.command_line"] == resource["process.command_line"]
@@ -430,7 +419,7 @@ async def test_a_java_agent_resource_is_taken_and_exported_whole(make: Make, tra
                 for m in sm.metrics
             )
 
-        await until(lambda: points(exported()) == 4)
+        await wait_until(lambda: points(exported()) == 4, "points(exported()) == 4")
         for rm in exported():
             sent = {kv.key: kv.value for kv in rm.resource.attributes}
             assert sent["process.command_line"].string_value == resource["process.command_line"]
@@ -486,7 +475,7 @@ async def test_ten_mib_attributes_are_refused_on_resources_scopes_and_points(mak
 async def test_control_characters_in_values_are_kept(make: Make) -> None:
     h = await make()
     await h.export(request(gauge("m", {"sql": "select 1\n\tfrom t", "raw": "a\x00b\x1b"})))
-    assert h.sink.points[0].labels == (("raw", "a\x00b\x1b"), ("sql", "select 1\n\tfrom t"))
+    assert h.sink.points()[0].labels == (("raw", "a\x00b\x1b"), ("sql", "select 1\n\tfrom t"))
     assert h.refused("control_character") == 0
 
 
@@ -640,7 +629,7 @@ async def test_json_items_over_a_limit_are_refused_with_index_and_reason(
     assert len(body["errors"]) == 1
     error = body["errors"][0]
     assert error["index"] == 1 and error["code"] == code and reason in error["reason"], error
-    assert h.refused(code) == 1 and [p.value for p in h.sink.points] == [1.0, 3.0]
+    assert h.refused(code) == 1 and [p.value for p in h.sink.points()] == [1.0, 3.0]
 
 
 async def test_json_label_values_keep_tabs_and_newlines_and_default_limits_apply(make: Make) -> None:
@@ -657,4 +646,4 @@ async def test_json_label_values_keep_tabs_and_newlines_and_default_limits_apply
         "label_value_too_long",
         "series_too_large",
     ]
-    assert h.sink.points[0].labels == (("query", "select 1\n\tfrom t"),)
+    assert h.sink.points()[0].labels == (("query", "select 1\n\tfrom t"),)

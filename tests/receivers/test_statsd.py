@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import stat
@@ -11,39 +10,42 @@ from pathlib import Path
 
 import pytest
 
-from agent.component import ComponentId, ComponentKind, Settings, Signal
-from agent.model import Kind, LogBatch
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.component import ComponentKind, Signal
+from agent.model import Kind
+from agent.telemetry import Telemetry
 from receivers.statsd import StatsdConfig, StatsdReceiver
-from tests.receivers.conftest import Make, Sink, free_port, until
+from tests.conftest import Sink, component_settings, free_port, wait_until
+from tests.receivers.conftest import Make
 
 
 async def test_udp_datagrams_are_aggregated_and_flushed(make: Make) -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     r, sink, tel = make(udp=f"127.0.0.1:{port}")
     await r.start()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _ in range(5):
             s.sendto(b"hits:1|c\nhits:2|c|@0.5", ("127.0.0.1", port))
-    await until(lambda: tel.value("receiver_datagrams_total") == 5)
+    await wait_until(
+        lambda: tel.value("receiver_datagrams_total") == 5, "tel.value('receiver_datagrams_total') == 5"
+    )
     await r.flush()
     assert sink.total("hits") == 25  # 5 × (1 + 2/0.5)
-    (point,) = [p for p in sink.points if p.name == "hits"]
+    (point,) = [p for p in sink.points() if p.name == "hits"]
     assert point.kind is Kind.SUM and point.start_time_unix_nano < point.time_unix_nano
     assert tel.value("receiver_accepted_points_total") == 10
     assert tel.value("receiver_udp_kernel_drops_total") == 0
 
 
 async def test_flush_loop_runs_on_its_interval(make: Make) -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     r, sink, _ = make(udp=f"127.0.0.1:{port}", flush_interval=0.1)
     await r.start()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(b"a:1|c", ("127.0.0.1", port))
-    await until(lambda: sink.total("a") == 1)
+    await wait_until(lambda: sink.total("a") == 1, "sink.total('a') == 1")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(b"a:1|c", ("127.0.0.1", port))
-    await until(lambda: sink.total("a") == 2)  # a second interval, a second delta
+    await wait_until(lambda: sink.total("a") == 2, "a second interval, a second delta")
 
 
 async def test_tcp_lines_split_across_reads_and_unterminated_last_line(make: Make) -> None:
@@ -53,12 +55,15 @@ async def test_tcp_lines_split_across_reads_and_unterminated_last_line(make: Mak
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"x:1|c\nx:")
     await writer.drain()
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: tel.value("receiver_accepted_points_total") == 1, "the first line parsed")
     writer.write(b"2|c\nx:4|c")  # the last line has no newline: it counts at EOF
     await writer.drain()
     writer.close()
     await writer.wait_closed()
-    await until(lambda: tel.value("receiver_accepted_points_total") == 3)
+    await wait_until(
+        lambda: tel.value("receiver_accepted_points_total") == 3,
+        "tel.value('receiver_accepted_points_total') == 3",
+    )
     await r.flush()
     assert sink.total("x") == 7
 
@@ -81,7 +86,7 @@ async def test_tcp_connection_cap_and_idle_timeout(make: Make) -> None:
     r, _, tel = make(tcp=f"127.0.0.1:{port}", tcp_max_connections=1, tcp_idle_timeout=0.3)
     await r.start()
     r1, w1 = await asyncio.open_connection("127.0.0.1", port)
-    await until(lambda: len(r.connections) == 1)
+    await wait_until(lambda: len(r.connections) == 1, "len(r.connections) == 1")
     r2, w2 = await asyncio.open_connection("127.0.0.1", port)
     assert await asyncio.wait_for(r2.read(), 10) == b""  # over the cap: closed at once
     assert tel.value("receiver_refused_points_total", reason="connection_limit") == 1
@@ -101,9 +106,12 @@ async def test_unix_datagram_socket_mode_and_stale_file(make: Make, tmp_path: Pa
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.sendto(b"dsd.hits:3|c|#env:dev", str(path))
-    await until(lambda: tel.value("receiver_accepted_points_total") == 1)
+    await wait_until(
+        lambda: tel.value("receiver_accepted_points_total") == 1,
+        "tel.value('receiver_accepted_points_total') == 1",
+    )
     await r.flush()
-    (point,) = sink.points
+    (point,) = sink.points()
     assert point.labels == (("env", "dev"),) and point.value == 3
     await r.shutdown()
     assert not path.exists()  # removed on shutdown
@@ -118,9 +126,9 @@ async def test_unix_stream_socket(make: Make, tmp_path: Path) -> None:
     writer.write(b"u:5|g\n")
     await writer.drain()
     writer.close()
-    await until(lambda: r.agg.accepted == 1)
+    await wait_until(lambda: r.agg.accepted == 1, "r.agg.accepted == 1")
     await r.flush()
-    assert [p.value for p in sink.points] == [5]
+    assert [p.value for p in sink.points()] == [5]
 
 
 async def test_refuses_to_replace_a_regular_file(make: Make, tmp_path: Path) -> None:
@@ -133,7 +141,7 @@ async def test_refuses_to_replace_a_regular_file(make: Make, tmp_path: Path) -> 
 
 
 async def test_shutdown_flushes_what_was_received(make: Make) -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     r, sink, _ = make(udp=f"127.0.0.1:{port}")
     await r.start()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -143,7 +151,7 @@ async def test_shutdown_flushes_what_was_received(make: Make) -> None:
 
 
 async def test_backpressure_is_counted_not_raised(make: Make) -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     r, sink, tel = make(udp=f"127.0.0.1:{port}")
     await r.start()
     sink.refuse = True
@@ -175,17 +183,9 @@ async def test_events_and_service_checks_are_counted_as_dropped_until_logs_exist
     r, sink, tel = make()
     r.feed(b"_e{5,4}:title|text|#env:dev\n_sc|db.up|0|m:fine\nx:1|c")
     await r.flush()
-    assert [p.name for p in sink.points] == ["x"]
+    assert [p.name for p in sink.points()] == ["x"]
     assert tel.value("receiver_dropped_points_total", reason="no_logs_pipeline") == 2
     assert tel.value("receiver_refused_points_total") == 0
-
-
-class LogSink:
-    def __init__(self) -> None:
-        self.batches: list[LogBatch] = []
-
-    async def consume(self, batch: LogBatch) -> None:
-        self.batches.append(batch)
 
 
 def _attrs(record: object) -> dict[str, object]:
@@ -194,13 +194,8 @@ def _attrs(record: object) -> dict[str, object]:
 
 async def test_events_and_service_checks_become_log_records_in_a_logs_pipeline() -> None:
     tel = Telemetry()
-    metrics, logs = Sink(), LogSink()
-    settings = Settings(
-        id=ComponentId("statsd"),
-        kind=ComponentKind.RECEIVER,
-        telemetry=ComponentTelemetry(tel, "receiver", "statsd"),
-        logger=logging.getLogger("test.statsd"),
-    )
+    metrics, logs = Sink(), Sink()
+    settings = component_settings(tel, ComponentKind.RECEIVER, "statsd")
     r = StatsdReceiver(
         settings, StatsdConfig(flush_interval=3600.0), {Signal.METRICS: metrics, Signal.LOGS: logs}
     )
@@ -210,7 +205,7 @@ async def test_events_and_service_checks_become_log_records_in_a_logs_pipeline()
         b"x:1|c"
     )
     await r.flush()
-    assert [p.name for p in metrics.points] == ["x"]
+    assert [p.name for p in metrics.points()] == ["x"]
     (batch,) = logs.batches
     assert len(batch) == 2
     (rl,) = batch.resource_logs
@@ -238,13 +233,8 @@ async def test_events_and_service_checks_become_log_records_in_a_logs_pipeline()
 
 async def test_only_in_a_logs_pipeline_metrics_are_counted_as_dropped() -> None:
     tel = Telemetry()
-    logs = LogSink()
-    settings = Settings(
-        id=ComponentId("statsd"),
-        kind=ComponentKind.RECEIVER,
-        telemetry=ComponentTelemetry(tel, "receiver", "statsd"),
-        logger=logging.getLogger("test.statsd"),
-    )
+    logs = Sink()
+    settings = component_settings(tel, ComponentKind.RECEIVER, "statsd")
     r = StatsdReceiver(settings, StatsdConfig(flush_interval=3600.0), {Signal.LOGS: logs})
     r.feed(b"x:1|c\ny:2|g\n_sc|db.up|0")
     await r.flush()

@@ -15,7 +15,8 @@ from datadog.dogstatsd import DogStatsd
 
 from agent.limits import SeriesLimits
 from receivers.statsd import StatsdConfig
-from tests.receivers.conftest import Make, free_port, until
+from tests.conftest import free_port, wait_until
+from tests.receivers.conftest import Make
 
 
 def refused(tel: object, reason: str) -> float:
@@ -46,14 +47,14 @@ async def test_unix_datagram_longer_than_the_buffer_is_refused_whole(make: Make,
         dd.flush()
     finally:
         dd.close_socket()
-    await until(lambda: accepted(tel) == 2)
+    await wait_until(lambda: accepted(tel) == 2, "accepted(tel) == 2")
     assert refused(tel, "datagram_truncated") == 1  # one per datagram: its lines are unknown
     await r.flush()
-    assert names(sink.points) == {("whole", (("env", "production"),)), ("dd.hits", (("env", "dev"),))}
+    assert names(sink.points()) == {("whole", (("env", "production"),)), ("dd.hits", (("env", "dev"),))}
 
 
 async def test_udp_datagram_over_max_datagram_size_is_refused_whole(make: Make) -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     r, sink, tel = make(udp=f"127.0.0.1:{port}", max_datagram_size=1024)
     await r.start()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -61,10 +62,13 @@ async def test_udp_datagram_over_max_datagram_size_is_refused_whole(make: Make) 
         s.sendto(b"b:1|c\n" * 170 + b"c:1|c", ("127.0.0.1", port))  # 1,025 bytes: one over
         s.sendto(b"x" * 1020 + b":1|c", ("127.0.0.1", port))  # 1,024 bytes: taken
     statsd.StatsClient("127.0.0.1", port).incr("ok")
-    await until(lambda: accepted(tel) == 2 and refused(tel, "datagram_truncated") == 2)
+    await wait_until(
+        lambda: accepted(tel) == 2 and refused(tel, "datagram_truncated") == 2,
+        "accepted(tel) == 2 and refused(tel, 'datagram_truncated') == 2",
+    )
     assert tel.value("receiver_refused_points_total") == 2
     await r.flush()
-    assert {p.name for p in sink.points} == {"ok", "x" * 1020}
+    assert {p.name for p in sink.points()} == {"ok", "x" * 1020}
 
 
 @pytest.mark.parametrize("size", [80_000, 120_000])
@@ -83,9 +87,9 @@ async def test_tcp_line_over_the_limit_in_one_read_is_refused(make: Make, size: 
     client = statsd.TCPStatsClient("127.0.0.1", port)
     client.incr("legit")
     client.close()
-    await until(lambda: accepted(tel) == 2)
+    await wait_until(lambda: accepted(tel) == 2, "accepted(tel) == 2")
     await r.flush()
-    assert {p.name for p in sink.points} == {"before", "legit"}
+    assert {p.name for p in sink.points()} == {"before", "legit"}
 
 
 async def test_tcp_line_at_the_limit_is_accepted(make: Make) -> None:
@@ -97,7 +101,7 @@ async def test_tcp_line_at_the_limit_is_accepted(make: Make) -> None:
     writer.write(b"a:1|c\n" * 300 + line + b"\n" + b"a:1|c\n" * 300)  # one read, newlines around
     await writer.drain()
     writer.close()
-    await until(lambda: accepted(tel) == 600 + 498)
+    await wait_until(lambda: accepted(tel) == 600 + 498, "accepted(tel) == 600 + 498")
     assert refused(tel, "line_too_long") == 0
 
 
@@ -114,7 +118,7 @@ async def test_unix_stream_line_over_the_limit_is_refused(make: Make, tmp_path: 
     client = statsd.UnixSocketStatsClient(path)
     client.incr("legit")
     client.close()
-    await until(lambda: accepted(tel) == 2)
+    await wait_until(lambda: accepted(tel) == 2, "accepted(tel) == 2")
 
 
 async def test_partial_line_of_a_reset_connection_is_refused(make: Make) -> None:
@@ -123,12 +127,12 @@ async def test_partial_line_of_a_reset_connection_is_refused(make: Make) -> None
     await r.start()
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(b"whole:1|c\npartial:1|c|#env:pro")
-    await until(lambda: accepted(tel) == 1)
+    await wait_until(lambda: accepted(tel) == 1, "accepted(tel) == 1")
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
     s.close()
-    await until(lambda: refused(tel, "connection_reset") == 1)
+    await wait_until(lambda: refused(tel, "connection_reset") == 1, "refused(tel, 'connection_reset') == 1")
     await r.flush()
-    assert [p.name for p in sink.points] == ["whole"]
+    assert [p.name for p in sink.points()] == ["whole"]
 
 
 async def test_partial_line_at_a_clean_end_of_stream_counts(make: Make) -> None:
@@ -140,10 +144,10 @@ async def test_partial_line_at_a_clean_end_of_stream_counts(make: Make) -> None:
     writer.write_eof()  # EOF: the client says it is done
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
-    await until(lambda: accepted(tel) == 2)
+    await wait_until(lambda: accepted(tel) == 2, "accepted(tel) == 2")
     assert refused(tel, "connection_reset") == refused(tel, "connection_closed") == 0
     await r.flush()
-    assert names(sink.points) == {("whole", ()), ("last", (("env", "prod"),))}
+    assert names(sink.points()) == {("whole", ()), ("last", (("env", "prod"),))}
 
 
 async def test_partial_line_of_a_connection_the_agent_closes_is_refused(make: Make, tmp_path: Path) -> None:
@@ -155,24 +159,27 @@ async def test_partial_line_of_a_connection_the_agent_closes_is_refused(make: Ma
     await writer.drain()
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed as idle
     writer.close()
-    await until(lambda: refused(tel, "connection_closed") == 1)
+    await wait_until(lambda: refused(tel, "connection_closed") == 1, "refused(tel, 'connection_closed') == 1")
     assert accepted(tel) == 1
 
 
 async def test_control_characters_refused_in_names_and_keys_through_sockets(make: Make) -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     r, sink, tel = make(udp=f"127.0.0.1:{port}")
     await r.start()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(b"esc\x1bx:1|c\nnul:1|c|#k\x00:v\nval:1|c|#k:a\x00b\x1b", ("127.0.0.1", port))
-    await until(lambda: accepted(tel) + refused(tel, "control_character") == 3)
+    await wait_until(
+        lambda: accepted(tel) + refused(tel, "control_character") == 3,
+        "accepted(tel) + refused(tel, 'control_character') == 3",
+    )
     assert refused(tel, "control_character") == 2
     await r.flush()
-    assert names(sink.points) == {("val", (("k", "a\x00b\x1b"),))}  # the Prometheus edge escapes it
+    assert names(sink.points()) == {("val", (("k", "a\x00b\x1b"),))}  # the Prometheus edge escapes it
 
 
 async def test_series_limits_from_the_config(make: Make) -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     limits = SeriesLimits(max_name_length=16, max_labels=2, max_label_value_length=8)
     r, sink, tel = make(udp=f"127.0.0.1:{port}", limits=limits)
     await r.start()
@@ -185,11 +192,14 @@ async def test_series_limits_from_the_config(make: Make) -> None:
         dd.flush()
     finally:
         dd.close_socket()
-    await until(lambda: tel.value("receiver_refused_points_total") == 3 and accepted(tel) == 1)
+    await wait_until(
+        lambda: tel.value("receiver_refused_points_total") == 3 and accepted(tel) == 1,
+        "tel.value('receiver_refused_points_total') == 3 and accepted(tel) == 1",
+    )
     assert refused(tel, "name_too_long") == refused(tel, "too_many_labels") == 1
     assert refused(tel, "label_value_too_long") == 1
     await r.flush()
-    assert names(sink.points) == {("ok", (("a", "12345678"), ("b", "2")))}
+    assert names(sink.points()) == {("ok", (("a", "12345678"), ("b", "2")))}
 
 
 def test_limits_are_validated_with_their_path() -> None:

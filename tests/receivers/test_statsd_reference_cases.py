@@ -10,7 +10,8 @@ import statsd
 
 from agent.model import Kind
 from exporters.prometheus_series import metric_name
-from tests.receivers.conftest import Make, free_port, until
+from tests.conftest import free_port, wait_until
+from tests.receivers.conftest import Make
 
 ISSUE_LINES = [
     b"foo.[]test:100|c",
@@ -31,7 +32,7 @@ def refused(tel: object, reason: str) -> float:
 
 
 async def test_reference_cases_over_udp(make: Make) -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     r, sink, tel = make(udp=f"127.0.0.1:{port}")
     await r.start()
     assert tag_errors(tel, "malformed_tag") == tag_errors(tel, "unbalanced_brackets") == 0
@@ -39,7 +40,10 @@ async def test_reference_cases_over_udp(make: Make) -> None:
         s.sendto(b"\n".join(ISSUE_LINES), ("127.0.0.1", port))  # one packet: each line stands alone
         for line in ISSUE_LINES:  # and each in its own datagram: the second time hits the caches
             s.sendto(line, ("127.0.0.1", port))
-    await until(lambda: tel.value("receiver_datagrams_total") == 1 + len(ISSUE_LINES))
+    await wait_until(
+        lambda: tel.value("receiver_datagrams_total") == 1 + len(ISSUE_LINES),
+        "tel.value('receiver_datagrams_total') == 1 + len(ISSUE_LINES)",
+    )
     assert tel.value("receiver_accepted_points_total") == 8
     assert tag_errors(tel, "malformed_tag") == 4  # tag1 and tag2, twice
     assert tag_errors(tel, "unbalanced_brackets") == 4
@@ -47,32 +51,35 @@ async def test_reference_cases_over_udp(make: Make) -> None:
     assert refused(tel, "invalid_container_id") == 2
     assert tel.value("receiver_refused_points_total") == 4
     await r.flush()
-    totals = {(p.name, p.labels): p.value for p in sink.points}
+    totals = {(p.name, p.labels): p.value for p in sink.points()}
     assert totals == {
         ("foo.test", ()): 400.0,  # the empty brackets' and the dropped tags' lines, twice
         ("[tag1=bar,tag2=bazfoo.test", ()): 200.0,
         ("tag1=bar,tag2=baz]foo.test", ()): 200.0,
     }
-    assert all(p.kind is Kind.SUM for p in sink.points)
+    assert all(p.kind is Kind.SUM for p in sink.points())
     # The names kept as written become valid Prometheus names at the edge, as statsd_exporter's do.
     assert metric_name("[tag1=bar,tag2=bazfoo.test", Kind.SUM, True, "") == "_tag1_bar_tag2_bazfoo_test_total"
     assert metric_name("tag1=bar,tag2=baz]foo.test", Kind.SUM, True, "") == "tag1_bar_tag2_baz_foo_test_total"
 
 
 async def test_signalfx_tag_errors_from_the_statsd_client(make: Make) -> None:
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     r, sink, tel = make(udp=f"127.0.0.1:{port}")
     await r.start()
     client = statsd.StatsClient("127.0.0.1", port)
     client.incr("api.[env=prod,canary]latency")  # sends api.[env=prod,canary]latency:1|c
     client.gauge("queue.[]depth", 7)
     client.incr("jobs[kind=batch")
-    await until(lambda: tel.value("receiver_accepted_points_total") == 3)
+    await wait_until(
+        lambda: tel.value("receiver_accepted_points_total") == 3,
+        "tel.value('receiver_accepted_points_total') == 3",
+    )
     assert tag_errors(tel, "malformed_tag") == 1
     assert tag_errors(tel, "unbalanced_brackets") == 1
     assert tel.value("receiver_refused_points_total") == 0
     await r.flush()
-    got = {(p.name, p.labels, p.value) for p in sink.points}
+    got = {(p.name, p.labels, p.value) for p in sink.points()}
     assert got == {
         ("api.latency", (("env", "prod"),), 1.0),
         ("queue.depth", (), 7.0),

@@ -14,7 +14,8 @@ import pytest
 import statsd
 
 import receivers.statsd as statsd_receiver
-from tests.receivers.conftest import Make, free_port, until
+from tests.conftest import free_port, wait_until
+from tests.receivers.conftest import Make
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ async def test_a_large_datagram_is_parsed_over_several_turns_in_order(make: Make
     assert len(seen) >= 10  # one slice a turn: many partial states, no datagram parsed in one go
     assert tel.value("receiver_datagrams_total") == 2
     await r.flush()
-    assert {p.name: p.value for p in sink.points} == {"g": 5999.0, "next": 1.0}  # the last gauge wins
+    assert {p.name: p.value for p in sink.points()} == {"g": 5999.0, "next": 1.0}  # the last gauge wins
 
 
 async def test_a_large_stream_read_pauses_reading_until_parsed(make: Make) -> None:
@@ -68,9 +69,9 @@ async def test_a_large_stream_read_pauses_reading_until_parsed(make: Make) -> No
     client.close()
     writer.write(b"g:-1|g\nafter:1|c\n")  # reading was resumed after the backlog
     writer.close()
-    await until(lambda: r.agg.accepted == 20_003)
+    await wait_until(lambda: r.agg.accepted == 20_003, "r.agg.accepted == 20_003")
     await r.flush()
-    assert {p.name: p.value for p in sink.points} == {"g": 19_998.0, "after": 1.0, "other": 1.0}
+    assert {p.name: p.value for p in sink.points()} == {"g": 19_998.0, "after": 1.0, "other": 1.0}
 
 
 async def test_shutdown_parses_a_backlog_left_at_the_budget(make: Make, tmp_path: Path) -> None:
