@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
+from agent.counting import PointCounts
 from agent.model import Batch, Kind, Labels, LogBatch, MetricBatch, Point, Resource, SpanBatch
 from agent.telemetry import Cell
 from agent.tenancy import tenant_problem
@@ -202,8 +203,7 @@ class TenantProcessor:
         self._wall_clock_ns = wall_clock_ns
         self._log: logging.Logger = settings.logger
         tel = settings.telemetry
-        self._incoming = tel.incoming()
-        self._outgoing = tel.outgoing()
+        self._counts = PointCounts(tel)
         self._header = config.header.lower()
         self._problems: dict[str, str | None] = {}
         self._states: dict[str, _TenantState] = {}
@@ -262,7 +262,7 @@ class TenantProcessor:
             ).value += n
             total += n
         if self._config.invalid == "drop":
-            tel.dropped("invalid_tenant").value += total
+            self._counts.dropped("invalid_tenant", total)
         now = self._clock()
         if now - self._invalid_logged_at >= _LOG_INTERVAL_S:
             self._invalid_logged_at = now
@@ -368,7 +368,7 @@ class TenantProcessor:
                 reason=reason,
             )
             cell.value += n
-            tel.dropped(f"quota_{reason}").value += n
+            self._counts.dropped(f"quota_{reason}", n)
             if self._config.overflow_metric and reason != "max_tenants":
                 labels = tuple(sorted(((self._config.label, tenant), ("reason", reason))))
                 extra.append(Point(self._config.overflow_metric, Kind.SUM, labels, now_ns, value=float(n)))
@@ -376,7 +376,7 @@ class TenantProcessor:
 
     # -- consuming ----------------------------------------------------------------------------------------
     async def consume(self, batch: Batch) -> None:
-        self._incoming.value += len(batch)
+        self._counts.incoming(len(batch))
         if isinstance(batch, MetricBatch):
             out: list[Batch] = list(self._metrics(batch))
         elif isinstance(batch, SpanBatch):
@@ -394,7 +394,7 @@ class TenantProcessor:
                 )
             ]
         for new in out:
-            self._outgoing.value += len(new)
+            self._counts.outgoing(len(new))
             await self._next.consume(new)
 
     def _metrics(self, batch: MetricBatch) -> Iterable[MetricBatch]:
