@@ -27,6 +27,8 @@ Figures and method
 5. OTLP (second table): OTLP/HTTP protobuf+gzip ingest, data points/s on one core and the
    receive-to-response latency at half that rate (``bench/otlp_ingest.py``); export encoding + gzip-6,
    µs per data point (``bench/otlp_encode.py``).
+6. Not run here: whole pipelines in process, µs per point (``bench/pipeline_cost.py``): the processor
+   chain, OTLP → OTLP, and StatsD → remote-write per flushed point and per line.
 
 The table goes to stdout, progress to stderr, everything as JSON to bench/results/latest.json, and
 each daemon's log to bench/results/logs/.
