@@ -13,18 +13,21 @@ those overrides go.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import inspect
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
 import pytest
 
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings
+from agent.component import Backpressure, ComponentId, ComponentKind, Factory, Settings
+from agent.config import AgentConfig, build_config
 from agent.model import Batch, MetricBatch, Point
+from agent.service import Agent
 from agent.telemetry import ComponentTelemetry, Telemetry
 
 pytest_plugins = ["pytester"]
@@ -248,3 +251,29 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "loop_block_limit(seconds): fail the test if one event-loop callback runs longer (None: unguarded)",
     )
+
+
+class AgentGraph(abc.ABC):
+    """Agents built from ``yaml``-shaped data with a test's own component types (``factories``), the
+    agent's own telemetry endpoint off; :meth:`close` stops every agent started."""
+
+    def __init__(self) -> None:
+        self.agents: list[Agent] = []
+
+    @abc.abstractmethod
+    def factories(self) -> Mapping[tuple[ComponentKind, str], Factory]:
+        """The test's own component types, over the built-in ones."""
+
+    def config(self, data: dict[str, Any]) -> AgentConfig:
+        data = {**data, "service": {**data["service"], "telemetry": {"endpoint": ""}}}
+        return build_config(data, self.factories())
+
+    async def start(self, data: dict[str, Any]) -> Agent:
+        agent = Agent(self.config(data))
+        self.agents.append(agent)
+        await agent.start()
+        return agent
+
+    async def close(self) -> None:
+        for agent in self.agents:
+            await agent.stop()

@@ -33,13 +33,12 @@ from agent.component import (
     admitted,
     end_admission,
 )
-from agent.config import AgentConfig, build_config
 from agent.model import Kind, MetricBatch, Point
 from agent.registry import builtin_factories
 from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.service import Agent, Fanout
 from agent.telemetry import Telemetry
-from tests.conftest import Sink, component_settings, wait_until
+from tests.conftest import AgentGraph, Sink, component_settings, wait_until
 
 
 class Backend:
@@ -109,12 +108,12 @@ class Feed:
         pass
 
 
-class Graph:
+class Graph(AgentGraph):
     """An agent built from ``yaml``-shaped data with the test types; ``backends`` by exporter id."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.backends: dict[str, Backend] = collections.defaultdict(Backend)
-        self.agents: list[Agent] = []
 
     def factories(self) -> Mapping[tuple[ComponentKind, str], Factory]:
         own = {
@@ -130,25 +129,17 @@ class Graph:
         }
         return collections.ChainMap(own, builtin_factories())  # type: ignore[arg-type]
 
-    def config(self, data: dict[str, Any]) -> AgentConfig:
-        data = {**data, "service": {**data["service"], "telemetry": {"endpoint": ""}}}
-        return build_config(data, self.factories())
-
-    async def start(self, data: dict[str, Any]) -> Agent:
-        agent = Agent(self.config(data))
-        self.agents.append(agent)
-        await agent.start()
-        return agent
+    async def close(self) -> None:
+        for backend in self.backends.values():
+            backend.open.set()
+        await super().close()
 
 
 @pytest.fixture
 async def graph() -> AsyncIterator[Graph]:
     g = Graph()
     yield g
-    for backend in g.backends.values():
-        backend.open.set()
-    for agent in g.agents:
-        await agent.stop()
+    await g.close()
 
 
 def feed(agent: Agent, rid: str = "feed") -> Consumer:

@@ -20,11 +20,10 @@ from typing import Any
 import pytest
 
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
-from agent.config import AgentConfig, build_config
 from agent.model import Batch, Kind, MetricBatch, Point
 from agent.registry import builtin_factories
 from agent.service import Agent
-from tests.conftest import Sink, wait_until
+from tests.conftest import AgentGraph, Sink, wait_until
 
 Journal = list[tuple[str, str]]
 """(what, component) in the order it happened: what is start, stop, stopping or consume; the component
@@ -117,13 +116,13 @@ class Keep(Sink):
         self.journal.append(("stop", self.label))
 
 
-class Graph:
+class Graph(AgentGraph):
     """Agents built from ``yaml``-shaped data with the test types; every instance by its label."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.journal: Journal = []
         self.parts: dict[str, Any] = {}
-        self.agents: list[Agent] = []
 
     def _made(self, part: Any) -> Any:
         self.parts[part.label] = part
@@ -143,16 +142,6 @@ class Graph:
             ),
         }
         return ChainMap(own, builtin_factories())  # type: ignore[arg-type]
-
-    def config(self, data: dict[str, Any]) -> AgentConfig:
-        data = {**data, "service": {**data["service"], "telemetry": {"endpoint": ""}}}
-        return build_config(data, self.factories())
-
-    async def start(self, data: dict[str, Any]) -> Agent:
-        agent = Agent(self.config(data))
-        self.agents.append(agent)
-        await agent.start()
-        return agent
 
     async def feed(self, source: str, batch: MetricBatch) -> None:
         part = self.parts[source]
@@ -176,8 +165,7 @@ async def graph() -> AsyncIterator[Graph]:
     for part in g.parts.values():
         if isinstance(part, Step):
             part.flush.set()
-    for agent in g.agents:
-        await agent.stop()
+    await g.close()
 
 
 def batch(name: str) -> MetricBatch:

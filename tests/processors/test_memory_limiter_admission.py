@@ -45,10 +45,7 @@ TWO_PIPELINES: dict[str, Any] = {
 async def graph() -> AsyncIterator[Graph]:
     g = Graph()
     yield g
-    for backend in g.backends.values():
-        backend.open.set()
-    for agent in g.agents:
-        await agent.stop()
+    await g.close()
 
 
 def limiter(agent: Agent) -> MemoryLimiter:
