@@ -415,7 +415,8 @@ class Store:
         column = (np.arange(offset, offset + n, dtype=np.int64) >> shift) - int(side.offset[i])
         if shift:
             first = int(column[0])
-            counts = np.bincount(column - first, weights=counts)
+            # With weights, bincount sums them as float64 (numpy's stubs type it as an int array).
+            counts = np.bincount(column - first, weights=counts).astype(np.float64, copy=False)
             column = np.arange(first, first + counts.size, dtype=np.int64)
         flat = self.base.pool[row].reshape(-1)
         flat[side.table[i, column // PAGE].astype(np.int64) * PAGE + column % PAGE] += counts
