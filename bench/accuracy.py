@@ -53,7 +53,7 @@ from percentiles_bench import _Clock, _Null, _rss_kib  # noqa: E402
 from agent import exphist  # noqa: E402
 from agent.component import ComponentId, ComponentKind, Settings  # noqa: E402
 from agent.confmodel import Duration, Size  # noqa: E402
-from agent.model import Kind, MetricBatch, Point  # noqa: E402
+from agent.model import Batch, Kind, MetricBatch, Point  # noqa: E402
 from agent.telemetry import ComponentTelemetry, Telemetry  # noqa: E402
 from processors.percentiles import PercentilesConfig, PercentilesProcessor  # noqa: E402
 from receivers.statsd import StatsdConfig  # noqa: E402
@@ -142,7 +142,8 @@ async def processor_estimates(
     seen: list[MetricBatch] = []
 
     class _Keep(_Null):
-        async def consume(self, batch: MetricBatch) -> None:
+        async def consume(self, batch: Batch) -> None:
+            assert isinstance(batch, MetricBatch)  # the percentiles processor passes on metrics only
             seen.append(batch)
 
     sink = _Keep()
@@ -251,7 +252,8 @@ async def _fleet_child(dist: str, max_memory_mib: int, series: int) -> dict[str,
     last: dict[tuple[int, str, float], float] = {}
 
     class _Keep(_Null):
-        async def consume(self, batch: MetricBatch) -> None:
+        async def consume(self, batch: Batch) -> None:
+            assert isinstance(batch, MetricBatch)  # the percentiles processor passes on metrics only
             for p in batch.points:
                 labels = dict(p.labels)
                 i = int(labels["series"])
@@ -381,7 +383,7 @@ def report(rows: list[dict[str, Any]], budgets: list[int], detail: bool) -> None
 
     def worst(dist: str, budget: int, receiver: bool) -> float:
         return max(
-            max(r["errors"])
+            float(max(r["errors"]))
             for r in rows
             if r["dist"] == dist and r["budget"] == budget and (r["path"] == "receiver") == receiver
         )

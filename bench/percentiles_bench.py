@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from agent import exphist  # noqa: E402
 from agent.component import ComponentId, ComponentKind, Settings  # noqa: E402
-from agent.model import Kind, MetricBatch, Point  # noqa: E402
+from agent.model import Batch, Kind, MetricBatch, Point  # noqa: E402
 from agent.telemetry import ComponentTelemetry, Telemetry  # noqa: E402
 from processors.percentiles import PercentilesConfig, PercentilesProcessor  # noqa: E402
 
@@ -44,7 +44,8 @@ class _Null:
     def __init__(self) -> None:
         self.points = 0
 
-    async def consume(self, batch: MetricBatch) -> None:
+    async def consume(self, batch: Batch) -> None:
+        assert isinstance(batch, MetricBatch)  # the percentiles processor passes on metrics only
         self.points += len(batch.points)
 
 
@@ -118,7 +119,7 @@ def _array_bytes(proc: Any) -> int:
     """Bytes of the percentiles store's arrays in use: the pages series hold, and per-slice statistics
     (the bench reports their share of the RSS)."""
     store = proc._store
-    stats = sum(a.nbytes for t in store.tiers for a in (t.zero, t.count, t.sum, t.min, t.max))
+    stats: int = sum(a.nbytes for t in store.tiers for a in (t.zero, t.count, t.sum, t.min, t.max))
     return int(store.memory_bytes()) + stats
 
 

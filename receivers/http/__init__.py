@@ -300,7 +300,7 @@ class HttpReceiver:
         app.router.add_post("/v1/metrics", self._handle_metrics)
         app.router.add_get("/healthz", self._handle_healthz)
         # auto_decompress off: aiohttp would inflate without our cap; we stream-inflate ourselves.
-        handler_kwargs = {"access_log": None, "auto_decompress": False}
+        handler_kwargs: dict[str, Any] = {"access_log": None, "auto_decompress": False}
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, **handler_kwargs)
         await runner.setup()
         self._runner = runner

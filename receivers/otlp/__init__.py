@@ -389,7 +389,7 @@ class OtlpReceiver:
         for route in self._routes:
             app.router.add_post(route.path, self._http_handler(route))
         # auto_decompress off: aiohttp would inflate without our cap; we inflate under it ourselves.
-        handler_kwargs = {"access_log": None, "auto_decompress": False}
+        handler_kwargs: dict[str, Any] = {"access_log": None, "auto_decompress": False}
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, **handler_kwargs)
         await runner.setup()
         self._runner = runner

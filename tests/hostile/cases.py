@@ -269,7 +269,9 @@ def add_remote_write(run: Run, config: dict[str, Any], name: str, backend: Backe
 
 def statsd_series_payloads(prefix: str, count: int, start: int = 0) -> list[bytes]:
     """``count`` distinct counter series, packed ~1,400 bytes per datagram."""
-    out, lines, size = [], [], 0
+    out: list[bytes] = []
+    lines: list[bytes] = []
+    size = 0
     for i in range(start, start + count):
         line = f"{prefix}:1|c|#i:{i}".encode()
         if size + len(line) + 1 > 1400:
@@ -282,7 +284,7 @@ def statsd_series_payloads(prefix: str, count: int, start: int = 0) -> list[byte
     return out
 
 
-def paced(payloads: list[bytes], seconds: float, send: Callable[[bytes], None]) -> None:
+def paced(payloads: list[bytes], seconds: float, send: Callable[[bytes], object]) -> None:
     """Send ``payloads`` evenly over ``seconds`` (a load generator's schedule, not a wait)."""
     started = time.monotonic()
     per = seconds / max(1, len(payloads))

@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import free_port, http_get
 
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 MEMORY_LIMIT_MIB = 400
 """``memory_limiter.limit`` of every case's agent: the issue's 400 MiB, and the RSS bound asserted."""
@@ -259,7 +260,7 @@ class CaseError(Exception):
     """The case could not run as planned (the agent died, a peer did not come up)."""
 
 
-def wait_until(what: str, check: Callable[[], Any], *, timeout_s: float, every_s: float = 0.1) -> Any:
+def wait_until(what: str, check: Callable[[], T | None], *, timeout_s: float, every_s: float = 0.1) -> T:
     """Poll ``check`` until it returns something truthy; raise :class:`CaseError` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
@@ -401,7 +402,7 @@ class LegitTraffic:
             self.errors.append(repr(exc))
 
     def _statsd(self) -> None:
-        import statsd
+        import statsd  # type: ignore[import-untyped]  # the client ships no type information
 
         client: Any = None
         while not self._stop.is_set():
