@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from agent.bucket_layouts import BucketLayout, bounds_problem, validate_layouts
+from agent.client_config import ClientConfig, url_problem
 from agent.confmodel import Duration, Size, parse_host_port
-from agent.sending import QueueConfig, RetryConfig
 from agent.tenancy import TenantRoutingConfig
 from agent.tls import ClientTLSConfig
 
@@ -55,7 +55,7 @@ class OtlpTenantRoutingConfig(TenantRoutingConfig):
 
 
 @dataclass(frozen=True)
-class OtlpConfig:
+class _GrpcFields:
     endpoint: str = "127.0.0.1:4317"
     """host:port of the OTLP gRPC receiver. A leading https:// forces TLS, http:// plaintext."""
     protocol: Literal["grpc"] = "grpc"
@@ -72,64 +72,10 @@ class OtlpConfig:
     max_request_size: Size = Size(1 << 20)
     """Largest request before compression; bigger batches are split. At most the server's limit (4 MiB
     by default in gRPC servers); gRPC compresses on the event loop (~10 ms per MiB), hence 1 MiB."""
-    temporality: Literal["delta", "cumulative"] = "delta"
-    """Temporality of sums and histograms sent. delta (SignOz recommends it; StatsD data is delta) or
-    cumulative (per-series running totals with a fixed start time). Gauges and summaries are unchanged."""
-    histograms: Literal["exponential", "explicit"] = "exponential"
-    """How distributions are sent: exponential histograms, or explicit-bucket histograms with
-    explicit_buckets (SignOz Cloud ingests explicit only). Explicit histograms always stay explicit."""
-    explicit_buckets: list[float] = field(default_factory=lambda: list(DEFAULT_EXPLICIT_BUCKETS))
-    """Upper bounds when histograms: explicit. Default: 1ms, 2.5ms, 5ms, 10ms, 25ms, 50ms, 75ms, 100ms,
-    250ms, 500ms, 750ms, 1s, 2.5s, 5s, 7.5s, 10s, 30s, 60s (in seconds, the unit of StatsD timers)."""
-    explicit_bucket_layouts: list[BucketLayout] = field(default_factory=list)
-    """Bounds per metric when histograms: explicit: [{match: name glob, bounds: [...]}]; first match wins."""
-    series_idle_timeout: Duration = Duration(300.0)
-    """A series not seen for this long is forgotten: its cumulative total (or delta baseline) restarts."""
-    max_series: int = 100_000
-    """Series kept at most (~1.1 KB each); beyond, points needing a temporality conversion are dropped
-    (series_limit), the others are sent uncached."""
-    resource: dict[str, str] = field(default_factory=dict)
-    """Resource attributes added to all data (a resource's own attribute of the same key wins)."""
-    deployment_environment: str = ""
-    """Sets both deployment.environment and deployment.environment.name (overrides the environment's)."""
-    resource_from_environment: bool = True
-    """Read OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, HEADWATER_DEPLOYMENT_ENVIRONMENT and the K8S_*
-    downward-API variables. Turn off in DaemonSet mode if the pod's K8S_POD_* would mislabel other pods."""
-    sending_queue: QueueConfig = field(default_factory=QueueConfig)
-    """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
-    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
-    """Retries of failed requests."""
-    tenant: OtlpTenantRoutingConfig | None = None
-    """Per-tenant routing: the tenant as a resource attribute and/or a header, with a queue per tenant
-    when a header is used. Unset = off."""
-
-    def environment_problems(self) -> list[tuple[str, str]]:
-        return [(f"sending_queue::{path}", msg) for path, msg in self.sending_queue.environment_problems()]
-
-    def validate(self) -> list[tuple[str, str]]:
-        problems = _common_problems(self)
-        endpoint = self.endpoint
-        scheme, sep, rest = endpoint.partition("://")
-        if sep:
-            if scheme not in ("http", "https"):
-                problems.append(("endpoint", f"scheme {scheme!r}: write host:port, or http:// / https://"))
-            endpoint = rest
-        if "/" in endpoint.rstrip("/"):
-            problems.append(("endpoint", f"{self.endpoint!r}: a gRPC endpoint is host:port, without a path"))
-        else:
-            try:
-                parse_host_port(endpoint.rstrip("/"))
-            except ValueError as exc:
-                problems.append(("endpoint", str(exc)))
-        problems += [(f"tls::{path}", msg) for path, msg in self.tls.grpc_problems()]
-        for name in self.headers:
-            if name.lower().startswith(("grpc-", ":")):
-                problems.append(("headers::" + name, "grpc- and : metadata are reserved by gRPC"))
-        return problems
 
 
 @dataclass(frozen=True)
-class OtlpHttpConfig:
+class _HttpFields:
     endpoint: str = "http://127.0.0.1:4318"
     """Base URL; /v1/metrics, /v1/traces and /v1/logs are appended (like OTEL_EXPORTER_OTLP_ENDPOINT)."""
     metrics_endpoint: str = ""
@@ -151,6 +97,12 @@ class OtlpHttpConfig:
     """Time limit of one request."""
     max_request_size: Size = Size(4 << 20)
     """Largest request body before compression; bigger batches are split into several requests."""
+
+
+@dataclass(frozen=True)
+class _EncodingFields:
+    """How both OTLP exporters encode metrics and which resource attributes they add."""
+
     temporality: Literal["delta", "cumulative"] = "delta"
     """Temporality of sums and histograms sent. delta (SignOz recommends it; StatsD data is delta) or
     cumulative (per-series running totals with a fixed start time). Gauges and summaries are unchanged."""
@@ -174,23 +126,52 @@ class OtlpHttpConfig:
     resource_from_environment: bool = True
     """Read OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, HEADWATER_DEPLOYMENT_ENVIRONMENT and the K8S_*
     downward-API variables. Turn off in DaemonSet mode if the pod's K8S_POD_* would mislabel other pods."""
-    sending_queue: QueueConfig = field(default_factory=QueueConfig)
-    """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
-    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
-    """Retries of failed requests."""
+
+
+@dataclass(frozen=True)
+class _OtlpClientConfig(ClientConfig):
+    """The client block of both OTLP exporters, and the checks they share."""
+
+    reserved_headers = _RESERVED_HEADERS
+
     tenant: OtlpTenantRoutingConfig | None = None
     """Per-tenant routing: the tenant as a resource attribute and/or a header, with a queue per tenant
     when a header is used. Unset = off."""
 
-    def environment_problems(self) -> list[tuple[str, str]]:
-        return [(f"sending_queue::{path}", msg) for path, msg in self.sending_queue.environment_problems()]
 
+# The client block last: see agent.client_config.
+@dataclass(frozen=True)
+class OtlpConfig(_OtlpClientConfig, _EncodingFields, _GrpcFields):
     def validate(self) -> list[tuple[str, str]]:
-        problems = _common_problems(self)
+        problems = self.client_problems() + _encoding_problems(self)
+        endpoint = self.endpoint
+        scheme, sep, rest = endpoint.partition("://")
+        if sep:
+            if scheme not in ("http", "https"):
+                problems.append(("endpoint", f"scheme {scheme!r}: write host:port, or http:// / https://"))
+            endpoint = rest
+        if "/" in endpoint.rstrip("/"):
+            problems.append(("endpoint", f"{self.endpoint!r}: a gRPC endpoint is host:port, without a path"))
+        else:
+            try:
+                parse_host_port(endpoint.rstrip("/"))
+            except ValueError as exc:
+                problems.append(("endpoint", str(exc)))
+        problems += [(f"tls::{path}", msg) for path, msg in self.tls.grpc_problems()]
+        for name in self.headers:
+            if name.lower().startswith(("grpc-", ":")):
+                problems.append(("headers::" + name, "grpc- and : metadata are reserved by gRPC"))
+        return problems
+
+
+@dataclass(frozen=True)
+class OtlpHttpConfig(_OtlpClientConfig, _EncodingFields, _HttpFields):
+    def validate(self) -> list[tuple[str, str]]:
+        problems = self.client_problems() + _encoding_problems(self)
         for name in ("endpoint", "metrics_endpoint", "traces_endpoint", "logs_endpoint"):
             url = getattr(self, name)
-            if (url or name == "endpoint") and not url.startswith(("http://", "https://")):
-                problems.append((name, f"{url!r} is not an http:// or https:// URL"))
+            if url or name == "endpoint":
+                problems += url_problem(name, url)
         problems += [(f"tls::{path}", msg) for path, msg in self.tls.http_problems(HTTP_TYPE)]
         level = self.compression_level
         if level and self.compression == "gzip" and not 1 <= level <= 8:
@@ -205,13 +186,8 @@ class OtlpHttpConfig:
 AnyConfig = OtlpConfig | OtlpHttpConfig
 
 
-def _common_problems(cfg: AnyConfig) -> list[tuple[str, str]]:
+def _encoding_problems(cfg: AnyConfig) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    for name in cfg.headers:
-        if name.lower() in _RESERVED_HEADERS:
-            problems.append(("headers::" + name, "this header is set by the exporter itself"))
-    if cfg.timeout <= 0:
-        problems.append(("timeout", "must be greater than 0"))
     if not 1024 <= cfg.max_request_size <= MAX_REQUEST_BYTES:
         problems.append(("max_request_size", "must be between 1KiB and 64MiB"))
     bounds = bounds_problem(cfg.explicit_buckets)
@@ -225,10 +201,4 @@ def _common_problems(cfg: AnyConfig) -> list[tuple[str, str]]:
     for key in cfg.resource:
         if not key:
             problems.append(("resource", "attribute keys must not be empty"))
-    for section in ("tls", "sending_queue", "retry_on_failure"):
-        for path, message in getattr(cfg, section).validate():
-            problems.append((f"{section}::{path}" if path else section, message))
-    if cfg.tenant is not None:
-        problems += [(f"tenant::{p}" if p else "tenant", m) for p, m in cfg.tenant.validate()]
-        problems += cfg.tenant.header_clash(cfg.headers)
     return problems

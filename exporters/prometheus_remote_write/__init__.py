@@ -42,6 +42,7 @@ from typing import cast
 import aiohttp
 
 from agent.bucket_layouts import BucketLayout, bounds_problem, validate_layouts
+from agent.client_config import ClientConfig, url_problem
 from agent.component import (
     Backpressure,
     ComponentKind,
@@ -60,13 +61,7 @@ from agent.diskqueue import partition_name
 from agent.exphist import whole, whole_count
 from agent.model import MetricBatch, Point
 from agent.partitioned import PartitionedSender
-from agent.sending import (
-    QueueConfig,
-    Request,
-    RetryConfig,
-    Sender,
-    retry_after_s,
-)
+from agent.sending import Request, Sender, retry_after_s
 from agent.slicing import slices
 from agent.tenancy import TenantRoutingConfig, tenant_problem
 from agent.tls import ClientTLSConfig
@@ -151,7 +146,7 @@ class RemoteWriteTenantRoutingConfig(TenantRoutingConfig):
 
 
 @dataclass(frozen=True)
-class PrometheusRemoteWriteConfig:
+class _RemoteWriteFields:
     endpoint: str = "http://127.0.0.1:9090/api/v1/write"
     """URL to POST to, exactly as given (Prometheus: /api/v1/write; Mimir: /api/v1/push)."""
     timeout: Duration = Duration(10.0)
@@ -177,31 +172,20 @@ class PrometheusRemoteWriteConfig:
     """A series not updated for this long gets a stale marker and is forgotten."""
     max_series: int = 200_000
     """Live series at most (~750 B each); points of new series beyond it are dropped (series_limit)."""
-    sending_queue: QueueConfig = field(default_factory=QueueConfig)
-    """The queue of encoded requests: in memory, or on disk (storage: disk) to outlast outages, restarts."""
-    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
-    """Retries of failed requests."""
+
+
+# The client block last: see agent.client_config.
+@dataclass(frozen=True)
+class PrometheusRemoteWriteConfig(ClientConfig, _RemoteWriteFields):
+    reserved_headers = RESERVED_HEADERS
+    reserved_headers_reason = "this header is set by the remote-write protocol itself"
+
     tenant: RemoteWriteTenantRoutingConfig | None = None
     """Per-tenant routing: each tenant gets its own requests (tenant header and/or URL) and its own
     queue (memory, or its own disk partition), so a failing tenant never delays another. Unset = off."""
 
-    def environment_problems(self) -> list[tuple[str, str]]:
-        return [(f"sending_queue::{path}", msg) for path, msg in self.sending_queue.environment_problems()]
-
     def validate(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.tenant is not None:
-            problems += [(f"tenant::{p}" if p else "tenant", m) for p, m in self.tenant.validate()]
-            problems += self.tenant.header_clash(self.headers)
-        if not self.endpoint.startswith(("http://", "https://")):
-            problems.append(("endpoint", f"{self.endpoint!r} is not an http:// or https:// URL"))
-        for name in self.headers:
-            if name.lower() in RESERVED_HEADERS:
-                problems.append(
-                    ("headers::" + name, "this header is set by the remote-write protocol itself")
-                )
-        if self.timeout <= 0:
-            problems.append(("timeout", "must be greater than 0"))
+        problems = self.client_problems() + url_problem("endpoint", self.endpoint)
         if self.max_samples_per_request < 1:
             problems.append(("max_samples_per_request", "must be at least 1"))
         bounds = bounds_problem(self.histogram_buckets)
@@ -210,9 +194,7 @@ class PrometheusRemoteWriteConfig:
         problems += validate_layouts(self.bucket_layouts)
         if self.series_expiration <= 0:
             problems.append(("series_expiration", "must be greater than 0"))
-        for section in ("auth", "tls", "sending_queue", "retry_on_failure"):
-            for path, message in getattr(self, section).validate():
-                problems.append((f"{section}::{path}" if path else section, message))
+        problems += [(f"auth::{path}" if path else "auth", msg) for path, msg in self.auth.validate()]
         problems += [(f"tls::{path}", msg) for path, msg in self.tls.http_problems(TYPE)]
         return problems
 
