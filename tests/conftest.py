@@ -128,14 +128,33 @@ async def wait_until(
         await asyncio.sleep(0.01)
 
 
-def wait_until_sync(condition: Callable[[], T], what: str = "the condition", timeout_s: float = 30.0) -> T:
-    """:func:`wait_until` for code off the loop (a thread, a subprocess): polls every 20 ms."""
+def wait_until_sync(
+    condition: Callable[[], T],
+    what: str = "the condition",
+    timeout_s: float = 30.0,
+    *,
+    every_s: float = 0.02,
+    retry_on: tuple[type[Exception], ...] = (),
+) -> T:
+    """:func:`wait_until` for code off the loop (a thread, a subprocess): polls every ``every_s``.
+
+    An exception of a type in ``retry_on`` (a peer that does not answer yet) counts as "not yet"; the
+    last one is named in the failure. Any other exception, an AssertionError above all, ends the wait.
+    """
     deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
+    last: Exception | None = None
+    while True:
+        try:
+            if result := condition():
+                return result
+        except retry_on as exc:
+            if isinstance(exc, AssertionError):
+                raise
+            last = exc
         if time.monotonic() >= deadline:
-            raise _failed_wait(what, timeout_s)
-        time.sleep(0.02)
-    return result
+            failed = _failed_wait(what, timeout_s)
+            raise (AssertionError(f"{failed} (last error: {last!r})") if last else failed) from last
+        time.sleep(every_s)
 
 
 def component_settings(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import threading
+import time
 
 import pytest
 
@@ -84,6 +86,39 @@ def test_wait_until_sync_sees_what_a_thread_does_and_fails_naming_what_never_hap
     thread.join()
     with pytest.raises(AssertionError, match="waiting for the thread to stop"):
         wait_until_sync(lambda: None, "the thread to stop", timeout_s=0.05)
+
+
+def test_wait_until_sync_retries_the_errors_it_is_told_to_and_names_the_last() -> None:
+    calls: list[float] = []
+
+    def peer() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionRefusedError("not up yet")
+        return "up"
+
+    assert wait_until_sync(peer, "the peer", retry_on=(OSError,), every_s=0.05) == "up"
+    assert all(b - a >= 0.05 for a, b in itertools.pairwise(calls))  # polled every every_s
+
+    def down() -> str:
+        raise ConnectionRefusedError("nothing listens")
+
+    with pytest.raises(AssertionError, match=r"waiting for the peer \(last error: ConnectionRefusedError"):
+        wait_until_sync(down, "the peer", timeout_s=0.05, retry_on=(OSError,))
+
+
+def test_wait_until_sync_ends_at_an_error_it_is_not_told_to_retry_or_an_assertion() -> None:
+    def broken() -> bool:
+        raise ValueError("a bug in the check")
+
+    with pytest.raises(ValueError, match="a bug in the check"):
+        wait_until_sync(broken, retry_on=(OSError,))
+
+    def asserts() -> bool:
+        raise AssertionError("more arrived than was sent")
+
+    with pytest.raises(AssertionError, match="more arrived than was sent"):
+        wait_until_sync(asserts, retry_on=(Exception,))
 
 
 @pytest.mark.parametrize(
