@@ -9,8 +9,11 @@ route by them with a :class:`TenantRoutingConfig` subclass that adds the fields 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+
+from agent.model import MetricBatch, Point
+from agent.slicing import slices
 
 MAX_TENANT_LENGTH = 150
 _TENANT_CHARS = re.compile(r"[A-Za-z0-9!\-_.*'()]+", re.ASCII)
@@ -82,3 +85,55 @@ class TenantRoutingConfig:
         if tenant_problem(tenant) is not None:
             return None, INVALID_TENANT
         return tenant, ""
+
+
+def named_tenant(point: Point, label: str, attribute: str = "") -> str:
+    """The tenant ``point`` names: its ``label``, else (when ``attribute`` is given) its resource's
+    attribute of that key; "" when it names none."""
+    for key, value in point.labels:
+        if key == label:
+            return value
+    if attribute and point.resource is not None:
+        for key, value in point.resource.attributes:
+            if key == attribute:
+                return value
+    return ""
+
+
+def point_tenants(
+    route: TenantRoutingConfig, points: Iterable[Point], context_tenant: str, attribute: str = ""
+) -> Iterator[tuple[str | None, str]]:
+    """Each point's (tenant, refusal) by :meth:`TenantRoutingConfig.resolve`, in order: the name it
+    carries (:func:`named_tenant`), else ``context_tenant`` (the batch context's), else the route's
+    default. Each distinct name is checked once."""
+    resolved: dict[str, tuple[str | None, str]] = {}
+    label = route.label
+    for point in points:
+        name = named_tenant(point, label, attribute) or context_tenant
+        known = resolved.get(name)
+        if known is None:
+            known = resolved[name] = route.resolve(name)
+        yield known
+
+
+async def group_by_tenant(
+    route: TenantRoutingConfig, batch: MetricBatch, attribute: str = ""
+) -> tuple[dict[str | None, list[Point]], dict[str, int]]:
+    """The batch's points by tenant (None: they name none, for the exporter's own queue), in batch
+    order within each, and the points refused (``invalid_tenant``: to count as dropped). In slices
+    that yield to the loop (:mod:`agent.slicing`)."""
+    context_tenant = batch.context.get("tenant", "")
+    groups: dict[str | None, list[Point]] = {}
+    refused: dict[str, int] = {}
+    async for chunk in slices(batch.points):
+        for point, (tenant, refusal) in zip(
+            chunk, point_tenants(route, chunk, context_tenant, attribute), strict=True
+        ):
+            if refusal:
+                refused[refusal] = refused.get(refusal, 0) + 1
+                continue
+            group = groups.get(tenant)
+            if group is None:
+                group = groups[tenant] = []
+            group.append(point)
+    return groups, refused

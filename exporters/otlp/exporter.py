@@ -26,6 +26,7 @@ from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch, Temporal
 from agent.partitioned import PartitionedSender
 from agent.sending import Request, Sender
 from agent.slicing import slices
+from agent.tenancy import group_by_tenant
 from agent.version import VERSION
 from exporters.otlp import passthrough, resource
 from exporters.otlp.config import AnyConfig
@@ -247,25 +248,6 @@ class _OtlpExporter(abc.ABC):
             return ""
         return resolved
 
-    async def _group_points(self, batch: MetricBatch) -> dict[str | None, list[Point]]:
-        """The batch's points by tenant, in slices that yield to the loop (~1 µs a point)."""
-        route = self._route
-        assert route is not None
-        context_tenant = batch.context.get("tenant", "")
-        label, attribute = route.label, route.resource_attribute
-        groups: dict[str | None, list[Point]] = {}
-        refused: dict[str, int] = {}
-        async for chunk in slices(batch.points):
-            for p in chunk:
-                tenant = next((v for k, v in p.labels if k == label), "")
-                if not tenant and attribute and p.resource is not None:
-                    tenant = next((v for k, v in p.resource.attributes if k == attribute), "")
-                checked = self._checked(tenant or context_tenant, refused, 1)
-                if checked != "":
-                    groups.setdefault(checked, []).append(p)
-        self._count_dropped(refused)
-        return groups
-
     def _group_messages(
         self, messages: tuple[Any, ...], context: Mapping[str, str]
     ) -> dict[str | None, list[Any]]:
@@ -313,7 +295,8 @@ class _OtlpExporter(abc.ABC):
         if self._route is None:
             groups: Mapping[str | None, Sequence[Point]] = {None: batch.points}
         else:
-            groups = await self._group_points(batch)
+            groups, refused = await group_by_tenant(self._route, batch, self._route.resource_attribute)
+            self._count_dropped(refused)
         # One batch at a time: the per-series state must see a series' points in order, and the
         # encoding (temporality conversion included, ~1-20 µs a point) is done in slices that yield
         # to the loop (agent.slicing), so a batch of any size never holds it for long.

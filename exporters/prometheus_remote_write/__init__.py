@@ -63,7 +63,7 @@ from agent.model import MetricBatch, Point
 from agent.partitioned import PartitionedSender
 from agent.sending import Request, Sender, retry_after_s
 from agent.slicing import slices
-from agent.tenancy import TenantRoutingConfig, tenant_problem
+from agent.tenancy import TenantRoutingConfig, group_by_tenant, tenant_problem
 from agent.tls import ClientTLSConfig
 from agent.version import USER_AGENT
 from exporters.prometheus_remote_write import wire
@@ -436,51 +436,39 @@ class PrometheusRemoteWriteExporter:
         ]
 
     # -- tenants -------------------------------------------------------------------------------------
-    def _tenant_of(self, point: Point, context_tenant: str) -> tuple[Point, str | None, str]:
-        """(point with the tenant label, tenant or None for the default sender, refusal reason or "")."""
-        route = self._route
-        assert route is not None
-        label = route.label
-        tenant, refusal = route.resolve(
-            next((v for k, v in point.labels if k == label), "") or context_tenant
-        )
-        if tenant is None:
-            return point, None, refusal
-        if not any(k == label for k, _ in point.labels):
-            # The label is the series' identity in the cumulative state: without it two tenants'
-            # same-named series would be added together.
-            labels = list(point.labels)
-            bisect.insort(labels, (label, tenant))
-            point = replace(point, labels=tuple(labels))
-        return point, tenant, ""
-
     async def _route_points(
         self, batch: MetricBatch
     ) -> tuple[list[Point], list[str | None], dict[str | None, Sender]]:
-        """Each point's tenant (and sender), resolved before any series state changes, so that the
-        encoding loop never waits for a sender to open. In slices: a point costs ~2 µs here."""
-        context_tenant = batch.context.get("tenant", "")
+        """The batch's points (grouped by tenant, each with the tenant label) with each one's tenant,
+        and the tenants' senders, resolved before any series state changes, so that the encoding loop
+        never waits for a sender to open. In slices: a point costs ~1 µs here."""
+        route = self._route
+        assert route is not None
+        groups, refused = await group_by_tenant(route, batch)
+        label = route.label
         points: list[Point] = []
         tenants: list[str | None] = []
-        refused: dict[str, int] = {}
         senders: dict[str | None, Sender] = {None: self._sender}
-        unavailable: set[str] = set()
-        async for chunk in slices(batch.points):
-            for point in chunk:
-                point, tenant, reason = self._tenant_of(point, context_tenant)
-                if tenant is not None and tenant not in senders and tenant not in unavailable:
-                    sender = await self._partitions.get(tenant)
-                    if sender is None:
-                        unavailable.add(tenant)
-                    else:
-                        senders[tenant] = sender
-                if tenant in unavailable:
+        for tenant, group in groups.items():
+            if tenant is not None:
+                sender = await self._partitions.get(tenant)
+                if sender is None:
                     reason = "tenant_limit" if not self._partitions.closing else "shutdown"
-                if reason:
-                    refused[reason] = refused.get(reason, 0) + 1
+                    refused[reason] = refused.get(reason, 0) + len(group)
                     continue
-                points.append(point)
-                tenants.append(tenant)
+                senders[tenant] = sender
+                async for chunk in slices(group):
+                    for point in chunk:
+                        if not any(k == label for k, _ in point.labels):
+                            # The label is the series' identity in the cumulative state: without it
+                            # two tenants' same-named series would be added together.
+                            labels = list(point.labels)
+                            bisect.insort(labels, (label, tenant))
+                            point = replace(point, labels=tuple(labels))
+                        points.append(point)
+            else:
+                points += group
+            tenants += [tenant] * len(group)
         for reason, n in refused.items():
             self._settings.telemetry.dropped(reason).value += n
         return points, tenants, senders
