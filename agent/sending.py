@@ -23,9 +23,11 @@ The queue is in memory or on disk (``storage``):
 Full queue: ``block`` raises :class:`Backpressure` from ``offer`` (receivers answer 429 / UNAVAILABLE,
 StatsD counts the points refused) — before any consumer took part of the batch: the sender registers
 :meth:`Sender.refusal` in its exporter's ``Settings.admission``, which the service's fan-outs ask first,
-and a memory queue takes a batch they admitted whole, past ``queue_size`` if need be (a tenant's queue
-and a disk queue can still refuse part-way). ``drop_oldest`` / ``drop_newest`` drop and count
-(dropped{queue_full}). A full disk (ENOSPC) is treated as a full queue (reason ``disk_full``).
+and a queue takes a batch they admitted whole, past ``queue_size`` (memory) or ``max_bytes`` (disk) by
+at most the batches admitted while it still had room. A tenant's queue can still refuse part-way (it is
+not asked at admission), and so can a full filesystem: ENOSPC is a real limit, not a budget, and is
+treated as a full queue (reason ``disk_full``), part-way through a batch if it comes to that.
+``drop_oldest`` / ``drop_newest`` drop and count (dropped{queue_full}).
 """
 
 from __future__ import annotations
@@ -306,8 +308,9 @@ class Sender:
 
     def offer(self, request: Request) -> None:
         """Queue a request without waiting. When full: raise :class:`Backpressure` (``block``) or drop by
-        policy and count. A memory queue takes the requests of an admitted batch
-        (:func:`agent.component.admitted`) past its size rather than refuse the batch part-way."""
+        policy and count. A queue takes the requests of an admitted batch (:func:`agent.component.admitted`)
+        past its size (memory) or ``max_bytes`` (disk) rather than refuse the batch part-way; a full
+        filesystem still refuses (``disk_full``)."""
         tel = self._settings.telemetry
         if self._closing:
             tel.dropped("shutdown").value += request.points
@@ -338,8 +341,11 @@ class Sender:
             headers[_KIND] = request.kind
         tel = self._settings.telemetry
         self._largest = max(self._largest, len(request.payload))
+        # An admitted batch goes in whole, past max_bytes if need be, as into a memory queue; a
+        # tenant's queue is not asked at admission, so it is not covered by one.
+        whole = self._queue_cfg.full_policy == "block" and self._tenant is None and admitted()
         try:
-            result = part.append(request.payload, items=request.points, headers=headers)
+            result = part.append(request.payload, items=request.points, headers=headers, admitted=whole)
         except DiskFull:
             if self._queue_cfg.full_policy == "block":
                 raise Backpressure("disk_full") from None

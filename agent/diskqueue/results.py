@@ -12,7 +12,8 @@ class QueueError(Exception):
 
 
 class QueueFull(QueueError):
-    """``append`` refused: the partition is at ``max_bytes`` (policy ``block``) or the disk is full.
+    """``append`` refused: the partition is at ``max_bytes`` (policy ``block``, the record not part of
+    an admitted batch) or the disk is full.
 
     Nothing was written. The caller applies backpressure or drops the data and counts it.
     """

@@ -48,13 +48,20 @@ class PartitionWriting(PartitionState):
     # --- writing ---------------------------------------------------------------------------------
 
     def append(
-        self, payload: bytes, items: int = 1, headers: Mapping[str, str] | None = None
+        self,
+        payload: bytes,
+        items: int = 1,
+        headers: Mapping[str, str] | None = None,
+        *,
+        admitted: bool = False,
     ) -> AppendResult:
         """Write one record to the page cache (no fsync: call :meth:`sync` off the event loop).
 
         Raises QueueFull (policy ``block``), DiskFull (filesystem full: nothing was left behind) or
         RecordTooLarge. With ``drop_oldest`` the oldest records are removed to make room and
-        reported in the result.
+        reported in the result. ``admitted``: the record is part of a batch the caller already
+        admitted (:func:`agent.component.admitted`), so policy ``block`` takes it past ``max_bytes``
+        rather than refuse the batch part-way; DiskFull and RecordTooLarge are raised all the same.
 
         The record is in the page cache when this returns (one ``writev``: header, body prefix and the
         payload as given, no copy), so it survives a crash of the process, not of the machine, until
@@ -80,7 +87,7 @@ class PartitionWriting(PartitionState):
                 or (seg.seqs and seg.size + size > self._segment_target)
                 or self._disk_bytes - self._reclaimable + size > self._max_bytes
             ):
-                seg, dropped_records, dropped_items = self._make_room(size)
+                seg, dropped_records, dropped_items = self._make_room(size, admitted)
             seq = self._next_seq
             offset = seg.size
             now_ms = time.time_ns() // 1_000_000
@@ -256,15 +263,16 @@ class PartitionWriting(PartitionState):
             need += sz
         return rolls, need
 
-    def _make_room(self, size: int) -> tuple[_Segment, int, int]:
-        """The slow part of :meth:`append`: refuse, drop the oldest, and/or roll to a new segment."""
+    def _make_room(self, size: int, admitted: bool = False) -> tuple[_Segment, int, int]:
+        """The slow part of :meth:`append`: refuse, drop the oldest, and/or roll to a new segment.
+        ``admitted`` (policy ``block``): neither refuse nor drop, go past ``max_bytes``."""
         self._check_writable()
         opts = self.options
         active = self._active
         roll = active is None or (active.count > 0 and active.size + size > self._segment_target)
         need = size + (SEGMENT_HEADER_SIZE if roll else 0)
         dropped_records = dropped_items = 0
-        if self.used_bytes + need > opts.max_bytes:
+        if self.used_bytes + need > opts.max_bytes and not (admitted and opts.full_policy == "block"):
             if opts.full_policy == "block":
                 self.stats.refused_full += 1
                 raise QueueFull(

@@ -338,7 +338,9 @@ async def test_a_full_disk_is_a_full_queue(tmp_path: Path, monkeypatch: pytest.M
     async def up(req: Request) -> None:
         pass
 
-    def no_space(self: Partition, payload: bytes, items: int = 1, headers: object = None) -> object:
+    def no_space(
+        self: Partition, payload: bytes, items: int = 1, headers: object = None, *, admitted: bool = False
+    ) -> object:
         raise DiskFull("ENOSPC")
 
     blocking, _ = make(up, disk(tmp_path / "a", full_policy="block"))
