@@ -547,7 +547,8 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start exporters, processors, then receivers. On failure, stop what started and re-raise."""
+        """Start exporters, processors, then receivers. On failure, shut down the component that failed
+        (whatever it opened before failing), stop what started, and re-raise."""
         try:
             for group in self._groups(start=True):
                 for running in group:
@@ -556,6 +557,8 @@ class Agent:
                     running.state = "running"
         except BaseException as exc:
             log.error("cannot start %s %s: %s", running.kind.value, running.label, exc)
+            if running.state == "created":
+                await self._shut_down_failed(running)
             await self.stop()
             raise
         self._tasks.spawn(self._watch_loop(), "loop-lag")
@@ -632,19 +635,22 @@ class Agent:
             await running.instance.start()
         except Exception as exc:
             log.error("cannot start %s %s: %s", running.kind.value, running.label, exc)
-            try:
-                await running.instance.shutdown()
-            except Exception as stop_exc:
-                log.error(
-                    "stopping %s %s after a failed start: %r", running.kind.value, running.label, stop_exc
-                )
-            running.state = "stopped"
-            running.release_gauges()
-            if running.kind is ComponentKind.RECEIVER:
-                self._not_ready.discard(f"receiver:{running.label}")
+            await self._shut_down_failed(running)
             return False
         running.state = "running"
         return True
+
+    async def _shut_down_failed(self, running: _Running) -> None:
+        """Shut down a component whose ``start`` raised, releasing what it opened before failing (a
+        port, a task, a file). Logs its error rather than raising it (but for cancellation)."""
+        try:
+            await running.instance.shutdown()
+        except Exception as stop_exc:
+            log.error("stopping %s %s after a failed start: %r", running.kind.value, running.label, stop_exc)
+        running.state = "stopped"
+        running.release_gauges()
+        if running.kind is ComponentKind.RECEIVER:
+            self._not_ready.discard(f"receiver:{running.label}")
 
     def stopping_components(self) -> list[str]:
         """The components still stopping (or retiring after a reload), as ``kind id``."""

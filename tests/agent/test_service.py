@@ -4,7 +4,8 @@ Three test component types are registered beside the built-ins, and each writes 
 journal, in order: ``source`` (a receiver whose consumers the test calls), ``step`` (a processor that
 passes each batch on, or with ``hold`` keeps them until it stops and then flushes them), and ``keep`` (an
 exporter that keeps every batch, a :class:`tests.conftest.Sink`). Any of them fails to start with
-``fail_start``, the way a taken port does: with an error that does not name the component.
+``fail_start``, the way a taken port does: with an error that does not name the component. A source
+with ``listen`` opens a listening socket on 127.0.0.1 first, which only its shutdown closes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class PartConfig:
     """Raise from start, as a component whose port is taken does."""
     hold: bool = False
     """A step only: keep every batch until it stops, then pass them on (as the batch processor does)."""
+    listen: bool = False
+    """A source only: open a listening socket on 127.0.0.1 in start, before ``fail_start`` fails it."""
 
 
 class Source:
@@ -55,12 +58,18 @@ class Source:
         self.consumers = consumers
         self.journal = journal
         self._ready = settings.ready
+        self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
+        if self.config.listen:
+            self.server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
         _start(self.journal, self.label, self.config.fail_start)
         self._ready()
 
     async def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
         self.journal.append(("stop", self.label))
 
 
@@ -381,7 +390,10 @@ async def test_a_component_that_cannot_start_stops_those_started_in_reverse_and_
         await agent.start()
 
     assert graph.did("start") == started_before
-    stopped = graph.did("stop")
+    # The one that failed is shut down first (what it opened before failing is released), then the
+    # rollback stops the others.
+    assert graph.did("stop")[0] == failed
+    stopped = graph.did("stop")[1:]
     assert sorted(stopped) == sorted(started_before)
     # Reverse order: kinds in the reverse of their start order, a pipeline's processors upstream first.
     assert kinds_in_order(stopped) == list(reversed(kinds_in_order(started_before)))
@@ -391,3 +403,40 @@ async def test_a_component_that_cannot_start_stops_those_started_in_reverse_and_
     assert any(r.levelno >= logging.ERROR and f"{kind} {failed}" in r.getMessage() for r in caplog.records), (
         f"no error names {kind} {failed}: {[r.getMessage() for r in caplog.records]}"
     )
+
+
+async def test_a_component_that_fails_at_first_start_is_shut_down_and_named(
+    graph: Graph, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What it opened before failing (here a listening socket) is released by its shutdown; the
+    components started before it are stopped after it."""
+    data = failing("receivers", "source/b")
+    data["receivers"]["source/b"] = {"fail_start": True, "listen": True}
+    agent = Agent(graph.config(data))
+    graph.agents.append(agent)
+    with caplog.at_level(logging.ERROR, logger="headwater.service"), pytest.raises(OSError):
+        await agent.start()
+
+    failed = graph.parts["source/b"]
+    assert failed.server is not None and not failed.server.is_serving()
+    assert graph.did("stop")[0] == "source/b"  # first, then the rollback of the others
+    assert sorted(graph.did("stop")[1:]) == sorted(graph.did("start"))
+    assert any(r.levelno >= logging.ERROR and "receiver source/b" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_component_that_fails_to_start_in_a_reload_is_shut_down(graph: Graph) -> None:
+    """The reload is refused (the running config stays) and the new receiver's socket is closed."""
+    agent = await graph.start(TWO_PIPELINES)
+    data = {k: (dict(v) if k != "service" else v) for k, v in TWO_PIPELINES.items()}
+    data["receivers"]["source/c"] = {"fail_start": True, "listen": True}
+    data["service"] = {
+        "pipelines": {
+            **TWO_PIPELINES["service"]["pipelines"],
+            "metrics/c": {"receivers": ["source/c"], "exporters": ["keep/b"]},
+        }
+    }
+    assert not await agent.reload(graph.config(data))
+
+    failed = graph.parts["source/c"]
+    assert failed.server is not None and not failed.server.is_serving()
+    assert "source/c" in graph.did("stop")
