@@ -11,7 +11,8 @@ points every flush interval, which costs ~1 µs each, while the per-line hot pat
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,9 @@ class Point:
     """For HISTOGRAM points that arrived with fixed bucket bounds (OTLP explicit-bucket histograms)."""
     summary: Summary | None = None
     """For SUMMARY points."""
+    key: SeriesKey | None = field(default=None, init=False, compare=False, repr=False)
+    """The series' identity once a stage asked for it (:func:`key_of`), or given by whoever built the
+    point; not an init field, so ``dataclasses.replace`` never carries a stale one over."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,18 @@ class Resource:
     """Attributes of the entity that produced the points (OTLP resource); shared by reference."""
 
     attributes: Labels = ()
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        # Hashed for every point's series key: the attributes are hashed once, not once a point.
+        h = self._hash
+        if not h:
+            h = hash(self.attributes) or 1
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __reduce__(self) -> tuple[type[Resource], tuple[Labels]]:
+        return Resource, (self.attributes,)  # not the cached hash: str hashes differ between processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +169,17 @@ class Scope:
     name: str = ""
     version: str = ""
     attributes: Labels = ()
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        h = self._hash
+        if not h:
+            h = hash((self.name, self.version, self.attributes)) or 1
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __reduce__(self) -> tuple[type[Scope], tuple[str, str, Labels]]:
+        return Scope, (self.name, self.version, self.attributes)  # not the cached hash (see Resource)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +255,85 @@ Batch = MetricBatch | SpanBatch | LogBatch
 """What flows in a pipeline: a metrics pipeline carries MetricBatch only, and so on."""
 
 
+class SeriesKey:
+    """The identity of a series: name, kind, labels, resource and scope, interned.
+
+    There is one SeriesKey object per identity while anything holds it (points, or a stage's state),
+    so it hashes and compares as a pointer: every stage keys its state by it without hashing the
+    labels again. A point gets its key once (:func:`key_of`, cached on the point; a receiver that keeps
+    series across flushes, like StatsD's aggregator, hands the same key to each flush's point). A stage
+    that changes only labels derives the new key with :meth:`derive`, memoised on the old key: a
+    series pays for its new label tuple and its interning once in its lifetime, not once a point.
+
+    Labels compare as text (see :class:`TypedValue`), so the first labels seen for an identity are
+    the key's: a stage that takes its labels from a derived key passes on that first point's types.
+    """
+
+    __slots__ = ("__weakref__", "_derived", "kind", "labels", "name", "resource", "scope")
+
+    name: str
+    kind: Kind
+    labels: Labels
+    resource: Resource | None
+    scope: Scope | None
+    _derived: dict[Hashable, SeriesKey] | None
+
+    def __init__(self) -> None:
+        raise TypeError("SeriesKey is interned: use series_key() or key_of()")
+
+    def derive(self, change: Hashable, labels_of: Callable[..., Labels], *args: Any) -> SeriesKey:
+        """The key of this series with its labels changed by ``labels_of(labels, *args)``; ``change``
+        names the change (say ``("tenant_id", "team-a")``) for the memo, and must determine it. Same name,
+        kind, resource and scope."""
+        memo = self._derived
+        if memo is None:
+            memo = self._derived = {}
+        found = memo.get(change)
+        if found is None:
+            if len(memo) >= _DERIVED_LIMIT:  # changes per series are few; never let them pile up
+                memo.clear()
+            labels = labels_of(self.labels, *args)
+            found = memo[change] = series_key(self.name, self.kind, labels, self.resource, self.scope)
+        return found
+
+    def __reduce__(self) -> tuple[Callable[..., SeriesKey], tuple[object, ...]]:
+        # Unpickled in another process, a key is interned there, or it would not compare equal.
+        return series_key, (self.name, self.kind, self.labels, self.resource, self.scope)
+
+    def __repr__(self) -> str:
+        return f"SeriesKey({self.name!r}, {self.kind.name}, {self.labels!r})"
+
+
+_DERIVED_LIMIT = 64
+_KEYS: weakref.WeakValueDictionary[tuple[object, ...], SeriesKey] = weakref.WeakValueDictionary()
+"""Every live key by its identity: a key lives while a point or a stage's state holds it."""
+_KEYS_GET = _KEYS.get
+
+
+def series_key(
+    name: str, kind: Kind, labels: Labels, resource: Resource | None = None, scope: Scope | None = None
+) -> SeriesKey:
+    """The one :class:`SeriesKey` of this identity (made when none is alive)."""
+    identity = (name, kind, labels, resource, scope)
+    key = _KEYS_GET(identity)
+    if key is None:
+        key = object.__new__(SeriesKey)
+        key.name, key.kind, key.labels, key.resource, key.scope = identity
+        key._derived = None
+        _KEYS[identity] = key
+    return key
+
+
+def key_of(p: Point) -> SeriesKey:
+    """Point `p`'s series key: computed on first use and kept on the point, so later stages and every
+    exporter reuse it."""
+    key = p.key
+    if key is None:
+        key = series_key(p.name, p.kind, p.labels, p.resource, p.scope)
+        object.__setattr__(p, "key", key)
+    return key
+
+
 class PointSlots:
     """A plain object with :class:`Point`'s slots, for building points fast (see :func:`new_point`).
 
@@ -243,7 +349,7 @@ class PointSlots:
 
 POINT_FIELDS = (
     "name", "kind", "labels", "time_unix_nano", "value", "start_time_unix_nano", "temporality", "monotonic",
-    "histogram", "unit", "description", "resource", "scope", "explicit", "summary",
+    "histogram", "unit", "description", "resource", "scope", "explicit", "summary", "key",
 )  # fmt: skip
 if tuple(f for f in Point.__slots__) != POINT_FIELDS:  # pragma: no cover - guards a model change
     raise RuntimeError(f"Point's fields changed to {Point.__slots__}: update POINT_FIELDS and new_point")
@@ -265,8 +371,10 @@ def new_point(
     scope: Scope | None,
     explicit: ExplicitHistogram | None,
     summary: Summary | None,
+    key: SeriesKey | None = None,
 ) -> Point:
-    """``Point(...)`` with every field given positionally, without the dataclass ``__init__``."""
+    """``Point(...)`` with every field given positionally, without the dataclass ``__init__``; ``key``
+    is the series' key when the caller knows it (it must be this point's identity)."""
     p: Any = PointSlots()
     p.name = name
     p.kind = kind
@@ -283,5 +391,16 @@ def new_point(
     p.scope = scope
     p.explicit = explicit
     p.summary = summary
+    p.key = key
     p.__class__ = Point
     return p  # type: ignore[no-any-return]
+
+
+def relabelled(p: Point, key: SeriesKey, value: float | None = None) -> Point:
+    """`p` as a point of series `key` (its labels; same name, kind, resource and scope), optionally with
+    a new value: what ``dataclasses.replace(p, labels=...)`` did at ~4x the cost."""
+    return new_point(
+        p.name, p.kind, key.labels, p.time_unix_nano, p.value if value is None else value,
+        p.start_time_unix_nano, p.temporality, p.monotonic, p.histogram, p.unit, p.description,
+        p.resource, p.scope, p.explicit, p.summary, key,
+    )  # fmt: skip

@@ -35,19 +35,32 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent import exphist
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
 from agent.counting import PointCounts
-from agent.model import Batch, ExplicitHistogram, Kind, Labels, MetricBatch, Point, SpanBatch, Summary
+from agent.model import (
+    Batch,
+    ExplicitHistogram,
+    Kind,
+    Labels,
+    MetricBatch,
+    Point,
+    SeriesKey,
+    SpanBatch,
+    Summary,
+    key_of,
+    new_point,
+)
 
 TYPE = "sample"
 
 _TWO_64 = 1 << 64
 _CACHE_LIMIT = 100_000
-"""Series whose hash is cached (one dict lookup a point instead of a ~1 µs digest); cleared when full."""
+"""Series whose verdict is cached (one pointer-keyed lookup a point instead of a ~1 µs digest and a new
+label tuple); cleared when full."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +143,8 @@ class SampleProcessor:
         tel = settings.telemetry
         self._counts = PointCounts(tel, "sampled")
         self._rates: dict[str, float] = {}
-        self._hashes: dict[tuple[str, Labels, Labels], int] = {}
+        self._verdicts: dict[SeriesKey, SeriesKey | None] = {}
+        """Per series key: None to drop it, else the key its kept points leave with (the rate label)."""
         self._trace_rate = config.rate if config.trace_rate is None else config.trace_rate
 
     async def start(self) -> None:
@@ -153,15 +167,19 @@ class SampleProcessor:
             self._rates[name] = rate
         return rate
 
-    def _hash(self, p: Point) -> int:
+    def _verdict(self, p: Point, key: SeriesKey, rate: float) -> SeriesKey | None:
+        """Whether series `key` is kept at `rate` (by its hash, stable across restarts and agents), and
+        if so the key its points leave with; computed once a series."""
         resource = p.resource.attributes if p.resource is not None else ()
-        key = (p.name, p.labels, resource)
-        h = self._hashes.get(key)
-        if h is None:
-            if len(self._hashes) >= _CACHE_LIMIT:
-                self._hashes.clear()
-            h = self._hashes[key] = series_hash(series_key(p.name, p.labels, resource), self._config.seed)
-        return h
+        h = series_hash(series_key(p.name, p.labels, resource), self._config.seed)
+        verdict = None
+        if h < _bound(rate):
+            label = self._config.rate_label
+            verdict = key.derive((label, rate), _with_rate, label, rate) if label else key
+        if len(self._verdicts) >= _CACHE_LIMIT:
+            self._verdicts.clear()
+        self._verdicts[key] = verdict
+        return verdict
 
     async def consume(self, batch: Batch) -> None:
         self._counts.incoming(len(batch))
@@ -179,16 +197,21 @@ class SampleProcessor:
     def _metrics(self, batch: MetricBatch) -> MetricBatch:
         out: list[Point] = []
         changed = False
-        label = self._config.rate_label
+        verdicts = self._verdicts
         for p in batch.points:
             rate = self.rate_for(p.name)
             if rate >= 1.0:
                 out.append(p)
                 continue
             changed = True
-            if rate <= 0.0 or self._hash(p) >= _bound(rate):
+            if rate <= 0.0:
                 continue
-            out.append(_upscale(p, rate, label))
+            key = key_of(p)
+            verdict = verdicts.get(key, key_of)  # key_of: a sentinel that is never a verdict
+            if verdict is key_of:
+                verdict = self._verdict(p, key, rate)
+            if verdict is not None:
+                out.append(_upscale(p, rate, verdict))  # type: ignore[arg-type]  # not the sentinel
         if not changed:
             return batch
         return MetricBatch(tuple(out), context=batch.context)
@@ -241,39 +264,42 @@ def _set_rate_attribute(attributes: Any, label: str, rate: float) -> None:
     attributes.add(key=label).value.double_value = carried
 
 
-def _upscale(p: Point, rate: float, label: str) -> Point:
-    """``p`` with its counts scaled by 1/rate (gauges unchanged) and its rate in ``label``."""
-    labels = p.labels
-    if label:
-        earlier = next((v for k, v in labels if k == label), None)
-        carried = rate
-        if earlier is not None:
-            try:
-                prior = float(earlier)
-            except ValueError:
-                prior = 1.0
-            if 0 < prior <= 1:
-                carried = rate * prior
-        labels = tuple(sorted([*((k, v) for k, v in labels if k != label), (label, _format_rate(carried))]))
+def _with_rate(labels: Labels, label: str, rate: float) -> Labels:
+    """``labels`` with the sampling rate in ``label``: an earlier sampler's rate (a number in (0, 1])
+    is multiplied in, so the label says the rate of the whole path."""
+    earlier = next((v for k, v in labels if k == label), None)
+    carried = rate
+    if earlier is not None:
+        try:
+            prior = float(earlier)
+        except ValueError:
+            prior = 1.0
+        if 0 < prior <= 1:
+            carried = rate * prior
+    return tuple(sorted([*((k, v) for k, v in labels if k != label), (label, _format_rate(carried))]))
+
+
+def _upscale(p: Point, rate: float, key: SeriesKey) -> Point:
+    """``p`` as a point of series ``key`` (the rate label) with its counts scaled by 1/rate (gauges
+    unchanged)."""
     factor = 1.0 / rate
+    value, histogram, explicit, summary = p.value, p.histogram, p.explicit, p.summary
     if p.kind == Kind.SUM:
-        return replace(p, labels=labels, value=p.value * factor)
-    if p.kind == Kind.HISTOGRAM:
-        if p.histogram is not None:
-            return replace(p, labels=labels, histogram=exphist.scale_counts(p.histogram, factor))
-        if p.explicit is not None:
-            e = p.explicit
-            counts = tuple(round(c * factor) for c in e.counts)
-            return replace(
-                p, labels=labels, explicit=ExplicitHistogram(e.bounds, counts, e.sum * factor, e.min, e.max)
-            )
-        return replace(p, labels=labels)
-    if p.kind == Kind.SUMMARY and p.summary is not None:
-        s = p.summary
-        return replace(
-            p, labels=labels, summary=Summary(round(s.count * factor), s.sum * factor, s.quantiles)
-        )
-    return replace(p, labels=labels) if labels is not p.labels else p
+        value *= factor
+    elif p.kind == Kind.HISTOGRAM and histogram is not None:
+        histogram = exphist.scale_counts(histogram, factor)
+    elif p.kind == Kind.HISTOGRAM and explicit is not None:
+        counts = tuple(round(c * factor) for c in explicit.counts)
+        e = explicit
+        explicit = ExplicitHistogram(e.bounds, counts, e.sum * factor, e.min, e.max)
+    elif p.kind == Kind.SUMMARY and summary is not None:
+        summary = Summary(round(summary.count * factor), summary.sum * factor, summary.quantiles)
+    elif key is p.key:
+        return p
+    return new_point(
+        p.name, p.kind, key.labels, p.time_unix_nano, value, p.start_time_unix_nano, p.temporality,
+        p.monotonic, histogram, p.unit, p.description, p.resource, p.scope, explicit, summary, key,
+    )  # fmt: skip
 
 
 def _create(settings: Settings, config: SampleConfig, next_consumer: Consumer) -> SampleProcessor:

@@ -41,13 +41,24 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
 from agent.counting import PointCounts
-from agent.model import Batch, Kind, Labels, LogBatch, MetricBatch, Point, Resource, SpanBatch
+from agent.model import (
+    Batch,
+    Kind,
+    Labels,
+    LogBatch,
+    MetricBatch,
+    Point,
+    Resource,
+    SpanBatch,
+    key_of,
+    relabelled,
+)
 from agent.telemetry import Cell
 from agent.tenancy import tenant_problem
 
@@ -430,8 +441,12 @@ class TenantProcessor:
                 invalid[problem] = invalid.get(problem, 0) + 1
             if tenant is None:
                 continue
-            labels = _with_label(p.labels, label, tenant, from_label if drop else "")
-            groups.setdefault(tenant, []).append(p if labels is p.labels else replace(p, labels=labels))
+            # The series' key says what the tenant label makes of it, once per series (memoised on the
+            # key), and the point is copied only when its labels change.
+            key = key_of(p)
+            dropped = from_label if drop else ""
+            out = key.derive((label, tenant, dropped), _with_label, label, tenant, dropped)
+            groups.setdefault(tenant, []).append(p if out is key else relabelled(p, out))
         self._report_invalid(invalid)
         for tenant, points in groups.items():
             if self._quotas_on and self._limited(tenant):

@@ -39,6 +39,10 @@ _LABEL_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
 _GAUGE, _DELTA, _CUMULATIVE, _EXP, _EXPLICIT, _CUM_EXP, _CUM_EXPLICIT = range(7)
 _LATEST_ONLY = frozenset({_CUM_EXP, _CUM_EXPLICIT})
 """Cumulative distributions hold the whole lifetime: a window of them would count values many times."""
+WINDOW_MAX_BUCKETS = 2048
+"""Buckets a side of a window's merged histogram may span before it goes coarser: the receivers'
+max_buckets, so a percentile rule reads the window at the scale the data arrived at (160, the merge
+default, cost wide timers up to three scales: ~4 % instead of ~0.5 %)."""
 
 
 def alert_label_name(name: str) -> str:
@@ -635,9 +639,7 @@ def _percentile(
     samples: collections.deque[tuple[float, float, float, Any]], mode: int, q: float
 ) -> float | None:
     if mode in (_EXP, _CUM_EXP):
-        merged = samples[0][3]
-        for s in list(samples)[1:]:
-            merged = exphist.merge(merged, s[3])
+        merged = exphist.merge_all([s[3] for s in samples], max_buckets=WINDOW_MAX_BUCKETS)
         value = exphist.quantile(merged, q)
         return None if math.isnan(value) else value
     if mode in (_EXPLICIT, _CUM_EXPLICIT):

@@ -834,6 +834,7 @@ class MetricsConverter:
             p.scope = scope
             p.explicit = None
             p.summary = None
+            p.key = None
             p.__class__ = point_class
             append(p)
 
@@ -925,6 +926,7 @@ class MetricsConverter:
             p.scope = scope
             p.explicit = h
             p.summary = None
+            p.key = None
             p.__class__ = point_class
             append(p)
 

@@ -417,6 +417,25 @@ def test_merge_is_associative_and_matches_building_from_the_union(
             assert left.scale == union.scale
 
 
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(histograms(), min_size=1, max_size=6), st.sampled_from([3, 8, 160]))
+def test_merge_all_equals_merging_pairwise(hs: list[tuple[ExpHistogram, Floats]], max_buckets: int) -> None:
+    """One pass over a window's histograms gives what folding them pairwise gave."""
+    folded = hs[0][0]
+    for h, _ in hs[1:]:
+        folded = exphist.merge(folded, h, max_buckets=max_buckets)
+    merged = exphist.merge_all([h for h, _ in hs], max_buckets=max_buckets)
+    assert histogram_buckets(merged) == histogram_buckets(folded)
+    assert (merged.count, merged.min, merged.max, merged.zero_count) == (
+        folded.count, folded.min, folded.max, folded.zero_count,
+    )  # fmt: skip
+    assert abs(merged.sum - folded.sum) <= 1e-12 * sum(abs(h.sum) for h, _ in hs)
+    if merged.positive_counts.size or merged.negative_counts.size:
+        assert merged.scale == folded.scale
+    with pytest.raises(ValueError, match="no histograms"):
+        exphist.merge_all([])
+
+
 def test_merge_with_empty_and_commutes() -> None:
     h = exphist.from_values(np.array([0.5, 3.0, -2.0, 0.0]))
     assert exphist.merge(h, EMPTY) == h

@@ -169,7 +169,8 @@ def test_with_labels_keeps_every_field() -> None:
     p = Point("n", Kind.SUM, (), 1, 2.0, 3, Temporality.CUMULATIVE, False, None, "u", "d", None, Scope("s"))
     new = with_labels(p, (("a", "b"),), Resource((("r", "1"),)))
     assert new == dataclasses.replace(p, labels=(("a", "b"),), resource=Resource((("r", "1"),)))
-    assert len(dataclasses.fields(Point)) == 15
+    assert len([f for f in dataclasses.fields(Point) if f.init]) == 15
+    assert new.key is None  # a new identity: computed when a later stage asks (agent.model.key_of)
 
 
 async def test_no_change_passes_the_same_batch() -> None:

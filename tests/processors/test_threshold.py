@@ -183,6 +183,24 @@ def test_percentile_merges_exponential_histograms_over_the_window() -> None:
     assert series.state == ("firing" if got > 0.5 else "inactive")
 
 
+def test_percentile_of_wide_timers_keeps_the_scale_they_arrived_at() -> None:
+    """Timers spanning 1 ms .. 1000 s, as the receivers build them (2048 buckets, scale <= 8): the window
+    is read at their scale, not squeezed into 160 buckets (three scales coarser, ~4 % off)."""
+    rng = np.random.default_rng(11)
+    e = engine(rule(metric="latency", statistic="percentile", quantile=0.99, warning=1e9, window=60.0))
+    batches = [np.exp(rng.uniform(math.log(1e-3), math.log(1e3), 4000)) for _ in range(3)]
+    hists = [exphist.from_values(v, max_buckets=2048, max_scale=8) for v in batches]
+    assert all(h.scale >= 6 for h in hists)
+    for i, h in enumerate(hists):
+        t = T0 + 10 * i
+        step(e, t, Point("latency", Kind.HISTOGRAM, (), int(t * 1e9), histogram=h))
+    series = next(iter(e.series.values()))
+    got = e.statistic(series, T0 + 20)
+    truth = float(np.quantile(np.concatenate(batches), 0.99, method="inverted_cdf"))
+    scale = min(h.scale for h in hists)
+    assert got == pytest.approx(truth, rel=exphist.relative_error(scale) * 1.0001)
+
+
 def test_percentile_of_explicit_histograms_and_of_gauges() -> None:
     e = engine(
         rule(name="explicit", metric="req", statistic="percentile", quantile=0.5, warning=1.0),
