@@ -64,7 +64,7 @@ import numpy.typing as npt
 from agent import exphist
 from agent.bucket_layouts import BucketLayout, BucketLayouts
 from agent.exphist import ExpHistogram
-from agent.model import Kind, Labels, Point, Resource, Temporality
+from agent.model import Kind, Labels, Point, Resource, SeriesKey, Temporality, key_of
 
 DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Prometheus client libraries' default buckets (seconds)."""
@@ -253,6 +253,7 @@ class Series:
         "bucket_counts",
         "cache",
         "count",
+        "dead",
         "kind",
         "labels",
         "last_update",
@@ -283,6 +284,9 @@ class Series:
         self.native: ExpHistogram | None = None
         self.cache: object = None
         """Exporter-owned rendering of the labels (text or encoded bytes), built once per series."""
+        self.dead = False
+        """Removed from the store (expired, or refused as it was made): the store's front cache of
+        series by point identity checks this instead of looking the labels up again."""
 
 
 class SeriesStore:
@@ -309,6 +313,10 @@ class SeriesStore:
         self._names = _Names(min(_CACHE_LIMIT, max(_CACHE_MIN, max_series)))
         self._shapes: dict[tuple[float, ...], tuple[float, ...]] = {}
         self.refused: dict[str, int] = {}
+        self._front: dict[tuple[SeriesKey, bool, str], Series] = {}
+        """Series by the identity of the points that reach them (their series key, monotonic, unit:
+        everything the Prometheus name and labels are made of): one pointer-keyed lookup a point
+        instead of translating and hashing its name and labels each time."""
 
     def bounds_of(self, name: str) -> tuple[float, ...]:
         """The bounds family ``name`` cuts exponential histograms at (its layout, else the default);
@@ -332,13 +340,15 @@ class SeriesStore:
         self._refuse(reason)
         if series.bucket_counts is None and family.get(series.labels) is series:
             del family[series.labels]
+            series.dead = True
             self.size -= 1
             if not family:
                 del self.families[series.name]
                 self.kinds.pop(series.name, None)
 
-    def update(self, point: Point, now: float | None = None) -> Series | None:
-        """Apply one point; return its series, or None when refused (counted in ``refused``)."""
+    def _locate(self, point: Point) -> Series | None:
+        """The series ``point`` updates (made if new), found by its Prometheus name and labels; None
+        when refused (counted)."""
         names = self._names
         name, kind, reserved = names.translate(point.name, point.kind, point.monotonic, point.unit)
         known = self.kinds.get(name)
@@ -363,6 +373,22 @@ class SeriesStore:
             start_ns = point.start_time_unix_nano or point.time_unix_nano
             series = family[labels] = Series(name, kind, labels, start_ns // 1_000_000)
             self.size += 1
+        return series
+
+    def update(self, point: Point, now: float | None = None) -> Series | None:
+        """Apply one point; return its series, or None when refused (counted in ``refused``)."""
+        front_key = (key_of(point), point.monotonic, point.unit)
+        series = self._front.get(front_key)
+        if series is None or series.dead:
+            series = self._locate(point)
+            if series is None:
+                return None
+            if len(self._front) >= self._names.limit:
+                self._front.clear()
+            self._front[front_key] = series
+        name, kind = series.name, series.kind
+        reserved = _RESERVED_LABEL.get(point.kind)
+        family = self.families[name]
         series.last_update = time.monotonic() if now is None else now
         cumulative = point.temporality is Temporality.CUMULATIVE
         if reserved is not None:  # histograms and summaries
@@ -578,6 +604,7 @@ class SeriesStore:
                     s = family.get(labels)
                     if s is not None and s.last_update < cutoff:
                         del family[labels]
+                        s.dead = True
                         gone.append(s)
                 examined += len(part)
                 if not family and families.get(name) is family:
