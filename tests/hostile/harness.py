@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import free_port, http_get
+from tests.integration.conftest import free_tcp_udp_port, http_get
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class Run:
         # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be longer.
         self.sockdir = Path(tempfile.mkdtemp(prefix="hw-hostile-"))
         self.ports = {
-            name: free_port() for name in ("statsd", "http", "grpc", "otlp_http", "pull", "telemetry")
+            name: free_tcp_udp_port() for name in ("statsd", "http", "grpc", "otlp_http", "pull", "telemetry")
         }
         self.config_path = workdir / "agent.yaml"
         self.log_path = workdir / "agent.log"

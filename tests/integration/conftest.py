@@ -1,12 +1,16 @@
 """Real peers for integration tests: a Prometheus server and the agent, each a subprocess on free
-ports with its own temp directory, stopped at the end of the test.
+ports with its own temp directory, stopped at the end of the test; independent OTLP sinks served from
+a thread for the synchronous tests.
 
-Waiting uses bounded polling (``wait_for``): a test fails when the condition never holds within a
-generous limit, never because something was slow.
+Waiting on a peer uses :func:`wait_for_peer`: the shared bounded poll (``tests.conftest``) every 0.2 s
+for up to 60 s, a peer that does not answer yet counting as "not yet". A test fails when the condition
+never holds within that generous limit, never because something was slow.
 """
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import os
 import shutil
@@ -15,54 +19,54 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from tests.conftest import LOOP_BLOCK_LIMIT_S, free_port, wait_until_sync
+from tests.exporters.otlp_sink import Sink as OtlpSink
+
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
+PEER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, http.client.HTTPException)
+"""What asking a peer process raises while it is not answering (yet): refused or reset connections and
+timeouts (OSError, urllib's URLError among them), a cut-off response (HTTPException) or body (ValueError
+from the JSON or exposition parser)."""
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 (StatsD listens on both)."""
+
+@pytest.fixture
+def loop_block_limit_s() -> float | None:
+    """Every integration test fails if one event-loop callback runs longer than LOOP_BLOCK_LIMIT_S."""
+    return LOOP_BLOCK_LIMIT_S
+
+
+def wait_for_peer(check: Callable[[], T], what: str, *, timeout_s: float = 60.0, every_s: float = 0.2) -> T:
+    """Poll ``check`` (which asks Prometheus, an agent or a sink) with :func:`tests.conftest.wait_until_sync`
+    until it returns something truthy, and return that: every 0.2 s, so the polling does not compete
+    with the peers for the CPU, and up to 60 s, since only a failing test waits that long; an error in
+    :data:`PEER_ERRORS` counts as "not yet"."""
+    return wait_until_sync(check, what, timeout_s, every_s=every_s, retry_on=PEER_ERRORS)
+
+
+def free_tcp_udp_port() -> int:
+    """A port on 127.0.0.1 free for both TCP and UDP (a StatsD receiver listening on both)."""
     for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        port = free_port(socket.SOCK_STREAM)
         try:
-            with socket.socket(socket.AF_INET, other) as s:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.bind(("127.0.0.1", port))
         except OSError:
             continue
-        return int(port)
-    raise RuntimeError("no free port")
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = 60.0, every_s: float = 0.2) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except AssertionError:
-            raise
-        except Exception as exc:  # the peer may not be up yet
-            last_exc = exc
-        time.sleep(every_s)
-    raise AssertionError(
-        f"timed out waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else "")
-    )
+        return port
+    raise RuntimeError("no port free for both TCP and UDP")
 
 
 def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, str]:
@@ -115,7 +119,7 @@ class PrometheusServer:
             return v is not None and abs(v - expected) <= 1e-9 * max(1.0, abs(expected))
 
         try:
-            wait_for(f"{expr} == {expected}", check, timeout_s)
+            wait_for_peer(check, f"{expr} == {expected}", timeout_s=timeout_s)
         except AssertionError:
             raise AssertionError(f"{expr}: expected {expected}, Prometheus has {self.query(expr)}") from None
         return expected
@@ -145,7 +149,7 @@ def launch_prometheus(data: Path, port: int) -> PrometheusServer:
         )
     server = PrometheusServer(port, proc, log_path)
     try:
-        wait_for("prometheus ready", lambda: http_get(f"{server.url}/-/ready")[0] == 200)
+        wait_for_peer(lambda: http_get(f"{server.url}/-/ready")[0] == 200, "prometheus ready")
     except BaseException:
         server.stop()
         raise
@@ -173,17 +177,19 @@ class AgentProcess:
     def url(self, name: str, path: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}{path}"
 
-    def self_metric(self, name: str) -> float:
-        """Sum of a self-metric's samples on /metrics (0 when absent)."""
+    def self_metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of self-metric ``name`` on /metrics whose labels include ``labels`` (0 when
+        absent)."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        _, body = http_get(self.url("telemetry", "/metrics"))
-        total = 0.0
-        for fam in text_string_to_metric_families(body):
-            for s in fam.samples:
-                if s.name == name:
-                    total += s.value
-        return total
+        status, body = http_get(self.url("telemetry", "/metrics"))
+        assert status == 200, body
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(body)
+            for s in fam.samples
+            if s.name == name and labels.items() <= s.labels.items()
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
         if self.proc.poll() is None:
@@ -228,7 +234,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
                 raise AssertionError(f"agent exited with {proc.returncode}:\n{agent.logs()}")
             return http_get(agent.url("telemetry", "/readyz"))[0] == 200
 
-        wait_for("agent ready", ready)
+        wait_for_peer(ready, "agent ready")
         return agent
 
     yield start
@@ -236,3 +242,53 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         if agent.proc.poll() is None:
             agent.proc.kill()
             agent.proc.wait()
+
+
+class ThreadedOtlpSinks:
+    """Independent OTLP sinks (``tests.exporters.otlp_sink``: grpcio and aiohttp with the generated
+    classes) served from an event loop of their own in a thread, for synchronous test bodies; :meth:`stop`
+    stops every sink started."""
+
+    def __init__(self) -> None:
+        self.sinks: list[OtlpSink] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def http(self) -> tuple[OtlpSink, str]:
+        """A sink serving OTLP/HTTP, and its base URL."""
+        sink = OtlpSink()
+        self.sinks.append(sink)
+        return sink, self._run(sink.start_http())
+
+    def grpc(self) -> tuple[OtlpSink, str]:
+        """A sink serving OTLP/gRPC, and its host:port."""
+        sink = OtlpSink()
+        self.sinks.append(sink)
+        return sink, self._run(sink.start_grpc())
+
+    def stop(self) -> None:
+        try:
+            for sink in self.sinks:
+                self._run(sink.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+
+
+@pytest.fixture
+def otlp_sinks() -> Iterator[ThreadedOtlpSinks]:
+    sinks = ThreadedOtlpSinks()
+    try:
+        yield sinks
+    finally:
+        sinks.stop()
+
+
+def otlp_received(sink: OtlpSink, signal: str) -> list[Any]:
+    """The messages of ``signal`` (metrics, traces, logs) ``sink`` has taken so far, in order (a copy: the
+    sink's thread appends meanwhile)."""
+    return [r.message for r in list(sink.received) if r.signal == signal]

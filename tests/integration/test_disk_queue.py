@@ -5,7 +5,6 @@ share a queue directory."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import signal
 import socket
@@ -19,20 +18,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent.component import ComponentId, ComponentKind, Settings
+from agent.component import ComponentKind
 from agent.model import Kind, MetricBatch, Point
 from agent.sending import QueueConfig, RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig as RemoteWriteConfig
 from exporters.prometheus_remote_write import PrometheusRemoteWriteExporter as RemoteWriteExporter
-from tests.integration.conftest import (
-    ROOT,
-    AgentProcess,
-    PrometheusServer,
-    free_port,
-    launch_prometheus,
-    wait_for,
-)
+from tests.conftest import component_settings, free_port, wait_until
+from tests.integration.conftest import ROOT, AgentProcess, PrometheusServer, launch_prometheus, wait_for_peer
 
 pytestmark = pytest.mark.integration
 
@@ -78,17 +71,17 @@ def test_backlog_survives_a_restart_and_arrives_in_order(
     text, ports = config(queue, nowhere)
     first = start_agent(text, ports)
     send(ports["statsd"], "jobs.done:5|c|#queue:mail\nqueue.depth:40|g")
-    wait_for(
+    wait_for_peer(
+        lambda: first.self_metric("headwater_exporter_disk_queue_records") >= 1,
         "a request waiting in the disk queue",
-        lambda: first.self_metric("headwater_exporter_disk_queue_records") >= 1 or None,
     )
     assert first.stop(signal.SIGTERM) == 0
     assert "stay in the disk queue" in first.logs()
 
     text, ports = config(queue, prometheus.write_url)
     second = start_agent(text, ports)
-    assert "restored the cumulative state of 2 series" in wait_for(
-        "state restored", lambda: second.logs() if "restored" in second.logs() else None
+    assert "restored the cumulative state of 2 series" in wait_for_peer(
+        lambda: second.logs() if "restored" in second.logs() else "", "state restored"
     )
     send(ports["statsd"], "jobs.done:2|c|#queue:mail\nqueue.depth:7|g")
     assert prometheus.wait_value('jobs_done_total{queue="mail"}', 7.0) == 7.0  # 5 + 2: continuous
@@ -96,9 +89,8 @@ def test_backlog_survives_a_restart_and_arrives_in_order(
     assert prometheus.value('min_over_time(jobs_done_total{queue="mail"}[15m])') == 5.0
     assert prometheus.value('resets(jobs_done_total{queue="mail"}[15m])') == 0.0
     assert prometheus.value("max_over_time(queue_depth[15m])") == 40.0
-    wait_for(
-        "the disk queue drained",
-        lambda: second.self_metric("headwater_exporter_disk_queue_records") == 0 or None,
+    wait_for_peer(
+        lambda: second.self_metric("headwater_exporter_disk_queue_records") == 0, "the disk queue drained"
     )
     assert second.self_metric("headwater_exporter_dropped_points_total") == 0
     assert second.stop(signal.SIGTERM) == 0
@@ -173,12 +165,14 @@ def test_kill_9_in_a_loop_loses_nothing_fsynced_and_counters_stay_continuous(
             send(ports["statsd"], lines)
             # Both series' points fsynced (fsync: batch) before the agent is answered: from here on,
             # a kill must not lose them.
-            wait_for(
+            wait_for_peer(
+                lambda a=agent: a.self_metric("headwater_exporter_durable_points_total") >= 2,
                 f"round {r}: points durable",
-                lambda a=agent: a.self_metric("headwater_exporter_durable_points_total") >= 2 or None,
             )
             for _ in range(rng.randrange(1, 4)):  # more load that the kill may or may not catch
                 send(ports["statsd"], f"crash.late:1|c|#round:{r}")
+                # Not a wait: a random pause, so the kill below lands at a different point of the
+                # agent's work each round (receiving, flushing, writing or fsyncing the late points).
                 time.sleep(rng.uniform(0.0, 0.2))
             agent.proc.send_signal(signal.SIGKILL)
             agent.proc.wait(30)
@@ -186,9 +180,8 @@ def test_kill_9_in_a_loop_loses_nothing_fsynced_and_counters_stay_continuous(
         # One last run with Prometheus up drains every backlog left by the kills.
         ports = {"statsd": free_port(socket.SOCK_DGRAM), "telemetry": free_port()}
         last = start_agent(KILL_CONFIG.format(queue=queue, write_url=write_url, **ports), ports)
-        wait_for(
-            "the disk queue drained",
-            lambda: last.self_metric("headwater_exporter_disk_queue_records") == 0 or None,
+        wait_for_peer(
+            lambda: last.self_metric("headwater_exporter_disk_queue_records") == 0, "the disk queue drained"
         )
         for r in range(ROUNDS):
             assert prom.wait_value(f'crash_hits_total{{round="{r}"}}', EARLY) == EARLY
@@ -230,11 +223,11 @@ async def test_backend_503_for_a_while_then_back_loses_nothing_and_keeps_order(
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("prometheus_remote_write"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "prometheus_remote_write"),
-        logger=logging.getLogger("test.outage"),
+    settings = component_settings(
+        tel,
+        ComponentKind.EXPORTER,
+        "prometheus_remote_write",
+        logger="test.outage",
         shutdown_timeout_s=30.0,
     )
     retry = RetryConfig(initial_interval=0.05, max_interval=0.4, max_elapsed_time=1.0)
@@ -258,8 +251,10 @@ async def test_backend_503_for_a_while_then_back_loses_nothing_and_keeps_order(
                     (Point("outage.hits", Kind.SUM, (), t, value=1.0, start_time_unix_nano=t - 10**9),)
                 )
             )
+            # Not a wait: samples 0.1 s apart, so the outage lasts ~2 s of the exporter's retrying
+            # (its attempts bounded below) while samples keep coming.
             await asyncio.sleep(0.1)
-        await wait_async(lambda: tel.value("exporter_sent_points_total") >= batches)
+        await wait_until(lambda: tel.value("exporter_sent_points_total") >= batches, "every point sent", 60.0)
     finally:
         await exporter.shutdown()
         await runner.cleanup()
@@ -268,10 +263,3 @@ async def test_backend_503_for_a_while_then_back_loses_nothing_and_keeps_order(
     assert tel.value("exporter_dropped_points_total") == 0  # max_elapsed_time does not apply on disk
     # ~2 s of outage with a backoff capped at 0.4 s (jitter ±50 %): a few dozen attempts, not thousands.
     assert 2 <= outage_attempts <= 60
-
-
-async def wait_async(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.05)

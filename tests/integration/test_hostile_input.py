@@ -1,4 +1,4 @@
-"""Issue 10's hostile inputs against a real agent subprocess: the agent stays up, /healthz keeps
+"""Hostile inputs against a real agent subprocess: the agent stays up, /healthz keeps
 answering, RSS stays under memory_limiter's limit, the input is refused with its reason and a
 legitimate client's counts sent meanwhile all arrive.
 

@@ -3,8 +3,7 @@ endpoint; traces, logs and DogStatsD events → the otlp_http exporter → an in
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,8 +23,15 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from tests.conftest import free_port
 from tests.exporters.otlp_sink import Sink
-from tests.integration.conftest import AgentProcess, PrometheusServer, free_port, wait_for
+from tests.integration.conftest import (
+    AgentProcess,
+    PrometheusServer,
+    ThreadedOtlpSinks,
+    otlp_received,
+    wait_for_peer,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -62,39 +68,19 @@ service:
 """
 
 
-class SinkThread:
-    """The independent OTLP sink on its own event loop in a thread (the test body is synchronous)."""
-
-    def __init__(self) -> None:
-        self.sink = Sink()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.url = asyncio.run_coroutine_threadsafe(self.sink.start_http(), self.loop).result(30)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.sink.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-
-    def received(self, signal: str) -> list[Any]:
-        return [r.message for r in list(self.sink.received) if r.signal == signal]
-
-
 @pytest.fixture
-def sink() -> Iterator[SinkThread]:
-    s = SinkThread()
-    yield s
-    s.stop()
+def sink(otlp_sinks: ThreadedOtlpSinks) -> tuple[Sink, str]:
+    """The independent OTLP/HTTP sink the agent's otlp_http/sink exporter sends to, and its URL."""
+    return otlp_sinks.http()
 
 
 @pytest.fixture
 def agent(
-    prometheus: PrometheusServer, sink: SinkThread, start_agent: Callable[..., AgentProcess]
+    prometheus: PrometheusServer, sink: tuple[Sink, str], start_agent: Callable[..., AgentProcess]
 ) -> Iterator[AgentProcess]:
     ports = {k: free_port() for k in ("grpc", "http", "pull", "telemetry")}
-    ports["statsd"] = free_port()
-    config = CONFIG.format(write_url=prometheus.write_url, sink_url=sink.url, **ports)
+    ports["statsd"] = free_port(socket.SOCK_DGRAM)
+    config = CONFIG.format(write_url=prometheus.write_url, sink_url=sink[1], **ports)
     yield start_agent(config, ports)
 
 
@@ -152,7 +138,8 @@ def test_sdk_metrics_arrive_in_prometheus(agent: AgentProcess, prometheus: Prome
     assert agent.self_metric("headwater_receiver_refused_points_total") == 0
 
 
-def test_traces_logs_and_statsd_events_pass_through(agent: AgentProcess, sink: SinkThread) -> None:
+def test_traces_logs_and_statsd_events_pass_through(agent: AgentProcess, sink: tuple[Sink, str]) -> None:
+    otlp, _ = sink
     resource = Resource.create({"service.name": "checkout"})
     tracer_provider = TracerProvider(resource=resource)
     tracer_provider.add_span_processor(
@@ -180,27 +167,27 @@ def test_traces_logs_and_statsd_events_pass_through(agent: AgentProcess, sink: S
     dogstatsd.close_socket()
 
     def spans() -> list[Any] | None:
-        found = [s for m in sink.received("traces") for rs in m.resource_spans for ss in rs.scope_spans
+        found = [s for m in otlp_received(otlp, "traces") for rs in m.resource_spans for ss in rs.scope_spans
                  for s in ss.spans]  # fmt: skip
         return found if len(found) == 2 else None
 
-    names = {s.name: s for s in wait_for("2 spans at the sink", spans)}
+    names = {s.name: s for s in wait_for_peer(spans, "2 spans at the sink")}
     assert set(names) == {"checkout", "charge card"}
     assert int.from_bytes(names["checkout"].trace_id, "big") == trace_id
     assert names["charge card"].parent_span_id == names["checkout"].span_id
 
     def records() -> list[Any] | None:
-        found = [r for m in sink.received("logs") for rl in m.resource_logs for sl in rl.scope_logs
+        found = [r for m in otlp_received(otlp, "logs") for rl in m.resource_logs for sl in rl.scope_logs
                  for r in sl.log_records]  # fmt: skip
         return found if len(found) >= 3 else None
 
-    by_body = {r.body.string_value: r for r in wait_for("3 log records at the sink", records)}
+    by_body = {r.body.string_value: r for r in wait_for_peer(records, "3 log records at the sink")}
     assert set(by_body) == {"card declined", "v2 is out", "replica lag"}
     assert by_body["card declined"].severity_text == "WARN"
     assert by_body["replica lag"].severity_text == "ERROR"
     resources = [
         {kv.key: kv.value.string_value for kv in rl.resource.attributes}
-        for m in sink.received("logs")
+        for m in otlp_received(otlp, "logs")
         for rl in m.resource_logs
     ]
     assert any(r.get("service.name") == "checkout" for r in resources)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -25,7 +26,8 @@ from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation
 from opentelemetry.sdk.resources import Resource
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import AgentProcess, PrometheusServer, free_port, http_get, wait_for
+from tests.conftest import free_port
+from tests.integration.conftest import AgentProcess, PrometheusServer, http_get, wait_for_peer
 
 pytestmark = pytest.mark.integration
 
@@ -91,18 +93,6 @@ def exact(ms: np.ndarray, q: float) -> float:
     return float(np.quantile(ms, q, method="inverted_cdf"))
 
 
-def telemetry(agent: AgentProcess, name: str, **labels: str) -> float:
-    """Sum of the agent's self-metric ``name`` over samples carrying ``labels``."""
-    status, body = http_get(agent.url("telemetry", "/metrics"))
-    assert status == 200, body
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(body)
-        for s in fam.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 def send_statsd(agent: AgentProcess, name: str, ms: np.ndarray, sent_before: int) -> int:
     """Send ``ms`` as timers, 20 lines a packet; after every round wait until the receiver has
     accepted every line so far (no loss to a full socket buffer). Returns the lines sent in all."""
@@ -118,11 +108,11 @@ def send_statsd(agent: AgentProcess, name: str, ms: np.ndarray, sent_before: int
             sent += chunk.size
 
             def taken(want: int = sent) -> bool:
-                accepted = telemetry(agent, "headwater_receiver_accepted_points_total", receiver="statsd")
+                accepted = agent.self_metric("headwater_receiver_accepted_points_total", receiver="statsd")
                 assert accepted <= want, (accepted, want)
                 return accepted == want
 
-            wait_for(f"the statsd receiver to accept {sent} lines", taken)
+            wait_for_peer(taken, f"the statsd receiver to accept {sent} lines")
     finally:
         client.close()
     return sent
@@ -196,7 +186,8 @@ def prometheus_latest(
 
 @pytest.fixture
 def agent(prometheus: PrometheusServer, start_agent: Callable[..., AgentProcess]) -> Iterator[AgentProcess]:
-    ports = {"statsd": free_port(), "grpc": free_port(), "pull": free_port(), "telemetry": free_port()}
+    ports = {"statsd": free_port(socket.SOCK_DGRAM), "grpc": free_port(), "pull": free_port()}
+    ports["telemetry"] = free_port()
     yield start_agent(CONFIG.format(write_url=prometheus.write_url, **ports), ports)
 
 
@@ -225,7 +216,7 @@ def test_percentiles_within_one_percent_at_the_defaults(
         assert all(c is None or c <= N for c in counts), dict(zip(originals, counts, strict=True))
         return all(c == N for c in counts)
 
-    wait_for("every original distribution point in Prometheus", all_counted)
+    wait_for_peer(all_counted, "every original distribution point in Prometheus")
     data_in = time.time()
     # An emit stamped after data_in read the windows after all data was in them.
     want = {(f, f"{q:g}", w) for f in families for q in QUANTILES for w in WINDOWS}
@@ -235,7 +226,7 @@ def test_percentiles_within_one_percent_at_the_defaults(
         fresh = set(latest) == want and all(ts > data_in for ts, _ in latest.values())
         return latest if fresh else None
 
-    remote = wait_for("an emit after all data was in, in Prometheus", emitted_after)
+    remote = wait_for_peer(emitted_after, "an emit after all data was in, in Prometheus")
     read_at = min(ts for ts, _ in remote.values())
     if read_at - first_sent > 50.0:  # not an accuracy failure: the data has begun to leave the 1m window
         pytest.fail(f"the emit read came {read_at - first_sent:.0f}s after the first value was sent")

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.integration.conftest import AgentProcess, PrometheusServer, free_port, wait_for
+from tests.conftest import free_port
+from tests.integration.conftest import AgentProcess, PrometheusServer, wait_for_peer
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +113,7 @@ def test_the_four_processors_from_yaml(
         v = prometheus.value(expr)
         return v if v is not None and abs(v - expected_p99) <= 0.011 * expected_p99 else None
 
-    got = wait_for("p99 gauge in Prometheus", p99)
+    got = wait_for_peer(p99, "p99 gauge in Prometheus")
     assert got == pytest.approx(expected_p99, rel=0.011), (received, got)
     # The timer itself arrives too, with the tenant label.
     assert prometheus.wait_value('api_latency_seconds_count{tenant_id="team-a"}', 400.0) == 400.0
@@ -121,7 +122,7 @@ def test_the_four_processors_from_yaml(
         alerts = [a for b in webhook.bodies for a in b.get("alerts", []) if a.get("status") == "firing"]
         return alerts or None
 
-    (alert, *_) = wait_for("a firing webhook", firing)  # p99 ~0.2 s is over the 0.1 s warning level
+    (alert, *_) = wait_for_peer(firing, "a firing webhook")  # p99 ~0.2 s is over the 0.1 s warning level
     assert alert["labels"]["alertname"] == "api_latency_p99"
     assert any("text" in b for b in webhook.bodies)  # Slack-compatible
     assert agent.self_metric("headwater_alert_state") >= 1

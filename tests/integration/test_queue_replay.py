@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -24,14 +23,15 @@ from agent.diskqueue import Partition, partition_name
 from agent.diskqueue.replay import content_encoding, otlp_url, parse_partition_name
 from agent.model import Kind, LogBatch, MetricBatch, Point, SpanBatch, Temporality
 from agent.sending import QueueConfig, RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from agent.tls import ClientTLSConfig
 from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
 from exporters.otlp.grpc import OtlpGrpcExporter
 from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig, PrometheusRemoteWriteExporter
+from tests.conftest import component_settings, free_port
 from tests.exporters.otlp_sink import Answer, Sink
-from tests.integration.conftest import ROOT, PrometheusServer, free_port
+from tests.integration.conftest import ROOT, PrometheusServer
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +40,12 @@ S = 10**9
 
 
 def settings(type_: str, name: str = "") -> Settings:
-    return Settings(
-        id=ComponentId(type_, name),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(Telemetry(), "exporter", f"{type_}/{name}"),
-        logger=logging.getLogger(f"test.replay.{type_}"),
+    """Settings of the exporter ``type_/name``, reporting into a telemetry of its own."""
+    return component_settings(
+        Telemetry(),
+        ComponentKind.EXPORTER,
+        str(ComponentId(type_, name)),
+        logger=f"test.replay.{type_}",
         shutdown_timeout_s=0.3,
     )
 
@@ -177,7 +178,8 @@ async def test_remote_write_backlog_replays_into_prometheus(
     assert code == 0, out
     assert f"{name}: replayed 4 of 4 records, 4 points," in out
     assert "0 rejected (0 points), 0 failed" in out
-    prometheus.wait_value('jobs_done_total{queue="mail"}', 9.0)
+    # In a thread: wait_value polls Prometheus synchronously.
+    await asyncio.to_thread(prometheus.wait_value, 'jobs_done_total{queue="mail"}', 9.0)
     # Every sample arrived, in order: the running total went 3, 5, 9 without a reset.
     assert prometheus.value('min_over_time(jobs_done_total{queue="mail"}[15m])') == 3.0
     assert prometheus.value('count_over_time(jobs_done_total{queue="mail"}[15m])') == 3.0

@@ -11,6 +11,7 @@ decode what they get with the generated OTLP classes; the clients are aiohttp an
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,8 +27,8 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import wait_until
-from tests.integration.conftest import AgentProcess, free_port
+from tests.conftest import free_port, wait_until
+from tests.integration.conftest import AgentProcess
 
 CONFIG = """\
 receivers:
@@ -212,7 +213,8 @@ async def test_each_point_is_in_each_exporter_exactly_once_after_refusals_and_re
         "full": backends["full"].port,
     }
     backends["full"].refusing = True
-    agent = start_agent(CONFIG.format(**ports), ports)
+    # In a thread: start_agent waits (synchronously) for the agent process to be ready.
+    agent = await asyncio.to_thread(start_agent, CONFIG.format(**ports), ports)
     async with (
         aiohttp.ClientSession() as session,
         grpc.aio.insecure_channel(f"127.0.0.1:{ports['otlp_grpc']}") as channel,

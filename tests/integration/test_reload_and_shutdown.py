@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import statsd
 
-from tests.integration.conftest import AgentProcess, PrometheusServer, free_port, http_get, wait_for
+from tests.conftest import free_port
+from tests.integration.conftest import AgentProcess, PrometheusServer, free_tcp_udp_port, wait_for_peer
 
 pytestmark = pytest.mark.integration
 
@@ -83,33 +84,21 @@ def write_config(path: Path, **values: object) -> None:
     path.write_text(CONFIG.format(**values))
 
 
-def metric(agent: AgentProcess, name: str, **labels: str) -> float:
-    """Sum of the samples of a self-metric whose labels include ``labels`` (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    _, body = http_get(agent.url("telemetry", "/metrics"))
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(body)
-        for s in fam.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )
-
-
 def stable(agent: AgentProcess) -> tuple[float, float]:
     """(points queued, points dropped{queue_full}) once two reads a few flush intervals apart agree."""
     last: list[tuple[float, float]] = []
 
     def settled() -> tuple[float, float] | None:
         now = (
-            metric(agent, "headwater_exporter_queue_points"),
-            metric(agent, "headwater_exporter_dropped_points_total", reason="queue_full"),
+            agent.self_metric("headwater_exporter_queue_points"),
+            agent.self_metric("headwater_exporter_dropped_points_total", reason="queue_full"),
         )
         done = bool(last) and last[-1] == now
         last.append(now)
         return now if done else None
 
-    return wait_for("the self-metrics to settle", settled, every_s=0.5)
+    # Reads 0.5 s apart (five flush intervals): two that agree mean nothing moved in between.
+    return wait_for_peer(settled, "the self-metrics to settle", every_s=0.5)
 
 
 def final_drops(agent: AgentProcess) -> dict[str, int]:
@@ -130,7 +119,7 @@ def test_sigterm_with_the_backend_hung_or_gone_exits_within_the_deadline(
 ) -> None:
     for round_ in range(ROUNDS):
         gone = f"http://127.0.0.1:{free_port()}/api/v1/write"  # nothing listens: connection refused
-        ports = {"statsd": free_port(), "telemetry": free_port()}
+        ports = {"statsd": free_tcp_udp_port(), "telemetry": free_port()}
         agent = start_agent(
             CONFIG.format(
                 out=tmp_path / f"points-{round_}.jsonl",
@@ -182,7 +171,7 @@ def tcp_and_udp_load(port: int, stop: threading.Event, limit: int = 200_000) -> 
 def test_sighup_with_a_hung_backend_keeps_intake(
     tmp_path: Path, start_agent: Callable[..., AgentProcess], hung_backend: Callable[[], str]
 ) -> None:
-    ports = {"statsd": free_port(), "telemetry": free_port()}
+    ports = {"statsd": free_tcp_udp_port(), "telemetry": free_port()}
     out = tmp_path / "points.jsonl"
     values = {"out": out, "queue": "{queue_size: 100000}", "shutdown": 1, **ports}
     agent = start_agent(CONFIG.format(endpoint=hung_backend(), **values), ports)
@@ -191,14 +180,14 @@ def test_sighup_with_a_hung_backend_keeps_intake(
     loader = threading.Thread(target=lambda: result.update(tcp_and_udp_load(ports["statsd"], stop)))
     loader.start()
     try:
-        wait_for("load flowing", lambda: "tcp_load" in (out.read_text() if out.exists() else ""))
+        wait_for_peer(lambda: "tcp_load" in (out.read_text() if out.exists() else ""), "load flowing")
         write_config(agent.config_path, endpoint=hung_backend(), **values)  # a changed exporter
         agent.proc.send_signal(signal.SIGHUP)
-        wait_for("reloaded", lambda: "reloaded" in agent.logs())
+        wait_for_peer(lambda: "reloaded" in agent.logs(), "reloaded")
         before = agent.self_metric("headwater_receiver_accepted_points_total")
-        wait_for(
-            "load after the reload",
+        wait_for_peer(
             lambda: agent.self_metric("headwater_receiver_accepted_points_total") > before,
+            "load after the reload",
         )
     finally:
         stop.set()
@@ -210,7 +199,7 @@ def test_sighup_with_a_hung_backend_keeps_intake(
 
         return sum(p["value"] for p in map(json.loads, out.read_text().splitlines()) if p["name"] == name)
 
-    wait_for("every TCP line written", lambda: arrived("tcp_load") == result["tcp"])
+    wait_for_peer(lambda: arrived("tcp_load") == result["tcp"], "every TCP line written")
 
     # UDP: what the kernel dropped from a full receive buffer never reached the agent (counted apart);
     # every datagram it read was accepted and written.
@@ -218,7 +207,7 @@ def test_sighup_with_a_hung_backend_keeps_intake(
         dropped = agent.self_metric("headwater_receiver_udp_kernel_drops_total")
         return arrived("udp_load") + dropped == result["udp"]
 
-    wait_for("every UDP line read written", udp_accounted)
+    wait_for_peer(udp_accounted, "every UDP line read written")
     assert agent.self_metric("headwater_receiver_refused_points_total") == 0
     assert agent.self_metric("headwater_exporter_dropped_points_total") == 0
     assert agent.stop() == 0
@@ -232,18 +221,20 @@ def test_a_changed_endpoint_hands_the_queue_to_the_new_one(
     hung_backend: Callable[[], str],
     prometheus: PrometheusServer,
 ) -> None:
-    ports = {"statsd": free_port(), "telemetry": free_port()}
+    ports = {"statsd": free_tcp_udp_port(), "telemetry": free_port()}
     queue = "{queue_size: 1000}" if storage == "memory" else f"{{storage: disk, directory: {tmp_path / 'q'}}}"
     values = {"out": tmp_path / "points.jsonl", "queue": queue, "shutdown": 5, **ports}
     agent = start_agent(CONFIG.format(endpoint=hung_backend(), **values), ports)
     client = statsd.StatsClient("127.0.0.1", ports["statsd"])
     for i in range(300):
         client.incr(f"handoff.s{i % 30}")
-    wait_for("all accepted", lambda: agent.self_metric("headwater_receiver_accepted_points_total") == 300)
-    wait_for("queued", lambda: agent.self_metric("headwater_exporter_queue_size") > 0)
+    wait_for_peer(
+        lambda: agent.self_metric("headwater_receiver_accepted_points_total") == 300, "all accepted"
+    )
+    wait_for_peer(lambda: agent.self_metric("headwater_exporter_queue_size") > 0, "queued")
     write_config(agent.config_path, endpoint=prometheus.write_url, **values)
     agent.proc.send_signal(signal.SIGHUP)
-    wait_for("reloaded", lambda: "reloaded" in agent.logs())
+    wait_for_peer(lambda: "reloaded" in agent.logs(), "reloaded")
     prometheus.wait_value("sum(handoff_s0_total)", 10.0)
     prometheus.wait_value("sum(last_over_time({__name__=~'handoff_s.*_total'}[10m]))", 300.0)
     assert agent.self_metric("headwater_exporter_dropped_points_total") == 0

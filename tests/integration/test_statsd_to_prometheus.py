@@ -13,7 +13,14 @@ import statsd
 from datadog.dogstatsd import DogStatsd
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import AgentProcess, PrometheusServer, free_port, http_get, wait_for
+from tests.conftest import free_port
+from tests.integration.conftest import (
+    AgentProcess,
+    PrometheusServer,
+    free_tcp_udp_port,
+    http_get,
+    wait_for_peer,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +59,7 @@ def always_sample(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def agent(prometheus: PrometheusServer, start_agent: Callable[..., AgentProcess]) -> Iterator[AgentProcess]:
-    ports = {"statsd": free_port(), "pull": free_port(), "telemetry": free_port()}
+    ports = {"statsd": free_tcp_udp_port(), "pull": free_port(), "telemetry": free_port()}
     yield start_agent(CONFIG.format(write_url=prometheus.write_url, **ports), ports)
 
 
@@ -69,9 +76,9 @@ def pull_samples(agent: AgentProcess) -> dict[tuple[str, frozenset[tuple[str, st
 def wait_pull(agent: AgentProcess, name: str, labels: dict[str, str], expected: float) -> None:
     key = (name, frozenset(labels.items()))
     try:
-        wait_for(
-            f"{name}{labels} == {expected} on the pull endpoint",
+        wait_for_peer(
             lambda: abs(pull_samples(agent).get(key, float("nan")) - expected) < 1e-9,
+            f"{name}{labels} == {expected} on the pull endpoint",
         )
     except AssertionError:
         got = {k: v for k, v in pull_samples(agent).items() if k[0] == name}
@@ -181,15 +188,15 @@ def test_bad_lines_are_refused_and_counted_while_good_ones_count(
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(packet, ("127.0.0.1", agent.ports["statsd"]))
     prometheus.wait_value("good_total", 3)
-    wait_for(
-        "refused lines counted", lambda: agent.self_metric("headwater_receiver_refused_points_total") >= 5
+    wait_for_peer(
+        lambda: agent.self_metric("headwater_receiver_refused_points_total") >= 5, "refused lines counted"
     )
 
 
 def test_sigterm_flushes_and_exports_everything(
     prometheus: PrometheusServer, start_agent: Callable[..., AgentProcess]
 ) -> None:
-    ports = {"statsd": free_port(), "pull": free_port(), "telemetry": free_port()}
+    ports = {"statsd": free_tcp_udp_port(), "pull": free_port(), "telemetry": free_port()}
     config = CONFIG.format(write_url=prometheus.write_url, **ports).replace(
         "flush_interval: 1s", "flush_interval: 1h"
     )
@@ -200,7 +207,9 @@ def test_sigterm_flushes_and_exports_everything(
         client.incr("before_shutdown")
     client.close()
     # TCP delivery is in order and complete once the agent has read it; wait until it has been counted.
-    wait_for("lines received", lambda: agent.self_metric("headwater_receiver_accepted_points_total") >= 25)
+    wait_for_peer(
+        lambda: agent.self_metric("headwater_receiver_accepted_points_total") >= 25, "lines received"
+    )
     assert agent.stop(signal.SIGTERM) == 0, agent.logs()
     prometheus.wait_value("before_shutdown_total", 25)
     assert "stopped" in agent.logs()

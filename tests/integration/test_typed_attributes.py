@@ -7,8 +7,6 @@ labels the processors added (strings); the Prometheus pull page shows the same v
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -19,8 +17,9 @@ from opentelemetry.sdk.metrics import Counter, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
+from tests.conftest import free_port
 from tests.exporters.otlp_sink import Sink
-from tests.integration.conftest import AgentProcess, free_port, http_get, wait_for
+from tests.integration.conftest import AgentProcess, ThreadedOtlpSinks, http_get, wait_for_peer
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +39,7 @@ processors:
       - {{action: update, key: changed, value: "404"}}
 exporters:
   otlp/grpc:
-    endpoint: 127.0.0.1:{sink_grpc}
+    endpoint: {sink_grpc}
     tls: {{insecure: true}}
     resource_from_environment: false
     retry_on_failure: {{initial_interval: 100ms, max_interval: 1s}}
@@ -132,39 +131,6 @@ SCOPE_ATTRIBUTES: dict[str, tuple[Any, AnyValue]] = {
 }
 
 
-class Sinks:
-    """Two independent OTLP sinks (gRPC, HTTP) on their own event loop in a thread."""
-
-    def __init__(self) -> None:
-        self.grpc = Sink()
-        self.http = Sink()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.grpc_address = self._run(self.grpc.start_grpc())
-        self.http_url = self._run(self.http.start_http())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def stop(self) -> None:
-        try:
-            self._run(self.grpc.stop())
-            self._run(self.http.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-
-
-@pytest.fixture
-def sinks() -> Iterator[Sinks]:
-    s = Sinks()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
 def kinds(kvs: Any) -> dict[str, AnyValue]:
     return {kv.key: kv.value for kv in kvs}
 
@@ -175,12 +141,13 @@ def check(where: str, got: dict[str, AnyValue], expected: dict[str, AnyValue]) -
         assert got[key] == value, f"{where}: {key} arrived as {got[key]!r}, sent as {value!r}"
 
 
-def test_attribute_types_survive_otlp_to_otlp(start_agent: Callable[..., AgentProcess], sinks: Sinks) -> None:
+def test_attribute_types_survive_otlp_to_otlp(
+    start_agent: Callable[..., AgentProcess], otlp_sinks: ThreadedOtlpSinks
+) -> None:
+    grpc_sink, grpc_address = otlp_sinks.grpc()
+    http_sink, http_url = otlp_sinks.http()
     ports = {k: free_port() for k in ("grpc", "pull", "telemetry")}
-    agent = start_agent(
-        CONFIG.format(sink_grpc=sinks.grpc.port, sink_http=sinks.http_url, **ports),
-        ports,
-    )
+    agent = start_agent(CONFIG.format(sink_grpc=grpc_address, sink_http=http_url, **ports), ports)
     reader = PeriodicExportingMetricReader(
         OTLPMetricExporter(
             endpoint=f"127.0.0.1:{ports['grpc']}",
@@ -205,13 +172,13 @@ def test_attribute_types_survive_otlp_to_otlp(start_agent: Callable[..., AgentPr
     expected_point["changed"] = av(string_value="404")  # changed by a processor: the user's string
     expected_point["tenant_id"] = av(string_value="team-a")  # added by tenant
     expected_point["sample_rate"] = av(string_value="0.999999")  # added by sample
-    for name, sink in (("otlp", sinks.grpc), ("otlp_http", sinks.http)):
+    for name, sink in (("otlp", grpc_sink), ("otlp_http", http_sink)):
 
         def both(sink: Sink = sink) -> list[tuple[Any, Any, Any, Any]] | None:
             found = sink.metrics()
             return found if len(found) >= 2 else None
 
-        got = wait_for(f"both metrics at {name}", both)
+        got = wait_for_peer(both, f"both metrics at {name}")
         assert sorted(m.name for _, _, m, _ in got) == ["typed.requests", "typed.temperature"]
         for resource_pb, scope_pb, metric, dp in got:
             where = f"{name} {metric.name}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import socket
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -17,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import exphist
 from exporters.prometheus_series import DEFAULT_BUCKETS
-from tests.integration.conftest import AgentProcess, PrometheusServer, free_port, http_get, wait_for
+from tests.conftest import free_port
+from tests.integration.conftest import AgentProcess, PrometheusServer, http_get, wait_for_peer
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +63,7 @@ def always_sample(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def agent(prometheus: PrometheusServer, start_agent: Callable[..., AgentProcess]) -> Iterator[AgentProcess]:
-    ports = {"statsd": free_port(), "pull": free_port(), "telemetry": free_port()}
+    ports = {"statsd": free_port(socket.SOCK_DGRAM), "pull": free_port(), "telemetry": free_port()}
     yield start_agent(CONFIG.format(write_url=prometheus.write_url, layouts=LAYOUTS, **ports), ports)
 
 
@@ -122,7 +124,7 @@ def test_statsd_timers_give_whole_monotone_buckets_within_the_bound(
         done = lat and fast_h and lat[1] == expected_lat and fast_h[1] == expected_fast
         return h if done else None
 
-    first = wait_for("every timer on the pull page", both_complete)
+    first = wait_for_peer(both_complete, "every timer on the pull page")
     lat_buckets, lat_count = first["app_api_lat_seconds"]
     fast_buckets, fast_count = first["app_fast_op_seconds"]
     check_whole(lat_buckets, lat_count)
@@ -138,7 +140,7 @@ def test_statsd_timers_give_whole_monotone_buckets_within_the_bound(
     more = timings_ms(500, 10)
     send(agent, "api.lat", more, rate=RATE)
     expected_lat = exphist.whole_count(lat_total + 500 / RATE)
-    second = wait_for("the second round", both_complete)
+    second = wait_for_peer(both_complete, "the second round")
     later, later_count = second["app_api_lat_seconds"]
     check_whole(later, later_count)
     assert all(b >= a for (_, a), (_, b) in zip(lat_buckets, later, strict=True)), (lat_buckets, later)
