@@ -6,8 +6,6 @@ A new component type must add its stimulus here, or the test fails and says so.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -19,19 +17,16 @@ import pytest
 from aiohttp import web
 
 from agent import exphist
-from agent.component import ComponentId, ComponentKind, Factory, Settings, Signal, validate_config
+from agent.component import ComponentKind, Factory, Signal, validate_config
 from agent.model import Kind, MetricBatch, Point
 from agent.registry import builtin_factories
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
+from tests.conftest import LOOP_BLOCK_LIMIT_S, Sink, component_settings, free_port, wait_until
 from tests.exporters.otlp_sink import Sink as OtlpSink
 
+pytestmark = pytest.mark.loop_block_limit(LOOP_BLOCK_LIMIT_S)
+
 FACTORIES = builtin_factories()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sample_batch() -> MetricBatch:
@@ -46,41 +41,16 @@ def sample_batch() -> MetricBatch:
     )
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.batches: list[MetricBatch] = []
-
-    async def consume(self, batch: MetricBatch) -> None:
-        self.batches.append(batch)
-
-
-def settings_for(f: Factory, tel: Telemetry) -> Settings:
-    return Settings(
-        id=ComponentId(f.type),
-        kind=f.kind,
-        telemetry=ComponentTelemetry(tel, f.kind.value, f.type),
-        logger=logging.getLogger(f"contract.{f.type}"),
-        shutdown_timeout_s=5.0,
-    )
-
-
-async def wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.02)
-
-
 # -- per-type stimulus: (config for this test, drive the component, the self-metric that must move) --
 
 
-async def drive_statsd(component: Any, config: Any, sink: Collect) -> None:
+async def drive_statsd(component: Any, config: Any, sink: Sink) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(b"hits:1|c\nlat:5|ms\nbad", ("127.0.0.1", int(config.udp.rsplit(":", 1)[1])))
-    await wait_until(lambda: sum(len(b) for b in sink.batches) >= 2)
+    await wait_until(lambda: len(sink.points()) >= 2, "the two good lines flushed")
 
 
-async def drive_http(component: Any, config: Any, sink: Collect) -> None:
+async def drive_http(component: Any, config: Any, sink: Sink) -> None:
     import aiohttp
 
     url = f"http://{config.endpoint}/v1/metrics"
@@ -89,10 +59,10 @@ async def drive_http(component: Any, config: Any, sink: Collect) -> None:
         assert resp.status == 200
         answer = await resp.json()
     assert answer["accepted"] == 1 and answer["rejected"] == 1
-    assert sum(len(b) for b in sink.batches) == 1
+    assert len(sink.points()) == 1
 
 
-async def drive_otlp(component: Any, config: Any, sink: Collect) -> None:
+async def drive_otlp(component: Any, config: Any, sink: Sink) -> None:
     import aiohttp
     from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 
@@ -110,14 +80,14 @@ async def drive_otlp(component: Any, config: Any, sink: Collect) -> None:
         assert resp.status == 200
         answer = metrics_service_pb2.ExportMetricsServiceResponse.FromString(await resp.read())
     assert answer.partial_success.rejected_data_points == 1
-    assert [p.name for b in sink.batches for p in b.points] == ["hits"]
+    assert [p.name for p in sink.points()] == ["hits"]
 
 
-async def drive_exporter(component: Any, config: Any, sink: Collect) -> None:
+async def drive_exporter(component: Any, config: Any, sink: Sink) -> None:
     await component.consume(sample_batch())
 
 
-async def drive_processor(component: Any, config: Any, sink: Collect) -> None:
+async def drive_processor(component: Any, config: Any, sink: Sink) -> None:
     """A processor takes the sample batch; what it passes on depends on the processor."""
     await component.consume(sample_batch())
 
@@ -126,7 +96,7 @@ class RemoteWriteSink:
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
         self.runner: web.AppRunner | None = None
-        self.port = free_port()
+        self.port = 0
 
     async def start(self) -> None:
         async def handle(request: web.Request) -> web.Response:
@@ -137,7 +107,9 @@ class RemoteWriteSink:
         app.router.add_post("/api/v1/write", handle)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         assert self.runner is not None
@@ -165,7 +137,7 @@ class Peers:
 R, P, E = ComponentKind.RECEIVER.value, ComponentKind.PROCESSOR.value, ComponentKind.EXPORTER.value
 PROCESSED = "headwater_processor_incoming_points_total"
 STIMULUS: dict[
-    tuple[str, str], tuple[Callable[[Any, Peers], Any], Callable[[Any, Any, Collect], Awaitable[None]], str]
+    tuple[str, str], tuple[Callable[[Any, Peers], Any], Callable[[Any, Any, Sink], Awaitable[None]], str]
 ] = {
     (R, "statsd"): (
         lambda cfg, _: replace(cfg, udp=f"127.0.0.1:{free_port()}", flush_interval=0.1),
@@ -242,8 +214,11 @@ async def test_lifecycle_and_self_metrics(key: tuple[str, str], capsys: pytest.C
     try:
         config = make_config(f.config_class(), peers)
         assert validate_config(config) == []
-        sink = Collect()
-        settings = settings_for(f, tel)
+        sink = Sink()
+        settings = component_settings(
+            tel, f.kind, f.type, logger=f"contract.{f.type}", shutdown_timeout_s=5.0
+        )
+
         def create() -> Any:
             if f.kind is ComponentKind.RECEIVER:
                 return f.create(settings, config, {Signal.METRICS: sink})
