@@ -165,40 +165,44 @@ def test_attribute_types_survive_otlp_to_otlp(
         meter.create_counter("typed.requests").add(3, {k: v for k, (v, _) in POINT_ATTRIBUTES.items()})
         meter.create_gauge("typed.temperature").set(21.5, {k: v for k, (v, _) in POINT_ATTRIBUTES.items()})
         assert reader.force_flush()
+
+        expected_point = {k: v for k, (_, v) in POINT_ATTRIBUTES.items()}
+        expected_point["changed"] = av(string_value="404")  # changed by a processor: the user's string
+        expected_point["tenant_id"] = av(string_value="team-a")  # added by tenant
+        expected_point["sample_rate"] = av(string_value="0.999999")  # added by sample
+        for name, sink in (("otlp", grpc_sink), ("otlp_http", http_sink)):
+
+            def both(sink: Sink = sink) -> list[tuple[Any, Any, Any, Any]] | None:
+                found = sink.metrics()
+                return found if len(found) >= 2 else None
+
+            got = wait_for_peer(both, f"both metrics at {name}")
+            assert sorted(m.name for _, _, m, _ in got) == ["typed.requests", "typed.temperature"]
+            for resource_pb, scope_pb, metric, dp in got:
+                where = f"{name} {metric.name}"
+                check(f"{where} point", kinds(dp.attributes), expected_point)
+                assert len(dp.attributes) == len(expected_point), f"{where}: {sorted(kinds(dp.attributes))}"
+                check(
+                    f"{where} resource",
+                    kinds(resource_pb.attributes),
+                    {k: v for k, (_, v) in RESOURCE_ATTRIBUTES.items()},
+                )
+                check(
+                    f"{where} scope",
+                    kinds(scope_pb.attributes),
+                    {k: v for k, (_, v) in SCOPE_ATTRIBUTES.items()},
+                )
+                assert (scope_pb.name, scope_pb.version) == ("typed.scope", "1.0")
+
+        # The Prometheus edge writes the same values as text (the receiver's rendering).
+        _, page = http_get(agent.url("pull", "/metrics"))
+        line = next(line for line in page.splitlines() if line.startswith("typed_temperature{"))
+        for text in ('int="200"', 'double="1.5"', 'bool="true"', 'bytes="AP8="', 'arr_int="[1,-2]"'):
+            assert text in line, f"{text} not in {line}"
+        assert 'kvlist="{\\"k\\":7,\\"s\\":\\"v\\"}"' in line, line
+        assert 'changed="404"' in line
+        assert agent.self_metric("headwater_receiver_refused_points_total") == 0
     finally:
+        # Only after the checks: shutdown exports the (cumulative) gauge once more, and the checks
+        # count what the one force_flush sent.
         provider.shutdown()
-
-    expected_point = {k: v for k, (_, v) in POINT_ATTRIBUTES.items()}
-    expected_point["changed"] = av(string_value="404")  # changed by a processor: the user's string
-    expected_point["tenant_id"] = av(string_value="team-a")  # added by tenant
-    expected_point["sample_rate"] = av(string_value="0.999999")  # added by sample
-    for name, sink in (("otlp", grpc_sink), ("otlp_http", http_sink)):
-
-        def both(sink: Sink = sink) -> list[tuple[Any, Any, Any, Any]] | None:
-            found = sink.metrics()
-            return found if len(found) >= 2 else None
-
-        got = wait_for_peer(both, f"both metrics at {name}")
-        assert sorted(m.name for _, _, m, _ in got) == ["typed.requests", "typed.temperature"]
-        for resource_pb, scope_pb, metric, dp in got:
-            where = f"{name} {metric.name}"
-            check(f"{where} point", kinds(dp.attributes), expected_point)
-            assert len(dp.attributes) == len(expected_point), f"{where}: {sorted(kinds(dp.attributes))}"
-            check(
-                f"{where} resource",
-                kinds(resource_pb.attributes),
-                {k: v for k, (_, v) in RESOURCE_ATTRIBUTES.items()},
-            )
-            check(
-                f"{where} scope", kinds(scope_pb.attributes), {k: v for k, (_, v) in SCOPE_ATTRIBUTES.items()}
-            )
-            assert (scope_pb.name, scope_pb.version) == ("typed.scope", "1.0")
-
-    # The Prometheus edge writes the same values as text (the receiver's rendering).
-    _, page = http_get(agent.url("pull", "/metrics"))
-    line = next(line for line in page.splitlines() if line.startswith("typed_temperature{"))
-    for text in ('int="200"', 'double="1.5"', 'bool="true"', 'bytes="AP8="', 'arr_int="[1,-2]"'):
-        assert text in line, f"{text} not in {line}"
-    assert 'kvlist="{\\"k\\":7,\\"s\\":\\"v\\"}"' in line, line
-    assert 'changed="404"' in line
-    assert agent.self_metric("headwater_receiver_refused_points_total") == 0
