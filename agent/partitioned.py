@@ -6,17 +6,23 @@ An exporter supplies how a request is sent for a key (``send(request, tenant)``,
 its own queue); this module creates a key's sender on first use and starts it, caps how many there are,
 reopens the backlogs a previous run left on disk, and stops them all together (concurrently: every
 partition drains within the same deadline, a stuck one does not eat the others').
+
+With ``full_policy: block``, given how to find the keys a batch names (``keys_of``), it registers one
+admission check (:meth:`PartitionedSender.refusal`, in the exporter's ``Settings.admission``): a batch
+is refused whole when the queue of any key it names is full — before any key's queue took its part —
+and batches naming only other keys still pass. (The default sender registers its own check.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
-from agent.component import Settings
+from agent.component import Backpressure, Settings
 from agent.diskqueue import DiskQueue
+from agent.model import Batch
 from agent.sending import QueueConfig, Request, RetryConfig, Sender, drop_unroutable
 
 
@@ -40,8 +46,11 @@ class PartitionedSender:
         *,
         max_partitions: int,
         fifo: bool = True,
+        keys_of: Callable[[Batch], Iterable[str | None]] | None = None,
     ) -> None:
-        """``max_partitions``: keys with their own sender at most; :meth:`get` answers None beyond."""
+        """``max_partitions``: keys with their own sender at most; :meth:`get` answers None beyond.
+        ``keys_of``: the key of each item of a batch (None: the default sender's), lazily and without
+        taking anything; with ``full_policy: block`` it makes :meth:`refusal` an admission check."""
         self._settings = settings
         self._send = send
         self._queue = queue
@@ -57,6 +66,9 @@ class PartitionedSender:
         sender is half-started when they stop."""
         self._sync_hooks: list[Callable[[], None]] = []
         self._closing = False
+        self._keys_of = keys_of
+        if keys_of is not None and queue.full_policy == "block":
+            settings.admission.add(self.refusal)
 
     @property
     def closing(self) -> bool:
@@ -66,6 +78,22 @@ class PartitionedSender:
     def stop_opening(self) -> None:
         """From now on :meth:`get` opens no partition (shutdown has begun)."""
         self._closing = True
+
+    def refusal(self, batch: Batch) -> Backpressure | None:
+        """The refusal of the first full key's queue that ``batch`` names, or None; takes nothing. Asks
+        every key's sender (a few calls per key), and reads the batch's keys only when one is full —
+        then as far as the first item of a full key."""
+        full: dict[str, Backpressure] = {}
+        for key, sender in self._senders.items():
+            refused = sender.refusal(batch)
+            if refused is not None:
+                full[key] = refused
+        if not full or self._keys_of is None:
+            return None
+        for named in self._keys_of(batch):
+            if named is not None and named in full:
+                return full[named]
+        return None
 
     async def start(self) -> None:
         """Start the default sender (a disk queue takes its directory's lock here, or fails)."""
@@ -121,6 +149,7 @@ class PartitionedSender:
     async def shutdown(self, timeout_s: float) -> None:
         """Stop every sender, draining each until ``timeout_s`` (concurrently)."""
         self._closing = True
+        self._settings.admission.remove(self.refusal)
         async with self._lock:
             senders = [self.default, *self._senders.values()]
         await asyncio.gather(*(s.shutdown(timeout_s) for s in senders))
@@ -129,6 +158,7 @@ class PartitionedSender:
         """Stop without draining (a reload replaces the exporter) and return the queued requests by key
         (None: the default sender's), for :meth:`adopt` of the successor."""
         self._closing = True
+        self._settings.admission.remove(self.refusal)
         async with self._lock:
             senders: dict[str | None, Sender] = {None: self.default}
             senders.update(self._senders)

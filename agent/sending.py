@@ -218,8 +218,8 @@ class Sender:
         self._largest = 0
         """Disk: the largest request offered so far, the room a batch needs to be admitted."""
         if tenant is None and queue.full_policy == "block":
-            # A tenant's queue stays out: one tenant's full queue must not refuse the other tenants'
-            # data, so it still refuses its own part of a batch when it comes to it.
+            # A tenant's queue is asked by its exporter's one check (agent.partitioned), for the
+            # batches that name the tenant: a full one must not refuse the other tenants' data.
             settings.admission.add(self.refusal)
         tel = settings.telemetry
         self._sent = tel.sent()
@@ -320,7 +320,7 @@ class Sender:
             return
         policy = self._queue_cfg.full_policy
         if len(self._items) >= self._queue_cfg.queue_size and not (
-            policy == "block" and self._tenant is None and admitted()
+            policy == "block" and admitted()
         ):
             if policy == "block":
                 raise Backpressure("queue_full")

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch, Temporal
 from agent.partitioned import PartitionedSender
 from agent.sending import Request, Sender
 from agent.slicing import slices
-from agent.tenancy import group_by_tenant
+from agent.tenancy import group_by_tenant, point_tenants
 from agent.version import VERSION
 from exporters.otlp import passthrough, resource
 from exporters.otlp.config import AnyConfig
@@ -105,6 +105,7 @@ class _OtlpExporter(abc.ABC):
             config.timeout,
             max_partitions=config.tenant.max_tenants if config.tenant and config.tenant.header else 0,
             fifo=False,
+            keys_of=self._batch_tenants if config.tenant and config.tenant.header else None,
         )
         """The default sender and, with a tenant header, one per tenant (on its first batch, or at
         start for a tenant with a backlog on disk)."""
@@ -238,36 +239,50 @@ class _OtlpExporter(abc.ABC):
             return self._static
         return {**self._static, route.resource_attribute: tenant}
 
-    def _checked(self, tenant: str, refused: dict[str, int], n: int) -> str | None:
-        """``tenant`` if valid ("" → the default or None); an invalid one is refused and counted."""
+    def _message_tenants(
+        self, messages: Iterable[Any], context: Mapping[str, str]
+    ) -> Iterator[tuple[str | None, str]]:
+        """Each resource message's (tenant, refusal) by its resource attribute, else the context's."""
         route = self._route
         assert route is not None
-        resolved, refusal = route.resolve(tenant)
-        if refusal:
-            refused[refusal] = refused.get(refusal, 0) + n
-            return ""
-        return resolved
+        context_tenant = context.get("tenant", "")
+        attribute = route.resource_attribute
+        for message in messages:
+            tenant = ""
+            if attribute:
+                for kv in message.resource.attributes:
+                    if kv.key == attribute:
+                        tenant = kv.value.string_value
+                        break
+            yield route.resolve(tenant or context_tenant)
 
     def _group_messages(
         self, messages: tuple[Any, ...], context: Mapping[str, str]
     ) -> dict[str | None, list[Any]]:
-        route = self._route
-        assert route is not None
-        context_tenant = context.get("tenant", "")
         groups: dict[str | None, list[Any]] = {}
         refused: dict[str, int] = {}
-        for message in messages:
-            tenant = ""
-            if route.resource_attribute:
-                for kv in message.resource.attributes:
-                    if kv.key == route.resource_attribute:
-                        tenant = kv.value.string_value
-                        break
-            checked = self._checked(tenant or context_tenant, refused, 1)
-            if checked != "":
-                groups.setdefault(checked, []).append(message)
+        for message, (tenant, refusal) in zip(
+            messages, self._message_tenants(messages, context), strict=True
+        ):
+            if refusal:
+                refused[refusal] = refused.get(refusal, 0) + 1
+            else:
+                groups.setdefault(tenant, []).append(message)
         self._count_dropped(refused)
         return groups
+
+    def _batch_tenants(self, batch: Batch) -> Iterator[str | None]:
+        """The tenant of each point or resource message of ``batch``, lazily (the admission check)."""
+        route = self._route
+        assert route is not None
+        if isinstance(batch, MetricBatch):
+            context_tenant = batch.context.get("tenant", "")
+            found = point_tenants(route, batch.points, context_tenant, route.resource_attribute)
+        elif isinstance(batch, SpanBatch):
+            found = self._message_tenants(batch.resource_spans, batch.context)
+        else:
+            found = self._message_tenants(batch.resource_logs, batch.context)
+        return (tenant for tenant, _ in found)
 
     def _count_dropped(self, refused: dict[str, int]) -> None:
         for reason, n in refused.items():

@@ -36,6 +36,7 @@ import re
 import ssl
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -59,11 +60,11 @@ from agent.component import (
 from agent.confmodel import Duration
 from agent.diskqueue import partition_name
 from agent.exphist import whole, whole_count
-from agent.model import MetricBatch, Point
+from agent.model import Batch, MetricBatch, Point
 from agent.partitioned import PartitionedSender
 from agent.sending import Request, Sender, retry_after_s
 from agent.slicing import slices
-from agent.tenancy import TenantRoutingConfig, group_by_tenant, tenant_problem
+from agent.tenancy import TenantRoutingConfig, group_by_tenant, point_tenants, tenant_problem
 from agent.tls import ClientTLSConfig
 from agent.version import USER_AGENT
 from exporters.prometheus_remote_write import wire
@@ -222,6 +223,7 @@ class PrometheusRemoteWriteExporter:
             config.retry_on_failure,
             config.timeout,
             max_partitions=config.tenant.max_tenants if config.tenant else 0,
+            keys_of=self._batch_tenants if config.tenant else None,
         )
         """The default sender and, with routing, one per tenant (on its first batch, or at start for a
         tenant with a backlog on disk), kept until shutdown."""
@@ -436,6 +438,13 @@ class PrometheusRemoteWriteExporter:
         ]
 
     # -- tenants -------------------------------------------------------------------------------------
+    def _batch_tenants(self, batch: Batch) -> Iterator[str | None]:
+        """The tenant of each point of ``batch``, lazily (the admission check)."""
+        route = self._route
+        assert route is not None and isinstance(batch, MetricBatch)
+        context_tenant = batch.context.get("tenant", "")
+        return (tenant for tenant, _ in point_tenants(route, batch.points, context_tenant))
+
     async def _route_points(
         self, batch: MetricBatch
     ) -> tuple[list[Point], list[str | None], dict[str | None, Sender]]:
@@ -483,10 +492,11 @@ class PrometheusRemoteWriteExporter:
         async with self._applying:
             token = None
             if not admitted():
-                # Not asked by a fan-out (or the queue filled while this batch waited for the lock):
-                # ask here, before any series changes — a refused batch must leave the counters as
-                # they were, or the client's resend would count it twice — and then take it whole.
-                refused = self._sender.refusal(batch)
+                # Not asked by a fan-out (or a queue filled while this batch waited for the lock):
+                # ask the queues here (the tenants' too), before any series changes — a refused
+                # batch must leave the counters as they were, or the client's resend would count it
+                # twice — and then take it whole.
+                refused = self._sender.refusal(batch) or self._partitions.refusal(batch)
                 if refused is not None:
                     raise refused
                 token = admit()
@@ -506,7 +516,7 @@ class PrometheusRemoteWriteExporter:
             for sender in touched:
                 await sender.commit()
         if blocked:
-            # A tenant's full queue (full_policy: block) refuses the batch — after the other tenants'
+            # A tenant's disk queue refused its part (full_policy: block) — after the other tenants'
             # requests were queued, so that one tenant's outage never stops the others.
             raise blocked[0]
 
@@ -514,12 +524,12 @@ class PrometheusRemoteWriteExporter:
         """Update the series, record them in the journal and offer the batch's requests: (the senders
         offered to, the refusals of tenants' full queues).
 
-        Before the first point of each request, its sender is asked whether it would refuse it
-        (``Sender.refusal``): the points of a request it refuses then change no series — a tenant's
-        are left out of this batch, the default sender's refuse it — so the client's resend counts
-        them once. The default memory queue is not asked here: it takes an admitted batch whole. What
-        no check foresees (a disk queue's request larger than any before, a full disk) can still be
-        refused at the offer, after that request's series changed."""
+        The batch was admitted (:meth:`consume`): every queue of a tenant it names had room, and a
+        memory queue takes it whole. A disk queue is asked again before the first point of each
+        request (``Sender.refusal``: the request may be larger than any before): the points of a
+        request it refuses then change no series — a tenant's are left out of this batch, the default
+        queue's refuse it — so the client's resend counts them once. What no check foresees (a full
+        disk) can still be refused at the offer, after that request's series changed."""
         if self._route is None:
             points: list[Point] | tuple[Point, ...] = batch.points
             tenants: list[str | None] | None = None
@@ -546,7 +556,7 @@ class PrometheusRemoteWriteExporter:
                     # The first point of a request: ask its sender before any series changes.
                     if tenant in refusing:
                         continue
-                    if tenant is not None or disk:
+                    if disk:
                         refused = senders[tenant].refusal(batch)
                         if refused is not None:
                             if self._route is None:
