@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent.cli import main
 from agent.registry import builtin_factories
-from tests.integration.conftest import ROOT, free_port, http_get, wait_for
+from tests.integration.conftest import ROOT, free_tcp_udp_port, http_get, wait_for_peer
 
 CONFIG = """\
 receivers:
@@ -66,14 +66,14 @@ def test_validate_checks_ports(tmp_path: Path, capsys) -> None:  # type: ignore[
         busy.bind(("127.0.0.1", 0))
         port = busy.getsockname()[1]
         cfg = tmp_path / "c.yaml"
-        cfg.write_text(CONFIG.format(statsd=port, out=tmp_path / "o", telemetry=free_port()))
+        cfg.write_text(CONFIG.format(statsd=port, out=tmp_path / "o", telemetry=free_tcp_udp_port()))
         assert main(["validate", "-c", str(cfg)]) == 2
         assert f"receivers::statsd::udp: cannot bind udp 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["validate", "-c", str(cfg)]) == 0
 
 
 def test_run_admin_endpoints_and_sigterm(tmp_path: Path) -> None:
-    ports = {"statsd": free_port(), "telemetry": free_port()}
+    ports = {"statsd": free_tcp_udp_port(), "telemetry": free_tcp_udp_port()}
     out = tmp_path / "points.jsonl"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIG.format(out=out, **ports))
@@ -84,11 +84,11 @@ def test_run_admin_endpoints_and_sigterm(tmp_path: Path) -> None:
     )
     try:
         base = f"http://127.0.0.1:{ports['telemetry']}"
-        wait_for("ready", lambda: http_get(base + "/readyz")[0] == 200)
+        wait_for_peer(lambda: http_get(base + "/readyz")[0] == 200, "ready")
         assert http_get(base + "/healthz") == (200, "ok\n")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"cli.hits:4|c|#k:v", ("127.0.0.1", ports["statsd"]))
-        wait_for("debug output", lambda: out.exists() and "cli.hits" in out.read_text())
+        wait_for_peer(lambda: out.exists() and "cli.hits" in out.read_text(), "debug output")
         line = json.loads(out.read_text().splitlines()[0])
         assert line["name"] == "cli.hits" and line["value"] == 4 and line["labels"] == {"k": "v"}
         status = json.loads(http_get(base + "/status")[1])
@@ -113,7 +113,9 @@ def test_run_fails_cleanly_when_port_is_taken(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cfg = tmp_path / "c.yaml"
-        cfg.write_text(CONFIG.format(statsd=free_port(), out=tmp_path / "o", telemetry=busy.getsockname()[1]))
+        cfg.write_text(
+            CONFIG.format(statsd=free_tcp_udp_port(), out=tmp_path / "o", telemetry=busy.getsockname()[1])
+        )
         started = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "-m", "agent", "run", "-c", str(cfg)], cwd=ROOT, capture_output=True, timeout=60
@@ -162,8 +164,8 @@ def test_every_registry_row_names_its_factory() -> None:
 
 
 def test_sighup_refuses_a_bad_config_and_applies_a_good_one(tmp_path: Path) -> None:
-    telemetry = free_port()
-    first, second = free_port(), free_port()
+    telemetry = free_tcp_udp_port()
+    first, second = free_tcp_udp_port(), free_tcp_udp_port()
     out = tmp_path / "points.jsonl"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIG.format(statsd=first, out=out, telemetry=telemetry))
@@ -176,22 +178,24 @@ def test_sighup_refuses_a_bad_config_and_applies_a_good_one(tmp_path: Path) -> N
         )
     base = f"http://127.0.0.1:{telemetry}"
     try:
-        wait_for("ready", lambda: http_get(base + "/readyz")[0] == 200)
+        wait_for_peer(lambda: http_get(base + "/readyz")[0] == 200, "ready")
         cfg.write_text(CONFIG.format(statsd=second, out=out, telemetry=telemetry).replace("udp:", "udpp:"))
         proc.send_signal(signal.SIGHUP)
-        wait_for("the bad config refused", lambda: "reload refused" in log.read_text())
+        wait_for_peer(lambda: "reload refused" in log.read_text(), "the bad config refused")
         assert "receivers::statsd::udpp" in log.read_text()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"before.reload:1|c", ("127.0.0.1", first))  # the old config still runs
-        wait_for("the old pipeline still flows", lambda: out.exists() and "before.reload" in out.read_text())
+        wait_for_peer(
+            lambda: out.exists() and "before.reload" in out.read_text(), "the old pipeline still flows"
+        )
 
         cfg.write_text(CONFIG.format(statsd=second, out=out, telemetry=telemetry))
         proc.send_signal(signal.SIGHUP)
-        wait_for("reloaded", lambda: "reloaded" in log.read_text())
-        wait_for("ready again", lambda: http_get(base + "/readyz")[0] == 200)
+        wait_for_peer(lambda: "reloaded" in log.read_text(), "reloaded")
+        wait_for_peer(lambda: http_get(base + "/readyz")[0] == 200, "ready again")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"after.reload:1|c", ("127.0.0.1", second))  # the new statsd port
-        wait_for("the new pipeline flows", lambda: "after.reload" in out.read_text())
+        wait_for_peer(lambda: "after.reload" in out.read_text(), "the new pipeline flows")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
@@ -203,7 +207,7 @@ def test_sighup_refuses_a_bad_config_and_applies_a_good_one(tmp_path: Path) -> N
 def test_run_raises_the_open_file_limit_and_reports_accept_errors(tmp_path: Path) -> None:
     import resource
 
-    telemetry, statsd = free_port(), free_port()
+    telemetry, statsd = free_tcp_udp_port(), free_tcp_udp_port()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIG.format(statsd=statsd, out=tmp_path / "points.jsonl", telemetry=telemetry))
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -220,7 +224,7 @@ def test_run_raises_the_open_file_limit_and_reports_accept_errors(tmp_path: Path
     )
     base = f"http://127.0.0.1:{telemetry}"
     try:
-        wait_for("ready", lambda: http_get(base + "/readyz")[0] == 200)
+        wait_for_peer(lambda: http_get(base + "/readyz")[0] == 200, "ready")
         limits = Path(f"/proc/{proc.pid}/limits").read_text()
         (line,) = [x for x in limits.splitlines() if x.startswith("Max open files")]
         assert line.split()[3] == str(hard)  # the soft limit, raised to the hard one

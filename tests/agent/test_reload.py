@@ -20,7 +20,7 @@ from agent.config import AgentConfig, load_config
 from agent.registry import builtin_factories
 from agent.service import Agent
 from tests.conftest import wait_until
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_tcp_udp_port
 
 CONFIG = """\
 receivers:
@@ -57,7 +57,12 @@ class Setup:
     def __init__(self, tmp_path: Path, backend: int) -> None:
         self.path = tmp_path / "agent.yaml"
         self.out = tmp_path / "points.jsonl"
-        self.values = {"statsd": free_port(), "out": self.out, "backend": backend, "batch_timeout": "50ms"}
+        self.values = {
+            "statsd": free_tcp_udp_port(),
+            "out": self.out,
+            "backend": backend,
+            "batch_timeout": "50ms",
+        }
 
     def write(self, **changes: Any) -> AgentConfig:
         self.values.update(changes)
@@ -137,7 +142,7 @@ async def test_a_changed_receiver_restarts_on_its_new_address(
     try:
         old_port = setup.values["statsd"]
         debug = instance(agent, DEBUG)
-        assert await agent.reload(setup.write(statsd=free_port()))
+        assert await agent.reload(setup.write(statsd=free_tcp_udp_port()))
         assert instance(agent, DEBUG) is debug
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the old socket is closed
             assert s.connect_ex(("127.0.0.1", old_port)) != 0
@@ -298,7 +303,7 @@ async def test_a_retired_component_leaves_no_gauge_behind(
     text = setup.path.read_text()
     with_http = text.replace(
         "processors:\n",
-        f"  http:\n    endpoint: 127.0.0.1:{free_port()}\nprocessors:\n  percentiles: {{}}\n",
+        f"  http:\n    endpoint: 127.0.0.1:{free_tcp_udp_port()}\nprocessors:\n  percentiles: {{}}\n",
     ).replace(
         "      receivers: [statsd]\n      processors: [batch]",
         "      receivers: [statsd, http]\n      processors: [percentiles, batch]",

@@ -9,7 +9,7 @@ import pytest
 
 from agent.cli import main
 from agent.selftest import Selftest, SelftestOptions, otlp_gauge_request
-from tests.integration.conftest import ROOT, AgentProcess, free_port, start_agent
+from tests.integration.conftest import ROOT, AgentProcess, free_tcp_udp_port, start_agent
 
 __all__ = ["start_agent"]  # the fixture, imported so that pytest finds it here
 
@@ -35,7 +35,7 @@ service:
 
 
 def _agent(start_agent, with_otlp: bool) -> AgentProcess:  # type: ignore[no-untyped-def]
-    ports = {name: free_port() for name in ("statsd", "otlp_http", "prometheus", "telemetry")}
+    ports = {name: free_tcp_udp_port() for name in ("statsd", "otlp_http", "prometheus", "telemetry")}
     otlp = f"  otlp:\n    grpc: null\n    http: 127.0.0.1:{ports['otlp_http']}\n" if with_otlp else ""
     config = CONFIG.format(otlp=otlp, receivers="statsd, otlp" if with_otlp else "statsd", **ports)
     return start_agent(config, ports)  # type: ignore[no-any-return]
@@ -96,7 +96,7 @@ def test_selftest_names_what_did_not_arrive(start_agent) -> None:  # type: ignor
 
 
 def test_selftest_without_an_agent_fails_on_readiness(capsys) -> None:  # type: ignore[no-untyped-def]
-    telemetry = free_port()
+    telemetry = free_tcp_udp_port()
     code = main(["selftest", "--target", "127.0.0.1", "--telemetry-port", str(telemetry), "--timeout", "1s"])
     out = capsys.readouterr().out
     assert code == 1
@@ -129,7 +129,7 @@ def test_selftest_gives_up_at_the_deadline_with_a_fake_clock() -> None:
     def sleep(s: float) -> None:
         now[0] += max(s, 0.5)
 
-    closed = free_port()
+    closed = free_tcp_udp_port()
     opts = SelftestOptions(
         target="127.0.0.1",
         statsd_port=0,

@@ -16,7 +16,7 @@ from agent import exphist
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Resource, Summary, Temporality
 from exporters.prometheus_series import SeriesStore, job_labels, prom_labels, safe_value
 from tests.exporters.test_prometheus import make, now, samples
-from tests.integration.conftest import free_port, launch_prometheus, wait_for
+from tests.integration.conftest import free_tcp_udp_port, launch_prometheus, wait_for_peer
 
 RAW_TO_TEXT = {
     "nul\x00": "nul\\x00",
@@ -114,7 +114,7 @@ async def test_promtool_parses_the_page(tmp_path: Path) -> None:
 async def test_a_real_prometheus_scrapes_the_page(tmp_path: Path) -> None:
     exp, _, cfg = make()
     await exp.start()
-    server = launch_prometheus(tmp_path / "prometheus", free_port())
+    server = launch_prometheus(tmp_path / "prometheus", free_tcp_udp_port())
     try:
         await exp.consume(hostile_batch())
         config = tmp_path / "prometheus" / "prometheus.yml"
@@ -132,7 +132,7 @@ async def test_a_real_prometheus_scrapes_the_page(tmp_path: Path) -> None:
 
         # The test's loop must keep serving the page while Prometheus scrapes it: poll from a thread.
         await asyncio.to_thread(server.wait_value, 'up{job="headwater"}', 1.0)
-        stored = await asyncio.to_thread(wait_for, "every series scraped", scraped)
+        stored = await asyncio.to_thread(wait_for_peer, scraped, "every series scraped")
         assert stored == {*RAW_TO_TEXT.values(), *KEPT}
         assert await asyncio.to_thread(server.value, 'scrape_samples_scraped{job="headwater"}')
     finally:

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from agent.cli import main as headwater
-from tests.integration.conftest import ROOT, free_port
+from tests.integration.conftest import ROOT, free_tcp_udp_port
 
 CHART = ROOT / "helm"
 TOOLS = ROOT / ".tools" / "bin"
@@ -459,13 +459,13 @@ def _overrides(cfg: dict[str, Any], tmp: Path) -> list[str]:
         for cid, body in (cfg.get(section) or {}).items():
             for key, value in (body or {}).items():
                 if isinstance(value, str) and _BIND.match(value):
-                    sets.append(f"{section}.{cid}.{key}={value.rsplit(':', 1)[0]}:{free_port()}")
+                    sets.append(f"{section}.{cid}.{key}={value.rsplit(':', 1)[0]}:{free_tcp_udp_port()}")
                 elif key in ("unixgram", "unix") and value:
                     sets.append(f"{section}.{cid}.{key}={tmp / 'sockets' / Path(value).name}")
                 elif key == "sending_queue" and value.get("storage") == "disk":
                     sets.append(f"{section}.{cid}.sending_queue.directory={tmp / 'queue'}")
     endpoint = cfg["service"]["telemetry"]["endpoint"]
-    sets.append(f"service.telemetry.endpoint={endpoint.rsplit(':', 1)[0]}:{free_port()}")
+    sets.append(f"service.telemetry.endpoint={endpoint.rsplit(':', 1)[0]}:{free_tcp_udp_port()}")
     return sets
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, free_port, http_get, wait_for
+from tests.integration.conftest import ROOT, free_tcp_udp_port, http_get, wait_for_peer
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def _can_unshare() -> bool:
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs unshare --pid (root or user namespaces)")
 def test_agent_as_pid_1_drains_and_exits_0_on_sigterm(tmp_path: Path) -> None:
-    statsd, telemetry = free_port(), free_port()
+    statsd, telemetry = free_tcp_udp_port(), free_tcp_udp_port()
     out = tmp_path / "points.jsonl"
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -67,7 +67,7 @@ service:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
-        wait_for("agent ready", lambda: http_get(f"http://127.0.0.1:{telemetry}/readyz")[0] == 200)
+        wait_for_peer(lambda: http_get(f"http://127.0.0.1:{telemetry}/readyz")[0] == 200, "agent ready")
         children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
         (agent_pid,) = children
         ns_pids = next(
@@ -78,7 +78,7 @@ service:
         assert ns_pids.split()[-1] == "1", ns_pids  # PID 1 in its namespace, as in a container
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"pid1.hits:3|c", ("127.0.0.1", statsd))
-        wait_for("the point accepted", lambda: _accepted(telemetry))
+        wait_for_peer(lambda: _accepted(telemetry), "the point accepted")
         os.kill(int(agent_pid), signal.SIGTERM)
         assert outer.wait(30) == 0, log.read_text()  # unshare exits with the agent's status
     finally:
@@ -122,7 +122,7 @@ def test_agent_as_pid_1_stops_on_sigterm_while_still_starting(tmp_path: Path) ->
             wchan = Path(f"/proc/{children[0]}/wchan").read_text()
             return children[0] if wchan == "wait_for_partner" else None
 
-        agent_pid = wait_for("the agent blocked opening its config", blocked_on_the_fifo)
+        agent_pid = wait_for_peer(blocked_on_the_fifo, "the agent blocked opening its config")
         os.kill(int(agent_pid), signal.SIGTERM)
         assert outer.wait(30) == 0
         assert "Traceback" not in (outer.stderr.read() if outer.stderr else "")

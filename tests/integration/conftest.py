@@ -1,6 +1,6 @@
 """Real peers for integration tests: a Prometheus server and the agent, each a subprocess on free
-ports with its own temp directory, stopped at the end of the test; independent OTLP sinks served from
-a thread for the synchronous tests.
+ports with its own temp directory, stopped at the end of the test (the independent OTLP sinks for the
+synchronous tests are in ``otlp_sinks.py``).
 
 Waiting on a peer uses :func:`wait_for_peer`: the shared bounded poll (``tests.conftest``) every 0.2 s
 for up to 60 s, a peer that does not answer yet counting as "not yet". A test fails when the condition
@@ -9,7 +9,6 @@ never holds within that generous limit, never because something was slow.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import os
@@ -19,11 +18,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +29,6 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.conftest import LOOP_BLOCK_LIMIT_S, free_port, wait_until_sync
-from tests.exporters.otlp_sink import Sink as OtlpSink
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -242,53 +239,3 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         if agent.proc.poll() is None:
             agent.proc.kill()
             agent.proc.wait()
-
-
-class ThreadedOtlpSinks:
-    """Independent OTLP sinks (``tests.exporters.otlp_sink``: grpcio and aiohttp with the generated
-    classes) served from an event loop of their own in a thread, for synchronous test bodies; :meth:`stop`
-    stops every sink started."""
-
-    def __init__(self) -> None:
-        self.sinks: list[OtlpSink] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def http(self) -> tuple[OtlpSink, str]:
-        """A sink serving OTLP/HTTP, and its base URL."""
-        sink = OtlpSink()
-        self.sinks.append(sink)
-        return sink, self._run(sink.start_http())
-
-    def grpc(self) -> tuple[OtlpSink, str]:
-        """A sink serving OTLP/gRPC, and its host:port."""
-        sink = OtlpSink()
-        self.sinks.append(sink)
-        return sink, self._run(sink.start_grpc())
-
-    def stop(self) -> None:
-        try:
-            for sink in self.sinks:
-                self._run(sink.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-
-
-@pytest.fixture
-def otlp_sinks() -> Iterator[ThreadedOtlpSinks]:
-    sinks = ThreadedOtlpSinks()
-    try:
-        yield sinks
-    finally:
-        sinks.stop()
-
-
-def otlp_received(sink: OtlpSink, signal: str) -> list[Any]:
-    """The messages of ``signal`` (metrics, traces, logs) ``sink`` has taken so far, in order (a copy: the
-    sink's thread appends meanwhile)."""
-    return [r.message for r in list(sink.received) if r.signal == signal]

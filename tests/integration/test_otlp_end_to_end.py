@@ -25,13 +25,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from tests.conftest import free_port
 from tests.exporters.otlp_sink import Sink
-from tests.integration.conftest import (
-    AgentProcess,
-    PrometheusServer,
-    ThreadedOtlpSinks,
-    otlp_received,
-    wait_for_peer,
-)
+from tests.integration.conftest import AgentProcess, PrometheusServer, wait_for_peer
+from tests.integration.otlp_sinks import ThreadedOtlpSinks, received
 
 pytestmark = pytest.mark.integration
 
@@ -69,9 +64,10 @@ service:
 
 
 @pytest.fixture
-def sink(otlp_sinks: ThreadedOtlpSinks) -> tuple[Sink, str]:
+def sink() -> Iterator[tuple[Sink, str]]:
     """The independent OTLP/HTTP sink the agent's otlp_http/sink exporter sends to, and its URL."""
-    return otlp_sinks.http()
+    with ThreadedOtlpSinks() as sinks:
+        yield sinks.http()
 
 
 @pytest.fixture
@@ -167,7 +163,7 @@ def test_traces_logs_and_statsd_events_pass_through(agent: AgentProcess, sink: t
     dogstatsd.close_socket()
 
     def spans() -> list[Any] | None:
-        found = [s for m in otlp_received(otlp, "traces") for rs in m.resource_spans for ss in rs.scope_spans
+        found = [s for m in received(otlp, "traces") for rs in m.resource_spans for ss in rs.scope_spans
                  for s in ss.spans]  # fmt: skip
         return found if len(found) == 2 else None
 
@@ -177,7 +173,7 @@ def test_traces_logs_and_statsd_events_pass_through(agent: AgentProcess, sink: t
     assert names["charge card"].parent_span_id == names["checkout"].span_id
 
     def records() -> list[Any] | None:
-        found = [r for m in otlp_received(otlp, "logs") for rl in m.resource_logs for sl in rl.scope_logs
+        found = [r for m in received(otlp, "logs") for rl in m.resource_logs for sl in rl.scope_logs
                  for r in sl.log_records]  # fmt: skip
         return found if len(found) >= 3 else None
 
@@ -187,7 +183,7 @@ def test_traces_logs_and_statsd_events_pass_through(agent: AgentProcess, sink: t
     assert by_body["replica lag"].severity_text == "ERROR"
     resources = [
         {kv.key: kv.value.string_value for kv in rl.resource.attributes}
-        for m in otlp_received(otlp, "logs")
+        for m in received(otlp, "logs")
         for rl in m.resource_logs
     ]
     assert any(r.get("service.name") == "checkout" for r in resources)

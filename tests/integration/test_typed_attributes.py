@@ -19,7 +19,8 @@ from opentelemetry.sdk.resources import Resource
 
 from tests.conftest import free_port
 from tests.exporters.otlp_sink import Sink
-from tests.integration.conftest import AgentProcess, ThreadedOtlpSinks, http_get, wait_for_peer
+from tests.integration.conftest import AgentProcess, http_get, wait_for_peer
+from tests.integration.otlp_sinks import ThreadedOtlpSinks
 
 pytestmark = pytest.mark.integration
 
@@ -139,6 +140,12 @@ def check(where: str, got: dict[str, AnyValue], expected: dict[str, AnyValue]) -
     for key, value in expected.items():
         assert key in got, f"{where}: {key} missing from {sorted(got)}"
         assert got[key] == value, f"{where}: {key} arrived as {got[key]!r}, sent as {value!r}"
+
+
+@pytest.fixture
+def otlp_sinks() -> Iterator[ThreadedOtlpSinks]:
+    with ThreadedOtlpSinks() as sinks:
+        yield sinks
 
 
 def test_attribute_types_survive_otlp_to_otlp(
