@@ -22,6 +22,7 @@ from typing import Any
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
+from agent.protowire import field
 from exporters.otlp import resource as resource_attrs
 from exporters.otlp import wire
 
@@ -41,7 +42,7 @@ def _resource_body(message: Any, static: Mapping[str, str]) -> bytes:
     if named:
         # The data named its environment: mirror its value to the other key, never mix in ours.
         mirrored = [
-            wire.field(wire.ATTR_RESOURCE, KeyValue(key=k, value=named[0].value).SerializeToString())
+            field(wire.ATTR_RESOURCE, KeyValue(key=k, value=named[0].value).SerializeToString())
             for k in resource_attrs.ENVIRONMENT_KEYS
             if k not in present
         ]
@@ -77,8 +78,8 @@ def _units(
     dropped: list[int],
 ) -> Iterator[_Unit]:
     for message in messages:
-        resource_field = wire.field(_TAG_RESOURCE, _resource_body(message, static))
-        schema = wire.field(_TAG_SCHEMA_URL, message.schema_url.encode()) if message.schema_url else b""
+        resource_field = field(_TAG_RESOURCE, _resource_body(message, static))
+        schema = field(_TAG_SCHEMA_URL, message.schema_url.encode()) if message.schema_url else b""
         index = len(resources)
         resources.append((resource_field, schema))
         room = limit - len(resource_field) - len(schema) - 2 * _NEST
@@ -86,20 +87,18 @@ def _units(
             items = getattr(scope_message, items_attr)
             body = scope_message.SerializeToString()
             if len(body) + _NEST <= room:
-                yield _Unit(index, wire.field(_TAG_SCOPES, body), len(items))
+                yield _Unit(index, field(_TAG_SCOPES, body), len(items))
                 continue
-            head = wire.field(_TAG_SCOPE, scope_message.scope.SerializeToString())
+            head = field(_TAG_SCOPE, scope_message.scope.SerializeToString())
             tail = (
-                wire.field(_TAG_SCHEMA_URL, scope_message.schema_url.encode())
-                if scope_message.schema_url
-                else b""
+                field(_TAG_SCHEMA_URL, scope_message.schema_url.encode()) if scope_message.schema_url else b""
             )
             chunk: list[bytes] = []
             size = len(head) + len(tail) + _NEST
             for item in items:
-                entry = wire.field(_TAG_ITEMS, item.SerializeToString())
+                entry = field(_TAG_ITEMS, item.SerializeToString())
                 if size + len(entry) > room and chunk:
-                    yield _Unit(index, wire.field(_TAG_SCOPES, head + b"".join(chunk) + tail), len(chunk))
+                    yield _Unit(index, field(_TAG_SCOPES, head + b"".join(chunk) + tail), len(chunk))
                     chunk, size = [], len(head) + len(tail) + _NEST
                 if size + len(entry) > room:
                     dropped[0] += 1
@@ -107,7 +106,7 @@ def _units(
                 chunk.append(entry)
                 size += len(entry)
             if chunk:
-                yield _Unit(index, wire.field(_TAG_SCOPES, head + b"".join(chunk) + tail), len(chunk))
+                yield _Unit(index, field(_TAG_SCOPES, head + b"".join(chunk) + tail), len(chunk))
 
 
 def encode(
@@ -132,8 +131,7 @@ def encode(
         nonlocal current, size, count
         if count:
             body = b"".join(
-                wire.field(b"\x0a", resources[i][0] + b"".join(parts) + resources[i][1])
-                for i, parts in current
+                field(b"\x0a", resources[i][0] + b"".join(parts) + resources[i][1]) for i, parts in current
             )
             out.append((body, count))
         current, size, count = [], 0, 0

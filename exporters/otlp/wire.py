@@ -41,6 +41,7 @@ import numpy.typing as npt
 
 from agent.exphist import ExpHistogram
 from agent.model import BoolValue, BytesValue, DoubleValue, EncodedValue, IntValue
+from agent.protowire import SMALL_VARINTS, field, packed_uvarints, uvarint
 
 # Field tags: (field number << 3) | wire type (0 varint, 1 fixed64, 2 length-delimited).
 TAG_RESOURCE_METRICS = b"\x0a"  # ExportMetricsServiceRequest.resource_metrics = 1
@@ -96,30 +97,6 @@ _TIME_ONLY = struct.Struct("<BQ")
 _COUNT_SUM = struct.Struct("<BQBd")
 _MIN_MAX_EXP = struct.Struct("<BdBd")
 _QUANTILE = struct.Struct("<BBBdBd")  # tag, length 18, quantile tag, quantile, value tag, value
-
-
-def _encode_uvarint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-# Lengths and bucket counts are nearly always below 2**14: a tuple index beats the loop.
-_SMALL_VARINTS: tuple[bytes, ...] = tuple(_encode_uvarint(n) for n in range(1 << 14))
-_SMALL_VARINT_LIMIT = len(_SMALL_VARINTS)
-
-
-def uvarint(n: int) -> bytes:
-    """Varint of a non-negative int below 2**64."""
-    return _SMALL_VARINTS[n] if n < _SMALL_VARINT_LIMIT else _encode_uvarint(n)
-
-
-def field(tag: bytes, body: bytes) -> bytes:
-    """A length-delimited field."""
-    return tag + uvarint(len(body)) + body
 
 
 def _string(tag: bytes, text: str) -> bytes:
@@ -240,25 +217,6 @@ def _min_max(lowest: float | None, highest: float | None, min_tag: int, max_tag:
     return _TAGGED_DOUBLE.pack(min_tag, lowest) + _TAGGED_DOUBLE.pack(max_tag, highest)
 
 
-_VARINT_SHIFTS = np.arange(0, 70, 7, dtype=np.uint64)
-_VARINT_COLUMNS = np.arange(10)
-
-
-def packed_uvarints(values: npt.NDArray[np.uint64]) -> bytes:
-    """The varints of ``values`` back to back (a packed repeated uint64), built with numpy."""
-    if not values.size:
-        return b""
-    if int(values.max()) < 0x80:  # the common case: every count fits one byte, the byte is the value
-        return values.astype(np.uint8).tobytes()
-    groups = (values[:, None] >> _VARINT_SHIFTS[None, :]) & np.uint64(0x7F)
-    lengths = 1 + (values[:, None] >= (np.uint64(1) << _VARINT_SHIFTS[None, 1:])).sum(axis=1)
-    used = _VARINT_COLUMNS[None, :] < lengths[:, None]
-    more = _VARINT_COLUMNS[None, :] < (lengths - 1)[:, None]
-    encoded = (groups | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
-    out: bytes = encoded[used].tobytes()  # row-major: each value's bytes in order, values in order
-    return out
-
-
 def rounded(counts: npt.NDArray[np.float64]) -> npt.NDArray[np.uint64]:
     """Float bucket counts (never negative) as the nearest integers."""
     return np.rint(counts).astype(np.uint64)
@@ -312,7 +270,7 @@ def exponential_point(attrs: bytes, h: ExpHistogram, start_ns: int, time_ns: int
         + times
         + _count_sum(count, h.sum)
         + _TAG_SCALE
-        + _SMALL_VARINTS[(scale << 1) ^ (scale >> 31)]
+        + SMALL_VARINTS[(scale << 1) ^ (scale >> 31)]
         + _TAGGED_FIXED64.pack(_TAG_ZERO_COUNT, zero)
         + sides
     )

@@ -18,7 +18,6 @@ Contracts:
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import struct
@@ -29,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.exphist import ExpHistogram, downscale
+from agent.protowire import cached_int64_varint, int64_varint, uvarint, zigzag
 
 STALE_NAN_BITS: int = 0x7FF0000000000002
 """The bit pattern Prometheus reserves for staleness markers; never use it for anything else."""
@@ -83,40 +83,6 @@ _TAGGED_DOUBLE = struct.Struct("<Bd")
 _SAMPLE_HEAD = struct.Struct("<BBBdB")
 
 
-def _encode_uvarint(n: int) -> bytes:
-    """Base-128 varint of a non-negative int (below 2**64)."""
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-# Lengths of labels, samples and series are almost always below 2**14: a tuple index beats the loop.
-_SMALL_VARINTS: tuple[bytes, ...] = tuple(_encode_uvarint(n) for n in range(1 << 14))
-_SMALL_VARINT_LIMIT = len(_SMALL_VARINTS)
-
-
-def _uvarint(n: int) -> bytes:
-    """Varint of a non-negative int (a length, a count)."""
-    return _SMALL_VARINTS[n] if n < _SMALL_VARINT_LIMIT else _encode_uvarint(n)
-
-
-def _int64_varint(n: int) -> bytes:
-    """Varint of an int64 field: negatives are written as their 64-bit two's complement (10 bytes)."""
-    return _uvarint(n) if n >= 0 else _encode_uvarint(n + (1 << 64))
-
-
-# One flush stamps every series with the same few timestamps, so their varints are nearly always cached.
-_timestamp_varint = functools.lru_cache(maxsize=1024)(_int64_varint)
-
-
-def _zigzag(n: int) -> int:
-    """ZigZag mapping of sint32/sint64 values (0, -1, 1, -2 … → 0, 1, 2, 3 …)."""
-    return (n << 1) ^ (n >> 63)
-
-
 def is_stale_nan(v: float) -> bool:
     """Whether `v` is Prometheus' staleness marker (not merely some NaN)."""
     return math.isnan(v) and _DOUBLE.pack(v) == _STALE_NAN_BYTES
@@ -142,13 +108,13 @@ def encode_labels(labels: Sequence[tuple[str, str]]) -> bytes:
         value_bytes = value.encode()
         label = (
             _TAG_LABEL_NAME
-            + _uvarint(len(name_bytes))
+            + uvarint(len(name_bytes))
             + name_bytes
             + _TAG_LABEL_VALUE
-            + _uvarint(len(value_bytes))
+            + uvarint(len(value_bytes))
             + value_bytes
         )
-        parts.append(_TAG_LABEL + _uvarint(len(label)) + label)
+        parts.append(_TAG_LABEL + uvarint(len(label)) + label)
     return b"".join(parts)
 
 
@@ -161,7 +127,7 @@ def encode_series(label_bytes: bytes, samples: Sequence[tuple[float, int]]) -> b
     if len(samples) == 1:
         # The common case (one sample per series per flush), without the list and join.
         value, timestamp_ms = samples[0]
-        ts = _timestamp_varint(timestamp_ms)
+        ts = cached_int64_varint(timestamp_ms)
         body = (
             label_bytes
             + _SAMPLE_HEAD.pack(_TAG_SAMPLE, 10 + len(ts), _TAG_SAMPLE_VALUE, value, _TAG_SAMPLE_TIMESTAMP)
@@ -170,13 +136,13 @@ def encode_series(label_bytes: bytes, samples: Sequence[tuple[float, int]]) -> b
     else:
         parts = [label_bytes]
         for value, timestamp_ms in samples:
-            ts = _timestamp_varint(timestamp_ms)
+            ts = cached_int64_varint(timestamp_ms)
             parts.append(
                 _SAMPLE_HEAD.pack(_TAG_SAMPLE, 10 + len(ts), _TAG_SAMPLE_VALUE, value, _TAG_SAMPLE_TIMESTAMP)
             )
             parts.append(ts)
         body = b"".join(parts)
-    return _TAG_SERIES + _uvarint(len(body)) + body
+    return _TAG_SERIES + uvarint(len(body)) + body
 
 
 def _is_integral(
@@ -220,18 +186,18 @@ def _encode_buckets(
     for start, end in zip(starts, ends, strict=True):
         # The first span's offset is its first bucket's index; later ones count the gap before them.
         offset = otel_offset + 1 + start if previous_end is None else start - previous_end
-        span = _TAG_SPAN_OFFSET + _uvarint(_zigzag(offset)) + _TAG_SPAN_LENGTH + _uvarint(end - start)
-        out += span_tag + _uvarint(len(span)) + span
+        span = _TAG_SPAN_OFFSET + uvarint(zigzag(offset)) + _TAG_SPAN_LENGTH + uvarint(end - start)
+        out += span_tag + uvarint(len(span)) + span
         previous_end = end
 
     values = np.concatenate([counts[start:end] for start, end in zip(starts, ends, strict=True)])
     if integral:
         deltas = np.diff(values.astype(np.int64), prepend=np.int64(0))
-        payload = b"".join([_uvarint(_zigzag(d)) for d in deltas.tolist()])
-        out += deltas_tag + _uvarint(len(payload)) + payload
+        payload = b"".join([uvarint(zigzag(d)) for d in deltas.tolist()])
+        out += deltas_tag + uvarint(len(payload)) + payload
     else:
         payload = values.astype("<f8").tobytes()
-        out += counts_tag + _uvarint(len(payload)) + payload
+        out += counts_tag + uvarint(len(payload)) + payload
     return bytes(out)
 
 
@@ -249,13 +215,13 @@ def _encode_histogram(h: ExpHistogram, timestamp_ms: int, reset: bool) -> bytes:
     # count and zero_count are oneofs: written even when 0, because the chosen member is what tells
     # the receiver an integer histogram from a float one.
     if integral:
-        out += _TAG_COUNT_INT + _uvarint(int(h.count))
+        out += _TAG_COUNT_INT + uvarint(int(h.count))
     else:
         out += _TAGGED_DOUBLE.pack(_TAG_COUNT_FLOAT, h.count)
     out += _TAGGED_DOUBLE.pack(_TAG_SUM, h.sum)
-    out += _TAG_SCHEMA + _uvarint(_zigzag(h.scale))
+    out += _TAG_SCHEMA + uvarint(zigzag(h.scale))
     if integral:
-        out += _TAG_ZERO_COUNT_INT + _uvarint(int(h.zero_count))
+        out += _TAG_ZERO_COUNT_INT + uvarint(int(h.zero_count))
     else:
         out += _TAGGED_DOUBLE.pack(_TAG_ZERO_COUNT_FLOAT, h.zero_count)
     out += _encode_buckets(
@@ -266,7 +232,7 @@ def _encode_histogram(h: ExpHistogram, timestamp_ms: int, reset: bool) -> bytes:
     )
     if reset:
         out += _RESET_HINT_YES
-    out += _TAG_HISTOGRAM_TIMESTAMP + _int64_varint(timestamp_ms)
+    out += _TAG_HISTOGRAM_TIMESTAMP + int64_varint(timestamp_ms)
     return bytes(out)
 
 
@@ -283,8 +249,8 @@ def encode_histogram_series(
     `encode_labels`.
     """
     histogram = _encode_histogram(h, timestamp_ms, reset)
-    body = label_bytes + _TAG_HISTOGRAM + _uvarint(len(histogram)) + histogram
-    return _TAG_SERIES + _uvarint(len(body)) + body
+    body = label_bytes + _TAG_HISTOGRAM + uvarint(len(histogram)) + histogram
+    return _TAG_SERIES + uvarint(len(body)) + body
 
 
 def encode_write_request(series: Iterable[bytes]) -> bytes:

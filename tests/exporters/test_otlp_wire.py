@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from agent import exphist
+from agent import exphist, protowire
 from agent.model import Kind, Point, Resource, Scope, Temporality
 from exporters.otlp import resource, wire
 from exporters.otlp.metrics import EncoderOptions, MetricEncoder
@@ -56,9 +56,9 @@ def data_points(requests: list[ExportMetricsServiceRequest]) -> list[tuple[Any, 
 
 def test_packed_uvarints_match_the_reference_varint() -> None:
     values = np.array([0, 1, 127, 128, 255, 300, 16383, 16384, 2**35 + 7, 2**63 + 5], dtype=np.uint64)
-    ref = b"".join(wire._encode_uvarint(int(v)) for v in values)
-    assert wire.packed_uvarints(values) == ref
-    assert wire.packed_uvarints(np.array([3, 0, 127], dtype=np.uint64)) == bytes([3, 0, 127])
+    ref = b"".join(protowire.encode_uvarint(int(v)) for v in values)
+    assert protowire.packed_uvarints(values) == ref
+    assert protowire.packed_uvarints(np.array([3, 0, 127], dtype=np.uint64)) == bytes([3, 0, 127])
 
 
 def test_numbers_scope_resource_and_grouping() -> None:
