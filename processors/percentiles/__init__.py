@@ -81,7 +81,18 @@ from agent.component import Backpressure, ComponentKind, Consumer, Factory, Sett
 from agent.confmodel import Duration, Size, format_duration
 from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
-from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Resource, Temporality, new_point
+from agent.model import (
+    ExplicitHistogram,
+    Kind,
+    Labels,
+    MetricBatch,
+    Point,
+    Resource,
+    SeriesKey,
+    Temporality,
+    key_of,
+    new_point,
+)
 from processors.percentiles import convert
 from processors.percentiles.store import (
     MAX_STORE_SCALE,
@@ -259,7 +270,7 @@ def _gauge(
 
 
 class _Series:
-    __slots__ = ("cumulative", "labels", "last_seen", "name", "out", "resource", "slot", "unit")
+    __slots__ = ("cumulative", "dead", "labels", "last_seen", "name", "out", "resource", "slot", "unit")
 
     def __init__(self, name: str, labels: Labels, resource: Resource | None, unit: str, slot: int) -> None:
         self.name = name
@@ -268,6 +279,8 @@ class _Series:
         self.unit = unit
         self.slot = slot
         self.last_seen = 0.0
+        self.dead = False
+        """Expired: the front cache of series by key checks this."""
         self.cumulative: ExpHistogram | ExplicitHistogram | None = None
         """The previous CUMULATIVE point's histogram, the base for the next difference."""
         self.out: list[tuple[str, Labels]] | None = None
@@ -275,7 +288,8 @@ class _Series:
         the first emit: sorting labels for every gauge of every emit cost ~5 µs a point."""
 
 
-SeriesKey = tuple[str, Labels, Labels | None]
+_Identity = tuple[str, Labels, Labels | None]
+"""A series here: name, labels and resource attributes (points of one series from several scopes merge)."""
 
 
 class PercentilesProcessor:
@@ -309,7 +323,9 @@ class PercentilesProcessor:
         tier_slices, rows, plan = config.tier_rows()
         self._window_plan = [(w, tier, n, format_duration(w)) for w, tier, n in plan]
         self._store = Store(base, tier_slices, rows, config.max_buckets, clock(), int(config.max_memory))
-        self._series: dict[SeriesKey, _Series] = {}
+        self._series: dict[_Identity, _Series] = {}
+        self._front: dict[SeriesKey, _Series] = {}
+        """Series by the points' series keys: one pointer-keyed lookup a point after the first."""
         self._slots: list[_Series | None] = []
         self._free: list[int] = []
         self._emit_s = float(config.emit_interval)
@@ -428,9 +444,14 @@ class PercentilesProcessor:
         return hit
 
     def _series_for(self, p: Point) -> _Series | None:
+        front = key_of(p)
+        s = self._front.get(front)
+        if s is not None and not s.dead:
+            return s
         key = (p.name, p.labels, p.resource.attributes if p.resource is not None else None)
         s = self._series.get(key)
         if s is not None:
+            self._remember(front, s)
             return s
         if len(self._series) >= self._config.max_series:
             return None
@@ -446,7 +467,13 @@ class PercentilesProcessor:
         s = _Series(p.name, p.labels, p.resource, p.unit, slot)
         self._slots[slot] = s
         self._series[key] = s
+        self._remember(front, s)
         return s
+
+    def _remember(self, key: SeriesKey, s: _Series) -> None:
+        if len(self._front) >= 2 * self._config.max_series:  # keys of several scopes or kinds per series
+            self._front.clear()
+        self._front[key] = s
 
     async def consume(self, batch: MetricBatch) -> None:
         n = len(batch.points)
@@ -565,6 +592,7 @@ class PercentilesProcessor:
         for s in idle:
             key = (s.name, s.labels, s.resource.attributes if s.resource is not None else None)
             del self._series[key]
+            s.dead = True
             self._store.reset(s.slot)
             self._slots[s.slot] = None
             self._free.append(s.slot)

@@ -382,6 +382,24 @@ async def test_idle_series_expire_and_slots_are_reused_clean() -> None:
     assert sink.gauges() == {("new", "1", "1m"): 2.0}
 
 
+async def test_a_series_that_returns_after_expiring_starts_afresh() -> None:
+    proc, sink, tel, clock = make(
+        PercentilesConfig(windows=[60.0], quantiles=[1.0], series_idle_timeout=120.0)
+    )
+    await feed(proc, clock, [np.array([50.0])], name="back")
+    for _ in range(13):  # 130 s idle > 120 s
+        clock.now += 10.0
+        await proc.tick()
+    assert tel.value("percentiles_expired_series_total") == 1
+    sink.batches.clear()
+    await feed(proc, clock, [np.array([2.0])], name="back")  # the same series key as before it expired
+    assert tel.value("percentiles_series") == 1
+    assert sink.gauges() == {("back", "1", "1m"): 2.0}
+    clock.now += 10.0
+    await proc.tick()
+    assert tel.value("percentiles_expired_series_total") == 1  # the new series is live, not the old
+
+
 async def test_max_series_overflow_is_counted_and_passed_on() -> None:
     proc, sink, tel, clock = make(PercentilesConfig(windows=[60.0], max_series=2))
     batch = MetricBatch(tuple(hist_point(f"m{i}", np.array([1.0, 2.0])) for i in range(3)))
