@@ -19,13 +19,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from agent import exphist
-from agent.component import (
-    ComponentId,
-    ComponentKind,
-    RetryableError,
-    Settings,
-    Signal,
-)
+from agent.component import ComponentKind, RetryableError, Settings, Signal
 from agent.model import (
     ExplicitHistogram,
     Kind,
@@ -38,12 +32,13 @@ from agent.model import (
     Temporality,
 )
 from agent.sending import Request, RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from agent.tls import ClientTLSConfig
 from exporters.otlp import FACTORIES
 from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
 from exporters.otlp.grpc import OtlpGrpcExporter
 from exporters.otlp.http import OtlpHttpExporter
+from tests.conftest import component_settings, wait_until
 from tests.exporters.otlp_sink import Answer, Sink
 
 DELTA = metrics_pb2.AGGREGATION_TEMPORALITY_DELTA
@@ -73,11 +68,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def settings(tel: Telemetry, name: str = "otlp") -> Settings:
-    return Settings(
-        id=ComponentId("otlp", name),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", name),
-        logger=logging.getLogger(f"test.otlp.{name}"),
+    """The exporter otlp/<name>: telemetry labelled ``name``, logger ``test.otlp.<name>``."""
+    return component_settings(
+        tel,
+        ComponentKind.EXPORTER,
+        f"otlp/{name}",
+        telemetry_id=name,
+        logger=f"test.otlp.{name}",
         shutdown_timeout_s=10.0,
     )
 
@@ -274,6 +271,7 @@ async def test_idle_series_expire_and_restart_their_total(make: Any) -> None:
     t0 = time.time_ns()
     await exp.consume(MetricBatch((counter(5, t0, t0 + S),)))
     assert tel.value("exporter_series") == 1
+    # Letting the idle timeout pass is the behaviour under test (series expire at the next batch).
     await asyncio.sleep(0.5)
     await exp.consume(MetricBatch((counter(2, t0 + 5 * S, t0 + 6 * S),)))
     await drain(exp)
@@ -399,6 +397,23 @@ async def test_summaries_gauges_and_explicit_histograms_pass_through(make: Any, 
     assert hist.WhichOneof("data") == "histogram"
     assert list(hdp.explicit_bounds) == [1.0, 10.0] and list(hdp.bucket_counts) == [2, 3, 1]
     assert (hdp.count, hdp.sum, hdp.min, hdp.max) == (6, 30.0, 0.5, 12.0)
+
+
+async def test_histogram_without_sum_is_sent_without_sum(make: Any) -> None:
+    """A histogram whose sum is unknown (NaN, e.g. an OTLP point without ``sum``) must leave the
+    optional ``sum`` field out, not send NaN as if it were the sum."""
+    exp, _, sink = await make("http")
+    t = time.time_ns()
+    unknown = float("nan")
+    explicit = ExplicitHistogram((1.0,), (1, 1), unknown, None, None)
+    exponential = replace(exphist.from_values(np.array([0.5, 2.0])), sum=unknown)
+    size = Point("size", Kind.HISTOGRAM, (), t, start_time_unix_nano=t - S, explicit=explicit)
+    lat = Point("lat", Kind.HISTOGRAM, (), t, start_time_unix_nano=t - S, histogram=exponential)
+    await exp.consume(MetricBatch((size, lat)))
+    await drain(exp)
+    got = {m.name: dp for _, _, m, dp in sink.metrics()}
+    assert got["size"].count == 2 and not got["size"].HasField("sum")
+    assert got["lat"].count == 2 and not got["lat"].HasField("sum")
 
 
 # -- resource attributes ------------------------------------------------------------------------------
@@ -793,7 +808,7 @@ async def test_shutdown_is_safe_before_start_and_idempotent() -> None:
         await exp.shutdown()
 
 
-# -- review fixes -------------------------------------------------------------------------------------
+# -- tenants: a connection each, and what a reload does to their queues -------------------------------
 async def test_a_stuck_tenant_does_not_hold_the_connection_of_another() -> None:
     """Tenants with a header each have their own sender; they must not share one pooled connection
     (num_consumers: 1), or a tenant whose request hangs blocks every other tenant's sends."""
@@ -833,37 +848,17 @@ async def test_a_stuck_tenant_does_not_hold_the_connection_of_another() -> None:
     try:
         t = time.time_ns()
         await exp.consume(MetricBatch((counter(1, t - S, t, labels=(("tenant_id", "stuck"),)),)))
-        async with asyncio.timeout(20):
-            while "stuck" not in seen:
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: "stuck" in seen, "the stuck tenant's request", timeout_s=20)
         await exp.consume(MetricBatch((counter(1, t - S, t, labels=(("tenant_id", "healthy"),)),)))
-        try:
-            async with asyncio.timeout(20):
-                while "healthy" not in seen:
-                    await asyncio.sleep(0.01)
-        except TimeoutError:
-            pytest.fail("the healthy tenant's request waited behind the stuck tenant's connection")
+        await wait_until(
+            lambda: "healthy" in seen,
+            "the healthy tenant's request (it waited behind the stuck tenant's connection)",
+            timeout_s=20,
+        )
     finally:
         release.set()
         await exp.shutdown()
         await runner.cleanup()
-
-
-async def test_histogram_without_sum_is_sent_without_sum(make: Any) -> None:
-    """A histogram whose sum is unknown (NaN, e.g. an OTLP point without ``sum``) must leave the
-    optional ``sum`` field out, not send NaN as if it were the sum."""
-    exp, _, sink = await make("http")
-    t = time.time_ns()
-    unknown = float("nan")
-    explicit = ExplicitHistogram((1.0,), (1, 1), unknown, None, None)
-    exponential = replace(exphist.from_values(np.array([0.5, 2.0])), sum=unknown)
-    size = Point("size", Kind.HISTOGRAM, (), t, start_time_unix_nano=t - S, explicit=explicit)
-    lat = Point("lat", Kind.HISTOGRAM, (), t, start_time_unix_nano=t - S, histogram=exponential)
-    await exp.consume(MetricBatch((size, lat)))
-    await drain(exp)
-    got = {m.name: dp for _, _, m, dp in sink.metrics()}
-    assert got["size"].count == 2 and not got["size"].HasField("sum")
-    assert got["lat"].count == 2 and not got["lat"].HasField("sum")
 
 
 async def test_a_reload_that_ends_tenant_headers_does_not_send_a_tenants_queue_as_nobodys(
