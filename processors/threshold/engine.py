@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent import exphist
-from agent.model import ExplicitHistogram, Kind, Labels, Point, Temporality
+from agent.model import ExplicitHistogram, Kind, Labels, Point, SeriesKey, Temporality, key_of
 from processors.threshold.selector import Selector, name_matcher
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ _LABEL_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
 
 # Sample modes: how a series' points are kept and read.
 _GAUGE, _DELTA, _CUMULATIVE, _EXP, _EXPLICIT, _CUM_EXP, _CUM_EXPLICIT = range(7)
+_FRONT_LIMIT = 200_000
+"""Point keys whose series are cached (most select none); cleared when full."""
 _LATEST_ONLY = frozenset({_CUM_EXP, _CUM_EXPLICIT})
 """Cumulative distributions hold the whole lifetime: a window of them would count values many times."""
 WINDOW_MAX_BUCKETS = 2048
@@ -113,6 +115,7 @@ class Series:
     __slots__ = (
         "active_since",
         "alert_labels",
+        "forgotten",
         "gone",
         "group",
         "key",
@@ -160,6 +163,8 @@ class Series:
         """What receivers were last told: (firing, severity), or None (nothing, or resolved)."""
         self.gone = False
         """No data for stale_after: resolved, and forgotten once receivers were told."""
+        self.forgotten = False
+        """Removed from the engine: the front cache of series by point key checks this."""
 
     def notice(self) -> tuple[str, str] | None:
         """What receivers should know now; a notification is due when it differs from ``notified``."""
@@ -233,6 +238,9 @@ class Engine:
         self.series: dict[tuple[str, str, Labels], Series] = {}
         self.groups: dict[tuple[str, tuple[tuple[str, str], ...]], _Group] = {}
         self._by_name: dict[str, tuple[Rule, ...]] = {}
+        self._front: dict[SeriesKey, list[Series]] = {}
+        """The series each point key feeds (none for most): one pointer-keyed lookup a point instead of
+        the rules' selectors and a (rule, name, labels) lookup per rule."""
         self.ignored: collections.Counter[str] = collections.Counter()
         """Points a rule selected but could not use, by reason (read and reset by the processor)."""
         self.firing_counts: dict[tuple[str, str], int] = {}
@@ -251,26 +259,42 @@ class Engine:
 
     def observe(self, points: Iterable[Point], now: float) -> list[Series]:
         """Add the points rules select to their series' windows; returns the series touched."""
-        touched: dict[tuple[str, str, Labels], Series] = {}
+        touched: dict[int, Series] = {}
         if not self.rules:
             return []
+        front = self._front
         for point in points:
-            rules = self._rules_for(point.name)
-            if not rules:
-                continue
-            for rule in rules:
-                if not rule.selector.matches(point.labels):
-                    continue
-                key = (rule.name, point.name, point.labels)
-                series = self.series.get(key)
-                if series is None:
-                    if len(self.series) >= self.timing.max_series:
-                        self.ignored["series_limit"] += 1
-                        continue
-                    series = self.series[key] = Series(rule, point.name, point.labels, now)
+            key = key_of(point)
+            targets = front.get(key)
+            if targets is None or any(s.forgotten for s in targets):
+                targets, complete = self._targets(point, now)
+                if complete:  # else the point's next sighting tries (and counts) again
+                    if len(front) >= _FRONT_LIMIT:
+                        front.clear()
+                    front[key] = targets
+            for series in targets:
                 if self._add(series, point, now):
-                    touched[key] = series
+                    touched[id(series)] = series
         return list(touched.values())
+
+    def _targets(self, point: Point, now: float) -> tuple[list[Series], bool]:
+        """The series of the rules that select ``point`` (made if new), and whether that is all of them
+        (False when one could not be made: series_limit, counted)."""
+        targets: list[Series] = []
+        complete = True
+        for rule in self._rules_for(point.name):
+            if not rule.selector.matches(point.labels):
+                continue
+            key = (rule.name, point.name, point.labels)
+            series = self.series.get(key)
+            if series is None:
+                if len(self.series) >= self.timing.max_series:
+                    self.ignored["series_limit"] += 1
+                    complete = False
+                    continue
+                series = self.series[key] = Series(rule, point.name, point.labels, now)
+            targets.append(series)
+        return targets, complete
 
     def _add(self, series: Series, point: Point, now: float) -> bool:
         t = point.time_unix_nano / 1e9 if point.time_unix_nano > 0 else now
@@ -371,6 +395,7 @@ class Engine:
 
     def _forget(self, s: Series) -> None:
         self.series.pop(s.key, None)
+        s.forgotten = True
         group = self.groups.get(s.group)
         if group is not None:
             group.members.pop(s.key, None)
@@ -581,6 +606,7 @@ class Engine:
         ``last_seen``: the agent was down, which is not the series' fault. Returns series restored."""
         rules = {r.name: r for r in self.rules}
         restored = 0
+        self._front.clear()  # restored series replace any of the same key
         for item in state.get("series", []):
             try:
                 rule = rules.get(item["rule"])

@@ -267,6 +267,29 @@ def test_stale_series_resolves_and_is_forgotten() -> None:
     assert e.series == {}
 
 
+def test_a_forgotten_series_that_returns_fires_again() -> None:
+    e = engine(rule(), stale_after_s=300.0)
+    step(e, T0, gauge(90, T0, host="a"))
+    assert statuses(step(e, T0 + 301)) == [[("resolved", "warning")]]
+    assert e.series == {}
+    # The same series key as before: a new series is watched, not the forgotten one.
+    assert statuses(step(e, T0 + 310, gauge(95, T0 + 310, host="a"))) == [[("firing", "warning")]]
+    assert [s.value for s in e.series.values()] == [95.0]
+
+
+def test_a_point_beyond_max_series_is_counted_each_time_and_watched_once_there_is_room() -> None:
+    e = engine(rule(), rule(name="low", op="<", warning=10.0), stale_after_s=300.0, max_series=1)
+    step(e, T0, gauge(90, T0, host="a"))  # rule high takes the one place; rule low is refused
+    step(e, T0 + 1, gauge(90, T0 + 1, host="a"))
+    assert e.ignored["series_limit"] == 2
+    assert [s.rule.name for s in e.series.values()] == ["high"]
+    step(e, T0 + 400)  # high goes stale and is forgotten
+    assert e.series == {}
+    step(e, T0 + 401, gauge(5, T0 + 401, host="a"))
+    assert sorted(s.rule.name for s in e.series.values()) == ["high"]  # the first selecting rule again
+    assert e.ignored["series_limit"] == 3
+
+
 # -- notifications ------------------------------------------------------------------------------------
 
 
