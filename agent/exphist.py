@@ -525,6 +525,83 @@ def merge_all(hs: Sequence[ExpHistogram], *, max_buckets: int = 160) -> ExpHisto
     )
 
 
+RESIDUE = 1e-12
+"""Relative size of float residue in cumulative counts (fractional weights, sample rates; ~4500 ulps):
+a count that went down by less than this fraction of the cumulative count (or by less than 1e-9)
+did not go down."""
+
+
+def subtract(current: ExpHistogram, previous: ExpHistogram, *, bounds: bool = True) -> ExpHistogram | None:
+    """The values cumulative `current` gained since `previous` (a delta); None when the series was
+    reset: its count, zero count or any bucket went down.
+
+    Both are brought to the coarser of their scales first (a scale change between points is no reset).
+    A decrease smaller than :data:`RESIDUE` times the cumulative count is rounding residue, not a reset,
+    and a residue left in a bucket is zero; the buckets are trimmed of empty ends. A delta of no values
+    is :data:`EMPTY`. min and max: when `previous` held nothing they are `current`'s, exact; otherwise
+    the delta's are not known — with ``bounds`` they are `current`'s lifetime min and max, which still
+    bound every value of it (enough to clamp a quantile); without, NaN (unknown: an exporter that must
+    send exact ones leaves them out).
+    """
+    tolerance = max(1e-9, RESIDUE * max(abs(previous.count), abs(current.count)))
+    count = current.count - previous.count
+    zero = current.zero_count - previous.zero_count
+    if count < -tolerance or zero < -tolerance:
+        return None
+    scale = min(current.scale, previous.scale)
+    a = downscale(current, current.scale - scale)
+    b = downscale(previous, previous.scale - scale)
+    positive = _side_difference(
+        a.positive_offset, a.positive_counts, b.positive_offset, b.positive_counts, tolerance
+    )
+    negative = _side_difference(
+        a.negative_offset, a.negative_counts, b.negative_offset, b.negative_counts, tolerance
+    )
+    if positive is None or negative is None:
+        return None
+    if not count > tolerance:
+        return EMPTY
+    exact = not previous.count > 0
+    low, high = (current.min, current.max) if exact or bounds else (math.nan, math.nan)
+    return ExpHistogram(
+        scale=scale,
+        zero_count=zero if zero > tolerance else 0.0,
+        positive_offset=positive[0],
+        positive_counts=positive[1],
+        negative_offset=negative[0],
+        negative_counts=negative[1],
+        count=count,
+        sum=current.sum - previous.sum,
+        min=low,
+        max=high,
+    )
+
+
+def _side_difference(
+    offset_a: int, a: Counts, offset_b: int, b: Counts, tolerance: float
+) -> tuple[int, Counts] | None:
+    """``a - b`` on one side at one scale, residue zeroed and empty ends trimmed; None when a bucket
+    went down by more than ``tolerance``."""
+    if not b.size:
+        if not a.size:
+            return 0, _NO_COUNTS
+        diff, low = a.copy(), offset_a
+    else:
+        low = min(offset_a, offset_b) if a.size else offset_b
+        high = max(offset_a + a.size, offset_b + b.size) if a.size else offset_b + b.size
+        diff = np.zeros(high - low, dtype=np.float64)
+        if a.size:
+            diff[offset_a - low : offset_a - low + a.size] += a
+        diff[offset_b - low : offset_b - low + b.size] -= b
+        if float(diff.min()) < -tolerance:
+            return None
+    diff[diff <= tolerance] = 0.0
+    nonzero = np.flatnonzero(diff)
+    if not nonzero.size:
+        return 0, _NO_COUNTS
+    return low + int(nonzero[0]), diff[nonzero[0] : nonzero[-1] + 1]
+
+
 def scale_counts(h: ExpHistogram, factor: float) -> ExpHistogram:
     """`h` with every count, the total count and the sum multiplied by `factor` (sampling upscale).
 

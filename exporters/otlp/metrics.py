@@ -41,15 +41,15 @@ counting every enclosing message), in arrival order; a single point bigger than 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from agent import exphist
 from agent.bucket_layouts import BucketLayout, BucketLayouts
-from agent.exphist import ExpHistogram, classic_buckets, downscale, merge, whole
+from agent.exphist import ExpHistogram, classic_buckets, merge, whole
 from agent.model import Kind, Labels, Point, Resource, Scope, Temporality
 from exporters.otlp import resource as resource_attrs
 from exporters.otlp import wire
@@ -554,59 +554,9 @@ def _subtract_histogram(current: Measurement, previous: Measurement, monotonic: 
             return None
         return _Explicit(current.bounds, np.maximum(counts, 0.0), current.sum - previous.sum, None, None)
     if isinstance(current, ExpHistogram) and isinstance(previous, ExpHistogram):
-        return _subtract_exponential(current, previous)
+        # The delta's min and max are not known: sent without them (bounds=False).
+        return exphist.subtract(current, previous, bounds=False)
     return None
-
-
-def _side(offset: int, counts: npt.NDArray[np.float64], low: int, length: int) -> npt.NDArray[np.float64]:
-    out = np.zeros(length, dtype=np.float64)
-    if counts.size:
-        out[offset - low : offset - low + counts.size] = counts
-    return out
-
-
-def _subtract_sides(
-    a_offset: int, a: npt.NDArray[np.float64], b_offset: int, b: npt.NDArray[np.float64]
-) -> tuple[int, npt.NDArray[np.float64]] | None:
-    spans = [(o, o + c.size) for o, c in ((a_offset, a), (b_offset, b)) if c.size]
-    if not spans:
-        return 0, np.zeros(0, dtype=np.float64)
-    low = min(lo for lo, _ in spans)
-    length = max(hi for _, hi in spans) - low
-    diff = _side(a_offset, a, low, length) - _side(b_offset, b, low, length)
-    if float(diff.min()) < -1e-9:
-        return None
-    return low, np.maximum(diff, 0.0)
-
-
-def _subtract_exponential(current: ExpHistogram, previous: ExpHistogram) -> ExpHistogram | None:
-    scale = min(current.scale, previous.scale)
-    current = downscale(current, current.scale - scale)
-    previous = downscale(previous, previous.scale - scale)
-    count = current.count - previous.count
-    zero = current.zero_count - previous.zero_count
-    if count < -1e-9 or zero < -1e-9:
-        return None
-    positive = _subtract_sides(
-        current.positive_offset, current.positive_counts, previous.positive_offset, previous.positive_counts
-    )
-    negative = _subtract_sides(
-        current.negative_offset, current.negative_counts, previous.negative_offset, previous.negative_counts
-    )
-    if positive is None or negative is None:
-        return None
-    return ExpHistogram(
-        scale=scale,
-        zero_count=max(zero, 0.0),
-        positive_offset=positive[0],
-        positive_counts=positive[1],
-        negative_offset=negative[0],
-        negative_counts=negative[1],
-        count=max(count, 0.0),
-        sum=current.sum - previous.sum,
-        min=math.nan,
-        max=math.nan,
-    )
 
 
 __all__ = ["EncoderOptions", "Labels", "MetricEncoder"]

@@ -108,60 +108,11 @@ def explicit_to_exponential(e: ExplicitHistogram, *, max_buckets: int) -> ExpHis
     )
 
 
-def _aligned_difference(
-    offset_a: int, a: np.ndarray, offset_b: int, b: np.ndarray
-) -> tuple[int, np.ndarray] | None:
-    """a - b on one side at the same scale, trimmed of zero ends; None if any bucket went negative."""
-    if not b.size:
-        diff, low = a.copy(), offset_a
-    else:
-        low = min(offset_a, offset_b) if a.size else offset_b
-        high = max(offset_a + a.size, offset_b + b.size) if a.size else offset_b + b.size
-        diff = np.zeros(high - low, dtype=np.float64)
-        if a.size:
-            diff[offset_a - low : offset_a - low + a.size] += a
-        diff[offset_b - low : offset_b - low + b.size] -= b
-    # Fractional weights leave rounding residue; anything clearly negative means the series reset.
-    tolerance = 1e-9 * max(1.0, float(np.abs(diff).max(initial=0.0)))
-    if (diff < -tolerance).any():
-        return None
-    diff[diff < tolerance] = 0.0
-    nonzero = np.flatnonzero(diff)
-    if not nonzero.size:
-        return 0, np.zeros(0, dtype=np.float64)
-    return low + int(nonzero[0]), diff[nonzero[0] : nonzero[-1] + 1]
-
-
 def subtract(current: ExpHistogram, previous: ExpHistogram) -> ExpHistogram | None:
-    """The values `current` (cumulative) gained since `previous`; None when the series was reset.
-
-    Both are brought to the coarser of their scales. min and max of the difference are not known:
-    the lifetime min and max of `current` are kept (they still bound it, loosely).
-    """
-    if current.count < previous.count or current.zero_count < previous.zero_count - 1e-9:
-        return None
-    scale = min(current.scale, previous.scale)
-    a = exphist.downscale(current, current.scale - scale)
-    b = exphist.downscale(previous, previous.scale - scale)
-    pos = _aligned_difference(a.positive_offset, a.positive_counts, b.positive_offset, b.positive_counts)
-    neg = _aligned_difference(a.negative_offset, a.negative_counts, b.negative_offset, b.negative_counts)
-    if pos is None or neg is None:
-        return None
-    count = current.count - previous.count
-    if not count > 0:
-        return exphist.EMPTY
-    return ExpHistogram(
-        scale=scale,
-        zero_count=max(0.0, current.zero_count - previous.zero_count),
-        positive_offset=pos[0],
-        positive_counts=pos[1],
-        negative_offset=neg[0],
-        negative_counts=neg[1],
-        count=count,
-        sum=current.sum - previous.sum,
-        min=current.min,
-        max=current.max,
-    )
+    """The values `current` (cumulative) gained since `previous`; None when the series was reset
+    (:func:`agent.exphist.subtract`). min and max of the difference are `current`'s lifetime ones,
+    which still bound it (loosely) for the quantiles' clamping."""
+    return exphist.subtract(current, previous)
 
 
 def subtract_explicit(current: ExplicitHistogram, previous: ExplicitHistogram) -> ExplicitHistogram | None:
