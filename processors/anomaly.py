@@ -8,7 +8,7 @@
       threshold/anomaly:          # then alert on the scores (after anomaly in the pipeline)
         rules: [{name: anomalous, metric: "*_anomaly_score", op: ">", critical: 4}]
 
-What is scored, per series (name + labels + resource):
+What is scored, per series (its identity: name, kind, labels, resource and scope, ``agent.model.SeriesKey``):
 
 - GAUGE points and non-monotonic SUMs (up-down counters): their value.
 - Monotonic SUMs (counters): their rate per second. A DELTA point's rate is its value over its own
@@ -51,7 +51,7 @@ from agent.component import Backpressure, ComponentKind, Consumer, Factory, Sett
 from agent.confmodel import Duration
 from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
-from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Temporality
+from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, SeriesKey, Temporality, key_of
 from agent.telemetry import Cell
 from processors.percentiles import convert
 
@@ -139,7 +139,6 @@ class _Series:
         """The previous CUMULATIVE value or histogram, the base of the next difference."""
 
 
-SeriesKey = tuple[str, Labels, Labels | None]
 _Saved = tuple[int, float, float, int, float, float | ExpHistogram | ExplicitHistogram | None]
 """A series' state (n, mean, variance, last_ns, last_seen, previous), to undo a refused batch."""
 
@@ -226,7 +225,7 @@ class AnomalyProcessor:
         for p in batch.points:
             if not self._wanted(p) or not self._matches(p.name):
                 continue
-            key = (p.name, p.labels, p.resource.attributes if p.resource is not None else None)
+            key = key_of(p)
             s = self._series.get(key)
             if s is None:
                 if len(self._series) >= self._config.max_series:

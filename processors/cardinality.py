@@ -9,8 +9,8 @@
         window: 10m                  # a series not seen for this long stops counting
         action: overflow             # or drop (default)
 
-A series is a metric name plus its labels (and its OTLP resource, when it has one). It is active
-while a point of it arrived within the last ``window`` of processing time (the agent's clock, not
+A series is a metric name plus its labels, resource, scope and kind (its ``agent.model.SeriesKey``).
+It is active while a point of it arrived within the last ``window`` of processing time (the agent's clock, not
 the points' timestamps). A point of a series that is already active always passes. A point of a new
 series passes while its metric has fewer than ``max_series_per_metric`` active series and all metrics
 together fewer than ``max_series`` (which bounds the processor's own memory, ~200 B a series, against a
@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,7 +48,7 @@ from agent import exphist
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
 from agent.counting import PointCounts
-from agent.model import Batch, ExplicitHistogram, Kind, Labels, MetricBatch, Point
+from agent.model import Batch, ExplicitHistogram, Kind, Labels, MetricBatch, Point, SeriesKey, key_of
 from agent.telemetry import Cell
 
 TYPE = "cardinality"
@@ -90,7 +90,7 @@ class _Metric:
     __slots__ = ("capped", "expired_at", "series")
 
     def __init__(self) -> None:
-        self.series: OrderedDict[Hashable, float] = OrderedDict()
+        self.series: OrderedDict[SeriesKey, float] = OrderedDict()
         self.capped = False
         self.expired_at = -1.0
         """When idle series were last expired: within one batch (one clock reading) once is enough."""
@@ -276,7 +276,7 @@ class CardinalityLimiter:
         out: list[Point] = []
         limited: list[Point] = []
         for p in batch.points:
-            key: Hashable = p.labels if p.resource is None else (p.labels, p.resource)
+            key = key_of(p)
             m = metrics.get(p.name)
             if m is None:
                 if not self._room(now):
