@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import struct
 import time
@@ -15,10 +14,10 @@ import pytest
 from aiohttp import web
 
 from agent import exphist
-from agent.component import ComponentId, ComponentKind, Settings
+from agent.component import ComponentKind
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Summary, Temporality
 from agent.sending import RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.prometheus_remote_write import (
     AuthConfig,
     BasicAuthConfig,
@@ -27,6 +26,7 @@ from exporters.prometheus_remote_write import (
     remote_pb2,
     wire,
 )
+from tests.conftest import component_settings, wait_until
 
 FRAMED_MAGIC = bytes.fromhex("ff060000734e61507059")
 
@@ -90,12 +90,8 @@ async def make(receiver: Receiver) -> AsyncIterator[Make]:
         cfg = replace(cfg, **overrides)  # type: ignore[arg-type]
         assert cfg.validate() == []
         tel = Telemetry()
-        settings = Settings(
-            id=ComponentId("prometheus_remote_write"),
-            kind=ComponentKind.EXPORTER,
-            telemetry=ComponentTelemetry(tel, "exporter", "prometheus_remote_write"),
-            logger=logging.getLogger("test.prw"),
-            shutdown_timeout_s=5.0,
+        settings = component_settings(
+            tel, ComponentKind.EXPORTER, "prometheus_remote_write", logger="test.prw", shutdown_timeout_s=5.0
         )
         exp = PrometheusRemoteWriteExporter(settings, cfg)
         made.append(exp)
@@ -325,9 +321,9 @@ async def test_stale_markers_for_every_sub_series_on_expiry(make: Make, receiver
             )
         )
     )
-    deadline = time.monotonic() + 10
-    while tel.value("exporter_stale_markers_total") < 2 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await wait_until(
+        lambda: tel.value("exporter_stale_markers_total") >= 2, "two stale markers", timeout_s=10
+    )
     await drain(exp)
     s = receiver.samples()
     assert sorted(s) == sorted(
@@ -382,9 +378,7 @@ async def test_stale_marker_on_expiry_and_input_nan_is_not_stale(make: Make, rec
     exp, tel = make(series_expiration=0.2)
     await exp.start()
     await exp.consume(MetricBatch((Point("temp", Kind.GAUGE, (), time.time_ns(), value=math.nan),)))
-    deadline = time.monotonic() + 10
-    while tel.value("exporter_stale_markers_total") < 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: tel.value("exporter_stale_markers_total") >= 1, "the stale marker", timeout_s=10)
     await drain(exp)
     values = [v for v, _ in receiver.samples()["__name__=temp"]]
     assert len(values) == 2
@@ -427,7 +421,7 @@ async def test_bearer_token_file_is_reread_when_it_changes(make: Make, receiver:
     exp, _ = make(auth=AuthConfig(bearer_token_file=str(token)))
     await exp.start()
     await exp.consume(MetricBatch((counter("x", 1),)))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: receiver.requests, "the request with the first token")
     token.write_text("two\n")
     import os
 
@@ -504,11 +498,8 @@ async def test_tls_endpoint_verified_with_ca_file(tmp_path) -> None:  # type: ig
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("prometheus_remote_write"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "prometheus_remote_write"),
-        logger=logging.getLogger("test.prw.tls"),
+    settings = component_settings(
+        tel, ComponentKind.EXPORTER, "prometheus_remote_write", logger="test.prw.tls"
     )
     fast = RetryConfig(initial_interval=0.01, max_interval=0.02, max_elapsed_time=0.2)
     good = PrometheusRemoteWriteExporter(
@@ -520,7 +511,13 @@ async def test_tls_endpoint_verified_with_ca_file(tmp_path) -> None:  # type: ig
         ),
     )
     untrusted = PrometheusRemoteWriteExporter(
-        replace(settings, telemetry=ComponentTelemetry(tel, "exporter", "untrusted")),
+        component_settings(
+            tel,
+            ComponentKind.EXPORTER,
+            "prometheus_remote_write",
+            telemetry_id="untrusted",
+            logger="test.prw.tls",
+        ),
         PrometheusRemoteWriteConfig(endpoint=f"https://127.0.0.1:{port}/api/v1/write", retry_on_failure=fast),
     )
     try:
