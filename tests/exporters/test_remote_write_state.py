@@ -13,6 +13,7 @@ from agent import exphist
 from agent.model import Kind, Point
 from exporters.prometheus_remote_write.state import SeriesState
 from exporters.prometheus_series import SeriesStore
+from tests.conftest import component_settings, wait_until
 
 
 def counter(store: SeriesStore, value: float, t: int, **labels: str) -> None:
@@ -105,7 +106,7 @@ def test_histograms_survive_in_the_snapshot(tmp_path: Path) -> None:
     assert series.bucket_counts is not None and series.bucket_counts[-1] == 3
 
 
-# --- ordering: the journal is durable before the queue (review regressions) -------------------------
+# --- ordering: the journal is durable before the queue -----------------------------------------------
 
 
 def _track_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -143,7 +144,7 @@ async def test_a_compaction_does_not_skip_the_fsync_of_the_previous_journal(
     # Another batch's commit starts a compaction before this batch's own state.sync runs: new frames
     # go to journal 1 at once.
     task = asyncio.create_task(state.maybe_compact(store, force=True))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop, not a timed wait: the compaction runs to its first await
     assert state.generation == 1
     state.sync()  # this batch's sync: its frame (journal 0) must be durable when it returns
     assert base + ".journal.0" in seen
@@ -155,20 +156,18 @@ async def test_a_compaction_does_not_skip_the_fsync_of_the_previous_journal(
 async def test_the_background_queue_sync_makes_the_journal_durable_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import logging
-
-    from agent.component import ComponentId, ComponentKind, Settings
+    from agent.component import ComponentKind
     from agent.model import Kind as K
     from agent.model import MetricBatch
     from agent.sending import QueueConfig
-    from agent.telemetry import ComponentTelemetry, Telemetry
+    from agent.telemetry import Telemetry
     from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig, PrometheusRemoteWriteExporter
 
-    settings = Settings(
-        id=ComponentId("prometheus_remote_write"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(Telemetry(), "exporter", "prometheus_remote_write"),
-        logger=logging.getLogger("test.rw.order"),
+    settings = component_settings(
+        Telemetry(),
+        ComponentKind.EXPORTER,
+        "prometheus_remote_write",
+        logger="test.rw.order",
         shutdown_timeout_s=0.01,
     )
     config = PrometheusRemoteWriteConfig(
@@ -205,25 +204,27 @@ def _skip_state_sync(real):  # type: ignore[no-untyped-def]
     return to_thread
 
 
+# --- series expiry -----------------------------------------------------------------------------------
+
+
 async def test_a_failed_commit_does_not_end_series_expiry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno
-    import logging
 
-    from agent.component import ComponentId, ComponentKind, Settings
+    from agent.component import ComponentKind
     from agent.model import Kind as K
     from agent.model import MetricBatch
     from agent.sending import QueueConfig, Sender
-    from agent.telemetry import ComponentTelemetry, Telemetry
+    from agent.telemetry import Telemetry
     from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig, PrometheusRemoteWriteExporter
 
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("prometheus_remote_write"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "prometheus_remote_write"),
-        logger=logging.getLogger("test.rw.expire"),
+    settings = component_settings(
+        tel,
+        ComponentKind.EXPORTER,
+        "prometheus_remote_write",
+        logger="test.rw.expire",
         shutdown_timeout_s=0.01,
     )
     config = PrometheusRemoteWriteConfig(
@@ -248,17 +249,13 @@ async def test_a_failed_commit_does_not_end_series_expiry(
 
     monkeypatch.setattr(Sender, "commit", flaky_commit)
 
-    async def expired(n: int) -> bool:
-        for _ in range(500):
-            if tel.value("exporter_stale_markers_total") >= n:
-                return True
-            await asyncio.sleep(0.01)
-        return False
+    def expired(n: int) -> bool:
+        return tel.value("exporter_stale_markers_total") >= n
 
     try:
         await exporter.consume(MetricBatch((Point("a", K.GAUGE, (), 10**18, value=1.0),)))
-        assert await expired(1)  # its commit failed
+        await wait_until(lambda: expired(1), "the first stale marker", timeout_s=5)  # its commit failed
         await exporter.consume(MetricBatch((Point("b", K.GAUGE, (), 10**18, value=1.0),)))
-        assert await expired(2)  # expiry goes on
+        await wait_until(lambda: expired(2), "the second stale marker", timeout_s=5)  # expiry goes on
     finally:
         await exporter.shutdown()
