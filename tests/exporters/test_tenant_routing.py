@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +12,10 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
-from agent.component import ComponentId, ComponentKind, Settings, validate_config
+from agent.component import ComponentKind, Settings, validate_config
 from agent.model import Kind, MetricBatch, Point, SpanBatch
 from agent.sending import QueueConfig, RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.otlp.config import OtlpHttpConfig, OtlpTenantRoutingConfig
 from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import (
@@ -28,6 +26,7 @@ from exporters.prometheus_remote_write import (
     wire,
 )
 from processors.tenant import TenantConfig, TenantProcessor
+from tests.conftest import component_settings, wait_until
 from tests.exporters.otlp_sink import Sink
 
 FAST = RetryConfig(initial_interval=0.01, max_interval=0.05, max_elapsed_time=0)
@@ -77,13 +76,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 def settings(tel: Telemetry, kind: ComponentKind, type_: str) -> Settings:
-    return Settings(
-        id=ComponentId(type_),
-        kind=kind,
-        telemetry=ComponentTelemetry(tel, kind.value, type_),
-        logger=logging.getLogger(f"test.{type_}"),
-        shutdown_timeout_s=0.5,
-    )
+    return component_settings(tel, kind, type_, shutdown_timeout_s=0.5)
 
 
 def remote_write(
@@ -96,13 +89,6 @@ def remote_write(
     return PrometheusRemoteWriteExporter(
         settings(tel, ComponentKind.EXPORTER, "prometheus_remote_write"), config
     )
-
-
-async def wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.01)
 
 
 def counter(name: str, tenant: str | None = None, **labels: str) -> Point:
