@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import math
 import time
 import urllib.request
@@ -13,23 +12,18 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import exphist
-from agent.component import ComponentId, ComponentKind, Settings
+from agent.component import ComponentKind
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Resource, Summary, Temporality
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.prometheus import PrometheusConfig, PrometheusExporter
 from exporters.prometheus_series import HISTOGRAM, SUMMARY, SeriesStore, metric_name, prom_labels
-from tests.test_contract import free_port
+from tests.conftest import component_settings, free_port, wait_until
 
 
 def make(**cfg: object) -> tuple[PrometheusExporter, Telemetry, PrometheusConfig]:
     config = PrometheusConfig(**{"endpoint": f"127.0.0.1:{free_port()}", **cfg})  # type: ignore[arg-type]
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("prometheus"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "prometheus"),
-        logger=logging.getLogger("test.prom"),
-    )
+    settings = component_settings(tel, ComponentKind.EXPORTER, "prometheus", logger="test.prom")
     return PrometheusExporter(settings, config), tel, config
 
 
@@ -86,10 +80,11 @@ async def test_idle_series_expire() -> None:
     try:
         await exp.consume(MetricBatch((Point("gone", Kind.GAUGE, (), now(), value=1),)))
         assert "gone 1" in await exp.render()
-        deadline = time.monotonic() + 10
-        while "gone" in await exp.render():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+
+        async def expired() -> bool:
+            return "gone" not in await exp.render()
+
+        await wait_until(expired, "the idle series gone from the page", timeout_s=10)
     finally:
         await exp.shutdown()
 
