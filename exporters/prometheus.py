@@ -33,7 +33,7 @@ from typing import cast
 
 from aiohttp import web
 
-from agent.bucket_layouts import BucketLayout, bounds_problem, validate_layouts
+from agent.bucket_layouts import BucketLayout
 from agent.component import ComponentKind, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, parse_host_port
 from agent.exphist import whole, whole_count
@@ -47,7 +47,9 @@ from exporters.prometheus_series import (
     SUMMARY,
     Series,
     SeriesStore,
+    expiry_interval_s,
     format_value,
+    store_problems,
 )
 
 TYPE = "prometheus"
@@ -76,15 +78,12 @@ class PrometheusConfig:
             parse_host_port(self.endpoint)
         except ValueError as exc:
             problems.append(("endpoint", str(exc)))
-        bounds = bounds_problem(self.histogram_buckets)
-        if bounds is not None:
-            problems.append(("histogram_buckets", bounds))
-        problems += validate_layouts(self.bucket_layouts)
-        if self.metric_expiration <= 0:
-            problems.append(("metric_expiration", "must be greater than 0"))
-        if self.max_series < 1:
-            problems.append(("max_series", "must be at least 1"))
-        return problems
+        return problems + store_problems(
+            self.histogram_buckets,
+            self.bucket_layouts,
+            ("metric_expiration", self.metric_expiration),
+            self.max_series,
+        )
 
     def environment_problems(self) -> list[tuple[str, str]]:
         problem = bind_problem("tcp", self.endpoint)
@@ -112,7 +111,6 @@ class PrometheusExporter:
         """Held while a batch is applied in slices: batches are applied whole and in arrival order."""
         tel = settings.telemetry
         self._sent = tel.sent()
-        self._refused_seen: dict[str, int] = {}
         tel.gauge("exporter_series", "Live series held by the exporter.", lambda: self._store.size)
 
     async def start(self) -> None:
@@ -138,16 +136,13 @@ class PrometheusExporter:
             self._count_refused()
 
     def _count_refused(self) -> None:
-        for reason, n in self._store.refused.items():
-            seen = self._refused_seen.get(reason, 0)
-            if n != seen:
-                self._settings.telemetry.dropped(reason).value += n - seen
-                self._refused_seen[reason] = n
+        for reason, n in self._store.new_refusals().items():
+            self._settings.telemetry.dropped(reason).value += n
 
     async def _expire_loop(self) -> None:
         ttl = self._config.metric_expiration
         while True:
-            await asyncio.sleep(min(max(ttl / 4, 0.05), 30.0))
+            await asyncio.sleep(expiry_interval_s(ttl))
             await self._store.expire_sliced(ttl)
 
     async def render(self) -> str:

@@ -62,7 +62,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent import exphist
-from agent.bucket_layouts import BucketLayout, BucketLayouts
+from agent.bucket_layouts import BucketLayout, BucketLayouts, bounds_problem, validate_layouts
 from agent.exphist import ExpHistogram
 from agent.model import Kind, Labels, Point, Resource, SeriesKey, Temporality, key_of
 
@@ -313,6 +313,7 @@ class SeriesStore:
         self._names = _Names(min(_CACHE_LIMIT, max(_CACHE_MIN, max_series)))
         self._shapes: dict[tuple[float, ...], tuple[float, ...]] = {}
         self.refused: dict[str, int] = {}
+        self._refusals_taken: dict[str, int] = {}
         self._front: dict[tuple[SeriesKey, bool, str], Series] = {}
         """Series by the identity of the points that reach them (their series key, monotonic, unit:
         everything the Prometheus name and labels are made of): one pointer-keyed lookup a point
@@ -325,6 +326,13 @@ class SeriesStore:
 
     def _refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def new_refusals(self) -> dict[str, int]:
+        """The points refused (``refused``) since the last call, by reason: what an exporter adds to
+        its dropped counter after each batch."""
+        new = {r: n - self._refusals_taken.get(r, 0) for r, n in self.refused.items()}
+        self._refusals_taken = dict(self.refused)
+        return {r: n for r, n in new.items() if n}
 
     def _intern(self, shape: tuple[float, ...]) -> tuple[float, ...]:
         """One shared tuple per distinct bounds (or quantiles): 100k series of one metric hold one."""
@@ -616,6 +624,33 @@ class SeriesStore:
                     gone, examined = [], 0
         self.size -= len(gone)
         yield gone
+
+
+def store_problems(
+    histogram_buckets: Sequence[float],
+    bucket_layouts: Sequence[BucketLayout],
+    expiration: tuple[str, float],
+    max_series: int,
+) -> list[tuple[str, str]]:
+    """The problems of the series-store settings both Prometheus exporters share: the classic
+    buckets and layouts, the idle time after which a series goes (``expiration``: its field's name
+    and value) and the series cap."""
+    problems = []
+    bounds = bounds_problem(histogram_buckets)
+    if bounds is not None:
+        problems.append(("histogram_buckets", bounds))
+    problems += validate_layouts(bucket_layouts)
+    name, seconds = expiration
+    if seconds <= 0:
+        problems.append((name, "must be greater than 0"))
+    if max_series < 1:
+        problems.append(("max_series", "must be at least 1"))
+    return problems
+
+
+def expiry_interval_s(ttl_s: float) -> float:
+    """How often an exporter looks for series idle for ``ttl_s``: a quarter of it, 50 ms to 30 s."""
+    return min(max(ttl_s / 4, 0.05), 30.0)
 
 
 def next_timestamp_ms(series: Series, time_unix_nano: int) -> int:

@@ -42,7 +42,7 @@ from typing import cast
 
 import aiohttp
 
-from agent.bucket_layouts import BucketLayout, bounds_problem, validate_layouts
+from agent.bucket_layouts import BucketLayout
 from agent.client_config import ClientConfig, url_problem
 from agent.component import (
     Backpressure,
@@ -75,8 +75,10 @@ from exporters.prometheus_series import (
     SUMMARY,
     Series,
     SeriesStore,
+    expiry_interval_s,
     format_value,
     next_timestamp_ms,
+    store_problems,
 )
 
 TYPE = "prometheus_remote_write"
@@ -189,12 +191,12 @@ class PrometheusRemoteWriteConfig(ClientConfig, _RemoteWriteFields):
         problems = self.client_problems() + url_problem("endpoint", self.endpoint)
         if self.max_samples_per_request < 1:
             problems.append(("max_samples_per_request", "must be at least 1"))
-        bounds = bounds_problem(self.histogram_buckets)
-        if bounds is not None:
-            problems.append(("histogram_buckets", bounds))
-        problems += validate_layouts(self.bucket_layouts)
-        if self.series_expiration <= 0:
-            problems.append(("series_expiration", "must be greater than 0"))
+        problems += store_problems(
+            self.histogram_buckets,
+            self.bucket_layouts,
+            ("series_expiration", self.series_expiration),
+            self.max_series,
+        )
         problems += [(f"auth::{path}" if path else "auth", msg) for path, msg in self.auth.validate()]
         problems += [(f"tls::{path}", msg) for path, msg in self.tls.http_problems(TYPE)]
         return problems
@@ -240,7 +242,6 @@ class PrometheusRemoteWriteExporter:
             "User-Agent": USER_AGENT,
         }
         self._token_file_state: tuple[float, str] = (0.0, "")
-        self._refused_seen: dict[str, int] = {}
         self._state: SeriesState | None = None
         self._stale = settings.telemetry.counter(
             "exporter_stale_markers_total", "Stale markers sent for series that expired."
@@ -618,16 +619,13 @@ class PrometheusRemoteWriteExporter:
         (sender or self._sender).offer(Request(body, points))
 
     def _count_refused(self) -> None:
-        for reason, n in self._store.refused.items():
-            seen = self._refused_seen.get(reason, 0)
-            if n != seen:
-                self._settings.telemetry.dropped(reason).value += n - seen
-                self._refused_seen[reason] = n
+        for reason, n in self._store.new_refusals().items():
+            self._settings.telemetry.dropped(reason).value += n
 
     async def _expire_loop(self) -> None:
         ttl = self._config.series_expiration
         while True:
-            await asyncio.sleep(min(max(ttl / 4, 0.05), 30.0))
+            await asyncio.sleep(expiry_interval_s(ttl))
             async with self._applying:  # between batches: a stale marker never lands inside one
                 touched = await self._expire(ttl)
             for sender in touched:
