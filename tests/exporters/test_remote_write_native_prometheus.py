@@ -8,11 +8,10 @@ the exporter post them), and queries them through the HTTP API.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import logging
 import math
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,16 +26,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.component import ComponentId, ComponentKind, Settings
+from agent.component import ComponentKind
 from agent.exphist import ExpHistogram
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Summary, Temporality
 from agent.sending import RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.prometheus_remote_write import (
     PrometheusRemoteWriteConfig,
     PrometheusRemoteWriteExporter,
     wire,
 )
+from tests.conftest import component_settings, free_port, wait_until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +46,6 @@ READY_TIMEOUT_S = 30.0
 @dataclass(frozen=True)
 class Server:
     url: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -76,19 +70,18 @@ def prometheus() -> Iterator[Server]:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            log_text = (workdir / "prometheus.log").read_text()
+            pytest.fail(f"prometheus exited with {proc.returncode}: {log_text}")
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
+            return True
+
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                log_text = (workdir / "prometheus.log").read_text()
-                pytest.fail(f"prometheus exited with {proc.returncode}: {log_text}")
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("prometheus did not become ready")
-                time.sleep(0.1)
+        wait_until_sync(
+            ready, "prometheus to become ready", READY_TIMEOUT_S, every_s=0.1, retry_on=(OSError,)
+        )
         yield Server(url)
     finally:
         proc.terminate()
@@ -230,11 +223,11 @@ async def test_prometheus_reads_explicit_histograms_and_summaries_from_the_expor
     prometheus: Server,
 ) -> None:
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("prometheus_remote_write"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "prometheus_remote_write"),
-        logger=logging.getLogger("test.prw.prometheus"),
+    settings = component_settings(
+        tel,
+        ComponentKind.EXPORTER,
+        "prometheus_remote_write",
+        logger="test.prw.prometheus",
         shutdown_timeout_s=10.0,
     )
     # Native histograms on: explicit histograms must still arrive as classic series.
@@ -285,22 +278,29 @@ async def test_prometheus_reads_explicit_histograms_and_summaries_from_the_expor
     assert tel.value("exporter_sent_points_total") == 3
     at_ms = t2 // 1_000_000
 
-    def scalar(promql: str) -> float:
-        [answer] = query(prometheus, promql, at_ms)
+    async def query_at(promql: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(query, prometheus, promql, at_ms)  # off the loop: a blocking HTTP call
+
+    async def scalar(promql: str) -> float:
+        [answer] = await query_at(promql)
         return float(answer["value"][1])
 
     # Cumulative buckets now: le=0.1 → 2, 0.5 → 8, 1 → 12, +Inf → 12. The median (rank 6) lies in
     # (0.1, 0.5]: 0.1 + (6 - 2) / (8 - 2) * 0.4.
-    assert scalar("histogram_quantile(0.5, rpc_duration_seconds_bucket)") == pytest.approx(0.1 + 4 / 6 * 0.4)
+    assert await scalar("histogram_quantile(0.5, rpc_duration_seconds_bucket)") == pytest.approx(
+        0.1 + 4 / 6 * 0.4
+    )
     # Over the last minute only the second delta counts (0, 2, 4, 4): its median is at le=0.5.
-    assert scalar("histogram_quantile(0.5, rate(rpc_duration_seconds_bucket[1m]))") == pytest.approx(0.5)
-    assert scalar("rpc_duration_seconds_count") == 12
-    assert scalar("rpc_duration_seconds_sum") == 4.0
-    les = {r["metric"]["le"] for r in query(prometheus, "rpc_duration_seconds_bucket", at_ms)}
+    assert await scalar("histogram_quantile(0.5, rate(rpc_duration_seconds_bucket[1m]))") == pytest.approx(
+        0.5
+    )
+    assert await scalar("rpc_duration_seconds_count") == 12
+    assert await scalar("rpc_duration_seconds_sum") == 4.0
+    les = {r["metric"]["le"] for r in await query_at("rpc_duration_seconds_bucket")}
     assert les == {"0.1", "0.5", "1", "+Inf"}
-    assert query(prometheus, "rpc_duration_seconds", at_ms) == []  # no native series
+    assert await query_at("rpc_duration_seconds") == []  # no native series
 
-    assert scalar('rpc_latency_seconds{quantile="0.5"}') == 0.2
-    assert scalar('rpc_latency_seconds{quantile="0.99"}') == 0.8
-    assert scalar("rpc_latency_seconds_sum") == 12.5
-    assert scalar("rpc_latency_seconds_count") == 40
+    assert await scalar('rpc_latency_seconds{quantile="0.5"}') == 0.2
+    assert await scalar('rpc_latency_seconds{quantile="0.99"}') == 0.8
+    assert await scalar("rpc_latency_seconds_sum") == 12.5
+    assert await scalar("rpc_latency_seconds_count") == 40
