@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from agent import exphist
+from agent import exphist, model
 from agent.limits import SeriesLimits
-from agent.model import Kind, Labels, Point, Temporality, new_point
+from agent.model import Kind, Labels, Point, Temporality, new_point, series_key
 from receivers.statsd.parser import (
     COUNTER,
     DEFAULT_LIMITS,
@@ -115,14 +115,43 @@ class Interval:
         length (a 60 KB member costs what a 6-byte one does); two members collide with odds ~2^-64."""
 
 
+Named = tuple[str, Labels, dict[Kind, model.SeriesKey]]
+"""A series' decoded name and labels, and its series key per kind it was flushed as."""
+
+
 def _point(
-    name: str, kind: Kind, labels: Labels, time_unix_nano: int, value: float, start_time_unix_nano: int,
-    monotonic: bool, histogram: exphist.ExpHistogram | None, unit: str,
+    named: Named,
+    kind: Kind,
+    time_unix_nano: int,
+    value: float,
+    start_time_unix_nano: int,
+    monotonic: bool,
+    histogram: exphist.ExpHistogram | None,
+    unit: str,
 ) -> Point:
-    """A DELTA Point, built fast (a flush builds one per series: 100k per interval; see new_point)."""
+    """A DELTA Point, built fast (a flush builds one per series: 100k per interval; see new_point), with
+    its series key, made once per series and kind while the name cache holds the series."""
+    name, labels, keys = named
+    key = keys.get(kind)
+    if key is None:
+        key = keys[kind] = series_key(name, kind, labels)
     return new_point(
-        name, kind, labels, time_unix_nano, value, start_time_unix_nano, Temporality.DELTA, monotonic,
-        histogram, unit, "", None, None, None, None,
+        name,
+        kind,
+        labels,
+        time_unix_nano,
+        value,
+        start_time_unix_nano,
+        Temporality.DELTA,
+        monotonic,
+        histogram,
+        unit,
+        "",
+        None,
+        None,
+        None,
+        None,
+        key,
     )
 
 
@@ -169,8 +198,12 @@ def fold(
 
 
 def expire_gauges(
-    last_value: dict[bytes, float], last_seen: dict[bytes, int], built_seq: int, idle_flushes: int,
-    max_remembered: int, live_seq: int,
+    last_value: dict[bytes, float],
+    last_seen: dict[bytes, int],
+    built_seq: int,
+    idle_flushes: int,
+    max_remembered: int,
+    live_seq: int,
 ) -> int:
     """Forget gauges not updated in the last ``idle_flushes`` intervals up to ``built_seq``; then, if
     more than ``max_remembered`` remain, forget the longest idle (never one updated in the live
@@ -197,25 +230,26 @@ def build_points(
     start_time_unix_nano: int,
     time_unix_nano: int,
     chunk_size: int,
-    names: dict[bytes, tuple[str, Labels]],
+    names: dict[bytes, Named],
     max_buckets: int,
     pieces: dict[bytes, Any] | None = None,
     max_scale: int = exphist.MAX_SCALE,
 ) -> Iterator[list[Point]]:
     """Points for one detached interval, in lists of at most ``chunk_size``.
 
-    ``names`` caches canonical key → (name, labels) across flushes so names and labels are decoded once
-    per series, not once per flush, and ``pieces`` the decoded names and pairs they share (see
-    ``decode_series``); the caller bounds both.
+    ``names`` caches canonical key → (name, labels, series keys by kind) across flushes so names and
+    labels are decoded, and series keys made, once per series, not once per flush, and ``pieces`` the
+    decoded names and pairs they share (see ``decode_series``); the caller bounds both.
     """
     out: list[Point] = []
     length_ns = time_unix_nano - start_time_unix_nano
     point = _point
 
-    def labelled(canon: bytes) -> tuple[str, Labels]:
+    def labelled(canon: bytes) -> Named:
         found = names.get(canon)
         if found is None:
-            found = names[canon] = decode_series(canon, pieces)
+            name, labels = decode_series(canon, pieces)
+            found = names[canon] = (name, labels, {})
         return found
 
     for key, value in interval.counters.items():
@@ -225,8 +259,7 @@ def build_points(
             begin_ns = max(0, end_ns - length_ns)
         else:
             canon, begin_ns, end_ns = key, start_time_unix_nano, time_unix_nano
-        name, labels = labelled(canon)
-        out.append(point(name, Kind.SUM, labels, end_ns, value, begin_ns, True, None, ""))
+        out.append(point(labelled(canon), Kind.SUM, end_ns, value, begin_ns, True, None, ""))
         if len(out) >= chunk_size:
             yield out
             out = []
@@ -237,15 +270,15 @@ def build_points(
             end_ns = ts_s * 1_000_000_000
         else:
             canon, end_ns = key, time_unix_nano
-        name, labels = labelled(canon)
-        out.append(point(name, Kind.GAUGE, labels, end_ns, value, 0, False, None, ""))
+        out.append(point(labelled(canon), Kind.GAUGE, end_ns, value, 0, False, None, ""))
         if len(out) >= chunk_size:
             yield out
             out = []
 
     for canon, members in interval.sets.items():
-        name, labels = labelled(canon)
-        out.append(point(name, Kind.GAUGE, labels, time_unix_nano, float(len(members)), 0, False, None, "1"))
+        out.append(
+            point(labelled(canon), Kind.GAUGE, time_unix_nano, float(len(members)), 0, False, None, "1")
+        )
         if len(out) >= chunk_size:
             yield out
             out = []
@@ -262,14 +295,20 @@ def build_points(
         ("", interval.dists, interval.dist_weights, interval.dist_folds),
     ):
         for canon, values in values_by.items():
-            batch.append((
-                canon, unit, values, weights_by.get(canon) if weights_by else None,
-                folds_by.get(canon) if folds_by else None,
-            ))
+            batch.append(
+                (
+                    canon,
+                    unit,
+                    values,
+                    weights_by.get(canon) if weights_by else None,
+                    folds_by.get(canon) if folds_by else None,
+                )
+            )
             n_values += len(values)
             if len(batch) >= chunk_size or n_values >= HIST_VALUES_PER_CHUNK:
-                yield _histogram_points(batch, start_time_unix_nano, time_unix_nano, labelled, max_buckets,
-                                        max_scale)
+                yield _histogram_points(
+                    batch, start_time_unix_nano, time_unix_nano, labelled, max_buckets, max_scale
+                )
                 batch = []
                 n_values = 0
     if batch:
@@ -280,7 +319,7 @@ def _histogram_points(
     batch: list[tuple[bytes, str, array[float], array[float] | None, exphist.ExpHistogram | None]],
     start_time_unix_nano: int,
     time_unix_nano: int,
-    labelled: Callable[[bytes], tuple[str, Labels]],
+    labelled: Callable[[bytes], Named],
     max_buckets: int,
     max_scale: int,
 ) -> list[Point]:
@@ -304,9 +343,11 @@ def _histogram_points(
     for (canon, unit, _, _, folded), hist, length in zip(batch, hists, lengths, strict=True):
         if folded is not None:
             hist = exphist.merge(folded, hist, max_buckets=max_buckets) if length else folded
-        name, labels = labelled(canon)
-        points.append(point(name, histogram_kind, labels, time_unix_nano, 0.0, start_time_unix_nano, False,
-                            hist, unit))
+        points.append(
+            point(
+                labelled(canon), histogram_kind, time_unix_nano, 0.0, start_time_unix_nano, False, hist, unit
+            )
+        )
     return points
 
 
@@ -329,10 +370,7 @@ class StatsdAggregator:
         max_set_members_total: int = 1_000_000,
         limits: SeriesLimits = DEFAULT_LIMITS,
     ) -> None:
-        if (
-            min(max_series, gauge_idle_flushes, max_set_members, max_set_members_total) < 1
-            or max_buckets < 2
-        ):
+        if min(max_series, gauge_idle_flushes, max_set_members, max_set_members_total) < 1 or max_buckets < 2:
             raise ValueError(
                 "max_series, gauge_idle_flushes, max_set_members(_total) must be >= 1; max_buckets >= 2"
             )
@@ -362,7 +400,7 @@ class StatsdAggregator:
         """Latest value per gauge series, across intervals: the base for +/- deltas."""
         self._gauge_seen: dict[bytes, int] = {}
         """Seq of the last interval that updated each gauge in _gauge_last (the idle clock)."""
-        self._names: dict[bytes, tuple[str, Labels]] = {}
+        self._names: dict[bytes, Named] = {}
         self._pieces: dict[bytes, Any] = {}
         self._fold_ok = True
 
@@ -392,14 +430,26 @@ class StatsdAggregator:
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         self.gauges_forgotten += expire_gauges(
-            self._gauge_last, self._gauge_seen, interval.seq, self._idle_flushes, self._max_series,
+            self._gauge_last,
+            self._gauge_seen,
+            interval.seq,
+            self._idle_flushes,
+            self._max_series,
             self._iv.seq,
         )
         if len(self._names) > self._cache_max or len(self._pieces) > 4 * self._cache_max:
             self._names.clear()
             self._pieces.clear()
-        return build_points(interval, start_time_unix_nano, time_unix_nano, chunk_size, self._names,
-                            self._max_buckets, self._pieces, self._max_scale)
+        return build_points(
+            interval,
+            start_time_unix_nano,
+            time_unix_nano,
+            chunk_size,
+            self._names,
+            self._max_buckets,
+            self._pieces,
+            self._max_scale,
+        )
 
     # -- ingest ------------------------------------------------------------------------------------
     def feed(self, packet: bytes) -> None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent.confmodel import Size
 from agent.limits import SeriesLimits
-from agent.model import Kind, Labels, Point, Temporality
+from agent.model import Kind, Labels, Point, Temporality, key_of
 from receivers.statsd import aggregator as aggregator_module
 from receivers.statsd import parser as parser_module
 from receivers.statsd.aggregator import StatsdAggregator
@@ -1029,13 +1029,14 @@ def test_build_rejects_bad_chunk_size() -> None:
 
 
 def test_fast_points_match_constructor() -> None:
-    args = ("a", Kind.SUM, (("k", "v"),), 5, 1.5, 2, True, None, "s")
-    fast = aggregator_module._point(*args)
+    named: aggregator_module.Named = ("a", (("k", "v"),), {})
+    fast = aggregator_module._point(named, Kind.SUM, 5, 1.5, 2, True, None, "s")
     built = Point(
         "a", Kind.SUM, (("k", "v"),), 5, value=1.5, start_time_unix_nano=2, monotonic=True, unit="s"
     )
     assert type(fast) is Point
     assert fast == built and hash(fast) == hash(built) and repr(fast) == repr(built)
+    assert fast.key is key_of(built) and named[2] == {Kind.SUM: fast.key}  # made once, kept per series
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.value = 2.0  # type: ignore[misc]
 
@@ -1047,6 +1048,7 @@ def test_names_decoded_once_and_cached() -> None:
     agg.feed(b"a:1|c|#x:y")
     second = only(flush(agg), "a", (("x", "y"),))
     assert first.name is second.name and first.labels is second.labels
+    assert first.key is not None and first.key is second.key  # the series' key, once per series
 
 
 def test_caches_are_bounded() -> None:
@@ -1081,8 +1083,25 @@ def test_constructor_validates() -> None:
 # -- properties -----------------------------------------------------------------------------------
 
 _NAMES = [
-    b"a", b"b.c", b"x,k=v", b"y#k=v", b"z[k=v]r", b"", b"\xff", b"a|b", b"_e{1,1}", b"n#", b"w,k=v,j=u",
-    b"ctl\x1b", b"longname", b"v,k=long", b"k,\x00=v", b"seven77", b"f.[]t", b"f.[a,b=1]t", b"[a=b,c=dx",
+    b"a",
+    b"b.c",
+    b"x,k=v",
+    b"y#k=v",
+    b"z[k=v]r",
+    b"",
+    b"\xff",
+    b"a|b",
+    b"_e{1,1}",
+    b"n#",
+    b"w,k=v,j=u",
+    b"ctl\x1b",
+    b"longname",
+    b"v,k=long",
+    b"k,\x00=v",
+    b"seven77",
+    b"f.[]t",
+    b"f.[a,b=1]t",
+    b"[a=b,c=dx",
     b"a=b]x",
 ]
 _VALUES = [
