@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agent import exphist
-from agent.component import ComponentId, ComponentKind, Settings
+from agent.component import ComponentKind
 from agent.model import (
     ExplicitHistogram,
     Kind,
@@ -23,18 +22,14 @@ from agent.model import (
     SpanBatch,
     Summary,
 )
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.debug import DebugConfig, DebugExporter
+from tests.conftest import component_settings
 
 
 def make(tmp_path: Path, verbosity: str) -> tuple[DebugExporter, Path, Telemetry]:
     tel = Telemetry()
-    settings = Settings(
-        id=ComponentId("debug"),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(tel, "exporter", "debug"),
-        logger=logging.getLogger("test.debug"),
-    )
+    settings = component_settings(tel, ComponentKind.EXPORTER, "debug")
     path = tmp_path / "out.jsonl"
     return DebugExporter(settings, DebugConfig(verbosity=verbosity, path=str(path))), path, tel  # type: ignore[arg-type]
 

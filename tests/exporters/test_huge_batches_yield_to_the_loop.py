@@ -9,7 +9,6 @@ every clock check (``slice_every_check``), and the reference run never yields (`
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,10 +18,10 @@ import pytest
 from aiohttp import web
 
 from agent import exphist, slicing
-from agent.component import ComponentId, ComponentKind, Settings
+from agent.component import ComponentKind, Settings
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Summary, Temporality
 from agent.sending import Request
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.otlp.config import OtlpHttpConfig
 from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import (
@@ -31,6 +30,7 @@ from exporters.prometheus_remote_write import (
     remote_pb2,
     wire,
 )
+from tests.conftest import component_settings
 from tests.exporters.conftest import Ticker
 from tests.exporters.otlp_sink import Sink
 
@@ -75,12 +75,8 @@ def batch() -> MetricBatch:
 
 
 def settings(kind: str) -> Settings:
-    return Settings(
-        id=ComponentId(kind),
-        kind=ComponentKind.EXPORTER,
-        telemetry=ComponentTelemetry(Telemetry(), "exporter", kind),
-        logger=logging.getLogger(f"test.huge.{kind}"),
-        shutdown_timeout_s=60.0,
+    return component_settings(
+        Telemetry(), ComponentKind.EXPORTER, kind, logger=f"test.huge.{kind}", shutdown_timeout_s=60.0
     )
 
 

@@ -6,18 +6,17 @@ change, and a batch naming only other tenants still passes."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiohttp import web
 
-from agent.component import Backpressure, ComponentId, ComponentKind, Settings
+from agent.component import Backpressure, ComponentKind
 from agent.confmodel import Duration
 from agent.model import Kind, MetricBatch, Point
 from agent.sending import QueueConfig, RetryConfig
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import Telemetry
 from exporters.prometheus_remote_write import (
     PrometheusRemoteWriteConfig,
     PrometheusRemoteWriteExporter,
@@ -25,7 +24,7 @@ from exporters.prometheus_remote_write import (
     remote_pb2,
     wire,
 )
-from tests.conftest import wait_until
+from tests.conftest import component_settings, wait_until
 
 
 class Backend:
@@ -86,11 +85,11 @@ async def make(backend: Backend) -> AsyncIterator[Make]:
             tenant=tenant,
         )
         assert cfg.validate() == []
-        settings = Settings(
-            id=ComponentId("prometheus_remote_write"),
-            kind=ComponentKind.EXPORTER,
-            telemetry=ComponentTelemetry(Telemetry(), "exporter", "prometheus_remote_write"),
-            logger=logging.getLogger("test.prw.refused"),
+        settings = component_settings(
+            Telemetry(),
+            ComponentKind.EXPORTER,
+            "prometheus_remote_write",
+            logger="test.prw.refused",
             shutdown_timeout_s=5.0,
         )
         exp = PrometheusRemoteWriteExporter(settings, cfg)
