@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 
 from agent import exphist, protowire
 from agent.model import Kind, Point, Resource, Scope, Temporality
-from exporters.otlp import resource, wire
+from exporters.otlp import resource
 from exporters.otlp.metrics import EncoderOptions, MetricEncoder
 
 S = 10**9
