@@ -11,7 +11,9 @@ classes and answers 503 to the tenants it is told to refuse.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -20,10 +22,16 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
 
-from agent.component import ComponentKind, Factory
+from agent.component import Backpressure, ComponentKind, Factory
+from agent.confmodel import Duration
+from agent.model import Kind, MetricBatch, Point
 from agent.registry import builtin_factories
+from agent.sending import QueueConfig, RetryConfig
+from agent.telemetry import Telemetry
+from exporters.otlp.config import OtlpHttpConfig, OtlpTenantRoutingConfig
+from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import remote_pb2, wire
-from tests.conftest import AgentGraph, free_port, wait_until
+from tests.conftest import AgentGraph, component_settings, free_port, wait_until
 
 QUEUE = {"queue_size": 1, "full_policy": "block"}
 RETRY = {"initial_interval": "10ms", "max_interval": "50ms", "max_elapsed_time": "0s"}
@@ -38,9 +46,18 @@ class Backend:
         self.refusing: set[str] = set()
         self.refused = 0
         self.port = 0
+        self.open = asyncio.Event()
+        """Clear: every request waits (``waiting`` counts them)."""
+        self.open.set()
+        self.waiting = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        self.waiting += 1
+        try:
+            await self.open.wait()
+        finally:
+            self.waiting -= 1
         tenant = request.headers.get("X-Scope-OrgID", "")
         if tenant in self.refusing:
             self.refused += 1
@@ -74,6 +91,7 @@ async def backend() -> AsyncIterator[Backend]:
     await site.start()
     found.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
     yield found
+    found.open.set()
     await runner.cleanup()
 
 
@@ -176,3 +194,45 @@ async def test_a_batch_is_refused_whole_when_one_of_its_tenants_queues_is_full(
 
     assert refusals == 4
     assert collections.Counter(backend.got) == collections.Counter(want), "a point is missing or twice"
+
+
+def gauge(tenant: str, name: str) -> Point:
+    return Point(name, Kind.GAUGE, (("tenant_id", tenant),), time.time_ns(), value=1.0)
+
+
+async def test_called_without_a_fan_out_the_exporter_asks_the_tenants_queues_itself(backend: Backend) -> None:
+    config = OtlpHttpConfig(
+        endpoint=f"http://127.0.0.1:{backend.port}",
+        compression="none",
+        tenant=OtlpTenantRoutingConfig(header="X-Scope-OrgID"),
+        sending_queue=QueueConfig(queue_size=1, full_policy="block"),
+        retry_on_failure=RetryConfig(initial_interval=Duration(0.01), max_interval=Duration(0.05)),
+    )
+    assert config.validate() == []
+    exp = OtlpHttpExporter(
+        component_settings(Telemetry(), ComponentKind.EXPORTER, "otlp_http", shutdown_timeout_s=2.0), config
+    )
+    await exp.start()
+    try:
+        # Tenant a's queue fills: one request held by the backend, one waiting.
+        backend.open.clear()
+        await exp.consume(MetricBatch((gauge("a", "a_first"),)))
+        await wait_until(lambda: backend.waiting == 1, "a's first request held by the backend")
+        await exp.consume(MetricBatch((gauge("a", "a_second"),)))
+
+        mixed = MetricBatch((gauge("b", "b_mixed"), gauge("a", "a_mixed")))
+        for _ in range(2):
+            with pytest.raises(Backpressure):
+                await exp.consume(mixed)
+        await exp.consume(MetricBatch((gauge("b", "b_alone"),)))  # b alone passes
+        await wait_until(lambda: backend.waiting == 2, "b's request at the backend too")
+
+        backend.open.set()
+        await wait_until(lambda: len(backend.got) == 3, "a's two and b's one delivered")
+        await exp.consume(mixed)
+        await wait_until(lambda: len(backend.got) == 5, "the resent batch delivered")
+    finally:
+        await exp.shutdown()
+    assert collections.Counter(backend.got) == collections.Counter(
+        [("a", "a_first"), ("a", "a_second"), ("b", "b_alone"), ("b", "b_mixed"), ("a", "a_mixed")]
+    )
