@@ -13,17 +13,18 @@ import grpc
 import grpc.aio
 from aiohttp import web
 from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-REQUESTS = {
+REQUESTS: dict[str, type[Message]] = {
     "metrics": metrics_service_pb2.ExportMetricsServiceRequest,
     "traces": trace_service_pb2.ExportTraceServiceRequest,
     "logs": logs_service_pb2.ExportLogsServiceRequest,
 }
-RESPONSES = {
+RESPONSES: dict[str, tuple[type[Message], str]] = {
     "metrics": (metrics_service_pb2.ExportMetricsServiceResponse, "rejected_data_points"),
     "traces": (trace_service_pb2.ExportTraceServiceResponse, "rejected_spans"),
     "logs": (logs_service_pb2.ExportLogsServiceResponse, "rejected_log_records"),
@@ -68,7 +69,7 @@ class Sink:
 
     def _response(self, signal: str, answer: Answer) -> bytes:
         cls, rejected_field = RESPONSES[signal]
-        response = cls()
+        response: Any = cls()
         if answer.kind == "partial":
             setattr(response.partial_success, rejected_field, answer.rejected)
             response.partial_success.error_message = answer.message
@@ -160,9 +161,11 @@ class Sink:
                 return await sink._export("logs", request, context)
 
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self._server)
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self._server)
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), self._server)
+        # The generated *_pb2_grpc modules are untyped.
+        services: Any = (metrics_service_pb2_grpc, trace_service_pb2_grpc, logs_service_pb2_grpc)
+        services[0].add_MetricsServiceServicer_to_server(Metrics(), self._server)
+        services[1].add_TraceServiceServicer_to_server(Traces(), self._server)
+        services[2].add_LogsServiceServicer_to_server(Logs(), self._server)
         if credentials is None:
             self.port = self._server.add_insecure_port("127.0.0.1:0")
         else:
