@@ -100,8 +100,13 @@ async def test_the_page_carries_no_control_characters_and_reads_back_as_text() -
 
 async def test_promtool_parses_the_page(tmp_path: Path) -> None:
     body = await page()
-    result = subprocess.run(
-        ["promtool", "check", "metrics"], input=body.encode(), capture_output=True, timeout=60, check=False
+    result = await asyncio.to_thread(  # off the loop: the test's own blocking call
+        subprocess.run,
+        ["promtool", "check", "metrics"],
+        input=body.encode(),
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     out = (result.stdout + result.stderr).decode()
     # 0: clean; 3: lint findings only (the page has no HELP lines); 1: the text does not parse.
@@ -114,7 +119,8 @@ async def test_promtool_parses_the_page(tmp_path: Path) -> None:
 async def test_a_real_prometheus_scrapes_the_page(tmp_path: Path) -> None:
     exp, _, cfg = make()
     await exp.start()
-    server = launch_prometheus(tmp_path / "prometheus", free_tcp_udp_port())
+    # Off the loop (the test's own blocking calls): starting Prometheus waits until it is ready.
+    server = await asyncio.to_thread(launch_prometheus, tmp_path / "prometheus", free_tcp_udp_port())
     try:
         await exp.consume(hostile_batch())
         config = tmp_path / "prometheus" / "prometheus.yml"
@@ -136,5 +142,5 @@ async def test_a_real_prometheus_scrapes_the_page(tmp_path: Path) -> None:
         assert stored == {*RAW_TO_TEXT.values(), *KEPT}
         assert await asyncio.to_thread(server.value, 'scrape_samples_scraped{job="headwater"}')
     finally:
-        server.stop()
+        await asyncio.to_thread(server.stop)
         await exp.shutdown()
