@@ -287,7 +287,7 @@ def packed_bounds(bounds: Sequence[float]) -> bytes:
 def explicit_point(
     attrs: bytes,
     bounds_field: bytes,
-    counts: npt.NDArray[np.uint64],
+    counts: Sequence[int],
     total: float,
     lowest: float | None,
     highest: float | None,
@@ -295,12 +295,12 @@ def explicit_point(
     time_ns: int,
 ) -> bytes:
     """A HistogramDataPoint entry; ``attrs`` made with ATTR_HISTOGRAM, ``bounds_field`` with
-    :func:`packed_bounds`, ``counts`` per bucket (one more than the bounds)."""
+    :func:`packed_bounds`, ``counts`` per bucket (one more than the bounds, whole and >= 0)."""
     body = (
         attrs
         + _times(start_ns, time_ns)
-        + _count_sum(int(counts.sum()), total)
-        + field(_TAG_BUCKET_COUNTS, counts.astype("<u8").tobytes())
+        + _count_sum(sum(counts), total)
+        + field(_TAG_BUCKET_COUNTS, struct.pack(f"<{len(counts)}Q", *counts))
         + bounds_field
         + _min_max(lowest, highest, _TAG_HIST_MIN, _TAG_HIST_MAX)
     )
