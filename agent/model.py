@@ -305,9 +305,23 @@ class SeriesKey:
 
 
 _DERIVED_LIMIT = 64
-_KEYS: weakref.WeakValueDictionary[tuple[object, ...], SeriesKey] = weakref.WeakValueDictionary()
-"""Every live key by its identity: a key lives while a point or a stage's state holds it."""
-_KEYS_GET = _KEYS.get
+
+
+class _KeyRef(weakref.ref["SeriesKey"]):
+    """A weak reference to a key that knows the identity it is filed under."""
+
+    __slots__ = ("identity",)
+    identity: tuple[object, ...]
+
+
+def _key_gone(ref: _KeyRef) -> None:
+    if _KEYS.get(ref.identity) is ref:  # a newer key of the same identity may be filed already
+        del _KEYS[ref.identity]
+
+
+_KEYS: dict[tuple[object, ...], _KeyRef] = {}
+"""Every live key by its identity, weakly: a key lives while a point or a stage's state holds it.
+(WeakValueDictionary does the same behind a Python-level ``get``; this is two C calls a lookup.)"""
 
 
 def series_key(
@@ -315,12 +329,15 @@ def series_key(
 ) -> SeriesKey:
     """The one :class:`SeriesKey` of this identity (made when none is alive)."""
     identity = (name, kind, labels, resource, scope)
-    key = _KEYS_GET(identity)
+    ref = _KEYS.get(identity)
+    key = ref() if ref is not None else None
     if key is None:
         key = object.__new__(SeriesKey)
         key.name, key.kind, key.labels, key.resource, key.scope = identity
         key._derived = None
-        _KEYS[identity] = key
+        ref = _KeyRef(key, _key_gone)
+        ref.identity = identity
+        _KEYS[identity] = ref
     return key
 
 

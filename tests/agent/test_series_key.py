@@ -10,6 +10,7 @@ import weakref
 
 import pytest
 
+from agent import model
 from agent.model import IntValue, Kind, Point, Resource, Scope, SeriesKey, key_of, relabelled, series_key
 
 
@@ -41,6 +42,7 @@ def test_a_key_lives_while_something_holds_it() -> None:
     del p
     gc.collect()
     assert ref() is None  # nothing holds it: the intern table does not keep it alive
+    assert ("req", Kind.SUM, (("gone", "soon"),), None, None) not in model._KEYS  # nor its entry
     assert key_of(point((("gone", "soon"),))).labels == (("gone", "soon"),)
 
 
