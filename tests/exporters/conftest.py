@@ -1,4 +1,5 @@
-"""Fixtures shared by the exporter tests: watching the event loop while an exporter works."""
+"""Fixtures shared by the exporter tests: watching the event loop while an exporter works. The exporter
+tests run under the loop-block guard (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,13 @@ from collections.abc import Callable
 import pytest
 
 from agent import slicing
+from tests.conftest import LOOP_BLOCK_LIMIT_S
+
+
+@pytest.fixture
+def loop_block_limit_s() -> float | None:
+    """Every exporter test fails if one event-loop callback runs longer than LOOP_BLOCK_LIMIT_S."""
+    return LOOP_BLOCK_LIMIT_S
 
 
 class Ticker:
