@@ -16,7 +16,6 @@ Counts are float64 because StatsD sample rates make weights fractional (``@0.3``
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -702,10 +701,13 @@ def classic_buckets(h: ExpHistogram, bounds: Sequence[float] | npt.NDArray[np.fl
     if not h.count > 0:
         return out
     per_octave = 2.0**h.scale
-    pos_list, neg_list = h.positive_counts.tolist(), h.negative_counts.tolist()
-    n_pos, n_neg = len(pos_list), len(neg_list)
-    pos_below = [0.0, *itertools.accumulate(pos_list)]  # [k] = sum(pos[:k])
-    neg_from = [*itertools.accumulate(reversed(neg_list))][::-1] + [0.0]  # [k] = sum(neg[k:])
+    n_pos, n_neg = h.positive_counts.size, h.negative_counts.size
+    # Running sums in numpy (C), read at the dozen indices the bounds need: at scale 8 a timer holds
+    # ~1,000 buckets, and summing them in Python cost ~30 µs a histogram. cumsum adds in order, so the
+    # sums are the same numbers a Python loop made.
+    pos_cum = np.cumsum(h.positive_counts)  # [k - 1] = sum(pos[:k])
+    neg_cum = np.cumsum(h.negative_counts[::-1])  # [m - 1] = sum of the last m
+    neg_total = float(neg_cum[-1]) if n_neg else 0.0
     lowest, highest, count, zero = h.min, h.max, h.count, h.zero_count
     running = 0.0
     for j, bound in enumerate(given):
@@ -720,14 +722,16 @@ def classic_buckets(h: ExpHistogram, bounds: Sequence[float] | npt.NDArray[np.fl
             # Values <= bound have magnitude >= |bound|: buckets whose midpoint is >= position.
             position = math.log2(-bound) * per_octave
             first = math.ceil(position - 0.5) - h.negative_offset
-            below = neg_from[min(max(first, 0), n_neg)]
+            last = n_neg - min(max(first, 0), n_neg)  # sum(neg[first:]): the last `last` buckets
+            below = float(neg_cum[last - 1]) if last else 0.0
         else:
-            below = neg_from[0] + zero
+            below = neg_total + zero
             if bound > 0 and n_pos:
                 # Buckets whose midpoint is <= position.
                 position = math.log2(bound) * per_octave
-                upto = math.floor(position - 0.5) + 1 - h.positive_offset
-                below += pos_below[min(max(upto, 0), n_pos)]
+                upto = min(max(math.floor(position - 0.5) + 1 - h.positive_offset, 0), n_pos)
+                if upto:
+                    below += float(pos_cum[upto - 1])
         running = max(running, min(below, count))
         out[j] = running
     return out
