@@ -417,10 +417,7 @@ class PrometheusRemoteWriteExporter:
             samples = [*whole(values).tolist(), count, series.sum, count]
         else:  # quantiles, _sum, _count
             samples = [*values.tolist(), series.sum, series.count]
-        out += [
-            wire.encode_series(labels, [(value, ts_ms)])
-            for labels, value in zip([*per_value, sum_labels, count_labels], samples, strict=True)
-        ]
+        out += wire.encode_each([*per_value, sum_labels, count_labels], samples, ts_ms)
         return out, len(out)
 
     @staticmethod

@@ -145,6 +145,20 @@ def encode_series(label_bytes: bytes, samples: Sequence[tuple[float, int]]) -> b
     return _TAG_SERIES + uvarint(len(body)) + body
 
 
+def encode_each(label_bytes: Sequence[bytes], values: Sequence[float], timestamp_ms: int) -> list[bytes]:
+    """One `timeseries` entry per label set, each with its one sample at ``timestamp_ms``: what
+    :func:`encode_series` gives for each pair, with the timestamp encoded once (a classic histogram's
+    ``_bucket`` series, ``_sum`` and ``_count``)."""
+    ts = cached_int64_varint(timestamp_ms)
+    size = 10 + len(ts)
+    head = _SAMPLE_HEAD.pack
+    out = []
+    for labels, value in zip(label_bytes, values, strict=True):
+        body = labels + head(_TAG_SAMPLE, size, _TAG_SAMPLE_VALUE, value, _TAG_SAMPLE_TIMESTAMP) + ts
+        out.append(_TAG_SERIES + uvarint(len(body)) + body)
+    return out
+
+
 def _is_integral(
     h: ExpHistogram, positive: npt.NDArray[np.float64], negative: npt.NDArray[np.float64]
 ) -> bool:

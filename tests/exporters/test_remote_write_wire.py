@@ -162,6 +162,15 @@ def test_several_samples_keep_their_order() -> None:
     assert [(s.value, s.timestamp) for s in ts.samples] == samples
 
 
+@pytest.mark.parametrize("timestamp_ms", [0, NOW_MS, INT64_MAX, -1, INT64_MIN])
+def test_one_sample_each_is_encode_series_of_each(timestamp_ms: int) -> None:
+    labels = [wire.encode_labels((("__name__", "m_bucket"), ("le", le))) for le in ("0.1", "1", "+Inf")]
+    labels.append(b"")
+    values = [1.0, 3.0, 4.0, wire.STALE_NAN]
+    got = wire.encode_each(labels, values, timestamp_ms)
+    assert got == [wire.encode_series(lb, [(v, timestamp_ms)]) for lb, v in zip(labels, values, strict=True)]
+
+
 def test_series_without_samples_or_labels() -> None:
     ts = one_series(wire.encode_series(b"", []))
     assert list(ts.labels) == [] and list(ts.samples) == []
