@@ -1,12 +1,15 @@
-"""Fixtures shared by the exporter tests: watching the event loop while an exporter works. The exporter
-tests run under the loop-block guard (tests/conftest.py)."""
+"""Helpers shared by the exporter tests: serving a test's own backend, and watching the event loop while
+an exporter works. The exporter tests run under the loop-block guard (tests/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from agent import slicing
 from tests.conftest import LOOP_BLOCK_LIMIT_S
@@ -16,6 +19,17 @@ from tests.conftest import LOOP_BLOCK_LIMIT_S
 def loop_block_limit_s() -> float | None:
     """Every exporter test fails if one event-loop callback runs longer than LOOP_BLOCK_LIMIT_S."""
     return LOOP_BLOCK_LIMIT_S
+
+
+async def serve(
+    app: web.Application, *, ssl_context: ssl.SSLContext | None = None, **runner_options: Any
+) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` (a test's backend) on 127.0.0.1 at a port the system picks: (its runner, whose
+    ``cleanup()`` stops it; the port). ``runner_options`` go to ``web.AppRunner``."""
+    runner = web.AppRunner(app, **runner_options)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+    return runner, int(runner.addresses[0][1])
 
 
 class Ticker:

@@ -110,9 +110,8 @@ class Sink:
         # Raw bodies: the test checks the exporter's compression itself.
         self._runner = web.AppRunner(app, auto_decompress=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+        self.port = int(self._runner.addresses[0][1])
         scheme = "https" if ssl_context is not None else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
 

@@ -31,7 +31,7 @@ from exporters.prometheus_remote_write import (
     wire,
 )
 from tests.conftest import component_settings
-from tests.exporters.conftest import Ticker
+from tests.exporters.conftest import Ticker, serve
 from tests.exporters.otlp_sink import Sink
 
 POINTS = 300_000
@@ -114,11 +114,7 @@ class WriteSink:
     async def start(self) -> None:
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/api/v1/write", self._take)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve(app, access_log=None)
         self.url = f"http://127.0.0.1:{port}/api/v1/write"
 
     async def stop(self) -> None:

@@ -39,6 +39,7 @@ from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
 from exporters.otlp.grpc import OtlpGrpcExporter
 from exporters.otlp.http import OtlpHttpExporter
 from tests.conftest import component_settings, wait_until
+from tests.exporters.conftest import serve
 from tests.exporters.otlp_sink import Answer, Sink
 
 DELTA = metrics_pb2.AGGREGATION_TEMPORALITY_DELTA
@@ -830,11 +831,7 @@ async def test_a_stuck_tenant_does_not_hold_the_connection_of_another() -> None:
 
     app = web.Application()
     app.router.add_post("/v1/metrics", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app)
     config = OtlpHttpConfig(
         endpoint=f"http://127.0.0.1:{port}",
         compression="none",
@@ -882,11 +879,7 @@ async def test_a_reload_that_ends_tenant_headers_does_not_send_a_tenants_queue_a
 
     app = web.Application()
     app.router.add_post("/v1/metrics", hang)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app)
     config = OtlpHttpConfig(
         endpoint=f"http://127.0.0.1:{port}",
         timeout=Duration(60.0),

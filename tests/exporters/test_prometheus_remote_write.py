@@ -27,6 +27,7 @@ from exporters.prometheus_remote_write import (
     wire,
 )
 from tests.conftest import component_settings, wait_until
+from tests.exporters.conftest import serve
 
 FRAMED_MAGIC = bytes.fromhex("ff060000734e61507059")
 
@@ -66,11 +67,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/api/v1/write", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    rec.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, rec.port = await serve(app)
     yield rec
     await runner.cleanup()
 
@@ -492,11 +489,7 @@ async def test_tls_endpoint_verified_with_ca_file(tmp_path) -> None:  # type: ig
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/api/v1/write", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app, ssl_context=server_ctx)
     tel = Telemetry()
     settings = component_settings(
         tel, ComponentKind.EXPORTER, "prometheus_remote_write", logger="test.prw.tls"

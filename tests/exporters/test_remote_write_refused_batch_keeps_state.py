@@ -25,6 +25,7 @@ from exporters.prometheus_remote_write import (
     wire,
 )
 from tests.conftest import component_settings, wait_until
+from tests.exporters.conftest import serve
 
 
 class Backend:
@@ -60,11 +61,7 @@ async def backend() -> AsyncIterator[Backend]:
     b = Backend()
     app = web.Application()
     app.router.add_post("/api/v1/write", b.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    b.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, b.port = await serve(app)
     yield b
     b.open.set()
     await runner.cleanup()

@@ -18,6 +18,7 @@ from exporters.otlp.config import OtlpHttpConfig
 from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import PrometheusRemoteWriteConfig, PrometheusRemoteWriteExporter
 from tests.conftest import component_settings
+from tests.exporters.conftest import serve
 
 FAST = RetryConfig(initial_interval=0.01, max_interval=0.05)
 
@@ -60,11 +61,7 @@ async def backend() -> AsyncIterator[Backend]:
     b = Backend()
     app = web.Application()
     app.router.add_post("/{path:.*}", b.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app)
     b.base = f"http://127.0.0.1:{port}"
     yield b
     await runner.cleanup()

@@ -32,6 +32,7 @@ from exporters.otlp.config import OtlpHttpConfig, OtlpTenantRoutingConfig
 from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import remote_pb2, wire
 from tests.conftest import AgentGraph, component_settings, free_port, wait_until
+from tests.exporters.conftest import serve
 
 QUEUE = {"queue_size": 1, "full_policy": "block"}
 RETRY = {"initial_interval": "10ms", "max_interval": "50ms", "max_elapsed_time": "0s"}
@@ -85,11 +86,7 @@ async def backend() -> AsyncIterator[Backend]:
     app = web.Application()
     app.router.add_post("/v1/metrics", found.handle)
     app.router.add_post("/api/v1/write", found.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    found.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    runner, found.port = await serve(app)
     yield found
     found.open.set()
     await runner.cleanup()

@@ -27,6 +27,7 @@ from exporters.prometheus_remote_write import (
 )
 from processors.tenant import TenantConfig, TenantProcessor
 from tests.conftest import component_settings, wait_until
+from tests.exporters.conftest import serve
 from tests.exporters.otlp_sink import Sink
 
 FAST = RetryConfig(initial_interval=0.01, max_interval=0.05, max_elapsed_time=0)
@@ -66,11 +67,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     app = web.Application()
     app.router.add_post("/api/v1/push", rec.handle)
     app.router.add_post("/t/{tenant}/api/v1/push", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    rec.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, rec.port = await serve(app)
     yield rec
     await runner.cleanup()
 
