@@ -16,11 +16,12 @@ and batches naming only other keys still pass. (The default sender registers its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Protocol
 
-from agent.component import Backpressure, Settings
+from agent.component import Backpressure, Settings, admit, admitted, end_admission
 from agent.diskqueue import DiskQueue
 from agent.model import Batch
 from agent.sending import QueueConfig, Request, RetryConfig, Sender, drop_unroutable
@@ -94,6 +95,24 @@ class PartitionedSender:
             if named is not None and named in full:
                 return full[named]
         return None
+
+    @contextlib.contextmanager
+    def admitting(self, batch: Batch) -> Iterator[None]:
+        """Take ``batch`` whole inside: when no fan-out admitted it (a direct caller, or a batch that
+        waited for the exporter's lock), first ask the default sender and the tenants' (raising the
+        refusal, nothing taken), then mark the hand-over admitted (:func:`agent.component.admit`), so
+        each queue takes its part even past its size."""
+        if admitted():
+            yield
+            return
+        refused = self.default.refusal(batch) or self.refusal(batch)
+        if refused is not None:
+            raise refused
+        token = admit()
+        try:
+            yield
+        finally:
+            end_admission(token)
 
     async def start(self) -> None:
         """Start the default sender (a disk queue takes its directory's lock here, or fails)."""

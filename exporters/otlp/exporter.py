@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from agent.component import Settings, Signal, admit, admitted, end_admission
+from agent.component import Settings, Signal
 from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch, Temporality
 from agent.partitioned import PartitionedSender
 from agent.sending import Request, Sender
@@ -290,16 +290,8 @@ class _OtlpExporter(abc.ABC):
 
     # -- consuming -----------------------------------------------------------------------------------
     async def consume(self, batch: Batch) -> None:
-        token = None
-        if not admitted():
-            # Not asked by a fan-out: ask the queues here (the tenants' too) before any takes a
-            # part, then take the batch whole.
-            refused = self._sender.refusal(batch) or self._partitions.refusal(batch)
-            if refused is not None:
-                raise refused
-            token = admit()
-        try:
-            touched: dict[int, Sender] = {}
+        touched: dict[int, Sender] = {}
+        with self._partitions.admitting(batch):  # refused whole or taken whole
             if isinstance(batch, MetricBatch):
                 await self._consume_metrics(batch, touched)
             elif isinstance(batch, SpanBatch):
@@ -310,9 +302,6 @@ class _OtlpExporter(abc.ABC):
                 await self._consume_passthrough(
                     Signal.LOGS, batch, batch.resource_logs, "scope_logs", "log_records", touched
                 )
-        finally:
-            if token is not None:
-                end_admission(token)
         for sender in touched.values() or [self._sender]:
             await sender.commit()
 

@@ -53,9 +53,6 @@ from agent.component import (
     Settings,
     Signal,
     Tasks,
-    admit,
-    admitted,
-    end_admission,
 )
 from agent.confmodel import Duration
 from agent.diskqueue import partition_name
@@ -487,22 +484,12 @@ class PrometheusRemoteWriteExporter:
         markers, are applied one at a time and whole under ``_applying``, so every series' samples are
         queued in order; the batch's commit (fsync) runs after the lock is released, so the next batch
         is encoded while this one's fsync runs, as it was before slicing."""
+        # Not asked by a fan-out: the queues (the tenants' too) are asked once the lock is ours,
+        # before any series changes — a refused batch must leave the counters as they were, or the
+        # client's resend would count it twice — and the batch is then taken whole.
         async with self._applying:
-            token = None
-            if not admitted():
-                # Not asked by a fan-out (or a queue filled while this batch waited for the lock):
-                # ask the queues here (the tenants' too), before any series changes — a refused
-                # batch must leave the counters as they were, or the client's resend would count it
-                # twice — and then take it whole.
-                refused = self._sender.refusal(batch) or self._partitions.refusal(batch)
-                if refused is not None:
-                    raise refused
-                token = admit()
-            try:
+            with self._partitions.admitting(batch):
                 touched, blocked = await self._apply(batch)
-            finally:
-                if token is not None:
-                    end_admission(token)
         state = self._state
         if state is not None:
             if self._config.sending_queue.fsync == "batch":
