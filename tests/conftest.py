@@ -1,5 +1,6 @@
-"""Helpers every test may use: a recording sink, free ports, bounded waits, a Settings builder, and a
-guard that fails a test whose event loop was blocked longer than a limit.
+"""Helpers every test may use: a recording sink, free ports, bounded waits, a Settings builder, a test
+CA with a server certificate (``tls_certs``), and a guard that fails a test whose event loop was blocked
+longer than a limit.
 
 The guard times every event-loop callback (each step of every task, every ``call_soon``/``call_later``
 callback) while a test runs, exactly what asyncio's debug mode calls a slow callback, without debug
@@ -18,8 +19,11 @@ import asyncio
 import inspect
 import logging
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import pytest
@@ -98,6 +102,34 @@ def free_port(kind: socket.SocketKind = socket.SOCK_STREAM, host: str = "127.0.0
     with socket.socket(family, kind) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Certs:
+    """Paths of a test CA's certificate and of a server certificate it signed for 127.0.0.1 (PEM)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+@pytest.fixture
+def tls_certs(tmp_path: Path) -> Certs:
+    """A CA and a server certificate and key for 127.0.0.1, made with the openssl command (a synchronous
+    fixture: openssl runs before the test, never on its event loop)."""
+    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
+    key, csr, crt, ext = tmp_path / "s.key", tmp_path / "s.csr", tmp_path / "s.crt", tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def openssl(*args: object) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca_crt, "-days", "2",
+            "-subj", "/CN=headwater-test-ca")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    openssl("x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial", "-out", crt,
+            "-days", "2", "-extfile", ext)  # fmt: skip
+    return Certs(str(ca_crt), str(crt), str(key))
 
 
 def _failed_wait(what: str, timeout_s: float) -> AssertionError:

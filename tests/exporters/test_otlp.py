@@ -38,7 +38,7 @@ from exporters.otlp import FACTORIES
 from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
 from exporters.otlp.grpc import OtlpGrpcExporter
 from exporters.otlp.http import OtlpHttpExporter
-from tests.conftest import component_settings, wait_until
+from tests.conftest import Certs, component_settings, wait_until
 from tests.exporters.conftest import serve
 from tests.exporters.otlp_sink import Answer, Sink
 
@@ -632,30 +632,11 @@ async def test_batch_over_max_request_size_is_split(make: Any, transport: str) -
 
 
 # -- TLS ----------------------------------------------------------------------------------------------
-def _make_certs(tmp_path: Any) -> tuple[str, str, str]:
-    """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
-    import subprocess
-
-    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
-    key, csr, crt, ext = tmp_path / "s.key", tmp_path / "s.csr", tmp_path / "s.crt", tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-
-    def run(*args: Any) -> None:
-        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca_crt, "-days", "2",
-        "-subj", "/CN=headwater-test-ca")  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
-    run("x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial", "-out", crt,
-        "-days", "2", "-extfile", ext)  # fmt: skip
-    return str(ca_crt), str(crt), str(key)
-
-
 @TRANSPORTS
-async def test_tls_with_test_ca(transport: str, tmp_path: Any) -> None:
+async def test_tls_with_test_ca(transport: str, tls_certs: Certs) -> None:
     import ssl
 
-    ca, crt, key = _make_certs(tmp_path)
+    ca, crt, key = tls_certs.ca, tls_certs.cert, tls_certs.key
     sink = Sink()
     fast = RetryConfig(initial_interval=0.01, max_interval=0.02, max_elapsed_time=0.3)
     tel = Telemetry()

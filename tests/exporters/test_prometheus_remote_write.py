@@ -26,7 +26,7 @@ from exporters.prometheus_remote_write import (
     remote_pb2,
     wire,
 )
-from tests.conftest import component_settings, wait_until
+from tests.conftest import Certs, component_settings, wait_until
 from tests.exporters.conftest import serve
 
 FRAMED_MAGIC = bytes.fromhex("ff060000734e61507059")
@@ -434,56 +434,12 @@ def test_reserved_headers_rejected() -> None:
     assert paths == ["headers::content-type", "headers::User-Agent"]
 
 
-def _make_certs(tmp_path) -> tuple[str, str, str]:  # type: ignore[no-untyped-def]
-    """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
-    import subprocess
-
-    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
-    key, csr, crt, ext = tmp_path / "s.key", tmp_path / "s.csr", tmp_path / "s.crt", tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        ca_key,
-        "-out",
-        ca_crt,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=headwater-test-ca",
-    )
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        csr,
-        "-CA",
-        ca_crt,
-        "-CAkey",
-        ca_key,
-        "-CAcreateserial",
-        "-out",
-        crt,
-        "-days",
-        "2",
-        "-extfile",
-        ext,
-    )
-    return str(ca_crt), str(crt), str(key)
-
-
-async def test_tls_endpoint_verified_with_ca_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_tls_endpoint_verified_with_ca_file(tls_certs: Certs) -> None:
     import ssl
 
     from agent.tls import ClientTLSConfig
 
-    ca, crt, key = _make_certs(tmp_path)
+    ca, crt, key = tls_certs.ca, tls_certs.cert, tls_certs.key
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(crt, key)
     rec = Receiver()
