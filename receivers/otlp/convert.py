@@ -136,9 +136,11 @@ from agent.model import (
     PointSlots,
     Resource,
     Scope,
+    SeriesKey,
     Summary,
     Temporality,
     new_point,
+    series_key,
 )
 from receivers.otlp.wire import PROTOBUF_MAX_DEPTH, is_too_deep
 
@@ -440,6 +442,10 @@ class Converted:
         return f"{self.rejected} data point(s) rejected: {listed}{tail}"
 
 
+_Known = tuple[Labels, SeriesKey]
+"""A known data point's labels and series key (see MetricsConverter._memo_for)."""
+
+
 class _Rest:
     """The points of one metric still to convert, taken in slices (a metric larger than a chunk)."""
 
@@ -506,6 +512,12 @@ class MetricsConverter:
         series_bytes = limits.max_series_bytes
         self._cached_bytes = max(series_bytes - limits.max_name_length, series_bytes // 2)
         self._fast_name_bytes = min(limits.max_name_length, series_bytes - self._cached_bytes)
+        self._memos: dict[tuple[str, Kind, Resource, Scope], dict[tuple[bytes, ...], _Known]] = {}
+        """Per metric (name, kind, resource, scope): a data point's serialized attributes → its labels and
+        series key. A known point costs one lookup of a tuple of bytes (whose hashes are cached), and
+        the metric's part is looked up once per metric and request."""
+        self._memos_held = 0
+        self._max_memos = max_cached * 2
 
     def _measure(self, labels: Labels) -> int:
         """The UTF-8 bytes of ``labels``; raises _Refused when one label, or the set alone, is over a
@@ -751,6 +763,35 @@ class MetricsConverter:
             )
         return None
 
+    def _memo_for(
+        self, name: str, kind: Kind, resource: Resource, scope: Scope, check_hits: bool
+    ) -> dict[tuple[bytes, ...], _Known]:
+        """The memo of one metric (filled by :meth:`_known`); a throwaway one when cache hits must be
+        checked (see :meth:`_point_labels`)."""
+        if check_hits:
+            return {}
+        found = self._memos.get((name, kind, resource, scope))
+        if found is None:
+            if self._memos_held >= self._max_memos:  # bounded: entries hold their series keys alive
+                self._memos.clear()
+                self._memos_held = 0
+            found = self._memos[(name, kind, resource, scope)] = {}
+        return found
+
+    def _known(
+        self,
+        memo: dict[tuple[bytes, ...], _Known],
+        raw: tuple[bytes, ...],
+        name: str,
+        kind: Kind,
+        labels: Labels,
+        resource: Resource,
+        scope: Scope,
+    ) -> _Known:
+        self._memos_held += 1
+        known = memo[raw] = (labels, series_key(name, kind, labels, resource, scope))
+        return known
+
     def _point_labels(
         self, dp: Any, name: str, index: int, check_hits: bool, out: Converted
     ) -> Labels | None:
@@ -797,6 +838,8 @@ class MetricsConverter:
         append = out.points.append
         builder: Any = PointSlots  # Any: the builder becomes a Point mid-way, which mypy cannot follow
         point_class: Any = Point
+        memo = self._memo_for(name, kind, resource, scope, check_hits)
+        memo_get = memo.get
         index = first - 1
         for dp in data_points:
             index += 1
@@ -813,15 +856,19 @@ class MetricsConverter:
             else:
                 out.refuse("no_value", 1, f"{_where(name, index)}: has neither as_int nor as_double")
                 continue
-            labels = cache_get(tuple(dp.attributes[:]))
-            if labels is None:
-                labels = self._point_labels(dp, name, index, check_hits, out)
+            raw = tuple(dp.attributes[:])
+            known = memo_get(raw)
+            if known is None:
+                labels = cache_get(raw)
                 if labels is None:
-                    continue
+                    labels = self._point_labels(dp, name, index, check_hits, out)
+                    if labels is None:
+                        continue
+                known = self._known(memo, raw, name, kind, labels, resource, scope)
             p = builder()
             p.name = name
             p.kind = kind
-            p.labels = labels
+            p.labels, p.key = known
             p.time_unix_nano = dp.time_unix_nano or now_ns
             p.value = value
             p.start_time_unix_nano = dp.start_time_unix_nano
@@ -834,7 +881,6 @@ class MetricsConverter:
             p.scope = scope
             p.explicit = None
             p.summary = None
-            p.key = None
             p.__class__ = point_class
             append(p)
 
@@ -858,6 +904,8 @@ class MetricsConverter:
         append = out.points.append
         builder: Any = PointSlots  # Any: the builders change class mid-way, which mypy cannot follow
         point_class: Any = Point
+        memo = self._memo_for(name, Kind.HISTOGRAM, resource, scope, check_hits)
+        memo_get = memo.get
         explicit_builder: Any = _ExplicitBuilder
         explicit_class: Any = ExplicitHistogram
         # Points of one metric nearly always share their bounds: compared as a list with the previous
@@ -897,11 +945,15 @@ class MetricsConverter:
             if problem is not None:
                 out.refuse("invalid_histogram", 1, f"{_where(name, index)}: {problem}")
                 continue
-            labels = cache_get(tuple(dp.attributes[:]))
-            if labels is None:
-                labels = self._point_labels(dp, name, index, check_hits, out)
+            raw = tuple(dp.attributes[:])
+            known = memo_get(raw)
+            if known is None:
+                labels = cache_get(raw)
                 if labels is None:
-                    continue
+                    labels = self._point_labels(dp, name, index, check_hits, out)
+                    if labels is None:
+                        continue
+                known = self._known(memo, raw, name, Kind.HISTOGRAM, labels, resource, scope)
             total = dp.sum if dp.HasField("sum") else _NAN
             h = explicit_builder()
             h.bounds = bounds
@@ -913,7 +965,7 @@ class MetricsConverter:
             p = builder()
             p.name = name
             p.kind = Kind.HISTOGRAM
-            p.labels = labels
+            p.labels, p.key = known
             p.time_unix_nano = dp.time_unix_nano or now_ns
             p.value = 0.0
             p.start_time_unix_nano = dp.start_time_unix_nano
@@ -926,7 +978,6 @@ class MetricsConverter:
             p.scope = scope
             p.explicit = h
             p.summary = None
-            p.key = None
             p.__class__ = point_class
             append(p)
 
