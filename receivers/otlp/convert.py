@@ -788,6 +788,10 @@ class MetricsConverter:
         resource: Resource,
         scope: Scope,
     ) -> _Known:
+        if self._memos_held >= self._max_memos:  # one metric's series can fill it, too
+            memo.clear()
+            self._memos.clear()
+            self._memos_held = 0
         self._memos_held += 1
         known = memo[raw] = (labels, series_key(name, kind, labels, resource, scope))
         return known

@@ -18,7 +18,17 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2 as mpb
 from agent import exphist
 from agent.confmodel import Size
 from agent.limits import SeriesLimits
-from agent.model import ExplicitHistogram, Kind, Point, Resource, Scope, Summary, Temporality
+from agent.model import (
+    ExplicitHistogram,
+    IntValue,
+    Kind,
+    Point,
+    Resource,
+    Scope,
+    Summary,
+    Temporality,
+    series_key,
+)
 from receivers.otlp.convert import (
     Converted,
     MetricsConverter,
@@ -413,6 +423,36 @@ def test_resource_and_scope_are_shared_within_and_across_requests() -> None:
     assert first[0].scope is second[1].scope
     assert first[0].resource == Resource((("host", "h"), ("service.name", "a")))
     assert first[0].labels is second[0].labels  # one tuple per attribute set while cached
+
+
+def test_points_carry_their_series_key_made_once_per_series() -> None:
+    converter = MetricsConverter()
+    m = sum_metric("c", [number(1, {"a": "1"}), number(2, {"a": "2"})], DELTA, True)
+    h = mpb.Metric(name="lat")
+    h.histogram.aggregation_temporality = DELTA
+    h.histogram.data_points.add(
+        time_unix_nano=T1, count=1, explicit_bounds=[1.0], bucket_counts=[1, 0]
+    ).attributes.append(kv("a", "1"))
+    first = convert(request(m, h), converter).points
+    second = convert(request(m, h), converter).points
+    for p in (*first, *second):
+        assert p.key is not None and p.key is series_key(p.name, p.kind, p.labels, p.resource, p.scope)
+    assert [p.key for p in first] == [p.key for p in second]  # the same objects, not recomputed
+    assert len({id(p.key) for p in first}) == 3  # two sum series and a histogram series
+    # Typed attributes: a point keeps its own labels; the key compares them as text.
+    typed = sum_metric("c", [number(1, {"a": AnyValue(int_value=1)})], DELTA, True)
+    p = convert(request(typed), converter).points[0]
+    assert type(p.labels[0][1]) is IntValue and p.key is first[0].key
+
+
+def test_the_series_key_memo_is_bounded_and_results_stay_right() -> None:
+    converter = MetricsConverter(max_cached=2)  # the memo holds 4 data points' keys at most
+    points = [number(i, {"i": str(i)}) for i in range(6)]
+    for _ in range(3):
+        out = convert(request(sum_metric("c", points, DELTA, True)), converter)
+        assert [p.labels for p in out.points] == [(("i", str(i)),) for i in range(6)]
+        assert all(p.key is not None and p.key.labels == p.labels for p in out.points)
+        assert converter._memos_held <= 2 * 2 + 1
 
 
 def test_each_resource_metrics_gets_its_own_resource() -> None:
