@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -92,6 +93,7 @@ def _chain(consumer: Any, tel: Telemetry) -> tuple[Any, list[Any]]:
 
 # -- 2. OTLP → OTLP -----------------------------------------------------------------------------------
 async def _otlp_round(bodies: list[bytes], with_chain: bool) -> dict[str, float]:
+    gc.collect()  # each round starts clean: no state of an earlier round's exporter is still alive
     tel = Telemetry()
     exporter = http_factory.create(
         _settings("otlp_http", ComponentKind.EXPORTER, tel),
@@ -139,6 +141,7 @@ async def _otlp_round(bodies: list[bytes], with_chain: bool) -> dict[str, float]
 
 # -- 3. StatsD → remote-write -------------------------------------------------------------------------
 async def _statsd_round(packets: tuple[bytes, ...], lines_per_flush: int, flushes: int) -> dict[str, Any]:
+    gc.collect()
     tel = Telemetry()
     exporter = remote_write_factory.create(
         _settings("prometheus_remote_write", ComponentKind.EXPORTER, tel),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -67,6 +68,7 @@ def _make(type_: str, next_consumer: Any, tel: Telemetry) -> Any:
 
 
 async def _measure(chain: list[str], flushes: list[MetricBatch]) -> float:
+    gc.collect()  # each round starts clean: no state of an earlier round's processors is still alive
     tel = Telemetry()
     nxt: Any = Discard()
     procs = []
