@@ -690,7 +690,8 @@ class PrometheusRemoteWriteExporter:
         async with self._session.post(url, data=request.payload, headers=headers) as resp:
             if 200 <= resp.status < 300:
                 return
-            body = (await resp.text(errors="replace"))[:512]
+            # Only what the error message shows is read: a backend's error body is not ours to buffer.
+            body = (await resp.content.read(512)).decode("utf-8", errors="replace")
             if resp.status == 429 or resp.status >= 500:
                 raise RetryableError(
                     f"HTTP {resp.status}: {body}",
