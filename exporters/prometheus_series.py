@@ -254,6 +254,8 @@ class Series:
         "cache",
         "count",
         "dead",
+        "front_monotonic",
+        "front_unit",
         "kind",
         "labels",
         "last_update",
@@ -287,6 +289,10 @@ class Series:
         self.dead = False
         """Removed from the store (expired, or refused as it was made): the store's front cache of
         series by point identity checks this instead of looking the labels up again."""
+        self.front_monotonic = False
+        self.front_unit = ""
+        """The monotonic flag and unit of the points the front cache found this series for: with the
+        series key, everything the Prometheus name and labels are made of."""
 
 
 class SeriesStore:
@@ -314,10 +320,10 @@ class SeriesStore:
         self._shapes: dict[tuple[float, ...], tuple[float, ...]] = {}
         self.refused: dict[str, int] = {}
         self._refusals_taken: dict[str, int] = {}
-        self._front: dict[tuple[SeriesKey, bool, str], Series] = {}
-        """Series by the identity of the points that reach them (their series key, monotonic, unit:
-        everything the Prometheus name and labels are made of): one pointer-keyed lookup a point
-        instead of translating and hashing its name and labels each time."""
+        self._front: dict[SeriesKey, Series] = {}
+        """Series by the series key of the points that reach them (checked against the series'
+        front_monotonic and front_unit): one pointer-keyed lookup a point instead of translating and
+        hashing its name and labels each time, and no tuple a series."""
 
     def bounds_of(self, name: str) -> tuple[float, ...]:
         """The bounds family ``name`` cuts exponential histograms at (its layout, else the default);
@@ -385,15 +391,21 @@ class SeriesStore:
 
     def update(self, point: Point, now: float | None = None) -> Series | None:
         """Apply one point; return its series, or None when refused (counted in ``refused``)."""
-        front_key = (key_of(point), point.monotonic, point.unit)
-        series = self._front.get(front_key)
-        if series is None or series.dead:
+        key = key_of(point)
+        series = self._front.get(key)
+        if (
+            series is None
+            or series.dead
+            or series.front_monotonic != point.monotonic
+            or series.front_unit != point.unit
+        ):
             series = self._locate(point)
             if series is None:
                 return None
             if len(self._front) >= self._names.limit:
                 self._front.clear()
-            self._front[front_key] = series
+            self._front[key] = series
+            series.front_monotonic, series.front_unit = point.monotonic, point.unit
         name, kind = series.name, series.kind
         reserved = _RESERVED_LABEL.get(point.kind)
         family = self.families[name]

@@ -115,13 +115,8 @@ class Interval:
         length (a 60 KB member costs what a 6-byte one does); two members collide with odds ~2^-64."""
 
 
-Named = tuple[str, Labels, dict[Kind, model.SeriesKey]]
-"""A series' decoded name and labels, and its series key per kind it was flushed as."""
-
-
 def _point(
-    named: Named,
-    kind: Kind,
+    key: model.SeriesKey,
     time_unix_nano: int,
     value: float,
     start_time_unix_nano: int,
@@ -129,12 +124,9 @@ def _point(
     histogram: exphist.ExpHistogram | None,
     unit: str,
 ) -> Point:
-    """A DELTA Point, built fast (a flush builds one per series: 100k per interval; see new_point), with
-    its series key, made once per series and kind while the name cache holds the series."""
-    name, labels, keys = named
-    key = keys.get(kind)
-    if key is None:
-        key = keys[kind] = series_key(name, kind, labels)
+    """A DELTA Point of series ``key``, built fast (a flush builds one per series: 100k per interval;
+    see new_point)."""
+    name, kind, labels = key.name, key.kind, key.labels
     return new_point(
         name,
         kind,
@@ -230,26 +222,29 @@ def build_points(
     start_time_unix_nano: int,
     time_unix_nano: int,
     chunk_size: int,
-    names: dict[bytes, Named],
+    names: dict[bytes, model.SeriesKey],
     max_buckets: int,
     pieces: dict[bytes, Any] | None = None,
     max_scale: int = exphist.MAX_SCALE,
 ) -> Iterator[list[Point]]:
     """Points for one detached interval, in lists of at most ``chunk_size``.
 
-    ``names`` caches canonical key → (name, labels, series keys by kind) across flushes so names and
-    labels are decoded, and series keys made, once per series, not once per flush, and ``pieces`` the
-    decoded names and pairs they share (see ``decode_series``); the caller bounds both.
+    ``names`` caches canonical key → series key (name, kind and labels) across flushes so names and
+    labels are decoded, and series keys made, once per series, not once per flush (a series flushed as
+    another kind too gets that key interned, not cached here), and ``pieces`` the decoded names and
+    pairs they share (see ``decode_series``); the caller bounds both.
     """
     out: list[Point] = []
     length_ns = time_unix_nano - start_time_unix_nano
     point = _point
 
-    def labelled(canon: bytes) -> Named:
+    def labelled(canon: bytes, kind: Kind) -> model.SeriesKey:
         found = names.get(canon)
         if found is None:
             name, labels = decode_series(canon, pieces)
-            found = names[canon] = (name, labels, {})
+            found = names[canon] = series_key(name, kind, labels)
+        elif found.kind is not kind:
+            found = series_key(found.name, kind, found.labels)
         return found
 
     for key, value in interval.counters.items():
@@ -259,7 +254,7 @@ def build_points(
             begin_ns = max(0, end_ns - length_ns)
         else:
             canon, begin_ns, end_ns = key, start_time_unix_nano, time_unix_nano
-        out.append(point(labelled(canon), Kind.SUM, end_ns, value, begin_ns, True, None, ""))
+        out.append(point(labelled(canon, Kind.SUM), end_ns, value, begin_ns, True, None, ""))
         if len(out) >= chunk_size:
             yield out
             out = []
@@ -270,14 +265,14 @@ def build_points(
             end_ns = ts_s * 1_000_000_000
         else:
             canon, end_ns = key, time_unix_nano
-        out.append(point(labelled(canon), Kind.GAUGE, end_ns, value, 0, False, None, ""))
+        out.append(point(labelled(canon, Kind.GAUGE), end_ns, value, 0, False, None, ""))
         if len(out) >= chunk_size:
             yield out
             out = []
 
     for canon, members in interval.sets.items():
         out.append(
-            point(labelled(canon), Kind.GAUGE, time_unix_nano, float(len(members)), 0, False, None, "1")
+            point(labelled(canon, Kind.GAUGE), time_unix_nano, float(len(members)), 0, False, None, "1")
         )
         if len(out) >= chunk_size:
             yield out
@@ -319,7 +314,7 @@ def _histogram_points(
     batch: list[tuple[bytes, str, array[float], array[float] | None, exphist.ExpHistogram | None]],
     start_time_unix_nano: int,
     time_unix_nano: int,
-    labelled: Callable[[bytes], Named],
+    labelled: Callable[[bytes, Kind], model.SeriesKey],
     max_buckets: int,
     max_scale: int,
 ) -> list[Point]:
@@ -345,7 +340,7 @@ def _histogram_points(
             hist = exphist.merge(folded, hist, max_buckets=max_buckets) if length else folded
         points.append(
             point(
-                labelled(canon), histogram_kind, time_unix_nano, 0.0, start_time_unix_nano, False, hist, unit
+                labelled(canon, histogram_kind), time_unix_nano, 0.0, start_time_unix_nano, False, hist, unit
             )
         )
     return points
@@ -400,7 +395,7 @@ class StatsdAggregator:
         """Latest value per gauge series, across intervals: the base for +/- deltas."""
         self._gauge_seen: dict[bytes, int] = {}
         """Seq of the last interval that updated each gauge in _gauge_last (the idle clock)."""
-        self._names: dict[bytes, Named] = {}
+        self._names: dict[bytes, model.SeriesKey] = {}
         self._pieces: dict[bytes, Any] = {}
         self._fold_ok = True
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent.confmodel import Size
 from agent.limits import SeriesLimits
-from agent.model import Kind, Labels, Point, Temporality, key_of
+from agent.model import Kind, Labels, Point, Temporality, key_of, series_key
 from receivers.statsd import aggregator as aggregator_module
 from receivers.statsd import parser as parser_module
 from receivers.statsd.aggregator import StatsdAggregator
@@ -1029,14 +1029,14 @@ def test_build_rejects_bad_chunk_size() -> None:
 
 
 def test_fast_points_match_constructor() -> None:
-    named: aggregator_module.Named = ("a", (("k", "v"),), {})
-    fast = aggregator_module._point(named, Kind.SUM, 5, 1.5, 2, True, None, "s")
+    key = series_key("a", Kind.SUM, (("k", "v"),))
+    fast = aggregator_module._point(key, 5, 1.5, 2, True, None, "s")
     built = Point(
         "a", Kind.SUM, (("k", "v"),), 5, value=1.5, start_time_unix_nano=2, monotonic=True, unit="s"
     )
     assert type(fast) is Point
     assert fast == built and hash(fast) == hash(built) and repr(fast) == repr(built)
-    assert fast.key is key_of(built) and named[2] == {Kind.SUM: fast.key}  # made once, kept per series
+    assert fast.key is key is key_of(built)
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.value = 2.0  # type: ignore[misc]
 
@@ -1049,6 +1049,9 @@ def test_names_decoded_once_and_cached() -> None:
     second = only(flush(agg), "a", (("x", "y"),))
     assert first.name is second.name and first.labels is second.labels
     assert first.key is not None and first.key is second.key  # the series' key, once per series
+    agg.feed(b"a:2|g|#x:y")  # the same name and tags as a gauge: another series (kind), its own key
+    gauge = only(flush(agg), "a", (("x", "y"),))
+    assert gauge.key is not None and gauge.key is not first.key and gauge.key.kind is Kind.GAUGE
 
 
 def test_caches_are_bounded() -> None:
