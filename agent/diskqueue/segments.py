@@ -82,18 +82,6 @@ class _Segment:
         self.fd: int | None = None
         self.sealed = True
 
-    def add(self, seq: int, offset: int, body_len: int, items: int, time_ms: int, state: int) -> None:
-        self.seqs.append(seq)
-        self.offsets.append(offset)
-        self.lengths.append(body_len)
-        self.items.append(items)
-        self.times.append(time_ms)
-        self.state.append(state)
-        if state == _DONE:
-            self.done += 1
-        else:
-            self.pending += 1
-
     def fill(self, heads: list[RecordHeader], ledger: _Ledger) -> None:
         """Index the records an open scan found (ascending seqs); the ledger says which are acked.
 

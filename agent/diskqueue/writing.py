@@ -31,7 +31,7 @@ from agent.diskqueue.results import (
     QueueFull,
     RecordTooLarge,
 )
-from agent.diskqueue.segments import _IOV_MAX, _PENDING, _U32_MAX, _Segment, _write_all
+from agent.diskqueue.segments import _PENDING, _U32_MAX, _Segment, _write_all
 from agent.diskqueue.state import PartitionState
 
 log = logging.getLogger("headwater.diskqueue")
@@ -291,22 +291,6 @@ class PartitionWriting(PartitionState):
             raise QueueError(f"disk queue {self.directory} is closed")
         if self.readonly:
             raise QueueError(f"disk queue {self.directory} was opened read-only")
-
-    def _write(self, seg: _Segment, bufs: tuple[bytes, ...], total: int) -> None:
-        """Append ``bufs`` (``total`` bytes) to ``seg``; on failure cut the file back and raise."""
-        fd = seg.fd
-        assert fd is not None
-        start = seg.size
-        try:
-            # The common case inline (one writev that takes everything); _write_all for the rest.
-            done = os.writev(fd, bufs) if len(bufs) <= _IOV_MAX else 0
-            if done != total:
-                _write_all(fd, bufs, total, done)
-        except OSError as exc:
-            self._undo_write(seg, start)
-            raise self._write_error(exc) from exc
-        seg.size = start + total
-        self._disk_bytes += total
 
     def _write_error(self, exc: OSError) -> OSError | DiskFull:
         """What a failed write raises: DiskFull (counted) for a full filesystem, else the OSError."""
