@@ -32,6 +32,22 @@ async def serve(
     return runner, int(runner.addresses[0][1])
 
 
+class Gate:
+    """For test backends that hold requests while ``open`` is clear; ``waiting`` counts those held."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+        self.waiting = 0
+
+    async def passage(self) -> None:
+        self.waiting += 1
+        try:
+            await self.open.wait()
+        finally:
+            self.waiting -= 1
+
+
 class Ticker:
     """Counts the turns the event loop gives to another task while something else runs; with ``probe``,
     records what the probe returns at each turn (e.g. how far a batch has been applied)."""

@@ -5,7 +5,6 @@ change, and a batch naming only other tenants still passes."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -25,28 +24,22 @@ from exporters.prometheus_remote_write import (
     wire,
 )
 from tests.conftest import component_settings, wait_until
-from tests.exporters.conftest import serve
+from tests.exporters.conftest import Gate, serve
 
 
-class Backend:
+class Backend(Gate):
     """A remote-write endpoint that holds every request while ``open`` is clear, then keeps its
     samples per tenant (X-Scope-OrgID) and series name."""
 
     def __init__(self) -> None:
-        self.open = asyncio.Event()
-        self.open.set()
-        self.waiting = 0
+        super().__init__()
         self.requests = 0
         self.samples: dict[tuple[str, str], list[float]] = {}
         self.port = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.waiting += 1
-        try:
-            await self.open.wait()
-        finally:
-            self.waiting -= 1
+        await self.passage()
         tenant = request.headers.get("X-Scope-OrgID", "")
         write = remote_pb2.WriteRequest.FromString(wire.decompress(body))  # type: ignore[attr-defined]
         for ts in write.timeseries:

@@ -11,7 +11,6 @@ classes and answers 503 to the tenants it is told to refuse.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -32,33 +31,27 @@ from exporters.otlp.config import OtlpHttpConfig, OtlpTenantRoutingConfig
 from exporters.otlp.http import OtlpHttpExporter
 from exporters.prometheus_remote_write import remote_pb2, wire
 from tests.conftest import AgentGraph, component_settings, free_port, wait_until
-from tests.exporters.conftest import serve
+from tests.exporters.conftest import Gate, serve
 
 QUEUE = {"queue_size": 1, "full_policy": "block"}
 RETRY = {"initial_interval": "10ms", "max_interval": "50ms", "max_elapsed_time": "0s"}
 
 
-class Backend:
+class Backend(Gate):
     """OTLP/HTTP and remote-write endpoints keeping every (tenant, metric name) of each point they
-    accept, duplicates included; tenants in ``refusing`` get 503 and nothing is kept."""
+    accept, duplicates included; tenants in ``refusing`` get 503 and nothing is kept. While ``open``
+    is clear every request waits (``waiting`` counts them)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.got: list[tuple[str, str]] = []
         self.refusing: set[str] = set()
         self.refused = 0
         self.port = 0
-        self.open = asyncio.Event()
-        """Clear: every request waits (``waiting`` counts them)."""
-        self.open.set()
-        self.waiting = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.waiting += 1
-        try:
-            await self.open.wait()
-        finally:
-            self.waiting -= 1
+        await self.passage()
         tenant = request.headers.get("X-Scope-OrgID", "")
         if tenant in self.refusing:
             self.refused += 1
