@@ -33,6 +33,7 @@ class ComponentKind(enum.Enum):
     RECEIVER = "receiver"
     PROCESSOR = "processor"
     EXPORTER = "exporter"
+    CONNECTOR = "connector"
 
 
 class Component(Protocol):
@@ -45,6 +46,22 @@ class Consumer(Protocol):
     """Takes batches of one signal (the pipeline's). ``consume`` may raise :class:`Backpressure` when
     the data cannot be taken now — but not inside :func:`admitted` hand-overs (see :class:`Admission`).
     A consumer never mutates a batch it was given."""
+
+    async def consume(self, batch: Batch) -> None: ...
+
+
+class Connector(Protocol):
+    """An exporter of one or more pipelines and a receiver of others, possibly of another signal (the
+    Collector's connectors: traces → metrics, same-signal forwarding). ``consume`` takes batches of the
+    input signal from the pipelines that list it as an exporter, and hands what it produces (batches of
+    the output signal) to the ``next_consumer`` it was created with — the fan-out to every pipeline
+    that lists it as a receiver. It may raise :class:`Backpressure` (from ``next_consumer``) like any
+    consumer; the service asks the downstream pipelines' admission checks before the upstream batch is
+    handed to anyone, so within an admitted hand-over ``next_consumer`` takes what it is given."""
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
 
     async def consume(self, batch: Batch) -> None: ...
 
@@ -246,8 +263,12 @@ class Factory:
     kind: ComponentKind
     config_class: builtins.type[Any]
     create: Callable[..., Any]
-    """(settings, config, next_consumer) for receivers and processors; (settings, config) for exporters."""
+    """(settings, config, next_consumer) for receivers, processors and connectors; (settings, config)
+    for exporters. A connector's ``next_consumer`` takes batches of its output signal."""
     signals: frozenset[Signal] = frozenset({Signal.METRICS})
+    """The signals a receiver, processor or exporter handles (a connector's are its ``signal_pairs``)."""
+    signal_pairs: frozenset[tuple[Signal, Signal]] = frozenset()
+    """A connector's supported (input signal, output signal) pairs, e.g. ``{(TRACES, METRICS)}``."""
     description: str = ""
     stability: str = "alpha"
 
