@@ -35,7 +35,10 @@ epoch **seconds** below 1e11 and epoch **milliseconds** from 1e11 up (1e11 secon
 time the request arrived is used.
 
 ``unit``: ASCII, at most 63 characters (UCUM: ``s``, ``By``, ``1``). ``description``: at most 1,023
-characters. ``null`` for any optional field means absent; any other field is refused. Strings must be
+characters. ``metadata`` (only on a route with ``format: metrics``, ``receivers/http/events.py``): an
+object whose keys listed in the route's ``metadata_labels`` become labels (a tag of the same name
+wins), the others accepted and dropped. ``null`` for any optional field means absent; any other
+field is refused. Strings must be
 valid UTF-8: a ``\\ud800`` escape without its pair is refused.
 
 Item reason codes (the ``code`` of each error, and the ``reason`` label of the refusal counter):
@@ -59,6 +62,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -320,7 +324,12 @@ class ItemParser:
         max_buckets: int,
         max_scale: int = exphist.MAX_SCALE,
         limits: SeriesLimits | None = None,
+        metadata_labels: Collection[str] | None = None,
     ) -> None:
+        """``metadata_labels``, when given, makes ``metadata`` a known field (an object whose listed
+        keys become labels; a tag of the same name wins; the other keys are accepted and dropped)."""
+        self._metadata_labels = tuple(metadata_labels) if metadata_labels is not None else None
+        self._fields = _FIELDS + ("metadata",) if metadata_labels is not None else _FIELDS
         self._age_s = max_timestamp_age_s
         self._ahead_s = max_timestamp_ahead_s
         self._max_buckets = max_buckets
@@ -382,12 +391,13 @@ class ItemParser:
     def _item(self, item: Any, now_ns: int, low: int, high: int) -> _Spec:
         if not isinstance(item, dict):
             raise _Refused("invalid_item", f"must be a metric object, got {_describe(item)}")
+        fields = self._fields
         for key in item:
-            if key not in _FIELDS:
-                close = difflib.get_close_matches(key, _FIELDS, n=1)
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise _Refused(
-                    "unknown_field", f"unknown field {quote(key)}{hint}; known: {', '.join(_FIELDS)}"
+                    "unknown_field", f"unknown field {quote(key)}{hint}; known: {', '.join(fields)}"
                 )
         if "name" in item and "metric_name" in item:
             raise _Refused("invalid_name", "give either name or metric_name, not both")
@@ -436,6 +446,8 @@ class ItemParser:
             raise _Refused("invalid_labels", "give either tags or labels, not both")
         labels_key = "labels" if "labels" in item else "tags"
         raw_labels = item.get(labels_key)
+        if self._metadata_labels is not None and item.get("metadata") is not None:
+            raw_labels = self._with_metadata(item["metadata"], raw_labels)
         budget = limits.max_series_bytes - name_bytes
         if raw_labels is not None:
             labels = _labels(raw_labels, labels_key, limits, budget)
@@ -481,6 +493,29 @@ class ItemParser:
                 raise _Refused("invalid_description", "description: longer than 1023 characters")
         kind = Kind.GAUGE if type_ == "gauge" else Kind.SUM if type_ == "counter" else Kind.HISTOGRAM
         return name, kind, labels, t_ns, value, observations, unit, description
+
+    def _with_metadata(self, metadata: Any, raw_labels: Any) -> Any:
+        """``raw_labels`` with the allow-listed keys of ``metadata`` added (as text)."""
+        if not isinstance(metadata, dict):
+            raise _Refused("invalid_labels", f"metadata: must be an object, got {_describe(metadata)}")
+        picked: dict[str, Any] = {}
+        for key in self._metadata_labels or ():
+            v = metadata.get(key)
+            if v is None:
+                continue
+            if type(v) is bool:
+                v = "true" if v else "false"
+            elif type(v) is int or (type(v) is float and math.isfinite(v)):
+                v = str(v)
+            elif type(v) is not str:
+                raise _Refused(
+                    "invalid_labels",
+                    f"metadata.{key}: a label takes a string, number or boolean, got {_describe(v)}",
+                )
+            picked[key] = v
+        if not picked or not (raw_labels is None or isinstance(raw_labels, dict)):
+            return raw_labels
+        return {**picked, **(raw_labels or {})}
 
 
 def decode_body(body: bytes, max_items: int, max_values: int = 1_000_000) -> list[Any]:
