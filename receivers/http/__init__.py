@@ -13,6 +13,12 @@ a bad item is refused with its index and a reason, and the others still go throu
           tokens:
             - {token: "${env:TEAM_A_TOKEN}", tenant: team-a}
           tokens_file: /etc/headwater/tokens.yaml   # {<token>: <tenant>, ...}, re-read on change
+          jwt:                                  # JWTs, verified by agent/jwt_auth.py
+            algorithms: [RS256]
+            jwks_file: /etc/headwater/jwks.json  # or key_file (PEM); HS256 takes secret: ${env:VAR}
+            audience: headwater
+            issuer: https://idp.example.com
+            tenant_claim: org.id
         tls: {cert_file: /etc/tls/tls.crt, key_file: /etc/tls/tls.key}
 
 Tokens are a list of {token, tenant} rather than a token → tenant map because the config loader expands
@@ -21,6 +27,8 @@ Tokens are a list of {token, tenant} rather than a token → tenant map because 
 The accepted points travel as one batch whose context holds the request headers (lower-case names,
 repeated headers joined with ``", "``) except ``authorization``, ``proxy-authorization``, ``cookie`` and
 any ``auth.*`` name (a client cannot forge one), plus ``auth.tenant`` when a bearer token matched.
+A token equal to a static one (``tokens``, ``tokens_file``) takes that entry's tenant; any other is
+verified as a JWT when ``jwt`` is set, its ``tenant_claim`` giving the tenant.
 
 Responses
 ---------
@@ -30,7 +38,9 @@ When the request as a whole is refused: ``{"code": c, "error": message}`` with
 
 - ``400`` ``invalid_json`` (not UTF-8, not JSON, nested too deeply, not an object or list),
   ``invalid_compression`` (corrupt or truncated gzip or zstd);
-- ``401`` ``unauthorized`` with ``WWW-Authenticate: Bearer`` (missing or unknown token);
+- ``401`` ``unauthorized`` with ``WWW-Authenticate: Bearer`` (missing or unknown token; a refused JWT
+  says why: ``expired: the token expired at ...``, ``bad_signature: ...``, one of
+  ``agent.jwt_auth.FAILURE_REASONS``, also as ``error_description`` in the header);
 - ``408`` ``read_timeout`` (the body did not arrive within ``read_timeout``);
 - ``413`` ``body_too_large`` (over ``max_request_body_size`` raw, by Content-Length or counted while
   streaming, or after decompression: a gzip or zstd bomb never inflates past the cap; the body
@@ -55,7 +65,8 @@ Self-metrics: ``receiver_accepted_points_total``; ``receiver_refused_points_tota
 codes, counted per item; the request codes above once per request (``too_many_items`` too: a list
 refused whole is not counted item by item), except ``backpressure`` and ``pipeline_error``, which
 count the points refused; ``header_timeout`` and ``too_many_connections`` once per connection;
-``receiver_requests_total{status}``. All counted once per request.
+``receiver_requests_total{status}``; ``receiver_auth_failures_total{reason}`` (with auth on) for each
+refused token, by ``agent.jwt_auth.FAILURE_REASONS``. All counted once per request.
 
 Bearer tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured
 token (no early exit, no length leak); they come from the environment or ``tokens_file`` and are never
@@ -83,6 +94,7 @@ from aiohttp import web
 from agent import bodies, exphist, netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration, Size, parse_host_port
+from agent.jwt_auth import FAILURE_REASONS, JwtConfig, JwtRefused, JwtVerifier
 from agent.limits import SeriesLimits
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
@@ -129,10 +141,12 @@ class HttpAuthConfig:
     """Accepted bearer tokens, each {token, tenant}; any token (or tokens_file) makes auth required."""
     tokens_file: str = ""
     """YAML or JSON file mapping token → tenant (a mounted Secret); re-read when it changes."""
+    jwt: JwtConfig = field(default_factory=JwtConfig)
+    """JWT bearer tokens (HS256, RS256, ES256), a claim naming the tenant; tried after the static tokens."""
 
     @property
     def enabled(self) -> bool:
-        return bool(self.tokens or self.tokens_file)
+        return bool(self.tokens or self.tokens_file or self.jwt.enabled)
 
     def validate(self) -> list[tuple[str, str]]:
         # Paths and messages never quote a token: they end up in logs.
@@ -145,6 +159,7 @@ class HttpAuthConfig:
             elif entry.token in seen:
                 problems.append((f"tokens::{i}::token", "the same token is listed twice"))
             seen.add(entry.token)
+        problems += [(f"jwt::{path}", message) for path, message in self.jwt.validate()]
         return problems
 
 
@@ -221,6 +236,7 @@ class HttpConfig:
                 load_tokens_file(self.auth.tokens_file)
             except (OSError, ValueError) as exc:
                 problems.append(("auth::tokens_file", str(exc)))
+        problems += [(f"auth::jwt::{name}", message) for name, message in self.auth.jwt.file_problems()]
         return problems
 
 
@@ -281,6 +297,13 @@ class HttpReceiver:
         ]
         self._file_tokens: list[tuple[bytes, str]] = []
         self._file_state: tuple[int, int] | None = None
+        self._jwt = JwtVerifier(config.auth.jwt, self._log) if config.auth.jwt.enabled else None
+        self._auth_failures = {
+            reason: self.tel.counter(
+                "receiver_auth_failures_total", "Bearer tokens refused, by reason.", reason=reason
+            )
+            for reason in (FAILURE_REASONS if config.auth.enabled else ())
+        }
         self._bytes = netguard.ByteBudget(config.max_request_bytes_in_flight, netguard.request_bytes())
         self.tel.gauge(
             "receiver_request_bytes_in_flight",
@@ -295,6 +318,8 @@ class HttpReceiver:
         cfg = self.config
         if cfg.auth.tokens_file:
             self._reload_tokens_file(initial=True)
+        if self._jwt is not None:
+            self._jwt.load()
         ssl_ctx = cfg.tls.server_context()
         app = web.Application()
         app.router.add_post("/v1/metrics", self._handle_metrics)
@@ -367,6 +392,7 @@ class HttpReceiver:
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
+            self._auth_failures["missing_token"].value += 1
             exc = Refusal(401, "unauthorized", "send Authorization: Bearer <token>")
             exc.headers["WWW-Authenticate"] = 'Bearer realm="headwater"'
             raise exc
@@ -376,7 +402,18 @@ class HttpReceiver:
         for known, name in self._static_tokens + self._file_tokens:
             if hmac.compare_digest(known, digest) and tenant is None:
                 tenant = name
+        if tenant is None and self._jwt is not None:
+            try:
+                tenant = self._jwt.verify(token)
+            except JwtRefused as refused:
+                self._auth_failures[refused.reason].value += 1
+                exc = Refusal(401, "unauthorized", str(refused))
+                exc.headers["WWW-Authenticate"] = (
+                    f'Bearer realm="headwater", error="invalid_token", error_description="{refused.reason}"'
+                )
+                raise exc from None
         if tenant is None:
+            self._auth_failures["unknown_token"].value += 1
             exc = Refusal(401, "unauthorized", "the bearer token is not valid")
             exc.headers["WWW-Authenticate"] = 'Bearer realm="headwater", error="invalid_token"'
             raise exc
