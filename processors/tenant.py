@@ -31,6 +31,20 @@ exceeds a quota is the overflow: it is not passed on, and is counted per tenant 
 of its refused points, so the tenant's own backend shows what it lost. Reasons: ``points_per_second``,
 ``active_series``, ``max_tenants`` (more tenants with quota state than ``max_tenants``; counted under
 ``tenant="__other__"`` so a flood of tenant names cannot explode the label).
+
+Quotas that answer the client: when a batch's request names its tenant (the bearer token's
+``auth.tenant``, or the header; not when a label or resource attribute may name another per point),
+the quota is kept at admission (:meth:`TenantProcessor.refusal`, asked by the receiver's fan-out
+before any pipeline takes the batch), so a request over it is refused at the receiver: HTTP 429 with
+``Retry-After`` and ``X-RateLimit-*`` headers, gRPC ``RESOURCE_EXHAUSTED`` with ``RetryInfo``
+(agent/quota.py; the ``http`` receiver takes the items that fit and refuses the rest with
+``tenant_quota``). ``requests_per_minute`` is kept there only. Points admitted there were charged
+there: the processor passes them without charging them again, so nothing a client was told was taken
+is dropped for ``points_per_second``. The processor's own enforcement (the overflow above) remains for
+data whose tenant only the points name, and for StatsD, which cannot be answered.
+``max_active_series`` is still kept by the processor only (admission does not see the tenant label the
+series keys carry), so a new series over it is overflow even when the request was answered 200.
+Refusals are counted per request in ``headwater_processor_tenant_quota_refusals_total{tenant, reason}``.
 """
 
 from __future__ import annotations
@@ -44,7 +58,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
+from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
 from agent.counting import PointCounts
 from agent.model import (
@@ -59,6 +73,7 @@ from agent.model import (
     key_of,
     relabelled,
 )
+from agent.quota import QuotaExceeded
 from agent.telemetry import Cell
 from agent.tenancy import tenant_problem
 
@@ -79,6 +94,9 @@ class QuotaConfig:
     """Points a tenant may pass at once above the rate (the token bucket's size); 0 = one second's worth."""
     max_active_series: int = 0
     """Metric series a tenant may have active (seen within active_series_window); 0 = no limit."""
+    requests_per_minute: int = 0
+    """Requests a tenant known at a push receiver may make per minute (up to a minute's worth at once);
+    0 = no limit. Counted at admission only: StatsD and tenants named by labels make no requests."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -88,6 +106,8 @@ class QuotaConfig:
             problems.append(("burst", "must be 0 (one second's worth) or positive"))
         if self.max_active_series < 0:
             problems.append(("max_active_series", "must be 0 (no limit) or positive"))
+        if self.requests_per_minute < 0:
+            problems.append(("requests_per_minute", "must be 0 (no limit) or positive"))
         return problems
 
 
@@ -167,12 +187,16 @@ class _Bucket:
         self.tokens = burst
         self.last = now
 
-    def take(self, n: int, now: float, *, whole: bool = False) -> int:
-        """Take up to ``n`` tokens (all or none with ``whole``); returns how many were taken."""
+    def refill(self, now: float) -> None:
         if now > self.last:
             self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
             self.last = now
-        k = min(n, int(self.tokens))
+
+    def take(self, n: int, now: float, *, whole: bool = False) -> int:
+        """Take up to ``n`` tokens (all or none with ``whole``); returns how many were taken."""
+        self.refill(now)
+        # Tokens are below zero while a batch admitted whole past the bucket's size is paid back.
+        k = max(0, min(n, int(self.tokens)))
         if whole and k < n:
             return 0
         self.tokens -= k
@@ -180,13 +204,17 @@ class _Bucket:
 
 
 class _TenantState:
-    """One tenant's quota state: its bucket and its active series (key → last seen, monotonic s)."""
+    """One tenant's quota state: its buckets (points, requests), the points it paid for at admission
+    and not yet passed (``prepaid``), and its active series (key → last seen, monotonic s)."""
 
-    __slots__ = ("bucket", "last_sweep", "last_used", "max_series", "series")
+    __slots__ = ("bucket", "last_sweep", "last_used", "max_series", "prepaid", "requests", "series")
 
     def __init__(self, quota: QuotaConfig, now: float) -> None:
         rate = quota.points_per_second
         self.bucket = _Bucket(rate, float(quota.burst or max(rate, 1.0)), now) if rate > 0 else None
+        rpm = quota.requests_per_minute
+        self.requests = _Bucket(rpm / 60.0, float(rpm), now) if rpm > 0 else None
+        self.prepaid = 0
         self.max_series = quota.max_active_series
         self.series: dict[tuple[str, Labels], float] = {}
         self.last_sweep = now
@@ -219,9 +247,12 @@ class TenantProcessor:
         self._problems: dict[str, str | None] = {}
         self._states: dict[str, _TenantState] = {}
         self._quotas_on = any(
-            q.points_per_second > 0 or q.max_active_series > 0
+            q.points_per_second > 0 or q.max_active_series > 0 or q.requests_per_minute > 0
             for q in (config.quota, *config.tenant_quotas.values())
         )
+        self._admission = settings.admission
+        if self._quotas_on:
+            self._admission.add(self.refusal)
         self._last_forget = 0.0
         self._invalid_logged_at = -math.inf
         tel.gauge("processor_tenant_tenants", "Tenants with quota state.", lambda: len(self._states))
@@ -231,6 +262,7 @@ class TenantProcessor:
 
     async def shutdown(self) -> None:
         """Idempotent and safe before start; only the scrape-time gauge is left to remove."""
+        self._admission.remove(self.refusal)
         tel = self._settings.telemetry
         tel.telemetry.unregister_gauges(processor=tel.id)
 
@@ -286,7 +318,7 @@ class TenantProcessor:
     def _limited(self, tenant: str) -> bool:
         """Whether ``tenant`` has any quota (tenants without one need no state and no tenant slot)."""
         quota = self._config.tenant_quotas.get(tenant, self._config.quota)
-        return quota.points_per_second > 0 or quota.max_active_series > 0
+        return quota.points_per_second > 0 or quota.max_active_series > 0 or quota.requests_per_minute > 0
 
     def _state(self, tenant: str, now: float) -> _TenantState | None:
         state = self._states.get(tenant)
@@ -308,8 +340,91 @@ class TenantProcessor:
         cutoff = now - self._config.active_series_window
         self._states = {t: s for t, s in self._states.items() if s.last_used >= cutoff}
 
-    def _admit_points(self, tenant: str, points: list[Point], overflow: _Overflow) -> list[Point]:
-        """The points within ``tenant``'s quotas; the rest is added to ``overflow`` by reason."""
+    # -- admission: quotas answered at the receiver -----------------------------------------------------
+    def request_tenant(self, batch: Batch) -> str | None:
+        """The tenant of ``batch`` when its request names it (the bearer token's ``auth.tenant`` or the
+        header) and no label or resource attribute can name another per point; else None. Such a
+        batch is one tenant's, known before any point is read: its quota is kept at admission."""
+        cfg = self._config
+        context = batch.context
+        name = context.get("auth.tenant") if cfg.auth_tenant_wins else None
+        if not name:
+            if cfg.from_resource_attribute or (cfg.from_label and isinstance(batch, MetricBatch)):
+                return None
+            name = (context.get(self._header) if self._header else None) or context.get("auth.tenant")
+            if not name:
+                return None
+        return self._checked(name)[0]
+
+    def refusal(self, batch: Batch) -> Backpressure | None:
+        """The admission check (:class:`agent.component.Admission`) the fan-outs ask before any pipeline
+        takes ``batch``: for a tenant its request names (:meth:`request_tenant`), a
+        :class:`agent.quota.QuotaExceeded` when a request or the points would go over its
+        ``requests_per_minute`` or ``points_per_second`` — the receiver answers 429 /
+        RESOURCE_EXHAUSTED. When admitted, the request and the points are charged here (``prepaid``),
+        so :meth:`consume` passes them without charging them again and never drops them for it.
+
+        A batch larger than the bucket is admitted whole once the bucket is full, leaving it in debt
+        (the average rate still holds), rather than refused forever. A batch admitted here and then
+        refused by a later check (a full exporter queue) keeps its charge: the client's retry pays
+        again."""
+        tenant = self.request_tenant(batch)
+        if tenant is None or not self._limited(tenant):
+            return None
+        now = self._clock()
+        state = self._state(tenant, now)
+        if state is None:
+            return self._refused(QuotaExceeded(tenant, "max_tenants", retry_after_s=1.0))
+        requests, bucket = state.requests, state.bucket
+        if requests is not None:
+            requests.refill(now)
+            if requests.tokens < 1:
+                return self._refused(
+                    QuotaExceeded(
+                        tenant,
+                        "requests_per_minute",
+                        retry_after_s=(1 - requests.tokens) / requests.rate,
+                        limit_value=int(requests.burst),
+                        remaining=0,
+                    )
+                )
+        n = len(batch)
+        if bucket is not None and n:
+            bucket.refill(now)
+            need = min(n, bucket.burst)
+            if bucket.tokens < need:
+                left = max(0, math.floor(bucket.tokens))
+                return self._refused(
+                    QuotaExceeded(
+                        tenant,
+                        "points_per_second",
+                        retry_after_s=(need - bucket.tokens) / bucket.rate,
+                        limit_value=int(bucket.burst),
+                        remaining=left,
+                        fits=0 if requests is not None and requests.tokens < 1 else left,
+                    )
+                )
+            bucket.tokens -= n
+            state.prepaid += n
+        if requests is not None:
+            requests.tokens -= 1
+        return None
+
+    def _refused(self, refusal: QuotaExceeded) -> QuotaExceeded:
+        self._settings.telemetry.counter(
+            "processor_tenant_quota_refusals_total",
+            "Requests refused at a receiver (429 / RESOURCE_EXHAUSTED) for a tenant's quota, by tenant "
+            "and quota; what the receiver then took of a partly refused request is not overflow.",
+            tenant=OTHER_TENANT if refusal.limit == "max_tenants" else refusal.tenant,
+            reason=refusal.limit,
+        ).value += 1
+        return refusal
+
+    def _admit_points(
+        self, tenant: str, points: list[Point], overflow: _Overflow, prepaid: bool = False
+    ) -> list[Point]:
+        """The points within ``tenant``'s quotas; the rest is added to ``overflow`` by reason. With
+        ``prepaid`` (the batch's tenant was known at admission) the points paid for there pass first."""
         now = self._clock()
         state = self._state(tenant, now)
         if state is None:
@@ -319,7 +434,11 @@ class TenantProcessor:
         if state.max_series:
             points = self._admit_series(state, points, now, overflow, new)
         if state.bucket is not None and points:
-            k = state.bucket.take(len(points), now)
+            credit = min(state.prepaid, len(points)) if prepaid else 0
+            state.prepaid -= credit
+            k = credit
+            if credit < len(points):
+                k += state.bucket.take(len(points) - credit, now)
             if k < len(points):
                 overflow["points_per_second"] = overflow.get("points_per_second", 0) + len(points) - k
                 refused = points[k:]
@@ -391,17 +510,19 @@ class TenantProcessor:
         if isinstance(batch, MetricBatch):
             out: list[Batch] = list(self._metrics(batch))
         elif isinstance(batch, SpanBatch):
+            prepaid = self._quotas_on and self.request_tenant(batch) is not None
             out = [
                 SpanBatch(tuple(msgs), context=ctx, span_count=n)
                 for msgs, ctx, n in self._resources(
-                    batch.resource_spans, batch.context, "scope_spans", "spans"
+                    batch.resource_spans, batch.context, "scope_spans", "spans", prepaid
                 )
             ]
         else:
+            prepaid = self._quotas_on and self.request_tenant(batch) is not None
             out = [
                 LogBatch(tuple(msgs), context=ctx, record_count=n)
                 for msgs, ctx, n in self._resources(
-                    batch.resource_logs, batch.context, "scope_logs", "log_records"
+                    batch.resource_logs, batch.context, "scope_logs", "log_records", prepaid
                 )
             ]
         for new in out:
@@ -448,17 +569,23 @@ class TenantProcessor:
             out = key.derive((label, tenant, dropped), _with_label, label, tenant, dropped)
             groups.setdefault(tenant, []).append(p if out is key else relabelled(p, out))
         self._report_invalid(invalid)
+        prepaid = self._quotas_on and self.request_tenant(batch) is not None
         for tenant, points in groups.items():
             if self._quotas_on and self._limited(tenant):
                 overflow: _Overflow = {}
-                points = self._admit_points(tenant, points, overflow)
+                points = self._admit_points(tenant, points, overflow, prepaid)
                 if overflow:
                     points += self._report_overflow(tenant, overflow)
             if points:
                 yield MetricBatch(tuple(points), context={**context, "tenant": tenant})
 
     def _resources(
-        self, messages: tuple[Any, ...], context: Mapping[str, str], scopes: str, items: str
+        self,
+        messages: tuple[Any, ...],
+        context: Mapping[str, str],
+        scopes: str,
+        items: str,
+        prepaid: bool,
     ) -> Iterable[tuple[list[Any], dict[str, str], int]]:
         cfg = self._config
         auth = context.get("auth.tenant") if cfg.auth_tenant_wins else None
@@ -482,12 +609,12 @@ class TenantProcessor:
         for tenant, (kept, counts) in groups.items():
             total = counts[0]
             if self._quotas_on and self._limited(tenant):
-                kept, total = self._admit_resources(tenant, kept, scopes, items, total)
+                kept, total = self._admit_resources(tenant, kept, scopes, items, total, prepaid)
             if kept:
                 yield kept, {**context, "tenant": tenant}, total
 
     def _admit_resources(
-        self, tenant: str, messages: list[Any], scopes: str, items: str, total: int
+        self, tenant: str, messages: list[Any], scopes: str, items: str, total: int, prepaid: bool
     ) -> tuple[list[Any], int]:
         now = self._clock()
         state = self._state(tenant, now)
@@ -500,12 +627,21 @@ class TenantProcessor:
             return messages, total
         kept: list[Any] = []
         passed = 0
+        # What admission charged already (module docs) passes first, and is not charged again.
+        credit = min(state.prepaid, total) if prepaid else 0
+        state.prepaid -= credit
         for message in messages:
             n = sum(len(getattr(s, items)) for s in getattr(message, scopes))
+            if n <= credit:
+                credit -= n
             # Whole messages: cutting spans out of a resource would need a copy of each message.
-            if state.bucket.take(n, now, whole=True) == n:
-                kept.append(message)
-                passed += n
+            elif state.bucket.take(n - credit, now, whole=True) == n - credit:
+                credit = 0
+            else:
+                continue
+            kept.append(message)
+            passed += n
+        state.prepaid += credit
         if passed < total:
             overflow["points_per_second"] = total - passed
             self._report_overflow(tenant, overflow)  # no overflow metric: this is not a metrics pipeline
