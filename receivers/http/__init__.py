@@ -30,6 +30,13 @@ any ``auth.*`` name (a client cannot forge one), plus ``auth.tenant`` when a bea
 A token equal to a static one (``tokens``, ``tokens_file``) takes that entry's tenant; any other is
 verified as a JWT when ``jwt`` is set, its ``tenant_claim`` giving the tenant.
 
+Routes
+------
+``routes`` and ``mappings`` serve more POST paths: events turned into metrics by a mapping (one event,
+a list, or named arrays in an envelope), or metric objects with ``metadata`` (``format: metrics``, the
+ready-made ``POST /metrics`` of in-house metric services); their answers add ``"status"``
+(``success``, ``partial``, ``error``). The rules are in ``receivers/http/events.py``.
+
 Responses
 ---------
 When the items were examined: ``200`` if at least one was accepted (or the list was empty), ``400`` if
@@ -84,7 +91,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +106,15 @@ from agent.limits import SeriesLimits
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
+from receivers.http.events import (
+    EventMapper,
+    EventMappingConfig,
+    EventRouteConfig,
+    EventsParsed,
+    RouteParser,
+    route_problems,
+    status_of,
+)
 from receivers.http.items import ITEM_REASONS, ItemParser, Parsed, Refusal, decode_body, quote
 
 TYPE = "http"
@@ -201,6 +217,10 @@ class HttpConfig:
     """Serve HTTPS (and optionally require client certificates)."""
     limits: SeriesLimits = field(default_factory=SeriesLimits)
     """Size limits on each item's series (name, label count, label name and value lengths, bytes)."""
+    routes: list[EventRouteConfig] = field(default_factory=list)
+    """More POST paths: events through a mapping, an envelope of arrays, or format metrics (+metadata)."""
+    mappings: dict[str, EventMappingConfig] = field(default_factory=dict)
+    """Event mappings by name (counters, gauges, histograms from event fields; labels allow-listed)."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -223,6 +243,7 @@ class HttpConfig:
         for section in ("auth", "tls", "limits"):
             for path, message in getattr(self, section).validate():
                 problems.append((f"{section}::{path}" if path else section, message))
+        problems += route_problems(self.routes, self.mappings, self.limits)
         return problems
 
     def environment_problems(self) -> list[tuple[str, str]]:
@@ -284,6 +305,32 @@ class HttpReceiver:
             max_scale=config.max_scale,
             limits=config.limits,
         )
+        mappers = {
+            name: EventMapper(
+                mapping,
+                max_timestamp_age_s=config.max_timestamp_age,
+                max_timestamp_ahead_s=config.max_timestamp_ahead,
+                max_buckets=config.max_buckets,
+                max_scale=config.max_scale,
+                limits=config.limits,
+            )
+            for name, mapping in config.mappings.items()
+        }
+        self._routes: dict[str, ItemParser | RouteParser] = {
+            route.path: (
+                ItemParser(
+                    max_timestamp_age_s=config.max_timestamp_age,
+                    max_timestamp_ahead_s=config.max_timestamp_ahead,
+                    max_buckets=config.max_buckets,
+                    max_scale=config.max_scale,
+                    limits=config.limits,
+                    metadata_labels=route.metadata_labels,
+                )
+                if route.format == "metrics"
+                else RouteParser(route, mappers, config.max_items)
+            )
+            for route in config.routes
+        }
         self._runner: web.AppRunner | None = None
         self._stopped = False
         self.port: int | None = None
@@ -324,6 +371,8 @@ class HttpReceiver:
         app = web.Application()
         app.router.add_post("/v1/metrics", self._handle_metrics)
         app.router.add_get("/healthz", self._handle_healthz)
+        for path, route in self._routes.items():
+            app.router.add_post(path, self._route_handler(route))
         # auto_decompress off: aiohttp would inflate without our cap; we stream-inflate ourselves.
         handler_kwargs: dict[str, Any] = {"access_log": None, "auto_decompress": False}
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, **handler_kwargs)
@@ -449,8 +498,9 @@ class HttpReceiver:
             refusal.headers.update(exc.retry_after_header)
             raise refusal from None
 
-    def _parse(self, body: bytes, now_ns: int) -> Parsed:
-        return self._parser.parse(decode_body(body, self.config.max_items, self.config.max_values), now_ns)
+    def _parse(self, body: bytes, now_ns: int, route: ItemParser | RouteParser | None = None) -> Parsed:
+        items = decode_body(body, self.config.max_items, self.config.max_values)
+        return (route or self._parser).parse(items, now_ns)
 
     # -- handlers ------------------------------------------------------------------------------------
     def _context(self, request: web.Request, tenant: str | None) -> dict[str, str]:
@@ -465,8 +515,16 @@ class HttpReceiver:
         return context
 
     def _respond(
-        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+        self,
+        status: int,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+        *,
+        answer_status: str | None = None,
     ) -> web.Response:
+        """``answer_status`` (a route's answer): put first in the body as ``"status"``."""
+        if answer_status is not None:
+            body = {"status": answer_status, **body}
         self.tel.counter(
             "receiver_requests_total", "HTTP requests answered, by status.", status=str(status)
         ).value += 1
@@ -476,21 +534,36 @@ class HttpReceiver:
         with self._bytes.lease() as lease:
             return await self._handle_metrics_held(request, lease)
 
-    async def _handle_metrics_held(self, request: web.Request, lease: netguard.Lease) -> web.Response:
+    def _route_handler(
+        self, route: ItemParser | RouteParser
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            with self._bytes.lease() as lease:
+                return await self._handle_metrics_held(request, lease, route)
+
+        return handle
+
+    async def _handle_metrics_held(
+        self, request: web.Request, lease: netguard.Lease, route: ItemParser | RouteParser | None = None
+    ) -> web.Response:
+        """POST /v1/metrics, or a ``route`` (whose answers carry ``status``)."""
         now_ns = time.time_ns()
+        error = "error" if route is not None else None
         try:
             tenant = self._authenticate(request)
             self._check_media_type(request)
             body = await self._read_body(request, lease)
             if len(body) >= _THREAD_BODY_BYTES:
                 async with netguard.parse_slots():
-                    parsed = await asyncio.to_thread(self._parse, body, now_ns)
+                    parsed = await asyncio.to_thread(self._parse, body, now_ns, route)
             else:
-                parsed = self._parse(body, now_ns)
+                parsed = self._parse(body, now_ns, route)
         except Refusal as exc:
             # Once per request, too_many_items included: the request is refused whole.
             self._refused[exc.code].value += 1
-            return self._respond(exc.status, {"code": exc.code, "error": exc.message}, exc.headers)
+            return self._respond(
+                exc.status, {"code": exc.code, "error": exc.message}, exc.headers, answer_status=error
+            )
         for code, n in parsed.refused.items():
             self._refused[code].value += n
         points = parsed.points
@@ -506,17 +579,24 @@ class HttpReceiver:
                     429,
                     {"code": "backpressure", "error": f"the agent is overloaded ({exc.reason}); retry later"},
                     {"Retry-After": str(retry_after)},
+                    answer_status=error,
                 )
             except Exception:
                 self._log.exception("the pipeline failed on a batch of %d points", len(points))
                 self._refused["pipeline_error"].value += len(points)
                 return self._respond(
-                    500, {"code": "pipeline_error", "error": "the agent failed to take the batch"}
+                    500,
+                    {"code": "pipeline_error", "error": "the agent failed to take the batch"},
+                    answer_status=error,
                 )
             self._accepted.value += len(points)
-        status = 400 if parsed.errors and not points else 200
+        # An event route accepts events, which become fewer points (one per series).
+        accepted = parsed.accepted if isinstance(parsed, EventsParsed) else len(points)
+        status = 400 if parsed.errors and not accepted else 200
         return self._respond(
-            status, {"accepted": len(points), "rejected": len(parsed.errors), "errors": parsed.errors}
+            status,
+            {"accepted": accepted, "rejected": len(parsed.errors), "errors": parsed.errors},
+            answer_status=status_of(accepted, len(parsed.errors)) if route is not None else None,
         )
 
     async def _handle_healthz(self, request: web.Request) -> web.Response:
