@@ -18,6 +18,7 @@ COPY agent/ agent/
 COPY receivers/ receivers/
 COPY processors/ processors/
 COPY exporters/ exporters/
+COPY connectors/ connectors/
 COPY config.example.yaml ./
 # The image's default config is config.example.yaml listening on all interfaces: inside a container,
 # 127.0.0.1 is unreachable through published ports (`docker run -p`).

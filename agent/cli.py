@@ -436,16 +436,22 @@ def _freeze_startup_state() -> None:
 
 
 def _components(factories: Mapping[tuple[ComponentKind, str], Factory], as_json: bool) -> int:
-    order = {ComponentKind.RECEIVER: 0, ComponentKind.PROCESSOR: 1, ComponentKind.EXPORTER: 2}
+    order = {kind: i for i, kind in enumerate(ComponentKind)}
     items = sorted(factories.values(), key=lambda f: (order[f.kind], f.type))
     described: list[dict[str, Any]] = []
     for f in items:
         defaults_ok = not validate_config(f.config_class()) if _has_defaults(f) else False
+        # A connector joins pipelines: what it handles is (input signal → output signal) pairs.
+        connector = f.kind is ComponentKind.CONNECTOR
         described.append(
             {
                 "type": f.type,
                 "kind": f.kind.value,
-                "signals": sorted(s.value for s in f.signals),
+                "signals": (
+                    sorted(f"{x.value}->{y.value}" for x, y in f.signal_pairs)
+                    if connector
+                    else sorted(s.value for s in f.signals)
+                ),
                 "stability": f.stability,
                 "description": f.description,
                 "default_config_valid": defaults_ok,

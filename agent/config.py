@@ -50,11 +50,11 @@ class TelemetryConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     receivers: tuple[str, ...] = ()
-    """Receiver ids feeding this pipeline."""
+    """Receiver ids feeding this pipeline, and connector ids it receives from."""
     processors: tuple[str, ...] = ()
     """Processor ids, applied in this order."""
     exporters: tuple[str, ...] = ()
-    """Exporter ids; every batch fans out to all of them."""
+    """Exporter ids, and connector ids it feeds; every batch fans out to all of them."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ class Pipeline:
     receivers: tuple[ComponentId, ...]
     processors: tuple[ComponentId, ...]
     exporters: tuple[ComponentId, ...]
+    connectors_in: tuple[ComponentId, ...] = ()
+    """Connectors listed under ``receivers``: what they make enters this pipeline."""
+    connectors_out: tuple[ComponentId, ...] = ()
+    """Connectors listed under ``exporters``: every batch this pipeline exports reaches them too."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,38 @@ class AgentConfig:
     pipelines: tuple[Pipeline, ...]
     source: str = ""
     """The YAML text as read (for SIGHUP comparisons)."""
+    connectors: dict[ComponentId, ComponentSpec] = field(default_factory=dict)
+    """Connectors: each the exporter of some pipelines and the receiver of others."""
+
+
+@dataclass(frozen=True)
+class ConnectorUse:
+    """One connector between pipelines for one (input, output) signal pair its factory supports: the
+    service runs one instance of it, fed by ``upstream`` and feeding ``downstream`` (pipeline ids)."""
+
+    id: ComponentId
+    input: Signal
+    output: Signal
+    upstream: tuple[str, ...]
+    downstream: tuple[str, ...]
+
+
+def connector_uses(config: AgentConfig) -> list[ConnectorUse]:
+    """Every (connector, input signal, output signal) the pipelines use that its factory supports, in
+    the order the connectors are defined (the Collector's connector nodes)."""
+    uses = []
+    for cid, spec in config.connectors.items():
+        upstream = [p for p in config.pipelines if cid in p.connectors_out]
+        downstream = [p for p in config.pipelines if cid in p.connectors_in]
+        for x in Signal:
+            for y in Signal:
+                if (x, y) not in spec.factory.signal_pairs:
+                    continue
+                ups = tuple(p.id for p in upstream if p.signal is x)
+                downs = tuple(p.id for p in downstream if p.signal is y)
+                if ups and downs:
+                    uses.append(ConnectorUse(cid, x, y, ups, downs))
+    return uses
 
 
 _ENV_RE = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{([^}]*)\}")
@@ -443,6 +479,7 @@ _KINDS: tuple[tuple[str, ComponentKind], ...] = (
     ("processors", ComponentKind.PROCESSOR),
     ("exporters", ComponentKind.EXPORTER),
 )
+_SECTIONS: tuple[tuple[str, ComponentKind], ...] = (*_KINDS, ("connectors", ComponentKind.CONNECTOR))
 _PIPELINE_RE = re.compile(r"^(metrics|traces|logs)(?:/([A-Za-z0-9_.\-]+))?$")
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(?:/[A-Za-z0-9_.\-]+)?$")
 
@@ -469,13 +506,16 @@ def build_config(
     if not isinstance(data, dict):
         raise ConfigError(["config: the top level must be a mapping with receivers, exporters and service"])
     for key in data:
-        if key not in ("receivers", "processors", "exporters", "service"):
+        if key not in ("receivers", "processors", "exporters", "connectors", "service"):
             problems.append(
-                ((key,), "unknown top-level section; known: receivers, processors, exporters, service")
+                (
+                    (key,),
+                    "unknown top-level section; known: receivers, processors, exporters, connectors, service",
+                )
             )
 
-    specs: dict[ComponentKind, dict[ComponentId, ComponentSpec]] = {k: {} for _, k in _KINDS}
-    for section, kind in _KINDS:
+    specs: dict[ComponentKind, dict[ComponentId, ComponentSpec]] = {k: {} for _, k in _SECTIONS}
+    for section, kind in _SECTIONS:
         entries = data.get(section) or {}
         if not isinstance(entries, dict):
             problems.append(((section,), "expected a mapping of component ids to settings"))
@@ -514,8 +554,23 @@ def build_config(
     used: set[tuple[ComponentKind, ComponentId]] = set()
     declared = {
         kind: {str(cid) for cid in specs[kind]} | {str(k) for k in _mapping_or_empty(data.get(sec))}
-        for sec, kind in _KINDS
+        for sec, kind in _SECTIONS
     }
+    connector_ids = declared[ComponentKind.CONNECTOR]
+    for section, kind in _KINDS:
+        if kind is not ComponentKind.PROCESSOR:
+            for clash in sorted(connector_ids & declared[kind]):
+                problems.append(
+                    (
+                        ("connectors", clash),
+                        f"{clash!r} is also defined under `{section}`: a pipeline could not tell which "
+                        "one it lists; give the connector another name (type/name)",
+                    )
+                )
+    # Per connector id: the (pipeline id, signal, path) of each pipeline listing it, as an exporter
+    # (its input) and as a receiver (its output).
+    fed_by: dict[ComponentId, list[tuple[str, Signal, Path]]] = {}
+    feeds: dict[ComponentId, list[tuple[str, Signal, Path]]] = {}
     if not service.pipelines:
         problems.append(
             (("service", "pipelines"), "at least one pipeline is required (for example `metrics`)")
@@ -528,6 +583,8 @@ def build_config(
             continue
         signal = Signal(m.group(1))
         refs: dict[ComponentKind, list[ComponentId]] = {}
+        connectors_in: list[ComponentId] = []
+        connectors_out: list[ComponentId] = []
         for (section, kind), ids in zip(
             _KINDS, (pcfg.receivers, pcfg.processors, pcfg.exporters), strict=True
         ):
@@ -541,8 +598,17 @@ def build_config(
                     problems.append((rpath, f"{ref!r} is listed twice"))
                     continue
                 seen.add(ref)
+                if kind is not ComponentKind.PROCESSOR and ref in connector_ids and ref not in declared[kind]:
+                    cid = ComponentId.parse(ref)
+                    used.add((ComponentKind.CONNECTOR, cid))
+                    if cid in specs[ComponentKind.CONNECTOR]:
+                        receiving = kind is ComponentKind.RECEIVER
+                        (feeds if receiving else fed_by).setdefault(cid, []).append((pid, signal, rpath))
+                        (connectors_in if receiving else connectors_out).append(cid)
+                    continue
                 if ref not in declared[kind]:
-                    problems.append((rpath, f"{ref!r} is not defined under `{section}`"))
+                    also = "" if kind is ComponentKind.PROCESSOR else " or `connectors`"
+                    problems.append((rpath, f"{ref!r} is not defined under `{section}`{also}"))
                     continue
                 cid = ComponentId.parse(ref)
                 used.add((kind, cid))
@@ -561,9 +627,12 @@ def build_config(
                 tuple(refs[ComponentKind.RECEIVER]),
                 tuple(refs[ComponentKind.PROCESSOR]),
                 tuple(refs[ComponentKind.EXPORTER]),
+                tuple(connectors_in),
+                tuple(connectors_out),
             )
         )
-    for section, kind in _KINDS:
+    problems += _connector_problems(specs[ComponentKind.CONNECTOR], fed_by, feeds)
+    for section, kind in _SECTIONS:
         for cid in specs[kind]:
             if (kind, cid) not in used:
                 problems.append(((section, str(cid)), "defined but not used in any pipeline"))
@@ -580,7 +649,105 @@ def build_config(
         service=service,
         pipelines=tuple(pipelines),
         source=source_text,
+        connectors=specs[ComponentKind.CONNECTOR],
     )
+
+
+def _connector_problems(
+    specs: Mapping[ComponentId, ComponentSpec],
+    fed_by: Mapping[ComponentId, list[tuple[str, Signal, Path]]],
+    feeds: Mapping[ComponentId, list[tuple[str, Signal, Path]]],
+) -> list[tuple[Path, str]]:
+    """What is wrong with how the pipelines use the connectors (as the Collector checks them): used on
+    one side only; a signal on one side that no supported pair joins to a signal on the other; a cycle
+    of pipelines through connectors."""
+    problems: list[tuple[Path, str]] = []
+    edges: dict[str, list[tuple[ComponentId, str]]] = {}
+    for cid, spec in specs.items():
+        ins, outs = fed_by.get(cid, []), feeds.get(cid, [])
+        if not ins and not outs:
+            continue  # reported as defined but not used
+        pairs = spec.factory.signal_pairs
+        supports = ", ".join(sorted(f"{x.value} → {y.value}" for x, y in pairs)) or "nothing"
+        if not outs or not ins:
+            has, missing = ("an exporter", "receivers") if ins else ("a receiver", "exporters")
+            where = ", ".join(sorted({pid for pid, _, _ in ins or outs}))
+            problems.append(
+                (
+                    ("connectors", str(cid)),
+                    f"connector {str(cid)!r} is used as {has} (pipelines: {where}) but no pipeline lists "
+                    f"it under `{missing}`: a connector joins the pipelines that export to it to the "
+                    "pipelines that receive from it",
+                )
+            )
+            continue
+        in_signals = {s for _, s, _ in ins}
+        out_signals = {s for _, s, _ in outs}
+        for _, x, path in ins:
+            if not any((x, y) in pairs for y in out_signals):
+                made = " or ".join(sorted(y.value for y in out_signals))
+                problems.append(
+                    (
+                        path,
+                        f"connector {str(cid)!r} cannot turn {x.value} into {made} (it supports: {supports})",
+                    )
+                )
+        for _, y, path in outs:
+            if not any((x, y) in pairs for x in in_signals):
+                taken = " or ".join(sorted(x.value for x in in_signals))
+                problems.append(
+                    (
+                        path,
+                        f"connector {str(cid)!r} cannot make {y.value} from {taken} "
+                        f"(it supports: {supports})",
+                    )
+                )
+        for up, x, _ in ins:
+            for down, y, _ in outs:
+                if (x, y) in pairs:
+                    edges.setdefault(up, []).append((cid, down))
+    problems += _cycle_problems(edges)
+    return problems
+
+
+def _cycle_problems(edges: Mapping[str, list[tuple[ComponentId, str]]]) -> list[tuple[Path, str]]:
+    """One problem per cycle of pipelines through connectors found by a depth-first walk, naming it."""
+    problems: list[tuple[Path, str]] = []
+    done: set[str] = set()
+    for root in edges:
+        if root in done:
+            continue
+        # Iterative DFS: a stack of (pipeline, its remaining edges); ``trail`` is the current path.
+        trail: list[tuple[str, ComponentId | None]] = [(root, None)]
+        on_trail = {root}
+        stack = [iter(edges.get(root, []))]
+        while stack:
+            step = next(stack[-1], None)
+            if step is None:
+                stack.pop()
+                pid, _ = trail.pop()
+                on_trail.discard(pid)
+                done.add(pid)
+                continue
+            cid, down = step
+            if down in on_trail:
+                start = next(i for i, (p, _) in enumerate(trail) if p == down)
+                hops = [*trail[start + 1 :], (down, cid)]
+                text = down + "".join(f" → {c} → {p}" for p, c in hops)
+                problems.append(
+                    (
+                        ("service", "pipelines", down),
+                        f"the pipelines form a cycle through connectors: {text}; "
+                        "a batch would go round it forever",
+                    )
+                )
+                continue
+            if down in done:
+                continue
+            trail.append((down, cid))
+            on_trail.add(down)
+            stack.append(iter(edges.get(down, [])))
+    return problems
 
 
 def _mapping_or_empty(value: Any) -> dict[Any, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from agent.component import ComponentKind, Factory
 
 R, P, E = ComponentKind.RECEIVER, ComponentKind.PROCESSOR, ComponentKind.EXPORTER
+C = ComponentKind.CONNECTOR
 
 BUILTINS: tuple[tuple[ComponentKind, str, str, str], ...] = (
     # (kind, type, module, attribute); each factory's own kind and type must match its row
@@ -34,6 +35,7 @@ BUILTINS: tuple[tuple[ComponentKind, str, str, str], ...] = (
     (E, "otlp", "exporters.otlp", "grpc_factory"),
     (E, "otlp_http", "exporters.otlp", "http_factory"),
     (E, "debug", "exporters.debug", "factory"),
+    (C, "forward", "connectors.forward", "factory"),
 )
 
 

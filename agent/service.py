@@ -9,15 +9,26 @@ exporter id, for the agent's lifetime). A Link's target is swapped between batch
 the loop: a batch already inside the old target finishes there, the next one goes to the new — so the
 graph can change under running components without stopping them.
 
-Refusal is all or nothing: a receiver's fan-out asks the :class:`Admission` of every processor and
-exporter of the pipelines it feeds before the batch enters any of them, and a pipeline's fan-out asks
-its exporters' when a batch reaches it otherwise (a batch processor's timer): a batch refused with
-Backpressure was taken by none, one accepted is taken whole by all (:class:`Fanout`).
+Connectors (``connectors:``) join pipelines: one instance per connector id and (input, output) signal
+pair used (:func:`agent.config.connector_uses`; one per id in the common case) is an exporter of the
+pipelines that list it under ``exporters`` — reached through its entry Link, as an exporter is — and
+feeds, through a Link to a fan-out, the pipelines that list it under ``receivers``, as a receiver
+feeding several pipelines does. Pipelines are built downstream first (the config refuses cycles).
 
-Start: exporters, then processors, then receivers (nothing is received before it can be sent), then the
-loop watchdog. Stop: receivers first (they flush what they aggregated), then processors, then exporters,
-which drain their queues until the shutdown deadline; a component still stopping is named by
-:meth:`Agent.stopping_components` (the caller enforces the overall deadline).
+Refusal is all or nothing: a receiver's fan-out asks the :class:`Admission` of every processor and
+exporter of the pipelines it feeds — and, through connectors, of every pipeline downstream of them —
+before the batch enters any of them, and a pipeline's fan-out asks its exporters' (and those beyond its
+connectors) when a batch reaches it otherwise (a batch processor's timer): a batch refused with
+Backpressure was taken by none, one accepted is taken whole by all (:class:`Fanout`). Across a
+connector that changes the signal the checks are asked with the input batch (its size stands for the
+output's, which is not known before the connector has run).
+
+Start: exporters, then processors and connectors from the last pipeline downstream to the first (a
+connector after the pipelines it feeds, before those that feed it), then receivers (nothing is received
+before it can be sent), then the loop watchdog. Stop: receivers first (they flush what they aggregated),
+then processors and connectors upstream first, then exporters, which drain their queues until the
+shutdown deadline; a component still stopping is named by :meth:`Agent.stopping_components` (the caller
+enforces the overall deadline).
 
 Reload (:meth:`Agent.reload`), the contract:
 
@@ -41,10 +52,13 @@ Reload (:meth:`Agent.reload`), the contract:
   (measured ~1-5 ms on loopback; TCP clients of the old socket are disconnected and reconnect). Not
   beside it first: the successor would take over a Unix socket path (the stale-socket cleanup unlinks
   the running one's file) and the old one's shutdown would then unlink the successor's.
+- A connector is kept like a processor (same id, signal pair and Config: only the Link to the
+  pipelines it feeds is re-pointed); a new or changed one is created and started beside the running
+  graph, after the new pipelines it feeds, and the upstream fan-outs are re-pointed onto it.
 - Removed components retire in the background, without holding up the new pipelines: removed receivers
-  stop first (before new receivers bind: one may take over the address), then the processors no longer
-  used (upstream first: they flush into what follows), then removed exporters drain within
-  shutdown_timeout as at shutdown. They show in ``status()`` as ``retiring`` until done.
+  stop first (before new receivers bind: one may take over the address), then the processors and
+  connectors no longer used (upstream first: they flush into what follows), then removed exporters
+  drain within shutdown_timeout as at shutdown. They show in ``status()`` as ``retiring`` until done.
 - If a replacement cannot start although the checks passed, every step is undone — replaced components
   get back a fresh instance of their previous Config (queues handed back), new ones stop, Links point
   back — and the reload reports failure. That undo is the only case with a gap.
@@ -78,7 +92,7 @@ from agent.component import (
     admitted,
     end_admission,
 )
-from agent.config import AgentConfig, ComponentSpec
+from agent.config import AgentConfig, ComponentSpec, ConnectorUse, connector_uses
 from agent.model import Batch
 from agent.telemetry import ComponentTelemetry, Telemetry
 
@@ -289,6 +303,7 @@ class _Running:
         links: dict[Signal, Link] | None = None,
         scope: _ComponentScope | None = None,
         admission: Admission | None = None,
+        entry: Link | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.id
@@ -297,7 +312,9 @@ class _Running:
         self.pipeline = pipeline
         self.position = position
         self.link = link
-        """A processor's downstream Link."""
+        """A processor's or connector's downstream Link."""
+        self.entry = entry
+        """A connector's entry Link: what the fan-outs of the pipelines feeding it hand batches to."""
         self.links: dict[Signal, Link] = links or {}
         """A receiver's Link per signal."""
         self.scope = scope
@@ -340,7 +357,20 @@ class _Plan:
     receivers_new: list[_Running] = field(default_factory=list)
     receivers_changed: list[tuple[_Running, ComponentSpec, dict[Signal, Link]]] = field(default_factory=list)
     receivers_removed: list[_Running] = field(default_factory=list)
+    connectors: dict[_NodeKey, _Running] = field(default_factory=dict)
+    connectors_new: list[_Running] = field(default_factory=list)
+    connectors_retired: list[_Running] = field(default_factory=list)
+    ranks: dict[int, int] = field(default_factory=dict)
+    """Start rank of each processor and connector (by ``id()``): downstream ones lower (see _Ranks)."""
     swaps: list[tuple[Link, Consumer]] = field(default_factory=list)
+
+    def middle(self, running: Sequence[_Running]) -> list[_Running]:
+        """``running`` (processors and connectors) in start order: downstream first."""
+        return sorted(running, key=lambda r: self.ranks.get(id(r), 0))
+
+
+_NodeKey = tuple[ComponentId, Signal, Signal]
+"""A connector instance: (connector id, input signal, output signal)."""
 
 
 class _Undo:
@@ -395,6 +425,26 @@ async def _point(link: Link, target: Consumer) -> None:
     link.target = target
 
 
+def _levels(config: AgentConfig, uses: Sequence[ConnectorUse]) -> dict[str, int]:
+    """Each pipeline's distance from the end of the graph: 0 for one that feeds no connector, else one
+    more than the farthest pipeline its connectors feed (the config refuses cycles)."""
+    feeds: dict[str, set[str]] = {}
+    for use in uses:
+        for up in use.upstream:
+            feeds.setdefault(up, set()).update(use.downstream)
+    levels: dict[str, int] = {}
+
+    def level(pid: str) -> int:
+        found = levels.get(pid)
+        if found is None:
+            found = levels[pid] = 1 + max((level(q) for q in feeds.get(pid, ())), default=-1)
+        return found
+
+    for pipeline in config.pipelines:
+        level(pipeline.id)
+    return levels
+
+
 class Agent:
     """One agent for the life of the process: ``start``, any number of ``reload``, then ``stop``.
     ``stop`` is idempotent and safe before ``start``."""
@@ -411,6 +461,8 @@ class Agent:
         self._processors: list[_Running] = []
         """In creation order — each pipeline from its end — so reversed() is upstream first."""
         self._receivers: dict[ComponentId, _Running] = {}
+        self._connectors: dict[_NodeKey, _Running] = {}
+        self._ranks: dict[int, int] = {}
         self._retiring: list[_Running] = []
         self._not_ready: set[str] = set()
         self.stopping = False
@@ -431,6 +483,8 @@ class Agent:
         self._exporters = plan.exporters
         self._processors = plan.processors
         self._receivers = plan.receivers
+        self._connectors = plan.connectors
+        self._ranks = plan.ranks
 
     # -- graph -------------------------------------------------------------------------------------
     def _settings(self, config: AgentConfig, spec: ComponentSpec, suffix: str = "") -> Settings:
@@ -463,6 +517,26 @@ class Agent:
         instance = spec.factory.create(settings, spec.config)
         return _Running(spec, instance, scope=_scope(settings), admission=settings.admission)
 
+    def _connector(
+        self, config: AgentConfig, plan: _Plan, key: _NodeKey, target: Consumer, suffix: str
+    ) -> _Running:
+        """The connector instance ``key`` of the new graph, feeding ``target``: the running one when its
+        Config is unchanged (its Link re-pointed at ``target`` when the plan is applied), else a new one."""
+        spec = config.connectors[key[0]]
+        old = self._connectors.get(key)
+        if old is not None and _same(old.spec, spec):
+            assert old.link is not None
+            plan.swaps.append((old.link, target))
+            plan.connectors[key] = old
+            return old
+        link = Link(target)
+        settings = self._settings(config, spec, suffix)
+        instance = spec.factory.create(settings, spec.config, link)
+        running = _Running(spec, instance, link=link, scope=_scope(settings), entry=Link(instance))
+        plan.connectors[key] = running
+        plan.connectors_new.append(running)
+        return running
+
     def _receiver(self, config: AgentConfig, spec: ComponentSpec, links: dict[Signal, Link]) -> _Running:
         consumers: dict[Signal, Consumer] = dict(links)
         settings = self._settings(config, spec)
@@ -489,11 +563,37 @@ class Agent:
         by_place = {(p.pipeline, p.position): p for p in self._processors}
         heads: dict[ComponentId, dict[Signal, list[Consumer]]] = {}
         # What a receiver's fan-out asks before a batch enters any of its pipelines: every processor
-        # and exporter in each of them.
+        # and exporter in each of them, and in every pipeline downstream of their connectors.
         gates: dict[ComponentId, dict[Signal, dict[int, Admission]]] = {}
-        for pipeline in config.pipelines:
+        uses = connector_uses(config)
+        levels = _levels(config, uses)
+        pipeline_heads: dict[str, Consumer] = {}
+        pipeline_gates: dict[str, dict[int, Admission]] = {}
+        node_entries: dict[_NodeKey, Link] = {}
+        labels = {u.id: sum(1 for v in uses if v.id == u.id) for u in uses}
+        # Downstream pipelines first: what a connector feeds exists before the connector is created.
+        for pipeline in sorted(config.pipelines, key=lambda p: levels[p.id]):
             exporter_gates = [plan.exporters[e].admission for e in pipeline.exporters]
-            nxt: Consumer = Fanout([entries[e] for e in pipeline.exporters], exporter_gates)
+            consumers: list[Consumer] = [entries[e] for e in pipeline.exporters]
+            beyond: dict[int, Admission] = {}
+            for use in uses:
+                if pipeline.id not in use.upstream:
+                    continue
+                key = (use.id, use.input, use.output)
+                if key not in node_entries:
+                    down = {i: g for q in use.downstream for i, g in pipeline_gates[q].items()}
+                    target = Fanout([pipeline_heads[q] for q in use.downstream], list(down.values()))
+                    suffix = f"@{use.input.value}-to-{use.output.value}" if labels[use.id] > 1 else ""
+                    running = self._connector(config, plan, key, target, suffix)
+                    plan.ranks[id(running)] = 2 * max(levels[q] for q in use.downstream) + 1
+                    assert running.entry is not None
+                    node_entries[key] = running.entry
+                consumers.append(node_entries[key])
+                for q in use.downstream:
+                    beyond.update(pipeline_gates[q])
+            own = {id(g) for g in exporter_gates}
+            exporter_gates += [g for i, g in beyond.items() if i not in own]
+            nxt: Consumer = Fanout(consumers, exporter_gates)
             first = len(plan.processors)
             for position in reversed(range(len(pipeline.processors))):
                 spec = config.processors[pipeline.processors[position]]
@@ -517,14 +617,20 @@ class Agent:
                     )
                     plan.processors.append(running)
                     plan.processors_new.append(running)
+                plan.ranks[id(plan.processors[-1])] = 2 * levels[pipeline.id]
                 nxt = plan.processors[-1].instance
-            pipeline_gates = [p.admission for p in reversed(plan.processors[first:])] + exporter_gates
+            own_gates = [p.admission for p in reversed(plan.processors[first:])] + exporter_gates
+            pipeline_gates[pipeline.id] = {id(g): g for g in own_gates}
+            pipeline_heads[pipeline.id] = nxt
             for rid in pipeline.receivers:
                 heads.setdefault(rid, {}).setdefault(pipeline.signal, []).append(nxt)
                 known = gates.setdefault(rid, {}).setdefault(pipeline.signal, {})
-                known.update((id(g), g) for g in pipeline_gates)
+                known.update((id(g), g) for g in own_gates)
         kept = {id(p) for p in plan.processors}
         plan.processors_retired = [p for p in self._processors if id(p) not in kept]
+        plan.connectors_retired = [
+            r for key, r in self._connectors.items() if plan.connectors.get(key) is not r
+        ]
 
         for rid, by_signal in heads.items():
             spec = config.receivers[rid]
@@ -563,18 +669,22 @@ class Agent:
             raise
         self._tasks.spawn(self._watch_loop(), "loop-lag")
         log.info(
-            "started: %d receivers, %d processors, %d exporters, pipelines %s",
+            "started: %d receivers, %d processors, %d connectors, %d exporters, pipelines %s",
             len(self._receivers),
             len(self._processors),
+            len(self._connectors),
             len(self._exporters),
             ", ".join(p.id for p in self.config.pipelines),
         )
 
     def _groups(self, *, start: bool) -> list[list[_Running]]:
         exporters, receivers = list(self._exporters.values()), list(self._receivers.values())
+        middle = sorted(
+            [*self._processors, *self._connectors.values()], key=lambda r: self._ranks.get(id(r), 0)
+        )
         if start:
-            return [exporters, self._processors, receivers]
-        return [receivers, list(reversed(self._processors)), exporters]
+            return [exporters, middle, receivers]
+        return [receivers, list(reversed(middle)), exporters]
 
     async def stop(self) -> None:
         """Stop receivers (they flush), processors, then exporters (they drain), and wait for components
@@ -657,6 +767,7 @@ class Agent:
         everything = [
             *self._receivers.values(),
             *self._processors,
+            *self._connectors.values(),
             *self._exporters.values(),
             *self._retiring,
         ]
@@ -706,7 +817,7 @@ class Agent:
     async def _apply(self, plan: _Plan, undo: _Undo) -> bool:
         config = plan.config
         # 1. What is new starts beside the running graph: a failure here leaves it untouched.
-        for running in [*plan.exporters_new, *plan.processors_new]:
+        for running in [*plan.exporters_new, *plan.middle([*plan.processors_new, *plan.connectors_new])]:
             if not await self._start_one(running):
                 return False
             undo.add(functools.partial(self._stop_one, running))
@@ -746,13 +857,19 @@ class Agent:
         self._exporters = plan.exporters
         self._processors = plan.processors
         self._receivers = plan.receivers
-        if plan.processors_retired or removed:
-            self._retiring += [*plan.processors_retired, *removed]
-            self._retirements.spawn(self._retire(plan.processors_retired, removed, removed_entries), "retire")
+        self._connectors = plan.connectors
+        # Retired processors and connectors in the old graph's start order (downstream first).
+        retired = sorted(
+            [*plan.processors_retired, *plan.connectors_retired], key=lambda r: self._ranks.get(id(r), 0)
+        )
+        self._ranks = plan.ranks
+        if retired or removed:
+            self._retiring += [*retired, *removed]
+            self._retirements.spawn(self._retire(retired, removed, removed_entries), "retire")
 
     async def _discard(self, plan: _Plan) -> None:
         """Release what a refused plan created and never started (gauges, readiness keys)."""
-        created = [*plan.exporters_new, *plan.processors_new, *plan.receivers_new]
+        created = [*plan.exporters_new, *plan.processors_new, *plan.connectors_new, *plan.receivers_new]
         for running in created:
             if running.state == "created":
                 running.state = "stopped"
@@ -767,8 +884,9 @@ class Agent:
     async def _retire(
         self, processors: Sequence[_Running], exporters: Sequence[_Running], entries: Sequence[Link]
     ) -> None:
-        """Stop what a reload left out, in the background: processors upstream first (each flushes
-        into what follows), then removed exporters once nothing is inside them, draining as at shutdown."""
+        """Stop what a reload left out, in the background: processors and connectors (``processors``,
+        in start order) upstream first (each flushes into what follows), then removed exporters once
+        nothing is inside them, draining as at shutdown."""
         try:
             for running in reversed(processors):
                 if running.state == "running":
@@ -908,6 +1026,7 @@ class Agent:
     def _components(self) -> Iterator[_Running]:
         yield from self._receivers.values()
         yield from self._processors
+        yield from self._connectors.values()
         yield from self._exporters.values()
         yield from self._retiring
 
@@ -926,6 +1045,11 @@ class Agent:
                     "failed": t.value("exporter_failed_points_total", exporter=label),
                     "dropped": t.value("exporter_dropped_points_total", exporter=label),
                     "queue_size": t.value("exporter_queue_size", exporter=label),
+                }
+            if kind is ComponentKind.CONNECTOR:
+                return {
+                    "incoming": t.value("connector_incoming_points_total", connector=label),
+                    "outgoing": t.value("connector_outgoing_points_total", connector=label),
                 }
             return {}
 
@@ -953,9 +1077,9 @@ class Agent:
             "uptime_s": round(time.time() - self.started_at, 3),
             "pipelines": {
                 p.id: {
-                    "receivers": [str(c) for c in p.receivers],
+                    "receivers": [str(c) for c in (*p.receivers, *p.connectors_in)],
                     "processors": [str(c) for c in p.processors],
-                    "exporters": [str(c) for c in p.exporters],
+                    "exporters": [str(c) for c in (*p.exporters, *p.connectors_out)],
                 }
                 for p in self.config.pipelines
             },

@@ -135,6 +135,7 @@ class Peers:
 
 
 R, P, E = ComponentKind.RECEIVER.value, ComponentKind.PROCESSOR.value, ComponentKind.EXPORTER.value
+C = ComponentKind.CONNECTOR.value
 PROCESSED = "headwater_processor_incoming_points_total"
 STIMULUS: dict[
     tuple[str, str], tuple[Callable[[Any, Peers], Any], Callable[[Any, Any, Sink], Awaitable[None]], str]
@@ -185,6 +186,7 @@ STIMULUS: dict[
         "headwater_exporter_sent_points_total",
     ),
     (E, "debug"): (lambda cfg, _: cfg, drive_exporter, "headwater_exporter_sent_points_total"),
+    (C, "forward"): (lambda cfg, _: cfg, drive_processor, "headwater_connector_incoming_points_total"),
 }
 KEYS = sorted((kind.value, type_) for kind, type_ in FACTORIES)
 
@@ -222,7 +224,7 @@ async def test_lifecycle_and_self_metrics(key: tuple[str, str], capsys: pytest.C
         def create() -> Any:
             if f.kind is ComponentKind.RECEIVER:
                 return f.create(settings, config, {Signal.METRICS: sink})
-            if f.kind is ComponentKind.PROCESSOR:
+            if f.kind in (ComponentKind.PROCESSOR, ComponentKind.CONNECTOR):
                 return f.create(settings, config, sink)
             return f.create(settings, config)
 
