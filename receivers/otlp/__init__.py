@@ -38,7 +38,10 @@ HTTP
   inflated past the cap); ``415`` ``unsupported_media_type``, ``unsupported_encoding`` (anything but
   gzip, zstd or identity, or more than one coding);
 - ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch, or the first chunk
-  of a large metrics request: nothing was taken; retry it whole),
+  of a large metrics request: nothing was taken; retry it whole), ``tenant_quota`` with
+  ``Retry-After`` and ``X-RateLimit-Limit``, ``-Remaining``, ``-Reset`` (the request's tenant, named by
+  the header the ``tenant`` processor reads, is over its ``points_per_second`` or
+  ``requests_per_minute``; agent/quota.py),
   ``memory_budget`` with ``Retry-After`` (the request bytes in flight, ``max_request_bytes_in_flight``
   or the agent's total, are spent; taken by Content-Length before the body is read, then as it
   streams in and inflates; zstd output once inflated, bounded by ``max_request_body_size``);
@@ -57,8 +60,8 @@ gRPC
 ``max_request_body_size`` (after gRPC decompression) are refused by gRPC itself with
 RESOURCE_EXHAUSTED while it reads them; grpc.aio then hands the receiver a cancelled call without a
 message, which it cannot tell from a client cancelling before its message arrived: both count as
-``cancelled`` (code ``CANCELLED``). Backpressure
-and ``memory_budget`` answer UNAVAILABLE with a ``google.rpc.Status`` holding ``RetryInfo`` in the
+``cancelled`` (code ``CANCELLED``). A tenant's quota answers RESOURCE_EXHAUSTED, backpressure
+and ``memory_budget`` UNAVAILABLE, each with a ``google.rpc.Status`` holding ``RetryInfo`` in the
 ``grpc-status-details-bin`` trailer; an undecodable request INVALID_ARGUMENT; a pipeline failure
 INTERNAL. Partial success as over HTTP. gRPC reads a whole message before the receiver sees it, so
 the request-bytes budget is kept by bounding the calls served at once:
@@ -127,7 +130,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -141,7 +143,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from agent import bodies, netguard
+from agent import bodies, netguard, quota
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, Size, parse_host_port
 from agent.limits import SeriesLimits
@@ -168,6 +170,7 @@ REQUEST_REASONS = (
     "unsupported_media_type",
     "unsupported_encoding",
     "backpressure",
+    "tenant_quota",
     "memory_budget",
     "pipeline_error",
     "cancelled",
@@ -562,14 +565,7 @@ class OtlpReceiver:
             try:
                 await self._consumers[route.signal].consume(batch)
             except Backpressure as exc:
-                counters.refused["backpressure"].value += n
-                raise RequestError(
-                    429,
-                    code_pb2.UNAVAILABLE,
-                    "backpressure",
-                    f"the agent is overloaded ({exc.reason}); retry later",
-                    retry_after_s=float(max(1, math.ceil(exc.retry_after_s or 1))),
-                ) from None
+                raise _refused(exc, counters, n) from None
             except Exception:
                 self._log.exception("the pipeline failed on a batch of %d %s", n, route.unit)
                 counters.refused["pipeline_error"].value += n
@@ -614,14 +610,7 @@ class OtlpReceiver:
                 except Backpressure as exc:
                     rest = count_points(decoded.metrics) - taken - sum(out.refused.values())
                     if not taken:
-                        counters.refused["backpressure"].value += rest
-                        raise RequestError(
-                            429,
-                            code_pb2.UNAVAILABLE,
-                            "backpressure",
-                            f"the agent is overloaded ({exc.reason}); retry later",
-                            retry_after_s=float(max(1, math.ceil(exc.retry_after_s or 1))),
-                        ) from None
+                        raise _refused(exc, counters, rest) from None
                     out.refuse_rest(
                         "backpressure",
                         rest,
@@ -756,7 +745,7 @@ class OtlpReceiver:
 
     def _http_error(self, err: RequestError, is_json: bool) -> web.Response:
         st = status(err)
-        headers = {}
+        headers = dict(err.headers)
         if err.retry_after_s is not None:
             headers["Retry-After"] = str(int(err.retry_after_s))
         payload = to_json(st) if is_json else st.SerializeToString()
@@ -939,6 +928,23 @@ _GRPC_CODE_OF_STATUS = {
     429: code_pb2.UNAVAILABLE,
 }
 """The gRPC code (in the ``google.rpc.Status`` of an HTTP answer) of each status a body refusal has."""
+
+
+def _refused(exc: Backpressure, counters: _Counters, n: int) -> RequestError:
+    """The answer to a batch of ``n`` items refused downstream before anything was taken (counted
+    here): agent/quota.py maps it — a tenant's quota 429 / RESOURCE_EXHAUSTED with the X-RateLimit
+    headers, any other 429 / UNAVAILABLE; both with Retry-After and RetryInfo."""
+    refused = quota.answer(exc)
+    counters.refused[refused.reason].value += n
+    headers = {k: v for k, v in refused.headers.items() if k != "Retry-After"}
+    return RequestError(
+        refused.http_status,
+        refused.grpc_code,
+        refused.reason,
+        refused.message,
+        retry_after_s=float(refused.retry_after_s),
+        headers=headers,
+    )
 
 
 def _request_error(exc: bodies.BodyRefused) -> RequestError:

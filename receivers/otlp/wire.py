@@ -48,6 +48,7 @@ class RequestError(Exception):
         reason: str,
         message: str,
         retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.http_status = http_status
@@ -56,6 +57,8 @@ class RequestError(Exception):
         self.reason = reason
         self.message = message
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+        """HTTP headers of the answer besides Retry-After (a quota's X-RateLimit-*)."""
 
 
 def _hex_ids_to_base64(node: Any) -> Any:
