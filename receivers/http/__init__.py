@@ -57,6 +57,12 @@ When the request as a whole is refused: ``{"code": c, "error": message}`` with
 - ``415`` ``unsupported_media_type`` (not application/json), ``unsupported_encoding`` (anything but
   gzip, zstd or identity, or more than one encoding);
 - ``429`` ``backpressure`` with ``Retry-After`` (the pipeline refused the batch; retry it whole),
+  ``tenant_quota`` with ``Retry-After`` and ``X-RateLimit-Limit``, ``X-RateLimit-Remaining``,
+  ``X-RateLimit-Reset`` (seconds, as Retry-After: agent/quota.py) when the request's tenant (its token's
+  or the header the ``tenant`` processor reads) is over its ``points_per_second`` or
+  ``requests_per_minute`` quota and none of the items fit; when some fit, those are taken and the
+  rest refused item by item with code ``tenant_quota`` (a ``200`` with the ``X-RateLimit-*`` headers;
+  an event route, whose events are summed per series, is refused whole),
   ``memory_budget`` with ``Retry-After`` (the request bytes in flight, this receiver's
   ``max_request_bytes_in_flight`` or the agent's total, are spent; taken by Content-Length before the
   body is read, and as it streams in and inflates);
@@ -70,10 +76,10 @@ request is closed to make room, or the new one when all are busy: ``too_many_con
 
 Self-metrics: ``receiver_accepted_points_total``; ``receiver_refused_points_total{reason}`` with the item
 codes, counted per item; the request codes above once per request (``too_many_items`` too: a list
-refused whole is not counted item by item), except ``backpressure`` and ``pipeline_error``, which
-count the points refused; ``header_timeout`` and ``too_many_connections`` once per connection;
-``receiver_requests_total{status}``; ``receiver_auth_failures_total{reason}`` (with auth on) for each
-refused token, by ``agent.jwt_auth.FAILURE_REASONS``. All counted once per request.
+refused whole is not counted item by item), except ``backpressure``, ``tenant_quota`` and
+``pipeline_error``, which count the points refused; ``header_timeout`` and ``too_many_connections``
+once per connection; ``receiver_requests_total{status}``; ``receiver_auth_failures_total{reason}``
+(with auth on) for each refused token, by ``agent.jwt_auth.FAILURE_REASONS``. All counted once per request.
 
 Bearer tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured
 token (no early exit, no length leak); they come from the environment or ``tokens_file`` and are never
@@ -87,7 +93,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import math
 import os
 import re
 import time
@@ -98,12 +103,12 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from agent import bodies, exphist, netguard
+from agent import bodies, exphist, netguard, quota
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration, Size, parse_host_port
 from agent.jwt_auth import FAILURE_REASONS, JwtConfig, JwtRefused, JwtVerifier
 from agent.limits import SeriesLimits
-from agent.model import MetricBatch
+from agent.model import MetricBatch, Point
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
 from receivers.http.events import (
@@ -130,6 +135,7 @@ REQUEST_REASONS = (
     "unsupported_media_type",
     "unsupported_encoding",
     "backpressure",
+    "tenant_quota",
     "memory_budget",
     "pipeline_error",
     "header_timeout",
@@ -567,20 +573,36 @@ class HttpReceiver:
         for code, n in parsed.refused.items():
             self._refused[code].value += n
         points = parsed.points
+        errors = parsed.errors
+        headers: dict[str, str] = {}
         if points:
+            context = self._context(request, tenant)
             try:
-                await self._consumer.consume(
-                    MetricBatch(tuple(points), context=self._context(request, tenant))
+                refusal = await self._take(points, context)
+                # A tenant's quota says how many points fit now: one point per item (not for event
+                # routes, whose points are per series), so the first ones are taken, the rest refused.
+                fits = (
+                    refusal.fits
+                    if isinstance(refusal, quota.QuotaExceeded) and not isinstance(parsed, EventsParsed)
+                    else 0
                 )
-            except Backpressure as exc:
-                self._refused["backpressure"].value += len(points)
-                retry_after = max(1, math.ceil(exc.retry_after_s or 1))
-                return self._respond(
-                    429,
-                    {"code": "backpressure", "error": f"the agent is overloaded ({exc.reason}); retry later"},
-                    {"Retry-After": str(retry_after)},
-                    answer_status=error,
-                )
+                if refusal is not None and 0 < fits < len(points):
+                    taken = await self._take(points[:fits], context)
+                    if taken is None:
+                        assert isinstance(refusal, quota.QuotaExceeded)
+                        errors, headers = self._quota_items(refusal, parsed, fits)
+                        self._refused[quota.QUOTA_REASON].value += len(points) - fits
+                        points = points[:fits]
+                    refusal = taken or refusal
+                if refusal is not None and not headers:
+                    answer = quota.answer(refusal)
+                    self._refused[answer.reason].value += len(points)
+                    return self._respond(
+                        answer.http_status,
+                        {"code": answer.reason, "error": answer.message},
+                        answer.headers,
+                        answer_status=error,
+                    )
             except Exception:
                 self._log.exception("the pipeline failed on a batch of %d points", len(points))
                 self._refused["pipeline_error"].value += len(points)
@@ -592,12 +614,40 @@ class HttpReceiver:
             self._accepted.value += len(points)
         # An event route accepts events, which become fewer points (one per series).
         accepted = parsed.accepted if isinstance(parsed, EventsParsed) else len(points)
-        status = 400 if parsed.errors and not accepted else 200
+        status = 400 if errors and not accepted else 200
         return self._respond(
             status,
-            {"accepted": accepted, "rejected": len(parsed.errors), "errors": parsed.errors},
-            answer_status=status_of(accepted, len(parsed.errors)) if route is not None else None,
+            {"accepted": accepted, "rejected": len(errors), "errors": errors},
+            headers,
+            answer_status=status_of(accepted, len(errors)) if route is not None else None,
         )
+
+    async def _take(self, points: list[Point], context: dict[str, str]) -> Backpressure | None:
+        """Hand ``points`` on as one batch; the refusal when downstream refused it (nothing taken)."""
+        try:
+            await self._consumer.consume(MetricBatch(tuple(points), context=context))
+        except Backpressure as exc:
+            return exc
+        return None
+
+    @staticmethod
+    def _quota_items(
+        refusal: quota.QuotaExceeded, parsed: Parsed, fits: int
+    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """The answer's errors once the first ``fits`` accepted items were taken: the item errors and
+        a ``tenant_quota`` error for each accepted item after them, in index order; and the
+        X-RateLimit headers (what remains after the items taken)."""
+        n_items = len(parsed.points) + len(parsed.errors)  # one point per accepted item
+        bad = {e["index"] for e in parsed.errors}
+        over = [i for i in range(n_items) if i not in bad][fits:]
+        wait = quota.answer(refusal).retry_after_s
+        reason = f"{refusal}: this item and the {len(over) - 1} other(s) after it; retry in {wait}s"
+        errors = parsed.errors + [{"index": i, "code": quota.QUOTA_REASON, "reason": reason} for i in over]
+        errors.sort(key=lambda e: int(e["index"]))
+        headers = quota.rate_limit_headers(refusal)
+        if refusal.remaining is not None:
+            headers["X-RateLimit-Remaining"] = str(max(0, refusal.remaining - fits))
+        return errors, headers
 
     async def _handle_healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
