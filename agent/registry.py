@@ -36,6 +36,7 @@ BUILTINS: tuple[tuple[ComponentKind, str, str, str], ...] = (
     (E, "otlp_http", "exporters.otlp", "http_factory"),
     (E, "debug", "exporters.debug", "factory"),
     (C, "forward", "connectors.forward", "factory"),
+    (C, "spanmetrics", "connectors.spanmetrics", "factory"),
 )
 
 

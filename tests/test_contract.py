@@ -18,7 +18,7 @@ from aiohttp import web
 
 from agent import exphist
 from agent.component import ComponentKind, Factory, Signal, validate_config
-from agent.model import Kind, MetricBatch, Point
+from agent.model import Kind, MetricBatch, Point, SpanBatch
 from agent.registry import builtin_factories
 from agent.telemetry import Telemetry
 from tests.conftest import LOOP_BLOCK_LIMIT_S, Sink, component_settings, free_port, wait_until
@@ -90,6 +90,15 @@ async def drive_exporter(component: Any, config: Any, sink: Sink) -> None:
 async def drive_processor(component: Any, config: Any, sink: Sink) -> None:
     """A processor takes the sample batch; what it passes on depends on the processor."""
     await component.consume(sample_batch())
+
+
+async def drive_spans(component: Any, config: Any, sink: Sink) -> None:
+    """A traces → metrics connector takes one span and hands on metrics (at the latest on shutdown)."""
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    rs = trace_pb2.ResourceSpans()
+    rs.scope_spans.add().spans.add(name="GET /", start_time_unix_nano=1, end_time_unix_nano=2)
+    await component.consume(SpanBatch((rs,), span_count=1))
 
 
 class RemoteWriteSink:
@@ -187,6 +196,7 @@ STIMULUS: dict[
     ),
     (E, "debug"): (lambda cfg, _: cfg, drive_exporter, "headwater_exporter_sent_points_total"),
     (C, "forward"): (lambda cfg, _: cfg, drive_processor, "headwater_connector_incoming_points_total"),
+    (C, "spanmetrics"): (lambda cfg, _: cfg, drive_spans, "headwater_connector_incoming_points_total"),
 }
 KEYS = sorted((kind.value, type_) for kind, type_ in FACTORIES)
 

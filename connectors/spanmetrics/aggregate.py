@@ -1,0 +1,412 @@
+"""The span → metrics aggregation of ``spanmetrics``: plans compiled from the config, series state,
+and the points a flush makes. No asyncio here: the connector (``__init__.py``) owns the timer.
+
+A *plan* is one family of outputs with its own dimensions: the Collector's ``calls``/``duration``
+(always labelled with ``service.name``, ``span.name``, ``span.kind`` and ``status.code``) or a metric
+set (``http_requests_total{method, route, status_code, tenant_id}``). A plan has one or two
+*aggregations*: calls and duration share one when they carry the same labels; a metric set whose
+duration leaves a label off (``status_code``) aggregates its duration under its own, shorter key, so
+each output series is one point a flush.
+
+Per span the work is: the wanted attributes read once into a dict (span attributes over resource
+attributes, plus the intrinsic ``span.name``/``span.kind``/``status.code``/``service.name``), then
+per plan a tuple of label values, one dict lookup and an ``array.append`` of the duration. Durations
+are bucketed at flush, all series in one numpy pass (``exphist.from_segments`` or a ``searchsorted``
+and ``bincount``); a series holding more than :data:`FOLD_AT` raw durations folds them early, so
+memory per series stays bounded whatever the span rate.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent import exphist
+from agent.exphist import ExpHistogram
+from agent.model import (
+    ExplicitHistogram,
+    IntValue,
+    Kind,
+    Labels,
+    Point,
+    Resource,
+    SeriesKey,
+    Temporality,
+    new_point,
+    series_key,
+)
+from receivers.otlp.convert import render_value
+
+SPAN_KINDS = (
+    "SPAN_KIND_UNSPECIFIED",
+    "SPAN_KIND_INTERNAL",
+    "SPAN_KIND_SERVER",
+    "SPAN_KIND_CLIENT",
+    "SPAN_KIND_PRODUCER",
+    "SPAN_KIND_CONSUMER",
+)
+"""``span.kind`` label values by the OTLP enum number (the Collector's spelling)."""
+STATUS_CODES = ("STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR")
+"""``status.code`` label values by the OTLP enum number."""
+
+SERVICE_NAME = "service.name"
+INTRINSICS = (SERVICE_NAME, "span.name", "span.kind", "status.code")
+"""Dimension names read from the span itself (and its resource's service.name), not its attributes."""
+OVERFLOW_LABEL = "otel.metric.overflow"
+"""The label of the one series a plan's spans go to once ``max_series`` is reached (as the Collector's
+``aggregation_cardinality_limit`` does)."""
+
+FOLD_AT = 4096
+"""Raw durations a series holds before they are bucketed early (32 KiB); the rest wait for the flush."""
+_NS = 1e-9
+
+
+@dataclass(frozen=True)
+class Group:
+    """One output label: its value is the first of ``names`` a span (then its resource) carries, else
+    ``default``; with neither the label is left off."""
+
+    label: str
+    names: tuple[str, ...]
+    default: str | None
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """What one series of a plan emits, over which of the plan's groups."""
+
+    calls: str | None
+    """Name of the calls counter, or None."""
+    duration: str | None
+    """Name of the duration histogram (seconds), or None."""
+    indices: tuple[int, ...] | None
+    """The plan's groups this aggregation is keyed and labelled by; None = all of them."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: tuple[Group, ...]
+    aggregations: tuple[Aggregation, ...]
+    kinds: frozenset[int] | None
+    """Span kinds (OTLP numbers) this plan counts; None = every kind."""
+    when_any: tuple[str, ...]
+    """The plan counts only spans carrying one of these attributes (span or resource); () = every span."""
+    description: str = ""
+
+
+def plan_groups(
+    dimensions: Iterable[tuple[str, str | None]], renames: Mapping[str, str], leading: Sequence[str] = ()
+) -> tuple[Group, ...]:
+    """Groups from (attribute, default) dimensions in order: attributes renamed to one label share its
+    group (the first present wins; the first default given is the label's); ``leading`` names come first."""
+    order: list[str] = []
+    names: dict[str, list[str]] = {}
+    defaults: dict[str, str | None] = {}
+    for name, default in [*((n, None) for n in leading), *dimensions]:
+        label = renames.get(name, name)
+        if label not in names:
+            order.append(label)
+            names[label] = []
+            defaults[label] = None
+        if name not in names[label]:
+            names[label].append(name)
+        if defaults[label] is None:
+            defaults[label] = default
+    return tuple(Group(label, tuple(names[label]), defaults[label]) for label in order)
+
+
+class _Series:
+    """One output series' state between flushes. ``values`` are raw durations (seconds) not yet
+    bucketed; the rest is what was folded: the histogram (exponential) or counts, sum, min and max
+    (explicit)."""
+
+    __slots__ = ("agg", "calls_key", "counts", "duration_key", "folded", "hist", "labels", "max", "min",
+                 "resource", "start_ns", "sum", "values")  # fmt: skip
+
+    def __init__(self, agg: Aggregation, labels: Labels, resource: Resource, start_ns: int) -> None:
+        self.agg = agg
+        self.labels = labels
+        self.resource = resource
+        self.values = array("d")
+        self.folded = 0
+        self.hist: ExpHistogram | None = None
+        self.counts: npt.NDArray[np.int64] | None = None
+        self.sum = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+        self.start_ns = start_ns
+        self.calls_key: SeriesKey | None = None
+        self.duration_key: SeriesKey | None = None
+
+    @property
+    def count(self) -> int:
+        return self.folded + len(self.values)
+
+
+def _text(v: Any) -> str:
+    """An attribute value as label text; an int stays typed (:class:`IntValue`), so OTLP sends it back
+    as an int (``http.response.status_code``)."""
+    which = v.WhichOneof("value")
+    if which == "string_value":
+        return str(v.string_value)
+    if which == "int_value":
+        return IntValue(v.int_value)
+    return render_value(v)
+
+
+class Aggregator:
+    """Series state of one connector: :meth:`add` spans, :meth:`flush` points.
+
+    ``bounds`` = None aggregates durations into exponential histograms of at most ``max_size``
+    buckets a side; a tuple of bounds (seconds, increasing) into explicit-bucket histograms. Not
+    thread-safe: one event loop adds and flushes.
+    """
+
+    def __init__(
+        self,
+        plans: Sequence[Plan],
+        *,
+        resource_keys: Sequence[str],
+        temporality: Temporality,
+        max_series: int,
+        max_size: int = 160,
+        bounds: tuple[float, ...] | None = None,
+        now_ns: int = 0,
+    ) -> None:
+        self._plans = tuple(plans)
+        self._resource_keys = frozenset(resource_keys) | {SERVICE_NAME}
+        wanted: set[str] = set()
+        for plan in self._plans:
+            for group in plan.groups:
+                wanted.update(n for n in group.names if n not in INTRINSICS)
+            wanted.update(plan.when_any)
+        self._wanted = frozenset(wanted)
+        self._temporality = temporality
+        self._max_series = max_series
+        self._max_size = max_size
+        self._bounds = bounds
+        self._bounds_array = np.asarray(bounds if bounds is not None else (), dtype=np.float64)
+        self.series: dict[tuple[Any, ...], _Series] = {}
+        self._interval_start_ns = now_ns
+        self._resources: dict[Labels, tuple[Resource, dict[str, str]]] = {}
+        self.overflow_spans = 0
+        """Spans counted in an overflow series since the start (per aggregation they reached)."""
+
+    # -- input ------------------------------------------------------------------------------------------
+    def _resource(self, attributes: Any) -> tuple[Resource, dict[str, str]]:
+        """(the output Resource, the wanted attributes and service.name) of a ResourceSpans' resource;
+        memoised by its key attributes, bounded."""
+        keys = self._resource_keys
+        wanted = self._wanted
+        kept: list[tuple[str, str]] = []
+        found: dict[str, str] = {}
+        for kv in attributes:
+            k = kv.key
+            if k in keys or k in wanted:
+                text = _text(kv.value)
+                if k in keys:
+                    kept.append((k, text))
+                if k in wanted:
+                    found[k] = text
+        identity = tuple(sorted(kept))
+        found[SERVICE_NAME] = dict(identity).get(SERVICE_NAME, "")
+        memo = self._resources.get(identity)
+        if memo is None or memo[1] != found:
+            if len(self._resources) >= 10_000:
+                self._resources.clear()
+            memo = self._resources[identity] = (Resource(identity), found)
+        return memo
+
+    def add(self, resource_spans: Iterable[Any], now_ns: int) -> int:
+        """Count every span of ``resource_spans``; returns the number of spans."""
+        # Hoisted locals: this loop runs once a span (the connector's whole per-span cost).
+        plans = self._plans
+        wanted = self._wanted
+        series = self.series
+        kinds_text = SPAN_KINDS
+        status_text = STATUS_CODES
+        fold_at = FOLD_AT
+        fold = self._fold_one
+        spans_seen = 0
+        for rs in resource_spans:
+            resource, res_found = self._resource(rs.resource.attributes)
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    spans_seen += 1
+                    kind = span.kind
+                    status = span.status.code
+                    found = dict(res_found)
+                    for kv in span.attributes:
+                        k = kv.key
+                        if k in wanted:
+                            found[k] = _text(kv.value)
+                    found["span.name"] = span.name
+                    found["span.kind"] = kinds_text[kind] if 0 <= kind < 6 else f"SPAN_KIND_{kind}"
+                    found["status.code"] = status_text[status] if 0 <= status < 3 else f"STATUS_CODE_{status}"
+                    seconds = (span.end_time_unix_nano - span.start_time_unix_nano) * _NS
+                    if seconds < 0.0:
+                        seconds = 0.0  # a clock step in the app: counted, at zero duration
+                    for plan in plans:
+                        if plan.kinds is not None and kind not in plan.kinds:
+                            continue
+                        if plan.when_any and not any(n in found for n in plan.when_any):
+                            continue
+                        values: list[str | None] = []
+                        for group in plan.groups:
+                            for name in group.names:
+                                v = found.get(name)
+                                if v is not None:
+                                    break
+                            else:
+                                v = group.default
+                            values.append(v)
+                        for agg in plan.aggregations:
+                            picked = values if agg.indices is None else [values[i] for i in agg.indices]
+                            key = (agg, resource, *picked)
+                            s = series.get(key)
+                            if s is None:
+                                s = self._new_series(key, plan, agg, resource, picked, now_ns)
+                            s.values.append(seconds)
+                            if len(s.values) >= fold_at:
+                                fold(s)
+        return spans_seen
+
+    def _new_series(
+        self,
+        key: tuple[Any, ...],
+        plan: Plan,
+        agg: Aggregation,
+        resource: Resource,
+        picked: list[str | None],
+        now_ns: int,
+    ) -> _Series:
+        series = self.series
+        if len(series) >= self._max_series:
+            self.overflow_spans += 1
+            over_key = (agg, resource, OVERFLOW_LABEL)
+            s = series.get(over_key)
+            if s is None:  # the overflow series are not counted against the cap
+                s = series[over_key] = _Series(agg, ((OVERFLOW_LABEL, "true"),), resource, now_ns)
+            return s
+        groups = plan.groups if agg.indices is None else [plan.groups[i] for i in agg.indices]
+        labels = tuple(
+            sorted((g.label, v) for g, v in zip(groups, picked, strict=True) if v is not None and v != "")
+        )
+        s = series[key] = _Series(agg, labels, resource, now_ns)
+        return s
+
+    # -- folding ----------------------------------------------------------------------------------------
+    def _fold_one(self, s: _Series) -> None:
+        self._fold([s])
+
+    def _fold(self, batch: Sequence[_Series]) -> None:
+        """Bucket the raw durations of ``batch`` (every series in it holds some) in one numpy pass."""
+        if not batch:
+            return
+        lengths = np.fromiter((len(s.values) for s in batch), dtype=np.int64, count=len(batch))
+        values = np.frombuffer(b"".join(s.values for s in batch), dtype=np.float64)
+        offsets = np.zeros(len(batch) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if self._bounds is None:
+            hists = exphist.from_segments(values, None, offsets, max_buckets=self._max_size)
+            for s, h in zip(batch, hists, strict=True):
+                s.hist = h if s.hist is None else exphist.merge(s.hist, h, max_buckets=self._max_size)
+        else:
+            width = len(self._bounds) + 1
+            # Bucket i holds (bounds[i-1], bounds[i]]: searchsorted's left side puts a value equal to a
+            # bound into that bound's bucket.
+            index = np.searchsorted(self._bounds_array, values, side="left")
+            owner = np.repeat(np.arange(len(batch), dtype=np.int64), lengths)
+            counts = np.bincount(owner * width + index, minlength=len(batch) * width).reshape(-1, width)
+            starts = offsets[:-1]
+            sums = np.add.reduceat(values, starts)
+            mins = np.minimum.reduceat(values, starts)
+            maxs = np.maximum.reduceat(values, starts)
+            for i, s in enumerate(batch):
+                s.counts = counts[i].copy() if s.counts is None else s.counts + counts[i]
+                s.sum += float(sums[i])
+                s.min = min(s.min, float(mins[i]))
+                s.max = max(s.max, float(maxs[i]))
+        for s, n in zip(batch, lengths.tolist(), strict=True):
+            s.folded += n
+            s.values = array("d")
+
+    # -- output -----------------------------------------------------------------------------------------
+    def flush(self, now_ns: int) -> tuple[list[Point], dict[tuple[Any, ...], _Series]]:
+        """The points of every series with spans (delta: since the last flush; cumulative: since it
+        began). Delta: the series are handed back with the points and the state starts empty; give
+        them to :meth:`restore` if the points could not be handed on, so nothing is lost."""
+        series = self.series
+        self._fold([s for s in series.values() if s.values])
+        delta = self._temporality is Temporality.DELTA
+        start_ns = self._interval_start_ns
+        points: list[Point] = []
+        for s in series.values():
+            if s.count:
+                points.extend(self._points(s, start_ns if delta else s.start_ns, now_ns))
+        taken: dict[tuple[Any, ...], _Series] = {}
+        if delta:
+            taken = series
+            self.series = {}
+            self._interval_start_ns = now_ns
+        return points, taken
+
+    def restore(self, taken: dict[tuple[Any, ...], _Series], start_ns: int) -> None:
+        """Put back the series of a delta flush whose points were refused downstream: the next flush
+        covers both intervals (from ``start_ns``, the refused flush's interval start)."""
+        series = self.series
+        for key, old in taken.items():
+            new = series.get(key)
+            if new is not None:
+                old.values.extend(new.values)
+                old.folded += new.folded
+                if new.hist is not None:
+                    old.hist = (
+                        new.hist
+                        if old.hist is None
+                        else exphist.merge(old.hist, new.hist, max_buckets=self._max_size)
+                    )
+                if new.counts is not None:
+                    old.counts = new.counts if old.counts is None else old.counts + new.counts
+                old.sum += new.sum
+                old.min = min(old.min, new.min)
+                old.max = max(old.max, new.max)
+            series[key] = old  # overflow and capped series come back as they were: nothing dropped
+        self._interval_start_ns = start_ns
+
+    @property
+    def interval_start_ns(self) -> int:
+        return self._interval_start_ns
+
+    def _points(self, s: _Series, start_ns: int, now_ns: int) -> list[Point]:
+        agg = s.agg
+        out: list[Point] = []
+        temporality = self._temporality
+        if agg.calls is not None:
+            key = s.calls_key
+            if key is None:
+                key = s.calls_key = series_key(agg.calls, Kind.SUM, s.labels, s.resource, None)
+            calls = new_point(
+                agg.calls, Kind.SUM, s.labels, now_ns, float(s.count), start_ns, temporality, True,
+                None, "1", "", s.resource, None, None, None, key,
+            )  # fmt: skip
+            out.append(calls)
+        if agg.duration is not None:
+            key = s.duration_key
+            if key is None:
+                key = s.duration_key = series_key(agg.duration, Kind.HISTOGRAM, s.labels, s.resource, None)
+            explicit = None
+            if s.counts is not None and self._bounds is not None:
+                counts = tuple(int(c) for c in s.counts.tolist())
+                explicit = ExplicitHistogram(self._bounds, counts, s.sum, s.min, s.max)
+            duration = new_point(
+                agg.duration, Kind.HISTOGRAM, s.labels, now_ns, 0.0, start_ns, temporality, True,
+                s.hist, "s", "", s.resource, None, explicit, None, key,
+            )  # fmt: skip
+            out.append(duration)
+        return out
