@@ -321,10 +321,12 @@ class JwtVerifier:
             self._reload()
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        # json raises RecursionError, not ValueError, on deeply nested input: caught here whatever the
+        # PyJWT release does with it (as below).
+        except (jwt.PyJWTError, RecursionError):
             raise JwtRefused("malformed", "the bearer token is not a well-formed JWT") from None
         alg = header.get("alg")
-        if alg not in self._allowed:
+        if not isinstance(alg, str) or alg not in self._allowed:
             allowed = ", ".join(sorted(self._allowed))
             raise JwtRefused(
                 "algorithm_not_allowed", f"the token is signed with {short_repr(alg)}; allowed: {allowed}"
@@ -343,6 +345,8 @@ class JwtVerifier:
             )
         except jwt.PyJWTError as exc:
             raise self._refusal(exc, token) from None
+        except RecursionError:
+            raise JwtRefused("malformed", "the token's claims are nested too deeply") from None
         return self._tenant(payload)
 
     def _refusal(self, exc: jwt.PyJWTError, token: str) -> JwtRefused:
@@ -401,6 +405,6 @@ def _when(token: str, claim: str) -> str:
         value = jwt.decode(token, options={"verify_signature": False}).get(claim)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return f" at {datetime.fromtimestamp(value, UTC).isoformat(timespec='seconds')}"
-    except (jwt.PyJWTError, ValueError, OverflowError, OSError):
+    except (jwt.PyJWTError, ValueError, OverflowError, OSError, RecursionError):
         pass
     return ""
