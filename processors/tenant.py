@@ -39,12 +39,11 @@ before any pipeline takes the batch), so a request over it is refused at the rec
 ``Retry-After`` and ``X-RateLimit-*`` headers, gRPC ``RESOURCE_EXHAUSTED`` with ``RetryInfo``
 (agent/quota.py; the ``http`` receiver takes the items that fit and refuses the rest with
 ``tenant_quota``). ``requests_per_minute`` is kept there only. Points admitted there were charged
-there: the processor passes them without charging them again, so nothing a client was told was taken
-is dropped for ``points_per_second``. The processor's own enforcement (the overflow above) remains for
-data whose tenant only the points name, and for StatsD, which cannot be answered.
-``max_active_series`` is still kept by the processor only (admission does not see the tenant label the
-series keys carry), so a new series over it is overflow even when the request was answered 200.
-Refusals are counted per request in ``headwater_processor_tenant_quota_refusals_total{tenant, reason}``.
+there, and their new series made active there: the processor passes them without charging them
+again, so nothing a client was told was taken is dropped for a quota. The processor's own enforcement
+(the overflow above) remains for data whose tenant only the points name, and for StatsD, which cannot
+be answered. Refusals are counted per request in
+``headwater_processor_tenant_quota_refusals_total{tenant, reason}`` (reason: the quota).
 """
 
 from __future__ import annotations
@@ -360,9 +359,10 @@ class TenantProcessor:
         """The admission check (:class:`agent.component.Admission`) the fan-outs ask before any pipeline
         takes ``batch``: for a tenant its request names (:meth:`request_tenant`), a
         :class:`agent.quota.QuotaExceeded` when a request or the points would go over its
-        ``requests_per_minute`` or ``points_per_second`` — the receiver answers 429 /
-        RESOURCE_EXHAUSTED. When admitted, the request and the points are charged here (``prepaid``),
-        so :meth:`consume` passes them without charging them again and never drops them for it.
+        ``requests_per_minute``, ``max_active_series`` or ``points_per_second`` — the receiver answers
+        429 / RESOURCE_EXHAUSTED; ``fits`` counts the first points that would pass. When admitted, the
+        request and the points are charged here (``prepaid``) and their new series made active, so
+        :meth:`consume` passes them without charging them again and never drops them for a quota.
 
         A batch larger than the bucket is admitted whole once the bucket is full, leaving it in debt
         (the average rate still holds), rather than refused forever. A batch admitted here and then
@@ -389,11 +389,28 @@ class TenantProcessor:
                     )
                 )
         n = len(batch)
-        if bucket is not None and n:
+        left = n
+        if bucket is not None:
             bucket.refill(now)
+            left = min(n, max(0, math.floor(bucket.tokens)))
+        new: list[tuple[str, Labels]] = []
+        if state.max_series and isinstance(batch, MetricBatch):
+            room = self._new_series(tenant, state, batch, now, new)
+            if room < n:
+                oldest = min(state.series.values(), default=now)
+                return self._refused(
+                    QuotaExceeded(
+                        tenant,
+                        "max_active_series",
+                        retry_after_s=max(1.0, oldest + self._config.active_series_window - now),
+                        limit_value=state.max_series,
+                        remaining=max(0, state.max_series - len(state.series)),
+                        fits=min(room, left),
+                    )
+                )
+        if bucket is not None and n:
             need = min(n, bucket.burst)
             if bucket.tokens < need:
-                left = max(0, math.floor(bucket.tokens))
                 return self._refused(
                     QuotaExceeded(
                         tenant,
@@ -401,14 +418,39 @@ class TenantProcessor:
                         retry_after_s=(need - bucket.tokens) / bucket.rate,
                         limit_value=int(bucket.burst),
                         remaining=left,
-                        fits=0 if requests is not None and requests.tokens < 1 else left,
+                        fits=left,
                     )
                 )
             bucket.tokens -= n
             state.prepaid += n
         if requests is not None:
             requests.tokens -= 1
+        for key in new:
+            state.series[key] = now
         return None
+
+    def _new_series(
+        self, tenant: str, state: _TenantState, batch: MetricBatch, now: float, new: list[tuple[str, Labels]]
+    ) -> int:
+        """How many of ``batch``'s first points are of active series or of new ones there is room for
+        (those are appended to ``new``, not yet made active): the series keys :meth:`_admit_series`
+        will see, with the tenant label, derived once per series (memoised on its key)."""
+        cfg = self._config
+        self._sweep(state, now)
+        series = state.series
+        dropped = cfg.from_label if cfg.drop_source_label and cfg.from_label != cfg.label else ""
+        change = (cfg.label, tenant, dropped)
+        room = state.max_series - len(series)
+        seen: set[tuple[str, Labels]] = set()
+        for i, p in enumerate(batch.points):
+            key = (p.name, key_of(p).derive(change, _with_label, cfg.label, tenant, dropped).labels)
+            if key in series or key in seen:
+                continue
+            if len(seen) >= room:
+                return i
+            seen.add(key)
+            new.append(key)
+        return len(batch.points)
 
     def _refused(self, refusal: QuotaExceeded) -> QuotaExceeded:
         self._settings.telemetry.counter(
@@ -452,6 +494,14 @@ class TenantProcessor:
                             state.series.pop(key, None)
         return points
 
+    def _sweep(self, state: _TenantState, now: float) -> None:
+        """Forget series not seen within the window, when full (at most ten times a window)."""
+        window = self._config.active_series_window
+        if len(state.series) >= state.max_series and now - state.last_sweep >= window / 10:
+            state.last_sweep = now
+            cutoff = now - window
+            state.series = {k: t for k, t in state.series.items() if t >= cutoff}
+
     def _admit_series(
         self,
         state: _TenantState,
@@ -461,12 +511,8 @@ class TenantProcessor:
         new: set[tuple[str, Labels]],
     ) -> list[Point]:
         """The points of active series, and of new ones while there is room (added to ``new``)."""
-        window = self._config.active_series_window
+        self._sweep(state, now)
         series = state.series
-        if len(series) >= state.max_series and now - state.last_sweep >= window / 10:
-            state.last_sweep = now
-            cutoff = now - window
-            state.series = series = {k: t for k, t in series.items() if t >= cutoff}
         out: list[Point] = []
         refused = 0
         for p in points:

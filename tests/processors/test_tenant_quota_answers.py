@@ -127,6 +127,35 @@ async def test_requests_per_minute() -> None:
     assert admission.refusal(batch(1, TOKEN)) is None
 
 
+async def test_new_series_over_max_active_series_are_refused_at_admission_not_dropped() -> None:
+    proc, admission, sink, clock, tel = make(
+        TenantConfig(quota=QuotaConfig(max_active_series=3), active_series_window=60.0)
+    )
+    first = batch(2, TOKEN)
+    assert admission.refusal(first) is None
+    await proc.consume(first)
+    # Known series i=0, i=1 and one new one (i=2) fit; i=3 is the fourth series.
+    refused = admission.refusal(batch(5, TOKEN))
+    assert isinstance(refused, QuotaExceeded)
+    assert (refused.limit, refused.limit_value, refused.remaining, refused.fits) == (
+        "max_active_series",
+        3,
+        1,
+        3,
+    )
+    assert refused.retry_after_s == 60.0  # until the oldest series leaves the window
+    part = batch(3, TOKEN)
+    assert admission.refusal(part) is None
+    # Admitted series are active from admission: a batch of another new series cannot take their room
+    # before they arrive.
+    assert isinstance(admission.refusal(batch(1, TOKEN, name="other")), QuotaExceeded)
+    await proc.consume(part)
+    assert len(sink.points()) == 5
+    assert overflow(tel, "team-a", "active_series") == 0
+    clock.now += 61.0
+    assert admission.refusal(batch(1, TOKEN, name="other")) is None
+
+
 async def test_a_tenant_only_the_points_name_is_kept_by_the_processor_as_before() -> None:
     proc, admission, sink, _, tel = make(
         TenantConfig(from_label="ns", quota=QuotaConfig(points_per_second=5, burst=5))
