@@ -221,21 +221,31 @@ def _jwks_file_keys(path: str, algorithms: list[str]) -> tuple[_Key, ...]:
     if not isinstance(doc, Mapping) or not isinstance(doc.get("keys"), list):
         raise ValueError(f'{path} must be a JWKS document: {{"keys": [...]}}')
     keys = []
+    skipped = []  # an identity provider's JWKS may also hold keys of other types: skipped, not fatal
     for i, data in enumerate(doc["keys"]):
         if not isinstance(data, dict) or data.get("use", "sig") != "sig":
             continue  # encryption keys and junk: not ours to verify with
         if data.get("kty") == "oct":
-            raise ValueError(f"{path}: keys::{i} is a symmetric key; HS256 takes its secret from secret")
+            skipped.append(f"keys::{i} is a symmetric key (HS256 takes its secret from secret)")
+            continue
         try:
             jwk = jwt.PyJWK(data)
         except jwt.PyJWTError as exc:
-            raise ValueError(f"{path}: keys::{i} is not a usable key ({exc.__class__.__name__})") from None
+            skipped.append(f"keys::{i} is not a usable key ({exc.__class__.__name__})")
+            continue
+        if isinstance(jwk.key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+            raise ValueError(f"{path}: keys::{i} is a private key: publish the public key only")
+        try:
+            key = _checked_key(jwk.key, f"keys::{i}")
+        except ValueError as exc:
+            skipped.append(str(exc))
+            continue
         alg = data.get("alg")
-        key = _checked_key(jwk.key, f"{path}: keys::{i}")
         keys.append(_Key(jwk.key_id, alg if isinstance(alg, str) else None, key))
     wanted = [a for a in algorithms if a in _ASYMMETRIC]
     if not any(_usable(k, a) for k in keys for a in wanted):
-        raise ValueError(f"{path} holds no signing key for {' or '.join(wanted) or 'RS256 or ES256'}")
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise ValueError(f"{path} holds no signing key for {' or '.join(wanted) or 'RS256 or ES256'}{why}")
     return tuple(keys)
 
 

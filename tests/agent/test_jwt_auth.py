@@ -312,6 +312,17 @@ def test_jwks_without_kids_serves_tokens_without_kid_when_one_key_fits(tmp_path:
     assert v.verify(ec_key().sign(claims())) == "acme"
 
 
+def test_jwks_keys_of_other_types_are_skipped(tmp_path: Path) -> None:
+    # Identity providers publish every key they have; the ones that cannot verify RS256/ES256 stay unused.
+    path = tmp_path / "jwks.json"
+    p384 = KeyPair(ec.generate_private_key(ec.SECP384R1()), "ES384")
+    odd = [{"kty": "oct", "k": "c2VjcmV0"}, {"kty": "OKP", "crv": "X448", "x": "AA"}, p384.jwk("p384")]
+    write_jwks(path, *odd, rsa_key().jwk("r1"))
+    v = verifier(algorithms=["RS256"], jwks_file=str(path))
+    assert v.verify(rsa_key().sign(claims(), kid="r1")) == "acme"
+    assert refusal(v, rsa_key().sign(claims(), kid="p384")).reason == "unknown_key"
+
+
 def test_a_jwk_naming_its_algorithm_verifies_that_one_only(tmp_path: Path) -> None:
     path = tmp_path / "jwks.json"
     write_jwks(path, rsa_key().jwk("k", alg="RS512"), ec_key().jwk("enc", use="enc"), rsa_key(1).jwk("ok"))
@@ -397,6 +408,10 @@ def test_config_problems(cfg: dict[str, Any], path: str, text: str) -> None:
     assert SECRET not in str(problems)
 
 
+def _jwk_d(pair: KeyPair) -> str:
+    return ECAlgorithm.to_jwk(pair.private, as_dict=True)["d"]  # type: ignore[no-any-return]
+
+
 def _pem_private(pair: KeyPair) -> bytes:
     return pair.private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -428,6 +443,12 @@ def _pem_private(pair: KeyPair) -> bytes:
         ),
         ("jwks_file", ["RS256"], b'{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}', "symmetric key"),
         ("jwks_file", ["RS256"], b'{"keys": [{"kty": "RSA", "n": "x"}]}', "keys::0 is not a usable key"),
+        (
+            "jwks_file",
+            ["ES256"],
+            lambda: json.dumps({"keys": [{**ec_key().jwk("e"), "d": _jwk_d(ec_key())}]}).encode(),
+            "keys::0 is a private key",
+        ),
     ],
 )
 def test_unusable_key_files_are_problems_naming_the_path(
