@@ -185,6 +185,33 @@ async def test_http_requests_per_minute_by_header(graph: Graph) -> None:
     )
 
 
+async def test_http_new_series_over_max_active_series_are_refused_per_item(graph: Graph) -> None:
+    port = free_port()
+    agent = await graph.start(
+        config({"http": {"endpoint": f"127.0.0.1:{port}"}}, {"d": {"max_active_series": 3}})
+    )
+    url = f"http://127.0.0.1:{port}/v1/metrics"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=items(5), headers={"X-Scope-OrgID": "d"}) as r:
+            assert r.status == 200
+            body = await r.json()
+            assert body["accepted"] == 3
+            assert [(e["index"], e["code"]) for e in body["errors"]] == [
+                (3, "tenant_quota"),
+                (4, "tenant_quota"),
+            ]
+            assert "max_active_series" in body["errors"][0]["reason"]
+            assert (r.headers["X-RateLimit-Limit"], r.headers["X-RateLimit-Remaining"]) == ("3", "0")
+        # The active series still pass; a new one is refused whole.
+        async with session.post(url, json=items(3), headers={"X-Scope-OrgID": "d"}) as r:
+            assert r.status == 200
+        async with session.post(url, json=items(1, "new"), headers={"X-Scope-OrgID": "d"}) as r:
+            assert r.status == 429
+            assert (await r.json())["code"] == "tenant_quota"
+    assert len(graph.sink.points()) == 6
+    assert overflow(agent) == 0
+
+
 # -- OTLP ---------------------------------------------------------------------------------------------
 def otlp_request(n: int) -> ExportMetricsServiceRequest:
     req = ExportMetricsServiceRequest()
