@@ -505,6 +505,8 @@ class HttpReceiver:
             raise refusal from None
 
     def _parse(self, body: bytes, now_ns: int, route: ItemParser | RouteParser | None = None) -> Parsed:
+        if isinstance(route, RouteParser):
+            return route.parse_body(body, now_ns, self.config.max_values)
         items = decode_body(body, self.config.max_items, self.config.max_values)
         return (route or self._parser).parse(items, now_ns)
 

@@ -97,6 +97,7 @@ from receivers.http.items import (
     _Refused,
     _timestamp_ns,
     _utf8_len,
+    decode_body,
     quote,
 )
 
@@ -133,6 +134,8 @@ class EventMetricConfig:
     """counter (+1 per event, or + field), gauge (field; latest wins) or histogram (field observations)."""
     labels: list[str] | None = None
     """Field paths whose values become this metric's labels (unset: the mapping's labels)."""
+    static_labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Labels with a fixed value on this metric ({direction: input})."""
     field: str = ""
     """Field path of the value (a finite number); required for gauge and histogram."""
     unit: str = ""
@@ -180,6 +183,18 @@ class EventMappingConfig:
                 if len(set(names)) < len(names):
                     path = "labels" if what == "labels" else f"{where}::labels"
                     problems.append((path, f"two fields give the same label name: {sorted(names)}"))
+            own = [self.label_name(p) for p in (self.labels if m.labels is None else m.labels)]
+            for name, value in m.static_labels.items():
+                problem = _name_problem(name, limits.max_label_name_length, "label name")
+                if problem or name in own:
+                    problems.append(
+                        (f"{where}::static_labels::{name}", problem or "is also a label from a field")
+                    )
+                if _utf8_len(value) > limits.max_label_value_length:
+                    problems.append((f"{where}::static_labels::{name}", "longer than max_label_value_length"))
+            first = next(o for o in self.metrics if o.name == m.name)
+            if (first.type, first.unit) != (m.type, m.unit):
+                problems.append((f"{where}::name", f"{m.name} is also a metric of another type or unit"))
             if m.labels is not None and len(m.labels) > limits.max_labels:
                 problems.append((f"{where}::labels", f"more than limits::max_labels ({limits.max_labels})"))
         for j, path in enumerate(self.labels):
@@ -300,6 +315,8 @@ class _Metric:
     optional: bool
     names: tuple[str, ...]
     """Label names, sorted; pick takes their values from the event's label values in this order."""
+    static: Labels
+    """The static labels."""
     pick: Callable[[tuple[str | None, ...]], tuple[str | None, ...]]
     fixed_bytes: int
     """Bytes of the name and the label names (the series-size check adds the values)."""
@@ -363,8 +380,11 @@ class EventMapper:
                     description=m.description,
                     optional=m.optional,
                     names=tuple(n for n, _ in named),
+                    static=tuple(sorted(m.static_labels.items())),
                     pick=_picker([i for _, i in named], len(paths)),
-                    fixed_bytes=len(m.name.encode()) + sum(len(n.encode()) for n, _ in named),
+                    fixed_bytes=len(m.name.encode())
+                    + sum(len(n.encode()) for n, _ in named)
+                    + sum(len(k.encode()) + len(v.encode()) for k, v in m.static_labels.items()),
                 )
             )
         self._metrics = tuple(metrics)
@@ -465,7 +485,7 @@ class EventMapper:
                 Point(
                     m.name,
                     Kind.SUM,
-                    _labels(m.names, vals),
+                    _labels(m, vals),
                     latest[mi, vals],
                     total,
                     temporality=Temporality.DELTA,
@@ -480,7 +500,7 @@ class EventMapper:
                 Point(
                     m.name,
                     Kind.GAUGE,
-                    _labels(m.names, vals),
+                    _labels(m, vals),
                     t_ns,
                     value,
                     unit=m.unit,
@@ -507,7 +527,7 @@ class EventMapper:
                     Point(
                         m.name,
                         Kind.HISTOGRAM,
-                        _labels(m.names, vals),
+                        _labels(m, vals),
                         latest[mi, vals],
                         histogram=hist,
                         unit=m.unit,
@@ -576,8 +596,10 @@ class EventMapper:
         return int(t_ns)
 
 
-def _labels(names: tuple[str, ...], vals: tuple[str | None, ...]) -> Labels:
-    return tuple((n, v) for n, v in zip(names, vals, strict=True) if v is not None)
+def _labels(m: _Metric, vals: tuple[str | None, ...]) -> Labels:
+    """The sorted labels of one series of ``m`` (once per series, not per event)."""
+    labels = tuple((n, v) for n, v in zip(m.names, vals, strict=True) if v is not None)
+    return tuple(sorted(labels + m.static)) if m.static else labels
 
 
 # -- routes -------------------------------------------------------------------------------------------
@@ -589,14 +611,16 @@ class RouteParser:
         self._envelope = {array: mappers[name] for array, name in route.envelope.items()}
         self._max_items = max_items
 
-    def parse(self, items: list[Any], now_ns: int) -> EventsParsed:
-        """``items`` is what ``items.decode_body`` returns: the list, or the one object in a list."""
+    def parse_body(self, body: bytes, now_ns: int, max_values: int) -> EventsParsed:
+        """The request body (UTF-8 JSON) → points and refusals; raises :class:`Refusal` for the request."""
+        items = decode_body(body, self._max_items, max_values)
         if self._mapper is not None:
             return self._mapper.map(items, now_ns)
-        doc = items[0] if len(items) == 1 and type(items[0]) is dict else None
-        if doc is None:
+        # decode_body puts one object in a list: a list body must not pass for an envelope.
+        if body.lstrip()[:1] == b"[" or len(items) != 1 or type(items[0]) is not dict:
             known = ", ".join(quote(k) for k in self._envelope)
             raise Refusal(400, "invalid_json", f"the body must be an object of named arrays ({known})")
+        doc = items[0]
         total = 0
         for array, events in doc.items():
             if array not in self._envelope:
