@@ -102,10 +102,19 @@ class Mark:
         await self._next.consume(batch)
 
 
-class SpansToCount:
-    """A test connector (traces → metrics): one ``spans`` sum point per span batch."""
+@dataclass(frozen=True)
+class SpansToCountConfig:
+    metric: str = "spans"
+    """Name of the point made of each span batch."""
 
-    def __init__(self, settings: Settings, next_consumer: Consumer, log: list[str]) -> None:
+
+class SpansToCount:
+    """A test connector (traces → metrics): one ``metric`` sum point per span batch."""
+
+    def __init__(
+        self, settings: Settings, config: SpansToCountConfig, next_consumer: Consumer, log: list[str]
+    ) -> None:
+        self._metric = config.metric
         self._next = next_consumer
         self._id = settings.id
         self._log = log
@@ -117,7 +126,7 @@ class SpansToCount:
         self._log.append(f"stop {self._id}")
 
     async def consume(self, batch: SpanBatch) -> None:
-        await self._next.consume(MetricBatch((Point("spans", Kind.SUM, (), 1, value=len(batch)),)))
+        await self._next.consume(MetricBatch((Point(self._metric, Kind.SUM, (), 1, value=len(batch)),)))
 
 
 class Graph(AgentGraph):
@@ -159,8 +168,8 @@ class Graph(AgentGraph):
             (ComponentKind.CONNECTOR, "spans_to_count"): Factory(
                 "spans_to_count",
                 ComponentKind.CONNECTOR,
-                EmptyConfig,
-                lambda s, c, n: SpansToCount(s, n, self.log),
+                SpansToCountConfig,
+                lambda s, c, n: SpansToCount(s, c, n, self.log),
                 signal_pairs=frozenset({(Signal.TRACES, Signal.METRICS)}),
             ),
             # A receiver type named like a connector type: their ids could clash.
@@ -527,3 +536,65 @@ async def test_a_reload_adds_keeps_and_removes_a_connector(graph: Graph) -> None
     await wait_until(lambda: forward.state == "stopped", "the removed connector retired")
     await feed(agent).consume(batch("after"))
     assert [b.points[0].name for b in graph.sinks["sink/b"].batches][-1] == "after"
+
+
+async def test_a_reload_that_changes_a_connector_replaces_it_behind_the_pipelines_feeding_it(
+    graph: Graph,
+) -> None:
+    def data(metric: str) -> dict[str, Any]:
+        return {
+            "receivers": {"feed": {}},
+            "exporters": {"sink": {}},
+            "connectors": {"spans_to_count": {"metric": metric}},
+            "service": {
+                "pipelines": {
+                    "traces": {"receivers": ["feed"], "exporters": ["spans_to_count"]},
+                    "metrics": {"receivers": ["spans_to_count"], "exporters": ["sink"]},
+                }
+            },
+        }
+
+    agent = await graph.start(data("spans"))
+    [old] = agent._connectors.values()
+    await feed(agent, signal=Signal.TRACES).consume(SpanBatch((), span_count=1))
+    assert await agent.reload(graph.config(data("calls")))
+    [new] = agent._connectors.values()
+    assert new is not old and new.state == "running"
+    await feed(agent, signal=Signal.TRACES).consume(SpanBatch((), span_count=3))
+    assert [(p.name, p.value) for p in graph.sinks["sink"].points()] == [("spans", 1.0), ("calls", 3.0)]
+    await wait_until(lambda: old.state == "stopped", "the replaced connector retired")
+    assert graph.log.count("start spans_to_count") == 2 and graph.log.count("stop spans_to_count") == 1
+    assert "stop sink" not in graph.log and "stop feed" not in graph.log  # the rest kept running
+
+
+async def test_one_connector_joins_pipelines_of_two_signals_and_merges_pipelines(graph: Graph) -> None:
+    agent = await graph.start(
+        {
+            "receivers": {"feed": {}, "feed/2": {}},
+            "exporters": {"sink/metrics": {}, "sink/traces": {}},
+            "connectors": {"forward": {}},
+            "service": {
+                "pipelines": {
+                    "metrics/a": {"receivers": ["feed"], "exporters": ["forward"]},
+                    "metrics/b": {"receivers": ["feed/2"], "exporters": ["forward"]},
+                    "metrics/merged": {"receivers": ["forward"], "exporters": ["sink/metrics"]},
+                    "traces/a": {"receivers": ["feed"], "exporters": ["forward"]},
+                    "traces/b": {"receivers": ["forward"], "exporters": ["sink/traces"]},
+                }
+            },
+        }
+    )
+    # One instance per signal pair used, each counted under its own label.
+    assert sorted((k[1].value, k[2].value) for k in agent._connectors) == [
+        ("metrics", "metrics"),
+        ("traces", "traces"),
+    ]
+    await feed(agent).consume(batch("from-a"))
+    await feed(agent, "feed/2").consume(batch("from-b"))
+    spans = SpanBatch((), span_count=2)
+    await feed(agent, signal=Signal.TRACES).consume(spans)
+    assert [b.points[0].name for b in graph.sinks["sink/metrics"].batches] == ["from-a", "from-b"]
+    assert graph.sinks["sink/traces"].batches == [spans]
+    value = agent.telemetry.value
+    assert value("connector_incoming_points_total", connector="forward@metrics-to-metrics") == 2
+    assert value("connector_incoming_points_total", connector="forward@traces-to-traces") == 2
