@@ -391,18 +391,22 @@ class SpanMetricsConnector:
         Raises :class:`Backpressure` when downstream refuses them; they are then kept for the next flush."""
         async with self._flushing:
             agg = self._aggregator
-            start_ns = agg.interval_start_ns
-            points, taken = agg.flush(self._now_ns())
+            points = agg.flush(self._now_ns())
             if not points:
+                agg.sent()  # forgets the idle series
                 return
             try:
-                # One batch: downstream takes all of it or refuses all of it, so a refused delta flush
-                # can be put back whole (the exporters slice large batches themselves).
+                # One batch: downstream takes all of it or refuses all of it, so a refused flush is
+                # kept whole for the next one (the exporters slice large batches themselves).
                 await self._next.consume(MetricBatch(tuple(points)))
             except Backpressure:
+                agg.refused()
                 self._refused.value += 1
-                agg.restore(taken, start_ns)
                 raise
+            except BaseException:  # cancelled, or a broken consumer: kept too, nothing is lost
+                agg.refused()
+                raise
+            agg.sent()
             self._counts.outgoing(len(points))
 
 

@@ -18,6 +18,7 @@ memory per series stays bounded whatever the span rate.
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ OVERFLOW_LABEL = "otel.metric.overflow"
 FOLD_AT = 4096
 """Raw durations a series holds before they are bucketed early (32 KiB); the rest wait for the flush."""
 _NS = 1e-9
+_NEVER = 1 << 62
+"""The fold threshold while a flush is being handed on: nothing is folded into what it holds."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,8 @@ class _Series:
         self.hist: ExpHistogram | None = None
         self.counts: npt.NDArray[np.int64] | None = None
         self.sum = 0.0
-        self.min = float("inf")
-        self.max = float("-inf")
+        self.min = math.inf
+        self.max = -math.inf
         self.start_ns = start_ns
         self.calls_key: SeriesKey | None = None
         self.duration_key: SeriesKey | None = None
@@ -179,6 +182,19 @@ class Aggregator:
         now_ns: int = 0,
     ) -> None:
         self._plans = tuple(plans)
+        self._aggregations: list[tuple[Plan, Aggregation]] = []
+        compiled = []
+        for plan in self._plans:
+            aggs = []
+            for agg in plan.aggregations:
+                aggs.append((len(self._aggregations), agg.indices))
+                self._aggregations.append((plan, agg))
+            groups = tuple((g.names[0], g.names[1:], g.default) for g in plan.groups)
+            compiled.append((plan.kinds, plan.when_any, groups, tuple(aggs)))
+        self._compiled = tuple(compiled)
+        """Per plan (kinds, when_any, groups as (first name, other names, default), (aggregation id,
+        indices) pairs): plain tuples, unpacked in the per-span loop instead of attribute reads."""
+        self._fold_at = FOLD_AT
         self._resource_keys = frozenset(resource_keys) | {SERVICE_NAME}
         wanted: set[str] = set()
         for plan in self._plans:
@@ -193,6 +209,7 @@ class Aggregator:
         self._bounds_array = np.asarray(bounds if bounds is not None else (), dtype=np.float64)
         self.series: dict[tuple[Any, ...], _Series] = {}
         self._interval_start_ns = now_ns
+        self._flush_ns = now_ns
         self._resources: dict[Labels, tuple[Resource, dict[str, str]]] = {}
         self.overflow_spans = 0
         """Spans counted in an overflow series since the start (per aggregation they reached)."""
@@ -225,13 +242,13 @@ class Aggregator:
     def add(self, resource_spans: Iterable[Any], now_ns: int) -> int:
         """Count every span of ``resource_spans``; returns the number of spans."""
         # Hoisted locals: this loop runs once a span (the connector's whole per-span cost).
-        plans = self._plans
+        compiled = self._compiled
         wanted = self._wanted
         series = self.series
+        series_get = series.get
         kinds_text = SPAN_KINDS
         status_text = STATUS_CODES
-        fold_at = FOLD_AT
-        fold = self._fold_one
+        fold_at = self._fold_at
         spans_seen = 0
         for rs in resource_spans:
             resource, res_found = self._resource(rs.resource.attributes)
@@ -240,55 +257,56 @@ class Aggregator:
                     spans_seen += 1
                     kind = span.kind
                     status = span.status.code
-                    found = dict(res_found)
+                    found = res_found.copy()
                     for kv in span.attributes:
                         k = kv.key
                         if k in wanted:
-                            found[k] = _text(kv.value)
+                            av = kv.value
+                            # A non-empty string is most values: no WhichOneof, no call.
+                            found[k] = av.string_value or _text(av)
                     found["span.name"] = span.name
                     found["span.kind"] = kinds_text[kind] if 0 <= kind < 6 else f"SPAN_KIND_{kind}"
                     found["status.code"] = status_text[status] if 0 <= status < 3 else f"STATUS_CODE_{status}"
+                    get = found.get
+                    v: str | None
                     seconds = (span.end_time_unix_nano - span.start_time_unix_nano) * _NS
                     if seconds < 0.0:
                         seconds = 0.0  # a clock step in the app: counted, at zero duration
-                    for plan in plans:
-                        if plan.kinds is not None and kind not in plan.kinds:
+                    for kinds, when_any, groups, aggs in compiled:
+                        if kinds is not None and kind not in kinds:
                             continue
-                        if plan.when_any and not any(n in found for n in plan.when_any):
+                        if when_any and found.keys().isdisjoint(when_any):
                             continue
                         values: list[str | None] = []
-                        for group in plan.groups:
-                            for name in group.names:
-                                v = found.get(name)
-                                if v is not None:
-                                    break
-                            else:
-                                v = group.default
+                        for first, rest, default in groups:
+                            v = get(first)
+                            if v is None:
+                                for name in rest:
+                                    v = get(name)
+                                    if v is not None:
+                                        break
+                                else:
+                                    v = default
                             values.append(v)
-                        for agg in plan.aggregations:
-                            picked = values if agg.indices is None else [values[i] for i in agg.indices]
-                            key = (agg, resource, *picked)
-                            s = series.get(key)
+                        for agg_id, indices in aggs:
+                            picked = values if indices is None else [values[i] for i in indices]
+                            key = (agg_id, resource, *picked)
+                            s = series_get(key)
                             if s is None:
-                                s = self._new_series(key, plan, agg, resource, picked, now_ns)
+                                s = self._new_series(key, agg_id, resource, picked, now_ns)
                             s.values.append(seconds)
                             if len(s.values) >= fold_at:
-                                fold(s)
+                                self._fold((s,))
         return spans_seen
 
     def _new_series(
-        self,
-        key: tuple[Any, ...],
-        plan: Plan,
-        agg: Aggregation,
-        resource: Resource,
-        picked: list[str | None],
-        now_ns: int,
+        self, key: tuple[Any, ...], agg_id: int, resource: Resource, picked: list[str | None], now_ns: int
     ) -> _Series:
         series = self.series
+        plan, agg = self._aggregations[agg_id]
         if len(series) >= self._max_series:
             self.overflow_spans += 1
-            over_key = (agg, resource, OVERFLOW_LABEL)
+            over_key = (agg_id, resource, OVERFLOW_LABEL)
             s = series.get(over_key)
             if s is None:  # the overflow series are not counted against the cap
                 s = series[over_key] = _Series(agg, ((OVERFLOW_LABEL, "true"),), resource, now_ns)
@@ -301,9 +319,6 @@ class Aggregator:
         return s
 
     # -- folding ----------------------------------------------------------------------------------------
-    def _fold_one(self, s: _Series) -> None:
-        self._fold([s])
-
     def _fold(self, batch: Sequence[_Series]) -> None:
         """Bucket the raw durations of ``batch`` (every series in it holds some) in one numpy pass."""
         if not batch:
@@ -337,47 +352,46 @@ class Aggregator:
             s.values = array("d")
 
     # -- output -----------------------------------------------------------------------------------------
-    def flush(self, now_ns: int) -> tuple[list[Point], dict[tuple[Any, ...], _Series]]:
-        """The points of every series with spans (delta: since the last flush; cumulative: since it
-        began). Delta: the series are handed back with the points and the state starts empty; give
-        them to :meth:`restore` if the points could not be handed on, so nothing is lost."""
+    def flush(self, now_ns: int) -> list[Point]:
+        """The points of every series with spans (delta: since the last :meth:`sent`; cumulative: since
+        it began). Until :meth:`sent` or :meth:`refused` is called, spans added are held apart (not
+        folded), so what the points hold is exactly what ``sent`` forgets."""
         series = self.series
         self._fold([s for s in series.values() if s.values])
+        self._fold_at = _NEVER
         delta = self._temporality is Temporality.DELTA
         start_ns = self._interval_start_ns
         points: list[Point] = []
         for s in series.values():
-            if s.count:
+            if s.folded:
                 points.extend(self._points(s, start_ns if delta else s.start_ns, now_ns))
-        taken: dict[tuple[Any, ...], _Series] = {}
-        if delta:
-            taken = series
-            self.series = {}
-            self._interval_start_ns = now_ns
-        return points, taken
+        self._flush_ns = now_ns
+        return points
 
-    def restore(self, taken: dict[tuple[Any, ...], _Series], start_ns: int) -> None:
-        """Put back the series of a delta flush whose points were refused downstream: the next flush
-        covers both intervals (from ``start_ns``, the refused flush's interval start)."""
-        series = self.series
-        for key, old in taken.items():
-            new = series.get(key)
-            if new is not None:
-                old.values.extend(new.values)
-                old.folded += new.folded
-                if new.hist is not None:
-                    old.hist = (
-                        new.hist
-                        if old.hist is None
-                        else exphist.merge(old.hist, new.hist, max_buckets=self._max_size)
-                    )
-                if new.counts is not None:
-                    old.counts = new.counts if old.counts is None else old.counts + new.counts
-                old.sum += new.sum
-                old.min = min(old.min, new.min)
-                old.max = max(old.max, new.max)
-            series[key] = old  # overflow and capped series come back as they were: nothing dropped
-        self._interval_start_ns = start_ns
+    def sent(self) -> None:
+        """The last flush's points were handed on. Delta: forget what they held, and the series that
+        had no spans in the interval."""
+        self._fold_at = FOLD_AT
+        if self._temporality is not Temporality.DELTA:
+            return
+        idle = []
+        for key, s in self.series.items():
+            if not s.folded and not s.values:
+                idle.append(key)
+            s.folded = 0
+            s.hist = None
+            s.counts = None
+            s.sum = 0.0
+            s.min = math.inf
+            s.max = -math.inf
+        for key in idle:
+            del self.series[key]
+        self._interval_start_ns = self._flush_ns
+
+    def refused(self) -> None:
+        """The last flush's points were refused downstream: everything stays, for the next flush (delta:
+        which then covers both intervals)."""
+        self._fold_at = FOLD_AT
 
     @property
     def interval_start_ns(self) -> int:

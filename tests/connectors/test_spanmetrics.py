@@ -322,7 +322,7 @@ async def test_series_beyond_max_series_go_to_one_counted_overflow_series() -> N
 
 
 async def test_delta_sends_each_interval_and_forgets_idle_series() -> None:
-    conn, sink, _, clock = make(SpanMetricsConfig(dimensions=[DimensionConfig("http.route")]))
+    conn, sink, tel, clock = make(SpanMetricsConfig(dimensions=[DimensionConfig("http.route")]))
     first_start = int(clock.now * 1e9)
     await conn.consume(
         batch(resource_spans([span(http__route="/a"), span(http__route="/a"), span(http__route="/b")]))
@@ -341,6 +341,7 @@ async def test_delta_sends_each_interval_and_forgets_idle_series() -> None:
     assert (a2.value, a2.start_time_unix_nano) == (1.0, first_end)
     assert a2.temporality is Temporality.DELTA
     assert not by(pts, CALLS, http__route="/b")  # idle this interval: nothing sent
+    assert tel.value("spanmetrics_series") == 1  # /a (calls and duration share it); /b is forgotten
     h = one(pts, DURATION, http__route="/a").histogram
     assert h is not None and h.count == 1
     sink.batches.clear()
@@ -586,3 +587,41 @@ service:
         ConfigError, match=r"connectors::spanmetrics::histogram::explicit::buckets.*increasing"
     ):
         build_config(data, builtin_factories(), lines)
+
+
+class ReentrantSink(Sink):
+    """Takes a flush's batch while more spans arrive (as they would while an exporter awaits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during: list[SpanBatch] = []
+        self.conn: SpanMetricsConnector | None = None
+
+    async def consume(self, batch: Any) -> None:
+        assert self.conn is not None
+        while self.during:
+            await self.conn.consume(self.during.pop())
+        await super().consume(batch)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+async def test_spans_arriving_while_a_flush_is_handed_on_go_to_the_next_flush(refuse: bool) -> None:
+    sink = ReentrantSink()
+    conn, _, _, _ = make(SpanMetricsConfig(), sink)
+    sink.conn = conn
+    await conn.consume(batch(resource_spans([span(seconds=1.0)] * 3)))
+    # more than FOLD_AT for the same series: folding them into what is being sent would lose them
+    sink.during.append(batch(resource_spans([span(seconds=2.0)] * (FOLD_AT + 10))))
+    sink.refuse_times = 1 if refuse else 0
+    if refuse:
+        with pytest.raises(Backpressure):
+            await conn.flush()
+    else:
+        await conn.flush()
+        assert one(points(sink), CALLS).value == 3.0
+        sink.batches.clear()
+    await conn.flush()
+    calls = one(points(sink), CALLS)
+    assert calls.value == (FOLD_AT + 10) + (3 if refuse else 0)
+    h = one(points(sink), DURATION).histogram
+    assert h is not None and h.count == calls.value and h.max == 2.0
