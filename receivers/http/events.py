@@ -112,6 +112,8 @@ TIME_UNITS_S = {
     "d": 86400.0,
 }
 """Field units converted to seconds (the point's unit is then ``s``)."""
+_MAX_CACHED = 4096
+"""Entries of each of a mapper's caches (labels by series, seconds by time prefix) before it is cleared."""
 _EPOCH_SCALE_NS = {"epoch_s": 10**9, "epoch_ms": 10**6, "epoch_us": 10**3, "epoch_ns": 1}
 
 MetricType = Literal["counter", "gauge", "histogram"]
@@ -362,7 +364,8 @@ class EventMapper:
             paths += [p for p in m.labels or () if p not in paths]
         self._label_paths = tuple(paths)
         self._label_gets = tuple(_getter(p) for p in paths)
-        self._top_level = all("." not in p for p in paths)
+        self._label_keys = tuple(paths) if all("." not in p for p in paths) else None
+        """The label fields when all are top-level: read with dict.get, no getter call (hot path)."""
         metrics = []
         for m in mapping.metrics:
             own = list(mapping.labels if m.labels is None else m.labels)
@@ -392,6 +395,11 @@ class EventMapper:
         self._ts_get = _getter(ts.field) if ts.field else None
         self._ts_field = ts.field
         self._ts_format = ts.format
+        # Bounded caches shared by the batches (dict operations are atomic, so a body parsed in a
+        # worker thread may use them too): series → labels, and an RFC 3339 time's first 19
+        # characters (up to the seconds) → epoch seconds, since most events of a batch share them.
+        self._labels_of: dict[tuple[int, tuple[str | None, ...]], Labels] = {}
+        self._seconds_of: dict[str, int] = {}
 
     # The hot loop: one pass over the events, label values read once per event, a dict lookup per
     # (metric, label values); an event is refused whole, before any of its values is kept.
@@ -406,6 +414,7 @@ class EventMapper:
         latest: dict[tuple[int, tuple[str | None, ...]], int] = {}
         metrics = tuple(enumerate(self._metrics))
         label_gets = self._label_gets
+        label_keys = self._label_keys
         ts_get = self._ts_get
         label_value = self._label_value
         max_series = self._limits.max_series_bytes
@@ -419,7 +428,18 @@ class EventMapper:
                     raw_ts = ts_get(ev)
                     if raw_ts is not None:
                         t_ns = self._timestamp(raw_ts, now_ns, low, high)
-                vals = tuple([label_value(i, get(ev)) for i, get in enumerate(label_gets)])
+                raw_vals = (
+                    [ev.get(k) for k in label_keys]
+                    if label_keys is not None
+                    else [get(ev) for get in label_gets]
+                )
+                # Short ASCII strings are the common case and are their own label values.
+                for v in raw_vals:
+                    if not (type(v) is str and len(v) <= 256 and v.isascii()):
+                        vals = tuple([label_value(i, v) for i, v in enumerate(raw_vals)])
+                        break
+                else:
+                    vals = tuple(raw_vals)
                 taken: list[tuple[int, _Metric, tuple[str | None, ...], float]] = []
                 for mi, m in metrics:
                     if m.get is None:
@@ -485,7 +505,7 @@ class EventMapper:
                 Point(
                     m.name,
                     Kind.SUM,
-                    _labels(m, vals),
+                    self._labels(mi, m, vals),
                     latest[mi, vals],
                     total,
                     temporality=Temporality.DELTA,
@@ -500,7 +520,7 @@ class EventMapper:
                 Point(
                     m.name,
                     Kind.GAUGE,
-                    _labels(m, vals),
+                    self._labels(mi, m, vals),
                     t_ns,
                     value,
                     unit=m.unit,
@@ -527,7 +547,7 @@ class EventMapper:
                     Point(
                         m.name,
                         Kind.HISTOGRAM,
-                        _labels(m, vals),
+                        self._labels(mi, m, vals),
                         latest[mi, vals],
                         histogram=hist,
                         unit=m.unit,
@@ -562,9 +582,30 @@ class EventMapper:
             )
         return v
 
+    def _labels(self, mi: int, m: _Metric, vals: tuple[str | None, ...]) -> Labels:
+        cache = self._labels_of
+        labels = cache.get((mi, vals))
+        if labels is None:
+            if len(cache) >= _MAX_CACHED:
+                cache.clear()
+            labels = cache[mi, vals] = _labels(m, vals)
+        return labels
+
     def _timestamp(self, raw: Any, now_ns: int, low: int, high: int) -> int:
         fmt = self._ts_format
         field = self._ts_field
+        # RFC 3339 in UTC ("2024-05-01T12:00:00Z", ".250Z"): the seconds from the cache, when a time
+        # with the same first 19 characters was read in full before; the fraction is digits only.
+        if type(raw) is str and fmt in ("auto", "rfc3339") and len(raw) >= 20 and raw[-1] == "Z":
+            seconds = self._seconds_of.get(raw[:19])
+            frac = raw[20:-1]
+            if seconds is not None and (
+                len(raw) == 20
+                or (raw[19] == "." and 0 < len(frac) <= 9 and frac.isdigit() and frac.isascii())
+            ):
+                t_ns = seconds * 10**9 + (int(frac.ljust(9, "0")) if frac else 0)
+                if low <= t_ns <= high:
+                    return t_ns
         if fmt == "auto":
             try:
                 t_ns, _ = _timestamp_ns(raw)
@@ -584,6 +625,10 @@ class EventMapper:
                 )
             scale = _EPOCH_SCALE_NS[fmt]
             t_ns = raw * scale if type(raw) is int else round(raw * scale)
+        if type(raw) is str and len(raw) >= 20 and raw[-1] == "Z" and raw[19] in ".Z":
+            if len(self._seconds_of) >= _MAX_CACHED:
+                self._seconds_of.clear()
+            self._seconds_of[raw[:19]] = t_ns // 10**9
         if not low <= t_ns <= high:
             shown = quote(raw) if isinstance(raw, str) else repr(raw)
             ahead = t_ns > now_ns

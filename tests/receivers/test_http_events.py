@@ -5,6 +5,7 @@ points checked in a Sink, and once end to end into a real Prometheus over remote
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from agent.registry import builtin_factories
 from agent.telemetry import Telemetry
 from receivers.http import HttpConfig, HttpReceiver
 from receivers.http.events import EventMapper, EventMappingConfig
+from receivers.http.items import _timestamp_ns
 from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
 from tests.integration.conftest import PrometheusServer, launch_prometheus
 
@@ -520,3 +522,29 @@ async def test_command_events_reach_prometheus_as_counts_and_a_latency_histogram
             assert math.isclose(float(total_s["value"][1]), sum(durations_ms) / 1000)
     finally:
         await graph.close()
+
+
+def test_rfc3339_times_read_through_the_seconds_cache_equal_the_full_parse() -> None:
+    mapper = EventMapper(
+        mapping_config({"metrics": [{"name": "n_total"}]}),
+        max_timestamp_age_s=86400,
+        max_timestamp_ahead_s=600,
+        max_buckets=160,
+    )
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    base = now.strftime("%Y-%m-%dT%H:%M:%S")
+    good = [f"{base}Z", f"{base}.5Z", f"{base}.250Z", f"{base}.123456789Z", f"{base}.000001Z"]
+    bad = [f"{base}.Z", f"{base}.1234567890Z", f"{base}.12x4Z", f"{base}+01:00Z"]
+    # Twice: the first pass fills the cache, the second reads through it.
+    for _ in range(2):
+        for text in good:
+            parsed = mapper.map([{"timestamp": text}], now_ns=time.time_ns())
+            assert parsed.errors == [], text
+            [point] = parsed.points
+            assert point.time_unix_nano == _timestamp_ns(text)[0], text
+        for text in bad:
+            parsed = mapper.map([{"timestamp": text}], now_ns=time.time_ns())
+            assert [e["code"] for e in parsed.errors] == ["invalid_timestamp"], text
+    # A cached second is still checked against the accepted range.
+    late = mapper.map([{"timestamp": f"{base}.5Z"}], now_ns=time.time_ns() + 2 * 86400 * 10**9)
+    assert [e["code"] for e in late.errors] == ["timestamp_out_of_range"]
