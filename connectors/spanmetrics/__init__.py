@@ -29,6 +29,11 @@ dashboards expect, for SERVER spans with an HTTP method and CLIENT spans with a 
 tenant_id}`` and ``db_query_duration_seconds{query_type, table, tenant_id}`` (attribute names of the
 old and the current HTTP and database semantic conventions both read).
 
+Tenants stay apart: the tenant a request was authenticated as (``auth.tenant``, a bearer token's)
+becomes the label ``auth_tenant_label`` (``tenant_id``) on every metric, over any ``tenant.id``
+attribute the spans carry (as the ``tenant`` processor lets the token win); unauthenticated spans
+take ``tenant_id`` from ``tenant.id`` only where a dimension (the red preset) asks for it.
+
 Counts are exact only if the connector sees every span: list it in a traces pipeline with no
 ``sample`` processor (or any that drops spans) before it; sample in another traces pipeline that
 takes the same receiver. Temporality: ``delta`` (default) sends each flush's spans and forgets idle
@@ -53,6 +58,7 @@ from agent.confmodel import Duration
 from agent.model import Batch, MetricBatch, SpanBatch, Temporality
 from connectors import ConnectorCounts
 from connectors.spanmetrics.aggregate import (
+    AUTH_TENANT,
     INTRINSICS,
     SERVICE_NAME,
     SPAN_KINDS,
@@ -202,6 +208,8 @@ class SpanMetricsConfig:
     """Resource attributes the metrics' resource keeps (service.name always): job/instance in Prometheus."""
     max_series: int = 10_000
     """Series held at most; further series' spans are counted in one otel.metric.overflow series."""
+    auth_tenant_label: str = "tenant_id"
+    """Label naming the tenant a request was authenticated as (over any attribute); empty = none."""
 
     def sets(self) -> list[MetricSetConfig]:
         return [*(RED_SETS if self.preset == "red" else ()), *self.metric_sets]
@@ -259,11 +267,18 @@ def plans_of(config: SpanMetricsConfig) -> list[Plan]:
     plans: list[Plan] = []
     if config.calls_and_duration:
         prefix = f"{config.namespace}." if config.namespace else ""
-        groups = plan_groups(((d.name, d.default) for d in config.dimensions), config.renames, INTRINSICS)
+        groups = plan_groups(
+            ((d.name, d.default) for d in config.dimensions),
+            config.renames,
+            INTRINSICS,
+            config.auth_tenant_label,
+        )
         both = Aggregation(f"{prefix}calls", f"{prefix}duration", None)
         plans.append(Plan(groups, (both,), None, (), "calls and duration"))
     for ms in config.sets():
-        groups = plan_groups(((d.name, d.default) for d in ms.dimensions), ms.renames)
+        groups = plan_groups(
+            ((d.name, d.default) for d in ms.dimensions), ms.renames, tenant_label=config.auth_tenant_label
+        )
         kinds = frozenset(SPAN_KINDS.index(k) for k in ms.span_kinds) or None
         excluded = set(ms.duration_exclude)
         calls = ms.calls or None
@@ -382,7 +397,7 @@ class SpanMetricsConnector:
             return
         agg = self._aggregator
         before = agg.overflow_spans
-        n = agg.add(batch.resource_spans, self._now_ns())
+        n = agg.add(batch.resource_spans, self._now_ns(), batch.context.get(AUTH_TENANT))
         self._counts.incoming(n)
         self._overflow.value += agg.overflow_spans - before
 

@@ -58,6 +58,8 @@ STATUS_CODES = ("STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR")
 SERVICE_NAME = "service.name"
 INTRINSICS = (SERVICE_NAME, "span.name", "span.kind", "status.code")
 """Dimension names read from the span itself (and its resource's service.name), not its attributes."""
+AUTH_TENANT = "auth.tenant"
+"""The dimension name of the tenant the request was authenticated as (the batch context's)."""
 OVERFLOW_LABEL = "otel.metric.overflow"
 """The label of the one series a plan's spans go to once ``max_series`` is reached (as the Collector's
 ``aggregation_cardinality_limit`` does)."""
@@ -103,10 +105,14 @@ class Plan:
 
 
 def plan_groups(
-    dimensions: Iterable[tuple[str, str | None]], renames: Mapping[str, str], leading: Sequence[str] = ()
+    dimensions: Iterable[tuple[str, str | None]],
+    renames: Mapping[str, str],
+    leading: Sequence[str] = (),
+    tenant_label: str = "",
 ) -> tuple[Group, ...]:
     """Groups from (attribute, default) dimensions in order: attributes renamed to one label share its
-    group (the first present wins; the first default given is the label's); ``leading`` names come first."""
+    group (the first present wins; the first default given is the label's); ``leading`` names come first.
+    With ``tenant_label``, the authenticated tenant (:data:`AUTH_TENANT`) is that label's first source."""
     order: list[str] = []
     names: dict[str, list[str]] = {}
     defaults: dict[str, str | None] = {}
@@ -120,6 +126,12 @@ def plan_groups(
             names[label].append(name)
         if defaults[label] is None:
             defaults[label] = default
+    if tenant_label:
+        if tenant_label not in names:
+            order.append(tenant_label)
+            names[tenant_label] = []
+            defaults[tenant_label] = None
+        names[tenant_label].insert(0, AUTH_TENANT)
     return tuple(Group(label, tuple(names[label]), defaults[label]) for label in order)
 
 
@@ -199,7 +211,7 @@ class Aggregator:
         wanted: set[str] = set()
         for plan in self._plans:
             for group in plan.groups:
-                wanted.update(n for n in group.names if n not in INTRINSICS)
+                wanted.update(n for n in group.names if n not in INTRINSICS and n != AUTH_TENANT)
             wanted.update(plan.when_any)
         self._wanted = frozenset(wanted)
         self._temporality = temporality
@@ -215,9 +227,9 @@ class Aggregator:
         """Spans counted in an overflow series since the start (per aggregation they reached)."""
 
     # -- input ------------------------------------------------------------------------------------------
-    def _resource(self, attributes: Any) -> tuple[Resource, dict[str, str]]:
-        """(the output Resource, the wanted attributes and service.name) of a ResourceSpans' resource;
-        memoised by its key attributes, bounded."""
+    def _resource(self, attributes: Any, tenant: str | None) -> tuple[Resource, dict[str, str]]:
+        """(the output Resource, the wanted attributes, service.name and the authenticated tenant) of a
+        ResourceSpans' resource; memoised by its key attributes, bounded."""
         keys = self._resource_keys
         wanted = self._wanted
         kept: list[tuple[str, str]] = []
@@ -232,6 +244,8 @@ class Aggregator:
                     found[k] = text
         identity = tuple(sorted(kept))
         found[SERVICE_NAME] = dict(identity).get(SERVICE_NAME, "")
+        if tenant:
+            found[AUTH_TENANT] = tenant
         memo = self._resources.get(identity)
         if memo is None or memo[1] != found:
             if len(self._resources) >= 10_000:
@@ -239,8 +253,9 @@ class Aggregator:
             memo = self._resources[identity] = (Resource(identity), found)
         return memo
 
-    def add(self, resource_spans: Iterable[Any], now_ns: int) -> int:
-        """Count every span of ``resource_spans``; returns the number of spans."""
+    def add(self, resource_spans: Iterable[Any], now_ns: int, tenant: str | None = None) -> int:
+        """Count every span of ``resource_spans``, sent by the authenticated ``tenant`` (None: not
+        authenticated); returns the number of spans."""
         # Hoisted locals: this loop runs once a span (the connector's whole per-span cost).
         compiled = self._compiled
         wanted = self._wanted
@@ -251,7 +266,7 @@ class Aggregator:
         fold_at = self._fold_at
         spans_seen = 0
         for rs in resource_spans:
-            resource, res_found = self._resource(rs.resource.attributes)
+            resource, res_found = self._resource(rs.resource.attributes, tenant)
             for ss in rs.scope_spans:
                 for span in ss.spans:
                     spans_seen += 1

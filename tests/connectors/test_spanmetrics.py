@@ -625,3 +625,28 @@ async def test_spans_arriving_while_a_flush_is_handed_on_go_to_the_next_flush(re
     assert calls.value == (FOLD_AT + 10) + (3 if refuse else 0)
     h = one(points(sink), DURATION).histogram
     assert h is not None and h.count == calls.value and h.max == 2.0
+
+
+async def test_the_authenticated_tenant_labels_every_metric_and_wins_over_a_tenant_attribute() -> None:
+    conn, sink, _, _ = make(SpanMetricsConfig(preset="red"))
+    http = {"http__request__method": "GET", "http__route": "/a", "http__response__status_code": 200}
+    authenticated = SpanBatch(
+        (resource_spans([span(tenant__id="someone-else", **http)]),), {"auth.tenant": "team-a"}, 1
+    )
+    await conn.consume(authenticated)
+    await conn.consume(batch(resource_spans([span(tenant__id="acme", **http), span(**http)])))
+    await conn.flush()
+    pts = points(sink)
+    assert one(pts, "http_requests_total", tenant_id="team-a").value == 1.0  # not someone-else's
+    assert not by(pts, "http_requests_total", tenant_id="someone-else")
+    assert one(pts, "http_requests_total", tenant_id="acme").value == 1.0  # unauthenticated: the attribute
+    assert one(pts, CALLS, tenant_id="team-a").value == 1.0  # the Collector's metrics keep tenants apart too
+    untenanted = [p for p in by(pts, CALLS) if "tenant_id" not in dict(p.labels)]
+    assert len(untenanted) == 1 and untenanted[0].value == 2.0
+
+
+async def test_an_empty_auth_tenant_label_leaves_the_context_tenant_out() -> None:
+    conn, sink, _, _ = make(SpanMetricsConfig(auth_tenant_label=""))
+    await conn.consume(SpanBatch((resource_spans([span()]),), {"auth.tenant": "team-a"}, 1))
+    await conn.flush()
+    assert all(k != "tenant_id" for k, _ in one(points(sink), CALLS).labels)
