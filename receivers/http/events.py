@@ -180,11 +180,7 @@ class EventMappingConfig:
             problems += [(f"{where}::field", p) for p in _path_problems(m.field)]
             for j, path in enumerate(m.labels or ()):
                 problems += [(f"{where}::labels::{j}", p) for p in _path_problems(path, required=True)]
-            for what, labels in (("labels", self.labels), ("metric", m.labels or ())):
-                names = [self.label_name(p) for p in (labels if what == "labels" else m.labels or ())]
-                if len(set(names)) < len(names):
-                    path = "labels" if what == "labels" else f"{where}::labels"
-                    problems.append((path, f"two fields give the same label name: {sorted(names)}"))
+            problems += self._names_problems(f"{where}::labels", m.labels or (), limits)
             own = [self.label_name(p) for p in (self.labels if m.labels is None else m.labels)]
             for name, value in m.static_labels.items():
                 problem = _name_problem(name, limits.max_label_name_length, "label name")
@@ -201,6 +197,7 @@ class EventMappingConfig:
                 problems.append((f"{where}::labels", f"more than limits::max_labels ({limits.max_labels})"))
         for j, path in enumerate(self.labels):
             problems += [(f"labels::{j}", p) for p in _path_problems(path, required=True)]
+        problems += self._names_problems("labels", self.labels, limits)
         if len(self.labels) > limits.max_labels:
             problems.append(("labels", f"more than limits::max_labels ({limits.max_labels})"))
         listed = set(self.labels) | {p for m in self.metrics for p in m.labels or ()}
@@ -211,6 +208,20 @@ class EventMappingConfig:
             if problem:
                 problems.append((f"label_names::{path}", problem))
         problems += [("timestamp::field", p) for p in _path_problems(self.timestamp.field)]
+        return problems
+
+    def _names_problems(
+        self, where: str, paths: Sequence[str], limits: SeriesLimits
+    ) -> list[tuple[str, str]]:
+        """Problems of the label names that the field ``paths`` give."""
+        names = [self.label_name(p) for p in paths]
+        problems = [
+            (where, problem)
+            for problem in (_name_problem(n, limits.max_label_name_length, "label name") for n in names)
+            if problem
+        ]
+        if len(set(names)) < len(names):
+            problems.append((where, f"two fields give the same label name: {sorted(names)}"))
         return problems
 
     def label_name(self, path: str) -> str:
@@ -321,7 +332,9 @@ class _Metric:
     """The static labels."""
     pick: Callable[[tuple[str | None, ...]], tuple[str | None, ...]]
     fixed_bytes: int
-    """Bytes of the name and the label names (the series-size check adds the values)."""
+    """Bytes of the name, the label names and the static labels (the series-size check adds the values)."""
+    check_size: bool
+    """Whether label values of the longest length allowed could take the series over max_series_bytes."""
 
 
 def _picker(indices: list[int], n: int) -> Callable[[tuple[str | None, ...]], tuple[str | None, ...]]:
@@ -388,9 +401,19 @@ class EventMapper:
                     fixed_bytes=len(m.name.encode())
                     + sum(len(n.encode()) for n, _ in named)
                     + sum(len(k.encode()) + len(v.encode()) for k, v in m.static_labels.items()),
+                    check_size=False,
                 )
             )
-        self._metrics = tuple(metrics)
+        lim = self._limits
+        self._metrics = tuple(
+            dataclasses.replace(
+                m,
+                check_size=m.fixed_bytes + len(m.names) * lim.max_label_value_length > lim.max_series_bytes,
+            )
+            for m in metrics
+        )
+        self._fast_len = min(256, lim.max_label_value_length)
+        """Strings this short (in characters, ASCII) are label values without further checks."""
         ts = mapping.timestamp
         self._ts_get = _getter(ts.field) if ts.field else None
         self._ts_field = ts.field
@@ -415,6 +438,7 @@ class EventMapper:
         metrics = tuple(enumerate(self._metrics))
         label_gets = self._label_gets
         label_keys = self._label_keys
+        fast_len = self._fast_len
         ts_get = self._ts_get
         label_value = self._label_value
         max_series = self._limits.max_series_bytes
@@ -435,7 +459,7 @@ class EventMapper:
                 )
                 # Short ASCII strings are the common case and are their own label values.
                 for v in raw_vals:
-                    if not (type(v) is str and len(v) <= 256 and v.isascii()):
+                    if not (type(v) is str and len(v) <= fast_len and v.isascii()):
                         vals = tuple([label_value(i, v) for i, v in enumerate(raw_vals)])
                         break
                 else:
@@ -460,7 +484,7 @@ class EventMapper:
                             )
                     picked = m.pick(vals)
                     if (
-                        m.fixed_bytes + 64 * len(picked) > 1024
+                        m.check_size
                         and m.fixed_bytes + sum(len(v.encode()) for v in picked if v is not None) > max_series
                     ):
                         raise _Refused(
@@ -557,8 +581,6 @@ class EventMapper:
         return points
 
     def _label_value(self, i: int, v: Any) -> str | None:
-        if type(v) is str and len(v) <= 256 and v.isascii():  # the common case, checked without a message
-            return v
         if v is None:
             return None
         path = self._label_paths[i]
@@ -566,7 +588,7 @@ class EventMapper:
             return "true" if v else "false"
         if type(v) is int or (type(v) is float and math.isfinite(v)):
             return str(v)
-        if type(v) is not str:
+        if not isinstance(v, str):  # a str subclass too: an OTLP attribute (agent.model.TypedValue)
             raise _Refused(
                 "invalid_labels",
                 f"{path}: a label takes a string, number or boolean, got {_describe(v)}",

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from agent.component import ComponentKind, Factory, Signal
-from agent.confmodel import Decoder
+from agent.confmodel import Decoder, Size
+from agent.limits import SeriesLimits
 from agent.model import Kind, Point, Temporality
 from agent.registry import builtin_factories
 from agent.telemetry import Telemetry
@@ -548,3 +549,32 @@ def test_rfc3339_times_read_through_the_seconds_cache_equal_the_full_parse() -> 
     # A cached second is still checked against the accepted range.
     late = mapper.map([{"timestamp": f"{base}.5Z"}], now_ns=time.time_ns() + 2 * 86400 * 10**9)
     assert [e["code"] for e in late.errors] == ["timestamp_out_of_range"]
+
+
+def test_label_values_and_series_are_held_to_the_receivers_limits() -> None:
+    mapping = mapping_config({"labels": ["a", "b"], "metrics": [{"name": "n_total"}]})
+    short = EventMapper(
+        mapping,
+        max_timestamp_age_s=60,
+        max_timestamp_ahead_s=60,
+        max_buckets=160,
+        limits=SeriesLimits(max_label_value_length=10),
+    )
+    parsed = short.map([{"a": "x" * 10}, {"a": "x" * 11}, {"b": "é" * 6}], now_ns=10**18)
+    assert [(e["index"], e["code"]) for e in parsed.errors] == [
+        (1, "label_value_too_long"),
+        (2, "label_value_too_long"),
+    ]
+    assert (
+        parsed.errors[0]["reason"] == "a: is 11 bytes long; the limit is 10 (limits::max_label_value_length)"
+    )
+    small = EventMapper(
+        mapping,
+        max_timestamp_age_s=60,
+        max_timestamp_ahead_s=60,
+        max_buckets=160,
+        limits=SeriesLimits(max_series_bytes=Size(40)),
+    )
+    parsed = small.map([{"a": "x" * 10, "b": "y" * 10}, {"a": "x" * 20, "b": "y" * 20}], now_ns=10**18)
+    assert [(e["index"], e["code"]) for e in parsed.errors] == [(1, "series_too_large")]
+    assert [p.labels for p in parsed.points] == [(("a", "x" * 10), ("b", "y" * 10))]
