@@ -158,10 +158,6 @@ class _Series:
         self.calls_key: SeriesKey | None = None
         self.duration_key: SeriesKey | None = None
 
-    @property
-    def count(self) -> int:
-        return self.folded + len(self.values)
-
 
 def _text(v: Any) -> str:
     """An attribute value as label text; an int stays typed (:class:`IntValue`), so OTLP sends it back
@@ -421,7 +417,7 @@ class Aggregator:
             if key is None:
                 key = s.calls_key = series_key(agg.calls, Kind.SUM, s.labels, s.resource, None)
             calls = new_point(
-                agg.calls, Kind.SUM, s.labels, now_ns, float(s.count), start_ns, temporality, True,
+                agg.calls, Kind.SUM, s.labels, now_ns, float(s.folded), start_ns, temporality, True,
                 None, "1", "", s.resource, None, None, None, key,
             )  # fmt: skip
             out.append(calls)
