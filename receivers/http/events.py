@@ -39,6 +39,9 @@ Fields are named by path: ``context.session_id`` is the ``session_id`` of the ob
 ``_`` unless ``label_names`` renames them; a field such as ``user_id`` or ``request_id`` never becomes
 a label unless listed. A label field that is absent or ``null`` in an event is left off its series;
 a string, number or boolean is its value (``true``/``false``); an object or list refuses the event.
+A metric's ``static_labels`` add fixed labels (``agent_tokens_total`` from ``input_tokens`` with
+``{direction: input}`` and from ``output_tokens`` with ``{direction: output}``: two metrics of one
+name, which must then share type and unit).
 
 ``timestamp.field`` holds the event's time (absent or ``null``: the time the request arrived) in
 ``timestamp.format``: ``auto`` (RFC 3339 text, or a number read as epoch seconds below 1e11 and epoch
