@@ -37,7 +37,8 @@ take ``tenant_id`` from ``tenant.id`` only where a dimension (the red preset) as
 Counts are exact only if the connector sees every span: list it in a traces pipeline with no
 ``sample`` processor (or any that drops spans) before it; sample in another traces pipeline that
 takes the same receiver. Temporality: ``delta`` (default) sends each flush's spans and forgets idle
-series; ``cumulative`` sends running totals of every series seen. A flush that downstream refuses
+series; ``cumulative`` sends running totals of every series seen (forgotten after ``metrics_expiration``
+without spans, if set). A flush that downstream refuses
 (backpressure) is kept and sent with the next one, so no span is lost. Beyond ``max_series``, each
 family's new series go to one series labelled ``otel.metric.overflow="true"``, counted as
 ``headwater_spanmetrics_overflow_spans_total``.
@@ -202,6 +203,8 @@ class SpanMetricsConfig:
     """delta: each flush's counts, idle series forgotten; cumulative: running totals of every series."""
     metrics_flush_interval: Duration = Duration(15.0)
     """How often the metrics are sent (and once more on shutdown)."""
+    metrics_expiration: Duration = Duration(0.0)
+    """cumulative: forget a series without spans for this long (it restarts from 0); 0 = never."""
     resource_metrics_key_attributes: list[str] = field(
         default_factory=lambda: ["service.name", "service.namespace", "service.instance.id"]
     )
@@ -335,6 +338,7 @@ class SpanMetricsConnector:
             max_size=max_size,
             bounds=bounds,
             now_ns=self._now_ns(),
+            expiration_ns=round(float(config.metrics_expiration) * 1e9),
         )
         tel = settings.telemetry
         self._counts = ConnectorCounts(tel)

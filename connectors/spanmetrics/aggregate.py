@@ -141,7 +141,7 @@ class _Series:
     (explicit)."""
 
     __slots__ = ("agg", "calls_key", "counts", "duration_key", "folded", "hist", "labels", "max", "min",
-                 "resource", "start_ns", "sum", "values")  # fmt: skip
+                 "resource", "seen_folded", "seen_ns", "start_ns", "sum", "values")  # fmt: skip
 
     def __init__(self, agg: Aggregation, labels: Labels, resource: Resource, start_ns: int) -> None:
         self.agg = agg
@@ -155,6 +155,10 @@ class _Series:
         self.min = math.inf
         self.max = -math.inf
         self.start_ns = start_ns
+        self.seen_ns = start_ns
+        """When a flush last found new spans in the series (cumulative expiry)."""
+        self.seen_folded = 0
+        """``folded`` at that flush."""
         self.calls_key: SeriesKey | None = None
         self.duration_key: SeriesKey | None = None
 
@@ -188,6 +192,7 @@ class Aggregator:
         max_size: int = 160,
         bounds: tuple[float, ...] | None = None,
         now_ns: int = 0,
+        expiration_ns: int = 0,
     ) -> None:
         self._plans = tuple(plans)
         self._aggregations: list[tuple[Plan, Aggregation]] = []
@@ -211,6 +216,7 @@ class Aggregator:
             wanted.update(plan.when_any)
         self._wanted = frozenset(wanted)
         self._temporality = temporality
+        self._expiration_ns = expiration_ns
         self._max_series = max_series
         self._max_size = max_size
         self._bounds = bounds
@@ -381,9 +387,11 @@ class Aggregator:
 
     def sent(self) -> None:
         """The last flush's points were handed on. Delta: forget what they held, and the series that
-        had no spans in the interval."""
+        had no spans in the interval. Cumulative: forget the series without spans for longer than the
+        expiration (if one is set); one that comes back starts again from zero, with a new start time."""
         self._fold_at = FOLD_AT
         if self._temporality is not Temporality.DELTA:
+            self._expire()
             return
         idle = []
         for key, s in self.series.items():
@@ -398,6 +406,19 @@ class Aggregator:
         for key in idle:
             del self.series[key]
         self._interval_start_ns = self._flush_ns
+
+    def _expire(self) -> None:
+        now_ns = self._flush_ns
+        expiration_ns = self._expiration_ns
+        expired = []
+        for key, s in self.series.items():
+            if s.folded != s.seen_folded:
+                s.seen_folded = s.folded
+                s.seen_ns = now_ns
+            elif expiration_ns and now_ns - s.seen_ns > expiration_ns and not s.values:
+                expired.append(key)
+        for key in expired:
+            del self.series[key]
 
     def refused(self) -> None:
         """The last flush's points were refused downstream: everything stays, for the next flush (delta:

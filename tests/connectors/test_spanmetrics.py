@@ -650,3 +650,28 @@ async def test_an_empty_auth_tenant_label_leaves_the_context_tenant_out() -> Non
     await conn.consume(SpanBatch((resource_spans([span()]),), {"auth.tenant": "team-a"}, 1))
     await conn.flush()
     assert all(k != "tenant_id" for k, _ in one(points(sink), CALLS).labels)
+
+
+async def test_cumulative_series_without_spans_expire_and_restart_from_zero() -> None:
+    config = SpanMetricsConfig(
+        dimensions=[DimensionConfig("http.route")],
+        aggregation_temporality="cumulative",
+        metrics_expiration=20.0,  # type: ignore[arg-type]
+    )
+    conn, sink, tel, clock = make(config)
+
+    async def interval(*routes: str) -> dict[str, Point]:
+        await conn.consume(batch(resource_spans([span(http__route=r) for r in routes])))
+        clock.now += 15
+        sink.batches.clear()
+        await conn.flush()
+        return {dict(p.labels)["http.route"]: p for p in by(points(sink), CALLS)}
+
+    assert {r: p.value for r, p in (await interval("/a", "/b")).items()} == {"/a": 1.0, "/b": 1.0}
+    assert {r: p.value for r, p in (await interval("/a")).items()} == {"/a": 2.0, "/b": 1.0}  # idle 15 s
+    assert {r: p.value for r, p in (await interval("/a")).items()} == {"/a": 3.0, "/b": 1.0}  # then gone
+    assert tel.value("spanmetrics_series") == 1
+    came_back_ns = int(clock.now * 1e9)
+    again = await interval("/b")
+    assert again["/b"].value == 1.0 and again["/b"].start_time_unix_nano == came_back_ns
+    assert again["/a"].value == 3.0
