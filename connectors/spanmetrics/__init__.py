@@ -50,7 +50,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -243,6 +243,7 @@ class SpanMetricsConfig:
         if not self.calls_and_duration and not self.sets():
             problems.append(("calls_and_duration", "false with no metric_sets or preset emits nothing"))
         problems += _dimension_problems("dimensions", self.dimensions)
+        problems += _rename_problems("renames", self.renames)
         for i, ms in enumerate(self.metric_sets):
             where = f"metric_sets::{i}"
             if not ms.calls and not ms.duration:
@@ -250,6 +251,7 @@ class SpanMetricsConfig:
             if ms.calls and ms.calls == ms.duration:
                 problems.append((f"{where}::duration", "must differ from calls"))
             problems += _dimension_problems(f"{where}::dimensions", ms.dimensions)
+            problems += _rename_problems(f"{where}::renames", ms.renames)
             labels = {ms.renames.get(d.name, d.name) for d in ms.dimensions}
             for j, name in enumerate(ms.duration_exclude):
                 if name not in labels:
@@ -263,6 +265,10 @@ def _dimension_problems(where: str, dimensions: list[DimensionConfig]) -> list[t
         if not d.name:
             problems.append((f"{where}::{i}::name", "must not be empty"))
     return problems
+
+
+def _rename_problems(where: str, renames: Mapping[str, str]) -> list[tuple[str, str]]:
+    return [(f"{where}::{name}", "give the label a name") for name, label in renames.items() if not label]
 
 
 def plans_of(config: SpanMetricsConfig) -> list[Plan]:

@@ -520,6 +520,7 @@ def test_the_factory_is_a_traces_to_metrics_connector_with_a_valid_default() -> 
         (SpanMetricsConfig(metrics_flush_interval=0.0), "metrics_flush_interval", "at least 100ms"),  # type: ignore[arg-type]
         (SpanMetricsConfig(calls_and_duration=False), "calls_and_duration", "emits nothing"),
         (SpanMetricsConfig(dimensions=[DimensionConfig("")]), "dimensions::0::name", "empty"),
+        (SpanMetricsConfig(renames={"http.route": ""}), "renames::http.route", "give the label a name"),
         (SpanMetricsConfig(metric_sets=[MetricSetConfig()]), "metric_sets::0", "name calls, duration"),
         (
             SpanMetricsConfig(
