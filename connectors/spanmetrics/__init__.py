@@ -37,9 +37,9 @@ take ``tenant_id`` from ``tenant.id`` only where a dimension (the red preset) as
 Counts are exact only if the connector sees every span: list it in a traces pipeline with no
 ``sample`` processor (or any that drops spans) before it; sample in another traces pipeline that
 takes the same receiver. Temporality: ``delta`` (default) sends each flush's spans and forgets idle
-series; ``cumulative`` sends running totals of every series seen (forgotten after ``metrics_expiration``
-without spans, if set). A flush that downstream refuses
-(backpressure) is kept and sent with the next one, so no span is lost. Beyond ``max_series``, each
+series; ``cumulative`` sends running totals of every series seen (forgotten after
+``metrics_expiration`` without spans, if set). A flush that downstream refuses (backpressure) is kept
+and sent with the next one, so no span is lost. Beyond ``max_series``, each
 family's new series go to one series labelled ``otel.metric.overflow="true"``, counted as
 ``headwater_spanmetrics_overflow_spans_total``.
 """
