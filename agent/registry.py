@@ -37,6 +37,7 @@ BUILTINS: tuple[tuple[ComponentKind, str, str, str], ...] = (
     (E, "debug", "exporters.debug", "factory"),
     (C, "forward", "connectors.forward", "factory"),
     (C, "spanmetrics", "connectors.spanmetrics", "factory"),
+    (C, "logmetrics", "connectors.logmetrics", "factory"),
 )
 
 

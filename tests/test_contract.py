@@ -18,7 +18,7 @@ from aiohttp import web
 
 from agent import exphist
 from agent.component import ComponentKind, Factory, Signal, validate_config
-from agent.model import Kind, MetricBatch, Point, SpanBatch
+from agent.model import Kind, LogBatch, MetricBatch, Point, SpanBatch
 from agent.registry import builtin_factories
 from agent.telemetry import Telemetry
 from tests.conftest import LOOP_BLOCK_LIMIT_S, Sink, component_settings, free_port, wait_until
@@ -99,6 +99,16 @@ async def drive_spans(component: Any, config: Any, sink: Sink) -> None:
     rs = trace_pb2.ResourceSpans()
     rs.scope_spans.add().spans.add(name="GET /", start_time_unix_nano=1, end_time_unix_nano=2)
     await component.consume(SpanBatch((rs,), span_count=1))
+
+
+async def drive_logs(component: Any, config: Any, sink: Sink) -> None:
+    """A logs → metrics connector takes one log record and hands on metrics."""
+    from opentelemetry.proto.logs.v1 import logs_pb2
+
+    rl = logs_pb2.ResourceLogs()
+    rl.scope_logs.add().log_records.add(severity_text="INFO").body.string_value = "started"
+    await component.consume(LogBatch((rl,), record_count=1))
+    assert sink.points(), "no metrics came of the log record"
 
 
 class RemoteWriteSink:
@@ -197,6 +207,7 @@ STIMULUS: dict[
     (E, "debug"): (lambda cfg, _: cfg, drive_exporter, "headwater_exporter_sent_points_total"),
     (C, "forward"): (lambda cfg, _: cfg, drive_processor, "headwater_connector_incoming_points_total"),
     (C, "spanmetrics"): (lambda cfg, _: cfg, drive_spans, "headwater_connector_incoming_points_total"),
+    (C, "logmetrics"): (lambda cfg, _: cfg, drive_logs, "headwater_connector_incoming_points_total"),
 }
 KEYS = sorted((kind.value, type_) for kind, type_ in FACTORIES)
 
