@@ -54,7 +54,8 @@ def test_good_config_builds_graph(tmp_path: Path) -> None:
 def test_example_configs_are_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     for path in [root / "config.example.yaml", *sorted((root / "examples").glob("*.yaml"))]:
-        load_config(str(path), FACTORIES, environ={"SIGNOZ_INGESTION_KEY": "key"})
+        environ = {"SIGNOZ_INGESTION_KEY": "key", "EVENTS_JWT_SECRET": "an-hs256-secret-of-32-bytes-or-more"}
+        load_config(str(path), FACTORIES, environ=environ)
 
 
 def test_every_error_is_reported_with_path_and_line(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 import yaml
 
@@ -32,10 +33,37 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "events-commands-agents.yaml"
 
 
+SECRET = "a-shared-secret-of-at-least-32-bytes"
+
+
 def example_http() -> dict[str, Any]:
-    """The http receiver section of the example config, as written."""
+    """The example's event routes and mappings (``http/events``) with its ``/metrics`` route
+    (``http/metrics``) in one receiver, without the JWT auth (the end-to-end tests below use the
+    example as written, tokens and quota included)."""
     data = yaml.safe_load(EXAMPLE.read_text())
-    return dict(data["receivers"]["http"])
+    events = dict(data["receivers"]["http/events"])
+    events.pop("auth")
+    events["routes"] = [*events["routes"], *data["receivers"]["http/metrics"]["routes"]]
+    return events
+
+
+def example(write_url: str) -> tuple[dict[str, Any], int, int]:
+    """The example config as written, with free ports, its remote-write endpoint and the JWT secret
+    (${env:EVENTS_JWT_SECRET}) filled in: (config, http/metrics port, http/events port)."""
+    data = yaml.safe_load(EXAMPLE.read_text())
+    metrics_port, events_port = free_port(), free_port()
+    data["receivers"]["http/metrics"]["endpoint"] = f"127.0.0.1:{metrics_port}"
+    data["receivers"]["http/events"]["endpoint"] = f"127.0.0.1:{events_port}"
+    data["receivers"]["http/events"]["auth"]["jwt"]["secret"] = SECRET
+    data["exporters"]["prometheus_remote_write"]["endpoint"] = write_url
+    data["exporters"]["prometheus"]["endpoint"] = f"127.0.0.1:{free_port()}"
+    return data, metrics_port, events_port
+
+
+def token(org: str) -> str:
+    """A client's bearer token: HS256, the organization in org_id, valid for an hour."""
+    now = int(datetime.now(UTC).timestamp())
+    return jwt.encode({"org_id": org, "sub": "user_456", "iat": now, "exp": now + 3600}, SECRET, "HS256")
 
 
 def decode(raw: dict[str, Any]) -> HttpConfig:
@@ -472,21 +500,26 @@ async def prom_query(session: aiohttp.ClientSession, server: PrometheusServer, e
 async def test_command_events_reach_prometheus_as_counts_and_a_latency_histogram(
     prometheus: PrometheusServer,
 ) -> None:
-    data = yaml.safe_load(EXAMPLE.read_text())
-    port = free_port()
-    data["receivers"]["http"]["endpoint"] = f"127.0.0.1:{port}"
-    data["exporters"]["prometheus_remote_write"]["endpoint"] = prometheus.write_url
-    data["exporters"]["prometheus"]["endpoint"] = f"127.0.0.1:{free_port()}"
+    data, metrics_port, port = example(prometheus.write_url)
     graph = Graph()
     try:
         await graph.start(data)
         durations_ms = [100 * (i % 20 + 1) for i in range(200)]  # 0.1 s to 2 s, median 1.0-1.1 s
         events = [command(f"cmd-{i % 2}", ms) for i, ms in enumerate(durations_ms)]
+        auth = {"Authorization": f"Bearer {token('acme')}"}
         async with aiohttp.ClientSession() as session:
             url = f"http://127.0.0.1:{port}/api/metrics/commands"
+            async with session.post(url, json=events[:1]) as resp:
+                assert resp.status == 401  # the events API wants the organization's token
             for chunk in (events[:100], events[100:]):
-                async with session.post(url, json=chunk) as resp:
+                async with session.post(url, json=chunk, headers=auth) as resp:
                     assert resp.status == 200 and (await resp.json())["status"] == "success"
+            # The in-house metric client's shape, on its own receiver, without a token.
+            item = {"metric_name": "model_inference_latency", "value": 85.2,
+                    "tags": {"model_name": "bert-base"},
+                    "metadata": {"request_id": "req_123", "user_id": "user_456"}}  # fmt: skip
+            async with session.post(f"http://127.0.0.1:{metrics_port}/metrics", json=[item]) as resp:
+                assert resp.status == 200 and (await resp.json())["status"] == "success"
 
             async def total() -> bool:
                 result = await prom_query(session, prometheus, "sum(command_executions_total)")
@@ -521,6 +554,49 @@ async def test_command_events_reach_prometheus_as_counts_and_a_latency_histogram
             assert lower <= 1.0 <= upper and lower <= median <= upper, (median, buckets)
             [total_s] = await prom_query(session, prometheus, "sum(command_execution_duration_seconds_sum)")
             assert math.isclose(float(total_s["value"][1]), sum(durations_ms) / 1000)
+            orgs = await prom_query(session, prometheus, "sum by (tenant_id) (command_executions_total)")
+            assert {r["metric"]["tenant_id"]: float(r["value"][1]) for r in orgs} == {"acme": 200.0}
+
+            async def inference() -> list[Any]:
+                return await prom_query(session, prometheus, "model_inference_latency")
+
+            [latency] = await wait_until(inference, "the in-house client's gauge in Prometheus", timeout_s=60)
+            assert latency["metric"]["model_name"] == "bert-base" and float(latency["value"][1]) == 85.2
+            assert "request_id" not in latency["metric"] and "user_id" not in latency["metric"]
+    finally:
+        await graph.close()
+
+
+async def test_an_organization_over_1000_requests_a_minute_is_answered_429_with_rate_limit_headers() -> None:
+    # The example as written; remote-write goes nowhere (the queue holds what it cannot send).
+    data, _, port = example(f"http://127.0.0.1:{free_port()}/api/v1/write")
+    graph = Graph()
+    try:
+        await graph.start(data)
+        url = f"http://127.0.0.1:{port}/api/metrics/agents"
+        event = {"agent_name": "planner", "interaction_type": "chat", "execution_time_ms": 3000,
+                 "status": "success", "input_tokens": 500, "output_tokens": 1200}  # fmt: skip
+        acme = {"Authorization": f"Bearer {token('acme')}"}
+        async with aiohttp.ClientSession() as session:
+            # A minute's worth at once, then the bucket refills at 1,000 a minute: the requests go
+            # through until the refill cannot keep up (bounded: the loop refills ~17 a second).
+            answered: list[int] = []
+            while len(answered) < 3000 and (not answered or answered[-1] == 200):
+                async with session.post(url, json=event, headers=acme) as resp:
+                    answered.append(resp.status)
+                    body = await resp.json()
+                    headers = resp.headers
+            assert answered[:1000] == [200] * 1000 and answered[-1] == 429, answered[-5:]
+            assert body["code"] == "tenant_quota" and body["status"] == "error"
+            assert headers["X-RateLimit-Limit"] == "1000" and headers["X-RateLimit-Remaining"] == "0"
+            assert (
+                0 < float(headers["Retry-After"]) <= 60
+                and headers["X-RateLimit-Reset"] == headers["Retry-After"]
+            )
+            # Another organization has its own budget.
+            other = {"Authorization": f"Bearer {token('globex')}"}
+            async with session.post(url, json=event, headers=other) as resp:
+                assert resp.status == 200
     finally:
         await graph.close()
 
