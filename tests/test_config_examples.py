@@ -40,7 +40,7 @@ from agent.registry import builtin_factories
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORIES = builtin_factories()
-SECTIONS = {"receivers", "processors", "exporters", "service"}
+SECTIONS = {"receivers", "processors", "exporters", "connectors", "service"}
 ENV_RE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)")
 ENVIRON = {"SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/XXXX"}
 
@@ -173,7 +173,7 @@ def complete(data: dict[str, Any]) -> dict[str, Any]:
     for pipeline in (service.get("pipelines") or {}).values():
         for section in ("receivers", "processors", "exporters"):
             for cid in pipeline.get(section, ()):
-                if cid not in data[section]:
+                if cid not in data[section] and cid not in data.get("connectors", {}):
                     data[section][cid] = dict(MINIMAL[cid.split("/")[0]])
     for section, default in (("receivers", "otlp"), ("exporters", "debug")):
         if not data[section]:
