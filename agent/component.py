@@ -15,7 +15,7 @@ import contextvars
 import enum
 import logging
 import math
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -100,6 +100,8 @@ def end_admission(token: contextvars.Token[bool]) -> None:
 
 AdmissionCheck = Callable[[Batch], Backpressure | None]
 """Answers, synchronously and without taking anything, whether a batch would be refused now."""
+AdmissionRelease = Callable[[Batch], None]
+"""Gives back what a check reserved for a batch it admitted that a later check refused."""
 
 
 class Admission:
@@ -113,28 +115,50 @@ class Admission:
     is asked with no await between it and the hand-over, so on the one event loop the answer still
     holds when the batch arrives. A component that admitted a batch then takes it whole
     (:func:`admitted` is true while it arrives). The service keeps one Admission per exporter id for
-    the agent's lifetime, so a reloaded exporter's new instance answers through the same one."""
+    the agent's lifetime, so a reloaded exporter's new instance answers through the same one.
 
-    __slots__ = ("_checks",)
+    A check that must reserve what it admits (a tenant's quota: the points must not be charged again
+    when they arrive) registers a ``release`` too: when a later check — of this Admission, or of
+    another the same fan-out asks after it — refuses the batch, the release gives the reservation
+    back, so a client's resend is not charged twice."""
+
+    __slots__ = ("_checks", "_releases")
 
     def __init__(self) -> None:
         self._checks: list[AdmissionCheck] = []
+        self._releases: dict[AdmissionCheck, AdmissionRelease] = {}
 
-    def add(self, check: AdmissionCheck) -> None:
+    def add(self, check: AdmissionCheck, release: AdmissionRelease | None = None) -> None:
         self._checks.append(check)
+        if release is not None:
+            self._releases[check] = release
 
     def remove(self, check: AdmissionCheck) -> None:
         """Drop ``check`` (a stopped sender's); nothing when it is not there. Idempotent."""
         if check in self._checks:
             self._checks.remove(check)
+        self._releases.pop(check, None)
 
     def refusal(self, batch: Batch) -> Backpressure | None:
-        """The first refusal among the checks, or None when every one admits ``batch``."""
-        for check in self._checks:
+        """The first refusal among the checks, or None when every one admits ``batch`` (the checks
+        before a refusing one release what they reserved)."""
+        for i, check in enumerate(self._checks):
             refused = check(batch)
             if refused is not None:
+                self._release(self._checks[:i], batch)
                 return refused
         return None
+
+    def release(self, batch: Batch) -> None:
+        """``batch``, admitted by every check here, was refused by a check asked later."""
+        self._release(self._checks, batch)
+
+    def _release(self, checks: Sequence[AdmissionCheck], batch: Batch) -> None:
+        if self._releases:
+            for check in checks:
+                release = self._releases.get(check)
+                if release is not None:
+                    release(batch)
 
 
 class PermanentError(Exception):

@@ -127,9 +127,11 @@ class Fanout:
     async def consume(self, batch: Batch) -> None:
         token = None
         if not admitted():
-            for gate in self._gates:
+            for i, gate in enumerate(self._gates):
                 refused = gate.refusal(batch)
                 if refused is not None:
+                    for earlier in self._gates[:i]:  # they admitted it: give back what they reserved
+                        earlier.release(batch)
                     raise refused
             # No await between the checks above and the hand-over below: on the one loop the
             # answers still hold.

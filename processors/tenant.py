@@ -251,7 +251,10 @@ class TenantProcessor:
         )
         self._admission = settings.admission
         if self._quotas_on:
-            self._admission.add(self.refusal)
+            self._admission.add(self.refusal, self.release)
+        self._reserved: tuple[Batch, str, int, bool, list[tuple[str, Labels]]] | None = None
+        """What :meth:`refusal` charged for the batch it admitted last: (batch, tenant, points, a
+        request, new series), given back by :meth:`release` when a later check refuses that batch."""
         self._last_forget = 0.0
         self._invalid_logged_at = -math.inf
         tel.gauge("processor_tenant_tenants", "Tenants with quota state.", lambda: len(self._states))
@@ -366,8 +369,8 @@ class TenantProcessor:
 
         A batch larger than the bucket is admitted whole once the bucket is full, leaving it in debt
         (the average rate still holds), rather than refused forever. A batch admitted here and then
-        refused by a later check (a full exporter queue) keeps its charge: the client's retry pays
-        again."""
+        refused by a later check (a full exporter queue) is given its charge back (:meth:`release`),
+        so the client's retry pays once."""
         tenant = self.request_tenant(batch)
         if tenant is None or not self._limited(tenant):
             return None
@@ -427,7 +430,29 @@ class TenantProcessor:
             requests.tokens -= 1
         for key in new:
             state.series[key] = now
+        charged = n if bucket is not None else 0
+        self._reserved = (batch, tenant, charged, requests is not None, new)
         return None
+
+    def release(self, batch: Batch) -> None:
+        """A later check refused ``batch`` after :meth:`refusal` admitted it: its points, its request
+        and the series it made active are given back, so the client's resend is not charged twice.
+        The fan-out asks every check and releases in one synchronous pass, so the batch is the one
+        admitted last."""
+        reserved, self._reserved = self._reserved, None
+        if reserved is None or reserved[0] is not batch:
+            return
+        _, tenant, points, request, new = reserved
+        state = self._states.get(tenant)
+        if state is None:
+            return
+        if state.bucket is not None and points:
+            state.bucket.tokens = min(state.bucket.burst, state.bucket.tokens + points)
+            state.prepaid = max(0, state.prepaid - points)
+        if request and state.requests is not None:
+            state.requests.tokens = min(state.requests.burst, state.requests.tokens + 1)
+        for key in new:
+            state.series.pop(key, None)
 
     def _new_series(
         self, tenant: str, state: _TenantState, batch: MetricBatch, now: float, new: list[tuple[str, Labels]]

@@ -4,11 +4,13 @@ afterwards; data whose tenant only the points name (StatsD) is still counted as 
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
-from agent.component import Admission, ComponentKind, validate_config
+from agent.component import Admission, Backpressure, ComponentKind, validate_config
 from agent.model import Kind, MetricBatch, Point, SpanBatch
 from agent.quota import QuotaExceeded
+from agent.service import Fanout
 from agent.telemetry import Telemetry
 from processors.tenant import QuotaConfig, TenantConfig, TenantProcessor
 from tests.conftest import Sink, component_settings
@@ -196,3 +198,39 @@ async def test_the_check_is_registered_only_with_a_quota_and_removed_on_shutdown
 def test_requests_per_minute_is_validated() -> None:
     problems = validate_config(TenantConfig(tenant_quotas={"t": QuotaConfig(requests_per_minute=-1)}))
     assert ("tenant_quotas::t::requests_per_minute", "must be 0 (no limit) or positive") in problems
+
+
+async def test_a_batch_a_later_check_refuses_gets_its_charge_back() -> None:
+    """The fan-out asks the tenant's check, then an exporter's (full, on block): the batch is refused
+    whole, and the client's resend is charged once — the request, its points and its new series."""
+    config = TenantConfig(
+        tenant_quotas={
+            "team-a": QuotaConfig(points_per_second=10, burst=10, requests_per_minute=1, max_active_series=5)
+        }
+    )
+    proc, admission, sink, _clock, tel = make(config)
+    full = Admission()
+    full.add(lambda b: Backpressure("queue_full"))
+    first = batch(5, TOKEN)
+    with pytest.raises(Backpressure) as refused:
+        await Fanout([sink], gates=[admission, full]).consume(first)
+    assert refused.value.reason == "queue_full" and sink.batches == []
+    # The resend: one request a minute, 10 points, 5 series — all still there for it.
+    await Fanout([proc], gates=[admission]).consume(first)
+    assert len(sink.points()) == 5
+    assert overflow(tel, "team-a", "points_per_second") == 0
+    again = admission.refusal(batch(1, TOKEN, name="other"))
+    assert isinstance(again, QuotaExceeded) and again.limit == "requests_per_minute"
+
+
+async def test_a_refusal_inside_one_admission_releases_the_checks_before_it() -> None:
+    config = TenantConfig(tenant_quotas={"team-a": QuotaConfig(requests_per_minute=1)})
+    _proc, admission, _sink, _clock, _tel = make(config)
+
+    def memory_limit(b: object) -> Backpressure:
+        return Backpressure("memory_limit")
+
+    admission.add(memory_limit)  # asked after the tenant's check
+    assert isinstance(admission.refusal(batch(1, TOKEN)), Backpressure)
+    admission.remove(memory_limit)
+    assert admission.refusal(batch(1, TOKEN)) is None  # the request given back is there to use
