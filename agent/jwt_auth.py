@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agent.confmodel import Duration, format_duration, short_repr
 from agent.tenancy import tenant_problem
+from agent.watched_file import WatchedFile
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
 """The signing algorithms a token may use."""
@@ -263,53 +263,27 @@ class JwtVerifier:
         self._log = logger
         self._allowed = frozenset(config.algorithms)
         self._secret = config.secret.encode()
-        self._path = config.key_file or config.jwks_file
-        self._keys: tuple[_Key, ...] = ()
-        self._file_state: tuple[int, int, int] | None = None
+        path = config.key_file or config.jwks_file
+        self._file = WatchedFile(path, self._read, "JWT keys", logger) if path else None
         self._options: dict[str, Any] = {"require": list(config.required_claims)}
         self._tenant_path = tuple(config.tenant_claim.split("."))
 
     def load(self) -> None:
         """Read the key file now; raises OSError or ValueError (start fails) when it is unusable."""
-        if self._path:
-            self._reload(initial=True)
+        if self._file is not None:
+            self._file.load()
 
-    def _read(self) -> tuple[_Key, ...]:
+    def _read(self, path: str) -> tuple[_Key, ...]:
         cfg = self.config
         if cfg.key_file:
-            return _key_file_keys(cfg.key_file, cfg.algorithms)
-        return _jwks_file_keys(cfg.jwks_file, cfg.algorithms)
-
-    def _reload(self, initial: bool = False) -> None:
-        """(Re)read the key file when it changed; a broken or missing file keeps the keys we had."""
-        path = self._path
-        try:
-            st = os.stat(path)
-            state: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            if initial:
-                raise
-            state = None
-        if state == self._file_state and not initial:
-            return
-        self._file_state = state  # each change is read (and warned about) once
-        try:
-            if state is None:
-                raise OSError(f"{path} is missing")
-            keys = self._read()
-        except (OSError, ValueError) as exc:
-            if initial:
-                raise
-            self._log.warning("%s; keeping the previous JWT keys", exc)
-            return
-        self._keys = keys
-        if not initial:
-            self._log.info("reloaded %d JWT keys from %s", len(keys), path)
+            return _key_file_keys(path, cfg.algorithms)
+        return _jwks_file_keys(path, cfg.algorithms)
 
     def _key_for(self, alg: str, kid: Any) -> bytes | PublicKey:
         if alg == "HS256":
             return self._secret
-        candidates = [k for k in self._keys if _usable(k, alg)]
+        keys = self._file.value if self._file is not None else None
+        candidates = [k for k in keys or () if _usable(k, alg)]
         if self.config.jwks_file:
             if kid is not None:
                 candidates = [k for k in candidates if k.kid == kid]
@@ -327,8 +301,8 @@ class JwtVerifier:
 
     def verify(self, token: str) -> str:
         """The tenant the token names; raises :class:`JwtRefused` saying what failed."""
-        if self._path:
-            self._reload()
+        if self._file is not None:
+            self._file.refresh()
         try:
             header = jwt.get_unverified_header(token)
         # json raises RecursionError, not ValueError, on deeply nested input: caught here whatever the

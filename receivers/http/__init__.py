@@ -93,7 +93,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -111,6 +110,7 @@ from agent.limits import SeriesLimits
 from agent.model import MetricBatch, Point
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
+from agent.watched_file import WatchedFile
 from receivers.http.events import (
     EventMapper,
     EventMappingConfig,
@@ -280,6 +280,11 @@ def _token_problem(token: Any, tenant: Any) -> tuple[str, str] | None:
     return None
 
 
+def _hashed_tokens(path: str) -> list[tuple[bytes, str]]:
+    """tokens_file's tokens as (SHA-256 digest, tenant): the tokens themselves are not kept."""
+    return [(hashlib.sha256(t.encode()).digest(), tenant) for t, tenant in load_tokens_file(path).items()]
+
+
 def load_tokens_file(path: str) -> dict[str, str]:
     """The token → tenant map in ``path``; raises OSError or ValueError (never quoting a token)."""
     with open(path, encoding="utf-8") as f:
@@ -348,8 +353,11 @@ class HttpReceiver:
         self._static_tokens = [
             (hashlib.sha256(t.token.encode()).digest(), t.tenant) for t in config.auth.tokens
         ]
-        self._file_tokens: list[tuple[bytes, str]] = []
-        self._file_state: tuple[int, int] | None = None
+        self._tokens_file = (
+            WatchedFile(config.auth.tokens_file, _hashed_tokens, "bearer tokens", self._log)
+            if config.auth.tokens_file
+            else None
+        )
         self._jwt = JwtVerifier(config.auth.jwt, self._log) if config.auth.jwt.enabled else None
         self._auth_failures = {
             reason: self.tel.counter(
@@ -369,8 +377,8 @@ class HttpReceiver:
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
-        if cfg.auth.tokens_file:
-            self._reload_tokens_file(initial=True)
+        if self._tokens_file is not None:
+            self._tokens_file.load()
         if self._jwt is not None:
             self._jwt.load()
         ssl_ctx = cfg.tls.server_context()
@@ -411,38 +419,12 @@ class HttpReceiver:
             self._runner = None
 
     # -- auth ----------------------------------------------------------------------------------------
-    def _reload_tokens_file(self, initial: bool = False) -> None:
-        """(Re)read tokens_file when it changed; a broken or missing file keeps the tokens we had."""
-        path = self.config.auth.tokens_file
-        try:
-            st = os.stat(path)
-            state: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            if initial:
-                raise
-            state = None
-        if state == self._file_state and not initial:
-            return
-        self._file_state = state  # each change is read (and warned about) once
-        try:
-            if state is None:
-                raise OSError(f"{path} is missing")
-            tokens = load_tokens_file(path)
-        except (OSError, ValueError) as exc:
-            if initial:
-                raise
-            self._log.warning("%s; keeping the previous bearer tokens", exc)
-            return
-        self._file_tokens = [(hashlib.sha256(t.encode()).digest(), tenant) for t, tenant in tokens.items()]
-        if not initial:
-            self._log.info("reloaded %d bearer tokens from %s", len(tokens), path)
-
     def _authenticate(self, request: web.Request) -> str | None:
         """The tenant of the request's bearer token; None when auth is off. Raises 401 otherwise."""
         if not self.config.auth.enabled:
             return None
-        if self.config.auth.tokens_file:
-            self._reload_tokens_file()
+        if self._tokens_file is not None:
+            self._tokens_file.refresh()
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
@@ -454,7 +436,8 @@ class HttpReceiver:
         # Compare digests, all of them, in constant time: no early exit, no length leak.
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         tenant = None
-        for known, name in self._static_tokens + self._file_tokens:
+        from_file = self._tokens_file.value if self._tokens_file is not None else None
+        for known, name in self._static_tokens + (from_file or []):
             if hmac.compare_digest(known, digest) and tenant is None:
                 tenant = name
         if tenant is None and self._jwt is not None:
