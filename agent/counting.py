@@ -1,9 +1,9 @@
-"""A processor's point counters: incoming, outgoing and dropped by reason, in one place.
+"""A processor's (or connector's) point counters: incoming, outgoing and dropped by reason, in one place.
 
 Every processor reports the same three series (``processor_incoming_points_total``,
-``processor_outgoing_points_total``, ``processor_dropped_points_total{reason}``); a :class:`PointCounts`
-made once in the processor's constructor holds their cells, and the processor adds to them once per
-batch with the batch's size (never per point).
+``processor_outgoing_points_total``, ``processor_dropped_points_total{reason}``; a connector the same
+under ``connector_``); a :class:`PointCounts` made once in the component's constructor holds their
+cells, and the component adds to them once per batch with the batch's size (never per point).
 """
 
 from __future__ import annotations

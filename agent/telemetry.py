@@ -175,11 +175,13 @@ class ComponentTelemetry:
         )
 
     def incoming(self) -> Cell:
+        """``<kind>_incoming_points_total``: what a processor or connector took in."""
         return self.counter(
-            "processor_incoming_points_total", "Points (spans, log records) a processor took."
+            f"{self.kind}_incoming_points_total", f"Points (spans, log records) a {self.kind} took."
         )
 
     def outgoing(self) -> Cell:
+        """``<kind>_outgoing_points_total``: what a processor or connector handed on."""
         return self.counter(
-            "processor_outgoing_points_total", "Points (spans, log records) a processor passed on."
+            f"{self.kind}_outgoing_points_total", f"Points (spans, log records) a {self.kind} passed on."
         )
