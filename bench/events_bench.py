@@ -29,8 +29,8 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from agent.confmodel import Decoder
-from receivers.http import HttpConfig
-from receivers.http.events import EventMapper, EventRouteConfig, RouteParser
+from receivers.http import HttpConfig, event_mappers
+from receivers.http.events import EventRouteConfig, RouteParser
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_EVENTS_PER_S = 100_000
@@ -43,18 +43,7 @@ def parser(max_items: int) -> RouteParser:
     events = {k: v for k, v in raw["receivers"]["http/events"].items() if k != "auth"}  # no token to check
     config = decoder.decode(HttpConfig, {**events, "max_items": max_items}, ())
     assert not decoder.errors and not config.validate(), (decoder.errors, config.validate())
-    mappers = {
-        name: EventMapper(
-            mapping,
-            max_timestamp_age_s=config.max_timestamp_age,
-            max_timestamp_ahead_s=config.max_timestamp_ahead,
-            max_buckets=config.max_buckets,
-            max_scale=config.max_scale,
-            limits=config.limits,
-        )
-        for name, mapping in config.mappings.items()
-    }
-    return RouteParser(EventRouteConfig(path="/bench", mapping="commands"), mappers, max_items)
+    return RouteParser(EventRouteConfig(path="/bench", mapping="commands"), event_mappers(config), max_items)
 
 
 def bodies(batch: int, n: int, seed: int = 1) -> list[bytes]:

@@ -280,6 +280,22 @@ def _token_problem(token: Any, tenant: Any) -> tuple[str, str] | None:
     return None
 
 
+def event_mappers(config: HttpConfig) -> dict[str, EventMapper]:
+    """The receiver's event mappers by mapping name, with its timestamp bounds, histogram shape and
+    series limits."""
+    return {
+        name: EventMapper(
+            mapping,
+            max_timestamp_age_s=config.max_timestamp_age,
+            max_timestamp_ahead_s=config.max_timestamp_ahead,
+            max_buckets=config.max_buckets,
+            max_scale=config.max_scale,
+            limits=config.limits,
+        )
+        for name, mapping in config.mappings.items()
+    }
+
+
 def _hashed_tokens(path: str) -> list[tuple[bytes, str]]:
     """tokens_file's tokens as (SHA-256 digest, tenant): the tokens themselves are not kept."""
     return [(hashlib.sha256(t.encode()).digest(), tenant) for t, tenant in load_tokens_file(path).items()]
@@ -316,17 +332,7 @@ class HttpReceiver:
             max_scale=config.max_scale,
             limits=config.limits,
         )
-        mappers = {
-            name: EventMapper(
-                mapping,
-                max_timestamp_age_s=config.max_timestamp_age,
-                max_timestamp_ahead_s=config.max_timestamp_ahead,
-                max_buckets=config.max_buckets,
-                max_scale=config.max_scale,
-                limits=config.limits,
-            )
-            for name, mapping in config.mappings.items()
-        }
+        mappers = event_mappers(config)
         self._routes: dict[str, ItemParser | RouteParser] = {
             route.path: (
                 ItemParser(
