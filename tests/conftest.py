@@ -14,14 +14,13 @@ those overrides go.
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import inspect
 import logging
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -31,6 +30,7 @@ import pytest
 from agent.component import Backpressure, ComponentId, ComponentKind, Factory, Settings
 from agent.config import AgentConfig, build_config
 from agent.model import Batch, MetricBatch, Point
+from agent.registry import builtin_factories
 from agent.service import Agent
 from agent.telemetry import ComponentTelemetry, Telemetry
 
@@ -304,16 +304,17 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-class AgentGraph(abc.ABC):
-    """Agents built from ``yaml``-shaped data with a test's own component types (``factories``), the
-    agent's own telemetry endpoint off; :meth:`close` stops every agent started."""
+class AgentGraph:
+    """Agents built from ``yaml``-shaped data with the built-in component types, or a test's own
+    (override ``factories``), the agent's own telemetry endpoint off; :meth:`close` stops every agent
+    started. The ``agents`` fixture gives one with the built-in types and closes it."""
 
     def __init__(self) -> None:
         self.agents: list[Agent] = []
 
-    @abc.abstractmethod
     def factories(self) -> Mapping[tuple[ComponentKind, str], Factory]:
-        """The test's own component types, over the built-in ones."""
+        """The component types the agents are built with: the built-in ones unless overridden."""
+        return builtin_factories()
 
     def config(self, data: dict[str, Any]) -> AgentConfig:
         data = {**data, "service": {**data["service"], "telemetry": {"endpoint": ""}}}
@@ -328,3 +329,11 @@ class AgentGraph(abc.ABC):
     async def close(self) -> None:
         for agent in self.agents:
             await agent.stop()
+
+
+@pytest.fixture
+async def agents() -> AsyncIterator[AgentGraph]:
+    """Agents with the built-in component types, stopped after the test."""
+    graph = AgentGraph()
+    yield graph
+    await graph.close()

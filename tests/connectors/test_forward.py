@@ -5,12 +5,10 @@ and is scraped from the real ``prometheus`` exporter over HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-
 import aiohttp
 import pytest
 
-from agent.component import Backpressure, ComponentKind, Factory, Signal
+from agent.component import Backpressure, ComponentKind, Signal
 from agent.model import Kind, LogBatch, MetricBatch, Point, SpanBatch
 from agent.registry import builtin_factories
 from agent.telemetry import Telemetry
@@ -66,19 +64,7 @@ async def test_a_refusal_downstream_reaches_the_caller_and_counts_nothing() -> N
     assert tel.value("connector_outgoing_points_total", connector="forward") == 1
 
 
-class Builtins(AgentGraph):
-    def factories(self) -> Mapping[tuple[ComponentKind, str], Factory]:
-        return builtin_factories()
-
-
-@pytest.fixture
-async def agents() -> AsyncIterator[Builtins]:
-    graph = Builtins()
-    yield graph
-    await graph.close()
-
-
-async def test_json_posted_to_http_crosses_forward_and_is_scraped_from_prometheus(agents: Builtins) -> None:
+async def test_json_posted_to_http_crosses_forward_and_is_scraped_from_prometheus(agents: AgentGraph) -> None:
     http_port, prom_port = free_port(), free_port()
     await agents.start(
         {

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -18,7 +17,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1 import logs_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.component import Backpressure, ComponentKind, Factory, Signal, validate_config
+from agent.component import Backpressure, ComponentKind, Signal, validate_config
 from agent.confmodel import Decoder
 from agent.model import Kind, LogBatch
 from agent.registry import builtin_factories
@@ -216,19 +215,7 @@ def test_config_problems_name_their_paths() -> None:
     assert dict(validate_config(decode({"rules": []})))["rules"].startswith("a logmetrics")
 
 
-class Builtins(AgentGraph):
-    def factories(self) -> Mapping[tuple[ComponentKind, str], Factory]:
-        return builtin_factories()
-
-
-@pytest.fixture
-async def agents() -> AsyncIterator[Builtins]:
-    graph = Builtins()
-    yield graph
-    await graph.close()
-
-
-async def test_sdk_logs_cross_logmetrics_and_are_scraped_from_prometheus(agents: Builtins) -> None:
+async def test_sdk_logs_cross_logmetrics_and_are_scraped_from_prometheus(agents: AgentGraph) -> None:
     from opentelemetry._logs import LogRecord, SeverityNumber
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
     from opentelemetry.sdk._logs import LoggerProvider

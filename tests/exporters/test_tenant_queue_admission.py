@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -21,10 +21,9 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
 
-from agent.component import Backpressure, ComponentKind, Factory
+from agent.component import Backpressure, ComponentKind
 from agent.confmodel import Duration
 from agent.model import Kind, MetricBatch, Point
-from agent.registry import builtin_factories
 from agent.sending import QueueConfig, RetryConfig
 from agent.telemetry import Telemetry
 from exporters.otlp.config import OtlpHttpConfig, OtlpTenantRoutingConfig
@@ -85,14 +84,9 @@ async def backend() -> AsyncIterator[Backend]:
     await runner.cleanup()
 
 
-class Graph(AgentGraph):
-    def factories(self) -> Mapping[tuple[ComponentKind, str], Factory]:
-        return builtin_factories()
-
-
 @pytest.fixture
-async def graph() -> AsyncIterator[Graph]:
-    built = Graph()
+async def graph() -> AsyncIterator[AgentGraph]:
+    built = AgentGraph()
     yield built
     await built.close()
 
@@ -121,7 +115,7 @@ def items(points: list[tuple[str, str]]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("kind", ["otlp_http", "prometheus_remote_write"])
 async def test_a_batch_is_refused_whole_when_one_of_its_tenants_queues_is_full(
-    kind: str, backend: Backend, graph: Graph
+    kind: str, backend: Backend, graph: AgentGraph
 ) -> None:
     port = free_port()
     await graph.start(

@@ -17,11 +17,10 @@ import jwt
 import pytest
 import yaml
 
-from agent.component import ComponentKind, Factory, Signal
+from agent.component import ComponentKind, Signal
 from agent.confmodel import Decoder, Size
 from agent.limits import SeriesLimits
 from agent.model import Kind, Point, Temporality
-from agent.registry import builtin_factories
 from agent.telemetry import Telemetry
 from receivers.http import HttpConfig, HttpReceiver
 from receivers.http.events import EventMapper, EventMappingConfig
@@ -485,11 +484,6 @@ def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
         server.stop()
 
 
-class Graph(AgentGraph):
-    def factories(self) -> dict[tuple[ComponentKind, str], Factory]:
-        return dict(builtin_factories())
-
-
 async def prom_query(session: aiohttp.ClientSession, server: PrometheusServer, expr: str) -> list[Any]:
     async with session.get(f"{server.url}/api/v1/query", params={"query": expr}) as resp:
         data = await resp.json()
@@ -501,7 +495,7 @@ async def test_command_events_reach_prometheus_as_counts_and_a_latency_histogram
     prometheus: PrometheusServer,
 ) -> None:
     data, metrics_port, port = example(prometheus.write_url)
-    graph = Graph()
+    graph = AgentGraph()
     try:
         await graph.start(data)
         durations_ms = [100 * (i % 20 + 1) for i in range(200)]  # 0.1 s to 2 s, median 1.0-1.1 s
@@ -570,7 +564,7 @@ async def test_command_events_reach_prometheus_as_counts_and_a_latency_histogram
 async def test_an_organization_over_1000_requests_a_minute_is_answered_429_with_rate_limit_headers() -> None:
     # The example as written; remote-write goes nowhere (the queue holds what it cannot send).
     data, _, port = example(f"http://127.0.0.1:{free_port()}/api/v1/write")
-    graph = Graph()
+    graph = AgentGraph()
     try:
         await graph.start(data)
         url = f"http://127.0.0.1:{port}/api/metrics/agents"
