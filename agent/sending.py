@@ -319,9 +319,7 @@ class Sender:
             self._offer_disk(self._part, request)
             return
         policy = self._queue_cfg.full_policy
-        if len(self._items) >= self._queue_cfg.queue_size and not (
-            policy == "block" and admitted()
-        ):
+        if len(self._items) >= self._queue_cfg.queue_size and not (policy == "block" and admitted()):
             if policy == "block":
                 raise Backpressure("queue_full")
             if policy == "drop_newest":
