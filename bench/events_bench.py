@@ -29,8 +29,8 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from agent.confmodel import Decoder
+from agent.json_events import EventRouteConfig, RouteParser
 from receivers.http import HttpConfig, event_mappers
-from receivers.http.events import EventRouteConfig, RouteParser
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_EVENTS_PER_S = 100_000

@@ -1,5 +1,5 @@
 """``logmetrics``: OTLP log records become metrics through the same event mappings as the ``http``
-receiver's routes (:mod:`receivers.http.events`), like Vector's ``log_to_metric`` and the Collector's
+receiver's routes (:mod:`agent.json_events`), like Vector's ``log_to_metric`` and the Collector's
 ``count`` / ``signaltometrics`` connectors.
 
 ::
@@ -50,10 +50,10 @@ from typing import Any
 from agent import exphist
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
+from agent.json_events import EventMapper, EventMappingConfig, EventMetricConfig
 from agent.limits import SeriesLimits
 from agent.model import Batch, Labels, LogBatch, MetricBatch, Point, Resource, new_point
 from connectors import ConnectorCounts
-from receivers.http.events import EventMapper, EventMappingConfig, EventMetricConfig
 
 TYPE = "logmetrics"
 

@@ -3,7 +3,7 @@
 Request: ``Content-Type: application/json`` (a ``charset`` parameter may only say utf-8), optionally
 ``Content-Encoding: gzip`` or ``zstd``; ``Authorization: Bearer <token>`` when tokens are configured.
 The body is one metric object or a list of up to ``max_items`` of them; the field rules, the
-timestamp rule and the item reason codes are in ``receivers/http/items.py``. Every item stands alone:
+timestamp rule and the item reason codes are in ``agent/json_items.py``. Every item stands alone:
 a bad item is refused with its index and a reason, and the others still go through. Configuration::
 
     receivers:
@@ -35,7 +35,7 @@ Routes
 ``routes`` and ``mappings`` serve more POST paths: events turned into metrics by a mapping (one event,
 a list, or named arrays in an envelope), or metric objects with ``metadata`` (``format: metrics``, the
 ready-made ``POST /metrics`` of in-house metric services); their answers add ``"status"``
-(``success``, ``partial``, ``error``). The rules are in ``receivers/http/events.py``.
+(``success``, ``partial``, ``error``). The rules are in ``agent/json_events.py``.
 
 Responses
 ---------
@@ -105,13 +105,7 @@ from aiohttp import web
 from agent import bodies, exphist, netguard, quota
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration, Size, parse_host_port
-from agent.jwt_auth import FAILURE_REASONS, JwtConfig, JwtRefused, JwtVerifier
-from agent.limits import SeriesLimits
-from agent.model import MetricBatch, Point
-from agent.netcheck import bind_problem
-from agent.tls import ServerTLSConfig
-from agent.watched_file import WatchedFile
-from receivers.http.events import (
+from agent.json_events import (
     EventMapper,
     EventMappingConfig,
     EventRouteConfig,
@@ -120,7 +114,13 @@ from receivers.http.events import (
     route_problems,
     status_of,
 )
-from receivers.http.items import ITEM_REASONS, ItemParser, Parsed, Refusal, decode_body, quote
+from agent.json_items import ITEM_REASONS, ItemParser, Parsed, Refusal, decode_body, quote
+from agent.jwt_auth import FAILURE_REASONS, JwtConfig, JwtRefused, JwtVerifier
+from agent.limits import SeriesLimits
+from agent.model import MetricBatch, Point
+from agent.netcheck import bind_problem
+from agent.tls import ServerTLSConfig
+from agent.watched_file import WatchedFile
 
 TYPE = "http"
 

@@ -1,4 +1,4 @@
-"""The JSON HTTP receiver, driven over real HTTP with aiohttp's client (rules: receivers/http/items.py)."""
+"""The JSON HTTP receiver, driven over real HTTP with aiohttp's client (rules: agent/json_items.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from agent import exphist
 from agent.component import ComponentKind, Signal
 from agent.config import expand_values, load_yaml
 from agent.confmodel import Decoder
+from agent.json_items import ITEM_REASONS
 from agent.model import Kind, Temporality
 from agent.telemetry import Telemetry
 from receivers.http import (
@@ -39,7 +40,6 @@ from receivers.http import (
     HttpTokenConfig,
     factory,
 )
-from receivers.http.items import ITEM_REASONS
 from tests.conftest import Sink, component_settings
 
 JSON = {"Content-Type": "application/json"}

@@ -1,4 +1,4 @@
-"""Events to metrics at the ``http`` receiver (receivers/http/events.py): the routes and mappings of
+"""Events to metrics at the ``http`` receiver (agent/json_events.py): the routes and mappings of
 examples/events-commands-agents.yaml driven with aiohttp posting the JSON shapes of issue 13, the
 points checked in a Sink, and once end to end into a real Prometheus over remote-write."""
 
@@ -19,12 +19,12 @@ import yaml
 
 from agent.component import ComponentKind, Signal
 from agent.confmodel import Decoder, Size
+from agent.json_events import EventMapper, EventMappingConfig
+from agent.json_items import _timestamp_ns
 from agent.limits import SeriesLimits
 from agent.model import Kind, Point, Temporality
 from agent.telemetry import Telemetry
 from receivers.http import HttpConfig, HttpReceiver
-from receivers.http.events import EventMapper, EventMappingConfig
-from receivers.http.items import _timestamp_ns
 from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
 from tests.integration.conftest import PrometheusServer, launch_prometheus
 

@@ -1,4 +1,5 @@
-"""The JSON item rules of the ``http`` receiver: from a request body to points, one refusal per bad item.
+"""The JSON item rules of the ``http`` receiver: from a request body to points, one refusal per bad item
+(in agent/ with :mod:`agent.json_events`, which the ``logmetrics`` connector shares).
 
 The body is one metric object or a list of them::
 
@@ -35,7 +36,7 @@ epoch **seconds** below 1e11 and epoch **milliseconds** from 1e11 up (1e11 secon
 time the request arrived is used.
 
 ``unit``: ASCII, at most 63 characters (UCUM: ``s``, ``By``, ``1``). ``description``: at most 1,023
-characters. ``metadata`` (only on a route with ``format: metrics``, ``receivers/http/events.py``): an
+characters. ``metadata`` (only on a route with ``format: metrics``, ``agent/json_events.py``): an
 object whose keys listed in the route's ``metadata_labels`` become labels (a tag of the same name
 wins), the others accepted and dropped. ``null`` for any optional field means absent; any other
 field is refused. Strings must be

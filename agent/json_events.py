@@ -1,4 +1,5 @@
-"""Events to metrics: the ``routes`` and ``mappings`` of the ``http`` receiver.
+"""Events to metrics: the ``routes`` and ``mappings`` of the ``http`` receiver, and the mapping the
+``logmetrics`` connector applies to log records (here in agent/ because both use it).
 
 Apps that already post JSON events (one per request, a list, or named arrays in an envelope) get
 counters, gauges and histograms out of them without changing the client. A **mapping** says which
@@ -60,7 +61,7 @@ Routes
 named arrays, each through its own mapping (``{"command_executions": [...], "agent_interactions":
 [...]}``); an array not named in the envelope refuses the request (``unknown_field``), one that is
 absent is fine. ``format: metrics``: the body is metric objects in the ``/v1/metrics`` shape
-(``receivers/http/items.py``; ``name`` or ``metric_name``, ``value``, ``tags``...) plus an optional
+(``agent/json_items.py``; ``name`` or ``metric_name``, ``value``, ``tags``...) plus an optional
 ``metadata`` object whose keys become labels only where listed in ``metadata_labels``.
 
 Every event stands alone: a bad one is refused with its ``index`` (and its ``array`` in an envelope),
@@ -89,9 +90,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agent import exphist
-from agent.limits import LABEL_VALUE_TOO_LONG, SERIES_TOO_LARGE, SeriesLimits, find_control
-from agent.model import Kind, Labels, Point, Temporality
-from receivers.http.items import (
+from agent.json_items import (
     MAX_DESCRIPTION_CHARS,
     MAX_UNIT_CHARS,
     Parsed,
@@ -103,6 +102,8 @@ from receivers.http.items import (
     decode_body,
     quote,
 )
+from agent.limits import LABEL_VALUE_TOO_LONG, SERIES_TOO_LARGE, SeriesLimits, find_control
+from agent.model import Kind, Labels, Point, Temporality
 
 TIME_UNITS_S = {
     "ns": 1e-9,
