@@ -39,7 +39,6 @@ resource attributes listed in ``resource_attributes``.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import time
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import exphist
+from agent.anyvalue import json_value
 from agent.component import ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
 from agent.json_events import EventMapper, EventMappingConfig, EventMetricConfig
@@ -117,30 +117,6 @@ class LogMetricsConfig:
         return problems
 
 
-def native(v: Any) -> Any:
-    """An OTLP ``AnyValue`` as JSON's kinds: str, int, float, bool, dict (kvlist), list, or None (empty);
-    bytes as base64 text."""
-    which = v.WhichOneof("value")
-    if which == "string_value":
-        return v.string_value
-    if which == "int_value":
-        return v.int_value
-    if which == "double_value":
-        return v.double_value
-    if which == "bool_value":
-        return v.bool_value
-    if which == "kvlist_value":
-        out: dict[str, Any] = {}
-        for kv in v.kvlist_value.values:
-            put(out, kv.key, native(kv.value))
-        return out
-    if which == "array_value":
-        return [native(x) for x in v.array_value.values]
-    if which == "bytes_value":
-        return base64.b64encode(v.bytes_value).decode("ascii")
-    return None
-
-
 def put(event: dict[str, Any], key: str, value: Any) -> None:
     """Set ``key`` in ``event``, also as a nested path when it is dotted (``http.route`` → ``http`` →
     ``route``), so mapping paths find it; a dotted key whose first part holds a non-map stays flat."""
@@ -165,7 +141,7 @@ def record_event(record: Any, resource: dict[str, Any]) -> dict[str, Any]:
     body = record.body
     which = body.WhichOneof("value")
     if which == "kvlist_value":
-        found = native(body)
+        found = json_value(body)
         for key, value in found.items():
             put(event, key, value)
     elif which == "string_value" and body.string_value.lstrip().startswith("{"):
@@ -177,7 +153,7 @@ def record_event(record: Any, resource: dict[str, Any]) -> dict[str, Any]:
             for key, value in decoded.items():
                 put(event, key, value)
     for kv in record.attributes:  # attributes win over the body's fields
-        put(event, kv.key, native(kv.value))
+        put(event, kv.key, json_value(kv.value))
     if record.severity_text:
         event.setdefault("severity_text", record.severity_text)
     if record.severity_number:
@@ -245,7 +221,7 @@ class LogMetrics:
         points: list[Point] = []
         refused: Counter[str] = Counter()
         for rl in batch.resource_logs:
-            attrs = [(kv.key, native(kv.value)) for kv in rl.resource.attributes]
+            attrs = [(kv.key, json_value(kv.value)) for kv in rl.resource.attributes]
             resource_fields: dict[str, Any] = {}
             for key, value in attrs:
                 put(resource_fields, key, value)

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent import exphist
+from agent.anyvalue import render_value
 from agent.exphist import ExpHistogram
 from agent.model import (
     ExplicitHistogram,
@@ -41,7 +42,6 @@ from agent.model import (
     new_point,
     series_key,
 )
-from receivers.otlp.convert import render_value
 
 SPAN_KINDS = (
     "SPAN_KIND_UNSPECIFIED",

@@ -97,7 +97,6 @@ checking path for each point. Points are built without the frozen dataclass ``__
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -112,6 +111,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 
+from agent.anyvalue import render_value
 from agent.exphist import MAX_SCALE, MIN_SCALE, ExpHistogram
 from agent.limits import (
     CONTROL_CHARACTER,
@@ -234,52 +234,6 @@ ShadowMetricsRequest: Any = _shadow_classes()["request"]
 
 
 # -- attributes ---------------------------------------------------------------------------------------
-def _format_double(v: float) -> str:
-    if v != v:
-        return "NaN"
-    if v in (math.inf, -math.inf):
-        return "+Inf" if v > 0 else "-Inf"
-    return str(np.format_float_positional(v, trim="-"))
-
-
-def _json_value(v: common_pb2.AnyValue) -> Any:
-    which = v.WhichOneof("value")
-    if which == "string_value":
-        return v.string_value
-    if which == "bool_value":
-        return v.bool_value
-    if which in ("int_value", "string_value_strindex"):
-        return getattr(v, which)
-    if which == "double_value":
-        d = v.double_value
-        return d if math.isfinite(d) else _format_double(d)
-    if which == "bytes_value":
-        return base64.b64encode(v.bytes_value).decode("ascii")
-    if which == "array_value":
-        return [_json_value(x) for x in v.array_value.values]
-    if which == "kvlist_value":
-        return {kv.key: _json_value(kv.value) for kv in v.kvlist_value.values}
-    return None
-
-
-def render_value(v: common_pb2.AnyValue) -> str:
-    """An attribute value as label text (rules in the module docs)."""
-    which = v.WhichOneof("value")
-    if which == "string_value":
-        return v.string_value
-    if which == "bool_value":
-        return "true" if v.bool_value else "false"
-    if which in ("int_value", "string_value_strindex"):
-        return str(getattr(v, which))
-    if which == "double_value":
-        return _format_double(v.double_value)
-    if which == "bytes_value":
-        return base64.b64encode(v.bytes_value).decode("ascii")
-    if which in ("array_value", "kvlist_value"):
-        return json.dumps(_json_value(v), separators=(",", ":"), ensure_ascii=False, sort_keys=True)
-    return ""
-
-
 _SCALARS: dict[str | None, Callable[[str], str]] = {
     "int_value": IntValue,
     "double_value": DoubleValue,
