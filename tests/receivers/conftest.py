@@ -1,10 +1,13 @@
 """The receiver tests run under the loop-block guard (tests/conftest.py); ``make`` builds StatsD
-receivers on real sockets, each with a shared :class:`tests.conftest.Sink`."""
+receivers on real sockets, each with a shared :class:`tests.conftest.Sink`; ``running`` starts the
+receivers an HTTP or gRPC test builds, each with its client's session, and stops them after."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import aiohttp
 import pytest
 
 from agent.component import ComponentKind, Signal
@@ -40,3 +43,30 @@ async def make() -> AsyncIterator[Make]:
     yield build
     for r in made:
         await r.shutdown()
+
+
+class Running:
+    """Receivers a test started, each with the aiohttp session its client posts with; both are closed
+    after the test (also when a start failed)."""
+
+    def __init__(self) -> None:
+        self._started: list[tuple[Any, aiohttp.ClientSession]] = []
+
+    async def start(self, receiver: Any) -> aiohttp.ClientSession:
+        """Start ``receiver``; returns a client session for it."""
+        session = aiohttp.ClientSession()
+        self._started.append((receiver, session))
+        await receiver.start()
+        return session
+
+    async def close(self) -> None:
+        for receiver, session in self._started:
+            await session.close()
+            await receiver.shutdown()
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Running]:
+    started = Running()
+    yield started
+    await started.close()

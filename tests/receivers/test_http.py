@@ -41,6 +41,7 @@ from receivers.http import (
     factory,
 )
 from tests.conftest import Sink, component_settings
+from tests.receivers.conftest import Running
 
 JSON = {"Content-Type": "application/json"}
 
@@ -72,8 +73,7 @@ Make = Callable[..., Awaitable[Harness]]
 
 
 @pytest.fixture
-async def make() -> AsyncIterator[Make]:
-    made: list[Harness] = []
+async def make(running: Running) -> AsyncIterator[Make]:
 
     async def build(**cfg: Any) -> Harness:
         config = HttpConfig(**{"endpoint": "127.0.0.1:0", **cfg})
@@ -85,15 +85,9 @@ async def make() -> AsyncIterator[Make]:
             tel, ComponentKind.RECEIVER, "http", ready=lambda: ready_calls.append(1)
         )
         receiver = HttpReceiver(settings, config, {Signal.METRICS: sink})
-        harness = Harness(receiver, sink, tel, aiohttp.ClientSession(), ready_calls)
-        made.append(harness)
-        await receiver.start()
-        return harness
+        return Harness(receiver, sink, tel, await running.start(receiver), ready_calls)
 
     yield build
-    for h in made:
-        await h.session.close()
-        await h.receiver.shutdown()
 
 
 def now_s() -> float:

@@ -27,6 +27,7 @@ from agent.telemetry import Telemetry
 from receivers.http import HttpConfig, HttpReceiver
 from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
 from tests.integration.conftest import PrometheusServer, launch_prometheus
+from tests.receivers.conftest import Running
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "events-commands-agents.yaml"
@@ -106,8 +107,7 @@ Make = Callable[..., Awaitable[Harness]]
 
 
 @pytest.fixture
-async def make() -> AsyncIterator[Make]:
-    made: list[Harness] = []
+async def make(running: Running) -> AsyncIterator[Make]:
 
     async def build(raw: dict[str, Any] | None = None) -> Harness:
         config = decode({**(raw if raw is not None else example_http()), "endpoint": "127.0.0.1:0"})
@@ -115,15 +115,9 @@ async def make() -> AsyncIterator[Make]:
         sink = Sink()
         settings = component_settings(tel, ComponentKind.RECEIVER, "http")
         receiver = HttpReceiver(settings, config, {Signal.METRICS: sink})
-        harness = Harness(receiver, sink, tel, aiohttp.ClientSession())
-        made.append(harness)
-        await receiver.start()
-        return harness
+        return Harness(receiver, sink, tel, await running.start(receiver))
 
     yield build
-    for h in made:
-        await h.session.close()
-        await h.receiver.shutdown()
 
 
 def command(

@@ -21,6 +21,7 @@ from agent.telemetry import Telemetry
 from receivers.http import HttpAuthConfig, HttpConfig, HttpReceiver, HttpTokenConfig
 from tests.agent.test_jwt_auth import SECRET, claims, ec_key, hs256, rsa_key, write_jwks
 from tests.conftest import Sink, component_settings
+from tests.receivers.conftest import Running
 
 POINT = {"name": "requests", "value": 1}
 
@@ -51,8 +52,7 @@ Make = Callable[..., Awaitable[Harness]]
 
 
 @pytest.fixture
-async def make() -> AsyncIterator[Make]:
-    made: list[Harness] = []
+async def make(running: Running) -> AsyncIterator[Make]:
 
     async def build(auth: HttpAuthConfig) -> Harness:
         config = HttpConfig(endpoint="127.0.0.1:0", auth=auth)
@@ -62,15 +62,9 @@ async def make() -> AsyncIterator[Make]:
         receiver = HttpReceiver(
             component_settings(tel, ComponentKind.RECEIVER, "http"), config, {Signal.METRICS: sink}
         )
-        harness = Harness(receiver, sink, tel, aiohttp.ClientSession())
-        made.append(harness)
-        await receiver.start()
-        return harness
+        return Harness(receiver, sink, tel, await running.start(receiver))
 
     yield build
-    for h in made:
-        await h.session.close()
-        await h.receiver.shutdown()
 
 
 def hs_auth(**jwt_cfg: Any) -> HttpAuthConfig:

@@ -37,6 +37,7 @@ from agent.model import Kind, LogBatch, SpanBatch, Temporality
 from agent.telemetry import Telemetry
 from receivers.otlp import FACTORY, OtlpConfig, OtlpReceiver, OtlpTLSConfig, factory
 from tests.conftest import Sink, component_settings
+from tests.receivers.conftest import Running
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
@@ -74,8 +75,7 @@ Make = Callable[..., Awaitable[Harness]]
 
 
 @pytest.fixture
-async def make() -> AsyncIterator[Make]:
-    made: list[Harness] = []
+async def make(running: Running) -> AsyncIterator[Make]:
 
     async def build(signals: tuple[Signal, ...] = ALL, **cfg: Any) -> Harness:
         config = OtlpConfig(**{"grpc": "127.0.0.1:0", "http": "127.0.0.1:0", **cfg})
@@ -84,15 +84,9 @@ async def make() -> AsyncIterator[Make]:
         sink = Sink()
         settings = component_settings(tel, ComponentKind.RECEIVER, "otlp")
         receiver = factory.create(settings, config, {s: sink for s in signals})
-        harness = Harness(receiver, sink, tel, aiohttp.ClientSession())
-        made.append(harness)
-        await receiver.start()
-        return harness
+        return Harness(receiver, sink, tel, await running.start(receiver))
 
     yield build
-    for h in made:
-        await h.session.close()
-        await h.receiver.shutdown()
 
 
 def of(sink: Sink, kind: type[T]) -> list[T]:

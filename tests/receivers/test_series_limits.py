@@ -45,6 +45,7 @@ from receivers.otlp import factory as otlp_factory
 from receivers.otlp.convert import POINT_REASONS, ShadowMetricsRequest
 from tests.conftest import Sink, component_settings, free_port, wait_until
 from tests.exporters.otlp_sink import Sink as OtlpSink
+from tests.receivers.conftest import Running
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
@@ -107,8 +108,7 @@ def exporter_settings(tel: Telemetry, name: str) -> Settings:
 
 
 @pytest.fixture
-async def make() -> AsyncIterator[Make]:
-    made: list[Harness] = []
+async def make(running: Running) -> AsyncIterator[Make]:
 
     async def build(kind: str = "otlp", downstream: tuple[Any, ...] = (), **cfg: Any) -> Harness:
         config: Any
@@ -123,15 +123,9 @@ async def make() -> AsyncIterator[Make]:
         sink = ForwardingSink(*downstream)
         settings = component_settings(tel, ComponentKind.RECEIVER, kind)
         receiver = factory.create(settings, config, {s: sink for s in signals})
-        harness = Harness(receiver, sink, tel, aiohttp.ClientSession())
-        made.append(harness)
-        await receiver.start()
-        return harness
+        return Harness(receiver, sink, tel, await running.start(receiver))
 
     yield build
-    for h in made:
-        await h.session.close()
-        await h.receiver.shutdown()
 
 
 def kv(key: str, value: str) -> KeyValue:
