@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import ssl
-import subprocess
 import sys
 import time
 import zlib
@@ -40,7 +39,7 @@ from receivers.http import (
     HttpTokenConfig,
     factory,
 )
-from tests.conftest import Sink, component_settings
+from tests.conftest import Certs, Sink, component_settings
 from tests.receivers.conftest import Running
 
 JSON = {"Content-Type": "application/json"}
@@ -682,31 +681,8 @@ async def test_ready_once_and_shutdown_idempotent_and_safe_before_start(make: Ma
     await never_started.shutdown()
 
 
-def _make_certs(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
-    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
-    key, csr, crt, ext = tmp_path / "s.key", tmp_path / "s.csr", tmp_path / "s.crt", tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-
-    def run(*args: object) -> None:
-        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-    run(
-        *f"req -x509 -newkey rsa:2048 -nodes -keyout {ca_key} -out {ca_crt} -days 2".split(),
-        "-subj",
-        "/CN=ca",
-    )
-    run(*f"req -newkey rsa:2048 -nodes -keyout {key} -out {csr} -subj /CN=127.0.0.1".split())
-    run(
-        *f"x509 -req -in {csr} -CA {ca_crt} -CAkey {ca_key} -CAcreateserial -out {crt} -days 2".split(),
-        "-extfile",
-        ext,
-    )
-    return ca_crt, crt, key
-
-
-async def test_tls(make: Make, tmp_path: Path) -> None:
-    ca, crt, key = _make_certs(tmp_path)
+async def test_tls(make: Make, tls_certs: Certs) -> None:
+    ca, crt, key = Path(tls_certs.ca), Path(tls_certs.cert), Path(tls_certs.key)
     h = await make(tls=HttpTLSConfig(cert_file=str(crt), key_file=str(key)))
     url = f"https://127.0.0.1:{h.receiver.port}/v1/metrics"
     client_ctx = ssl.create_default_context(cafile=str(ca))

@@ -8,7 +8,6 @@ import gzip
 import json
 import math
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from agent.confmodel import Decoder
 from agent.model import Kind, LogBatch, SpanBatch, Temporality
 from agent.telemetry import Telemetry
 from receivers.otlp import FACTORY, OtlpConfig, OtlpReceiver, OtlpTLSConfig, factory
-from tests.conftest import Sink, component_settings
+from tests.conftest import Certs, Sink, component_settings
 from tests.receivers.conftest import Running
 
 PROTO = {"Content-Type": "application/x-protobuf"}
@@ -664,31 +663,8 @@ async def test_grpc_empty_request_succeeds(make: Make) -> None:
 
 
 # -- TLS, lifecycle, config ---------------------------------------------------------------------------------
-def _make_certs(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
-    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
-    key, csr, crt, ext = tmp_path / "s.key", tmp_path / "s.csr", tmp_path / "s.crt", tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-
-    def run(*args: object) -> None:
-        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-    run(
-        *f"req -x509 -newkey rsa:2048 -nodes -keyout {ca_key} -out {ca_crt} -days 2".split(),
-        "-subj",
-        "/CN=ca",
-    )
-    run(*f"req -newkey rsa:2048 -nodes -keyout {key} -out {csr} -subj /CN=127.0.0.1".split())
-    run(
-        *f"x509 -req -in {csr} -CA {ca_crt} -CAkey {ca_key} -CAcreateserial -out {crt} -days 2".split(),
-        "-extfile",
-        ext,
-    )
-    return ca_crt, crt, key
-
-
-async def test_tls_on_both_endpoints(make: Make, tmp_path: Path) -> None:
-    ca, crt, key = _make_certs(tmp_path)
+async def test_tls_on_both_endpoints(make: Make, tls_certs: Certs) -> None:
+    ca, crt, key = Path(tls_certs.ca), Path(tls_certs.cert), Path(tls_certs.key)
     h = await make(tls=OtlpTLSConfig(cert_file=str(crt), key_file=str(key)))
     url = f"https://127.0.0.1:{h.receiver.http_port}/v1/metrics"
     client_ctx = ssl.create_default_context(cafile=str(ca))
