@@ -36,6 +36,18 @@ Notifications (deduplicated, grouped, rate-limited; a simplified Alertmanager):
   later changes wait until ``group_interval`` has passed since the group's last notification; each
   notification lists the group's firing alerts plus those resolved since the last one.
 - While a group has firing alerts and nothing changes, it is re-sent every ``repeat_interval``.
+- Limits for alerts that trigger work (a retraining job): a rule's ``cooldown`` holds a group's
+  firing notification back until ``cooldown`` after the group's last firing notification, and
+  ``max_per_day`` allows that many firing notifications per group per UTC day (days turn at 00:00 UTC,
+  not a rolling 24 h, so "twice a day" reads as the calendar says). Held, not dropped: when the limit
+  allows, the group is notified if it still fires (one notification, however often it re-fired
+  meanwhile); if everything resolved meanwhile, nothing is sent. Repeats count as firing
+  notifications; resolved-only notifications are never held nor counted (they trigger nothing: use
+  the webhook's ``send_resolved: false`` to keep them from a job API). The hold applies to every
+  receiver of the rule's group. Holds are counted once each:
+  ``headwater_alert_notifications_suppressed_total{processor, rule, reason="cooldown"|"max_per_day"}``;
+  /status lists held groups (``held_notifications``); the counts are part of the saved alert state,
+  so a restart resets neither.
 - Alertmanager additionally gets every firing alert re-sent each ``alertmanager.resend_interval`` with
   endsAt 4 intervals ahead (as Prometheus does), so it never times one out; it groups and dedups itself.
 
@@ -140,6 +152,10 @@ class RuleConfig:
     """Alert annotations; templates with {rule} {metric} {series} {labels[x]} {value} {level} {severity}."""
     summary: str = DEFAULT_SUMMARY
     """The `summary` annotation (and the Slack line) unless annotations set one; same template fields."""
+    cooldown: Duration = Duration(0.0)
+    """A group's next firing notification waits this long after its last (then sent if firing); 0: off."""
+    max_per_day: int = 0
+    """Firing notifications per group per UTC day at most (more wait for the next day); 0: no limit."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -159,6 +175,10 @@ class RuleConfig:
             problems.append(("window", "must be greater than 0"))
         if self.for_duration < 0:
             problems.append(("for", "must not be negative"))
+        if self.cooldown < 0:
+            problems.append(("cooldown", "must not be negative"))
+        if self.max_per_day < 0:
+            problems.append(("max_per_day", "must not be negative (0: no limit)"))
         above = self.op in (">", ">=")
         levels = [v for v in (self.warning, self.critical) if v is not None]
         if self.warning is not None and self.critical is not None:
@@ -495,6 +515,17 @@ class ThresholdProcessor:
             self._log.warning("could not save the alert state: %s", exc)
 
     def _count_ignored(self) -> None:
+        suppressed = self.engine.suppressed
+        if suppressed:
+            tel = self._settings.telemetry
+            for (rule, reason), count in suppressed.items():
+                tel.counter(
+                    "alert_notifications_suppressed_total",
+                    "Firing notifications a rule's cooldown or max_per_day held back, by rule and reason.",
+                    rule=rule,
+                    reason=reason,
+                ).value += count
+            suppressed.clear()
         ignored = self.engine.ignored
         if ignored:
             tel = self._settings.telemetry
@@ -511,6 +542,7 @@ class ThresholdProcessor:
         """For /status: pending and firing alerts, and the receivers' queue sizes."""
         return {
             "alerts": self.engine.active(),
+            "held_notifications": self.engine.held(),
             "notification_queues": {n.name: n.sender.queued for n in self._http},
         }
 

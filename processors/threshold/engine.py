@@ -88,6 +88,8 @@ class Rule:
         self.resolve = config.resolve
         self.latest_only = config.statistic == "last"
         self.extra_labels = {alert_label_name(k): v for k, v in config.labels.items()}
+        self.cooldown_s = float(config.cooldown)
+        self.max_per_day = config.max_per_day
         if config.statistic == "percentile":
             q = config.quantile * 100
             self.describe = f"p{q:g} over {_dur(self.window_s)}"
@@ -211,13 +213,34 @@ class Notification:
 
 
 class _Group:
-    __slots__ = ("due_at", "key", "last_notified", "members")
+    __slots__ = ("due_at", "held", "held_repeat", "key", "last_notified", "members")
 
     def __init__(self, key: tuple[str, tuple[tuple[str, str], ...]]) -> None:
         self.key = key
         self.members: dict[tuple[str, str, Labels], Series] = {}
         self.last_notified: float | None = None
         self.due_at: float | None = None
+        self.held = ""
+        """Why the group's firing notification is held back until ``due_at`` (cooldown, max_per_day)."""
+        self.held_repeat = False
+        """The held notification was a repeat: it is sent as one when released."""
+
+
+class Budget:
+    """A group's firing notifications so far, for its rule's ``cooldown`` and ``max_per_day``. Kept
+    apart from the group, which goes once every alert in it resolved: the limits must outlive that."""
+
+    __slots__ = ("day", "last_firing", "sent_today")
+
+    def __init__(self, last_firing: float, day: int, sent_today: int) -> None:
+        self.last_firing = last_firing
+        self.day = day
+        """The UTC day (days since the epoch) ``sent_today`` counts."""
+        self.sent_today = sent_today
+
+
+def utc_day(t: float) -> int:
+    return int(t // 86400.0)
 
 
 @dataclass(frozen=True)
@@ -244,6 +267,11 @@ class Engine:
         self.ignored: collections.Counter[str] = collections.Counter()
         """Points a rule selected but could not use, by reason (read and reset by the processor)."""
         self.firing_counts: dict[tuple[str, str], int] = {}
+        self._rule_by_name = {r.name: r for r in self.rules}
+        self.budgets: dict[tuple[str, tuple[tuple[str, str], ...]], Budget] = {}
+        """Firing notifications sent per group of a rule with a cooldown or max_per_day."""
+        self.suppressed: collections.Counter[tuple[str, str]] = collections.Counter()
+        """Firing notifications held back, by (rule, reason) (read and reset by the processor)."""
         self.changed = False
         """State changed since the last snapshot (the processor saves it then)."""
 
@@ -464,18 +492,79 @@ class Engine:
 
     def due(self, now: float, *, everything: bool = False) -> list[Notification]:
         """Notifications due at ``now``; ``everything`` flushes pending changes regardless of group_wait
-        and group_interval (shutdown: they would be lost otherwise)."""
+        and group_interval (shutdown: they would be lost otherwise) — not regardless of a rule's
+        cooldown or max_per_day: a held notification stays held (and saved) until its time."""
         out = []
         for group in list(self.groups.values()):
             repeat = False
-            if group.due_at is None or (now < group.due_at and not everything):
+            if group.held:
+                if group.due_at is not None and now < group.due_at:
+                    continue
+                repeat = group.held_repeat
+            elif group.due_at is None or (now < group.due_at and not everything):
                 if group.last_notified is None or now < group.last_notified + self.timing.repeat_interval_s:
                     continue
                 repeat = True
+            if self._hold(group, now, repeat):
+                continue
             notification = self._flush(group, now, repeat)
             if notification is not None:
                 out.append(notification)
+                if notification.firing:
+                    self._spend(group, now)
+        self._prune_budgets(now)
         return out
+
+    def _hold(self, group: _Group, now: float, repeat: bool) -> bool:
+        """Hold the group's notification back when it would announce firing alerts and its rule's
+        cooldown or daily limit forbids that now; it is due again when the limit allows. Counted
+        once per hold (and again if it then meets the other limit)."""
+        rule = self._rule_by_name.get(group.key[0])
+        budget = self.budgets.get(group.key)
+        if rule is None or budget is None or (rule.cooldown_s <= 0 and rule.max_per_day <= 0):
+            group.held = ""
+            return False
+        if not any(s.state == FIRING for s in group.members.values()):
+            group.held = ""  # resolved-only notifications do not trigger anything: never held
+            return False
+        reason, until = "", now
+        if rule.cooldown_s > 0 and now < budget.last_firing + rule.cooldown_s:
+            reason, until = "cooldown", budget.last_firing + rule.cooldown_s
+        if rule.max_per_day > 0 and budget.day == utc_day(now) and budget.sent_today >= rule.max_per_day:
+            reason, until = "max_per_day", max(until, (utc_day(now) + 1) * 86400.0)
+        if not reason:
+            group.held = ""
+            return False
+        if group.held != reason:
+            self.suppressed[(rule.name, reason)] += 1
+            group.held = reason
+        group.held_repeat = group.held_repeat or repeat
+        group.due_at = until
+        return True
+
+    def _spend(self, group: _Group, now: float) -> None:
+        group.held, group.held_repeat = "", False
+        rule = self._rule_by_name.get(group.key[0])
+        if rule is None or (rule.cooldown_s <= 0 and rule.max_per_day <= 0):
+            return
+        day = utc_day(now)
+        budget = self.budgets.get(group.key)
+        if budget is None:
+            self.budgets[group.key] = Budget(now, day, 1)
+        else:
+            budget.sent_today = budget.sent_today + 1 if budget.day == day else 1
+            budget.day, budget.last_firing = day, now
+        self.changed = True
+
+    def _prune_budgets(self, now: float) -> None:
+        """Forget budgets that limit nothing any more (cooldown over, counted day past)."""
+        if len(self.budgets) < 1024:
+            return
+        day = utc_day(now)
+        for key, budget in list(self.budgets.items()):
+            rule = self._rule_by_name.get(key[0])
+            if rule is None or (budget.day != day and now >= budget.last_firing + rule.cooldown_s):
+                del self.budgets[key]
 
     def _flush(self, group: _Group, now: float, repeat: bool) -> Notification | None:
         events: list[AlertEvent] = []
@@ -574,6 +663,23 @@ class Engine:
             if s.state in (FIRING, PENDING)
         ]
 
+    def held(self) -> list[dict[str, Any]]:
+        """Groups whose firing notification a rule's cooldown or max_per_day holds back, for /status."""
+        out = []
+        for g in self.groups.values():
+            if g.held:
+                budget = self.budgets.get(g.key)
+                out.append(
+                    {
+                        "rule": g.key[0],
+                        "group_labels": dict(g.key[1]),
+                        "reason": g.held,
+                        "until": g.due_at,
+                        "sent_today": budget.sent_today if budget is not None else 0,
+                    }
+                )
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         """The alert state (not the windows): which series are pending or firing and since when, and
         what receivers were told. msgpack-able."""
@@ -599,7 +705,17 @@ class Engine:
             for g in self.groups.values()
             if g.last_notified is not None
         ]
-        return {"series": series, "groups": groups}
+        budgets = [
+            {
+                "rule": k[0],
+                "key": [list(kv) for kv in k[1]],
+                "last_firing": b.last_firing,
+                "day": b.day,
+                "sent_today": b.sent_today,
+            }
+            for k, b in self.budgets.items()
+        ]
+        return {"series": series, "groups": groups, "budgets": budgets}
 
     def restore(self, state: Mapping[str, Any], now: float) -> int:
         """Load a snapshot; entries of rules no longer configured are dropped. Series get a fresh
@@ -646,6 +762,15 @@ class Engine:
             group = self.groups.get(key)
             if group is not None:
                 group.last_notified = last
+        for item in state.get("budgets", []):
+            try:
+                key = (str(item["rule"]), tuple((str(k), str(v)) for k, v in item["key"]))
+                budget = Budget(float(item["last_firing"]), int(item["day"]), int(item["sent_today"]))
+            except (KeyError, TypeError, ValueError):
+                self.ignored["bad_saved_state"] += 1
+                continue
+            if key[0] in rules:
+                self.budgets[key] = budget
         self.firing_counts = collections.Counter(
             (s.rule.name, s.severity) for s in self.series.values() if s.state == FIRING
         )
