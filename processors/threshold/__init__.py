@@ -52,7 +52,10 @@ Notifications (deduplicated, grouped, rate-limited; a simplified Alertmanager):
   endsAt 4 intervals ahead (as Prometheus does), so it never times one out; it groups and dedups itself.
 
 Receivers: the log (always unless ``log: false``), ``webhook`` (Slack's ``text`` + Alertmanager's
-webhook JSON), ``alertmanager`` (``POST {url}/api/v2/alerts``). HTTP delivery goes through
+webhook JSON), ``alertmanager`` (``POST {url}/api/v2/alerts``). A webhook with a ``body_template``
+calls an API directly instead — one request per alert, ``{{ labels.model }}``-style substitution only,
+values JSON-escaped (see processors/threshold/template.py); ``send_resolved: false`` sends firing
+alerts only. HTTP delivery goes through
 ``sending_queue`` and ``retry_on_failure`` like an exporter's; with ``storage: disk`` undelivered
 notifications survive a restart. The alert state (pending/firing series, since-times, what was
 notified) is saved to ``state_directory`` — by default the disk queue's directory — after each
@@ -86,6 +89,8 @@ Example::
         group_wait: 10s
         repeat_interval: 4h
         webhook: {url: "https://hooks.slack.com/services/${env:SLACK_HOOK}"}
+        # or a job API:  webhook: {url: "https://jobs/api/retrain", send_resolved: false,
+        #   body_template: '{"model": "{{ labels.model }}", "reason": "psi {{ value }}"}'}
         alertmanager: {url: "http://alertmanager:9093"}
         sending_queue: {storage: disk, directory: /var/lib/headwater/queue}
 """
@@ -111,9 +116,11 @@ from processors.threshold.notify import (
     HttpNotifier,
     LogNotifier,
     alertmanager_body,
+    templated_bodies,
     webhook_body,
 )
 from processors.threshold.selector import Selector, SelectorError
+from processors.threshold.template import BodyTemplate, TemplateError
 
 TYPE = "threshold"
 
@@ -215,12 +222,34 @@ class WebhookConfig:
     url: str = ""
     """URL to POST to (a Slack incoming webhook, or any service taking Alertmanager's webhook JSON)."""
     headers: dict[str, str] = field(default_factory=dict)
-    """Extra request headers (e.g. Authorization from ${env:VAR})."""
+    """Extra request headers (e.g. Authorization from ${env:VAR}; a Content-Type for a non-JSON body)."""
+    body_template: str = ""
+    """Body instead of the Alertmanager/Slack JSON, one request per alert: '{"m": "{{ labels.model }}"}'."""
+    send_resolved: bool = True
+    """Also send resolved notifications (Alertmanager's setting); false for a job API that acts on firing."""
 
     def validate(self) -> list[tuple[str, str]]:
+        problems = []
         if not self.url.startswith(("http://", "https://")):
-            return [("url", f"{self.url!r} is not an http:// or https:// URL")]
-        return []
+            problems.append(("url", f"{self.url!r} is not an http:// or https:// URL"))
+        if self.body_template:
+            try:
+                self.template()
+            except TemplateError as exc:
+                problems.append(("body_template", str(exc)))
+        return problems
+
+    def content_type(self) -> str:
+        for name, value in self.headers.items():
+            if name.lower() == "content-type":
+                return value
+        return "application/json"
+
+    def template(self) -> BodyTemplate | None:
+        """The parsed ``body_template`` (None when unset); raises TemplateError."""
+        if not self.body_template:
+            return None
+        return BodyTemplate(self.body_template, json_body="json" in self.content_type().lower())
 
 
 @dataclass(frozen=True)
@@ -357,12 +386,19 @@ class ThresholdProcessor:
         if config.webhook is not None:
             url = config.generator_url
             receiver = tel.id
+            template = config.webhook.template()
+            resolved = config.webhook.send_resolved
             self._http.append(
                 self._notifier(
                     "webhook",
                     config.webhook.url,
                     dict(config.webhook.headers),
-                    lambda n, now: webhook_body(n, receiver, url),
+                    (
+                        (lambda n, now: [(webhook_body(n, receiver, url), len(n.alerts))])
+                        if template is None
+                        else (lambda n, now: templated_bodies(template, n, send_resolved=resolved))
+                    ),
+                    send_resolved=config.webhook.send_resolved,
                 )
             )
         if config.alertmanager is not None:
@@ -372,7 +408,9 @@ class ThresholdProcessor:
                 "alertmanager",
                 am.url.rstrip("/") + "/api/v2/alerts",
                 dict(am.headers),
-                lambda n, now: alertmanager_body(list(n.alerts), now, ahead, config.generator_url),
+                lambda n, now: [
+                    (alertmanager_body(list(n.alerts), now, ahead, config.generator_url), len(n.alerts))
+                ],
             )
             self._http.append(self._alertmanager)
         self._last_resend = 0.0
@@ -393,10 +431,20 @@ class ThresholdProcessor:
         key = (rule, severity)
         return lambda: float(self.engine.firing_counts.get(key, 0))
 
-    def _notifier(self, name: str, url: str, headers: dict[str, str], encode: Any) -> HttpNotifier:
+    def _notifier(
+        self, name: str, url: str, headers: dict[str, str], encode: Any, *, send_resolved: bool = True
+    ) -> HttpNotifier:
         c = self._config
         return HttpNotifier(
-            name, self._settings, url, headers, c.timeout, c.sending_queue, c.retry_on_failure, encode
+            name,
+            self._settings,
+            url,
+            headers,
+            c.timeout,
+            c.sending_queue,
+            c.retry_on_failure,
+            encode,
+            send_resolved=send_resolved,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from agent.sending import QueueConfig, Request, RetryConfig, Sender
 from agent.telemetry import ComponentTelemetry
 from agent.version import USER_AGENT
 from processors.threshold.engine import FIRING, RESOLVED, AlertEvent, Notification
+from processors.threshold.template import BodyTemplate
 
 
 def rfc3339(t: float) -> str:
@@ -102,6 +103,32 @@ def webhook_body(n: Notification, receiver: str, generator_url: str) -> dict[str
     }
 
 
+def templated_bodies(
+    template: BodyTemplate, n: Notification, *, send_resolved: bool = True
+) -> list[tuple[bytes, int]]:
+    """One request per alert of the notification (a job API acts on one thing at a time: group_by
+    the labels naming it, so that cooldown and max_per_day apply to it). Resolved alerts of a mixed
+    notification are left out with ``send_resolved`` off, as are resolved-only notifications."""
+    out = []
+    for a in n.alerts:
+        if a.status != FIRING and not send_resolved:
+            continue
+        fields = {
+            "rule": a.rule,
+            "status": a.status,
+            "severity": a.severity,
+            "value": a.value,
+            "starts_at": rfc3339(a.starts_at),
+            "ends_at": rfc3339(a.ends_at) if a.ends_at is not None else "",
+            "fingerprint": fingerprint(a.labels),
+            "labels": a.labels,
+            "annotations": a.annotations,
+            "group_labels": n.group_labels,
+        }
+        out.append((template.render(fields).encode(), 1))
+    return out
+
+
 def fingerprint(labels: dict[str, str]) -> str:
     """A stable id of a label set (hex), like Alertmanager's, though not the same hash."""
     import hashlib
@@ -168,12 +195,17 @@ class HttpNotifier:
         timeout_s: float,
         queue: QueueConfig,
         retry: RetryConfig,
-        encode: Callable[[Notification, float], Any],
+        encode: Callable[[Notification, float], list[tuple[Any, int]]],
+        *,
+        send_resolved: bool = True,
     ) -> None:
         self.name = name
         self.url = url
         self._encode = encode
-        self._headers = {**headers, "Content-Type": "application/json", "User-Agent": USER_AGENT}
+        self._send_resolved = send_resolved
+        self._headers = {**headers, "User-Agent": USER_AGENT}
+        if not any(k.lower() == "content-type" for k in headers):  # a body_template may be other than JSON
+            self._headers["Content-Type"] = "application/json"
         self._log = settings.logger
         proc = settings.telemetry
         sender_id = f"{proc.id}:{name}"
@@ -206,10 +238,16 @@ class HttpNotifier:
             raise
 
     def notify(self, n: Notification, now: float) -> None:
-        self.offer(self._encode(n, now), len(n.alerts))
+        """Queue the requests ``encode`` makes of ``n`` (none for a resolved-only notification when
+        ``send_resolved`` is off)."""
+        if not n.firing and not self._send_resolved:
+            return
+        for body, alerts in self._encode(n, now):
+            self.offer(body, alerts)
 
     def offer(self, body: Any, alerts: int) -> None:
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        """Queue one request: ``body`` as JSON, or as it is when already bytes (a rendered template)."""
+        payload = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
         try:
             self.sender.offer(Request(payload, alerts, kind=self.name))
         except Backpressure as exc:

@@ -4,12 +4,24 @@ notifications per group (counted, listed in /status, kept across a restart), and
 
 from __future__ import annotations
 
+import json
+import math
+import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+import yaml
+from aiohttp import web
+
 from agent.component import validate_config
-from processors.threshold import ThresholdConfig
+from agent.config import ConfigError, build_config
+from agent.registry import builtin_factories
+from processors.threshold import ThresholdConfig, WebhookConfig
 from processors.threshold.engine import Notification
+from tests.conftest import free_port, wait_until
 from tests.processors.test_threshold import (
+    FAST,
     T0,
     Clock,
     batch,
@@ -153,3 +165,171 @@ async def test_the_daily_count_survives_a_restart(tmp_path: Path) -> None:
 def test_limit_settings_are_validated() -> None:
     cfg = ThresholdConfig(rules=[rule(cooldown=-1.0, max_per_day=-2)])
     assert {p for p, _ in validate_config(cfg)} == {"rules::0::cooldown", "rules::0::max_per_day"}
+
+
+# -- webhook body templates ----------------------------------------------------------------------------
+
+
+class RawHook:
+    """A local webhook receiver that keeps each request's Content-Type and raw body."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.requests: list[tuple[str, bytes]] = []
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/jobs"
+
+    async def start(self) -> None:
+        async def handle(request: web.Request) -> web.Response:
+            self.requests.append((request.headers.get("Content-Type", ""), await request.read()))
+            return web.Response(status=201, text="queued")
+
+        app = web.Application()
+        app.router.add_post("/jobs", handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def jobs() -> AsyncIterator[RawHook]:
+    h = RawHook()
+    await h.start()
+    yield h
+    await h.stop()
+
+
+HOSTILE = 'fraud"v2\\\n</x>{{ rule }}\u2028é'
+"""Quotes, a backslash, a newline, template syntax and non-ASCII in a label value."""
+
+
+async def test_templated_body_reaches_a_job_api_json_escaped(jobs: RawHook) -> None:
+    clock = Clock()
+    template = (
+        '{"model": "{{ labels.model }}", "reason": "psi {{ value }} ({{ severity }})", '
+        '"score": {{ value | json }}, "labels": {{ labels | json }}, "team": "{{ labels.team }}", '
+        '"since": "{{ starts_at }}", "group": {{ group_labels.model | json }}}'
+    )
+    config = ThresholdConfig(
+        rules=[rule(metric="psi", warning=0.2, group_by=["model"], cooldown=3600.0)],
+        webhook=WebhookConfig(
+            url=jobs.url, body_template=template, send_resolved=False, headers={"Authorization": "Bearer t"}
+        ),
+        group_interval=1.0,
+        retry_on_failure=FAST,
+        log=False,
+    )
+    proc, _, tel = make(config, clock)
+    await proc.start()
+    try:
+        await proc.consume(batch(gauge(0.31, T0, "psi", model=HOSTILE), gauge(0.25, T0, "psi", model="b")))
+        await wait_until(lambda: len(jobs.requests) == 2, "one job request per group")
+        clock.t = T0 + 10
+        await proc.consume(
+            batch(gauge(0.01, T0 + 10, "psi", model=HOSTILE), gauge(0.01, T0 + 10, "psi", model="b"))
+        )
+        await proc.tick()
+        # Resolved (send_resolved: false): no request. Firing again within the cooldown: held.
+        clock.t = T0 + 20
+        await proc.consume(batch(gauge(0.5, T0 + 20, "psi", model="b")))
+        await proc.tick()
+        assert tel.value("alert_notifications_suppressed_total", rule="high", reason="cooldown") == 1
+    finally:
+        await proc.shutdown()
+    assert len(jobs.requests) == 2
+    bodies = sorted((json.loads(body) for _, body in jobs.requests), key=lambda b: b["score"])
+    assert {ct for ct, _ in jobs.requests} == {"application/json"}
+    b, hostile = bodies
+    assert hostile["model"] == HOSTILE and hostile["group"] == HOSTILE
+    assert hostile["labels"]["model"] == HOSTILE and hostile["labels"]["alertname"] == "high"
+    assert hostile["reason"] == "psi 0.31 (warning)" and hostile["score"] == 0.31
+    assert hostile["team"] == ""  # a missing label renders empty
+    assert hostile["since"] == "2023-11-14T22:13:20.000Z"
+    assert b["model"] == "b" and b["score"] == 0.25
+
+
+async def test_a_text_template_goes_as_it_is_and_resolved_ones_are_sent_by_default(jobs: RawHook) -> None:
+    clock = Clock()
+    config = ThresholdConfig(
+        rules=[rule()],
+        webhook=WebhookConfig(
+            url=jobs.url,
+            body_template="{{ status }} {{ rule }} on {{ labels.host }}: {{ value }}",
+            headers={"content-type": "text/plain"},
+        ),
+        group_interval=1.0,
+        retry_on_failure=FAST,
+        log=False,
+    )
+    proc, _, _ = make(config, clock)
+    await proc.start()
+    try:
+        await proc.consume(batch(gauge(90.5, T0, host='a"b')))
+        clock.t = T0 + 5
+        await proc.consume(batch(gauge(1, T0 + 5, host='a"b')))
+        await wait_until(lambda: len(jobs.requests) == 2, "firing and resolved requests")
+    finally:
+        await proc.shutdown()
+    assert jobs.requests == [
+        ("text/plain", b'firing high on a"b: 90.5'),
+        ("text/plain", b'resolved high on a"b: 1.0'),
+    ]
+
+
+def test_without_a_template_the_body_is_the_alertmanager_webhook_json() -> None:
+    assert WebhookConfig(url="http://x").template() is None
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ('{"m": "{{ model }}"}', "unknown name 'model'"),
+        ('{"m": "{{ labels.model | upper }}"}', "unknown filter 'upper'"),
+        ('{"m": "{{ labels }}"}', "a whole map needs '| json'"),
+        ('{"m": "{{ value.x }}"}', "value has no fields"),
+        ('{"m": {{ labels.model }}}', "does not render to JSON"),
+        ('{"m": "{{ labels.model }"}', "malformed placeholder"),
+        ('{"m": "{{ __import__(\'os\') }}"}', "malformed placeholder"),
+    ],
+)
+def test_template_errors_are_config_errors_with_their_path(template: str, message: str) -> None:
+    cfg = ThresholdConfig(rules=[rule()], webhook=WebhookConfig(url="http://x", body_template=template))
+    problems = validate_config(cfg)
+    assert [p for p, _ in problems] == ["webhook::body_template"]
+    assert message in problems[0][1]
+
+
+def test_template_errors_from_yaml_name_the_key() -> None:
+    text = textwrap.dedent(
+        """
+        receivers: {statsd: {}}
+        processors:
+          threshold:
+            rules: [{name: drift, metric: psi, warning: 0.2}]
+            webhook:
+              url: "http://127.0.0.1:1/jobs"
+              body_template: '{"model": "{{ labels.model }}", "x": "{{ nope }}"}'
+        exporters: {prometheus: {}}
+        service:
+          pipelines:
+            metrics: {receivers: [statsd], processors: [threshold], exporters: [prometheus]}
+        """
+    )
+    with pytest.raises(ConfigError) as info:
+        build_config(yaml.safe_load(text), builtin_factories())
+    assert "processors::threshold::webhook::body_template" in str(info.value)
+    assert "unknown name 'nope'" in str(info.value)
+
+
+def test_a_non_finite_value_renders_empty_or_null() -> None:
+    from processors.threshold.template import BodyTemplate
+
+    t = BodyTemplate('{"a": "{{ value }}", "b": {{ value | json }}, "c": {{ annotations.x | json }}}')
+    assert json.loads(t.render({"value": math.nan, "annotations": {}})) == {"a": "", "b": None, "c": None}
