@@ -3,7 +3,11 @@ samples (numpy, scipy), its reference modes on simulated time (an injected clock
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +15,12 @@ from scipy import stats as sst
 from scipy.spatial.distance import jensenshannon
 
 from agent import exphist
-from processors.drift import stats
+from agent.component import Backpressure, ComponentKind
+from agent.model import Kind, MetricBatch, Point, Temporality
+from agent.telemetry import Telemetry
+from processors.drift import DRIFT_SUFFIX, TESTS, DriftConfig, DriftProcessor, stats
+from processors.drift.baseline_file import FILE_FORMAT
+from tests.conftest import Sink, component_settings
 
 N_REFERENCE, N_CURRENT = 20_000, 5_000
 
@@ -107,3 +116,287 @@ def test_identical_histograms_show_no_drift() -> None:
 def test_empty_side_gives_no_statistics() -> None:
     h = exphist.from_values(np.array([1.0, 2.0]))
     assert stats.drift(exphist.EMPTY, h) is None and stats.drift(h, exphist.EMPTY) is None
+
+
+# -- the processor, on simulated time ---------------------------------------------------------------
+
+T0 = 1_699_999_200.0  # a multiple of 3600 s: windows start on a boundary
+FLUSH = 10.0
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(config: DriftConfig, sink: Sink | None = None) -> tuple[DriftProcessor, Sink, Telemetry, Clock]:
+    tel = Telemetry()
+    settings = component_settings(tel, ComponentKind.PROCESSOR, "drift")
+    out = sink or Sink()
+    clock = Clock()
+    return DriftProcessor(settings, config, out, clock=clock, run_timer=False), out, tel, clock
+
+
+def timer(name: str, values: np.ndarray, labels: tuple[tuple[str, str], ...] = ()) -> Point:
+    """A StatsD timer's flush: a DELTA exponential histogram (scale <= 8, as the receiver builds it)."""
+    h = exphist.from_values(values, max_buckets=2048, max_scale=8)
+    return Point(name, Kind.HISTOGRAM, labels, 0, histogram=h, unit="ms", temporality=Temporality.DELTA)
+
+
+async def feed_window(
+    proc: DriftProcessor, clock: Clock, make_values: Callable[[], np.ndarray], name: str = "lat"
+) -> np.ndarray:
+    """One window (60 s) of flushes arriving mid-flush, then a tick at its end; the values fed."""
+    fed = []
+    start = clock.now
+    for k in range(6):
+        clock.now = start + k * FLUSH + 5.0
+        values = make_values()
+        fed.append(values)
+        await proc.consume(MetricBatch((timer(name, values),)))
+    clock.now = start + 60.0
+    await proc.tick()
+    return np.concatenate(fed)
+
+
+def drift_gauges(sink: Sink, name: str = "lat") -> dict[str, float]:
+    """test -> value of the drift gauges of `name` taken since the sink was last cleared."""
+    out = {}
+    for p in sink.points():
+        if p.kind is Kind.GAUGE and p.name == name + DRIFT_SUFFIX:
+            labels = dict(p.labels)
+            assert labels["window"] == "1m"
+            out[labels["test"]] = p.value
+    return out
+
+
+def check_against_raw(gauges: dict[str, float], current: np.ndarray, reference: np.ndarray) -> None:
+    """The emitted KS D and its p-value bracket the exact ones of the raw samples (one bucket's share)."""
+    exact = sst.ks_2samp(current, reference, method="asymp").statistic
+    assert gauges["ks"] - 1e-12 <= exact <= gauges["ks"] + 0.01
+    assert set(gauges) == set(TESTS)
+
+
+def rng_lognormal(rng: np.random.Generator, mu: float = 3.0, sigma: float = 0.5) -> Callable[[], np.ndarray]:
+    return lambda: rng.lognormal(mu, sigma, 300)
+
+
+async def test_learnt_baseline_then_windows_against_it() -> None:
+    proc, sink, tel, clock = make(DriftConfig(window=60.0, baseline=120.0))  # type: ignore[arg-type]
+    await proc.start()
+    rng = np.random.default_rng(1)
+    baseline = np.concatenate([await feed_window(proc, clock, rng_lognormal(rng)) for _ in range(2)])
+    assert drift_gauges(sink) == {}  # still learning: nothing to compare with
+    assert tel.value("drift_skipped_windows_total", reason="no_reference") == 0
+
+    same = await feed_window(proc, clock, rng_lognormal(rng))
+    quiet = drift_gauges(sink)
+    check_against_raw(quiet, same, baseline)
+    points = [p for p in sink.points() if p.name == "lat" + DRIFT_SUFFIX]
+    assert all(p.time_unix_nano == int((T0 + 180.0) * 1e9) and p.unit == "ms" for p in points)
+    sink.batches.clear()
+
+    shifted = await feed_window(proc, clock, rng_lognormal(rng, mu=3.3))
+    loud = drift_gauges(sink)
+    check_against_raw(loud, shifted, baseline)
+    for test in ("psi", "ks", "js", "chi2"):
+        assert loud[test] > 5 * quiet[test], test
+    assert loud["ks_pvalue"] < 1e-6 < quiet["ks_pvalue"]
+    assert loud["chi2_pvalue"] < 1e-6 < quiet["chi2_pvalue"]
+    # The raw timers passed on unchanged.
+    assert sum(1 for p in sink.points() if p.name == "lat") == 6
+    await proc.shutdown()
+
+
+async def test_gauges_are_observed_value_by_value() -> None:
+    config = DriftConfig(window=60.0, baseline=60.0, gauges=["score"], include=[])  # type: ignore[arg-type]
+    proc, sink, _, clock = make(config)
+    rng = np.random.default_rng(2)
+
+    async def gauge_window(mu: float) -> np.ndarray:
+        values = rng.normal(mu, 1.0, 600)
+        for k, chunk in enumerate(np.split(values, 6)):
+            clock.now = clock.now // 60 * 60 + k * FLUSH + 5.0
+            await proc.consume(
+                MetricBatch(tuple(Point("score", Kind.GAUGE, (), 0, value=float(v)) for v in chunk))
+            )
+        clock.now = clock.now // 60 * 60 + 60.0
+        await proc.tick()
+        return values
+
+    reference = await gauge_window(0.0)
+    current = await gauge_window(0.5)
+    gauges = drift_gauges(sink, "score")
+    check_against_raw(gauges, current, reference)
+    assert gauges["ks_pvalue"] < 1e-6
+
+
+async def test_baseline_file_is_written_then_used_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "baseline.json"
+    config = DriftConfig(window=60.0, baseline=60.0, baseline_file=str(path))  # type: ignore[arg-type]
+    proc, _, _, clock = make(config)
+    await proc.start()
+    rng = np.random.default_rng(3)
+    labels = (("route", "/a"),)
+    reference = np.concatenate([rng.lognormal(3.0, 0.5, 2000)])
+    clock.now = T0 + 5.0
+    await proc.consume(MetricBatch((timer("lat", reference, labels),)))
+    assert not path.exists()
+    clock.now = T0 + 60.0
+    await proc.tick()  # the baseline is complete at the end of the window: written
+    doc = json.loads(path.read_text())
+    assert doc["format"] == FILE_FORMAT
+    [entry] = doc["series"]
+    assert entry["name"] == "lat" and entry["labels"] == {"route": "/a"}
+    assert entry["histogram"]["count"] == 2000
+    await proc.shutdown()
+
+    # A new agent: the series is compared from its first window, against the saved baseline.
+    again, sink, _, clock2 = make(config)
+    clock2.now = T0 + 3600.0
+    await again.start()
+    current = rng.lognormal(3.2, 0.5, 1000)
+    clock2.now += 5.0
+    await again.consume(MetricBatch((timer("lat", current, labels),)))
+    clock2.now += 55.0
+    await again.tick()
+    gauges = drift_gauges(sink)
+    check_against_raw(gauges, current, reference)
+    assert gauges["ks_pvalue"] < 1e-6
+    await again.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("content", "wrong"),
+    [
+        ("{not json", "cannot read it as JSON"),
+        ('{"series": []}', "not a drift baseline file"),
+        (
+            json.dumps({"format": FILE_FORMAT, "series": [{"name": "x", "histogram": {"scale": 6}}]}),
+            "series[0]: histogram field missing",
+        ),
+        (
+            json.dumps(
+                {
+                    "format": FILE_FORMAT,
+                    "series": [
+                        {
+                            "name": "x",
+                            "histogram": {
+                                "scale": 6, "count": 5, "min": 1, "max": 2, "sum": 7,
+                                "positive": {"offset": 0, "counts": [1, 1]},
+                            },
+                        }
+                    ],
+                }
+            ),
+            "series[0]: count 5 is not the sum of the buckets (2)",
+        ),
+    ],
+)  # fmt: skip
+async def test_a_bad_baseline_file_is_refused_at_start(tmp_path: Path, content: str, wrong: str) -> None:
+    path = tmp_path / "baseline.json"
+    path.write_text(content)
+    proc, _, _, _ = make(DriftConfig(baseline_file=str(path)))
+    with pytest.raises(ValueError, match=r"baseline_file .*" + __import__("re").escape(wrong)):
+        await proc.start()
+
+
+async def test_trailing_reference_is_the_window_offset_earlier_and_bounded() -> None:
+    config = DriftConfig(window=60.0, reference="trailing", offset=120.0)  # type: ignore[arg-type]
+    proc, sink, tel, clock = make(config)
+    rng = np.random.default_rng(4)
+    a = await feed_window(proc, clock, rng_lognormal(rng, mu=3.0))
+    b = await feed_window(proc, clock, rng_lognormal(rng, mu=3.5))
+    assert drift_gauges(sink) == {}
+    assert tel.value("drift_skipped_windows_total", reason="no_reference") == 2
+    a2 = await feed_window(proc, clock, rng_lognormal(rng, mu=3.0))  # against a: the same
+    same = drift_gauges(sink)
+    check_against_raw(same, a2, a)
+    sink.batches.clear()
+    a3 = await feed_window(proc, clock, rng_lognormal(rng, mu=3.0))  # against b: shifted
+    moved = drift_gauges(sink)
+    check_against_raw(moved, a3, b)
+    assert moved["ks_pvalue"] < 1e-6 < same["ks_pvalue"]
+    for _ in range(5):
+        await feed_window(proc, clock, rng_lognormal(rng))
+    [series] = proc._series.values()
+    assert len(series.past) <= 2  # offset / window past windows, no more
+
+
+async def test_max_series_bounds_state_and_counts_overflow() -> None:
+    proc, sink, tel, clock = make(DriftConfig(window=60.0, baseline=60.0, max_series=2))  # type: ignore[arg-type]
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        clock.now += 5.0
+        batch = tuple(timer("lat", rng.lognormal(3, 0.5, 200), (("pod", str(i)),)) for i in range(3))
+        await proc.consume(MetricBatch(batch))
+        clock.now = clock.now // 60 * 60 + 60.0
+        await proc.tick()
+    assert tel.value("drift_series") == 2
+    assert tel.value("drift_overflow_points_total") == 2
+    assert sum(1 for p in sink.points() if p.name == "lat") == 6  # every point passed on
+    pods = {dict(p.labels)["pod"] for p in sink.points() if p.name == "lat" + DRIFT_SUFFIX}
+    assert pods == {"0", "1"}
+
+
+async def test_backpressure_refuses_before_observing() -> None:
+    proc, sink, tel, clock = make(DriftConfig(window=60.0, baseline=60.0), Sink(refuse_times=1))
+    rng = np.random.default_rng(6)
+    clock.now += 5.0
+    with pytest.raises(Backpressure):
+        await proc.consume(MetricBatch((timer("lat", rng.lognormal(3, 0.5, 500)),)))
+    clock.now = T0 + 60.0
+    await proc.tick()  # the refused batch was not learnt: the baseline is empty
+    clock.now += 5.0
+    await proc.consume(MetricBatch((timer("lat", rng.lognormal(3, 0.5, 500)),)))
+    clock.now = T0 + 120.0
+    await proc.tick()
+    assert drift_gauges(sink) == {}
+    assert tel.value("drift_skipped_windows_total", reason="no_reference") == 1
+
+
+async def test_shutdown_sends_the_window_so_far() -> None:
+    proc, sink, _, clock = make(DriftConfig(window=60.0, baseline=60.0))  # type: ignore[arg-type]
+    await proc.start()
+    rng = np.random.default_rng(7)
+    await feed_window(proc, clock, rng_lognormal(rng))
+    clock.now += 5.0
+    await proc.consume(MetricBatch((timer("lat", rng.lognormal(4, 0.5, 300)),)))
+    await proc.shutdown()
+    assert drift_gauges(sink)["ks_pvalue"] < 1e-6
+    await proc.shutdown()  # idempotent
+
+
+async def test_emit_backpressure_is_counted_and_other_series_still_offered() -> None:
+    sink = Sink()
+    proc, _, tel, clock = make(DriftConfig(window=60.0, baseline=60.0), sink)  # type: ignore[arg-type]
+    rng = np.random.default_rng(8)
+    await feed_window(proc, clock, rng_lognormal(rng))
+    clock.now += 5.0
+    await proc.consume(MetricBatch((timer("lat", rng.lognormal(3, 0.5, 300)),)))
+    sink.refuse_times = 1
+    clock.now = T0 + 120.0
+    with pytest.raises(Backpressure):
+        await proc.tick()
+    assert tel.value("processor_dropped_points_total", reason="backpressure") == len(TESTS)
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "message"),
+    [
+        ({"reference": "trailing", "offset": 90.0, "window": 60.0}, "offset", "multiple of window"),
+        ({"reference": "trailing", "offset": 86400.0, "window": 60.0}, "offset", "max_trailing_windows"),
+        ({"reference": "trailing", "baseline_file": "x.json"}, "baseline_file", "baseline only"),
+        ({"bins": 1}, "bins", "between 2 and 1000"),
+        ({"max_series": 0}, "max_series", "at least 1"),
+        ({"gauges": [""]}, "gauges::0", "non-empty"),
+    ],
+)
+def test_config_refusals(fields: dict[str, Any], path: str, message: str) -> None:
+    problems = DriftConfig(**fields).validate()
+    assert any(p == path and message in m for p, m in problems), problems
+    assert DriftConfig().validate() == []

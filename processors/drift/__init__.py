@@ -1,0 +1,634 @@
+"""Drift processor: each series' current window of observations against a reference distribution.
+
+    processors:
+      drift:
+        include: ["model.score", "http.*.duration"]   # distributions (histograms, StatsD timers)
+        gauges: ["feature.*"]      # optional: every value of these gauges is one observation
+        window: 5m                 # tumbling windows aligned to the clock
+        reference: baseline        # or: trailing (the window `offset` earlier)
+        baseline: 1h               # baseline: each series' first hour of data is its reference
+        baseline_file: /var/lib/headwater/drift-baseline.json   # optional: load it, save learnt ones
+        offset: 24h                # trailing: the same window a day earlier
+        bins: 10
+
+At the end of every window (at multiples of ``window`` on the clock) the processor sends, per series
+with at least ``min_count`` observations in both the window and its reference, six gauges
+``<name>.drift{test=..., window="5m"}`` (the series' own labels kept), with ``test`` one of:
+``psi`` (population stability index), ``ks`` (two-sample Kolmogorov–Smirnov D), ``ks_pvalue``,
+``js`` (Jensen–Shannon distance, base 2, in [0, 1]), ``chi2`` (Chi-squared test of homogeneity over
+the bins) and ``chi2_pvalue``. Prometheus shows them as ``<name>_drift``. The original points pass on
+unchanged.
+
+Observations: HISTOGRAM points whose name matches ``include`` (StatsD timers, histograms and
+distributions and OTLP exponential histograms as they are, CUMULATIVE ones as the difference from the
+series' previous point; OTLP explicit-bucket histograms spread evenly inside each bucket), and GAUGE
+points matching ``gauges``, each value one observation (as in ``percentiles``). Data is placed by its
+arrival time.
+
+Reference:
+
+- ``baseline``: the series' first ``baseline`` of data is learnt, then frozen (counted from the start
+  of the window of its first point, rounded up to whole windows); windows are compared from then on.
+  With ``baseline_file``, baselines in the file are used as they are (their series learn nothing),
+  and every newly learnt baseline is written to the file (at the end of the window in which it was
+  completed, and at shutdown), so a restart keeps them. Delete a series'
+  entry (or the file) to relearn. The file is JSON::
+
+      {"format": "headwater.drift.baseline/1",
+       "series": [{"name": "model.score", "labels": {"model": "a"}, "resource": {"host.name": "x"},
+                   "histogram": {"scale": 6, "zero_count": 0, "count": 100, "sum": 12.5,
+                                 "min": 0.01, "max": 0.9,
+                                 "positive": {"offset": -420, "counts": [1, 0, 3]},
+                                 "negative": {"offset": 0, "counts": []}}}]}
+
+  (the histogram is the OpenTelemetry exponential histogram: positive bucket ``i`` holds
+  ``(base**i, base**(i+1)]``, ``base = 2 ** 2 ** -scale``; ``resource`` may be omitted).
+- ``trailing``: the reference of the window ending at ``t`` is the window ending at ``t - offset`` (a
+  multiple of ``window``); each series keeps at most ``offset / window`` past windows (``offset`` is
+  limited to ``max_trailing_windows`` windows), each one histogram of at most ``max_buckets`` buckets.
+
+Error, stated honestly (see processors/drift/stats.py): both histograms are brought to the coarser of
+their two scales and compared over aligned buckets. KS D is read at bucket edges, so the exact D of
+the raw samples lies within ``[D, D + the largest single bucket's share]`` (a bucket is ≤ 4.4 % wide
+at scale 4; the accuracy tests show the gap below 0.01 at 2048 buckets and below 0.1 at 160 for a
+narrow mixture); its p-value is the asymptotic Kolmogorov distribution at ``sqrt(n·m/(n+m))·D``. PSI, JS
+and Chi² are computed over ``bins`` bins cut at the reference's quantiles (deciles by default), on
+bucket edges: they equal the exact statistics of the raw samples binned at those edges. PSI floors
+each bin's share at 1e-4 (an empty bin). Counts are weighted (StatsD sample rates), so ``n`` and ``m``
+are the weighted counts.
+
+Memory is bounded: per series one histogram for the reference (baseline) or up to ``offset / window``
+(trailing), plus the window being filled, each at most ``max_buckets`` buckets per sign (8 B each);
+incoming histograms are merged 64 at a time. Beyond ``max_series`` new series are not tracked (their
+points still pass) and are counted (``headwater_drift_overflow_points_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from agent import exphist
+from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
+from agent.confmodel import Duration, format_duration
+from agent.counting import PointCounts
+from agent.exphist import ExpHistogram
+from agent.model import (
+    ExplicitHistogram,
+    Kind,
+    Labels,
+    MetricBatch,
+    Point,
+    Resource,
+    SeriesKey,
+    Temporality,
+    key_of,
+    new_point,
+)
+from processors.drift import stats
+from processors.drift.baseline_file import FileKey, file_key, read_baseline_file, write_baseline_file
+
+# The explicit → exponential conversion and the cumulative differences are the percentiles
+# processor's; both processors read distributions the same way.
+from processors.percentiles import convert
+
+TYPE = "drift"
+DRIFT_SUFFIX = ".drift"
+"""Appended to a series' name for its drift gauges: ``<name>.drift{test, window}``."""
+TESTS = ("psi", "ks", "ks_pvalue", "js", "chi2", "chi2_pvalue")
+"""The values of the ``test`` label, in the order each series' gauges are sent."""
+
+_POINTS_PER_BATCH = 1000
+"""Gauges per batch handed on at a window's end."""
+_PENDING_HISTOGRAMS = 64
+"""Incoming histograms a series holds before merging them (merge_all of many is cheaper per input)."""
+_PENDING_VALUES = 8192
+"""Gauge values a series holds before turning them into a histogram."""
+_GAUGE_SCALE = 8
+"""Finest scale for gauge observations (as the StatsD receiver builds timers)."""
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    include: list[str] = field(default_factory=lambda: ["*"])
+    """Metric name globs (``*`` crosses dots) of the distributions to watch; default all."""
+    exclude: list[str] = field(default_factory=list)
+    """Metric name globs not to watch, applied after include (and to gauges)."""
+    gauges: list[str] = field(default_factory=list)
+    """Gauge name globs whose every point is one observation (StatsD: only each flush's last value)."""
+    window: Duration = Duration(300.0)
+    """Length of the current window (tumbling, aligned to the clock); statistics are sent at its end."""
+    reference: Literal["baseline", "trailing"] = "baseline"
+    """baseline: each series' first ``baseline`` of data (or baseline_file); trailing: ``offset`` earlier."""
+    baseline: Duration = Duration(3600.0)
+    """How long each series learns its baseline, in whole windows from its first one (reference: baseline)."""
+    baseline_file: str | None = None
+    """JSON file of baselines: those in it are used, newly learnt ones are written to it (baseline only)."""
+    offset: Duration = Duration(86400.0)
+    """How far back the trailing reference window is; a multiple of window (reference: trailing)."""
+    max_trailing_windows: int = 288
+    """Past windows a series may keep for the trailing reference: offset / window at most."""
+    bins: int = 10
+    """Bins for PSI, JS and Chi², cut at the reference's quantiles (10: its deciles)."""
+    min_count: int = 20
+    """Observations needed in both the window and the reference for a series' statistics to be sent."""
+    max_buckets: int = 320
+    """Buckets per sign per histogram at most (KS is within one bucket's share of the exact D)."""
+    max_series: int = 10_000
+    """Series tracked at most; points of further series pass untracked and are counted as overflow."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        for name, globs in (("include", self.include), ("exclude", self.exclude), ("gauges", self.gauges)):
+            for i, g in enumerate(globs):
+                if not isinstance(g, str) or not g:
+                    problems.append((f"{name}::{i}", "give a non-empty metric name glob"))
+        if self.window < 1.0:
+            problems.append(("window", "must be at least 1s"))
+        if self.reference == "baseline":
+            if self.baseline < 1.0:
+                problems.append(("baseline", "must be at least 1s"))
+            if self.baseline_file is not None and not self.baseline_file:
+                problems.append(("baseline_file", "give a file path, or leave it unset"))
+        elif self.reference == "trailing":
+            if self.baseline_file is not None:
+                problems.append(("baseline_file", "applies to reference: baseline only"))
+            if self.window >= 1.0:
+                ratio = self.offset / self.window
+                if not (round(ratio) >= 1 and math.isclose(ratio, round(ratio), abs_tol=1e-9)):
+                    problems.append(("offset", f"must be a positive multiple of window ({self.window:g}s)"))
+                elif round(ratio) > self.max_trailing_windows:
+                    problems.append(
+                        (
+                            "offset",
+                            f"spans {round(ratio)} windows, more than max_trailing_windows "
+                            f"({self.max_trailing_windows}): lengthen window or raise max_trailing_windows",
+                        )
+                    )
+        else:
+            problems.append(("reference", "must be baseline or trailing"))
+        if self.max_trailing_windows < 1:
+            problems.append(("max_trailing_windows", "must be at least 1"))
+        if not 2 <= self.bins <= 1000:
+            problems.append(("bins", "must be between 2 and 1000"))
+        if self.min_count < 1:
+            problems.append(("min_count", "must be at least 1"))
+        if not 3 <= self.max_buckets <= 16384:
+            problems.append(("max_buckets", "must be between 3 and 16384"))
+        if self.max_series < 1:
+            problems.append(("max_series", "must be at least 1"))
+        return problems
+
+
+def _glob_regex(globs: Iterable[str]) -> re.Pattern[str] | None:
+    parts = [fnmatch.translate(g) for g in globs]
+    return re.compile("|".join(parts)) if parts else None
+
+
+class _Acc:
+    """Observations of one span of time: incoming histograms and values, merged in groups."""
+
+    __slots__ = ("hists", "merged", "values")
+
+    def __init__(self) -> None:
+        self.hists: list[ExpHistogram] = []
+        self.values: list[float] = []
+        self.merged: ExpHistogram | None = None
+
+    def add(self, h: ExpHistogram, max_buckets: int) -> None:
+        self.hists.append(h)
+        if len(self.hists) >= _PENDING_HISTOGRAMS:
+            self._merge(max_buckets)
+
+    def add_values(self, values: list[float], max_buckets: int) -> None:
+        self.values.extend(values)
+        if len(self.values) >= _PENDING_VALUES:
+            self._merge(max_buckets)
+
+    def _merge(self, max_buckets: int) -> None:
+        parts = self.hists
+        if self.values:
+            h = exphist.from_values(
+                np.asarray(self.values, dtype=np.float64), max_buckets=max_buckets, max_scale=_GAUGE_SCALE
+            )
+            parts.append(h)
+            self.values = []
+        if self.merged is not None:
+            parts.append(self.merged)
+        self.hists = []
+        self.merged = exphist.merge_all(parts, max_buckets=max_buckets) if parts else None
+
+    def take(self, max_buckets: int) -> ExpHistogram:
+        """Everything held, as one histogram (EMPTY when nothing); the accumulator is emptied."""
+        self._merge(max_buckets)
+        h, self.merged = self.merged, None
+        return h if h is not None else exphist.EMPTY
+
+
+class _Series:
+    __slots__ = (
+        "baseline",
+        "cumulative",
+        "current",
+        "file_key",
+        "labels",
+        "learn_until",
+        "learning",
+        "name",
+        "out",
+        "past",
+        "resource",
+        "unit",
+    )
+
+    def __init__(self, name: str, labels: Labels, resource: Resource | None, unit: str) -> None:
+        self.name = name
+        self.labels = labels
+        self.resource = resource
+        self.unit = unit
+        self.file_key = file_key(name, labels, resource)
+        self.baseline: ExpHistogram | None = None
+        self.learn_until = -math.inf
+        """Until then (clock seconds) observations go to ``learning`` (reference: baseline)."""
+        self.learning: _Acc | None = None
+        self.current = _Acc()
+        self.past: dict[int, ExpHistogram] = {}
+        """Closed windows by index (end / window), for the trailing reference."""
+        self.cumulative: ExpHistogram | ExplicitHistogram | None = None
+        """The previous CUMULATIVE point's histogram, the base for the next difference."""
+        self.out: list[tuple[str, Labels]] | None = None
+        """(name, labels) of each test's gauge, built once."""
+
+
+def _gauge(
+    name: str, labels: Labels, time_ns: int, value: float, unit: str, resource: Resource | None
+) -> Point:
+    return new_point(
+        name, Kind.GAUGE, labels, time_ns, value, 0, Temporality.DELTA, True, None, unit, "", resource, None,
+        None, None,
+    )  # fmt: skip
+
+
+class DriftProcessor:
+    """See the module docstring. `clock` (unix seconds) is injectable for tests; `run_timer=False`
+    leaves window ends to explicit :meth:`tick` calls."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: DriftConfig,
+        next_consumer: Consumer,
+        *,
+        clock: Callable[[], float] = time.time,
+        run_timer: bool = True,
+    ) -> None:
+        self._settings = settings
+        self._config = config
+        self._next = next_consumer
+        self._clock = clock
+        self._run_timer = run_timer
+        self._logger: logging.Logger = settings.logger
+        self._tasks = Tasks(str(settings.id), self._logger)
+        self._include = _glob_regex(config.include)
+        self._exclude = _glob_regex(config.exclude)
+        self._gauges = _glob_regex(config.gauges)
+        self._name_cache: dict[str, bool] = {}
+        self._gauge_cache: dict[str, bool] = {}
+        self._window_s = float(config.window)
+        self._window_text = format_duration(self._window_s)
+        self._trailing = config.reference == "trailing"
+        self._lag = round(float(config.offset) / self._window_s) if self._trailing else 0
+        self._baseline_s = float(config.baseline)
+        self._max_buckets = config.max_buckets
+        self._series: dict[SeriesKey, _Series] = {}
+        self._file_baselines: dict[FileKey, ExpHistogram] = {}
+        self._file_dirty = False
+        self._next_end = (math.floor(clock() / self._window_s) + 1) * self._window_s
+        self._started = False
+        self._stopped = False
+
+        tel = settings.telemetry
+        self._counts = PointCounts(tel)
+        self._overflow = tel.counter(
+            "drift_overflow_points_total", "Points of series beyond max_series, passed on untracked."
+        )
+        self._file_errors = tel.counter(
+            "drift_baseline_file_errors_total", "Times the baseline file could not be written (logged)."
+        )
+        tel.gauge("drift_series", "Series tracked now.", lambda: float(len(self._series)))
+
+    def _ignored(self, reason: str) -> Any:
+        return self._settings.telemetry.counter(
+            "drift_ignored_points_total",
+            "Matching points passed on without being observed, by reason.",
+            reason=reason,
+        )
+
+    def _skipped(self, reason: str) -> Any:
+        return self._settings.telemetry.counter(
+            "drift_skipped_windows_total",
+            "Series windows without statistics: no_reference (yet), few_observations (below min_count).",
+            reason=reason,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the baseline file (ValueError naming what is wrong in it), then start the timer."""
+        if self._started or self._stopped:
+            return
+        path = self._config.baseline_file
+        if path is not None and not self._trailing:
+            self._file_baselines = await asyncio.to_thread(read_baseline_file, path)
+            self._logger.info("drift: %d baselines loaded from %s", len(self._file_baselines), path)
+        self._started = True
+        if self._run_timer:
+            self._tasks.spawn(self._timer(), "windows")
+
+    async def shutdown(self) -> None:
+        """Stop the timer, send the statistics of the window so far (once) and save new baselines;
+        idempotent, safe before start."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._tasks.close()
+        now = self._clock()
+        try:
+            await self._close_window(now, now)
+        except Backpressure as exc:
+            self._logger.warning("drift: final statistics refused downstream: %s", exc.reason)
+        await self._save()
+
+    async def _timer(self) -> None:
+        while True:
+            # At most one window: a wall clock stepped back must not put the timer to sleep for hours.
+            await asyncio.sleep(min(max(self._next_end - self._clock(), 0.0), self._window_s) + 0.001)
+            try:
+                await self.tick()
+            except Backpressure as exc:
+                self._logger.warning("drift: statistics refused downstream: %s", exc.reason)
+            except Exception:  # a bug in one window must not stop all later ones
+                self._logger.exception("drift: window end failed")
+
+    async def tick(self) -> None:
+        """If a window end passed since the last one: send each series' statistics, save baselines."""
+        now = self._clock()
+        if self._next_end - now > self._window_s:  # the wall clock stepped back
+            self._next_end = (math.floor(now / self._window_s) + 1) * self._window_s
+        if now < self._next_end:
+            return
+        end = math.floor(now / self._window_s) * self._window_s
+        self._next_end = end + self._window_s
+        try:
+            await self._close_window(now, end)
+        finally:
+            await self._save()
+
+    # -- input ---------------------------------------------------------------------------------------
+
+    def _matches(self, name: str) -> bool:
+        hit = self._name_cache.get(name)
+        if hit is None:
+            hit = bool(
+                (self._include is not None and self._include.fullmatch(name))
+                and not (self._exclude is not None and self._exclude.fullmatch(name))
+            )
+            if len(self._name_cache) >= 100_000:  # bounds the cache under name churn
+                self._name_cache.clear()
+            self._name_cache[name] = hit
+        return hit
+
+    def _gauge_matches(self, name: str) -> bool:
+        hit = self._gauge_cache.get(name)
+        if hit is None:
+            hit = bool(
+                (self._gauges is not None and self._gauges.fullmatch(name))
+                and not (self._exclude is not None and self._exclude.fullmatch(name))
+            )
+            if len(self._gauge_cache) >= 100_000:
+                self._gauge_cache.clear()
+            self._gauge_cache[name] = hit
+        return hit
+
+    def _new_series(self, key: SeriesKey, p: Point, now: float) -> _Series | None:
+        if len(self._series) >= self._config.max_series:
+            return None
+        s = _Series(p.name, p.labels, p.resource, p.unit)
+        if not self._trailing:
+            loaded = self._file_baselines.get(s.file_key)
+            if loaded is not None:
+                s.baseline = loaded
+            else:
+                # Whole windows: from the start of the first point's window, rounded up to a window end.
+                w = self._window_s
+                s.learn_until = math.floor(now / w) * w + math.ceil(self._baseline_s / w - 1e-9) * w
+                s.learning = _Acc()
+        self._series[key] = s
+        return s
+
+    async def consume(self, batch: MetricBatch) -> None:
+        n = len(batch.points)
+        self._counts.incoming(n)
+        now = self._clock()
+        series = self._series
+        tracked: list[tuple[_Series, Point]] = []
+        observed: dict[int, tuple[_Series, list[float]]] = {}
+        overflow = 0
+        observe_gauges = self._gauges is not None
+        histogram, gauge = Kind.HISTOGRAM, Kind.GAUGE
+        for p in batch.points:
+            kind = p.kind
+            if kind is histogram:
+                if not self._matches(p.name):
+                    continue
+            elif kind is gauge and observe_gauges:
+                if not self._gauge_matches(p.name):
+                    continue
+            else:
+                continue
+            key = key_of(p)
+            s = series.get(key)
+            if s is None:
+                s = self._new_series(key, p, now)
+                if s is None:
+                    overflow += 1
+                    continue
+            if kind is histogram:
+                tracked.append((s, p))
+            else:
+                entry = observed.get(id(s))
+                if entry is None:
+                    observed[id(s)] = (s, [p.value])
+                else:
+                    entry[1].append(p.value)
+        if overflow:
+            self._overflow.value += overflow
+        # Refuse before taking: a Backpressure here propagates and nothing was observed.
+        await self._next.consume(batch)
+        self._counts.outgoing(n)
+        max_buckets = self._max_buckets
+        for s, p in tracked:
+            h = self._delta(s, p)
+            if h is None or not h.count > 0:
+                continue
+            if not (math.isfinite(h.min) and math.isfinite(h.max)):
+                self._ignored("non_finite").value += 1
+                continue
+            acc = s.learning if now < s.learn_until and s.learning is not None else s.current
+            acc.add(h, max_buckets)
+        non_finite = 0
+        for s, values in observed.values():
+            finite = [v for v in values if math.isfinite(v)]
+            non_finite += len(values) - len(finite)
+            acc = s.learning if now < s.learn_until and s.learning is not None else s.current
+            acc.add_values(finite, max_buckets)
+        if non_finite:
+            self._ignored("non_finite").value += non_finite
+
+    def _delta(self, s: _Series, p: Point) -> ExpHistogram | None:
+        """Point `p`'s observations as a delta histogram; odd input is counted, not raised."""
+        cumulative = p.temporality is Temporality.CUMULATIVE
+        try:
+            if p.histogram is not None:
+                h = p.histogram
+                if not cumulative:
+                    return h
+                previous, s.cumulative = s.cumulative, h
+                if not isinstance(previous, ExpHistogram):
+                    return None  # the first cumulative point only sets the base
+                diff = convert.subtract(h, previous)
+                if diff is None:
+                    self._ignored("cumulative_reset").value += 1
+                return diff
+            if p.explicit is not None:
+                e = p.explicit
+                if cumulative:
+                    previous_e, s.cumulative = s.cumulative, e
+                    if not isinstance(previous_e, ExplicitHistogram):
+                        return None
+                    diff_e = convert.subtract_explicit(e, previous_e)
+                    if diff_e is None:
+                        self._ignored("cumulative_reset").value += 1
+                        return None
+                    e = diff_e
+                converted = convert.explicit_to_exponential(e, max_buckets=self._max_buckets)
+                if converted is None:
+                    self._ignored("invalid_histogram").value += 1
+                return converted
+        except (ValueError, OverflowError):
+            self._ignored("invalid_histogram").value += 1
+            return None
+        self._ignored("no_histogram").value += 1
+        return None
+
+    # -- output --------------------------------------------------------------------------------------
+
+    def _names(self, s: _Series) -> list[tuple[str, Labels]]:
+        names = {"test", "window"}
+        base = [pair for pair in s.labels if pair[0] not in names]
+        name = s.name + DRIFT_SUFFIX
+        return [
+            (name, tuple(sorted([*base, ("test", test), ("window", self._window_text)]))) for test in TESTS
+        ]
+
+    def _statistics(self, s: _Series, now: float, index: int, counts: dict[str, int]) -> list[float] | None:
+        """Series `s`'s window `index` (just closed) against its reference; moves learning along."""
+        max_buckets = self._max_buckets
+        if s.learning is not None and now >= s.learn_until:
+            s.baseline = s.learning.take(max_buckets)
+            s.learning = None
+            if self._config.baseline_file is not None and s.baseline.count > 0:
+                self._file_baselines[s.file_key] = s.baseline
+                self._file_dirty = True
+        current = s.current.take(max_buckets)
+        if self._trailing:
+            reference = s.past.get(index - self._lag)
+            if current.count > 0:
+                s.past[index] = current
+            for old in [k for k in s.past if k <= index - self._lag]:
+                del s.past[old]
+        else:
+            reference = s.baseline
+        if current.count == 0:
+            return None
+        if reference is None or reference.count == 0:
+            counts["no_reference"] += 1
+            return None
+        if current.count < self._config.min_count or reference.count < self._config.min_count:
+            counts["few_observations"] += 1
+            return None
+        d = stats.drift(current, reference, bins=self._config.bins)
+        if d is None:
+            return None
+        return [d.psi, d.ks, d.ks_pvalue, d.js, d.chi2, d.chi2_pvalue]
+
+    async def _close_window(self, now: float, end: float) -> None:
+        """Send the statistics of every series' window ending at `end`, in batches of about
+        _POINTS_PER_BATCH; a Backpressure refusal is counted and the first one raised at the end."""
+        index = math.ceil(end / self._window_s - 1e-9)
+        time_ns = int(end * 1e9)
+        counts = {"no_reference": 0, "few_observations": 0}
+        step = max(1, _POINTS_PER_BATCH // len(TESTS))
+        every = list(self._series.values())
+        refused: Backpressure | None = None
+        for start in range(0, len(every), step):
+            points: list[Point] = []
+            for s in every[start : start + step]:
+                values = self._statistics(s, now, index, counts)
+                if values is None:
+                    continue
+                names = s.out
+                if names is None:
+                    names = s.out = self._names(s)
+                for (name, labels), value in zip(names, values, strict=True):
+                    points.append(_gauge(name, labels, time_ns, value, s.unit, s.resource))
+            if points:
+                try:
+                    await self._next.consume(MetricBatch(tuple(points)))
+                except Backpressure as exc:
+                    # Counted, and the other series are still offered; the first refusal is raised last.
+                    self._counts.dropped("backpressure", len(points))
+                    refused = refused or exc
+                else:
+                    self._counts.outgoing(len(points))
+            await asyncio.sleep(0)  # let receivers run between groups of series
+        for reason, n in counts.items():
+            if n:
+                self._skipped(reason).value += n
+        if refused is not None:
+            raise refused
+
+    async def _save(self) -> None:
+        path = self._config.baseline_file
+        if path is None or not self._file_dirty:
+            return
+        self._file_dirty = False
+        try:
+            await asyncio.to_thread(write_baseline_file, path, dict(self._file_baselines))
+        except OSError as exc:
+            self._file_dirty = True  # tried again at the next window end
+            self._file_errors.value += 1
+            self._logger.warning("drift: cannot write baseline_file %s: %s", path, exc)
+
+
+def create(settings: Settings, config: DriftConfig, next_consumer: Consumer) -> DriftProcessor:
+    return DriftProcessor(settings, config, next_consumer)
+
+
+factory = Factory(
+    type=TYPE,
+    kind=ComponentKind.PROCESSOR,
+    config_class=DriftConfig,
+    create=create,
+    signals=frozenset({Signal.METRICS}),
+    description="Distribution drift per series (PSI, KS, Jensen-Shannon, Chi²): a window against a reference",
+)
