@@ -1,0 +1,770 @@
+"""Aggregate processor: stream aggregation over tumbling windows (after vmagent's stream aggregation).
+
+    processors:
+      aggregate:
+        rules:
+          - match: ["http.requests", "api.*.latency"]
+            intervals: [1m, 1h]
+            without: [pod, instance]      # or by: [route, code]
+            outputs: [count, sum, avg, min, max, rate, increase, quantiles]
+            quantiles: [0.5, 0.99]
+            keep_input: false             # drop the raw series (the cardinality saving)
+
+A point whose name matches a rule's glob (``*`` crosses dots) is folded into its *group*: the rule,
+the metric name, the kind of data, and the labels the rule keeps (``by``: only those; ``without``: all
+but those; neither: all). Each interval is a tumbling window aligned to the wall clock (UTC): a 1m
+window ends on every minute, 1h on the hour, 1d at midnight UTC; an interval must divide a day and,
+within a rule, be a multiple of the rule's shortest one (1m, 5m, 15m, 1h, 1d all fit). Points are
+placed in the window being filled when they arrive; a point whose own timestamp is older than that
+window's start by more than ``max_delay`` is *late*: not folded, passed on raw and counted
+(``headwater_aggregate_late_points_total``). At each window's end the processor sends one point per
+group and output, stamped with the window's end; on shutdown the windows being filled are sent as
+they are (rate over the part elapsed).
+
+Samples: a GAUGE (or a non-monotonic SUM) is one sample of its value; a monotonic SUM (a counter) is
+one sample of its increase — a DELTA point's value, or a CUMULATIVE point's difference from its
+series' previous point. A cumulative value below the previous one (or a new start time) is a reset:
+the new value is the increase (Prometheus' rule). A cumulative series' first point only sets its
+baseline, unless its start time is after the processor started (a counter born since then: its whole
+value is the increase), so a restart of the agent never counts a lifetime total as one window's
+increase. A HISTOGRAM (exponential, or explicit-bucket converted as ``percentiles`` does; cumulative
+ones as differences) adds its observations.
+
+Outputs (all GAUGE points except ``histogram``); an output that does not apply to a group's kind is
+not sent for it:
+
+- ``count``, ``sum``, ``avg``, ``min``, ``max``: over the window's samples (distributions: over the
+  observations), exact (``sum`` and ``avg`` to float rounding).
+- ``last`` (the sample with the latest timestamp), ``stddev`` (population, numpy's ``ddof=0``), and
+  ``slope`` (least-squares slope of value against the points' timestamps, per second; needs two
+  distinct times): gauges and counters.
+- ``increase`` (the sum of the increases) and ``rate`` (increase per second of the window): counters.
+- ``quantiles`` (one point per ``quantiles`` entry, labelled ``quantile``) and ``histogram`` (the
+  window's merged exponential histogram, DELTA over the window): distributions. A quantile is within
+  ``exphist.relative_error(scale)`` of the exact one over the raw observations (the rank rule of
+  numpy's ``inverted_cdf``; 0.54 % at scale 6), the scale being the merged histogram's (``max_buckets``
+  bounds it, as in ``percentiles``).
+
+Naming, one rule: ``<name>.<interval>[_by_<l1>_<l2>|_without_<l1>_<l2>].<output>``, e.g.
+``http.requests.5m_without_pod.rate`` and ``api.latency.1m_by_route.quantile{quantile="0.99"}``. It
+is vmagent's ``<name>:<interval>[_by_…|_without_…]_<output>`` in OTLP's dotted form: a colon is not a
+valid OTel instrument name character, and Prometheus reserves colons for recording rules, so the
+Prometheus form is the exporters' usual translation of the dotted name (dots to ``_``, plus the unit
+suffix of the outputs that keep the input's unit: all but ``count``, ``rate`` and ``slope``):
+``http_requests_5m_without_pod_rate``, ``api_latency_1m_by_route_quantile_seconds``. The label
+lists in the name keep two rules over the same metric apart; the interval keeps windows apart.
+
+Bounds: at most ``max_series`` groups (all rules and intervals share it, each group holding one
+accumulator per interval) and ``max_series`` input series tracked for cumulative baselines; a point
+that would need one more is passed on raw and counted (``headwater_aggregate_overflow_points_total``).
+Idle groups and series are forgotten after twice the rule's longest interval.
+
+Backpressure: raw points are handed on before anything is folded, so a refusal downstream is raised
+to the sender with nothing taken (its retry does not count twice). Window outputs refused downstream
+are kept and resent (every second by the timer, and before the next batch); while they wait, incoming
+batches are refused upstream, so nothing is folded into a window that could not be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fnmatch
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agent import exphist
+from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
+from agent.confmodel import Duration
+from agent.counting import PointCounts
+from agent.exphist import ExpHistogram
+from agent.model import (
+    ExplicitHistogram,
+    Kind,
+    Labels,
+    MetricBatch,
+    Point,
+    SeriesKey,
+    Temporality,
+    key_of,
+    new_point,
+)
+from processors.aggregate.window import Acc
+from processors.percentiles import convert
+
+TYPE = "aggregate"
+
+Output = Literal[
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "last",
+    "stddev",
+    "rate",
+    "increase",
+    "slope",
+    "quantiles",
+    "histogram",
+]
+_DAY_S = 86400.0
+_RETRY_S = 1.0
+"""How often window outputs refused downstream are offered again."""
+_POINTS_PER_BATCH = 2000
+"""Window output points per batch handed on."""
+
+_GAUGE, _COUNTER, _DIST = 0, 1, 2
+"""Group kinds: gauge samples, counter increases, distributions."""
+_APPLIES = {
+    _GAUGE: {"count", "sum", "avg", "min", "max", "last", "stddev", "slope"},
+    _COUNTER: {"count", "sum", "avg", "min", "max", "last", "stddev", "slope", "rate", "increase"},
+    _DIST: {"count", "sum", "avg", "min", "max", "quantiles", "histogram"},
+}
+_Names = list[list[tuple[str, str, Labels, str, float]]]
+"""Per interval: (output, point name, labels, unit, quantile) of each output sent for a group."""
+_UNITLESS = {"count", "rate", "slope"}
+"""Outputs that do not carry the input's unit (a count; per-second figures)."""
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    match: list[str] = field(default_factory=list)
+    """Metric name globs (``*`` crosses dots) this rule aggregates (required)."""
+    intervals: list[Duration] = field(default_factory=lambda: [Duration(60.0)])
+    """Tumbling windows aligned to the clock (UTC); each divides a day and is a multiple of the shortest."""
+    by: list[str] = field(default_factory=list)
+    """Keep only these labels (the others are aggregated away); not with ``without``."""
+    without: list[str] = field(default_factory=list)
+    """Aggregate these labels away, keep the others; not with ``by``. Neither: keep all labels."""
+    outputs: list[Output] = field(default_factory=lambda: ["count", "sum", "avg", "min", "max"])
+    """Per window: count, sum, avg, min, max, last, stddev, rate, increase, slope, quantiles, histogram."""
+    quantiles: list[float] = field(default_factory=lambda: [0.5, 0.99])
+    """For the quantiles output (distributions): the quantiles, within [0, 1]."""
+    keep_input: bool = False
+    """Also pass on the raw points this rule aggregates (false drops them: the cardinality saving)."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if not self.match:
+            problems.append(("match", "give at least one metric name glob, like http.*"))
+        for i, g in enumerate(self.match):
+            if not isinstance(g, str) or not g:
+                problems.append((f"match::{i}", "give a non-empty metric name glob"))
+        if not self.intervals:
+            problems.append(("intervals", "give at least one interval, like 1m"))
+        for i, iv in enumerate(self.intervals):
+            if not 1.0 <= iv <= _DAY_S or not _divides(iv, _DAY_S):
+                problems.append(
+                    (f"intervals::{i}", "must be between 1s and 1d and divide a day (1m, 5m, 15m, 1h, 1d)")
+                )
+            elif self.intervals and not _divides(min(self.intervals), iv):
+                problems.append(
+                    (f"intervals::{i}", f"must be a multiple of the shortest, {min(self.intervals):g}s")
+                )
+        if len(set(self.intervals)) != len(self.intervals):
+            problems.append(("intervals", "intervals must be distinct"))
+        if self.by and self.without:
+            problems.append(("without", "give by or without, not both"))
+        if not self.outputs:
+            problems.append(("outputs", "give at least one output, like avg"))
+        if len(set(self.outputs)) != len(self.outputs):
+            problems.append(("outputs", "outputs must be distinct"))
+        if "quantiles" in self.outputs and not self.quantiles:
+            problems.append(("quantiles", "give at least one quantile, like 0.99"))
+        for i, q in enumerate(self.quantiles):
+            if not 0.0 <= q <= 1.0:
+                problems.append((f"quantiles::{i}", f"{q} is not within [0, 1]"))
+        return problems
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    rules: list[RuleConfig] = field(default_factory=list)
+    """The aggregation rules; a point may match several (each folds it)."""
+    max_series: int = 100_000
+    """Groups held at most (all rules), and input series tracked at most; beyond, points pass on raw."""
+    max_delay: Duration = Duration(10.0)
+    """A point stamped more than this before the filling window's start is late (counted, passed raw)."""
+    max_buckets: int = 1024
+    """Buckets per side of a window's merged histogram: more keeps a finer scale (smaller quantile error)."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        for i, rule in enumerate(self.rules):
+            problems.extend((f"rules::{i}::{p}" if p else f"rules::{i}", m) for p, m in rule.validate())
+        if self.max_series < 1:
+            problems.append(("max_series", "must be at least 1"))
+        if self.max_delay < 0:
+            problems.append(("max_delay", "must not be negative"))
+        if not 3 <= self.max_buckets <= 16384:
+            problems.append(("max_buckets", "must be between 3 and 16384"))
+        return problems
+
+
+def _divides(base: float, value: float) -> bool:
+    ratio = value / base
+    return round(ratio) >= 1 and math.isclose(ratio, round(ratio), rel_tol=0, abs_tol=1e-9)
+
+
+def interval_text(seconds: float) -> str:
+    """``60`` → ``1m``, ``86400`` → ``1d``: the interval as it appears in output names."""
+    for unit, factor in (("d", _DAY_S), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= factor and math.isclose(seconds / factor, round(seconds / factor)):
+            return f"{round(seconds / factor)}{unit}"
+    return f"{seconds:g}s"
+
+
+def output_prefix(name: str, interval_s: float, by: list[str], without: list[str]) -> str:
+    """``<name>.<interval>[_by_…|_without_…]``: the output names' common part (see the module doc)."""
+    text = f"{name}.{interval_text(interval_s)}"
+    if by:
+        text += "_by_" + "_".join(by)
+    elif without:
+        text += "_without_" + "_".join(without)
+    return text
+
+
+class _Rule:
+    """A rule as the processor runs it."""
+
+    __slots__ = (
+        "_by_list",
+        "_without_list",
+        "base",
+        "by",
+        "coarse",
+        "cutoff_ns",
+        "filling",
+        "groups",
+        "index",
+        "intervals",
+        "keep_input",
+        "outputs",
+        "quantiles",
+        "regex",
+        "without",
+    )
+
+    def __init__(self, index: int, config: RuleConfig, now: float, max_delay_s: float) -> None:
+        self.index = index
+        self.regex = re.compile("|".join(fnmatch.translate(g) for g in config.match))
+        self.intervals = sorted(float(iv) for iv in config.intervals)
+        self.base = self.intervals[0]
+        """The shortest interval: points fold into its window; the others merge it at its end."""
+        self.coarse = self.intervals[1:]
+        self.filling = math.floor(now / self.base) * self.base
+        """Start of the shortest interval's window being filled."""
+        self.cutoff_ns = int((self.filling - max_delay_s) * 1e9)
+        """Points stamped before this (unix ns) are late."""
+        self.by = frozenset(config.by) if config.by else None
+        self.without = frozenset(config.without) if config.without else None
+        self.keep_input = config.keep_input
+        self.outputs = list(dict.fromkeys(config.outputs))
+        self.quantiles = [float(q) for q in config.quantiles]
+        self.groups: dict[tuple[str, int, Labels], _Group] = {}
+        self._by_list = sorted(config.by)
+        self._without_list = sorted(config.without)
+
+    def kept(self, labels: Labels) -> Labels:
+        if self.by is not None:
+            by = self.by
+            return tuple(kv for kv in labels if kv[0] in by)
+        if self.without is not None:
+            without = self.without
+            return tuple(kv for kv in labels if kv[0] not in without)
+        return labels
+
+    def names(self, name: str, kind: int, labels: Labels, unit: str) -> _Names:
+        """Per interval: (output, point name, labels, unit, quantile) of each output that applies."""
+        out: _Names = []
+        applies = _APPLIES[kind]
+        for iv in self.intervals:
+            prefix = output_prefix(name, iv, self._by_list, self._without_list)
+            per: list[tuple[str, str, Labels, str, float]] = []
+            for o in self.outputs:
+                if o not in applies:
+                    continue
+                u = "" if o in _UNITLESS else unit
+                if o == "quantiles":
+                    for q in self.quantiles:
+                        ql = tuple(sorted((*labels, ("quantile", f"{q:g}"))))
+                        per.append((o, prefix + ".quantile", ql, u, q))
+                else:
+                    per.append((o, f"{prefix}.{o}", labels, u, 0.0))
+            out.append(per)
+        return out
+
+
+class _Group:
+    """One aggregation group: an accumulator per interval of its rule (the shortest first)."""
+
+    __slots__ = ("accs", "dead", "idle", "kind", "labels", "name", "names")
+
+    def __init__(self, name: str, kind: int, labels: Labels, names: _Names) -> None:
+        self.name = name
+        self.kind = kind
+        self.labels = labels
+        self.names = names
+        self.accs = [Acc() for _ in names]
+        self.idle = 0
+        """Shortest windows ended in a row without data."""
+        self.dead = False
+
+
+class _Series:
+    """An input series: the groups it folds into (one per matching rule) and its cumulative baseline."""
+
+    __slots__ = ("baseline", "dead", "groups", "last_seen", "start_ns")
+
+    def __init__(self) -> None:
+        self.groups: list[_Group] = []
+        self.baseline: float | ExpHistogram | ExplicitHistogram | None = None
+        self.start_ns = 0
+        self.last_seen = 0.0
+        self.dead = False
+
+
+def _group_kind(p: Point) -> int:
+    if p.kind is Kind.HISTOGRAM:
+        return _DIST
+    if p.kind is Kind.SUM and p.monotonic:
+        return _COUNTER
+    return _GAUGE
+
+
+class AggregateProcessor:
+    """See the module docstring. `clock` (unix seconds) is injectable for tests; `run_timer=False`
+    leaves rolling windows over to explicit :meth:`tick` calls."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: AggregateConfig,
+        next_consumer: Consumer,
+        *,
+        clock: Callable[[], float] = time.time,
+        run_timer: bool = True,
+    ) -> None:
+        self._settings = settings
+        self._config = config
+        self._next = next_consumer
+        self._clock = clock
+        self._run_timer = run_timer
+        self._logger: logging.Logger = settings.logger
+        self._tasks = Tasks(str(settings.id), self._logger)
+        now = clock()
+        self._started_ns = int(now * 1e9)
+        self._epoch = math.floor(now / _DAY_S) * _DAY_S
+        """Sample times are kept relative to this (midnight UTC before start): small, precise floats."""
+        self._rules = [_Rule(i, r, now, float(config.max_delay)) for i, r in enumerate(config.rules)]
+        self._longest = max((r.intervals[-1] for r in self._rules), default=60.0)
+        self._matching: dict[str, tuple[_Rule, ...]] = {}
+        self._series: dict[SeriesKey, _Series] = {}
+        self._group_count = 0
+        self._pending: collections.deque[MetricBatch] = collections.deque()
+        """Window outputs refused downstream, oldest first: resent before anything else."""
+        self._started = False
+        self._stopped = False
+
+        tel = settings.telemetry
+        self._counts = PointCounts(tel)
+        self._late = tel.counter(
+            "aggregate_late_points_total", "Points stamped before the window being filled: passed on raw."
+        )
+        self._overflow = tel.counter(
+            "aggregate_overflow_points_total", "Points of groups or series beyond max_series: passed on raw."
+        )
+        self._non_finite = tel.counter(
+            "aggregate_ignored_points_total", "Matching points not folded, by reason.", reason="non_finite"
+        )
+        self._invalid = tel.counter(
+            "aggregate_ignored_points_total",
+            "Matching points not folded, by reason.",
+            reason="invalid_histogram",
+        )
+        self._windows = tel.counter("aggregate_windows_total", "Group windows sent (per group and interval).")
+        tel.gauge("aggregate_groups", "Aggregation groups held now.", lambda: float(self._group_count))
+        tel.gauge(
+            "aggregate_pending_points",
+            "Window output points refused downstream, waiting to be resent.",
+            lambda: float(sum(len(b) for b in self._pending)),
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started or self._stopped:
+            return
+        self._started = True
+        if self._run_timer and self._rules:
+            self._tasks.spawn(self._timer(), "windows")
+
+    async def shutdown(self) -> None:
+        """Stop the timer, then send the windows being filled as they are (once); idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._tasks.close()
+        now = self._clock()
+        self._roll(now)
+        for rule in self._rules:
+            self._close_partial(rule, now)
+        try:
+            await self._flush()
+        except Backpressure as exc:
+            lost = sum(len(b) for b in self._pending)
+            self._counts.dropped("backpressure", lost)
+            self._pending.clear()
+            self._logger.warning("aggregate: %d window points refused at shutdown: %s", lost, exc.reason)
+
+    async def _timer(self) -> None:
+        while True:
+            now = self._clock()
+            due = min(r.filling + r.base for r in self._rules)
+            # At most one retry period while outputs wait; never more than the shortest interval (a wall
+            # clock stepped back must not put the timer to sleep for hours).
+            wait = max(due - now, 0.0) + 0.001
+            if self._pending:
+                wait = min(wait, _RETRY_S)
+            await asyncio.sleep(min(wait, min(r.base for r in self._rules)))
+            try:
+                await self.tick()
+            except Backpressure as exc:
+                self._logger.warning("aggregate: window outputs refused downstream (kept): %s", exc.reason)
+            except Exception:  # a bug in one window must not stop every later one
+                self._logger.exception("aggregate: window emit failed")
+
+    async def tick(self) -> None:
+        """Close the windows that ended by the clock and send what waits; Backpressure if refused."""
+        self._roll(self._clock())
+        await self._flush()
+
+    # -- input ---------------------------------------------------------------------------------------
+
+    def _rules_for(self, name: str) -> tuple[_Rule, ...]:
+        hit = self._matching.get(name)
+        if hit is None:
+            hit = tuple(r for r in self._rules if r.regex.fullmatch(name))
+            if len(self._matching) >= 100_000:  # bounds the cache under name churn
+                self._matching.clear()
+            self._matching[name] = hit
+        return hit
+
+    def _series_for(self, p: Point, rules: tuple[_Rule, ...]) -> _Series | None:
+        """The series of `p` with its groups (made if room), or None when max_series is reached."""
+        key = key_of(p)
+        s = self._series.get(key)
+        if s is not None:
+            if s.groups and not any(g.dead for g in s.groups):
+                return s
+            s.groups = []  # a group of it expired: find or make them again
+        elif len(self._series) >= self._config.max_series:
+            return None
+        else:
+            s = _Series()
+        kind = _group_kind(p)
+        groups = []
+        for rule in rules:
+            labels = rule.kept(p.labels)
+            gkey = (p.name, kind, labels)
+            g = rule.groups.get(gkey)
+            if g is None:
+                if self._group_count >= self._config.max_series:
+                    return None
+                g = _Group(p.name, kind, labels, rule.names(p.name, kind, labels, p.unit))
+                rule.groups[gkey] = g
+                self._group_count += 1
+            groups.append(g)
+        s.groups = groups
+        self._series[key] = s
+        return s
+
+    async def consume(self, batch: MetricBatch) -> None:
+        if self._pending:
+            await self._flush()  # raises Backpressure, taking nothing, while window outputs wait
+        n = len(batch.points)
+        self._counts.incoming(n)
+        now = self._clock()
+        self._roll(now)
+        fold: list[tuple[_Series, Point]] = []
+        dropped: set[int] = set()
+        late = overflow = non_finite = 0
+        rules_for = self._rules_for
+        for p in batch.points:
+            rules = rules_for(p.name)
+            if not rules or p.kind is Kind.SUMMARY:
+                continue
+            t = p.time_unix_nano
+            if t and t < (rules[0].cutoff_ns if len(rules) == 1 else max(r.cutoff_ns for r in rules)):
+                late += 1
+                continue
+            if p.kind is not Kind.HISTOGRAM and not math.isfinite(p.value):
+                non_finite += 1
+                continue
+            s = self._series_for(p, rules)
+            if s is None:
+                overflow += 1
+                continue
+            s.last_seen = now
+            fold.append((s, p))
+            if not any(r.keep_input for r in rules):
+                dropped.add(id(p))
+        if late:
+            self._late.value += late
+        if overflow:
+            self._overflow.value += overflow
+        if non_finite:
+            self._non_finite.value += non_finite
+        out = batch
+        if dropped:
+            out = MetricBatch(tuple(p for p in batch.points if id(p) not in dropped), batch.context)
+        if out.points:
+            await self._next.consume(out)  # Backpressure propagates with nothing folded
+            self._counts.outgoing(len(out.points))
+        if dropped:
+            self._counts.dropped("aggregated", len(dropped))
+        self._fold(fold, now)
+
+    def _fold(self, fold: list[tuple[_Series, Point]], now: float) -> None:
+        epoch = self._epoch
+        max_buckets = self._config.max_buckets
+        invalid = 0
+        for s, p in fold:
+            t = (p.time_unix_nano * 1e-9 if p.time_unix_nano else now) - epoch
+            groups = s.groups
+            kind = groups[0].kind
+            if kind == _DIST:
+                h = self._histogram_delta(s, p)
+                if h is None:
+                    continue
+                if not (h.count > 0 and math.isfinite(h.min) and math.isfinite(h.max)):
+                    invalid += h.count > 0
+                    continue
+                for g in groups:
+                    g.accs[0].add_histogram(h, max_buckets)
+                continue
+            v = p.value
+            if kind == _COUNTER and p.temporality is Temporality.CUMULATIVE:
+                previous = s.baseline
+                restarted = p.start_time_unix_nano != s.start_ns and s.start_ns != 0
+                s.baseline, s.start_ns = v, p.start_time_unix_nano
+                if not isinstance(previous, float):
+                    if not p.start_time_unix_nano or p.start_time_unix_nano < self._started_ns:
+                        continue  # the first point of a counter older than us only sets the baseline
+                elif v >= previous and not restarted:
+                    v -= previous
+                # else: a reset (a drop, or a new start time): the new value is the increase
+            for g in groups:
+                # Acc.add, inlined: this runs once per point and group on the hot path.
+                a = g.accs[0]
+                a.n += 1.0
+                n = a.n
+                a.total += v
+                dv = v - a.mv
+                a.mv += dv / n
+                a.m2v += dv * (v - a.mv)
+                dt = t - a.mt
+                a.mt += dt / n
+                a.m2t += dt * (t - a.mt)
+                a.c += dt * (v - a.mv)
+                if v < a.lo:
+                    a.lo = v
+                if v > a.hi:
+                    a.hi = v
+                if t >= a.last_t:
+                    a.last_t = t
+                    a.last = v
+        if invalid:
+            self._invalid.value += invalid
+
+    def _histogram_delta(self, s: _Series, p: Point) -> ExpHistogram | None:
+        cumulative = p.temporality is Temporality.CUMULATIVE
+        try:
+            if p.histogram is not None:
+                h = p.histogram
+                if not cumulative:
+                    return h
+                previous, s.baseline = s.baseline, h
+                if not isinstance(previous, ExpHistogram):
+                    return h if p.start_time_unix_nano >= self._started_ns else None
+                diff = convert.subtract(h, previous)
+                return h if diff is None else diff  # None: a reset, the new histogram is the increase
+            if p.explicit is not None:
+                e = p.explicit
+                if cumulative:
+                    previous_e, s.baseline = s.baseline, e
+                    if not isinstance(previous_e, ExplicitHistogram):
+                        if p.start_time_unix_nano < self._started_ns:
+                            return None
+                    else:
+                        e = convert.subtract_explicit(e, previous_e) or e
+                return convert.explicit_to_exponential(e, max_buckets=self._config.max_buckets)
+        except (ValueError, OverflowError):
+            pass
+        self._invalid.value += 1
+        return None
+
+    # -- windows -------------------------------------------------------------------------------------
+
+    def _roll(self, now: float) -> None:
+        """Close every rule's shortest window that ended by `now` (merging it into the coarser ones and
+        closing those that ended too); the outputs join the pending batches."""
+        points: list[Point] = []
+        rolled = False
+        for rule in self._rules:
+            start = math.floor(now / rule.base) * rule.base
+            if start <= rule.filling:
+                continue  # (a clock stepped back keeps the window being filled)
+            end = rule.filling + rule.base
+            rule.filling = start
+            rule.cutoff_ns = int((start - self._config.max_delay) * 1e9)
+            ended = [
+                (i + 1, iv) for i, iv in enumerate(rule.coarse) if math.ceil(end / iv - 1e-9) * iv <= start
+            ]
+            idle_limit = max(2, math.ceil(2 * rule.intervals[-1] / rule.base))
+            expired = []
+            for gkey, g in rule.groups.items():
+                base = g.accs[0]
+                if base.n > 0:
+                    g.idle = 0
+                    self._emit(g, 0, base, end, rule.base, rule.quantiles, points)
+                    for i in range(1, len(g.accs)):
+                        g.accs[i].merge(base, self._config.max_buckets)
+                    base.reset()
+                else:
+                    g.idle += 1
+                for i, iv in ended:
+                    a = g.accs[i]
+                    if a.n > 0:
+                        w_end = math.ceil(end / iv - 1e-9) * iv
+                        self._emit(g, i, a, w_end, iv, rule.quantiles, points)
+                        a.reset()
+                if g.idle >= idle_limit and all(a.n == 0 for a in g.accs):
+                    expired.append(gkey)
+            for gkey in expired:
+                rule.groups.pop(gkey).dead = True
+            self._group_count -= len(expired)
+            rolled = True
+        if points:
+            self._queue(points)
+        if rolled and self._series:
+            self._expire_series(now)
+
+    def _close_partial(self, rule: _Rule, now: float) -> None:
+        """Shutdown: send the windows being filled as they are, the rate over the time elapsed."""
+        points: list[Point] = []
+        for g in rule.groups.values():
+            base = g.accs[0]
+            for i in range(1, len(g.accs)):
+                g.accs[i].merge(base, self._config.max_buckets)
+            for i, iv in enumerate(rule.intervals):
+                a = g.accs[i]
+                if a.n > 0:
+                    w_start = math.floor(now / iv) * iv
+                    self._emit(g, i, a, now, max(now - w_start, 1e-3), rule.quantiles, points)
+                    a.reset()
+        if points:
+            self._queue(points)
+
+    def _expire_series(self, now: float) -> None:
+        limit = 2 * self._longest
+        idle = [k for k, s in self._series.items() if now - s.last_seen > limit]
+        for k in idle:
+            del self._series[k]
+
+    def _queue(self, points: list[Point]) -> None:
+        for i in range(0, len(points), _POINTS_PER_BATCH):
+            self._pending.append(MetricBatch(tuple(points[i : i + _POINTS_PER_BATCH])))
+
+    async def _flush(self) -> None:
+        """Send the pending window outputs in order; on a refusal keep the rest and raise it."""
+        while self._pending:
+            batch = self._pending[0]
+            await self._next.consume(batch)
+            self._pending.popleft()
+            self._counts.outgoing(len(batch.points))
+
+    def _emit(
+        self, g: _Group, i: int, a: Acc, end_s: float, span_s: float, quantiles: list[float], out: list[Point]
+    ) -> None:
+        """Append the output points of group `g`'s interval `i` (accumulator `a`, window ending `end_s`)."""
+        time_ns = int(end_s * 1e9)
+        self._windows.value += 1
+        for output, name, labels, unit, q in g.names[i]:
+            value: float | None
+            if output == "count":
+                value = a.n
+            elif output == "sum" or output == "increase":
+                value = a.total
+            elif output == "avg":
+                value = a.total / a.n
+            elif output == "min":
+                value = a.lo
+            elif output == "max":
+                value = a.hi
+            elif output == "last":
+                value = a.last
+            elif output == "stddev":
+                value = a.stddev()
+            elif output == "rate":
+                value = a.total / span_s
+            elif output == "slope":
+                value = a.slope()
+            elif output == "quantiles":
+                value = exphist.quantile(a.hist, q) if a.hist is not None else None
+            else:  # histogram
+                if a.hist is not None:
+                    out.append(
+                        Point(
+                            name,
+                            Kind.HISTOGRAM,
+                            labels,
+                            time_ns,
+                            start_time_unix_nano=time_ns - int(span_s * 1e9),
+                            temporality=Temporality.DELTA,
+                            histogram=a.hist,
+                            unit=unit,
+                        )
+                    )
+                continue
+            if value is None:
+                continue
+            out.append(
+                new_point(
+                    name,
+                    Kind.GAUGE,
+                    labels,
+                    time_ns,
+                    float(value),
+                    0,
+                    Temporality.DELTA,
+                    True,
+                    None,
+                    unit,
+                    "",
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            )
+
+
+def create(settings: Settings, config: AggregateConfig, next_consumer: Consumer) -> AggregateProcessor:
+    return AggregateProcessor(settings, config, next_consumer)
+
+
+factory = Factory(
+    type=TYPE,
+    kind=ComponentKind.PROCESSOR,
+    config_class=AggregateConfig,
+    create=create,
+    signals=frozenset({Signal.METRICS}),
+    description="Stream aggregation: count/sum/avg/min/max/rate/increase/slope/quantiles per window",
+)

@@ -1,0 +1,119 @@
+"""The state of one aggregation group in one window: exact, mergeable running statistics.
+
+An :class:`Acc` holds what the outputs need over the samples of one window: count and sum, the mean
+and the sum of squared deviations (Welford's update: stable where ``Σv² − (Σv)²/n`` cancels), min,
+max, the last sample by time, and the co-moments of (time, value) for the least-squares slope. Two
+accumulators merge exactly (Chan et al.'s pairwise formulas), so a rule's coarser intervals are made
+by merging its finest window into them once per finest window, not by folding every point again.
+Distributions keep their merged exponential histogram instead of the moments.
+"""
+
+from __future__ import annotations
+
+import math
+
+from agent import exphist
+from agent.exphist import ExpHistogram
+
+
+class Acc:
+    """Running statistics of one window. Fields are public: the processor's fold loop updates them
+    inline (a method call a point costs more than the update itself)."""
+
+    __slots__ = ("c", "hi", "hist", "last", "last_t", "lo", "m2t", "m2v", "mt", "mv", "n", "total")
+
+    def __init__(self) -> None:
+        self.n = 0.0
+        """Samples (for distributions: observations)."""
+        self.total = 0.0
+        """Sum of the samples (for counters: the increase)."""
+        self.mv = 0.0
+        """Mean of the values."""
+        self.m2v = 0.0
+        """Sum of squared deviations of the values from their mean."""
+        self.mt = 0.0
+        """Mean of the sample times (seconds since the processor's epoch)."""
+        self.m2t = 0.0
+        """Sum of squared deviations of the times."""
+        self.c = 0.0
+        """Co-moment: sum of (t − mean t)(v − mean v)."""
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.last = math.nan
+        self.last_t = -math.inf
+        self.hist: ExpHistogram | None = None
+        """Distributions: the window's merged histogram."""
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def add(self, v: float, t: float) -> None:
+        """One sample `v` at time `t` (the processor inlines this on its hot path; kept equal to it)."""
+        self.n += 1.0
+        n = self.n
+        self.total += v
+        dv = v - self.mv
+        self.mv += dv / n
+        self.m2v += dv * (v - self.mv)
+        dt = t - self.mt
+        self.mt += dt / n
+        self.m2t += dt * (t - self.mt)
+        self.c += dt * (v - self.mv)
+        if v < self.lo:
+            self.lo = v
+        if v > self.hi:
+            self.hi = v
+        if t >= self.last_t:
+            self.last_t = t
+            self.last = v
+
+    def add_histogram(self, h: ExpHistogram, max_buckets: int) -> None:
+        """One distribution's observations (a delta)."""
+        self.n += h.count
+        self.total += h.sum
+        if h.min < self.lo:
+            self.lo = h.min
+        if h.max > self.hi:
+            self.hi = h.max
+        self.hist = h if self.hist is None else exphist.merge(self.hist, h, max_buckets=max_buckets)
+
+    def merge(self, o: Acc, max_buckets: int) -> None:
+        """Fold accumulator `o` (a later window) into this one, exactly."""
+        if o.n == 0:
+            return
+        na, nb = self.n, o.n
+        n = na + nb
+        dv = o.mv - self.mv
+        dt = o.mt - self.mt
+        w = na * nb / n
+        self.m2v += o.m2v + dv * dv * w
+        self.m2t += o.m2t + dt * dt * w
+        self.c += o.c + dt * dv * w
+        self.mv += dv * nb / n
+        self.mt += dt * nb / n
+        self.n = n
+        self.total += o.total
+        self.lo = min(self.lo, o.lo)
+        self.hi = max(self.hi, o.hi)
+        if o.last_t >= self.last_t:
+            self.last_t = o.last_t
+            self.last = o.last
+        if o.hist is not None:
+            self.hist = (
+                o.hist if self.hist is None else exphist.merge(self.hist, o.hist, max_buckets=max_buckets)
+            )
+
+    # -- outputs -------------------------------------------------------------------------------------
+
+    def avg(self) -> float:
+        return self.total / self.n
+
+    def stddev(self) -> float:
+        """Population standard deviation (numpy's default, ``ddof=0``), as vmagent's ``stddev``."""
+        return math.sqrt(max(self.m2v, 0.0) / self.n)
+
+    def slope(self) -> float | None:
+        """Least-squares slope of value over time, per second; None with fewer than two distinct times."""
+        if self.n < 2 or not self.m2t > 0.0:
+            return None
+        return self.c / self.m2t
