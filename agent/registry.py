@@ -24,6 +24,7 @@ BUILTINS: tuple[tuple[ComponentKind, str, str, str], ...] = (
     (P, "sample", "processors.sample", "factory"),
     (P, "percentiles", "processors.percentiles", "factory"),
     (P, "anomaly", "processors.anomaly", "factory"),
+    (P, "drift", "processors.drift", "factory"),
     (P, "aggregate", "processors.aggregate", "factory"),
     (P, "threshold", "processors.threshold", "factory"),
     (P, "filter", "processors.filter", "factory"),

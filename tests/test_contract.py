@@ -178,6 +178,7 @@ STIMULUS: dict[
     (P, "sample"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (P, "percentiles"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (P, "anomaly"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
+    (P, "drift"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (P, "aggregate"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (P, "threshold"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
     (P, "filter"): (lambda cfg, _: cfg, drive_processor, PROCESSED),
