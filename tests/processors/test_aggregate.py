@@ -7,10 +7,14 @@ processor ticked; every output is compared with numpy over the values that windo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
+import statsd
 
 from agent import exphist
 from agent.component import Backpressure, ComponentKind
@@ -18,7 +22,8 @@ from agent.confmodel import Duration
 from agent.model import Kind, Labels, MetricBatch, Point, Temporality
 from agent.telemetry import Telemetry
 from processors.aggregate import AggregateConfig, AggregateProcessor, RuleConfig, factory, output_prefix
-from tests.conftest import Sink, component_settings
+from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
+from tests.integration.conftest import PrometheusServer, free_tcp_udp_port, launch_prometheus
 
 T0 = 1_699_999_200.0  # a multiple of 3600 s: every interval up to 1h starts a window here
 ALL_VALUE_OUTPUTS: list[Any] = ["count", "sum", "avg", "min", "max", "last", "stddev", "slope"]
@@ -408,3 +413,94 @@ async def test_idle_groups_expire() -> None:
 def test_factory_registers_the_type() -> None:
     assert factory.type == "aggregate"
     assert factory.config_class is AggregateConfig
+
+
+# -- end to end: StatsD client → statsd receiver → aggregate → remote-write → a real Prometheus ---------
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
+    """A real Prometheus with its remote-write receiver on, started before the test's event loop."""
+    server = launch_prometheus(tmp_path / "prometheus", free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def prom_query(session: aiohttp.ClientSession, server: PrometheusServer, expr: str) -> list[Any]:
+    async with session.get(f"{server.url}/api/v1/query", params={"query": expr}) as resp:
+        data = await resp.json()
+    assert resp.status == 200 and data["status"] == "success", data
+    return list(data["data"]["result"])
+
+
+async def test_statsd_to_prometheus_through_aggregate(
+    prometheus: PrometheusServer, agents: AgentGraph
+) -> None:
+    port = free_tcp_udp_port()
+    rules = [
+        {"match": ["app.requests"], "intervals": ["2s"], "outputs": ["increase", "rate", "count"]},
+        {"match": ["app.temperature"], "intervals": ["2s"], "outputs": ["avg", "min", "max", "last"]},
+        {
+            "match": ["app.latency"],
+            "intervals": ["2s"],
+            "outputs": ["quantiles", "count"],
+            "quantiles": [0.99],
+        },
+    ]
+    await agents.start(
+        {
+            "receivers": {"statsd": {"udp": f"127.0.0.1:{port}", "flush_interval": "1s"}},
+            "processors": {"aggregate": {"rules": rules}},
+            "exporters": {
+                "prometheus_remote_write": {
+                    "endpoint": prometheus.write_url,
+                    "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s"},
+                }
+            },
+            "service": {
+                "pipelines": {
+                    "metrics": {
+                        "receivers": ["statsd"],
+                        "processors": ["aggregate"],
+                        "exporters": ["prometheus_remote_write"],
+                    }
+                }
+            },
+        }
+    )
+    client = statsd.StatsClient("127.0.0.1", port, prefix="app")
+    for _ in range(40):
+        client.incr("requests", 3)
+    client.gauge("temperature", 22.5)
+    for _ in range(100):
+        client.timing("latency", 50)  # ms: every observation the same, so any window's quantile is 50 ms
+
+    async with aiohttp.ClientSession() as session:
+
+        async def value(expr: str) -> float | None:
+            result = await prom_query(session, prometheus, expr)
+            return float(result[0]["value"][1]) if result else None
+
+        async def equals(expr: str, expected: float) -> bool:
+            got = await value(expr)
+            return got is not None and math.isclose(got, expected, rel_tol=1e-9)
+
+        # Every increment is in exactly one window, however the flushes and windows fall.
+        increase = "sum(sum_over_time(app_requests_2s_increase[10m]))"
+        await wait_until(lambda: equals(increase, 120.0), f"{increase} == 120", timeout_s=60)
+        rate = await value("sum(sum_over_time(app_requests_2s_rate[10m])) * 2")
+        assert rate is not None and math.isclose(rate, 120.0)
+        samples = "sum(sum_over_time(app_latency_2s_count[10m]))"
+        await wait_until(lambda: equals(samples, 100.0), f"{samples} == 100", timeout_s=60)
+        for output in ("avg", "min", "max", "last"):
+            expr = f"max_over_time(app_temperature_2s_{output}[10m])"
+
+            async def temperature(e: str = expr) -> bool:
+                return await equals(e, 22.5)
+
+            await wait_until(temperature, f"{expr} == 22.5", timeout_s=60)
+        p99 = await value('max_over_time(app_latency_2s_quantile_seconds{quantile="0.99"}[10m])')
+        assert p99 is not None and abs(p99 - 0.05) <= exphist.relative_error(6) * 0.05
+        # keep_input is false: the raw series never reach Prometheus (the cardinality saving).
+        raw = '{__name__=~"app_requests_total|app_temperature|app_latency_seconds_count"}'
+        assert await prom_query(session, prometheus, raw) == []
