@@ -16,8 +16,8 @@ with at least ``min_count`` observations in both the window and its reference, s
 ``<name>.drift{test=..., window="5m"}`` (the series' own labels kept), with ``test`` one of:
 ``psi`` (population stability index), ``ks`` (two-sample Kolmogorov–Smirnov D), ``ks_pvalue``,
 ``js`` (Jensen–Shannon distance, base 2, in [0, 1]), ``chi2`` (Chi-squared test of homogeneity over
-the bins) and ``chi2_pvalue``. Prometheus shows them as ``<name>_drift``. The original points pass on
-unchanged.
+the bins) and ``chi2_pvalue``; they carry no unit, so Prometheus shows them as ``<name>_drift``.
+The original points pass on unchanged.
 
 Observations: HISTOGRAM points whose name matches ``include`` (StatsD timers, histograms and
 distributions and OTLP exponential histograms as they are, CUMULATIVE ones as the difference from the
@@ -589,8 +589,9 @@ class DriftProcessor:
                 names = s.out
                 if names is None:
                     names = s.out = self._names(s)
+                # No unit: the statistics are dimensionless (a unit would give Prometheus a suffix).
                 for (name, labels), value in zip(names, values, strict=True):
-                    points.append(_gauge(name, labels, time_ns, value, s.unit, s.resource))
+                    points.append(_gauge(name, labels, time_ns, value, "", s.resource))
             if points:
                 try:
                     await self._next.consume(MetricBatch(tuple(points)))

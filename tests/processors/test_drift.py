@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+import re
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
+import statsd
 from scipy import stats as sst
 from scipy.spatial.distance import jensenshannon
 
@@ -20,7 +24,8 @@ from agent.model import Kind, MetricBatch, Point, Temporality
 from agent.telemetry import Telemetry
 from processors.drift import DRIFT_SUFFIX, TESTS, DriftConfig, DriftProcessor, stats
 from processors.drift.baseline_file import FILE_FORMAT
-from tests.conftest import Sink, component_settings
+from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
+from tests.integration.conftest import PrometheusServer, launch_prometheus
 
 N_REFERENCE, N_CURRENT = 20_000, 5_000
 
@@ -196,7 +201,7 @@ async def test_learnt_baseline_then_windows_against_it() -> None:
     quiet = drift_gauges(sink)
     check_against_raw(quiet, same, baseline)
     points = [p for p in sink.points() if p.name == "lat" + DRIFT_SUFFIX]
-    assert all(p.time_unix_nano == int((T0 + 180.0) * 1e9) and p.unit == "ms" for p in points)
+    assert all(p.time_unix_nano == int((T0 + 180.0) * 1e9) and p.unit == "" for p in points)
     sink.batches.clear()
 
     shifted = await feed_window(proc, clock, rng_lognormal(rng, mu=3.3))
@@ -301,7 +306,7 @@ async def test_a_bad_baseline_file_is_refused_at_start(tmp_path: Path, content: 
     path = tmp_path / "baseline.json"
     path.write_text(content)
     proc, _, _, _ = make(DriftConfig(baseline_file=str(path)))
-    with pytest.raises(ValueError, match=r"baseline_file .*" + __import__("re").escape(wrong)):
+    with pytest.raises(ValueError, match=r"baseline_file .*" + re.escape(wrong)):
         await proc.start()
 
 
@@ -400,3 +405,82 @@ def test_config_refusals(fields: dict[str, Any], path: str, message: str) -> Non
     problems = DriftConfig(**fields).validate()
     assert any(p == path and message in m for p, m in problems), problems
     assert DriftConfig().validate() == []
+
+
+# -- end to end: StatsD timers → agent → drift → remote-write → a real Prometheus -------------------------
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
+    """A real Prometheus with its remote-write receiver on, started before the test's event loop."""
+    server = launch_prometheus(tmp_path / "prometheus", free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+async def test_statsd_timers_drift_rises_in_prometheus_after_a_shift(prometheus: PrometheusServer) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    config = {
+        "receivers": {"statsd": {"udp": f"127.0.0.1:{port}", "flush_interval": "200ms"}},
+        "processors": {"drift": {"include": ["checkout.latency"], "window": "1s", "baseline": "2s"}},
+        "exporters": {
+            "prometheus_remote_write": {
+                "endpoint": prometheus.write_url,
+                "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s"},
+            }
+        },
+        "service": {
+            "pipelines": {
+                "metrics": {
+                    "receivers": ["statsd"],
+                    "processors": ["drift"],
+                    "exporters": ["prometheus_remote_write"],
+                }
+            }
+        },
+    }
+    graph = AgentGraph()
+    client = statsd.StatsClient("127.0.0.1", port)
+    rng = np.random.default_rng(9)
+    mu = 3.0  # the latency's log-mean: e**3 ≈ 20 ms, then e**3.7 ≈ 40 ms
+    try:
+        await graph.start(config)
+        async with aiohttp.ClientSession() as session:
+
+            async def query(expr: str) -> float | None:
+                params = {"query": expr}
+                async with session.get(f"{prometheus.url}/api/v1/query", params=params) as resp:
+                    data = await resp.json()
+                assert resp.status == 200 and data["status"] == "success", data
+                result = data["data"]["result"]
+                return float(result[0]["value"][1]) if result else None
+
+            async def send_then(expr: str, done: Callable[[float], bool]) -> float | None:
+                """Send 40 timers of the current distribution, then read `expr` (None until `done`)."""
+                with client.pipeline() as pipe:
+                    for ms in rng.lognormal(mu, 0.4, 40):
+                        pipe.timing("checkout.latency", float(ms))
+                value = await query(expr)
+                return value if value is not None and done(value) else None
+
+            psi = 'checkout_latency_drift{test="psi",window="1s"}'
+            quiet = await wait_until(
+                lambda: send_then(psi, lambda v: True), "a first drift gauge in Prometheus", timeout_s=60
+            )
+            assert quiet < 0.2  # the same distribution as the baseline
+            mu = 3.7
+            loud = await wait_until(
+                lambda: send_then(psi, lambda v: v > 1.0), "PSI above 1 after the shift", timeout_s=60
+            )
+            assert loud > 5 * quiet
+            ks_p = await query('checkout_latency_drift{test="ks_pvalue"}')
+            assert ks_p is not None and ks_p < 1e-3
+            rising = await query(f"max_over_time({psi}[5m]) > 5 * min_over_time({psi}[5m])")
+            assert rising is not None
+            tests = await query('count(checkout_latency_drift{window="1s"})')
+            assert tests == len(TESTS)
+    finally:
+        await graph.close()
