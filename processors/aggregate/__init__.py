@@ -304,7 +304,7 @@ class _Rule:
 class _Group:
     """One aggregation group: an accumulator per interval of its rule (the shortest first)."""
 
-    __slots__ = ("accs", "dead", "idle", "kind", "labels", "name", "names")
+    __slots__ = ("accs", "idle", "kind", "labels", "name", "names")
 
     def __init__(self, name: str, kind: int, labels: Labels, names: _Names) -> None:
         self.name = name
@@ -314,20 +314,36 @@ class _Group:
         self.accs = [Acc() for _ in names]
         self.idle = 0
         """Shortest windows ended in a row without data."""
-        self.dead = False
+
+
+class _Match:
+    """The rules a metric name matches (cached per name)."""
+
+    __slots__ = ("cutoff_ns", "keep_input", "rules")
+
+    def __init__(self, rules: tuple[_Rule, ...]) -> None:
+        self.rules = rules
+        self.keep_input = any(r.keep_input for r in rules)
+        self.cutoff_ns = 0
+        self.update()
+
+    def update(self) -> None:
+        """Points stamped before this (unix ns) are late for one of the rules (after a window end)."""
+        self.cutoff_ns = max((r.cutoff_ns for r in self.rules), default=0)
 
 
 class _Series:
     """An input series: the groups it folds into (one per matching rule) and its cumulative baseline."""
 
-    __slots__ = ("baseline", "dead", "groups", "last_seen", "start_ns")
+    __slots__ = ("baseline", "generation", "groups", "last_seen", "start_ns")
 
     def __init__(self) -> None:
         self.groups: list[_Group] = []
         self.baseline: float | ExpHistogram | ExplicitHistogram | None = None
         self.start_ns = 0
         self.last_seen = 0.0
-        self.dead = False
+        self.generation = -1
+        """The processor's group generation its groups were looked up at (see ``_generation``)."""
 
 
 def _group_kind(p: Point) -> int:
@@ -364,7 +380,9 @@ class AggregateProcessor:
         """Sample times are kept relative to this (midnight UTC before start): small, precise floats."""
         self._rules = [_Rule(i, r, now, float(config.max_delay)) for i, r in enumerate(config.rules)]
         self._longest = max((r.intervals[-1] for r in self._rules), default=60.0)
-        self._matching: dict[str, tuple[_Rule, ...]] = {}
+        self._matching: dict[str, _Match] = {}
+        self._generation = 0
+        """Bumped when groups expire: a series looked up at an older one finds its groups again."""
         self._series: dict[SeriesKey, _Series] = {}
         self._group_count = 0
         self._pending: collections.deque[MetricBatch] = collections.deque()
@@ -447,26 +465,21 @@ class AggregateProcessor:
 
     # -- input ---------------------------------------------------------------------------------------
 
-    def _rules_for(self, name: str) -> tuple[_Rule, ...]:
+    def _match_for(self, name: str) -> _Match:
         hit = self._matching.get(name)
         if hit is None:
-            hit = tuple(r for r in self._rules if r.regex.fullmatch(name))
+            hit = _Match(tuple(r for r in self._rules if r.regex.fullmatch(name)))
             if len(self._matching) >= 100_000:  # bounds the cache under name churn
                 self._matching.clear()
             self._matching[name] = hit
         return hit
 
-    def _series_for(self, p: Point, rules: tuple[_Rule, ...]) -> _Series | None:
-        """The series of `p` with its groups (made if room), or None when max_series is reached."""
-        key = key_of(p)
+    def _series_for(self, p: Point, key: SeriesKey, rules: tuple[_Rule, ...]) -> _Series | None:
+        """The series `key` of `p` with its groups (made if room), or None when max_series is reached."""
         s = self._series.get(key)
-        if s is not None:
-            if s.groups and not any(g.dead for g in s.groups):
-                return s
-            s.groups = []  # a group of it expired: find or make them again
-        elif len(self._series) >= self._config.max_series:
-            return None
-        else:
+        if s is None:
+            if len(self._series) >= self._config.max_series:
+                return None
             s = _Series()
         kind = _group_kind(p)
         groups = []
@@ -482,6 +495,7 @@ class AggregateProcessor:
                 self._group_count += 1
             groups.append(g)
         s.groups = groups
+        s.generation = self._generation
         self._series[key] = s
         return s
 
@@ -493,42 +507,56 @@ class AggregateProcessor:
         now = self._clock()
         self._roll(now)
         fold: list[tuple[_Series, Point]] = []
-        dropped: set[int] = set()
+        kept: list[Point] = []
         late = overflow = non_finite = 0
-        rules_for = self._rules_for
+        # Hoisted lookups: this loop runs once per point.
+        matching, match_for, series, generation = (
+            self._matching,
+            self._match_for,
+            self._series,
+            self._generation,
+        )
+        keep, add, isfinite = kept.append, fold.append, math.isfinite
+        summary, histogram = Kind.SUMMARY, Kind.HISTOGRAM
         for p in batch.points:
-            rules = rules_for(p.name)
-            if not rules or p.kind is Kind.SUMMARY:
+            m = matching.get(p.name) or match_for(p.name)
+            kind = p.kind
+            if not m.rules or kind is summary:
+                keep(p)
                 continue
             t = p.time_unix_nano
-            if t and t < (rules[0].cutoff_ns if len(rules) == 1 else max(r.cutoff_ns for r in rules)):
+            if t and t < m.cutoff_ns:
                 late += 1
+                keep(p)
                 continue
-            if p.kind is not Kind.HISTOGRAM and not math.isfinite(p.value):
+            if kind is not histogram and not isfinite(p.value):
                 non_finite += 1
+                keep(p)
                 continue
-            s = self._series_for(p, rules)
-            if s is None:
-                overflow += 1
-                continue
+            key = key_of(p)
+            s = series.get(key)
+            if s is None or s.generation != generation:  # new, or one of its groups expired since
+                s = self._series_for(p, key, m.rules)
+                if s is None:
+                    overflow += 1
+                    keep(p)
+                    continue
             s.last_seen = now
-            fold.append((s, p))
-            if not any(r.keep_input for r in rules):
-                dropped.add(id(p))
+            add((s, p))
+            if m.keep_input:
+                keep(p)
         if late:
             self._late.value += late
         if overflow:
             self._overflow.value += overflow
         if non_finite:
             self._non_finite.value += non_finite
-        out = batch
-        if dropped:
-            out = MetricBatch(tuple(p for p in batch.points if id(p) not in dropped), batch.context)
+        out = batch if len(kept) == n else MetricBatch(tuple(kept), batch.context)
         if out.points:
             await self._next.consume(out)  # Backpressure propagates with nothing folded
             self._counts.outgoing(len(out.points))
-        if dropped:
-            self._counts.dropped("aggregated", len(dropped))
+        if len(kept) < n:
+            self._counts.dropped("aggregated", n - len(kept))
         self._fold(fold, now)
 
     def _fold(self, fold: list[tuple[_Series, Point]], now: float) -> None:
@@ -648,13 +676,18 @@ class AggregateProcessor:
                 if g.idle >= idle_limit and all(a.n == 0 for a in g.accs):
                     expired.append(gkey)
             for gkey in expired:
-                rule.groups.pop(gkey).dead = True
-            self._group_count -= len(expired)
+                del rule.groups[gkey]
+            if expired:
+                self._group_count -= len(expired)
+                self._generation += 1
             rolled = True
         if points:
             self._queue(points)
-        if rolled and self._series:
-            self._expire_series(now)
+        if rolled:
+            for m in self._matching.values():
+                m.update()
+            if self._series:
+                self._expire_series(now)
 
     def _close_partial(self, rule: _Rule, now: float) -> None:
         """Shutdown: send the windows being filled as they are, the rate over the time elapsed."""
