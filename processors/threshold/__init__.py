@@ -200,7 +200,7 @@ class RuleConfig:
                 problems.append(
                     ("resolve", f"with op {self.op}, resolve must not be below the highest level")
                 )
-        fields = {"labels": {}, "value": 1.0, "level": 1.0}
+        fields = {"labels": _Probe(), "value": 1.0, "level": 1.0}
         for key, template in [
             ("summary", self.summary),
             *((f"annotations::{k}", v) for k, v in self.annotations.items()),

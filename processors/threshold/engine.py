@@ -615,7 +615,7 @@ class Engine:
         fields = {
             "rule": rule.name,
             "metric": s.metric,
-            "labels": dict(s.labels),
+            "labels": _Fields(s.labels),  # a label the series lacks renders empty
             "series": s.metric + format_labels(s.labels),
             "severity": severity,
             "status": status,

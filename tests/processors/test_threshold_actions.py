@@ -333,3 +333,11 @@ def test_a_non_finite_value_renders_empty_or_null() -> None:
 
     t = BodyTemplate('{"a": "{{ value }}", "b": {{ value | json }}, "c": {{ annotations.x | json }}}')
     assert json.loads(t.render({"value": math.nan, "annotations": {}})) == {"a": "", "b": None, "c": None}
+
+
+def test_annotations_may_name_a_label_and_a_missing_one_renders_empty() -> None:
+    r = rule(annotations={"summary": "{labels[model]}: {value:.3f}"})
+    assert validate_config(ThresholdConfig(rules=[r])) == []
+    e = engine(r)
+    sent = step(e, T0, gauge(90, T0, model="fraud"), gauge(91, T0, host="a"))
+    assert sorted(a.annotations["summary"] for n in sent for a in n.alerts) == [": 91.000", "fraud: 90.000"]
