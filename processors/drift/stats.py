@@ -42,16 +42,6 @@ Counts = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, slots=True)
-class Aligned:
-    """Two histograms' counts on one axis of buckets ordered by value, and each bucket's upper edge."""
-
-    current: Counts
-    reference: Counts
-    upper_edges: Counts
-    """Upper edge of each bucket: buckets hold ``(previous edge, edge]`` (negative ones ``[lo, hi)``)."""
-
-
-@dataclass(frozen=True, slots=True)
 class Drift:
     psi: float
     ks: float
@@ -62,55 +52,65 @@ class Drift:
     chi2: float
     chi2_pvalue: float
     bin_edges: Counts
-    """Upper edges of the bins PSI, JS and Chi² use (the last one is the axis' end)."""
+    """Upper edges of the bins PSI, JS and Chi² use: bins hold ``(previous edge, edge]``; the first
+    reaches down to -inf, the last edge is +inf."""
 
 
-def _upper_edges(scale: int, first: int, n: int) -> Counts:
-    """Upper edges ``base ** (i + 1)`` of positive buckets ``first .. first + n - 1`` at `scale`."""
-    i = np.arange(first + 1, first + n + 1, dtype=np.float64)
-    return np.asarray(np.exp2(i * 2.0**-scale), dtype=np.float64)
+def _edge(scale: int, neg_size: int, neg_low: int, pos_low: int, j: int) -> float:
+    """Upper edge of the bucket at position `j` of the value-ordered axis (see :func:`align`)."""
+    if j < neg_size:  # negative bucket i holds [-base**(i+1), -base**i)
+        return -math.exp2((neg_low + neg_size - 1 - j) * 2.0**-scale)
+    if j == neg_size:
+        return 0.0
+    return math.exp2((pos_low + j - neg_size) * 2.0**-scale)
 
 
-def align(current: ExpHistogram, reference: ExpHistogram) -> Aligned:
-    """Both histograms' counts on a common axis at the coarser of their scales."""
+def _layout(current: ExpHistogram, reference: ExpHistogram) -> tuple[Counts, Counts, int, int, int, int]:
+    """(current counts, reference counts, scale, negative buckets, lowest negative index, lowest positive
+    index) of both histograms on one value-ordered axis at the coarser of their scales: negative
+    buckets (most negative first), the zero bucket, the positive buckets."""
     scales = [h.scale for h in (current, reference) if h.positive_counts.size or h.negative_counts.size]
     scale = min(scales) if scales else exphist.MAX_SCALE
     a = exphist.downscale(current, max(0, current.scale - scale))
     b = exphist.downscale(reference, max(0, reference.scale - scale))
+    a_pos, b_pos, a_neg, b_neg = a.positive_counts, b.positive_counts, a.negative_counts, b.negative_counts
+    if a_pos.size and b_pos.size:
+        pos_low = min(a.positive_offset, b.positive_offset)
+        pos_size = max(a.positive_offset + a_pos.size, b.positive_offset + b_pos.size) - pos_low
+    elif a_pos.size or b_pos.size:
+        pos_low, pos_size = (a.positive_offset, a_pos.size) if a_pos.size else (b.positive_offset, b_pos.size)
+    else:
+        pos_low, pos_size = 0, 0
+    if a_neg.size and b_neg.size:
+        neg_low = min(a.negative_offset, b.negative_offset)
+        neg_size = max(a.negative_offset + a_neg.size, b.negative_offset + b_neg.size) - neg_low
+    elif a_neg.size or b_neg.size:
+        neg_low, neg_size = (a.negative_offset, a_neg.size) if a_neg.size else (b.negative_offset, b_neg.size)
+    else:
+        neg_low, neg_size = 0, 0
+    size = neg_size + 1 + pos_size
+    out = []
+    for h, pos, neg in ((a, a_pos, a_neg), (b, b_pos, b_neg)):
+        axis = np.zeros(size, dtype=np.float64)
+        if neg.size:
+            # Negative index i sits at position neg_size - 1 - (i - neg_low): reversed.
+            start = neg_size - 1 - (h.negative_offset + neg.size - 1 - neg_low)
+            axis[start : start + neg.size] = neg[::-1]
+        axis[neg_size] = h.zero_count
+        if pos.size:
+            start = neg_size + 1 + h.positive_offset - pos_low
+            axis[start : start + pos.size] = pos
+        out.append(axis)
+    return out[0], out[1], scale, neg_size, neg_low, pos_low
 
-    def side(offset_a: int, ca: Counts, offset_b: int, cb: Counts) -> tuple[int, Counts, Counts]:
-        spans = [(o, o + c.size) for o, c in ((offset_a, ca), (offset_b, cb)) if c.size]
-        if not spans:
-            empty = np.zeros(0, dtype=np.float64)
-            return 0, empty, empty
-        low, high = min(s for s, _ in spans), max(e for _, e in spans)
-        out_a = np.zeros(high - low, dtype=np.float64)
-        out_b = np.zeros(high - low, dtype=np.float64)
-        out_a[offset_a - low : offset_a - low + ca.size] += ca
-        out_b[offset_b - low : offset_b - low + cb.size] += cb
-        return low, out_a, out_b
 
-    pos_low, pos_a, pos_b = side(a.positive_offset, a.positive_counts, b.positive_offset, b.positive_counts)
-    neg_low, neg_a, neg_b = side(a.negative_offset, a.negative_counts, b.negative_offset, b.negative_counts)
-    # Negative bucket i holds [-base**(i+1), -base**i): by value, the highest index comes first and
-    # its upper edge is -base**i.
-    neg_edges = -_upper_edges(scale, neg_low - 1, neg_a.size)[::-1]
-    zero = np.array([0.0])
-    return Aligned(
-        current=np.concatenate((neg_a[::-1], [a.zero_count], pos_a)),
-        reference=np.concatenate((neg_b[::-1], [b.zero_count], pos_b)),
-        upper_edges=np.concatenate((neg_edges, zero, _upper_edges(scale, pos_low, pos_a.size))),
-    )
-
-
-def bin_cuts(reference_share: Counts, bins: int) -> npt.NDArray[np.intp]:
-    """Start index of each bin: a cut after the bucket where the reference's cumulative share first
-    reaches ``k / bins`` (k = 1 .. bins - 1); always starting with 0."""
-    cumulative = np.cumsum(reference_share)
-    targets = np.arange(1, bins, dtype=np.float64) / bins
-    ends = np.searchsorted(cumulative, targets - 1e-12, side="left") + 1
-    ends = ends[ends < reference_share.size]
-    return np.unique(np.concatenate(([0], ends)))
+def _cuts(cumulative: Counts, total: float, bins: int) -> list[int]:
+    targets = np.arange(1, bins, dtype=np.float64) * (total / bins) - total * 1e-12
+    cuts = [0]
+    for end in (np.searchsorted(cumulative, targets, side="left") + 1).tolist():
+        if cuts[-1] < end < cumulative.size:
+            cuts.append(end)
+    return cuts
 
 
 def kolmogorov_sf(x: float) -> float:
@@ -176,37 +176,42 @@ def drift(current: ExpHistogram, reference: ExpHistogram, *, bins: int = 10) -> 
     """Every statistic of `current` against `reference`; None when either holds no observation."""
     if not (current.count > 0 and reference.count > 0):
         return None
-    al = align(current, reference)
-    n, m = float(al.current.sum()), float(al.reference.sum())
+    cur, ref, scale, neg_size, neg_low, pos_low = _layout(current, reference)
+    cum_cur, cum_ref = np.cumsum(cur), np.cumsum(ref)
+    n, m = float(cum_cur[-1]), float(cum_ref[-1])
     if not (n > 0 and m > 0):
         return None
-    p, q = al.current / n, al.reference / m
 
-    gaps = np.abs(np.cumsum(p) - np.cumsum(q))
-    ks = float(gaps.max())
-    ks_bound = min(1.0, ks + float(np.maximum(p, q).max()))
-    effective = n * m / (n + m)
-    ks_pvalue = kolmogorov_sf(math.sqrt(effective) * ks)
+    ks = float(np.abs(cum_cur * (1.0 / n) - cum_ref * (1.0 / m)).max())
+    ks_bound = min(1.0, ks + max(float(cur.max()) / n, float(ref.max()) / m))
+    ks_pvalue = kolmogorov_sf(math.sqrt(n * m / (n + m)) * ks)
 
-    cuts = bin_cuts(q, bins)
-    cur_bins = np.add.reduceat(al.current, cuts)
-    ref_bins = np.add.reduceat(al.reference, cuts)
-    bin_edges = al.upper_edges[np.concatenate((cuts[1:] - 1, [al.upper_edges.size - 1]))]
-    pb, qb = cur_bins / n, ref_bins / m
-
-    floored_p, floored_q = np.maximum(pb, PSI_EPSILON), np.maximum(qb, PSI_EPSILON)
-    psi = float(np.sum((floored_p - floored_q) * np.log(floored_p / floored_q)))
-
-    mid = 0.5 * (pb + qb)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl_p = np.where(pb > 0, pb * np.log2(pb / mid), 0.0)
-        kl_q = np.where(qb > 0, qb * np.log2(qb / mid), 0.0)
-    js = math.sqrt(max(0.0, 0.5 * float(kl_p.sum() + kl_q.sum())))
-
-    used = (cur_bins + ref_bins) > 0
-    observed = np.stack((cur_bins[used], ref_bins[used]))
-    expected = np.outer(np.array([n, m]), observed.sum(axis=0)) / (n + m)
-    chi2 = float(np.sum((observed - expected) ** 2 / expected))
-    df = observed.shape[1] - 1
+    # The bins are few (<= `bins`): plain floats from here on, cheaper than numpy's per-call cost.
+    cuts = _cuts(cum_ref, m, bins)
+    ends = [*cuts[1:], cur.size]
+    at_end = [e - 1 for e in ends]
+    cur_at, ref_at = [0.0, *cum_cur[at_end].tolist()], [0.0, *cum_ref[at_end].tolist()]
+    cur_bins = [cur_at[i + 1] - cur_at[i] for i in range(len(ends))]
+    ref_bins = [ref_at[i + 1] - ref_at[i] for i in range(len(ends))]
+    edges = [_edge(scale, neg_size, neg_low, pos_low, e - 1) for e in ends[:-1]]
+    psi = js2 = chi2 = 0.0
+    used = 0
+    for c, r in zip(cur_bins, ref_bins, strict=True):
+        c, r = max(c, 0.0), max(r, 0.0)  # cumulative differences: never a negative residue
+        p, q = c / n, r / m
+        fp, fq = max(p, PSI_EPSILON), max(q, PSI_EPSILON)
+        psi += (fp - fq) * math.log(fp / fq)
+        mid = 0.5 * (p + q)
+        if p > 0:
+            js2 += p * math.log2(p / mid)
+        if q > 0:
+            js2 += q * math.log2(q / mid)
+        if c + r > 0:
+            # Σ over both rows of (O - E)² / E for a 2 × k table, in closed form.
+            chi2 += (m * c - n * r) ** 2 / (n * m * (c + r))
+            used += 1
+    js = math.sqrt(max(0.0, 0.5 * js2))
+    df = used - 1
     chi2_pvalue = gamma_q(df / 2.0, chi2 / 2.0) if df > 0 else 1.0
+    bin_edges = np.array([*edges, math.inf])
     return Drift(psi, ks, ks_pvalue, ks_bound, js, chi2, chi2_pvalue, bin_edges)
