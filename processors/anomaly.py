@@ -81,7 +81,16 @@ from agent.component import Backpressure, ComponentKind, Consumer, Factory, Sett
 from agent.confmodel import Duration
 from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
-from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, SeriesKey, Temporality, key_of
+from agent.model import (
+    ExplicitHistogram,
+    Kind,
+    MetricBatch,
+    Point,
+    SeriesKey,
+    Temporality,
+    key_of,
+    new_point,
+)
 from agent.telemetry import Cell
 from processors.percentiles import convert
 
@@ -213,12 +222,36 @@ class _Cusum:
         self.up_recent: tuple[float, ...] = ()
         self.down_recent: tuple[float, ...] = ()
 
+    # Spelled out (not a loop over __slots__): taken for every series a batch touches, for its undo.
     def state(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in _Cusum.__slots__)
+        return (
+            self.n,
+            self.ready,
+            self.mean,
+            self.variance,
+            self.quiet_variance,
+            self.up,
+            self.up_base,
+            self.up_recent,
+            self.down,
+            self.down_base,
+            self.down_recent,
+        )
 
     def restore(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(_Cusum.__slots__, state, strict=True):
-            setattr(self, name, value)
+        (
+            self.n,
+            self.ready,
+            self.mean,
+            self.variance,
+            self.quiet_variance,
+            self.up,
+            self.up_base,
+            self.up_recent,
+            self.down,
+            self.down_base,
+            self.down_recent,
+        ) = state
 
     def step(self, x: float, alpha: float, c: AnomalyConfig) -> float | None:
         """Add ``x``; the relative size of a level change detected at ``x`` (0.0: none), or None
@@ -278,7 +311,7 @@ class _Cusum:
 
 
 class _Series:
-    __slots__ = ("cusum", "last_ns", "last_seen", "mean", "n", "previous", "variance")
+    __slots__ = ("change_key", "cusum", "last_ns", "last_seen", "mean", "n", "previous", "variance")
 
     def __init__(self) -> None:
         self.n = 0
@@ -292,6 +325,8 @@ class _Series:
         """The previous CUMULATIVE value or histogram, the base of the next difference."""
         self.cusum: _Cusum | None = None
         """The change detector's state (change_detection on)."""
+        self.change_key: SeriesKey | None = None
+        """The identity of the series' change gauge, once one was made."""
 
 
 _Saved = tuple[
@@ -405,18 +440,29 @@ class AnomalyProcessor:
             time_ns = p.time_unix_nano or int(now * 1e9)
             score, change = self._score(s, p, time_ns)
             if change is not None:
-                changes.append(
-                    Point(
-                        p.name + self._config.change_suffix,
-                        Kind.GAUGE,
-                        p.labels,
-                        time_ns,
-                        value=change,
-                        unit="1",
-                        resource=p.resource,
-                        scope=p.scope,
-                    )
+                # new_point with the series' cached key: a gauge per value doubled the processor's cost
+                # through Point() and key_of (about 2.5 µs of the 6 it added).
+                point = new_point(
+                    p.name + self._config.change_suffix,
+                    Kind.GAUGE,
+                    p.labels,
+                    time_ns,
+                    change,
+                    0,
+                    Temporality.DELTA,
+                    True,
+                    None,
+                    "1",
+                    "",
+                    p.resource,
+                    p.scope,
+                    None,
+                    None,
+                    s.change_key,
                 )
+                if s.change_key is None:
+                    s.change_key = key_of(point)
+                changes.append(point)
             if score is not None:
                 scores.append(
                     Point(

@@ -482,6 +482,7 @@ class ThresholdProcessor:
                 async with self._lock:
                     await self._dispatch(self._clock(), everything=True)
                     await self._save()
+                self._count_ignored()
             except Exception as exc:
                 self._errors.value += 1
                 self._log.error("could not flush alerts on shutdown: %r", exc)
