@@ -137,7 +137,7 @@ class AnomalyConfig:
     change_drift: float = 0.5
     """CUSUM slack k, in standard deviations: shifts smaller than about 2k are tolerated, not summed."""
     change_min_points: int = 3
-    """Each value adds at most change_threshold / this to a sum: a spike this long cannot flag a change."""
+    """Each value adds at most change_threshold / this to a sum: a shorter spike cannot flag a change."""
     change_suffix: str = "_change"
     """Appended to the metric name to name the change gauge."""
 
