@@ -581,7 +581,7 @@ class AggregateProcessor:
             if kind == _COUNTER and p.temporality is Temporality.CUMULATIVE:
                 previous = s.baseline
                 restarted = p.start_time_unix_nano != s.start_ns and s.start_ns != 0
-                s.baseline, s.start_ns = v, p.start_time_unix_nano
+                s.baseline, s.start_ns = float(v), p.start_time_unix_nano
                 if not isinstance(previous, float):
                     if not p.start_time_unix_nano or p.start_time_unix_nano < self._started_ns:
                         continue  # the first point of a counter older than us only sets the baseline
@@ -750,9 +750,11 @@ class AggregateProcessor:
             elif output == "slope":
                 value = a.slope()
             elif output == "quantiles":
-                value = exphist.quantile(a.hist, q) if a.hist is not None else None
+                h = a.histogram(self._config.max_buckets)
+                value = exphist.quantile(h, q) if h is not None else None
             else:  # histogram
-                if a.hist is not None:
+                h = a.histogram(self._config.max_buckets)
+                if h is not None:
                     out.append(
                         Point(
                             name,
@@ -761,7 +763,7 @@ class AggregateProcessor:
                             time_ns,
                             start_time_unix_nano=time_ns - int(span_s * 1e9),
                             temporality=Temporality.DELTA,
-                            histogram=a.hist,
+                            histogram=h,
                             unit=unit,
                         )
                     )

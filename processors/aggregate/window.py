@@ -15,12 +15,15 @@ import math
 from agent import exphist
 from agent.exphist import ExpHistogram
 
+_PARTS = 32
+"""Distributions gathered before they are merged into the window's histogram."""
+
 
 class Acc:
     """Running statistics of one window. Fields are public: the processor's fold loop updates them
     inline (a method call a point costs more than the update itself)."""
 
-    __slots__ = ("c", "hi", "hist", "last", "last_t", "lo", "m2t", "m2v", "mt", "mv", "n", "total")
+    __slots__ = ("c", "hi", "hist", "last", "last_t", "lo", "m2t", "m2v", "mt", "mv", "n", "parts", "total")
 
     def __init__(self) -> None:
         self.n = 0.0
@@ -42,7 +45,10 @@ class Acc:
         self.last = math.nan
         self.last_t = -math.inf
         self.hist: ExpHistogram | None = None
-        """Distributions: the window's merged histogram."""
+        """Distributions: the merged histogram of the window's earlier points (see :meth:`histogram`)."""
+        self.parts: list[ExpHistogram] = []
+        """Distributions not merged yet: merged together in one pass (``merge_all`` of 32 costs a few
+        pairwise merges), at the window's end or when _PARTS have gathered."""
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -75,7 +81,20 @@ class Acc:
             self.lo = h.min
         if h.max > self.hi:
             self.hi = h.max
-        self.hist = h if self.hist is None else exphist.merge(self.hist, h, max_buckets=max_buckets)
+        parts = self.parts
+        parts.append(h)
+        if len(parts) >= _PARTS:
+            self.histogram(max_buckets)
+
+    def histogram(self, max_buckets: int) -> ExpHistogram | None:
+        """The window's merged histogram (None without distributions)."""
+        parts = self.parts
+        if parts:
+            if self.hist is not None:
+                parts.append(self.hist)
+            self.hist = exphist.merge_all(parts, max_buckets=max_buckets)
+            self.parts = []
+        return self.hist
 
     def merge(self, o: Acc, max_buckets: int) -> None:
         """Fold accumulator `o` (a later window) into this one, exactly."""
@@ -98,10 +117,11 @@ class Acc:
         if o.last_t >= self.last_t:
             self.last_t = o.last_t
             self.last = o.last
-        if o.hist is not None:
-            self.hist = (
-                o.hist if self.hist is None else exphist.merge(self.hist, o.hist, max_buckets=max_buckets)
-            )
+        theirs = o.histogram(max_buckets)
+        if theirs is not None:
+            self.parts.append(theirs)
+            if len(self.parts) >= _PARTS:
+                self.histogram(max_buckets)
 
     # -- outputs -------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import statsd
 from agent import exphist
 from agent.component import Backpressure, ComponentKind
 from agent.confmodel import Duration
-from agent.model import Kind, Labels, MetricBatch, Point, Temporality
+from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Temporality
 from agent.telemetry import Telemetry
 from processors.aggregate import AggregateConfig, AggregateProcessor, RuleConfig, factory, output_prefix
 from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
@@ -337,6 +337,45 @@ async def test_quantiles_and_merged_histogram_within_the_bound(seed: int) -> Non
         p for p in sink.points() if p.name == "lat.1m.quantile" and dict(p.labels)["quantile"] == "0.99"
     ]
     assert len(minute) == 5
+
+
+async def test_cumulative_and_explicit_histograms_add_their_increase() -> None:
+    rule = RuleConfig(match=["lat", "rpc"], outputs=["count", "sum", "max"])
+    proc, sink, _, clock = make(rule)
+    rng = np.random.default_rng(6)
+    a, b, c = (rng.lognormal(-3.0, 1.0, size=n) for n in (50, 80, 30))
+    clock.now = T0 + 1.0
+    born = int((T0 + 0.5) * 1e9)  # started after the processor: its first histogram counts whole
+    first = exphist.from_values(a, max_buckets=2048)
+    second = exphist.merge(first, exphist.from_values(b, max_buckets=2048), max_buckets=2048)
+    after_reset = exphist.from_values(c, max_buckets=2048)  # the process restarted: fewer than before
+    for h in (first, second, after_reset):
+        p = Point("lat", Kind.HISTOGRAM, (), int(clock.now * 1e9), start_time_unix_nano=born, histogram=h,
+                  temporality=Temporality.CUMULATIVE)  # fmt: skip
+        await proc.consume(MetricBatch((p,)))
+        clock.now += 1.0
+    # An OTLP explicit-bucket delta histogram: count and sum exact, max as sent.
+    explicit = ExplicitHistogram(bounds=(0.1, 1.0), counts=(3, 4, 1), sum=4.5, min=0.01, max=2.0)
+    await proc.consume(
+        MetricBatch((Point("rpc", Kind.HISTOGRAM, (), int(clock.now * 1e9), explicit=explicit),))
+    )
+    await close_window(proc, clock, T0 + 60.0)
+    got = {p.name: p.value for p in sink.points()}
+    everything = np.concatenate([a, b, c])
+    assert got["lat.1m.count"] == len(everything)
+    assert got["lat.1m.sum"] == pytest.approx(np.sum(everything), rel=1e-9)
+    assert got["lat.1m.max"] == max(np.max(a), np.max(b), np.max(c))
+    assert got["rpc.1m.count"] == 8 and got["rpc.1m.sum"] == pytest.approx(4.5) and got["rpc.1m.max"] == 2.0
+
+
+async def test_integer_cumulative_counter_values() -> None:
+    proc, sink, _, clock = make(RuleConfig(match=["c"], outputs=["increase"]))
+    clock.now = T0 + 1.0
+    for i, v in enumerate((10, 15, 21)):  # OTLP as_int values arrive as ints
+        p = Point("c", Kind.SUM, (), int((T0 + i) * 1e9), value=v, temporality=Temporality.CUMULATIVE)
+        await proc.consume(MetricBatch((p,)))
+    await close_window(proc, clock, T0 + 60.0)
+    assert sink.values("c.1m.increase") == [11.0]
 
 
 async def test_refused_window_outputs_are_kept_resent_and_refuse_input_meanwhile() -> None:
