@@ -7,6 +7,7 @@ processor ticked; every output is compared with numpy over the values that windo
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -447,6 +448,21 @@ async def test_idle_groups_expire() -> None:
     await proc.consume(MetricBatch((gauge("g", T0 + 181.0, 1.0, (("k", "a"),)),)))
     await close_window(proc, clock, T0 + 240.0)
     assert sink.values("g.1m_by_k.count") == [1.0, 1.0]
+
+
+async def test_the_timer_sends_each_window_at_its_end_on_the_wall_clock() -> None:
+    tel = Telemetry()
+    sink = Sink()
+    config = AggregateConfig(rules=[RuleConfig(match=["g"], intervals=[Duration(1.0)], outputs=["count"])])
+    proc = AggregateProcessor(component_settings(tel, ComponentKind.PROCESSOR, "aggregate"), config, sink)
+    await proc.start()
+    try:
+        await proc.consume(MetricBatch((gauge("g", time.time(), 1.0),)))
+        [p] = await wait_until(lambda: sink.points(), "the window's count", timeout_s=30)
+        assert p.name == "g.1s.count" and p.value == 1.0
+        assert p.time_unix_nano % 1_000_000_000 == 0  # stamped with the window's end, on a whole second
+    finally:
+        await proc.shutdown()
 
 
 def test_factory_registers_the_type() -> None:
