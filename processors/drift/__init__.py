@@ -96,6 +96,7 @@ from agent.model import (
 )
 from processors.drift import stats
 from processors.drift.baseline_file import FileKey, file_key, read_baseline_file, write_baseline_file
+from processors.drift.merge import merge_many
 
 # The explicit → exponential conversion and the cumulative differences are the percentiles
 # processor's; both processors read distributions the same way.
@@ -225,7 +226,7 @@ class _Acc:
         if self.merged is not None:
             parts.append(self.merged)
         self.hists = []
-        self.merged = exphist.merge_all(parts, max_buckets=max_buckets) if parts else None
+        self.merged = merge_many(parts, max_buckets=max_buckets) if parts else None
 
     def take(self, max_buckets: int) -> ExpHistogram:
         """Everything held, as one histogram (EMPTY when nothing); the accumulator is emptied."""
@@ -582,7 +583,9 @@ class DriftProcessor:
         refused: Backpressure | None = None
         for start in range(0, len(every), step):
             points: list[Point] = []
-            for s in every[start : start + step]:
+            chunk = every[start : start + step]
+            self._fold_values(chunk)
+            for s in chunk:
                 values = self._statistics(s, now, index, counts)
                 if values is None:
                     continue
@@ -607,6 +610,26 @@ class DriftProcessor:
                 self._skipped(reason).value += n
         if refused is not None:
             raise refused
+
+    def _fold_values(self, chunk: list[_Series]) -> None:
+        """Turn the gauge values the series of `chunk` hold into one histogram each, all in one pass
+        (exphist.from_segments): one from_values call per series cost ~150 µs a window end."""
+        accs = [acc for s in chunk for acc in (s.current, s.learning) if acc is not None and acc.values]
+        if not accs:
+            return
+        sizes = [len(acc.values) for acc in accs]
+        offsets = np.zeros(len(accs) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        values = np.fromiter(
+            (v for acc in accs for v in acc.values), dtype=np.float64, count=int(offsets[-1])
+        )
+        hists = exphist.from_segments(
+            values, None, offsets, max_buckets=self._max_buckets, max_scale=_GAUGE_SCALE
+        )
+        for acc, h in zip(accs, hists, strict=True):
+            acc.values = []
+            if h.count > 0:
+                acc.hists.append(h)
 
     async def _save(self) -> None:
         path = self._config.baseline_file

@@ -24,6 +24,7 @@ from agent.model import Kind, MetricBatch, Point, Temporality
 from agent.telemetry import Telemetry
 from processors.drift import DRIFT_SUFFIX, TESTS, DriftConfig, DriftProcessor, stats
 from processors.drift.baseline_file import FILE_FORMAT
+from processors.drift.merge import merge_many
 from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
 from tests.integration.conftest import PrometheusServer, launch_prometheus
 
@@ -108,6 +109,28 @@ def test_kolmogorov_and_gamma_functions_match_scipy() -> None:
     for a in [0.5, 1.0, 4.5, 50.0, 500.0]:
         for x in [0.0, 0.1, 1.0, a, 2 * a, 5 * a + 10]:
             assert stats.gamma_q(a, x) == pytest.approx(special.gammaincc(a, x), rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_merge_many_equals_merge_all(seed: int) -> None:
+    """The window end's merge gives exactly exphist.merge_all's histogram: mixed scales, signs,
+    zeros, empty inputs, and bucket limits that force a coarser scale."""
+    rng = np.random.default_rng(seed)
+    hs = []
+    for _ in range(int(rng.integers(1, 40))):
+        kind = int(rng.integers(0, 4))
+        if kind == 0:
+            values = rng.lognormal(rng.normal(0, 3), rng.uniform(0.1, 2), int(rng.integers(0, 60)))
+        elif kind == 1:
+            values = rng.normal(0, rng.uniform(0.1, 100), int(rng.integers(1, 60)))
+        elif kind == 2:
+            values = np.zeros(int(rng.integers(1, 5)))
+        else:
+            values = np.array([])
+        max_buckets = int(rng.choice([8, 160, 320, 2048]))
+        hs.append(exphist.from_values(values, max_buckets=max_buckets, max_scale=int(rng.integers(-2, 10))))
+    for max_buckets in (5, 160, 320):
+        assert merge_many(hs, max_buckets=max_buckets) == exphist.merge_all(hs, max_buckets=max_buckets)
 
 
 def test_identical_histograms_show_no_drift() -> None:
