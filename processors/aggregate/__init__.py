@@ -59,6 +59,10 @@ accumulator per interval) and ``max_series`` input series tracked for cumulative
 that would need one more is passed on raw and counted (``headwater_aggregate_overflow_points_total``).
 Idle groups and series are forgotten after twice the rule's longest interval.
 
+A window's end never blocks the event loop for long: each group's accumulator is swapped for an empty
+one at the boundary (one pass of pointer swaps), and the ended window is then sent, merged into the
+coarser windows and expired :data:`_GROUPS_PER_STEP` groups at a time between yields to the loop.
+
 Backpressure: raw points are handed on before anything is folded, so a refusal downstream is raised
 to the sender with nothing taken (its retry does not count twice). Window outputs refused downstream
 are kept and resent (every second by the timer, and before the next batch); while they wait, incoming
@@ -118,6 +122,8 @@ _RETRY_S = 1.0
 """How often window outputs refused downstream are offered again."""
 _POINTS_PER_BATCH = 2000
 """Window output points per batch handed on."""
+_GROUPS_PER_STEP = 2000
+"""Groups sent between yields to the event loop at a window's end (~10 ms of work)."""
 
 _GAUGE, _COUNTER, _DIST = 0, 1, 2
 """Group kinds: gauge samples, counter increases, distributions."""
@@ -304,16 +310,35 @@ class _Rule:
 class _Group:
     """One aggregation group: an accumulator per interval of its rule (the shortest first)."""
 
-    __slots__ = ("accs", "idle", "kind", "labels", "name", "names")
+    __slots__ = ("accs", "closed", "idle", "key", "kind", "labels", "name", "names")
 
-    def __init__(self, name: str, kind: int, labels: Labels, names: _Names) -> None:
-        self.name = name
+    def __init__(self, key: tuple[str, int, Labels], kind: int, labels: Labels, names: _Names) -> None:
+        self.key = key
+        self.name = key[0]
         self.kind = kind
         self.labels = labels
         self.names = names
         self.accs = [Acc() for _ in names]
+        self.closed = Acc()
+        """The shortest window that ended, until it is sent (swapped with ``accs[0]`` at its end)."""
         self.idle = 0
         """Shortest windows ended in a row without data."""
+
+
+class _Closed:
+    """A rule's shortest window that ended: its groups are sent and merged a chunk at a time."""
+
+    __slots__ = ("end", "groups", "next", "rule", "start")
+
+    def __init__(self, rule: _Rule, end: float, start: float, groups: list[_Group]) -> None:
+        self.rule = rule
+        self.end = end
+        """When the window ended (unix seconds)."""
+        self.start = start
+        """Start of the window being filled when it was closed."""
+        self.groups = groups
+        self.next = 0
+        """Groups before this index are done."""
 
 
 class _Match:
@@ -385,6 +410,8 @@ class AggregateProcessor:
         """Bumped when groups expire: a series looked up at an older one finds its groups again."""
         self._series: dict[SeriesKey, _Series] = {}
         self._group_count = 0
+        self._closed: collections.deque[_Closed] = collections.deque()
+        """Windows that ended and whose groups are not all sent yet, oldest first."""
         self._pending: collections.deque[MetricBatch] = collections.deque()
         """Window outputs refused downstream, oldest first: resent before anything else."""
         self._started = False
@@ -431,6 +458,8 @@ class AggregateProcessor:
         await self._tasks.close()
         now = self._clock()
         self._roll(now)
+        while self._closed:
+            self._step(self._closed[0], None)
         for rule in self._rules:
             self._close_partial(rule, now)
         try:
@@ -461,6 +490,7 @@ class AggregateProcessor:
     async def tick(self) -> None:
         """Close the windows that ended by the clock and send what waits; Backpressure if refused."""
         self._roll(self._clock())
+        await self._drain()
         await self._flush()
 
     # -- input ---------------------------------------------------------------------------------------
@@ -490,7 +520,7 @@ class AggregateProcessor:
             if g is None:
                 if self._group_count >= self._config.max_series:
                     return None
-                g = _Group(p.name, kind, labels, rule.names(p.name, kind, labels, p.unit))
+                g = _Group(gkey, kind, labels, rule.names(p.name, kind, labels, p.unit))
                 rule.groups[gkey] = g
                 self._group_count += 1
             groups.append(g)
@@ -641,53 +671,73 @@ class AggregateProcessor:
     # -- windows -------------------------------------------------------------------------------------
 
     def _roll(self, now: float) -> None:
-        """Close every rule's shortest window that ended by `now` (merging it into the coarser ones and
-        closing those that ended too); the outputs join the pending batches."""
-        points: list[Point] = []
+        """Close every rule's shortest window that ended by `now`: each group's accumulator is swapped for
+        an empty one at once (points from now on fill the next window); sending them, merging them into
+        the coarser windows and closing those is :meth:`_drain`'s, a chunk of groups at a time."""
         rolled = False
         for rule in self._rules:
             start = math.floor(now / rule.base) * rule.base
             if start <= rule.filling:
                 continue  # (a clock stepped back keeps the window being filled)
-            end = rule.filling + rule.base
+            while self._closed:  # the previous end is not all sent yet (rare): finish it first
+                self._step(self._closed[0], None)
+            groups = list(rule.groups.values())
+            for g in groups:
+                accs = g.accs
+                accs[0], g.closed = g.closed, accs[0]
+            self._closed.append(_Closed(rule, rule.filling + rule.base, start, groups))
             rule.filling = start
             rule.cutoff_ns = int((start - self._config.max_delay) * 1e9)
-            ended = [
-                (i + 1, iv) for i, iv in enumerate(rule.coarse) if math.ceil(end / iv - 1e-9) * iv <= start
-            ]
-            idle_limit = max(2, math.ceil(2 * rule.intervals[-1] / rule.base))
-            expired = []
-            for gkey, g in rule.groups.items():
-                base = g.accs[0]
-                if base.n > 0:
-                    g.idle = 0
-                    self._emit(g, 0, base, end, rule.base, rule.quantiles, points)
-                    for i in range(1, len(g.accs)):
-                        g.accs[i].merge(base, self._config.max_buckets)
-                    base.reset()
-                else:
-                    g.idle += 1
-                for i, iv in ended:
-                    a = g.accs[i]
-                    if a.n > 0:
-                        w_end = math.ceil(end / iv - 1e-9) * iv
-                        self._emit(g, i, a, w_end, iv, rule.quantiles, points)
-                        a.reset()
-                if g.idle >= idle_limit and all(a.n == 0 for a in g.accs):
-                    expired.append(gkey)
-            for gkey in expired:
-                del rule.groups[gkey]
-            if expired:
-                self._group_count -= len(expired)
-                self._generation += 1
             rolled = True
-        if points:
-            self._queue(points)
         if rolled:
             for m in self._matching.values():
                 m.update()
             if self._series:
                 self._expire_series(now)
+
+    async def _drain(self) -> None:
+        """Send the windows that ended, :data:`_GROUPS_PER_STEP` groups between yields to the loop."""
+        while self._closed:
+            self._step(self._closed[0], _GROUPS_PER_STEP)
+            await asyncio.sleep(0)
+
+    def _step(self, closed: _Closed, limit: int | None) -> None:
+        """Send up to `limit` (None: all) more groups of window `closed`; drop it from the queue when done."""
+        rule, end, start = closed.rule, closed.end, closed.start
+        groups = closed.groups
+        stop = len(groups) if limit is None else min(len(groups), closed.next + limit)
+        ended = [(i + 1, iv) for i, iv in enumerate(rule.coarse) if math.ceil(end / iv - 1e-9) * iv <= start]
+        idle_limit = max(2, math.ceil(2 * rule.intervals[-1] / rule.base))
+        max_buckets = self._config.max_buckets
+        points: list[Point] = []
+        expired = 0
+        for k in range(closed.next, stop):
+            g = groups[k]
+            base = g.closed
+            if base.n > 0:
+                g.idle = 0
+                self._emit(g, 0, base, end, rule.base, rule.quantiles, points)
+                for i in range(1, len(g.accs)):
+                    g.accs[i].merge(base, max_buckets)
+                base.reset()
+            else:
+                g.idle += 1
+            for i, iv in ended:
+                a = g.accs[i]
+                if a.n > 0:
+                    self._emit(g, i, a, math.ceil(end / iv - 1e-9) * iv, iv, rule.quantiles, points)
+                    a.reset()
+            if g.idle >= idle_limit and all(a.n == 0 for a in g.accs) and rule.groups.get(g.key) is g:
+                del rule.groups[g.key]
+                expired += 1
+        closed.next = stop
+        if expired:
+            self._group_count -= expired
+            self._generation += 1
+        if points:
+            self._queue(points)
+        if stop == len(groups):
+            self._closed.popleft()
 
     def _close_partial(self, rule: _Rule, now: float) -> None:
         """Shutdown: send the windows being filled as they are, the rate over the time elapsed."""

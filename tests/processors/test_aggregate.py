@@ -450,6 +450,22 @@ async def test_idle_groups_expire() -> None:
     assert sink.values("g.1m_by_k.count") == [1.0, 1.0]
 
 
+async def test_a_window_of_many_groups_is_sent_whole_in_chunks() -> None:
+    rule = RuleConfig(match=["g"], intervals=[Duration(60.0), Duration(300.0)], by=["k"], outputs=["sum"])
+    proc, sink, _, clock = make(rule)
+    clock.now = T0 + 1.0
+    await proc.consume(MetricBatch(tuple(gauge("g", T0, float(i), (("k", str(i)),)) for i in range(4500))))
+    await close_window(proc, clock, T0 + 60.0)
+    # The next window's points, taken after the swap at the boundary, stay out of the first window.
+    clock.now = T0 + 61.0
+    await proc.consume(MetricBatch((gauge("g", T0 + 61.0, 1000.0, (("k", "0"),)),)))
+    first = {dict(p.labels)["k"]: p.value for p in sink.points() if p.name == "g.1m_by_k.sum"}
+    assert len(first) == 4500 and first["0"] == 0.0 and first["4499"] == 4499.0
+    await close_window(proc, clock, T0 + 300.0)
+    five = {dict(p.labels)["k"]: p.value for p in sink.points() if p.name == "g.5m_by_k.sum"}
+    assert len(five) == 4500 and five["0"] == 1000.0 and five["7"] == 7.0
+
+
 async def test_the_timer_sends_each_window_at_its_end_on_the_wall_clock() -> None:
     tel = Telemetry()
     sink = Sink()
