@@ -60,7 +60,12 @@ are the weighted counts.
 Memory is bounded: per series one histogram for the reference (baseline) or up to ``offset / window``
 (trailing), plus the window being filled, each at most ``max_buckets`` buckets per sign (8 B each);
 incoming histograms are merged 64 at a time. Beyond ``max_series`` new series are not tracked (their
-points still pass) and are counted (``headwater_drift_overflow_points_total``).
+points still pass) and are counted (``headwater_drift_overflow_points_total``). Series are not
+forgotten when idle (their baseline is what they are for): aggregate churning labels (``pod``) away
+before ``drift``.
+
+Cost (``bench/drift_bench.py``, one core): ``consume`` ~0.5–1 µs a point; each window end ~70–150 µs a
+series (merging its window, the statistics), sent in groups of ~166 series with the loop free between.
 """
 
 from __future__ import annotations
