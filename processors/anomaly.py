@@ -76,7 +76,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agent import exphist
+from agent import distributions, exphist
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration
 from agent.counting import PointCounts
@@ -92,7 +92,6 @@ from agent.model import (
     new_point,
 )
 from agent.telemetry import Cell
-from processors.percentiles import convert
 
 TYPE = "anomaly"
 
@@ -567,14 +566,14 @@ class AnomalyProcessor:
                 previous, s.previous = s.previous, h
                 if not isinstance(previous, ExpHistogram):
                     return None
-                h = convert.subtract(h, previous)
+                h = distributions.subtract(h, previous)
         elif p.explicit is not None:
             e: ExplicitHistogram | None = p.explicit
             if cumulative:
                 previous_e, s.previous = s.previous, p.explicit
                 if not isinstance(previous_e, ExplicitHistogram):
                     return None
-                e = convert.subtract_explicit(p.explicit, previous_e)
+                e = distributions.subtract_explicit(p.explicit, previous_e)
             if e is None:
                 self._ignored("histogram_reset").value += 1
                 return None
@@ -582,7 +581,7 @@ class AnomalyProcessor:
                 return e.sum / e.count if e.count > 0 else None
             if stat == "max" and e.max is not None and not cumulative:
                 return e.max
-            h = convert.explicit_to_exponential(e, max_buckets=160)
+            h = distributions.explicit_to_exponential(e, max_buckets=160)
         if h is None:
             self._ignored("histogram_reset" if cumulative else "no_histogram").value += 1
             return None

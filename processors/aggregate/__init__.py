@@ -82,7 +82,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent import exphist
+from agent import distributions, exphist
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration
 from agent.counting import PointCounts
@@ -99,7 +99,6 @@ from agent.model import (
     new_point,
 )
 from processors.aggregate.window import Acc
-from processors.percentiles import convert
 
 TYPE = "aggregate"
 
@@ -651,7 +650,7 @@ class AggregateProcessor:
                 previous, s.baseline = s.baseline, h
                 if not isinstance(previous, ExpHistogram):
                     return h if p.start_time_unix_nano >= self._started_ns else None
-                diff = convert.subtract(h, previous)
+                diff = distributions.subtract(h, previous)
                 return h if diff is None else diff  # None: a reset, the new histogram is the increase
             if p.explicit is not None:
                 e = p.explicit
@@ -661,8 +660,8 @@ class AggregateProcessor:
                         if p.start_time_unix_nano < self._started_ns:
                             return None
                     else:
-                        e = convert.subtract_explicit(e, previous_e) or e
-                return convert.explicit_to_exponential(e, max_buckets=self._config.max_buckets)
+                        e = distributions.subtract_explicit(e, previous_e) or e
+                return distributions.explicit_to_exponential(e, max_buckets=self._config.max_buckets)
         except (ValueError, OverflowError):
             pass
         self._invalid.value += 1

@@ -82,7 +82,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent import exphist
+# The explicit → exponential conversion and the cumulative differences are the percentiles
+# processor's; both processors read distributions the same way.
+from agent import distributions, exphist
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, format_duration
 from agent.counting import PointCounts
@@ -102,10 +104,6 @@ from agent.model import (
 from processors.drift import stats
 from processors.drift.baseline_file import FileKey, file_key, read_baseline_file, write_baseline_file
 from processors.drift.merge import merge_many
-
-# The explicit → exponential conversion and the cumulative differences are the percentiles
-# processor's; both processors read distributions the same way.
-from processors.percentiles import convert
 
 TYPE = "drift"
 DRIFT_SUFFIX = ".drift"
@@ -511,7 +509,7 @@ class DriftProcessor:
                 previous, s.cumulative = s.cumulative, h
                 if not isinstance(previous, ExpHistogram):
                     return None  # the first cumulative point only sets the base
-                diff = convert.subtract(h, previous)
+                diff = distributions.subtract(h, previous)
                 if diff is None:
                     self._ignored("cumulative_reset").value += 1
                 return diff
@@ -521,12 +519,12 @@ class DriftProcessor:
                     previous_e, s.cumulative = s.cumulative, e
                     if not isinstance(previous_e, ExplicitHistogram):
                         return None
-                    diff_e = convert.subtract_explicit(e, previous_e)
+                    diff_e = distributions.subtract_explicit(e, previous_e)
                     if diff_e is None:
                         self._ignored("cumulative_reset").value += 1
                         return None
                     e = diff_e
-                converted = convert.explicit_to_exponential(e, max_buckets=self._max_buckets)
+                converted = distributions.explicit_to_exponential(e, max_buckets=self._max_buckets)
                 if converted is None:
                     self._ignored("invalid_histogram").value += 1
                 return converted

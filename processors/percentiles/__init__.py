@@ -76,7 +76,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent import exphist
+from agent import distributions, exphist
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, Size, format_duration
 from agent.counting import PointCounts
@@ -93,7 +93,6 @@ from agent.model import (
     key_of,
     new_point,
 )
-from processors.percentiles import convert
 from processors.percentiles.store import (
     MAX_STORE_SCALE,
     Store,
@@ -563,7 +562,7 @@ class PercentilesProcessor:
             previous, s.cumulative = s.cumulative, h
             if not isinstance(previous, ExpHistogram):
                 return None  # the first cumulative point (or a switch of kind) only sets the baseline
-            diff = convert.subtract(h, previous)
+            diff = distributions.subtract(h, previous)
             if diff is None:
                 self._ignored("cumulative_reset").value += 1
             return diff
@@ -573,12 +572,12 @@ class PercentilesProcessor:
                 previous_e, s.cumulative = s.cumulative, e
                 if not isinstance(previous_e, ExplicitHistogram):
                     return None
-                diff_e = convert.subtract_explicit(e, previous_e)
+                diff_e = distributions.subtract_explicit(e, previous_e)
                 if diff_e is None:
                     self._ignored("cumulative_reset").value += 1
                     return None
                 e = diff_e
-            converted = convert.explicit_to_exponential(e, max_buckets=max_buckets)
+            converted = distributions.explicit_to_exponential(e, max_buckets=max_buckets)
             if converted is None:
                 self._ignored("invalid_histogram").value += 1
             return converted

@@ -19,6 +19,7 @@ import pytest
 
 from agent import exphist
 from agent.component import Backpressure, ComponentKind
+from agent.distributions import explicit_to_exponential
 from agent.model import ExplicitHistogram, Kind, MetricBatch, Point, Resource, Temporality
 from agent.telemetry import Telemetry
 from processors.percentiles import (
@@ -28,7 +29,6 @@ from processors.percentiles import (
     factory,
     quantile_suffix,
 )
-from processors.percentiles.convert import explicit_to_exponential
 from processors.percentiles.store import plan_tiers
 from tests.conftest import Sink, component_settings, wait_until
 

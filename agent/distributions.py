@@ -1,9 +1,10 @@
-"""Incoming distribution points as delta exponential histograms.
+"""Incoming distribution points as delta exponential histograms, for every processor that keeps
+distributions per series (percentiles, anomaly, aggregate, drift).
 
 StatsD timers, histograms and distributions arrive as DELTA exponential histograms and are used as
 they are. OTLP explicit-bucket histograms are approximated (:func:`explicit_to_exponential`), and
 CUMULATIVE points of either kind are turned into deltas against the previous point of the series
-(:func:`subtract`, :func:`subtract_explicit`). The anomaly processor uses the same helpers.
+(:func:`subtract`, :func:`subtract_explicit`).
 """
 
 from __future__ import annotations
