@@ -411,9 +411,16 @@ def from_segments(
 
 
 def _rebucket(sides: Sequence[tuple[int, Counts, int]], low: int, length: int) -> Counts:
-    """Sum of bucket arrays ``(offset, counts, shift)`` after lowering each by `shift`, from index `low`."""
+    """Sum of bucket arrays ``(offset, counts, shift)`` after lowering each by `shift`, from index `low`.
+
+    Three or more non-empty sides (a window's flushes) go through one ``bincount`` over all of them
+    (:func:`_rebucket_many`); one or two, side by side. Either way the counts of a bucket are added in
+    the order of the sides, so both give the same numbers to the bit."""
+    live = [side for side in sides if side[1].size]
+    if len(live) > 2:
+        return _rebucket_many(live, low, length)
     out = np.zeros(length, dtype=np.float64)
-    for offset, counts, shift in sides:
+    for offset, counts, shift in live:
         if not counts.size:
             continue
         if shift == 0:
@@ -422,6 +429,20 @@ def _rebucket(sides: Sequence[tuple[int, Counts, int]], low: int, length: int) -
             index = (np.arange(offset, offset + counts.size, dtype=np.int64) >> shift) - low
             out += np.bincount(index, weights=counts, minlength=length)
     return _frozen(out)
+
+
+def _rebucket_many(sides: Sequence[tuple[int, Counts, int]], low: int, length: int) -> Counts:
+    """:func:`_rebucket` of non-empty sides in one ``bincount``: every side's bucket ``o + i`` moved to
+    ``((o + i) >> shift) - low``. Merging a window's ~30 flushes side by side cost ~4 µs a side."""
+    n = len(sides)
+    sizes = np.fromiter((c.size for _, c, _ in sides), dtype=np.int64, count=n)
+    firsts = np.fromiter((o for o, _, _ in sides), dtype=np.int64, count=n)
+    shifts = np.fromiter((k for _, _, k in sides), dtype=np.int64, count=n)
+    starts = np.cumsum(sizes) - sizes
+    index = np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(firsts - starts, sizes)
+    index = (index >> np.repeat(shifts, sizes)) - low
+    weights = np.concatenate([c for _, c, _ in sides])
+    return _frozen(np.bincount(index, weights=weights, minlength=length).astype(np.float64, copy=False))
 
 
 def _lower_side(offset: int, counts: Counts, k: int) -> tuple[int, Counts]:
@@ -488,9 +509,13 @@ def merge_all(hs: Sequence[ExpHistogram], *, max_buckets: int = 160) -> ExpHisto
     with_buckets = [h.scale for h in hs if h.positive_counts.size > 0 or h.negative_counts.size > 0]
     # Only a histogram with buckets constrains the scale.
     scale = min(with_buckets) if with_buckets else min(h.scale for h in hs)
-    # A side without buckets may sit at a finer scale than `scale`; its shift is then unused.
-    pos_sides = [(h.positive_offset, h.positive_counts, max(0, h.scale - scale)) for h in hs]
-    neg_sides = [(h.negative_offset, h.negative_counts, max(0, h.scale - scale)) for h in hs]
+    # Sides without buckets add nothing (and may sit at a finer scale than `scale`): left out.
+    pos_sides = [
+        (h.positive_offset, h.positive_counts, h.scale - scale) for h in hs if h.positive_counts.size
+    ]
+    neg_sides = [
+        (h.negative_offset, h.negative_counts, h.scale - scale) for h in hs if h.negative_counts.size
+    ]
     pos_span, neg_span = _span(pos_sides), _span(neg_sides)
 
     extra = 0  # (hi >> k) - (lo >> k) never grows with k, and at MIN_SCALE everything fits

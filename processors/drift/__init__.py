@@ -103,7 +103,6 @@ from agent.model import (
 )
 from processors.drift import stats
 from processors.drift.baseline_file import FileKey, file_key, read_baseline_file, write_baseline_file
-from processors.drift.merge import merge_many
 
 TYPE = "drift"
 DRIFT_SUFFIX = ".drift"
@@ -229,7 +228,7 @@ class _Acc:
         if self.merged is not None:
             parts.append(self.merged)
         self.hists = []
-        self.merged = merge_many(parts, max_buckets=max_buckets) if parts else None
+        self.merged = exphist.merge_all(parts, max_buckets=max_buckets) if parts else None
 
     def take(self, max_buckets: int) -> ExpHistogram:
         """Everything held, as one histogram (EMPTY when nothing); the accumulator is emptied."""
