@@ -16,7 +16,7 @@ import numpy as np
 
 from agent import exphist
 from agent.exphist import ExpHistogram
-from agent.model import ExplicitHistogram
+from agent.model import ExplicitHistogram, Point, Temporality
 
 POINTS_PER_BUCKET = 32
 """An explicit bucket's count is spread over this many evenly spaced values inside it (linear
@@ -130,3 +130,42 @@ def subtract_explicit(current: ExplicitHistogram, previous: ExplicitHistogram) -
         min=current.min,
         max=current.max,
     )
+
+
+Base = ExpHistogram | ExplicitHistogram | None
+"""What a series keeps of its last cumulative distribution point."""
+
+
+def to_delta(p: Point, previous: Base, *, max_buckets: int) -> tuple[ExpHistogram | None, Base, str]:
+    """Point `p`'s observations as a delta exponential histogram, for a series whose last cumulative
+    point was `previous` (None at first): (the histogram, or None when `p` gives none; what the series
+    keeps for its next cumulative point; the reason to count when `p` was unusable, else "").
+
+    A cumulative point is the difference from `previous` (the first one only sets the base); a
+    difference that went down is a reset (``cumulative_reset``). Explicit buckets are approximated
+    (:func:`explicit_to_exponential`); unusable ones are ``invalid_histogram``, a point without either
+    histogram ``no_histogram``. Never raises on odd input."""
+    cumulative = p.temporality is Temporality.CUMULATIVE
+    try:
+        if p.histogram is not None:
+            h = p.histogram
+            if not cumulative:
+                return h, previous, ""
+            if not isinstance(previous, ExpHistogram):
+                return None, h, ""  # the first cumulative point (or a switch of kind) only sets the base
+            diff = subtract(h, previous)
+            return diff, h, "" if diff is not None else "cumulative_reset"
+        if p.explicit is not None:
+            e = p.explicit
+            if cumulative:
+                if not isinstance(previous, ExplicitHistogram):
+                    return None, e, ""
+                diff_e = subtract_explicit(e, previous)
+                if diff_e is None:
+                    return None, e, "cumulative_reset"
+                previous, e = e, diff_e
+            converted = explicit_to_exponential(e, max_buckets=max_buckets)
+            return converted, previous, "" if converted is not None else "invalid_histogram"
+    except (ValueError, OverflowError):
+        return None, previous, "invalid_histogram"
+    return None, previous, "no_histogram"

@@ -498,40 +498,12 @@ class DriftProcessor:
             self._ignored("non_finite").value += non_finite
 
     def _delta(self, s: _Series, p: Point) -> ExpHistogram | None:
-        """Point `p`'s observations as a delta histogram; odd input is counted, not raised."""
-        cumulative = p.temporality is Temporality.CUMULATIVE
-        try:
-            if p.histogram is not None:
-                h = p.histogram
-                if not cumulative:
-                    return h
-                previous, s.cumulative = s.cumulative, h
-                if not isinstance(previous, ExpHistogram):
-                    return None  # the first cumulative point only sets the base
-                diff = distributions.subtract(h, previous)
-                if diff is None:
-                    self._ignored("cumulative_reset").value += 1
-                return diff
-            if p.explicit is not None:
-                e = p.explicit
-                if cumulative:
-                    previous_e, s.cumulative = s.cumulative, e
-                    if not isinstance(previous_e, ExplicitHistogram):
-                        return None
-                    diff_e = distributions.subtract_explicit(e, previous_e)
-                    if diff_e is None:
-                        self._ignored("cumulative_reset").value += 1
-                        return None
-                    e = diff_e
-                converted = distributions.explicit_to_exponential(e, max_buckets=self._max_buckets)
-                if converted is None:
-                    self._ignored("invalid_histogram").value += 1
-                return converted
-        except (ValueError, OverflowError):
-            self._ignored("invalid_histogram").value += 1
-            return None
-        self._ignored("no_histogram").value += 1
-        return None
+        """Point `p`'s observations as a delta histogram (agent.distributions.to_delta); odd input is
+        counted, not raised."""
+        h, s.cumulative, problem = distributions.to_delta(p, s.cumulative, max_buckets=self._max_buckets)
+        if problem:
+            self._ignored(problem).value += 1
+        return h
 
     # -- output --------------------------------------------------------------------------------------
 

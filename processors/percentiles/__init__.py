@@ -553,36 +553,13 @@ class PercentilesProcessor:
         self._store.add(s.slot, h)
 
     def _delta(self, s: _Series, p: Point) -> ExpHistogram | None:
-        cumulative = p.temporality is Temporality.CUMULATIVE
+        """Point `p`'s observations as a delta histogram (agent.distributions.to_delta); odd input is
+        counted, not raised."""
         max_buckets = self._config.max_buckets
-        if p.histogram is not None:
-            h = p.histogram
-            if not cumulative:
-                return h
-            previous, s.cumulative = s.cumulative, h
-            if not isinstance(previous, ExpHistogram):
-                return None  # the first cumulative point (or a switch of kind) only sets the baseline
-            diff = distributions.subtract(h, previous)
-            if diff is None:
-                self._ignored("cumulative_reset").value += 1
-            return diff
-        if p.explicit is not None:
-            e = p.explicit
-            if cumulative:
-                previous_e, s.cumulative = s.cumulative, e
-                if not isinstance(previous_e, ExplicitHistogram):
-                    return None
-                diff_e = distributions.subtract_explicit(e, previous_e)
-                if diff_e is None:
-                    self._ignored("cumulative_reset").value += 1
-                    return None
-                e = diff_e
-            converted = distributions.explicit_to_exponential(e, max_buckets=max_buckets)
-            if converted is None:
-                self._ignored("invalid_histogram").value += 1
-            return converted
-        self._ignored("no_histogram").value += 1
-        return None
+        h, s.cumulative, problem = distributions.to_delta(p, s.cumulative, max_buckets=max_buckets)
+        if problem:
+            self._ignored(problem).value += 1
+        return h
 
     # -- output --------------------------------------------------------------------------------------
 
