@@ -68,9 +68,7 @@ not scored and are counted (``headwater_anomaly_overflow_points_total``).
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +79,7 @@ from agent.component import Backpressure, ComponentKind, Consumer, Factory, Sett
 from agent.confmodel import Duration
 from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
+from agent.globs import NameFilter
 from agent.model import (
     ExplicitHistogram,
     Kind,
@@ -177,11 +176,6 @@ class AnomalyConfig:
         elif self.change_detection and self.change_suffix == self.suffix:
             problems.append(("change_suffix", "must differ from suffix (the score's)"))
         return problems
-
-
-def _glob_regex(globs: list[str]) -> re.Pattern[str] | None:
-    parts = [fnmatch.translate(g) for g in globs]
-    return re.compile("|".join(parts)) if parts else None
 
 
 _REFERENCE_CLIP = 3.0
@@ -356,10 +350,9 @@ class AnomalyProcessor:
         self._config = config
         self._next = next_consumer
         self._clock = clock
-        self._include = _glob_regex(config.include)
-        self._exclude = _glob_regex(config.exclude)
+        # Never its own outputs (scores, change gauges), whatever the globs say.
+        self._matches = NameFilter(config.include, config.exclude, unless=self._is_output)
         self._kinds = frozenset(config.kinds)
-        self._name_cache: dict[str, bool] = {}
         self._series: dict[SeriesKey, _Series] = {}
         self._tau_s = float(config.baseline_window)
         self._next_expiry = clock() + _EXPIRY_CHECK_S
@@ -385,20 +378,9 @@ class AnomalyProcessor:
     async def shutdown(self) -> None:
         """Nothing to flush (every score was sent with its point); idempotent, safe before start."""
 
-    def _matches(self, name: str) -> bool:
-        hit = self._name_cache.get(name)
-        if hit is None:
-            hit = bool(
-                not name.endswith(self._config.suffix)
-                and not (self._config.change_detection and name.endswith(self._config.change_suffix))
-                and self._include is not None
-                and self._include.fullmatch(name)
-                and not (self._exclude is not None and self._exclude.fullmatch(name))
-            )
-            if len(self._name_cache) >= 100_000:  # bounds the cache under name churn
-                self._name_cache.clear()
-            self._name_cache[name] = hit
-        return hit
+    def _is_output(self, name: str) -> bool:
+        cfg = self._config
+        return name.endswith(cfg.suffix) or (cfg.change_detection and name.endswith(cfg.change_suffix))
 
     def _wanted(self, p: Point) -> bool:
         if p.kind is Kind.GAUGE:

@@ -71,24 +71,21 @@ series (merging its window, the statistics), sent in groups of ~166 series with 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import math
-import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-# The explicit → exponential conversion and the cumulative differences are the percentiles
-# processor's; both processors read distributions the same way.
 from agent import distributions, exphist
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, format_duration
 from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
+from agent.globs import NameFilter
 from agent.model import (
     ExplicitHistogram,
     Kind,
@@ -190,11 +187,6 @@ class DriftConfig:
         if self.max_series < 1:
             problems.append(("max_series", "must be at least 1"))
         return problems
-
-
-def _glob_regex(globs: Iterable[str]) -> re.Pattern[str] | None:
-    parts = [fnmatch.translate(g) for g in globs]
-    return re.compile("|".join(parts)) if parts else None
 
 
 class _Acc:
@@ -301,11 +293,8 @@ class DriftProcessor:
         self._run_timer = run_timer
         self._logger: logging.Logger = settings.logger
         self._tasks = Tasks(str(settings.id), self._logger)
-        self._include = _glob_regex(config.include)
-        self._exclude = _glob_regex(config.exclude)
-        self._gauges = _glob_regex(config.gauges)
-        self._name_cache: dict[str, bool] = {}
-        self._gauge_cache: dict[str, bool] = {}
+        self._matches = NameFilter(config.include, config.exclude)
+        self._gauge_matches = NameFilter(config.gauges, config.exclude)
         self._window_s = float(config.window)
         self._window_text = format_duration(self._window_s)
         self._trailing = config.reference == "trailing"
@@ -398,30 +387,6 @@ class DriftProcessor:
 
     # -- input ---------------------------------------------------------------------------------------
 
-    def _matches(self, name: str) -> bool:
-        hit = self._name_cache.get(name)
-        if hit is None:
-            hit = bool(
-                (self._include is not None and self._include.fullmatch(name))
-                and not (self._exclude is not None and self._exclude.fullmatch(name))
-            )
-            if len(self._name_cache) >= 100_000:  # bounds the cache under name churn
-                self._name_cache.clear()
-            self._name_cache[name] = hit
-        return hit
-
-    def _gauge_matches(self, name: str) -> bool:
-        hit = self._gauge_cache.get(name)
-        if hit is None:
-            hit = bool(
-                (self._gauges is not None and self._gauges.fullmatch(name))
-                and not (self._exclude is not None and self._exclude.fullmatch(name))
-            )
-            if len(self._gauge_cache) >= 100_000:
-                self._gauge_cache.clear()
-            self._gauge_cache[name] = hit
-        return hit
-
     def _new_series(self, key: SeriesKey, p: Point, now: float) -> _Series | None:
         if len(self._series) >= self._config.max_series:
             return None
@@ -446,7 +411,7 @@ class DriftProcessor:
         tracked: list[tuple[_Series, Point]] = []
         observed: dict[int, tuple[_Series, list[float]]] = {}
         overflow = 0
-        observe_gauges = self._gauges is not None
+        observe_gauges = self._gauge_matches.takes_any
         histogram, gauge = Kind.HISTOGRAM, Kind.GAUGE
         for p in batch.points:
             kind = p.kind

@@ -65,10 +65,8 @@ are not tracked (their points still pass) and are counted
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -81,6 +79,7 @@ from agent.component import Backpressure, ComponentKind, Consumer, Factory, Sett
 from agent.confmodel import Duration, Size, format_duration
 from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
+from agent.globs import NameFilter
 from agent.model import (
     ExplicitHistogram,
     Kind,
@@ -223,11 +222,6 @@ def _is_multiple(value: float, base: float) -> bool:
     return round(ratio) >= 1 and math.isclose(ratio, round(ratio), rel_tol=0, abs_tol=1e-9)
 
 
-def _glob_regex(globs: Iterable[str]) -> re.Pattern[str] | None:
-    parts = [fnmatch.translate(g) for g in globs]
-    return re.compile("|".join(parts)) if parts else None
-
-
 def quantile_label(q: float) -> str:
     """``0.99`` → ``0.99`` (the quantile label's value, as Prometheus summaries write it)."""
     return f"{q:g}"
@@ -311,11 +305,9 @@ class PercentilesProcessor:
         self._run_timer = run_timer
         self._logger: logging.Logger = settings.logger
         self._tasks = Tasks(str(settings.id), self._logger)
-        self._include = _glob_regex(config.include)
-        self._exclude = _glob_regex(config.exclude)
-        self._name_cache: dict[str, bool] = {}
-        self._gauges = _glob_regex(config.gauges)
-        self._gauge_cache: dict[str, bool] = {}
+        self._matches = NameFilter(config.include, config.exclude)
+        self._gauge_matches = NameFilter(config.gauges, config.exclude)
+        """Whether a gauge is observed (a ``gauges`` glob, no ``exclude`` glob)."""
         self._quantiles = [float(q) for q in config.quantiles]
         self._windows = [float(w) for w in config.windows]
         base = float(config.slice_interval)
@@ -417,31 +409,6 @@ class PercentilesProcessor:
 
     # -- input ---------------------------------------------------------------------------------------
 
-    def _matches(self, name: str) -> bool:
-        hit = self._name_cache.get(name)
-        if hit is None:
-            hit = bool(
-                (self._include is not None and self._include.fullmatch(name))
-                and not (self._exclude is not None and self._exclude.fullmatch(name))
-            )
-            if len(self._name_cache) >= 100_000:  # bounds the cache under name churn
-                self._name_cache.clear()
-            self._name_cache[name] = hit
-        return hit
-
-    def _gauge_matches(self, name: str) -> bool:
-        """Whether gauge `name` is observed (a ``gauges`` glob, no ``exclude`` glob); only with globs."""
-        hit = self._gauge_cache.get(name)
-        if hit is None:
-            hit = bool(
-                (self._gauges is not None and self._gauges.fullmatch(name))
-                and not (self._exclude is not None and self._exclude.fullmatch(name))
-            )
-            if len(self._gauge_cache) >= 100_000:  # bounds the cache under name churn
-                self._gauge_cache.clear()
-            self._gauge_cache[name] = hit
-        return hit
-
     def _series_for(self, p: Point) -> _Series | None:
         front = key_of(p)
         s = self._front.get(front)
@@ -483,7 +450,7 @@ class PercentilesProcessor:
         # Gauge values by series slot: one histogram per series and batch, not one per value.
         observed: dict[int, tuple[_Series, list[float]]] = {}
         overflow = 0
-        observe_gauges = self._gauges is not None
+        observe_gauges = self._gauge_matches.takes_any
         for p in batch.points:
             if p.kind is not Kind.HISTOGRAM or not self._matches(p.name):
                 if p.kind is Kind.GAUGE:
