@@ -618,7 +618,8 @@ class AggregateProcessor:
                     v -= previous
                 # else: a reset (a drop, or a new start time): the new value is the increase
             for g in groups:
-                # Acc.add, inlined: this runs once per point and group on the hot path.
+                # One sample into the window's Acc (running sums, Welford's mean and variance of value
+                # and time, extremes, last), written out here: it runs once per point and group.
                 a = g.accs[0]
                 a.n += 1.0
                 n = a.n

@@ -53,26 +53,6 @@ class Acc:
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
 
-    def add(self, v: float, t: float) -> None:
-        """One sample `v` at time `t` (the processor inlines this on its hot path; kept equal to it)."""
-        self.n += 1.0
-        n = self.n
-        self.total += v
-        dv = v - self.mv
-        self.mv += dv / n
-        self.m2v += dv * (v - self.mv)
-        dt = t - self.mt
-        self.mt += dt / n
-        self.m2t += dt * (t - self.mt)
-        self.c += dt * (v - self.mv)
-        if v < self.lo:
-            self.lo = v
-        if v > self.hi:
-            self.hi = v
-        if t >= self.last_t:
-            self.last_t = t
-            self.last = v
-
     def add_histogram(self, h: ExpHistogram, max_buckets: int) -> None:
         """One distribution's observations (a delta)."""
         self.n += h.count
