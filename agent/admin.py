@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hmac
 import json
 import logging
 import threading
@@ -33,11 +34,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.component import Tasks
+from agent.config import is_loopback
 from agent.confmodel import parse_host_port
 from agent.netguard import ConnectionGate, FdBudget, GuardedSite
 from agent.service import Agent
 from agent.telemetry import Cell
 from agent.version import VERSION
+from agent.watched_file import WatchedFile
 
 log = logging.getLogger("headwater.admin")
 
@@ -62,6 +65,15 @@ class AdminServer:
     def __init__(self, agent: Agent, endpoint: str, health_stall_timeout_s: float = 10.0) -> None:
         self._agent = agent
         self._host, self._port = parse_host_port(endpoint)
+        # Fixed for the life of the listener, as its address is: a reload must not drop the token of
+        # an endpoint that stays bound where it was.
+        self._auth = agent.config.service.telemetry.auth
+        if not self._auth.enabled and not is_loopback(self._host):
+            raise ValueError(
+                f"the telemetry endpoint {endpoint} is reachable beyond this machine: it needs"
+                " service::telemetry::auth::bearer_token (or bearer_token_file)"
+            )
+        self._token_file: WatchedFile[str] | None = None
         self._stall_timeout_s = health_stall_timeout_s
         self._beat = time.monotonic()
         self._tasks = Tasks("admin", log)
@@ -80,6 +92,10 @@ class AdminServer:
     async def start(self) -> None:
         if self._thread is not None:
             return
+        if self._auth.bearer_token_file and self._token_file is None:
+            token_file = WatchedFile(self._auth.bearer_token_file, _read_token, "bearer token", log)
+            await asyncio.to_thread(token_file.load)  # OSError / ValueError: the start fails
+            self._token_file = token_file
         bound: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._serve, args=(bound,), name="headwater-admin", daemon=True
@@ -152,6 +168,29 @@ class AdminServer:
         finally:
             await runner.cleanup()
 
+    def authorized(self, request: web.Request) -> web.Response | None:
+        """None when ``request`` may see what flows (the tap, the status page, ``/api/*``); else the
+        401 to answer. With no token configured everything is allowed (the endpoint is then on a
+        loopback address: a wider bind without one is refused at load). The token comes as
+        ``Authorization: Bearer <token>``, or as ``?access_token=<token>`` for a browser's WebSocket,
+        which cannot set headers (RFC 6750 2.3). /metrics, /healthz and /readyz do not ask.
+        Called on the admin thread."""
+        if not self._auth.enabled:
+            return None
+        if self._token_file is not None:
+            self._token_file.refresh()  # one stat: a rotated token applies to the next request
+            expected = self._token_file.value or ""
+        else:
+            expected = self._auth.bearer_token
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            given = request.query.get("access_token", "")
+        if not given:
+            return _unauthorized("this needs a bearer token (Authorization: Bearer <token>)")
+        if not expected or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+            return _unauthorized("the bearer token is not the configured one")
+        return None
+
     def stalled_s(self) -> float:
         """Seconds since the agent's loop last ran the heartbeat, beyond one period."""
         return max(0.0, time.monotonic() - self._beat - HEARTBEAT_PERIOD_S)
@@ -176,6 +215,9 @@ class AdminServer:
         return web.Response(status=503, text="not ready\n")
 
     async def _status(self, request: web.Request) -> web.Response:
+        refused = self.authorized(request)
+        if refused is not None:
+            return refused
         status: dict[str, Any] | None = None
         for _ in range(3):
             try:
@@ -186,3 +228,17 @@ class AdminServer:
         if status is None:
             return web.Response(status=503, text="busy: the status kept changing while read; try again\n")
         return web.Response(text=json.dumps(status, indent=2) + "\n", content_type="application/json")
+
+
+def _unauthorized(reason: str) -> web.Response:
+    return web.Response(
+        status=401, text=f"unauthorized: {reason}\n", headers={"WWW-Authenticate": 'Bearer realm="headwater"'}
+    )
+
+
+def _read_token(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f"{path} holds no bearer token")
+    return token

@@ -15,6 +15,7 @@ YAML scalar, so ``port: ${env:PORT}`` gives a number.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from agent.component import ComponentId, ComponentKind, Factory, Signal, validate_config
-from agent.confmodel import Decoder, Duration, EnvText, SafeConfigLoader, short_repr
+from agent.confmodel import Decoder, Duration, EnvText, SafeConfigLoader, parse_host_port, short_repr
 
 Path = tuple[str, ...]
 
@@ -38,6 +39,46 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class TelemetryAuthConfig:
+    bearer_token: str = ""
+    """Token the tap, the status page and /api/* require (``Authorization: Bearer <token>``); required
+    when the endpoint is not on a loopback address. /metrics, /healthz and /readyz stay open."""
+    bearer_token_file: str = ""
+    """File holding that token instead, read again when it changes."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.bearer_token and self.bearer_token_file:
+            return [("", "set only one of bearer_token, bearer_token_file")]
+        return []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bearer_token or self.bearer_token_file)
+
+
+@dataclass(frozen=True)
+class TapConfig:
+    redact: tuple[str, ...] = ()
+    """Label and attribute names whose values the tap replaces with ``<redacted>`` (exact names)."""
+    max_subscribers: int = 8
+    """Tap streams open at once; one more is refused with 503."""
+    rate_limit_per_s: float = 1000.0
+    """Items per second one tap stream receives at most; the rest is dropped and told to it."""
+    buffer: int = 1000
+    """Items one tap stream holds while its client is slow to read; the rest is dropped and told."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.max_subscribers < 0:
+            problems.append(("max_subscribers", "must be 0 (the tap is off) or more"))
+        if not self.rate_limit_per_s > 0:
+            problems.append(("rate_limit_per_s", "must be more than 0"))
+        if self.buffer < 1:
+            problems.append(("buffer", "must be at least 1"))
+        return problems
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     endpoint: str = "127.0.0.1:8888"
     """Address of the agent's own endpoint: /metrics, /healthz, /readyz, /status. Empty disables it."""
@@ -45,6 +86,39 @@ class TelemetryConfig:
     """Log level of the agent's own logs (written to stderr)."""
     health_stall_timeout: Duration = Duration(10.0)
     """/healthz answers 503 once the agent's event loop has not run for this long (it is stuck)."""
+    auth: TelemetryAuthConfig = field(default_factory=TelemetryAuthConfig)
+    """Bearer token for the tap, the status page and /api/* (required when bound beyond loopback)."""
+    tap: TapConfig = field(default_factory=TapConfig)
+    """The live stream (/api/tap, ``headwater tap``): limits per stream and redaction."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = [(f"auth::{p}".rstrip(":"), m) for p, m in self.auth.validate()]
+        problems += [(f"tap::{p}", m) for p, m in self.tap.validate()]
+        if self.endpoint:
+            try:
+                host, _ = parse_host_port(self.endpoint)
+            except ValueError as exc:
+                return [*problems, ("endpoint", str(exc))]
+            if not self.auth.enabled and not is_loopback(host):
+                problems.append(
+                    (
+                        "endpoint",
+                        f"{self.endpoint} is reachable beyond this machine, where the tap and the status"
+                        " page show what flows: set service::telemetry::auth::bearer_token (or"
+                        " bearer_token_file), or bind 127.0.0.1",
+                    )
+                )
+        return problems
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only answers on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 @dataclass(frozen=True)
@@ -550,6 +624,8 @@ def build_config(
                 "must be at least 500ms (a shorter stall is normal work, not a stuck agent)",
             )
         )
+    for sub, message in validate_config(service.telemetry):
+        problems.append((("service", "telemetry", *(p for p in sub.split("::") if p)), message))
     pipelines: list[Pipeline] = []
     used: set[tuple[ComponentKind, ComponentId]] = set()
     declared = {
