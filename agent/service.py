@@ -94,7 +94,8 @@ from agent.component import (
 )
 from agent.config import AgentConfig, ComponentSpec, ConnectorUse, connector_uses
 from agent.model import Batch
-from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.telemetry import ComponentTelemetry, HistogramCell, Telemetry
+from agent.vitals import Vitals, close_receipt, open_receipt
 
 log = logging.getLogger("headwater.service")
 
@@ -156,7 +157,9 @@ class Fanout:
 class Link:
     """A service-owned edge of the graph: passes each batch to ``target``, which a reload swaps between
     batches. ``pause`` makes new calls wait (not refused) until ``resume``; ``quiesce`` waits until no
-    call is inside the target. One attribute read and a counter per batch: never per point."""
+    call is inside the target. The first Link a batch passes stamps its receipt time for the exporters'
+    latency (:func:`agent.vitals.open_receipt`). One attribute read, a ContextVar lookup and a counter
+    per batch: never per point."""
 
     __slots__ = ("_active", "_gate", "_quiet", "target")
 
@@ -170,9 +173,11 @@ class Link:
         while self._gate is not None:
             await self._gate.wait()
         self._active += 1
+        receipt = open_receipt()
         try:
             await self.target.consume(batch)
         finally:
+            close_receipt(receipt)
             self._active -= 1
             if self._active == 0 and self._quiet is not None:
                 self._quiet.set()
@@ -260,6 +265,9 @@ class _ComponentScope(Telemetry):
 
     def counter(self, name: str, help: str, **labels: str) -> Any:
         return self._root.counter(name, help, **labels)
+
+    def histogram(self, name: str, help: str, buckets: tuple[float, ...], **labels: str) -> HistogramCell:
+        return self._root.histogram(name, help, buckets, **labels)
 
     def gauge(self, name: str, help: str, read: Callable[[], float], **labels: str) -> None:
         self._all.add(self, name, help, read, False, labels)
@@ -475,6 +483,7 @@ class Agent:
         self._readers = _Readers(self.telemetry)
         self._reloading = asyncio.Lock()
         self.loop_lag_max_s = 0.0
+        self.vitals = Vitals(self.telemetry)
         self.telemetry.gauge(
             "event_loop_lag_max_seconds",
             "Longest the event loop was late to wake a 20ms timer since start (a stall blocks every socket).",
@@ -669,6 +678,7 @@ class Agent:
                 await self._shut_down_failed(running)
             await self.stop()
             raise
+        self.vitals.start()
         self._tasks.spawn(self._watch_loop(), "loop-lag")
         log.info(
             "started: %d receivers, %d processors, %d connectors, %d exporters, pipelines %s",
@@ -700,6 +710,7 @@ class Agent:
         self.stopping = True
         self._stop_deadline = time.monotonic() + self.config.service.shutdown_timeout
         await self._tasks.close()
+        self.vitals.stop()
         async with self._reloading:  # a reload in progress finishes first (it is bounded)
             retiring = asyncio.ensure_future(self._retirements.wait())
             receivers, processors, exporters = self._groups(start=False)
@@ -781,10 +792,15 @@ class Agent:
             before = loop.time()
             await asyncio.sleep(period_s)
             lag = loop.time() - before - period_s
+            self.vitals.observe_loop_lag(lag)
             if lag > self.loop_lag_max_s:
                 self.loop_lag_max_s = lag
                 if lag > 0.1:
                     log.warning("event loop stalled for %.0f ms", lag * 1000)
+
+    def loop_lag_s(self) -> float:
+        """The event loop's lag at the watcher's latest 20 ms timer, in seconds (0 before start)."""
+        return self.vitals.loop_lag_s()
 
     # -- reload ------------------------------------------------------------------------------------
     async def reload(self, config: AgentConfig) -> bool:
