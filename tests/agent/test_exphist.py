@@ -436,6 +436,24 @@ def test_merge_all_equals_merging_pairwise(hs: list[tuple[ExpHistogram, Floats]]
         exphist.merge_all([])
 
 
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    st.lists(st.lists(histograms(), min_size=1, max_size=5), min_size=1, max_size=6),
+    st.sampled_from([3, 8, 160]),
+)
+def test_merge_groups_equals_merge_all_of_each_group(
+    groups: list[list[tuple[ExpHistogram, Floats]]], max_buckets: int
+) -> None:
+    """A window end's merge of every series at once gives each series' merge_all, to the bit."""
+    hs = [[h for h, _ in g] for g in groups]
+    merged = exphist.merge_groups(hs, max_buckets=max_buckets)
+    assert merged == [exphist.merge_all(g, max_buckets=max_buckets) for g in hs]
+    for h in merged:
+        assert not h.positive_counts.flags.writeable and not h.negative_counts.flags.writeable
+    with pytest.raises(ValueError, match="no histograms"):
+        exphist.merge_groups([hs[0], []])
+
+
 def test_merge_with_empty_and_commutes() -> None:
     h = exphist.from_values(np.array([0.5, 3.0, -2.0, 0.0]))
     assert exphist.merge(h, EMPTY) == h
