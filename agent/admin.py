@@ -1,4 +1,5 @@
-"""The agent's own endpoint (``service.telemetry.endpoint``): /metrics, /healthz, /readyz, /status.
+"""The agent's own endpoint (``service.telemetry.endpoint``): /metrics, /healthz, /readyz, /status,
+the status page at / and its JSON, /api/overview (agent.overview).
 
 It is served from its own thread with its own event loop, so that work on the agent's loop (a large
 request being converted, a flush, a scrape of the pull exporter) cannot make the kubelet's probes
@@ -37,7 +38,9 @@ from agent.component import Tasks
 from agent.config import is_loopback
 from agent.confmodel import parse_host_port
 from agent.netguard import ConnectionGate, FdBudget, GuardedSite
+from agent.overview import Overview
 from agent.service import Agent
+from agent.status_page import page
 from agent.telemetry import Cell
 from agent.version import VERSION
 from agent.watched_file import WatchedFile
@@ -75,6 +78,8 @@ class AdminServer:
             )
         self._token_file: WatchedFile[str] | None = None
         self._stall_timeout_s = health_stall_timeout_s
+        self._overview = Overview()
+        """Its snapshots, used on the admin thread only."""
         self._beat = time.monotonic()
         self._tasks = Tasks("admin", log)
         self._thread: threading.Thread | None = None
@@ -147,6 +152,8 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/", self._page)
+        app.router.add_get("/api/overview", self._api_overview)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=STOP_TIMEOUT_S)
         await runner.setup()
         try:
@@ -228,6 +235,28 @@ class AdminServer:
         if status is None:
             return web.Response(status=503, text="busy: the status kept changing while read; try again\n")
         return web.Response(text=json.dumps(status, indent=2) + "\n", content_type="application/json")
+
+    async def _page(self, request: web.Request) -> web.Response:
+        # A browser's address bar cannot send a header: the token comes as /?access_token=<token>, and
+        # the page sends it on as a bearer token to /api/overview.
+        refused = self.authorized(request)
+        if refused is not None:
+            return refused
+        return web.Response(body=page(), content_type="text/html", charset="utf-8")
+
+    async def _api_overview(self, request: web.Request) -> web.Response:
+        refused = self.authorized(request)
+        if refused is not None:
+            return refused
+        for _ in range(3):
+            try:
+                document = self._overview.document(self._agent)
+                break
+            except RuntimeError:  # a dict the agent's thread changed while it was read: read again
+                continue
+        else:
+            return web.Response(status=503, text="busy: the agent kept changing while read; try again\n")
+        return web.json_response(document, headers={"Cache-Control": "no-store"})
 
 
 def _unauthorized(reason: str) -> web.Response:
