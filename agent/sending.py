@@ -20,6 +20,15 @@ The queue is in memory or on disk (``storage``):
   send the oldest record first; the others alternate oldest and newest, so live data keeps flowing
   while a backlog drains.
 
+Vital signs: every send attempt is timed into ``exporter_send_duration_seconds{exporter, outcome}``
+(outcome ``success``, ``retryable`` — a failure that will be retried or was given up on, timeouts
+included — or ``permanent``), and every acknowledged request into ``pipeline_latency_seconds{exporter}``:
+from the receipt of the batch it came from (:func:`agent.vitals.received_s`, stamped on ``offer``) to
+the backend's acknowledgement, queueing and retries included. A disk-queue record counts from when it
+was written (its stored wall-clock time, so a record sent after a restart counts the time the agent
+was down; encoding before the write is not counted). Two histogram observations per request, none
+per point.
+
 Full queue: ``block`` raises :class:`Backpressure` from ``offer`` (receivers answer 429 / UNAVAILABLE,
 StatsD counts the points refused) — before any consumer took part of the batch: the sender registers
 :meth:`Sender.refusal` in its exporter's ``Settings.admission``, which the service's fan-outs ask first,
@@ -55,7 +64,8 @@ from agent.diskqueue import (
     RecordTooLarge,
     queue_directory_problems,
 )
-from agent.telemetry import Cell
+from agent.telemetry import Cell, HistogramCell
+from agent.vitals import PIPELINE_LATENCY_BUCKETS_S, SEND_DURATION_BUCKETS_S, received_s
 
 RETRY_AFTER_MAX_S = 3600.0
 """The longest Retry-After taken from a server: an hour; a longer one (or a date years ahead) is a
@@ -160,6 +170,8 @@ class Request:
     points: int
     headers: dict[str, str] = field(default_factory=dict)
     kind: str = ""
+    received_s: float = 0.0
+    """``time.monotonic()`` when the data was received (0: not known yet; ``offer`` stamps it)."""
 
 
 _KIND = "\x00kind"
@@ -244,6 +256,21 @@ class Sender:
                 "Points whose send attempt failed (may be retried), by tenant.",
                 tenant=tenant,
             )
+        # Created up front so they show at 0 before the first send (a dashboard sees the exporter).
+        self._durations = {
+            outcome: tel.histogram(
+                "exporter_send_duration_seconds",
+                "Duration of each send attempt to the backend, by outcome (success, retryable, permanent).",
+                SEND_DURATION_BUCKETS_S,
+                outcome=outcome,
+            )
+            for outcome in ("success", "retryable", "permanent")
+        }
+        self._latency: HistogramCell = tel.histogram(
+            "pipeline_latency_seconds",
+            "From receipt of the data to the backend's acknowledgement of the request carrying it.",
+            PIPELINE_LATENCY_BUCKETS_S,
+        )
         self._durable = tel.counter(
             "exporter_durable_points_total",
             "Points in requests fsynced to the disk queue (fsync: batch): safe from a crash from then on.",
@@ -315,6 +342,8 @@ class Sender:
         if self._closing:
             tel.dropped("shutdown").value += request.points
             return
+        if not request.received_s:
+            request.received_s = received_s()
         if self._part is not None:
             self._offer_disk(self._part, request)
             return
@@ -416,7 +445,9 @@ class Sender:
                 continue
             headers = dict(record.headers)
             kind = headers.pop(_KIND, "")
-            request = Request(record.payload, record.items, headers, kind)
+            # Written at record.time_ms (wall clock: it survives restarts), as a monotonic time.
+            written_s = time.monotonic() - max(0.0, time.time() - record.time_ms / 1000)
+            request = Request(record.payload, record.items, headers, kind, written_s)
             self._in_flight += 1
             try:
                 done = await self._deliver(request, durable=True)
@@ -444,9 +475,11 @@ class Sender:
         """Send with retries. True when the request is finished with (sent, or dropped and counted);
         False when a durable request is kept for the next run because shutdown came first."""
         tel = self._settings.telemetry
+        durations = self._durations
         started = time.monotonic()
         attempt = 0
         while True:
+            sent_at = time.monotonic()
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the send's outcome when
                 # the worker is cancelled just as the send finishes, swallowing the cancellation — the
@@ -454,12 +487,14 @@ class Sender:
                 async with asyncio.timeout(self._timeout_s):
                     await self._send(request)
             except PermanentError as exc:
+                durations["permanent"].observe(time.monotonic() - sent_at)
                 self._log.warning("dropping %d points: %s", request.points, exc)
                 tel.dropped(exc.reason).value += request.points
                 return True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                durations["retryable"].observe(time.monotonic() - sent_at)
                 reason, retry_after = _classify(exc)
                 tel.failed(reason).value += request.points
                 if self._tenant_failed is not None:
@@ -496,6 +531,9 @@ class Sender:
                 else:
                     await asyncio.sleep(delay)
                 continue
+            now = time.monotonic()
+            durations["success"].observe(now - sent_at)
+            self._latency.observe(now - (request.received_s or sent_at))
             self._sent.value += request.points
             if self._tenant_sent is not None:
                 self._tenant_sent.value += request.points
