@@ -94,6 +94,7 @@ from agent.component import (
 )
 from agent.config import AgentConfig, ComponentSpec, ConnectorUse, connector_uses
 from agent.model import Batch
+from agent.tap import Direction, TapEdge, TapHub, TapPoint
 from agent.telemetry import ComponentTelemetry, HistogramCell, Telemetry
 from agent.vitals import Vitals, close_receipt, open_receipt
 
@@ -159,12 +160,16 @@ class Link:
     batches. ``pause`` makes new calls wait (not refused) until ``resume``; ``quiesce`` waits until no
     call is inside the target. The first Link a batch passes stamps its receipt time for the exporters'
     latency (:func:`agent.vitals.open_receipt`). One attribute read, a ContextVar lookup and a counter
-    per batch: never per point."""
+    per batch: never per point.
 
-    __slots__ = ("_active", "_gate", "_quiet", "target")
+    ``tap`` is set by the agent's :class:`agent.tap.TapHub` while someone watches this edge, and is
+    given each batch the target took; None (nobody watches) costs one attribute read a batch."""
+
+    __slots__ = ("_active", "_gate", "_quiet", "tap", "target")
 
     def __init__(self, target: Consumer) -> None:
         self.target = target
+        self.tap: Callable[[Batch], None] | None = None
         self._gate: asyncio.Event | None = None
         self._active = 0
         self._quiet: asyncio.Event | None = None
@@ -181,6 +186,9 @@ class Link:
             self._active -= 1
             if self._active == 0 and self._quiet is not None:
                 self._quiet.set()
+        tap = self.tap
+        if tap is not None:
+            tap(batch)
 
     def pause(self) -> None:
         if self._gate is None:
@@ -482,6 +490,8 @@ class Agent:
         self._retirements = Tasks("agent-retire", log)
         self._readers = _Readers(self.telemetry)
         self._reloading = asyncio.Lock()
+        self.tap = TapHub(self.telemetry, config.service.telemetry.tap)
+        """The live stream and the top-metrics tracker over this agent's edges, across reloads."""
         self.loop_lag_max_s = 0.0
         self.vitals = Vitals(self.telemetry)
         self.telemetry.gauge(
@@ -680,6 +690,7 @@ class Agent:
             raise
         self.vitals.start()
         self._tasks.spawn(self._watch_loop(), "loop-lag")
+        self.tap.set_edges(self._tap_edges())
         log.info(
             "started: %d receivers, %d processors, %d connectors, %d exporters, pipelines %s",
             len(self._receivers),
@@ -824,13 +835,58 @@ class Agent:
             except BaseException:
                 await undo.run()
                 await self._discard(plan)
+                self.tap.set_edges(self._tap_edges())
                 raise
             if not applied:
                 await undo.run()
                 await self._discard(plan)
+                self.tap.set_edges(self._tap_edges())  # an undone receiver restarted on new Links
                 return False
             self._install(plan)
+            self.tap.configure(config.service.telemetry.tap)
+            self.tap.set_edges(self._tap_edges())
             return True
+
+    def _tap_edges(self) -> list[TapEdge]:
+        """Every Link of the running graph with the component ends it joins (see :mod:`agent.tap`): a
+        receiver's and a connector's output also enter the first processor of the pipelines they feed,
+        a processor's output the next processor."""
+        first: dict[str, str] = {}
+        by_place = {(r.pipeline, r.position): r for r in self._processors}
+        for r in self._processors:
+            if r.position == 0:
+                first[r.pipeline] = r.label
+
+        def entering(source: ComponentId, signal: Signal, connector: bool) -> list[TapPoint]:
+            return [
+                TapPoint(first[p.id], "processor", Direction.IN, p.id)
+                for p in self.config.pipelines
+                if p.signal is signal
+                and p.id in first
+                and source in (p.connectors_in if connector else p.receivers)
+            ]
+
+        edges = []
+        for r in self._receivers.values():
+            for signal, link in r.links.items():
+                out = TapPoint(r.label, "receiver", Direction.OUT)
+                edges.append(TapEdge(link, (out, *entering(r.id, signal, False))))
+        for r in self._processors:
+            assert r.link is not None
+            points = [TapPoint(r.label, "processor", Direction.OUT, r.pipeline)]
+            nxt = by_place.get((r.pipeline, r.position + 1))
+            if nxt is not None:
+                points.append(TapPoint(nxt.label, "processor", Direction.IN, nxt.pipeline))
+            edges.append(TapEdge(r.link, tuple(points)))
+        for (cid, _, output), r in self._connectors.items():
+            assert r.link is not None and r.entry is not None
+            edges.append(TapEdge(r.entry, (TapPoint(str(cid), "connector", Direction.IN),)))
+            out = TapPoint(str(cid), "connector", Direction.OUT)
+            edges.append(TapEdge(r.link, (out, *entering(cid, output, True))))
+        for cid, link in self._entries.items():
+            if cid in self._exporters:
+                edges.append(TapEdge(link, (TapPoint(str(cid), "exporter", Direction.IN),)))
+        return edges
 
     async def _apply(self, plan: _Plan, undo: _Undo) -> bool:
         config = plan.config
