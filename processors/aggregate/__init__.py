@@ -98,7 +98,7 @@ from agent.model import (
     key_of,
     new_point,
 )
-from processors.aggregate.window import Acc
+from processors.aggregate.window import Acc, settle
 
 TYPE = "aggregate"
 
@@ -121,13 +121,14 @@ _RETRY_S = 1.0
 """How often window outputs refused downstream are offered again."""
 _POINTS_PER_BATCH = 2000
 """Window output points per batch handed on."""
-_GROUPS_PER_STEP = 2000
-"""Groups sent between yields to the event loop at a window's end (~10 ms of work)."""
+_GROUPS_PER_STEP = 250
+"""Groups sent between yields to the event loop at a window's end (~1 ms of work; its points are
+handed on before the next step)."""
 
 _GAUGE, _COUNTER, _DIST = 0, 1, 2
 """Group kinds: gauge samples, counter increases, distributions."""
 _APPLIES = {
-    _GAUGE: {"count", "sum", "avg", "min", "max", "last", "stddev", "slope"},
+    _GAUGE: {"count", "sum", "avg", "min", "max", "last", "stddev", "slope", "quantiles", "histogram"},
     _COUNTER: {"count", "sum", "avg", "min", "max", "last", "stddev", "slope", "rate", "increase"},
     _DIST: {"count", "sum", "avg", "min", "max", "quantiles", "histogram"},
 }
@@ -243,13 +244,16 @@ class _Rule:
         "_without_list",
         "base",
         "by",
+        "chain",
         "coarse",
         "cutoff_ns",
         "filling",
         "groups",
+        "histograms",
         "index",
         "intervals",
         "keep_input",
+        "moments",
         "outputs",
         "quantiles",
         "regex",
@@ -263,6 +267,9 @@ class _Rule:
         self.base = self.intervals[0]
         """The shortest interval: points fold into its window; the others merge it at its end."""
         self.coarse = self.intervals[1:]
+        self.chain = all(_divides(a, b) for a, b in zip(self.intervals, self.intervals[1:], strict=False))
+        """Each interval a multiple of the one before: a window merges into the next coarser one when it
+        ends (one merge per group and shortest window, not one per coarser interval)."""
         self.filling = math.floor(now / self.base) * self.base
         """Start of the shortest interval's window being filled."""
         self.cutoff_ns = int((self.filling - max_delay_s) * 1e9)
@@ -272,6 +279,10 @@ class _Rule:
         self.keep_input = config.keep_input
         self.outputs = list(dict.fromkeys(config.outputs))
         self.quantiles = [float(q) for q in config.quantiles]
+        self.histograms = bool({"quantiles", "histogram"} & set(self.outputs))
+        self.moments = bool({"stddev", "slope"} & set(self.outputs))
+        """Whether groups keep the moments (stddev and slope need them; the fold skips them otherwise)."""
+        """Whether windows need their merged histogram (distributions; gauges keep their samples)."""
         self.groups: dict[tuple[str, int, Labels], _Group] = {}
         self._by_list = sorted(config.by)
         self._without_list = sorted(config.without)
@@ -309,16 +320,27 @@ class _Rule:
 class _Group:
     """One aggregation group: an accumulator per interval of its rule (the shortest first)."""
 
-    __slots__ = ("accs", "closed", "idle", "key", "kind", "labels", "name", "names")
+    __slots__ = ("accs", "closed", "idle", "key", "kind", "labels", "moments", "name", "names")
 
-    def __init__(self, key: tuple[str, int, Labels], kind: int, labels: Labels, names: _Names) -> None:
+    def __init__(
+        self,
+        key: tuple[str, int, Labels],
+        kind: int,
+        labels: Labels,
+        names: _Names,
+        samples: bool,
+        moments: bool,
+    ) -> None:
         self.key = key
+        self.moments = moments
+        """Whether the fold keeps the moments (mean, variance, co-moment): only for stddev and slope."""
         self.name = key[0]
         self.kind = kind
         self.labels = labels
         self.names = names
-        self.accs = [Acc() for _ in names]
-        self.closed = Acc()
+        self.accs = [Acc(samples) if i == 0 else Acc() for i in range(len(names))]
+        """Per interval; the shortest keeps a gauge's samples when `samples` (for its quantiles)."""
+        self.closed = Acc(samples)
         """The shortest window that ended, until it is sent (swapped with ``accs[0]`` at its end)."""
         self.idle = 0
         """Shortest windows ended in a row without data."""
@@ -519,7 +541,8 @@ class AggregateProcessor:
             if g is None:
                 if self._group_count >= self._config.max_series:
                     return None
-                g = _Group(gkey, kind, labels, rule.names(p.name, kind, labels, p.unit))
+                names = rule.names(p.name, kind, labels, p.unit)
+                g = _Group(gkey, kind, labels, names, kind == _GAUGE and rule.histograms, rule.moments)
                 rule.groups[gkey] = g
                 self._group_count += 1
             groups.append(g)
@@ -535,7 +558,8 @@ class AggregateProcessor:
         self._counts.incoming(n)
         now = self._clock()
         self._roll(now)
-        fold: list[tuple[_Series, Point]] = []
+        fold_series: list[_Series] = []
+        fold_points: list[Point] = []
         kept: list[Point] = []
         late = overflow = non_finite = 0
         # Hoisted lookups: this loop runs once per point.
@@ -545,7 +569,13 @@ class AggregateProcessor:
             self._series,
             self._generation,
         )
-        keep, add, isfinite = kept.append, fold.append, math.isfinite
+        # Two parallel lists, not a list of pairs: no tuple (a tracked object) per point.
+        keep, add_series, add_point, isfinite = (
+            kept.append,
+            fold_series.append,
+            fold_points.append,
+            math.isfinite,
+        )
         summary, histogram = Kind.SUMMARY, Kind.HISTOGRAM
         for p in batch.points:
             m = matching.get(p.name) or match_for(p.name)
@@ -571,7 +601,8 @@ class AggregateProcessor:
                     keep(p)
                     continue
             s.last_seen = now
-            add((s, p))
+            add_series(s)
+            add_point(p)
             if m.keep_input:
                 keep(p)
         if late:
@@ -586,13 +617,13 @@ class AggregateProcessor:
             self._counts.outgoing(len(out.points))
         if len(kept) < n:
             self._counts.dropped("aggregated", n - len(kept))
-        self._fold(fold, now)
+        self._fold(fold_series, fold_points, now)
 
-    def _fold(self, fold: list[tuple[_Series, Point]], now: float) -> None:
+    def _fold(self, fold_series: list[_Series], fold_points: list[Point], now: float) -> None:
         epoch = self._epoch
         max_buckets = self._config.max_buckets
         invalid = 0
-        for s, p in fold:
+        for s, p in zip(fold_series, fold_points, strict=True):
             t = (p.time_unix_nano * 1e-9 if p.time_unix_nano else now) - epoch
             groups = s.groups
             kind = groups[0].kind
@@ -618,19 +649,21 @@ class AggregateProcessor:
                     v -= previous
                 # else: a reset (a drop, or a new start time): the new value is the increase
             for g in groups:
-                # One sample into the window's Acc (running sums, Welford's mean and variance of value
-                # and time, extremes, last), written out here: it runs once per point and group.
+                # One sample into the window's Acc (running sums, extremes, last, and where the rule
+                # sends stddev or slope Welford's mean and variance of value and time), written out
+                # here: it runs once per point and group.
                 a = g.accs[0]
                 a.n += 1.0
-                n = a.n
                 a.total += v
-                dv = v - a.mv
-                a.mv += dv / n
-                a.m2v += dv * (v - a.mv)
-                dt = t - a.mt
-                a.mt += dt / n
-                a.m2t += dt * (t - a.mt)
-                a.c += dt * (v - a.mv)
+                if g.moments:
+                    n = a.n
+                    dv = v - a.mv
+                    a.mv += dv / n
+                    a.m2v += dv * (v - a.mv)
+                    dt = t - a.mt
+                    a.mt += dt / n
+                    a.m2t += dt * (t - a.mt)
+                    a.c += dt * (v - a.mv)
                 if v < a.lo:
                     a.lo = v
                 if v > a.hi:
@@ -638,6 +671,8 @@ class AggregateProcessor:
                 if t >= a.last_t:
                     a.last_t = t
                     a.last = v
+                if a.values is not None:
+                    a.values.append(v)
         if invalid:
             self._invalid.value += invalid
 
@@ -696,9 +731,12 @@ class AggregateProcessor:
                 self._expire_series(now)
 
     async def _drain(self) -> None:
-        """Send the windows that ended, :data:`_GROUPS_PER_STEP` groups between yields to the loop."""
+        """Send the windows that ended, :data:`_GROUPS_PER_STEP` groups at a time, each step's points
+        handed on before the next step (they die young instead of piling up for the garbage
+        collector's oldest generation); Backpressure if refused (the rest is sent by the next tick)."""
         while self._closed:
             self._step(self._closed[0], _GROUPS_PER_STEP)
+            await self._flush()
             await asyncio.sleep(0)
 
     def _step(self, closed: _Closed, limit: int | None) -> None:
@@ -706,27 +744,42 @@ class AggregateProcessor:
         rule, end, start = closed.rule, closed.end, closed.start
         groups = closed.groups
         stop = len(groups) if limit is None else min(len(groups), closed.next + limit)
+        chunk = groups[closed.next : stop]
         ended = [(i + 1, iv) for i, iv in enumerate(rule.coarse) if math.ceil(end / iv - 1e-9) * iv <= start]
         idle_limit = max(2, math.ceil(2 * rule.intervals[-1] / rule.base))
         max_buckets = self._config.max_buckets
         points: list[Point] = []
-        expired = 0
-        for k in range(closed.next, stop):
-            g = groups[k]
-            base = g.closed
-            if base.n > 0:
+        emit, quantiles, chain = self._emit, rule.quantiles, rule.chain
+        sent: list[_Group] = []
+        for g in chunk:
+            if g.closed.n > 0:
                 g.idle = 0
-                self._emit(g, 0, base, end, rule.base, rule.quantiles, points)
-                for i in range(1, len(g.accs)):
-                    g.accs[i].merge(base, max_buckets)
-                base.reset()
+                sent.append(g)
             else:
                 g.idle += 1
-            for i, iv in ended:
+        if rule.histograms:
+            settle([g.closed for g in sent], max_buckets)
+        for g in sent:
+            base = g.closed
+            emit(g, 0, base, end, rule.base, quantiles, points)
+            accs = g.accs
+            for i in range(1, min(2, len(accs)) if chain else len(accs)):
+                accs[i].merge(base, max_buckets)
+            base.reset()
+        for i, iv in ended:
+            full = [g for g in chunk if g.accs[i].n > 0]
+            if rule.histograms:
+                settle([g.accs[i] for g in full], max_buckets)
+            iv_end = math.ceil(end / iv - 1e-9) * iv
+            coarser = chain and i + 1 < len(rule.intervals)
+            for g in full:
                 a = g.accs[i]
-                if a.n > 0:
-                    self._emit(g, i, a, math.ceil(end / iv - 1e-9) * iv, iv, rule.quantiles, points)
-                    a.reset()
+                emit(g, i, a, iv_end, iv, quantiles, points)
+                if coarser:
+                    g.accs[i + 1].merge(a, max_buckets)
+                a.reset()
+        expired = 0
+        for g in chunk:
             if g.idle >= idle_limit and all(a.n == 0 for a in g.accs) and rule.groups.get(g.key) is g:
                 del rule.groups[g.key]
                 expired += 1
@@ -745,7 +798,7 @@ class AggregateProcessor:
         for g in rule.groups.values():
             base = g.accs[0]
             for i in range(1, len(g.accs)):
-                g.accs[i].merge(base, self._config.max_buckets)
+                g.accs[i].merge(g.accs[i - 1] if rule.chain else base, self._config.max_buckets)
             for i, iv in enumerate(rule.intervals):
                 a = g.accs[i]
                 if a.n > 0:

@@ -5,12 +5,17 @@ and the sum of squared deviations (Welford's update: stable where ``Σv² − (�
 max, the last sample by time, and the co-moments of (time, value) for the least-squares slope. Two
 accumulators merge exactly (Chan et al.'s pairwise formulas), so a rule's coarser intervals are made
 by merging its finest window into them once per finest window, not by folding every point again.
-Distributions keep their merged exponential histogram instead of the moments.
+Distributions keep their merged exponential histogram instead of the moments; a rule with the
+``quantiles`` or ``histogram`` output keeps a gauge window's samples too, turned into a histogram when
+the window ends (:func:`settle`, for many windows at once).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+
+import numpy as np
 
 from agent import exphist
 from agent.exphist import ExpHistogram
@@ -23,9 +28,11 @@ class Acc:
     """Running statistics of one window. Fields are public: the processor's fold loop updates them
     inline (a method call a point costs more than the update itself)."""
 
-    __slots__ = ("c", "hi", "hist", "last", "last_t", "lo", "m2t", "m2v", "mt", "mv", "n", "parts", "total")
+    __slots__ = (
+        "c", "hi", "hist", "last", "last_t", "lo", "m2t", "m2v", "mt", "mv", "n", "parts", "total", "values",
+    )  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, samples: bool = False) -> None:
         self.n = 0.0
         """Samples (for distributions: observations)."""
         self.total = 0.0
@@ -49,9 +56,21 @@ class Acc:
         self.parts: list[ExpHistogram] = []
         """Distributions not merged yet: merged together in one pass (``merge_all`` of 32 costs a few
         pairwise merges), at the window's end or when _PARTS have gathered."""
+        self.values: list[float] | None = [] if samples else None
+        """Gauge samples kept for the quantiles (None: not kept); :func:`settle` makes them a histogram."""
 
     def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
+        """Empty, as new (keeping whether samples are kept); no allocation unless parts were left."""
+        self.n = self.total = self.mv = self.m2v = self.mt = self.m2t = self.c = 0.0
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.last = math.nan
+        self.last_t = -math.inf
+        self.hist = None
+        if self.parts:
+            self.parts = []
+        if self.values:
+            self.values = []
 
     def add_histogram(self, h: ExpHistogram, max_buckets: int) -> None:
         """One distribution's observations (a delta)."""
@@ -67,7 +86,9 @@ class Acc:
             self.histogram(max_buckets)
 
     def histogram(self, max_buckets: int) -> ExpHistogram | None:
-        """The window's merged histogram (None without distributions)."""
+        """The window's merged histogram (None without distributions or kept samples)."""
+        if self.values:
+            settle([self], max_buckets)
         parts = self.parts
         if parts:
             if self.hist is not None:
@@ -117,3 +138,36 @@ class Acc:
         if self.n < 2 or not self.m2t > 0.0:
             return None
         return self.c / self.m2t
+
+
+def settle(accs: Sequence[Acc], max_buckets: int) -> None:
+    """Bring each accumulator's histogram up to date (:meth:`Acc.histogram` of each), all at once: kept
+    gauge samples become one histogram per accumulator in one ``from_segments`` pass, and every
+    accumulator's pending histograms merge in one :func:`exphist.merge_groups` (a window's end over
+    thousands of groups: a merge per group cost tens of µs in numpy call overhead)."""
+    sampled = [a for a in accs if a.values]
+    if sampled:
+        lists = [a.values for a in sampled]
+        sizes = np.fromiter((len(v) for v in lists if v is not None), dtype=np.int64, count=len(lists))
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        flat = np.fromiter(
+            (x for v in lists if v is not None for x in v), dtype=np.float64, count=int(offsets[-1])
+        )
+        for a, h in zip(
+            sampled, exphist.from_segments(flat, None, offsets, max_buckets=max_buckets), strict=True
+        ):
+            a.values = []
+            a.parts.append(h)
+    pending = [a for a in accs if a.parts]
+    if not pending:
+        return
+    groups: list[list[ExpHistogram]] = []
+    for a in pending:
+        parts = a.parts
+        if a.hist is not None:
+            parts.append(a.hist)
+        groups.append(parts)
+        a.parts = []
+    for a, h in zip(pending, exphist.merge_groups(groups, max_buckets=max_buckets), strict=True):
+        a.hist = h
