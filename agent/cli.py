@@ -1,4 +1,4 @@
-"""The ``headwater`` command: run (the default), validate, components, queue, selftest."""
+"""The ``headwater`` command: run (the default), validate, components, queue, selftest, top."""
 
 from __future__ import annotations
 
@@ -103,6 +103,18 @@ def _parser() -> argparse.ArgumentParser:
         "--prometheus-port", type=int, default=9102, help="the prometheus exporter's port (default 9102)"
     )
     st.add_argument("--timeout", default="60s", metavar="DURATION", help="overall time limit (default 60s)")
+    top = sub.add_parser(
+        "top",
+        help="a terminal view of a running agent, refreshed every second: rates per component, queues,"
+        " loop lag, memory, CPU, alerts, top metrics (keys: s sort, / filter, q quit)",
+    )
+    top.add_argument(
+        "--endpoint",
+        default="127.0.0.1:8888",
+        metavar="HOST:PORT",
+        help="the agent's telemetry endpoint (service.telemetry.endpoint; default 127.0.0.1:8888)",
+    )
+    top.add_argument("--token", metavar="T", help="its bearer token (service.telemetry.auth), if it has one")
     return p
 
 
@@ -191,7 +203,7 @@ def _stop_before_start(signum: int, frame: object) -> None:
 def _main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_before_start)
     args_list = list(sys.argv[1:] if argv is None else argv)
-    verbs = {"run", "validate", "components", "queue", "selftest"}
+    verbs = {"run", "validate", "components", "queue", "selftest", "top"}
     if not any(a in verbs for a in args_list) and not {"-h", "--help", "--version"} & set(args_list):
         args_list = ["run", *args_list]
     args = _parser().parse_args(args_list)
@@ -199,6 +211,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return _queue(args)
     if args.verb == "selftest":
         return _selftest(args)
+    if args.verb == "top":
+        from agent.top import top_command
+
+        return top_command(args.endpoint, args.token)
     factories = builtin_factories()
     if args.verb == "components":
         return _components(factories, args.json)
