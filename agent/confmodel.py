@@ -437,5 +437,23 @@ def describe_fields(cls: type) -> list[dict[str, Any]]:
         if dataclasses.is_dataclass(inner):
             entry["fields"] = describe_fields(inner)  # type: ignore[arg-type]
             entry["default"] = ""
+        else:
+            element = _element_config(inner)
+            if element is not None:  # a list or map of objects (rules, routes): each one's fields
+                entry["fields"] = describe_fields(element)
         out.append(entry)
     return out
+
+
+def _element_config(tp: Any) -> type | None:
+    """The Config class of the entries of a list (or tuple) or map of them, else None."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+    elif origin is dict:
+        args = typing.get_args(tp)[1:]
+    else:
+        return None
+    element = args[0] if args else None
+    _, element = _is_optional(element)
+    return element if isinstance(element, type) and dataclasses.is_dataclass(element) else None

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from agent.cli import main
 from agent.registry import builtin_factories
@@ -48,6 +49,31 @@ def test_components_lists_every_type_with_fields(capsys) -> None:  # type: ignor
     assert all(f["doc"] for c in listed.values() for f in c["fields"]), "every field needs a doc line"
     assert main(["components"]) == 0
     assert "receiver statsd" in capsys.readouterr().out
+
+
+def test_components_expands_the_fields_of_lists_and_maps_of_objects(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["components", "--json"]) == 0
+    described = {(c["kind"], c["type"]): c for c in json.loads(capsys.readouterr().out)}
+
+    def field(kind: str, type_: str, name: str) -> dict[str, Any]:
+        return next(f for f in described[(kind, type_)]["fields"] if f["name"] == name)
+
+    rules = field("processor", "aggregate", "rules")
+    assert rules["type"] == "list of object"
+    nested = {f["name"]: f for f in rules["fields"]}
+    assert {"match", "intervals", "by", "without", "outputs", "keep_input"} <= nested.keys()
+    assert nested["intervals"]["default"] == "[1m]" and nested["keep_input"]["doc"]
+    assert {f["name"] for f in field("receiver", "http", "routes")["fields"]} >= {"path", "format"}
+    assert field("receiver", "http", "mappings")["type"] == "map of object"
+    assert {f["name"] for f in field("receiver", "http", "mappings")["fields"]} >= {"metrics", "labels"}
+    assert {f["name"] for f in field("processor", "threshold", "rules")["fields"]} >= {"metric", "window"}
+    assert main(["components"]) == 0
+    text = capsys.readouterr().out
+    block = text[text.index("processor aggregate") :]
+    # Indented under `rules` like a single nested config's fields.
+    assert "    rules (list of object) = []\n" in block
+    assert "        match (list of str) = []\n" in block
+    assert "        keep_input (bool) = false\n" in block
 
 
 def test_validate_reports_config_errors_with_exit_code(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
