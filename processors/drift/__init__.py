@@ -111,6 +111,9 @@ _POINTS_PER_BATCH = 1000
 """Gauges per batch handed on at a window's end."""
 _PENDING_HISTOGRAMS = 64
 """Incoming histograms a series holds before merging them (merge_all of many is cheaper per input)."""
+_MERGE_GROUPS = 32
+"""Accumulators merged per exphist.merge_groups call: its arrays stay in cache (166 a call cost ~30 %
+more a series than 20)."""
 _PENDING_VALUES = 8192
 """Gauge values a series holds before turning them into a histogram."""
 _GAUGE_SCALE = 8
@@ -199,34 +202,35 @@ class _Acc:
         self.values: list[float] = []
         self.merged: ExpHistogram | None = None
 
-    def add(self, h: ExpHistogram, max_buckets: int) -> None:
-        self.hists.append(h)
-        if len(self.hists) >= _PENDING_HISTOGRAMS:
-            self._merge(max_buckets)
-
     def add_values(self, values: list[float], max_buckets: int) -> None:
         self.values.extend(values)
         if len(self.values) >= _PENDING_VALUES:
-            self._merge(max_buckets)
-
-    def _merge(self, max_buckets: int) -> None:
-        parts = self.hists
-        if self.values:
             h = exphist.from_values(
                 np.asarray(self.values, dtype=np.float64), max_buckets=max_buckets, max_scale=_GAUGE_SCALE
             )
-            parts.append(h)
             self.values = []
+            self.hists.append(h)
+
+    def drain(self) -> list[ExpHistogram]:
+        """The histograms held, in arrival order with the merged ones last (gauge values not yet folded
+        stay); the accumulator keeps none of them."""
+        parts = self.hists
         if self.merged is not None:
             parts.append(self.merged)
-        self.hists = []
-        self.merged = exphist.merge_all(parts, max_buckets=max_buckets) if parts else None
+        self.hists, self.merged = [], None
+        return parts
 
-    def take(self, max_buckets: int) -> ExpHistogram:
-        """Everything held, as one histogram (EMPTY when nothing); the accumulator is emptied."""
-        self._merge(max_buckets)
-        h, self.merged = self.merged, None
-        return h if h is not None else exphist.EMPTY
+
+def _merge_accs(accs: list[_Acc], max_buckets: int) -> list[ExpHistogram]:
+    """Each accumulator's histograms merged into one (EMPTY when it holds none), by exphist.merge_groups
+    in calls of _MERGE_GROUPS; every accumulator is left holding nothing."""
+    groups = [acc.drain() for acc in accs]
+    full = [g for g in groups if g]
+    merged: list[ExpHistogram] = []
+    for start in range(0, len(full), _MERGE_GROUPS):
+        merged += exphist.merge_groups(full[start : start + _MERGE_GROUPS], max_buckets=max_buckets)
+    each = iter(merged)
+    return [next(each) if g else exphist.EMPTY for g in groups]
 
 
 class _Series:
@@ -444,6 +448,7 @@ class DriftProcessor:
         await self._next.consume(batch)
         self._counts.outgoing(n)
         max_buckets = self._max_buckets
+        full: list[_Acc] = []
         for s, p in tracked:
             h = self._delta(s, p)
             if h is None or not h.count > 0:
@@ -452,7 +457,13 @@ class DriftProcessor:
                 self._ignored("non_finite").value += 1
                 continue
             acc = s.learning if now < s.learn_until and s.learning is not None else s.current
-            acc.add(h, max_buckets)
+            acc.hists.append(h)
+            if len(acc.hists) == _PENDING_HISTOGRAMS:
+                full.append(acc)
+        if full:
+            # Long windows: fold what the series hold so far, all of them in one merge_groups call.
+            for acc, h in zip(full, _merge_accs(full, max_buckets), strict=True):
+                acc.merged = h
         non_finite = 0
         for s, values in observed.values():
             finite = [v for v in values if math.isfinite(v)]
@@ -480,16 +491,22 @@ class DriftProcessor:
             (name, tuple(sorted([*base, ("test", test), ("window", self._window_text)]))) for test in TESTS
         ]
 
-    def _statistics(self, s: _Series, now: float, index: int, counts: dict[str, int]) -> list[float] | None:
-        """Series `s`'s window `index` (just closed) against its reference; moves learning along."""
-        max_buckets = self._max_buckets
-        if s.learning is not None and now >= s.learn_until:
-            s.baseline = s.learning.take(max_buckets)
+    def _pair(
+        self,
+        s: _Series,
+        current: ExpHistogram,
+        learnt: ExpHistogram | None,
+        index: int,
+        counts: dict[str, int],
+    ) -> ExpHistogram | None:
+        """Series `s`'s reference for its window `index` (just closed, merged into `current`), or None
+        (counted) when no statistics are due; moves learning (`learnt`: its merged baseline) along."""
+        if learnt is not None:
+            s.baseline = learnt
             s.learning = None
-            if self._config.baseline_file is not None and s.baseline.count > 0:
-                self._file_baselines[s.file_key] = s.baseline
+            if self._config.baseline_file is not None and learnt.count > 0:
+                self._file_baselines[s.file_key] = learnt
                 self._file_dirty = True
-        current = s.current.take(max_buckets)
         if self._trailing:
             reference = s.past.get(index - self._lag)
             if current.count > 0:
@@ -506,10 +523,30 @@ class DriftProcessor:
         if current.count < self._config.min_count or reference.count < self._config.min_count:
             counts["few_observations"] += 1
             return None
-        d = stats.drift(current, reference, bins=self._config.bins)
-        if d is None:
-            return None
-        return [d.psi, d.ks, d.ks_pvalue, d.js, d.chi2, d.chi2_pvalue]
+        return reference
+
+    def _chunk_statistics(
+        self, chunk: list[_Series], now: float, index: int, counts: dict[str, int]
+    ) -> tuple[list[_Series], stats.Drifts]:
+        """The series of `chunk` with statistics for window `index`, and those statistics: every
+        window (and every baseline completed) merged in one merge_groups call, the statistics of all
+        the pairs in one drift_many call (per series, each cost ~100 µs of numpy overhead)."""
+        self._fold_values(chunk)
+        learn = [s for s in chunk if s.learning is not None and now >= s.learn_until]
+        merged = _merge_accs(
+            [*(s.current for s in chunk), *(s.learning for s in learn if s.learning)], self._max_buckets
+        )
+        learnt = dict(zip(map(id, learn), merged[len(chunk) :], strict=True))
+        tested: list[_Series] = []
+        currents: list[ExpHistogram] = []
+        references: list[ExpHistogram] = []
+        for s, current in zip(chunk, merged, strict=False):
+            reference = self._pair(s, current, learnt.get(id(s)), index, counts)
+            if reference is not None:
+                tested.append(s)
+                currents.append(current)
+                references.append(reference)
+        return tested, stats.drift_many(currents, references, bins=self._config.bins)
 
     async def _close_window(self, now: float, end: float) -> None:
         """Send the statistics of every series' window ending at `end`, in batches of about
@@ -522,11 +559,10 @@ class DriftProcessor:
         refused: Backpressure | None = None
         for start in range(0, len(every), step):
             points: list[Point] = []
-            chunk = every[start : start + step]
-            self._fold_values(chunk)
-            for s in chunk:
-                values = self._statistics(s, now, index, counts)
-                if values is None:
+            tested, d = self._chunk_statistics(every[start : start + step], now, index, counts)
+            table = np.column_stack((d.psi, d.ks, d.ks_pvalue, d.js, d.chi2, d.chi2_pvalue)).tolist()
+            for s, values, valid in zip(tested, table, d.valid.tolist(), strict=True):
+                if not valid:
                     continue
                 names = s.out
                 if names is None:
