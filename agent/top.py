@@ -53,7 +53,7 @@ def _dur(s: float | None) -> str:
         return "-"
     if s < 1:
         return f"{s * 1000:.0f}ms"
-    if s < 120:
+    if s < 60:
         return f"{s:.1f}s"
     if s < 7200:
         return f"{int(s // 60)}m{int(s % 60):02d}s"
