@@ -22,8 +22,15 @@ The original points pass on unchanged.
 Observations: HISTOGRAM points whose name matches ``include`` (StatsD timers, histograms and
 distributions and OTLP exponential histograms as they are, CUMULATIVE ones as the difference from the
 series' previous point; OTLP explicit-bucket histograms spread evenly inside each bucket), and GAUGE
-points matching ``gauges``, each value one observation (as in ``percentiles``). Data is placed by its
-arrival time.
+points matching ``gauges``, each value one observation (as in ``percentiles``).
+
+Windows hold what arrives in them: a point is placed by its arrival time (the processor's clock), not
+its timestamp. Points reach ``drift`` within a flush of being made (processors run before any
+exporter queue), so at most a flush's worth lands in the next window at a window's edge, and a
+window's distribution is unchanged by that; a client that resends late data after an outage has it
+counted in the window it arrives in. (Placing by timestamp would need windows held open for late
+points, as ``aggregate``'s ``max_delay`` does, and drift statistics do not depend on a point's exact
+minute.)
 
 Reference:
 
@@ -60,9 +67,12 @@ are the weighted counts.
 Memory is bounded: per series one histogram for the reference (baseline) or up to ``offset / window``
 (trailing), plus the window being filled, each at most ``max_buckets`` buckets per sign (8 B each);
 incoming histograms are merged 64 at a time. Beyond ``max_series`` new series are not tracked (their
-points still pass) and are counted (``headwater_drift_overflow_points_total``). Series are not
-forgotten when idle (their baseline is what they are for): aggregate churning labels (``pod``) away
-before ``drift``.
+points still pass) and are counted (``headwater_drift_overflow_points_total``). A series without a
+point for ``series_idle_timeout`` (default: twice the reference span: ``2 × offset`` for trailing,
+``2 × baseline`` but at least a day for baseline) is forgotten at a window end, its state freed and
+counted (``headwater_drift_expired_series_total``); if it returns it starts afresh: with its baseline
+from ``baseline_file`` when the file has one (the file keeps it), else learning again. Aggregate
+churning labels (``pod``) away before ``drift``.
 
 Cost (``bench/drift_bench.py``, one core): ``consume`` ~0.5–1 µs a point; each window end ~70–150 µs a
 series (merging its window, the statistics), sent in groups of ~166 series with the loop free between.
@@ -148,6 +158,16 @@ class DriftConfig:
     """Buckets per sign per histogram at most (KS is within one bucket's share of the exact D)."""
     max_series: int = 10_000
     """Series tracked at most; points of further series pass untracked and are counted as overflow."""
+    series_idle_timeout: Duration | None = None
+    """Forget a series this long after its last point; unset: 2 × offset, or 2 × baseline (at least 1d)."""
+
+    def idle_timeout_s(self) -> float:
+        """Seconds after its last point that a series is forgotten (see series_idle_timeout)."""
+        if self.series_idle_timeout is not None:
+            return float(self.series_idle_timeout)
+        if self.reference == "trailing":
+            return 2.0 * float(self.offset)
+        return max(2.0 * float(self.baseline), 86400.0)
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -189,6 +209,8 @@ class DriftConfig:
             problems.append(("max_buckets", "must be between 3 and 16384"))
         if self.max_series < 1:
             problems.append(("max_series", "must be at least 1"))
+        if self.series_idle_timeout is not None and self.series_idle_timeout < self.window:
+            problems.append(("series_idle_timeout", f"must be at least window ({float(self.window):g}s)"))
         return problems
 
 
@@ -240,6 +262,7 @@ class _Series:
         "current",
         "file_key",
         "labels",
+        "last_seen",
         "learn_until",
         "learning",
         "name",
@@ -266,6 +289,8 @@ class _Series:
         """The previous CUMULATIVE point's histogram, the base for the next difference."""
         self.out: list[tuple[str, Labels]] | None = None
         """(name, labels) of each test's gauge, built once."""
+        self.last_seen = 0.0
+        """Clock seconds of the series' last point (for series_idle_timeout)."""
 
 
 def _gauge(
@@ -304,6 +329,7 @@ class DriftProcessor:
         self._trailing = config.reference == "trailing"
         self._lag = round(float(config.offset) / self._window_s) if self._trailing else 0
         self._baseline_s = float(config.baseline)
+        self._idle_s = config.idle_timeout_s()
         self._max_buckets = config.max_buckets
         self._series: dict[SeriesKey, _Series] = {}
         self._file_baselines: dict[FileKey, ExpHistogram] = {}
@@ -319,6 +345,10 @@ class DriftProcessor:
         )
         self._file_errors = tel.counter(
             "drift_baseline_file_errors_total", "Times the baseline file could not be written (logged)."
+        )
+        self._expired = tel.counter(
+            "drift_expired_series_total",
+            "Series forgotten after series_idle_timeout without a point (their state freed).",
         )
         tel.gauge("drift_series", "Series tracked now.", lambda: float(len(self._series)))
 
@@ -434,6 +464,7 @@ class DriftProcessor:
                 if s is None:
                     overflow += 1
                     continue
+            s.last_seen = now
             if kind is histogram:
                 tracked.append((s, p))
             else:
@@ -583,8 +614,19 @@ class DriftProcessor:
         for reason, n in counts.items():
             if n:
                 self._skipped(reason).value += n
+        self._forget_idle(now)
         if refused is not None:
             raise refused
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop the series without a point for series_idle_timeout (after their last window was sent).
+        A returning series starts afresh: its baseline_file entry if it has one, else it learns again."""
+        limit = now - self._idle_s
+        idle = [key for key, s in self._series.items() if s.last_seen < limit]
+        for key in idle:
+            del self._series[key]
+        if idle:
+            self._expired.value += len(idle)
 
     def _fold_values(self, chunk: list[_Series]) -> None:
         """Turn the gauge values the series of `chunk` hold into one histogram each, all in one pass

@@ -410,6 +410,45 @@ async def test_max_series_bounds_state_and_counts_overflow() -> None:
     assert pods == {"0", "1"}
 
 
+@pytest.mark.parametrize("with_file", [False, True])
+async def test_idle_series_are_forgotten_and_relearn_or_reload_their_baseline(
+    tmp_path: Path, with_file: bool
+) -> None:
+    """A series without a point for series_idle_timeout is dropped at a window end (counted); back,
+    it starts afresh: learning again, or with its baseline from baseline_file at once."""
+    config = DriftConfig(
+        window=60.0,  # type: ignore[arg-type]
+        baseline=60.0,  # type: ignore[arg-type]
+        series_idle_timeout=120.0,  # type: ignore[arg-type]
+        baseline_file=str(tmp_path / "baselines.json") if with_file else None,
+    )
+    proc, sink, tel, clock = make(config)
+    await proc.start()
+    rng = np.random.default_rng(11)
+
+    async def window(names: tuple[str, ...]) -> None:
+        start = clock.now
+        clock.now = start + 5.0
+        await proc.consume(MetricBatch(tuple(timer(n, rng.lognormal(3, 0.5, 300)) for n in names)))
+        clock.now = start + 60.0
+        await proc.tick()
+
+    await window(("a", "b"))  # both learn their baselines
+    await window(("a", "b"))
+    assert set(drift_gauges(sink, "a")) == set(TESTS)
+    await window(("b",))  # a: last point 115 s before this window end, not yet idle
+    assert tel.value("drift_series") == 2
+    await window(("b",))
+    assert tel.value("drift_series") == 1 and tel.value("drift_expired_series_total") == 1
+    sink.batches.clear()
+    await window(("a", "b"))  # a is back
+    if not with_file:
+        assert drift_gauges(sink, "a") == {}  # learning again
+        await window(("a", "b"))
+    assert set(drift_gauges(sink, "a")) == set(TESTS)
+    await proc.shutdown()
+
+
 async def test_backpressure_refuses_before_observing() -> None:
     proc, sink, tel, clock = make(DriftConfig(window=60.0, baseline=60.0), Sink(refuse_times=1))
     rng = np.random.default_rng(6)
@@ -461,6 +500,7 @@ async def test_emit_backpressure_is_counted_and_other_series_still_offered() -> 
         ({"bins": 1}, "bins", "between 2 and 1000"),
         ({"max_series": 0}, "max_series", "at least 1"),
         ({"gauges": [""]}, "gauges::0", "non-empty"),
+        ({"series_idle_timeout": 30.0, "window": 60.0}, "series_idle_timeout", "at least window"),
     ],
 )
 def test_config_refusals(fields: dict[str, Any], path: str, message: str) -> None:
