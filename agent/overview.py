@@ -5,7 +5,7 @@ receivers → processors → exporters, connectors between pipelines, and its ed
 points in, out, refused, dropped and failed — totals and per second — with their reasons, each
 exporter's sending queue (requests, points, the disk queue's records and oldest age), the process
 (resident memory, CPU, the event loop's latest and worst lag), the threshold processors' pending and firing
-alerts, and the top metrics when a tracker provides them.
+alerts, and the top metrics by series and by points per second (``Agent.tap.top_metrics``).
 
 It is computed in the admin thread (``agent.admin``) from read-only snapshots: the agent's counters
 through its registry's Collector protocol (the same pass ``/metrics`` makes) and ``Agent.status()``.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +42,7 @@ MIN_INTERVAL_S = 1.0
 STALE_AFTER_S = 5.0
 """A last snapshot older than this starts afresh: no rates in the answer that takes the new one."""
 TOP_METRICS_LIMIT = 20
-
-TopMetrics = Callable[[int], Sequence[Mapping[str, Any]]]
-"""The top-metrics tracker: up to ``limit`` metrics with their series count, points per second and
-biggest labels, as JSON-ready mappings (``TapHub.top_metrics``)."""
+"""Metrics asked of the tracker by series, and again by points per second (the answer holds both)."""
 
 _COUNTERS: dict[str, tuple[str, str]] = {
     PREFIX + "receiver_accepted_points": ("receiver", "accepted"),
@@ -149,10 +146,9 @@ class Overview:
         self._prev = last if last is not None and now - last.t <= STALE_AFTER_S else None
         self._last = snap
 
-    def document(self, agent: Agent, top_metrics: TopMetrics | None = None) -> dict[str, Any]:
-        """The overview of ``agent`` now, with the top metrics from ``top_metrics`` (``null`` without a
-        tracker). ``Agent.status()`` may raise RuntimeError when the agent's thread changed a dict while
-        it was read (a reload): the caller asks again."""
+    def document(self, agent: Agent) -> dict[str, Any]:
+        """The overview of ``agent`` now. ``Agent.status()`` may raise RuntimeError when the agent's
+        thread changed a dict while it was read (a reload): the caller asks again."""
         status = agent.status()
         self._advance(agent)
         last, prev = self._last, self._prev
@@ -196,9 +192,12 @@ class Overview:
         refusals.sort(key=lambda r: (-(r["per_s"] or 0.0), -r["total"]))
 
         cpu = (last.cpu_s - prev.cpu_s) / window_s * 100 if prev is not None and window_s else None
-        top: list[dict[str, Any]] | None = None
-        if top_metrics is not None:
-            top = [dict(m) for m in top_metrics(TOP_METRICS_LIMIT)]
+        # The tracker (agent.tap) counts on this thread, and only while someone asks (it stops after
+        # a while without a call): the top by series and the top by rate, each metric once.
+        top: dict[str, dict[str, Any]] = {}
+        for by in ("series", "points_per_s"):
+            for m in agent.tap.top_metrics(TOP_METRICS_LIMIT, by):
+                top.setdefault(m["name"], m)
         return {
             "version": VERSION,
             "ready": status["ready"],
@@ -217,7 +216,7 @@ class Overview:
             "edges": edges,
             "refusals": refusals,
             "alerts": alerts,
-            "top_metrics": top,
+            "top_metrics": list(top.values()),
         }
 
     def _components(

@@ -277,7 +277,8 @@ def render(
         metrics = [m for m in top if view.matches(str(m.get("name", m.get("metric", ""))))]
         for title, field_ in (("BY SERIES", "series"), ("BY POINTS/S", "points_per_s")):
             ranked = _ranked(metrics, field_)
-            section = [Line(f"TOP METRICS {title}   series   points/s  biggest labels", "head")]
+            head = f"{'TOP METRICS ' + title:<42} {'SERIES':>8} {'POINTS/S':>10}  BIGGEST LABELS"
+            section = [Line(head, "head")]
             for m in ranked[:10]:
                 name = str(m.get("name", m.get("metric", "?")))
                 section.append(

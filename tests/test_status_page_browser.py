@@ -187,13 +187,11 @@ async def test_page_shows_the_graph_and_its_numbers_move(tmp_path: Path) -> None
 
             after = await wait_until(moved, "the statsd figures to move on the page", BROWSER_TIMEOUT_S)
             assert float(after["total.in"].rstrip("k")) > 0
-            await wait_until(
-                lambda: page.evaluate(
-                    "document.getElementById('refusals').textContent.includes('malformed_line')"
-                ),
-                "the refusal reason on the page",
-                BROWSER_TIMEOUT_S,
-            )
+            for section, text in (("refusals", "malformed_line"), ("top", "page.hits")):
+                shown = f"document.getElementById('{section}').textContent.includes('{text}')"
+                await wait_until(
+                    lambda js=shown: page.evaluate(js), f"{text} in the page's {section}", BROWSER_TIMEOUT_S
+                )
             edge = await page.evaluate(
                 "document.querySelector('[data-edge=\"receiver:statsd>processor:memory_limiter@metrics\"]').textContent"
             )

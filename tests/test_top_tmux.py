@@ -3,8 +3,8 @@ by the ``statsd`` client; the screen is read back with ``tmux capture-pane``. Th
 non-zero rates, ``s`` changes the sort column, ``/`` filters the components, ``q`` quits with 0; with
 the agent gone the screen says it cannot read it and keeps retrying.
 
-The last screen is kept as a test artifact (``top-screen.txt`` under the test's tmp dir, and copied to
-``$HEADWATER_ARTIFACTS`` when that is set).
+The screens are kept as test artifacts (``top-screen.txt``, ``top-screen-filtered.txt`` under the test's
+tmp dir, and copied to ``$HEADWATER_ARTIFACTS`` when that is set).
 """
 
 from __future__ import annotations
@@ -98,12 +98,12 @@ def _rows(screen: str, kind: str) -> list[list[str]]:
     return [line.split() for line in screen.splitlines() if line.startswith(kind + " ")]
 
 
-def _keep(tmp_path: Path, screen: str) -> None:
-    (tmp_path / "top-screen.txt").write_text(screen)
+def _keep(tmp_path: Path, name: str, screen: str) -> None:
+    (tmp_path / name).write_text(screen)
     target = os.environ.get("HEADWATER_ARTIFACTS")
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)
-        shutil.copy(tmp_path / "top-screen.txt", Path(target) / "top-screen.txt")
+        shutil.copy(tmp_path / name, Path(target) / name)
 
 
 def test_top_shows_rates_sorts_filters_and_quits(tmp_path: Path, terminal: Terminal) -> None:
@@ -130,9 +130,11 @@ def test_top_shows_rates_sorts_filters_and_quits(tmp_path: Path, terminal: Termi
             [receiver] = _rows(screen, "receiver") or [[]]
             # KIND COMPONENT IN/S OUT/S REFUSED/S ...: a rate shown and above zero.
             moving = len(receiver) >= 5 and receiver[2] not in ("0", "…") and receiver[4] not in ("0", "…")
-            return screen if moving and _rows(screen, "exporter") else None
+            tracked = "TOP METRICS BY SERIES" in screen and "top.hits" in screen
+            return screen if moving and tracked and _rows(screen, "exporter") else None
 
-        screen = wait_for_peer(flowing, "the statsd row with non-zero in/s and refused/s")
+        screen = wait_for_peer(flowing, "the statsd row with non-zero in/s and refused/s, top metrics")
+        _keep(tmp_path, "top-screen.txt", screen)
         assert "sort: in/s (s)" in screen
         assert [r[1] for r in _rows(screen, "processor")] == ["memory_limiter"]
         assert [r[1] for r in _rows(screen, "exporter")] == ["debug"]
@@ -153,8 +155,8 @@ def test_top_shows_rates_sorts_filters_and_quits(tmp_path: Path, terminal: Termi
             return screen if shown and _rows(screen, "exporter") and not _rows(screen, "receiver") else None
 
         screen = wait_for_peer(filtered, "only the debug exporter's row")
-        assert not _rows(screen, "processor") and "malformed_line" not in screen
-        _keep(tmp_path, screen)
+        assert not _rows(screen, "processor") and "malformed_line" not in screen and "top.hits" not in screen
+        _keep(tmp_path, "top-screen-filtered.txt", screen)
 
         agent.stop()
         wait_for_peer(lambda: "cannot read the agent" in terminal.screen(), "the endpoint-down message")

@@ -86,8 +86,7 @@ async def test_graph_rates_reasons_and_alerts(tmp_path: Path) -> None:
         now[0] += MIN_INTERVAL_S / 2  # within the interval: the same snapshot, nothing moves yet
         same = overview.document(agent)
         now[0] += MIN_INTERVAL_S * 2 - MIN_INTERVAL_S / 2
-        tracked = [{"name": "cpu.user", "series": 1}]
-        second = overview.document(agent, top_metrics=lambda limit: tracked[:limit])
+        second = overview.document(agent)
         now[0] += STALE_AFTER_S + 1  # nobody looked for a while: no average over the silence
         after_silence = overview.document(agent)
     finally:
@@ -111,7 +110,7 @@ async def test_graph_rates_reasons_and_alerts(tmp_path: Path) -> None:
     assert first["connectors"] == ["forward"]
     assert first["window_s"] is None and all(c["per_s"] is None for c in first["components"])
     assert _component(first, "receiver:http")["total"]["in"] == 0
-    assert first["top_metrics"] is None
+    assert first["top_metrics"] == []  # the tracker starts when first asked
     assert same["components"] == first["components"]
 
     assert second["window_s"] == 2 * MIN_INTERVAL_S
@@ -140,7 +139,8 @@ async def test_graph_rates_reasons_and_alerts(tmp_path: Path) -> None:
         "critical",
         {"host": "web-1"},
     )
-    assert second["top_metrics"] == [{"name": "cpu.user", "series": 1}]
+    [top] = second["top_metrics"]
+    assert (top["name"], top["series"], top["labels"]) == ("cpu.user", 1, [{"name": "host", "values": 1}])
     process = second["process"]
     assert process["rss_bytes"] > 0 and process["cpu_percent"] >= 0 and process["loop_lag_max_s"] >= 0
 
