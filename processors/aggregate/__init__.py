@@ -1,4 +1,4 @@
-"""Aggregate processor: stream aggregation over tumbling windows (after vmagent's stream aggregation).
+"""Aggregate processor: stream aggregation over tumbling or sliding windows (after vmagent's).
 
     processors:
       aggregate:
@@ -19,7 +19,19 @@ placed in the window being filled when they arrive; a point whose own timestamp 
 window's start by more than ``max_delay`` is *late*: not folded, passed on raw and counted
 (``headwater_aggregate_late_points_total``). At each window's end the processor sends one point per
 group and output, stamped with the window's end; on shutdown the windows being filled are sent as
-they are (rate over the part elapsed).
+they are (rate over the part elapsed). A coarser window is made by merging the finer ones exactly:
+each interval from the one below it when each is a multiple of the one before (1m → 5m → 1h: one
+merge per group and minute), else each from the shortest.
+
+Sliding windows (``slide: 1m``): every interval is sent each slide over the interval just ended, like
+PromQL's ``avg_over_time(x[5m])`` evaluated every minute: the 5m window sent at 12:07 holds the
+samples placed in [12:02, 12:07). ``slide`` divides every interval (at most 120 slides each; the
+intervals need not be multiples of each other). Each group keeps one state per slide of its longest
+interval (the *slices*, as ``percentiles`` keeps slices of its rolling windows, but exact: counts,
+sums, extremes, moments and the merged histogram of each slide) and a window is their exact merge,
+so every output is what the tumbling window over the same span would give; ``rate`` divides by the
+interval (partial at start-up). Cost: one merge per group and slide per slide of the longest interval
+(1h sliding by 1m: 60 a minute), and memory the same factor.
 
 Samples: a GAUGE (or a non-monotonic SUM) is one sample of its value; a monotonic SUM (a counter) is
 one sample of its increase — a DELTA point's value, or a CUMULATIVE point's difference from its
@@ -40,10 +52,12 @@ not sent for it:
   distinct times): gauges and counters.
 - ``increase`` (the sum of the increases) and ``rate`` (increase per second of the window): counters.
 - ``quantiles`` (one point per ``quantiles`` entry, labelled ``quantile``) and ``histogram`` (the
-  window's merged exponential histogram, DELTA over the window): distributions. A quantile is within
-  ``exphist.relative_error(scale)`` of the exact one over the raw observations (the rank rule of
-  numpy's ``inverted_cdf``; 0.54 % at scale 6), the scale being the merged histogram's (``max_buckets``
-  bounds it, as in ``percentiles``).
+  window's merged exponential histogram, DELTA over the window): distributions, and gauges (over the
+  window's samples: kept as values in the shortest window, made a histogram at its end). A quantile
+  is within ``exphist.relative_error(scale)`` of the exact one over the raw observations or samples
+  (the rank rule of numpy's ``inverted_cdf``; 0.54 % at scale 6, 0.034 % at scale 10), the scale
+  being the merged histogram's (``max_buckets`` bounds it, as in ``percentiles``). Not exact: the
+  coarser and sliding windows merge histograms, not samples (bounded memory).
 
 Naming, one rule: ``<name>.<interval>[_by_<l1>_<l2>|_without_<l1>_<l2>].<output>``, e.g.
 ``http.requests.5m_without_pod.rate`` and ``api.latency.1m_by_route.quantile{quantile="0.99"}``. It
@@ -61,7 +75,9 @@ Idle groups and series are forgotten after twice the rule's longest interval.
 
 A window's end never blocks the event loop for long: each group's accumulator is swapped for an empty
 one at the boundary (one pass of pointer swaps), and the ended window is then sent, merged into the
-coarser windows and expired :data:`_GROUPS_PER_STEP` groups at a time between yields to the loop.
+coarser windows and expired :data:`_GROUPS_PER_STEP` groups at a time, each step's points handed on
+before the next step and a yield to the loop; the histograms of a step's groups are merged in one
+pass (:func:`exphist.merge_groups`).
 
 Backpressure: raw points are handed on before anything is folded, so a refusal downstream is raised
 to the sender with nothing taken (its retry does not count twice). Window outputs refused downstream
@@ -145,7 +161,7 @@ class RuleConfig:
     match: list[str] = field(default_factory=list)
     """Metric name globs (``*`` crosses dots) this rule aggregates (required)."""
     intervals: list[Duration] = field(default_factory=lambda: [Duration(60.0)])
-    """Tumbling windows aligned to the clock (UTC); each divides a day and is a multiple of the shortest."""
+    """Windows aligned to the clock (UTC): each divides a day, a multiple of the shortest (or of slide)."""
     by: list[str] = field(default_factory=list)
     """Keep only these labels (the others are aggregated away); not with ``without``."""
     without: list[str] = field(default_factory=list)
@@ -153,7 +169,7 @@ class RuleConfig:
     outputs: list[Output] = field(default_factory=lambda: ["count", "sum", "avg", "min", "max"])
     """Per window: count, sum, avg, min, max, last, stddev, rate, increase, slope, quantiles, histogram."""
     quantiles: list[float] = field(default_factory=lambda: [0.5, 0.99])
-    """For the quantiles output (distributions): the quantiles, within [0, 1]."""
+    """For the quantiles output (distributions and gauges): the quantiles, within [0, 1]."""
     keep_input: bool = False
     """Also pass on the raw points this rule aggregates (false drops them: the cardinality saving)."""
     slide: Duration = Duration(0.0)

@@ -575,3 +575,60 @@ async def test_statsd_to_prometheus_through_aggregate(
         # keep_input is false: the raw series never reach Prometheus (the cardinality saving).
         raw = '{__name__=~"app_requests_total|app_temperature|app_latency_seconds_count"}'
         assert await prom_query(session, prometheus, raw) == []
+
+
+async def test_gauge_quantiles_and_chained_coarse_windows_against_numpy() -> None:
+    """1m → 5m → 15m: each coarser window is made of the one below (chained), gauges' quantiles from
+    their samples within the histogram's relative error of numpy's inverted_cdf."""
+    rule = RuleConfig(
+        match=["g"],
+        intervals=[Duration(60.0), Duration(300.0), Duration(900.0)],
+        outputs=["count", "sum", "min", "max", "last", "stddev", "quantiles", "histogram"],
+        quantiles=[0.05, 0.5, 0.95],
+    )
+    proc, sink, _, clock = make(rule, max_buckets=2048)
+    rng = np.random.default_rng(21)
+    values: list[float] = []
+    for m in range(15):
+        vs = rng.normal(0.0, 20.0, size=30) * (1 + m / 5)  # both signs, widening
+        for k, v in enumerate(vs.tolist()):
+            t = T0 + 60.0 * m + 2.0 * k
+            clock.now = t
+            await proc.consume(MetricBatch((gauge("g", t, v),)))
+            values.append(v)
+        await close_window(proc, clock, T0 + 60.0 * (m + 1))
+    assert len(sink.values("g.1m.count")) == 15 and len(sink.values("g.5m.count")) == 3
+    for text, span in (("5m", 300.0), ("15m", 900.0)):
+        got = [p for p in sink.points() if p.name.startswith(f"g.{text}.")]
+        last_end = max(p.time_unix_nano for p in got)
+        got = [p for p in got if p.time_unix_nano == last_end]
+        v = np.array(values[-round(span / 2.0) :])  # 30 values a minute
+        stats = {p.name.rsplit(".", 1)[1]: p.value for p in got if p.kind is Kind.GAUGE}
+        assert stats["count"] == v.size and stats["last"] == v[-1]
+        assert (stats["min"], stats["max"]) == (np.min(v), np.max(v))
+        assert stats["sum"] == pytest.approx(np.sum(v), rel=1e-12, abs=1e-9)
+        assert stats["stddev"] == pytest.approx(np.std(v), rel=1e-9)
+        h = next(p.histogram for p in got if p.kind is Kind.HISTOGRAM)
+        assert h is not None and h.count == v.size
+        bound = exphist.relative_error(h.scale)
+        assert bound < 0.01
+        quantiles = {float(dict(p.labels)["quantile"]): p.value for p in got if p.name.endswith(".quantile")}
+        assert set(quantiles) == {0.05, 0.5, 0.95}
+        for q, estimate in quantiles.items():
+            exact = float(np.quantile(v, q, method="inverted_cdf"))
+            assert abs(estimate - exact) <= bound * abs(exact) * (1 + 1e-9)
+
+
+async def test_coarse_windows_that_are_not_multiples_of_each_other() -> None:
+    """1m, 2m, 3m: 3m is no multiple of 2m, so each merges the minute (no chain); counts stay exact."""
+    rule = RuleConfig(
+        match=["g"], intervals=[Duration(60.0), Duration(120.0), Duration(180.0)], outputs=["count", "sum"]
+    )
+    proc, sink, _, clock = make(rule)
+    for m in range(6):
+        clock.now = T0 + 60.0 * m + 1.0
+        await proc.consume(MetricBatch(tuple(gauge("g", clock.now, float(m)) for _ in range(m + 1))))
+        await close_window(proc, clock, T0 + 60.0 * (m + 1))
+    assert sink.values("g.2m.count") == [1 + 2, 3 + 4, 5 + 6]
+    assert sink.values("g.3m.count") == [1 + 2 + 3, 4 + 5 + 6]
+    assert sink.values("g.3m.sum") == [0 * 1 + 1 * 2 + 2 * 3, 3 * 4 + 4 * 5 + 5 * 6]
