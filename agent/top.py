@@ -199,17 +199,23 @@ def render(
             lines.append(Line(f"connecting to {endpoint}…", "dim"))
         return [Line(ln.text[:width], ln.style) for ln in lines[:height]]
 
-    name_w = max(16, width - 11 - len(WIDTHS) - sum(WIDTHS))
+    key_of, reverse = SORTS[view.sort][1], SORTS[view.sort][0] != "component"
+    components = [c for c in doc["components"] if view.matches(c["key"])]
+    names = [c["id"] + (f" @{c['pipeline']}" if c.get("pipeline") else "") for c in doc["components"]]
+    name_w = min(48, max(16, *(len(n) + 2 for n in names)))
+    # A narrow terminal loses number columns from the right rather than the names.
+    ncols = len(WIDTHS)
+    while ncols > 2 and 11 + name_w + sum(w + 1 for w in WIDTHS[:ncols]) > width:
+        ncols -= 1
+    widths = WIDTHS[:ncols]
     lines.append(Line(""))
     lines.append(
         Line(
             f"{'KIND':<10} {'COMPONENT':<{name_w}}"
-            + "".join(f" {h:>{w}}" for h, w in zip(HEADS, WIDTHS, strict=True)),
+            + "".join(f" {h:>{w}}" for h, w in zip(HEADS, widths, strict=False)),
             "head",
         )
     )
-    key_of, reverse = SORTS[view.sort][1], SORTS[view.sort][0] != "component"
-    components = [c for c in doc["components"] if view.matches(c["key"])]
     components.sort(key=key_of, reverse=reverse)
     rows = []
     for c in components:
@@ -228,7 +234,7 @@ def render(
         rows.append(
             Line(
                 f"{c['kind']:<10} {name[:name_w]:<{name_w}}"
-                + "".join(f" {v:>{w}}" for v, w in zip(cells, WIDTHS, strict=True)),
+                + "".join(f" {v:>{w}}" for v, w in zip(cells, widths, strict=False)),
                 "bad" if bad else "",
             )
         )

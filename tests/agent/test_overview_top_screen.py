@@ -128,6 +128,12 @@ def test_keys_sort_and_filter() -> None:
 
 def test_small_terminals_and_a_missing_endpoint() -> None:
     assert _screen(width=30, height=10)[0].startswith("30x10: too small")
+    narrow = _screen(width=60)
+    [head] = [line for line in narrow if line.startswith("KIND")]
+    assert head.split() == ["KIND", "COMPONENT", "IN/S", "OUT/S", "REFUSED/S"]  # the names stay whole
+    assert [line.split()[:5] for line in narrow if line.startswith("receiver")] == [
+        ["receiver", "statsd", "500", "450", "50"]
+    ]
     short = _screen(height=8)
     assert _rows(short)[:1] == ["statsd"]  # the components come first; the sections go
     assert not any(line.startswith("TOP METRICS") for line in short)
