@@ -53,9 +53,10 @@ class Acc:
         self.last_t = -math.inf
         self.hist: ExpHistogram | None = None
         """Distributions: the merged histogram of the window's earlier points (see :meth:`histogram`)."""
-        self.parts: list[ExpHistogram] = []
+        self.parts: list[ExpHistogram] | None = None
         """Distributions not merged yet: merged together in one pass (``merge_all`` of 32 costs a few
-        pairwise merges), at the window's end or when _PARTS have gathered."""
+        pairwise merges), at the window's end or when _PARTS have gathered. None until the first (a
+        list per accumulator is a tracked object for the garbage collector to walk)."""
         self.values: list[float] | None = [] if samples else None
         """Gauge samples kept for the quantiles (None: not kept); :func:`settle` makes them a histogram."""
 
@@ -67,8 +68,7 @@ class Acc:
         self.last = math.nan
         self.last_t = -math.inf
         self.hist = None
-        if self.parts:
-            self.parts = []
+        self.parts = None
         if self.values:
             self.values = []
 
@@ -81,9 +81,12 @@ class Acc:
         if h.max > self.hi:
             self.hi = h.max
         parts = self.parts
-        parts.append(h)
-        if len(parts) >= _PARTS:
-            self.histogram(max_buckets)
+        if parts is None:
+            self.parts = [h]
+        else:
+            parts.append(h)
+            if len(parts) >= _PARTS:
+                self.histogram(max_buckets)
 
     def histogram(self, max_buckets: int) -> ExpHistogram | None:
         """The window's merged histogram (None without distributions or kept samples)."""
@@ -94,7 +97,7 @@ class Acc:
             if self.hist is not None:
                 parts.append(self.hist)
             self.hist = exphist.merge_all(parts, max_buckets=max_buckets)
-            self.parts = []
+            self.parts = None
         return self.hist
 
     def merge(self, o: Acc, max_buckets: int) -> None:
@@ -120,9 +123,13 @@ class Acc:
             self.last = o.last
         theirs = o.histogram(max_buckets)
         if theirs is not None:
-            self.parts.append(theirs)
-            if len(self.parts) >= _PARTS:
-                self.histogram(max_buckets)
+            parts = self.parts
+            if parts is None:
+                self.parts = [theirs]
+            else:
+                parts.append(theirs)
+                if len(parts) >= _PARTS:
+                    self.histogram(max_buckets)
 
     # -- outputs -------------------------------------------------------------------------------------
 
@@ -158,16 +165,19 @@ def settle(accs: Sequence[Acc], max_buckets: int) -> None:
             sampled, exphist.from_segments(flat, None, offsets, max_buckets=max_buckets), strict=True
         ):
             a.values = []
-            a.parts.append(h)
+            if a.parts is None:
+                a.parts = [h]
+            else:
+                a.parts.append(h)
     pending = [a for a in accs if a.parts]
     if not pending:
         return
     groups: list[list[ExpHistogram]] = []
     for a in pending:
-        parts = a.parts
+        parts = a.parts or []  # (not None: pending)
         if a.hist is not None:
             parts.append(a.hist)
         groups.append(parts)
-        a.parts = []
+        a.parts = None
     for a, h in zip(pending, exphist.merge_groups(groups, max_buckets=max_buckets), strict=True):
         a.hist = h
