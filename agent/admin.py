@@ -41,6 +41,7 @@ from agent.netguard import ConnectionGate, FdBudget, GuardedSite
 from agent.overview import Overview
 from agent.service import Agent
 from agent.status_page import page
+from agent.tap.websocket import serve_tap
 from agent.telemetry import Cell
 from agent.version import VERSION
 from agent.watched_file import WatchedFile
@@ -154,6 +155,7 @@ class AdminServer:
         app.router.add_get("/status", self._status)
         app.router.add_get("/", self._page)
         app.router.add_get("/api/overview", self._api_overview)
+        app.router.add_get("/api/tap", self._api_tap)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=STOP_TIMEOUT_S)
         await runner.setup()
         try:
@@ -220,6 +222,13 @@ class AdminServer:
         if self._agent.ready:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")
+
+    async def _api_tap(self, request: web.Request) -> web.StreamResponse:
+        """The live stream (WebSocket; :mod:`agent.tap.websocket`)."""
+        refused = self.authorized(request)
+        if refused is not None:
+            return refused
+        return await serve_tap(request, self._agent.tap)
 
     async def _status(self, request: web.Request) -> web.Response:
         refused = self.authorized(request)

@@ -58,24 +58,36 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import enum
-import fnmatch
 import logging
 import math
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from opentelemetry.proto.trace.v1 import trace_pb2
-
-from agent.anyvalue import json_value
 from agent.config import TapConfig
 from agent.globs import NameFilter
-from agent.model import Batch, Kind, Labels, LogBatch, MetricBatch, Point, SpanBatch
+from agent.model import Batch, LogBatch, MetricBatch, SpanBatch
+from agent.tap.items import REDACTED, Direction, LabelMatcher, TapEdge, TapFilter, TapPoint, matching, render
+from agent.tap.top import TOP_MAX_SERIES, TOP_WINDOW_S, TopTracker
 from agent.telemetry import Telemetry
+
+__all__ = [
+    "DROP_REASONS",
+    "PENDING_BATCHES",
+    "REDACTED",
+    "TOP_IDLE_S",
+    "TOP_MAX_SERIES",
+    "TOP_WINDOW_S",
+    "Direction",
+    "LabelMatcher",
+    "TapEdge",
+    "TapFilter",
+    "TapFull",
+    "TapHub",
+    "TapPoint",
+    "TapSubscription",
+]
 
 log = logging.getLogger("headwater.tap")
 
@@ -83,129 +95,7 @@ PENDING_BATCHES = 64
 """Batches one subscription may have waiting for the admin thread; past that, batches are dropped."""
 TOP_IDLE_S = 30.0
 """The tracker stops (and forgets) this long after :meth:`TapHub.top_metrics` was last called."""
-TOP_WINDOW_S = 60.0
-"""A series is active when seen within this window; points per second are over it too."""
-TOP_MAX_SERIES = 200_000
-"""Series the tracker keeps at most (new ones beyond are counted in points, not in series)."""
-REDACTED = "<redacted>"
 DROP_REASONS = ("rate", "buffer", "behind")
-
-
-class Direction(enum.Enum):
-    IN = "in"
-    OUT = "out"
-
-
-@dataclass(frozen=True, slots=True)
-class TapPoint:
-    """One end of an edge: the batches leaving (``out``) or entering (``in``) one component."""
-
-    component: str
-    """The component's label: its id (``statsd``, ``otlp/grpc``), ``@pipeline`` for a processor."""
-    kind: str
-    """receiver, processor, connector or exporter."""
-    direction: Direction
-    pipeline: str | None = None
-
-    @property
-    def id(self) -> str:
-        return self.component.partition("@")[0]
-
-    def __str__(self) -> str:
-        return f"{self.component} {self.direction.value}"
-
-
-@dataclass(frozen=True, slots=True)
-class TapEdge:
-    """A Link and the component ends it joins (one out, and the ``in`` of what it feeds)."""
-
-    link: Any
-    """An :class:`agent.service.Link` (anything with a writable ``tap`` attribute)."""
-    points: tuple[TapPoint, ...]
-
-
-# -- filters -------------------------------------------------------------------------------------------
-_MATCHER_RE = re.compile(r"^\s*([^=!~\s]+)\s*(=~|!~|!=|=)(.*)$")
-
-
-@dataclass(frozen=True)
-class LabelMatcher:
-    """``name=value``, ``name!=value``, ``name=~regex``, ``name!~regex`` (regexes match the whole
-    value, as in PromQL). A missing label is the empty value."""
-
-    name: str
-    op: str
-    value: str
-    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def parse(cls, text: str) -> LabelMatcher:
-        """Raises ValueError naming what is wrong."""
-        m = _MATCHER_RE.match(text)
-        if m is None:
-            raise ValueError(f"{text!r} is not a label matcher: write name=value, name!=value, name=~regex")
-        name, op, value = m.groups()
-        regex = None
-        if op in ("=~", "!~"):
-            try:
-                regex = re.compile(f"(?:{value})\\Z")
-            except re.error as exc:
-                raise ValueError(f"{text!r}: the regex is not valid: {exc}") from None
-        return cls(name, op, value, regex)
-
-    def matches(self, value: str) -> bool:
-        if self._regex is not None:
-            return bool(self._regex.match(value)) is (self.op == "=~")
-        return (value == self.value) is (self.op == "=")
-
-
-@dataclass(frozen=True)
-class TapFilter:
-    """What one subscription watches. Empty globs mean everything."""
-
-    component: str = "*"
-    """Glob over component ids and labels (``batch`` and ``batch@metrics``)."""
-    name: str = "*"
-    """Glob over metric names, span names, log event names."""
-    match: tuple[LabelMatcher, ...] = ()
-    signals: frozenset[str] = frozenset({"metrics", "traces", "logs"})
-    directions: frozenset[Direction] = frozenset({Direction.OUT})
-    """Ends watched: by default what leaves components (``in`` adds what enters them)."""
-
-    @classmethod
-    def parse(
-        cls,
-        component: str = "",
-        name: str = "",
-        match: Sequence[str] = (),
-        signal: str = "",
-        direction: str = "",
-    ) -> TapFilter:
-        """From query parameters (``signal`` and ``direction`` comma-separated; ``direction`` out, in
-        or both). Raises ValueError naming the parameter that is wrong."""
-        signals = {s.strip() for s in signal.split(",") if s.strip()} or {"metrics", "traces", "logs"}
-        unknown = signals - {"metrics", "traces", "logs"}
-        if unknown:
-            raise ValueError(f"signal: {', '.join(sorted(unknown))} is not metrics, traces or logs")
-        ends = {d.strip() for d in direction.split(",") if d.strip()} or {"out"}
-        if "both" in ends:
-            ends = {"in", "out"}
-        if ends - {"in", "out"}:
-            raise ValueError(f"direction: {direction!r} is not in, out or both")
-        return cls(
-            component=component or "*",
-            name=name or "*",
-            match=tuple(LabelMatcher.parse(m) for m in match),
-            signals=frozenset(signals),
-            directions=frozenset(Direction(d) for d in ends),
-        )
-
-    def takes(self, point: TapPoint) -> bool:
-        if point.direction not in self.directions:
-            return False
-        return fnmatch.fnmatchcase(point.component, self.component) or fnmatch.fnmatchcase(
-            point.id, self.component
-        )
 
 
 # -- subscriptions -------------------------------------------------------------------------------------
@@ -275,7 +165,10 @@ class TapSubscription:
         while self._pending:
             points, batch = self._pending.popleft()
             for point in points:
-                self._take(point, batch)
+                try:
+                    self._take(point, batch)
+                except Exception as exc:  # an item that cannot be shown must not end the stream
+                    log.error("tap: showing a batch at %s: %r", point, exc, exc_info=exc)
         self._ready.set()
 
     def _take(self, point: TapPoint, batch: Batch) -> None:
@@ -284,7 +177,7 @@ class TapSubscription:
         self._refilled = now
         rated = over = 0
         items, room = self.items, self._buffer - len(self.items)
-        for raw in _matching(batch, self.filter, self._names):
+        for raw in matching(batch, self.filter, self._names):
             if tokens < 1:
                 rated += 1
                 continue
@@ -293,7 +186,7 @@ class TapSubscription:
                 over += 1
                 continue
             room -= 1
-            items.append(_render(raw, point, self._redact))
+            items.append(render(raw, point, self._redact))
         self._tokens = tokens
         if rated or over:
             self._dropped["rate"] += rated
@@ -367,7 +260,7 @@ class TapHub:
         self.dropped = {r: telemetry.counter("tap_dropped_total", help, reason=r) for r in DROP_REASONS}
         self.sent_items = telemetry.counter("tap_sent_items_total", "Items the tap handed to subscribers.")
         telemetry.gauge("tap_subscribers", "Tap streams open now.", lambda: float(len(self._open)))
-        self._top = _TopTracker(0.0)
+        self._top = TopTracker(0.0)
         self._top_on = False
         """The agent's thread: whether the tracker's taps are in place."""
         self._top_asked = -math.inf
@@ -481,7 +374,7 @@ class TapHub:
         with self._top_lock:
             if self._top_generation != self._top_seen_generation:
                 self._top_seen_generation = self._top_generation
-                self._top = _TopTracker(time.time())
+                self._top = TopTracker(time.time())
             top = self._top
             if not top.started:
                 top.started = time.time()
@@ -511,251 +404,3 @@ class TapHub:
             self._top_skipped += len(batch)
             return
         self._top_pending.append((batch, now_ns / 1e9))
-
-
-class _TopTracker:
-    """Per metric name: the series seen (with when, last), and points per second over the window.
-    Used on the reader's thread only. Series are keyed by (kind, labels, resource) — not
-    :func:`agent.model.key_of`, which interns keys and must only run on the agent's thread."""
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.series: dict[str, dict[tuple[Kind, Labels, Any], float]] = {}
-        self.total = 0
-        self.windows: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
-        self.pruned = 0.0
-        self.skipped = 0
-
-    def add(self, batch: MetricBatch, t: float) -> None:
-        counts: dict[str, int] = {}
-        series = self.series
-        room = TOP_MAX_SERIES - self.total
-        for p in batch.points:
-            name = p.name
-            counts[name] = counts.get(name, 0) + 1
-            seen = series.get(name)
-            if seen is None:
-                seen = series[name] = {}
-            key = (p.kind, p.labels, p.resource)
-            if key in seen or room > 0:
-                if key not in seen:
-                    room -= 1
-                    self.total += 1
-                seen[key] = t
-        self.windows.append((t, counts))
-
-    def snapshot(self, limit: int, by: str, now: float) -> list[dict[str, Any]]:
-        cutoff = now - TOP_WINDOW_S
-        windows = self.windows
-        while windows and windows[0][0] < cutoff:
-            windows.popleft()
-        if now - self.pruned > 5.0:  # forgetting series is a pass over all of them: not every call
-            self.pruned = now
-            for name in list(self.series):
-                seen = self.series[name]
-                stale = [k for k, t in seen.items() if t < cutoff]
-                for k in stale:
-                    del seen[k]
-                self.total -= len(stale)
-                if not seen:
-                    del self.series[name]
-        span = max(1.0, now - max(cutoff, self.started))
-        points: dict[str, int] = {}
-        for _, counts in windows:
-            for name, n in counts.items():
-                points[name] = points.get(name, 0) + n
-        rows = [
-            (len(seen), points.get(name, 0) / span, name)
-            for name, seen in self.series.items()
-            if any(t >= cutoff for t in seen.values())
-        ]
-        if by == "points_per_s":
-            rows.sort(key=lambda r: (-r[1], -r[0], r[2]))
-        else:
-            rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
-        return [
-            {"name": name, "series": n, "points_per_s": round(pps, 3), "labels": self._labels(name, cutoff)}
-            for n, pps, name in rows[: max(0, limit)]
-        ]
-
-    def _labels(self, name: str, cutoff: float) -> list[dict[str, Any]]:
-        values: dict[str, set[str]] = {}
-        for (_, labels, _), t in self.series[name].items():
-            if t >= cutoff:
-                for k, v in labels:
-                    values.setdefault(k, set()).add(v)
-        counted = sorted(((-len(vs), k) for k, vs in values.items()))
-        return [{"name": k, "values": -n} for n, k in counted]
-
-
-# -- items ---------------------------------------------------------------------------------------------
-_KIND_NAMES = {Kind.SUM: "sum", Kind.GAUGE: "gauge", Kind.HISTOGRAM: "histogram", Kind.SUMMARY: "summary"}
-
-
-def _matching(batch: Batch, flt: TapFilter, names: NameFilter) -> Iterator[Any]:
-    """What in ``batch`` the filter takes: points, (span, resource attrs), (log record, resource
-    attrs); rendered only when kept (:func:`_render`)."""
-    take = names
-    matchers = flt.match
-    if isinstance(batch, MetricBatch):
-        for p in batch.points:
-            if take(p.name) and (not matchers or _labels_match(matchers, dict(p.labels))):
-                yield p
-    elif isinstance(batch, SpanBatch):
-        for rs in batch.resource_spans:
-            resource: dict[str, Any] | None = None
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    if not take(span.name):
-                        continue
-                    if resource is None:
-                        resource = _attrs(rs.resource.attributes)
-                    if matchers and not _attrs_match(matchers, _attrs(span.attributes), resource):
-                        continue
-                    yield span, resource
-    else:
-        for rl in batch.resource_logs:
-            resource = None
-            for sl in rl.scope_logs:
-                for record in sl.log_records:
-                    if not take(_log_name(record)):
-                        continue
-                    if resource is None:
-                        resource = _attrs(rl.resource.attributes)
-                    if matchers and not _attrs_match(matchers, _attrs(record.attributes), resource):
-                        continue
-                    yield record, resource
-
-
-def _labels_match(matchers: Sequence[LabelMatcher], labels: dict[str, str]) -> bool:
-    return all(m.matches(labels.get(m.name, "")) for m in matchers)
-
-
-def _attrs_match(matchers: Sequence[LabelMatcher], attrs: dict[str, Any], resource: dict[str, Any]) -> bool:
-    for m in matchers:
-        value = attrs.get(m.name, resource.get(m.name))
-        if not m.matches("" if value is None else value if isinstance(value, str) else str(value)):
-            return False
-    return True
-
-
-def _attrs(kvs: Iterable[Any]) -> dict[str, Any]:
-    return {kv.key: json_value(kv.value) for kv in kvs}
-
-
-def _log_name(record: Any) -> str:
-    name: str = getattr(record, "event_name", "")
-    if name:
-        return name
-    body = record.body
-    return body.string_value[:80] if body.WhichOneof("value") == "string_value" else ""
-
-
-def _redacted(attrs: dict[str, Any], redact: frozenset[str]) -> dict[str, Any]:
-    if redact and not redact.isdisjoint(attrs):
-        return {k: REDACTED if k in redact else v for k, v in attrs.items()}
-    return attrs
-
-
-def _number(v: float) -> float | str:
-    return v if math.isfinite(v) else ("NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf"))
-
-
-def _render(raw: Any, at: TapPoint, redact: frozenset[str]) -> dict[str, Any]:
-    """One item as its JSON message (see the module docs)."""
-    head = {
-        "component": at.component,
-        "component_kind": at.kind,
-        "direction": at.direction.value,
-        "pipeline": at.pipeline,
-    }
-    if isinstance(raw, Point):
-        return {"type": "point", **head, "signal": "metrics", **_point_fields(raw, redact)}
-    obj, resource = raw
-    resource = _redacted(resource, redact)
-    if hasattr(obj, "span_id") and hasattr(obj, "parent_span_id"):
-        return {
-            "type": "span",
-            **head,
-            "signal": "traces",
-            "name": obj.name,
-            "trace_id": obj.trace_id.hex(),
-            "span_id": obj.span_id.hex(),
-            "parent_span_id": obj.parent_span_id.hex(),
-            "span_kind": _enum_name(_SPAN_KIND, obj.kind, "SPAN_KIND_"),
-            "start_time_unix_nano": obj.start_time_unix_nano,
-            "end_time_unix_nano": obj.end_time_unix_nano,
-            "duration_ms": (obj.end_time_unix_nano - obj.start_time_unix_nano) / 1e6,
-            "status": {
-                "code": _enum_name(
-                    obj.status.DESCRIPTOR.fields_by_name["code"], obj.status.code, "STATUS_CODE_"
-                ),
-                "message": obj.status.message,
-            },
-            "attributes": _redacted(_attrs(obj.attributes), redact),
-            "resource": resource,
-        }
-    return {
-        "type": "log",
-        **head,
-        "signal": "logs",
-        "name": _log_name(obj),
-        "time_unix_nano": obj.time_unix_nano or obj.observed_time_unix_nano,
-        "severity_text": obj.severity_text,
-        "severity_number": obj.severity_number,
-        "body": json_value(obj.body),
-        "attributes": _redacted(_attrs(obj.attributes), redact),
-        "resource": resource,
-        "trace_id": obj.trace_id.hex(),
-        "span_id": obj.span_id.hex(),
-    }
-
-
-_SPAN_KIND = trace_pb2.Span.DESCRIPTOR.fields_by_name["kind"].enum_type
-_STATUS_CODE = trace_pb2.Status.DESCRIPTOR.fields_by_name["code"].enum_type
-
-
-def _enum_name(enum_type: Any, number: int, prefix: str) -> str:
-    value = enum_type.values_by_number.get(number)
-    return value.name.removeprefix(prefix).lower() if value is not None else str(number)
-
-
-def _point_fields(p: Point, redact: frozenset[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "name": p.name,
-        "kind": _KIND_NAMES.get(p.kind, str(p.kind)),
-        "labels": {k: REDACTED if k in redact else str(v) for k, v in p.labels},
-        "time_unix_nano": p.time_unix_nano,
-        "unit": p.unit,
-    }
-    if p.kind is Kind.SUM or p.kind is Kind.GAUGE:
-        out["value"] = _number(p.value)
-        if p.kind is Kind.SUM:
-            out["temporality"] = "delta" if p.temporality == 1 else "cumulative"
-            out["monotonic"] = p.monotonic
-    elif p.histogram is not None:
-        h = p.histogram
-        out["histogram"] = {
-            "count": _number(h.count),
-            "sum": _number(h.sum),
-            "min": _number(h.min) if h.count else None,
-            "max": _number(h.max) if h.count else None,
-        }
-    elif p.explicit is not None:
-        e = p.explicit
-        out["histogram"] = {
-            "count": e.count,
-            "sum": _number(e.sum),
-            "min": None if e.min is None else _number(e.min),
-            "max": None if e.max is None else _number(e.max),
-        }
-    elif p.summary is not None:
-        sm = p.summary
-        out["summary"] = {
-            "count": sm.count,
-            "sum": _number(sm.sum),
-            "quantiles": [[q, _number(v)] for q, v in sm.quantiles],
-        }
-    if p.resource is not None and p.resource.attributes:
-        out["resource"] = {k: REDACTED if k in redact else str(v) for k, v in p.resource.attributes}
-    return out
