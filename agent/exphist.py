@@ -36,6 +36,7 @@ __all__ = [
     "merge",
     "merge_groups",
     "quantile",
+    "quantiles_of",
     "relative_error",
     "scale_counts",
     "whole",
@@ -797,6 +798,78 @@ def quantile(h: ExpHistogram, q: float) -> float:
     else:
         estimate = _lower_boundary(h.positive_offset + j - neg.size - 1, h.scale) * midpoint
     return float(min(max(estimate, h.min), h.max))
+
+
+def quantiles_of(hs: Sequence[ExpHistogram], qs: Sequence[float]) -> list[list[float]]:
+    """``[[quantile(h, q) for q in qs] for h in hs]``, equal to it to the bit, with the running sums
+    of all histograms in one ``cumsum`` (rows of a zero-padded matrix): for a window's end over many
+    series, where :func:`quantile`'s numpy calls cost ~7 µs a quantile.
+
+    Raises ValueError unless every q is within [0, 1].
+    """
+    for q in qs:
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be within [0, 1], got {q}")
+    out: list[list[float]] = [[math.nan] * len(qs) for _ in hs]
+    inner = [q for q in qs if 0.0 < q < 1.0]
+    rows = [i for i, h in enumerate(hs) if h.count > 0]
+    for i in rows:
+        h = hs[i]
+        out[i] = [h.min if q == 0.0 else h.max if q == 1.0 else math.nan for q in qs]
+    if not rows or not inner:
+        return out
+    # Row r: histogram rows[r]'s buckets in ascending value order (negative ones reversed, the zero
+    # bucket, the positive ones), zero-padded on the right. cumsum along a row adds in the same order
+    # as quantile's cumsum of that histogram, and padding after the last bucket changes nothing.
+    sizes = np.fromiter(
+        (hs[i].negative_counts.size + 1 + hs[i].positive_counts.size for i in rows),
+        dtype=np.int64,
+        count=len(rows),
+    )
+    width = int(sizes.max())
+    pieces: list[Counts] = []
+    for i in rows:
+        h = hs[i]
+        pieces.append(h.negative_counts[::-1])
+        pieces.append(np.array([h.zero_count]))
+        pieces.append(h.positive_counts)
+    flat = np.concatenate(pieces)
+    starts = np.cumsum(sizes) - sizes
+    position = np.arange(flat.size, dtype=np.int64) - np.repeat(starts, sizes)
+    matrix = np.zeros((len(rows), width), dtype=np.float64)
+    matrix.reshape(-1)[np.repeat(np.arange(len(rows), dtype=np.int64) * width, sizes) + position] = flat
+    cdf = np.cumsum(matrix, axis=1)
+    totals = cdf[np.arange(len(rows)), sizes - 1]
+    usable = totals > 0
+    cdf /= np.where(usable, totals, 1.0)[:, None]
+    # searchsorted(cdf, q, "left") over a row's own buckets = how many of them are below q: the
+    # padding after the last bucket repeats the row's last value, 1.0 exactly, never below q < 1.
+    picks = [np.minimum(np.count_nonzero(cdf < q, axis=1), sizes - 1).tolist() for q in inner]
+    usable_rows = usable.tolist()
+    for r, i in enumerate(rows):
+        h = hs[i]
+        row = out[i]
+        if not usable_rows[r]:
+            for k, q in enumerate(qs):
+                if 0.0 < q < 1.0:
+                    row[k] = math.nan
+            continue
+        neg_size = h.negative_counts.size
+        midpoint = 2.0 / (1.0 + 2.0 ** -(2.0**-h.scale))
+        m = 0
+        for k, q in enumerate(qs):
+            if not 0.0 < q < 1.0:
+                continue
+            j = picks[m][r]
+            m += 1
+            if j < neg_size:
+                estimate = -_lower_boundary(h.negative_offset + neg_size - 1 - j, h.scale) * midpoint
+            elif j == neg_size:
+                estimate = 0.0
+            else:
+                estimate = _lower_boundary(h.positive_offset + j - neg_size - 1, h.scale) * midpoint
+            row[k] = float(min(max(estimate, h.min), h.max))
+    return out
 
 
 def classic_error(scale: int) -> float:

@@ -454,6 +454,24 @@ def test_merge_groups_equals_merge_all_of_each_group(
         exphist.merge_groups([hs[0], []])
 
 
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    st.lists(histograms(), min_size=1, max_size=6),
+    st.lists(
+        st.one_of(st.sampled_from([0.0, 0.01, 0.5, 0.99, 1.0]), st.floats(0.0, 1.0)), min_size=1, max_size=4
+    ),
+)
+def test_quantiles_of_equals_quantile_of_each(hs: list[tuple[ExpHistogram, Floats]], qs: list[float]) -> None:
+    """The quantiles of many histograms at once are quantile()'s, to the bit (NaN for no values)."""
+    got = exphist.quantiles_of([h for h, _ in hs] + [EMPTY], qs)
+    want = [[exphist.quantile(h, q) for q in qs] for h in [h for h, _ in hs] + [EMPTY]]
+    assert [[x if x == x else "nan" for x in row] for row in got] == [
+        [x if x == x else "nan" for x in row] for row in want
+    ]
+    with pytest.raises(ValueError, match="within"):
+        exphist.quantiles_of([hs[0][0]], [1.5])
+
+
 def test_merge_with_empty_and_commutes() -> None:
     h = exphist.from_values(np.array([0.5, 3.0, -2.0, 0.0]))
     assert exphist.merge(h, EMPTY) == h
