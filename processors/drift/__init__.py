@@ -124,6 +124,8 @@ _PENDING_HISTOGRAMS = 64
 _MERGE_GROUPS = 32
 """Accumulators merged per exphist.merge_groups call: its arrays stay in cache (166 a call cost ~30 %
 more a series than 20)."""
+_GRID_CELLS = 1 << 20
+"""Cells of stats.drift_many's grid per call at most (8 MB of float64; a few copies are made)."""
 _PENDING_VALUES = 8192
 """Gauge values a series holds before turning them into a histogram."""
 _GAUGE_SCALE = 8
@@ -558,10 +560,10 @@ class DriftProcessor:
 
     def _chunk_statistics(
         self, chunk: list[_Series], now: float, index: int, counts: dict[str, int]
-    ) -> tuple[list[_Series], stats.Drifts]:
-        """The series of `chunk` with statistics for window `index`, and those statistics: every
-        window (and every baseline completed) merged in one merge_groups call, the statistics of all
-        the pairs in one drift_many call (per series, each cost ~100 µs of numpy overhead)."""
+    ) -> list[tuple[_Series, list[float]]]:
+        """The series of `chunk` with statistics for window `index`, each with its values in TESTS
+        order: the windows (and baselines completed) merged by merge_groups, the statistics of the
+        pairs by drift_many, a few calls for the whole chunk (per series, each cost ~100 µs)."""
         self._fold_values(chunk)
         learn = [s for s in chunk if s.learning is not None and now >= s.learn_until]
         merged = _merge_accs(
@@ -577,7 +579,15 @@ class DriftProcessor:
                 tested.append(s)
                 currents.append(current)
                 references.append(reference)
-        return tested, stats.drift_many(currents, references, bins=self._config.bins)
+        out: list[tuple[_Series, list[float]]] = []
+        # drift_many's grid is 2 rows a pair of up to ~4 × max_buckets + 1 cells: bound it (~8 MB).
+        step = max(1, _GRID_CELLS // (2 * (4 * self._max_buckets + 1)))
+        for start in range(0, len(tested), step):
+            end = start + step
+            d = stats.drift_many(currents[start:end], references[start:end], bins=self._config.bins)
+            table = np.column_stack((d.psi, d.ks, d.ks_pvalue, d.js, d.chi2, d.chi2_pvalue)).tolist()
+            out += [(s, v) for s, v, ok in zip(tested[start:end], table, d.valid.tolist(), strict=True) if ok]
+        return out
 
     async def _close_window(self, now: float, end: float) -> None:
         """Send the statistics of every series' window ending at `end`, in batches of about
@@ -590,11 +600,7 @@ class DriftProcessor:
         refused: Backpressure | None = None
         for start in range(0, len(every), step):
             points: list[Point] = []
-            tested, d = self._chunk_statistics(every[start : start + step], now, index, counts)
-            table = np.column_stack((d.psi, d.ks, d.ks_pvalue, d.js, d.chi2, d.chi2_pvalue)).tolist()
-            for s, values, valid in zip(tested, table, d.valid.tolist(), strict=True):
-                if not valid:
-                    continue
+            for s, values in self._chunk_statistics(every[start : start + step], now, index, counts):
                 names = s.out
                 if names is None:
                     names = s.out = self._names(s)

@@ -278,6 +278,40 @@ async def test_learnt_baseline_then_windows_against_it() -> None:
     await proc.shutdown()
 
 
+async def test_a_window_of_more_flushes_than_are_held_unmerged_is_still_the_whole_window() -> None:
+    """Past _PENDING_HISTOGRAMS flushes a series' window is folded as it goes (merge_groups of the
+    full ones): the statistics are those of the whole window against the whole baseline."""
+    proc, sink, _, clock = make(DriftConfig(window=60.0, baseline=60.0, max_buckets=2048))  # type: ignore[arg-type]
+    rng = np.random.default_rng(12)
+    windows: list[list[exphist.ExpHistogram]] = []
+    for mu in (3.0, 3.2):
+        hs = []
+        for k in range(150):
+            clock.now = clock.now // 60 * 60 + 5.0 + k * 0.3
+            point = timer("lat", rng.lognormal(mu, 0.5, 40))
+            assert point.histogram is not None
+            hs.append(point.histogram)
+            await proc.consume(MetricBatch((point,)))
+        clock.now = clock.now // 60 * 60 + 60.0
+        await proc.tick()
+        windows.append(hs)
+    whole = [exphist.merge_all(hs, max_buckets=2048) for hs in windows]
+    d = stats.drift(whole[1], whole[0])
+    assert d is not None
+    got = drift_gauges(sink)
+    assert got == pytest.approx(
+        {
+            "psi": d.psi,
+            "ks": d.ks,
+            "ks_pvalue": d.ks_pvalue,
+            "js": d.js,
+            "chi2": d.chi2,
+            "chi2_pvalue": d.chi2_pvalue,
+        },
+        rel=1e-9,
+    )
+
+
 async def test_gauges_are_observed_value_by_value() -> None:
     config = DriftConfig(window=60.0, baseline=60.0, gauges=["score"], include=[])  # type: ignore[arg-type]
     proc, sink, _, clock = make(config)
