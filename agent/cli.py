@@ -115,6 +115,34 @@ def _parser() -> argparse.ArgumentParser:
         help="the agent's telemetry endpoint (service.telemetry.endpoint; default 127.0.0.1:8888)",
     )
     top.add_argument("--token", metavar="T", help="its bearer token (service.telemetry.auth), if it has one")
+    tap = sub.add_parser(
+        "tap",
+        help="print what flows through a running agent, live: points, spans and log records leaving (or"
+        " entering) its components, filtered",
+    )
+    tap.add_argument(
+        "--endpoint",
+        default="127.0.0.1:8888",
+        metavar="HOST:PORT",
+        help="the agent's telemetry endpoint (service.telemetry.endpoint; default 127.0.0.1:8888)",
+    )
+    tap.add_argument("--component", default="", metavar="GLOB", help="components to watch (default all)")
+    tap.add_argument(
+        "--metric", default="", metavar="GLOB", help="metric, span or log event names (default all)"
+    )
+    tap.add_argument(
+        "--match",
+        action="append",
+        default=[],
+        metavar="MATCHER",
+        help="label matcher k=v, k!=v, k=~regex, k!~regex (repeatable; all must hold)",
+    )
+    tap.add_argument("--signal", default="", metavar="LIST", help="metrics,traces,logs (default all)")
+    tap.add_argument(
+        "--direction", default="", choices=["", "out", "in", "both"], help="out (default), in or both"
+    )
+    tap.add_argument("--format", default="text", choices=["text", "json"], help="text (default) or json")
+    tap.add_argument("--token", metavar="T", help="its bearer token (service.telemetry.auth), if it has one")
     return p
 
 
@@ -203,7 +231,7 @@ def _stop_before_start(signum: int, frame: object) -> None:
 def _main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_before_start)
     args_list = list(sys.argv[1:] if argv is None else argv)
-    verbs = {"run", "validate", "components", "queue", "selftest", "top"}
+    verbs = {"run", "validate", "components", "queue", "selftest", "top", "tap"}
     if not any(a in verbs for a in args_list) and not {"-h", "--help", "--version"} & set(args_list):
         args_list = ["run", *args_list]
     args = _parser().parse_args(args_list)
@@ -215,6 +243,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from agent.top import top_command
 
         return top_command(args.endpoint, args.token)
+    if args.verb == "tap":
+        from agent.tap.client import tap_command
+
+        return tap_command(
+            args.endpoint,
+            component=args.component,
+            metric=args.metric,
+            match=args.match,
+            signal=args.signal,
+            direction=args.direction,
+            fmt=args.format,
+            token=args.token,
+        )
     factories = builtin_factories()
     if args.verb == "components":
         return _components(factories, args.json)
