@@ -152,8 +152,9 @@ _APPLIES = {
     _COUNTER: {"count", "sum", "avg", "min", "max", "last", "stddev", "slope", "rate", "increase"},
     _DIST: {"count", "sum", "avg", "min", "max", "quantiles", "histogram"},
 }
-_Names = tuple[tuple[tuple[int, str, Labels, str, float], ...], ...]
-"""Per interval: (output code, point name, labels, unit, quantile) of each output sent for a group. Tuples
+_Names = tuple[tuple[tuple[int, str, Labels, str, int], ...], ...]
+"""Per interval: (output code, point name, labels, unit, index in the rule's quantiles) of each output
+sent for a group. Tuples
 of strings and floats: the garbage collector stops tracking them, lists it would walk every time."""
 _CODES = {
     "count": 0, "sum": 1, "increase": 1, "avg": 2, "min": 3, "max": 4, "last": 5, "rate": 6,
@@ -342,21 +343,21 @@ class _Rule:
 
     def names(self, name: str, kind: int, labels: Labels, unit: str) -> _Names:
         """Per interval: (output, point name, labels, unit, quantile) of each output that applies."""
-        out: list[tuple[tuple[int, str, Labels, str, float], ...]] = []
+        out: list[tuple[tuple[int, str, Labels, str, int], ...]] = []
         applies = _APPLIES[kind]
         for iv in self.intervals:
             prefix = output_prefix(name, iv, self._by_list, self._without_list)
-            per: list[tuple[int, str, Labels, str, float]] = []
+            per: list[tuple[int, str, Labels, str, int]] = []
             for o in self.outputs:
                 if o not in applies:
                     continue
                 u = "" if o in _UNITLESS else unit
                 if o == "quantiles":
-                    for q in self.quantiles:
+                    for qi, q in enumerate(self.quantiles):
                         ql = tuple(sorted((*labels, ("quantile", f"{q:g}"))))
-                        per.append((_QUANTILE, prefix + ".quantile", ql, u, q))
+                        per.append((_QUANTILE, prefix + ".quantile", ql, u, qi))
                 else:
-                    per.append((_CODES[o], f"{prefix}.{o}", labels, u, 0.0))
+                    per.append((_CODES[o], f"{prefix}.{o}", labels, u, 0))
             out.append(tuple(per))
         return tuple(out)
 
@@ -802,6 +803,8 @@ class AggregateProcessor:
         max_buckets = self._config.max_buckets
         points: list[Point] = []
         emit, quantiles, chain = self._emit, rule.quantiles, rule.chain
+        # The quantiles of every window of the step at once (sliding: of the merged windows instead).
+        wanted = quantiles if "quantiles" in rule.outputs and not rule.slices else []
         sent: list[_Group] = []
         for g in chunk:
             if g.closed.n > 0:
@@ -810,7 +813,7 @@ class AggregateProcessor:
             else:
                 g.idle += 1
         if rule.histograms:
-            settle([g.closed for g in sent], max_buckets)
+            settle([g.closed for g in sent], max_buckets, wanted)
         if rule.slices:
             self._slide(rule, chunk, end, round((start - end) / rule.base), points)
             sent = []
@@ -824,7 +827,7 @@ class AggregateProcessor:
         for i, iv in ended:
             full = [g for g in chunk if g.accs[i].n > 0]
             if rule.histograms:
-                settle([g.accs[i] for g in full], max_buckets)
+                settle([g.accs[i] for g in full], max_buckets, wanted)
             iv_end = math.ceil(end / iv - 1e-9) * iv
             coarser = chain and i + 1 < len(rule.intervals)
             for g in full:
@@ -874,7 +877,9 @@ class AggregateProcessor:
             done = k
             live = [(g, w) for g, w in zip(chunk, windows, strict=True) if w.n > 0]
             if rule.histograms:
-                settle([w for _, w in live], max_buckets)
+                settle(
+                    [w for _, w in live], max_buckets, rule.quantiles if "quantiles" in rule.outputs else ()
+                )
             for g, w in live:
                 self._emit(g, i, w, end, iv, rule.quantiles, points)
 
@@ -938,7 +943,7 @@ class AggregateProcessor:
         # each output against a chain of names, once per output point of every group at every window end.
         simple = (n, total, total / n, a.lo, a.hi, a.last, total / span_s)
         gauge, delta, append = Kind.GAUGE, Temporality.DELTA, out.append
-        for code, name, labels, unit, q in g.names[i]:
+        for code, name, labels, unit, qi in g.names[i]:
             value: float | None
             if code < _SIMPLE:
                 value = simple[code]
@@ -947,8 +952,12 @@ class AggregateProcessor:
             elif code == _SLOPE:
                 value = a.slope()
             elif code == _QUANTILE:
-                h = a.histogram(self._config.max_buckets)
-                value = exphist.quantile(h, q) if h is not None else None
+                found = a.qs  # settle() found them for the whole step; else this window's own
+                if found is not None:
+                    value = found[qi]
+                else:
+                    h = a.histogram(self._config.max_buckets)
+                    value = exphist.quantile(h, quantiles[qi]) if h is not None else None
             else:  # histogram
                 h = a.histogram(self._config.max_buckets)
                 if h is not None:

@@ -29,7 +29,8 @@ class Acc:
     inline (a method call a point costs more than the update itself)."""
 
     __slots__ = (
-        "c", "hi", "hist", "last", "last_t", "lo", "m2t", "m2v", "mt", "mv", "n", "parts", "total", "values",
+        "c", "hi", "hist", "last", "last_t", "lo", "m2t", "m2v", "mt", "mv", "n", "parts", "qs", "total",
+        "values",
     )  # fmt: skip
 
     def __init__(self, samples: bool = False) -> None:
@@ -58,6 +59,8 @@ class Acc:
         pairwise merges), at the window's end or when _PARTS have gathered. None until the first (a
         list per accumulator is a tracked object for the garbage collector to walk)."""
         self.values: list[float] | None = [] if samples else None
+        self.qs: list[float] | None = None
+        """The quantiles of :attr:`hist` as :func:`settle` found them (None: not found, or data since)."""
         """Gauge samples kept for the quantiles (None: not kept); :func:`settle` makes them a histogram."""
 
     def reset(self) -> None:
@@ -68,6 +71,7 @@ class Acc:
         self.last = math.nan
         self.last_t = -math.inf
         self.hist = None
+        self.qs = None
         self.parts = None
         if self.values:
             self.values = []
@@ -80,6 +84,7 @@ class Acc:
             self.lo = h.min
         if h.max > self.hi:
             self.hi = h.max
+        self.qs = None
         parts = self.parts
         if parts is None:
             self.parts = [h]
@@ -123,6 +128,7 @@ class Acc:
             self.last = o.last
         theirs = o.histogram(max_buckets)
         if theirs is not None:
+            self.qs = None
             parts = self.parts
             if parts is None:
                 self.parts = [theirs]
@@ -147,11 +153,12 @@ class Acc:
         return self.c / self.m2t
 
 
-def settle(accs: Sequence[Acc], max_buckets: int) -> None:
+def settle(accs: Sequence[Acc], max_buckets: int, quantiles: Sequence[float] = ()) -> None:
     """Bring each accumulator's histogram up to date (:meth:`Acc.histogram` of each), all at once: kept
     gauge samples become one histogram per accumulator in one ``from_segments`` pass, and every
     accumulator's pending histograms merge in one :func:`exphist.merge_groups` (a window's end over
-    thousands of groups: a merge per group cost tens of µs in numpy call overhead)."""
+    thousands of groups: a merge per group cost tens of µs in numpy call overhead). With `quantiles`,
+    each accumulator with a histogram gets them in :attr:`Acc.qs` (:func:`exphist.quantiles_of`)."""
     sampled = [a for a in accs if a.values]
     if sampled:
         lists = [a.values for a in sampled]
@@ -170,8 +177,17 @@ def settle(accs: Sequence[Acc], max_buckets: int) -> None:
             else:
                 a.parts.append(h)
     pending = [a for a in accs if a.parts]
-    if not pending:
-        return
+    if pending:
+        _merge_parts(pending, max_buckets)
+    if quantiles:
+        held = [a for a in accs if a.hist is not None]
+        if held:
+            found = exphist.quantiles_of([a.hist for a in held if a.hist is not None], quantiles)
+            for a, qs in zip(held, found, strict=True):
+                a.qs = qs
+
+
+def _merge_parts(pending: list[Acc], max_buckets: int) -> None:
     groups: list[list[ExpHistogram]] = []
     for a in pending:
         parts = a.parts or []  # (not None: pending)
