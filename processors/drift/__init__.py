@@ -226,15 +226,6 @@ class _Acc:
         self.values: list[float] = []
         self.merged: ExpHistogram | None = None
 
-    def add_values(self, values: list[float], max_buckets: int) -> None:
-        self.values.extend(values)
-        if len(self.values) >= _PENDING_VALUES:
-            h = exphist.from_values(
-                np.asarray(self.values, dtype=np.float64), max_buckets=max_buckets, max_scale=_GAUGE_SCALE
-            )
-            self.values = []
-            self.hists.append(h)
-
     def drain(self) -> list[ExpHistogram]:
         """The histograms held, in arrival order with the merged ones last (gauge values not yet folded
         stay); the accumulator keeps none of them."""
@@ -445,7 +436,7 @@ class DriftProcessor:
         now = self._clock()
         series = self._series
         tracked: list[tuple[_Series, Point]] = []
-        observed: dict[int, tuple[_Series, list[float]]] = {}
+        gauged: list[tuple[_Series, float]] = []
         overflow = 0
         observe_gauges = self._gauge_matches.takes_any
         histogram, gauge = Kind.HISTOGRAM, Kind.GAUGE
@@ -470,11 +461,7 @@ class DriftProcessor:
             if kind is histogram:
                 tracked.append((s, p))
             else:
-                entry = observed.get(id(s))
-                if entry is None:
-                    observed[id(s)] = (s, [p.value])
-                else:
-                    entry[1].append(p.value)
+                gauged.append((s, p.value))
         if overflow:
             self._overflow.value += overflow
         # Refuse before taking: a Backpressure here propagates and nothing was observed.
@@ -497,14 +484,15 @@ class DriftProcessor:
             # Long windows: fold what the series hold so far, all of them in one merge_groups call.
             for acc, h in zip(full, _merge_accs(full, max_buckets), strict=True):
                 acc.merged = h
-        non_finite = 0
-        for s, values in observed.values():
-            finite = [v for v in values if math.isfinite(v)]
-            non_finite += len(values) - len(finite)
+        many_values: list[_Acc] = []
+        for s, v in gauged:
             acc = s.learning if now < s.learn_until and s.learning is not None else s.current
-            acc.add_values(finite, max_buckets)
-        if non_finite:
-            self._ignored("non_finite").value += non_finite
+            values = acc.values
+            values.append(v)
+            if len(values) == _PENDING_VALUES:
+                many_values.append(acc)
+        if many_values:
+            self._fold(many_values)
 
     def _delta(self, s: _Series, p: Point) -> ExpHistogram | None:
         """Point `p`'s observations as a delta histogram (agent.distributions.to_delta); odd input is
@@ -635,17 +623,26 @@ class DriftProcessor:
             self._expired.value += len(idle)
 
     def _fold_values(self, chunk: list[_Series]) -> None:
-        """Turn the gauge values the series of `chunk` hold into one histogram each, all in one pass
-        (exphist.from_segments): one from_values call per series cost ~150 µs a window end."""
+        """:meth:`_fold` of the accumulators of `chunk` that hold gauge values."""
         accs = [acc for s in chunk for acc in (s.current, s.learning) if acc is not None and acc.values]
-        if not accs:
-            return
-        sizes = [len(acc.values) for acc in accs]
+        if accs:
+            self._fold(accs)
+
+    def _fold(self, accs: list[_Acc]) -> None:
+        """Turn the gauge values each of `accs` holds into one histogram, all in one pass
+        (exphist.from_segments: one from_values call per series cost ~150 µs a window end); values
+        that are not finite are left out and counted here, once for all."""
+        sizes = np.fromiter((len(acc.values) for acc in accs), dtype=np.int64, count=len(accs))
+        values = np.fromiter(
+            (v for acc in accs for v in acc.values), dtype=np.float64, count=int(sizes.sum())
+        )
+        finite = np.isfinite(values)
+        if not finite.all():
+            self._ignored("non_finite").value += int(values.size - finite.sum())
+            sizes = np.add.reduceat(finite, np.cumsum(sizes) - sizes, dtype=np.int64)  # none empty
+            values = values[finite]
         offsets = np.zeros(len(accs) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
-        values = np.fromiter(
-            (v for acc in accs for v in acc.values), dtype=np.float64, count=int(offsets[-1])
-        )
         hists = exphist.from_segments(
             values, None, offsets, max_buckets=self._max_buckets, max_scale=_GAUGE_SCALE
         )

@@ -335,6 +335,30 @@ async def test_gauges_are_observed_value_by_value() -> None:
     assert gauges["ks_pvalue"] < 1e-6
 
 
+async def test_many_gauge_values_and_non_finite_ones() -> None:
+    """A window of more gauge values than a series holds unfolded (8192) is the whole window; NaN
+    and ±inf values are left out and counted."""
+    config = DriftConfig(window=60.0, baseline=60.0, gauges=["score"], include=[])  # type: ignore[arg-type]
+    proc, sink, tel, clock = make(config)
+    rng = np.random.default_rng(13)
+    windows = []
+    for mu in (0.0, 0.3):
+        values = rng.normal(mu, 1.0, 9000)
+        sent = np.concatenate((values, [math.nan, math.inf, -math.inf]))
+        for k, chunk in enumerate(np.array_split(sent, 6)):
+            clock.now = clock.now // 60 * 60 + k * FLUSH + 5.0
+            await proc.consume(
+                MetricBatch(tuple(Point("score", Kind.GAUGE, (), 0, value=float(v)) for v in chunk))
+            )
+        clock.now = clock.now // 60 * 60 + 60.0
+        await proc.tick()
+        windows.append(values)
+    assert tel.value("drift_ignored_points_total", reason="non_finite") == 6
+    gauges = drift_gauges(sink, "score")
+    check_against_raw(gauges, windows[1], windows[0])
+    assert gauges["ks_pvalue"] < 1e-6
+
+
 async def test_baseline_file_is_written_then_used_after_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "baseline.json"
     config = DriftConfig(window=60.0, baseline=60.0, baseline_file=str(path))  # type: ignore[arg-type]
