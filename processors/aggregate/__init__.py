@@ -821,8 +821,18 @@ class AggregateProcessor:
             base = g.closed
             emit(g, 0, base, end, rule.base, quantiles, points)
             accs = g.accs
-            for i in range(1, min(2, len(accs)) if chain else len(accs)):
-                accs[i].merge(base, max_buckets)
+            if chain:
+                if len(accs) > 1:
+                    up = accs[1]
+                    if up.n == 0 and base.values is None:
+                        # The coarser window is empty (its first part): the ended one becomes it whole
+                        # and the empty one is filled next, instead of a merge and a reset.
+                        accs[1], g.closed = base, up
+                        continue
+                    up.merge(base, max_buckets, g.moments)
+            else:
+                for i in range(1, len(accs)):
+                    accs[i].merge(base, max_buckets, g.moments)
             base.reset()
         for i, iv in ended:
             full = [g for g in chunk if g.accs[i].n > 0]
@@ -831,10 +841,15 @@ class AggregateProcessor:
             iv_end = math.ceil(end / iv - 1e-9) * iv
             coarser = chain and i + 1 < len(rule.intervals)
             for g in full:
-                a = g.accs[i]
+                accs = g.accs
+                a = accs[i]
                 emit(g, i, a, iv_end, iv, quantiles, points)
                 if coarser:
-                    g.accs[i + 1].merge(a, max_buckets)
+                    up = accs[i + 1]
+                    if up.n == 0:  # as above: moved up whole
+                        accs[i], accs[i + 1] = up, a
+                        continue
+                    up.merge(a, max_buckets, g.moments)
                 a.reset()
         expired = 0
         for g in chunk:

@@ -105,20 +105,22 @@ class Acc:
             self.parts = None
         return self.hist
 
-    def merge(self, o: Acc, max_buckets: int) -> None:
-        """Fold accumulator `o` (a later window) into this one, exactly."""
+    def merge(self, o: Acc, max_buckets: int, moments: bool = True) -> None:
+        """Fold accumulator `o` (a later window) into this one, exactly; the moments only with
+        `moments` (the fold did not keep them otherwise)."""
         if o.n == 0:
             return
         na, nb = self.n, o.n
         n = na + nb
-        dv = o.mv - self.mv
-        dt = o.mt - self.mt
-        w = na * nb / n
-        self.m2v += o.m2v + dv * dv * w
-        self.m2t += o.m2t + dt * dt * w
-        self.c += o.c + dt * dv * w
-        self.mv += dv * nb / n
-        self.mt += dt * nb / n
+        if moments:
+            dv = o.mv - self.mv
+            dt = o.mt - self.mt
+            w = na * nb / n
+            self.m2v += o.m2v + dv * dv * w
+            self.m2t += o.m2t + dt * dt * w
+            self.c += o.c + dt * dv * w
+            self.mv += dv * nb / n
+            self.mt += dt * nb / n
         self.n = n
         self.total += o.total
         self.lo = min(self.lo, o.lo)
