@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tap.add_argument("--signal", default="", metavar="LIST", help="metrics,traces,logs (default all)")
     tap.add_argument(
-        "--direction", default="", choices=["", "out", "in", "both"], help="out (default), in or both"
+        "--direction", default="out", choices=["out", "in", "both"], help="out (default), in or both"
     )
     tap.add_argument("--format", default="text", choices=["text", "json"], help="text (default) or json")
     tap.add_argument("--token", metavar="T", help="its bearer token (service.telemetry.auth), if it has one")

@@ -66,11 +66,8 @@ class TopTracker:
         for _, counts in windows:
             for name, n in counts.items():
                 points[name] = points.get(name, 0) + n
-        rows = [
-            (len(seen), points.get(name, 0) / span, name)
-            for name, seen in self.series.items()
-            if any(t >= cutoff for t in seen.values())
-        ]
+        # Series seen in the window, give or take the 5 s between prunes.
+        rows = [(len(seen), points.get(name, 0) / span, name) for name, seen in self.series.items()]
         if by == "points_per_s":
             rows.sort(key=lambda r: (-r[1], -r[0], r[2]))
         else:

@@ -195,3 +195,21 @@ async def test_top_metrics_counts_series_points_and_labels_while_asked(agents: A
     agent.tap._top_asked -= TOP_IDLE_S + 1
     _send(port, ["one:2|g"])
     await wait_until(lambda: receiver_link.tap is None, "the tracker to stop")
+
+
+async def test_a_subscription_survives_a_reload_and_follows_the_new_graph(agents: AgentGraph) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    agent = await _start(agents, _config(port))
+    sub = agent.tap.subscribe(TapFilter.parse(direction="both"))
+    assert sub.edges.result() == ["debug in", "statsd out"]
+    assert await agent.reload(agents.config(_config(port, ["batch"])))
+    assert sorted(str(p) for e in agent._tap_edges() for p in e.points if e.link.tap is not None) == [
+        "batch@metrics in",
+        "batch@metrics out",
+        "debug in",
+        "statsd out",
+    ]
+    statsd.StatsClient("127.0.0.1", port).incr("after.reload")
+    seen = {(m["component"], m["direction"]) for m in await _items(sub, 4) if m["type"] == "point"}
+    assert seen == {("statsd", "out"), ("batch@metrics", "in"), ("batch@metrics", "out"), ("debug", "in")}
+    sub.close()

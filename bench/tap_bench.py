@@ -1,0 +1,179 @@
+"""What the tap costs the pipeline: StatsD sustained rate with nobody watching and with one
+``headwater tap`` on a busy metric.
+
+    python bench/tap_bench.py [--quick] [--flush-interval 1] [--duration 30]
+
+Measured as users run it: ``python -m agent run`` on the receiver core (``taskset``, as bench/run.py),
+the paced UDP sender (``udp_sender.c``) on the other core sending bench/run.py's 20-line DogStatsD
+packets (1,000 series), kernel defaults. For each case:
+
+1. the sustained rate (< 0.1 % loss; the search and confirmation of bench/run.py);
+2. the agent's CPU (share of one core) at one fixed rate, 60 % of the no-subscriber sustained rate:
+   a steadier measure of cost than a rate search on a shared machine.
+
+Cases: ``none`` — no subscriber (the Links' ``tap`` is None: one attribute read per batch);
+``busy`` — ``python -m agent tap --metric api.requests`` (250 of the 1,000 series, every flush; its
+output read and counted) connected to the agent's telemetry endpoint. ``--flush-interval`` defaults
+to 1 s (not the agent's default 10 s) so the subscriber has ten times as much to filter and render.
+
+Also printed: ns per ``Link.consume`` with nobody watching, in process (the idle cost per batch).
+Results: stdout table, bench/results/tap.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import FULL, QUICK, REPO, RESULTS, SENDER_CORE, Headwater, Sender, log, workdir
+from payloads import throughput_payload
+from probes import Probe, Sustained, find_sustained, run_probe
+
+BUSY_METRIC = "api.requests"
+
+
+class TappedHeadwater(Headwater):
+    """The agent, plus (when ``tap_args``) one ``headwater tap`` client on the sender's core whose
+    output is counted."""
+
+    def __init__(self, wd: Path, label: str, flush_interval_s: float, tap_args: list[str] | None) -> None:
+        super().__init__(wd, label, flush_interval_s)
+        self.tap_args = tap_args
+        self.tap: subprocess.Popen[bytes] | None = None
+        self.tap_out = wd / f"tap-{label}.out"
+        self.tap_err = wd / f"tap-{label}.err"
+
+    def start(self) -> None:
+        super().start()
+        if not self.tap_args:
+            return
+        with open(self.tap_out, "wb") as out, open(self.tap_err, "wb") as err:
+            self.tap = subprocess.Popen(
+                ["taskset", "-c", SENDER_CORE, sys.executable, "-m", "agent", "tap",
+                 "--endpoint", f"127.0.0.1:{self.admin_port}", "--format", "json", *self.tap_args],
+                cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while b"watching" not in self.tap_err.read_bytes():
+            if self.tap.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"headwater tap did not subscribe: {self.tap_err.read_text()}")
+            time.sleep(0.05)
+
+    def tap_lines(self) -> int:
+        return self.tap_out.read_bytes().count(b"\n") if self.tap_out.exists() else 0
+
+    def close(self) -> None:
+        if self.tap is not None:
+            self.tap.terminate()
+            self.tap.wait(10)
+            self.tap = None
+        super().close()
+
+
+def link_idle_ns(n: int = 1_000_000) -> float:
+    """ns per ``Link.consume`` of a batch when nobody watches (the target does nothing)."""
+    from agent.model import MetricBatch
+    from agent.service import Link
+
+    class Nothing:
+        async def consume(self, batch: Any) -> None:
+            return None
+
+    link = Link(Nothing())
+    batch = MetricBatch(())
+
+    async def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await link.consume(batch)
+        return (time.perf_counter() - t0) / n * 1e9
+
+    return asyncio.run(run())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short probes and confirmation (~4 min)")
+    ap.add_argument(
+        "--flush-interval", type=float, default=1.0, help="the StatsD flush interval, s (default 1)"
+    )
+    ap.add_argument("--duration", type=float, default=None, help="confirmation and CPU runs, s (30; 8 quick)")
+    args = ap.parse_args()
+    mode = QUICK if args.quick else FULL
+    confirm_s = args.duration or (8.0 if args.quick else 30.0)
+    payload = throughput_payload(20)
+    cases: dict[str, list[str] | None] = {"none": None, "busy": ["--metric", BUSY_METRIC]}
+    results: dict[str, Any] = {"flush_interval_s": args.flush_interval, "payload": payload.name, "cases": {}}
+    results["link_idle_ns"] = round(link_idle_ns(), 1)
+    log(f"Link.consume with nobody watching: {results['link_idle_ns']} ns per batch")
+    with workdir() as wd:
+        sender = Sender(wd)
+        ceiling = sender.ceiling(payload, 2.0)
+        log(f"sender ceiling: {ceiling.lines_per_s:,.0f} lines/s")
+        sustained: dict[str, Sustained] = {}
+        for name, tap_args in cases.items():
+            target = TappedHeadwater(wd, f"tap-{name}", args.flush_interval, tap_args)
+            try:
+                sustained[name] = find_sustained(
+                    target, sender, payload, 400_000.0, ceiling.lines_per_s, mode, confirm_s
+                )
+            finally:
+                target.close()
+        base = sustained["none"].lines_per_s or sustained["none"].best_received_lines_per_s
+        fixed = 0.6 * base
+        cpu: dict[str, Probe] = {}
+        shown: dict[str, int] = {}
+        for name, tap_args in cases.items():
+            target = TappedHeadwater(wd, f"cpu-{name}", args.flush_interval, tap_args)
+            try:
+                target.start()
+                cpu[name] = run_probe(target, sender, payload, fixed, confirm_s)
+                shown[name] = target.tap_lines()
+            finally:
+                target.close()
+    for name in cases:
+        s, c = sustained[name], cpu[name]
+        results["cases"][name] = {
+            "sustained_lines_per_s": s.lines_per_s,
+            "best_received_lines_per_s": s.best_received_lines_per_s,
+            "note": s.note,
+            "cpu_at_fixed_rate": c.receiver_cpu,
+            "fixed_rate_lines_per_s": fixed,
+            "fixed_rate_loss": c.loss,
+            "tap_items_printed": shown[name],
+            "confirmed": asdict(s.confirmed) if s.confirmed else None,
+        }
+    none, busy = results["cases"]["none"], results["cases"]["busy"]
+    rate_cost = 1 - (busy["sustained_lines_per_s"] or 0) / (none["sustained_lines_per_s"] or 1)
+    cpu_cost = (
+        busy["cpu_at_fixed_rate"] / none["cpu_at_fixed_rate"] - 1 if none["cpu_at_fixed_rate"] else None
+    )
+    results["busy_rate_cost"] = rate_cost
+    results["busy_cpu_cost"] = cpu_cost
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tap.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"tap cost, StatsD {payload.name}, flush_interval {args.flush_interval:g}s ({mode.name} mode)")
+    cpu_head = f"CPU at {fixed:,.0f} lines/s"
+    print(f"{'case':<6} {'sustained lines/s':>18} {cpu_head:>26} {'items shown':>12}")
+    for name in cases:
+        r = results["cases"][name]
+        rate = f"{r['sustained_lines_per_s']:,.0f}" if r["sustained_lines_per_s"] else "-"
+        print(f"{name:<6} {rate:>18} {r['cpu_at_fixed_rate'] * 100:>25.1f}% {r['tap_items_printed']:>12,}")
+    print(f"one subscriber on {BUSY_METRIC}: rate {rate_cost * 100:+.1f} %, CPU "
+          + (f"{cpu_cost * 100:+.1f} %" if cpu_cost is not None else "-"))  # fmt: skip
+    print(f"Link.consume, nobody watching: {results['link_idle_ns']} ns per batch")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
