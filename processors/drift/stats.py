@@ -106,14 +106,17 @@ def _pair_grid(
     for first, n, low, positive in ((pos_first, pos_n, pos_low, True), (neg_first, neg_n, neg_low, False)):
         if not n.any():
             continue
-        sides = [h.positive_counts if positive else h.negative_counts for h in hs]
-        begins = np.cumsum(n) - n
-        index = np.arange(int(n.sum()), dtype=np.int64) + np.repeat(first - begins, n)
-        index = (index >> np.repeat(shift, n)) - np.repeat(low[pair], n)
-        zero_at = np.repeat(base + neg_size[pair], n)
+        counts = np.concatenate([h.positive_counts if positive else h.negative_counts for h in hs])
+        # Only non-empty buckets are placed (an empty one adds nothing): a window of a few dozen
+        # gauge values spans hundreds of buckets.
+        live = np.flatnonzero(counts != 0.0)
+        owner = np.repeat(np.arange(count, dtype=np.int64), n)[live]
+        index = live + (first - (np.cumsum(n) - n))[owner]
+        index = (index >> shift[owner]) - low[pair][owner]
+        zero_at = (base + neg_size[pair])[owner]
         # Positive index i sits right of the zero bucket; negative index i left of it, reversed.
         keys.append(zero_at + 1 + index if positive else zero_at - 1 - index)
-        weights.append(np.concatenate([c for c in sides if c.size]))
+        weights.append(counts[live])
     grid = np.bincount(np.concatenate(keys), weights=np.concatenate(weights), minlength=count * width)
     laid: Counts = grid.astype(np.float64, copy=False).reshape(count, width)
     return laid, length, common, neg_size, neg_low, pos_low
