@@ -642,7 +642,7 @@ class AggregateProcessor:
                 non_finite += 1
                 keep(p)
                 continue
-            key = key_of(p)
+            key = p.key or key_of(p)  # receivers hand most points on with their key: no call then
             s = series.get(key)
             if s is None or s.generation != generation:  # new, or one of its groups expired since
                 s = self._series_for(p, key, m.rules)
