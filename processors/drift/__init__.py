@@ -65,17 +65,22 @@ each bin's share at 1e-4 (an empty bin). Counts are weighted (StatsD sample rate
 are the weighted counts.
 
 Memory is bounded: per series one histogram for the reference (baseline) or up to ``offset / window``
-(trailing), plus the window being filled, each at most ``max_buckets`` buckets per sign (8 B each);
-incoming histograms are merged 64 at a time. Beyond ``max_series`` new series are not tracked (their
-points still pass) and are counted (``headwater_drift_overflow_points_total``). A series without a
-point for ``series_idle_timeout`` (default: twice the reference span: ``2 × offset`` for trailing,
-``2 × baseline`` but at least a day for baseline) is forgotten at a window end, its state freed and
-counted (``headwater_drift_expired_series_total``); if it returns it starts afresh: with its baseline
-from ``baseline_file`` when the file has one (the file keeps it), else learning again. Aggregate
-churning labels (``pod``) away before ``drift``.
+(trailing), plus the window being filled, each at most ``max_buckets`` buckets per sign (8 B each); a
+series holds at most 64 incoming histograms (8192 gauge values) before folding them. Beyond
+``max_series`` new series are not tracked (their points still pass) and are counted
+(``headwater_drift_overflow_points_total``). A series without a point for ``series_idle_timeout``
+(default: twice the reference span: ``2 × offset`` for trailing, ``2 × baseline`` but at least a day for
+baseline) is forgotten at a window end, its state freed and counted
+(``headwater_drift_expired_series_total``); if it returns it starts afresh: with its baseline from
+``baseline_file`` when the file has one (the file keeps it), else learning again. Aggregate churning
+labels (``pod``) away before ``drift``.
 
-Cost (``bench/drift_bench.py``, one core): ``consume`` ~0.5–1 µs a point; each window end ~70–150 µs a
-series (merging its window, the statistics), sent in groups of ~166 series with the loop free between.
+Cost (``bench/drift_bench.py --quick``, CPU time on one core, 10,000 series): ``consume`` ~1.0 µs a
+timer point, ~0.7 µs a gauge point. A window end works on ~166 series at a time (the loop free
+between): their windows merged by exphist.merge_groups (32 series a call), the statistics of all
+their pairs by one stats.drift_many; ~120 µs a timer series (a 5m window of 10 s flushes: ~80 of it
+merging 30 histograms of ~210 buckets), ~60 µs a gauge series. Spread over a window's points: ~5 µs
+a timer point, ~2.7 µs a gauge point.
 """
 
 from __future__ import annotations
@@ -505,12 +510,14 @@ class DriftProcessor:
     # -- output --------------------------------------------------------------------------------------
 
     def _names(self, s: _Series) -> list[tuple[str, Labels]]:
-        names = {"test", "window"}
-        base = [pair for pair in s.labels if pair[0] not in names]
+        # Labels are sorted by name with names unique: "test" and "window" go in at their places.
+        base = [pair for pair in s.labels if pair[0] != "test" and pair[0] != "window"]
+        at_test = sum(1 for key, _ in base if key < "test")
+        at_window = sum(1 for key, _ in base if key < "window")
+        head, middle, tail = tuple(base[:at_test]), tuple(base[at_test:at_window]), tuple(base[at_window:])
+        window = ("window", self._window_text)
         name = s.name + DRIFT_SUFFIX
-        return [
-            (name, tuple(sorted([*base, ("test", test), ("window", self._window_text)]))) for test in TESTS
-        ]
+        return [(name, (*head, ("test", test), *middle, window, *tail)) for test in TESTS]
 
     def _pair(
         self,

@@ -452,6 +452,21 @@ async def test_trailing_reference_is_the_window_offset_earlier_and_bounded() -> 
     assert len(series.past) <= 2  # offset / window past windows, no more
 
 
+async def test_gauges_keep_the_series_labels_sorted_with_test_and_window_in_place() -> None:
+    proc, sink, _, clock = make(DriftConfig(window=60.0, baseline=60.0))  # type: ignore[arg-type]
+    rng = np.random.default_rng(14)
+    labels = (("a", "1"), ("test", "theirs"), ("u", "2"), ("window", "theirs"), ("zone", "3"))
+    for _ in range(2):
+        clock.now = clock.now // 60 * 60 + 5.0
+        await proc.consume(MetricBatch((timer("lat", rng.lognormal(3, 0.5, 300), labels),)))
+        clock.now = clock.now // 60 * 60 + 60.0
+        await proc.tick()
+    got = [p.labels for p in sink.points() if p.name == "lat" + DRIFT_SUFFIX]
+    assert got == [
+        (("a", "1"), ("test", test), ("u", "2"), ("window", "1m"), ("zone", "3")) for test in TESTS
+    ]
+
+
 async def test_max_series_bounds_state_and_counts_overflow() -> None:
     proc, sink, tel, clock = make(DriftConfig(window=60.0, baseline=60.0, max_series=2))  # type: ignore[arg-type]
     rng = np.random.default_rng(5)
