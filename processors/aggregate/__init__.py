@@ -154,14 +154,16 @@ _APPLIES = {
 }
 _Names = tuple[tuple[tuple[int, str, Labels, str, int], ...], ...]
 """Per interval: (output code, point name, labels, unit, index in the rule's quantiles) of each output
-sent for a group. Tuples
-of strings and floats: the garbage collector stops tracking them, lists it would walk every time."""
+sent for a group. Tuples of strings and numbers: the garbage collector stops tracking them (lists it
+would walk at every collection)."""
 _CODES = {
     "count": 0, "sum": 1, "increase": 1, "avg": 2, "min": 3, "max": 4, "last": 5, "rate": 6,
     "stddev": 7, "slope": 8, "quantiles": 9, "histogram": 10,
 }  # fmt: skip
 """Outputs by code: below :data:`_SIMPLE` read from one tuple of an accumulator's plain figures."""
-_SIMPLE, _STDDEV, _SLOPE, _QUANTILE = 7, 7, 8, 9
+_SIMPLE = 7
+"""Codes below this are plain figures."""
+_STDDEV, _SLOPE, _QUANTILE = 7, 8, 9
 _UNITLESS = {"count", "rate", "slope"}
 """Outputs that do not carry the input's unit (a count; per-second figures)."""
 
@@ -325,9 +327,9 @@ class _Rule:
         self.outputs = list(dict.fromkeys(config.outputs))
         self.quantiles = [float(q) for q in config.quantiles]
         self.histograms = bool({"quantiles", "histogram"} & set(self.outputs))
+        """Whether windows need their merged histogram (distributions; gauges keep their samples)."""
         self.moments = bool({"stddev", "slope"} & set(self.outputs))
         """Whether groups keep the moments (stddev and slope need them; the fold skips them otherwise)."""
-        """Whether windows need their merged histogram (distributions; gauges keep their samples)."""
         self.groups: dict[tuple[str, int, Labels], _Group] = {}
         self._by_list = sorted(config.by)
         self._without_list = sorted(config.without)
