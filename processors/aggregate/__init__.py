@@ -184,9 +184,9 @@ class RuleConfig:
     """For the quantiles output (distributions and gauges): the quantiles, within [0, 1]."""
     keep_input: bool = False
     """Also pass on the raw points this rule aggregates (false drops them: the cardinality saving)."""
-    slide: Duration = Duration(0.0)
+    slide: Duration | None = None
     """Sliding windows: send every interval each ``slide`` over the interval just ended (like PromQL's
-    ``avg_over_time(x[5m])`` evaluated every minute); divides each interval; 0: tumbling windows."""
+    ``avg_over_time(x[5m])`` evaluated every minute); divides each interval. Unset: tumbling windows."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -197,17 +197,16 @@ class RuleConfig:
                 problems.append((f"match::{i}", "give a non-empty metric name glob"))
         if not self.intervals:
             problems.append(("intervals", "give at least one interval, like 1m"))
+        slide = float(self.slide) if self.slide is not None else 0.0
         for i, iv in enumerate(self.intervals):
             if not 1.0 <= iv <= _DAY_S or not _divides(iv, _DAY_S):
                 problems.append(
                     (f"intervals::{i}", "must be between 1s and 1d and divide a day (1m, 5m, 15m, 1h, 1d)")
                 )
-            elif self.slide > 0:
-                if not _divides(self.slide, iv):
-                    problems.append(
-                        (f"intervals::{i}", f"must be a multiple of slide, {float(self.slide):g}s")
-                    )
-                elif iv / self.slide > _MAX_SLICES + 1e-9:
+            elif slide > 0:
+                if not _divides(slide, iv):
+                    problems.append((f"intervals::{i}", f"must be a multiple of slide, {slide:g}s"))
+                elif iv / slide > _MAX_SLICES + 1e-9:
                     problems.append(
                         (f"intervals::{i}", f"holds more than {_MAX_SLICES} slides; give a longer slide")
                     )
@@ -215,8 +214,8 @@ class RuleConfig:
                 problems.append(
                     (f"intervals::{i}", f"must be a multiple of the shortest, {min(self.intervals):g}s")
                 )
-        if self.slide < 0 or (self.slide > 0 and not (self.slide >= 1.0 and _divides(self.slide, _DAY_S))):
-            problems.append(("slide", "must be 0 (tumbling) or between 1s and 1d and divide a day (like 1m)"))
+        if self.slide is not None and not (1.0 <= slide <= _DAY_S and _divides(slide, _DAY_S)):
+            problems.append(("slide", "must be between 1s and 1d and divide a day (like 1m)"))
         if len(set(self.intervals)) != len(self.intervals):
             problems.append(("intervals", "intervals must be distinct"))
         if self.by and self.without:
@@ -309,9 +308,10 @@ class _Rule:
         self.index = index
         self.regex = re.compile("|".join(fnmatch.translate(g) for g in config.match))
         self.intervals = sorted(float(iv) for iv in config.intervals)
-        self.slices = [round(iv / float(config.slide)) for iv in self.intervals] if config.slide > 0 else []
+        slide = float(config.slide) if config.slide is not None else 0.0
+        self.slices = [round(iv / slide) for iv in self.intervals] if slide > 0 else []
         """Sliding: per interval, the slides it spans (empty for tumbling windows)."""
-        self.base = float(config.slide) if config.slide > 0 else self.intervals[0]
+        self.base = slide if slide > 0 else self.intervals[0]
         """The shortest interval (sliding: the slide): points fold into its window; the others merge it."""
         self.coarse = [] if self.slices else self.intervals[1:]
         self.chain = all(_divides(a, b) for a, b in zip(self.intervals, self.intervals[1:], strict=False))

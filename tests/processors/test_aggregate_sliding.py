@@ -53,7 +53,7 @@ def test_slide_validation() -> None:
     problems = dict(bad.validate())
     assert problems["rules::0::intervals::0"] == "must be a multiple of slide, 120s"
     assert problems["rules::1::intervals::0"] == "holds more than 120 slides; give a longer slide"
-    assert problems["rules::2::slide"].startswith("must be 0 (tumbling) or between 1s and 1d")
+    assert problems["rules::2::slide"] == "must be between 1s and 1d and divide a day (like 1m)"
 
 
 async def test_sliding_gauge_windows_exact_against_numpy_over_each_span() -> None:
