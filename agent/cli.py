@@ -427,6 +427,8 @@ async def _reload(agent: Agent, path: str, sets: Sequence[str]) -> None:
         return
     if new.service.telemetry.endpoint != running.service.telemetry.endpoint:
         log.warning("service::telemetry::endpoint changed: it takes effect when the agent restarts")
+    if new.service.telemetry.auth != running.service.telemetry.auth:
+        log.warning("service::telemetry::auth changed: it takes effect when the agent restarts")
     try:
         applied = await agent.reload(new)
     except Exception as exc:

@@ -8,8 +8,9 @@ the paced UDP sender (``udp_sender.c``) on the other core sending bench/run.py's
 packets (1,000 series), kernel defaults. For each case:
 
 1. the sustained rate (< 0.1 % loss; the search and confirmation of bench/run.py);
-2. the agent's CPU (share of one core) at one fixed rate, 60 % of the no-subscriber sustained rate:
-   a steadier measure of cost than a rate search on a shared machine.
+2. the agent's CPU (share of one core, process CPU seconds) at one fixed rate, 60 % of the
+   no-subscriber sustained rate, ``--repeats`` runs per case alternated, median: a steadier measure of
+   cost than a rate search on a shared machine.
 
 Cases: ``none`` — no subscriber (the Links' ``tap`` is None: one attribute read per batch);
 ``busy`` — ``python -m agent tap --metric api.requests`` (250 of the 1,000 series, every flush; its
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -101,6 +103,63 @@ def link_idle_ns(n: int = 1_000_000) -> float:
     return asyncio.run(run())
 
 
+def tap_check_ns(n: int = 2_000_000) -> float:
+    """ns of the check itself (``tap = self.tap; if tap is not None``) on a Link nobody watches."""
+    import timeit
+
+    from agent.service import Link
+
+    link = Link(None)  # type: ignore[arg-type]  # never consumed: only its attribute is read
+    timer = timeit.Timer("tap = link.tap\nif tap is not None: pass", globals={"link": link})
+    empty = timeit.Timer("tap = None", globals={}).timeit(n)
+    return max(0.0, (min(timer.repeat(5, n)) - empty) / n * 1e9)
+
+
+def tap_work_us_per_flush(flushes: int = 200) -> tuple[float, int]:
+    """CPU µs the tap spends on one flush of the payload's 1,000 series with one subscriber on
+    BUSY_METRIC, in process: the Link's hand-off (agent's side), filtering and rendering (admin side)
+    and the JSON text of each message — everything but the socket write. Also the items per flush."""
+    from agent.config import TapConfig
+    from agent.model import Kind, MetricBatch, Point
+    from agent.tap import Direction, TapEdge, TapFilter, TapHub, TapPoint
+    from agent.telemetry import Telemetry
+
+    series: dict[str, Point] = {}
+    for packet in throughput_payload(20).packets:
+        for line in packet.decode().split("\n"):
+            name, _, rest = line.partition(":")
+            tags = rest.partition("|#")[2].split(",")
+            labels = tuple(sorted((k, v) for k, _, v in (t.partition(":") for t in tags)))
+            series.setdefault(name + str(labels), Point(name, Kind.SUM, labels, time.time_ns(), 1.0))
+    batch = MetricBatch(tuple(series.values()))
+
+    class Edge:
+        tap: Any = None
+
+    async def run() -> tuple[float, int]:
+        hub = TapHub(Telemetry(), TapConfig(rate_limit_per_s=1e12, buffer=10**7))
+        edge = Edge()
+        hub.set_edges([TapEdge(edge, (TapPoint("statsd", "receiver", Direction.OUT),))])
+        sub = hub.subscribe(TapFilter.parse(name=BUSY_METRIC))
+        items = 0
+        t0 = time.process_time()
+        for _ in range(flushes):
+            edge.tap(batch)
+            await asyncio.sleep(0)  # the wake-up scheduled by the hand-off runs here
+            for message in await sub.get(limit=10**6):
+                json.dumps(message, default=str)
+                items += 1
+        cpu = time.process_time() - t0
+        sub.close()
+        return cpu / flushes * 1e6, items // flushes
+
+    return asyncio.run(run())
+
+
+def _runs(case: dict[str, Any]) -> str:
+    return "/".join(f"{x * 100:.0f}%" for x in case["cpu_runs"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short probes and confirmation (~4 min)")
@@ -108,14 +167,23 @@ def main() -> int:
         "--flush-interval", type=float, default=1.0, help="the StatsD flush interval, s (default 1)"
     )
     ap.add_argument("--duration", type=float, default=None, help="confirmation and CPU runs, s (30; 8 quick)")
+    ap.add_argument("--repeats", type=int, default=3, help="CPU runs per case, alternated (default 3)")
     args = ap.parse_args()
     mode = QUICK if args.quick else FULL
     confirm_s = args.duration or (8.0 if args.quick else 30.0)
     payload = throughput_payload(20)
     cases: dict[str, list[str] | None] = {"none": None, "busy": ["--metric", BUSY_METRIC]}
     results: dict[str, Any] = {"flush_interval_s": args.flush_interval, "payload": payload.name, "cases": {}}
+    results["tap_us_per_flush"], results["tap_items_per_flush"] = tap_work_us_per_flush()
+    log(
+        f"tap work per flush: {results['tap_us_per_flush']:.0f} µs for {results['tap_items_per_flush']} items"
+    )
     results["link_idle_ns"] = round(link_idle_ns(), 1)
-    log(f"Link.consume with nobody watching: {results['link_idle_ns']} ns per batch")
+    results["tap_check_ns"] = round(tap_check_ns(), 1)
+    log(
+        f"Link.consume with nobody watching: {results['link_idle_ns']} ns per batch, of which the tap"
+        f" check {results['tap_check_ns']} ns"
+    )
     with workdir() as wd:
         sender = Sender(wd)
         ceiling = sender.ceiling(payload, 2.0)
@@ -131,35 +199,39 @@ def main() -> int:
                 target.close()
         base = sustained["none"].lines_per_s or sustained["none"].best_received_lines_per_s
         fixed = 0.6 * base
-        cpu: dict[str, Probe] = {}
-        shown: dict[str, int] = {}
-        for name, tap_args in cases.items():
-            target = TappedHeadwater(wd, f"cpu-{name}", args.flush_interval, tap_args)
-            try:
-                target.start()
-                cpu[name] = run_probe(target, sender, payload, fixed, confirm_s)
-                shown[name] = target.tap_lines()
-            finally:
-                target.close()
+        cpu: dict[str, list[Probe]] = {name: [] for name in cases}
+        shown: dict[str, int] = dict.fromkeys(cases, 0)
+        for _ in range(args.repeats):  # alternated, so that a change in the machine's load hits both
+            for name, tap_args in cases.items():
+                target = TappedHeadwater(wd, f"cpu-{name}", args.flush_interval, tap_args)
+                try:
+                    target.start()
+                    cpu[name].append(run_probe(target, sender, payload, fixed, confirm_s))
+                    shown[name] += target.tap_lines()
+                finally:
+                    target.close()
     for name in cases:
-        s, c = sustained[name], cpu[name]
+        s, runs = sustained[name], cpu[name]
         results["cases"][name] = {
             "sustained_lines_per_s": s.lines_per_s,
             "best_received_lines_per_s": s.best_received_lines_per_s,
             "note": s.note,
-            "cpu_at_fixed_rate": c.receiver_cpu,
+            "cpu_at_fixed_rate": statistics.median(p.receiver_cpu for p in runs),
+            "cpu_runs": [p.receiver_cpu for p in runs],
             "fixed_rate_lines_per_s": fixed,
-            "fixed_rate_loss": c.loss,
+            "fixed_rate_loss": max(p.loss for p in runs),
             "tap_items_printed": shown[name],
             "confirmed": asdict(s.confirmed) if s.confirmed else None,
         }
     none, busy = results["cases"]["none"], results["cases"]["busy"]
-    rate_cost = 1 - (busy["sustained_lines_per_s"] or 0) / (none["sustained_lines_per_s"] or 1)
-    cpu_cost = (
-        busy["cpu_at_fixed_rate"] / none["cpu_at_fixed_rate"] - 1 if none["cpu_at_fixed_rate"] else None
-    )
+    rates = (none["sustained_lines_per_s"], busy["sustained_lines_per_s"])
+    rate_cost = 1 - rates[1] / rates[0] if rates[0] and rates[1] else None
+    cpu_cost = busy["cpu_at_fixed_rate"] / none["cpu_at_fixed_rate"] - 1
+    # The tap's own work per second (one flush a flush_interval) against the agent's CPU at that rate.
+    work_cost = results["tap_us_per_flush"] / 1e6 / args.flush_interval / none["cpu_at_fixed_rate"]
     results["busy_rate_cost"] = rate_cost
     results["busy_cpu_cost"] = cpu_cost
+    results["busy_work_cost"] = work_cost
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tap.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"tap cost, StatsD {payload.name}, flush_interval {args.flush_interval:g}s ({mode.name} mode)")
@@ -169,9 +241,19 @@ def main() -> int:
         r = results["cases"][name]
         rate = f"{r['sustained_lines_per_s']:,.0f}" if r["sustained_lines_per_s"] else "-"
         print(f"{name:<6} {rate:>18} {r['cpu_at_fixed_rate'] * 100:>25.1f}% {r['tap_items_printed']:>12,}")
-    print(f"one subscriber on {BUSY_METRIC}: rate {rate_cost * 100:+.1f} %, CPU "
-          + (f"{cpu_cost * 100:+.1f} %" if cpu_cost is not None else "-"))  # fmt: skip
-    print(f"Link.consume, nobody watching: {results['link_idle_ns']} ns per batch")
+    print(
+        f"one subscriber on {BUSY_METRIC}: sustained rate "
+        + (f"{-rate_cost * 100:+.1f} %" if rate_cost is not None else "not measured (see notes)")
+        + f", CPU at the fixed rate {cpu_cost * 100:+.1f} % (runs: none {_runs(none)}, busy {_runs(busy)})"
+    )
+    print(
+        f"the tap's own work: {results['tap_us_per_flush']:.0f} µs per flush"
+        f" ({results['tap_items_per_flush']} items) = {work_cost * 100:.2f} % of the agent's CPU at that rate"
+    )
+    print(
+        f"Link.consume, nobody watching: {results['link_idle_ns']} ns per batch, of which the tap check"
+        f" {results['tap_check_ns']} ns (StatsD: one batch per flush, not per line)"
+    )
     return 0
 
 

@@ -338,6 +338,8 @@ class TapHub:
         config = self.config
         sub = TapSubscription(self, flt, config, loop or asyncio.get_running_loop())
         with self._lock:
+            if config.max_subscribers == 0:
+                raise TapFull("the tap is off (service::telemetry::tap::max_subscribers is 0)")
             if len(self._open) >= config.max_subscribers:
                 raise TapFull(
                     f"{len(self._open)} tap streams are open (service::telemetry::tap::max_subscribers)"

@@ -213,3 +213,10 @@ async def test_a_subscription_survives_a_reload_and_follows_the_new_graph(agents
     seen = {(m["component"], m["direction"]) for m in await _items(sub, 4) if m["type"] == "point"}
     assert seen == {("statsd", "out"), ("batch@metrics", "in"), ("batch@metrics", "out"), ("debug", "in")}
     sub.close()
+
+
+async def test_max_subscribers_0_turns_the_tap_off(agents: AgentGraph) -> None:
+    agent = await _start(agents, _config(free_port(socket.SOCK_DGRAM), tap={"max_subscribers": 0}))
+    with pytest.raises(TapFull, match="the tap is off"):
+        agent.tap.subscribe(TapFilter())
+    assert all(link.tap is None for link in _links(agent))
