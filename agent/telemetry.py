@@ -6,8 +6,8 @@ calling prometheus_client's ``Counter.inc`` (~1 µs with labels); the agent-owne
 cell when it is scraped, through prometheus_client's one-method Collector protocol.
 
 Histograms work the same way: :meth:`Telemetry.histogram` returns a :class:`HistogramCell` whose
-``observe`` is one C bisect and two additions (~0.2 µs; prometheus_client's ``Histogram.observe`` with
-labels takes a lock and a label lookup, ~2 µs); the buckets are made cumulative only at scrape.
+``observe`` is one C bisect and two additions (0.13 µs; prometheus_client's ``Histogram`` takes a lock:
+0.8 µs on a child, 1.7 µs through ``labels()``); the buckets are made cumulative only at scrape.
 """
 
 from __future__ import annotations
