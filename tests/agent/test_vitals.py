@@ -1,6 +1,7 @@
 """The agent's vital signs on /metrics, with real traffic: JSON posted to the http receiver with aiohttp,
 sent by the real remote-write exporter to an aiohttp remote-write backend that answers as scripted,
-and /metrics scraped over HTTP from the admin endpoint.
+and /metrics scraped over HTTP from the admin endpoint; StatsD lines from the statsd client sent on to
+a real Prometheus, whose own count of the writes it answered is checked against the histograms.
 
 Latency bounds are causal, never timed: an observation is compared with instants the test took
 before the data was received and after it was acknowledged (or that the backend took around a request
@@ -13,13 +14,14 @@ import asyncio
 import gc
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import statsd
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,6 +35,7 @@ from agent.telemetry import Telemetry
 from exporters.prometheus_remote_write import remote_pb2, wire
 from tests.conftest import AgentGraph, component_settings, free_port, wait_until
 from tests.exporters.conftest import Gate, serve
+from tests.integration.conftest import PrometheusServer, free_tcp_udp_port, launch_prometheus
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -401,3 +404,42 @@ async def test_a_receipt_closes_when_its_hand_over_returns() -> None:
     # Later batches of that task are stamped when they are handed on, not with the old receipt.
     assert await task >= closed > stamped
     assert vitals.received_s() >= closed
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
+    """A real Prometheus with its remote-write receiver on, started before the test's event loop."""
+    server = launch_prometheus(tmp_path / "prometheus", free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_statsd_to_a_real_prometheus_each_write_it_answered_is_one_success(
+    prometheus: PrometheusServer, agents: AgentGraph
+) -> None:
+    port = free_tcp_udp_port()
+    agent = await agents.start(
+        {
+            "receivers": {"statsd": {"udp": f"127.0.0.1:{port}", "flush_interval": "100ms"}},
+            "exporters": {"prometheus_remote_write": {"endpoint": prometheus.write_url}},
+            "service": {
+                "pipelines": {"metrics": {"receivers": ["statsd"], "exporters": ["prometheus_remote_write"]}}
+            },
+        }
+    )
+    tel = agent.telemetry
+    client = statsd.StatsClient("127.0.0.1", port, prefix="app")
+    for i in range(1, 4):  # a flush each: three requests at least
+        client.incr("requests", i)
+        client.timing("latency", 12.5)
+        await wait_until(lambda n=i: tel.value("exporter_sent_requests_total") >= n, f"request {i} sent")
+    await agent.stop()
+    sent = tel.value("exporter_sent_requests_total")
+    async with aiohttp.ClientSession() as session, session.get(f"{prometheus.url}/metrics") as resp:
+        theirs = parse(await resp.text())
+    answered = pick(theirs, "prometheus_http_requests_total", handler="/api/v1/write", code="204")
+    assert answered == sent == tel.value("exporter_send_duration_seconds", outcome="success")
+    assert tel.value("pipeline_latency_seconds") == sent
+    assert tel.value("exporter_send_duration_seconds", outcome="retryable") == 0
