@@ -30,8 +30,8 @@ intervals need not be multiples of each other). Each group keeps one state per s
 interval (the *slices*, as ``percentiles`` keeps slices of its rolling windows, but exact: counts,
 sums, extremes, moments and the merged histogram of each slide) and a window is their exact merge,
 so every output is what the tumbling window over the same span would give; ``rate`` divides by the
-interval (partial at start-up). Cost: one merge per group and slide per slide of the longest interval
-(1h sliding by 1m: 60 a minute), and memory the same factor.
+interval (partial at start-up). Cost: at each slide's end a group merges as many slice states as its
+longest interval has slides (1h sliding by 1m: 60 a minute), and holds that many.
 
 Samples: a GAUGE (or a non-monotonic SUM) is one sample of its value; a monotonic SUM (a counter) is
 one sample of its increase — a DELTA point's value, or a CUMULATIVE point's difference from its
@@ -138,7 +138,7 @@ _RETRY_S = 1.0
 _POINTS_PER_BATCH = 2000
 """Window output points per batch handed on."""
 _GROUPS_PER_STEP = 250
-"""Groups sent between yields to the event loop at a window's end (~1 ms of work; its points are
+"""Groups sent between yields to the event loop at a window's end (~2 ms of work; their points are
 handed on before the next step)."""
 
 _NO_RING: collections.deque[Any] = collections.deque(maxlen=0)
