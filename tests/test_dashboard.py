@@ -2,7 +2,8 @@
 (promtool parses it) and reads only metrics that a running agent exposes — the agent started in-process
 from config.example.yaml (ports made free, a remote-write exporter added), fed StatsD lines by the
 statsd client and JSON by aiohttp, its backend failing once retryably and once for good, and its
-/metrics scraped from the admin endpoint."""
+/metrics scraped from the admin endpoint — and by a real Prometheus, in which every panel's query then
+shows data."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import gc
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -29,7 +31,7 @@ from agent.registry import builtin_factories
 from agent.service import Agent
 from tests.conftest import free_port, wait_until
 from tests.exporters.conftest import serve
-from tests.integration.conftest import ROOT, free_tcp_udp_port
+from tests.integration.conftest import ROOT, PrometheusServer, free_tcp_udp_port, launch_prometheus
 
 DASHBOARD = ROOT / "dashboards" / "headwater.json"
 
@@ -77,6 +79,10 @@ def metric_names(expr: str) -> set[str]:
             continue  # the exponent of a number (1e3)
         names.add(m.group())
     return names
+
+
+async def _nonempty(results: Any) -> bool:
+    return bool(await results)
 
 
 def test_the_name_reader_finds_what_an_expression_reads() -> None:
@@ -149,8 +155,35 @@ async def backend_url() -> AsyncIterator[tuple[Backend, str]]:
     await runner.cleanup()
 
 
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
+    """A real Prometheus, started before the test's event loop; the test points its scrapes."""
+    server = launch_prometheus(tmp_path / "prometheus", free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def scrape(prometheus: PrometheusServer, port: int) -> None:
+    """Point ``prometheus`` at the agent's endpoint (every 250 ms) and have it reload its config."""
+    config = {
+        "global": {"scrape_interval": "250ms", "scrape_timeout": "250ms", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "headwater", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
+    }
+    (prometheus.log_path.parent / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prometheus.proc.send_signal(signal.SIGHUP)
+
+
+async def query(session: aiohttp.ClientSession, prometheus: PrometheusServer, expr: str) -> list[Any]:
+    async with session.get(f"{prometheus.url}/api/v1/query", params={"query": expr}) as resp:
+        data = await resp.json()
+    assert resp.status == 200 and data["status"] == "success", (expr, data)
+    return list(data["data"]["result"])
+
+
 async def test_every_metric_the_dashboard_reads_is_exposed_by_a_running_agent(
-    backend_url: tuple[Backend, str],
+    backend_url: tuple[Backend, str], prometheus: PrometheusServer
 ) -> None:
     backend, url = backend_url
     data = yaml.safe_load((ROOT / "config.example.yaml").read_text())
@@ -189,6 +222,16 @@ async def test_every_metric_the_dashboard_reads_is_exposed_by_a_running_agent(
             gc.collect()
             async with session.get(f"http://127.0.0.1:{admin.port}/metrics") as resp:
                 text = await resp.text()
+            # The same agent scraped by Prometheus: every query of every panel shows data (a rate needs
+            # two scrapes; a histogram_quantile of no new observations shows NaN, which is data too).
+            scrape(prometheus, admin.port)
+            exprs = expressions(json.loads(DASHBOARD.read_text()))
+            for expr in exprs:
+                await wait_until(
+                    lambda e=expr: _nonempty(query(session, prometheus, promql(e))),
+                    f"Prometheus to show data for {expr}",
+                    timeout_s=60.0,
+                )
     finally:
         await admin.shutdown()
         await agent.stop()
