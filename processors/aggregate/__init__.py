@@ -676,13 +676,14 @@ class AggregateProcessor:
         now_ns = int(now * 1e9)
         max_buckets = self._config.max_buckets
         invalid = 0
+        cumulative, dist, counter = Temporality.CUMULATIVE, _DIST, _COUNTER
         for s, p in zip(fold_series, fold_points, strict=True):
             # Integer nanoseconds since the epoch first, then seconds: exact to the nanosecond (unix
             # seconds as a float carry only ~0.2 µs, which the slope's time moments would feel).
             t = ((p.time_unix_nano or now_ns) - epoch_ns) * 1e-9
             groups = s.groups
             kind = groups[0].kind
-            if kind == _DIST:
+            if kind == dist:
                 h = self._histogram_delta(s, p)
                 if h is None:
                     continue
@@ -693,7 +694,7 @@ class AggregateProcessor:
                     g.accs[0].add_histogram(h, max_buckets)
                 continue
             v = p.value
-            if kind == _COUNTER and p.temporality is Temporality.CUMULATIVE:
+            if kind == counter and p.temporality is cumulative:
                 previous = s.baseline
                 restarted = p.start_time_unix_nano != s.start_ns and s.start_ns != 0
                 s.baseline, s.start_ns = float(v), p.start_time_unix_nano
