@@ -837,8 +837,10 @@ class AggregateProcessor:
                 for i in range(1, len(accs)):
                     accs[i].merge(base, max_buckets, g.moments)
             base.reset()
+        windows = len(sent)
         for i, iv in ended:
             full = [g for g in chunk if g.accs[i].n > 0]
+            windows += len(full)
             if rule.histograms:
                 settle([g.accs[i] for g in full], max_buckets, wanted)
             iv_end = math.ceil(end / iv - 1e-9) * iv
@@ -854,6 +856,7 @@ class AggregateProcessor:
                         continue
                     up.merge(a, max_buckets, g.moments)
                 a.reset()
+        self._windows.value += windows  # (the sliding ones count in _slide)
         expired = 0
         for g in chunk:
             if g.idle >= idle_limit and all(a.n == 0 for a in g.accs) and rule.groups.get(g.key) is g:
@@ -894,6 +897,7 @@ class AggregateProcessor:
                     w.merge(ring[-1 - j], max_buckets)
             done = k
             live = [(g, w) for g, w in zip(chunk, windows, strict=True) if w.n > 0]
+            self._windows.value += len(live)
             if rule.histograms:
                 settle(
                     [w for _, w in live], max_buckets, rule.quantiles if "quantiles" in rule.outputs else ()
@@ -914,6 +918,7 @@ class AggregateProcessor:
                         w.merge(g.ring[-j], self._config.max_buckets)
                     done = k
                     if w.n > 0:
+                        self._windows.value += 1
                         self._emit(g, i, w, now, iv, rule.quantiles, points)
                 g.accs[0].reset()
             if points:
@@ -926,6 +931,7 @@ class AggregateProcessor:
             for i, iv in enumerate(rule.intervals):
                 a = g.accs[i]
                 if a.n > 0:
+                    self._windows.value += 1
                     w_start = math.floor(now / iv) * iv
                     self._emit(g, i, a, now, max(now - w_start, 1e-3), rule.quantiles, points)
                     a.reset()
@@ -955,7 +961,6 @@ class AggregateProcessor:
     ) -> None:
         """Append the output points of group `g`'s interval `i` (accumulator `a`, window ending `end_s`)."""
         time_ns = int(end_s * 1e9)
-        self._windows.value += 1
         n, total = a.n, a.total
         # The plain figures at once (a handful of float operations), read by code: cheaper than testing
         # each output against a chain of names, once per output point of every group at every window end.

@@ -586,7 +586,7 @@ async def test_gauge_quantiles_and_chained_coarse_windows_against_numpy() -> Non
         outputs=["count", "sum", "min", "max", "last", "stddev", "quantiles", "histogram"],
         quantiles=[0.05, 0.5, 0.95],
     )
-    proc, sink, _, clock = make(rule, max_buckets=2048)
+    proc, sink, tel, clock = make(rule, max_buckets=2048)
     rng = np.random.default_rng(21)
     values: list[float] = []
     for m in range(15):
@@ -598,6 +598,7 @@ async def test_gauge_quantiles_and_chained_coarse_windows_against_numpy() -> Non
             values.append(v)
         await close_window(proc, clock, T0 + 60.0 * (m + 1))
     assert len(sink.values("g.1m.count")) == 15 and len(sink.values("g.5m.count")) == 3
+    assert metric(tel, "aggregate_windows_total") == 15 + 3 + 1
     for text, span in (("5m", 300.0), ("15m", 900.0)):
         got = [p for p in sink.points() if p.name.startswith(f"g.{text}.")]
         last_end = max(p.time_unix_nano for p in got)

@@ -64,7 +64,7 @@ async def test_sliding_gauge_windows_exact_against_numpy_over_each_span() -> Non
         outputs=["count", "sum", "avg", "min", "max", "last", "stddev", "slope", "quantiles", "histogram"],
         quantiles=[0.1, 0.5, 0.99],
     )
-    proc, sink, _, clock = make(rule, max_buckets=2048)
+    proc, sink, tel, clock = make(rule, max_buckets=2048)
     rng = np.random.default_rng(11)
     times: list[float] = []
     values: list[float] = []
@@ -111,6 +111,7 @@ async def test_sliding_gauge_windows_exact_against_numpy_over_each_span() -> Non
                 assert abs(estimate - exact) <= bound * abs(exact) * (1 + 1e-9), (m, text, q)
             checked += 1
     assert checked == 8 + 10  # 1m: each of the 8 minutes with data; 5m: every minute's end, and one after
+    assert tel.value("aggregate_windows_total") == checked
 
 
 async def test_sliding_counter_increase_and_rate_over_each_span() -> None:
