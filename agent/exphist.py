@@ -33,12 +33,14 @@ __all__ = [
     "downscale",
     "from_segments",
     "from_values",
+    "index_of",
     "merge",
     "merge_groups",
     "quantile",
     "quantiles_of",
     "relative_error",
     "scale_counts",
+    "shift_to_fit",
     "whole",
     "whole_count",
 ]
@@ -185,6 +187,20 @@ def _map_to_index(magnitudes: npt.NDArray[np.float64], scale: int) -> _Indices:
     index = np.ceil(np.log2(magnitudes) * float(1 << scale)).astype(np.int64) - 1
     np.clip(index, first, first + ((1 << scale) - 1), out=index)
     return np.where(power, first - 1, index)
+
+
+def index_of(magnitudes: npt.NDArray[np.float64], scale: int) -> _Indices:
+    """Bucket index of each positive finite value at `scale`, as :func:`from_values` places it (for a
+    caller that keeps its own bucket arrays, as the drift processor's dense rows)."""
+    _check_scale(scale, "scale")
+    return _map_to_index(np.asarray(magnitudes, dtype=np.float64), scale)
+
+
+def shift_to_fit(low: _Indices, high: _Indices, max_buckets: int) -> _Indices:
+    """Smallest k >= 0 with ``(high >> k) - (low >> k) < max_buckets``, element-wise (``low <= high``):
+    how far spans of bucket indices must be downscaled to fit `max_buckets` (merge_groups' rule)."""
+    _check_max_buckets(max_buckets)
+    return _shift_to_fit(np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64), max_buckets)
 
 
 def _shift_to_fit(low: _Indices, high: _Indices, max_buckets: int) -> _Indices:
