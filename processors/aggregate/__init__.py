@@ -894,7 +894,7 @@ class AggregateProcessor:
             for g, w in zip(chunk, windows, strict=True):
                 ring = g.ring
                 for j in range(done, min(k, len(ring))):
-                    w.merge(ring[-1 - j], max_buckets)
+                    w.merge(ring[-1 - j], max_buckets, g.moments)
             done = k
             live = [(g, w) for g, w in zip(chunk, windows, strict=True) if w.n > 0]
             self._windows.value += len(live)
