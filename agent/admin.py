@@ -228,7 +228,7 @@ class AdminServer:
         refused = self.authorized(request)
         if refused is not None:
             return refused
-        return await serve_tap(request, self._agent.tap)
+        return await serve_tap(request, self._agent.tap, token_checked=self._auth.enabled)
 
     async def _status(self, request: web.Request) -> web.Response:
         refused = self.authorized(request)

@@ -66,6 +66,10 @@ class TapConfig:
     """Items per second one tap stream receives at most; the rest is dropped and told to it."""
     buffer: int = 1000
     """Items one tap stream holds while its client is slow to read; the rest is dropped and told."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins (``http://host:port``, or ``null`` for a file:// page) whose browser pages may open the
+    tap without a token. Pages of the endpoint itself and non-browser clients always may; with a
+    bearer token configured, any page holding it may."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []

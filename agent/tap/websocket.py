@@ -4,7 +4,8 @@ Query parameters (each optional): ``component`` (glob over component ids and lab
 (glob over metric, span and log event names), ``match`` (repeatable: ``name=value``, ``name!=value``,
 ``name=~regex``, ``name!~regex``), ``signal`` (``metrics``, ``traces``, ``logs``, comma-separated),
 ``direction`` (``out``, the default, ``in`` or ``both``), ``format`` (``json``, the only one). A bad one
-is answered 400 naming it, one stream too many 503. Messages are JSON text frames (see
+is answered 400 naming it, one stream too many 503, a browser page from another origin 403 unless a
+token is configured or the origin is in ``tap.allowed_origins``. Messages are JSON text frames (see
 :mod:`agent.tap`); the stream ends when the client closes it.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Sequence
 
 from aiohttp import WSMsgType, web
 
@@ -20,6 +22,25 @@ from agent.tap import TapFilter, TapFull, TapHub
 
 HEARTBEAT_S = 30.0
 """Pings on an open stream: a client gone without closing is noticed within two of these."""
+
+
+def cross_origin_refusal(
+    request: web.Request, allowed: Sequence[str], token_checked: bool
+) -> web.Response | None:
+    """A browser sends its page's Origin with a WebSocket upgrade and lets any page open one (no CORS
+    for WebSockets): without a token, a web page the operator visits could read the stream of an agent
+    on 127.0.0.1. So, without a token, only the endpoint's own pages, ``allowed`` origins and clients
+    that are not browsers (no Origin) get the stream; 403 otherwise, naming the setting."""
+    origin = request.headers.get("Origin")
+    if token_checked or origin is None or origin in allowed:
+        return None
+    if origin.lower() in (f"http://{request.host}".lower(), f"https://{request.host}".lower()):
+        return None
+    return web.Response(
+        status=403,
+        text=f"the tap refuses pages from {origin}: add it to"
+        " service::telemetry::tap::allowed_origins, or configure service::telemetry::auth\n",
+    )
 
 
 def filter_of(request: web.Request) -> TapFilter:
@@ -37,8 +58,12 @@ def filter_of(request: web.Request) -> TapFilter:
     )
 
 
-async def serve_tap(request: web.Request, hub: TapHub) -> web.StreamResponse:
-    """Answer one ``/api/tap`` request (authorization is the caller's)."""
+async def serve_tap(request: web.Request, hub: TapHub, *, token_checked: bool) -> web.StreamResponse:
+    """Answer one ``/api/tap`` request (authorization is the caller's; ``token_checked`` when the
+    request had to carry the bearer token)."""
+    refused = cross_origin_refusal(request, hub.config.allowed_origins, token_checked)
+    if refused is not None:
+        return refused
     try:
         flt = filter_of(request)
     except ValueError as exc:

@@ -224,3 +224,39 @@ async def test_closing_the_stream_removes_the_taps(running: Running) -> None:
         lambda: all(e.link.tap is None for e in running.agent._tap_edges()), "the taps to be removed"
     )
     assert json.dumps(running.agent.status())  # still answers
+
+
+async def _upgrade_status(url: str, origin: str, headers: dict[str, str] | None = None) -> int:
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.ws_connect(url, origin=origin, headers=headers) as ws:
+                await _subscribed(ws)
+                return 101
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+
+
+async def test_a_page_from_another_origin_is_refused_without_a_token(running: Running) -> None:
+    # A browser sends its page's Origin: any web page could otherwise read the stream of a local agent.
+    assert await _upgrade_status(running.url(), "http://evil.example") == 403
+    assert await _upgrade_status(running.url(), "null") == 403  # a file:// page
+    assert await _upgrade_status(running.url(), f"http://127.0.0.1:{running.admin.port}") == 101
+    async with aiohttp.ClientSession() as http, http.get(running.url(), headers={"Origin": "null"}) as resp:
+        assert "allowed_origins" in await resp.text()
+
+
+async def test_allowed_origins_and_a_token_let_pages_in() -> None:
+    r = await start({"tap": {"allowed_origins": ["http://dash.example:3000"]}})
+    try:
+        assert await _upgrade_status(r.url(), "http://dash.example:3000") == 101
+        assert await _upgrade_status(r.url(), "http://other.example") == 403
+    finally:
+        await r.agent.stop()
+        await r.admin.shutdown()
+    r = await start({"auth": {"bearer_token": "t0k"}})
+    try:
+        assert await _upgrade_status(r.url("?access_token=t0k"), "null") == 101
+        assert await _upgrade_status(r.url(), "null") == 401
+    finally:
+        await r.agent.stop()
+        await r.admin.shutdown()
