@@ -407,6 +407,9 @@ class Sender:
                     return  # nothing more can come: end without waiting to be cancelled
                 await self._available.wait()
             request = self._items.popleft()
+            # What _queued_points counted for it: a send may lower request.points (a partial success,
+            # a request routed elsewhere) and the queue must still let go of all it held.
+            held = request.points
             self._in_flight += 1
             requeued = False
             try:
@@ -423,7 +426,7 @@ class Sender:
             finally:
                 self._in_flight -= 1
                 if not requeued:
-                    self._queued_points -= request.points
+                    self._queued_points -= held
                 if not self._items and self._in_flight == 0:
                     self._idle.set()
 
