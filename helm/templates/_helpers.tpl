@@ -25,8 +25,8 @@ Named templates. Those an application chart includes in sidecar mode (pass `.Sub
 {{/* The mode, checked: every template starts from it, so a bad value fails the whole render. */}}
 {{- define "headwater.mode" -}}
 {{- $mode := toString (.Values.mode | default "") -}}
-{{- if not (has $mode (list "daemonset" "deployment" "sidecar")) -}}
-{{- fail (printf "\n\nheadwater: `mode` is required and must be daemonset (an agent on every node), deployment (a central gateway) or sidecar (templates for your app's pods); got %q.\nSet it with --set mode=daemonset or in your values file." $mode) -}}
+{{- if not (has $mode (list "daemonset" "deployment" "sidecar" "gateway")) -}}
+{{- fail (printf "\n\nheadwater: `mode` is required and must be daemonset (an agent on every node), deployment (a central gateway), sidecar (templates for your app's pods) or gateway (the tier agents forward to with forward.to: gateway); got %q.\nSet it with --set mode=daemonset or in your values file." $mode) -}}
 {{- end -}}
 {{- $mode -}}
 {{- end -}}
@@ -91,7 +91,11 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- /* probes (kubelet) and Prometheus reach these from outside the pod: never 127.0.0.1 */ -}}
 {{- $telemetry := dict "endpoint" (printf "0.0.0.0:%d" (int .Values.telemetry.port)) "log_level" .Values.telemetry.logLevel -}}
 {{- $diskQueue := dict "storage" "disk" "directory" "/var/lib/headwater/queue" -}}
-{{- if $p.statsd.enabled -}}
+{{- $gateway := eq $mode "gateway" -}}
+{{- $fwd := .Values.forward -}}
+{{- $forwarding := eq (toString $fwd.to) "gateway" -}}
+{{- /* A gateway takes OTLP from the agents' loadbalancing exporter only: no StatsD preset there. */ -}}
+{{- if and $p.statsd.enabled (not $gateway) -}}
 {{- $s := dict "flush_interval" $p.statsd.flushInterval -}}
 {{- if $p.statsd.udp }}{{ $_ := set $s "udp" (printf "%s:%d" $bind (int $p.statsd.port)) }}{{ end -}}
 {{- if $p.statsd.tcp }}{{ $_ := set $s "tcp" (printf "%s:%d" $bind (int $p.statsd.port)) }}{{ end -}}
@@ -101,13 +105,32 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- end -}}
 {{- $_ := set $receivers "statsd" $s -}}
 {{- end -}}
-{{- if $p.otlp.enabled -}}
+{{- if or $p.otlp.enabled $gateway -}}
+{{- if and $gateway (not (or $p.otlp.grpc $p.otlp.http)) -}}{{- fail "headwater: gateway mode takes OTLP: enable presets.otlp.grpc (what the agents' loadbalancing exporter sends) or presets.otlp.http" -}}{{- end -}}
 {{- $o := dict -}}
 {{- $_ := set $o "grpc" (ternary (printf "%s:%d" $bind (int $p.otlp.grpcPort)) nil (eq (toString $p.otlp.grpc) "true")) -}}
 {{- $_ := set $o "http" (ternary (printf "%s:%d" $bind (int $p.otlp.httpPort)) nil (eq (toString $p.otlp.http) "true")) -}}
 {{- $_ := set $receivers "otlp" $o -}}
 {{- end -}}
-{{- if $p.prometheus.enabled -}}
+{{- if $forwarding -}}
+{{- if $gateway -}}{{- fail "headwater: forward.to: gateway is for the agents (daemonset, deployment or sidecar mode); a gateway exports to the backends itself" -}}{{- end -}}
+{{- if not $fwd.gatewayService -}}{{- fail "headwater: forward.to is gateway but forward.gatewayService is empty: set it to the gateway release's headless Service (<its fullname>-headless)" -}}{{- end -}}
+{{- range $name := list "remoteWrite" "signoz" -}}
+{{- if (get $p $name).enabled -}}{{- fail (printf "headwater: presets.%s is enabled but forward.to is gateway: the agents send everything to the gateways, which export to the backends; enable presets.%s in the gateway release and disable it here" $name $name) -}}{{- end -}}
+{{- end -}}
+{{- $host := $fwd.gatewayService -}}
+{{- if not (contains "." $host) -}}
+{{- $host = printf "%s.%s.svc.%s" $host ($fwd.gatewayNamespace | default .Release.Namespace) $fwd.clusterDomain -}}
+{{- end -}}
+{{- /* In-cluster plaintext to the gateways (their receiver has no TLS); the agent pod's own K8S_POD_*
+     are not where the data comes from. `forward.otlp` goes over these. */ -}}
+{{- $otlp := dict "tls" (dict "insecure" true) "resource_from_environment" false -}}
+{{- if .Values.queue.enabled }}{{ $_ := set $otlp "sending_queue" (deepCopy $diskQueue) }}{{ end -}}
+{{- $otlp = mustMergeOverwrite $otlp (deepCopy ($fwd.otlp | default dict)) -}}
+{{- $resolver := dict "dns" (dict "hostname" $host "port" (int $fwd.port) "interval" $fwd.resolverInterval "timeout" $fwd.resolverTimeout) -}}
+{{- $_ := set $exporters "loadbalancing" (dict "routing_key" $fwd.routingKey "protocol" (dict "otlp" $otlp) "resolver" $resolver) -}}
+{{- end -}}
+{{- if and $p.prometheus.enabled (not $forwarding) -}}
 {{- $_ := set $exporters "prometheus" (dict "endpoint" (printf "0.0.0.0:%d" (int $p.prometheus.port)) "metric_expiration" $p.prometheus.metricExpiration) -}}
 {{- end -}}
 {{- if $p.signoz.enabled -}}
@@ -148,9 +171,26 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- end -}}
 {{- $cfg := dict "receivers" $receivers "exporters" $exporters "service" (dict "telemetry" $telemetry) -}}
 {{- $ml := $p.memoryLimiter -}}
+{{- $procs := dict -}}
 {{- if $ml.enabled -}}
-{{- $_ := set $cfg "processors" (dict "memory_limiter" (dict "limit_percentage" (int $ml.limitPercentage) "spike_limit_percentage" (int $ml.spikeLimitPercentage))) -}}
+{{- $_ := set $procs "memory_limiter" (dict "limit_percentage" (int $ml.limitPercentage) "spike_limit_percentage" (int $ml.spikeLimitPercentage)) -}}
 {{- end -}}
+{{- /* gateway mode: the stateful processors, in a fixed order (threshold sees the raw points). */ -}}
+{{- $stateful := list -}}
+{{- if $gateway -}}
+{{- range $name := list "threshold" "percentiles" "aggregate" -}}
+{{- $gp := get $.Values.gateway.processors $name -}}
+{{- if $gp.enabled -}}
+{{- $pc := deepCopy ($gp.config | default dict) -}}
+{{- if and (ne $name "percentiles") (not (get $pc "rules")) -}}
+{{- fail (printf "headwater: gateway.processors.%s is enabled without rules: it would do nothing; give gateway.processors.%s.config.rules (see `headwater components`) or disable it" $name $name) -}}
+{{- end -}}
+{{- $_ := set $procs $name $pc -}}
+{{- $stateful = append $stateful $name -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $procs }}{{ $_ := set $cfg "processors" $procs }}{{ end -}}
 {{- if .Values.config -}}
 {{- $cfg = mustMergeOverwrite $cfg (deepCopy .Values.config) -}}
 {{- end -}}
@@ -160,6 +200,7 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- $mr := keys $cfg.receivers | sortAlpha -}}
 {{- $me := keys $cfg.exporters | sortAlpha -}}
 {{- $pipes := dict "metrics" (dict "receivers" $mr "exporters" $me) -}}
+{{- if $stateful }}{{ $_ := set $pipes.metrics "processors" $stateful }}{{ end -}}
 {{- $tr := list -}}{{- $lr := list -}}{{- $oe := list -}}
 {{- range $id := $mr -}}
 {{- $type := first (splitList "/" $id) -}}
@@ -168,7 +209,7 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- end -}}
 {{- range $id := $me -}}
 {{- $type := first (splitList "/" $id) -}}
-{{- if has $type (list "otlp" "otlp_http" "debug") }}{{ $oe = append $oe $id }}{{ end -}}
+{{- if has $type (list "otlp" "otlp_http" "debug" "loadbalancing") }}{{ $oe = append $oe $id }}{{ end -}}
 {{- end -}}
 {{- if and $tr $oe $p.signoz.traces }}{{ $_ := set $pipes "traces" (dict "receivers" $tr "exporters" $oe) }}{{ end -}}
 {{- if and $lr $oe $p.signoz.logs }}{{ $_ := set $pipes "logs" (dict "receivers" $lr "exporters" $oe) }}{{ end -}}
@@ -181,11 +222,17 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- if not (has "memory_limiter" $procs) }}{{ $_ := set $pl "processors" (prepend $procs "memory_limiter") }}{{ end -}}
 {{- end -}}
 {{- end -}}
-{{- /* Disk queues share the queue volume: split its budget between them. */ -}}
+{{- /* Disk queues share the queue volume: split its budget between them. The loadbalancing exporter's
+     queue (all its gateways' partitions) is under protocol.otlp, as in the Collector. */ -}}
 {{- $disk := list -}}
+{{- $queues := dict -}}
 {{- range $id, $e := $cfg.exporters -}}
-{{- if and (kindIs "map" $e) (kindIs "map" (get $e "sending_queue")) -}}
-{{- if eq (toString (get (get $e "sending_queue") "storage")) "disk" }}{{ $disk = append $disk $id }}{{ end -}}
+{{- if kindIs "map" $e -}}
+{{- $q := get $e "sending_queue" -}}
+{{- if eq (first (splitList "/" $id)) "loadbalancing" -}}
+{{- $q = dig "protocol" "otlp" "sending_queue" nil $e -}}
+{{- end -}}
+{{- if and (kindIs "map" $q) (eq (toString (get $q "storage")) "disk") }}{{ $disk = append $disk $id }}{{ $_ := set $queues $id $q }}{{ end -}}
 {{- end -}}
 {{- end -}}
 {{- if $disk -}}
@@ -194,7 +241,7 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- $each := div (mul $limit (int64 .Values.queue.maxBytesPercent)) (mul 100 (len $disk)) -}}
 {{- if lt $each 16 -}}{{- fail (printf "headwater: queue.sizeLimit %s leaves %d MiB per disk queue (%d queues); give at least 16 MiB each" .Values.queue.sizeLimit $each (len $disk)) -}}{{- end -}}
 {{- range $id := $disk -}}
-{{- $q := get (get $cfg.exporters $id) "sending_queue" -}}
+{{- $q := get $queues $id -}}
 {{- if not (hasKey $q "directory") }}{{ $_ := set $q "directory" "/var/lib/headwater/queue" }}{{ end -}}
 {{- if not (hasKey $q "max_bytes") }}{{ $_ := set $q "max_bytes" (printf "%dMiB" $each) }}{{ end -}}
 {{- end -}}
@@ -427,6 +474,7 @@ config, then `ports` applied (override, disable, or declare new ones).
 - name: headwater-config
   configMap:
     name: {{ include "headwater.fullname" . }}
+{{- if not (and (eq $mode "gateway") .Values.gateway.persistence.enabled) }}
 - name: headwater-queue
 {{- if and (eq $mode "daemonset") .Values.queue.enabled (eq .Values.queue.daemonsetVolume "hostPath") }}
   hostPath:
@@ -435,6 +483,7 @@ config, then `ports` applied (override, disable, or declare new ones).
 {{- else }}
   emptyDir:
     sizeLimit: {{ .Values.queue.sizeLimit }}
+{{- end }}
 {{- end }}
 - name: headwater-sockets
   emptyDir: {medium: Memory, sizeLimit: 1Mi}
