@@ -36,6 +36,7 @@ BUILTINS: tuple[tuple[ComponentKind, str, str, str], ...] = (
     (E, "prometheus_remote_write", "exporters.prometheus_remote_write", "factory"),
     (E, "otlp", "exporters.otlp", "grpc_factory"),
     (E, "otlp_http", "exporters.otlp", "http_factory"),
+    (E, "loadbalancing", "exporters.loadbalancing", "factory"),
     (E, "debug", "exporters.debug", "factory"),
     (C, "forward", "connectors.forward", "factory"),
     (C, "spanmetrics", "connectors.spanmetrics", "factory"),

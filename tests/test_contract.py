@@ -21,6 +21,7 @@ from agent.component import ComponentKind, Factory, Signal, validate_config
 from agent.model import Kind, LogBatch, MetricBatch, Point, SpanBatch
 from agent.registry import builtin_factories
 from agent.telemetry import Telemetry
+from exporters.otlp.config import OtlpConfig
 from tests.conftest import LOOP_BLOCK_LIMIT_S, Sink, component_settings, free_port, wait_until
 from tests.exporters.otlp_sink import Sink as OtlpSink
 
@@ -207,6 +208,15 @@ STIMULUS: dict[
         "headwater_exporter_sent_points_total",
     ),
     (E, "debug"): (lambda cfg, _: cfg, drive_exporter, "headwater_exporter_sent_points_total"),
+    (E, "loadbalancing"): (
+        lambda cfg, peers: replace(
+            cfg,
+            protocol=replace(cfg.protocol, otlp=OtlpConfig(tls=replace(OtlpConfig().tls, insecure=True))),
+            resolver=replace(cfg.resolver, static=replace(cfg.resolver.static, hostnames=[peers.otlp_grpc])),
+        ),
+        drive_exporter,
+        "headwater_loadbalancer_routed_points_total",
+    ),
     (C, "forward"): (lambda cfg, _: cfg, drive_processor, "headwater_connector_incoming_points_total"),
     (C, "spanmetrics"): (lambda cfg, _: cfg, drive_spans, "headwater_connector_incoming_points_total"),
     (C, "logmetrics"): (lambda cfg, _: cfg, drive_logs, "headwater_connector_incoming_points_total"),
@@ -265,7 +275,7 @@ async def test_lifecycle_and_self_metrics(key: tuple[str, str], capsys: pytest.C
         assert metric.encode() in generate_latest(tel.registry)
         if type_ == "prometheus_remote_write":
             assert peers.rw.bodies, "nothing reached the remote-write sink"
-        if type_.startswith("otlp") and f.kind is ComponentKind.EXPORTER:
+        if type_.startswith(("otlp", "loadbalancing")) and f.kind is ComponentKind.EXPORTER:
             assert len(peers.otlp.metrics()) == 3, "the sample batch did not reach the OTLP sink"
     finally:
         await peers.stop()

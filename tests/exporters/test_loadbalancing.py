@@ -1,0 +1,301 @@
+"""exporters/loadbalancing: each item goes to the gateway its routing key hashes to (real gRPC OTLP
+receivers as gateways), the static and DNS resolvers, per-gateway metrics, and a gateway that leaves
+having its queued data rerouted to the new owners of its keys."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from agent.component import ComponentKind
+from agent.model import Kind, MetricBatch, Point, Resource, SpanBatch
+from agent.sending import QueueConfig, RetryConfig
+from agent.telemetry import Telemetry
+from agent.tls import ClientTLSConfig
+from exporters.loadbalancing.config import (
+    DnsResolverConfig,
+    LoadBalancingConfig,
+    ProtocolConfig,
+    ResolverConfig,
+    StaticResolverConfig,
+)
+from exporters.loadbalancing.exporter import LoadBalancingExporter
+from exporters.otlp.config import OtlpConfig
+from tests.conftest import component_settings, wait_until
+from tests.exporters.otlp_sink import Answer, Sink
+
+
+def otlp(**fields: Any) -> OtlpConfig:
+    return OtlpConfig(
+        tls=ClientTLSConfig(insecure=True),
+        resource_from_environment=False,
+        retry_on_failure=RetryConfig(initial_interval=0.05, max_interval=0.2),
+        **fields,
+    )
+
+
+def static(*hosts: str, routing_key: str = "", **proto: Any) -> LoadBalancingConfig:
+    return LoadBalancingConfig(
+        routing_key=routing_key,  # type: ignore[arg-type]
+        protocol=ProtocolConfig(otlp=otlp(**proto)),
+        resolver=ResolverConfig(static=StaticResolverConfig(hostnames=list(hosts))),
+    )
+
+
+@pytest.fixture
+async def gateways() -> AsyncIterator[list[tuple[str, Sink]]]:
+    sinks = [Sink() for _ in range(3)]
+    found = [(await s.start_grpc(), s) for s in sinks]
+    yield found
+    for s in sinks:
+        await s.stop()
+
+
+def points(n: int, name: str = "m", service: str | None = None) -> MetricBatch:
+    now = time.time_ns()
+    res = Resource((("service.name", service),)) if service else None
+    return MetricBatch(
+        tuple(Point(name, Kind.GAUGE, (("i", str(i)),), now, value=float(i), resource=res) for i in range(n))
+    )
+
+
+def series_at(sink: Sink) -> set[str]:
+    return {
+        next(kv.value.string_value for kv in dp.attributes if kv.key == "i") for _, _, _, dp in sink.metrics()
+    }
+
+
+def new(config: LoadBalancingConfig, tel: Telemetry, **kwargs: Any) -> LoadBalancingExporter:
+    settings = component_settings(tel, ComponentKind.EXPORTER, "loadbalancing", shutdown_timeout_s=5.0)
+    return LoadBalancingExporter(settings, config, **kwargs)
+
+
+async def test_each_series_goes_to_one_gateway_every_time(gateways: list[tuple[str, Sink]]) -> None:
+    tel = Telemetry()
+    (a, sink_a), (b, sink_b), _ = gateways
+    exporter = new(static(a, b), tel)
+    await exporter.start()
+    try:
+        for _ in range(3):
+            await exporter.consume(points(200))
+        await wait_until(lambda: len(sink_a.metrics()) + len(sink_b.metrics()) == 600, "all points sent")
+    finally:
+        await exporter.shutdown()
+    at_a, at_b = series_at(sink_a), series_at(sink_b)
+    assert at_a and at_b and not at_a & at_b  # split, and no series in both
+    assert len(at_a | at_b) == 200
+    # Each gateway got each of its series three times: nothing of a series went elsewhere.
+    assert len(sink_a.metrics()) == 3 * len(at_a)
+    for gw, at in ((a, at_a), (b, at_b)):
+        assert tel.value("loadbalancer_routed_points_total", exporter="loadbalancing", gateway=gw) == (
+            3 * len(at)
+        )
+        assert tel.value("exporter_sent_points_total", exporter=f"loadbalancing/@{gw}") == 3 * len(at)
+    assert tel.value("loadbalancer_gateways", exporter="loadbalancing") == 0  # after shutdown
+
+
+async def test_two_agents_route_a_series_to_the_same_gateway(gateways: list[tuple[str, Sink]]) -> None:
+    (a, sink_a), (b, sink_b), _ = gateways
+    # Two exporters listing the gateways in different orders stand for two agents.
+    first, second = new(static(a, b), Telemetry()), new(static(b, a), Telemetry())
+    await first.start()
+    await second.start()
+    try:
+        await first.consume(points(100))
+        await second.consume(points(100))
+        await wait_until(lambda: len(sink_a.metrics()) + len(sink_b.metrics()) == 200, "all points sent")
+    finally:
+        await first.shutdown()
+        await second.shutdown()
+    assert not series_at(sink_a) & series_at(sink_b)
+
+
+@pytest.mark.parametrize("key", ["service", "metric", "resource"])
+async def test_resource_and_name_keys_keep_their_group_together(
+    gateways: list[tuple[str, Sink]], key: str
+) -> None:
+    (a, sink_a), (b, sink_b), _ = gateways
+    exporter = new(static(a, b, routing_key=key), Telemetry())
+    await exporter.start()
+    try:
+        batches = [points(20, name=f"m{i}", service=f"svc{i}") for i in range(12)]
+        for batch in batches:
+            await exporter.consume(batch)
+        await wait_until(lambda: len(sink_a.metrics()) + len(sink_b.metrics()) == 240, "all points sent")
+    finally:
+        await exporter.shutdown()
+    group = {
+        "service": lambda r, m: next(
+            kv.value.string_value for kv in r.attributes if kv.key == "service.name"
+        ),
+        "metric": lambda r, m: m.name,
+        "resource": lambda r, m: str(sorted((kv.key, kv.value.string_value) for kv in r.attributes)),
+    }[key]
+    at_a = {group(r, m) for r, _, m, _ in sink_a.metrics()}
+    at_b = {group(r, m) for r, _, m, _ in sink_b.metrics()}
+    assert at_a and at_b and not at_a & at_b
+
+
+async def test_spans_of_a_trace_go_to_one_gateway(gateways: list[tuple[str, Sink]]) -> None:
+    (a, sink_a), (b, sink_b), _ = gateways
+    exporter = new(static(a, b), Telemetry())
+    await exporter.start()
+    rs = trace_pb2.ResourceSpans()
+    spans = rs.scope_spans.add().spans
+    for t in range(40):
+        for s in range(5):
+            spans.add(trace_id=t.to_bytes(16, "big"), span_id=(t * 5 + s + 1).to_bytes(8, "big"), name="op")
+    try:
+        await exporter.consume(SpanBatch((rs,), {}, 200))
+        received = lambda sink: [  # noqa: E731
+            sp
+            for rec in sink.received
+            for r in rec.message.resource_spans
+            for ss in r.scope_spans
+            for sp in ss.spans
+        ]
+        await wait_until(lambda: len(received(sink_a)) + len(received(sink_b)) == 200, "all spans sent")
+    finally:
+        await exporter.shutdown()
+    traces_a = {sp.trace_id for sp in received(sink_a)}
+    traces_b = {sp.trace_id for sp in received(sink_b)}
+    assert traces_a and traces_b and not traces_a & traces_b
+    assert len(received(sink_a)) == 5 * len(traces_a)
+
+
+async def test_no_gateway_drops_and_counts() -> None:
+    tel = Telemetry()
+    exporter = new(static(), tel)
+    await exporter.start()
+    await exporter.consume(points(7))
+    await exporter.shutdown()
+    assert tel.value("exporter_dropped_points_total", exporter="loadbalancing", reason="no_gateway") == 7
+
+
+class FakeDns:
+    """Answers each lookup with the next entry of a script (a list of addresses, or an exception)."""
+
+    def __init__(self, *answers: list[str] | Exception) -> None:
+        self.answers = list(answers)
+        self.asked = 0
+        self.answered = asyncio.Event()
+
+    async def __call__(self, hostname: str) -> list[str]:
+        assert hostname == "gateways.test"
+        self.asked += 1
+        self.answered.set()
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def dns_config(port: int, interval: float = 3600.0) -> LoadBalancingConfig:
+    return LoadBalancingConfig(
+        protocol=ProtocolConfig(otlp=otlp()),
+        resolver=ResolverConfig(
+            dns=DnsResolverConfig(hostname="gateways.test", port=port, interval=interval)  # type: ignore[arg-type]
+        ),
+    )
+
+
+async def test_dns_answers_change_the_members_and_are_counted() -> None:
+    tel = Telemetry()
+    fake = FakeDns(["127.0.0.1"], ["127.0.0.1", "::1"], OSError("SERVFAIL"), ["::1"])
+    exporter = new(dns_config(4317), tel, lookup=fake)
+    await exporter.start()
+    try:
+        assert exporter.gateways == ("127.0.0.1:4317",)
+        await exporter.resolve()
+        assert exporter.gateways == ("127.0.0.1:4317", "[::1]:4317")
+        await exporter.resolve()  # a failure keeps the members
+        assert exporter.gateways == ("127.0.0.1:4317", "[::1]:4317")
+        await exporter.resolve()
+        assert exporter.gateways == ("[::1]:4317",)
+        await exporter.resolve()  # the same answer: no change
+    finally:
+        await exporter.shutdown()
+    value = tel.value
+    assert value("loadbalancer_membership_changes_total", exporter="loadbalancing") == 3
+    assert value("loadbalancer_resolutions_total", exporter="loadbalancing", outcome="success") == 4
+    assert value("loadbalancer_resolutions_total", exporter="loadbalancing", outcome="failure") == 1
+
+
+async def test_dns_is_resolved_again_every_interval() -> None:
+    fake = FakeDns(["127.0.0.1"], ["127.0.0.2"])
+    exporter = new(dns_config(4317, interval=0.05), Telemetry(), lookup=fake)
+    await exporter.start()
+    try:
+        await wait_until(lambda: exporter.gateways == ("127.0.0.2:4317",), "the second answer applied")
+    finally:
+        await exporter.shutdown()
+
+
+async def test_dns_resolves_localhost_with_the_system_resolver(gateways: list[tuple[str, Sink]]) -> None:
+    addr = gateways[0][0]
+    port = int(addr.rpartition(":")[2])
+    config = replace(
+        dns_config(port), resolver=ResolverConfig(dns=DnsResolverConfig(hostname="localhost", port=port))
+    )
+    exporter = new(config, Telemetry())
+    await exporter.start()
+    try:
+        assert f"127.0.0.1:{port}" in exporter.gateways
+        for gw in exporter.gateways:
+            assert gw in (f"127.0.0.1:{port}", f"[::1]:{port}")
+    finally:
+        await exporter.shutdown()
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+async def test_a_removed_gateways_queue_is_rerouted_to_the_new_owners(
+    gateways: list[tuple[str, Sink]], storage: str, tmp_path: Any
+) -> None:
+    tel = Telemetry()
+    (a, sink_a), (b, sink_b), _ = gateways
+    sink_b.script = [Answer(kind="grpc", code=grpc.StatusCode.UNAVAILABLE)] * 10_000  # b is down
+    queue = QueueConfig(storage=storage, directory=str(tmp_path))  # type: ignore[arg-type]
+    exporter = new(static(a, b, sending_queue=queue), tel)
+    await exporter.start()
+    try:
+        await exporter.consume(points(300))
+        await wait_until(lambda: len(sink_b.attempts) >= 2, "b refused a send")
+        at_a_before = series_at(sink_a)
+        assert 0 < len(at_a_before) < 300 and not sink_b.received
+        await exporter.set_gateways(frozenset({a}))
+        await wait_until(lambda: len(sink_a.metrics()) == 300, "b's queue delivered to a")
+        assert series_at(sink_a) == {str(i) for i in range(300)}
+        # New points of b's former series go to a as well.
+        await exporter.consume(points(300))
+        await wait_until(lambda: len(sink_a.metrics()) == 600, "new points sent to a")
+        rerouted = tel.value("loadbalancer_rerouted_points_total", exporter="loadbalancing", gateway=b)
+        assert rerouted == 300 - len(at_a_before)
+        assert tel.value("exporter_sent_points_total", exporter=f"loadbalancing/@{b}") == 0
+        if storage == "disk":
+            assert os.listdir(tmp_path)
+    finally:
+        await exporter.shutdown()
+    assert not sink_b.received
+    assert tel.value("exporter_dropped_points_total", exporter=f"loadbalancing/@{b}", reason="shutdown") == 0
+
+
+async def test_a_gateway_that_comes_back_gets_its_keys_again(gateways: list[tuple[str, Sink]]) -> None:
+    (a, sink_a), (b, sink_b), _ = gateways
+    exporter = new(static(a, b), Telemetry())
+    await exporter.start()
+    try:
+        await exporter.set_gateways(frozenset({a}))
+        await exporter.set_gateways(frozenset({a, b}))
+        await exporter.consume(points(100))
+        await wait_until(lambda: len(sink_a.metrics()) + len(sink_b.metrics()) == 100, "all points sent")
+        assert sink_b.metrics()
+    finally:
+        await exporter.shutdown()
