@@ -90,6 +90,11 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- $exporters := dict -}}
 {{- /* probes (kubelet) and Prometheus reach these from outside the pod: never 127.0.0.1 */ -}}
 {{- $telemetry := dict "endpoint" (printf "0.0.0.0:%d" (int .Values.telemetry.port)) "log_level" .Values.telemetry.logLevel -}}
+{{- /* Beyond loopback the agent requires a token for the tap, /status and /api/*: from the Secret,
+     unless the user's config brings its own auth. */ -}}
+{{- if not (dig "service" "telemetry" "auth" nil (.Values.config | default dict)) -}}
+{{- $_ := set $telemetry "auth" (dict "bearer_token" "${env:HEADWATER_TELEMETRY_TOKEN}") -}}
+{{- end -}}
 {{- $diskQueue := dict "storage" "disk" "directory" "/var/lib/headwater/queue" -}}
 {{- $gateway := eq $mode "gateway" -}}
 {{- $fwd := .Values.forward -}}
@@ -243,7 +248,13 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- range $id := $disk -}}
 {{- $q := get $queues $id -}}
 {{- if not (hasKey $q "directory") }}{{ $_ := set $q "directory" "/var/lib/headwater/queue" }}{{ end -}}
-{{- if not (hasKey $q "max_bytes") }}{{ $_ := set $q "max_bytes" (printf "%dMiB" $each) }}{{ end -}}
+{{- $size := $each -}}
+{{- /* max_bytes applies to each gateway's own partition: the share is split forward.maxGateways ways. */ -}}
+{{- if eq (first (splitList "/" $id)) "loadbalancing" -}}
+{{- $size = div $each (int64 $.Values.forward.maxGateways) -}}
+{{- if and (lt $size 16) (not (hasKey $q "max_bytes")) -}}{{- fail (printf "headwater: queue.sizeLimit %s leaves %d MiB per gateway's disk queue (forward.maxGateways %d); give at least 16 MiB each" $.Values.queue.sizeLimit $size (int $.Values.forward.maxGateways)) -}}{{- end -}}
+{{- end -}}
+{{- if not (hasKey $q "max_bytes") }}{{ $_ := set $q "max_bytes" (printf "%dMiB" $size) }}{{ end -}}
 {{- end -}}
 {{- end -}}
 {{- /* Strings in `config` and the presets may hold templates ("{{ .Release.Namespace }}"). */ -}}
@@ -327,6 +338,11 @@ the old pod is only removed once the new one is ready), and a hostPort cannot be
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the telemetry token: the user's, or the one the chart keeps. */}}
+{{- define "headwater.telemetrySecret" -}}
+{{- .Values.telemetry.auth.existingSecret | default (printf "%s-telemetry" (include "headwater.fullname" .)) -}}
+{{- end -}}
+
 {{- define "headwater.tokenEnv" -}}
 {{- printf "HEADWATER_RW_%s_TOKEN" (regexReplaceAll "[^A-Za-z0-9]" (upper .) "_") -}}
 {{- end -}}
@@ -395,6 +411,11 @@ config, then `ports` applied (override, disable, or declare new ones).
   valueFrom: {fieldRef: {fieldPath: status.podIP}}
 - name: K8S_POD_UID
   valueFrom: {fieldRef: {fieldPath: metadata.uid}}
+{{- if not (dig "service" "telemetry" "auth" nil (.Values.config | default dict)) }}
+- name: HEADWATER_TELEMETRY_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ include "headwater.telemetrySecret" . | quote }}, key: {{ ternary .Values.telemetry.auth.key "token" (ne .Values.telemetry.auth.existingSecret "") | quote }}}
+{{- end }}
 {{- if .Values.k8s.clusterName }}
 - name: K8S_CLUSTER_NAME
   value: {{ .Values.k8s.clusterName | quote }}

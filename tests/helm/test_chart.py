@@ -20,6 +20,7 @@ Gateway mode (a StatefulSet behind a headless Service, the stateful processors) 
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -33,8 +34,6 @@ import pytest
 import yaml
 
 from agent.cli import main as headwater
-from agent.component import ComponentKind
-from agent.registry import builtin_factories
 from tests.integration.conftest import ROOT, free_tcp_udp_port
 
 CHART = ROOT / "helm"
@@ -105,7 +104,19 @@ def renders(helm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     app = copy / "examples" / "app-with-sidecar"
     helm(helm_env, "dependency", "build", ".", cwd=app)
     out[EXAMPLE] = helm(helm_env, "template", "shop", ".", "--namespace", "shop", cwd=app).stdout
-    return out
+    return {case: _fixed_token(text) for case, text in out.items()}
+
+
+_TOKEN = re.compile(
+    r'(# Source: [^\n]*templates/telemetry-secret\.yaml\n(?:.*\n)*?data:\n  token: )"[^"\n]*"'
+)
+FIXED_TOKEN = "Zml4ZWQgaW4gdGhlIHRlc3Rz"  # base64 of "fixed in the tests"
+
+
+def _fixed_token(text: str) -> str:
+    """The chart's telemetry Secret holds a random token (kept on upgrade through `lookup`, which
+    `helm template` cannot do): a fixed one in the renders, so the golden files stay comparable."""
+    return _TOKEN.sub(rf'\g<1>"{FIXED_TOKEN}"', text)
 
 
 def objects(renders: dict[str, str], case: str) -> list[dict[str, Any]]:
@@ -400,6 +411,8 @@ def test_disk_queue_volume_per_mode_and_max_bytes_below_the_limit(renders: dict[
         vol = queue_volume(EXAMPLE if case == "sidecar" else case)  # sidecar: the app's pod has it
         limit = mib[vol["emptyDir"]["sizeLimit"]] if "emptyDir" in vol else 2048  # hostPath: 2Gi budget
         total = sum(int(q["max_bytes"].removesuffix("MiB")) for q in disk)
+        if case == "daemonset-forward-gateway":  # max_bytes of each gateway's partition, of 10 at most
+            total *= 10
         assert all(q["directory"] == "/var/lib/headwater/queue" for q in disk)
         assert 0.5 * limit <= total <= 0.8 * limit, (case, total, limit)
     assert {"gateway", "daemonset-forward-gateway"} <= seen  # remote-write; loadbalancing (per gateway)
@@ -449,7 +462,7 @@ def test_services_pdb_and_test_hook_per_mode(renders: dict[str, str]) -> None:
             case
         )
     kinds = sorted(d["kind"] for d in objects(renders, "sidecar"))
-    assert kinds == ["ConfigMap"]  # the app chart owns the pods
+    assert kinds == ["ConfigMap", "Secret"]  # the app chart owns the pods; the telemetry token
     (hook,) = by_kind(renders, "deployment", "Pod")
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
     args = hook["spec"]["containers"][0]["args"]
@@ -508,22 +521,7 @@ def _overrides(cfg: dict[str, Any], tmp: Path) -> list[str]:
     return sets
 
 
-def _registered(kind: ComponentKind, type_: str) -> bool:
-    return (kind, type_) in builtin_factories()
-
-
-# The agents' forward config needs the loadbalancing exporter (issue 16, item 3): loaded through the
-# real registry, so this case runs by itself once the exporter's row is there.
-_NEEDS_LOADBALANCING = pytest.mark.skipif(
-    not _registered(ComponentKind.EXPORTER, "loadbalancing"),
-    reason="the loadbalancing exporter is not registered yet (agent/registry.py)",
-)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=_NEEDS_LOADBALANCING) if "forward-gateway" in c else c for c in [*CASES, EXAMPLE]],
-)
+@pytest.mark.parametrize("case", [*CASES, EXAMPLE])
 def test_rendered_agent_config_passes_headwater_validate(
     renders: dict[str, str], case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
@@ -829,7 +827,7 @@ def _config_of(text: str) -> dict[str, Any]:
 def test_gateway_mode_is_a_statefulset_behind_a_headless_service(renders: dict[str, str]) -> None:
     objs = objects(renders, "gateway")
     assert sorted(d["kind"] for d in objs) == sorted([
-        "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Service",
+        "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret", "Service", "Service",
         "ServiceAccount", "StatefulSet",
     ])  # fmt: skip
     (sts,) = by_kind(renders, "gateway", "StatefulSet")
@@ -973,7 +971,12 @@ def test_forwarding_agents_send_only_to_the_gateways_headless_service(
     otlp = lb["protocol"]["otlp"]
     assert "endpoint" not in otlp  # the resolver finds the gateways
     assert otlp["tls"] == {"insecure": True} and otlp["resource_from_environment"] is False
-    assert otlp["sending_queue"]["storage"] == "disk"
+    # Each gateway's partition: the 1Gi emptyDir's 80 % split forward.maxGateways (10) ways.
+    assert otlp["sending_queue"] == {
+        "storage": "disk",
+        "directory": "/var/lib/headwater/queue",
+        "max_bytes": "81MiB",
+    }
     for pid, pipeline in cfg["service"]["pipelines"].items():
         assert pipeline["exporters"] == ["loadbalancing"], pid
     # The hostname is the headless Service that the gateway release renders, on its OTLP/gRPC port.
@@ -1031,6 +1034,11 @@ def test_forward_settings_and_refusals(helm_env: dict[str, str]) -> None:
         "tls": {"insecure": False},
         "resource_from_environment": False,
     }
+    done = render(*svc, "--set", "queue.daemonsetVolume=emptyDir", "--set", "forward.maxGateways=200")
+    assert (
+        done.returncode != 0
+        and "leaves 8 MiB per gateway's disk queue (forward.maxGateways 200)" in done.stderr
+    )
     for bad in ("forward.routingKey=traceid", "forward.to=gateways", "forward.gatewayService=GW_svc"):
         done = render(*svc, "--set", bad)
         assert done.returncode != 0 and "forward." in done.stderr, bad
@@ -1044,3 +1052,55 @@ def test_notes_point_the_agents_at_the_gateway(helm_env: dict[str, str], tmp_pat
     )
     text = _notes(helm_env, tmp_path / "b", "-f", str(CHART / "ci" / "daemonset-forward-gateway-values.yaml"))
     assert "Everything goes to the gateways behind gw-headwater-headless.obs-gw.svc.cluster.local" in text
+    assert (
+        f"kubectl -n {NAMESPACE} get secret {RELEASE}-headwater-telemetry -o jsonpath='{{.data.token}}'"
+        in text
+    )
+
+
+# --- the telemetry token --------------------------------------------------------------------------
+
+
+def test_the_telemetry_endpoint_gets_a_token_from_a_secret(
+    renders: dict[str, str], helm_env: dict[str, str]
+) -> None:
+    """The agent refuses a telemetry endpoint beyond loopback without a token (the tap, /status and
+    /api/* show what flows); the probes bind it on the pod IP, so every render carries one."""
+    for case in renders:
+        objs = objects(renders, case)
+        cfg = yaml.safe_load(agent_config(objs))
+        assert cfg["service"]["telemetry"]["auth"] == {"bearer_token": "${env:HEADWATER_TELEMETRY_TOKEN}"}, (
+            case
+        )
+        (secret,) = [d for d in objs if d["kind"] == "Secret"]
+        assert secret["data"] == {"token": FIXED_TOKEN}, case
+        pods = [d for d in objs if d["kind"] in WORKLOADS]
+        if not pods:  # sidecar mode: the example application's pods, with its release's Secret
+            pods = by_kind(renders, EXAMPLE, "Deployment")
+            (secret,) = by_kind(renders, EXAMPLE, "Secret")
+        env = _token_env(pods)
+        assert env is not None, case
+        assert env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "token"}, case
+    # Unmasked: a random token of 40 characters, a new one per install (an upgrade reads it back).
+    tokens = set()
+    for _ in range(2):
+        (secret,) = [d for d in docs(template(helm_env, "--set", "mode=gateway")) if d["kind"] == "Secret"]
+        tokens.add(base64.b64decode(secret["data"]["token"]).decode())
+    assert len(tokens) == 2 and all(re.fullmatch(r"[A-Za-z0-9]{40}", tok) for tok in tokens)
+    # The user's Secret: no generated one, the env reads its key.
+    own = ("--set", "telemetry.auth.existingSecret=hw-admin", "--set", "telemetry.auth.key=bearer")
+    objs = docs(template(helm_env, "--set", "mode=daemonset", *own))
+    assert not [d for d in objs if d["kind"] == "Secret"]
+    assert _token_env(objs)["valueFrom"]["secretKeyRef"] == {"name": "hw-admin", "key": "bearer"}
+    # The user's own auth in `config`: used as it is (the agent refuses two token sources).
+    text = template(
+        helm_env, "--set", "mode=daemonset", "--set", "config.service.telemetry.auth.bearer_token_file=/t"
+    )
+    assert _config_of(text)["service"]["telemetry"]["auth"] == {"bearer_token_file": "/t"}
+    assert not [d for d in docs(text) if d["kind"] == "Secret"] and _token_env(docs(text)) is None
+
+
+def _token_env(objs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    (_, spec) = next(pod_specs(objs))
+    found = [e for e in agent_container(spec)["env"] if e["name"] == "HEADWATER_TELEMETRY_TOKEN"]
+    return found[0] if found else None
