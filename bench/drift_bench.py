@@ -11,9 +11,10 @@
      StatsD gauge arrives once a flush).
 
    Reported, as CPU time of the process (not wall time: the machine may be shared): ``consume`` per
-   point, the window end per series (merging the window, the six statistics against the baseline,
-   building the six gauges, handing them to a null consumer), and both together per incoming point
-   (window-end cost spread over the points of the window). Best of 3 runs.
+   point (adding each point's buckets to its series' row), the window end per series (the last held
+   points added, the six statistics of every row pair, building the six gauges, handing them to a
+   null consumer, emptying the rows), and both together per incoming point (window-end cost spread
+   over the points of the window). Best of 3 runs.
 2. RSS. In a fresh subprocess: VmRSS after imports and building one flush, then after feeding 10,000
    timer series (fresh histograms every flush, as a receiver makes them) through the baseline and 3
    windows of 1m (reference: baseline), likewise with ``reference: trailing`` and ``offset: 5m`` (each

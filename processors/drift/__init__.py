@@ -64,24 +64,27 @@ bucket edges: they equal the exact statistics of the raw samples binned at those
 each bin's share at 1e-4 (an empty bin). Counts are weighted (StatsD sample rates), so ``n`` and ``m``
 are the weighted counts.
 
-Memory is bounded: per series one histogram for the reference (baseline) or up to ``offset / window``
-(trailing), plus the window being filled, each at most ``max_buckets`` buckets per sign (8 B each); a
-series holds at most 8 incoming histograms (8192 gauge values) before folding them. Beyond
-``max_series`` new series are not tracked (their points still pass) and are counted
-(``headwater_drift_overflow_points_total``). A series without a point for ``series_idle_timeout``
-(default: twice the reference span: ``2 × offset`` for trailing, ``2 × baseline`` but at least a day for
-baseline) is forgotten at a window end, its state freed and counted
-(``headwater_drift_expired_series_total``); if it returns it starts afresh: with its baseline from
-``baseline_file`` when the file has one (the file keeps it), else learning again. Aggregate churning
-labels (``pod``) away before ``drift``.
+Memory is bounded: each series has one row for the window being filled, plus one for its reference
+(baseline, or the one being learnt) or up to ``offset / window`` rows of past windows (trailing), in
+a dense store (processors/drift/store.py): a row is ``max_buckets`` float64 per sign (2.5 KB at the
+default 320; the negative side is only touched for series with negative values), and it follows
+exphist's merge rule, so a row is exactly the merge of what it holds (the KS bound below is
+unchanged). Up to 2048 incoming histograms and 16384 gauge values are held before being added to
+their rows, all at once (and at every window end). Beyond ``max_series`` new series are not tracked
+(their points still pass) and are counted (``headwater_drift_overflow_points_total``). A series
+without a point for ``series_idle_timeout`` (default: twice the reference span: ``2 × offset`` for
+trailing, ``2 × baseline`` but at least a day for baseline) is forgotten at a window end, its rows
+freed for reuse and counted (``headwater_drift_expired_series_total``); if it returns it starts
+afresh: with its baseline from ``baseline_file`` when the file has one (the file keeps it), else
+learning again. Aggregate churning labels (``pod``) away before ``drift``.
 
-Cost (``bench/drift_bench.py --quick``, CPU time on one core, 10,000 series, a 5m window of 10 s
-flushes): ``consume`` ~3.8 µs a timer point (folding each series' flushes 8 at a time included), ~0.7
-µs a gauge point. A window end works on ~166 series at a time (the loop free between): their
-windows merged by exphist.merge_groups (32 series a call), the statistics of all their pairs by one
-stats.drift_many: ~70 µs a timer series, ~50 µs a gauge series. Spread over a window's points: ~6 µs
-a timer point, ~2.4 µs a gauge point. RSS: ~180 MB for 10,000 timer series against baselines, ~290
-MB with five trailing 1m windows each, ~240 MB at the peak of a 5m window.
+Cost (``bench/drift_bench.py``, CPU time on one core, 10,000 series, a 5m window of 10 s flushes):
+``consume`` ~2.8 µs a timer point (a ~210-bucket histogram: its ~43 non-empty buckets added to the
+series' row by one ``np.add.at`` over many batches' points; the numpy passes over every bucket are
+most of it), ~0.9 µs a gauge point. A window end reads the rows as they are (no merging) and
+computes the statistics of ~166 series' pairs a call (stats.drift_of): ~35 µs a timer series, ~40
+µs a gauge series. Spread over a window's points: ~4 µs a timer point, ~2.2 µs a gauge point. RSS:
+~130 MB for 10,000 timer series against baselines, ~230 MB with five trailing 1m windows each.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent import distributions, exphist
+from agent import distributions
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, format_duration
 from agent.counting import PointCounts
@@ -116,6 +119,7 @@ from agent.model import (
 )
 from processors.drift import stats
 from processors.drift.baseline_file import FileKey, file_key, read_baseline_file, write_baseline_file
+from processors.drift.store import Rows
 
 TYPE = "drift"
 DRIFT_SUFFIX = ".drift"
@@ -125,17 +129,13 @@ TESTS = ("psi", "ks", "ks_pvalue", "js", "chi2", "chi2_pvalue")
 
 _POINTS_PER_BATCH = 1000
 """Gauges per batch handed on at a window's end."""
-_PENDING_HISTOGRAMS = 8
-"""Incoming histograms a series holds before merging them. Memory, not speed, sets it: a StatsD timer
-flush is ~210 buckets (1.7 KB), so 10,000 series holding a 5m window's 30 flushes held ~650 MB; with
-8, ~240 MB at the peak (drift_bench), for ~1 µs more a timer point (merging more often)."""
-_MERGE_GROUPS = 32
-"""Accumulators merged per exphist.merge_groups call: its arrays stay in cache (166 a call cost ~30 %
-more a series than 20)."""
+_PENDING_HISTOGRAMS = 2048
+"""Incoming histograms held before they are added to their rows, all at once (a StatsD timer flush is
+~1.7 KB: ~3.5 MB held)."""
+_PENDING_VALUES = 16384
+"""Gauge values held before they are added to their rows."""
 _GRID_CELLS = 1 << 20
 """Cells of stats.drift_many's grid per call at most (8 MB of float64; a few copies are made)."""
-_PENDING_VALUES = 8192
-"""Gauge values a series holds before turning them into a histogram."""
 _GAUGE_SCALE = 8
 """Finest scale for gauge observations (as the StatsD receiver builds timers)."""
 
@@ -224,38 +224,6 @@ class DriftConfig:
         return problems
 
 
-class _Acc:
-    """Observations of one span of time: incoming histograms and values, merged in groups."""
-
-    __slots__ = ("hists", "merged", "values")
-
-    def __init__(self) -> None:
-        self.hists: list[ExpHistogram] = []
-        self.values: list[float] = []
-        self.merged: ExpHistogram | None = None
-
-    def drain(self) -> list[ExpHistogram]:
-        """The histograms held, in arrival order with the merged ones last (gauge values not yet folded
-        stay); the accumulator keeps none of them."""
-        parts = self.hists
-        if self.merged is not None:
-            parts.append(self.merged)
-        self.hists, self.merged = [], None
-        return parts
-
-
-def _merge_accs(accs: list[_Acc], max_buckets: int) -> list[ExpHistogram]:
-    """Each accumulator's histograms merged into one (EMPTY when it holds none), by exphist.merge_groups
-    in calls of _MERGE_GROUPS; every accumulator is left holding nothing."""
-    groups = [acc.drain() for acc in accs]
-    full = [g for g in groups if g]
-    merged: list[ExpHistogram] = []
-    for start in range(0, len(full), _MERGE_GROUPS):
-        merged += exphist.merge_groups(full[start : start + _MERGE_GROUPS], max_buckets=max_buckets)
-    each = iter(merged)
-    return [next(each) if g else exphist.EMPTY for g in groups]
-
-
 class _Series:
     __slots__ = (
         "baseline",
@@ -273,19 +241,22 @@ class _Series:
         "unit",
     )
 
-    def __init__(self, name: str, labels: Labels, resource: Resource | None, unit: str) -> None:
+    def __init__(self, name: str, labels: Labels, resource: Resource | None, unit: str, current: int) -> None:
         self.name = name
         self.labels = labels
         self.resource = resource
         self.unit = unit
         self.file_key = file_key(name, labels, resource)
-        self.baseline: ExpHistogram | None = None
+        self.baseline = -1
+        """Slot of the baseline in the processor's Rows (-1: none yet)."""
         self.learn_until = -math.inf
         """Until then (clock seconds) observations go to ``learning`` (reference: baseline)."""
-        self.learning: _Acc | None = None
-        self.current = _Acc()
-        self.past: dict[int, ExpHistogram] = {}
-        """Closed windows by index (end / window), for the trailing reference."""
+        self.learning = -1
+        """Slot of the baseline being learnt (-1: none)."""
+        self.current = current
+        """Slot of the window being filled."""
+        self.past: dict[int, int] = {}
+        """Slots of closed windows by index (end / window), for the trailing reference."""
         self.cumulative: ExpHistogram | ExplicitHistogram | None = None
         """The previous CUMULATIVE point's histogram, the base for the next difference."""
         self.out: list[tuple[str, Labels]] | None = None
@@ -333,6 +304,13 @@ class DriftProcessor:
         self._idle_s = config.idle_timeout_s()
         self._max_buckets = config.max_buckets
         self._series: dict[SeriesKey, _Series] = {}
+        self._rows = Rows(config.max_buckets)
+        self._pending_slots: list[int] = []
+        self._pending_hists: list[ExpHistogram] = []
+        """Histograms not yet added to their slots (in ``_pending_slots``), in arrival order."""
+        self._pending_value_slots: list[int] = []
+        self._pending_values: list[float] = []
+        """Gauge values not yet added to their slots, in arrival order."""
         self._file_baselines: dict[FileKey, ExpHistogram] = {}
         self._file_dirty = False
         self._next_end = (math.floor(clock() / self._window_s) + 1) * self._window_s
@@ -425,16 +403,18 @@ class DriftProcessor:
     def _new_series(self, key: SeriesKey, p: Point, now: float) -> _Series | None:
         if len(self._series) >= self._config.max_series:
             return None
-        s = _Series(p.name, p.labels, p.resource, p.unit)
+        rows = self._rows
+        s = _Series(p.name, p.labels, p.resource, p.unit, rows.allocate())
         if not self._trailing:
             loaded = self._file_baselines.get(s.file_key)
             if loaded is not None:
-                s.baseline = loaded
+                s.baseline = rows.allocate()
+                rows.add_histograms([s.baseline], [loaded])
             else:
                 # Whole windows: from the start of the first point's window, rounded up to a window end.
                 w = self._window_s
                 s.learn_until = math.floor(now / w) * w + math.ceil(self._baseline_s / w - 1e-9) * w
-                s.learning = _Acc()
+                s.learning = rows.allocate()
         self._series[key] = s
         return s
 
@@ -443,11 +423,16 @@ class DriftProcessor:
         self._counts.incoming(n)
         now = self._clock()
         series = self._series
-        tracked: list[tuple[_Series, Point]] = []
-        gauged: list[tuple[_Series, float]] = []
+        # Each observation's slot is chosen here, in the one pass over the batch; a DELTA histogram is
+        # taken as it is, a CUMULATIVE or explicit one is turned into a delta once passed on.
+        slots: list[int] = []
+        hists: list[ExpHistogram] = []
+        later: list[tuple[_Series, Point]] = []
+        value_slots: list[int] = []
+        values: list[float] = []
         overflow = 0
         observe_gauges = self._gauge_matches.takes_any
-        histogram, gauge = Kind.HISTOGRAM, Kind.GAUGE
+        histogram, gauge, delta = Kind.HISTOGRAM, Kind.GAUGE, Temporality.DELTA
         for p in batch.points:
             kind = p.kind
             if kind is histogram:
@@ -467,40 +452,51 @@ class DriftProcessor:
                     continue
             s.last_seen = now
             if kind is histogram:
-                tracked.append((s, p))
+                h = p.histogram
+                if h is not None and p.temporality is delta:
+                    slots.append(s.learning if now < s.learn_until else s.current)
+                    hists.append(h)
+                else:
+                    later.append((s, p))
             else:
-                gauged.append((s, p.value))
+                value_slots.append(s.learning if now < s.learn_until else s.current)
+                values.append(p.value)
         if overflow:
             self._overflow.value += overflow
         # Refuse before taking: a Backpressure here propagates and nothing was observed.
         await self._next.consume(batch)
         self._counts.outgoing(n)
-        max_buckets = self._max_buckets
-        full: list[_Acc] = []
-        for s, p in tracked:
+        for s, p in later:
             h = self._delta(s, p)
-            if h is None or not h.count > 0:
-                continue
-            if not (math.isfinite(h.min) and math.isfinite(h.max)):
-                self._ignored("non_finite").value += 1
-                continue
-            acc = s.learning if now < s.learn_until and s.learning is not None else s.current
-            acc.hists.append(h)
-            if len(acc.hists) == _PENDING_HISTOGRAMS:
-                full.append(acc)
-        if full:
-            # Long windows: fold what the series hold so far, all of them in one merge_groups call.
-            for acc, h in zip(full, _merge_accs(full, max_buckets), strict=True):
-                acc.merged = h
-        many_values: list[_Acc] = []
-        for s, v in gauged:
-            acc = s.learning if now < s.learn_until and s.learning is not None else s.current
-            values = acc.values
-            values.append(v)
-            if len(values) == _PENDING_VALUES:
-                many_values.append(acc)
-        if many_values:
-            self._fold(many_values)
+            if h is not None:
+                slots.append(s.learning if now < s.learn_until else s.current)
+                hists.append(h)
+        # Held, then added to the rows many batches at once (a call's numpy overhead, spread).
+        self._pending_slots += slots
+        self._pending_hists += hists
+        self._pending_value_slots += value_slots
+        self._pending_values += values
+        if len(self._pending_hists) >= _PENDING_HISTOGRAMS or len(self._pending_values) >= _PENDING_VALUES:
+            self._observe()
+
+    def _observe(self) -> None:
+        """Add the histograms and gauge values held to their slots; empty histograms are left out, those
+        with a non-finite min or max and non-finite values counted."""
+        slots, hists = self._pending_slots, self._pending_hists
+        self._pending_slots, self._pending_hists = [], []
+        if hists:
+            bad = self._rows.add_histograms(slots, hists)
+            if bad:
+                self._ignored("non_finite").value += bad
+        at = np.array(self._pending_value_slots, dtype=np.int64)
+        values = np.array(self._pending_values, dtype=np.float64)
+        self._pending_value_slots, self._pending_values = [], []
+        finite = np.isfinite(values)
+        if not finite.all():
+            self._ignored("non_finite").value += int(values.size - finite.sum())
+            at, values = at[finite], values[finite]
+        if values.size:
+            self._rows.add_values(at, values, _GAUGE_SCALE)
 
     def _delta(self, s: _Series, p: Point) -> ExpHistogram | None:
         """Point `p`'s observations as a delta histogram (agent.distributions.to_delta); odd input is
@@ -522,69 +518,68 @@ class DriftProcessor:
         name = s.name + DRIFT_SUFFIX
         return [(name, (*head, ("test", test), *middle, window, *tail)) for test in TESTS]
 
-    def _pair(
-        self,
-        s: _Series,
-        current: ExpHistogram,
-        learnt: ExpHistogram | None,
-        index: int,
-        counts: dict[str, int],
-    ) -> ExpHistogram | None:
-        """Series `s`'s reference for its window `index` (just closed, merged into `current`), or None
-        (counted) when no statistics are due; moves learning (`learnt`: its merged baseline) along."""
-        if learnt is not None:
-            s.baseline = learnt
-            s.learning = None
-            if self._config.baseline_file is not None and learnt.count > 0:
-                self._file_baselines[s.file_key] = learnt
-                self._file_dirty = True
-        if self._trailing:
-            reference = s.past.get(index - self._lag)
-            if current.count > 0:
-                s.past[index] = current
-            for old in [k for k in s.past if k <= index - self._lag]:
-                del s.past[old]
-        else:
-            reference = s.baseline
-        if current.count == 0:
-            return None
-        if reference is None or reference.count == 0:
-            counts["no_reference"] += 1
-            return None
-        if current.count < self._config.min_count or reference.count < self._config.min_count:
-            counts["few_observations"] += 1
-            return None
-        return reference
-
     def _chunk_statistics(
         self, chunk: list[_Series], now: float, index: int, counts: dict[str, int]
     ) -> list[tuple[_Series, list[float]]]:
         """The series of `chunk` with statistics for window `index`, each with its values in TESTS
-        order: the windows (and baselines completed) merged by merge_groups, the statistics of the
-        pairs by drift_many, a few calls for the whole chunk (per series, each cost ~100 µs)."""
-        self._fold_values(chunk)
-        learn = [s for s in chunk if s.learning is not None and now >= s.learn_until]
-        merged = _merge_accs(
-            [*(s.current for s in chunk), *(s.learning for s in learn if s.learning)], self._max_buckets
-        )
-        learnt = dict(zip(map(id, learn), merged[len(chunk) :], strict=True))
+        order: the statistics of every (window, reference) pair of slots by stats.drift_of, read from
+        the rows as they are; then each window moves on (trailing: kept as a past window, a fresh slot
+        for the next; baseline: emptied) and learning completes."""
+        rows = self._rows
+        for s in chunk:
+            if s.learning >= 0 and now >= s.learn_until:
+                s.baseline, s.learning = s.learning, -1
+                if self._config.baseline_file is not None and rows.count[s.baseline] > 0:
+                    self._file_baselines[s.file_key] = rows.histogram(s.baseline)
+                    self._file_dirty = True
+        lag = self._lag
+        current = [s.current for s in chunk]
+        if self._trailing:
+            reference = [s.past.get(index - lag, -1) for s in chunk]
+        else:
+            reference = [s.baseline for s in chunk]
+        n = rows.count[current].tolist()
+        m = np.where(np.array(reference) >= 0, rows.count[reference], 0.0).tolist()
+        min_count = self._config.min_count
         tested: list[_Series] = []
-        currents: list[ExpHistogram] = []
-        references: list[ExpHistogram] = []
-        for s, current in zip(chunk, merged, strict=False):
-            reference = self._pair(s, current, learnt.get(id(s)), index, counts)
-            if reference is not None:
+        currents: list[int] = []
+        references: list[int] = []
+        for s, c, r, c_n, r_m in zip(chunk, current, reference, n, m, strict=True):
+            if c_n == 0:
+                continue
+            if r_m == 0:
+                counts["no_reference"] += 1
+            elif c_n < min_count or r_m < min_count:
+                counts["few_observations"] += 1
+            else:
                 tested.append(s)
-                currents.append(current)
-                references.append(reference)
+                currents.append(c)
+                references.append(r)
         out: list[tuple[_Series, list[float]]] = []
-        # drift_many's grid is 2 rows a pair of up to ~4 × max_buckets + 1 cells: bound it (~8 MB).
+        # drift_of's grid is 2 rows a pair of up to ~4 × max_buckets + 1 cells: bound it (~8 MB).
         step = max(1, _GRID_CELLS // (2 * (4 * self._max_buckets + 1)))
         for start in range(0, len(tested), step):
             end = start + step
-            d = stats.drift_many(currents[start:end], references[start:end], bins=self._config.bins)
+            slots = np.array([*currents[start:end], *references[start:end]], dtype=np.int64)
+            d = stats.drift_of(rows.histograms(slots), bins=self._config.bins)
             table = np.column_stack((d.psi, d.ks, d.ks_pvalue, d.js, d.chi2, d.chi2_pvalue)).tolist()
             out += [(s, v) for s, v, ok in zip(tested[start:end], table, d.valid.tolist(), strict=True) if ok]
+        # The window moves on.
+        if self._trailing:
+            old: list[int] = []
+            emptied: list[int] = []
+            for s, c_n in zip(chunk, n, strict=True):
+                if c_n > 0:
+                    s.past[index] = s.current
+                    s.current = rows.allocate()
+                else:
+                    emptied.append(s.current)
+                for k in [k for k in s.past if k <= index - lag]:
+                    old.append(s.past.pop(k))
+            rows.clear(emptied)
+            rows.release(old)
+        else:
+            rows.clear(current)
         return out
 
     async def _close_window(self, now: float, end: float) -> None:
@@ -594,6 +589,7 @@ class DriftProcessor:
         time_ns = int(end * 1e9)
         counts = {"no_reference": 0, "few_observations": 0}
         step = max(1, _POINTS_PER_BATCH // len(TESTS))
+        self._observe()  # everything that arrived is in its window
         every = list(self._series.values())
         refused: Backpressure | None = None
         for start in range(0, len(every), step):
@@ -627,39 +623,13 @@ class DriftProcessor:
         A returning series starts afresh: its baseline_file entry if it has one, else it learns again."""
         limit = now - self._idle_s
         idle = [key for key, s in self._series.items() if s.last_seen < limit]
+        freed: list[int] = []
         for key in idle:
-            del self._series[key]
+            s = self._series.pop(key)
+            freed += [slot for slot in (s.current, s.learning, s.baseline, *s.past.values()) if slot >= 0]
+        self._rows.release(freed)
         if idle:
             self._expired.value += len(idle)
-
-    def _fold_values(self, chunk: list[_Series]) -> None:
-        """:meth:`_fold` of the accumulators of `chunk` that hold gauge values."""
-        accs = [acc for s in chunk for acc in (s.current, s.learning) if acc is not None and acc.values]
-        if accs:
-            self._fold(accs)
-
-    def _fold(self, accs: list[_Acc]) -> None:
-        """Turn the gauge values each of `accs` holds into one histogram, all in one pass
-        (exphist.from_segments: one from_values call per series cost ~150 µs a window end); values
-        that are not finite are left out and counted here, once for all."""
-        sizes = np.fromiter((len(acc.values) for acc in accs), dtype=np.int64, count=len(accs))
-        values = np.fromiter(
-            (v for acc in accs for v in acc.values), dtype=np.float64, count=int(sizes.sum())
-        )
-        finite = np.isfinite(values)
-        if not finite.all():
-            self._ignored("non_finite").value += int(values.size - finite.sum())
-            sizes = np.add.reduceat(finite, np.cumsum(sizes) - sizes, dtype=np.int64)  # none empty
-            values = values[finite]
-        offsets = np.zeros(len(accs) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=offsets[1:])
-        hists = exphist.from_segments(
-            values, None, offsets, max_buckets=self._max_buckets, max_scale=_GAUGE_SCALE
-        )
-        for acc, h in zip(accs, hists, strict=True):
-            acc.values = []
-            if h.count > 0:
-                acc.hists.append(h)
 
     async def _save(self) -> None:
         path = self._config.baseline_file

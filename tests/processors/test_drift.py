@@ -278,9 +278,10 @@ async def test_learnt_baseline_then_windows_against_it() -> None:
     await proc.shutdown()
 
 
-async def test_a_window_of_more_flushes_than_are_held_unmerged_is_still_the_whole_window() -> None:
-    """Past _PENDING_HISTOGRAMS flushes a series' window is folded as it goes (merge_groups of the
-    full ones): the statistics are those of the whole window against the whole baseline."""
+async def test_a_window_of_many_flushes_is_the_whole_window() -> None:
+    """150 flushes a window, each added to the series' row as it comes (the row moving and
+    downscaling itself as the span grows): the statistics are those of the whole window against the
+    whole baseline."""
     proc, sink, _, clock = make(DriftConfig(window=60.0, baseline=60.0, max_buckets=2048))  # type: ignore[arg-type]
     rng = np.random.default_rng(12)
     windows: list[list[exphist.ExpHistogram]] = []
