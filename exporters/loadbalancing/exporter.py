@@ -17,6 +17,7 @@ import gzip
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from agent.component import ComponentId, Settings, Signal, Tasks
+from agent.diskqueue.queue import partition_dirs, partition_name
 from agent.hashring import HashRing
 from agent.model import Batch, LogBatch, MetricBatch, SpanBatch
 from agent.sending import Request
@@ -34,7 +36,6 @@ from exporters.loadbalancing.resolver import Lookup, resolve_dns, system_lookup
 from exporters.loadbalancing.routing import Router
 from exporters.otlp import resource
 from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
-from exporters.otlp.exporter import _OtlpExporter
 from exporters.otlp.grpc import OtlpGrpcExporter
 from exporters.otlp.http import OtlpHttpExporter
 from receivers.otlp.convert import MetricsConverter, ShadowMetricsRequest
@@ -182,6 +183,40 @@ class LoadBalancingExporter:
             if isinstance(result, BaseException):
                 self._log.error("error stopping a gateway's exporter: %r", result)
 
+    async def hand_over(self) -> dict[str, tuple[str, dict[str | None, list[Request]]]]:
+        """A reload replaces this exporter: stop without draining and return each gateway's handed-over
+        queue (its exporter's :meth:`~exporters.otlp.exporter._OtlpExporter.hand_over`), by gateway, for
+        :meth:`adopt`. Disk partitions stay in the directory for the successor."""
+        if self._closing:
+            return {}
+        self._closing = True
+        await self._tasks.close()
+        async with self._membership_lock:
+            await self._retire_tasks.wait(self._settings.shutdown_timeout_s)
+            await self._retire_tasks.close()
+            async with self._lock:
+                gateways, self._gateways, self._ring = self._gateways, {}, HashRing(())
+        handed: dict[str, tuple[str, dict[str | None, list[Request]]]] = {}
+        for gw, child in gateways.items():
+            try:
+                handed[gw] = await child.hand_over()
+            except Exception as exc:
+                self._log.error("gateway %s: handing its queue over failed: %r", gw, exc)
+                await child.shutdown()
+        return handed
+
+    async def adopt(self, handed: dict[str, tuple[str, dict[str | None, list[Request]]]]) -> None:
+        """Take a predecessor's queues (:meth:`hand_over`): a gateway still a member gets its own back
+        (ahead of new data); the requests of one that is not are routed again by the ring."""
+        for gw, (encoding, queued) in handed.items():
+            child = self._gateways.get(gw)
+            if child is not None:
+                await child.adopt((encoding, queued))
+                continue
+            for requests in queued.values():
+                for request in requests:
+                    await self._reroute(gw, encoding, request)
+
     # -- resolution ------------------------------------------------------------------------------------
     async def _resolve_every_interval(self) -> None:
         dns = self._config.resolver.dns
@@ -243,8 +278,36 @@ class LoadBalancingExporter:
                 ", ".join(retired) or "none",
             )
             for gw, child in retired.items():
-                child.reroute = functools.partial(self._reroute, gw, child)
-                self._retiring[gw] = self._retire_tasks.spawn(self._retire(gw, child), f"retire-{gw}")
+                self._start_retiring(gw, child)
+            if started and self._protocol.sending_queue.storage == "disk":
+                await self._reroute_orphans()
+
+    def _start_retiring(self, gateway: str, child: _Gateway) -> None:
+        child.reroute = functools.partial(self._reroute, gateway, child._content_encoding)
+        self._retiring[gateway] = self._retire_tasks.spawn(self._retire(gateway, child), f"retire-{gateway}")
+
+    async def _reroute_orphans(self) -> None:
+        """Drain through the ring the disk partitions of gateways that are no longer members (a previous
+        run's, or a previous config's): their records would otherwise wait for that gateway forever."""
+        prefix = partition_name(str(gateway_id(self._settings.id, "")))
+        root = self._protocol.sending_queue.directory
+        found = await asyncio.to_thread(partition_dirs, root) if os.path.isdir(root) else []
+        for path in found:
+            name = os.path.basename(path)
+            if not name.startswith(prefix):
+                continue
+            gw = urllib.parse.unquote(name[len(prefix) :])
+            if gw in self._gateways or gw in self._retiring:
+                continue
+            child = self._make_gateway(gw)
+            child.reroute = functools.partial(self._reroute, gw, child._content_encoding)
+            try:
+                await child.start()
+            except Exception as exc:
+                self._log.error("cannot open the queue left for gateway %s: %s", gw, exc)
+                continue
+            self._log.info("rerouting what is queued on disk for gateway %s, no longer a member", gw)
+            self._retiring[gw] = self._retire_tasks.spawn(self._retire(gw, child), f"retire-{gw}")
 
     async def _retire(self, gateway: str, child: _Gateway) -> None:
         try:
@@ -288,10 +351,10 @@ class LoadBalancingExporter:
                 self._routed_cell(gw).value += len(part)
                 await self._gateways[gw].consume(part)
 
-    async def _reroute(self, gateway: str, child: _OtlpExporter, request: Request) -> None:
-        """Route a request queued for ``gateway`` (which left) again, by the current ring."""
+    async def _reroute(self, gateway: str, encoding: str, request: Request) -> None:
+        """Route a request queued for ``gateway`` (which left) again, by the current ring; ``encoding``:
+        how its payload is compressed (Content-Encoding, "" for none)."""
         payload = request.payload
-        encoding = child._content_encoding
         if len(payload) >= _THREAD_DECODE_BYTES:
             batch = await asyncio.to_thread(self._decode, request.kind, payload, encoding)
         else:

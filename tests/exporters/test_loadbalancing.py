@@ -299,3 +299,53 @@ async def test_a_gateway_that_comes_back_gets_its_keys_again(gateways: list[tupl
         assert sink_b.metrics()
     finally:
         await exporter.shutdown()
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["gateway kept", "gateway removed"])
+async def test_a_reload_hands_each_gateways_memory_queue_over(
+    gateways: list[tuple[str, Sink]], kept: bool
+) -> None:
+    tel = Telemetry()
+    (a, sink_a), (b, sink_b), _ = gateways
+    sink_b.script = [Answer(kind="grpc", code=grpc.StatusCode.UNAVAILABLE)] * 2
+    old = new(static(a, b), tel)
+    await old.start()
+    await old.consume(points(300))
+    await wait_until(lambda: len(sink_b.attempts) >= 1 and sink_a.metrics(), "a sent, b refused")
+    handed = await old.hand_over()
+    assert sum(r.points for _, queued in handed.values() for rs in queued.values() for r in rs) > 0
+    successor = new(static(a, b) if kept else static(a), Telemetry())
+    await successor.start()
+    try:
+        await successor.adopt(handed)
+        await wait_until(lambda: len(sink_a.metrics()) + len(sink_b.metrics()) == 300, "b's share delivered")
+    finally:
+        await successor.shutdown()
+    assert series_at(sink_a) | series_at(sink_b) == {str(i) for i in range(300)}
+    assert bool(sink_b.metrics()) == kept
+    assert tel.value("exporter_dropped_points_total") == 0
+
+
+async def test_a_disk_queue_left_for_a_gateway_no_longer_listed_is_rerouted(
+    gateways: list[tuple[str, Sink]], tmp_path: Any
+) -> None:
+    (a, sink_a), (b, sink_b), _ = gateways
+    sink_b.script = [Answer(kind="grpc", code=grpc.StatusCode.UNAVAILABLE)] * 10_000
+    queue = QueueConfig(storage="disk", directory=str(tmp_path))
+    first = new(static(a, b, sending_queue=queue), Telemetry())
+    await first.start()
+    await first.consume(points(300))
+    await wait_until(lambda: len(sink_b.attempts) >= 1 and sink_a.metrics(), "a sent, b refused")
+    await first.shutdown()  # b's records stay in its partition
+    delivered = len(sink_a.metrics())
+    assert delivered < 300
+    tel = Telemetry()
+    second = new(static(a, sending_queue=queue), tel)  # the next run lists a only
+    await second.start()
+    try:
+        await wait_until(lambda: len(sink_a.metrics()) == 300, "b's partition drained to a")
+    finally:
+        await second.shutdown()
+    assert series_at(sink_a) == {str(i) for i in range(300)}
+    rerouted = tel.value("loadbalancer_rerouted_points_total", gateway=b)
+    assert rerouted == 300 - delivered
