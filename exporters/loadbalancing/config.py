@@ -12,6 +12,8 @@ from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
 
 TYPE = "loadbalancing"
 
+_DEFAULTS: dict[str, OtlpConfig | OtlpHttpConfig] = {"otlp": OtlpConfig(), "otlp_http": OtlpHttpConfig()}
+
 RoutingKey = Literal["", "series", "streamID", "tenant", "service", "resource", "metric", "traceID"]
 
 METRIC_KEYS = frozenset({"series", "streamID", "tenant", "service", "resource", "metric"})
@@ -23,8 +25,8 @@ LOG_KEYS = frozenset({"traceID", "service", "resource", "tenant"})
 @dataclass(frozen=True)
 class ProtocolConfig:
     otlp: OtlpConfig | None = None
-    """Send with the otlp (gRPC) exporter: every setting of that exporter but endpoint (the resolver's
-    gateways), each gateway with its own sending queue."""
+    """Send with the otlp (gRPC) exporter (the default): every setting of that exporter but endpoint
+    (the resolver's gateways; TLS unless tls.insecure), each gateway with its own sending queue."""
     otlp_http: OtlpHttpConfig | None = None
     """Send with the otlp_http exporter instead; each gateway is http://<host:port> (or https:// with
     tls.ca_file set)."""
@@ -76,6 +78,10 @@ class LoadBalancingConfig:
         if len(protocols) > 1:
             problems.append(("protocol", "set one of otlp and otlp_http, not both"))
         for name in protocols:
+            if getattr(self.protocol, name).endpoint != _DEFAULTS[name].endpoint:
+                problems.append(
+                    (f"protocol::{name}::endpoint", "the resolver names the gateways: leave it out")
+                )
             for path, message in getattr(self.protocol, name).validate():
                 problems.append((f"protocol::{name}::{path}", message))
             if getattr(self.protocol, name).tenant is not None:

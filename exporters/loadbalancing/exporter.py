@@ -326,12 +326,9 @@ class LoadBalancingExporter:
         )
         proto = self._protocol
         if isinstance(proto, OtlpHttpConfig):
-            scheme = "https" if proto.endpoint.startswith("https://") else "http"
+            scheme = "https" if proto.tls.ca_file else "http"
             return _HttpGateway(settings, dataclasses.replace(proto, endpoint=f"{scheme}://{gateway}"))
-        scheme, sep, _ = proto.endpoint.partition("://")
-        return _GrpcGateway(
-            settings, dataclasses.replace(proto, endpoint=f"{scheme}://{gateway}" if sep else gateway)
-        )
+        return _GrpcGateway(settings, dataclasses.replace(proto, endpoint=gateway))
 
     # -- routing ---------------------------------------------------------------------------------------
     async def consume(self, batch: Batch) -> None:

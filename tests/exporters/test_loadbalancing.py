@@ -13,10 +13,11 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agent.component import ComponentKind
-from agent.model import Kind, MetricBatch, Point, Resource, SpanBatch
+from agent.model import Kind, LogBatch, MetricBatch, Point, Resource, SpanBatch
 from agent.sending import QueueConfig, RetryConfig
 from agent.telemetry import Telemetry
 from agent.tls import ClientTLSConfig
@@ -28,7 +29,7 @@ from exporters.loadbalancing.config import (
     StaticResolverConfig,
 )
 from exporters.loadbalancing.exporter import LoadBalancingExporter
-from exporters.otlp.config import OtlpConfig
+from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
 from tests.conftest import component_settings, wait_until
 from tests.exporters.otlp_sink import Answer, Sink
 
@@ -349,3 +350,88 @@ async def test_a_disk_queue_left_for_a_gateway_no_longer_listed_is_rerouted(
     assert series_at(sink_a) == {str(i) for i in range(300)}
     rerouted = tel.value("loadbalancer_rerouted_points_total", gateway=b)
     assert rerouted == 300 - delivered
+
+
+async def test_otlp_http_gateways() -> None:
+    sinks = [Sink(), Sink()]
+    urls = [await s.start_http() for s in sinks]
+    hosts = [u.removeprefix("http://") for u in urls]
+    config = LoadBalancingConfig(
+        protocol=ProtocolConfig(otlp_http=OtlpHttpConfig(resource_from_environment=False)),
+        resolver=ResolverConfig(static=StaticResolverConfig(hostnames=hosts)),
+    )
+    exporter = new(config, Telemetry())
+    await exporter.start()
+    try:
+        await exporter.consume(points(100))
+        await wait_until(lambda: sum(len(s.metrics()) for s in sinks) == 100, "all points sent")
+    finally:
+        await exporter.shutdown()
+        for s in sinks:
+            await s.stop()
+    assert series_at(sinks[0]) and series_at(sinks[1])
+    assert not series_at(sinks[0]) & series_at(sinks[1])
+
+
+async def test_logs_go_with_their_trace_and_without_one_with_their_resource(
+    gateways: list[tuple[str, Sink]],
+) -> None:
+    (a, sink_a), (b, sink_b), _ = gateways
+    exporter = new(static(a, b), Telemetry())
+    await exporter.start()
+    batch_logs = []
+    for r in range(10):
+        rl = logs_pb2.ResourceLogs()
+        rl.resource.attributes.add(key="service.name").value.string_value = f"svc{r}"
+        records = rl.scope_logs.add().log_records
+        for t in range(10):
+            records.add(trace_id=t.to_bytes(16, "big")).body.string_value = f"r{r} t{t}"
+        records.add().body.string_value = f"r{r} untraced"
+        batch_logs.append(rl)
+    try:
+        await exporter.consume(LogBatch(tuple(batch_logs), {}, 110))
+
+        def received(sink: Sink) -> list[tuple[str, Any]]:
+            return [
+                (next(kv.value.string_value for kv in rl.resource.attributes), lr)
+                for rec in sink.received
+                for rl in rec.message.resource_logs
+                for sl in rl.scope_logs
+                for lr in sl.log_records
+            ]
+
+        await wait_until(lambda: len(received(sink_a)) + len(received(sink_b)) == 110, "all records sent")
+    finally:
+        await exporter.shutdown()
+    traces = [{lr.trace_id for _, lr in received(s) if lr.trace_id} for s in (sink_a, sink_b)]
+    assert traces[0] and traces[1] and not traces[0] & traces[1]
+    untraced = [{svc for svc, lr in received(s) if not lr.trace_id} for s in (sink_a, sink_b)]
+    assert not untraced[0] & untraced[1] and len(untraced[0] | untraced[1]) == 10
+
+
+async def test_tenant_key_keeps_a_tenant_in_one_gateway(gateways: list[tuple[str, Sink]]) -> None:
+    (a, sink_a), (b, sink_b), _ = gateways
+    exporter = new(static(a, b, routing_key="tenant"), Telemetry())
+    await exporter.start()
+    now = time.time_ns()
+    try:
+        for t in range(12):
+            res = Resource((("tenant.id", f"t{t}"),))
+            await exporter.consume(
+                MetricBatch(
+                    tuple(Point(f"m{i}", Kind.GAUGE, (), now, value=1.0, resource=res) for i in range(10))
+                )
+            )
+        await wait_until(lambda: len(sink_a.metrics()) + len(sink_b.metrics()) == 120, "all points sent")
+    finally:
+        await exporter.shutdown()
+
+    def tenants(sink: Sink) -> set[str]:
+        return {
+            kv.value.string_value
+            for r, _, _, _ in sink.metrics()
+            for kv in r.attributes
+            if kv.key == "tenant.id"
+        }
+
+    assert tenants(sink_a) and tenants(sink_b) and not tenants(sink_a) & tenants(sink_b)
