@@ -45,6 +45,7 @@ def config_data(statsd_port: int, otlp_http: int, telemetry: dict[str, Any] | No
             "pipelines": {
                 "metrics": {"receivers": ["statsd"], "exporters": ["debug"]},
                 "traces": {"receivers": ["otlp"], "exporters": ["debug"]},
+                "logs": {"receivers": ["otlp"], "exporters": ["debug"]},
             },
         },
     }
@@ -123,6 +124,32 @@ async def test_an_sdk_span_streams_with_its_main_fields(running: Running) -> Non
     assert span["name"] == "charge" and span["component"] == "otlp" and span["signal"] == "traces"
     assert span["attributes"] == {"card": "4111"} and span["resource"]["service.name"] == "checkout"
     assert len(span["trace_id"]) == 32 and len(span["span_id"]) == 16 and span["duration_ms"] >= 0
+
+
+def _send_log(url: str) -> None:
+    from opentelemetry._logs import SeverityNumber
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+    from opentelemetry.sdk.resources import Resource
+
+    provider = LoggerProvider(resource=Resource.create({"service.name": "checkout"}))
+    provider.add_log_record_processor(SimpleLogRecordProcessor(OTLPLogExporter(endpoint=url, timeout=10)))
+    logger = provider.get_logger("t")
+    logger.emit(body="disk almost full", severity_number=SeverityNumber.WARN, attributes={"disk": "sda"})
+    logger.emit(body="payment failed", severity_number=SeverityNumber.ERROR, attributes={"disk": "sdb"})
+    provider.shutdown()
+
+
+async def test_sdk_log_records_stream_filtered_by_attribute(running: Running) -> None:
+    url = running.url("?signal=logs&match=disk%3Dsdb")
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        assert "otlp out" in await _subscribed(ws)
+        await asyncio.to_thread(_send_log, f"http://127.0.0.1:{running.otlp_http}/v1/logs")
+        [record] = [m for m in await _until(ws, 1, "log") if m["type"] == "log"]
+    assert record["body"] == "payment failed" and record["name"] == "payment failed"
+    assert record["severity_number"] == 17 and record["attributes"] == {"disk": "sdb"}
+    assert record["resource"]["service.name"] == "checkout" and record["signal"] == "logs"
 
 
 @pytest.mark.parametrize(
