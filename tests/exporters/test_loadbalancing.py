@@ -435,3 +435,24 @@ async def test_tenant_key_keeps_a_tenant_in_one_gateway(gateways: list[tuple[str
         }
 
     assert tenants(sink_a) and tenants(sink_b) and not tenants(sink_a) & tenants(sink_b)
+
+
+async def test_rerouted_series_land_where_their_new_points_go(gateways: list[tuple[str, Sink]]) -> None:
+    # The routing key survives the OTLP round trip (queued request -> decoded -> routed again): a
+    # rerouted series and its later points meet in the same gateway.
+    (a, sink_a), (b, sink_b), (c, sink_c) = gateways
+    sink_c.script = [Answer(kind="grpc", code=grpc.StatusCode.UNAVAILABLE)] * 10_000
+    exporter = new(static(a, b, c, resource={"deployment.environment": "test"}), Telemetry())
+    await exporter.start()
+    try:
+        await exporter.consume(points(300, service="svc"))
+        await wait_until(lambda: sink_c.attempts and sink_a.metrics() and sink_b.metrics(), "c refused")
+        await exporter.set_gateways(frozenset({a, b}))
+        await exporter.consume(points(300, service="svc"))
+        await wait_until(
+            lambda: len(sink_a.metrics()) + len(sink_b.metrics()) == 600, "all points at a and b"
+        )
+    finally:
+        await exporter.shutdown()
+    assert not series_at(sink_a) & series_at(sink_b)
+    assert len(sink_a.metrics()) == 2 * len(series_at(sink_a))
