@@ -339,7 +339,7 @@ class LoadBalancingExporter:
                 return
             parts: dict[str, Any]
             if isinstance(batch, MetricBatch):
-                parts = self._routers[Signal.METRICS].split_metrics(batch, ring)
+                parts = await self._routers[Signal.METRICS].split_metrics(batch, ring)
             elif isinstance(batch, SpanBatch):
                 parts = self._routers[Signal.TRACES].split_spans(batch, ring)
             else:

@@ -21,6 +21,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from agent.anyvalue import render_value
 from agent.hashring import HashRing, stable_hash
 from agent.model import LogBatch, MetricBatch, Point, Resource, SeriesKey, SpanBatch, key_of
+from agent.slicing import slices
 
 MAX_CACHED = 200_000
 """Entries each hash cache holds before it is emptied (one live series costs one entry)."""
@@ -88,13 +89,16 @@ class Router:
             return stable_hash(merged.get("service.name", "").encode())
         return stable_hash((merged.get(TENANT_ATTRIBUTE) or context_tenant).encode())  # tenant
 
-    def split_metrics(self, batch: MetricBatch, ring: HashRing) -> dict[str, MetricBatch]:
-        """The batch's points by owning gateway, each group in the batch's order."""
+    async def split_metrics(self, batch: MetricBatch, ring: HashRing) -> dict[str, MetricBatch]:
+        """The batch's points by owning gateway, each group in the batch's order. ~0.5 µs a point of a
+        known series, ~7 µs the first time a series is seen (its text and blake2b hash): done in slices
+        that yield to the loop (agent.slicing), so a batch of any size never holds it for long."""
         tenant = batch.context.get("tenant", "")
         owner, point_hash = ring.owner, self.point_hash
         groups: dict[str, list[Point]] = {}
-        for p in batch.points:
-            groups.setdefault(owner(point_hash(p, tenant)), []).append(p)
+        async for chunk in slices(batch.points):
+            for p in chunk:
+                groups.setdefault(owner(point_hash(p, tenant)), []).append(p)
         return {gw: MetricBatch(tuple(points), batch.context) for gw, points in groups.items()}
 
     # -- traces and logs (OTLP messages) ---------------------------------------------------------------
