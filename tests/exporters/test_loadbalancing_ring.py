@@ -3,8 +3,10 @@ changed; shares stay near 1/N; the owner of a key is the same in every process."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,7 +51,12 @@ def test_the_owner_of_a_key_is_the_same_in_another_process() -> None:
         "print(','.join(r.owner(stable_hash(f'series-{i}'.encode())) for i in range(200)))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "7"}
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "PYTHONHASHSEED": "7"},
     )
     assert out.stdout.strip().split(",") == owners(HashRing(GATEWAYS))[:200]
 
