@@ -38,6 +38,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 from agent import exphist, netguard
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
@@ -45,8 +46,11 @@ from agent.confmodel import Duration, Size, parse_host_port
 from agent.limits import SeriesLimits
 from agent.model import MetricBatch
 from agent.netcheck import bind_problem
-from receivers.statsd.aggregator import StatsdAggregator
+from receivers.statsd.aggregator import IntervalPart, StatsdAggregator
 from receivers.statsd.parser import TAG_ERROR_REASONS
+
+if TYPE_CHECKING:
+    from receivers.statsd.workers import WorkerPool
 
 TYPE = "statsd"
 
@@ -103,6 +107,8 @@ class StatsdConfig:
     """Open TCP/Unix stream connections at most; more are closed at once (connection_limit)."""
     socket_mode: str = "0660"
     """Permissions of the Unix socket files (octal)."""
+    workers: str = "1"
+    """Processes sharing the UDP/TCP ports (SO_REUSEPORT), merged exactly at each flush; auto: cgroup CPUs."""
 
     def listeners(self) -> dict[str, str]:
         """Transport → address, with the UDP default when nothing is set."""
@@ -148,6 +154,16 @@ class StatsdConfig:
                 raise ValueError
         except ValueError:
             problems.append(("socket_mode", f"{self.socket_mode!r} is not an octal file mode like 0660"))
+        if self.workers != "auto" and not (self.workers.isdigit() and 1 <= int(self.workers) <= 256):
+            problems.append(("workers", f"{self.workers!r} is not a number of processes (1-256) or auto"))
+        elif self.workers != "1" and (self.unix or self.unixgram):
+            problems.append(
+                (
+                    "workers",
+                    "more than one worker shares UDP and TCP ports only: a Unix socket path cannot be "
+                    "shared (SO_REUSEPORT is for IP ports); use a receiver of its own for unix/unixgram",
+                )
+            )
         problems.extend((f"limits::{path}", message) for path, message in self.limits.validate())
         return problems
 
@@ -411,6 +427,10 @@ class _DatagramReader:
 
 
 class StatsdReceiver:
+    reuse_port = False
+    """Bind UDP and TCP ports with SO_REUSEPORT (worker processes share them)."""
+    reader_class = _DatagramReader
+
     def __init__(
         self, settings: Settings, config: StatsdConfig, consumers: Mapping[Signal, Consumer]
     ) -> None:
@@ -475,6 +495,14 @@ class StatsdReceiver:
             "Series aggregated in the current flush interval.",
             lambda: self.agg.series_count,
         )
+        self.pool: WorkerPool | None = None
+        """The worker processes, when ``workers`` asks for more than one (receivers/statsd/workers.py)."""
+        if config.workers != "1" and not self.reuse_port:
+            from receivers.statsd.workers import WorkerPool, worker_count  # subclasses this module's
+
+            count = worker_count(config.workers)
+            if count > 1:
+                self.pool = WorkerPool(self, count)
 
     # -- counting: once per drain or chunk, never per line ---------------------------------------------
     def sync_counts(self) -> None:
@@ -525,11 +553,16 @@ class StatsdReceiver:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._started = True
-        for transport, address in self.config.listeners().items():
+        if self.pool is not None:
+            await self.pool.start()
+            self.log.info("%d workers listening on %s", len(self.pool.pids), self.config.listeners())
+        for transport, address in self.config.listeners().items() if self.pool is None else ():
             if transport == "udp":
                 host, port = parse_host_port(address)
                 family, _, _, _, sockaddr = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
                 sock = socket.socket(family, socket.SOCK_DGRAM)
+                if self.reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(sockaddr)
                 self._add_datagram(sock, address)
                 self.tel.counter_reader(
@@ -544,7 +577,7 @@ class StatsdReceiver:
             elif transport == "tcp":
                 host, port = parse_host_port(address)
                 server = await loop.create_server(
-                    lambda: _StreamProtocol(self), host, port, reuse_address=True
+                    lambda: _StreamProtocol(self), host, port, reuse_address=True, reuse_port=self.reuse_port
                 )
                 self._servers.append(server)
             elif transport == "unix":
@@ -555,8 +588,12 @@ class StatsdReceiver:
                 self._servers.append(server)
             self.log.info("listening on %s %s", transport, address)
         self._interval_start_ns = time.time_ns()
-        self._tasks.spawn(self._flush_loop(), "flush")
+        self.start_flushing()
         self.settings.ready()
+
+    def start_flushing(self) -> None:
+        """Start the flush loop (a worker process leaves flushing to the main process)."""
+        self._tasks.spawn(self._flush_loop(), "flush")
 
     def _remove_stale(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -586,7 +623,7 @@ class StatsdReceiver:
                 wanted,
                 wanted,
             )
-        reader = _DatagramReader(self, sock, address)
+        reader = self.reader_class(self, sock, address)
         self._readers.append(reader)
         reader.start()
 
@@ -601,10 +638,17 @@ class StatsdReceiver:
             await self.flush()
 
     async def flush(self) -> None:
-        """Hand the current interval to the pipeline, one bounded chunk at a time."""
+        """Hand the current interval to the pipeline, one bounded chunk at a time (with workers: their
+        intervals merged into one first)."""
+        parts = await self.pool.collect() if self.pool is not None and not self._stopped else []
+        await self._flush(parts)
+
+    async def _flush(self, parts: list[IntervalPart]) -> None:
         start_ns, end_ns = self._interval_start_ns, time.time_ns()
         self._interval_start_ns = end_ns
         interval = self.agg.swap()
+        if parts:
+            self.agg.absorb(interval, parts)
         for chunk in self.agg.build(interval, start_ns, end_ns, chunk_size=FLUSH_CHUNK):
             if chunk:
                 if self._consumer is None:
@@ -645,8 +689,9 @@ class StatsdReceiver:
         for reader in self._readers:
             reader.stop()
         await self._tasks.close()
+        parts = await self.pool.stop() if self.pool is not None else []
         if self._started:
-            await self.flush()
+            await self._flush(parts)
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)

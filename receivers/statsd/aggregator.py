@@ -20,6 +20,7 @@ import logging
 import time
 from array import array
 from collections.abc import Callable, Iterator
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -113,6 +114,36 @@ class Interval:
         self.sets: dict[bytes, set[int]] = {}
         """Distinct members, each kept as its 64-bit ``hash()``: a member's memory does not grow with its
         length (a 60 KB member costs what a 6-byte one does); two members collide with odds ~2^-64."""
+
+
+class IntervalPart:
+    """What a worker process hands in at a flush (``StatsdAggregator.take_part``): its interval, its
+    gauge writes in order, its events, and its counts since the previous part."""
+
+    __slots__ = ("accepted", "events", "gauge_log", "interval", "refused", "tag_errors")
+
+    def __init__(
+        self,
+        interval: Interval,
+        gauge_log: list[tuple[SeriesKey, int, float, bool]],
+        events: list[StatsdEvent | StatsdServiceCheck],
+        accepted: int,
+        refused: dict[str, int],
+        tag_errors: dict[str, int],
+    ) -> None:
+        self.interval = interval
+        self.gauge_log = gauge_log
+        self.events = events
+        self.accepted = accepted
+        self.refused = refused
+        self.tag_errors = tag_errors
+
+    def __getstate__(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple[object, ...]) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            setattr(self, name, value)
 
 
 def _point(
@@ -398,6 +429,12 @@ class StatsdAggregator:
         self._names: dict[bytes, model.SeriesKey] = {}
         self._pieces: dict[bytes, Any] = {}
         self._fold_ok = True
+        self.stamp_ns = 0
+        """Arrival time (unix ns) of the packet being fed; written into ``gauge_log`` (workers only)."""
+        self.gauge_log: list[tuple[SeriesKey, int, float, bool]] | None = None
+        """When set (a worker process), every gauge write as (series key, ``stamp_ns``, value, is a
+        +/- delta), in order: the main process replays all workers' writes by arrival time, so deltas
+        and "last write wins" come out as one process would have them (receivers/statsd/workers.py)."""
 
     @property
     def series_count(self) -> int:
@@ -415,6 +452,98 @@ class StatsdAggregator:
         done = self._iv
         self._iv = Interval(done.seq + 1)
         return done
+
+    def take_part(self) -> IntervalPart:
+        """Worker side: detach the current interval with the counts and events since the last call, for
+        the main process's ``absorb``. A worker never builds points, so the gauge bases it keeps only
+        for its own interval start again (the main process holds the real ones)."""
+        iv = self.swap()
+        log, self.gauge_log = self.gauge_log or [], []
+        self._gauge_last.clear()
+        self._gauge_seen.clear()
+        refused, self.refused = self.refused, {}
+        tag_errors, self.tag_errors = self.tag_errors, {}
+        accepted, self.accepted = self.accepted, 0
+        return IntervalPart(iv, log, self.take_events(), accepted, refused, tag_errors)
+
+    def absorb(self, interval: Interval, parts: list[IntervalPart]) -> None:
+        """Main side: merge the workers' parts into ``interval`` (detached by ``swap``) exactly as if this
+        aggregator had taken all their lines: counters sum, sets unite, histogram values and folds
+        join, and gauge writes are replayed in arrival order over the gauge bases held here (deltas
+        apply to the latest value whichever worker set it; the last write wins). Counts and events
+        are added to this aggregator's."""
+        counters, sets = interval.counters, interval.sets
+        for part in parts:
+            self.accepted += part.accepted
+            for reason, n in part.refused.items():
+                self.refused[reason] = self.refused.get(reason, 0) + n
+            for reason, n in part.tag_errors.items():
+                self.tag_errors[reason] = self.tag_errors.get(reason, 0) + n
+            self.events.extend(part.events[: max(0, MAX_EVENTS - len(self.events))])
+            got = part.interval
+            for key, value in got.counters.items():
+                total = counters.get(key)
+                counters[key] = value if total is None else total + value
+            for canon, members in got.sets.items():
+                held = sets.get(canon)
+                if held is None:
+                    sets[canon] = members
+                else:
+                    held |= members
+            for timer in (True, False):
+                self._absorb_histograms(interval, got, timer)
+        writes = [part.gauge_log for part in parts if part.gauge_log]
+        if writes:
+            # Stable: writes with the same stamp keep their order within a worker.
+            ordered = writes[0] if len(writes) == 1 else sorted(chain(*writes), key=itemgetter(1))
+            gauges, base, seen, seq = interval.gauges, self._gauge_last, self._gauge_seen, interval.seq
+            for key, _, value, delta in ordered:
+                name: bytes = key[0] if isinstance(key, tuple) else key
+                if delta:
+                    value += base.get(name, 0.0)
+                    if value - value:
+                        continue  # past the double range: a worker refused it (invalid_value) with its base
+                if key not in gauges or isinstance(key, tuple):
+                    seen[name] = seq
+                gauges[key] = value
+                base[name] = value
+        interval.n_members = sum(len(m) for m in sets.values())
+        interval.n_series = (
+            len(counters) + len(interval.gauges) + len(sets) + len(interval.timers) + len(interval.dists)
+        )
+
+    def _absorb_histograms(self, into: Interval, got: Interval, timer: bool) -> None:
+        table, weights_table, folds = (
+            (into.timers, into.timer_weights, into.timer_folds)
+            if timer
+            else (into.dists, into.dist_weights, into.dist_folds)
+        )
+        got_table, got_weights, got_folds = (
+            (got.timers, got.timer_weights, got.timer_folds)
+            if timer
+            else (got.dists, got.dist_weights, got.dist_folds)
+        )
+        for canon, values in got_table.items():
+            held = table.get(canon)
+            weights = got_weights.get(canon)
+            held_weights = weights_table.get(canon)
+            if held is None:
+                table[canon] = values
+                if weights is not None:
+                    weights_table[canon] = weights
+                continue
+            if weights is not None or held_weights is not None:
+                weights_table[canon] = (
+                    held_weights if held_weights is not None else array("d", [1.0]) * len(held)
+                ) + (weights if weights is not None else array("d", [1.0]) * len(values))
+            held.extend(values)
+        for canon, folded in got_folds.items():
+            held_fold = folds.get(canon)
+            if held_fold is not None:
+                folded = exphist.merge(held_fold, folded, max_buckets=self._max_buckets)
+            folds[canon] = folded
+            if canon not in table:
+                table[canon] = array("d")
 
     def build(
         self, interval: Interval, start_time_unix_nano: int, time_unix_nano: int, chunk_size: int = 2000
@@ -473,6 +602,7 @@ class StatsdAggregator:
         max_series = self._max_series
         max_members = self._max_set_members
         max_members_total = self._max_set_members_total
+        gauge_log = self.gauge_log
         accepted = 0
         for line in packet.split(b"\n"):
             if not line:
@@ -553,6 +683,7 @@ class StatsdAggregator:
                         accepted += slow(line)
                         continue
                     first = value[0]
+                    written = v
                     if first == 43 or first == 45:  # '+' / '-': a delta on the previous value
                         v += gauge_last.get(canon, 0.0)
                         if v - v:
@@ -566,6 +697,8 @@ class StatsdAggregator:
                         self._gauge_seen[canon] = iv.seq
                     gauges[canon] = v
                     gauge_last[canon] = v
+                    if gauge_log is not None:  # a worker process only (None in-process: one test)
+                        gauge_log.append((canon, self.stamp_ns, written, first == 43 or first == 45))
                 else:  # SET
                     members = sets.get(canon)
                     held = iv.n_members
@@ -644,6 +777,11 @@ class StatsdAggregator:
                 self._gauge_seen[canon] = iv.seq
             iv.gauges[key] = current
             self._gauge_last[canon] = current
+            if self.gauge_log is not None:
+                stamp = self.stamp_ns
+                self.gauge_log.extend(
+                    (key, stamp, v, delta) for v, delta in zip(values, parsed.deltas, strict=True)
+                )
             return len(values)
         if code == SET:
             member = hash(parsed.member)

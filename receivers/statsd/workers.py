@@ -1,0 +1,436 @@
+"""StatsD worker processes: ``workers: N`` parses and aggregates on N cores, and what leaves equals what
+one process would have produced from the same input.
+
+Each worker is ``python -m receivers.statsd.workers``: a :class:`WorkerReceiver` (the receiver itself,
+its readers, parser and aggregator, nothing copied) binding the same UDP and TCP ports with
+``SO_REUSEPORT``, so the kernel spreads clients over the workers (by source address and port: one
+client's datagrams stay with one worker). At each flush the main process asks every worker for its
+interval (:meth:`StatsdAggregator.take_part`: counters, sets as their member hashes, timer and
+distribution values with their weights and folded histograms, every gauge write with its arrival time,
+events, and the counts since the last part), pickled over the worker's stdout, and merges them
+(:meth:`StatsdAggregator.absorb`) before building one interval's points for the pipeline.
+
+Exactness: counters sum, sets unite (all workers hash members with one ``PYTHONHASHSEED``, chosen per
+receiver), histogram buckets, counts, min and max are those of one process, and gauge writes are
+replayed in arrival order — the kernel's receive time of each datagram (``SO_TIMESTAMPNS``), the read
+time of a TCP chunk — over the gauge bases the main process keeps, so a ``+/-`` delta applies to the
+latest value whichever worker took it and the last write wins. Float sums (counter totals, histogram
+sums) add the workers' partial sums, so they can differ from one process's in the last bit unless
+the values are exact in binary (integers, halves, 0.125 s). Limits (``max_series``, set caps) apply
+per worker.
+
+Supervision: a worker that exits is started again (``receiver_worker_restarts_total``); the values it
+had accepted since its last part (it writes that count into a shared file after every read) are
+counted as ``receiver_dropped_points_total{reason="worker_died"}`` (and as accepted); datagrams still
+in its socket buffer when it died are not known to anyone. Shutdown (and so a reload that changes the
+receiver) asks each worker to stop: it parses what its sockets still hold and hands in its last part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import mmap
+import os
+import pickle
+import secrets
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from time import perf_counter
+
+from agent.component import ComponentId, ComponentKind, Settings, Tasks
+from agent.telemetry import ComponentTelemetry, Telemetry
+from receivers.statsd import (
+    _DRAIN_BATCH,
+    _SLICE_BYTES,
+    _TURN_BUDGET_S,
+    DATAGRAM_TRUNCATED,
+    StatsdConfig,
+    StatsdReceiver,
+    _DatagramReader,
+)
+from receivers.statsd.aggregator import IntervalPart
+
+_log = logging.getLogger(__name__)
+
+_FRAME = struct.Struct("<Q")
+_SLOT = struct.Struct("<qq")
+"""A worker's progress since its last part: values accepted, datagrams read."""
+_FLUSH = b"F"
+_STOP = b"S"
+_RESTART_DELAY_S = (0.0, 0.5, 2.0, 10.0)
+"""Wait before restarting a worker that died 1, 2, 3, 4+ times in a row without handing in a part."""
+_TIMESPEC = struct.Struct("@qq")
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
+def cpu_limit() -> int:
+    """CPUs this process may use: the cgroup's CPU limit (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``) rounded down, at least 1, at most the CPUs it may run on."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(available, math.floor(quota))) if quota is not None else max(1, available)
+
+
+def _cgroup_quota() -> float | None:
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            limit, period = f.read().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    for folder in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"{folder}/cpu.cfs_quota_us", encoding="ascii") as f:
+                limit_us = int(f.read())
+            with open(f"{folder}/cpu.cfs_period_us", encoding="ascii") as f:
+                period_us = int(f.read())
+            return None if limit_us <= 0 else limit_us / period_us
+    return None
+
+
+def worker_count(setting: str, cpus: Callable[[], int] = cpu_limit) -> int:
+    """The number of processes ``workers`` asks for (``auto``: :func:`cpu_limit`)."""
+    return cpus() if setting == "auto" else int(setting)
+
+
+# -- the worker process ------------------------------------------------------------------------------
+class _StampedReader(_DatagramReader):
+    """A datagram reader that gives the aggregator each datagram's kernel receive time before parsing
+    it (``recvmsg`` with ``SO_TIMESTAMPNS``: ~0.15 µs more a datagram than ``recv``), so gauge writes
+    from several workers are ordered as they arrived."""
+
+    def start(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        super().start()
+
+    def drain(self) -> None:
+        r = self._r
+        recvmsg = self.sock.recvmsg
+        size = r.config.max_datagram_size
+        room = size + 1
+        ancillary = socket.CMSG_SPACE(_TIMESPEC.size)
+        agg = r.agg
+        feed = agg.feed
+        feed_until = functools.partial(StatsdReceiver.feed_until, r)  # keeps the kernel's stamp
+        n = truncated = 0
+        rest = b""
+        deadline = perf_counter() + _TURN_BUDGET_S
+        try:
+            while n < _DRAIN_BATCH:
+                data, anc, _, _ = recvmsg(room, ancillary)
+                n += 1
+                if len(data) > size:
+                    truncated += 1
+                    continue
+                if anc:
+                    seconds, nanos = _TIMESPEC.unpack_from(anc[0][2])
+                    agg.stamp_ns = seconds * 1_000_000_000 + nanos
+                else:
+                    agg.stamp_ns = time.time_ns()
+                if len(data) > _SLICE_BYTES:
+                    rest = feed_until(data, deadline)
+                    if rest:
+                        break
+                else:
+                    feed(data)
+                if perf_counter() > deadline:
+                    break
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            r.log.warning("read error on %s: %s", self._address, exc)
+        r.packets.value += n
+        if truncated:
+            r.refuse(DATAGRAM_TRUNCATED, truncated)
+        r.sync_counts()
+        if rest:
+            self._rest = rest
+            self._loop.remove_reader(self._fd)
+            self._resume = self._loop.call_soon(self._continue)
+
+
+class WorkerReceiver(StatsdReceiver):
+    """The receiver inside a worker process: binds with ``SO_REUSEPORT``, stamps what it reads, never
+    flushes (the main process takes its parts), and keeps the values accepted since the last part in
+    ``progress`` (8 bytes of a file the main process reads if this process dies)."""
+
+    reuse_port = True
+    reader_class = _StampedReader
+
+    def __init__(self, settings: Settings, config: StatsdConfig, progress: mmap.mmap, slot: int) -> None:
+        super().__init__(settings, config, {})
+        self.agg.gauge_log = []
+        self._progress = progress
+        self._offset = slot * _SLOT.size
+        self._packets_handed = 0
+
+    def sync_counts(self) -> None:
+        super().sync_counts()
+        _SLOT.pack_into(
+            self._progress, self._offset, self.agg.accepted, int(self.packets.value) - self._packets_handed
+        )
+
+    def feed_until(self, packet: bytes, deadline: float) -> bytes:
+        """Stream reads (and a datagram's rest) are stamped when parsed; datagrams by the kernel."""
+        self.agg.stamp_ns = time.time_ns()
+        return super().feed_until(packet, deadline)
+
+    def feed(self, data: bytes) -> None:
+        self.agg.stamp_ns = time.time_ns()
+        super().feed(data)
+
+    def start_flushing(self) -> None:
+        """The main process flushes: it takes this worker's parts."""
+
+    async def _flush(self, parts: list[IntervalPart]) -> None:
+        """Not here (shutdown calls it): the last part goes to the main process after shutdown."""
+
+    def take_part(self) -> tuple[IntervalPart, int]:
+        """This interval and the counts since the last call; datagrams read since then."""
+        part = self.agg.take_part()
+        packets = int(self.packets.value) - self._packets_handed
+        self._packets_handed = int(self.packets.value)
+        _SLOT.pack_into(self._progress, self._offset, 0, 0)
+        return part, packets
+
+
+def _write_frame(obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    out = sys.stdout.buffer
+    out.write(_FRAME.pack(len(data)) + data)
+    out.flush()
+
+
+async def _serve() -> int:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    (length,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+    config, slot, progress_path, name = pickle.loads(await reader.readexactly(length))
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s {name} worker {slot}: %(message)s"
+    )
+    with open(progress_path, "r+b") as f:
+        progress = mmap.mmap(f.fileno(), 0)
+    settings = Settings(
+        id=ComponentId.parse(name),
+        kind=ComponentKind.RECEIVER,
+        telemetry=ComponentTelemetry(Telemetry(), ComponentKind.RECEIVER.value, name),
+        logger=logging.getLogger(f"{name}.worker{slot}"),
+    )
+    receiver = WorkerReceiver(settings, config, progress, slot)
+    try:
+        await receiver.start()
+    except OSError as exc:
+        _write_frame(("error", str(exc)))
+        return 1
+    _write_frame(("ready", os.getpid()))
+    while True:
+        try:
+            command = await reader.readexactly(1)
+        except asyncio.IncompleteReadError:
+            command = _STOP  # the main process went away: stop
+        if command == _FLUSH:
+            _write_frame(("part", *receiver.take_part()))
+        elif command == _STOP:
+            await receiver.shutdown()
+            with contextlib.suppress(BrokenPipeError):
+                _write_frame(("part", *receiver.take_part()))
+            return 0
+
+
+def main() -> None:
+    """Entry point of a worker process (started by :class:`WorkerPool`, never by hand)."""
+    sys.exit(asyncio.run(_serve()))
+
+
+# -- the main process --------------------------------------------------------------------------------
+class _Worker:
+    """One worker slot: its current process, the lock its request/answer pairs take, its failures."""
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.process: asyncio.subprocess.Process | None = None
+        self.lock = asyncio.Lock()
+        self.failures = 0
+
+
+class WorkerPool:
+    """N worker processes of one receiver: started, asked for their parts at each flush, restarted when
+    one dies, stopped with their last parts. Owned by :class:`StatsdReceiver` when ``workers`` > 1."""
+
+    def __init__(self, receiver: StatsdReceiver, count: int) -> None:
+        self._r = receiver
+        self._config = replace(receiver.config, workers="1")
+        self._name = str(receiver.settings.id)
+        self._workers = [_Worker(slot) for slot in range(count)]
+        self._tasks = Tasks(f"{self._name} workers", receiver.log)
+        self._seed = str(secrets.randbelow(2**32))
+        """One PYTHONHASHSEED for every worker of this receiver: set members are kept as hashes and
+        united across workers, so they must hash alike (a restarted worker too)."""
+        self._progress_file = tempfile.NamedTemporaryFile(prefix="headwater-statsd-", suffix=".progress")  # noqa: SIM115
+        self._progress_file.write(b"\0" * (_SLOT.size * count))
+        self._progress_file.flush()
+        self._progress = mmap.mmap(self._progress_file.fileno(), 0)
+        self._stopping = False
+        tel = receiver.tel
+        self._restarts = tel.counter(
+            "receiver_worker_restarts_total", "Worker processes that died and were started again."
+        )
+        self._died = tel.counter(
+            "receiver_dropped_points_total",
+            "Accepted items the receiver could not pass on, by reason.",
+            reason="worker_died",
+        )
+
+    @property
+    def pids(self) -> list[int]:
+        """The running workers' process ids (tests, status)."""
+        running = [w.process for w in self._workers if w.process is not None]
+        return [p.pid for p in running if p.returncode is None]
+
+    def pending(self) -> list[tuple[int, int]]:
+        """Per worker slot: (values accepted, datagrams read) since its last part, as it last wrote them."""
+        return [_SLOT.unpack_from(self._progress, w.slot * _SLOT.size) for w in self._workers]
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has bound its sockets; a bind failure raises OSError."""
+        try:
+            for worker in self._workers:
+                await self._spawn(worker)
+        except BaseException:
+            await self.stop()
+            raise
+        for worker in self._workers:
+            self._tasks.spawn(self._watch(worker), f"watch worker {worker.slot}")
+
+    async def _spawn(self, worker: _Worker) -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "receivers.statsd.workers",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONHASHSEED": self._seed},
+        )
+        assert process.stdin is not None
+        hello = pickle.dumps((self._config, worker.slot, self._progress_file.name, self._name))
+        process.stdin.write(_FRAME.pack(len(hello)) + hello)
+        _SLOT.pack_into(self._progress, worker.slot * _SLOT.size, 0, 0)
+        try:
+            await process.stdin.drain()
+            answer = await self._read(process)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            await process.wait()
+            raise OSError(f"{self._name} worker {worker.slot} exited while starting ({exc})") from exc
+        if answer[0] != "ready":
+            await process.wait()
+            raise OSError(f"{self._name} worker {worker.slot}: {answer[1]}")
+        worker.process = process
+
+    async def _read(self, process: asyncio.subprocess.Process) -> tuple[object, ...]:
+        assert process.stdout is not None
+        (length,) = _FRAME.unpack(await process.stdout.readexactly(_FRAME.size))
+        data = await process.stdout.readexactly(length)
+        # A large interval unpickles in a thread, off the event loop.
+        answer: tuple[object, ...] = (
+            pickle.loads(data) if length < 1 << 16 else await asyncio.to_thread(pickle.loads, data)
+        )
+        return answer
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Restart the worker whenever it exits (until the pool stops), counting what it took with it."""
+        while True:
+            process = worker.process
+            assert process is not None
+            code = await process.wait()
+            if self._stopping:
+                return
+            async with worker.lock:
+                if self._stopping:
+                    return
+                lost, _ = _SLOT.unpack_from(self._progress, worker.slot * _SLOT.size)
+                self._r.log.error(
+                    "worker %d (pid %d) exited with %s; %d values it had accepted are lost; restarting it",
+                    worker.slot,
+                    process.pid,
+                    code,
+                    lost,
+                )
+                self._restarts.value += 1
+                self._died.value += lost
+                self._r.agg.accepted += lost  # accepted by the dead worker: counted, then dropped
+                self._r.sync_counts()
+                worker.failures += 1
+                while not self._stopping:
+                    await asyncio.sleep(_RESTART_DELAY_S[min(worker.failures, len(_RESTART_DELAY_S)) - 1])
+                    try:
+                        await self._spawn(worker)
+                        break
+                    except OSError as exc:
+                        worker.failures += 1
+                        self._r.log.error("restarting worker %d failed: %s", worker.slot, exc)
+
+    async def _ask(self, worker: _Worker, command: bytes) -> tuple[IntervalPart, int] | None:
+        async with worker.lock:
+            process = worker.process
+            if process is None or process.returncode is not None or process.stdin is None:
+                return None
+            try:
+                process.stdin.write(command)
+                await process.stdin.drain()
+                answer = await self._read(process)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return None  # it died: _watch counts and restarts it
+            worker.failures = 0
+            part, packets = answer[1], answer[2]
+            assert isinstance(part, IntervalPart) and isinstance(packets, int)
+            return part, packets
+
+    async def collect(self) -> list[IntervalPart]:
+        """Every live worker's interval and counts since the last collect (the datagram count added to
+        the receiver's)."""
+        return self._count(await asyncio.gather(*(self._ask(w, _FLUSH) for w in self._workers)))
+
+    def _count(self, answers: list[tuple[IntervalPart, int] | None]) -> list[IntervalPart]:
+        parts = []
+        for answer in answers:
+            if answer is not None:
+                parts.append(answer[0])
+                self._r.packets.value += answer[1]
+        return parts
+
+    async def stop(self) -> list[IntervalPart]:
+        """Stop every worker, each handing in its last part (what its sockets still held parsed).
+        Idempotent; a worker that does not answer within 10 s is killed."""
+        if self._stopping:
+            return []
+        self._stopping = True
+        answers = await asyncio.gather(*(self._ask(w, _STOP) for w in self._workers))
+        for worker in self._workers:
+            process = worker.process
+            if process is None:
+                continue
+            try:
+                await asyncio.wait_for(process.wait(), 10.0)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await self._tasks.close()
+        self._progress.close()
+        self._progress_file.close()
+        return self._count(answers)
+
+
+if __name__ == "__main__":
+    main()
