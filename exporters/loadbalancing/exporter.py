@@ -73,9 +73,11 @@ _Gateway = _GrpcGateway | _HttpGateway
 
 
 def gateway_id(parent: ComponentId, gateway: str) -> ComponentId:
-    """The id a gateway's exporter reports its metrics under (``exporter="<id>@<host:port>"``) and
-    names its disk partition by."""
-    return ComponentId(parent.type, f"{parent.name}@{gateway}")
+    """The id a gateway's exporter reports its metrics under and names its disk partition by:
+    ``<exporter id>@<host:port>`` (``loadbalancing@10.0.0.5:4317``, ``loadbalancing/east@10.0.0.5:4317``)."""
+    if parent.name:
+        return ComponentId(parent.type, f"{parent.name}@{gateway}")
+    return ComponentId(f"{parent.type}@{gateway}")
 
 
 class LoadBalancingExporter:

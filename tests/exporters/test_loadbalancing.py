@@ -99,7 +99,7 @@ async def test_each_series_goes_to_one_gateway_every_time(gateways: list[tuple[s
         assert tel.value("loadbalancer_routed_points_total", exporter="loadbalancing", gateway=gw) == (
             3 * len(at)
         )
-        assert tel.value("exporter_sent_points_total", exporter=f"loadbalancing/@{gw}") == 3 * len(at)
+        assert tel.value("exporter_sent_points_total", exporter=f"loadbalancing@{gw}") == 3 * len(at)
     assert tel.value("loadbalancer_gateways", exporter="loadbalancing") == 0  # after shutdown
 
 
@@ -279,13 +279,13 @@ async def test_a_removed_gateways_queue_is_rerouted_to_the_new_owners(
         await wait_until(lambda: len(sink_a.metrics()) == 600, "new points sent to a")
         rerouted = tel.value("loadbalancer_rerouted_points_total", exporter="loadbalancing", gateway=b)
         assert rerouted == 300 - len(at_a_before)
-        assert tel.value("exporter_sent_points_total", exporter=f"loadbalancing/@{b}") == 0
+        assert tel.value("exporter_sent_points_total", exporter=f"loadbalancing@{b}") == 0
         if storage == "disk":
             assert os.listdir(tmp_path)
     finally:
         await exporter.shutdown()
     assert not sink_b.received
-    assert tel.value("exporter_dropped_points_total", exporter=f"loadbalancing/@{b}", reason="shutdown") == 0
+    assert tel.value("exporter_dropped_points_total", exporter=f"loadbalancing@{b}", reason="shutdown") == 0
 
 
 async def test_a_gateway_that_comes_back_gets_its_keys_again(gateways: list[tuple[str, Sink]]) -> None:

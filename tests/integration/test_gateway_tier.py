@@ -208,7 +208,7 @@ def test_each_series_in_one_gateway_through_a_kill_and_a_third_gateway(tier: Tie
     g1.stop(signal.SIGKILL)
     second = [f"lb.b{i}" for i in range(SERIES)]
     send(agents, second, 2, sent)
-    g1_id = f"loadbalancing/@{hostnames[0]}"
+    g1_id = f"loadbalancing@{hostnames[0]}"
     for agent in agents:  # the agents' disk queues hold g1's share (sends to it fail)
         wait_for_peer(
             lambda a=agent: a.self_metric("headwater_exporter_failed_points_total", exporter=g1_id) > 0,
