@@ -5,6 +5,7 @@ having its queued data rerouted to the new owners of its keys."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -208,7 +209,8 @@ def dns_config(port: int, interval: float = 3600.0) -> LoadBalancingConfig:
     )
 
 
-async def test_dns_answers_change_the_members_and_are_counted() -> None:
+async def test_dns_answers_change_the_members_and_are_counted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="test.loadbalancing")
     tel = Telemetry()
     fake = FakeDns(["127.0.0.1"], ["127.0.0.1", "::1"], OSError("SERVFAIL"), ["::1"])
     exporter = new(dns_config(4317), tel, lookup=fake)
@@ -224,6 +226,9 @@ async def test_dns_answers_change_the_members_and_are_counted() -> None:
         await exporter.resolve()  # the same answer: no change
     finally:
         await exporter.shutdown()
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gateways:")]
+    assert logged[-1] == "gateways: [::1]:4317 (added: none; removed: 127.0.0.1:4317)"
+    assert any("cannot resolve gateways.test (SERVFAIL)" in r.getMessage() for r in caplog.records)
     value = tel.value
     assert value("loadbalancer_membership_changes_total", exporter="loadbalancing") == 3
     assert value("loadbalancer_resolutions_total", exporter="loadbalancing", outcome="success") == 4
