@@ -283,6 +283,8 @@ class WorkerPool:
         self._progress_file.flush()
         self._progress = mmap.mmap(self._progress_file.fileno(), 0)
         self._stopping = False
+        self.datagrams = [0] * count
+        """Datagrams each worker slot handed in, since the pool started (how the kernel spread them)."""
         tel = receiver.tel
         self._restarts = tel.counter(
             "receiver_worker_restarts_total", "Worker processes that died and were started again."
@@ -404,10 +406,11 @@ class WorkerPool:
 
     def _count(self, answers: list[tuple[IntervalPart, int] | None]) -> list[IntervalPart]:
         parts = []
-        for answer in answers:
+        for slot, answer in enumerate(answers):
             if answer is not None:
                 parts.append(answer[0])
                 self._r.packets.value += answer[1]
+                self.datagrams[slot] += answer[1]
         return parts
 
     async def stop(self) -> list[IntervalPart]:
