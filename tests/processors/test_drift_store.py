@@ -1,10 +1,8 @@
 """The drift processor's dense rows (processors/drift/store.py): a slot equals the exact merge of what
 was added to it (exphist.merge_all), whatever the batches, scales and spans; gauge values equal
-exphist.from_values; slots are reused empty; a batch of many series equals the points one by one."""
+exphist.from_values; slots are reused empty; batches of many series equal each series merged alone."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 import pytest
@@ -146,38 +144,64 @@ class _Clock:
         return self.now
 
 
-async def _drift_of(batches: list[list[Point]], windows: int) -> dict[tuple[str, Any], float]:
-    """Feed each window's `batches` to a new processor (1m windows, 1m baseline); the drift gauges."""
+async def test_batches_of_many_series_equal_each_series_merged_alone() -> None:
+    """Batches of many series, each series twice in a batch (a row added to twice in one call), at
+    changing scales, more points than are held before being added (added mid-window too): each
+    series' statistics equal drift_many of its window's and its baseline's inputs merged alone
+    (exphist.merge_all; gauges: exphist.from_values of its values)."""
+    rng = np.random.default_rng(11)
+    series = 1100  # 2,200 histograms and 26,400 values a window: past the 2,048 and 16,384 held
     sink = Sink()
     clock = _Clock()
     config = DriftConfig(window=60.0, baseline=60.0, gauges=["score"])  # type: ignore[arg-type]
     settings = component_settings(Telemetry(), ComponentKind.PROCESSOR, "drift")
     proc = DriftProcessor(settings, config, sink, clock=clock, run_timer=False)
     await proc.start()
-    for w in range(windows):
-        clock.now = 1_700_000_040.0 + 60.0 * w  # well inside window w
-        for points in batches:
-            await proc.consume(MetricBatch(tuple(points)))
-        clock.now = 1_700_000_040.0 + 60.0 * w + 30.0
+    inputs: list[tuple[dict[int, list[ExpHistogram]], dict[int, list[float]]]] = []
+    for w in range(2):
+        hists: dict[int, list[ExpHistogram]] = {i: [] for i in range(series)}
+        values: dict[int, list[float]] = {i: [] for i in range(series)}
+        points: list[Point] = []
+        for i in range(series):
+            for k in range(2):
+                v = rng.lognormal(i % 5 + 0.3 * w, 0.5 + (i % 3), 20)
+                h = exphist.from_values(v, max_buckets=320, max_scale=(8, 4, 6)[(i + k + w) % 3])
+                hists[i].append(h)
+                points.append(Point("lat", Kind.HISTOGRAM, (("s", str(i)),), 0, histogram=h))
+            for v in rng.normal(i % 4 + 0.5 * w, 1.0, 24).tolist():
+                values[i].append(v)
+                points.append(Point("score", Kind.GAUGE, (("s", str(i)),), 0, value=v))
+        inputs.append((hists, values))
+        clock.now = 1_700_000_040.0 + 60.0 * w  # inside window w
+        for start in range(0, len(points), 500):
+            await proc.consume(MetricBatch(tuple(points[start : start + 500])))
+        clock.now += 30.0
         await proc.tick()
+    got = {(p.name, p.labels): p.value for p in sink.points() if p.name.endswith(".drift")}
+    assert len(got) == 2 * series * 6
+    (base_h, base_v), (cur_h, cur_v) = inputs
+    for i in range(series):
+        for name, current, reference in (
+            (
+                "lat",
+                exphist.merge_all(cur_h[i], max_buckets=320),
+                exphist.merge_all(base_h[i], max_buckets=320),
+            ),
+            (
+                "score",
+                exphist.from_values(np.array(cur_v[i]), max_buckets=320, max_scale=8),
+                exphist.from_values(np.array(base_v[i]), max_buckets=320, max_scale=8),
+            ),
+        ):
+            d = stats.drift(current, reference)
+            assert d is not None
+            want = {"psi": d.psi, "ks": d.ks, "ks_pvalue": d.ks_pvalue, "js": d.js, "chi2": d.chi2}
+            want["chi2_pvalue"] = d.chi2_pvalue
+            for test, value in want.items():
+                labels = (("s", str(i)), ("test", test), ("window", "1m"))
+                assert got[(name + ".drift", labels)] == pytest.approx(value, rel=1e-12, abs=1e-15), (
+                    name,
+                    i,
+                    test,
+                )
     await proc.shutdown()
-    return {(p.name, p.labels): p.value for p in sink.points() if p.name.endswith(".drift")}
-
-
-async def test_a_batch_of_many_series_equals_the_points_one_batch_each() -> None:
-    """Many series in one batch, a series twice in a batch (a slot added to twice in one call), both
-    kinds: the statistics equal those of the same points sent one a batch."""
-    rng = np.random.default_rng(11)
-    points: list[Point] = []
-    for i in range(60):
-        for _ in range(2):
-            h = exphist.from_values(rng.lognormal(i % 5, 0.5 + (i % 3), 30), max_buckets=320, max_scale=8)
-            points.append(Point("lat", Kind.HISTOGRAM, (("s", str(i)),), 0, histogram=h))
-        points += [
-            Point("score", Kind.GAUGE, (("s", str(i)),), 0, value=float(v))
-            for v in rng.normal(i % 4, 1.0, 25)
-        ]
-    together = await _drift_of([points], windows=3)
-    one_by_one = await _drift_of([[p] for p in points], windows=3)
-    assert len(together) == 2 * 60 * 6
-    assert together == one_by_one
