@@ -47,6 +47,7 @@ from dataclasses import replace
 from time import perf_counter
 
 from agent.component import ComponentId, ComponentKind, Settings, Tasks
+from agent.confmodel import parse_host_port
 from agent.telemetry import ComponentTelemetry, Telemetry
 from receivers.statsd import (
     _DRAIN_BATCH,
@@ -96,6 +97,21 @@ def _cgroup_quota() -> float | None:
                 period_us = int(f.read())
             return None if limit_us <= 0 else limit_us / period_us
     return None
+
+
+def port_drops(port: int, ipv6: bool) -> int:
+    """The kernel's receive-buffer drops over every UDP socket on ``port`` (the workers' sockets; a
+    restarted worker's new socket starts from 0, so the sum can go back, which Prometheus reads as a
+    counter reset)."""
+    suffix = f":{port:04X}"
+    total = 0
+    with open("/proc/net/udp6" if ipv6 else "/proc/net/udp", encoding="ascii") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            if len(cols) >= 13 and cols[1].endswith(suffix) and cols[2].endswith(":0000"):
+                total += int(cols[12])
+    return total
 
 
 def worker_count(setting: str, cpus: Callable[[], int] = cpu_limit) -> int:
@@ -283,6 +299,8 @@ class WorkerPool:
         self._progress_file.flush()
         self._progress = mmap.mmap(self._progress_file.fileno(), 0)
         self._stopping = False
+        self._orphans: list[asyncio.Future[tuple[IntervalPart, int] | None]] = []
+        """Exchanges whose caller was cancelled: their parts go with the next collect or stop."""
         self.datagrams = [0] * count
         """Datagrams each worker slot handed in, since the pool started (how the kernel spread them)."""
         tel = receiver.tel
@@ -307,14 +325,21 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start every worker and wait until each has bound its sockets; a bind failure raises OSError."""
-        try:
-            for worker in self._workers:
-                await self._spawn(worker)
-        except BaseException:
+        spawned = await asyncio.gather(*(self._spawn(w) for w in self._workers), return_exceptions=True)
+        failed = [exc for exc in spawned if isinstance(exc, BaseException)]
+        if failed:
             await self.stop()
-            raise
+            raise failed[0]
         for worker in self._workers:
             self._tasks.spawn(self._watch(worker), f"watch worker {worker.slot}")
+        udp = self._config.udp or (None if self._config.listeners().keys() - {"udp"} else "127.0.0.1:8125")
+        if udp:
+            host, port = parse_host_port(udp)
+            self._r.tel.counter_reader(
+                "receiver_udp_kernel_drops_total",
+                "Datagrams the kernel dropped because our receive buffer was full (/proc/net/udp).",
+                functools.partial(port_drops, port, ":" in host),
+            )
 
     async def _spawn(self, worker: _Worker) -> None:
         process = await asyncio.create_subprocess_exec(
@@ -384,6 +409,21 @@ class WorkerPool:
                         self._r.log.error("restarting worker %d failed: %s", worker.slot, exc)
 
     async def _ask(self, worker: _Worker, command: bytes) -> tuple[IntervalPart, int] | None:
+        """Send ``command``, return the part the worker answers with. The exchange runs to its end even
+        if the caller is cancelled (a flush cut short by shutdown): its part, already taken from the
+        worker, is kept and handed in with the next collect or stop, and the pipe stays in step."""
+        exchange = asyncio.ensure_future(self._exchange(worker, command))
+        try:
+            return await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            self._orphans.append(exchange)
+            raise
+
+    async def _orphaned(self) -> list[tuple[IntervalPart, int] | None]:
+        orphans, self._orphans = self._orphans, []
+        return list(await asyncio.gather(*orphans, return_exceptions=False)) if orphans else []
+
+    async def _exchange(self, worker: _Worker, command: bytes) -> tuple[IntervalPart, int] | None:
         async with worker.lock:
             process = worker.process
             if process is None or process.returncode is not None or process.stdin is None:
@@ -397,20 +437,22 @@ class WorkerPool:
             worker.failures = 0
             part, packets = answer[1], answer[2]
             assert isinstance(part, IntervalPart) and isinstance(packets, int)
+            self.datagrams[worker.slot] += packets
             return part, packets
 
     async def collect(self) -> list[IntervalPart]:
         """Every live worker's interval and counts since the last collect (the datagram count added to
         the receiver's)."""
-        return self._count(await asyncio.gather(*(self._ask(w, _FLUSH) for w in self._workers)))
+        earlier = await self._orphaned()
+        answers = await asyncio.gather(*(self._ask(w, _FLUSH) for w in self._workers))
+        return self._count(earlier) + self._count(answers)
 
     def _count(self, answers: list[tuple[IntervalPart, int] | None]) -> list[IntervalPart]:
         parts = []
-        for slot, answer in enumerate(answers):
+        for answer in answers:
             if answer is not None:
                 parts.append(answer[0])
                 self._r.packets.value += answer[1]
-                self.datagrams[slot] += answer[1]
         return parts
 
     async def stop(self) -> list[IntervalPart]:
@@ -419,7 +461,8 @@ class WorkerPool:
         if self._stopping:
             return []
         self._stopping = True
-        answers = await asyncio.gather(*(self._ask(w, _STOP) for w in self._workers))
+        earlier = await self._orphaned()
+        answers = earlier + await asyncio.gather(*(self._ask(w, _STOP) for w in self._workers))
         for worker in self._workers:
             process = worker.process
             if process is None:

@@ -215,6 +215,8 @@ async def test_two_workers_flush_what_one_process_makes_of_the_same_lines(
         )
         assert _refusals(two_tel) == _refusals(one_tel)
         assert two_tel.value("receiver_datagrams_total") == sent
+        assert two_tel.value("receiver_udp_kernel_drops_total") == 0
+    assert sum(_pool(two).datagrams) == sent
     assert _refusals(one_tel) == {"malformed_line": CLIENTS, "negative_counter": CLIENTS}
     gauges = {p.name: p.value for p in one_sink.points() if p.name in ("queue", "mixed")}
     assert gauges == {"queue": 0.0, "mixed": 9.0 + CLIENTS}
@@ -287,6 +289,29 @@ async def test_shutdown_flushes_the_workers_last_intervals(make: Make, clients: 
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_a_flush_cancelled_midway_loses_no_part(make: Make, clients: list[Clients]) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    r, sink, _ = make(udp=f"127.0.0.1:{port}", workers="2")
+    await r.start()
+    pool = _pool(r)
+    c = Clients([port])
+    clients.append(c)
+    for s in c.statsd:
+        s.incr("taken")
+    await _pending(pool, CLIENTS)
+    flush = asyncio.ensure_future(r.flush())
+    # Two loop turns (FIFO): the flush gathers its requests, then each request starts its exchange.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    flush.cancel()  # as shutdown cancels the flush loop
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    await wait_until(lambda: pool.pending() == [(0, 0), (0, 0)], "the workers handed in their parts")
+    assert sink.total("taken") == 0  # taken from the workers by the cancelled flush...
+    await r.shutdown()
+    assert sink.total("taken") == CLIENTS  # ...and handed on by the next one
 
 
 CONFIG: dict[str, Any] = {
