@@ -299,6 +299,8 @@ class WorkerPool:
         self._progress_file.flush()
         self._progress = mmap.mmap(self._progress_file.fileno(), 0)
         self._stopping = False
+        self._stopped = asyncio.Event()
+        """Set by stop: a restart waiting out its delay gives up at once."""
         self._orphans: list[asyncio.Future[tuple[IntervalPart, int] | None]] = []
         """Exchanges whose caller was cancelled: their parts go with the next collect or stop."""
         self.datagrams = [0] * count
@@ -400,7 +402,11 @@ class WorkerPool:
                 self._r.sync_counts()
                 worker.failures += 1
                 while not self._stopping:
-                    await asyncio.sleep(_RESTART_DELAY_S[min(worker.failures, len(_RESTART_DELAY_S)) - 1])
+                    delay_s = _RESTART_DELAY_S[min(worker.failures, len(_RESTART_DELAY_S)) - 1]
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopped.wait(), delay_s)
+                    if self._stopping:
+                        return
                     try:
                         await self._spawn(worker)
                         break
@@ -461,6 +467,7 @@ class WorkerPool:
         if self._stopping:
             return []
         self._stopping = True
+        self._stopped.set()
         earlier = await self._orphaned()
         answers = earlier + await asyncio.gather(*(self._ask(w, _STOP) for w in self._workers))
         for worker in self._workers:
