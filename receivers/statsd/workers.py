@@ -12,12 +12,14 @@ events, and the counts since the last part), pickled over the worker's stdout, a
 
 Exactness: counters sum, sets unite (all workers hash members with one ``PYTHONHASHSEED``, chosen per
 receiver), histogram buckets, counts, min and max are those of one process, and gauge writes are
-replayed in arrival order — the kernel's receive time of each datagram (``SO_TIMESTAMPNS``), the read
-time of a TCP chunk — over the gauge bases the main process keeps, so a ``+/-`` delta applies to the
-latest value whichever worker took it and the last write wins. Float sums (counter totals, histogram
-sums) add the workers' partial sums, so they can differ from one process's in the last bit unless
-the values are exact in binary (integers, halves, 0.125 s). Limits (``max_series``, set caps) apply
-per worker.
+replayed in arrival order over the gauge bases the main process keeps, so a ``+/-`` delta applies to
+the latest value whichever worker took it and the last write wins. Arrival is the kernel's receive
+time of each datagram (``SO_TIMESTAMPNS``: ~1.1 µs more a datagram than ``recv``, measured) and the
+time a worker reads a TCP chunk (so TCP writes to one gauge from connections on different workers,
+closer together than a read, are ordered by when they were read). Float sums (counter totals,
+histogram sums) add the workers' partial sums, so they can differ from one process's in the last bit
+unless the values are exact in binary (integers, halves, 0.125 s). Limits (``max_series``, set caps)
+apply per worker; the ``receiver_series`` gauge shows the main process's (merged at flush) count.
 
 Supervision: a worker that exits is started again (``receiver_worker_restarts_total``); the values it
 had accepted since its last part (it writes that count into a shared file after every read) are

@@ -232,7 +232,10 @@ async def test_tcp_lines_go_to_the_workers_too(make: Make) -> None:
         writer.write(f"t:{i}|c\nlast:{i}|g\n".encode())
         await writer.drain()
         writers.append(writer)
-    await wait_until(lambda: sum(n for n, _ in _pool(r).pending()) == 16, "16 values parsed")
+        # A stream chunk is stamped when a worker reads it: the next write goes after this one is read.
+        await wait_until(
+            lambda n=2 * (i + 1): sum(v for v, _ in _pool(r).pending()) == n, f"{2 * (i + 1)} values parsed"
+        )
     for writer in writers:
         writer.close()
     await r.flush()
