@@ -75,23 +75,23 @@ _TIMESPEC = struct.Struct("@qq")
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
-def cpu_limit() -> int:
+def cpu_limit(cgroup: str = "/sys/fs/cgroup") -> int:
     """CPUs this process may use: the cgroup's CPU limit (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
     ``cpu.cfs_period_us``) rounded down, at least 1, at most the CPUs it may run on."""
     try:
         available = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         available = os.cpu_count() or 1
-    quota = _cgroup_quota()
+    quota = _cgroup_quota(cgroup)
     return max(1, min(available, math.floor(quota))) if quota is not None else max(1, available)
 
 
-def _cgroup_quota() -> float | None:
+def _cgroup_quota(cgroup: str) -> float | None:
     with contextlib.suppress(OSError, ValueError):
-        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+        with open(f"{cgroup}/cpu.max", encoding="ascii") as f:
             limit, period = f.read().split()[:2]
         return None if limit == "max" else int(limit) / int(period)
-    for folder in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"):
+    for folder in (f"{cgroup}/cpu", f"{cgroup}/cpu,cpuacct"):
         with contextlib.suppress(OSError, ValueError):
             with open(f"{folder}/cpu.cfs_quota_us", encoding="ascii") as f:
                 limit_us = int(f.read())

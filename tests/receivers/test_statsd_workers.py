@@ -372,6 +372,28 @@ def test_workers_setting() -> None:
     assert path == "workers" and "Unix socket" in message
 
 
+def test_auto_is_the_cgroup_cpu_limit(tmp_path: Path) -> None:
+    available = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("100000 100000\n")
+    assert cpu_limit(str(v2)) == 1
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: one worker, not two throttled ones
+    assert cpu_limit(str(v2)) == 1
+    (v2 / "cpu.max").write_text(f"{available * 200000} 100000\n")  # more than the machine has
+    assert cpu_limit(str(v2)) == available
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_limit(str(v2)) == available
+    v1 = tmp_path / "v1" / "cpu,cpuacct"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_limit(str(tmp_path / "v1")) == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # no limit
+    assert cpu_limit(str(tmp_path / "v1")) == available
+    assert cpu_limit(str(tmp_path / "none")) == available
+
+
 async def test_one_worker_is_the_receiver_itself(make: Make) -> None:
     r, _, _ = make(workers="1")
     assert r.pool is None and not r.reuse_port
