@@ -72,6 +72,7 @@ _STOP = b"S"
 _RESTART_DELAY_S = (0.0, 0.5, 2.0, 10.0)
 """Wait before restarting a worker that died 1, 2, 3, 4+ times in a row without handing in a part."""
 _TIMESPEC = struct.Struct("@qq")
+CONNECTION_LIMIT = "connection_limit"
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
@@ -191,12 +192,19 @@ class WorkerReceiver(StatsdReceiver):
         self._progress = progress
         self._offset = slot * _SLOT.size
         self._packets_handed = 0
+        self._connection_limit = self.tel.refused(CONNECTION_LIMIT)
+        self._limited_handed = 0
 
     def sync_counts(self) -> None:
         super().sync_counts()
         _SLOT.pack_into(
             self._progress, self._offset, self.agg.accepted, int(self.packets.value) - self._packets_handed
         )
+
+    def refuse(self, reason: str, n: int = 1) -> None:
+        """Transport refusals go with the part, into the main process's counts."""
+        refused = self.agg.refused
+        refused[reason] = refused.get(reason, 0) + n
 
     def feed_until(self, packet: bytes, deadline: float) -> bytes:
         """Stream reads (and a datagram's rest) are stamped when parsed; datagrams by the kernel."""
@@ -215,6 +223,11 @@ class WorkerReceiver(StatsdReceiver):
 
     def take_part(self) -> tuple[IntervalPart, int]:
         """This interval and the counts since the last call; datagrams read since then."""
+        limited = int(self._connection_limit.value)  # counted by the stream protocol itself
+        if limited > self._limited_handed:
+            refused = self.agg.refused
+            refused[CONNECTION_LIMIT] = refused.get(CONNECTION_LIMIT, 0) + limited - self._limited_handed
+            self._limited_handed = limited
         part = self.agg.take_part()
         packets = int(self.packets.value) - self._packets_handed
         self._packets_handed = int(self.packets.value)

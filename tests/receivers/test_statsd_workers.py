@@ -27,6 +27,7 @@ from agent.telemetry import Telemetry
 from receivers.statsd import StatsdConfig, StatsdReceiver
 from receivers.statsd.workers import WorkerPool, cpu_limit, worker_count
 from tests.conftest import AgentGraph, free_port, wait_until
+from tests.integration.conftest import free_tcp_udp_port
 from tests.receivers.conftest import Make
 
 CLIENTS = 24
@@ -241,6 +242,36 @@ async def test_tcp_lines_go_to_the_workers_too(make: Make) -> None:
     await r.flush()
     assert sink.total("t") == sum(range(8))
     assert [p.value for p in sink.points() if p.name == "last"] == [7.0]  # the last write
+
+
+async def test_transport_refusals_in_the_workers_are_counted(make: Make) -> None:
+    port = free_tcp_udp_port()
+    r, _, tel = make(
+        udp=f"127.0.0.1:{port}",
+        tcp=f"127.0.0.1:{port}",
+        workers="2",
+        max_datagram_size=512,
+        tcp_max_connections=1,
+    )
+    await r.start()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"x:1|c\n" + b"y" * 600, ("127.0.0.1", port))
+        s.sendto(b"ok:1|c", ("127.0.0.1", port))
+    await wait_until(lambda: sum(n for _, n in _pool(r).pending()) == 2, "both datagrams read")
+    writers = []
+    for _ in range(6):  # each worker holds one connection; the others are refused when accepted
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(writer)
+
+    async def refused_connections() -> bool:
+        await r.flush()
+        return tel.value("receiver_refused_points_total", reason="connection_limit") >= 4
+
+    await wait_until(refused_connections, "the workers' connection refusals handed in")
+    for writer in writers:
+        writer.close()
+    assert tel.value("receiver_refused_points_total", reason="datagram_truncated") == 1
+    assert tel.value("receiver_accepted_points_total") == 1
 
 
 async def test_a_killed_worker_is_restarted_and_its_loss_counted(make: Make, clients: list[Clients]) -> None:
