@@ -62,8 +62,6 @@ from receivers.statsd import (
 )
 from receivers.statsd.aggregator import IntervalPart
 
-_log = logging.getLogger(__name__)
-
 _FRAME = struct.Struct("<Q")
 _SLOT = struct.Struct("<qq")
 """A worker's progress since its last part: values accepted, datagrams read."""
