@@ -72,11 +72,10 @@ class AdminServer:
         # Fixed for the life of the listener, as its address is: a reload must not drop the token of
         # an endpoint that stays bound where it was.
         self._auth = agent.config.service.telemetry.auth
-        if not self._auth.enabled and not is_loopback(self._host):
-            raise ValueError(
-                f"the telemetry endpoint {endpoint} is reachable beyond this machine: it needs"
-                " service::telemetry::auth::bearer_token (or bearer_token_file)"
-            )
+        self._locked = not self._auth.enabled and not is_loopback(self._host)
+        """Bound beyond loopback without a token: what shows the data itself (the tap, the page,
+        /api/*) answers 403 saying how to open it; the probes, /metrics and /status stay as they were,
+        so an existing config (the image's binds 0.0.0.0 for the kubelet) still starts."""
         self._token_file: WatchedFile[str] | None = None
         self._stall_timeout_s = health_stall_timeout_s
         self._overview = Overview()
@@ -98,6 +97,14 @@ class AdminServer:
     async def start(self) -> None:
         if self._thread is not None:
             return
+        if self._locked:
+            log.warning(
+                "the telemetry endpoint %s:%s is reachable beyond this machine and has no token: the tap,"
+                " the status page and /api/* answer 403 until service.telemetry.auth.bearer_token (or"
+                " bearer_token_file) is set",
+                self._host,
+                self._port,
+            )
         if self._auth.bearer_token_file and self._token_file is None:
             token_file = WatchedFile(self._auth.bearer_token_file, _read_token, "bearer token", log)
             await asyncio.to_thread(token_file.load)  # OSError / ValueError: the start fails
@@ -179,11 +186,18 @@ class AdminServer:
 
     def authorized(self, request: web.Request) -> web.Response | None:
         """None when ``request`` may see what flows (the tap, the status page, ``/api/*``); else the
-        401 to answer. With no token configured everything is allowed (the endpoint is then on a
-        loopback address: a wider bind without one is refused at load). The token comes as
+        401 to answer. With no token configured everything is allowed on a loopback address; bound
+        wider without one, the answer is a 403 saying how to open it. The token comes as
         ``Authorization: Bearer <token>``, or as ``?access_token=<token>`` for a browser's WebSocket,
         which cannot set headers (RFC 6750 2.3). /metrics, /healthz and /readyz do not ask.
         Called on the admin thread."""
+        if self._locked:
+            return web.Response(
+                status=403,
+                text=f"forbidden: the telemetry endpoint {self._host}:{self._port} is reachable beyond this"
+                " machine and no token is set; set service::telemetry::auth::bearer_token (or"
+                " bearer_token_file) to see what flows here, or bind 127.0.0.1\n",
+            )
         if not self._auth.enabled:
             return None
         if self._token_file is not None:
@@ -231,7 +245,8 @@ class AdminServer:
         return await serve_tap(request, self._agent.tap, token_checked=self._auth.enabled)
 
     async def _status(self, request: web.Request) -> web.Response:
-        refused = self.authorized(request)
+        # Counts only, no data: open as before unless a token is set.
+        refused = self.authorized(request) if self._auth.enabled else None
         if refused is not None:
             return refused
         status: dict[str, Any] | None = None
