@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from agent.component import ComponentId, ComponentKind, Factory, Signal, validate_config
-from agent.confmodel import Decoder, Duration, EnvText, SafeConfigLoader, parse_host_port, short_repr
+from agent.confmodel import Decoder, Duration, EnvText, SafeConfigLoader, Size, parse_host_port, short_repr
 
 Path = tuple[str, ...]
 
@@ -83,6 +83,31 @@ class TapConfig:
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    redact: tuple[str, ...] = ()
+    """Tag, label and attribute names whose values a capture writes as ``<redacted>`` (StatsD tags, JSON
+    labels, OTLP attributes). Headers, so bearer tokens, are never recorded."""
+    max_bytes: Size = Size(100 * 2**20)
+    """Largest capture file; a capture stops itself there (reason max_bytes). Also the most one may ask."""
+    max_duration: Duration = Duration(600.0)
+    """Longest capture; it stops itself then (reason max_duration). Also the most one may ask."""
+    buffer_records: int = 10_000
+    """Records waiting for the capture's writer thread; more are dropped, counted and marked as a gap."""
+    directory: str = ""
+    """Where capture files are written (empty: the system's temporary directory)."""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.max_bytes < 1024:
+            problems.append(("max_bytes", "must be at least 1KiB"))
+        if not self.max_duration > 0:
+            problems.append(("max_duration", "must be more than 0"))
+        if self.buffer_records < 1:
+            problems.append(("buffer_records", "must be at least 1"))
+        return problems
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     endpoint: str = "127.0.0.1:8888"
     """Address of the agent's own endpoint: /metrics, /healthz, /readyz, /status. Empty disables it."""
@@ -94,10 +119,13 @@ class TelemetryConfig:
     """Bearer token for the tap, the status page and /api/* (required when bound beyond loopback)."""
     tap: TapConfig = field(default_factory=TapConfig)
     """The live stream (/api/tap, ``headwater tap``): limits per stream and redaction."""
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    """Recording what the receivers take in (/api/capture, ``headwater capture``): limits, redaction."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = [(f"auth::{p}".rstrip(":"), m) for p, m in self.auth.validate()]
         problems += [(f"tap::{p}", m) for p, m in self.tap.validate()]
+        problems += [(f"capture::{p}", m) for p, m in self.capture.validate()]
         if self.endpoint:
             try:
                 parse_host_port(self.endpoint)

@@ -1097,6 +1097,10 @@ class Agent:
             and all(r.state == "running" for r in [*self._receivers.values(), *self._exporters.values()])
         )
 
+    def receiver_instances(self) -> dict[str, tuple[str, Any]]:
+        """Receiver id → (type, running instance): what a capture hooks into (agent.capture)."""
+        return {str(rid): (rid.type, r.instance) for rid, r in self._receivers.items()}
+
     def _components(self) -> Iterator[_Running]:
         yield from self._receivers.values()
         yield from self._processors
