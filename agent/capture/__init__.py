@@ -16,6 +16,7 @@ on the agent's loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
@@ -101,7 +102,9 @@ class CaptureControl:
         max_duration_s = cfg.max_duration if max_duration_s is None else max_duration_s
         if not 0 < max_bytes <= cfg.max_bytes:
             raise CaptureRefused(
-                400, f"max_bytes {max_bytes} is out of range: 1 to {cfg.max_bytes} (service.telemetry.capture.max_bytes)"
+                400,
+                f"max_bytes {max_bytes} is out of range: 1 to {cfg.max_bytes}"
+                " (service.telemetry.capture.max_bytes)",
             )
         if not 0 < max_duration_s <= cfg.max_duration:
             raise CaptureRefused(
@@ -111,7 +114,9 @@ class CaptureControl:
             )
         with self._lock:
             if self.recorder is not None and not self.recorder.ended:
-                raise CaptureRefused(409, "a capture is already running: stop it first (POST /api/capture/stop)")
+                raise CaptureRefused(
+                    409, "a capture is already running: stop it first (POST /api/capture/stop)"
+                )
             capturable = self._capturable()
             chosen = list(receivers) or sorted(capturable)
             unknown = [r for r in chosen if r not in capturable]
@@ -122,14 +127,17 @@ class CaptureControl:
                     f" {', '.join(sorted(capturable)) or 'none'}",
                 )
             if not chosen:
-                raise CaptureRefused(400, "this agent has no receiver that can be captured (statsd, otlp, http)")
+                raise CaptureRefused(
+                    400, "this agent has no receiver that can be captured (statsd, otlp, http)"
+                )
             directory = cfg.directory or tempfile.gettempdir()
             path = os.path.join(directory, f"headwater-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.hwcap")
             header = Header(
                 agent_version=VERSION,
                 start_time_unix_nano=time.time_ns(),
                 receivers={
-                    rid: {"type": capturable[rid][0], "endpoints": endpoints_of(*capturable[rid])} for rid in chosen
+                    rid: {"type": capturable[rid][0], "endpoints": endpoints_of(*capturable[rid])}
+                    for rid in chosen
                 },
             )
             old = self.recorder
@@ -147,7 +155,9 @@ class CaptureControl:
             )
             recorder.start()
             self.recorder = recorder
-            hooks = {id(instance): recorder.hook(rid) for rid, instance in zip(chosen, instances, strict=True)}
+            hooks = {
+                id(instance): recorder.hook(rid) for rid, instance in zip(chosen, instances, strict=True)
+            }
             self._set_slots([(instance, hooks[id(instance)]) for instance in instances])
             return recorder.status()
 
@@ -156,10 +166,8 @@ class CaptureControl:
             for instance, hook in pairs:
                 instance.capture = hook
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the agent's loop is closed: nothing receives any more
             self._loop.call_soon_threadsafe(apply)
-        except RuntimeError:  # the agent's loop is closed: nothing receives any more
-            pass
 
     def _unhook(self, instances: list[Any]) -> None:
         self._set_slots([(instance, None) for instance in instances])
@@ -194,7 +202,5 @@ class CaptureControl:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass

@@ -98,7 +98,9 @@ def read_header(f: BinaryIO, path: str = "capture") -> Header:
     this reader does not know, a compression it cannot undo)."""
     prefix = f.read(_PREFIX.size)
     if len(prefix) < _PREFIX.size or not prefix.startswith(MAGIC):
-        raise CaptureFormatError(f"{path}: not a headwater capture file (no {MAGIC.decode()} magic at the start)")
+        raise CaptureFormatError(
+            f"{path}: not a headwater capture file (no {MAGIC.decode()} magic at the start)"
+        )
     _, version, length = _PREFIX.unpack(prefix)
     if version != FORMAT_VERSION:
         raise CaptureFormatError(

@@ -176,7 +176,13 @@ class Recorder:
         finally:
             f.close()
         self._queue.clear()
-        log.info("capture to %s ended (%s): %d records, %d bytes", self.path, reason, self.records, self.bytes_written)
+        log.info(
+            "capture to %s ended (%s): %d records, %d bytes",
+            self.path,
+            reason,
+            self.records,
+            self.bytes_written,
+        )
         self._on_end(reason)
 
     def _offset_ns(self) -> int:
