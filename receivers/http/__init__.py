@@ -103,6 +103,7 @@ import yaml
 from aiohttp import web
 
 from agent import bodies, exphist, netguard, quota
+from agent.capture.recorder import CaptureHook
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal
 from agent.confmodel import Duration, Size, parse_host_port
 from agent.json_events import (
@@ -325,6 +326,8 @@ class HttpReceiver:
         self.tel = settings.telemetry
         self._log = settings.logger
         self._consumer = consumers[Signal.METRICS]
+        self.capture: CaptureHook | None = None
+        """Set while a capture records this receiver (agent.capture): the request bodies, inflated."""
         self._parser = ItemParser(
             max_timestamp_age_s=config.max_timestamp_age,
             max_timestamp_ahead_s=config.max_timestamp_ahead,
@@ -550,6 +553,9 @@ class HttpReceiver:
             tenant = self._authenticate(request)
             self._check_media_type(request)
             body = await self._read_body(request, lease)
+            capture = self.capture
+            if capture is not None:
+                capture("http", body, {"path": request.path, "content_type": request.content_type})
             if len(body) >= _THREAD_BODY_BYTES:
                 async with netguard.parse_slots():
                     parsed = await asyncio.to_thread(self._parse, body, now_ns, route)

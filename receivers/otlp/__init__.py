@@ -144,6 +144,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from agent import bodies, netguard, quota
+from agent.capture.recorder import CaptureHook
 from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
 from agent.confmodel import Duration, Size, parse_host_port
 from agent.limits import SeriesLimits
@@ -190,6 +191,8 @@ LATER_CHUNK_RETRY_S = 5.0
 """How long, in all, a request waits for downstream to take a chunk after the first one was taken."""
 _THREAD_BODY_BYTES = 2**20
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+_CONTENT_TYPES = {True: "application/json", False: "application/x-protobuf"}
+"""What a capture records as a request's content type."""
 _PROTOBUF_TYPES = frozenset({"application/x-protobuf", "application/protobuf"})
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -346,6 +349,8 @@ class OtlpReceiver:
         self.tel = settings.telemetry
         self._log = settings.logger
         self._routes = [r for r in _ROUTES if r.signal in consumers]
+        self.capture: CaptureHook | None = None
+        """Set while a capture records this receiver (agent.capture): the request bodies, inflated."""
         self._consumers = dict(consumers)
         self._counters = {r.signal: _Counters(settings, r) for r in self._routes}
         self._converter = MetricsConverter(limits=config.limits)
@@ -736,6 +741,9 @@ class OtlpReceiver:
                 self._counters[route.signal].refused[err.reason].value += 1
                 # Every 415 answers in JSON (module docs), unsupported_encoding of a protobuf body too.
                 return self._http_error(err, is_json or err.http_status == 415)
+            capture = self.capture
+            if capture is not None:
+                capture("http", body, {"path": route.path, "content_type": _CONTENT_TYPES[is_json]})
             try:
                 response = await self._export(route, body, is_json, _context(request.headers.items()))
             except RequestError as err:  # counted by _export
@@ -841,6 +849,9 @@ class OtlpReceiver:
                 except RequestError as err:
                     self._counters[route.signal].refused[err.reason].value += 1
                     raise
+                capture = self.capture
+                if capture is not None:
+                    capture("grpc", body, {"path": route.path, "content_type": "application/grpc"})
                 response = await self._export(route, body, False, _context((m[0], m[1]) for m in metadata))
             except RequestError as err:
                 code = _GRPC_CODES.get(err.grpc_code, grpc.StatusCode.UNKNOWN)

@@ -52,6 +52,7 @@ from receivers.statsd.aggregator import IntervalPart, StatsdAggregator
 from receivers.statsd.parser import TAG_ERROR_REASONS
 
 if TYPE_CHECKING:
+    from agent.capture.recorder import CaptureHook
     from receivers.statsd.workers import WorkerPool
 
 TYPE = "statsd"
@@ -214,8 +215,10 @@ class _StreamProtocol(asyncio.Protocol):
     """One TCP / Unix stream connection: whole lines go to the aggregator in bounded slices, not per
     line; a read whose lines outlast the turn budget pauses reading until they are parsed."""
 
-    def __init__(self, receiver: StatsdReceiver) -> None:
+    def __init__(self, receiver: StatsdReceiver, transport: str = "tcp") -> None:
         self._r = receiver
+        self._kind = transport
+        """``tcp`` or ``unix``: how a capture (agent.capture) records what this connection reads."""
         self._buf = b""
         """The last line, not yet terminated."""
         self._lines = b""
@@ -256,6 +259,9 @@ class _StreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last = time.monotonic()
+        capture = self._r.capture
+        if capture is not None:
+            capture(self._kind, data)
         limit = self._r.config.tcp_max_line_length
         buf = self._buf + data if self._buf else data
         cut = buf.rfind(b"\n")
@@ -354,6 +360,8 @@ class _DatagramReader:
         self._r = receiver
         self.sock = sock
         self._address = address
+        self._kind = "unixgram" if sock.family == socket.AF_UNIX else "udp"
+        """How a capture (agent.capture) records this socket's datagrams."""
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
         self._rest = b""
@@ -371,6 +379,8 @@ class _DatagramReader:
         room = size + 1
         feed = r.agg.feed
         feed_until = r.feed_until
+        capture = r.capture  # None while no capture runs (agent.capture): one read per drain
+        kind = self._kind
         n = truncated = 0
         rest = b""
         deadline = perf_counter() + _TURN_BUDGET_S
@@ -382,6 +392,8 @@ class _DatagramReader:
                 if length > size:
                     truncated += 1
                     continue
+                if capture is not None:
+                    capture(kind, data)
                 if length > _SLICE_BYTES:
                     rest = feed_until(data, deadline)
                     if rest:
@@ -466,6 +478,8 @@ class StatsdReceiver:
         self.backlogs: set[_StreamProtocol] = set()
         """Connections with whole lines still to parse (reading paused), finished at shutdown."""
         self._tasks = Tasks(str(settings.id), settings.logger)
+        self.capture: CaptureHook | None = None
+        """Set while a capture records this receiver (agent.capture); read once per drain or read."""
         self._interval_start_ns = time.time_ns()
         self._started = False
         self._stopped = False
@@ -591,7 +605,7 @@ class StatsdReceiver:
                 self._servers.append(server)
             elif transport == "unix":
                 self._remove_stale(address)
-                server = await loop.create_unix_server(lambda: _StreamProtocol(self), address)
+                server = await loop.create_unix_server(lambda: _StreamProtocol(self, "unix"), address)
                 os.chmod(address, int(self.config.socket_mode, 8))
                 self._unix_paths.append(address)
                 self._servers.append(server)
