@@ -34,9 +34,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent.capture import CaptureControl, CaptureRefused
 from agent.component import Tasks
 from agent.config import is_loopback
-from agent.confmodel import parse_host_port
+from agent.confmodel import parse_duration, parse_host_port, parse_size
 from agent.netguard import ConnectionGate, FdBudget, GuardedSite
 from agent.overview import Overview
 from agent.service import Agent
@@ -86,6 +87,8 @@ class AdminServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self.port = self._port
+        self.capture: CaptureControl | None = None
+        """/api/capture (agent.capture): made on the agent's loop at start, driven from the admin thread."""
         self.refused_connections = Cell()
         """Connections closed at MAX_CONNECTIONS (read from this thread and the admin thread: a float)."""
         self.header_timeouts = Cell()
@@ -93,10 +96,13 @@ class AdminServer:
 
     def attach(self, agent: Agent) -> None:
         self._agent = agent
+        if self.capture is not None:
+            self.capture.attach(agent)
 
     async def start(self) -> None:
         if self._thread is not None:
             return
+        self.capture = CaptureControl(self._agent, asyncio.get_running_loop())
         if self._locked:
             log.warning(
                 "the telemetry endpoint %s:%s is reachable beyond this machine and has no token: the tap,"
@@ -125,6 +131,8 @@ class AdminServer:
 
     async def shutdown(self) -> None:
         await self._tasks.close()
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
         thread, loop, stop = self._thread, self._loop, self._stop
         self._thread = None
         if thread is None:
@@ -163,6 +171,10 @@ class AdminServer:
         app.router.add_get("/", self._page)
         app.router.add_get("/api/overview", self._api_overview)
         app.router.add_get("/api/tap", self._api_tap)
+        app.router.add_post("/api/capture/start", self._capture_start)
+        app.router.add_post("/api/capture/stop", self._capture_stop)
+        app.router.add_get("/api/capture", self._capture_status)
+        app.router.add_get("/api/capture/download", self._capture_download)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=STOP_TIMEOUT_S)
         await runner.setup()
         try:
@@ -281,6 +293,78 @@ class AdminServer:
         else:
             return web.Response(status=503, text="busy: the agent kept changing while read; try again\n")
         return web.json_response(document, headers={"Cache-Control": "no-store"})
+
+    # -- capture (agent.capture): behind the token, as anything showing data -------------------------
+    async def _capture_start(self, request: web.Request) -> web.Response:
+        """POST /api/capture/start {"receivers": [id, ...], "max_bytes": N | "100MiB", "max_duration_s":
+        N | "duration": "60s"}: 200 with the status, 400 naming the bad field, 409 when one runs."""
+        refused = self.authorized(request)
+        if refused is not None:
+            return refused
+        assert self.capture is not None
+        try:
+            doc = await request.json() if request.can_read_body else {}
+            receivers, max_bytes, max_duration_s = _capture_arguments(doc)
+            status = await asyncio.to_thread(self.capture.start, receivers, max_bytes, max_duration_s)
+        except ValueError as exc:  # json.JSONDecodeError too
+            return web.json_response({"error": f"bad capture request: {exc}"}, status=400)
+        except CaptureRefused as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        except OSError as exc:
+            return web.json_response({"error": f"cannot write the capture file: {exc}"}, status=500)
+        return web.json_response(status)
+
+    async def _capture_stop(self, request: web.Request) -> web.Response:
+        refused = self.authorized(request)
+        if refused is not None:
+            return refused
+        assert self.capture is not None
+        try:
+            return web.json_response(await asyncio.to_thread(self.capture.stop))
+        except CaptureRefused as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+
+    async def _capture_status(self, request: web.Request) -> web.Response:
+        refused = self.authorized(request)
+        if refused is not None:
+            return refused
+        assert self.capture is not None
+        return web.json_response(self.capture.status(), headers={"Cache-Control": "no-store"})
+
+    async def _capture_download(self, request: web.Request) -> web.StreamResponse:
+        """The file of the last capture, once it ended (409 while it runs)."""
+        refused = self.authorized(request)
+        if refused is not None:
+            return refused
+        assert self.capture is not None
+        try:
+            path = self.capture.download_path()
+        except CaptureRefused as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        return web.FileResponse(path, headers={"Content-Type": "application/vnd.headwater.capture"})
+
+
+def _capture_arguments(doc: Any) -> tuple[list[str], int | None, float | None]:
+    """(receivers, max_bytes, max_duration_s) of a start request; ValueError names the bad field."""
+    if not isinstance(doc, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = set(doc) - {"receivers", "max_bytes", "max_duration_s", "duration"}
+    if unknown:
+        raise ValueError(f"unknown fields {', '.join(sorted(unknown))}")
+    receivers = doc.get("receivers") or []
+    if not isinstance(receivers, list) or not all(isinstance(r, str) for r in receivers):
+        raise ValueError("receivers must be a list of receiver ids")
+    raw_bytes = doc.get("max_bytes")
+    max_bytes = parse_size(raw_bytes) if isinstance(raw_bytes, str) else raw_bytes
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool)):
+        raise ValueError("max_bytes must be a number of bytes or a size such as 100MiB")
+    raw_duration = doc.get("max_duration_s", doc.get("duration"))
+    max_duration_s = parse_duration(raw_duration) if isinstance(raw_duration, str) else raw_duration
+    if max_duration_s is not None and (
+        not isinstance(max_duration_s, int | float) or isinstance(max_duration_s, bool)
+    ):
+        raise ValueError("max_duration_s must be a number of seconds (or duration a text such as 60s)")
+    return receivers, max_bytes, None if max_duration_s is None else float(max_duration_s)
 
 
 def _unauthorized(reason: str) -> web.Response:
