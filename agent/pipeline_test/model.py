@@ -1,0 +1,285 @@
+"""The test-file format (version 1): what ``headwater test`` reads and what ``--update`` writes.
+
+```yaml
+version: 1
+tests:
+  - name: pay traffic is labelled pay
+    step: 1s                      # the simulated clock's resolution (default 1s)
+    run_for: 30s                  # simulated time after the first instant (default: last input + one step)
+    inputs:
+      - {at: 0s, receiver: statsd, statsd: ["api.hits:1|c|#team:pay"]}
+    expect:
+      - at: processor/tenant      # what leaves a processor (or connector) ...
+        metric: api.hits
+        labels: {tenant_id: pay}  # a subset of the labels; ``labels_exact: true`` for all of them
+        value: 1
+        tolerance: 0.001          # absolute; default 1e-9
+        type: sum                 # sum | gauge | histogram | summary
+        count: 1                  # points matching (default: at least one)
+      - at: exporter/prometheus_remote_write   # ... or the decoded requests an exporter would send
+        metric: api_hits_total
+        labels: {tenant_id: pay}
+      - {at: exporter/prometheus_remote_write, metric: other_total, count: 0}   # "no output"
+      - alert: api_p99            # a threshold processor's notification (webhook / alertmanager body)
+        status: firing            # or resolved
+        labels: {severity: critical}
+```
+
+Times are durations (``500ms``, ``2s``, ``5m``) after the test's start, a simulated instant aligned to a
+day boundary (UTC), so windows aligned to the clock start with the test.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+VERSION = 1
+"""The only test-file version this runner reads; ``--update`` writes it."""
+
+DEFAULT_TOLERANCE = 1e-9
+_TYPES = ("sum", "gauge", "histogram", "summary")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class TestFileError(Exception):
+    """A test file that cannot be used; ``problems`` are ``path: message`` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Input:
+    at_s: float
+    """When the input arrives, seconds after the test's start."""
+    receiver: str
+    """The receiver id it enters (``statsd``, ``http/json``)."""
+    statsd: tuple[str, ...] = ()
+    """StatsD lines, fed to a ``statsd`` receiver as one datagram."""
+    json: tuple[Any, ...] = ()
+    """JSON items, posted to an ``http`` receiver's /v1/items as one request."""
+    otlp: Any = None
+    """An OTLP/JSON ExportMetricsServiceRequest, posted to an ``otlp`` receiver's HTTP endpoint."""
+
+
+@dataclass(frozen=True)
+class Expectation:
+    at: str
+    """``processor/<id>``, ``connector/<id>``, ``exporter/<id>``, or ``alerts`` (with ``alert``)."""
+    metric: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    labels_exact: bool = False
+    value: float | None = None
+    tolerance: float = DEFAULT_TOLERANCE
+    type: str = ""
+    count: int | None = None
+    """How many points (or notifications) match; None: at least one. 0 is "no output"."""
+    alert: str = ""
+    status: str = ""
+    """``firing`` or ``resolved`` for an ``alert`` expectation."""
+
+    def describe(self) -> str:
+        what = f"alert {self.alert}" if self.alert else self.metric
+        parts = [what]
+        if self.status:
+            parts.append(f"status={self.status}")
+        if self.labels:
+            sep = "" if self.labels_exact else ", ..."
+            parts.append("{" + ", ".join(f'{k}="{v}"' for k, v in self.labels) + sep + "}")
+        if self.type:
+            parts.append(f"type={self.type}")
+        if self.value is not None:
+            parts.append(f"value={self.value:g}±{self.tolerance:g}")
+        parts.append("count=" + ("≥1" if self.count is None else str(self.count)))
+        return f"{self.at}: " + " ".join(parts)
+
+
+@dataclass(frozen=True)
+class PipelineTest:
+    name: str
+    inputs: tuple[Input, ...]
+    expect: tuple[Expectation, ...]
+    step_s: float = 1.0
+    run_for_s: float | None = None
+    where: str = ""
+    """``file: tests[i]``, for messages."""
+
+
+@dataclass(frozen=True)
+class TestFile:
+    path: str
+    tests: tuple[PipelineTest, ...] = field(default=())
+
+
+def duration_s(raw: Any, where: str) -> float:
+    """``1.5``, ``"500ms"``, ``"2s"``, ``"5m"``, ``"1h"`` → seconds; TestFileError otherwise."""
+    if isinstance(raw, bool):
+        raise TestFileError([f"{where}: expected a duration such as 2s or 500ms, got {raw!r}"])
+    if isinstance(raw, (int, float)) and raw >= 0:
+        return float(raw)
+    m = _DURATION.match(str(raw)) if isinstance(raw, str) else None
+    if m is None:
+        raise TestFileError([f"{where}: expected a duration such as 2s or 500ms, got {raw!r}"])
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def _keys(raw: Any, where: str, allowed: set[str], required: set[str]) -> list[str]:
+    if not isinstance(raw, dict):
+        return [f"{where}: expected a mapping, got {type(raw).__name__}"]
+    problems = [
+        f"{where}.{k}: unknown key (known: {', '.join(sorted(allowed))})" for k in raw if k not in allowed
+    ]
+    problems += [f"{where}: {k} is required" for k in sorted(required) if k not in raw]
+    return problems
+
+
+def _labels(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise TestFileError([f"{where}: expected a mapping of label names to values"])
+    return tuple(sorted((str(k), str(v)) for k, v in raw.items()))
+
+
+def _input(raw: Any, where: str) -> Input:
+    problems = _keys(raw, where, {"at", "receiver", "statsd", "json", "otlp"}, {"receiver"})
+    if problems:
+        raise TestFileError(problems)
+    given = [k for k in ("statsd", "json", "otlp") if k in raw]
+    if len(given) != 1:
+        raise TestFileError([f"{where}: give exactly one of statsd, json, otlp (got {given or 'none'})"])
+    statsd = raw.get("statsd", ())
+    if isinstance(statsd, str):
+        statsd = statsd.splitlines()
+    items = raw.get("json", ())
+    if isinstance(items, dict):
+        items = [items]
+    return Input(
+        at_s=duration_s(raw.get("at", 0), f"{where}.at"),
+        receiver=str(raw["receiver"]),
+        statsd=tuple(str(s) for s in statsd),
+        json=tuple(items),
+        otlp=raw.get("otlp"),
+    )
+
+
+def _expectation(raw: Any, where: str) -> Expectation:
+    allowed = {
+        "at",
+        "metric",
+        "labels",
+        "labels_exact",
+        "value",
+        "tolerance",
+        "type",
+        "count",
+        "alert",
+        "status",
+    }
+    problems = _keys(raw, where, allowed, set())
+    if problems:
+        raise TestFileError(problems)
+    alert = str(raw.get("alert", ""))
+    at = str(raw.get("at", "alerts" if alert else ""))
+    if not alert and not raw.get("metric"):
+        problems.append(f"{where}: give metric (a point) or alert (a notification)")
+    if not alert and at.split("/", 1)[0] not in ("processor", "connector", "exporter"):
+        problems.append(f"{where}.at: expected processor/<id>, connector/<id> or exporter/<id>, got {at!r}")
+    kind = str(raw.get("type", ""))
+    if kind and kind not in _TYPES:
+        problems.append(f"{where}.type: expected one of {', '.join(_TYPES)}, got {kind!r}")
+    status = str(raw.get("status", "firing" if alert else ""))
+    if alert and status not in ("firing", "resolved"):
+        problems.append(f"{where}.status: expected firing or resolved, got {status!r}")
+    count = raw.get("count")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        problems.append(f"{where}.count: expected a whole number ≥ 0, got {count!r}")
+    value = raw.get("value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        problems.append(f"{where}.value: expected a number, got {value!r}")
+    tolerance = raw.get("tolerance", DEFAULT_TOLERANCE)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
+        problems.append(f"{where}.tolerance: expected a number ≥ 0, got {tolerance!r}")
+    if problems:
+        raise TestFileError(problems)
+    return Expectation(
+        at=at,
+        metric=str(raw.get("metric", "")),
+        labels=_labels(raw.get("labels"), f"{where}.labels"),
+        labels_exact=bool(raw.get("labels_exact", False)),
+        value=None if value is None else float(value),
+        tolerance=float(tolerance),
+        type=kind,
+        count=count,
+        alert=alert,
+        status=status,
+    )
+
+
+def _at(item: Input) -> float:
+    return item.at_s
+
+
+def _test(raw: Any, where: str) -> PipelineTest:
+    problems = _keys(raw, where, {"name", "inputs", "expect", "step", "run_for"}, {"name", "inputs"})
+    if problems:
+        raise TestFileError(problems)
+    inputs, expect = raw.get("inputs") or [], raw.get("expect") or []
+    if not isinstance(inputs, list) or not isinstance(expect, list):
+        raise TestFileError([f"{where}: inputs and expect must be lists"])
+    step = duration_s(raw.get("step", 1), f"{where}.step")
+    if step <= 0:
+        raise TestFileError([f"{where}.step: must be above 0"])
+    run_for = raw.get("run_for")
+    return PipelineTest(
+        name=str(raw["name"]),
+        inputs=tuple(
+            sorted((_input(x, f"{where}.inputs[{i}]") for i, x in enumerate(inputs)), key=lambda x: x.at_s)
+        ),
+        expect=tuple(_expectation(x, f"{where}.expect[{i}]") for i, x in enumerate(expect)),
+        step_s=step,
+        run_for_s=None if run_for is None else duration_s(run_for, f"{where}.run_for"),
+        where=where,
+    )
+
+
+def parse(text: str, path: str) -> TestFile:
+    """Parse a test file; TestFileError names every problem found with its place."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TestFileError([f"{path}: not YAML: {exc}"]) from None
+    problems = _keys(raw, path, {"version", "tests"}, {"version", "tests"})
+    if problems:
+        raise TestFileError(problems)
+    if raw["version"] != VERSION:
+        raise TestFileError(
+            [f"{path}.version: this headwater reads version {VERSION}, got {raw['version']!r}"]
+        )
+    if not isinstance(raw["tests"], list) or not raw["tests"]:
+        raise TestFileError([f"{path}.tests: expected a non-empty list of tests"])
+    tests: list[PipelineTest] = []
+    problems = []
+    for i, t in enumerate(raw["tests"]):
+        try:
+            tests.append(_test(t, f"{path}: tests[{i}]"))
+        except TestFileError as exc:
+            problems += exc.problems
+    if problems:
+        raise TestFileError(problems)
+    return TestFile(path, tuple(tests))
+
+
+def load(path: str) -> TestFile:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise TestFileError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse(text, path)

@@ -1,0 +1,371 @@
+"""Runs one pipeline test against a config, on simulated time, with no backend contacted.
+
+The graph. Each metrics pipeline of the config is built as the agent builds it — receivers, then the
+processors in order, then a fan-out to the exporters (and connectors) — but nothing listens and nothing
+is sent to a real backend:
+
+- StatsD inputs go to the ``statsd`` receiver's parser (``feed``) and leave at its ``flush()``, which
+  the runner calls at every multiple of the receiver's ``flush_interval`` on the simulated clock.
+- JSON items are posted (aiohttp) to the ``http`` receiver, started on 127.0.0.1 on a free port.
+- ``prometheus_remote_write`` and ``otlp_http`` exporters are real, with their endpoint replaced by the
+  runner's capture server (127.0.0.1) and an in-memory queue; what they would send is decoded from
+  the captured requests, so expectations check the wire form (``http_requests_total``, labels as sent).
+  Any other exporter is replaced by a recorder of the points that reach it.
+- A ``threshold`` processor's webhook is pointed at the capture server (an Alertmanager-webhook body,
+  whatever template was configured) and its Alertmanager too; no state is saved to disk.
+
+Simulated time (exact). A :class:`VirtualClock` starts at a UTC day boundary and only moves when the
+runner moves it: in steps of the test's ``step`` (1 s by default) and to every input's ``at``. Each
+processor whose constructor takes ``clock`` is built with the virtual clock, and with
+``run_timer=False`` when it takes that: instead of its own timer task, the runner calls its
+``tick()`` after every step (upstream processors first). Window ends, ``for:`` durations and emit
+intervals are multiples of a second, so ticking at every whole second fires each of them at exactly
+the instant it is due — the same instants the processors' timers aim for. A test of ten simulated
+minutes takes 600 steps and a fraction of a second. At the end, the graph stops as the agent does
+(receivers flush, processors send what they hold, exporters drain their queues into the capture
+server) and expectations are checked against everything observed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from agent.component import Admission, ComponentId, Consumer, Settings, Signal
+from agent.config import AgentConfig, ComponentSpec
+from agent.model import Batch, Kind, MetricBatch
+from agent.pipeline_test.capture import (
+    Alert,
+    CaptureServer,
+    Observed,
+    decode_otlp,
+    decode_remote_write,
+    decode_webhook,
+)
+from agent.pipeline_test.model import PipelineTest
+from agent.telemetry import ComponentTelemetry, Telemetry
+from receivers.statsd import FLUSH_CHUNK
+
+log = logging.getLogger("headwater.test")
+
+START_UNIX_S = 1_767_225_600.0
+"""2026-01-01T00:00:00Z: every test starts here, on a day boundary, so clock-aligned windows start with it."""
+
+_KIND_NAMES = {Kind.SUM: "sum", Kind.GAUGE: "gauge", Kind.HISTOGRAM: "histogram", Kind.SUMMARY: "summary"}
+_WIRE_EXPORTERS = {"prometheus_remote_write": decode_remote_write, "otlp_http": decode_otlp}
+
+
+class VirtualClock:
+    """Unix seconds that move only when the runner says so."""
+
+    def __init__(self, start_s: float = START_UNIX_S) -> None:
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def observed_points(batch: MetricBatch) -> list[Observed]:
+    out = []
+    for p in batch.points:
+        if p.kind is Kind.SUM or p.kind is Kind.GAUGE:
+            value: float | None = p.value
+        elif p.histogram is not None:
+            value = float(p.histogram.count)
+        elif p.explicit is not None:
+            value = float(p.explicit.count)
+        elif p.summary is not None:
+            value = float(p.summary.count)
+        else:
+            value = None
+        labels = tuple(sorted((str(k), str(v)) for k, v in p.labels))
+        out.append(Observed(p.name, labels, _KIND_NAMES.get(p.kind, p.kind.name.lower()), value))
+    return out
+
+
+class Recorder:
+    """A consumer that keeps what passes it (as :class:`Observed`) and hands it on, if it has a next."""
+
+    def __init__(self, place: str, sink: dict[str, list[Observed]], nxt: Consumer | None = None) -> None:
+        self._place = place
+        self._sink = sink
+        self._next = nxt
+
+    async def consume(self, batch: Batch) -> None:
+        if self._next is not None:
+            await self._next.consume(batch)
+        if isinstance(batch, MetricBatch):
+            self._sink.setdefault(self._place, []).extend(observed_points(batch))
+
+
+class _Fanout:
+    def __init__(self, consumers: Sequence[Consumer]) -> None:
+        self._consumers = list(consumers)
+
+    async def consume(self, batch: Batch) -> None:
+        for c in self._consumers:
+            await c.consume(batch)
+
+
+@dataclass
+class Observations:
+    """Everything one test saw, by place (``processor/tenant``, ``exporter/prometheus_remote_write``)."""
+
+    points: dict[str, list[Observed]] = field(default_factory=dict)
+    alerts: list[Alert] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    """Inputs the graph refused (a receiver's answer), named."""
+
+
+def _settings(telemetry: Telemetry, spec: ComponentSpec, suffix: str = "") -> Settings:
+    kind = spec.kind.value
+    label = str(spec.id) + suffix
+    return Settings(
+        id=spec.id,
+        kind=spec.kind,
+        telemetry=ComponentTelemetry(telemetry, kind, label),
+        logger=logging.getLogger(f"headwater.test.{kind}.{label}"),
+        shutdown_timeout_s=10.0,
+        admission=Admission(),
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Run:
+    """One test's graph; ``run`` drives it and returns what it observed."""
+
+    def __init__(self, config: AgentConfig, test: PipelineTest, capture: CaptureServer) -> None:
+        self.config = config
+        self.test = test
+        self.capture = capture
+        self.clock = VirtualClock()
+        self.telemetry = Telemetry()
+        self.seen = Observations()
+        self.prefix = f"/t{id(self)}"
+        self.receivers: dict[ComponentId, Any] = {}
+        self.receiver_urls: dict[ComponentId, str] = {}
+        self.flush_s: dict[ComponentId, float] = {}
+        self.flushed_ns: dict[ComponentId, int] = {}
+        self.heads: dict[ComponentId, Consumer] = {}
+        self.processors: list[Any] = []
+        """Upstream first within each pipeline."""
+        self.exporters: list[Any] = []
+        self.tickers: list[Callable[[], Any]] = []
+
+    # -- building ------------------------------------------------------------------------------------
+    def _exporter(self, spec: ComponentSpec) -> Consumer:
+        place = f"exporter/{spec.id}"
+        decode = _WIRE_EXPORTERS.get(spec.id.type)
+        if decode is None:
+            return Recorder(place, self.seen.points)
+        config = spec.config
+        base = f"{self.capture.url}{self.prefix}/{spec.id}"
+        fields = {f.name for f in dataclasses.fields(config)}
+        changes: dict[str, Any] = {"endpoint": f"{base}/api/v1/write"}
+        if spec.id.type == "otlp_http":
+            changes = {"endpoint": base, "metrics_endpoint": ""}
+        if "sending_queue" in fields:
+            changes["sending_queue"] = dataclasses.replace(
+                config.sending_queue, storage="memory", directory=""
+            )
+        config = dataclasses.replace(config, **changes)
+        instance = spec.factory.create(_settings(self.telemetry, spec), config)
+        self.exporters.append(instance)
+        return instance  # type: ignore[no-any-return]
+
+    def _processor(self, spec: ComponentSpec, nxt: Consumer, pipeline: str) -> Any:
+        config = spec.config
+        if spec.id.type == "threshold":
+            config = self._threshold_config(spec)
+        settings = _settings(self.telemetry, spec, f"@{pipeline}")
+        instance = spec.factory.create(settings, config, nxt)
+        params = inspect.signature(type(instance).__init__).parameters
+        if "clock" in params:
+            # Rebuilt through its own constructor with the simulated clock (and no timer task).
+            extra: dict[str, Any] = {"clock": self.clock}
+            if "run_timer" in params:
+                extra["run_timer"] = False
+            instance = type(instance)(settings, config, nxt, **extra)
+        if callable(getattr(instance, "tick", None)):
+            self.tickers.append(instance.tick)
+        return instance
+
+    def _threshold_config(self, spec: ComponentSpec) -> Any:
+        config = spec.config
+        base = f"{self.capture.url}{self.prefix}/{spec.id}"
+        webhook_class = type(config.webhook) if config.webhook is not None else _webhook_class()
+        changes: dict[str, Any] = {
+            "webhook": webhook_class(url=f"{base}/webhook", send_resolved=True),
+            "state_directory": "",
+            "sending_queue": dataclasses.replace(config.sending_queue, storage="memory", directory=""),
+        }
+        if config.alertmanager is not None:
+            changes["alertmanager"] = dataclasses.replace(config.alertmanager, url=f"{base}/alertmanager")
+        return dataclasses.replace(config, **changes)
+
+    def build(self) -> None:
+        config = self.config
+        exporters = {cid: self._exporter(spec) for cid, spec in config.exporters.items()}
+        heads: dict[ComponentId, list[Consumer]] = {}
+        for pipeline in config.pipelines:
+            if pipeline.signal is not Signal.METRICS:
+                continue
+            ends: list[Consumer] = [exporters[e] for e in pipeline.exporters if e in exporters]
+            ends += [
+                Recorder(f"connector/{c}", self.seen.points) for c in pipeline.exporters if c not in exporters
+            ]
+            nxt: Consumer = _Fanout(ends)
+            made: list[Any] = []
+            for pid in reversed(pipeline.processors):
+                recorder = Recorder(f"processor/{pid}", self.seen.points, nxt)
+                instance = self._processor(config.processors[pid], recorder, pipeline.id)
+                made.append(instance)
+                nxt = instance
+            self.processors += reversed(made)
+            for rid in pipeline.receivers:
+                heads.setdefault(rid, []).append(nxt)
+        for rid, consumers in heads.items():
+            spec = config.receivers.get(rid)
+            if spec is None:
+                continue  # a connector feeding this pipeline: out of reach of a test's inputs
+            rconfig = spec.config
+            if rid.type in ("http", "otlp") and "endpoint" in {f.name for f in dataclasses.fields(rconfig)}:
+                port = _free_port()
+                rconfig = dataclasses.replace(rconfig, endpoint=f"127.0.0.1:{port}")
+                self.receiver_urls[rid] = f"http://127.0.0.1:{port}"
+            instance = spec.factory.create(
+                _settings(self.telemetry, spec), rconfig, {Signal.METRICS: _Fanout(consumers)}
+            )
+            self.receivers[rid] = instance
+            self.heads[rid] = _Fanout(consumers)
+            if rid.type == "statsd":
+                self.flush_s[rid] = float(rconfig.flush_interval)
+
+    # -- running -------------------------------------------------------------------------------------
+    async def _enter(self, index: int) -> None:
+        item = self.test.inputs[index]
+        rid = ComponentId.parse(item.receiver)
+        receiver = self.receivers.get(rid)
+        where = f"{self.test.where}.inputs[{index}]"
+        if receiver is None:
+            known = ", ".join(str(r) for r in self.receivers) or "none"
+            self.seen.problems.append(f"{where}: no metrics pipeline takes receiver {rid} (known: {known})")
+            return
+        if item.statsd:
+            if rid.type != "statsd":
+                self.seen.problems.append(f"{where}: statsd lines need a statsd receiver, {rid} is not one")
+                return
+            receiver.feed("\n".join(item.statsd).encode())
+            return
+        url = self.receiver_urls.get(rid)
+        if url is None:
+            self.seen.problems.append(f"{where}: {rid} does not take JSON/OTLP requests (use statsd lines)")
+            return
+        if item.json:
+            path, body, ctype = "/v1/metrics", json.dumps(list(item.json)).encode(), "application/json"
+        else:
+            path, body, ctype = "/v1/metrics", json.dumps(item.otlp).encode(), "application/json"
+        headers = {"Content-Type": ctype}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + path, data=body, headers=headers) as resp,
+        ):
+            text = await resp.text()
+            if resp.status >= 300:
+                self.seen.problems.append(f"{where}: {rid} answered {resp.status}: {text[:300]}")
+
+    async def _flush_statsd(self, rid: ComponentId) -> None:
+        """The receiver's flush, stamped with the simulated interval (its own uses the wall clock)."""
+        receiver = self.receivers[rid]
+        end_ns = round(self.clock.now_s * 1e9)
+        start_ns = self.flushed_ns.get(rid, round(START_UNIX_S * 1e9))
+        self.flushed_ns[rid] = end_ns
+        interval = receiver.agg.swap()
+        for chunk in receiver.agg.build(interval, start_ns, end_ns, chunk_size=FLUSH_CHUNK):
+            if chunk:
+                await self.heads[rid].consume(MetricBatch(tuple(chunk)))
+        receiver.sync_counts()
+
+    async def _advance(self, to_s: float) -> None:
+        before = self.clock.now_s
+        self.clock.now_s = to_s
+        for rid, flush_s in self.flush_s.items():
+            if math.floor((to_s - START_UNIX_S) / flush_s) > math.floor((before - START_UNIX_S) / flush_s):
+                await self._flush_statsd(rid)
+        for tick in self.tickers:
+            await tick()
+
+    async def run(self) -> Observations:
+        self.build()
+        started: list[Any] = []
+        try:
+            for component in [*self.exporters, *self.processors]:
+                await component.start()
+                started.append(component)
+            for rid, receiver in self.receivers.items():
+                if rid in self.receiver_urls:
+                    await receiver.start()
+                    started.append(receiver)
+            await self._drive()
+        finally:
+            for rid in self.flush_s:
+                await self._flush_statsd(rid)
+            for component in reversed(started):
+                await component.shutdown()
+        for request in self.capture.under(self.prefix):
+            rest = request.path[len(self.prefix) + 1 :]
+            place, _, tail = rest.partition("/")
+            if tail == "webhook":
+                self.seen.alerts += decode_webhook(request)
+                continue
+            decode = _WIRE_EXPORTERS.get(place)
+            if decode is not None and rest.endswith(("/api/v1/write", "/v1/metrics")):
+                self.seen.points.setdefault(f"exporter/{_exporter_id(rest)}", []).extend(decode(request))
+        return self.seen
+
+    async def _drive(self) -> None:
+        test = self.test
+        step = test.step_s
+        last_input = test.inputs[-1].at_s if test.inputs else 0.0
+        end = test.run_for_s if test.run_for_s is not None else last_input + step
+        times = sorted({*(i.at_s for i in test.inputs), *(k * step for k in range(int(end / step) + 1))})
+        times = [t for t in times if t <= end + 1e-9]
+        pending = 0
+        for t in times:
+            await self._advance(START_UNIX_S + t)
+            while pending < len(test.inputs) and test.inputs[pending].at_s <= t + 1e-9:
+                await self._enter(pending)
+                pending += 1
+
+
+def _exporter_id(rest: str) -> str:
+    """``prometheus_remote_write/name/api/v1/write`` → ``prometheus_remote_write/name``."""
+    for tail in ("/api/v1/write", "/v1/metrics"):
+        if rest.endswith(tail):
+            return rest[: -len(tail)]
+    return rest
+
+
+def _webhook_class() -> Any:
+    from processors.threshold import WebhookConfig
+
+    return WebhookConfig
+
+
+async def run_test(config: AgentConfig, test: PipelineTest, capture: CaptureServer) -> Observations:
+    return await Run(config, test, capture).run()
