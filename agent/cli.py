@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("run", help="run the agent (the default verb)"))
     with_config(sub.add_parser("validate", help="check the config and the environment (ports, directories)"))
+    test = sub.add_parser(
+        "test", help="run pipeline tests (tests.yaml) against the config on simulated time; exit 1 on failure"
+    )
+    with_config(test)
+    test.add_argument("tests", nargs="+", help="test files (format: agent/pipeline_test/model.py, version 1)")
+    test.add_argument("--junit", default="", metavar="FILE", help="also write the results as JUnit XML")
+    test.add_argument(
+        "--update", action="store_true", help="golden mode: write the observed outputs as the expectations"
+    )
     comp = sub.add_parser("components", help="list every built-in component type with its settings")
     comp.add_argument("--json", action="store_true", help="print JSON instead of text")
     queue = sub.add_parser(
@@ -231,7 +240,7 @@ def _stop_before_start(signum: int, frame: object) -> None:
 def _main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_before_start)
     args_list = list(sys.argv[1:] if argv is None else argv)
-    verbs = {"run", "validate", "components", "queue", "selftest", "top", "tap"}
+    verbs = {"run", "validate", "components", "queue", "selftest", "top", "tap", "test"}
     if not any(a in verbs for a in args_list) and not {"-h", "--help", "--version"} & set(args_list):
         args_list = ["run", *args_list]
     args = _parser().parse_args(args_list)
@@ -266,6 +275,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.verb == "test":
+        from agent import pipeline_test
+
+        return pipeline_test.main(config, args.tests, sys.stdout, junit_path=args.junit, update=args.update)
     if args.verb == "validate":
         problems = environment_problems(config)
         if problems:
