@@ -124,6 +124,54 @@ def _parser() -> argparse.ArgumentParser:
         help="the agent's telemetry endpoint (service.telemetry.endpoint; default 127.0.0.1:8888)",
     )
     top.add_argument("--token", metavar="T", help="its bearer token (service.telemetry.auth), if it has one")
+    cap = sub.add_parser(
+        "capture",
+        help="record what a running agent's receivers take in (StatsD, OTLP, JSON) to a file, for replay",
+    )
+    cap.add_argument(
+        "--endpoint",
+        default="127.0.0.1:8888",
+        metavar="HOST:PORT",
+        help="the agent's telemetry endpoint (service.telemetry.endpoint; default 127.0.0.1:8888)",
+    )
+    cap.add_argument(
+        "--receiver",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="receiver to record (repeatable; default all)",
+    )
+    cap.add_argument(
+        "--duration",
+        metavar="DURATION",
+        help="stop after this long (default service.telemetry.capture.max_duration)",
+    )
+    cap.add_argument(
+        "--max-bytes",
+        metavar="SIZE",
+        help="stop at this file size (default service.telemetry.capture.max_bytes)",
+    )
+    cap.add_argument("--token", metavar="T", help="its bearer token (service.telemetry.auth), if it has one")
+    cap.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the capture")
+    rep_ = sub.add_parser(
+        "replay",
+        help="send a capture file's records again (at the recorded pace, --speed N times faster, 0 as fast as"
+        " possible): a debugging tool and a load generator",
+    )
+    rep_.add_argument("file", metavar="FILE", help="a file written by headwater capture")
+    rep_.add_argument(
+        "--to", default="127.0.0.1", metavar="HOST", help="the host to send to (default 127.0.0.1)"
+    )
+    rep_.add_argument("--speed", type=float, default=1.0, metavar="N", help="pace multiplier (0: no pauses)")
+    rep_.add_argument("--loop", action="store_true", help="start again at the end, until Ctrl-C")
+    rep_.add_argument(
+        "--receiver",
+        action="append",
+        default=[],
+        metavar="ID[/TRANSPORT]=HOST:PORT",
+        help="where a receiver's records go (repeatable; default: --to at the port it was recorded on)",
+    )
+    rep_.add_argument("--json", action="store_true", help="print the summary as JSON")
     tap = sub.add_parser(
         "tap",
         help="print what flows through a running agent, live: points, spans and log records leaving (or"
@@ -240,7 +288,7 @@ def _stop_before_start(signum: int, frame: object) -> None:
 def _main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_before_start)
     args_list = list(sys.argv[1:] if argv is None else argv)
-    verbs = {"run", "validate", "components", "queue", "selftest", "top", "tap", "test"}
+    verbs = {"run", "validate", "components", "queue", "selftest", "top", "tap", "test", "capture", "replay"}
     if not any(a in verbs for a in args_list) and not {"-h", "--help", "--version"} & set(args_list):
         args_list = ["run", *args_list]
     args = _parser().parse_args(args_list)
@@ -252,6 +300,21 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from agent.top import top_command
 
         return top_command(args.endpoint, args.token)
+    if args.verb == "capture":
+        from agent.capture.client import capture_command
+        from agent.confmodel import parse_duration, parse_size
+
+        try:
+            duration_s = None if args.duration is None else parse_duration(args.duration)
+            max_bytes = None if args.max_bytes is None else parse_size(args.max_bytes)
+        except ValueError as exc:
+            print(f"headwater capture: {exc}", file=sys.stderr)
+            return 2
+        return capture_command(args.endpoint, args.output, args.receiver, duration_s, max_bytes, args.token)
+    if args.verb == "replay":
+        from agent.capture.replay import replay_command
+
+        return replay_command(args.file, args.to, args.speed, args.loop, args.receiver, args.json)
     if args.verb == "tap":
         from agent.tap.client import tap_command
 
