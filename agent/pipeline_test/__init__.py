@@ -160,8 +160,15 @@ def main(
     if update:
         for f in files:
             mine = [r for r in results if r.file == f.path]
+            errors = [r for r in mine if r.error]
+            if errors:
+                out.write(
+                    f"{f.path}: not updated, the runner failed on {errors[0].test.name}: {errors[0].error}\n"
+                )
+                return 1
+            text = yaml.safe_dump(golden(mine), sort_keys=False, allow_unicode=True, width=110)
             with open(f.path, "w", encoding="utf-8") as fh:
-                yaml.safe_dump(golden(mine), fh, sort_keys=False, allow_unicode=True, width=110)
+                fh.write(text)
             out.write(f"wrote the observed outputs of {len(mine)} test(s) to {f.path}\n")
         return 0
     report(results, out, seconds)

@@ -49,6 +49,8 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 class TestFileError(Exception):
     """A test file that cannot be used; ``problems`` are ``path: message`` lines."""
 
+    __test__ = False  # not a pytest test class
+
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
@@ -113,6 +115,7 @@ class PipelineTest:
 
 @dataclass(frozen=True)
 class TestFile:
+    __test__ = False  # not a pytest test class
     path: str
     tests: tuple[PipelineTest, ...] = field(default=())
 

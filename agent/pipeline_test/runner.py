@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -62,6 +63,9 @@ START_UNIX_S = 1_767_225_600.0
 
 _KIND_NAMES = {Kind.SUM: "sum", Kind.GAUGE: "gauge", Kind.HISTOGRAM: "histogram", Kind.SUMMARY: "summary"}
 _WIRE_EXPORTERS = {"prometheus_remote_write": decode_remote_write, "otlp_http": decode_otlp}
+
+
+_RUNS = itertools.count(1)
 
 
 class VirtualClock:
@@ -156,7 +160,8 @@ class Run:
         self.clock = VirtualClock()
         self.telemetry = Telemetry()
         self.seen = Observations()
-        self.prefix = f"/t{id(self)}"
+        self.prefix = f"/t{next(_RUNS)}"
+        """Where this run's requests arrive on the shared capture server (unique per run)."""
         self.receivers: dict[ComponentId, Any] = {}
         self.receiver_urls: dict[ComponentId, str] = {}
         self.flush_s: dict[ComponentId, float] = {}
@@ -329,8 +334,8 @@ class Run:
                 await component.shutdown()
         for request in self.capture.under(self.prefix):
             rest = request.path[len(self.prefix) + 1 :]
-            place, _, tail = rest.partition("/")
-            if tail == "webhook":
+            place, _, tail = rest.partition("/")  # place: the component's type
+            if place == "threshold" and (tail == "webhook" or tail.endswith("/webhook")):
                 self.seen.alerts += decode_webhook(request)
                 continue
             decode = _WIRE_EXPORTERS.get(place)

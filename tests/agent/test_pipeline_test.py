@@ -1,0 +1,219 @@
+"""``headwater test`` as a library: the README's processors example tested on simulated time — tenant
+labels ``team:pay`` traffic ``pay``, sample keeps ``billing.*``, the latency rule fires at 1 s and not at
+0.4 s, remote-write carries ``http_requests_total`` with the dashboards' labels — and a changed config
+making a test fail with the expected item next to the nearest observed ones; the test-file refusals;
+JUnit and golden (``--update``) output."""
+
+from __future__ import annotations
+
+import io
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent import pipeline_test
+from agent.config import AgentConfig, build_config
+from agent.pipeline_test.model import TestFileError, parse
+from agent.registry import builtin_factories
+
+README_PROCESSORS: dict[str, Any] = {
+    "receivers": {"statsd": {"udp": "127.0.0.1:8125", "flush_interval": "10s"}},
+    "processors": {
+        "tenant": {"from_label": "team", "default": "anonymous"},
+        "sample": {
+            "rate": 0.1,
+            "rules": [
+                {"match": "billing.*", "rate": 1},
+                {"match": "http.*", "rate": 1},
+                {"match": "api.*", "rate": 1},
+            ],
+        },
+        "threshold/latency": {
+            "rules": [
+                {
+                    "name": "api_p99",
+                    "metric": "api.latency",
+                    "statistic": "percentile",
+                    "quantile": 0.99,
+                    "window": "5m",
+                    "op": ">",
+                    "warning": 0.5,
+                    "critical": 1.0,
+                    "resolve": 0.4,
+                    "for": "2m",
+                }
+            ],
+            "webhook": {"url": "http://slack.invalid/hook"},
+            "alertmanager": {"url": "http://alertmanager.invalid:9093"},
+        },
+    },
+    "exporters": {"prometheus_remote_write": {"endpoint": "http://mimir.invalid:8080/api/v1/push"}},
+    "service": {
+        "pipelines": {
+            "metrics": {
+                "receivers": ["statsd"],
+                "processors": ["tenant", "sample", "threshold/latency"],
+                "exporters": ["prometheus_remote_write"],
+            }
+        }
+    },
+}
+
+TESTS = """
+version: 1
+tests:
+  - name: pay traffic is labelled pay and reaches remote-write as http_requests_total
+    inputs:
+      - {at: 0s, receiver: statsd, statsd: ["http.requests:3|c|#team:pay,route:/charge,code:200"]}
+    run_for: 10s
+    expect:
+      - {at: processor/tenant, metric: http.requests, labels: {tenant_id: pay}, value: 3, type: sum}
+      - at: exporter/prometheus_remote_write
+        metric: http_requests_total
+        labels: {tenant_id: pay, route: /charge, code: "200"}
+        value: 3
+        count: 1
+  - name: sample keeps every billing series
+    inputs:
+      - {at: 0s, receiver: statsd, statsd: ["billing.charge:1|c|#id:1", "billing.charge:1|c|#id:2",
+                                             "billing.charge:1|c|#id:3", "billing.charge:1|c|#id:4"]}
+    run_for: 10s
+    expect:
+      - {at: processor/sample, metric: billing.charge, count: 4}
+  - name: the latency rule fires at 1 s
+    inputs:
+      - {at: 0s, receiver: statsd, statsd: ["api.latency:1000|ms", "api.latency:1100|ms"]}
+      - {at: 60s, receiver: statsd, statsd: ["api.latency:1100|ms"]}
+      - {at: 120s, receiver: statsd, statsd: ["api.latency:1200|ms"]}
+    run_for: 3m
+    expect:
+      - {alert: api_p99, status: firing, labels: {severity: critical}}
+  - name: the latency rule does not fire at 0.4 s
+    inputs:
+      - {at: 0s, receiver: statsd, statsd: ["api.latency:400|ms"]}
+      - {at: 60s, receiver: statsd, statsd: ["api.latency:400|ms"]}
+      - {at: 120s, receiver: statsd, statsd: ["api.latency:400|ms"]}
+    run_for: 3m
+    expect:
+      - {alert: api_p99, status: firing, count: 0}
+"""
+
+
+def _config(data: dict[str, Any]) -> AgentConfig:
+    return build_config(data, builtin_factories())
+
+
+def _run(tmp_path: Path, data: dict[str, Any], tests: str = TESTS, **kw: Any) -> tuple[int, str]:
+    path = tmp_path / "pipeline.tests.yaml"
+    if not path.exists():
+        path.write_text(tests)
+    out = io.StringIO()
+    code = pipeline_test.main(_config(data), [str(path)], out, **kw)
+    return code, out.getvalue()
+
+
+def test_the_readme_processors_example_passes_its_tests(tmp_path: Path) -> None:
+    code, out = _run(tmp_path, README_PROCESSORS)
+    assert code == 0, out
+    assert out.count("PASSED") == 4
+    assert "4 passed" in out
+
+
+def test_a_changed_config_fails_with_the_expected_item_beside_the_nearest_observed(tmp_path: Path) -> None:
+    changed = yaml.safe_load(yaml.safe_dump(README_PROCESSORS))
+    changed["processors"]["tenant"]["from_label"] = "squad"  # the dashboards' tenant label breaks
+    code, out = _run(tmp_path, changed)
+    assert code == 1
+    assert "pay traffic is labelled pay and reaches remote-write as http_requests_total FAILED" in out
+    assert 'expected: processor/tenant: http.requests {tenant_id="pay", ...}' in out
+    assert "observed: 0 matching of 1 points at processor/tenant" in out
+    # The nearest observed item shows what the change did: the tenant fell back to the default.
+    assert 'http.requests{code="200", route="/charge", team="pay", tenant_id="anonymous"} 3 (sum)' in out
+    assert 'http_requests_total{code="200", route="/charge", team="pay", tenant_id="anonymous"} 3' in out
+    assert "1 failed" in out and "3 passed" in out
+
+
+def test_a_higher_critical_threshold_makes_the_firing_test_fail(tmp_path: Path) -> None:
+    changed = yaml.safe_load(yaml.safe_dump(README_PROCESSORS))
+    changed["processors"]["threshold/latency"]["rules"][0]["critical"] = 2.0
+    code, out = _run(tmp_path, changed)
+    assert code == 1
+    assert "the latency rule fires at 1 s FAILED" in out
+    assert 'expected: alerts: alert api_p99 status=firing {severity="critical", ...}' in out
+    # It still fires, at warning: the nearest notification says so.
+    assert 'alert api_p99 firing {alertname="api_p99", metric="api.latency", severity="warning"' in out
+
+
+def test_junit_names_each_test_and_carries_the_diff(tmp_path: Path) -> None:
+    changed = yaml.safe_load(yaml.safe_dump(README_PROCESSORS))
+    changed["processors"]["sample"]["rules"] = [{"match": "http.*", "rate": 1}, {"match": "api.*", "rate": 1}]
+    changed["processors"]["sample"]["rate"] = 0.000001
+    junit = tmp_path / "out.xml"
+    code, _ = _run(tmp_path, changed, junit_path=str(junit))
+    assert code == 1
+    suite = ET.parse(junit).getroot()
+    assert suite.get("tests") == "4" and suite.get("failures") == "1"
+    failed = [c for c in suite.iter("testcase") if c.find("failure") is not None]
+    assert [c.get("name") for c in failed] == ["sample keeps every billing series"]
+    text = failed[0].find("failure").text or ""  # type: ignore[union-attr]
+    assert "expected: processor/sample: billing.charge count=4" in text
+    assert "observed: 0 matching of 0 points at processor/sample" in text
+
+
+def test_update_writes_the_observed_outputs_and_they_pass_next_time(tmp_path: Path) -> None:
+    code, out = _run(tmp_path, README_PROCESSORS, update=True)
+    assert code == 0, out
+    written = yaml.safe_load((tmp_path / "pipeline.tests.yaml").read_text())
+    assert written["version"] == 1
+    first = written["tests"][0]
+    assert first["inputs"][0]["statsd"] == ["http.requests:3|c|#team:pay,route:/charge,code:200"]
+    assert {
+        "at": "exporter/prometheus_remote_write",
+        "metric": "http_requests_total",
+        "labels": {"code": "200", "route": "/charge", "team": "pay", "tenant_id": "pay"},
+        "value": 3.0,
+        "labels_exact": True,
+        "count": 1,
+    } in first["expect"]
+    fires = written["tests"][2]["expect"]
+    assert any(e.get("alert") == "api_p99" and e["labels"]["severity"] == "critical" for e in fires)
+    code, out = _run(tmp_path, README_PROCESSORS)
+    assert code == 0, out
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("version: 2\ntests: [{name: a, inputs: []}]", "version: this headwater reads version 1, got 2"),
+        (
+            "version: 1\ntests: [{name: a, inputs: [{receiver: statsd}]}]",
+            "give exactly one of statsd, json, otlp",
+        ),
+        (
+            "version: 1\ntests: [{name: a, inputs: [{at: soon, receiver: statsd, statsd: [x]}]}]",
+            "tests[0].inputs[0].at: expected a duration such as 2s or 500ms, got 'soon'",
+        ),
+        (
+            "version: 1\ntests: [{name: a, inputs: [], expect: [{at: out, metric: m}]}]",
+            "expected processor/<id>",
+        ),
+        (
+            "version: 1\ntests: [{name: a, inputs: [], expect: [{metric: m, colour: red}]}]",
+            "colour: unknown key",
+        ),
+    ],
+)
+def test_a_bad_test_file_is_refused_naming_the_place(text: str, problem: str) -> None:
+    with pytest.raises(TestFileError) as caught:
+        parse(text, "t.yaml")
+    assert problem in str(caught.value)
+
+
+def test_an_input_for_a_receiver_no_pipeline_has_fails_the_test_naming_it(tmp_path: Path) -> None:
+    tests = "version: 1\ntests: [{name: a, inputs: [{receiver: statsd/other, statsd: ['x:1|c']}]}]"
+    code, out = _run(tmp_path, README_PROCESSORS, tests)
+    assert code == 1
+    assert "inputs[0]: no metrics pipeline takes receiver statsd/other (known: statsd)" in out
