@@ -96,10 +96,8 @@ class Redactor:
                         kv.value.Clear()
                         kv.value.string_value = REDACTED
                 continue
-            if fd.label == fd.LABEL_REPEATED:
-                if fd.message_type.GetOptions().map_entry:
-                    continue
+            if isinstance(value, Message):
+                self._rewrite(value)
+            elif not fd.message_type.GetOptions().map_entry:  # a repeated field (OTLP has no maps)
                 for item in value:
                     self._rewrite(item)
-            else:
-                self._rewrite(value)
