@@ -249,9 +249,13 @@ class Run:
             if spec is None:
                 continue  # a connector feeding this pipeline: out of reach of a test's inputs
             rconfig = spec.config
-            if rid.type in ("http", "otlp") and "endpoint" in {f.name for f in dataclasses.fields(rconfig)}:
+            if rid.type == "http":
                 port = _free_port()
                 rconfig = dataclasses.replace(rconfig, endpoint=f"127.0.0.1:{port}")
+                self.receiver_urls[rid] = f"http://127.0.0.1:{port}"
+            elif rid.type == "otlp":
+                port = _free_port()  # OTLP/JSON over HTTP only: the gRPC listener is not opened
+                rconfig = dataclasses.replace(rconfig, grpc=None, http=f"127.0.0.1:{port}")
                 self.receiver_urls[rid] = f"http://127.0.0.1:{port}"
             instance = spec.factory.create(
                 _settings(self.telemetry, spec), rconfig, {Signal.METRICS: _Fanout(consumers)}
