@@ -8,6 +8,7 @@ tests:
     run_for: 30s                  # simulated time after the first instant (default: last input + one step)
     inputs:
       - {at: 0s, receiver: statsd, statsd: ["api.hits:1|c|#team:pay"]}
+      - {at: 5s, every: 1m, times: 10, receiver: statsd, statsd: ["api.up:1|g"]}   # at 5s, 1m5s, … 9m5s
     expect:
       - at: processor/tenant      # what leaves a processor (or connector) ...
         metric: api.hits
@@ -31,6 +32,7 @@ day boundary (UTC), so windows aligned to the clock start with the test.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +43,12 @@ VERSION = 1
 """The only test-file version this runner reads; ``--update`` writes it."""
 
 DEFAULT_TOLERANCE = 1e-9
+MAX_REPEATS = 100_000
+"""The most copies one repeated input may make."""
 _TYPES = ("sum", "gauge", "histogram", "summary")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class TestFileError(Exception):
@@ -121,15 +126,15 @@ class TestFile:
 
 
 def duration_s(raw: Any, where: str) -> float:
-    """``1.5``, ``"500ms"``, ``"2s"``, ``"5m"``, ``"1h"`` → seconds; TestFileError otherwise."""
+    """``1.5``, ``"500ms"``, ``"2s"``, ``"5m"``, ``"1h30m"`` → seconds; TestFileError otherwise."""
     if isinstance(raw, bool):
         raise TestFileError([f"{where}: expected a duration such as 2s or 500ms, got {raw!r}"])
     if isinstance(raw, (int, float)) and raw >= 0:
         return float(raw)
-    m = _DURATION.match(str(raw)) if isinstance(raw, str) else None
-    if m is None:
-        raise TestFileError([f"{where}: expected a duration such as 2s or 500ms, got {raw!r}"])
-    return float(m.group(1)) * _UNIT_S[m.group(2)]
+    text = raw.strip() if isinstance(raw, str) else ""
+    if not _DURATION.match(text):
+        raise TestFileError([f"{where}: expected a duration such as 2s, 500ms or 1h30m, got {raw!r}"])
+    return sum(float(n) * _UNIT_S[unit] for n, unit in _PART.findall(text))
 
 
 def _keys(raw: Any, where: str, allowed: set[str], required: set[str]) -> list[str]:
@@ -150,8 +155,27 @@ def _labels(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(k), str(v)) for k, v in raw.items()))
 
 
+def _inputs(raw: Any, where: str) -> list[Input]:
+    """One input, or ``times`` copies of it ``every`` apart from ``at``."""
+    first = _input(raw, where)
+    times = raw.get("times", 1)
+    if isinstance(times, bool) or not isinstance(times, int) or not 1 <= times <= MAX_REPEATS:
+        raise TestFileError(
+            [f"{where}.times: expected a whole number from 1 to {MAX_REPEATS}, got {times!r}"]
+        )
+    if times == 1:
+        return [first]
+    if "every" not in raw:
+        raise TestFileError([f"{where}: times needs every (the time between copies)"])
+    every = duration_s(raw["every"], f"{where}.every")
+    if every <= 0:
+        raise TestFileError([f"{where}.every: must be above 0"])
+    return [dataclasses.replace(first, at_s=first.at_s + k * every) for k in range(times)]
+
+
 def _input(raw: Any, where: str) -> Input:
-    problems = _keys(raw, where, {"at", "receiver", "statsd", "json", "otlp"}, {"receiver"})
+    allowed = {"at", "every", "times", "receiver", "statsd", "json", "otlp"}
+    problems = _keys(raw, where, allowed, {"receiver"})
     if problems:
         raise TestFileError(problems)
     given = [k for k in ("statsd", "json", "otlp") if k in raw]

@@ -180,21 +180,16 @@ class Run:
             return Recorder(place, self.seen.points)
         config = spec.config
         base = f"{self.capture.url}{self.prefix}/{spec.id}"
-        fields = {f.name for f in dataclasses.fields(config)}
         changes: dict[str, Any] = {"endpoint": f"{base}/api/v1/write"}
         if spec.id.type == "otlp_http":
             changes = {"endpoint": base, "metrics_endpoint": ""}
-        if "sending_queue" in fields:
-            changes["sending_queue"] = dataclasses.replace(
-                config.sending_queue, storage="memory", directory=""
-            )
-        config = dataclasses.replace(config, **changes)
+        config = dataclasses.replace(_without_disk(config), **changes)
         instance = spec.factory.create(_settings(self.telemetry, spec), config)
         self.exporters.append(instance)
         return instance  # type: ignore[no-any-return]
 
     def _processor(self, spec: ComponentSpec, nxt: Consumer, pipeline: str) -> Any:
-        config = spec.config
+        config = _without_disk(spec.config)
         if spec.id.type == "threshold":
             config = self._threshold_config(spec)
         settings = _settings(self.telemetry, spec, f"@{pipeline}")
@@ -211,13 +206,11 @@ class Run:
         return instance
 
     def _threshold_config(self, spec: ComponentSpec) -> Any:
-        config = spec.config
+        config = _without_disk(spec.config)
         base = f"{self.capture.url}{self.prefix}/{spec.id}"
         webhook_class = type(config.webhook) if config.webhook is not None else _webhook_class()
         changes: dict[str, Any] = {
             "webhook": webhook_class(url=f"{base}/webhook", send_resolved=True),
-            "state_directory": "",
-            "sending_queue": dataclasses.replace(config.sending_queue, storage="memory", directory=""),
         }
         if config.alertmanager is not None:
             changes["alertmanager"] = dataclasses.replace(config.alertmanager, url=f"{base}/alertmanager")
@@ -360,6 +353,20 @@ class Run:
             while pending < len(test.inputs) and test.inputs[pending].at_s <= t + 1e-9:
                 await self._enter(pending)
                 pending += 1
+
+
+def _without_disk(config: Any) -> Any:
+    """``config`` with no state kept on disk: a test neither reads nor leaves files (queues in memory,
+    no state directory, no drift baseline file)."""
+    names = {f.name for f in dataclasses.fields(config)}
+    changes: dict[str, Any] = {}
+    if "sending_queue" in names:
+        changes["sending_queue"] = dataclasses.replace(config.sending_queue, storage="memory", directory="")
+    if "state_directory" in names:
+        changes["state_directory"] = ""
+    if "baseline_file" in names and config.baseline_file is not None:
+        changes["baseline_file"] = None  # unset (drift: "" would be refused)
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _exporter_id(rest: str) -> str:

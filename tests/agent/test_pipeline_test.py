@@ -194,7 +194,7 @@ def test_update_writes_the_observed_outputs_and_they_pass_next_time(tmp_path: Pa
         ),
         (
             "version: 1\ntests: [{name: a, inputs: [{at: soon, receiver: statsd, statsd: [x]}]}]",
-            "tests[0].inputs[0].at: expected a duration such as 2s or 500ms, got 'soon'",
+            "tests[0].inputs[0].at: expected a duration such as 2s, 500ms or 1h30m, got 'soon'",
         ),
         (
             "version: 1\ntests: [{name: a, inputs: [], expect: [{at: out, metric: m}]}]",
