@@ -217,3 +217,40 @@ def test_an_input_for_a_receiver_no_pipeline_has_fails_the_test_naming_it(tmp_pa
     code, out = _run(tmp_path, README_PROCESSORS, tests)
     assert code == 1
     assert "inputs[0]: no metrics pipeline takes receiver statsd/other (known: statsd)" in out
+
+
+OTLP_HTTP: dict[str, Any] = {
+    "receivers": {"statsd": {"udp": "127.0.0.1:8125", "flush_interval": "10s"}},
+    "processors": {"attributes": {"actions": [{"key": "env", "value": "prod", "action": "insert"}]}},
+    "exporters": {"otlp_http": {"endpoint": "https://otel.invalid:4318"}},
+    "service": {
+        "pipelines": {
+            "metrics": {"receivers": ["statsd"], "processors": ["attributes"], "exporters": ["otlp_http"]}
+        }
+    },
+}
+
+
+def test_otlp_http_requests_are_decoded_with_the_opentelemetry_proto_classes(tmp_path: Path) -> None:
+    tests = """
+version: 1
+tests:
+  - name: counters and timers leave as OTLP sums and histograms
+    inputs:
+      - {at: 0s, receiver: statsd, statsd: ["jobs.done:5|c|#queue:mail", "job.time:300|ms"]}
+    run_for: 10s
+    expect:
+      - {at: exporter/otlp_http, metric: jobs.done, labels: {queue: mail, env: prod}, type: sum, value: 5}
+      - {at: exporter/otlp_http, metric: job.time, labels: {env: prod}, type: histogram, value: 1}
+"""
+    code, out = _run(tmp_path, OTLP_HTTP, tests)
+    assert code == 0, out
+    broken = yaml.safe_load(yaml.safe_dump(OTLP_HTTP))
+    broken["processors"]["attributes"]["actions"][0]["value"] = "staging"
+    code, out = _run(tmp_path, broken, tests)
+    assert code == 1
+    # As sent: the attributes, and the resource's as resource.<key>.
+    assert (
+        'jobs.done{env="staging", queue="mail", resource.service.name="unknown_service:headwater"} 5 (sum)'
+        in out
+    )
