@@ -4,7 +4,9 @@ format's refusal of other versions, and no hooks while no capture runs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,50 @@ async def test_no_hook_while_off_tokens_never_recorded_and_the_endpoint_refuses_
         "content_type",
     }
     assert b"client-secret-token" not in raw
+
+
+async def test_unix_datagram_and_stream_reads_are_recorded_and_replayed(tmp_path: Path) -> None:
+    from agent.capture import CaptureControl
+    from agent.capture.replay import replay
+
+    dgram, stream = str(tmp_path / "dsd.sock"), str(tmp_path / "stream.sock")
+    data = {
+        "receivers": {"statsd": {"unixgram": dgram, "unix": stream, "flush_interval": "1h"}},
+        "exporters": {"debug": {"path": str(tmp_path / "out.jsonl")}},
+        "service": {
+            "pipelines": {"metrics": {"receivers": ["statsd"], "exporters": ["debug"]}},
+            "telemetry": {"endpoint": "", "capture": {"directory": str(tmp_path)}},
+        },
+    }
+    agent = Agent(build_config(data, builtin_factories()))
+    await agent.start()
+    try:
+        control = CaptureControl(agent, asyncio.get_running_loop())
+        status = await asyncio.to_thread(control.start, ["statsd"])
+        receiver = agent.receiver_instances()["statsd"][1]
+        await wait_until(lambda: receiver.capture is not None, "the hook set")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"a:1|c", dgram)
+        _, writer = await asyncio.open_unix_connection(stream)
+        writer.write(b"b:2|c\n")
+        await writer.drain()
+        writer.close()
+
+        def accepted() -> float:
+            return agent.telemetry.value("receiver_accepted_points_total", receiver="statsd")
+
+        await wait_until(lambda: accepted() == 2, "both lines taken")
+        await wait_until(lambda: control.status()["records"] == 2, "both reads recorded")
+        await asyncio.to_thread(control.stop)
+        await wait_until(lambda: receiver.capture is None, "the hook cleared once the capture ended")
+        header, records = read_file(status["path"])
+        assert header.receivers["statsd"]["endpoints"] == {"unixgram": dgram, "unix": stream}
+        assert sorted((r.transport, r.payload) for r in records if r.kind == DATA) == [
+            ("unix", b"b:2|c\n"),
+            ("unixgram", b"a:1|c"),
+        ]
+        summary = await replay(header, records, speed=0)  # to the recorded socket paths
+        assert summary.errors == {} and summary.records == 2
+        await wait_until(lambda: accepted() == 4, "the replayed lines taken again")
+    finally:
+        await agent.stop()
