@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["CaptureControl", "CaptureHook", "CaptureRefused", "endpoints_of"]
 
 
+MIN_BYTES = 1024
+"""The smallest max_bytes a capture may be started with (room for the header and the END record)."""
+
+
 class CaptureRefused(Exception):
     """A start or download the endpoint refuses: ``status`` is the HTTP status to answer."""
 
@@ -100,10 +104,10 @@ class CaptureControl:
         cfg = self.config
         max_bytes = cfg.max_bytes if max_bytes is None else max_bytes
         max_duration_s = cfg.max_duration if max_duration_s is None else max_duration_s
-        if not 0 < max_bytes <= cfg.max_bytes:
+        if not MIN_BYTES <= max_bytes <= cfg.max_bytes:
             raise CaptureRefused(
                 400,
-                f"max_bytes {max_bytes} is out of range: 1 to {cfg.max_bytes}"
+                f"max_bytes {max_bytes} is out of range: {MIN_BYTES} to {cfg.max_bytes}"
                 " (service.telemetry.capture.max_bytes)",
             )
         if not 0 < max_duration_s <= cfg.max_duration:
@@ -125,6 +129,13 @@ class CaptureControl:
                     400,
                     f"receivers {', '.join(unknown)} cannot be captured: capturable are"
                     f" {', '.join(sorted(capturable)) or 'none'}",
+                )
+            pooled = [r for r in chosen if getattr(capturable[r][1], "pool", None) is not None]
+            if pooled:
+                raise CaptureRefused(
+                    400,
+                    f"receivers {', '.join(pooled)} run worker processes (workers > 1) that read the sockets"
+                    " themselves: capture a receiver with workers: 1",
                 )
             if not chosen:
                 raise CaptureRefused(

@@ -83,6 +83,8 @@ class Recorder:
         self.dropped_bytes = 0
         self._gap_reported = (0, 0)
         self.by_receiver: dict[str, int] = {}
+        """Records written per receiver id (written by the writer thread, read under ``_counts_lock``)."""
+        self._counts_lock = threading.Lock()
 
     # -- the agent's loop ----------------------------------------------------------------------------
     def hook(self, receiver_id: str) -> CaptureHook:
@@ -141,8 +143,12 @@ class Recorder:
             "elapsed_s": round(elapsed_ns / 1e9, 3),
             "max_bytes": self.max_bytes,
             "max_duration_s": self.max_duration_s,
-            "by_receiver": dict(self.by_receiver),
+            "by_receiver": self._by_receiver(),
         }
+
+    def _by_receiver(self) -> dict[str, int]:
+        with self._counts_lock:
+            return dict(self.by_receiver)
 
     # -- the writer thread ---------------------------------------------------------------------------
     def _run(self, f: Any) -> None:
@@ -224,7 +230,8 @@ class Recorder:
             f.write(record)
             self.bytes_written += len(record)
             self.records += 1
-            self.by_receiver[receiver_id] = self.by_receiver.get(receiver_id, 0) + 1
+            with self._counts_lock:  # status() copies it from another thread
+                self.by_receiver[receiver_id] = self.by_receiver.get(receiver_id, 0) + 1
         self._write_gap(f)
         f.flush()
         return None

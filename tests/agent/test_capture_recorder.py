@@ -220,6 +220,10 @@ async def test_no_hook_while_off_tokens_never_recorded_and_the_endpoint_refuses_
                 assert r.status == 400 and "nope cannot be captured" in (await r.json())["error"]
             async with http.post(base + "/start", json={"max_duration_s": 3600}) as r:
                 assert r.status == 400 and "capture.max_duration" in (await r.json())["error"]
+            async with http.post(base + "/start", json={"max_bytes": 10}) as r:
+                assert (
+                    r.status == 400 and "max_bytes 10 is out of range: 1024 to" in (await r.json())["error"]
+                )
             async with http.post(base + "/start", json={"colour": 1}) as r:
                 assert r.status == 400 and "unknown fields colour" in (await r.json())["error"]
             async with http.post(base + "/start", json={"max_bytes": "1MiB"}) as r:
