@@ -62,6 +62,9 @@ def check(e: Expectation, seen: Observations) -> Failure | None:
         total, where = len(seen.alerts), "alert notifications"
     else:
         points = seen.points.get(e.at, [])
+        if e.by_s is not None:
+            times = seen.times.get(e.at, [])
+            points = [o for o, t in zip(points, times, strict=True) if t <= e.by_s + 1e-9]
         n = sum(1 for o in points if _point_matches(e, o))
         total, where = len(points), f"points at {e.at}"
     ok = n >= 1 if e.count is None else n == e.count

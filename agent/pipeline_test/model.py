@@ -17,6 +17,7 @@ tests:
         tolerance: 0.001          # absolute; default 1e-9
         type: sum                 # sum | gauge | histogram | summary
         count: 1                  # points matching (default: at least one)
+        by: 10s                   # optional: only what left by then (simulated; in-process places)
       - at: exporter/prometheus_remote_write   # ... or the decoded requests an exporter would send
         metric: api_hits_total
         labels: {tenant_id: pay}
@@ -46,6 +47,8 @@ DEFAULT_TOLERANCE = 1e-9
 MAX_REPEATS = 100_000
 """The most copies one repeated input may make."""
 _TYPES = ("sum", "gauge", "histogram", "summary")
+_WIRE = ("prometheus_remote_write", "otlp_http")
+"""Exporters whose requests are captured and decoded: what they send has no simulated time."""
 _DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -90,6 +93,8 @@ class Expectation:
     alert: str = ""
     status: str = ""
     """``firing`` or ``resolved`` for an ``alert`` expectation."""
+    by_s: float | None = None
+    """Only what was observed by this simulated time (seconds after the start); None: by the end."""
 
     def describe(self) -> str:
         what = f"alert {self.alert}" if self.alert else self.metric
@@ -104,6 +109,8 @@ class Expectation:
         if self.value is not None:
             parts.append(f"value={self.value:g}±{self.tolerance:g}")
         parts.append("count=" + ("≥1" if self.count is None else str(self.count)))
+        if self.by_s is not None:
+            parts.append(f"by={self.by_s:g}s")
         return f"{self.at}: " + " ".join(parts)
 
 
@@ -208,6 +215,7 @@ def _expectation(raw: Any, where: str) -> Expectation:
         "count",
         "alert",
         "status",
+        "by",
     }
     problems = _keys(raw, where, allowed, set())
     if problems:
@@ -233,6 +241,12 @@ def _expectation(raw: Any, where: str) -> Expectation:
     tolerance = raw.get("tolerance", DEFAULT_TOLERANCE)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
         problems.append(f"{where}.tolerance: expected a number ≥ 0, got {tolerance!r}")
+    by = raw.get("by")
+    by_s = None if by is None else duration_s(by, f"{where}.by")
+    kind_of, _, component = at.partition("/")
+    wire = kind_of == "exporter" and component.split("/")[0] in _WIRE
+    if by_s is not None and (alert or wire):
+        problems.append(f"{where}.by: applies to processors, connectors and recorded exporters only")
     if problems:
         raise TestFileError(problems)
     return Expectation(
@@ -246,6 +260,7 @@ def _expectation(raw: Any, where: str) -> Expectation:
         count=count,
         alert=alert,
         status=status,
+        by_s=by_s,
     )
 
 
@@ -264,11 +279,10 @@ def _test(raw: Any, where: str) -> PipelineTest:
     if step <= 0:
         raise TestFileError([f"{where}.step: must be above 0"])
     run_for = raw.get("run_for")
+    items = [y for i, x in enumerate(inputs) for y in _inputs(x, f"{where}.inputs[{i}]")]
     return PipelineTest(
         name=str(raw["name"]),
-        inputs=tuple(
-            sorted((_input(x, f"{where}.inputs[{i}]") for i, x in enumerate(inputs)), key=lambda x: x.at_s)
-        ),
+        inputs=tuple(sorted(items, key=_at)),
         expect=tuple(_expectation(x, f"{where}.expect[{i}]") for i, x in enumerate(expect)),
         step_s=step,
         run_for_s=None if run_for is None else duration_s(run_for, f"{where}.run_for"),

@@ -99,16 +99,22 @@ def observed_points(batch: MetricBatch) -> list[Observed]:
 class Recorder:
     """A consumer that keeps what passes it (as :class:`Observed`) and hands it on, if it has a next."""
 
-    def __init__(self, place: str, sink: dict[str, list[Observed]], nxt: Consumer | None = None) -> None:
+    def __init__(
+        self, place: str, seen: Observations, clock: VirtualClock, nxt: Consumer | None = None
+    ) -> None:
         self._place = place
-        self._sink = sink
+        self._seen = seen
+        self._clock = clock
         self._next = nxt
 
     async def consume(self, batch: Batch) -> None:
         if self._next is not None:
             await self._next.consume(batch)
         if isinstance(batch, MetricBatch):
-            self._sink.setdefault(self._place, []).extend(observed_points(batch))
+            points = observed_points(batch)
+            self._seen.points.setdefault(self._place, []).extend(points)
+            at_s = self._clock.now_s - START_UNIX_S
+            self._seen.times.setdefault(self._place, []).extend(at_s for _ in points)
 
 
 class _Fanout:
@@ -125,6 +131,8 @@ class Observations:
     """Everything one test saw, by place (``processor/tenant``, ``exporter/prometheus_remote_write``)."""
 
     points: dict[str, list[Observed]] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=dict)
+    """Per place, the simulated time (seconds after the start) each of its points left, in order."""
     alerts: list[Alert] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     """Inputs the graph refused (a receiver's answer), named."""
@@ -177,7 +185,7 @@ class Run:
         place = f"exporter/{spec.id}"
         decode = _WIRE_EXPORTERS.get(spec.id.type)
         if decode is None:
-            return Recorder(place, self.seen.points)
+            return Recorder(place, self.seen, self.clock)
         config = spec.config
         base = f"{self.capture.url}{self.prefix}/{spec.id}"
         changes: dict[str, Any] = {"endpoint": f"{base}/api/v1/write"}
@@ -225,12 +233,14 @@ class Run:
                 continue
             ends: list[Consumer] = [exporters[e] for e in pipeline.exporters if e in exporters]
             ends += [
-                Recorder(f"connector/{c}", self.seen.points) for c in pipeline.exporters if c not in exporters
+                Recorder(f"connector/{c}", self.seen, self.clock)
+                for c in pipeline.exporters
+                if c not in exporters
             ]
             nxt: Consumer = _Fanout(ends)
             made: list[Any] = []
             for pid in reversed(pipeline.processors):
-                recorder = Recorder(f"processor/{pid}", self.seen.points, nxt)
+                recorder = Recorder(f"processor/{pid}", self.seen, self.clock, nxt)
                 instance = self._processor(config.processors[pid], recorder, pipeline.id)
                 made.append(instance)
                 nxt = instance

@@ -254,3 +254,36 @@ tests:
         'jobs.done{env="staging", queue="mail", resource.service.name="unknown_service:headwater"} 5 (sum)'
         in out
     )
+
+
+AGGREGATE: dict[str, Any] = {
+    "receivers": {"statsd": {"udp": "127.0.0.1:8125", "flush_interval": "10s"}},
+    "processors": {
+        "aggregate": {"rules": [{"match": ["http.requests"], "intervals": ["1m"], "outputs": ["sum"]}]}
+    },
+    "exporters": {"debug": {}},
+    "service": {
+        "pipelines": {
+            "metrics": {"receivers": ["statsd"], "processors": ["aggregate"], "exporters": ["debug"]}
+        }
+    },
+}
+
+
+def test_window_ends_pass_on_simulated_time_at_the_exact_instant(tmp_path: Path) -> None:
+    # The 1m window closes at 60 s of simulated time: nothing of it leaves by 59 s, one sum by 60 s —
+    # the five StatsD flushes at 10 s … 50 s (the one at 60 s lands in the next window).
+    tests = """
+version: 1
+tests:
+  - name: one sum per minute
+    inputs:
+      - {at: 5s, every: 10s, times: 6, receiver: statsd, statsd: ["http.requests:1|c"]}
+    run_for: 2m
+    expect:
+      - {at: processor/aggregate, metric: http.requests.1m.sum, count: 0, by: 59s}
+      - {at: processor/aggregate, metric: http.requests.1m.sum, value: 5, count: 1, by: 60s}
+      - {at: exporter/debug, metric: http.requests.1m.sum, value: 5, count: 1, by: 60s}
+"""
+    code, out = _run(tmp_path, AGGREGATE, tests)
+    assert code == 0, out
