@@ -307,3 +307,28 @@ async def test_unix_datagram_and_stream_reads_are_recorded_and_replayed(tmp_path
         await wait_until(lambda: accepted() == 4, "the replayed lines taken again")
     finally:
         await agent.stop()
+
+
+async def test_the_capture_routes_ask_for_the_endpoints_token(tmp_path: Path) -> None:
+    data = {
+        "receivers": {"http": {"endpoint": f"127.0.0.1:{free_port()}"}},
+        "exporters": {"debug": {"path": str(tmp_path / "out.jsonl")}},
+        "service": {
+            "pipelines": {"metrics": {"receivers": ["http"], "exporters": ["debug"]}},
+            "telemetry": {"endpoint": "", "auth": {"bearer_token": "admin-token"}},
+        },
+    }
+    agent = Agent(build_config(data, builtin_factories()))
+    admin = AdminServer(agent, "127.0.0.1:0")
+    await admin.start()
+    base = f"http://127.0.0.1:{admin.port}/api/capture"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for method, path in (("POST", "/start"), ("POST", "/stop"), ("GET", ""), ("GET", "/download")):
+                async with http.request(method, base + path, json={}) as r:
+                    assert r.status == 401, (method, path)
+            assert admin.capture is not None and admin.capture.recorder is None  # nothing started
+            async with http.get(base, headers={"Authorization": "Bearer admin-token"}) as r:
+                assert r.status == 200 and (await r.json()) == {"state": "idle"}
+    finally:
+        await admin.shutdown()
