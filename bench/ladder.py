@@ -15,7 +15,8 @@ a smaller buffer, to see what a kernel with a lower rmem_max (208 KiB is Linux's
 
 Each receiver runs on core 0 (``taskset -c 0``), the paced C sender (bench/udp_sender.c, sendmmsg) on
 core 1, sending bench/payloads.throughput_payload(20): packets of 20 DogStatsD lines (~1.3 KB) over
-1,000 series. Per step:
+1,000 series (``--series N``: N distinct series each sent once a cycle, so every flush carries N). Per
+step:
 
 - loss = (sent lines - lines the receiver accounted for) / sent lines. Headwater accounts on /metrics
   for accepted + refused lines (``headwater_receiver_{accepted,refused}_points_total``); lines the
@@ -76,7 +77,7 @@ from harness import (
     wait_for,
     workdir,
 )
-from payloads import Payload, throughput_payload
+from payloads import Payload, memory_payload, throughput_payload
 
 LOSS_LIMIT = 0.001
 STOP_LOSS = 0.01
@@ -389,13 +390,18 @@ def main() -> int:
     ap.add_argument("--skip-peer", action="store_true", help="Headwater only")
     ap.add_argument("--skip-headwater", action="store_true", help="Etsy statsd only")
     ap.add_argument("--receive-buffer", type=int, help="bytes of SO_RCVBUF Headwater asks for (its default)")
+    ap.add_argument(
+        "--series",
+        type=int,
+        help="N distinct series, each sent once a cycle (default: the 1,000-series payload)",
+    )
     ap.add_argument("--note", default="", help="recorded with the run (e.g. 'busy machine')")
     ap.add_argument("--out", type=Path, help="JSON path (bench/results/ladder-<UTC>.json)")
     args = ap.parse_args()
     steps = parse_steps(args.steps)
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {int(SENDER_CORE)})
-    payload = throughput_payload(20)
+    payload = throughput_payload(20) if args.series is None else memory_payload(args.series, 20)
     results: dict[str, Any] = {
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python3", *sys.argv]),
@@ -403,7 +409,11 @@ def main() -> int:
         "machine": machine(),
         "loadavg_start": loadavg(),
         "sysctl": {k: sysctl(k) for k in ("net.core.rmem_max", "net.core.rmem_default")},
-        "payload": {"lines_per_packet": payload.mean_lines, "bytes_per_packet": payload.mean_bytes},
+        "payload": {
+            "name": payload.name,
+            "lines_per_packet": payload.mean_lines,
+            "bytes_per_packet": payload.mean_bytes,
+        },
         "step_s": args.step_s,
         "loss_limit": LOSS_LIMIT,
     }
