@@ -28,7 +28,7 @@ def _labels_match(want: tuple[tuple[str, str], ...], got: tuple[tuple[str, str],
 
 
 def _point_matches(e: Expectation, o: Observed) -> bool:
-    if o.metric != e.metric or not _labels_match(e.labels, o.labels, e.labels_exact):
+    if (e.metric and o.metric != e.metric) or not _labels_match(e.labels, o.labels, e.labels_exact):
         return False
     if e.type and o.type and e.type != o.type:
         return False

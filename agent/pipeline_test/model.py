@@ -21,7 +21,8 @@ tests:
       - at: exporter/prometheus_remote_write   # ... or the decoded requests an exporter would send
         metric: api_hits_total
         labels: {tenant_id: pay}
-      - {at: exporter/prometheus_remote_write, metric: other_total, count: 0}   # "no output"
+      - {at: exporter/prometheus_remote_write, metric: other_total, count: 0}   # none of these
+      - {at: processor/filter, count: 0}                                       # no output at all
       - alert: api_p99            # a threshold processor's notification (webhook / alertmanager body)
         status: firing            # or resolved
         labels: {severity: critical}
@@ -97,7 +98,7 @@ class Expectation:
     """Only what was observed by this simulated time (seconds after the start); None: by the end."""
 
     def describe(self) -> str:
-        what = f"alert {self.alert}" if self.alert else self.metric
+        what = f"alert {self.alert}" if self.alert else (self.metric or "any metric")
         parts = [what]
         if self.status:
             parts.append(f"status={self.status}")
@@ -222,8 +223,8 @@ def _expectation(raw: Any, where: str) -> Expectation:
         raise TestFileError(problems)
     alert = str(raw.get("alert", ""))
     at = str(raw.get("at", "alerts" if alert else ""))
-    if not alert and not raw.get("metric"):
-        problems.append(f"{where}: give metric (a point) or alert (a notification)")
+    if not alert and not raw.get("metric") and "count" not in raw:
+        problems.append(f"{where}: give metric (a point), alert (a notification), or count (of any point)")
     if not alert and at.split("/", 1)[0] not in ("processor", "connector", "exporter"):
         problems.append(f"{where}.at: expected processor/<id>, connector/<id> or exporter/<id>, got {at!r}")
     kind = str(raw.get("type", ""))

@@ -287,3 +287,25 @@ tests:
 """
     code, out = _run(tmp_path, AGGREGATE, tests)
     assert code == 0, out
+
+
+def test_no_output_at_all_is_expressed_by_count_zero_without_a_metric(tmp_path: Path) -> None:
+    tests = """
+version: 1
+tests:
+  - name: the sample processor drops series it does not keep
+    inputs:
+      - {at: 0s, receiver: statsd, statsd: ["misc.a:1|c", "misc.b:1|c"]}
+    expect:
+      - {at: processor/sample, count: 0}
+"""
+    dropping = yaml.safe_load(yaml.safe_dump(README_PROCESSORS))
+    dropping["processors"]["sample"]["rate"] = 0.000001
+    code, out = _run(tmp_path, dropping, tests)
+    assert code == 0, out
+    keeping = yaml.safe_load(yaml.safe_dump(README_PROCESSORS))
+    keeping["processors"]["sample"]["rate"] = 1
+    code, out = _run(tmp_path, keeping, tests)
+    assert code == 1
+    assert "expected: processor/sample: any metric count=0" in out
+    assert "observed: 2 matching of 2 points at processor/sample" in out
