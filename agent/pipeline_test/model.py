@@ -9,6 +9,7 @@ tests:
     inputs:
       - {at: 0s, receiver: statsd, statsd: ["api.hits:1|c|#team:pay"]}
       - {at: 5s, every: 1m, times: 10, receiver: statsd, statsd: ["api.up:1|g"]}   # at 5s, 1m5s, … 9m5s
+      - {at: 1s, receiver: http, headers: {X-Scope-OrgID: pay}, json: [{name: jobs, value: 3}]}
     expect:
       - at: processor/tenant      # what leaves a processor (or connector) ...
         metric: api.hits
@@ -77,6 +78,8 @@ class Input:
     """JSON items, posted to an ``http`` receiver's /v1/items as one request."""
     otlp: Any = None
     """An OTLP/JSON ExportMetricsServiceRequest, posted to an ``otlp`` receiver's HTTP endpoint."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """HTTP headers of a JSON or OTLP request (``X-Scope-OrgID``, ``Authorization``)."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ def _inputs(raw: Any, where: str) -> list[Input]:
 
 
 def _input(raw: Any, where: str) -> Input:
-    allowed = {"at", "every", "times", "receiver", "statsd", "json", "otlp"}
+    allowed = {"at", "every", "times", "receiver", "statsd", "json", "otlp", "headers"}
     problems = _keys(raw, where, allowed, {"receiver"})
     if problems:
         raise TestFileError(problems)
@@ -201,6 +204,7 @@ def _input(raw: Any, where: str) -> Input:
         statsd=tuple(str(s) for s in statsd),
         json=tuple(items),
         otlp=raw.get("otlp"),
+        headers=_labels(raw.get("headers"), f"{where}.headers"),
     )
 
 

@@ -292,7 +292,7 @@ class Run:
             path, body, ctype = "/v1/metrics", json.dumps(list(item.json)).encode(), "application/json"
         else:
             path, body, ctype = "/v1/metrics", json.dumps(item.otlp).encode(), "application/json"
-        headers = {"Content-Type": ctype}
+        headers = {**dict(item.headers), "Content-Type": ctype}
         async with (
             aiohttp.ClientSession() as session,
             session.post(url + path, data=body, headers=headers) as resp,

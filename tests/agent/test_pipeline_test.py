@@ -309,3 +309,23 @@ tests:
     assert code == 1
     assert "expected: processor/sample: any metric count=0" in out
     assert "observed: 2 matching of 2 points at processor/sample" in out
+
+
+def test_json_requests_carry_their_headers_to_the_receiver(tmp_path: Path) -> None:
+    data = yaml.safe_load(yaml.safe_dump(README_PROCESSORS))
+    data["receivers"]["http"] = {"endpoint": "127.0.0.1:8080"}
+    data["service"]["pipelines"]["metrics"]["receivers"].append("http")
+    data["processors"]["tenant"] = {"header": "x-scope-orgid"}
+    tests = """
+version: 1
+tests:
+  - name: the X-Scope-OrgID header names the tenant
+    inputs:
+      - {at: 0s, receiver: http, headers: {X-Scope-OrgID: pay}, json: [{name: http.jobs, value: 3}]}
+      - {at: 0s, receiver: http, json: [{name: http.jobs, value: 4}]}
+    expect:
+      - {at: exporter/prometheus_remote_write, metric: http_jobs, labels: {tenant_id: pay}, value: 3}
+      - {at: exporter/prometheus_remote_write, metric: http_jobs, labels: {tenant_id: anonymous}, value: 4}
+"""
+    code, out = _run(tmp_path, data, tests)
+    assert code == 0, out
