@@ -5,7 +5,7 @@ version: 1
 tests:
   - name: pay traffic is labelled pay
     step: 1s                      # the simulated clock's resolution (default 1s)
-    run_for: 30s                  # simulated time after the first instant (default: last input + one step)
+    run_for: 30s                  # simulated time the test lasts (default: the last input + one step)
     inputs:
       - {at: 0s, receiver: statsd, statsd: ["api.hits:1|c|#team:pay"]}
       - {at: 5s, every: 1m, times: 10, receiver: statsd, statsd: ["api.up:1|g"]}   # at 5s, 1m5s, … 9m5s
@@ -24,13 +24,20 @@ tests:
         labels: {tenant_id: pay}
       - {at: exporter/prometheus_remote_write, metric: other_total, count: 0}   # none of these
       - {at: processor/filter, count: 0}                                       # no output at all
-      - alert: api_p99            # a threshold processor's notification (webhook / alertmanager body)
+      - alert: api_p99            # a threshold processor's notification (Alertmanager-webhook body)
         status: firing            # or resolved
         labels: {severity: critical}
 ```
 
-Times are durations (``500ms``, ``2s``, ``5m``) after the test's start, a simulated instant aligned to a
-day boundary (UTC), so windows aligned to the clock start with the test.
+Times are durations (``500ms``, ``2s``, ``5m``, ``6h1m``) after the test's start, a simulated instant
+aligned to a day boundary (2026-01-01T00:00:00Z), so windows aligned to the clock start with the test.
+Inputs: ``statsd`` lines (one datagram) for a ``statsd`` receiver; ``json`` items (``POST /v1/metrics``)
+for an ``http`` receiver; ``otlp`` (an OTLP/JSON ExportMetricsServiceRequest) for an ``otlp`` receiver;
+``headers`` go with a JSON or OTLP request. Places: ``processor/<id>`` and ``connector/<id>`` (what a
+pipeline hands them), ``exporter/<id>`` (for ``prometheus_remote_write`` and ``otlp_http`` the decoded
+requests — Prometheus names and labels as sent; for other exporters the points handed to them).
+At the end of a test the graph stops as the agent does (StatsD flushes, processors send what they
+hold), so an expectation without ``by`` sees that last output too.
 """
 
 from __future__ import annotations

@@ -4,21 +4,31 @@ The graph. Each metrics pipeline of the config is built as the agent builds it �
 processors in order, then a fan-out to the exporters (and connectors) — but nothing listens and nothing
 is sent to a real backend:
 
-- StatsD inputs go to the ``statsd`` receiver's parser (``feed``) and leave at its ``flush()``, which
-  the runner calls at every multiple of the receiver's ``flush_interval`` on the simulated clock.
-- JSON items are posted (aiohttp) to the ``http`` receiver, started on 127.0.0.1 on a free port.
+- StatsD inputs go to the ``statsd`` receiver's parser (``feed``; no socket is bound) and leave when
+  the runner flushes its aggregator at every multiple of ``flush_interval`` on the simulated clock,
+  stamped with the simulated interval.
+- JSON items and OTLP/JSON requests are posted (aiohttp) to the real ``http`` / ``otlp`` receiver,
+  started on 127.0.0.1 on a free port (the OTLP gRPC listener is not opened); the receiver stamps a
+  point without a timestamp with the wall clock, not the simulated one.
 - ``prometheus_remote_write`` and ``otlp_http`` exporters are real, with their endpoint replaced by the
   runner's capture server (127.0.0.1) and an in-memory queue; what they would send is decoded from
   the captured requests, so expectations check the wire form (``http_requests_total``, labels as sent).
   Any other exporter is replaced by a recorder of the points that reach it.
 - A ``threshold`` processor's webhook is pointed at the capture server (an Alertmanager-webhook body,
-  whatever template was configured) and its Alertmanager too; no state is saved to disk.
+  whatever template was configured; one is added when none is) and its Alertmanager too.
+- Nothing is read from or left on disk: queues are in memory, no state directory, no drift baseline
+  file.
+- Only metrics pipelines run. A connector listed as an exporter is recorded (``connector/<id>``); the
+  pipelines it feeds are not run.
 
 Simulated time (exact). A :class:`VirtualClock` starts at a UTC day boundary and only moves when the
 runner moves it: in steps of the test's ``step`` (1 s by default) and to every input's ``at``. Each
-processor whose constructor takes ``clock`` is built with the virtual clock, and with
-``run_timer=False`` when it takes that: instead of its own timer task, the runner calls its
-``tick()`` after every step (upstream processors first). Window ends, ``for:`` durations and emit
+processor whose constructor takes ``clock`` (drift, aggregate, percentiles, threshold) is built
+through that constructor with the virtual clock, and with ``run_timer=False`` when it takes that:
+instead of its own timer task, the runner calls its ``tick()`` after every step (upstream
+processors first; threshold's evaluation task still runs but on the virtual clock it only repeats
+what a tick already did). At each instant the runner moves the clock, flushes the StatsD receivers
+whose interval ended, ticks, then enters that instant's inputs. Window ends, ``for:`` durations and emit
 intervals are multiples of a second, so ticking at every whole second fires each of them at exactly
 the instant it is due — the same instants the processors' timers aim for. A test of ten simulated
 minutes takes 600 steps and a fraction of a second. At the end, the graph stops as the agent does
