@@ -492,6 +492,7 @@ class Agent:
         self._reloading = asyncio.Lock()
         self.tap = TapHub(self.telemetry, config.service.telemetry.tap)
         """The live stream and the top-metrics tracker over this agent's edges, across reloads."""
+        self._graph_watchers: list[Callable[[], None]] = []
         self.loop_lag_max_s = 0.0
         self.vitals = Vitals(self.telemetry)
         self.telemetry.gauge(
@@ -835,17 +836,30 @@ class Agent:
             except BaseException:
                 await undo.run()
                 await self._discard(plan)
-                self.tap.set_edges(self._tap_edges())
+                self._graph_changed()
                 raise
             if not applied:
                 await undo.run()
                 await self._discard(plan)
-                self.tap.set_edges(self._tap_edges())  # an undone receiver restarted on new Links
+                self._graph_changed()  # an undone receiver restarted on new Links
                 return False
             self._install(plan)
             self.tap.configure(config.service.telemetry.tap)
-            self.tap.set_edges(self._tap_edges())
+            self._graph_changed()
             return True
+
+    def watch_graph(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` on the agent's loop after every reload (applied or undone): running
+        components may have been replaced (agent.capture re-hooks its receivers)."""
+        self._graph_watchers.append(changed)
+
+    def _graph_changed(self) -> None:
+        self.tap.set_edges(self._tap_edges())
+        for changed in list(self._graph_watchers):
+            try:
+                changed()
+            except Exception:  # one watcher's bug must not fail a reload that is done
+                log.exception("a graph watcher failed after a reload")
 
     def _tap_edges(self) -> list[TapEdge]:
         """Every Link of the running graph with the component ends it joins (see :mod:`agent.tap`): a

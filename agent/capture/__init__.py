@@ -79,15 +79,39 @@ class CaptureControl:
         """The agent's loop: receivers' slots are set there."""
         self._lock = threading.Lock()
         self.recorder: Recorder | None = None
+        self._chosen: list[str] = []
         self._hooked: list[Any] = []
+        """The receiver instances the running capture's hooks are on (a reload may replace them)."""
+        agent.watch_graph(self.rehook)
 
     @property
     def config(self) -> CaptureConfig:
         return self._agent.config.service.telemetry.capture
 
     def attach(self, agent: Agent) -> None:
-        """A reload: later captures hook the new graph's receivers."""
+        """Another agent: later captures hook its receivers."""
         self._agent = agent
+        agent.watch_graph(self.rehook)
+
+    def rehook(self) -> None:
+        """After a reload, on the agent's loop: a running capture's receivers that the reload replaced
+        get its hook on their new instances (the old ones are stopped)."""
+        with self._lock:
+            recorder = self.recorder
+            if recorder is None or recorder.ended:
+                return
+            capturable = self._capturable()
+            hooked = {id(instance) for instance in self._hooked}
+            current: list[Any] = []
+            for rid in self._chosen:
+                entry = capturable.get(rid)
+                if entry is None:  # removed by the reload: nothing more to record from it
+                    continue
+                instance = entry[1]
+                if id(instance) not in hooked:
+                    instance.capture = recorder.hook(rid)
+                current.append(instance)
+            self._hooked = current
 
     def _capturable(self) -> dict[str, tuple[str, Any]]:
         return {
@@ -162,10 +186,12 @@ class CaptureControl:
                 max_duration_s=max_duration_s,
                 redact=cfg.redact,
                 buffer_records=cfg.buffer_records,
-                on_end=lambda reason: self._unhook(instances),
+                on_end=lambda reason: self._unhook(self._hooked),
             )
             recorder.start()
             self.recorder = recorder
+            self._chosen = chosen
+            self._hooked = instances
             hooks = {
                 id(instance): recorder.hook(rid) for rid, instance in zip(chosen, instances, strict=True)
             }

@@ -332,3 +332,52 @@ async def test_the_capture_routes_ask_for_the_endpoints_token(tmp_path: Path) ->
                 assert r.status == 200 and (await r.json()) == {"state": "idle"}
     finally:
         await admin.shutdown()
+
+
+async def test_a_capture_follows_a_receiver_that_a_reload_replaced(tmp_path: Path) -> None:
+    ports = [free_port(), free_port()]
+
+    def config(port: int) -> Any:
+        data = {
+            "receivers": {"http": {"endpoint": f"127.0.0.1:{port}"}},
+            "exporters": {"debug": {"path": str(tmp_path / "out.jsonl")}},
+            "service": {
+                "pipelines": {"metrics": {"receivers": ["http"], "exporters": ["debug"]}},
+                "telemetry": {"endpoint": "", "capture": {"directory": str(tmp_path)}},
+            },
+        }
+        return build_config(data, builtin_factories())
+
+    agent = Agent(config(ports[0]))
+    admin = AdminServer(agent, "127.0.0.1:0")
+    await agent.start()
+    await admin.start()
+    base = f"http://127.0.0.1:{admin.port}/api/capture"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(base + "/start", json={}) as r:
+                assert r.status == 200, await r.text()
+            first = agent.receiver_instances()["http"][1]
+            await wait_until(lambda: first.capture is not None, "the hook on the first receiver")
+            body = [{"name": "before", "type": "counter", "value": 1}]
+            async with http.post(f"http://127.0.0.1:{ports[0]}/v1/metrics", json=body) as r:
+                assert r.status == 200
+            assert await agent.reload(config(ports[1]))  # the receiver moves: a new instance
+            second = agent.receiver_instances()["http"][1]
+            assert second is not first
+            assert second.capture is not None  # hooked by the reload itself, on the agent's loop
+            body = [{"name": "after", "type": "counter", "value": 1}]
+            async with http.post(f"http://127.0.0.1:{ports[1]}/v1/metrics", json=body) as r:
+                assert r.status == 200
+            async with http.post(base + "/stop", json={}) as r:
+                assert (await r.json())["records"] == 2
+            await wait_until(lambda: second.capture is None, "the hook cleared once the capture ended")
+            async with http.get(base + "/download") as r:
+                raw = await r.read()
+    finally:
+        await admin.shutdown()
+        await agent.stop()
+    (tmp_path / "c").write_bytes(raw)
+    _, records = read_file(str(tmp_path / "c"))
+    names = [json.loads(r.payload)[0]["name"] for r in records if r.kind == DATA]
+    assert names == ["before", "after"]
