@@ -24,7 +24,7 @@ def _config_of(tests: Path) -> Path:
     return ROOT / "config.example.yaml" if stem == "config.example" else tests.with_name(stem + ".yaml")
 
 
-ENVIRONMENT = {"SIGNOZ_INGESTION_KEY": "test-key"}
+ENVIRONMENT = {"SIGNOZ_INGESTION_KEY": "test-key", "EVENTS_JWT_SECRET": "test-secret-" + "x" * 32}
 """What the examples' configs require from the environment (values a test never sends anywhere)."""
 
 
@@ -48,6 +48,7 @@ def test_every_example_with_tests_is_covered() -> None:
         "signoz-self-hosted.tests.yaml",
         "signoz-cloud.tests.yaml",
         "drift-retrain.tests.yaml",
+        "events-commands-agents.tests.yaml",
     }
     for tests in EXAMPLE_TESTS:
         assert _config_of(tests).exists(), f"{tests.name} has no config {_config_of(tests).name}"

@@ -10,6 +10,7 @@ tests:
       - {at: 0s, receiver: statsd, statsd: ["api.hits:1|c|#team:pay"]}
       - {at: 5s, every: 1m, times: 10, receiver: statsd, statsd: ["api.up:1|g"]}   # at 5s, 1m5s, … 9m5s
       - {at: 1s, receiver: http, headers: {X-Scope-OrgID: pay}, json: [{name: jobs, value: 3}]}
+      - {at: 2s, receiver: http/events, path: /api/metrics/commands, jwt: {org_id: acme}, json: [...]}
     expect:
       - at: processor/tenant      # what leaves a processor (or connector) ...
         metric: api.hits
@@ -33,7 +34,11 @@ Times are durations (``500ms``, ``2s``, ``5m``, ``6h1m``) after the test's start
 aligned to a day boundary (2026-01-01T00:00:00Z), so windows aligned to the clock start with the test.
 Inputs: ``statsd`` lines (one datagram) for a ``statsd`` receiver; ``json`` items (``POST /v1/metrics``)
 for an ``http`` receiver; ``otlp`` (an OTLP/JSON ExportMetricsServiceRequest) for an ``otlp`` receiver;
-``headers`` go with a JSON or OTLP request. Places: ``processor/<id>`` and ``connector/<id>`` (what a
+``headers`` go with a JSON or OTLP request (``json`` as a list is posted as a list, as one mapping as
+that object: a batch envelope); ``path`` is the route a JSON request goes to (default
+``/v1/metrics``); ``jwt`` claims make a bearer token signed with the receiver's own HS256 ``secret``
+(its ``aud``/``iss`` added when the receiver requires them, ``exp`` five minutes after the real clock
+unless given), sent as ``Authorization: Bearer``. Places: ``processor/<id>`` and ``connector/<id>`` (what a
 pipeline hands them), ``exporter/<id>`` (for ``prometheus_remote_write`` and ``otlp_http`` the decoded
 requests — Prometheus names and labels as sent; for other exporters the points handed to them).
 At the end of a test the graph stops as the agent does (StatsD flushes, processors send what they
@@ -87,6 +92,12 @@ class Input:
     """An OTLP/JSON ExportMetricsServiceRequest, posted to an ``otlp`` receiver's HTTP endpoint."""
     headers: tuple[tuple[str, str], ...] = ()
     """HTTP headers of a JSON or OTLP request (``X-Scope-OrgID``, ``Authorization``)."""
+    json_object: bool = False
+    """``json`` was one mapping in the file: posted as that object (an envelope), not as a list."""
+    path: str = ""
+    """The route a JSON request is posted to; empty: ``/v1/metrics``."""
+    jwt: tuple[tuple[str, Any], ...] = ()
+    """Claims of a bearer JWT the runner signs with the receiver's HS256 secret; empty: no token."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +203,7 @@ def _inputs(raw: Any, where: str) -> list[Input]:
 
 
 def _input(raw: Any, where: str) -> Input:
-    allowed = {"at", "every", "times", "receiver", "statsd", "json", "otlp", "headers"}
+    allowed = {"at", "every", "times", "receiver", "statsd", "json", "otlp", "headers", "path", "jwt"}
     problems = _keys(raw, where, allowed, {"receiver"})
     if problems:
         raise TestFileError(problems)
@@ -203,8 +214,18 @@ def _input(raw: Any, where: str) -> Input:
     if isinstance(statsd, str):
         statsd = statsd.splitlines()
     items = raw.get("json", ())
-    if isinstance(items, dict):
+    json_object = isinstance(items, dict)
+    if json_object:
         items = [items]
+    path = raw.get("path", "")
+    if not isinstance(path, str) or (path and not path.startswith("/")):
+        raise TestFileError([f"{where}.path: expected a route such as /api/metrics/commands, got {path!r}"])
+    claims = raw.get("jwt")
+    if claims is not None and (not isinstance(claims, dict) or not claims):
+        raise TestFileError([f"{where}.jwt: expected a mapping of claims such as {{org_id: acme}}"])
+    header_names = {str(k).lower() for k in raw.get("headers") or {}}
+    if claims is not None and "authorization" in header_names:
+        raise TestFileError([f"{where}: give jwt or an Authorization header, not both"])
     return Input(
         at_s=duration_s(raw.get("at", 0), f"{where}.at"),
         receiver=str(raw["receiver"]),
@@ -212,6 +233,9 @@ def _input(raw: Any, where: str) -> Input:
         json=tuple(items),
         otlp=raw.get("otlp"),
         headers=_labels(raw.get("headers"), f"{where}.headers"),
+        json_object=json_object,
+        path=path,
+        jwt=tuple(sorted((str(k), v) for k, v in (claims or {}).items())),
     )
 
 

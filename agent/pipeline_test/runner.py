@@ -45,11 +45,13 @@ import json
 import logging
 import math
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import jwt
 
 from agent.component import Admission, ComponentId, Consumer, Settings, Signal
 from agent.config import AgentConfig, ComponentSpec
@@ -65,6 +67,9 @@ from agent.pipeline_test.capture import (
 from agent.pipeline_test.model import PipelineTest
 from agent.telemetry import ComponentTelemetry, Telemetry
 from receivers.statsd import FLUSH_CHUNK
+
+JWT_LIFETIME_S = 300
+"""How long a token made from an input's ``jwt`` claims stays valid (real time)."""
 
 log = logging.getLogger("headwater.test")
 
@@ -182,6 +187,7 @@ class Run:
         """Where this run's requests arrive on the shared capture server (unique per run)."""
         self.receivers: dict[ComponentId, Any] = {}
         self.receiver_urls: dict[ComponentId, str] = {}
+        self.receiver_configs: dict[ComponentId, Any] = {}
         self.flush_s: dict[ComponentId, float] = {}
         self.flushed_ns: dict[ComponentId, int] = {}
         self.heads: dict[ComponentId, Consumer] = {}
@@ -270,6 +276,7 @@ class Run:
                 port = _free_port()  # OTLP/JSON over HTTP only: the gRPC listener is not opened
                 rconfig = dataclasses.replace(rconfig, grpc=None, http=f"127.0.0.1:{port}")
                 self.receiver_urls[rid] = f"http://127.0.0.1:{port}"
+            self.receiver_configs[rid] = rconfig
             instance = spec.factory.create(
                 _settings(self.telemetry, spec), rconfig, {Signal.METRICS: _Fanout(consumers)}
             )
@@ -298,11 +305,18 @@ class Run:
         if url is None:
             self.seen.problems.append(f"{where}: {rid} does not take JSON/OTLP requests (use statsd lines)")
             return
+        path = item.path or "/v1/metrics"
         if item.json:
-            path, body, ctype = "/v1/metrics", json.dumps(list(item.json)).encode(), "application/json"
+            payload = item.json[0] if item.json_object else list(item.json)
+            body, ctype = json.dumps(payload).encode(), "application/json"
         else:
-            path, body, ctype = "/v1/metrics", json.dumps(item.otlp).encode(), "application/json"
+            body, ctype = json.dumps(item.otlp).encode(), "application/json"
         headers = {**dict(item.headers), "Content-Type": ctype}
+        if item.jwt:
+            token = self._signed(rid, dict(item.jwt), where)
+            if token is None:
+                return
+            headers["Authorization"] = f"Bearer {token}"
         async with (
             aiohttp.ClientSession() as session,
             session.post(url + path, data=body, headers=headers) as resp,
@@ -310,6 +324,29 @@ class Run:
             text = await resp.text()
             if resp.status >= 300:
                 self.seen.problems.append(f"{where}: {rid} answered {resp.status}: {text[:300]}")
+
+    def _signed(self, rid: ComponentId, claims: dict[str, Any], where: str) -> str | None:
+        """A token the receiver accepts: its HS256 secret signs ``claims`` (None: a problem recorded).
+
+        ``exp`` is on the real clock (the receiver checks tokens against it), five minutes ahead unless
+        the claims give one; the receiver's required ``aud`` and ``iss`` are added unless given."""
+        auth = getattr(self.receiver_configs.get(rid), "auth", None)
+        cfg = getattr(auth, "jwt", None)
+        if cfg is None or not cfg.enabled:
+            self.seen.problems.append(f"{where}.jwt: {rid} does not verify JWTs (no auth.jwt)")
+            return None
+        if "HS256" not in cfg.algorithms or not cfg.secret:
+            self.seen.problems.append(
+                f"{where}.jwt: {rid} verifies {', '.join(cfg.algorithms)} with a public key the runner"
+                " cannot sign with; send a token you signed as headers: {Authorization: Bearer ...}"
+            )
+            return None
+        claims.setdefault("exp", int(time.time()) + JWT_LIFETIME_S)
+        if cfg.audience:
+            claims.setdefault("aud", cfg.audience)
+        if cfg.issuer:
+            claims.setdefault("iss", cfg.issuer)
+        return jwt.encode(claims, cfg.secret, algorithm="HS256")
 
     async def _flush_statsd(self, rid: ComponentId) -> None:
         """The receiver's flush, stamped with the simulated interval (its own uses the wall clock)."""

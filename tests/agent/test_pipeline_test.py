@@ -18,6 +18,7 @@ from agent import pipeline_test
 from agent.config import AgentConfig, build_config
 from agent.pipeline_test.model import TestFileError, parse
 from agent.registry import builtin_factories
+from tests.conftest import Certs
 
 README_PROCESSORS: dict[str, Any] = {
     "receivers": {"statsd": {"udp": "127.0.0.1:8125", "flush_interval": "10s"}},
@@ -204,6 +205,19 @@ def test_update_writes_the_observed_outputs_and_they_pass_next_time(tmp_path: Pa
             "version: 1\ntests: [{name: a, inputs: [], expect: [{metric: m, colour: red}]}]",
             "colour: unknown key",
         ),
+        (
+            "version: 1\ntests: [{name: a, inputs: [{receiver: http, jwt: acme, json: []}]}]",
+            "tests[0].inputs[0].jwt: expected a mapping of claims such as {org_id: acme}",
+        ),
+        (
+            "version: 1\ntests: [{name: a, inputs: [{receiver: http, path: metrics, json: []}]}]",
+            "tests[0].inputs[0].path: expected a route such as /api/metrics/commands, got 'metrics'",
+        ),
+        (
+            "version: 1\ntests: [{name: a, inputs: [{receiver: http, jwt: {sub: a},"
+            " headers: {authorization: x}, json: []}]}]",
+            "tests[0].inputs[0]: give jwt or an Authorization header, not both",
+        ),
     ],
 )
 def test_a_bad_test_file_is_refused_naming_the_place(text: str, problem: str) -> None:
@@ -329,3 +343,75 @@ tests:
 """
     code, out = _run(tmp_path, data, tests)
     assert code == 0, out
+
+
+SECRET = "s" * 32
+
+
+def _events(jwt: dict[str, Any]) -> dict[str, Any]:
+    """An http receiver with an events route behind JWT auth, the tenant from the org_id claim."""
+    receiver = {
+        "endpoint": "127.0.0.1:8081",
+        "auth": {"jwt": {"tenant_claim": "org_id", **jwt}},
+        "routes": [{"path": "/api/commands", "mapping": "commands"}],
+        "mappings": {
+            "commands": {
+                "labels": ["command_name"],
+                "metrics": [{"name": "command_executions_total", "type": "counter"}],
+            }
+        },
+    }
+    return {
+        "receivers": {"http/events": receiver},
+        "processors": {"tenant": {}},
+        "exporters": {"prometheus_remote_write": {"endpoint": "http://mimir.invalid:8080/api/v1/push"}},
+        "service": {
+            "pipelines": {
+                "metrics": {
+                    "receivers": ["http/events"],
+                    "processors": ["tenant"],
+                    "exporters": ["prometheus_remote_write"],
+                }
+            }
+        },
+    }
+
+
+JWT_TESTS = """
+version: 1
+tests:
+  - name: the runner signs the claims with the receiver's secret
+    inputs:
+      - at: 0s
+        receiver: http/events
+        path: /api/commands
+        jwt: {org_id: acme}
+        json: [{command_name: deploy}, {command_name: deploy}]
+    expect:
+      - at: exporter/prometheus_remote_write
+        metric: command_executions_total
+        labels: {command_name: deploy, tenant_id: acme}
+        value: 2
+"""
+
+
+def test_jwt_claims_become_a_token_signed_with_the_receivers_secret(tmp_path: Path) -> None:
+    jwt = {"algorithms": ["HS256"], "secret": SECRET, "audience": "headwater", "issuer": "idp"}
+    code, out = _run(tmp_path, _events(jwt), JWT_TESTS)
+    assert code == 0, out
+
+
+def test_an_input_without_its_token_is_answered_401_and_the_test_fails(tmp_path: Path) -> None:
+    tests = JWT_TESTS.replace("        jwt: {org_id: acme}\n", "")
+    code, out = _run(tmp_path, _events({"algorithms": ["HS256"], "secret": SECRET}), tests)
+    assert code == 1
+    assert "tests[0].inputs[0]: http/events answered 401" in out
+
+
+def test_jwt_claims_for_a_receiver_verifying_with_a_public_key_are_refused_naming_why(
+    tmp_path: Path, tls_certs: Certs
+) -> None:
+    jwt = {"algorithms": ["RS256"], "key_file": tls_certs.cert}
+    code, out = _run(tmp_path, _events(jwt), JWT_TESTS)
+    assert code == 1
+    assert "inputs[0].jwt: http/events verifies RS256 with a public key the runner cannot sign with" in out
