@@ -1,7 +1,9 @@
 """What the runner puts where exporters and alert receivers would be: an HTTP server on 127.0.0.1 that
-answers 200 to everything and keeps each request, and the decoders that turn a kept request into the
-observed points (remote-write: snappy + ``WriteRequest``; OTLP/HTTP: ``ExportMetricsServiceRequest``)
-or alert notifications (the Alertmanager webhook body)."""
+answers 200 to everything and keeps each request, a gRPC server beside it implementing the OTLP
+MetricsService Export (for the ``otlp`` exporter; each call kept as a request under the path its
+``x-headwater-capture`` metadata names), and the decoders that turn a kept request into the observed
+points (remote-write: snappy + ``WriteRequest``; OTLP: ``ExportMetricsServiceRequest``) or alert
+notifications (the Alertmanager webhook body)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from aiohttp import web
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from exporters.prometheus_remote_write import remote_pb2
@@ -65,13 +72,35 @@ class Request:
     body: bytes
 
 
+CAPTURE_METADATA = "x-headwater-capture"
+"""gRPC metadata naming where a call is kept (``/t1/otlp/signoz``): the runner sets it per exporter."""
+
+
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """OTLP MetricsService Export: keeps the request (re-serialized) as ``<place>/v1/metrics``."""
+
+    def __init__(self, requests: list[Request]) -> None:
+        self._requests = requests
+
+    async def Export(
+        self, request: ExportMetricsServiceRequest, context: grpc.aio.ServicerContext
+    ) -> ExportMetricsServiceResponse:
+        metadata = {str(k): str(v) for k, v in (context.invocation_metadata() or ())}
+        place = metadata.get(CAPTURE_METADATA, "")
+        self._requests.append(Request(f"{place}/v1/metrics", metadata, request.SerializeToString()))
+        return ExportMetricsServiceResponse()
+
+
 class CaptureServer:
-    """Keeps every request; ``start`` binds 127.0.0.1 on a port the kernel picks (``url``)."""
+    """Keeps every request; ``start`` binds 127.0.0.1 on ports the kernel picks (``url`` for HTTP,
+    ``grpc_target`` for OTLP/gRPC)."""
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
         self._runner: web.AppRunner | None = None
+        self._grpc: grpc.aio.Server | None = None
         self.url = ""
+        self.grpc_target = ""
 
     async def start(self) -> None:
         app = web.Application(client_max_size=256 * 2**20)
@@ -83,6 +112,13 @@ class CaptureServer:
         server: Any = site._server
         port = server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+        self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 2**20)])
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _MetricsService(self.requests), self._grpc
+        )
+        grpc_port = self._grpc.add_insecure_port("127.0.0.1:0")
+        await self._grpc.start()
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -90,6 +126,9 @@ class CaptureServer:
         return web.Response(status=200, text="{}", content_type="application/json")
 
     async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=None)
+            self._grpc = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -125,7 +164,8 @@ def decode_remote_write(request: Request) -> list[Observed]:
 
 
 def decode_otlp(request: Request) -> list[Observed]:
-    """Every data point of an OTLP/HTTP metrics request; resource attributes as ``resource.<key>``."""
+    """Every data point of an OTLP metrics request (HTTP or gRPC); resource attributes as
+    ``resource.<key>``."""
     body = request.body
     if body[:2] == b"\x1f\x8b":  # still gzipped (aiohttp's server usually inflates it on read)
         body = gzip.decompress(body)

@@ -39,8 +39,9 @@ that object: a batch envelope); ``path`` is the route a JSON request goes to (de
 ``/v1/metrics``); ``jwt`` claims make a bearer token signed with the receiver's own HS256 ``secret``
 (its ``aud``/``iss`` added when the receiver requires them, ``exp`` five minutes after the real clock
 unless given), sent as ``Authorization: Bearer``. Places: ``processor/<id>`` and ``connector/<id>`` (what a
-pipeline hands them), ``exporter/<id>`` (for ``prometheus_remote_write`` and ``otlp_http`` the decoded
-requests — Prometheus names and labels as sent; for other exporters the points handed to them).
+pipeline hands them), ``exporter/<id>`` (for ``prometheus_remote_write``, ``otlp_http`` and ``otlp``
+(gRPC) the decoded requests — names and labels as sent, OTLP resource attributes as ``resource.<key>``
+labels; for other exporters the points handed to them).
 At the end of a test the graph stops as the agent does (StatsD flushes, processors send what they
 hold), so an expectation without ``by`` sees that last output too.
 """
@@ -61,7 +62,7 @@ DEFAULT_TOLERANCE = 1e-9
 MAX_REPEATS = 100_000
 """The most copies one repeated input may make."""
 _TYPES = ("sum", "gauge", "histogram", "summary")
-_WIRE = ("prometheus_remote_write", "otlp_http")
+_WIRE = ("prometheus_remote_write", "otlp_http", "otlp")
 """Exporters whose requests are captured and decoded: what they send has no simulated time."""
 _DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

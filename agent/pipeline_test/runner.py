@@ -10,9 +10,10 @@ is sent to a real backend:
 - JSON items and OTLP/JSON requests are posted (aiohttp) to the real ``http`` / ``otlp`` receiver,
   started on 127.0.0.1 on a free port (the OTLP gRPC listener is not opened); the receiver stamps a
   point without a timestamp with the wall clock, not the simulated one.
-- ``prometheus_remote_write`` and ``otlp_http`` exporters are real, with their endpoint replaced by the
-  runner's capture server (127.0.0.1) and an in-memory queue; what they would send is decoded from
-  the captured requests, so expectations check the wire form (``http_requests_total``, labels as sent).
+- ``prometheus_remote_write``, ``otlp_http`` and ``otlp`` exporters are real, with their endpoint
+  replaced by the runner's capture server (127.0.0.1; plaintext gRPC for ``otlp``) and an in-memory
+  queue; what they would send is decoded from the captured requests, so expectations check the wire
+  form (``http_requests_total``, labels and OTLP resource attributes as sent).
   Any other exporter is replaced by a recorder of the points that reach it.
 - A ``threshold`` processor's webhook is pointed at the capture server (an Alertmanager-webhook body,
   whatever template was configured; one is added when none is) and its Alertmanager too.
@@ -57,6 +58,7 @@ from agent.component import Admission, ComponentId, Consumer, Settings, Signal
 from agent.config import AgentConfig, ComponentSpec
 from agent.model import Batch, Kind, MetricBatch
 from agent.pipeline_test.capture import (
+    CAPTURE_METADATA,
     Alert,
     CaptureServer,
     Observed,
@@ -77,7 +79,11 @@ START_UNIX_S = 1_767_225_600.0
 """2026-01-01T00:00:00Z: every test starts here, on a day boundary, so clock-aligned windows start with it."""
 
 _KIND_NAMES = {Kind.SUM: "sum", Kind.GAUGE: "gauge", Kind.HISTOGRAM: "histogram", Kind.SUMMARY: "summary"}
-_WIRE_EXPORTERS = {"prometheus_remote_write": decode_remote_write, "otlp_http": decode_otlp}
+_WIRE_EXPORTERS = {
+    "prometheus_remote_write": decode_remote_write,
+    "otlp_http": decode_otlp,
+    "otlp": decode_otlp,
+}
 
 
 _RUNS = itertools.count(1)
@@ -207,6 +213,12 @@ class Run:
         changes: dict[str, Any] = {"endpoint": f"{base}/api/v1/write"}
         if spec.id.type == "otlp_http":
             changes = {"endpoint": base, "metrics_endpoint": ""}
+        elif spec.id.type == "otlp":  # plaintext gRPC; the metadata says where the calls are kept
+            changes = {
+                "endpoint": self.capture.grpc_target,
+                "tls": type(config.tls)(insecure=True),
+                "headers": {**config.headers, CAPTURE_METADATA: f"{self.prefix}/{spec.id}"},
+            }
         config = dataclasses.replace(_without_disk(config), **changes)
         instance = spec.factory.create(_settings(self.telemetry, spec), config)
         self.exporters.append(instance)
