@@ -19,8 +19,9 @@ is sent to a real backend:
   whatever template was configured; one is added when none is) and its Alertmanager too.
 - Nothing is read from or left on disk: queues are in memory, no state directory, no drift baseline
   file.
-- Only metrics pipelines run. A connector listed as an exporter is recorded (``connector/<id>``); the
-  pipelines it feeds are not run.
+- Only metrics pipelines run. What reaches a connector is recorded (``connector/<id>``); a metrics →
+  metrics connector (``forward``) runs and feeds the metrics pipelines that receive from it; the
+  outputs of other connectors (``spanmetrics``, ``logmetrics``: traces and logs) are not run.
 
 Simulated time (exact). A :class:`VirtualClock` starts at a UTC day boundary and only moves when the
 runner moves it: in steps of the test's ``step`` (1 s by default) and to every input's ``at``. Each
@@ -198,7 +199,8 @@ class Run:
         self.flushed_ns: dict[ComponentId, int] = {}
         self.heads: dict[ComponentId, Consumer] = {}
         self.processors: list[Any] = []
-        """Upstream first within each pipeline."""
+        """Processors and metrics → metrics connectors, upstream first (within each pipeline, and a
+        pipeline before its connectors, a connector before the pipelines it feeds)."""
         self.exporters: list[Any] = []
         self.tickers: list[Callable[[], Any]] = []
 
@@ -256,29 +258,57 @@ class Run:
         config = self.config
         exporters = {cid: self._exporter(spec) for cid, spec in config.exporters.items()}
         heads: dict[ComponentId, list[Consumer]] = {}
-        for pipeline in config.pipelines:
-            if pipeline.signal is not Signal.METRICS:
-                continue
-            ends: list[Consumer] = [exporters[e] for e in pipeline.exporters if e in exporters]
-            ends += [
-                Recorder(f"connector/{c}", self.seen, self.clock)
-                for c in pipeline.exporters
-                if c not in exporters
-            ]
+        metrics = {p.id: p for p in config.pipelines if p.signal is Signal.METRICS}
+        entries: dict[str, Consumer] = {}
+        """Each metrics pipeline's entry (its first processor, or its exporters' fan-out)."""
+        connectors: dict[ComponentId, Consumer] = {}
+        order: list[list[Any]] = []
+        """Each pipeline's processors (upstream first) and each connector, downstream first as built."""
+
+        def connector(cid: ComponentId) -> Consumer:
+            """A metrics → metrics connector feeding the metrics pipelines that receive from it; only a
+            recorder when it feeds none (its other outputs are not run)."""
+            if cid not in connectors:
+                place = f"connector/{cid}"
+                downstream = [p for p in metrics.values() if cid in p.connectors_in]
+                spec = config.connectors.get(cid)
+                pairs = spec.factory.signal_pairs if spec is not None else frozenset()
+                if spec is None or not downstream or (Signal.METRICS, Signal.METRICS) not in pairs:
+                    connectors[cid] = Recorder(place, self.seen, self.clock)
+                else:
+                    target = _Fanout([entry(p.id) for p in downstream])
+                    instance = spec.factory.create(_settings(self.telemetry, spec), spec.config, target)
+                    order.append([instance])
+                    connectors[cid] = Recorder(place, self.seen, self.clock, instance)
+            return connectors[cid]
+
+        def entry(pid: str) -> Consumer:
+            if pid in entries:
+                return entries[pid]
+            pipeline = metrics[pid]
+            ends = [exporters[e] for e in pipeline.exporters if e in exporters]
+            ends += [connector(c) for c in pipeline.connectors_out]
             nxt: Consumer = _Fanout(ends)
             made: list[Any] = []
-            for pid in reversed(pipeline.processors):
-                recorder = Recorder(f"processor/{pid}", self.seen, self.clock, nxt)
-                instance = self._processor(config.processors[pid], recorder, pipeline.id)
+            for proc in reversed(pipeline.processors):
+                recorder = Recorder(f"processor/{proc}", self.seen, self.clock, nxt)
+                instance = self._processor(config.processors[proc], recorder, pipeline.id)
                 made.append(instance)
                 nxt = instance
-            self.processors += reversed(made)
+            order.append(list(reversed(made)))
+            entries[pid] = nxt
+            return nxt
+
+        for pipeline in metrics.values():
+            head = entry(pipeline.id)
             for rid in pipeline.receivers:
-                heads.setdefault(rid, []).append(nxt)
+                heads.setdefault(rid, []).append(head)
+        # Upstream first: what one sends when it stops reaches what is downstream of it, still running.
+        self.processors = [proc for made in reversed(order) for proc in made]
         for rid, consumers in heads.items():
             spec = config.receivers.get(rid)
             if spec is None:
-                continue  # a connector feeding this pipeline: out of reach of a test's inputs
+                continue  # not a receiver of this config (defensive: pipelines name only receivers here)
             rconfig = spec.config
             if rid.type == "http":
                 port = _free_port()
@@ -385,7 +415,7 @@ class Run:
         self.build()
         started: list[Any] = []
         try:
-            for component in [*self.exporters, *self.processors]:
+            for component in [*self.exporters, *reversed(self.processors)]:
                 await component.start()
                 started.append(component)
             for rid, receiver in self.receivers.items():
@@ -396,8 +426,12 @@ class Run:
         finally:
             for rid in self.flush_s:
                 await self._flush_statsd(rid)
-            for component in reversed(started):
-                await component.shutdown()
+            # As the agent stops: receivers, then processors and connectors upstream first (each sends
+            # what it holds on), then exporters, which drain their queues.
+            running = set(map(id, started))
+            for component in [*self.receivers.values(), *self.processors, *self.exporters]:
+                if id(component) in running:
+                    await component.shutdown()
         for request in self.capture.under(self.prefix):
             rest = request.path[len(self.prefix) + 1 :]
             place, _, tail = rest.partition("/")  # place: the component's type

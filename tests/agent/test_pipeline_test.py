@@ -486,3 +486,40 @@ async def test_the_capture_server_keeps_an_sdk_exporters_grpc_call_under_its_met
     assert (point.metric, point.type, point.value) == ("orders", "sum", 3.0)
     assert ("resource.service.name", "shop") in point.labels
     assert ("region", "eu") in point.labels
+
+
+FORWARDED: dict[str, Any] = {
+    "receivers": {"statsd": {"udp": "127.0.0.1:8125", "flush_interval": "10s"}},
+    "processors": {
+        "aggregate": {"rules": [{"match": ["http.requests"], "intervals": ["1m"], "outputs": ["sum"]}]},
+        "attributes": {"actions": [{"key": "env", "value": "prod", "action": "insert"}]},
+    },
+    "connectors": {"forward": {}},
+    "exporters": {"debug": {}},
+    "service": {
+        "pipelines": {
+            "metrics/in": {"receivers": ["statsd"], "processors": ["aggregate"], "exporters": ["forward"]},
+            "metrics/out": {"receivers": ["forward"], "processors": ["attributes"], "exporters": ["debug"]},
+        }
+    },
+}
+
+
+def test_a_connector_feeds_the_pipelines_that_receive_from_it(tmp_path: Path) -> None:
+    # Both the sum the window closes at 60 s and the one the end of the test sends from the open
+    # window pass the connector and the downstream pipeline's processor.
+    tests = """
+version: 1
+tests:
+  - name: through forward to metrics/out
+    inputs:
+      - {at: 5s, every: 10s, times: 8, receiver: statsd, statsd: ["http.requests:1|c"]}
+    run_for: 90s
+    expect:
+      - {at: connector/forward, metric: http.requests.1m.sum, value: 5, count: 1, by: 60s}
+      - {at: processor/attributes, metric: http.requests.1m.sum, labels: {env: prod}, value: 5, by: 60s}
+      - {at: exporter/debug, metric: http.requests.1m.sum, labels: {env: prod}, value: 5, count: 1, by: 60s}
+      - {at: exporter/debug, metric: http.requests.1m.sum, labels: {env: prod}, value: 3}
+"""
+    code, out = _run(tmp_path, FORWARDED, tests)
+    assert code == 0, out
