@@ -407,6 +407,12 @@ class _DatagramReader:
             pass
         except OSError as exc:
             r.log.warning("read error on %s: %s", self._address, exc)
+        self._end_turn(n, truncated, rest)
+
+    def _end_turn(self, n: int, truncated: int, rest: bytes) -> None:
+        """Counts a drain's ``n`` datagrams (``truncated`` of them refused) once, and parks the reader
+        while ``rest`` (a datagram cut at the turn budget) is parsed in later turns."""
+        r = self._r
         r.packets.value += n
         if truncated:
             r.refuse(DATAGRAM_TRUNCATED, truncated)

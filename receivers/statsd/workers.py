@@ -55,7 +55,6 @@ from receivers.statsd import (
     _DRAIN_BATCH,
     _SLICE_BYTES,
     _TURN_BUDGET_S,
-    DATAGRAM_TRUNCATED,
     StatsdConfig,
     StatsdReceiver,
     _DatagramReader,
@@ -166,14 +165,7 @@ class _StampedReader(_DatagramReader):
             pass
         except OSError as exc:
             r.log.warning("read error on %s: %s", self._address, exc)
-        r.packets.value += n
-        if truncated:
-            r.refuse(DATAGRAM_TRUNCATED, truncated)
-        r.sync_counts()
-        if rest:
-            self._rest = rest
-            self._loop.remove_reader(self._fd)
-            self._resume = self._loop.call_soon(self._continue)
+        self._end_turn(n, truncated, rest)
 
 
 class WorkerReceiver(StatsdReceiver):
