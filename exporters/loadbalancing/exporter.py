@@ -132,25 +132,28 @@ class LoadBalancingExporter:
         tel.sent()  # shows at 0: the gateways' exporters count what they deliver, by gateway id
 
     # -- metrics ---------------------------------------------------------------------------------------
-    def _routed_cell(self, gateway: str) -> Cell:
-        cell = self._routed.get(gateway)
+    def _gateway_cell(self, cells: dict[str, Cell], gateway: str, name: str, doc: str) -> Cell:
+        """The counter ``name`` of ``gateway``, made (and kept in ``cells``) the first time it counts."""
+        cell = cells.get(gateway)
         if cell is None:
-            cell = self._routed[gateway] = self._settings.telemetry.counter(
-                "loadbalancer_routed_points_total",
-                "Points (spans, log records) routed to each gateway.",
-                gateway=gateway,
-            )
+            cell = cells[gateway] = self._settings.telemetry.counter(name, doc, gateway=gateway)
         return cell
 
+    def _routed_cell(self, gateway: str) -> Cell:
+        return self._gateway_cell(
+            self._routed,
+            gateway,
+            "loadbalancer_routed_points_total",
+            "Points (spans, log records) routed to each gateway.",
+        )
+
     def _rerouted_cell(self, gateway: str) -> Cell:
-        cell = self._rerouted.get(gateway)
-        if cell is None:
-            cell = self._rerouted[gateway] = self._settings.telemetry.counter(
-                "loadbalancer_rerouted_points_total",
-                "Points (spans, log records) queued for a gateway that left, routed again by the new ring.",
-                gateway=gateway,
-            )
-        return cell
+        return self._gateway_cell(
+            self._rerouted,
+            gateway,
+            "loadbalancer_rerouted_points_total",
+            "Points (spans, log records) queued for a gateway that left, routed again by the new ring.",
+        )
 
     @property
     def gateways(self) -> tuple[str, ...]:
@@ -168,18 +171,22 @@ class LoadBalancingExporter:
             self._tasks.spawn(self._resolve_every_interval(), "loadbalancing-dns")
         self._started = True
 
-    async def shutdown(self) -> None:
-        if self._closing:
-            return
+    async def _close(self) -> dict[str, _Gateway]:
+        """Stops resolving, waits for the retiring gateways, and empties the ring: the gateways it had,
+        by id, for the caller to stop or hand over."""
         self._closing = True
         await self._tasks.close()
         async with self._membership_lock:
             await self._retire_tasks.wait(self._settings.shutdown_timeout_s)
             await self._retire_tasks.close()
             async with self._lock:
-                gateways = list(self._gateways.values())
-                self._gateways = {}
-                self._ring = HashRing(())
+                gateways, self._gateways, self._ring = self._gateways, {}, HashRing(())
+        return gateways
+
+    async def shutdown(self) -> None:
+        if self._closing:
+            return
+        gateways = list((await self._close()).values())
         results = await asyncio.gather(*(g.shutdown() for g in gateways), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -191,13 +198,7 @@ class LoadBalancingExporter:
         :meth:`adopt`. Disk partitions stay in the directory for the successor."""
         if self._closing:
             return {}
-        self._closing = True
-        await self._tasks.close()
-        async with self._membership_lock:
-            await self._retire_tasks.wait(self._settings.shutdown_timeout_s)
-            await self._retire_tasks.close()
-            async with self._lock:
-                gateways, self._gateways, self._ring = self._gateways, {}, HashRing(())
+        gateways = await self._close()
         handed: dict[str, tuple[str, dict[str | None, list[Request]]]] = {}
         for gw, child in gateways.items():
             try:
