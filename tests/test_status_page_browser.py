@@ -9,20 +9,13 @@ A screenshot is kept as a test artifact: ``status-page.png`` under the test's tm
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
-import os
-import re
-import shutil
 import socket
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import statsd
 import yaml
@@ -32,111 +25,10 @@ from agent.config import build_config
 from agent.registry import builtin_factories
 from agent.service import Agent
 from tests.conftest import free_port, wait_until
+from tests.helpers import BROWSER_TIMEOUT_S, STATSD_TO_DEBUG, chromium, keep_artifact
 from tests.integration.conftest import free_tcp_udp_port
 
 pytestmark = pytest.mark.integration
-
-CONFIG = """
-receivers:
-  statsd: {{udp: "127.0.0.1:{statsd}", flush_interval: 200ms}}
-processors:
-  memory_limiter: {{limit: 512MiB}}
-exporters:
-  debug: {{path: "{out}"}}
-service:
-  telemetry: {{endpoint: "127.0.0.1:{telemetry}"}}
-  pipelines:
-    metrics: {{receivers: [statsd], processors: [memory_limiter], exporters: [debug]}}
-"""
-
-BROWSER_TIMEOUT_S = 60.0
-
-
-class DevTools:
-    """One page of a headless chromium, over the DevTools protocol: ``call`` sends a command and returns
-    its result; the events seen meanwhile are kept in ``events``."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self._ws = ws
-        self._id = 0
-        self.events: list[dict[str, Any]] = []
-
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self._id += 1
-        await self._ws.send_json({"id": self._id, "method": method, "params": params})
-        async with asyncio.timeout(BROWSER_TIMEOUT_S):
-            while True:
-                msg = await self._ws.receive_json()
-                if msg.get("id") == self._id:
-                    assert "error" not in msg, f"{method}: {msg['error']}"
-                    return dict(msg["result"])
-                self.events.append(msg)
-
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-
-@contextlib.asynccontextmanager
-async def chromium(tmp_path: Path) -> AsyncIterator[DevTools]:
-    """A headless chromium with a blank page, on a DevTools port of its choosing; killed on exit."""
-    binary = shutil.which("chromium")
-    assert binary, "chromium is not installed: scripts/install-test-deps installs it"
-    args = [
-        binary,
-        "--headless=new",
-        "--disable-gpu",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--disable-extensions",
-        "--disable-background-networking",
-        "--window-size=1280,900",
-        "--remote-debugging-address=127.0.0.1",
-        "--remote-debugging-port=0",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "about:blank",
-    ]
-    if os.geteuid() == 0:
-        args.insert(1, "--no-sandbox")  # chromium refuses to run as root with its sandbox
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        assert proc.stderr is not None
-        seen = []
-        async with asyncio.timeout(BROWSER_TIMEOUT_S):
-            while True:
-                line = (await proc.stderr.readline()).decode(errors="replace")
-                assert line, f"chromium exited before listening: {''.join(seen)[-2000:]}"
-                seen.append(line)
-                if found := re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line):
-                    port = int(found.group(1))
-                    break
-        # Keep draining its log so that it never blocks on a full pipe.
-        drain = asyncio.ensure_future(proc.stderr.read())
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                targets = await resp.json()
-            [page] = [t for t in targets if t["type"] == "page"]
-            async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                yield DevTools(ws)
-        drain.cancel()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-
-
-def _keep(tmp_path: Path, name: str, data: bytes) -> Path:
-    path = tmp_path / name
-    path.write_bytes(data)
-    target = os.environ.get("HEADWATER_ARTIFACTS")
-    if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(target) / name)
-    return path
-
 
 CELLS = """JSON.stringify(Object.fromEntries([...document.querySelectorAll('td[data-k="receiver:statsd"]')]
     .map(td => [td.dataset.m, td.textContent])))"""
@@ -144,7 +36,7 @@ CELLS = """JSON.stringify(Object.fromEntries([...document.querySelectorAll('td[d
 
 async def test_page_shows_the_graph_and_its_numbers_move(tmp_path: Path) -> None:
     ports = {"statsd": free_tcp_udp_port(), "telemetry": free_port()}
-    text = CONFIG.format(out=tmp_path / "out.jsonl", **ports)
+    text = STATSD_TO_DEBUG.format(out=tmp_path / "out.jsonl", **ports)
     agent = Agent(build_config(yaml.safe_load(textwrap.dedent(text)), builtin_factories()))
     admin = AdminServer(agent, f"127.0.0.1:{ports['telemetry']}")
     await agent.start()
@@ -198,7 +90,7 @@ async def test_page_shows_the_graph_and_its_numbers_move(tmp_path: Path) -> None
             assert edge.endswith("/s")
 
             shot = await page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-            png = _keep(tmp_path, "status-page.png", base64.b64decode(shot["data"]))
+            png = keep_artifact(tmp_path, "status-page.png", base64.b64decode(shot["data"]))
             assert png.read_bytes().startswith(b"\x89PNG")
 
             requested = {

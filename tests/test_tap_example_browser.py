@@ -16,7 +16,7 @@ from agent.config import build_config
 from agent.registry import builtin_factories
 from agent.service import Agent
 from tests.conftest import free_port, wait_until
-from tests.test_status_page_browser import BROWSER_TIMEOUT_S, chromium
+from tests.helpers import BROWSER_TIMEOUT_S, chromium
 
 pytestmark = pytest.mark.integration
 

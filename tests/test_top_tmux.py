@@ -21,22 +21,10 @@ from pathlib import Path
 import pytest
 import statsd
 
+from tests.helpers import STATSD_TO_DEBUG, keep_artifact
 from tests.integration.conftest import ROOT, AgentProcess, free_tcp_udp_port, http_get, wait_for_peer
 
 pytestmark = pytest.mark.integration
-
-CONFIG = """
-receivers:
-  statsd: {{udp: "127.0.0.1:{statsd}", flush_interval: 200ms}}
-processors:
-  memory_limiter: {{limit: 512MiB}}
-exporters:
-  debug: {{path: "{out}"}}
-service:
-  telemetry: {{endpoint: "127.0.0.1:{telemetry}"}}
-  pipelines:
-    metrics: {{receivers: [statsd], processors: [memory_limiter], exporters: [debug]}}
-"""
 
 
 class Terminal:
@@ -82,7 +70,7 @@ def terminal(tmp_path: Path) -> Iterator[Terminal]:
 def _start_agent(tmp_path: Path) -> AgentProcess:
     ports = {"statsd": free_tcp_udp_port(), "telemetry": free_tcp_udp_port()}
     config_path = tmp_path / "agent.yaml"
-    config_path.write_text(textwrap.dedent(CONFIG.format(out=tmp_path / "out.jsonl", **ports)))
+    config_path.write_text(textwrap.dedent(STATSD_TO_DEBUG.format(out=tmp_path / "out.jsonl", **ports)))
     log_path, stdout_path = tmp_path / "agent.log", tmp_path / "agent.out"
     with open(log_path, "wb") as err, open(stdout_path, "wb") as out:
         proc = subprocess.Popen(
@@ -96,14 +84,6 @@ def _start_agent(tmp_path: Path) -> AgentProcess:
 def _rows(screen: str, kind: str) -> list[list[str]]:
     """The component rows of ``kind`` on the screen, split into columns."""
     return [line.split() for line in screen.splitlines() if line.startswith(kind + " ")]
-
-
-def _keep(tmp_path: Path, name: str, screen: str) -> None:
-    (tmp_path / name).write_text(screen)
-    target = os.environ.get("HEADWATER_ARTIFACTS")
-    if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        shutil.copy(tmp_path / name, Path(target) / name)
 
 
 def test_top_shows_rates_sorts_filters_and_quits(tmp_path: Path, terminal: Terminal) -> None:
@@ -134,7 +114,7 @@ def test_top_shows_rates_sorts_filters_and_quits(tmp_path: Path, terminal: Termi
             return screen if moving and tracked and _rows(screen, "exporter") else None
 
         screen = wait_for_peer(flowing, "the statsd row with non-zero in/s and refused/s, top metrics")
-        _keep(tmp_path, "top-screen.txt", screen)
+        keep_artifact(tmp_path, "top-screen.txt", screen)
         assert "sort: in/s (s)" in screen
         assert [r[1] for r in _rows(screen, "processor")] == ["memory_limiter"]
         assert [r[1] for r in _rows(screen, "exporter")] == ["debug"]
@@ -156,7 +136,7 @@ def test_top_shows_rates_sorts_filters_and_quits(tmp_path: Path, terminal: Termi
 
         screen = wait_for_peer(filtered, "only the debug exporter's row")
         assert not _rows(screen, "processor") and "malformed_line" not in screen and "top.hits" not in screen
-        _keep(tmp_path, "top-screen-filtered.txt", screen)
+        keep_artifact(tmp_path, "top-screen-filtered.txt", screen)
 
         agent.stop()
         wait_for_peer(lambda: "cannot read the agent" in terminal.screen(), "the endpoint-down message")
