@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import pytest
 
@@ -33,6 +33,9 @@ from agent.model import Batch, MetricBatch, Point
 from agent.registry import builtin_factories
 from agent.service import Agent
 from agent.telemetry import ComponentTelemetry, Telemetry
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import PrometheusServer
 
 pytest_plugins = ["pytester"]
 
@@ -337,3 +340,16 @@ async def agents() -> AsyncIterator[AgentGraph]:
     graph = AgentGraph()
     yield graph
     await graph.close()
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
+    """A real Prometheus (remote-write receiver on, on a free port), started before the test's event
+    loop and stopped after the test; the test points its scrapes or writes at it."""
+    from tests.integration.conftest import launch_prometheus  # it imports this module
+
+    server = launch_prometheus(tmp_path / "prometheus", free_port())
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -31,7 +31,7 @@ from agent.registry import builtin_factories
 from agent.service import Agent
 from tests.conftest import free_port, wait_until
 from tests.exporters.conftest import serve
-from tests.integration.conftest import ROOT, PrometheusServer, free_tcp_udp_port, launch_prometheus
+from tests.integration.conftest import ROOT, PrometheusServer, free_tcp_udp_port
 
 DASHBOARD = ROOT / "dashboards" / "headwater.json"
 
@@ -153,16 +153,6 @@ async def backend_url() -> AsyncIterator[tuple[Backend, str]]:
     runner, port = await serve(app)
     yield backend, f"http://127.0.0.1:{port}/api/v1/write"
     await runner.cleanup()
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
-    """A real Prometheus, started before the test's event loop; the test points its scrapes."""
-    server = launch_prometheus(tmp_path / "prometheus", free_port())
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def scrape(prometheus: PrometheusServer, port: int) -> None:

@@ -14,7 +14,7 @@ import asyncio
 import gc
 import random
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from agent.telemetry import Telemetry
 from exporters.prometheus_remote_write import remote_pb2, wire
 from tests.conftest import AgentGraph, component_settings, free_port, wait_until
 from tests.exporters.conftest import Gate, serve
-from tests.integration.conftest import PrometheusServer, free_tcp_udp_port, launch_prometheus
+from tests.integration.conftest import PrometheusServer, free_tcp_udp_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -404,16 +404,6 @@ async def test_a_receipt_closes_when_its_hand_over_returns() -> None:
     # Later batches of that task are stamped when they are handed on, not with the old receipt.
     assert await task >= closed > stamped
     assert vitals.received_s() >= closed
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
-    """A real Prometheus with its remote-write receiver on, started before the test's event loop."""
-    server = launch_prometheus(tmp_path / "prometheus", free_port())
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_statsd_to_a_real_prometheus_each_write_it_answered_is_one_success(

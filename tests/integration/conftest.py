@@ -153,15 +153,6 @@ def launch_prometheus(data: Path, port: int) -> PrometheusServer:
     return server
 
 
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
-    server = launch_prometheus(tmp_path / "prometheus", free_port())
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @dataclass
 class AgentProcess:
     proc: subprocess.Popen[bytes]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,8 +21,8 @@ from agent.confmodel import Duration
 from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Temporality
 from agent.telemetry import Telemetry
 from processors.aggregate import AggregateConfig, AggregateProcessor, RuleConfig, factory, output_prefix
-from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
-from tests.integration.conftest import PrometheusServer, free_tcp_udp_port, launch_prometheus
+from tests.conftest import AgentGraph, Sink, component_settings, wait_until
+from tests.integration.conftest import PrometheusServer, free_tcp_udp_port
 
 T0 = 1_699_999_200.0  # a multiple of 3600 s: every interval up to 1h starts a window here
 ALL_VALUE_OUTPUTS: list[Any] = ["count", "sum", "avg", "min", "max", "last", "stddev", "slope"]
@@ -487,14 +485,6 @@ def test_factory_registers_the_type() -> None:
 
 
 # -- end to end: StatsD client → statsd receiver → aggregate → remote-write → a real Prometheus ---------
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
-    """A real Prometheus with its remote-write receiver on, started before the test's event loop."""
-    server = launch_prometheus(tmp_path / "prometheus", free_port())
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def prom_query(session: aiohttp.ClientSession, server: PrometheusServer, expr: str) -> list[Any]:

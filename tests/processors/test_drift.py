@@ -7,7 +7,7 @@ import json
 import math
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from agent.telemetry import Telemetry
 from processors.drift import DRIFT_SUFFIX, TESTS, DriftConfig, DriftProcessor, stats
 from processors.drift.baseline_file import FILE_FORMAT
 from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
-from tests.integration.conftest import PrometheusServer, launch_prometheus
+from tests.integration.conftest import PrometheusServer
 
 N_REFERENCE, N_CURRENT = 20_000, 5_000
 
@@ -584,16 +584,6 @@ def test_config_refusals(fields: dict[str, Any], path: str, message: str) -> Non
 
 
 # -- end to end: StatsD timers → agent → drift → remote-write → a real Prometheus -------------------------
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
-    """A real Prometheus with its remote-write receiver on, started before the test's event loop."""
-    server = launch_prometheus(tmp_path / "prometheus", free_port())
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.integration

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +26,7 @@ from agent.model import Kind, Point, Temporality
 from agent.telemetry import Telemetry
 from receivers.http import HttpConfig, HttpReceiver
 from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
-from tests.integration.conftest import PrometheusServer, launch_prometheus
+from tests.integration.conftest import PrometheusServer
 from tests.receivers.conftest import Running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -468,14 +468,6 @@ async def test_metadata_becomes_labels_only_where_allow_listed(make: Make) -> No
 
 
 # -- end to end: a real Prometheus ---------------------------------------------------------------------
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
-    """A real Prometheus with its remote-write receiver on, started before the test's event loop."""
-    server = launch_prometheus(tmp_path / "prometheus", free_port())
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def prom_query(session: aiohttp.ClientSession, server: PrometheusServer, expr: str) -> list[Any]:
