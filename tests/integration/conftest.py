@@ -24,11 +24,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 from tests.conftest import LOOP_BLOCK_LIMIT_S, free_port, wait_until_sync
+
+if TYPE_CHECKING:
+    import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -151,6 +154,46 @@ def launch_prometheus(data: Path, port: int) -> PrometheusServer:
         server.stop()
         raise
     return server
+
+
+async def prom_query(session: aiohttp.ClientSession, server: PrometheusServer, expr: str) -> list[Any]:
+    """The result vector of the instant query ``expr`` (PromQL) against ``server``."""
+    async with session.get(f"{server.url}/api/v1/query", params={"query": expr}) as resp:
+        data = await resp.json()
+    assert resp.status == 200 and data["status"] == "success", data
+    return list(data["data"]["result"])
+
+
+async def prom_value(session: aiohttp.ClientSession, server: PrometheusServer, expr: str) -> float | None:
+    """The first sample's value of the instant query ``expr``; None while the query has none."""
+    result = await prom_query(session, server, expr)
+    return float(result[0]["value"][1]) if result else None
+
+
+def to_remote_write(
+    server: PrometheusServer, receivers: dict[str, Any], processors: dict[str, Any]
+) -> dict[str, Any]:
+    """An agent config: one metrics pipeline from ``receivers`` through ``processors`` (in their order)
+    to ``prometheus_remote_write`` into ``server``, retrying from 100 ms to 1 s."""
+    return {
+        "receivers": receivers,
+        "processors": processors,
+        "exporters": {
+            "prometheus_remote_write": {
+                "endpoint": server.write_url,
+                "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s"},
+            }
+        },
+        "service": {
+            "pipelines": {
+                "metrics": {
+                    "receivers": list(receivers),
+                    "processors": list(processors),
+                    "exporters": ["prometheus_remote_write"],
+                }
+            }
+        },
+    }
 
 
 @dataclass

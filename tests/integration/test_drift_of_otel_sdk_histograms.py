@@ -21,7 +21,7 @@ from opentelemetry.sdk.resources import Resource
 
 from processors.drift import TESTS
 from tests.conftest import AgentGraph, free_port, wait_until
-from tests.integration.conftest import PrometheusServer
+from tests.integration.conftest import PrometheusServer, prom_value, to_remote_write
 
 pytestmark = pytest.mark.integration
 
@@ -31,25 +31,11 @@ async def test_sdk_histogram_drift_rises_in_prometheus_after_a_shift(
 ) -> None:
     port = free_port()
     await agents.start(
-        {
-            "receivers": {"otlp": {"http": f"127.0.0.1:{port}", "grpc": None}},
-            "processors": {"drift": {"include": ["checkout.duration"], "window": "1s", "baseline": "2s"}},
-            "exporters": {
-                "prometheus_remote_write": {
-                    "endpoint": prometheus.write_url,
-                    "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s"},
-                }
-            },
-            "service": {
-                "pipelines": {
-                    "metrics": {
-                        "receivers": ["otlp"],
-                        "processors": ["drift"],
-                        "exporters": ["prometheus_remote_write"],
-                    }
-                }
-            },
-        }
+        to_remote_write(
+            prometheus,
+            {"otlp": {"http": f"127.0.0.1:{port}", "grpc": None}},
+            {"drift": {"include": ["checkout.duration"], "window": "1s", "baseline": "2s"}},
+        )
     )
     reader = PeriodicExportingMetricReader(
         OTLPMetricExporter(endpoint=f"http://127.0.0.1:{port}/v1/metrics"),
@@ -67,11 +53,7 @@ async def test_sdk_histogram_drift_rises_in_prometheus_after_a_shift(
         async with aiohttp.ClientSession() as session:
 
             async def query(expr: str) -> float | None:
-                async with session.get(f"{prometheus.url}/api/v1/query", params={"query": expr}) as resp:
-                    data = await resp.json()
-                assert resp.status == 200 and data["status"] == "success", data
-                result = data["data"]["result"]
-                return float(result[0]["value"][1]) if result else None
+                return await prom_value(session, prometheus, expr)
 
             async def record_then(expr: str, done: Callable[[float], bool]) -> float | None:
                 """Record 400 durations of the current distribution and export (the SDK blocks: off

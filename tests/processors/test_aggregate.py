@@ -22,7 +22,7 @@ from agent.model import ExplicitHistogram, Kind, Labels, MetricBatch, Point, Tem
 from agent.telemetry import Telemetry
 from processors.aggregate import AggregateConfig, AggregateProcessor, RuleConfig, factory, output_prefix
 from tests.conftest import AgentGraph, Sink, component_settings, wait_until
-from tests.integration.conftest import PrometheusServer, free_tcp_udp_port
+from tests.integration.conftest import PrometheusServer, free_tcp_udp_port, prom_query, to_remote_write
 
 T0 = 1_699_999_200.0  # a multiple of 3600 s: every interval up to 1h starts a window here
 ALL_VALUE_OUTPUTS: list[Any] = ["count", "sum", "avg", "min", "max", "last", "stddev", "slope"]
@@ -487,13 +487,6 @@ def test_factory_registers_the_type() -> None:
 # -- end to end: StatsD client → statsd receiver → aggregate → remote-write → a real Prometheus ---------
 
 
-async def prom_query(session: aiohttp.ClientSession, server: PrometheusServer, expr: str) -> list[Any]:
-    async with session.get(f"{server.url}/api/v1/query", params={"query": expr}) as resp:
-        data = await resp.json()
-    assert resp.status == 200 and data["status"] == "success", data
-    return list(data["data"]["result"])
-
-
 async def test_statsd_to_prometheus_through_aggregate(
     prometheus: PrometheusServer, agents: AgentGraph
 ) -> None:
@@ -509,25 +502,11 @@ async def test_statsd_to_prometheus_through_aggregate(
         },
     ]
     await agents.start(
-        {
-            "receivers": {"statsd": {"udp": f"127.0.0.1:{port}", "flush_interval": "1s"}},
-            "processors": {"aggregate": {"rules": rules}},
-            "exporters": {
-                "prometheus_remote_write": {
-                    "endpoint": prometheus.write_url,
-                    "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s"},
-                }
-            },
-            "service": {
-                "pipelines": {
-                    "metrics": {
-                        "receivers": ["statsd"],
-                        "processors": ["aggregate"],
-                        "exporters": ["prometheus_remote_write"],
-                    }
-                }
-            },
-        }
+        to_remote_write(
+            prometheus,
+            {"statsd": {"udp": f"127.0.0.1:{port}", "flush_interval": "1s"}},
+            {"aggregate": {"rules": rules}},
+        )
     )
     client = statsd.StatsClient("127.0.0.1", port, prefix="app")
     for _ in range(40):

@@ -25,7 +25,7 @@ from agent.telemetry import Telemetry
 from processors.drift import DRIFT_SUFFIX, TESTS, DriftConfig, DriftProcessor, stats
 from processors.drift.baseline_file import FILE_FORMAT
 from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
-from tests.integration.conftest import PrometheusServer
+from tests.integration.conftest import PrometheusServer, prom_value, to_remote_write
 
 N_REFERENCE, N_CURRENT = 20_000, 5_000
 
@@ -589,25 +589,11 @@ def test_config_refusals(fields: dict[str, Any], path: str, message: str) -> Non
 @pytest.mark.integration
 async def test_statsd_timers_drift_rises_in_prometheus_after_a_shift(prometheus: PrometheusServer) -> None:
     port = free_port(socket.SOCK_DGRAM)
-    config = {
-        "receivers": {"statsd": {"udp": f"127.0.0.1:{port}", "flush_interval": "200ms"}},
-        "processors": {"drift": {"include": ["checkout.latency"], "window": "1s", "baseline": "2s"}},
-        "exporters": {
-            "prometheus_remote_write": {
-                "endpoint": prometheus.write_url,
-                "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s"},
-            }
-        },
-        "service": {
-            "pipelines": {
-                "metrics": {
-                    "receivers": ["statsd"],
-                    "processors": ["drift"],
-                    "exporters": ["prometheus_remote_write"],
-                }
-            }
-        },
-    }
+    config = to_remote_write(
+        prometheus,
+        {"statsd": {"udp": f"127.0.0.1:{port}", "flush_interval": "200ms"}},
+        {"drift": {"include": ["checkout.latency"], "window": "1s", "baseline": "2s"}},
+    )
     graph = AgentGraph()
     client = statsd.StatsClient("127.0.0.1", port)
     rng = np.random.default_rng(9)
@@ -617,12 +603,7 @@ async def test_statsd_timers_drift_rises_in_prometheus_after_a_shift(prometheus:
         async with aiohttp.ClientSession() as session:
 
             async def query(expr: str) -> float | None:
-                params = {"query": expr}
-                async with session.get(f"{prometheus.url}/api/v1/query", params=params) as resp:
-                    data = await resp.json()
-                assert resp.status == 200 and data["status"] == "success", data
-                result = data["data"]["result"]
-                return float(result[0]["value"][1]) if result else None
+                return await prom_value(session, prometheus, expr)
 
             async def send_then(expr: str, done: Callable[[float], bool]) -> float | None:
                 """Send 40 timers of the current distribution, then read `expr` (None until `done`)."""

@@ -26,7 +26,7 @@ from agent.model import Kind, Point, Temporality
 from agent.telemetry import Telemetry
 from receivers.http import HttpConfig, HttpReceiver
 from tests.conftest import AgentGraph, Sink, component_settings, free_port, wait_until
-from tests.integration.conftest import PrometheusServer
+from tests.integration.conftest import PrometheusServer, prom_query
 from tests.receivers.conftest import Running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -468,13 +468,6 @@ async def test_metadata_becomes_labels_only_where_allow_listed(make: Make) -> No
 
 
 # -- end to end: a real Prometheus ---------------------------------------------------------------------
-
-
-async def prom_query(session: aiohttp.ClientSession, server: PrometheusServer, expr: str) -> list[Any]:
-    async with session.get(f"{server.url}/api/v1/query", params={"query": expr}) as resp:
-        data = await resp.json()
-    assert resp.status == 200 and data["status"] == "success", data
-    return list(data["data"]["result"])
 
 
 async def test_command_events_reach_prometheus_as_counts_and_a_latency_histogram(
