@@ -203,6 +203,27 @@ def shift_to_fit(low: _Indices, high: _Indices, max_buckets: int) -> _Indices:
     return _shift_to_fit(np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64), max_buckets)
 
 
+def _lay_out(
+    pos_low: _Indices,
+    pos_high: _Indices,
+    has_pos: npt.NDArray[np.bool_],
+    neg_low: _Indices,
+    neg_high: _Indices,
+    has_neg: npt.NDArray[np.bool_],
+    shift: _Indices,
+) -> tuple[_Indices, _Indices, _Indices, _Indices, int]:
+    """Shifts each segment's bucket spans down by ``shift`` (the low ends in place) and lays them out in
+    one index space, segment by segment, positive then negative: each side's length and start, and the
+    space's size."""
+    pos_low >>= shift
+    neg_low >>= shift
+    pos_len = np.where(has_pos, (pos_high >> shift) - pos_low + 1, 0)
+    neg_len = np.where(has_neg, (neg_high >> shift) - neg_low + 1, 0)
+    pos_start = np.cumsum(pos_len + neg_len) - (pos_len + neg_len)
+    neg_start = pos_start + pos_len
+    return pos_len, neg_len, pos_start, neg_start, int(pos_start[-1] + pos_len[-1] + neg_len[-1])
+
+
 def _shift_to_fit(low: _Indices, high: _Indices, max_buckets: int) -> _Indices:
     """Smallest k >= 0 with ``(high >> k) - (low >> k) < max_buckets``, element-wise (``low <= high``)."""
     # (h >> k) - (l >> k) lies within [(h - l) >> k, ((h - l) >> k) + 1] and never grows with k. The
@@ -354,19 +375,14 @@ def from_segments(
     if any_negative:
         np.maximum(shift, _shift_to_fit(neg_low, neg_high, max_buckets), out=shift)
     np.minimum(shift, max_scale - MIN_SCALE, out=shift)
-    pos_low >>= shift
-    neg_low >>= shift
-    pos_len = np.where(has_pos, (pos_high >> shift) - pos_low + 1, 0)
-    neg_len = np.where(has_neg, (neg_high >> shift) - neg_low + 1, 0)
-
     # All buckets of all segments are laid out in one index space: segment j's positive buckets, then
     # its negative ones, then segment j + 1's. That space is cut at segment boundaries into chunks of
     # about _CHUNK_BUCKETS, each filled by one weighted bincount, and every histogram's arrays are
     # views into its chunk: one histogram kept for long then holds on to at most a chunk, not to the
     # whole flush (the chunks' elements are contiguous because segments are in order).
-    pos_start = np.cumsum(pos_len + neg_len) - (pos_len + neg_len)
-    neg_start = pos_start + pos_len
-    size = int(pos_start[-1] + pos_len[-1] + neg_len[-1])
+    pos_len, neg_len, pos_start, neg_start, size = _lay_out(
+        pos_low, pos_high, has_pos, neg_low, neg_high, has_neg, shift
+    )
     if all_positive:
         key = (index >> shift[segment]) + (pos_start - pos_low)[segment]
         key_weight, key_segment = w, segment
@@ -617,13 +633,9 @@ def merge_groups(groups: Sequence[Sequence[ExpHistogram]], *, max_buckets: int =
         _shift_to_fit(pos_low, pos_high, max_buckets), _shift_to_fit(neg_low, neg_high, max_buckets)
     )
     np.minimum(extra, scale_arr - MIN_SCALE, out=extra)
-    pos_low >>= extra
-    neg_low >>= extra
-    pos_len = np.where(has_pos, (pos_high >> extra) - pos_low + 1, 0)
-    neg_len = np.where(has_neg, (neg_high >> extra) - neg_low + 1, 0)
-    pos_start = np.cumsum(pos_len + neg_len) - (pos_len + neg_len)
-    neg_start = pos_start + pos_len
-    size = int(pos_start[-1] + pos_len[-1] + neg_len[-1])
+    _, neg_len, pos_start, neg_start, size = _lay_out(
+        pos_low, pos_high, has_pos, neg_low, neg_high, has_neg, extra
+    )
     # Every side's buckets in one index space (group by group, positive then negative, inputs in
     # order): a bucket's counts are added in input order, as merge_all adds them.
     keys: list[_Indices] = []
