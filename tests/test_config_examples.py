@@ -17,6 +17,7 @@ Each block is one case, named ``file:line``, classified by its top-level keys:
 - Helm chart values (``HELM_VALUES``): checked against helm/values.schema.json; their ``config:``
   (agent config the chart merges over what its presets generate) is also checked as agent config,
   with the components its pipelines name but do not define completed from ``MINIMAL``.
+- a ``headwater test`` file (top-level ``version`` and ``tests``): parsed as one.
 - anything else must be listed in ``NOT_CONFIG`` with the reason; an unlisted block fails, so no
   example is skipped silently.
 
@@ -36,6 +37,7 @@ import pytest
 import yaml
 
 from agent.config import ConfigError, build_config, expand_values, parse_yaml
+from agent.pipeline_test import model as pipeline_test_model
 from agent.registry import builtin_factories
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,6 +236,9 @@ def test_config_example_validates(block: Block) -> None:
         return
     data = yaml.safe_load(block.text)
     keys = set(data) if isinstance(data, dict) else set()
+    if keys == {"version", "tests"}:  # a `headwater test` file: it must parse as one
+        pipeline_test_model.parse(block.text, block.source)
+        return
     assert keys and (keys <= SECTIONS or (len(keys) == 1 and keys <= set(SETTING_CONTEXT))), (
         f"{block.source}: a YAML block that is neither agent config, a known setting, Helm values nor "
         f"listed in NOT_CONFIG (top-level keys {sorted(keys)}); classify it in {Path(__file__).name}"
