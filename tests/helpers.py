@@ -20,7 +20,7 @@ STATSD_TO_DEBUG = """
 receivers:
   statsd: {{udp: "127.0.0.1:{statsd}", flush_interval: 200ms}}
 processors:
-  memory_limiter: {{limit: 512MiB}}
+  memory_limiter: {{limit: 8GiB}}  # in-process: it measures the whole pytest process, not the agent
 exporters:
   debug: {{path: "{out}"}}
 service:

@@ -182,6 +182,9 @@ async def test_every_metric_the_dashboard_reads_is_exposed_by_a_running_agent(
         udp=f"127.0.0.1:{statsd_port}", tcp=f"127.0.0.1:{statsd_port}", flush_interval="100ms"
     )
     data["receivers"]["http"]["endpoint"] = f"127.0.0.1:{http_port}"
+    # The agent runs inside pytest: its memory_limiter would measure the whole test process (past
+    # the example's 512MiB late in a full run) and refuse the traffic this test needs.
+    data["processors"]["memory_limiter"]["limit"] = "8GiB"
     data["exporters"]["prometheus"]["endpoint"] = f"127.0.0.1:{free_port()}"
     data["exporters"]["prometheus_remote_write"] = {
         "endpoint": url,
