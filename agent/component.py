@@ -196,6 +196,25 @@ class ComponentId:
         return f"{self.type}/{self.name}" if self.name else self.type
 
 
+async def run_periodically(
+    wait_s: Callable[[], float],
+    step: Callable[[], Coroutine[Any, Any, None]],
+    logger: logging.Logger,
+    what: str,
+) -> None:
+    """Forever: sleep ``wait_s()`` seconds, then run ``step`` (a window end, an emit, a flush). A
+    Backpressure refusal is logged as a warning (the step keeps what it could not send), any other
+    exception with its traceback: one bad step must not stop every later one. Run it as an owned task."""
+    while True:
+        await asyncio.sleep(wait_s())
+        try:
+            await step()
+        except Backpressure as exc:
+            logger.warning("%s refused downstream: %s", what, exc.reason)
+        except Exception:
+            logger.exception("%s failed", what)
+
+
 class Tasks:
     """Owns background tasks: each is kept, logged if it dies, and cancelled and awaited on close."""
 

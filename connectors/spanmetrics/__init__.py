@@ -54,7 +54,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
+from agent.component import (
+    Backpressure,
+    ComponentKind,
+    Consumer,
+    Factory,
+    Settings,
+    Signal,
+    Tasks,
+    run_periodically,
+)
 from agent.confmodel import Duration
 from agent.model import Batch, MetricBatch, SpanBatch, Temporality
 from connectors import ConnectorCounts
@@ -374,7 +383,13 @@ class SpanMetricsConnector:
             return
         self._started = True
         if self._run_timer:
-            self._tasks.spawn(self._timer(), "flush")
+            interval = float(self._config.metrics_flush_interval)
+            self._tasks.spawn(
+                run_periodically(
+                    lambda: interval, self.flush, self._logger, "spanmetrics: flush (kept for the next)"
+                ),
+                "flush",
+            )
 
     async def shutdown(self) -> None:
         """Stop the timer, then flush what is held (once); idempotent, safe before start."""
@@ -386,19 +401,6 @@ class SpanMetricsConnector:
             await self.flush()
         except Backpressure as exc:
             self._logger.warning("spanmetrics: final flush refused downstream: %s", exc.reason)
-
-    async def _timer(self) -> None:
-        interval = float(self._config.metrics_flush_interval)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.flush()
-            except Backpressure as exc:
-                self._logger.warning(
-                    "spanmetrics: flush refused downstream, kept for the next: %s", exc.reason
-                )
-            except Exception:  # a flush bug must not stop all later flushes
-                self._logger.exception("spanmetrics: flush failed")
 
     async def consume(self, batch: Batch) -> None:
         """Count the spans of ``batch`` (a SpanBatch; other batches are not offered by the factory).

@@ -99,7 +99,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent import distributions, exphist
-from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
+from agent.component import (
+    Backpressure,
+    ComponentKind,
+    Consumer,
+    Factory,
+    Settings,
+    Signal,
+    Tasks,
+    run_periodically,
+)
 from agent.confmodel import Duration
 from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
@@ -520,7 +529,10 @@ class AggregateProcessor:
             return
         self._started = True
         if self._run_timer and self._rules:
-            self._tasks.spawn(self._timer(), "windows")
+            self._tasks.spawn(
+                run_periodically(self._wait_s, self.tick, self._logger, "aggregate: window outputs (kept)"),
+                "windows",
+            )
 
     async def shutdown(self) -> None:
         """Stop the timer, then send the windows being filled as they are (once); idempotent."""
@@ -542,22 +554,14 @@ class AggregateProcessor:
             self._pending.clear()
             self._logger.warning("aggregate: %d window points refused at shutdown: %s", lost, exc.reason)
 
-    async def _timer(self) -> None:
-        while True:
-            now = self._clock()
-            due = min(r.filling + r.base for r in self._rules)
-            # At most one retry period while outputs wait; never more than the shortest interval (a wall
-            # clock stepped back must not put the timer to sleep for hours).
-            wait = max(due - now, 0.0) + 0.001
-            if self._pending:
-                wait = min(wait, _RETRY_S)
-            await asyncio.sleep(min(wait, min(r.base for r in self._rules)))
-            try:
-                await self.tick()
-            except Backpressure as exc:
-                self._logger.warning("aggregate: window outputs refused downstream (kept): %s", exc.reason)
-            except Exception:  # a bug in one window must not stop every later one
-                self._logger.exception("aggregate: window emit failed")
+    def _wait_s(self) -> float:
+        due = min(r.filling + r.base for r in self._rules)
+        # At most one retry period while outputs wait; never more than the shortest interval (a wall
+        # clock stepped back must not put the timer to sleep for hours).
+        wait = max(due - self._clock(), 0.0) + 0.001
+        if self._pending:
+            wait = min(wait, _RETRY_S)
+        return min(wait, min(r.base for r in self._rules))
 
     async def tick(self) -> None:
         """Close the windows that ended by the clock and send what waits; Backpressure if refused."""

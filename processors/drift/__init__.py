@@ -101,7 +101,16 @@ from typing import Any, Literal
 import numpy as np
 
 from agent import distributions
-from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
+from agent.component import (
+    Backpressure,
+    ComponentKind,
+    Consumer,
+    Factory,
+    Settings,
+    Signal,
+    Tasks,
+    run_periodically,
+)
 from agent.confmodel import Duration, format_duration
 from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
@@ -358,7 +367,9 @@ class DriftProcessor:
             self._logger.info("drift: %d baselines loaded from %s", len(self._file_baselines), path)
         self._started = True
         if self._run_timer:
-            self._tasks.spawn(self._timer(), "windows")
+            self._tasks.spawn(
+                run_periodically(self._wait_s, self.tick, self._logger, "drift: window end"), "windows"
+            )
 
     async def shutdown(self) -> None:
         """Stop the timer, send the statistics of the window so far (once) and save new baselines;
@@ -374,16 +385,9 @@ class DriftProcessor:
             self._logger.warning("drift: final statistics refused downstream: %s", exc.reason)
         await self._save()
 
-    async def _timer(self) -> None:
-        while True:
-            # At most one window: a wall clock stepped back must not put the timer to sleep for hours.
-            await asyncio.sleep(min(max(self._next_end - self._clock(), 0.0), self._window_s) + 0.001)
-            try:
-                await self.tick()
-            except Backpressure as exc:
-                self._logger.warning("drift: statistics refused downstream: %s", exc.reason)
-            except Exception:  # a bug in one window must not stop all later ones
-                self._logger.exception("drift: window end failed")
+    def _wait_s(self) -> float:
+        # At most one window: a wall clock stepped back must not put the timer to sleep for hours.
+        return min(max(self._next_end - self._clock(), 0.0), self._window_s) + 0.001
 
     async def tick(self) -> None:
         """If a window end passed since the last one: send each series' statistics, save baselines."""

@@ -75,7 +75,16 @@ from typing import Any, Literal
 import numpy as np
 
 from agent import distributions, exphist
-from agent.component import Backpressure, ComponentKind, Consumer, Factory, Settings, Signal, Tasks
+from agent.component import (
+    Backpressure,
+    ComponentKind,
+    Consumer,
+    Factory,
+    Settings,
+    Signal,
+    Tasks,
+    run_periodically,
+)
 from agent.confmodel import Duration, Size, format_duration
 from agent.counting import PointCounts
 from agent.exphist import ExpHistogram
@@ -367,7 +376,9 @@ class PercentilesProcessor:
             return
         self._started = True
         if self._run_timer:
-            self._tasks.spawn(self._timer(), "emit")
+            self._tasks.spawn(
+                run_periodically(self._wait_s, self.tick, self._logger, "percentiles: emit"), "emit"
+            )
 
     async def shutdown(self) -> None:
         """Stop the timer, then send the windows as they are now (once); idempotent, safe before start."""
@@ -383,17 +394,10 @@ class PercentilesProcessor:
             except Backpressure as exc:
                 self._logger.warning("percentiles: final emit refused downstream: %s", exc.reason)
 
-    async def _timer(self) -> None:
-        while True:
-            # Wake at the emit boundary on the processor's clock (time.time by default).
-            # At most one interval: a wall clock stepped back must not put the timer to sleep for hours.
-            await asyncio.sleep(min(max(self._next_emit - self._clock(), 0.0), self._emit_s) + 0.001)
-            try:
-                await self.tick()
-            except Backpressure as exc:
-                self._logger.warning("percentiles: emit refused downstream: %s", exc.reason)
-            except Exception:  # an emit bug must not stop all later emits
-                self._logger.exception("percentiles: emit failed")
+    def _wait_s(self) -> float:
+        # Wake at the emit boundary on the processor's clock (time.time by default).
+        # At most one interval: a wall clock stepped back must not put the timer to sleep for hours.
+        return min(max(self._next_emit - self._clock(), 0.0), self._emit_s) + 0.001
 
     async def tick(self) -> None:
         """Advance the slices to the clock; emit if an emit boundary passed since the last emit."""
