@@ -24,7 +24,9 @@ apply per worker; the ``receiver_series`` gauge shows the main process's (merged
 Supervision: a worker that exits is started again (``receiver_worker_restarts_total``); the values it
 had accepted since its last part (it writes that count into a shared file after every read) are
 counted as ``receiver_dropped_points_total{reason="worker_died"}`` (and as accepted); datagrams still
-in its socket buffer when it died are not known to anyone. Shutdown (and so a reload that changes the
+in its socket buffer when it died are not known to anyone. The kernel's drop count
+(``receiver_udp_kernel_drops_total``) keeps a dead worker's socket's last figure, so it never goes
+back; connections a worker closed as idle are handed in with its part. Shutdown (and so a reload that changes the
 receiver) asks each worker to stop: it parses what its sockets still hold and hands in its last part.
 """
 
@@ -70,6 +72,8 @@ _RESTART_DELAY_S = (0.0, 0.5, 2.0, 10.0)
 """Wait before restarting a worker that died 1, 2, 3, 4+ times in a row without handing in a part."""
 _TIMESPEC = struct.Struct("@qq")
 CONNECTION_LIMIT = "connection_limit"
+IDLE_CLOSED = ("receiver_closed_connections_total", "Stream connections closed by the receiver.")
+"""Name and help of the counter the stream protocol bumps (reason="idle"), forwarded from the workers."""
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
@@ -99,19 +103,39 @@ def _cgroup_quota(cgroup: str) -> float | None:
     return None
 
 
-def port_drops(port: int, ipv6: bool) -> int:
-    """The kernel's receive-buffer drops over every UDP socket on ``port`` (the workers' sockets; a
-    restarted worker's new socket starts from 0, so the sum can go back, which Prometheus reads as a
-    counter reset)."""
+def socket_drops(port: int, ipv6: bool) -> dict[str, int]:
+    """The kernel's receive-buffer drops of each UDP socket bound to ``port`` (the workers' sockets),
+    by socket inode."""
     suffix = f":{port:04X}"
-    total = 0
+    drops = {}
     with open("/proc/net/udp6" if ipv6 else "/proc/net/udp", encoding="ascii") as f:
         next(f)
         for line in f:
             cols = line.split()
             if len(cols) >= 13 and cols[1].endswith(suffix) and cols[2].endswith(":0000"):
-                total += int(cols[12])
-    return total
+                drops[cols[9]] = int(cols[12])
+    return drops
+
+
+class PortDrops:
+    """``receiver_udp_kernel_drops_total`` over the workers' sockets, never going back: a restarted
+    worker's new socket starts from 0, so a socket that is gone leaves the figure last read from it as
+    a base. Read at every scrape and every flush; drops between that last reading and a worker's
+    death are not known to anyone."""
+
+    def __init__(self, port: int, ipv6: bool) -> None:
+        self._port = port
+        self._ipv6 = ipv6
+        self._last: dict[str, int] = {}
+        """Socket inode -> its drops when last read."""
+        self._gone = 0
+        """Drops of the sockets that are gone."""
+
+    def __call__(self) -> int:
+        now = socket_drops(self._port, self._ipv6)
+        self._gone += sum(drops for inode, drops in self._last.items() if inode not in now)
+        self._last = now
+        return self._gone + sum(now.values())
 
 
 def worker_count(setting: str, cpus: Callable[[], int] = cpu_limit) -> int:
@@ -184,6 +208,8 @@ class WorkerReceiver(StatsdReceiver):
         self._packets_handed = 0
         self._connection_limit = self.tel.refused(CONNECTION_LIMIT)
         self._limited_handed = 0
+        self._idle_closed = self.tel.counter(*IDLE_CLOSED, reason="idle")
+        self._idle_handed = 0
 
     def sync_counts(self) -> None:
         super().sync_counts()
@@ -211,8 +237,9 @@ class WorkerReceiver(StatsdReceiver):
     async def _flush(self, parts: list[IntervalPart]) -> None:
         """Not here (shutdown calls it): the last part goes to the main process after shutdown."""
 
-    def take_part(self) -> tuple[IntervalPart, int]:
-        """This interval and the counts since the last call; datagrams read since then."""
+    def take_part(self) -> tuple[IntervalPart, int, int]:
+        """This interval and the counts since the last call; datagrams read and connections closed as
+        idle since then (both counted by the transports themselves)."""
         limited = int(self._connection_limit.value)  # counted by the stream protocol itself
         if limited > self._limited_handed:
             refused = self.agg.refused
@@ -221,8 +248,10 @@ class WorkerReceiver(StatsdReceiver):
         part = self.agg.take_part()
         packets = int(self.packets.value) - self._packets_handed
         self._packets_handed = int(self.packets.value)
+        idle = int(self._idle_closed.value) - self._idle_handed
+        self._idle_handed += idle
         _SLOT.pack_into(self._progress, self._offset, 0, 0)
-        return part, packets
+        return part, packets, idle
 
 
 def _write_frame(obj: object) -> None:
@@ -276,6 +305,10 @@ def main() -> None:
 
 
 # -- the main process --------------------------------------------------------------------------------
+_Answer = tuple[IntervalPart, int, int]
+"""A worker's part, the datagrams it read and the connections it closed as idle since its last part."""
+
+
 class _Worker:
     """One worker slot: its current process, the lock its request/answer pairs take, its failures."""
 
@@ -306,7 +339,7 @@ class WorkerPool:
         self._stopping = False
         self._stopped = asyncio.Event()
         """Set by stop: a restart waiting out its delay gives up at once."""
-        self._orphans: list[asyncio.Future[tuple[IntervalPart, int] | None]] = []
+        self._orphans: list[asyncio.Future[_Answer | None]] = []
         """Exchanges whose caller was cancelled: their parts go with the next collect or stop."""
         self.datagrams = [0] * count
         """Datagrams each worker slot handed in, since the pool started (how the kernel spread them)."""
@@ -319,6 +352,9 @@ class WorkerPool:
             "Accepted items the receiver could not pass on, by reason.",
             reason="worker_died",
         )
+        self._idle_closed = tel.counter(*IDLE_CLOSED, reason="idle")
+        self._drops: PortDrops | None = None
+        """The UDP port's kernel drops, kept monotonic over worker restarts (read at each collect too)."""
 
     @property
     def pids(self) -> list[int]:
@@ -342,10 +378,11 @@ class WorkerPool:
         udp = self._config.udp or (None if self._config.listeners().keys() - {"udp"} else "127.0.0.1:8125")
         if udp:
             host, port = parse_host_port(udp)
+            self._drops = PortDrops(port, ":" in host)
             self._r.tel.counter_reader(
                 "receiver_udp_kernel_drops_total",
                 "Datagrams the kernel dropped because our receive buffer was full (/proc/net/udp).",
-                functools.partial(port_drops, port, ":" in host),
+                self._drops,
             )
 
     async def _spawn(self, worker: _Worker) -> None:
@@ -419,7 +456,7 @@ class WorkerPool:
                         worker.failures += 1
                         self._r.log.error("restarting worker %d failed: %s", worker.slot, exc)
 
-    async def _ask(self, worker: _Worker, command: bytes) -> tuple[IntervalPart, int] | None:
+    async def _ask(self, worker: _Worker, command: bytes) -> _Answer | None:
         """Send ``command``, return the part the worker answers with. The exchange runs to its end even
         if the caller is cancelled (a flush cut short by shutdown): its part, already taken from the
         worker, is kept and handed in with the next collect or stop, and the pipe stays in step."""
@@ -430,11 +467,11 @@ class WorkerPool:
             self._orphans.append(exchange)
             raise
 
-    async def _orphaned(self) -> list[tuple[IntervalPart, int] | None]:
+    async def _orphaned(self) -> list[_Answer | None]:
         orphans, self._orphans = self._orphans, []
         return list(await asyncio.gather(*orphans, return_exceptions=False)) if orphans else []
 
-    async def _exchange(self, worker: _Worker, command: bytes) -> tuple[IntervalPart, int] | None:
+    async def _exchange(self, worker: _Worker, command: bytes) -> _Answer | None:
         async with worker.lock:
             process = worker.process
             if process is None or process.returncode is not None or process.stdin is None:
@@ -446,24 +483,27 @@ class WorkerPool:
             except (ConnectionError, asyncio.IncompleteReadError):
                 return None  # it died: _watch counts and restarts it
             worker.failures = 0
-            part, packets = answer[1], answer[2]
-            assert isinstance(part, IntervalPart) and isinstance(packets, int)
+            part, packets, idle = answer[1], answer[2], answer[3]
+            assert isinstance(part, IntervalPart) and isinstance(packets, int) and isinstance(idle, int)
             self.datagrams[worker.slot] += packets
-            return part, packets
+            return part, packets, idle
 
     async def collect(self) -> list[IntervalPart]:
         """Every live worker's interval and counts since the last collect (the datagram count added to
         the receiver's)."""
+        if self._drops is not None:
+            self._drops()  # a worker's socket is read at least once an interval before it can die
         earlier = await self._orphaned()
         answers = await asyncio.gather(*(self._ask(w, _FLUSH) for w in self._workers))
         return self._count(earlier) + self._count(answers)
 
-    def _count(self, answers: list[tuple[IntervalPart, int] | None]) -> list[IntervalPart]:
+    def _count(self, answers: list[_Answer | None]) -> list[IntervalPart]:
         parts = []
         for answer in answers:
             if answer is not None:
                 parts.append(answer[0])
                 self._r.packets.value += answer[1]
+                self._idle_closed.value += answer[2]
         return parts
 
     async def stop(self) -> list[IntervalPart]:

@@ -274,6 +274,58 @@ async def test_transport_refusals_in_the_workers_are_counted(make: Make) -> None
     assert tel.value("receiver_accepted_points_total") == 1
 
 
+async def test_idle_connections_the_workers_close_are_counted(make: Make) -> None:
+    port = free_port()
+    r, _, tel = make(tcp=f"127.0.0.1:{port}", workers="2", tcp_idle_timeout=0.2)
+    await r.start()
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+    for reader, _ in connections:
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by a worker as idle
+    for _, writer in connections:
+        writer.close()
+    await r.flush()
+    assert tel.value("receiver_closed_connections_total", reason="idle") == 6
+
+
+def _socket_drops(port: int) -> list[int]:
+    """The kernel's drop count of each UDP socket bound to 127.0.0.1:``port`` (one per worker)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/udp", encoding="ascii") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return [int(cols[12]) for cols in rows if cols[1] == local]
+
+
+async def test_kernel_drops_never_go_back_when_a_worker_is_restarted(make: Make) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    r, _, tel = make(udp=f"127.0.0.1:{port}", workers="2", receive_buffer=4096)
+    await r.start()
+    pool = _pool(r)
+    pids = pool.pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # nobody reads: the small buffers overflow
+    try:
+        packet = b"full:1|c\n" * 100
+        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(CLIENTS)]
+        for s in senders:
+            for _ in range(40):
+                s.sendto(packet, ("127.0.0.1", port))
+            s.close()
+        drops = _socket_drops(port)
+        assert len(drops) == 2 and all(d > 0 for d in drops), drops  # both workers' sockets dropped
+        before = tel.value("receiver_udp_kernel_drops_total")  # a scrape
+        assert before == sum(drops)
+        os.kill(pids[0], signal.SIGKILL)
+    finally:
+        for pid in pids[1:]:
+            os.kill(pid, signal.SIGCONT)
+    await wait_until(
+        lambda: tel.value("receiver_worker_restarts_total") == 1 and len(pool.pids) == 2,
+        "the worker restarted",
+    )
+    assert pids[0] not in pool.pids
+    assert tel.value("receiver_udp_kernel_drops_total") == before  # the dead socket's drops kept
+
+
 async def test_a_killed_worker_is_restarted_and_its_loss_counted(make: Make, clients: list[Clients]) -> None:
     port = free_port(socket.SOCK_DGRAM)
     r, sink, tel = make(udp=f"127.0.0.1:{port}", workers="2")
