@@ -67,6 +67,7 @@ class PartitionedSender:
         sender is half-started when they stop."""
         self._sync_hooks: list[Callable[[], None]] = []
         self._closing = False
+        self._redirected = False
         self._keys_of = keys_of
         if keys_of is not None and queue.full_policy == "block":
             settings.admission.add(self.refusal)
@@ -156,6 +157,8 @@ class PartitionedSender:
             )
             for hook in self._sync_hooks:
                 sender.sync_first(hook)
+            if self._redirected:
+                sender.redirect()
             try:
                 await sender.start()
             except Exception as exc:
@@ -164,6 +167,12 @@ class PartitionedSender:
                 return None
             self._senders[key] = sender
             return sender
+
+    def redirect(self) -> None:
+        """:meth:`Sender.redirect` every sender, present and future."""
+        self._redirected = True
+        for sender in (self.default, *self._senders.values()):
+            sender.redirect()
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop every sender, draining each until ``timeout_s`` (concurrently)."""

@@ -225,6 +225,8 @@ class Sender:
         self._uncommitted = 0
         self._closed = asyncio.Event()
         """Set when shutdown starts: durable requests stop waiting to be retried."""
+        self._redirected = asyncio.Event()
+        """Set by :meth:`redirect`: the send function no longer reaches the backend."""
         self._ended_workers = 0
         """Disk workers that ended at shutdown (nothing left to hand out, or the backend failing)."""
         self._largest = 0
@@ -503,16 +505,17 @@ class Sender:
                 if self._tenant_failed is not None:
                     self._tenant_failed.value += request.points
                 waited = time.monotonic() - started
-                if not durable and (
-                    not self._retry.enabled
-                    or (self._retry.max_elapsed_time and waited >= self._retry.max_elapsed_time)
-                ):
+                redirected = self._redirected.is_set()
+                exhausted = not self._retry.enabled or (
+                    self._retry.max_elapsed_time and waited >= self._retry.max_elapsed_time
+                )
+                if not durable and not redirected and exhausted:
                     self._log.warning(
                         "dropping %d points after %.1fs of retries: %s", request.points, waited, exc
                     )
                     tel.dropped("retries_exhausted").value += request.points
                     return True
-                if durable and self._closing:
+                if durable and self._closing and not redirected:
                     return False  # safe on disk: no point retrying a failing backend during shutdown
                 delay = self._retry.backoff_s(attempt, self._rng)
                 if retry_after is not None:
@@ -526,13 +529,14 @@ class Sender:
                     self._log.warning("send failed (%s), retrying in %.2fs: %s", reason, delay, exc)
                 attempt += 1
                 self._retries.value += 1
-                if durable:
-                    # A shutdown ends the wait: the request stays on disk for the next run.
+                if redirected:
+                    await asyncio.sleep(delay)  # the new way refused it (a full queue): back off
+                else:
+                    # A redirect ends the wait: the next attempt goes the new way. For a durable request
+                    # so does a shutdown: it stays on disk for the next run.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(delay):
-                            await self._closed.wait()
-                else:
-                    await asyncio.sleep(delay)
+                            await (self._closed if durable else self._redirected).wait()
                 continue
             now = time.monotonic()
             durations["success"].observe(now - sent_at)
@@ -542,6 +546,15 @@ class Sender:
                 self._tenant_sent.value += request.points
             self._requests_sent.value += 1
             return True
+
+    def redirect(self) -> None:
+        """The send function no longer reaches the backend but hands each request elsewhere (a
+        ``loadbalancing`` gateway that left reroutes its queue to the new owners of its keys): waits
+        for a retry end now, and a request whose attempt fails — one in flight to the old backend when
+        this was called — is tried again, the new way, however its retries stood and even once
+        shutdown has begun (until its deadline), rather than kept on disk for the next run or dropped."""
+        self._redirected.set()
+        self._closed.set()
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop taking requests, drain for up to ``timeout_s``; then count what is left as dropped

@@ -29,6 +29,7 @@ from agent.component import ComponentId, Settings, Signal, Tasks
 from agent.diskqueue.queue import partition_dirs, partition_name
 from agent.hashring import HashRing
 from agent.model import Batch, LogBatch, MetricBatch, SpanBatch
+from agent.partitioned import PartitionedSender
 from agent.sending import Request
 from agent.telemetry import Cell, ComponentTelemetry
 from exporters.loadbalancing.config import LOG_KEYS, METRIC_KEYS, SPAN_KEYS, LoadBalancingConfig
@@ -47,10 +48,18 @@ _THREAD_DECODE_BYTES = 128 << 10
 
 
 class _Rerouting:
-    """What a gateway's exporter adds: once :attr:`reroute` is set (the gateway left), every request its
-    queue hands out goes there instead of over the network."""
+    """What a gateway's exporter adds: once :meth:`reroute_to` is called (the gateway left), every request
+    its queue hands out goes there instead of over the network."""
 
     reroute: Reroute | None = None
+    _partitions: PartitionedSender
+
+    def reroute_to(self, reroute: Reroute) -> None:
+        """Send every request from now on through ``reroute``, including one whose attempt to the gateway
+        is in flight or waiting to be retried (:meth:`~agent.sending.Sender.redirect`): it is rerouted at
+        once, not kept on disk until the next membership change or dropped with the gateway's sender."""
+        self.reroute = reroute
+        self._partitions.redirect()
 
 
 class _GrpcGateway(_Rerouting, OtlpGrpcExporter):
@@ -286,7 +295,7 @@ class LoadBalancingExporter:
                 await self._reroute_orphans()
 
     def _start_retiring(self, gateway: str, child: _Gateway) -> None:
-        child.reroute = functools.partial(self._reroute, gateway, child._content_encoding)
+        child.reroute_to(functools.partial(self._reroute, gateway, child._content_encoding))
         self._retiring[gateway] = self._retire_tasks.spawn(self._retire(gateway, child), f"retire-{gateway}")
 
     async def _reroute_orphans(self) -> None:
@@ -303,7 +312,7 @@ class LoadBalancingExporter:
             if gw in self._gateways or gw in self._retiring:
                 continue
             child = self._make_gateway(gw)
-            child.reroute = functools.partial(self._reroute, gw, child._content_encoding)
+            child.reroute_to(functools.partial(self._reroute, gw, child._content_encoding))
             try:
                 await child.start()
             except Exception as exc:

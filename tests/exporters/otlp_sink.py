@@ -4,6 +4,7 @@ answers from a script, one entry per request, then 200 / OK."""
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,10 @@ class Sink:
         self.attempts: list[str] = []
         """Every request's signal, whatever the answer."""
         self.script: list[Answer] = []
+        self.hold: asyncio.Event | None = None
+        """gRPC: when set, each request waits for it before it is answered (a send in flight)."""
+        self.held = 0
+        """gRPC requests that waited for :attr:`hold`."""
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._server: grpc.aio.Server | None = None
@@ -126,6 +131,9 @@ class Sink:
     # -- gRPC ----------------------------------------------------------------------------------------
     async def _export(self, signal: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.attempts.append(signal)
+        if self.hold is not None:
+            self.held += 1
+            await self.hold.wait()
         answer = self._next()
         if answer.kind == "grpc":
             trailing: tuple[tuple[str, bytes], ...] = ()

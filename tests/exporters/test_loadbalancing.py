@@ -36,12 +36,8 @@ from tests.exporters.otlp_sink import Answer, Sink
 
 
 def otlp(**fields: Any) -> OtlpConfig:
-    return OtlpConfig(
-        tls=ClientTLSConfig(insecure=True),
-        resource_from_environment=False,
-        retry_on_failure=RetryConfig(initial_interval=0.05, max_interval=0.2),
-        **fields,
-    )
+    fields.setdefault("retry_on_failure", RetryConfig(initial_interval=0.05, max_interval=0.2))
+    return OtlpConfig(tls=ClientTLSConfig(insecure=True), resource_from_environment=False, **fields)
 
 
 def static(*hosts: str, routing_key: str = "", **proto: Any) -> LoadBalancingConfig:
@@ -291,6 +287,40 @@ async def test_a_removed_gateways_queue_is_rerouted_to_the_new_owners(
         await exporter.shutdown()
     assert not sink_b.received
     assert tel.value("exporter_dropped_points_total", exporter=f"loadbalancing@{b}", reason="shutdown") == 0
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+async def test_a_send_in_flight_to_a_removed_gateway_is_rerouted_when_it_fails(
+    gateways: list[tuple[str, Sink]], storage: str, tmp_path: Any
+) -> None:
+    # b is removed while a send to it is in flight; that send then fails. Its request goes to the new
+    # owner at once: not kept on disk until the next membership change, nor dropped with b's sender.
+    tel = Telemetry()
+    (a, sink_a), (b, sink_b), _ = gateways
+    sink_b.script = [Answer(kind="grpc", code=grpc.StatusCode.UNAVAILABLE)] * 10_000
+    sink_b.hold = asyncio.Event()
+    queue = QueueConfig(storage=storage, directory=str(tmp_path))  # type: ignore[arg-type]
+    config = static(a, b, sending_queue=queue, retry_on_failure=RetryConfig(enabled=False))
+    exporter = new(config, tel)
+    await exporter.start()
+    try:
+        await exporter.consume(points(300))
+        await wait_until(lambda: sink_b.held >= 1, "a send to b in flight")
+        at_a_before = series_at(sink_a)
+        assert 0 < len(at_a_before) < 300
+        removed = asyncio.create_task(exporter.set_gateways(frozenset({a})))
+        await wait_until(lambda: exporter.gateways == (a,), "b removed")
+        sink_b.hold.set()  # the send in flight fails now, after b's sender began to shut down
+        await removed
+        await wait_until(lambda: len(sink_a.metrics()) == 300, "b's in-flight request delivered to a")
+        assert series_at(sink_a) == {str(i) for i in range(300)}
+        rerouted = tel.value("loadbalancer_rerouted_points_total", exporter="loadbalancing", gateway=b)
+        assert rerouted == 300 - len(at_a_before)
+    finally:
+        await exporter.shutdown()
+    assert not sink_b.received
+    for reason in ("shutdown", "retries_exhausted"):
+        assert tel.value("exporter_dropped_points_total", exporter=f"loadbalancing@{b}", reason=reason) == 0
 
 
 async def test_a_gateway_that_comes_back_gets_its_keys_again(gateways: list[tuple[str, Sink]]) -> None:
