@@ -146,6 +146,25 @@ class Run:
             )
         wait_until("agent ready", self._ready, timeout_s=60)
 
+    def start_agent_on_free_ports(self, attempts: int = 3) -> None:
+        """:meth:`start_agent`; when another process took one of the agent's ports between
+        :func:`free_tcp_udp_port` and the agent's bind (the agent exits: address already in use),
+        pick new ports, rewrite them in the config and start again — a race of the harness, not a
+        finding about the agent."""
+        for attempt in range(attempts):
+            try:
+                self.start_agent()
+                return
+            except CaseError:
+                if attempt == attempts - 1 or "Address already in use" not in self.log_tail():
+                    raise
+            text = self.config_path.read_text()
+            for name, old in list(self.ports.items()):
+                self.ports[name] = new = free_tcp_udp_port()
+                text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
+            self.config = yaml.safe_load(text)
+            self.write_config(text)
+
     def _ready(self) -> bool:
         if not self.alive():
             raise CaseError(f"agent exited with {self.returncode()} at start:\n{self.log_tail()}")
@@ -502,7 +521,7 @@ def run_case(case: Any, agent_src: Path, scale: str, workdir: Path, probe_timeou
         run.config = run.base_config()
         case.configure(run, run.config)
         run.write_config(run.config)
-        run.start_agent()
+        run.start_agent_on_free_ports()
         probe = HealthProbe(run, probe_timeout_s)
         try:
             if case.legit != "none":
