@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import mmap
 import os
 import pickle
@@ -46,13 +45,15 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from time import perf_counter
 
 from agent.component import ComponentId, ComponentKind, Settings, Tasks
 from agent.confmodel import parse_host_port
 from agent.telemetry import ComponentTelemetry, Telemetry
+from agent.workers import RESTART_DELAY_S
+from agent.workers import cpu_limit as cpu_limit  # the statsd receiver and its tests import them from here
+from agent.workers import worker_count as worker_count
 from receivers.statsd import (
     _DRAIN_BATCH,
     _SLICE_BYTES,
@@ -68,39 +69,11 @@ _SLOT = struct.Struct("<qq")
 """A worker's progress since its last part: values accepted, datagrams read."""
 _FLUSH = b"F"
 _STOP = b"S"
-_RESTART_DELAY_S = (0.0, 0.5, 2.0, 10.0)
-"""Wait before restarting a worker that died 1, 2, 3, 4+ times in a row without handing in a part."""
 _TIMESPEC = struct.Struct("@qq")
 CONNECTION_LIMIT = "connection_limit"
 IDLE_CLOSED = ("receiver_closed_connections_total", "Stream connections closed by the receiver.")
 """Name and help of the counter the stream protocol bumps (reason="idle"), forwarded from the workers."""
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-
-
-def cpu_limit(cgroup: str = "/sys/fs/cgroup") -> int:
-    """CPUs this process may use: the cgroup's CPU limit (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
-    ``cpu.cfs_period_us``) rounded down, at least 1, at most the CPUs it may run on."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        available = os.cpu_count() or 1
-    quota = _cgroup_quota(cgroup)
-    return max(1, min(available, math.floor(quota))) if quota is not None else max(1, available)
-
-
-def _cgroup_quota(cgroup: str) -> float | None:
-    with contextlib.suppress(OSError, ValueError):
-        with open(f"{cgroup}/cpu.max", encoding="ascii") as f:
-            limit, period = f.read().split()[:2]
-        return None if limit == "max" else int(limit) / int(period)
-    for folder in (f"{cgroup}/cpu", f"{cgroup}/cpu,cpuacct"):
-        with contextlib.suppress(OSError, ValueError):
-            with open(f"{folder}/cpu.cfs_quota_us", encoding="ascii") as f:
-                limit_us = int(f.read())
-            with open(f"{folder}/cpu.cfs_period_us", encoding="ascii") as f:
-                period_us = int(f.read())
-            return None if limit_us <= 0 else limit_us / period_us
-    return None
 
 
 def socket_drops(port: int, ipv6: bool) -> dict[str, int]:
@@ -136,11 +109,6 @@ class PortDrops:
         self._gone += sum(drops for inode, drops in self._last.items() if inode not in now)
         self._last = now
         return self._gone + sum(now.values())
-
-
-def worker_count(setting: str, cpus: Callable[[], int] = cpu_limit) -> int:
-    """The number of processes ``workers`` asks for (``auto``: :func:`cpu_limit`)."""
-    return cpus() if setting == "auto" else int(setting)
 
 
 # -- the worker process ------------------------------------------------------------------------------
@@ -444,7 +412,7 @@ class WorkerPool:
                 self._r.sync_counts()
                 worker.failures += 1
                 while not self._stopping:
-                    delay_s = _RESTART_DELAY_S[min(worker.failures, len(_RESTART_DELAY_S)) - 1]
+                    delay_s = RESTART_DELAY_S[min(worker.failures, len(RESTART_DELAY_S)) - 1]
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopped.wait(), delay_s)
                     if self._stopping:

@@ -1,0 +1,577 @@
+"""Worker processes for the receivers that do not aggregate (the ``otlp`` receiver's HTTP protocol and
+the ``http`` receiver): ``workers: N`` runs N processes sharing the port with ``SO_REUSEPORT``, each
+doing the expensive part of a request, and the main process hands their batches to the pipeline.
+
+A worker is ``python -m agent.workers``: the receiver itself (its module's ``factory``, its handlers,
+auth, TLS, body reader and limits, nothing copied), built from the main receiver's worker config and
+bound with ``SO_REUSEPORT``, so the kernel spreads client connections over the workers (by address and
+port: a kept-alive connection stays with one worker). Its consumers are :class:`ForwardingConsumer`:
+``consume(batch)`` sends the decoded batch to the main process over a Unix socket pair and returns (or
+raises the main process's ``Backpressure`` / ``QuotaExceeded``, rebuilt with its fields) only once the
+main process's pipeline took or refused it. So the worker answers its client exactly as one process
+would: 200, partial success, 429/503 with ``Retry-After`` and the ``X-RateLimit`` headers, 500.
+
+What crosses the socket is compact (:func:`encode_batch`): metrics as one row tuple per point (its
+fields; a resource or scope shared by the batch's points is pickled once) rebuilt with
+:func:`agent.model.new_point`, spans and log records as their serialized ``ResourceSpans`` /
+``ResourceLogs``. Measured on 1,000 gauge points with two attributes: pickling the points themselves
+costs 4.5 µs a point to load (the frozen dataclass's ``__setstate__``), rows 0.9 µs (0.13 µs to
+unpickle, the rest building the points), against 1.6 µs to decode and convert the same points from
+protobuf; the worker also takes the HTTP, TLS, decompression and OTLP/JSON work, which is most of a
+request's cost (``bench/otlp_workers_bench.py`` prints both processes' CPU per point).
+
+Backpressure across processes: a worker holds a request's bytes (its ``max_request_bytes_in_flight``,
+the receiver's divided by N) until the main process answers, so what waits in the main process is
+bounded by the workers' budgets, and a main process that falls behind stops reading the socket, which
+stops the workers' handlers, which stop reading their clients.
+
+Counts: each worker's counters (accepted, refused by reason, requests by status, auth failures,
+connection refusals) are sent to the main process every :data:`COUNTS_INTERVAL_S` when they moved and
+when the worker stops, and added to the receiver's own cells, so the receiver's metrics read as one
+process's; its gauges (connections, request bytes in flight) are summed over the workers. A worker
+killed outright takes at most its last interval's counts with it.
+
+Supervision: a worker that exits is started again after 0, 0.5, 2, 10 s (the n-th failure in a row;
+one that ran 10 s starts the count again), counted in ``receiver_worker_restarts_total``. Its clients'
+connections die with it: their in-flight requests fail, so they resend them; nothing the worker had
+not handed in was accepted. A batch the main process took whose answer could no longer reach the dead
+worker is counted in ``receiver_worker_unanswered_points_total`` (its client saw an error and may
+resend it: a duplicate, not a loss). Shutdown (and so a reload that changes the receiver) asks each
+worker to stop: it stops accepting, lets its requests in flight finish (the main process keeps
+answering them) and hands in its last counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import math
+import operator
+import os
+import pickle
+import socket
+import struct
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from opentelemetry.proto.logs.v1 import logs_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from agent.component import Backpressure, ComponentId, ComponentKind, Consumer, Settings, Signal, Tasks
+from agent.model import POINT_FIELDS, Batch, LogBatch, MetricBatch, SpanBatch, new_point
+from agent.telemetry import PREFIX, ComponentTelemetry, Telemetry
+
+MAX_WORKERS = 256
+RESTART_DELAY_S = (0.0, 0.5, 2.0, 10.0)
+"""Wait before restarting a worker that died 1, 2, 3, 4+ times in a row."""
+HEALTHY_RUN_S = 10.0
+"""A worker that ran this long before dying starts the restart delays again."""
+COUNTS_INTERVAL_S = 0.05
+"""How often a worker sends its counters to the main process (when they moved)."""
+STOP_TIMEOUT_S = 10.0
+"""How long a stopping worker may take to finish its requests before it is killed."""
+_FRAME = struct.Struct("<Q")
+_THREAD_BYTES = 1 << 18
+"""Frames at least this large are pickled or unpickled in a thread, off the event loop."""
+_THREAD_ITEMS = 5_000
+"""Batches with at least this many points are encoded in a thread."""
+
+
+# -- how many ---------------------------------------------------------------------------------------
+def cpu_limit(cgroup: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: the cgroup's CPU limit (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``) rounded down, at least 1, at most the CPUs it may run on."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(available, math.floor(quota))) if quota is not None else max(1, available)
+
+
+def _cgroup_quota(cgroup: str) -> float | None:
+    with contextlib.suppress(OSError, ValueError):
+        with open(f"{cgroup}/cpu.max", encoding="ascii") as f:
+            limit, period = f.read().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    for folder in (f"{cgroup}/cpu", f"{cgroup}/cpu,cpuacct"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"{folder}/cpu.cfs_quota_us", encoding="ascii") as f:
+                limit_us = int(f.read())
+            with open(f"{folder}/cpu.cfs_period_us", encoding="ascii") as f:
+                period_us = int(f.read())
+            return None if limit_us <= 0 else limit_us / period_us
+    return None
+
+
+def worker_count(setting: str, cpus: Callable[[], int] = cpu_limit) -> int:
+    """The number of processes ``workers`` asks for (``auto``: :func:`cpu_limit`)."""
+    return cpus() if setting == "auto" else int(setting)
+
+
+def workers_problem(setting: str) -> str | None:
+    """Why ``setting`` is not a ``workers`` value (a number of processes, 1-256, or auto), or None."""
+    if setting == "auto" or (setting.isdigit() and 1 <= int(setting) <= MAX_WORKERS):
+        return None
+    return f"{setting!r} is not a number of processes (1-{MAX_WORKERS}) or auto"
+
+
+# -- what crosses the socket ------------------------------------------------------------------------
+_ROW = operator.attrgetter(*POINT_FIELDS[:-1])
+"""A point's fields but its series key (recomputed where needed: str hashes differ between processes)."""
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """``batch`` as the bytes :func:`decode_batch` rebuilds it from (see the module docs)."""
+    if isinstance(batch, MetricBatch):
+        row = _ROW
+        return pickle.dumps(
+            ("m", dict(batch.context), [row(p) for p in batch.points]), protocol=pickle.HIGHEST_PROTOCOL
+        )
+    if isinstance(batch, SpanBatch):
+        wire = [rs.SerializeToString() for rs in batch.resource_spans]
+        return pickle.dumps(("s", dict(batch.context), batch.span_count, wire), pickle.HIGHEST_PROTOCOL)
+    wire = [rl.SerializeToString() for rl in batch.resource_logs]
+    return pickle.dumps(("l", dict(batch.context), batch.record_count, wire), pickle.HIGHEST_PROTOCOL)
+
+
+def decode_batch(data: bytes) -> Batch:
+    """The batch :func:`encode_batch` made ``data`` of."""
+    what = pickle.loads(data)
+    if what[0] == "m":
+        return MetricBatch(tuple([new_point(*row) for row in what[2]]), what[1])
+    if what[0] == "s":
+        spans = tuple(trace_pb2.ResourceSpans.FromString(b) for b in what[3])
+        return SpanBatch(spans, what[1], what[2])
+    logs = tuple(logs_pb2.ResourceLogs.FromString(b) for b in what[3])
+    return LogBatch(logs, what[1], what[2])
+
+
+def _refusal(exc: Exception) -> tuple[object, ...]:
+    """A refusal as it crosses the socket: Backpressure and its subclasses keep their class and fields
+    (``Exception`` pickling keeps only ``args``, which would lose ``retry_after_s``)."""
+    if isinstance(exc, Backpressure):
+        return ("refused", type(exc), exc.args, dict(exc.__dict__))
+    return ("failed", f"{type(exc).__name__}: {exc}")
+
+
+def _rebuild(answer: tuple[Any, ...]) -> Exception:
+    if answer[0] == "refused":
+        cls, args, fields = answer[1], answer[2], answer[3]
+        exc: Exception = BaseException.__new__(cls)
+        exc.args = args
+        exc.__dict__.update(fields)
+        return exc
+    return RuntimeError(f"the main process failed to take the batch: {answer[1]}")
+
+
+class _Channel:
+    """Framed pickled messages over one end of a socket pair; writes from any task, reads from one."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> _Channel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(reader, writer)
+
+    async def send(self, message: tuple[object, ...]) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.writer.write(_FRAME.pack(len(data)) + data)
+        await self.writer.drain()
+
+    async def receive(self) -> tuple[Any, ...]:
+        """The next message; IncompleteReadError when the other end closed."""
+        (length,) = _FRAME.unpack(await self.reader.readexactly(_FRAME.size))
+        data = await self.reader.readexactly(length)
+        message: tuple[Any, ...] = (
+            pickle.loads(data) if length < _THREAD_BYTES else await asyncio.to_thread(pickle.loads, data)
+        )
+        return message
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# -- the worker process -----------------------------------------------------------------------------
+class ForwardingConsumer:
+    """A worker's consumer of one signal: hands each batch to the main process and waits for its
+    pipeline's answer (returns when taken; raises its refusal, or RuntimeError when it failed or the
+    main process is gone)."""
+
+    def __init__(self, signal: Signal, channel: _Channel, answers: dict[int, asyncio.Future[Any]]) -> None:
+        self._signal = signal.value
+        self._channel = channel
+        self._answers = answers
+
+    async def consume(self, batch: Batch) -> None:
+        payload = (
+            await asyncio.to_thread(encode_batch, batch)
+            if len(batch) >= _THREAD_ITEMS
+            else encode_batch(batch)
+        )
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        ident = id(answer)
+        self._answers[ident] = answer
+        try:
+            try:
+                await self._channel.send(("consume", ident, self._signal, payload))
+            except (ConnectionError, RuntimeError) as exc:
+                raise RuntimeError(f"the main process is gone: {exc}") from None
+            result = await answer
+        finally:
+            self._answers.pop(ident, None)
+        if result is not None:
+            raise _rebuild(result)
+
+
+def _counts(tel: Telemetry, kind: str) -> tuple[dict[tuple[Any, ...], float], dict[str, float]]:
+    """The counter cells (name, help, labels without the component's) and gauge sums of ``tel``."""
+    counters: dict[tuple[Any, ...], float] = {}
+    gauges: dict[str, float] = {}
+    for metric in tel.collect():
+        for sample in metric.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != kind))
+            if metric.type == "counter" and sample.name.endswith("_total"):
+                counters[sample.name.removeprefix(PREFIX), metric.documentation, labels] = sample.value
+            elif metric.type == "gauge":
+                name = sample.name.removeprefix(PREFIX)
+                gauges[name] = gauges.get(name, 0.0) + sample.value
+    return counters, gauges
+
+
+async def _send_counts(channel: _Channel, tel: Telemetry, kind: str, stopping: asyncio.Event) -> None:
+    """Send the counters that moved (absolute values) and the gauges, every COUNTS_INTERVAL_S and once
+    more when ``stopping`` is set."""
+    sent: dict[tuple[Any, ...], float] = {}
+    last_gauges: dict[str, float] = {}
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), COUNTS_INTERVAL_S)
+        counters, gauges = _counts(tel, kind)
+        moved = {k: v for k, v in counters.items() if sent.get(k) != v}
+        if moved or gauges != last_gauges:
+            await channel.send(("counts", moved, gauges))
+            sent.update(moved)
+            last_gauges = gauges
+        if stopping.is_set():
+            return
+
+
+async def _serve(fd: int) -> int:
+    channel = await _Channel.open(socket.socket(fileno=fd))
+    hello = await channel.receive()
+    module_name, config, signals, name, slot, port_attr, bytes_limit = hello[1:]
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s {name} worker {slot}: %(message)s"
+    )
+    from agent import netguard
+
+    netguard.set_request_bytes_limit(bytes_limit)
+    answers: dict[int, asyncio.Future[Any]] = {}
+    consumers: dict[Signal, Consumer] = {
+        Signal(s): ForwardingConsumer(Signal(s), channel, answers) for s in signals
+    }
+    telemetry = Telemetry()
+    kind = ComponentKind.RECEIVER.value
+    settings = Settings(
+        id=ComponentId.parse(name),
+        kind=ComponentKind.RECEIVER,
+        telemetry=ComponentTelemetry(telemetry, kind, name),
+        logger=logging.getLogger(f"{name}.worker{slot}"),
+    )
+    receiver = importlib.import_module(module_name).factory.create(settings, config, consumers)
+    receiver.reuse_port = True
+    try:
+        await receiver.start()
+    except OSError as exc:
+        await channel.send(("error", str(exc)))
+        return 1
+    await channel.send(("ready", os.getpid(), getattr(receiver, port_attr)))
+    stopping = asyncio.Event()
+    tasks = Tasks(f"{name} worker {slot}", settings.logger)
+    counting = tasks.spawn(_send_counts(channel, telemetry, kind, stopping), "counts")
+    try:
+        while True:
+            try:
+                message = await channel.receive()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break  # the main process went away: stop
+            if message[0] == "answer":
+                answer = answers.pop(message[1], None)
+                if answer is not None and not answer.done():
+                    answer.set_result(message[2])
+            elif message[0] == "stop":
+                # Requests in flight still need their answers: keep reading while the receiver stops.
+                tasks.spawn(_stop(receiver, stopping, counting, channel), "stop")
+    finally:
+        for answer in answers.values():
+            if not answer.done():
+                answer.set_exception(RuntimeError("the main process is gone"))
+        if not stopping.is_set():
+            await receiver.shutdown()
+        await tasks.close()
+    return 0
+
+
+async def _stop(
+    receiver: Any, stopping: asyncio.Event, counting: asyncio.Task[Any], channel: _Channel
+) -> None:
+    """Stop the receiver (its requests in flight finish, answered through ``channel``), send the last
+    counts, then close the socket: that ends the worker's read loop, and the main process sees it."""
+    await receiver.shutdown()
+    stopping.set()
+    with contextlib.suppress(Exception):
+        await counting
+    channel.close()
+
+
+def main() -> None:
+    """Entry point of a worker process (started by :class:`WorkerPool`, never by hand)."""
+    sys.exit(asyncio.run(_serve(int(sys.argv[1]))))
+
+
+# -- the main process --------------------------------------------------------------------------------
+class _Worker:
+    """One worker slot: its current process, its socket, its counters as last sent, its failures."""
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: _Channel | None = None
+        self.counters: dict[tuple[Any, ...], float] = {}
+        self.gauges: dict[str, float] = {}
+        self.failures = 0
+        self.started_at = 0.0
+        self.stopped = asyncio.Event()
+        """Set once this process's socket closed (it exited, or is about to)."""
+
+
+class WorkerPool:
+    """N worker processes of one receiver (see the module docs): started, their batches handed to
+    ``consumers``, restarted when one dies, stopped. Owned by the receiver when ``workers`` > 1.
+
+    ``module`` names the receiver's module (its ``factory`` builds the worker's receiver from
+    ``config``, the receiver's worker config); ``port_attr`` is the receiver's attribute holding the
+    bound port; ``bytes_limit`` the process-wide request bytes of each worker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        module: str,
+        config: object,
+        consumers: Mapping[Signal, Consumer],
+        count: int,
+        *,
+        port_attr: str,
+        bytes_limit: int,
+    ) -> None:
+        self._settings = settings
+        self._module = module
+        self._config = config
+        self._consumers = dict(consumers)
+        self._name = str(settings.id)
+        self._log = settings.logger
+        self._port_attr = port_attr
+        self._bytes_limit = bytes_limit
+        self._workers = [_Worker(slot) for slot in range(count)]
+        self._tasks = Tasks(f"{self._name} workers", self._log)
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self.port: int | None = None
+        """The port the workers bound (the first one's answer)."""
+        self.batches = [0] * count
+        """Batches each worker slot handed in since the pool started (how the kernel spread them)."""
+        tel = settings.telemetry
+        self._tel = tel
+        self._restarts = tel.counter(
+            "receiver_worker_restarts_total", "Worker processes that died and were started again."
+        )
+        self._unanswered = tel.counter(
+            "receiver_worker_unanswered_points_total",
+            "Items the pipeline took whose worker died before answering the client (it may resend them).",
+        )
+
+    @property
+    def pids(self) -> list[int]:
+        """The running workers' process ids (tests, status)."""
+        running = [w.process for w in self._workers if w.process is not None]
+        return [p.pid for p in running if p.returncode is None]
+
+    def gauge(self, name: str) -> float:
+        """The sum of gauge ``name`` over the workers, as they last sent it."""
+        return sum(w.gauges.get(name, 0.0) for w in self._workers)
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has bound its port; a bind failure raises OSError."""
+        spawned = await asyncio.gather(*(self._spawn(w) for w in self._workers), return_exceptions=True)
+        failed = [exc for exc in spawned if isinstance(exc, BaseException)]
+        if failed:
+            await self.stop()
+            raise failed[0]
+        for worker in self._workers:
+            self._tasks.spawn(self._watch(worker), f"watch worker {worker.slot}")
+
+    async def _spawn(self, worker: _Worker) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent.workers", str(theirs.fileno()), pass_fds=(theirs.fileno(),)
+            )
+        finally:
+            theirs.close()
+        channel = await _Channel.open(ours)
+        signals = [s.value for s in self._consumers]
+        await channel.send(
+            (
+                "hello",
+                self._module,
+                self._config,
+                signals,
+                self._name,
+                worker.slot,
+                self._port_attr,
+                self._bytes_limit,
+            )
+        )
+        try:
+            answer = await channel.receive()
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            channel.close()
+            await process.wait()
+            raise OSError(f"{self._name} worker {worker.slot} exited while starting ({exc})") from exc
+        if answer[0] != "ready":
+            channel.close()
+            await process.wait()
+            raise OSError(f"{self._name} worker {worker.slot}: {answer[1]}")
+        if self.port is None:
+            self.port = int(answer[2])
+        worker.process = process
+        worker.channel = channel
+        worker.counters = {}
+        worker.gauges = {}
+        worker.stopped = asyncio.Event()
+        worker.started_at = asyncio.get_running_loop().time()
+        self._tasks.spawn(self._serve(worker, channel), f"serve worker {worker.slot}")
+
+    async def _serve(self, worker: _Worker, channel: _Channel) -> None:
+        """Read the worker's messages until its socket closes: hand each batch to the pipeline (in a
+        task of its own, so a slow consumer does not hold the others), add its counts."""
+        requests = Tasks(f"{self._name} worker {worker.slot} batches", self._log)
+        try:
+            while True:
+                try:
+                    message = await channel.receive()
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if message[0] == "consume":
+                    self.batches[worker.slot] += 1
+                    requests.spawn(
+                        self._consume(channel, message[1], Signal(message[2]), message[3]), "consume"
+                    )
+                elif message[0] == "counts":
+                    self._count(worker, message[1], message[2])
+        finally:
+            worker.stopped.set()
+            await requests.wait()  # answers to a dead worker are counted, not lost track of
+            await requests.close()
+            channel.close()
+
+    async def _consume(self, channel: _Channel, ident: int, signal: Signal, payload: bytes) -> None:
+        batch = (
+            decode_batch(payload)
+            if len(payload) < _THREAD_BYTES
+            else await asyncio.to_thread(decode_batch, payload)
+        )
+        answer: tuple[object, ...] | None = None
+        try:
+            await self._consumers[signal].consume(batch)
+        except Exception as exc:
+            if not isinstance(exc, Backpressure):
+                self._log.exception("the pipeline failed on a batch of %d from a worker", len(batch))
+            answer = _refusal(exc)
+        try:
+            await channel.send(("answer", ident, answer))
+        except (ConnectionError, RuntimeError):
+            if answer is None:
+                self._unanswered.value += len(batch)
+
+    def _count(
+        self, worker: _Worker, counters: dict[tuple[Any, ...], float], gauges: dict[str, float]
+    ) -> None:
+        tel = self._tel
+        for key, value in counters.items():
+            name, help_, labels = key
+            delta = value - worker.counters.get(key, 0.0)
+            if delta:
+                tel.counter(name, help_, **dict(labels)).value += delta
+            worker.counters[key] = value
+        worker.gauges = gauges
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Restart the worker whenever it exits (until the pool stops)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            process = worker.process
+            assert process is not None
+            code = await process.wait()
+            if self._stopping:
+                return
+            worker.gauges = {}
+            if loop.time() - worker.started_at >= HEALTHY_RUN_S:
+                worker.failures = 0
+            self._log.error(
+                "worker %d (pid %d) exited with %s; restarting it", worker.slot, process.pid, code
+            )
+            self._restarts.value += 1
+            worker.failures += 1
+            while not self._stopping:
+                delay_s = RESTART_DELAY_S[min(worker.failures, len(RESTART_DELAY_S)) - 1]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), delay_s)
+                if self._stopping:
+                    return
+                try:
+                    await self._spawn(worker)
+                    break
+                except OSError as exc:
+                    worker.failures += 1
+                    self._log.error("restarting worker %d failed: %s", worker.slot, exc)
+
+    async def stop(self) -> None:
+        """Stop every worker: each stops taking requests, finishes those in flight (answered by the
+        pipeline as usual) and sends its last counts. Idempotent; one that has not exited within
+        :data:`STOP_TIMEOUT_S` is killed."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stopped.set()
+        for worker in self._workers:
+            if (
+                worker.channel is not None
+                and worker.process is not None
+                and worker.process.returncode is None
+            ):
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await worker.channel.send(("stop",))
+        for worker in self._workers:
+            process = worker.process
+            if process is None:
+                continue
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await self._tasks.wait(STOP_TIMEOUT_S)  # the last counts and answers are read
+        await self._tasks.close()
+
+
+if __name__ == "__main__":
+    main()
