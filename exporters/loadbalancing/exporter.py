@@ -33,6 +33,7 @@ from agent.partitioned import PartitionedSender
 from agent.sending import Request
 from agent.telemetry import Cell, ComponentTelemetry
 from exporters.loadbalancing.config import LOG_KEYS, METRIC_KEYS, SPAN_KEYS, LoadBalancingConfig
+from exporters.loadbalancing.k8s import K8sResolver
 from exporters.loadbalancing.resolver import Lookup, resolve_dns, system_lookup
 from exporters.loadbalancing.routing import Router
 from exporters.otlp import resource
@@ -175,6 +176,10 @@ class LoadBalancingExporter:
         if resolver.static is not None:
             self._resolutions["success"].value += 1
             await self.set_gateways(frozenset(resolver.static.hostnames))
+        elif resolver.k8s is not None:
+            port = 4318 if isinstance(self._protocol, OtlpHttpConfig) else 4317
+            k8s = K8sResolver(resolver.k8s, port, self.set_gateways, self._resolutions, self._log)
+            await k8s.start(self._tasks)  # raises when the API cannot be reached as configured
         else:
             await self.resolve()
             self._tasks.spawn(self._resolve_every_interval(), "loadbalancing-dns")

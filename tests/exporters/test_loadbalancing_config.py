@@ -31,7 +31,7 @@ def test_the_default_validates() -> None:
 @pytest.mark.parametrize(
     ("config", "path", "says"),
     [
-        (LoadBalancingConfig(resolver=ResolverConfig()), "resolver", "exactly one of static and dns"),
+        (LoadBalancingConfig(resolver=ResolverConfig()), "resolver", "exactly one of static, dns and k8s"),
         (
             LoadBalancingConfig(
                 resolver=ResolverConfig(static=StaticResolverConfig(), dns=DnsResolverConfig(hostname="gw"))
