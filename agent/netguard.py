@@ -278,8 +278,11 @@ class GuardedSite(web.BaseSite):
         ssl_context: ssl.SSLContext | None = None,
         handler_kwargs: dict[str, Any] | None = None,
         backlog: int = 128,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._reuse_port = reuse_port
+        """Bind with SO_REUSEPORT (worker processes share the port: agent/workers.py)."""
         self._host = host
         self._port = port
         self._gate = gate
@@ -310,6 +313,7 @@ class GuardedSite(web.BaseSite):
             ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self._reuse_port,
             # The TLS handshake happens before the handler sees the connection: bound it the same.
             ssl_handshake_timeout=self._header_timeout_s if self._ssl_context else None,
         )

@@ -473,7 +473,7 @@ class WorkerPool:
                 if message[0] == "consume":
                     self.batches[worker.slot] += 1
                     requests.spawn(
-                        self._consume(channel, message[1], Signal(message[2]), message[3]), "consume"
+                        self._consume(worker, channel, message[1], Signal(message[2]), message[3]), "consume"
                     )
                 elif message[0] == "counts":
                     self._count(worker, message[1], message[2])
@@ -483,7 +483,9 @@ class WorkerPool:
             await requests.close()
             channel.close()
 
-    async def _consume(self, channel: _Channel, ident: int, signal: Signal, payload: bytes) -> None:
+    async def _consume(
+        self, worker: _Worker, channel: _Channel, ident: int, signal: Signal, payload: bytes
+    ) -> None:
         batch = (
             decode_batch(payload)
             if len(payload) < _THREAD_BYTES
@@ -497,6 +499,8 @@ class WorkerPool:
                 self._log.exception("the pipeline failed on a batch of %d from a worker", len(batch))
             answer = _refusal(exc)
         try:
+            if worker.stopped.is_set() or channel.writer.is_closing():
+                raise ConnectionResetError("the worker's socket closed")
             await channel.send(("answer", ident, answer))
         except (ConnectionError, RuntimeError):
             if answer is None:

@@ -91,6 +91,22 @@ A call cancelled after the pipeline has taken its data counts as ``OK``: the dat
 client whose own deadline passes before its call reaches the agent (say, queued in its channel) is
 invisible to the agent.
 
+Workers
+-------
+``workers: N`` (default 1; ``auto``: the cgroup's CPU limit) serves the HTTP endpoint from N processes
+sharing its port with ``SO_REUSEPORT`` (agent/workers.py). Each runs this receiver's own HTTP code
+(body reader, limits, TLS, decoding, conversion, per-point refusals, chunking) and hands each batch to
+this process's pipeline, answering its client only once the pipeline took or refused it, so every
+answer above is the same. The kernel spreads connections, not requests: a client that keeps one
+connection stays on one worker. ``max_request_bytes_in_flight`` is shared out between the workers;
+``max_connections`` applies to each. gRPC stays in this process: grpc.aio takes its calls on this
+process's loop, and a gRPC client keeps one HTTP/2 connection for its lifetime, so ``SO_REUSEPORT``
+would pin each exporter to one worker anyway. A worker that dies is restarted
+(``receiver_worker_restarts_total``); its clients' requests in flight fail (they resend them), and
+a batch the pipeline took whose answer could not reach the dead worker is counted in
+``receiver_worker_unanswered_points_total`` (a possible duplicate, never a loss). While a capture
+records this receiver, requests served by workers are not recorded.
+
 Self-metrics
 ------------
 Metrics: ``receiver_accepted_points_total`` and ``receiver_refused_points_total{reason}`` in data
@@ -132,7 +148,7 @@ import inspect
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -151,6 +167,7 @@ from agent.limits import SeriesLimits
 from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
+from agent.workers import WorkerPool, worker_count, workers_problem
 from receivers.otlp.convert import (
     POINT_REASONS,
     Converted,
@@ -223,11 +240,23 @@ class OtlpConfig:
     """Serve TLS on both endpoints (and optionally require client certificates)."""
     limits: SeriesLimits = field(default_factory=SeriesLimits)
     """Size limits on each metric point's series (name, own attributes) and on its resource + scope."""
+    workers: str = "1"
+    """HTTP processes on the port (SO_REUSEPORT) decoding for this one; gRPC stays here; auto: cgroup CPUs."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
         if self.grpc is None and self.http is None:
             problems.append(("", "grpc and http are both null: enable at least one endpoint"))
+        problem = workers_problem(self.workers)
+        if problem:
+            problems.append(("workers", problem))
+        elif self.workers != "1" and (self.http is None or _port_of(self.http) == 0):
+            problems.append(
+                (
+                    "workers",
+                    "more than one worker serves the http endpoint: set http to a host:port (not port 0)",
+                )
+            )
         for name in ("grpc", "http"):
             endpoint = getattr(self, name)
             if endpoint is not None:
@@ -343,6 +372,9 @@ def _context(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
 
 
 class OtlpReceiver:
+    reuse_port = False
+    """Bind the HTTP port with SO_REUSEPORT (set in a worker process: agent/workers.py)."""
+
     def __init__(self, settings: Settings, config: OtlpConfig, consumers: Mapping[Signal, Consumer]) -> None:
         self.settings = settings
         self.config = config
@@ -362,13 +394,30 @@ class OtlpReceiver:
         self.grpc_port: int | None = None
         """The bound gRPC port once started."""
         self._bytes = netguard.ByteBudget(config.max_request_bytes_in_flight, netguard.request_bytes())
+        self.pool: WorkerPool | None = None
+        """The HTTP worker processes, when ``workers`` asks for more than one (agent/workers.py)."""
+        count = worker_count(config.workers)
+        if count > 1:
+            self.pool = WorkerPool(
+                settings,
+                __name__,
+                self.worker_config(count),
+                consumers,
+                count,
+                port_attr="http_port",
+                bytes_limit=max(1, netguard.request_bytes().limit // count),
+            )
         self.tel.gauge(
             "receiver_request_bytes_in_flight",
             "Request bytes (raw and inflated) a receiver holds now.",
-            lambda: self._bytes.in_use,
+            lambda: self._bytes.in_use + self._pooled("receiver_request_bytes_in_flight"),
         )
         self._gate = netguard.ConnectionGate(config.max_connections, self.tel.refused("too_many_connections"))
-        self.tel.gauge("receiver_connections", "Open connections.", lambda: len(self._gate))
+        self.tel.gauge(
+            "receiver_connections",
+            "Open connections.",
+            lambda: len(self._gate) + self._pooled("receiver_connections"),
+        )
         self._grpc_reads = asyncio.Semaphore(
             max(1, config.max_request_bytes_in_flight // config.max_request_body_size)
         )
@@ -379,12 +428,29 @@ class OtlpReceiver:
         self.grpc_channelz_id: int | None = None
         """The gRPC server's channelz id once started (None without channelz)."""
 
+    def worker_config(self, count: int) -> OtlpConfig:
+        """The config of each of ``count`` worker processes: HTTP only, one process each, the request
+        bytes budget shared out (connections stay per process: each holds its own descriptors)."""
+        return replace(
+            self.config,
+            workers="1",
+            grpc=None,
+            max_request_bytes_in_flight=Size(max(1, self.config.max_request_bytes_in_flight // count)),
+        )
+
+    def _pooled(self, gauge: str) -> float:
+        return self.pool.gauge(gauge) if self.pool is not None else 0.0
+
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         try:
             if self.config.grpc is not None:
                 await self._start_grpc(self.config.grpc)
-            if self.config.http is not None:
+            if self.pool is not None:
+                await self.pool.start()
+                self.http_port = self.pool.port
+                self._log.info("%d OTLP/HTTP workers on %s", len(self.pool.pids), self.config.http)
+            elif self.config.http is not None:
                 await self._start_http(self.config.http)
         except BaseException:
             await self.shutdown()
@@ -413,6 +479,7 @@ class OtlpReceiver:
             header_timeouts=self.tel.refused("header_timeout"),
             ssl_context=ssl_ctx,
             handler_kwargs=handler_kwargs,
+            reuse_port=self.reuse_port,
         )
         await site.start()
         self.http_port = site.port
@@ -486,6 +553,11 @@ class OtlpReceiver:
             return
         self._stopped = True
         errors: list[BaseException] = []
+        if self.pool is not None:
+            try:
+                await self.pool.stop()
+            except Exception as exc:
+                errors.append(exc)
         if self._runner is not None:
             try:
                 await self._runner.cleanup()
@@ -968,6 +1040,13 @@ def _over_budget() -> RequestError:
     return _request_error(bodies.over_budget())
 
 
+def _port_of(endpoint: str) -> int | None:
+    try:
+        return parse_host_port(endpoint)[1]
+    except ValueError:
+        return None  # reported as the endpoint's problem
+
+
 def _create(settings: Settings, config: OtlpConfig, consumers: Mapping[Signal, Consumer]) -> OtlpReceiver:
     return OtlpReceiver(settings, config, consumers)
 
@@ -980,7 +1059,7 @@ factory = Factory(
     signals=frozenset({Signal.METRICS, Signal.TRACES, Signal.LOGS}),
     description=(
         "OTLP over gRPC and HTTP (protobuf and JSON, gzip/zstd): metrics into the agent's model, "
-        "traces and logs passed through; partial success, backpressure, TLS."
+        "traces and logs passed through; partial success, backpressure, TLS; workers: N HTTP processes."
     ),
 )
 FACTORY = factory
