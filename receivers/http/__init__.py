@@ -81,6 +81,17 @@ refused whole is not counted item by item), except ``backpressure``, ``tenant_qu
 once per connection; ``receiver_requests_total{status}``; ``receiver_auth_failures_total{reason}``
 (with auth on) for each refused token, by ``agent.jwt_auth.FAILURE_REASONS``. All counted once per request.
 
+Workers: ``workers: N`` (default 1; ``auto``: the cgroup's CPU limit) serves the endpoint from N
+processes sharing its port with ``SO_REUSEPORT`` (agent/workers.py). Each runs this receiver's own
+code (auth, tokens file, JWT, body reader, limits, TLS, item and route parsing, refusals) and hands
+its points to this process's pipeline, answering only once the pipeline took or refused them, so
+every answer above (quota, partial takes, 429, 500) is the same. The kernel spreads connections, not
+requests. ``max_request_bytes_in_flight`` is shared out between the workers; ``max_connections``
+applies to each. A worker that dies is restarted (``receiver_worker_restarts_total``); its clients'
+requests in flight fail, and points the pipeline took whose answer could not reach it are counted in
+``receiver_worker_unanswered_points_total``. While a capture records this receiver, requests served
+by workers are not recorded.
+
 Bearer tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured
 token (no early exit, no length leak); they come from the environment or ``tokens_file`` and are never
 logged or echoed in errors. Bodies of 1 MiB or more are parsed in a worker thread, one at a time
@@ -96,7 +107,7 @@ import hmac
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -122,6 +133,7 @@ from agent.model import MetricBatch, Point
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
 from agent.watched_file import WatchedFile
+from agent.workers import WorkerPool, worker_count, workers_problem
 
 TYPE = "http"
 
@@ -228,13 +240,21 @@ class HttpConfig:
     """More POST paths: events through a mapping, an envelope of arrays, or format metrics (+metadata)."""
     mappings: dict[str, EventMappingConfig] = field(default_factory=dict)
     """Event mappings by name (counters, gauges, histograms from event fields; labels allow-listed)."""
+    workers: str = "1"
+    """Processes sharing the port (SO_REUSEPORT), parsing for this one; auto: the cgroup's CPUs."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
         try:
-            parse_host_port(self.endpoint)
+            port = parse_host_port(self.endpoint)[1]
         except ValueError as exc:
             problems.append(("endpoint", str(exc)))
+            port = None
+        problem = workers_problem(self.workers)
+        if problem:
+            problems.append(("workers", problem))
+        elif self.workers != "1" and port == 0:
+            problems.append(("workers", "more than one worker shares the endpoint's port: it cannot be 0"))
         if self.max_items < 1:
             problems.append(("max_items", "must be at least 1"))
         if self.max_values < self.max_items:
@@ -320,6 +340,9 @@ def load_tokens_file(path: str) -> dict[str, str]:
 
 # -- the receiver -------------------------------------------------------------------------------------
 class HttpReceiver:
+    reuse_port = False
+    """Bind with SO_REUSEPORT (set in a worker process: agent/workers.py)."""
+
     def __init__(self, settings: Settings, config: HttpConfig, consumers: Mapping[Signal, Consumer]) -> None:
         self.settings = settings
         self.config = config
@@ -375,17 +398,52 @@ class HttpReceiver:
             for reason in (FAILURE_REASONS if config.auth.enabled else ())
         }
         self._bytes = netguard.ByteBudget(config.max_request_bytes_in_flight, netguard.request_bytes())
+        self.pool: WorkerPool | None = None
+        """The worker processes, when ``workers`` asks for more than one (agent/workers.py)."""
+        count = worker_count(config.workers)
+        if count > 1:
+            self.pool = WorkerPool(
+                settings,
+                __name__,
+                self.worker_config(count),
+                consumers,
+                count,
+                port_attr="port",
+                bytes_limit=max(1, netguard.request_bytes().limit // count),
+            )
         self.tel.gauge(
             "receiver_request_bytes_in_flight",
             "Request bytes (raw and inflated) a receiver holds now.",
-            lambda: self._bytes.in_use,
+            lambda: self._bytes.in_use + self._pooled("receiver_request_bytes_in_flight"),
         )
         self._gate = netguard.ConnectionGate(config.max_connections, self._refused["too_many_connections"])
-        self.tel.gauge("receiver_connections", "Open connections.", lambda: len(self._gate))
+        self.tel.gauge(
+            "receiver_connections",
+            "Open connections.",
+            lambda: len(self._gate) + self._pooled("receiver_connections"),
+        )
+
+    def worker_config(self, count: int) -> HttpConfig:
+        """The config of each of ``count`` worker processes: one process each, the request bytes
+        budget shared out (connections stay per process: each holds its own descriptors)."""
+        return replace(
+            self.config,
+            workers="1",
+            max_request_bytes_in_flight=Size(max(1, self.config.max_request_bytes_in_flight // count)),
+        )
+
+    def _pooled(self, gauge: str) -> float:
+        return self.pool.gauge(gauge) if self.pool is not None else 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        if self.pool is not None:
+            await self.pool.start()
+            self.port = self.pool.port
+            self._log.info("%d workers listening on %s", len(self.pool.pids), cfg.endpoint)
+            self.settings.ready()
+            return
         if self._tokens_file is not None:
             self._tokens_file.load()
         if self._jwt is not None:
@@ -412,6 +470,7 @@ class HttpReceiver:
             header_timeouts=self._refused["header_timeout"],
             ssl_context=ssl_ctx,
             handler_kwargs=handler_kwargs,
+            reuse_port=self.reuse_port,
         )
         await site.start()
         self.port = site.port
@@ -423,6 +482,8 @@ class HttpReceiver:
         if self._stopped:
             return
         self._stopped = True
+        if self.pool is not None:
+            await self.pool.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -661,6 +722,7 @@ factory = Factory(
     create=_create,
     signals=frozenset({Signal.METRICS}),
     description=(
-        "JSON metrics over HTTP (POST /v1/metrics): per-item validation, gzip/zstd, bearer tokens, TLS."
+        "JSON metrics over HTTP (POST /v1/metrics): per-item validation, gzip/zstd, bearer tokens, TLS, "
+        "workers: N processes."
     ),
 )
