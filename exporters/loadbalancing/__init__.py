@@ -1,7 +1,7 @@
 """``loadbalancing``: OTLP to a set of gateways, each item to the one its routing key hashes to, so the
 stateful processors of a gateway tier (percentiles, aggregate, threshold, drift) see all of a series'
 data in one place. The OpenTelemetry Collector's exporter of the same name is the model: the same
-``routing_key``, ``protocol: {otlp: …}`` and ``resolver: {static: …, dns: …}`` settings.
+``routing_key``, ``protocol: {otlp: …}`` and ``resolver: {static: …, dns: …, k8s: …}`` settings.
 
 - Consistent hashing: a ring with 256 virtual nodes per gateway (``agent/hashring.py``); a gateway
   joining or leaving moves ~1/N of the keys.
@@ -15,8 +15,8 @@ data in one place. The OpenTelemetry Collector's exporter of the same name is th
   held is lost (``exporter.py``). A gateway that is down but still resolved keeps its data queued and
   retried, as the otlp exporter does.
 
-Where things are: ``config.py``, ``resolver.py`` (static and DNS), ``routing.py`` (routing keys and
-splitting), ``exporter.py``.
+Where things are: ``config.py``, ``resolver.py`` (static and DNS), ``k8s.py`` (a Service's EndpointSlices,
+listed and watched), ``routing.py`` (routing keys and splitting), ``exporter.py``.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ class K8sResolverConfig:
     """Time limit of a list request and of opening a watch; a failed one keeps the last members and is
     tried again with back-off."""
     api_server: str = ""
-    """URL of the Kubernetes API. Empty: in the cluster, https://$KUBERNETES_SERVICE_HOST:
-    $KUBERNETES_SERVICE_PORT (the agent refuses to start when those are not set)."""
+    """URL of the Kubernetes API. Empty: the pod's cluster, at
+    https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT (refused at start when those are not set)."""
     service_account_dir: str = SERVICE_ACCOUNT_DIR
     """Where the pod's service account is mounted: token (read again at each request, so a rotated
     token is picked up), ca.crt (trusted for the API's certificate) and namespace."""
