@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import math
@@ -267,7 +268,7 @@ async def _send_counts(channel: _Channel, tel: Telemetry, kind: str, stopping: a
 async def _serve(fd: int) -> int:
     channel = await _Channel.open(socket.socket(fileno=fd))
     hello = await channel.receive()
-    module_name, config, signals, name, slot, port_attr, bytes_limit = hello[1:]
+    module_name, config, signals, name, slot, port_attr, bytes_limit, gc_threshold = hello[1:]
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s {name} worker {slot}: %(message)s"
     )
@@ -288,6 +289,10 @@ async def _serve(fd: int) -> int:
     )
     receiver = importlib.import_module(module_name).factory.create(settings, config, consumers)
     receiver.reuse_port = True
+    # The main process's collector settings (agent/cli.py freezes the startup state and makes young
+    # collections rarer: the points a request makes are short-lived), so a worker converts as fast.
+    gc.freeze()
+    gc.set_threshold(*gc_threshold)
     try:
         await receiver.start()
     except OSError as exc:
@@ -438,6 +443,7 @@ class WorkerPool:
                 worker.slot,
                 self._port_attr,
                 self._bytes_limit,
+                gc.get_threshold(),
             )
         )
         try:
