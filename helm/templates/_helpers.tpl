@@ -52,6 +52,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* The namespace of the gateway release the agents forward to. */}}
+{{- define "headwater.gatewayNamespace" -}}
+{{- .Values.forward.gatewayNamespace | default .Release.Namespace -}}
+{{- end -}}
+
+{{/* "true" when the agents find the gateways by watching EndpointSlices (forward.resolver k8s): the
+     pods need the ServiceAccount token and the Role / RoleBinding of rbac.yaml. */}}
+{{- define "headwater.watchesEndpointSlices" -}}
+{{- and (eq (toString .Values.forward.to) "gateway") (eq (toString .Values.forward.resolver) "k8s") (has (include "headwater.mode" .) (list "daemonset" "deployment")) -}}
+{{- end -}}
+
 {{- define "headwater.image" -}}
 {{- if .Values.image.digest -}}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
@@ -123,16 +134,23 @@ over it, then the pipelines (unless given) and the disk-queue sizes derived.
 {{- range $name := list "remoteWrite" "signoz" -}}
 {{- if (get $p $name).enabled -}}{{- fail (printf "headwater: presets.%s is enabled but forward.to is gateway: the agents send everything to the gateways, which export to the backends; enable presets.%s in the gateway release and disable it here" $name $name) -}}{{- end -}}
 {{- end -}}
-{{- $host := $fwd.gatewayService -}}
-{{- if not (contains "." $host) -}}
-{{- $host = printf "%s.%s.svc.%s" $host ($fwd.gatewayNamespace | default .Release.Namespace) $fwd.clusterDomain -}}
-{{- end -}}
 {{- /* In-cluster plaintext to the gateways (their receiver has no TLS); the agent pod's own K8S_POD_*
      are not where the data comes from. `forward.otlp` goes over these. */ -}}
 {{- $otlp := dict "tls" (dict "insecure" true) "resource_from_environment" false -}}
 {{- if .Values.queue.enabled }}{{ $_ := set $otlp "sending_queue" (deepCopy $diskQueue) }}{{ end -}}
 {{- $otlp = mustMergeOverwrite $otlp (deepCopy ($fwd.otlp | default dict)) -}}
-{{- $resolver := dict "dns" (dict "hostname" $host "port" (int $fwd.port) "interval" $fwd.resolverInterval "timeout" $fwd.resolverTimeout) -}}
+{{- $resolver := dict -}}
+{{- if eq (toString $fwd.resolver) "k8s" -}}
+{{- if eq $mode "sidecar" -}}{{- fail "headwater: forward.resolver k8s needs the chart's ServiceAccount and its RoleBinding, which sidecar mode does not render (the application's pods have their own): use forward.resolver dns" -}}{{- end -}}
+{{- if contains "." $fwd.gatewayService -}}{{- fail (printf "headwater: forward.resolver k8s watches a Service by name: forward.gatewayService must be its name, not the DNS name %q (its namespace goes in forward.gatewayNamespace)" $fwd.gatewayService) -}}{{- end -}}
+{{- $_ := set $resolver "k8s" (dict "service" (printf "%s.%s" $fwd.gatewayService (include "headwater.gatewayNamespace" .)) "ports" (list (int $fwd.port)) "timeout" $fwd.resolverTimeout) -}}
+{{- else -}}
+{{- $host := $fwd.gatewayService -}}
+{{- if not (contains "." $host) -}}
+{{- $host = printf "%s.%s.svc.%s" $host (include "headwater.gatewayNamespace" .) $fwd.clusterDomain -}}
+{{- end -}}
+{{- $_ := set $resolver "dns" (dict "hostname" $host "port" (int $fwd.port) "interval" $fwd.resolverInterval "timeout" $fwd.resolverTimeout) -}}
+{{- end -}}
 {{- $_ := set $exporters "loadbalancing" (dict "routing_key" $fwd.routingKey "protocol" (dict "otlp" $otlp) "resolver" $resolver) -}}
 {{- end -}}
 {{- if and $p.prometheus.enabled (not $forwarding) -}}
@@ -516,7 +534,8 @@ config, then `ports` applied (override, disable, or declare new ones).
 {{- define "headwater.podSpec" -}}
 {{- $mode := include "headwater.mode" . -}}
 serviceAccountName: {{ include "headwater.serviceAccountName" . }}
-automountServiceAccountToken: false
+{{- /* The token is mounted only for the k8s resolver (it reads EndpointSlices); nothing else uses the API. */}}
+automountServiceAccountToken: {{ include "headwater.watchesEndpointSlices" . }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
 terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
