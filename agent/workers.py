@@ -31,6 +31,9 @@ when the worker stops, and added to the receiver's own cells, so the receiver's 
 process's; its gauges (connections, request bytes in flight) are summed over the workers. A worker
 killed outright takes at most its last interval's counts with it.
 
+Capture: while a capture records the receiver (agent.capture), each worker sends the request bodies
+it takes to the main process's hook, ahead of their batches on the same socket.
+
 Supervision: a worker that exits is started again after 0, 0.5, 2, 10 s (the n-th failure in a row;
 one that ran 10 s starts the count again), counted in ``receiver_worker_restarts_total``. Its clients'
 connections die with it: their in-flight requests fail, so they resend them; nothing the worker had
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib
 import logging
@@ -61,6 +65,7 @@ from typing import Any
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from agent.capture.recorder import CaptureHook
 from agent.component import Backpressure, ComponentId, ComponentKind, Consumer, Settings, Signal, Tasks
 from agent.model import POINT_FIELDS, Batch, LogBatch, MetricBatch, SpanBatch, new_point
 from agent.telemetry import PREFIX, ComponentTelemetry, Telemetry
@@ -185,6 +190,13 @@ class _Channel:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         self.writer.write(_FRAME.pack(len(data)) + data)
         await self.writer.drain()
+
+    def send_nowait(self, message: tuple[object, ...]) -> None:
+        """Queue ``message`` without waiting for the socket (from synchronous code); dropped when the
+        socket is closing."""
+        if not self.writer.is_closing():
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+            self.writer.write(_FRAME.pack(len(data)) + data)
 
     async def receive(self) -> tuple[Any, ...]:
         """The next message; IncompleteReadError when the other end closed."""
@@ -312,6 +324,8 @@ async def _serve(fd: int) -> int:
                 answer = answers.pop(message[1], None)
                 if answer is not None and not answer.done():
                     answer.set_result(message[2])
+            elif message[0] == "capture":
+                receiver.capture = functools.partial(_forward_capture, channel) if message[1] else None
             elif message[0] == "stop":
                 # Requests in flight still need their answers: keep reading while the receiver stops.
                 tasks.spawn(_stop(receiver, stopping, counting, channel), "stop")
@@ -323,6 +337,14 @@ async def _serve(fd: int) -> int:
             await receiver.shutdown()
         await tasks.close()
     return 0
+
+
+def _forward_capture(
+    channel: _Channel, transport: str, payload: bytes, meta: Mapping[str, str] | None = None
+) -> None:
+    """A worker's capture hook: the body goes to the main process's hook (never blocks or raises)."""
+    with contextlib.suppress(Exception):
+        channel.send_nowait(("capture", transport, payload, dict(meta) if meta else None))
 
 
 async def _stop(
@@ -391,6 +413,7 @@ class WorkerPool:
         self._stopped = asyncio.Event()
         self.port: int | None = None
         """The port the workers bound (the first one's answer)."""
+        self._capture: CaptureHook | None = None
         self.batches = [0] * count
         """Batches each worker slot handed in since the pool started (how the kernel spread them)."""
         tel = settings.telemetry
@@ -402,6 +425,14 @@ class WorkerPool:
             "receiver_worker_unanswered_points_total",
             "Items the pipeline took whose worker died before answering the client (it may resend them).",
         )
+
+    def capture(self, hook: CaptureHook | None) -> None:
+        """Have every worker (a restarted one too) send the request bodies it takes to ``hook``, or
+        stop (None). The recorder stamps them when they reach this process."""
+        self._capture = hook
+        for worker in self._workers:
+            if worker.channel is not None:
+                worker.channel.send_nowait(("capture", hook is not None))
 
     @property
     def pids(self) -> list[int]:
@@ -460,6 +491,8 @@ class WorkerPool:
             self.port = int(answer[2])
         worker.process = process
         worker.channel = channel
+        if self._capture is not None:
+            channel.send_nowait(("capture", True))
         worker.counters = {}
         worker.gauges = {}
         worker.stopped = asyncio.Event()
@@ -483,6 +516,10 @@ class WorkerPool:
                     )
                 elif message[0] == "counts":
                     self._count(worker, message[1], message[2])
+                elif message[0] == "capture":
+                    hook = self._capture
+                    if hook is not None:
+                        hook(message[1], message[2], message[3])
         finally:
             worker.stopped.set()
             await requests.wait()  # answers to a dead worker are counted, not lost track of

@@ -89,8 +89,7 @@ every answer above (quota, partial takes, 429, 500) is the same. The kernel spre
 requests. ``max_request_bytes_in_flight`` is shared out between the workers; ``max_connections``
 applies to each. A worker that dies is restarted (``receiver_worker_restarts_total``); its clients'
 requests in flight fail, and points the pipeline took whose answer could not reach it are counted in
-``receiver_worker_unanswered_points_total``. While a capture records this receiver, requests served
-by workers are not recorded.
+``receiver_worker_unanswered_points_total``.
 
 Bearer tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured
 token (no early exit, no length leak); they come from the environment or ``tokens_file`` and are never
@@ -349,8 +348,7 @@ class HttpReceiver:
         self.tel = settings.telemetry
         self._log = settings.logger
         self._consumer = consumers[Signal.METRICS]
-        self.capture: CaptureHook | None = None
-        """Set while a capture records this receiver (agent.capture): the request bodies, inflated."""
+        self._capture: CaptureHook | None = None
         self._parser = ItemParser(
             max_timestamp_age_s=config.max_timestamp_age,
             max_timestamp_ahead_s=config.max_timestamp_ahead,
@@ -434,6 +432,18 @@ class HttpReceiver:
 
     def _pooled(self, gauge: str) -> float:
         return self.pool.gauge(gauge) if self.pool is not None else 0.0
+
+    @property
+    def capture(self) -> CaptureHook | None:
+        """Set while a capture records this receiver (agent.capture): the request bodies, inflated
+        (with workers, theirs: each worker sends them here)."""
+        return self._capture
+
+    @capture.setter
+    def capture(self, hook: CaptureHook | None) -> None:
+        self._capture = hook
+        if self.pool is not None:
+            self.pool.capture(hook)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:

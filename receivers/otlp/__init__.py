@@ -104,8 +104,7 @@ process's loop, and a gRPC client keeps one HTTP/2 connection for its lifetime, 
 would pin each exporter to one worker anyway. A worker that dies is restarted
 (``receiver_worker_restarts_total``); its clients' requests in flight fail (they resend them), and
 a batch the pipeline took whose answer could not reach the dead worker is counted in
-``receiver_worker_unanswered_points_total`` (a possible duplicate, never a loss). While a capture
-records this receiver, requests served by workers are not recorded.
+``receiver_worker_unanswered_points_total`` (a possible duplicate, never a loss).
 
 Self-metrics
 ------------
@@ -381,8 +380,7 @@ class OtlpReceiver:
         self.tel = settings.telemetry
         self._log = settings.logger
         self._routes = [r for r in _ROUTES if r.signal in consumers]
-        self.capture: CaptureHook | None = None
-        """Set while a capture records this receiver (agent.capture): the request bodies, inflated."""
+        self._capture: CaptureHook | None = None
         self._consumers = dict(consumers)
         self._counters = {r.signal: _Counters(settings, r) for r in self._routes}
         self._converter = MetricsConverter(limits=config.limits)
@@ -440,6 +438,18 @@ class OtlpReceiver:
 
     def _pooled(self, gauge: str) -> float:
         return self.pool.gauge(gauge) if self.pool is not None else 0.0
+
+    @property
+    def capture(self) -> CaptureHook | None:
+        """Set while a capture records this receiver (agent.capture): the request bodies, inflated
+        (with workers, theirs: each worker sends them here)."""
+        return self._capture
+
+    @capture.setter
+    def capture(self, hook: CaptureHook | None) -> None:
+        self._capture = hook
+        if self.pool is not None:
+            self.pool.capture(hook)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:

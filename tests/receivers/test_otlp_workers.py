@@ -309,3 +309,20 @@ def test_workers_setting() -> None:
 async def test_one_worker_is_the_receiver_itself() -> None:
     r, _ = _receiver(Sink(), workers="1")
     assert r.pool is None
+
+
+async def test_a_capture_records_the_bodies_the_workers_take(running: Running) -> None:
+    sink = Sink()
+    r, _ = _receiver(sink, workers="2")
+    recorded: list[tuple[str, bytes, Any]] = []
+    # Set before the workers start: each gets it right after binding, before any client connects (set
+    # later, a worker records from when its message arrives, as a capture starts "now").
+    r.capture = lambda transport, payload, meta=None: recorded.append((transport, payload, meta))
+    await running.start(r)
+    url = f"http://127.0.0.1:{r.http_port}/v1/metrics"
+    bodies = [metrics_request(float(i)).SerializeToString() for i in range(EXPORTERS)]
+    assert await asyncio.gather(*(_post(url, body) for body in bodies)) == [200] * EXPORTERS
+    assert all(n > 0 for n in _pool(r).batches), _pool(r).batches
+    # A worker sends a body before its batch, on the same socket: recorded before the answer.
+    assert sorted(payload for _, payload, _ in recorded) == sorted(bodies)
+    assert {(t, meta["path"]) for t, _, meta in recorded} == {("http", "/v1/metrics")}
