@@ -25,11 +25,13 @@ the receiver's divided by N) until the main process answers, so what waits in th
 bounded by the workers' budgets, and a main process that falls behind stops reading the socket, which
 stops the workers' handlers, which stop reading their clients.
 
-Counts: each worker's counters (accepted, refused by reason, requests by status, auth failures,
-connection refusals) are sent to the main process every :data:`COUNTS_INTERVAL_S` when they moved and
-when the worker stops, and added to the receiver's own cells, so the receiver's metrics read as one
-process's; its gauges (connections, request bytes in flight) are summed over the workers. A worker
-killed outright takes at most its last interval's counts with it.
+Counts: the main process counts what its pipeline accepted (``receiver_accepted_*_total``: a batch
+taken just before its worker died counts too). Each worker's other counters (refused by reason,
+requests by status, auth failures, connection refusals) are sent to the main process every
+:data:`COUNTS_INTERVAL_S` when they moved and when the worker stops, and added to the receiver's own
+cells, so the receiver's metrics read as one process's; its gauges (connections, request bytes in
+flight) are summed over the workers. A worker killed outright takes at most its last interval's
+refusal and request counts with it.
 
 Capture: while a capture records the receiver (agent.capture), each worker sends the request bodies
 it takes to the main process's hook, ahead of their batches on the same socket.
@@ -84,6 +86,14 @@ _THREAD_BYTES = 1 << 18
 """Frames at least this large are pickled or unpickled in a thread, off the event loop."""
 _THREAD_ITEMS = 5_000
 """Batches with at least this many points are encoded in a thread."""
+ACCEPTED = {
+    Signal.METRICS: "receiver_accepted_points_total",
+    Signal.TRACES: "receiver_accepted_spans_total",
+    Signal.LOGS: "receiver_accepted_log_records_total",
+}
+"""The receivers' accepted counters: counted by the main process as its pipeline takes each batch (a
+worker's own count would miss a batch taken just before the worker died), not handed in."""
+_ACCEPTED_NAMES = frozenset(ACCEPTED.values())
 
 
 # -- how many ---------------------------------------------------------------------------------------
@@ -421,6 +431,10 @@ class WorkerPool:
         self._restarts = tel.counter(
             "receiver_worker_restarts_total", "Worker processes that died and were started again."
         )
+        self._accepted = {
+            signal: tel.counter(ACCEPTED[signal], "Items a receiver took in and passed on.")
+            for signal in self._consumers
+        }
         self._unanswered = tel.counter(
             "receiver_worker_unanswered_points_total",
             "Items the pipeline took whose worker died before answering the client (it may resend them).",
@@ -537,6 +551,7 @@ class WorkerPool:
         answer: tuple[object, ...] | None = None
         try:
             await self._consumers[signal].consume(batch)
+            self._accepted[signal].value += len(batch)
         except Exception as exc:
             if not isinstance(exc, Backpressure):
                 self._log.exception("the pipeline failed on a batch of %d from a worker", len(batch))
@@ -555,6 +570,8 @@ class WorkerPool:
         tel = self._tel
         for key, value in counters.items():
             name, help_, labels = key
+            if name in _ACCEPTED_NAMES:
+                continue
             delta = value - worker.counters.get(key, 0.0)
             if delta:
                 tel.counter(name, help_, **dict(labels)).value += delta

@@ -222,6 +222,7 @@ async def test_a_killed_worker_is_restarted_and_its_clients_see_errors(running: 
     assert len(failed) == shares[slot] and all(isinstance(a, str) for a in failed), answers
     # The pipeline took every batch; the dead worker's clients were told it failed: counted, not lost.
     assert sum(len(b) for b in gate.batches) == 2 * EXPORTERS
+    assert tel.value("receiver_accepted_points_total") == 2 * EXPORTERS
     await wait_until(
         lambda: tel.value("receiver_worker_unanswered_points_total") == 2 * shares[slot], "unanswered counted"
     )
