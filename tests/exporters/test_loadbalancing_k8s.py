@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
@@ -33,7 +34,7 @@ from exporters.loadbalancing.config import (
 from exporters.loadbalancing.exporter import LoadBalancingExporter
 from exporters.loadbalancing.k8s import K8sUnavailable, gateways, ready_endpoints
 from exporters.otlp.config import OtlpConfig, OtlpHttpConfig
-from tests.conftest import Certs, component_settings, free_port, wait_until
+from tests.conftest import AgentGraph, Certs, component_settings, free_port, wait_until
 from tests.exporters.k8s_api import KubeApi, Pod
 
 LOGGER = "test.loadbalancing"
@@ -458,3 +459,59 @@ def test_ready_endpoints_and_dual_stack_pods() -> None:
         for port in (4317, 14317)
     }
     assert gateways({"v6": ready_endpoints(v6)}, [4317]) == {"[fd00::1]:4317", "[fd00::9]:4317"}
+
+
+def agent_config(account: Path, ports: list[int], otlp_port: int) -> dict[str, Any]:
+    """An agent as the chart renders one: OTLP in, the loadbalancing exporter with the k8s resolver."""
+    return {
+        "receivers": {"otlp": {"http": f"127.0.0.1:{otlp_port}"}},
+        "exporters": {
+            "loadbalancing": {
+                "protocol": {"otlp": {"tls": {"insecure": True}, "resource_from_environment": False}},
+                "resolver": {"k8s": {"service": "gw", "ports": ports, "service_account_dir": str(account)}},
+            }
+        },
+        "service": {"pipelines": {"metrics": {"receivers": ["otlp"], "exporters": ["loadbalancing"]}}},
+    }
+
+
+def otlp_request(round_: int, n: int = 100) -> bytes:
+    request = metrics_service_pb2.ExportMetricsServiceRequest()
+    metric = request.resource_metrics.add().scope_metrics.add().metrics.add(name="m")
+    now = time.time_ns()
+    for i in range(n):
+        dp = metric.gauge.data_points.add(time_unix_nano=now, as_double=float(round_))
+        dp.attributes.add(key="i").value.string_value = str(i)
+    return request.SerializeToString()
+
+
+async def test_an_agent_configured_in_yaml_follows_the_service(
+    agents: AgentGraph, api: KubeApi, account: Path, gws: Gateways
+) -> None:
+    await api.put("gw-ipv4", [Pod(V4, name="gw-0", uid="u0")])
+    port = free_port()
+    await agents.start(agent_config(account, gws.ports, port))
+    url = f"http://127.0.0.1:{port}/v1/metrics"
+    headers = {"Content-Type": "application/x-protobuf"}
+    async with aiohttp.ClientSession() as client:
+        async with client.post(url, data=otlp_request(1), headers=headers) as response:
+            assert response.status == 200
+        await wait_until(lambda: gws.received(1) == 100, "round 1 at the IPv4 gateways")
+        assert set(gws.owner(1).values()) == set(gws.of(V4))
+        await api.put("gw-ipv6", [Pod(V6, name="gw-1", uid="u1")], address_type="IPv6")
+
+        async def spread() -> bool:
+            # Posting until a series lands at gw-1: the watch event is applied without a restart.
+            async with client.post(url, data=otlp_request(2), headers=headers) as response:
+                assert response.status == 200
+            return any(receiver.series(2) for gw, receiver in gws.at.items() if gw.startswith("[::1]"))
+
+        await wait_until(spread, "series at gw-1 once its slice is watched")
+
+
+async def test_an_agent_outside_a_cluster_refuses_to_start(
+    agents: AgentGraph, account: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(K8sUnavailable, match=r"resolver::k8s: not in a Kubernetes cluster"):
+        await agents.start(agent_config(account, [4317], free_port()))
