@@ -482,7 +482,7 @@ def otlp_request(round_: int, n: int = 100) -> bytes:
     for i in range(n):
         dp = metric.gauge.data_points.add(time_unix_nano=now, as_double=float(round_))
         dp.attributes.add(key="i").value.string_value = str(i)
-    return request.SerializeToString()
+    return bytes(request.SerializeToString())
 
 
 async def test_an_agent_configured_in_yaml_follows_the_service(
