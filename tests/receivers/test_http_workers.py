@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import time
 from typing import Any
 
 import aiohttp
 
 from agent.component import ComponentKind, Signal
+from agent.confmodel import Size
 from agent.model import Batch
 from agent.quota import QuotaExceeded
 from agent.telemetry import Telemetry
-from receivers.http import HttpAuthConfig, HttpConfig, HttpReceiver
+from receivers.http import HttpAuthConfig, HttpConfig, HttpReceiver, HttpTLSConfig
 from tests.agent.test_jwt_auth import claims, hs256
-from tests.conftest import Sink, component_settings, free_port, wait_until
+from tests.conftest import Certs, Sink, component_settings, free_port, wait_until
 from tests.receivers.conftest import Running
 from tests.receivers.test_http_jwt import hs_auth
 
@@ -158,3 +160,28 @@ def test_workers_setting() -> None:
     ((path, _),) = HttpConfig(workers="2", endpoint="127.0.0.1:0").validate()
     assert path == "workers"
     assert HttpConfig(workers="2", auth=HttpAuthConfig()).validate() == []
+
+
+async def test_tls_and_the_body_cap_hold_in_the_workers(running: Running, tls_certs: Certs) -> None:
+    sink = Sink()
+    tls = HttpTLSConfig(cert_file=tls_certs.cert, key_file=tls_certs.key)
+    r, tel = _receiver(sink, workers="2", tls=tls, max_request_body_size=Size(4096))
+    await running.start(r)
+    assert r.pool is not None
+    url = f"https://127.0.0.1:{r.port}/v1/metrics"
+    client_ctx = ssl.create_default_context(cafile=tls_certs.ca)
+    statuses = []
+    for i in range(CLIENTS):  # each on its own connection: both workers serve TLS
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=_items(i)[:1], ssl=client_ctx) as resp,
+        ):
+            statuses.append(resp.status)
+    assert statuses == [200] * CLIENTS and all(n > 0 for n in r.pool.batches), r.pool.batches
+    big = [{"name": "x" * 100, "value": 1}] * 100
+    async with aiohttp.ClientSession() as session, session.post(url, json=big, ssl=client_ctx) as resp:
+        assert resp.status == 413
+        body = await resp.json()
+    assert body["code"] == "body_too_large" and "max_request_body_size (4KiB)" in body["error"]
+    refused = "receiver_refused_points_total"
+    await wait_until(lambda: tel.value(refused, reason="body_too_large") == 1, "counted")
