@@ -306,6 +306,7 @@ async def test_a_send_in_flight_to_a_removed_gateway_is_rerouted_when_it_fails(
     try:
         await exporter.consume(points(300))
         await wait_until(lambda: sink_b.held >= 1, "a send to b in flight")
+        await wait_until(lambda: sink_a.received, "a's share delivered")
         at_a_before = series_at(sink_a)
         assert 0 < len(at_a_before) < 300
         removed = asyncio.create_task(exporter.set_gateways(frozenset({a})))
