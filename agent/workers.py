@@ -40,8 +40,9 @@ Supervision: a worker that exits is started again after 0, 0.5, 2, 10 s (the n-t
 one that ran 10 s starts the count again), counted in ``receiver_worker_restarts_total``. Its clients'
 connections die with it: their in-flight requests fail, so they resend them; nothing the worker had
 not handed in was accepted. A batch the main process took whose answer could no longer reach the dead
-worker is counted in ``receiver_worker_unanswered_points_total`` (its client saw an error and may
-resend it: a duplicate, not a loss). Shutdown (and so a reload that changes the receiver) asks each
+worker (or whose request a stopping worker cut after 5 s) is counted in
+``receiver_worker_unanswered_points_total``: its client saw an error and may resend it (a duplicate,
+not a loss). Shutdown (and so a reload that changes the receiver) asks each
 worker to stop: it stops accepting, lets its requests in flight finish (the main process keeps
 answering them) and hands in its last counts.
 """
@@ -70,7 +71,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from agent.capture.recorder import CaptureHook
 from agent.component import Backpressure, ComponentId, ComponentKind, Consumer, Settings, Signal, Tasks
 from agent.model import POINT_FIELDS, Batch, LogBatch, MetricBatch, SpanBatch, new_point
-from agent.telemetry import PREFIX, ComponentTelemetry, Telemetry
+from agent.telemetry import PREFIX, Cell, ComponentTelemetry, Telemetry
 
 MAX_WORKERS = 256
 RESTART_DELAY_S = (0.0, 0.5, 2.0, 10.0)
@@ -94,6 +95,10 @@ ACCEPTED = {
 """The receivers' accepted counters: counted by the main process as its pipeline takes each batch (a
 worker's own count would miss a batch taken just before the worker died), not handed in."""
 _ACCEPTED_NAMES = frozenset(ACCEPTED.values())
+UNANSWERED = (
+    "receiver_worker_unanswered_points_total",
+    "Items the pipeline took whose client got no answer: their worker died or stopped (it may resend them).",
+)
 
 
 # -- how many ---------------------------------------------------------------------------------------
@@ -227,7 +232,7 @@ class ForwardingConsumer:
     pipeline's answer (returns when taken; raises its refusal, or RuntimeError when it failed or the
     main process is gone)."""
 
-    def __init__(self, signal: Signal, channel: _Channel, answers: dict[int, asyncio.Future[Any]]) -> None:
+    def __init__(self, signal: Signal, channel: _Channel, answers: _Answers) -> None:
         self._signal = signal.value
         self._channel = channel
         self._answers = answers
@@ -238,20 +243,48 @@ class ForwardingConsumer:
             if len(batch) >= _THREAD_ITEMS
             else encode_batch(batch)
         )
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Any] = loop.create_future()
+        answers = self._answers
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         ident = id(answer)
-        self._answers[ident] = answer
+        answers.waiting[ident] = answer
         try:
             try:
                 await self._channel.send(("consume", ident, self._signal, payload))
             except (ConnectionError, RuntimeError) as exc:
                 raise RuntimeError(f"the main process is gone: {exc}") from None
             result = await answer
+        except asyncio.CancelledError:
+            # The request ended (the receiver stopping) after its batch was sent: if the pipeline
+            # takes it, nobody tells the client; count that when the answer comes.
+            answers.abandoned[ident] = len(batch)
+            raise
         finally:
-            self._answers.pop(ident, None)
+            answers.waiting.pop(ident, None)
         if result is not None:
             raise _rebuild(result)
+
+
+class _Answers:
+    """A worker's batches waiting for the main process's answer, and those whose request ended first
+    (their sizes: taken, they count as unanswered)."""
+
+    def __init__(self, unanswered: Cell) -> None:
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.abandoned: dict[int, int] = {}
+        self.unanswered = unanswered
+
+    def answer(self, ident: int, result: tuple[object, ...] | None) -> None:
+        future = self.waiting.pop(ident, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+        n = self.abandoned.pop(ident, 0)
+        if n and result is None:
+            self.unanswered.value += n
+
+    def fail(self) -> None:
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(RuntimeError("the main process is gone"))
 
 
 def _counts(tel: Telemetry, kind: str) -> tuple[dict[tuple[Any, ...], float], dict[str, float]]:
@@ -297,10 +330,6 @@ async def _serve(fd: int) -> int:
     from agent import netguard
 
     netguard.set_request_bytes_limit(bytes_limit)
-    answers: dict[int, asyncio.Future[Any]] = {}
-    consumers: dict[Signal, Consumer] = {
-        Signal(s): ForwardingConsumer(Signal(s), channel, answers) for s in signals
-    }
     telemetry = Telemetry()
     kind = ComponentKind.RECEIVER.value
     settings = Settings(
@@ -309,6 +338,10 @@ async def _serve(fd: int) -> int:
         telemetry=ComponentTelemetry(telemetry, kind, name),
         logger=logging.getLogger(f"{name}.worker{slot}"),
     )
+    answers = _Answers(settings.telemetry.counter(*UNANSWERED))
+    consumers: dict[Signal, Consumer] = {
+        Signal(s): ForwardingConsumer(Signal(s), channel, answers) for s in signals
+    }
     receiver = importlib.import_module(module_name).factory.create(settings, config, consumers)
     receiver.reuse_port = True
     # The main process's collector settings (agent/cli.py freezes the startup state and makes young
@@ -331,18 +364,14 @@ async def _serve(fd: int) -> int:
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the main process went away: stop
             if message[0] == "answer":
-                answer = answers.pop(message[1], None)
-                if answer is not None and not answer.done():
-                    answer.set_result(message[2])
+                answers.answer(message[1], message[2])
             elif message[0] == "capture":
                 receiver.capture = functools.partial(_forward_capture, channel) if message[1] else None
             elif message[0] == "stop":
                 # Requests in flight still need their answers: keep reading while the receiver stops.
                 tasks.spawn(_stop(receiver, stopping, counting, channel), "stop")
     finally:
-        for answer in answers.values():
-            if not answer.done():
-                answer.set_exception(RuntimeError("the main process is gone"))
+        answers.fail()
         if not stopping.is_set():
             await receiver.shutdown()
         await tasks.close()
@@ -435,10 +464,7 @@ class WorkerPool:
             signal: tel.counter(ACCEPTED[signal], "Items a receiver took in and passed on.")
             for signal in self._consumers
         }
-        self._unanswered = tel.counter(
-            "receiver_worker_unanswered_points_total",
-            "Items the pipeline took whose worker died before answering the client (it may resend them).",
-        )
+        self._unanswered = tel.counter(*UNANSWERED)
 
     def capture(self, hook: CaptureHook | None) -> None:
         """Have every worker (a restarted one too) send the request bodies it takes to ``hook``, or
