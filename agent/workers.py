@@ -1,6 +1,6 @@
-"""Worker processes for the receivers that do not aggregate (the ``otlp`` receiver's HTTP protocol and
-the ``http`` receiver): ``workers: N`` runs N processes sharing the port with ``SO_REUSEPORT``, each
-doing the expensive part of a request, and the main process hands their batches to the pipeline.
+"""Worker processes for the receivers that do not aggregate (``otlp``, gRPC and HTTP, and ``http``):
+``workers: N`` runs N processes sharing the ports with ``SO_REUSEPORT``, each doing the expensive part
+of a request, and the main process hands their batches to the pipeline.
 
 A worker is ``python -m agent.workers``: the receiver itself (its module's ``factory``, its handlers,
 auth, TLS, body reader and limits, nothing copied), built from the main receiver's worker config and
@@ -323,7 +323,7 @@ async def _send_counts(channel: _Channel, tel: Telemetry, kind: str, stopping: a
 async def _serve(fd: int) -> int:
     channel = await _Channel.open(socket.socket(fileno=fd))
     hello = await channel.receive()
-    module_name, config, signals, name, slot, port_attr, bytes_limit, gc_threshold = hello[1:]
+    module_name, config, signals, name, slot, port_attrs, bytes_limit, gc_threshold = hello[1:]
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s {name} worker {slot}: %(message)s"
     )
@@ -353,7 +353,7 @@ async def _serve(fd: int) -> int:
     except OSError as exc:
         await channel.send(("error", str(exc)))
         return 1
-    await channel.send(("ready", os.getpid(), getattr(receiver, port_attr)))
+    await channel.send(("ready", os.getpid(), {attr: getattr(receiver, attr) for attr in port_attrs}))
     stopping = asyncio.Event()
     tasks = Tasks(f"{name} worker {slot}", settings.logger)
     counting = tasks.spawn(_send_counts(channel, telemetry, kind, stopping), "counts")
@@ -424,8 +424,8 @@ class WorkerPool:
     ``consumers``, restarted when one dies, stopped. Owned by the receiver when ``workers`` > 1.
 
     ``module`` names the receiver's module (its ``factory`` builds the worker's receiver from
-    ``config``, the receiver's worker config); ``port_attr`` is the receiver's attribute holding the
-    bound port; ``bytes_limit`` the process-wide request bytes of each worker."""
+    ``config``, the receiver's worker config); ``port_attrs`` name the receiver's attributes holding
+    its bound ports; ``bytes_limit`` the process-wide request bytes of each worker."""
 
     def __init__(
         self,
@@ -435,7 +435,7 @@ class WorkerPool:
         consumers: Mapping[Signal, Consumer],
         count: int,
         *,
-        port_attr: str,
+        port_attrs: tuple[str, ...],
         bytes_limit: int,
     ) -> None:
         self._settings = settings
@@ -444,14 +444,14 @@ class WorkerPool:
         self._consumers = dict(consumers)
         self._name = str(settings.id)
         self._log = settings.logger
-        self._port_attr = port_attr
+        self._port_attrs = port_attrs
         self._bytes_limit = bytes_limit
         self._workers = [_Worker(slot) for slot in range(count)]
         self._tasks = Tasks(f"{self._name} workers", self._log)
         self._stopping = False
         self._stopped = asyncio.Event()
-        self.port: int | None = None
-        """The port the workers bound (the first one's answer)."""
+        self.ports: dict[str, int | None] = {}
+        """The ports the workers bound, by the receiver's attribute names (the first one's answer)."""
         self._capture: CaptureHook | None = None
         self.batches = [0] * count
         """Batches each worker slot handed in since the pool started (how the kernel spread them)."""
@@ -512,7 +512,7 @@ class WorkerPool:
                 signals,
                 self._name,
                 worker.slot,
-                self._port_attr,
+                self._port_attrs,
                 self._bytes_limit,
                 gc.get_threshold(),
             )
@@ -527,8 +527,8 @@ class WorkerPool:
             channel.close()
             await process.wait()
             raise OSError(f"{self._name} worker {worker.slot}: {answer[1]}")
-        if self.port is None:
-            self.port = int(answer[2])
+        if not self.ports:
+            self.ports = dict(answer[2])
         worker.process = process
         worker.channel = channel
         if self._capture is not None:

@@ -406,7 +406,7 @@ class HttpReceiver:
                 self.worker_config(count),
                 consumers,
                 count,
-                port_attr="port",
+                port_attrs=("port",),
                 bytes_limit=max(1, netguard.request_bytes().limit // count),
             )
         self.tel.gauge(
@@ -450,7 +450,7 @@ class HttpReceiver:
         cfg = self.config
         if self.pool is not None:
             await self.pool.start()
-            self.port = self.pool.port
+            self.port = self.pool.ports["port"]
             self._log.info("%d workers listening on %s", len(self.pool.pids), cfg.endpoint)
             self.settings.ready()
             return

@@ -93,18 +93,19 @@ invisible to the agent.
 
 Workers
 -------
-``workers: N`` (default 1; ``auto``: the cgroup's CPU limit) serves the HTTP endpoint from N processes
-sharing its port with ``SO_REUSEPORT`` (agent/workers.py). Each runs this receiver's own HTTP code
-(body reader, limits, TLS, decoding, conversion, per-point refusals, chunking) and hands each batch to
-this process's pipeline, answering its client only once the pipeline took or refused it, so every
-answer above is the same. The kernel spreads connections, not requests: a client that keeps one
-connection stays on one worker. ``max_request_bytes_in_flight`` is shared out between the workers;
-``max_connections`` applies to each. gRPC stays in this process: grpc.aio takes its calls on this
-process's loop, and a gRPC client keeps one HTTP/2 connection for its lifetime, so ``SO_REUSEPORT``
-would pin each exporter to one worker anyway. A worker that dies is restarted
-(``receiver_worker_restarts_total``); its clients' requests in flight fail (they resend them), and
-a batch the pipeline took whose answer could not reach the dead worker is counted in
-``receiver_worker_unanswered_points_total`` (a possible duplicate, never a loss).
+``workers: N`` (default 1; ``auto``: the cgroup's CPU limit) serves both endpoints from N processes
+sharing their ports with ``SO_REUSEPORT`` (agent/workers.py; gRPC's ``grpc.so_reuseport`` on in the
+workers only). Each runs this receiver's own code (body reader, limits, TLS, decoding, conversion,
+per-point refusals, chunking, gRPC's read slots and queue-loss count) and hands each batch to this
+process's pipeline, answering its client only once the pipeline took or refused it, so every answer
+above is the same. The kernel spreads connections, not requests: a client that keeps one connection
+(every gRPC exporter, an HTTP client with keep-alive) stays on one worker. ``max_request_bytes_in_flight``
+is shared out between the workers; ``max_connections`` applies to each. A worker that dies is
+restarted (``receiver_worker_restarts_total``); its clients' requests in flight fail (they resend
+them), and a batch the pipeline took whose answer could not reach its client is counted in
+``receiver_worker_unanswered_points_total`` (a possible duplicate, never a loss). A gRPC call
+cancelled while its batch is with this process counts as ``cancelled`` (and, if the pipeline then
+takes the batch, as unanswered), where one process would count it ``OK``.
 
 Self-metrics
 ------------
@@ -240,7 +241,7 @@ class OtlpConfig:
     limits: SeriesLimits = field(default_factory=SeriesLimits)
     """Size limits on each metric point's series (name, own attributes) and on its resource + scope."""
     workers: str = "1"
-    """HTTP processes on the port (SO_REUSEPORT) decoding for this one; gRPC stays here; auto: cgroup CPUs."""
+    """Processes sharing the gRPC and HTTP ports (SO_REUSEPORT), decoding for this one; auto: cgroup CPUs."""
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -249,13 +250,13 @@ class OtlpConfig:
         problem = workers_problem(self.workers)
         if problem:
             problems.append(("workers", problem))
-        elif self.workers != "1" and (self.http is None or _port_of(self.http) == 0):
-            problems.append(
-                (
-                    "workers",
-                    "more than one worker serves the http endpoint: set http to a host:port (not port 0)",
-                )
-            )
+        elif self.workers != "1":
+            for name in ("grpc", "http"):
+                endpoint = getattr(self, name)
+                if endpoint is not None and _port_of(endpoint) == 0:
+                    problems.append(
+                        ("workers", f"more than one worker shares the {name} port: it cannot be 0")
+                    )
         for name in ("grpc", "http"):
             endpoint = getattr(self, name)
             if endpoint is not None:
@@ -402,7 +403,7 @@ class OtlpReceiver:
                 self.worker_config(count),
                 consumers,
                 count,
-                port_attr="http_port",
+                port_attrs=("http_port", "grpc_port"),
                 bytes_limit=max(1, netguard.request_bytes().limit // count),
             )
         self.tel.gauge(
@@ -427,12 +428,11 @@ class OtlpReceiver:
         """The gRPC server's channelz id once started (None without channelz)."""
 
     def worker_config(self, count: int) -> OtlpConfig:
-        """The config of each of ``count`` worker processes: HTTP only, one process each, the request
-        bytes budget shared out (connections stay per process: each holds its own descriptors)."""
+        """The config of each of ``count`` worker processes: one process each, the request bytes
+        budget shared out (connections stay per process: each holds its own descriptors)."""
         return replace(
             self.config,
             workers="1",
-            grpc=None,
             max_request_bytes_in_flight=Size(max(1, self.config.max_request_bytes_in_flight // count)),
         )
 
@@ -454,14 +454,20 @@ class OtlpReceiver:
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         try:
-            if self.config.grpc is not None:
-                await self._start_grpc(self.config.grpc)
             if self.pool is not None:
                 await self.pool.start()
-                self.http_port = self.pool.port
-                self._log.info("%d OTLP/HTTP workers on %s", len(self.pool.pids), self.config.http)
-            elif self.config.http is not None:
-                await self._start_http(self.config.http)
+                self.http_port, self.grpc_port = self.pool.ports["http_port"], self.pool.ports["grpc_port"]
+                self._log.info(
+                    "%d OTLP workers on grpc %s, http %s",
+                    len(self.pool.pids),
+                    self.config.grpc,
+                    self.config.http,
+                )
+            else:
+                if self.config.grpc is not None:
+                    await self._start_grpc(self.config.grpc)
+                if self.config.http is not None:
+                    await self._start_http(self.config.http)
         except BaseException:
             await self.shutdown()
             raise
@@ -507,7 +513,8 @@ class OtlpReceiver:
                 ("grpc.enable_channelz", 1),  # its calls-started count: see _count_queue_losses
                 ("grpc.max_receive_message_length", cfg.max_request_body_size),
                 # grpc sets SO_REUSEPORT by default: a second agent would share the port silently.
-                ("grpc.so_reuseport", 0),
+                # Only worker processes share it (agent/workers.py).
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
                 ("grpc.max_allowed_incoming_connections", cfg.max_connections),
                 ("grpc.server_handshake_timeout_ms", int(cfg.header_timeout * 1000)),
                 ("grpc.max_connection_idle_ms", int(cfg.idle_timeout * 1000)),
@@ -1069,7 +1076,7 @@ factory = Factory(
     signals=frozenset({Signal.METRICS, Signal.TRACES, Signal.LOGS}),
     description=(
         "OTLP over gRPC and HTTP (protobuf and JSON, gzip/zstd): metrics into the agent's model, "
-        "traces and logs passed through; partial success, backpressure, TLS; workers: N HTTP processes."
+        "traces and logs passed through; partial success, backpressure, TLS; workers: N processes."
     ),
 )
 FACTORY = factory

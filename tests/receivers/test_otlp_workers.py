@@ -36,7 +36,8 @@ PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 def _receiver(sink: Any, workers: str = "1", **cfg: Any) -> tuple[OtlpReceiver, Telemetry]:
     tel = Telemetry()
-    config = OtlpConfig(grpc=None, http=f"127.0.0.1:{free_port()}", workers=workers, **cfg)
+    endpoints = {"grpc": None, "http": f"127.0.0.1:{free_port()}", **cfg}
+    config = OtlpConfig(workers=workers, **endpoints)
     assert config.validate() == []
     settings = component_settings(tel, ComponentKind.RECEIVER, "otlp")
     return OtlpReceiver(settings, config, {Signal.METRICS: sink, Signal.TRACES: sink}), tel
@@ -47,9 +48,11 @@ def _pool(r: OtlpReceiver) -> WorkerPool:
     return r.pool
 
 
-def _sdk_export(targets: list[str], client: int) -> None:
+def _sdk_export(targets: list[str], client: int, transport: str = "http") -> None:
     """Record client ``client``'s instruments once and export the same collected data to every target
-    with the OpenTelemetry SDK's OTLP/HTTP exporter (one exporter, one connection, per target)."""
+    with the OpenTelemetry SDK's OTLP/HTTP or OTLP/gRPC exporter (one exporter, one connection, per
+    target)."""
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
     from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics import MeterProvider
@@ -69,7 +72,14 @@ def _sdk_export(targets: list[str], client: int) -> None:
     data = reader.get_metrics_data()
     provider.shutdown()
     for target in targets:
-        exporter = OTLPMetricExporter(endpoint=target, compression=Compression.Gzip, timeout=10)
+        exporter: Any
+        if transport == "grpc":
+            # Its own connection, as an exporter in another pod has (gRPC shares one between the
+            # channels of a process that go to the same target).
+            local = (("grpc.use_local_subchannel_pool", 1),)
+            exporter = GrpcExporter(endpoint=target, insecure=True, timeout=10, channel_options=local)  # type: ignore[arg-type]
+        else:
+            exporter = OTLPMetricExporter(endpoint=target, compression=Compression.Gzip, timeout=10)
         assert exporter.export(data) is MetricExportResult.SUCCESS
         exporter.shutdown()
 
@@ -93,6 +103,21 @@ async def test_two_workers_pass_on_what_one_process_does(running: Running) -> No
     for name in ("receiver_accepted_points_total", "receiver_requests_total"):
         await wait_until(lambda n=name: two_tel.value(n) == one_tel.value(n), f"{name} handed in")
     assert two_tel.value("receiver_requests_total", status="200") == EXPORTERS
+
+
+async def test_grpc_calls_go_to_the_workers_too(running: Running) -> None:
+    one_sink, two_sink = Sink(), Sink()
+    one, one_tel = _receiver(one_sink, grpc=f"127.0.0.1:{free_port()}", http=None)
+    two, two_tel = _receiver(two_sink, workers="2", grpc=f"127.0.0.1:{free_port()}")
+    await running.start(one)
+    await running.start(two)
+    targets = [f"127.0.0.1:{r.grpc_port}" for r in (one, two)]
+    await asyncio.gather(*(asyncio.to_thread(_sdk_export, targets, i, "grpc") for i in range(EXPORTERS)))
+    assert all(n > 0 for n in _pool(two).batches), _pool(two).batches
+    assert one_sink.points() and _shape(two_sink.points()) == _shape(one_sink.points())
+    for name in ("receiver_accepted_points_total", "receiver_grpc_requests_total"):
+        await wait_until(lambda n=name: two_tel.value(n) == one_tel.value(n), f"{name} handed in")
+    assert two_tel.value("receiver_grpc_requests_total", code="OK") == EXPORTERS
 
 
 async def test_a_downstream_refusal_reaches_the_client_through_a_worker(running: Running) -> None:
@@ -298,13 +323,12 @@ def test_the_forwarded_form_rebuilds_the_same_batch() -> None:
 
 def test_workers_setting() -> None:
     assert OtlpConfig().workers == "1" and OtlpReceiver.reuse_port is False
-    assert OtlpConfig(workers="auto").validate() == []
+    assert OtlpConfig(workers="auto").validate() == [] == OtlpConfig(workers="2", http=None).validate()
     for bad in ("0", "two", "300"):
         assert [p for p, _ in OtlpConfig(workers=bad).validate()] == ["workers"]
-    ((path, message),) = OtlpConfig(workers="2", http=None).validate()
-    assert path == "workers" and "http" in message
-    ((path, _),) = OtlpConfig(workers="2", http="127.0.0.1:0").validate()
-    assert path == "workers"
+    for endpoint in ("grpc", "http"):
+        ((path, message),) = OtlpConfig(workers="2", **{endpoint: "127.0.0.1:0"}).validate()
+        assert path == "workers" and endpoint in message
 
 
 async def test_one_worker_is_the_receiver_itself() -> None:
