@@ -1,14 +1,15 @@
 """``workers`` on the OTLP/HTTP and ``http`` receivers: points/s one process takes and N worker processes
 take, and what the main process pays per forwarded point against one process's cost per decoded point.
 
-    python3 bench/otlp_workers_bench.py [--receiver otlp|http] [--format protobuf|json] [--gzip]
+    python3 bench/otlp_workers_bench.py [--receiver otlp|http] [--format protobuf|json] [--gzip] [--grpc]
         [--workers 1,2] [--duration 3] [--connections 8] [--points 500]
 
 For each worker count the receiver (``workers: N``; 1 = in this process) runs in this process's event
 loop with a consumer that only counts. A sender process (this script with ``--send``: aiohttp, one
 session, ``--connections`` kept-alive connections, so the kernel's SO_REUSEPORT hash spreads them over
 the workers) posts the same request of ``--points`` gauge points (OTLP protobuf or OTLP/JSON, or the
-``http`` receiver's JSON items) back to back for ``--duration`` seconds. Printed per run:
+``http`` receiver's JSON items) back to back for ``--duration`` seconds; with ``--grpc``, grpc.aio
+channels (one connection each) make unary OTLP/gRPC Export calls. Printed per run:
 
 - ``points_per_s``: points accepted / send time. The sender is on the same 2 cores: with 2 workers it
   competes with them for the second core, so this is a floor, not what 2 free cores take;
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import gzip
 import json
 import logging
@@ -45,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
+import grpc
 from harness import cpu_seconds, free_port
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from agent.cli import _freeze_startup_state
 from agent.component import ComponentId, ComponentKind, Settings, Signal
 from agent.model import Batch, MetricBatch
 from agent.telemetry import ComponentTelemetry, Telemetry
@@ -60,6 +62,7 @@ from receivers.otlp.convert import Converted, MetricsConverter, ShadowMetricsReq
 from receivers.otlp.wire import to_json
 
 POINTS_PER_METRIC = 20
+EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 
 
 class _Count:
@@ -130,6 +133,29 @@ async def send(url: str, body: bytes, headers: dict[str, str], connections: int,
     print(json.dumps({"ok": ok, "refused": refused, "elapsed": time.monotonic() - started}))
 
 
+async def send_grpc(target: str, body: bytes, connections: int, duration: float) -> None:
+    """The same over OTLP/gRPC: ``connections`` channels (each its own connection), unary Export calls
+    of the serialized request."""
+    deadline = time.monotonic() + duration
+    ok = refused = 0
+
+    async def one() -> None:
+        nonlocal ok, refused
+        options = (("grpc.use_local_subchannel_pool", 1),)  # its own connection
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            export = channel.unary_unary(EXPORT_METHOD)
+            while time.monotonic() < deadline:
+                try:
+                    await export(body, timeout=10)
+                    ok += 1
+                except grpc.aio.AioRpcError:
+                    refused += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(connections)))
+    print(json.dumps({"ok": ok, "refused": refused, "elapsed": time.monotonic() - started}))
+
+
 # -- one run -----------------------------------------------------------------------------------------
 async def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     port = free_port()
@@ -143,7 +169,10 @@ async def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     counter = _Count()
     receiver: OtlpReceiver | HttpReceiver
     if args.receiver == "otlp":
-        config = OtlpConfig(grpc=None, http=f"127.0.0.1:{port}", workers=str(workers))
+        endpoint = f"127.0.0.1:{port}"
+        config = OtlpConfig(
+            grpc=endpoint if args.grpc else None, http=None if args.grpc else endpoint, workers=str(workers)
+        )
         receiver = OtlpReceiver(settings, config, {Signal.METRICS: counter})
     else:
         receiver = HttpReceiver(
@@ -161,7 +190,7 @@ async def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
         sys.executable,
         __file__,
         "--send",
-        f"http://127.0.0.1:{port}/v1/metrics",
+        f"127.0.0.1:{port}" if args.grpc else f"http://127.0.0.1:{port}/v1/metrics",
         "--receiver",
         args.receiver,
         "--format",
@@ -173,6 +202,7 @@ async def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
         "--duration",
         str(args.duration),
         *(["--gzip"] if args.gzip else []),
+        *(["--grpc"] if args.grpc else []),
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await proc.communicate()
@@ -184,7 +214,7 @@ async def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     worker_cpu = sum(s for pid, s in cpu.items() if pid != me)
     return {
         "receiver": args.receiver,
-        "format": "json" if args.receiver == "http" else args.format,
+        "format": "json" if args.receiver == "http" else "grpc" if args.grpc else args.format,
         "gzip": args.gzip,
         "workers": workers,
         "points_per_request": args.points,
@@ -241,23 +271,31 @@ def main() -> int:
     )
     parser.add_argument("--receiver", choices=("otlp", "http"), default="otlp")
     parser.add_argument("--format", choices=("protobuf", "json"), default="protobuf", help="otlp only")
-    parser.add_argument("--gzip", action="store_true", help="gzip the request bodies")
+    parser.add_argument("--gzip", action="store_true", help="gzip the request bodies (HTTP)")
+    parser.add_argument("--grpc", action="store_true", help="otlp over gRPC (protobuf) instead of HTTP")
     parser.add_argument("--workers", default="1,2", help="worker counts to run, comma-separated")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds each run sends (at most 30)")
     parser.add_argument("--connections", type=int, default=8, help="kept-alive client connections")
     parser.add_argument("--points", type=int, default=500, help="points per request (http: at most 1000)")
+    parser.add_argument("--gc", default="50000,5,20", help="gc thresholds (the agent's at startup)")
     parser.add_argument("--codec", action="store_true", help="print the per-point codec costs and exit")
     parser.add_argument("--send", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.duration = min(args.duration, 30.0)
     if args.send:
         body, headers = request_body(args.receiver, args.format, args.points, args.gzip)
-        asyncio.run(send(args.send, body, headers, args.connections, args.duration))
+        if args.grpc:
+            asyncio.run(send_grpc(args.send, body, args.connections, args.duration))
+        else:
+            asyncio.run(send(args.send, body, headers, args.connections, args.duration))
         return 0
     if args.codec:
         print(json.dumps(codec_costs(args.points)))
         return 0
-    _freeze_startup_state()  # the agent's collector settings (the workers take the same)
+    # The collector settings the agent's process starts with (agent/cli.py); workers take the main
+    # process's thresholds (agent/workers.py), so both sides of the comparison run alike.
+    gc.freeze()
+    gc.set_threshold(*(int(n) for n in args.gc.split(",")))
     print(f"# {os.cpu_count()} CPUs; load {os.getloadavg()}", file=sys.stderr)
     for workers in (int(w) for w in args.workers.split(",")):
         print(json.dumps(asyncio.run(run(args, workers))), flush=True)
