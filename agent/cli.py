@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from agent import gcpolicy
 from agent.component import ComponentKind, Factory, validate_config
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.confmodel import describe_fields
@@ -464,7 +464,11 @@ async def _run(config: AgentConfig, path: str | None = None, sets: Sequence[str]
         if admin is not None:
             await admin.shutdown()
         return 1
-    _freeze_startup_state()
+    gcpolicy.freeze_startup_state()
+    # The collector's policy for this process (agent/gcpolicy.py): young survivors frozen every 10 s,
+    # everything thawed and collected once an hour.
+    keeper = gcpolicy.GcKeeper()
+    keeper.start()
 
     stopping = asyncio.ensure_future(stop.wait())
     applying: asyncio.Task[None] | None = None
@@ -481,6 +485,7 @@ async def _run(config: AgentConfig, path: str | None = None, sets: Sequence[str]
         applying = asyncio.ensure_future(_reload(agent, path, sets))
         await asyncio.wait({stopping, applying}, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
+    keeper.stop()
     return await _stop(agent, admin, applying)
 
 
@@ -514,7 +519,7 @@ async def _reload(agent: Agent, path: str, sets: Sequence[str]) -> None:
         log.error("reload refused: the new config cannot start; the running config stays")
         return
     logging.getLogger().setLevel(new.service.telemetry.log_level.upper())
-    _freeze_startup_state()
+    gcpolicy.freeze_startup_state()
     log.info("reloaded %s", path)
 
 
@@ -557,17 +562,6 @@ def _drops(agent: Agent) -> str:
                 exporter, reason = sample.labels["exporter"], sample.labels["reason"]
                 by_exporter.setdefault(exporter, []).append(f"{reason}={sample.value:.0f}")
     return ", ".join(f"{cid}{{{','.join(sorted(r))}}}" for cid, r in sorted(by_exporter.items()))
-
-
-def _freeze_startup_state() -> None:
-    # Long-lived state allocated at start is never garbage: keep the collector off it, and make
-    # young collections rarer (the flush allocates many short-lived points): ~35% shorter flushes.
-    # The middle generation is collected every 5 young collections, not 20: each of its collections
-    # walks up to threshold0 × threshold1 survivors while holding the GIL, and at 20 (1 M objects)
-    # that held even the admin thread's /healthz ~100-130 ms with 200 k series (29 ms with the
-    # collector off, 49 ms at 5: bench/hostile.py --cases scrape_many_series).
-    gc.freeze()
-    gc.set_threshold(50_000, 5, 20)
 
 
 def _components(factories: Mapping[tuple[ComponentKind, str], Factory], as_json: bool) -> int:

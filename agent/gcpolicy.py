@@ -1,0 +1,118 @@
+"""The agent process's garbage-collection policy: what ``headwater run`` applies, and why.
+
+The collector only ever finds garbage in cycles; everything else is freed by reference counting. Yet
+every collection walks all the container objects of the generations it collects, garbage or not, and
+holds the GIL meanwhile (the event loop and the telemetry endpoint's thread stop). An agent's
+long-lived state is made of such objects: per series a ``SeriesKey`` with its identity tuple and weak
+reference, an exporter's ``Series``, a stage's state, the StatsD parser's descriptor tuples (atoms
+only: untracked at their first collection). With 100,000 series that is ~450,000 objects, and at the
+thresholds before this policy (50,000, 5, 20) the collector found nothing in them but cost:
+
+- **steady load** (every series already known): no collection at all, at 1,000 or 100,000 series;
+- **new series** (the ramp, and churn: pods that come and go): each young collection walks up to
+  50,000 new objects (4-40 ms measured), each middle one up to 300,000 (33-72 ms);
+- **a full collection** walks everything not frozen: 94-156 ms at 100,000 series (~1.3 µs a series),
+  seconds at a million. Under churn it comes when a quarter more objects have been promoted since the
+  last one, after at least ``threshold2`` middle collections.
+
+What the agent does (``bench/gc_bench.py`` measures each part):
+
+1. At start and after each reload, :func:`freeze_startup_state`: everything alive (modules, config,
+   components) is frozen (``gc.freeze``: never walked again, still freed by reference counting), and
+   the thresholds become :data:`THRESHOLDS`. Young collections stay rare (50,000 allocations net: a
+   flush's short-lived points never reach it), and the middle generation is collected at every second
+   young collection, so it walks at most 100,000 objects instead of 300,000; its threshold for full
+   collections grows from 20 to 100 so those come as often as before.
+2. Every :data:`FREEZE_INTERVAL_S`, :class:`GcKeeper` collects the young and middle generations (a
+   pause no longer than the collector's own middle collection) and freezes what survived: new series'
+   state is walked by the young collection that sees it first and, once it has outlived an interval,
+   never again — a full collection then walks only what arrived since the last round.
+3. Frozen objects are not freed when they become cyclic garbage. So that such garbage cannot pile up,
+   every :data:`THAW_INTERVAL_S` the keeper unfreezes everything, runs one full collection (the pause
+   the collector would otherwise take whenever churn called for it) and freezes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Callable
+
+THRESHOLDS = (50_000, 1, 100)
+"""``gc.set_threshold``: young collections after 50,000 net allocations of container objects, the
+middle generation at every second young collection, a full one considered after 100 middle ones.
+
+History: CPython's (700, 10, 10) collected young objects throughout every flush (50,000 made flushes
+~35 % shorter). A middle threshold of 20 let one middle collection walk 1M objects, holding even the
+telemetry thread's /healthz 100-130 ms with 200,000 series (29 ms with the collector off, 49 ms at 5:
+bench/hostile.py --cases scrape_many_series); 5 still walked 300,000 (33-72 ms at 100,000 series
+under churn, bench/gc_bench.py), 1 walks at most 100,000 (15 ms)."""
+FREEZE_INTERVAL_S = 10.0
+"""How often :class:`GcKeeper` collects the young generations and freezes what survived (the StatsD
+receiver's default flush interval: each flush's new series are frozen before the next one)."""
+THAW_INTERVAL_S = 3600.0
+"""How often :class:`GcKeeper` unfreezes everything and runs one full collection, freeing cyclic garbage
+that was frozen; cyclic garbage can be held at most this long."""
+
+
+def freeze_startup_state() -> None:
+    """Freeze everything alive and set :data:`THRESHOLDS` (at start, and after a reload)."""
+    gc.freeze()
+    gc.set_threshold(*THRESHOLDS)
+
+
+class GcKeeper:
+    """Collects the young generations and freezes the survivors every ``freeze_interval_s``; every
+    ``thaw_interval_s`` unfreezes everything and runs a full collection first (see the module doc).
+
+    ``start`` schedules the rounds on the running loop (a timer, not a task: nothing to await at stop)
+    and ``stop`` cancels them; both are idempotent. ``step`` is one round, run by the timer."""
+
+    def __init__(
+        self,
+        freeze_interval_s: float | None = None,
+        thaw_interval_s: float | None = None,
+        clock_s: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # None: the module's values as they are now (not when this was defined).
+        freeze_interval_s = FREEZE_INTERVAL_S if freeze_interval_s is None else freeze_interval_s
+        thaw_interval_s = THAW_INTERVAL_S if thaw_interval_s is None else thaw_interval_s
+        if freeze_interval_s <= 0 or thaw_interval_s < freeze_interval_s:
+            raise ValueError("freeze_interval_s must be > 0 and thaw_interval_s >= freeze_interval_s")
+        self.freeze_interval_s = freeze_interval_s
+        self.thaw_interval_s = thaw_interval_s
+        self._clock_s = clock_s
+        self._thaw_due = clock_s() + thaw_interval_s
+        self._timer: asyncio.TimerHandle | None = None
+        self.rounds = 0
+        """Rounds run (young collection + freeze), thaws included."""
+        self.thaws = 0
+        """Rounds that unfroze everything and ran a full collection."""
+
+    def step(self) -> None:
+        """One round: collect the young and middle generations (or, when a thaw is due, unfreeze and
+        collect everything), then freeze what is alive."""
+        now = self._clock_s()
+        if now >= self._thaw_due:
+            gc.unfreeze()
+            gc.collect()
+            self._thaw_due = now + self.thaw_interval_s
+            self.thaws += 1
+        else:
+            gc.collect(1)
+        gc.freeze()
+        self.rounds += 1
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.freeze_interval_s, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self.freeze_interval_s, self._tick)
+        self.step()
