@@ -18,9 +18,10 @@ fields; a resource or scope shared by the batch's points is pickled once) rebuil
 attributes, a shared 2-core machine): unpickling the points themselves costs 4.6 µs a point (the
 frozen dataclass's ``__setstate__``), rows 0.45-0.7 µs to rebuild and 0.46 µs to make, against
 1.55 µs to decode and convert the same points from protobuf. End to end (the same bench, 500-point
-requests) the main process spends 0.67 µs a forwarded point (one process: 1.9 µs a protobuf point
-over HTTP, 2.7 over gRPC, 6.6 for the http receiver's JSON, 42 for OTLP/JSON) and a worker 0.8 µs a
-point more than one process would (making the rows and the hand-off).
+requests) the main process spends 0.67 / 0.95 / 1.2 / 1.7 µs a forwarded point where one process
+spends 1.9 / 2.7 / 6.6 / 42 µs a decoded one (OTLP protobuf over HTTP / over gRPC / the http
+receiver's JSON / OTLP/JSON), and a worker ~0.8 µs a point more than one process (the rows and the
+hand-off).
 
 Backpressure across processes: a worker holds a request's bytes (its ``max_request_bytes_in_flight``,
 the receiver's divided by N) until the main process answers, so what waits in the main process is
