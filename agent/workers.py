@@ -74,6 +74,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from agent.capture.recorder import CaptureHook
 from agent.component import Backpressure, ComponentId, ComponentKind, Consumer, Settings, Signal, Tasks
 from agent.model import POINT_FIELDS, Batch, LogBatch, MetricBatch, SpanBatch, new_point
+from agent.quota import QuotaExceeded
 from agent.telemetry import PREFIX, Cell, ComponentTelemetry, Telemetry
 
 MAX_WORKERS = 256
@@ -175,20 +176,29 @@ def decode_batch(data: bytes) -> Batch:
 
 
 def _refusal(exc: Exception) -> tuple[object, ...]:
-    """A refusal as it crosses the socket: Backpressure and its subclasses keep their class and fields
-    (``Exception`` pickling keeps only ``args``, which would lose ``retry_after_s``)."""
+    """A refusal as it crosses the socket: a tenant's quota and backpressure with their fields
+    (``Exception`` pickling keeps only ``args``, which would lose ``retry_after_s``); another error by
+    its text."""
+    if isinstance(exc, QuotaExceeded):
+        return ("quota", exc.tenant, exc.limit, exc.retry_after_s, exc.limit_value, exc.remaining, exc.fits)
     if isinstance(exc, Backpressure):
-        return ("refused", type(exc), exc.args, dict(exc.__dict__))
+        return ("refused", exc.reason, exc.retry_after_s)
     return ("failed", f"{type(exc).__name__}: {exc}")
 
 
 def _rebuild(answer: tuple[Any, ...]) -> Exception:
+    if answer[0] == "quota":
+        tenant, limit, retry_after_s, limit_value, remaining, fits = answer[1:]
+        return QuotaExceeded(
+            tenant,
+            limit,
+            retry_after_s=retry_after_s,
+            limit_value=limit_value,
+            remaining=remaining,
+            fits=fits,
+        )
     if answer[0] == "refused":
-        cls, args, fields = answer[1], answer[2], answer[3]
-        exc: Exception = BaseException.__new__(cls)
-        exc.args = args
-        exc.__dict__.update(fields)
-        return exc
+        return Backpressure(answer[1], answer[2])
     return RuntimeError(f"the main process failed to take the batch: {answer[1]}")
 
 
