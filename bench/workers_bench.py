@@ -14,6 +14,9 @@ drained the receiver flushes and the script prints, per run:
 - ``loss``: lines sent but not accepted (the kernel dropped them: receive buffers full);
 - ``lines_per_cpu_s`` per parsing process: lines it accepted / the CPU seconds it used (utime +
   stime from /proc) — the per-core rate, independent of what else held the core;
+- ``user_us_per_line`` / ``system_us_per_line``: the parsing processes' CPU per line split into user
+  time (what callgrind counts: bench/workers_cost.py) and the kernel's (``recv``/``recvmsg``, and with
+  workers the kernel's receive timestamp);
 - ``main_cpu_s``: the main process's CPU with workers (merging and flushing, not parsing);
 - ``split``: the datagrams each worker read (the hash of 4 source ports may split them unevenly).
 
@@ -56,6 +59,14 @@ class _Count:
 
     async def consume(self, batch: Batch) -> None:
         self.points += len(batch)
+
+
+def _user_system_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far (/proc/<pid>/stat utime, stime)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _kernel_drops(port: int) -> int:
@@ -102,6 +113,7 @@ async def run(workers: int, senders: int, rate: float, duration: float, sender: 
     await r.start()
     pids = r.pool.pids if r.pool is not None else [os.getpid()]
     cpu_before = {pid: cpu_seconds(pid) for pid in pids}
+    split_before = [_user_system_s(pid) for pid in pids]
     main_before = cpu_seconds(os.getpid())
     accepted_before = tel.value("receiver_accepted_points_total")
     drops_before = _kernel_drops(port)
@@ -119,6 +131,9 @@ async def run(workers: int, senders: int, rate: float, duration: float, sender: 
             break
         last = now
     cpu = {pid: cpu_seconds(pid) - cpu_before[pid] for pid in pids}
+    split_after = [_user_system_s(pid) for pid in pids]
+    user_s = sum(after[0] - before[0] for before, after in zip(split_before, split_after, strict=True))
+    system_s = sum(after[1] - before[1] for before, after in zip(split_before, split_after, strict=True))
     main_cpu = cpu_seconds(os.getpid()) - main_before
     await r.flush()
     split = list(r.pool.datagrams) if r.pool is not None else None
@@ -138,6 +153,8 @@ async def run(workers: int, senders: int, rate: float, duration: float, sender: 
         "kernel_drops_datagrams": drops,
         "parsing_cpu_s": {str(pid): round(s, 2) for pid, s in cpu.items()},
         "lines_per_cpu_s": round(accepted / cpu_total) if cpu_total else None,
+        "user_us_per_line": round(user_s / accepted * 1e6, 3) if accepted else None,
+        "system_us_per_line": round(system_s / accepted * 1e6, 3) if accepted else None,
         "main_cpu_s": round(main_cpu, 2) if r.pool is not None else None,
         "split_datagrams": split,
         "wall_s": round(time.monotonic() - started, 1),
