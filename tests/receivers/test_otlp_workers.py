@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from tests.receivers.conftest import Running
 from tests.receivers.test_otlp import metrics_request
 
 EXPORTERS = 24
+ROOT = Path(__file__).resolve().parents[2]
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
@@ -351,3 +353,37 @@ async def test_a_capture_records_the_bodies_the_workers_take(running: Running) -
     # A worker sends a body before its batch, on the same socket: recorded before the answer.
     assert sorted(payload for _, payload, _ in recorded) == sorted(bodies)
     assert {(t, meta["path"]) for t, _, meta in recorded} == {("http", "/v1/metrics")}
+
+
+_MAIN = """
+import asyncio
+from agent.component import ComponentKind, Signal
+from agent.telemetry import Telemetry
+from receivers.otlp import OtlpConfig, OtlpReceiver
+from tests.conftest import Sink, component_settings
+
+async def main():
+    config = OtlpConfig(grpc=None, http="127.0.0.1:{port}", workers="2")
+    settings = component_settings(Telemetry(), ComponentKind.RECEIVER, "otlp")
+    r = OtlpReceiver(settings, config, {{Signal.METRICS: Sink()}})
+    await r.start()
+    print(" ".join(map(str, r.pool.pids)), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_workers_exit_when_the_main_process_is_killed() -> None:
+    main = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MAIN.format(port=free_port()), stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        assert main.stdout is not None
+        pids = [int(p) for p in (await main.stdout.readline()).split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    finally:
+        main.kill()
+        await main.wait()
+    for pid in pids:  # no orphan keeps the port: each sees its socket pair close and stops
+        await wait_until(lambda p=pid: not _alive(p), f"worker {pid} exited")
