@@ -185,3 +185,21 @@ async def test_tls_and_the_body_cap_hold_in_the_workers(running: Running, tls_ce
     assert body["code"] == "body_too_large" and "max_request_body_size (4KiB)" in body["error"]
     refused = "receiver_refused_points_total"
     await wait_until(lambda: tel.value(refused, reason="body_too_large") == 1, "counted")
+
+
+async def test_the_workers_connections_show_in_the_main_process(running: Running) -> None:
+    r, tel = _receiver(Sink(), workers="2")
+    await running.start(r)
+    url = f"http://127.0.0.1:{r.port}/v1/metrics"
+    sessions = [aiohttp.ClientSession() for _ in range(CLIENTS)]
+    try:
+        for session in sessions:  # each keeps its connection open after its request
+            async with session.post(url, json=_items(0)[:1]) as resp:
+                assert resp.status == 200
+        await wait_until(
+            lambda: tel.value("receiver_connections") == CLIENTS, "the workers' connections summed"
+        )
+    finally:
+        for session in sessions:
+            await session.close()
+    await wait_until(lambda: tel.value("receiver_connections") == 0, "closed connections gone from the sum")
