@@ -357,8 +357,9 @@ async def _serve(fd: int) -> int:
     }
     receiver = importlib.import_module(module_name).factory.create(settings, config, consumers)
     receiver.reuse_port = True
-    # The main process's collector settings (agent/cli.py freezes the startup state and makes young
-    # collections rarer: the points a request makes are short-lived), so a worker converts as fast.
+    # The main process's collector thresholds (agent/gcpolicy.py: young collections rare, the points a
+    # request makes are short-lived) and its startup state frozen, so a worker converts as fast. No
+    # GcKeeper: a worker keeps no series state for a full collection to walk.
     gc.freeze()
     gc.set_threshold(*gc_threshold)
     try:

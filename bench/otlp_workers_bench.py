@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import gzip
 import json
 import logging
@@ -52,6 +51,7 @@ from harness import cpu_seconds, free_port
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
+from agent import gcpolicy
 from agent.component import ComponentId, ComponentKind, Settings, Signal
 from agent.model import Batch, MetricBatch
 from agent.telemetry import ComponentTelemetry, Telemetry
@@ -277,7 +277,6 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds each run sends (at most 30)")
     parser.add_argument("--connections", type=int, default=8, help="kept-alive client connections")
     parser.add_argument("--points", type=int, default=500, help="points per request (http: at most 1000)")
-    parser.add_argument("--gc", default="50000,5,20", help="gc thresholds (the agent's at startup)")
     parser.add_argument("--codec", action="store_true", help="print the per-point codec costs and exit")
     parser.add_argument("--send", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -292,10 +291,9 @@ def main() -> int:
     if args.codec:
         print(json.dumps(codec_costs(args.points)))
         return 0
-    # The collector settings the agent's process starts with (agent/cli.py); workers take the main
-    # process's thresholds (agent/workers.py), so both sides of the comparison run alike.
-    gc.freeze()
-    gc.set_threshold(*(int(n) for n in args.gc.split(",")))
+    # The collector settings the agent's process starts with (agent/gcpolicy.py); workers take the
+    # main process's thresholds (agent/workers.py), so both sides of the comparison run alike.
+    gcpolicy.freeze_startup_state()
     print(f"# {os.cpu_count()} CPUs; load {os.getloadavg()}", file=sys.stderr)
     for workers in (int(w) for w in args.workers.split(",")):
         print(json.dumps(asyncio.run(run(args, workers))), flush=True)
