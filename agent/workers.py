@@ -62,6 +62,7 @@ import math
 import operator
 import os
 import pickle
+import signal
 import socket
 import struct
 import sys
@@ -414,6 +415,9 @@ async def _stop(
 
 def main() -> None:
     """Entry point of a worker process (started by :class:`WorkerPool`, never by hand)."""
+    # Ctrl-C in a terminal reaches the whole process group: the main process stops the workers in
+    # order (their requests finish), instead of each dying at once and being restarted meanwhile.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(asyncio.run(_serve(int(sys.argv[1]))))
 
 

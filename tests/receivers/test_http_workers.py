@@ -203,3 +203,19 @@ async def test_the_workers_connections_show_in_the_main_process(running: Running
         for session in sessions:
             await session.close()
     await wait_until(lambda: tel.value("receiver_connections") == 0, "closed connections gone from the sum")
+
+
+async def test_ctrl_c_leaves_stopping_the_workers_to_the_main_process(running: Running) -> None:
+    """SIGINT reaches a terminal's whole process group: the workers ignore it and keep serving."""
+    r, tel = _receiver(Sink(), workers="2")
+    await running.start(r)
+    assert r.pool is not None
+    pids = r.pool.pids
+    for pid in pids:
+        os.kill(pid, signal.SIGINT)
+    before = list(r.pool.batches)
+    url = f"http://127.0.0.1:{r.port}/v1/metrics"
+    answers = await asyncio.gather(*(_post(url, _items(i)[:1]) for i in range(CLIENTS)))
+    assert [status for status, _ in answers] == [200] * CLIENTS
+    assert all(now > then for now, then in zip(r.pool.batches, before, strict=True)), r.pool.batches
+    assert r.pool.pids == pids and tel.value("receiver_worker_restarts_total") == 0
