@@ -26,8 +26,9 @@ had accepted since its last part (it writes that count into a shared file after 
 counted as ``receiver_dropped_points_total{reason="worker_died"}`` (and as accepted); datagrams still
 in its socket buffer when it died are not known to anyone. The kernel's drop count
 (``receiver_udp_kernel_drops_total``) keeps a dead worker's socket's last figure, so it never goes
-back; connections a worker closed as idle are handed in with its part. Shutdown (and so a reload that changes the
-receiver) asks each worker to stop: it parses what its sockets still hold and hands in its last part.
+back; connections a worker closed as idle are handed in with its part. Shutdown (and so a reload that
+changes the receiver) asks each worker to stop: it parses what its sockets still hold and hands in its
+last part.
 """
 
 from __future__ import annotations
