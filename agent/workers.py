@@ -72,6 +72,7 @@ from typing import Any
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from agent import netguard
 from agent.capture.recorder import CaptureHook
 from agent.component import Backpressure, ComponentId, ComponentKind, Consumer, Settings, Signal, Tasks
 from agent.model import POINT_FIELDS, Batch, LogBatch, MetricBatch, SpanBatch, new_point
@@ -341,8 +342,6 @@ async def _serve(fd: int) -> int:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s {name} worker {slot}: %(message)s"
     )
-    from agent import netguard
-
     netguard.set_request_bytes_limit(bytes_limit)
     telemetry = Telemetry()
     kind = ComponentKind.RECEIVER.value
