@@ -27,8 +27,9 @@ step:
   users' figure), the best pass is the highest passing step. After ``--stop-after`` steps in a row (2)
   at 1 % loss or more the receiver's ladder ends.
 - Headwater's own view of the step (deltas of its /metrics histograms): event-loop lag timers over
-  5 ms and the longest bucket reached, GC collections and pause seconds per generation, and the CPU
-  share it used (utime+stime from /proc) — these, not wall time, show what the step cost.
+  5 ms and the longest bucket reached, GC collections, pause seconds and the longest pause's bucket per
+  generation, and the CPU share it used (utime+stime from /proc) — these, not wall time, show what the
+  step cost.
 
 Output: a table on stdout and JSON in bench/results/ladder-<UTC time>.json (``--out`` overrides).
 """
@@ -118,7 +119,8 @@ class Step:
     lag_worst_bucket_s: float | None = None
     """The highest lag bucket any timer of the step reached (upper bound, seconds)."""
     gc: dict[str, list[float]] = field(default_factory=dict)
-    """Per generation: [collections, pause seconds] during the step."""
+    """Per generation: [collections, pause seconds, longest pause's bucket bound in seconds] during the
+    step (the bound is 0 when no collection ran)."""
 
 
 class Agent:
@@ -232,13 +234,30 @@ def _loop_view(before: Samples, after: Samples) -> tuple[float, float]:
     return over5, worst
 
 
+def _worst_bucket(before: dict[str, float], after: dict[str, float]) -> float:
+    """The smallest bucket bound that holds every observation between two scrapes of a histogram (0 when
+    none was made; inf when one passed the last finite bound)."""
+    total = after.get("count", 0.0) - before.get("count", 0.0)
+    if total <= 0:
+        return 0.0
+    bounds = sorted((float(k), k) for k in after if k not in ("count", "sum", "+Inf"))
+    for bound, key in bounds:
+        if after[key] - before.get(key, 0.0) >= total:
+            return bound
+    return float("inf")
+
+
 def _gc_view(before: Samples, after: Samples) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for g in ("0", "1", "2"):
         b = _hist(before, "headwater_gc_pause_seconds", generation=g)
         a = _hist(after, "headwater_gc_pause_seconds", generation=g)
         if a:
-            out[g] = [a.get("count", 0.0) - b.get("count", 0.0), a.get("sum", 0.0) - b.get("sum", 0.0)]
+            out[g] = [
+                a.get("count", 0.0) - b.get("count", 0.0),
+                a.get("sum", 0.0) - b.get("sum", 0.0),
+                _worst_bucket(b, a),
+            ]
     return out
 
 
@@ -355,9 +374,11 @@ def ladder_peer(
 def line(s: Step) -> str:
     extra = ""
     if s.lag_over_5ms is not None:
-        gc2 = s.gc.get("2", [0.0, 0.0])
         worst = "none" if s.lag_worst_bucket_s == 0 else f"≤{(s.lag_worst_bucket_s or 0) * 1000:g} ms"
-        extra = f"  lag>5ms {s.lag_over_5ms:4.0f} (worst {worst})  gen2 {gc2[0]:.0f}×/{gc2[1] * 1000:.1f} ms"
+        extra = f"  lag>5ms {s.lag_over_5ms:4.0f} (worst {worst})"
+        for g in ("1", "2"):
+            n, total_s, worst_s = (s.gc.get(g, []) + [0.0, 0.0, 0.0])[:3]
+            extra += f"  gen{g} {n:.0f}×/{total_s * 1000:.1f} ms" + (f" (≤{worst_s * 1000:g})" if n else "")
     return (
         f"{s.target:12s} {s.asked_lines_per_s / 1e3:6.0f}k asked  {s.offered_lines_per_s / 1e3:6.0f}k sent  "
         f"loss {s.loss * 100:7.3f} %  {'pass' if s.passed else 'FAIL'}  cpu {s.receiver_cpu * 100:3.0f} %"
