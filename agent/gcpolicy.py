@@ -29,7 +29,18 @@ What the agent does (``bench/gc_bench.py`` measures each part):
    never again — a full collection then walks only what arrived since the last round.
 3. Frozen objects are not freed when they become cyclic garbage. So that such garbage cannot pile up,
    every :data:`THAW_INTERVAL_S` the keeper unfreezes everything, runs one full collection (the pause
-   the collector would otherwise take whenever churn called for it) and freezes again.
+   the collector would otherwise take whenever churn called for it) and freezes again. There is little
+   to find: after 40 s of StatsD → Prometheus at 400k lines/s over 100,000 series a full collection
+   freed nothing.
+
+Measured (2-core shared machine, 100,000 series): in the agent process (400k lines/s, 35 s, every
+collection timed) the longest middle collection fell from 30-53 ms to 18 ms, and the keeper's round
+costs ~1.6 ms once the series are known (the StatsD aggregator reuses its value arrays, so a steady
+load makes no new tracked objects); in ``bench/gc_bench.py --churn 0.1`` (10 % new series a flush)
+the longest pause fell from 54-72 ms to 15 ms and a full collection from 154-230 ms to 0.1 ms; with
+every series new at each flush (``--series 50000 --churn 1``) from 160 ms (a full collection) to 59 ms.
+What the collector costs is not what limits the rate at 100,000 series: with the collector disabled a
+line still costs 1.24-1.34 µs against 0.59 µs at 1,000 (memory latency of per-series dict lookups).
 """
 
 from __future__ import annotations
@@ -60,6 +71,16 @@ def freeze_startup_state() -> None:
     """Freeze everything alive and set :data:`THRESHOLDS` (at start, and after a reload)."""
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
+
+
+def collect_all() -> int:
+    """Unfreeze everything, run a full collection and freeze what is left: the only way to free cyclic
+    garbage that was frozen (the keeper's thaw; also what a memory limit wants). Returns the objects
+    the collection found unreachable. Pauses ~1-2 µs per live series' worth of objects."""
+    gc.unfreeze()
+    found = gc.collect()
+    gc.freeze()
+    return found
 
 
 class GcKeeper:
@@ -95,13 +116,12 @@ class GcKeeper:
         collect everything), then freeze what is alive."""
         now = self._clock_s()
         if now >= self._thaw_due:
-            gc.unfreeze()
-            gc.collect()
+            collect_all()
             self._thaw_due = now + self.thaw_interval_s
             self.thaws += 1
         else:
             gc.collect(1)
-        gc.freeze()
+            gc.freeze()
         self.rounds += 1
 
     def start(self) -> None:

@@ -105,6 +105,16 @@ def test_frozen_cyclic_garbage_is_freed_at_the_thaw() -> None:
     assert gc.get_freeze_count() > 0  # frozen again after the thaw
 
 
+def test_collect_all_frees_frozen_cyclic_garbage_and_freezes_the_living() -> None:
+    head, ref = cycle()
+    alive = Node()
+    gc.freeze()
+    del head
+    assert gcpolicy.collect_all() >= 2
+    assert ref() is None
+    assert not collected_generations_hold(alive)
+
+
 def test_the_intervals_are_checked() -> None:
     with pytest.raises(ValueError, match="freeze_interval_s"):
         gcpolicy.GcKeeper(0.0, 3600.0)
