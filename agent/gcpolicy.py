@@ -34,7 +34,7 @@ What the agent does (``bench/gc_bench.py`` measures each part):
    freed nothing.
 
 Measured (2-core shared machine, 100,000 series): in the agent process (400k lines/s, 35 s, every
-collection timed) the longest middle collection fell from 30-53 ms to 18 ms, and the keeper's round
+collection timed) the longest middle collection fell from 30-53 ms to 18-19 ms, and the keeper's round
 costs ~1.6 ms once the series are known (the StatsD aggregator reuses its value arrays, so a steady
 load makes no new tracked objects); in ``bench/gc_bench.py --churn 0.1`` (10 % new series a flush)
 the longest pause fell from 54-72 ms to 15 ms and a full collection from 154-230 ms to 0.1 ms; with
