@@ -17,11 +17,12 @@ Before the first flush the GC policy under test is applied as ``headwater run`` 
 startup: ``--policy agent`` (agent/gcpolicy.py: freeze what exists, thresholds (50,000, 1, 100), and
 after each flush — standing for the 10-s rounds of its ``GcKeeper`` — a young collection and a freeze;
 ``--thaw-every N`` flushes its hourly thaw) or ``--policy before`` (freeze what exists, thresholds
-(50,000, 5, 20), nothing after). ``--threshold`` overrides the thresholds. Every collection is timed
-through ``gc.callbacks``; the keeper's own rounds are collections too and are counted with them.
-Reported per phase — the ramp (flush 1, where every series is new) and the
-steady flushes after it — µs of CPU per line for the feed and for feed + flush, and per generation
-the collections, their total and their longest pause. Each figure is CPU time of this process
+(50,000, 5, 20), nothing after; the aggregator is still this checkout's, which reuses its value arrays:
+for the code before both, run this file from commit 574a01c). ``--threshold`` overrides the
+thresholds. Every collection is timed through ``gc.callbacks``; the keeper's own rounds are
+collections too and are counted with them. Reported per phase — the ramp (flush 1, where every series
+is new) and the steady flushes after it — µs of CPU per line for the feed and for feed + flush, and
+per generation the collections, their total and their longest pause. Each figure is CPU time of this process
 (``time.process_time``) or wall time of one collection (``perf_counter``): on a shared machine
 compare rows of one run.
 """
