@@ -139,6 +139,15 @@ class GcPauses:
         gc.callbacks[:] = [cb for cb in gc.callbacks if cb is not self]
 
 
+def rss_bytes() -> int | None:
+    """Resident memory of this process from ``/proc/self/statm`` (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _threads() -> float:
     # Field 20 of /proc/self/stat (num_threads): every OS thread, the resolver's, gRPC's and the
     # to_thread pool's included, which threading.active_count() does not see. The command name

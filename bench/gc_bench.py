@@ -16,7 +16,7 @@ many are gone, which the exporter then forgets (its expiry, run at once instead 
 Before the first flush the GC policy under test is applied as ``headwater run`` applies it after
 startup: ``--policy agent`` (agent/gcpolicy.py: freeze what exists, thresholds (50,000, 1, 100), and
 after each flush — standing for the 10-s rounds of its ``GcKeeper`` — a young collection and a freeze;
-``--thaw-every N`` flushes its hourly thaw) or ``--policy before`` (freeze what exists, thresholds
+``--thaw-every N`` flushes its thaw, at most hourly) or ``--policy before`` (freeze what exists, thresholds
 (50,000, 5, 20), nothing after; the aggregator is still this checkout's, which reuses its value arrays:
 for the code before both, run this file from commit 574a01c). ``--threshold`` overrides the
 thresholds. Every collection is timed through ``gc.callbacks``; the keeper's own rounds are
@@ -159,7 +159,9 @@ async def run(args: argparse.Namespace) -> tuple[list[Phase], Thaw]:
     if args.policy == "agent":
         rounds = iter(range(1, 1 << 62))
         # The keeper's clock counts flushes: each flush stands for one of its rounds.
-        keeper = gcpolicy.GcKeeper(1.0, float(args.thaw_every), clock_s=lambda: float(next(rounds)))
+        # A thaw every --thaw-every flushes: the keeper's most frequent (hourly, while memory grows).
+        every = float(args.thaw_every)
+        keeper = gcpolicy.GcKeeper(1.0, every, clock_s=lambda: float(next(rounds)), max_thaw_interval_s=every)
     gc.callbacks.append(pauses)
     phases = [Phase("ramp"), Phase("steady")]
     try:
@@ -218,7 +220,9 @@ def main() -> None:
         "--threshold", type=parse_threshold, help="gc thresholds gen0,gen1,gen2 (the agent's default)"
     )
     ap.add_argument("--policy", choices=("agent", "before"), default="agent", help="GC policy (agent)")
-    ap.add_argument("--thaw-every", type=int, default=360, help="flushes between thaws (360: 1 h of 10 s)")
+    ap.add_argument(
+        "--thaw-every", type=int, default=360, help="flushes between thaws (360: 1 h of 10-s flushes)"
+    )
     ap.add_argument("--verbose", action="store_true", help="each flush's pauses")
     args = ap.parse_args()
     if args.series % LINES_PER_PACKET:

@@ -71,38 +71,73 @@ def test_start_up_state_is_frozen_and_the_thresholds_set() -> None:
     assert not collected_generations_hold(alive)
 
 
+def keeper(now: list[float], rss: list[int | None]) -> gcpolicy.GcKeeper:
+    """A keeper on a clock and a resident memory the test sets: a round each 10 s, a thaw at most
+    hourly when memory grew by 10 %, daily whatever it did."""
+    return gcpolicy.GcKeeper(10.0, 3600.0, clock_s=lambda: now[0], rss_bytes=lambda: rss[0])
+
+
 def test_a_round_freezes_what_survived_it() -> None:
-    keeper = gcpolicy.GcKeeper(10.0, 3600.0, clock_s=lambda: 0.0)
+    rounds = keeper([0.0], [100])
     series_state = Node()  # state made after start: a new series' key, its exporter's series, ...
     assert collected_generations_hold(series_state)
-    keeper.step()
+    rounds.step()
     assert not collected_generations_hold(series_state)
-    assert keeper.rounds == 1 and keeper.thaws == 0
+    assert rounds.rounds == 1 and rounds.thaws == 0
 
 
 def test_a_round_frees_cyclic_garbage_before_freezing() -> None:
-    keeper = gcpolicy.GcKeeper(10.0, 3600.0, clock_s=lambda: 0.0)
+    rounds = keeper([0.0], [100])
     head, ref = cycle()
     del head
     assert ref() is not None  # only the collector frees a cycle
-    keeper.step()
+    rounds.step()
     assert ref() is None
 
 
-def test_frozen_cyclic_garbage_is_freed_at_the_thaw() -> None:
-    now = [0.0]
-    keeper = gcpolicy.GcKeeper(10.0, 3600.0, clock_s=lambda: now[0])
+def test_frozen_cyclic_garbage_is_freed_at_a_thaw_once_memory_grew() -> None:
+    now, rss = [0.0], [1000]
+    rounds = keeper(now, rss)
     head, ref = cycle()
-    keeper.step()  # alive at the round: frozen
+    rounds.step()  # alive at the round: frozen
     del head
+    rss[0] = 2000
     now[0] = 3599.0
-    keeper.step()
-    assert ref() is not None  # frozen garbage waits for the thaw
+    rounds.step()
+    assert ref() is not None  # frozen garbage waits for the thaw, an hour at least
     now[0] = 3600.0
-    keeper.step()
+    rounds.step()
     assert ref() is None
-    assert keeper.thaws == 1 and keeper.rounds == 3
+    assert rounds.thaws == 1 and rounds.rounds == 3
     assert gc.get_freeze_count() > 0  # frozen again after the thaw
+
+
+def test_with_memory_flat_the_thaw_waits_a_day() -> None:
+    now, rss = [0.0], [1000]
+    rounds = keeper(now, rss)
+    head, ref = cycle()
+    rounds.step()
+    del head
+    rss[0] = 1099  # under 10 % more
+    for hour in range(1, 24):
+        now[0] = hour * 3600.0
+        rounds.step()
+    assert ref() is not None and rounds.thaws == 0
+    now[0] = 24 * 3600.0
+    rounds.step()
+    assert ref() is None and rounds.thaws == 1
+    rss[0] = 1209  # the base is memory at the last thaw (1099): 10 % more is 1208.9
+    now[0] = 25 * 3600.0
+    rounds.step()
+    assert rounds.thaws == 2
+
+
+def test_without_a_memory_reading_the_thaw_is_hourly() -> None:
+    now: list[float] = [0.0]
+    rounds = keeper(now, [None])
+    now[0] = 3600.0
+    rounds.step()
+    assert rounds.thaws == 1
 
 
 def test_collect_all_frees_frozen_cyclic_garbage_and_freezes_the_living() -> None:
@@ -116,10 +151,9 @@ def test_collect_all_frees_frozen_cyclic_garbage_and_freezes_the_living() -> Non
 
 
 def test_the_intervals_are_checked() -> None:
-    with pytest.raises(ValueError, match="freeze_interval_s"):
-        gcpolicy.GcKeeper(0.0, 3600.0)
-    with pytest.raises(ValueError, match="thaw_interval_s"):
-        gcpolicy.GcKeeper(10.0, 5.0)
+    for freeze, thaw, most in ((0.0, 3600.0, 86_400.0), (10.0, 5.0, 86_400.0), (10.0, 3600.0, 60.0)):
+        with pytest.raises(ValueError, match="freeze_interval_s <= thaw_interval_s <= max_thaw_interval_s"):
+            gcpolicy.GcKeeper(freeze, thaw, max_thaw_interval_s=most)
 
 
 async def test_start_schedules_rounds_and_stop_ends_them() -> None:
