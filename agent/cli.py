@@ -466,7 +466,7 @@ async def _run(config: AgentConfig, path: str | None = None, sets: Sequence[str]
         return 1
     gcpolicy.freeze_startup_state()
     # The collector's policy for this process (agent/gcpolicy.py): young survivors frozen every 10 s,
-    # everything thawed and collected once an hour.
+    # everything thawed and collected at most hourly, when memory grew (else daily).
     keeper = gcpolicy.GcKeeper()
     keeper.start()
 

@@ -127,7 +127,7 @@ def parse_threshold(text: str) -> tuple[int, int, int]:
 @dataclass
 class Thaw:
     """After the last flush: a full collection as the collector would run it (frozen objects
-    excluded), then one over everything once unfrozen (the keeper's hourly thaw), and the objects it
+    excluded), then one over everything once unfrozen (the keeper's thaw), and the objects it
     freed: cyclic garbage that was being held."""
 
     full_s: float
