@@ -16,7 +16,8 @@ Shaped like the OpenTelemetry Collector's memory_limiter, measuring the process'
 ``memory.limit_in_bytes``) and physical RAM otherwise (or when the cgroup allows more than that).
 RSS is read every ``check_interval`` (``/proc/self/statm``). At or above the soft limit every batch is
 refused with ``Backpressure("memory_limit", retry_after_s=check_interval)`` — receivers answer
-429 / UNAVAILABLE or count the points as refused — and each check runs ``gc.collect()`` and returns
+429 / UNAVAILABLE or count the points as refused — and each check runs ``gc.collect()`` (the first
+one over the limit a full collection of what the agent froze too: ``agent.gcpolicy.collect_all``) and returns
 freed heap to the OS (glibc ``malloc_trim``) so that RSS can fall again. At or above the hard limit a
 warning is logged as well (once per crossing). Below the soft limit data flows again. The refusal is
 answered before any pipeline takes the batch (the limiter is an admission check of the fan-outs
@@ -36,6 +37,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from agent import gcpolicy
 from agent.component import (
     Backpressure,
     ComponentKind,
@@ -201,7 +203,13 @@ class MemoryLimiter:
             self.tel.gauge(name, help, read)
 
     def _default_collect(self) -> None:
-        gc.collect()
+        if gc.get_freeze_count() and not self.refusing:
+            # The first check over the soft limit: also the cyclic garbage the agent's GC policy froze
+            # (agent/gcpolicy.py), which gc.collect never walks; later checks while refusing do not
+            # pay for walking every series again.
+            gcpolicy.collect_all()
+        else:
+            gc.collect()
         if self._trim is not None:
             self._trim()
 
