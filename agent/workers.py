@@ -57,6 +57,7 @@ import contextlib
 import functools
 import gc
 import importlib
+import itertools
 import logging
 import math
 import operator
@@ -260,7 +261,7 @@ class ForwardingConsumer:
         )
         answers = self._answers
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        ident = id(answer)
+        ident = next(answers.idents)
         answers.waiting[ident] = answer
         try:
             try:
@@ -286,6 +287,9 @@ class _Answers:
     def __init__(self, unanswered: Cell) -> None:
         self.waiting: dict[int, asyncio.Future[Any]] = {}
         self.abandoned: dict[int, int] = {}
+        self.idents = itertools.count()
+        """Each batch's number, never reused: an abandoned batch's late answer must not reach a newer
+        batch's request (``id()`` of a freed future is reused at once)."""
         self.unanswered = unanswered
 
     def answer(self, ident: int, result: tuple[object, ...] | None) -> None:

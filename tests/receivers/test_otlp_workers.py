@@ -387,3 +387,46 @@ async def test_workers_exit_when_the_main_process_is_killed() -> None:
         await main.wait()
     for pid in pids:  # no orphan keeps the port: each sees its socket pair close and stops
         await wait_until(lambda p=pid: not _alive(p), f"worker {pid} exited")
+
+
+async def test_a_late_answer_to_an_abandoned_batch_never_answers_a_newer_one() -> None:
+    # Requests cancelled while their batches are with the main process (a gRPC deadline) leave those
+    # batches to be answered later; a newer batch must never take one of their answers (the id() of a
+    # freed future is soon reused).
+    import contextlib
+    import gc
+    import socket
+
+    from agent.component import Backpressure
+    from agent.model import Kind
+    from agent.telemetry import Cell
+    from agent.workers import ForwardingConsumer, _Answers, _Channel, _refusal
+
+    ours, theirs = socket.socketpair()
+    worker, main = await _Channel.open(ours), await _Channel.open(theirs)
+    answers = _Answers(Cell())
+    consumer = ForwardingConsumer(Signal.METRICS, worker, answers)
+    point = Point("orders", Kind.GAUGE, (), 1)
+    abandoned = []
+    for _ in range(20):
+        request = asyncio.create_task(consumer.consume(MetricBatch((point, point), {})))
+        abandoned.append((await main.receive())[1])
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        del request
+    gc.collect()
+    newer, idents = [], []
+    for _ in range(20):
+        newer.append(asyncio.create_task(consumer.consume(MetricBatch((point,), {}))))
+        await asyncio.sleep(0)  # its answer's future made before the channel's next one
+        idents.append((await main.receive())[1])
+    for ident in abandoned:
+        answers.answer(ident, None)  # taken: their clients got no answer
+    for ident in idents:
+        answers.answer(ident, _refusal(Backpressure("memory_limiter", 1.0)))
+    told = await asyncio.gather(*newer, return_exceptions=True)
+    assert [type(t).__name__ for t in told] == ["Backpressure"] * 20  # none told "taken" (None)
+    assert answers.unanswered.value == 2 * 20
+    worker.close()
+    main.close()
