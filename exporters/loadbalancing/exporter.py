@@ -373,10 +373,12 @@ class LoadBalancingExporter:
             batch = await asyncio.to_thread(self._decode, request.kind, payload, encoding)
         else:
             batch = self._decode(request.kind, payload, encoding)
+        if batch is not None and len(batch):
+            # Refused (Backpressure): the request stays the gateway's, points and all, to try again or
+            # count as dropped at its deadline; zeroed before, a refusal until shutdown lost them uncounted.
+            await self.consume(batch)
         n, request.points = request.points, 0  # not sent by the gateway that left: counted as rerouted
         self._rerouted_cell(gateway).value += n
-        if batch is not None and len(batch):
-            await self.consume(batch)
 
     def _decode(self, kind: str, payload: bytes, encoding: str) -> Batch | None:
         if encoding == "gzip":

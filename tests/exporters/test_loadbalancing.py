@@ -17,7 +17,7 @@ import pytest
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from agent.component import ComponentKind
+from agent.component import Backpressure, ComponentKind
 from agent.model import Kind, LogBatch, MetricBatch, Point, Resource, SpanBatch
 from agent.sending import QueueConfig, RetryConfig
 from agent.telemetry import Telemetry
@@ -322,6 +322,31 @@ async def test_a_send_in_flight_to_a_removed_gateway_is_rerouted_when_it_fails(
     assert not sink_b.received
     for reason in ("shutdown", "retries_exhausted"):
         assert tel.value("exporter_dropped_points_total", exporter=f"loadbalancing@{b}", reason=reason) == 0
+
+
+async def test_a_reroute_refused_until_shutdown_is_counted_as_dropped(
+    gateways: list[tuple[str, Sink]],
+) -> None:
+    # b leaves while a (its keys' new owner) is down with a full queue: rerouting b's requests is refused
+    # until shutdown. Each point taken is then counted as dropped by one gateway, none lost uncounted.
+    tel = Telemetry()
+    (a, sink_a), (b, sink_b), _ = gateways
+    for sink in (sink_a, sink_b):
+        sink.script = [Answer(kind="grpc", code=grpc.StatusCode.UNAVAILABLE)] * 10_000
+    exporter = new(static(a, b, sending_queue=QueueConfig(queue_size=1, full_policy="block")), tel)
+    await exporter.start()
+    try:
+        await exporter.consume(points(300))
+        await wait_until(lambda: sink_a.attempts and sink_b.attempts, "both gateways failing")
+        await exporter.consume(points(300))  # queued behind the sends in flight: both queues full
+        with pytest.raises(Backpressure):
+            await exporter.consume(points(300))
+        await exporter.set_gateways(frozenset({a}))  # b's retiring sender drains until its deadline
+    finally:
+        await exporter.shutdown()
+    assert not sink_a.received and not sink_b.received
+    assert tel.value("exporter_dropped_points_total") == 600
+    assert tel.value("loadbalancer_rerouted_points_total", gateway=b) == 0
 
 
 async def test_a_gateway_that_comes_back_gets_its_keys_again(gateways: list[tuple[str, Sink]]) -> None:
