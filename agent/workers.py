@@ -650,10 +650,27 @@ class WorkerPool:
                     return
                 try:
                     await self._spawn(worker)
-                    break
                 except OSError as exc:
                     worker.failures += 1
                     self._log.error("restarting worker %d failed: %s", worker.slot, exc)
+                    continue
+                if self._stopping:
+                    # stop() came while this one was starting and saw only the dead process.
+                    await self._stop_late(worker)
+                    return
+                break
+
+    async def _stop_late(self, worker: _Worker) -> None:
+        """Stop ``worker``'s process as :meth:`stop` does (it finishes its requests, or is killed)."""
+        process, channel = worker.process, worker.channel
+        assert process is not None and channel is not None
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await channel.send(("stop",))
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
     async def stop(self) -> None:
         """Stop every worker: each stops taking requests, finishes those in flight (answered by the

@@ -430,3 +430,27 @@ async def test_a_late_answer_to_an_abandoned_batch_never_answers_a_newer_one() -
     assert answers.unanswered.value == 2 * 20
     worker.close()
     main.close()
+
+
+async def test_a_stop_while_a_worker_restarts_stops_the_new_one_too() -> None:
+    # stop() sees the dead process of a slot whose new one is starting: the watcher must stop that one
+    # (before, it was left serving until the pool gave up waiting for its task, STOP_TIMEOUT_S later).
+    r, _ = _receiver(Sink(), workers="2")
+    await r.start()
+    pool = _pool(r)
+    spawning = asyncio.Event()
+    started: list[asyncio.subprocess.Process] = []
+    spawn = pool._spawn
+
+    async def watched_spawn(worker: Any) -> None:
+        spawning.set()
+        await spawn(worker)
+        assert worker.process is not None
+        started.append(worker.process)
+
+    pool._spawn = watched_spawn  # type: ignore[method-assign]
+    os.kill(pool.pids[0], signal.SIGKILL)
+    await spawning.wait()
+    await r.shutdown()
+    assert len(started) == 1 and started[0].returncode == 0, "the restarted worker was stopped in order"
+    assert pool.pids == []
