@@ -239,6 +239,7 @@ class K8sResolver:
                         ValueError,
                         KeyError,
                         TypeError,
+                        AttributeError,  # a field of another shape than the API's (a string for an object)
                     ) as exc:
                         failures += 1
                         self._resolutions["failure"].value += 1

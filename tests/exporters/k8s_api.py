@@ -151,6 +151,19 @@ class KubeApi:
         await self._event("BOOKMARK", obj)
         return self.version
 
+    async def malformed(self, name: str, service: str = "gw") -> None:
+        """ADDED for a slice whose ``endpoints`` holds a string where the API has an Endpoint object (not
+        kept in :attr:`slices`: a list does not show it)."""
+        self.version += 1
+        meta = {
+            "name": name,
+            "namespace": self.namespace,
+            "resourceVersion": str(self.version),
+            "labels": {"kubernetes.io/service-name": service},
+        }
+        obj = {"kind": "EndpointSlice", "metadata": meta, "addressType": "IPv4", "endpoints": ["10.0.0.9"]}
+        await self._event("ADDED", obj)
+
     async def compact(self) -> None:
         """Other objects change and the history is compacted past every client: the open watches end,
         and a watch from any resourceVersion seen so far gets 410 Gone."""

@@ -310,6 +310,25 @@ async def test_an_api_outage_keeps_the_gateways_and_the_data_flowing(
     assert len(api.lists()) == 1  # the watch resumed from where it was
 
 
+async def test_a_malformed_event_is_counted_and_the_watch_goes_on(
+    api: KubeApi, account: Path, gws: Gateways, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    await api.put("gw-ipv4", [Pod(V4, name="gw-0", uid="u0")])
+    tel = Telemetry()
+    exporter = new(config(account, gws.ports), tel)
+    await exporter.start()
+    try:
+        await wait_until(lambda: api.open_watches == 1, "the watch open")
+        await api.malformed("gw-bad")
+        await wait_until(lambda: resolutions(tel, "failure") == 1, "the malformed event counted")
+        await api.put("gw-ipv6", [Pod(V6, name="gw-1", uid="u1")], address_type="IPv6")
+        await wait_until(lambda: len(exporter.gateways) == 4, "a later event applied")
+    finally:
+        await exporter.shutdown()
+    assert any("'str' object has no attribute 'get'" in r.getMessage() for r in caplog.records)
+
+
 async def test_no_ready_endpoint_keeps_the_gateways(
     api: KubeApi, account: Path, gws: Gateways, caplog: pytest.LogCaptureFixture
 ) -> None:
