@@ -206,13 +206,15 @@ async def test_the_workers_connections_show_in_the_main_process(running: Running
 
 
 async def test_ctrl_c_leaves_stopping_the_workers_to_the_main_process(running: Running) -> None:
-    """SIGINT reaches a terminal's whole process group: the workers ignore it and keep serving."""
+    """SIGINT reaches a terminal's whole process group, SIGTERM a systemd unit's every process (its
+    default KillMode): the workers ignore both and keep serving."""
     r, tel = _receiver(Sink(), workers="2")
     await running.start(r)
     assert r.pool is not None
     pids = r.pool.pids
     for pid in pids:
         os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
     before = list(r.pool.batches)
     url = f"http://127.0.0.1:{r.port}/v1/metrics"
     answers = await asyncio.gather(*(_post(url, _items(i)[:1]) for i in range(CLIENTS)))
