@@ -373,6 +373,7 @@ async def _serve(fd: int) -> int:
         return 1
     await channel.send(("ready", os.getpid(), {attr: getattr(receiver, attr) for attr in port_attrs}))
     stopping = asyncio.Event()
+    stopper: asyncio.Task[None] | None = None
     tasks = Tasks(f"{name} worker {slot}", settings.logger)
     counting = tasks.spawn(_send_counts(channel, telemetry, kind, stopping), "counts")
     try:
@@ -385,9 +386,10 @@ async def _serve(fd: int) -> int:
                 answers.answer(message[1], message[2])
             elif message[0] == "capture":
                 receiver.capture = functools.partial(_forward_capture, channel) if message[1] else None
-            elif message[0] == "stop":
+            elif message[0] == "stop" and stopper is None:
                 # Requests in flight still need their answers: keep reading while the receiver stops.
-                tasks.spawn(_stop(receiver, stopping, counting, channel), "stop")
+                # Once only: a second stop would find the receiver stopping and close the socket early.
+                stopper = tasks.spawn(_stop(receiver, stopping, counting, channel), "stop")
     finally:
         answers.fail()
         if not stopping.is_set():

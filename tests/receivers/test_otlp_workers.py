@@ -454,3 +454,36 @@ async def test_a_stop_while_a_worker_restarts_stops_the_new_one_too() -> None:
     await r.shutdown()
     assert len(started) == 1 and started[0].returncode == 0, "the restarted worker was stopped in order"
     assert pool.pids == []
+
+
+async def test_a_worker_told_to_stop_twice_still_answers_its_requests(running: Running) -> None:
+    # stop() and a restart's watcher may both tell a new worker to stop: the second must not close its
+    # socket while its requests still wait for their answers.
+    gate = _Gate()
+    r, tel = _receiver(gate, workers="2")
+    await running.start(r)
+    pool = _pool(r)
+    url = f"http://127.0.0.1:{r.http_port}/v1/metrics"
+    clients = [
+        asyncio.ensure_future(_post(url, metrics_request(1.0).SerializeToString())) for _ in range(EXPORTERS)
+    ]
+    await wait_until(lambda: gate.calls == EXPORTERS, "every batch held by the pipeline")
+    for worker in pool._workers:
+        assert worker.channel is not None
+        await worker.channel.send(("stop",))
+        await worker.channel.send(("stop",))
+
+    async def refused() -> bool:  # both workers stopped listening: they took their stops
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", r.http_port)
+        except ConnectionRefusedError:
+            return True
+        except ConnectionResetError:  # queued at a listener as it closed
+            return False
+        writer.close()
+        return False
+
+    await wait_until(refused, "the workers stopped listening")
+    gate.open.set()
+    assert await asyncio.gather(*clients) == [200] * EXPORTERS
+    assert tel.value("receiver_worker_unanswered_points_total") == 0
