@@ -25,7 +25,7 @@ import cramjam
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from agent.component import ComponentId, Settings, Signal, Tasks
+from agent.component import Backpressure, ComponentId, Settings, Signal, Tasks, admitted
 from agent.diskqueue.queue import partition_dirs, partition_name
 from agent.hashring import HashRing
 from agent.model import Batch, LogBatch, MetricBatch, SpanBatch
@@ -61,6 +61,10 @@ class _Rerouting:
         once, not kept on disk until the next membership change or dropped with the gateway's sender."""
         self.reroute = reroute
         self._partitions.redirect()
+
+    def refusal_of(self, part: Batch) -> Backpressure | None:
+        """What this gateway's queues would refuse ``part`` with, taking nothing (None: it takes it)."""
+        return self._partitions.default.refusal(part) or self._partitions.refusal(part)
 
 
 class _GrpcGateway(_Rerouting, OtlpGrpcExporter):
@@ -271,17 +275,22 @@ class LoadBalancingExporter:
             if not added and not removed:
                 return
             started: dict[str, _Gateway] = {}
-            for gw in added:
-                retiring = self._retiring.get(gw)
-                if retiring is not None:  # it came back: its old queue must let go of its disk partition
-                    await asyncio.wait([retiring], timeout=self._settings.shutdown_timeout_s)
-                child = self._make_gateway(gw)
-                try:
-                    await child.start()
-                except Exception as exc:
-                    self._log.error("cannot start sending to gateway %s: %s", gw, exc)
-                    continue
-                started[gw] = child
+            try:
+                for gw in added:
+                    retiring = self._retiring.get(gw)
+                    if retiring is not None:  # it came back: its old queue must let go of its partition
+                        await asyncio.wait([retiring], timeout=self._settings.shutdown_timeout_s)
+                    child = self._make_gateway(gw)
+                    try:
+                        await child.start()
+                    except Exception as exc:
+                        self._log.error("cannot start sending to gateway %s: %s", gw, exc)
+                        continue
+                    started[gw] = child
+            except asyncio.CancelledError:  # shutdown stopped the resolver: stop what was started
+                for gw, child in started.items():
+                    self._retire_tasks.spawn(child.shutdown(), f"stop-{gw}")
+                raise
             async with self._lock:
                 retired = {gw: self._gateways.pop(gw) for gw in removed}
                 self._gateways.update(started)
@@ -361,6 +370,13 @@ class LoadBalancingExporter:
                 parts = self._routers[Signal.TRACES].split_spans(batch, ring)
             else:
                 parts = self._routers[Signal.LOGS].split_logs(batch, ring)
+            if not admitted():
+                # Not asked by a fan-out (a reroute): refused whole before any gateway takes its part,
+                # or a retry would offer the parts taken already a second time.
+                for gw, part in parts.items():
+                    refused = self._gateways[gw].refusal_of(part)
+                    if refused is not None:
+                        raise refused
             for gw, part in parts.items():
                 self._routed_cell(gw).value += len(part)
                 await self._gateways[gw].consume(part)

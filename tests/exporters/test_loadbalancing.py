@@ -17,7 +17,7 @@ import pytest
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from agent.component import Backpressure, ComponentKind
+from agent.component import Backpressure, ComponentKind, Signal
 from agent.model import Kind, LogBatch, MetricBatch, Point, Resource, SpanBatch
 from agent.sending import QueueConfig, RetryConfig
 from agent.telemetry import Telemetry
@@ -347,6 +347,31 @@ async def test_a_reroute_refused_until_shutdown_is_counted_as_dropped(
     assert not sink_a.received and not sink_b.received
     assert tel.value("exporter_dropped_points_total") == 600
     assert tel.value("loadbalancer_rerouted_points_total", gateway=b) == 0
+
+
+async def test_a_batch_one_gateway_refuses_is_offered_to_none(gateways: list[tuple[str, Sink]]) -> None:
+    # A batch not admitted by a fan-out (a gateway that left rerouting its queue) whose parts go to a
+    # (free) and c (queue full) is refused whole: had a taken its part first, every retry of the
+    # reroute would offer that part to a again (duplicates).
+    tel = Telemetry()
+    (a, sink_a), _, (c, sink_c) = gateways
+    sink_c.script = [Answer(kind="grpc", code=grpc.StatusCode.UNAVAILABLE)] * 10_000
+    exporter = new(static(a, c, sending_queue=QueueConfig(queue_size=1, full_policy="block")), tel)
+    await exporter.start()
+    try:
+        await exporter.consume(points(300))
+        await wait_until(lambda: sink_c.attempts and sink_a.received, "first sends")
+        await exporter.consume(points(300))  # queued behind c's send in flight: c's queue is full
+        await wait_until(lambda: len(sink_a.received) == 2, "a sent both of its parts")
+        parts = await exporter._routers[Signal.METRICS].split_metrics(points(300), exporter._ring)
+        a_first = MetricBatch(parts[a].points + parts[c].points)  # a's part would be offered first
+        routed_a = tel.value("loadbalancer_routed_points_total", gateway=a)
+        with pytest.raises(Backpressure):
+            await exporter.consume(a_first)
+        assert tel.value("loadbalancer_routed_points_total", gateway=a) == routed_a
+        assert len(sink_a.received) == 2
+    finally:
+        await exporter.shutdown()
 
 
 async def test_a_gateway_that_comes_back_gets_its_keys_again(gateways: list[tuple[str, Sink]]) -> None:
