@@ -30,7 +30,7 @@ from agent.diskqueue.queue import partition_dirs, partition_name
 from agent.hashring import HashRing
 from agent.model import Batch, LogBatch, MetricBatch, SpanBatch
 from agent.partitioned import PartitionedSender
-from agent.sending import Request
+from agent.sending import STOP_GRACE_S, Request
 from agent.telemetry import Cell, ComponentTelemetry
 from exporters.loadbalancing.config import LOG_KEYS, METRIC_KEYS, SPAN_KEYS, LoadBalancingConfig
 from exporters.loadbalancing.k8s import K8sResolver
@@ -195,7 +195,9 @@ class LoadBalancingExporter:
         self._closing = True
         await self._tasks.close()
         async with self._membership_lock:
-            await self._retire_tasks.wait(self._settings.shutdown_timeout_s)
+            # A retiring gateway's sender returns within its timeout plus STOP_GRACE_S (then it counts
+            # what it could not send): cancelled earlier, in its last step, what it held went uncounted.
+            await self._retire_tasks.wait(self._settings.shutdown_timeout_s + 2 * STOP_GRACE_S)
             await self._retire_tasks.close()
             async with self._lock:
                 gateways, self._gateways, self._ring = self._gateways, {}, HashRing(())
