@@ -431,6 +431,31 @@ def main() -> None:
 
 
 # -- the main process --------------------------------------------------------------------------------
+class Pooled:
+    """What a receiver with ``workers`` shares (the ``otlp`` and ``http`` receivers): its
+    :class:`WorkerPool` (None in one process), the pool's gauges added to its own, and a capture hook
+    handed on to the workers."""
+
+    pool: WorkerPool | None = None
+    _capture: CaptureHook | None = None
+
+    def _pooled(self, gauge: str) -> float:
+        """The workers' sum of ``gauge`` (0 without workers)."""
+        return self.pool.gauge(gauge) if self.pool is not None else 0.0
+
+    @property
+    def capture(self) -> CaptureHook | None:
+        """Set while a capture records this receiver (agent.capture): the request bodies, inflated
+        (with workers, theirs: each worker sends them here)."""
+        return self._capture
+
+    @capture.setter
+    def capture(self, hook: CaptureHook | None) -> None:
+        self._capture = hook
+        if self.pool is not None:
+            self.pool.capture(hook)
+
+
 class _Worker:
     """One worker slot: its current process, its socket, its counters as last sent, its failures."""
 

@@ -132,7 +132,7 @@ from agent.model import MetricBatch, Point
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
 from agent.watched_file import WatchedFile
-from agent.workers import WorkerPool, worker_count, workers_problem
+from agent.workers import Pooled, WorkerPool, worker_count, workers_problem
 
 TYPE = "http"
 
@@ -338,7 +338,7 @@ def load_tokens_file(path: str) -> dict[str, str]:
 
 
 # -- the receiver -------------------------------------------------------------------------------------
-class HttpReceiver:
+class HttpReceiver(Pooled):
     reuse_port = False
     """Bind with SO_REUSEPORT (set in a worker process: agent/workers.py)."""
 
@@ -429,21 +429,6 @@ class HttpReceiver:
             workers="1",
             max_request_bytes_in_flight=Size(max(1, self.config.max_request_bytes_in_flight // count)),
         )
-
-    def _pooled(self, gauge: str) -> float:
-        return self.pool.gauge(gauge) if self.pool is not None else 0.0
-
-    @property
-    def capture(self) -> CaptureHook | None:
-        """Set while a capture records this receiver (agent.capture): the request bodies, inflated
-        (with workers, theirs: each worker sends them here)."""
-        return self._capture
-
-    @capture.setter
-    def capture(self, hook: CaptureHook | None) -> None:
-        self._capture = hook
-        if self.pool is not None:
-            self.pool.capture(hook)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -167,7 +167,7 @@ from agent.limits import SeriesLimits
 from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
-from agent.workers import WorkerPool, worker_count, workers_problem
+from agent.workers import Pooled, WorkerPool, worker_count, workers_problem
 from receivers.otlp.convert import (
     POINT_REASONS,
     Converted,
@@ -371,7 +371,7 @@ def _context(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
     return context
 
 
-class OtlpReceiver:
+class OtlpReceiver(Pooled):
     reuse_port = False
     """Bind the HTTP port with SO_REUSEPORT (set in a worker process: agent/workers.py)."""
 
@@ -435,21 +435,6 @@ class OtlpReceiver:
             workers="1",
             max_request_bytes_in_flight=Size(max(1, self.config.max_request_bytes_in_flight // count)),
         )
-
-    def _pooled(self, gauge: str) -> float:
-        return self.pool.gauge(gauge) if self.pool is not None else 0.0
-
-    @property
-    def capture(self) -> CaptureHook | None:
-        """Set while a capture records this receiver (agent.capture): the request bodies, inflated
-        (with workers, theirs: each worker sends them here)."""
-        return self._capture
-
-    @capture.setter
-    def capture(self, hook: CaptureHook | None) -> None:
-        self._capture = hook
-        if self.pool is not None:
-            self.pool.capture(hook)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
