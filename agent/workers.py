@@ -67,8 +67,8 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -431,6 +431,39 @@ def main() -> None:
 
 
 # -- the main process --------------------------------------------------------------------------------
+class Restartable(Protocol):
+    """A pool's slot for one worker process, as :func:`respawn` sees it."""
+
+    slot: int
+    failures: int
+    """Exits (and failed starts) in a row without a healthy run."""
+
+
+R = TypeVar("R", bound=Restartable)
+
+
+async def respawn(
+    worker: R, spawn: Callable[[R], Awaitable[None]], stopped: asyncio.Event, log: logging.Logger
+) -> bool:
+    """Start ``worker`` again (``spawn``) after the wait its run of failures calls for
+    (:data:`RESTART_DELAY_S`); a start that fails is one more failure, logged, and waits again. False
+    when the pool stopped (``stopped`` set) before a start succeeded."""
+    while not stopped.is_set():
+        delay_s = RESTART_DELAY_S[min(worker.failures, len(RESTART_DELAY_S)) - 1]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopped.wait(), delay_s)
+        if stopped.is_set():
+            return False
+        try:
+            await spawn(worker)
+        except OSError as exc:
+            worker.failures += 1
+            log.error("restarting worker %d failed: %s", worker.slot, exc)
+            continue
+        return True
+    return False
+
+
 class Pooled:
     """What a receiver with ``workers`` shares (the ``otlp`` and ``http`` receivers): its
     :class:`WorkerPool` (None in one process), the pool's gauges added to its own, and a capture hook
@@ -673,23 +706,12 @@ class WorkerPool:
             )
             self._restarts.value += 1
             worker.failures += 1
-            while not self._stopping:
-                delay_s = RESTART_DELAY_S[min(worker.failures, len(RESTART_DELAY_S)) - 1]
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), delay_s)
-                if self._stopping:
-                    return
-                try:
-                    await self._spawn(worker)
-                except OSError as exc:
-                    worker.failures += 1
-                    self._log.error("restarting worker %d failed: %s", worker.slot, exc)
-                    continue
-                if self._stopping:
-                    # stop() came while this one was starting and saw only the dead process.
-                    await self._stop_late(worker)
-                    return
-                break
+            if not await respawn(worker, self._spawn, self._stopped, self._log):
+                return
+            if self._stopping:
+                # stop() came while this one was starting and saw only the dead process.
+                await self._stop_late(worker)
+                return
 
     async def _stop_late(self, worker: _Worker) -> None:
         """Stop ``worker``'s process as :meth:`stop` does (it finishes its requests, or is killed)."""

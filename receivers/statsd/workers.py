@@ -53,8 +53,8 @@ from agent import gcpolicy
 from agent.component import ComponentId, ComponentKind, Settings, Tasks
 from agent.confmodel import parse_host_port
 from agent.telemetry import ComponentTelemetry, Telemetry
-from agent.workers import RESTART_DELAY_S
 from agent.workers import cpu_limit as cpu_limit  # the statsd receiver and its tests import them from here
+from agent.workers import respawn
 from agent.workers import worker_count as worker_count
 from receivers.statsd import (
     _DRAIN_BATCH,
@@ -419,18 +419,7 @@ class WorkerPool:
                 self._r.agg.accepted += lost  # accepted by the dead worker: counted, then dropped
                 self._r.sync_counts()
                 worker.failures += 1
-                while not self._stopping:
-                    delay_s = RESTART_DELAY_S[min(worker.failures, len(RESTART_DELAY_S)) - 1]
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopped.wait(), delay_s)
-                    if self._stopping:
-                        return
-                    try:
-                        await self._spawn(worker)
-                        break
-                    except OSError as exc:
-                        worker.failures += 1
-                        self._r.log.error("restarting worker %d failed: %s", worker.slot, exc)
+                await respawn(worker, self._spawn, self._stopped, self._r.log)
 
     async def _ask(self, worker: _Worker, command: bytes) -> _Answer | None:
         """Send ``command``, return the part the worker answers with. The exchange runs to its end even
