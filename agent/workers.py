@@ -418,15 +418,19 @@ async def _stop(
     channel.close()
 
 
-def main() -> None:
-    """Entry point of a worker process (started by :class:`WorkerPool`, never by hand)."""
-    # Ctrl-C in a terminal reaches the whole process group, and systemd's stop (KillMode=control-group,
-    # its default) sends SIGTERM to every process of the unit: the main process stops the workers in
-    # order (their requests finish), instead of each dying at once and being restarted meanwhile. A
-    # worker still exits when the main process is gone (its socket pair closes), and is killed after
-    # STOP_TIMEOUT_S.
+def ignore_stop_signals() -> None:
+    """In a worker process (statsd's and these): Ctrl-C in a terminal reaches the whole process group,
+    and systemd's stop (KillMode=control-group, its default) sends SIGTERM to every process of the
+    unit. The main process stops the workers in order (their requests finish, their last intervals
+    are handed in), instead of each dying at once and being restarted meanwhile. A worker still exits
+    when the main process is gone (its pipe or socket pair closes), and is killed after a timeout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def main() -> None:
+    """Entry point of a worker process (started by :class:`WorkerPool`, never by hand)."""
+    ignore_stop_signals()
     sys.exit(asyncio.run(_serve(int(sys.argv[1]))))
 
 

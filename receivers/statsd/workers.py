@@ -54,7 +54,7 @@ from agent.component import ComponentId, ComponentKind, Settings, Tasks
 from agent.confmodel import parse_host_port
 from agent.telemetry import ComponentTelemetry, Telemetry
 from agent.workers import cpu_limit as cpu_limit  # the statsd receiver and its tests import them from here
-from agent.workers import respawn
+from agent.workers import ignore_stop_signals, respawn
 from agent.workers import worker_count as worker_count
 from receivers.statsd import (
     _DRAIN_BATCH,
@@ -277,6 +277,7 @@ async def _serve() -> int:
 
 def main() -> None:
     """Entry point of a worker process (started by :class:`WorkerPool`, never by hand)."""
+    ignore_stop_signals()
     sys.exit(asyncio.run(_serve()))
 
 

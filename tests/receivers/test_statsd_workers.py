@@ -361,6 +361,26 @@ async def test_a_killed_worker_is_restarted_and_its_loss_counted(make: Make, cli
     assert tel.value("receiver_accepted_points_total") == 2 * CLIENTS  # the lost ones were accepted
 
 
+async def test_workers_outlive_sigint_and_sigterm(make: Make, clients: list[Clients]) -> None:
+    # Ctrl-C and systemd's stop signal every process of the group: the agent stops its workers in order.
+    port = free_port(socket.SOCK_DGRAM)
+    r, sink, tel = make(udp=f"127.0.0.1:{port}", workers="2")
+    await r.start()
+    pool = _pool(r)
+    c = Clients([port])
+    clients.append(c)
+    for s in c.statsd:
+        s.incr("hits")
+    await _pending(pool, CLIENTS)
+    pids = pool.pids
+    for pid in pids:
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+    await r.flush()  # each worker answers after the signals reached it
+    assert sink.total("hits") == CLIENTS
+    assert tel.value("receiver_worker_restarts_total") == 0 and pool.pids == pids
+
+
 async def test_shutdown_flushes_the_workers_last_intervals(make: Make, clients: list[Clients]) -> None:
     port = free_port(socket.SOCK_DGRAM)
     r, sink, _ = make(udp=f"127.0.0.1:{port}", workers="2")
