@@ -97,6 +97,11 @@ class PartitionedSender:
                 return full[named]
         return None
 
+    def refusal_whole(self, batch: Batch) -> Backpressure | None:
+        """What taking ``batch`` whole would be refused with (the default sender's refusal, then the
+        first full key's it names), or None; takes nothing."""
+        return self.default.refusal(batch) or self.refusal(batch)
+
     @contextlib.contextmanager
     def admitting(self, batch: Batch) -> Iterator[None]:
         """Take ``batch`` whole inside: when no fan-out admitted it (a direct caller, or a batch that
@@ -106,7 +111,7 @@ class PartitionedSender:
         if admitted():
             yield
             return
-        refused = self.default.refusal(batch) or self.refusal(batch)
+        refused = self.refusal_whole(batch)
         if refused is not None:
             raise refused
         token = admit()

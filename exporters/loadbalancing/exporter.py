@@ -64,7 +64,7 @@ class _Rerouting:
 
     def refusal_of(self, part: Batch) -> Backpressure | None:
         """What this gateway's queues would refuse ``part`` with, taking nothing (None: it takes it)."""
-        return self._partitions.default.refusal(part) or self._partitions.refusal(part)
+        return self._partitions.refusal_whole(part)
 
 
 class _GrpcGateway(_Rerouting, OtlpGrpcExporter):
