@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib
@@ -76,6 +77,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from agent import netguard
 from agent.capture.recorder import CaptureHook
 from agent.component import Backpressure, ComponentId, ComponentKind, Consumer, Settings, Signal, Tasks
+from agent.confmodel import Size
 from agent.model import POINT_FIELDS, Batch, LogBatch, MetricBatch, SpanBatch, new_point
 from agent.quota import QuotaExceeded
 from agent.telemetry import PREFIX, Cell, ComponentTelemetry, Telemetry
@@ -474,7 +476,32 @@ class Pooled:
     handed on to the workers."""
 
     pool: WorkerPool | None = None
+    """The worker processes, when ``workers`` asks for more than one (:meth:`_make_pool`)."""
     _capture: CaptureHook | None = None
+
+    def _make_pool(
+        self,
+        settings: Settings,
+        module: str,
+        config: Any,
+        consumers: Mapping[Signal, Consumer],
+        port_attrs: tuple[str, ...],
+    ) -> None:
+        """Make :attr:`pool` when ``config.workers`` asks for more than one process. Each worker runs
+        ``config`` as one process with the request bytes budget (``max_request_bytes_in_flight``, and
+        the agent-wide one) shared out; connections stay per process (each holds its own descriptors)."""
+        count = worker_count(config.workers)
+        if count > 1:
+            share = Size(max(1, config.max_request_bytes_in_flight // count))
+            self.pool = WorkerPool(
+                settings,
+                module,
+                dataclasses.replace(config, workers="1", max_request_bytes_in_flight=share),
+                consumers,
+                count,
+                port_attrs=port_attrs,
+                bytes_limit=max(1, netguard.request_bytes().limit // count),
+            )
 
     def _pooled(self, gauge: str) -> float:
         """The workers' sum of ``gauge`` (0 without workers)."""

@@ -106,7 +106,7 @@ import hmac
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -132,7 +132,7 @@ from agent.model import MetricBatch, Point
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
 from agent.watched_file import WatchedFile
-from agent.workers import Pooled, WorkerPool, worker_count, workers_problem
+from agent.workers import Pooled, workers_problem
 
 TYPE = "http"
 
@@ -396,19 +396,7 @@ class HttpReceiver(Pooled):
             for reason in (FAILURE_REASONS if config.auth.enabled else ())
         }
         self._bytes = netguard.ByteBudget(config.max_request_bytes_in_flight, netguard.request_bytes())
-        self.pool: WorkerPool | None = None
-        """The worker processes, when ``workers`` asks for more than one (agent/workers.py)."""
-        count = worker_count(config.workers)
-        if count > 1:
-            self.pool = WorkerPool(
-                settings,
-                __name__,
-                self.worker_config(count),
-                consumers,
-                count,
-                port_attrs=("port",),
-                bytes_limit=max(1, netguard.request_bytes().limit // count),
-            )
+        self._make_pool(settings, __name__, config, consumers, port_attrs=("port",))
         self.tel.gauge(
             "receiver_request_bytes_in_flight",
             "Request bytes (raw and inflated) a receiver holds now.",
@@ -419,15 +407,6 @@ class HttpReceiver(Pooled):
             "receiver_connections",
             "Open connections.",
             lambda: len(self._gate) + self._pooled("receiver_connections"),
-        )
-
-    def worker_config(self, count: int) -> HttpConfig:
-        """The config of each of ``count`` worker processes: one process each, the request bytes
-        budget shared out (connections stay per process: each holds its own descriptors)."""
-        return replace(
-            self.config,
-            workers="1",
-            max_request_bytes_in_flight=Size(max(1, self.config.max_request_bytes_in_flight // count)),
         )
 
     # -- lifecycle -----------------------------------------------------------------------------------

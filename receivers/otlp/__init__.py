@@ -148,7 +148,7 @@ import inspect
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -167,7 +167,7 @@ from agent.limits import SeriesLimits
 from agent.model import Batch, LogBatch, MetricBatch, Point, SpanBatch
 from agent.netcheck import bind_problem
 from agent.tls import ServerTLSConfig
-from agent.workers import Pooled, WorkerPool, worker_count, workers_problem
+from agent.workers import Pooled, workers_problem
 from receivers.otlp.convert import (
     POINT_REASONS,
     Converted,
@@ -393,19 +393,7 @@ class OtlpReceiver(Pooled):
         self.grpc_port: int | None = None
         """The bound gRPC port once started."""
         self._bytes = netguard.ByteBudget(config.max_request_bytes_in_flight, netguard.request_bytes())
-        self.pool: WorkerPool | None = None
-        """The HTTP worker processes, when ``workers`` asks for more than one (agent/workers.py)."""
-        count = worker_count(config.workers)
-        if count > 1:
-            self.pool = WorkerPool(
-                settings,
-                __name__,
-                self.worker_config(count),
-                consumers,
-                count,
-                port_attrs=("http_port", "grpc_port"),
-                bytes_limit=max(1, netguard.request_bytes().limit // count),
-            )
+        self._make_pool(settings, __name__, config, consumers, port_attrs=("http_port", "grpc_port"))
         self.tel.gauge(
             "receiver_request_bytes_in_flight",
             "Request bytes (raw and inflated) a receiver holds now.",
@@ -426,15 +414,6 @@ class OtlpReceiver(Pooled):
         self._grpc_tasks = Tasks("otlp-grpc", self._log)
         self.grpc_channelz_id: int | None = None
         """The gRPC server's channelz id once started (None without channelz)."""
-
-    def worker_config(self, count: int) -> OtlpConfig:
-        """The config of each of ``count`` worker processes: one process each, the request bytes
-        budget shared out (connections stay per process: each holds its own descriptors)."""
-        return replace(
-            self.config,
-            workers="1",
-            max_request_bytes_in_flight=Size(max(1, self.config.max_request_bytes_in_flight // count)),
-        )
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
