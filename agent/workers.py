@@ -68,7 +68,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from opentelemetry.proto.logs.v1 import logs_pb2
@@ -470,6 +470,24 @@ async def respawn(
     return False
 
 
+async def start_all(
+    workers: Sequence[R],
+    spawn: Callable[[R], Awaitable[None]],
+    watch: Callable[[R], Coroutine[Any, Any, None]],
+    stop: Callable[[], Awaitable[object]],
+    tasks: Tasks,
+) -> None:
+    """Start every worker (``spawn``, at once) and then watch each (``watch``, a task of ``tasks``); when
+    one fails to start, stop them all (``stop``) and raise its error."""
+    spawned = await asyncio.gather(*(spawn(w) for w in workers), return_exceptions=True)
+    failed = [exc for exc in spawned if isinstance(exc, BaseException)]
+    if failed:
+        await stop()
+        raise failed[0]
+    for worker in workers:
+        tasks.spawn(watch(worker), f"watch worker {worker.slot}")
+
+
 class Pooled:
     """What a receiver with ``workers`` shares (the ``otlp`` and ``http`` receivers): its
     :class:`WorkerPool` (None in one process), the pool's gauges added to its own, and a capture hook
@@ -602,13 +620,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start every worker and wait until each has bound its port; a bind failure raises OSError."""
-        spawned = await asyncio.gather(*(self._spawn(w) for w in self._workers), return_exceptions=True)
-        failed = [exc for exc in spawned if isinstance(exc, BaseException)]
-        if failed:
-            await self.stop()
-            raise failed[0]
-        for worker in self._workers:
-            self._tasks.spawn(self._watch(worker), f"watch worker {worker.slot}")
+        await start_all(self._workers, self._spawn, self._watch, self.stop, self._tasks)
 
     async def _spawn(self, worker: _Worker) -> None:
         ours, theirs = socket.socketpair()

@@ -54,7 +54,7 @@ from agent.component import ComponentId, ComponentKind, Settings, Tasks
 from agent.confmodel import parse_host_port
 from agent.telemetry import ComponentTelemetry, Telemetry
 from agent.workers import cpu_limit as cpu_limit  # the statsd receiver and its tests import them from here
-from agent.workers import ignore_stop_signals, respawn
+from agent.workers import ignore_stop_signals, respawn, start_all
 from agent.workers import worker_count as worker_count
 from receivers.statsd import (
     _DRAIN_BATCH,
@@ -345,13 +345,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start every worker and wait until each has bound its sockets; a bind failure raises OSError."""
-        spawned = await asyncio.gather(*(self._spawn(w) for w in self._workers), return_exceptions=True)
-        failed = [exc for exc in spawned if isinstance(exc, BaseException)]
-        if failed:
-            await self.stop()
-            raise failed[0]
-        for worker in self._workers:
-            self._tasks.spawn(self._watch(worker), f"watch worker {worker.slot}")
+        await start_all(self._workers, self._spawn, self._watch, self.stop, self._tasks)
         udp = self._config.udp or (None if self._config.listeners().keys() - {"udp"} else "127.0.0.1:8125")
         if udp:
             host, port = parse_host_port(udp)
