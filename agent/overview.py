@@ -24,7 +24,6 @@ them on each of its edges).
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
+from agent import vitals
 from agent.component import ComponentId
 from agent.service import Agent
 from agent.telemetry import PREFIX
@@ -115,15 +115,6 @@ def _take(metrics: Iterable[Metric], t: float, cpu_s: float) -> _Snapshot:
     return snap
 
 
-def _rss_bytes() -> int | None:
-    """Resident memory from /proc (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _round(x: float) -> float:
     return round(x, 3)
 
@@ -204,7 +195,7 @@ class Overview:
             "uptime_s": status["uptime_s"],
             "window_s": _round(window_s) if window_s is not None else None,
             "process": {
-                "rss_bytes": _rss_bytes(),
+                "rss_bytes": vitals.rss_bytes(),
                 "cpu_percent": _round(cpu) if cpu is not None else None,
                 "cpu_seconds": _round(last.cpu_s),
                 "loop_lag_s": _round(agent.loop_lag_s()),

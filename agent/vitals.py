@@ -139,11 +139,17 @@ class GcPauses:
         gc.callbacks[:] = [cb for cb in gc.callbacks if cb is not self]
 
 
+def read_rss_bytes() -> int:
+    """Resident memory of this process from ``/proc/self/statm`` (Linux); raises OSError where there is
+    no such file."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def rss_bytes() -> int | None:
-    """Resident memory of this process from ``/proc/self/statm`` (Linux); None where it cannot be read."""
+    """:func:`read_rss_bytes`, None where it cannot be read."""
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return read_rss_bytes()
     except (OSError, ValueError, IndexError):
         return None
 

@@ -51,6 +51,7 @@ from agent.component import (
 from agent.confmodel import Duration, Size
 from agent.counting import PointCounts
 from agent.model import Batch
+from agent.vitals import read_rss_bytes
 
 TYPE = "memory_limiter"
 
@@ -89,12 +90,6 @@ class MemoryLimiterConfig:
 
 
 # -- reading memory -----------------------------------------------------------------------------------
-
-
-def read_rss_bytes() -> int:
-    """Resident set size of this process, from /proc/self/statm (pages)."""
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def physical_memory_bytes() -> int:
