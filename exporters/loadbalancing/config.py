@@ -75,7 +75,7 @@ class K8sResolverConfig:
     """URL of the Kubernetes API. Empty: the pod's cluster, at
     https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT (refused at start when those are not set)."""
     service_account_dir: str = SERVICE_ACCOUNT_DIR
-    """Where the pod's service account is mounted: token (read again at each request, so a rotated
+    """Where the pod's service account is mounted: token (read again when it changes, so a rotated
     token is picked up), ca.crt (trusted for the API's certificate) and namespace."""
 
 

@@ -17,8 +17,8 @@ models for two GET requests):
   logged with the API's own message, and retried with exponential back-off and jitter. Through all of
   it the members stay what they were: an unreachable API never empties the ring, and neither does an
   answer with no ready endpoint (the DNS resolver behaves alike: a name with no records keeps them);
-- the service-account token is read again for every request (a projected token is rotated by the
-  kubelet); the CA is read once at start.
+- the service-account token is read again when its file changes (``agent.watched_file``: one stat
+  a request; the kubelet rotates a projected token); the CA is read once at start.
 
 An endpoint counts when ``conditions.ready`` is true or unset (the API's rule); its first address is
 used (the API calls them fungible), with each of ``ports``. A pod in two slices of a dual-stack Service
@@ -28,6 +28,7 @@ used (the API calls them fungible), with each of ``ports``. A pod in two slices 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import aiohttp
 
 from agent.component import Tasks
 from agent.telemetry import Cell
+from agent.watched_file import WatchedFile
 from exporters.loadbalancing.config import K8sResolverConfig
 from exporters.loadbalancing.resolver import endpoint
 
@@ -135,11 +137,8 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
-def _read_token(path: str) -> str | None:
-    try:
-        return _read_text(path).strip() or None
-    except FileNotFoundError:
-        return None
+def _read_token(path: str) -> str:
+    return _read_text(path).strip()
 
 
 Ready = list[tuple[str, int, str]]
@@ -192,6 +191,8 @@ class K8sResolver:
         self._log = log
         self._environ = os.environ if environ is None else environ
         self._access: ApiAccess | None = None
+        self._token: WatchedFile[str] | None = None
+        """The service account's token, read again when the file changes."""
         self._slices: dict[str, Ready] = {}
         self._members: frozenset[str] = frozenset()
         self._version = ""
@@ -256,8 +257,15 @@ class K8sResolver:
             self._first.set()
 
     async def _headers(self, access: ApiAccess) -> dict[str, str]:
-        token = await asyncio.to_thread(_read_token, access.token_file)
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        token = self._token
+        if token is None:  # the first request: no token file (an api_server without one) is no token
+            token = WatchedFile(access.token_file, _read_token, "service-account token", self._log)
+            self._token = token
+            with contextlib.suppress(OSError, ValueError):
+                await asyncio.to_thread(token.load)
+        else:
+            token.refresh()  # one stat: the kubelet rotates projected tokens
+        return {"Authorization": f"Bearer {token.value}"} if token.value else {}
 
     async def _list(self, session: aiohttp.ClientSession, access: ApiAccess, version: str) -> None:
         params = {"labelSelector": f"{SERVICE_NAME_LABEL}={access.name}"}
