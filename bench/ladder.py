@@ -60,6 +60,7 @@ from harness import (
     SENDER_CORE,
     EtsyStatsd,
     Sender,
+    UdpStats,
     core_jiffies,
     cpu_seconds,
     ensure_peer,
@@ -296,28 +297,10 @@ def ladder_headwater(
             after = agent.settled()
             st1 = udp_stats(agent.port)
             got = accounted(after) - accounted(before)
-            drops = ((st1.drops if st1 else 0) - (st0.drops if st0 else 0)) * payload.mean_lines
-            missing = sent.lines - got
-            loss = max(missing, drops, 0.0) / sent.lines if sent.lines else 1.0
             over5, worst = _loop_view(before, after)
-            step = Step(
-                "headwater",
-                rate,
-                sent.elapsed,
-                sent.lines,
-                sent.lines_per_s,
-                got,
-                missing,
-                drops,
-                loss,
-                loss < LOSS_LIMIT,
-                own,
-                foreign,
-                sent.max_behind_ms,
-                over5,
-                worst,
-                _gc_view(before, after),
-            )
+            step = _step("headwater", rate, sent, got, st0, st1, payload, own, foreign)
+            step.lag_over_5ms, step.lag_worst_bucket_s = over5, worst
+            step.gc = _gc_view(before, after)
             out.append(step)
             log(line(step))
             fails = fails + 1 if step.loss >= STOP_LOSS else 0
@@ -327,6 +310,39 @@ def ladder_headwater(
     finally:
         agent.close()
     return out, info
+
+
+def _step(
+    target: str,
+    rate: float,
+    sent: Any,
+    got: float,
+    st0: UdpStats | None,
+    st1: UdpStats | None,
+    payload: Payload,
+    own: float,
+    foreign: float,
+) -> Step:
+    """A step's figures: loss is the larger of the lines not accounted for and the kernel's drops on
+    the receiver's socket (``st0``/``st1``: its UDP stats before and after, None when not found)."""
+    drops = ((st1.drops if st1 else 0) - (st0.drops if st0 else 0)) * payload.mean_lines
+    missing = sent.lines - got
+    loss = max(missing, drops, 0.0) / sent.lines if sent.lines else 1.0
+    return Step(
+        target,
+        rate,
+        sent.elapsed,
+        sent.lines,
+        sent.lines_per_s,
+        got,
+        missing,
+        drops,
+        loss,
+        loss < LOSS_LIMIT,
+        own,
+        foreign,
+        sent.max_behind_ms,
+    )
 
 
 def ladder_peer(
@@ -343,24 +359,7 @@ def ladder_peer(
             wait_drained(peer.port)
             st1 = udp_stats(peer.port)
             got = peer.end().received
-            drops = ((st1.drops if st1 else 0) - (st0.drops if st0 else 0)) * payload.mean_lines
-            missing = sent.lines - got
-            loss = max(missing, drops, 0.0) / sent.lines if sent.lines else 1.0
-            step = Step(
-                PEER,
-                rate,
-                sent.elapsed,
-                sent.lines,
-                sent.lines_per_s,
-                got,
-                missing,
-                drops,
-                loss,
-                loss < LOSS_LIMIT,
-                own,
-                foreign,
-                sent.max_behind_ms,
-            )
+            step = _step(PEER, rate, sent, got, st0, st1, payload, own, foreign)
             out.append(step)
             log(line(step))
             fails = fails + 1 if step.loss >= STOP_LOSS else 0
